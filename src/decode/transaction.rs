@@ -1,0 +1,663 @@
+//! Whole committed transactions from the pgoutput message stream, in commit order, so that
+//! nothing downstream ever sees work that may still roll back.
+//!
+//! Protocol 1 sends each transaction whole after its commit: Begin, changes, Commit. Protocol 2
+//! also streams large transactions while they are in progress, in blocks between Stream Start
+//! and Stream Stop that interleave with each other and with ordinary transactions; their
+//! changes are held here until Stream Commit (emitted then, which is commit order) or Stream
+//! Abort (dropped, wholly or back to a rolled-back subtransaction).
+
+use std::collections::HashMap;
+
+use super::pgoutput::{
+    Begin, Commit, LogicalDecodingMessage, LogicalMessage, Relation, StreamAbort, StreamCommit,
+    StreamStart,
+};
+use super::DecodeError;
+use crate::lsn::Lsn;
+
+/// A committed source transaction.
+///
+/// Transactions without changes are emitted too: their `end_lsn` is progress to confirm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    /// The top-level transaction's xid.
+    pub xid: u32,
+    pub commit_lsn: Lsn,
+    /// The end of the commit record: the position to confirm once this is applied.
+    pub end_lsn: Lsn,
+    /// Microseconds since the PostgreSQL epoch, from the commit message.
+    pub commit_time_micros: i64,
+    /// Relation, Type, Insert, Update, Delete, Truncate and transactional Message, in order.
+    pub changes: Vec<LogicalMessage>,
+}
+
+/// What pushing one message produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assembled {
+    /// A transaction committed.
+    Transaction(Transaction),
+    /// A message emitted with `transactional = false`: it belongs to no transaction.
+    NonTransactionalMessage(LogicalDecodingMessage),
+    /// A relation sent outside any transaction. pgoutput sends them inside, before the first
+    /// change that needs them, but nothing is lost by accepting them anywhere.
+    Relation(Relation),
+    /// The message was buffered or needs no action.
+    Nothing,
+}
+
+/// Groups pgoutput messages into committed [`Transaction`]s.
+///
+/// Use one assembler per replication connection: after a reconnect the server streams
+/// in-progress transactions again from their first segment. After an error the state is
+/// not meaningful; stop and reconnect.
+///
+/// In-progress streamed transactions are held in memory for now; spilling them to disk past
+/// a size limit is a later piece of work. [`buffered_changes`](Self::buffered_changes) is
+/// there to watch the cost.
+#[derive(Debug, Default)]
+pub struct TransactionAssembler {
+    /// The non-streamed transaction between Begin and Commit.
+    open: Option<OpenTransaction>,
+    /// The streamed transaction whose block is open, out of `streamed` until Stream Stop.
+    in_block: Option<StreamedTransaction>,
+    /// Streamed transactions between blocks, waiting for more, a commit or an abort.
+    streamed: HashMap<u32, StreamedTransaction>,
+}
+
+#[derive(Debug)]
+struct OpenTransaction {
+    begin: Begin,
+    changes: Vec<LogicalMessage>,
+}
+
+#[derive(Debug)]
+struct StreamedTransaction {
+    /// The top-level xid, from Stream Start.
+    xid: u32,
+    changes: Vec<LogicalMessage>,
+    /// For each (sub)transaction xid seen on a change, the index of its first change: an abort
+    /// of that subtransaction cuts `changes` back to there.
+    first_change: HashMap<u32, usize>,
+}
+
+impl StreamedTransaction {
+    fn new(xid: u32) -> Self {
+        Self {
+            xid,
+            changes: Vec::new(),
+            first_change: HashMap::new(),
+        }
+    }
+}
+
+impl TransactionAssembler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes the next decoded message, in the order the server sent them.
+    pub fn push(&mut self, message: LogicalMessage) -> Result<Assembled, DecodeError> {
+        match message {
+            LogicalMessage::Begin(begin) => self.begin(begin),
+            LogicalMessage::Commit(commit) => self.commit(commit),
+            // Where a transaction came from does not change what it did.
+            LogicalMessage::Origin(_) => Ok(Assembled::Nothing),
+            LogicalMessage::StreamStart(start) => self.stream_start(start),
+            LogicalMessage::StreamStop => self.stream_stop(),
+            LogicalMessage::StreamCommit(commit) => self.stream_commit(commit),
+            LogicalMessage::StreamAbort(abort) => self.stream_abort(abort),
+            LogicalMessage::Message(message) if !message.transactional => {
+                Ok(Assembled::NonTransactionalMessage(message))
+            }
+            change => self.change(change),
+        }
+    }
+
+    /// Whether no transaction is open or in progress: everything received has been emitted.
+    /// Only then may a replicator confirm a position it has not applied (a keepalive's).
+    pub fn is_idle(&self) -> bool {
+        self.open.is_none() && self.in_block.is_none() && self.streamed.is_empty()
+    }
+
+    /// Changes held in memory, in open and in-progress streamed transactions.
+    pub fn buffered_changes(&self) -> usize {
+        self.open.as_ref().map_or(0, |open| open.changes.len())
+            + self.in_block.as_ref().map_or(0, |txn| txn.changes.len())
+            + self
+                .streamed
+                .values()
+                .map(|txn| txn.changes.len())
+                .sum::<usize>()
+    }
+
+    fn begin(&mut self, begin: Begin) -> Result<Assembled, DecodeError> {
+        self.expect_no_stream_block("Begin")?;
+        if let Some(open) = &self.open {
+            return Err(unexpected(
+                "Begin",
+                format!(
+                    "of xid {} while xid {} is still open",
+                    begin.xid, open.begin.xid
+                ),
+            ));
+        }
+        self.open = Some(OpenTransaction {
+            begin,
+            changes: Vec::new(),
+        });
+        Ok(Assembled::Nothing)
+    }
+
+    fn commit(&mut self, commit: Commit) -> Result<Assembled, DecodeError> {
+        let open = self.open.take().ok_or_else(|| {
+            unexpected(
+                "Commit",
+                format!("at {} without a Begin", commit.commit_lsn),
+            )
+        })?;
+        // Begin announces where the commit record will be; a different one means the
+        // messages of two transactions got mixed up.
+        if commit.commit_lsn != open.begin.final_lsn {
+            return Err(unexpected(
+                "Commit",
+                format!(
+                    "at {} for xid {}, whose Begin announced {}",
+                    commit.commit_lsn, open.begin.xid, open.begin.final_lsn
+                ),
+            ));
+        }
+        Ok(Assembled::Transaction(Transaction {
+            xid: open.begin.xid,
+            commit_lsn: commit.commit_lsn,
+            end_lsn: commit.end_lsn,
+            commit_time_micros: commit.commit_time_micros,
+            changes: open.changes,
+        }))
+    }
+
+    fn stream_start(&mut self, start: StreamStart) -> Result<Assembled, DecodeError> {
+        self.expect_no_transaction("Stream Start")?;
+        self.expect_no_stream_block("Stream Start")?;
+        let txn = match (start.first_segment, self.streamed.remove(&start.xid)) {
+            (true, None) => StreamedTransaction::new(start.xid),
+            (false, Some(txn)) => txn,
+            (true, Some(_)) => {
+                return Err(unexpected(
+                    "Stream Start",
+                    format!(
+                        "first segment of xid {}, which is already streaming",
+                        start.xid
+                    ),
+                ))
+            }
+            (false, None) => {
+                return Err(unexpected(
+                    "Stream Start",
+                    format!(
+                        "continues xid {}, whose first segment was not received",
+                        start.xid
+                    ),
+                ))
+            }
+        };
+        self.in_block = Some(txn);
+        Ok(Assembled::Nothing)
+    }
+
+    fn stream_stop(&mut self) -> Result<Assembled, DecodeError> {
+        let txn = self
+            .in_block
+            .take()
+            .ok_or_else(|| unexpected("Stream Stop", "no stream block is open".to_owned()))?;
+        self.streamed.insert(txn.xid, txn);
+        Ok(Assembled::Nothing)
+    }
+
+    fn stream_commit(&mut self, commit: StreamCommit) -> Result<Assembled, DecodeError> {
+        self.expect_no_transaction("Stream Commit")?;
+        self.expect_no_stream_block("Stream Commit")?;
+        let txn = self.streamed.remove(&commit.xid).ok_or_else(|| {
+            unexpected(
+                "Stream Commit",
+                format!("of xid {}, which is not streaming", commit.xid),
+            )
+        })?;
+        Ok(Assembled::Transaction(Transaction {
+            xid: txn.xid,
+            commit_lsn: commit.commit_lsn,
+            end_lsn: commit.end_lsn,
+            commit_time_micros: commit.commit_time_micros,
+            changes: txn.changes,
+        }))
+    }
+
+    /// Drops an aborted transaction, or cuts one back to before a rolled-back subtransaction.
+    ///
+    /// Everything from a subtransaction's first change on belongs to it or to its children,
+    /// because a backend runs subtransactions one inside the other, never side by side; so
+    /// truncating there is exact (PostgreSQL's apply worker does the same with its spool
+    /// file). An abort of an xid or subxid that sent no changes has nothing to drop.
+    fn stream_abort(&mut self, abort: StreamAbort) -> Result<Assembled, DecodeError> {
+        self.expect_no_transaction("Stream Abort")?;
+        self.expect_no_stream_block("Stream Abort")?;
+        if abort.subxid == abort.xid {
+            self.streamed.remove(&abort.xid);
+        } else if let Some(txn) = self.streamed.get_mut(&abort.xid) {
+            if let Some(&cut) = txn.first_change.get(&abort.subxid) {
+                txn.changes.truncate(cut);
+                txn.first_change.retain(|_, first| *first < cut);
+            }
+        }
+        Ok(Assembled::Nothing)
+    }
+
+    fn change(&mut self, change: LogicalMessage) -> Result<Assembled, DecodeError> {
+        if let Some(txn) = &mut self.in_block {
+            let subxid = streamed_xid(&change).unwrap_or(txn.xid);
+            txn.first_change.entry(subxid).or_insert(txn.changes.len());
+            txn.changes.push(change);
+            return Ok(Assembled::Nothing);
+        }
+        if let Some(open) = &mut self.open {
+            open.changes.push(change);
+            return Ok(Assembled::Nothing);
+        }
+        match change {
+            LogicalMessage::Relation(relation) => Ok(Assembled::Relation(relation)),
+            change => Err(unexpected(
+                change.kind(),
+                "outside any transaction".to_owned(),
+            )),
+        }
+    }
+
+    fn expect_no_transaction(&self, message: &'static str) -> Result<(), DecodeError> {
+        match &self.open {
+            Some(open) => Err(unexpected(
+                message,
+                format!("inside the transaction of xid {}", open.begin.xid),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn expect_no_stream_block(&self, message: &'static str) -> Result<(), DecodeError> {
+        match &self.in_block {
+            Some(txn) => Err(unexpected(
+                message,
+                format!("inside the stream block of xid {}", txn.xid),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+fn unexpected(message: &'static str, reason: String) -> DecodeError {
+    DecodeError::Unexpected { message, reason }
+}
+
+/// The xid a change carries inside a stream block: that of its (sub)transaction.
+fn streamed_xid(change: &LogicalMessage) -> Option<u32> {
+    match change {
+        LogicalMessage::Relation(relation) => relation.xid,
+        LogicalMessage::Type(type_message) => type_message.xid,
+        LogicalMessage::Insert(insert) => insert.xid,
+        LogicalMessage::Update(update) => update.xid,
+        LogicalMessage::Delete(delete) => delete.xid,
+        LogicalMessage::Truncate(truncate) => truncate.xid,
+        LogicalMessage::Message(message) => message.xid,
+        LogicalMessage::Begin(_)
+        | LogicalMessage::Commit(_)
+        | LogicalMessage::Origin(_)
+        | LogicalMessage::StreamStart(_)
+        | LogicalMessage::StreamStop
+        | LogicalMessage::StreamCommit(_)
+        | LogicalMessage::StreamAbort(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{ColumnValue, Insert, Origin, ReplicaIdentity, TupleData, TypeMessage};
+    use bytes::Bytes;
+
+    const A: u32 = 1_000;
+    const A_SUB1: u32 = 1_001;
+    const A_SUB2: u32 = 1_002;
+    const B: u32 = 2_000;
+    const C: u32 = 3_000;
+
+    fn begin(xid: u32, final_lsn: u64) -> LogicalMessage {
+        LogicalMessage::Begin(Begin {
+            final_lsn: Lsn(final_lsn),
+            commit_time_micros: 1,
+            xid,
+        })
+    }
+
+    fn commit(commit_lsn: u64) -> LogicalMessage {
+        LogicalMessage::Commit(Commit {
+            flags: 0,
+            commit_lsn: Lsn(commit_lsn),
+            end_lsn: Lsn(commit_lsn + 0x30),
+            commit_time_micros: 2,
+        })
+    }
+
+    fn users(xid: Option<u32>) -> Relation {
+        Relation {
+            xid,
+            id: 16_384,
+            namespace: "public".into(),
+            name: "users".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: Vec::new(),
+        }
+    }
+
+    fn relation(xid: Option<u32>) -> LogicalMessage {
+        LogicalMessage::Relation(users(xid))
+    }
+
+    /// An insert whose single column value tells the tests' changes apart.
+    fn insert(xid: Option<u32>, label: &'static str) -> LogicalMessage {
+        LogicalMessage::Insert(Insert {
+            xid,
+            relation_id: 16_384,
+            new: TupleData(vec![ColumnValue::Text(Bytes::from_static(
+                label.as_bytes(),
+            ))]),
+        })
+    }
+
+    fn message(xid: Option<u32>, transactional: bool) -> LogicalDecodingMessage {
+        LogicalDecodingMessage {
+            xid,
+            transactional,
+            lsn: Lsn(9),
+            prefix: "p".into(),
+            content: Bytes::from_static(b"c"),
+        }
+    }
+
+    fn stream_start(xid: u32, first_segment: bool) -> LogicalMessage {
+        LogicalMessage::StreamStart(StreamStart { xid, first_segment })
+    }
+
+    fn stream_commit(xid: u32, commit_lsn: u64) -> LogicalMessage {
+        LogicalMessage::StreamCommit(StreamCommit {
+            xid,
+            flags: 0,
+            commit_lsn: Lsn(commit_lsn),
+            end_lsn: Lsn(commit_lsn + 0x30),
+            commit_time_micros: 3,
+        })
+    }
+
+    fn stream_abort(xid: u32, subxid: u32) -> LogicalMessage {
+        LogicalMessage::StreamAbort(StreamAbort { xid, subxid })
+    }
+
+    /// Pushes messages that must all be absorbed.
+    fn push_all(assembler: &mut TransactionAssembler, messages: Vec<LogicalMessage>) {
+        for message in messages {
+            let kind = message.kind();
+            assert_eq!(assembler.push(message), Ok(Assembled::Nothing), "{kind}");
+        }
+    }
+
+    fn committed(result: Result<Assembled, DecodeError>) -> Transaction {
+        match result {
+            Ok(Assembled::Transaction(txn)) => txn,
+            other => panic!("expected a transaction, got {other:?}"),
+        }
+    }
+
+    fn unexpected_message(result: Result<Assembled, DecodeError>) -> &'static str {
+        match result {
+            Err(DecodeError::Unexpected { message, .. }) => message,
+            other => panic!("expected an Unexpected error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn assembles_a_plain_transaction() {
+        let mut assembler = TransactionAssembler::new();
+        let origin = LogicalMessage::Origin(Origin {
+            commit_lsn: Lsn(1),
+            name: "elsewhere".into(),
+        });
+        let type_message = LogicalMessage::Type(TypeMessage {
+            xid: None,
+            id: 90_001,
+            namespace: "public".into(),
+            name: "mood".into(),
+        });
+        push_all(
+            &mut assembler,
+            vec![
+                begin(C, 0x500),
+                origin,
+                relation(None),
+                type_message.clone(),
+                insert(None, "one"),
+                LogicalMessage::Message(message(None, true)),
+                insert(None, "two"),
+            ],
+        );
+        assert_eq!(assembler.buffered_changes(), 5);
+        let txn = committed(assembler.push(commit(0x500)));
+        assert_eq!(
+            txn,
+            Transaction {
+                xid: C,
+                commit_lsn: Lsn(0x500),
+                end_lsn: Lsn(0x530),
+                commit_time_micros: 2,
+                changes: vec![
+                    relation(None),
+                    type_message,
+                    insert(None, "one"),
+                    LogicalMessage::Message(message(None, true)),
+                    insert(None, "two"),
+                ],
+            }
+        );
+        assert_eq!(assembler.buffered_changes(), 0);
+    }
+
+    #[test]
+    fn emits_empty_transactions_for_their_progress() {
+        let mut assembler = TransactionAssembler::new();
+        push_all(&mut assembler, vec![begin(C, 0x500)]);
+        let txn = committed(assembler.push(commit(0x500)));
+        assert!(txn.changes.is_empty());
+        assert_eq!(txn.end_lsn, Lsn(0x530));
+    }
+
+    #[test]
+    fn passes_through_relations_and_non_transactional_messages() {
+        let mut assembler = TransactionAssembler::new();
+        assert_eq!(
+            assembler.push(relation(None)),
+            Ok(Assembled::Relation(users(None)))
+        );
+        assert_eq!(
+            assembler.push(LogicalMessage::Message(message(None, false))),
+            Ok(Assembled::NonTransactionalMessage(message(None, false)))
+        );
+        // Not part of a transaction even when one is open.
+        push_all(&mut assembler, vec![begin(C, 0x500)]);
+        assert_eq!(
+            assembler.push(LogicalMessage::Message(message(None, false))),
+            Ok(Assembled::NonTransactionalMessage(message(None, false)))
+        );
+        assert!(committed(assembler.push(commit(0x500))).changes.is_empty());
+    }
+
+    #[test]
+    fn assembles_interleaved_streamed_transactions() {
+        let mut assembler = TransactionAssembler::new();
+        push_all(
+            &mut assembler,
+            vec![
+                stream_start(A, true),
+                relation(Some(A)),
+                insert(Some(A), "a1"),
+                insert(Some(A_SUB1), "a-sub1-1"),
+                insert(Some(A_SUB2), "a-sub2-1"),
+                LogicalMessage::StreamStop,
+                stream_start(B, true),
+                insert(Some(B), "b1"),
+                LogicalMessage::StreamStop,
+            ],
+        );
+        assert_eq!(assembler.buffered_changes(), 5);
+
+        // An ordinary transaction between blocks commits on its own.
+        push_all(&mut assembler, vec![begin(C, 0x500), insert(None, "c1")]);
+        let c = committed(assembler.push(commit(0x500)));
+        assert_eq!((c.xid, c.changes), (C, vec![insert(None, "c1")]));
+
+        push_all(
+            &mut assembler,
+            vec![
+                stream_start(A, false),
+                insert(Some(A_SUB1), "a-sub1-2"),
+                LogicalMessage::StreamStop,
+                // ROLLBACK TO the savepoint of A_SUB1: drops it and A_SUB2 nested in it.
+                stream_abort(A, A_SUB1),
+                stream_start(A, false),
+                insert(Some(A), "a2"),
+                LogicalMessage::StreamStop,
+                // B rolls back entirely.
+                stream_abort(B, B),
+            ],
+        );
+        assert_eq!(assembler.buffered_changes(), 3);
+
+        let a = committed(assembler.push(stream_commit(A, 0x900)));
+        assert_eq!(
+            a,
+            Transaction {
+                xid: A,
+                commit_lsn: Lsn(0x900),
+                end_lsn: Lsn(0x930),
+                commit_time_micros: 3,
+                changes: vec![
+                    relation(Some(A)),
+                    insert(Some(A), "a1"),
+                    insert(Some(A), "a2"),
+                ],
+            }
+        );
+        assert_eq!(assembler.buffered_changes(), 0);
+        assert_eq!(
+            unexpected_message(assembler.push(stream_commit(B, 0x1000))),
+            "Stream Commit"
+        );
+    }
+
+    #[test]
+    fn a_subtransaction_can_start_again_after_its_rollback() {
+        let mut assembler = TransactionAssembler::new();
+        push_all(
+            &mut assembler,
+            vec![
+                stream_start(A, true),
+                insert(Some(A), "a1"),
+                insert(Some(A_SUB1), "dropped"),
+                LogicalMessage::StreamStop,
+                stream_abort(A, A_SUB1),
+                // Aborting what sent nothing, or what is unknown, changes nothing.
+                stream_abort(A, A_SUB2),
+                stream_abort(B, B),
+                stream_abort(B, 2_001),
+                stream_start(A, false),
+                insert(Some(A_SUB2), "kept"),
+                LogicalMessage::StreamStop,
+                stream_abort(A, A_SUB1),
+            ],
+        );
+        let a = committed(assembler.push(stream_commit(A, 0x900)));
+        assert_eq!(
+            a.changes,
+            vec![insert(Some(A), "a1"), insert(Some(A_SUB2), "kept")]
+        );
+    }
+
+    #[test]
+    fn a_streamed_transaction_can_be_committed_without_changes() {
+        let mut assembler = TransactionAssembler::new();
+        push_all(
+            &mut assembler,
+            vec![stream_start(A, true), LogicalMessage::StreamStop],
+        );
+        assert!(committed(assembler.push(stream_commit(A, 0x900)))
+            .changes
+            .is_empty());
+    }
+
+    #[test]
+    fn rejects_messages_out_of_place() {
+        let cases: Vec<(Vec<LogicalMessage>, LogicalMessage, &str)> = vec![
+            (vec![begin(C, 0x500)], begin(B, 0x600), "Begin"),
+            (vec![], commit(0x500), "Commit"),
+            (vec![begin(C, 0x500)], commit(0x501), "Commit"),
+            (vec![], insert(None, "x"), "Insert"),
+            (
+                vec![],
+                LogicalMessage::Message(message(None, true)),
+                "Message",
+            ),
+            (
+                vec![],
+                LogicalMessage::Type(TypeMessage {
+                    xid: None,
+                    id: 1,
+                    namespace: "s".into(),
+                    name: "t".into(),
+                }),
+                "Type",
+            ),
+            (vec![], stream_commit(A, 0x900), "Stream Commit"),
+            (vec![], LogicalMessage::StreamStop, "Stream Stop"),
+            (vec![begin(C, 0x500)], stream_start(A, true), "Stream Start"),
+            (
+                vec![stream_start(A, true)],
+                stream_start(B, true),
+                "Stream Start",
+            ),
+            (vec![stream_start(A, true)], begin(C, 0x500), "Begin"),
+            (
+                vec![stream_start(A, true)],
+                stream_commit(A, 0x900),
+                "Stream Commit",
+            ),
+            (
+                vec![stream_start(A, true)],
+                stream_abort(A, A),
+                "Stream Abort",
+            ),
+            (vec![begin(C, 0x500)], stream_abort(A, A), "Stream Abort"),
+            (
+                vec![begin(C, 0x500)],
+                stream_commit(A, 0x900),
+                "Stream Commit",
+            ),
+            (vec![], stream_start(A, false), "Stream Start"),
+            (
+                vec![stream_start(A, true), LogicalMessage::StreamStop],
+                stream_start(A, true),
+                "Stream Start",
+            ),
+        ];
+        for (before, message, expected) in cases {
+            let mut assembler = TransactionAssembler::new();
+            push_all(&mut assembler, before);
+            assert_eq!(unexpected_message(assembler.push(message)), expected);
+        }
+    }
+}
