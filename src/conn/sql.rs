@@ -1,0 +1,600 @@
+//! Ordinary SQL connections (setup, snapshot, apply, status) with the URL's TLS settings.
+//!
+//! tokio-postgres only knows `sslmode` disable/prefer/require and verifies nothing itself; the
+//! verification libpq's `verify-ca`/`verify-full` promise is done by our rustls configuration
+//! from [`super::tls::client_config`], which tokio-postgres-rustls runs for the handshake.
+
+use std::error::Error as _;
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+use tokio_postgres::{Client, Config, Connection, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::tls::{self, TlsError};
+use super::url::{ChannelBinding, PgUrl, SslMode};
+
+/// Why a connection attempt failed, decided once here so callers only ask
+/// [`ConnectErrorKind::is_transient`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectErrorKind {
+    /// Wrong password, no `pg_hba.conf` entry, or channel binding impossible (definite).
+    Authentication,
+    /// The database named in the URL does not exist (SQLSTATE 3D000, definite).
+    DatabaseMissing,
+    /// The role may not connect to the database (SQLSTATE 42501, definite).
+    PermissionDenied,
+    /// TLS settings or the server certificate are wrong (definite).
+    Tls,
+    /// Network trouble, timeout, or a server that is starting, shutting down, or full
+    /// (57P0x, 53xxx, 08xxx, 58xxx). Retrying later may succeed.
+    Unavailable,
+    /// The server refused for another reason (definite).
+    Rejected,
+}
+
+impl ConnectErrorKind {
+    /// Whether reconnecting later may help, as opposed to stopping with advice.
+    pub fn is_transient(self) -> bool {
+        self == Self::Unavailable
+    }
+
+    fn advice(self) -> &'static str {
+        match self {
+            Self::Authentication => {
+                "authentication failed; check the user name and password, and that pg_hba.conf \
+                 admits this user from this host"
+            }
+            Self::DatabaseMissing => {
+                "the database does not exist; check the database name in the URL"
+            }
+            Self::PermissionDenied => {
+                "permission denied; the user needs LOGIN and CONNECT on the database"
+            }
+            Self::Tls => {
+                "TLS could not be negotiated; a server without TLS needs sslmode=prefer or disable"
+            }
+            Self::Unavailable => "the server is unreachable or not accepting connections now",
+            Self::Rejected => "the server refused the connection",
+        }
+    }
+}
+
+/// A failed [`connect`]. The URL in it is always [`PgUrl::redacted`].
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot connect to {url}")]
+    Tls {
+        url: String,
+        #[source]
+        source: TlsError,
+    },
+    #[error("cannot connect to {url}: {}", kind.advice())]
+    Postgres {
+        url: String,
+        kind: ConnectErrorKind,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(
+        "cannot connect to {url}: no connection within {}s (connect_timeout); check that the host \
+         and port are right and reachable",
+        timeout.as_secs()
+    )]
+    Timeout { url: String, timeout: Duration },
+}
+
+impl ConnectError {
+    /// The classification, for retry decisions and exit codes.
+    pub fn kind(&self) -> ConnectErrorKind {
+        match self {
+            Self::Tls { .. } => ConnectErrorKind::Tls,
+            Self::Postgres { kind, .. } => *kind,
+            Self::Timeout { .. } => ConnectErrorKind::Unavailable,
+        }
+    }
+
+    /// Whether reconnecting later may help.
+    pub fn is_transient(&self) -> bool {
+        self.kind().is_transient()
+    }
+}
+
+/// Opens a connection and spawns the task that drives it; the task ends when the returned client
+/// is dropped. `application_name` is used unless the URL sets its own.
+pub async fn connect(url: &PgUrl, application_name: &str) -> Result<Client, ConnectError> {
+    let config = postgres_config(url, application_name);
+    let tls_config = tls::client_config(url).map_err(|source| ConnectError::Tls {
+        url: url.redacted(),
+        source,
+    })?;
+    let connecting = async {
+        match tls_config {
+            Some(tls_config) => {
+                let connector = MakeRustlsConnect::new((*tls_config).clone());
+                let (client, connection) = config.connect(connector).await?;
+                spawn_connection(connection, url.redacted());
+                Ok(client)
+            }
+            None => {
+                let (client, connection) = config.connect(NoTls).await?;
+                spawn_connection(connection, url.redacted());
+                Ok(client)
+            }
+        }
+    };
+    // tokio-postgres applies connect_timeout to each TCP connect only; libpq's covers the whole
+    // attempt, so a server that accepts but never answers the handshake is bounded too.
+    let result = match url.connect_timeout {
+        Some(timeout) => tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| ConnectError::Timeout {
+                url: url.redacted(),
+                timeout,
+            })?,
+        None => connecting.await,
+    };
+    result.map_err(|error| classify(url, error))
+}
+
+/// The tokio-postgres settings for `url`, field by field (there is deliberately no round trip
+/// through a connection string, which would need the password in it).
+fn postgres_config(url: &PgUrl, application_name: &str) -> Config {
+    let mut config = Config::new();
+    config
+        .host(&url.host)
+        .port(url.port)
+        .user(&url.user)
+        .dbname(&url.dbname)
+        .application_name(url.application_name.as_deref().unwrap_or(application_name))
+        .channel_binding(match url.channel_binding {
+            ChannelBinding::Disable => tokio_postgres::config::ChannelBinding::Disable,
+            ChannelBinding::Prefer => tokio_postgres::config::ChannelBinding::Prefer,
+            ChannelBinding::Require => tokio_postgres::config::ChannelBinding::Require,
+        })
+        // Whether to ask for TLS only; what to verify is in our rustls configuration.
+        .ssl_mode(match url.sslmode {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Allow | SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                tokio_postgres::config::SslMode::Require
+            }
+        });
+    if let Some(password) = url.password() {
+        config.password(password.expose());
+    }
+    if let Some(timeout) = url.connect_timeout {
+        config.connect_timeout(timeout);
+    }
+    if let Some(options) = &url.options {
+        config.options(options);
+    }
+    config
+}
+
+/// Drives the connection until the client is dropped or the connection fails. Failures are
+/// logged at debug level only: the next query on the client reports them as an error anyway.
+fn spawn_connection<S, T>(connection: Connection<S, T>, redacted_url: String)
+where
+    Connection<S, T>: Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(url = %redacted_url, %error, "postgres connection ended with an error");
+        }
+    });
+}
+
+/// Decides, once, what a failed connection attempt means. tokio-postgres errors carry no
+/// password (its `Config` is never part of them), and we add only the redacted URL.
+fn classify(url: &PgUrl, error: tokio_postgres::Error) -> ConnectError {
+    if let Some(tls_error) = io_error(&error).and_then(|io| tls::handshake_error(url, io)) {
+        return ConnectError::Tls {
+            url: url.redacted(),
+            source: tls_error,
+        };
+    }
+    ConnectError::Postgres {
+        url: url.redacted(),
+        kind: kind_of(&error),
+        source: error,
+    }
+}
+
+fn io_error(error: &tokio_postgres::Error) -> Option<&io::Error> {
+    error.source()?.downcast_ref::<io::Error>()
+}
+
+fn kind_of(error: &tokio_postgres::Error) -> ConnectErrorKind {
+    if let Some(code) = error.code() {
+        return kind_of_sqlstate(code.code());
+    }
+    if io_error(error).is_some() || error.is_closed() {
+        return ConnectErrorKind::Unavailable;
+    }
+    // tokio-postgres keeps its error kinds private; their Display texts are what we can see.
+    // These are the failures that come without an I/O error or a server message: the server
+    // refused SSLRequest under sslmode=require, or the client could not authenticate (channel
+    // binding required but not offered, password needed but not given).
+    match error.to_string().as_str() {
+        "error performing TLS handshake" => ConnectErrorKind::Tls,
+        "authentication error" | "invalid configuration" => ConnectErrorKind::Authentication,
+        _ => ConnectErrorKind::Rejected,
+    }
+}
+
+/// SQLSTATE classes from PostgreSQL's Appendix A.
+fn kind_of_sqlstate(code: &str) -> ConnectErrorKind {
+    match code {
+        // invalid_password, invalid_authorization_specification (includes no pg_hba.conf entry)
+        "28P01" | "28000" => ConnectErrorKind::Authentication,
+        // invalid_catalog_name
+        "3D000" => ConnectErrorKind::DatabaseMissing,
+        // insufficient_privilege (no CONNECT on the database)
+        "42501" => ConnectErrorKind::PermissionDenied,
+        // connection_exception, insufficient_resources (too_many_connections), operator
+        // intervention (admin_shutdown, crash_shutdown, cannot_connect_now), system_error
+        _ if code.starts_with("08")
+            || code.starts_with("53")
+            || code.starts_with("57P")
+            || code.starts_with("58") =>
+        {
+            ConnectErrorKind::Unavailable
+        }
+        _ => ConnectErrorKind::Rejected,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
+    use tokio_rustls::TlsAcceptor;
+
+    use super::*;
+    use crate::conn::test_pki::{self, TestPki};
+
+    /// The SSLRequest code from the frontend/backend protocol.
+    const SSL_REQUEST_CODE: i32 = 80_877_103;
+    const PASSWORD: &str = "s3cret-pw";
+
+    /// What a fake server saw of the client.
+    #[derive(Debug, Default)]
+    struct Seen {
+        sni: Option<String>,
+        startup: Vec<(String, String)>,
+    }
+
+    /// A fake PostgreSQL server for one connection: answers SSLRequest with `S` (when it has a
+    /// certificate) or `N`, reads the startup packet, sends `reply`, and waits for the client to
+    /// hang up.
+    async fn fake_server(
+        tls: Option<Arc<rustls::ServerConfig>>,
+        reply: Vec<u8>,
+    ) -> (u16, JoinHandle<io::Result<Seen>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await?;
+            let mut first = read_message(&mut tcp).await?;
+            if first.get(..4) != Some(&SSL_REQUEST_CODE.to_be_bytes()[..]) {
+                return respond(&mut tcp, &first, &reply, None).await;
+            }
+            let Some(tls) = tls else {
+                tcp.write_all(b"N").await?;
+                first = read_message(&mut tcp).await?;
+                return respond(&mut tcp, &first, &reply, None).await;
+            };
+            tcp.write_all(b"S").await?;
+            let mut stream = TlsAcceptor::from(tls).accept(tcp).await?;
+            let sni = stream.get_ref().1.server_name().map(str::to_owned);
+            let startup = read_message(&mut stream).await?;
+            respond(&mut stream, &startup, &reply, sni).await
+        });
+        (port, server)
+    }
+
+    async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
+        stream: &mut S,
+        startup: &[u8],
+        reply: &[u8],
+        sni: Option<String>,
+    ) -> io::Result<Seen> {
+        stream.write_all(reply).await?;
+        stream.flush().await?;
+        let mut rest = Vec::new();
+        // The client hangs up after an error, or when the test drops it after success.
+        let _ = stream.read_to_end(&mut rest).await;
+        Ok(Seen {
+            sni,
+            startup: startup_parameters(startup),
+        })
+    }
+
+    /// A length-prefixed message without a type byte (SSLRequest, StartupMessage).
+    async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<Vec<u8>> {
+        let length = stream.read_i32().await?;
+        let mut body = vec![0; usize::try_from(length - 4).expect("positive length")];
+        stream.read_exact(&mut body).await?;
+        Ok(body)
+    }
+
+    /// The name/value pairs after the protocol version of a StartupMessage.
+    fn startup_parameters(body: &[u8]) -> Vec<(String, String)> {
+        let strings: Vec<String> = body[4..]
+            .split(|&byte| byte == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect();
+        strings
+            .chunks(2)
+            .map(|pair| (pair[0].clone(), pair[1].clone()))
+            .collect()
+    }
+
+    fn backend_message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let length = i32::try_from(body.len() + 4).expect("small message");
+        [&[tag][..], &length.to_be_bytes(), body].concat()
+    }
+
+    fn error_response(sqlstate: &str, message: &str) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (field, value) in [
+            (b'S', "FATAL"),
+            (b'V', "FATAL"),
+            (b'C', sqlstate),
+            (b'M', message),
+        ] {
+            body.push(field);
+            body.extend_from_slice(value.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        backend_message(b'E', &body)
+    }
+
+    /// AuthenticationOk then ReadyForQuery: a successful startup without a password.
+    fn startup_ok() -> Vec<u8> {
+        [
+            backend_message(b'R', &0_i32.to_be_bytes()),
+            backend_message(b'Z', b"I"),
+        ]
+        .concat()
+    }
+
+    fn url(port: u16, query: &str) -> PgUrl {
+        format!("postgresql://app:{PASSWORD}@127.0.0.1:{port}/appdb?{query}")
+            .parse()
+            .expect("test URL")
+    }
+
+    /// Every way the error can be shown, none of which may contain the password.
+    fn assert_no_password(error: &ConnectError) {
+        let mut shown = vec![format!("{error:?}")];
+        let mut next: Option<&dyn Error> = Some(error);
+        while let Some(current) = next {
+            shown.push(current.to_string());
+            next = current.source();
+        }
+        for text in shown {
+            assert!(!text.contains(PASSWORD), "{text}");
+        }
+    }
+
+    async fn failed_connect(url: &PgUrl) -> ConnectError {
+        let error = connect(url, "usersync-test")
+            .await
+            .expect_err("connect should fail");
+        assert_no_password(&error);
+        assert!(error.to_string().contains(&url.redacted()), "{error}");
+        error
+    }
+
+    #[tokio::test]
+    async fn verify_full_connects_with_sni_and_application_name() {
+        let pki = TestPki::new();
+        let cert = pki.issue("server", "DNS:localhost,IP:127.0.0.1");
+        let (port, server) = fake_server(Some(test_pki::server_config(&cert)), startup_ok()).await;
+        let url: PgUrl = format!(
+            "postgresql://app@localhost:{port}/appdb?sslmode=verify-full&sslrootcert={}",
+            pki.ca_cert.display()
+        )
+        .parse()
+        .expect("test URL");
+        let client = connect(&url, "usersync-test").await.expect("connect");
+        drop(client);
+        let seen = server.await.expect("server task").expect("server I/O");
+        assert_eq!(seen.sni.as_deref(), Some("localhost"));
+        let parameter = |name: &str| {
+            seen.startup
+                .iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.as_str())
+        };
+        assert_eq!(parameter("user"), Some("app"));
+        assert_eq!(parameter("database"), Some("appdb"));
+        assert_eq!(parameter("application_name"), Some("usersync-test"));
+    }
+
+    #[tokio::test]
+    async fn certificate_for_another_host_is_a_definite_tls_error() {
+        let pki = TestPki::new();
+        let cert = pki.issue("server", "DNS:db.example.com");
+        let (port, _server) = fake_server(Some(test_pki::server_config(&cert)), startup_ok()).await;
+        let url = url(
+            port,
+            &format!("sslmode=verify-full&sslrootcert={}", pki.ca_cert.display()),
+        );
+        let error = failed_connect(&url).await;
+        assert_eq!(error.kind(), ConnectErrorKind::Tls);
+        assert!(!error.is_transient());
+        let ConnectError::Tls {
+            source: TlsError::NotValidForHost { host, .. },
+            ..
+        } = &error
+        else {
+            panic!("expected a host name mismatch, got {error:?}");
+        };
+        assert_eq!(host, "127.0.0.1");
+    }
+
+    #[tokio::test]
+    async fn wrong_password_is_a_definite_authentication_error() {
+        let pki = TestPki::new();
+        let cert = pki.self_signed("server", "DNS:localhost");
+        let reply = error_response("28P01", "password authentication failed for user \"app\"");
+        let (port, _server) = fake_server(Some(test_pki::server_config(&cert)), reply).await;
+        let error = failed_connect(&url(port, "sslmode=require")).await;
+        assert_eq!(error.kind(), ConnectErrorKind::Authentication);
+        assert!(!error.is_transient());
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "cannot connect to postgresql://app:***@127.0.0.1:{port}/appdb?sslmode=require: \
+                 authentication failed; check the user name and password, and that pg_hba.conf \
+                 admits this user from this host"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_classified_by_sqlstate() {
+        let cases = [
+            ("3D000", ConnectErrorKind::DatabaseMissing, false),
+            ("42501", ConnectErrorKind::PermissionDenied, false),
+            ("28000", ConnectErrorKind::Authentication, false),
+            ("57P03", ConnectErrorKind::Unavailable, true),
+            ("53300", ConnectErrorKind::Unavailable, true),
+            ("XX000", ConnectErrorKind::Rejected, false),
+        ];
+        for (sqlstate, kind, transient) in cases {
+            let (port, _server) = fake_server(None, error_response(sqlstate, "no")).await;
+            let error = failed_connect(&url(port, "sslmode=disable")).await;
+            assert_eq!(error.kind(), kind, "{sqlstate}");
+            assert_eq!(error.is_transient(), transient, "{sqlstate}");
+        }
+    }
+
+    #[tokio::test]
+    async fn prefer_continues_in_plaintext_when_the_server_refuses_tls() {
+        let (port, server) = fake_server(None, startup_ok()).await;
+        let client = connect(&url(port, "sslmode=prefer"), "usersync-test")
+            .await
+            .expect("connect");
+        drop(client);
+        let seen = server.await.expect("server task").expect("server I/O");
+        assert_eq!(seen.sni, None);
+    }
+
+    #[tokio::test]
+    async fn require_fails_when_the_server_refuses_tls() {
+        let (port, _server) = fake_server(None, startup_ok()).await;
+        let error = failed_connect(&url(port, "sslmode=require")).await;
+        assert_eq!(error.kind(), ConnectErrorKind::Tls);
+        assert!(!error.is_transient());
+    }
+
+    #[tokio::test]
+    async fn missing_password_is_an_authentication_error() {
+        // AuthenticationCleartextPassword, to a URL without a password.
+        let (port, _server) = fake_server(None, backend_message(b'R', &3_i32.to_be_bytes())).await;
+        let url: PgUrl = format!("postgresql://app@127.0.0.1:{port}/appdb?sslmode=disable")
+            .parse()
+            .expect("test URL");
+        let error = failed_connect(&url).await;
+        assert_eq!(error.kind(), ConnectErrorKind::Authentication);
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_transient() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        drop(listener);
+        let error = failed_connect(&url(port, "sslmode=disable")).await;
+        assert_eq!(error.kind(), ConnectErrorKind::Unavailable);
+        assert!(error.is_transient());
+    }
+
+    #[tokio::test]
+    async fn silent_server_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        // Accepts (the kernel does, via the backlog) but never answers SSLRequest.
+        let error = failed_connect(&url(port, "sslmode=require&connect_timeout=2")).await;
+        assert!(matches!(error, ConnectError::Timeout { .. }), "{error:?}");
+        assert!(error.is_transient());
+        drop(listener);
+    }
+
+    #[test]
+    fn unreadable_root_file_is_reported_before_connecting() {
+        let url = url(1, "sslmode=verify-full&sslrootcert=/nonexistent/ca.pem");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let error = runtime
+            .block_on(connect(&url, "x"))
+            .expect_err("no root file");
+        assert!(matches!(
+            error,
+            ConnectError::Tls {
+                source: TlsError::RootCertUnreadable { .. },
+                ..
+            }
+        ));
+        assert!(!error.is_transient());
+    }
+
+    #[test]
+    fn config_is_built_field_by_field() {
+        use tokio_postgres::config::{
+            ChannelBinding as PgChannelBinding, Host, SslMode as PgSslMode,
+        };
+        let url: PgUrl = "postgresql://u:pw@db.example.com:6000/d?sslmode=verify-ca\
+                          &sslrootcert=/ca.pem&channel_binding=require&application_name=mine\
+                          &connect_timeout=5&options=-c%20x%3Dy"
+            .parse()
+            .expect("test URL");
+        let config = postgres_config(&url, "usersync");
+        assert_eq!(
+            config.get_hosts(),
+            &[Host::Tcp("db.example.com".to_owned())]
+        );
+        assert_eq!(config.get_ports(), &[6000]);
+        assert_eq!(config.get_user(), Some("u"));
+        assert_eq!(config.get_password(), Some(&b"pw"[..]));
+        assert_eq!(config.get_dbname(), Some("d"));
+        assert_eq!(
+            config.get_application_name(),
+            Some("mine"),
+            "the URL's name wins"
+        );
+        assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(5)));
+        assert_eq!(config.get_options(), Some("-c x=y"));
+        assert_eq!(config.get_channel_binding(), PgChannelBinding::Require);
+        assert_eq!(config.get_ssl_mode(), PgSslMode::Require);
+
+        let modes = [
+            ("disable", PgSslMode::Disable),
+            ("allow", PgSslMode::Prefer),
+            ("prefer", PgSslMode::Prefer),
+            ("require", PgSslMode::Require),
+            ("verify-full", PgSslMode::Require),
+        ];
+        for (mode, expected) in modes {
+            let url: PgUrl = format!("host=h user=u sslmode={mode}")
+                .parse()
+                .expect("test URL");
+            let config = postgres_config(&url, "usersync");
+            assert_eq!(config.get_ssl_mode(), expected, "{mode}");
+            assert_eq!(config.get_application_name(), Some("usersync"));
+            assert_eq!(config.get_password(), None);
+        }
+    }
+}
