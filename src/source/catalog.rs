@@ -1,0 +1,222 @@
+//! What usersync needs to know and manage on the source through ordinary SQL: settings,
+//! the replicated table, privileges, the publication and the slot.
+
+use postgres_protocol::escape::escape_identifier;
+use tokio_postgres::Client;
+
+use super::SourceError;
+use crate::config::TableName;
+use crate::lsn::Lsn;
+
+/// `pg_replication_slots` as far as usersync cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotInfo {
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush_lsn: Option<Lsn>,
+    pub restart_lsn: Option<Lsn>,
+    /// `reserved`, `extended`, `unreserved` or `lost` (PostgreSQL 13+).
+    pub wal_status: Option<String>,
+}
+
+/// Checks that the source can do logical decoding at all.
+pub async fn check_wal_level(client: &Client) -> Result<(), SourceError> {
+    let level: String = client
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await
+        .map_err(SourceError::sql("reading wal_level"))?
+        .get(0);
+    if level != "logical" {
+        return Err(SourceError::Definite(format!(
+            "the source has wal_level={level}, but logical replication needs wal_level=logical: \
+             run ALTER SYSTEM SET wal_level = logical and restart the server (on Neon: enable \
+             logical replication in the project settings)"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that the role may replicate and read the table, and that the table can be
+/// replicated: it exists, and updates and deletes carry a usable key.
+pub async fn check_table(client: &Client, table: &TableName) -> Result<(), SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT c.relreplident::text, c.relkind::text,
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+                    has_table_privilege(c.oid, 'SELECT')
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(SourceError::sql("looking up the source table"))?;
+    let Some(row) = row else {
+        return Err(SourceError::Definite(format!(
+            "the source has no table {table}; set --table SCHEMA.NAME (USERSYNC_TABLE) to the \
+             users table"
+        )));
+    };
+    let (identity, kind, has_pk, can_select): (String, String, bool, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if kind != "r" && kind != "p" {
+        return Err(SourceError::Definite(format!(
+            "{table} is not a table (relkind {kind}); logical replication publishes tables only"
+        )));
+    }
+    if !can_select {
+        return Err(SourceError::Definite(format!(
+            "the source role may not read {table}: GRANT SELECT ON {} TO <role>",
+            table.quoted()
+        )));
+    }
+    match identity.as_str() {
+        "d" if !has_pk => Err(SourceError::Definite(format!(
+            "{table} has no primary key, so its updates and deletes carry no key to replicate; \
+             add one, or run ALTER TABLE {} REPLICA IDENTITY FULL",
+            table.quoted()
+        ))),
+        "n" => Err(SourceError::Definite(format!(
+            "{table} has REPLICA IDENTITY NOTHING, so deletes cannot be replicated; run ALTER \
+             TABLE {} REPLICA IDENTITY DEFAULT (with a primary key) or FULL",
+            table.quoted()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Checks that the role may use a replication connection.
+pub async fn check_replication_privilege(client: &Client) -> Result<(), SourceError> {
+    let allowed: bool = client
+        .query_one(
+            "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(SourceError::sql("reading the role's privileges"))?
+        .get(0);
+    if !allowed {
+        return Err(SourceError::Definite(
+            "the source role lacks the REPLICATION attribute: ALTER ROLE <role> REPLICATION \
+             (on Neon, roles created in the console have it once logical replication is on)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the publication exists, and whether it already publishes the table.
+pub async fn publication_state(
+    client: &Client,
+    publication: &str,
+    table: &TableName,
+) -> Result<Option<bool>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT p.puballtables OR EXISTS (
+                    SELECT 1 FROM pg_publication_tables t
+                     WHERE t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3)
+               FROM pg_publication p WHERE p.pubname = $1",
+            &[&publication, &table.schema, &table.name],
+        )
+        .await
+        .map_err(SourceError::sql("looking up the publication"))?;
+    Ok(row.map(|row| row.get(0)))
+}
+
+/// Creates the publication for the table, or adds the table to an existing one.
+/// Returns a sentence saying what was done.
+pub async fn ensure_publication(
+    client: &Client,
+    publication: &str,
+    table: &TableName,
+) -> Result<String, SourceError> {
+    let (sql, said) = match publication_state(client, publication, table).await? {
+        Some(true) => {
+            return Ok(format!(
+                "publication {publication} found, publishing {table}"
+            ))
+        }
+        Some(false) => (
+            format!(
+                "ALTER PUBLICATION {} ADD TABLE {}",
+                escape_identifier(publication),
+                table.quoted()
+            ),
+            format!("publication {publication} found; added {table} to it"),
+        ),
+        None => (
+            format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                escape_identifier(publication),
+                table.quoted()
+            ),
+            format!("publication {publication} created for {table}"),
+        ),
+    };
+    client.batch_execute(&sql).await.map_err(|source| {
+        if source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+            SourceError::Definite(format!(
+                "the source role may not create or change publication {publication}: it must \
+                 own {table} (or be a superuser); or create it as the owner with: {sql}"
+            ))
+        } else {
+            SourceError::sql("creating the publication")(source)
+        }
+    })?;
+    Ok(said)
+}
+
+/// Reads the slot's row, if the slot exists.
+pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, database::text, active, active_pid,
+                    confirmed_flush_lsn::text, restart_lsn::text, wal_status
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(SourceError::sql("looking up the replication slot"))?;
+    Ok(row.map(|row| SlotInfo {
+        plugin: row.get(0),
+        database: row.get(1),
+        active: row.get(2),
+        active_pid: row.get(3),
+        confirmed_flush_lsn: row.get::<_, Option<&str>>(4).and_then(|v| v.parse().ok()),
+        restart_lsn: row.get::<_, Option<&str>>(5).and_then(|v| v.parse().ok()),
+        wal_status: row.get(6),
+    }))
+}
+
+/// Drops the slot; fails with the holder's pid when a process is streaming from it.
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), SourceError> {
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .map_err(SourceError::sql("dropping the replication slot"))?;
+    Ok(())
+}
+
+/// Drops the publication if it exists.
+pub async fn drop_publication(client: &Client, publication: &str) -> Result<(), SourceError> {
+    client
+        .batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            escape_identifier(publication)
+        ))
+        .await
+        .map_err(SourceError::sql("dropping the publication"))
+}
+
+/// The source's current WAL position, to show how far a slot is behind.
+pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, SourceError> {
+    let text: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(SourceError::sql("reading the current WAL position"))?
+        .get(0);
+    text.parse()
+        .map_err(|_| SourceError::Definite(format!("the source reported an invalid LSN {text:?}")))
+}

@@ -1,0 +1,694 @@
+//! A small client for PostgreSQL's streaming replication protocol.
+//!
+//! `tokio-postgres` from crates.io cannot open a replication stream (no `replication`
+//! startup key, no CopyBoth), so this module speaks just enough of the protocol itself:
+//! startup with `replication=database`, TLS (SSLRequest, then rustls with SNI), SCRAM-SHA-256
+//! with or without channel binding, md5, cleartext only inside TLS, simple queries for the
+//! replication commands, and the CopyBoth sub-protocol in which a walsender streams WAL.
+//!
+//! A logical walsender in PostgreSQL 15 cannot start streaming twice on one connection, so
+//! every streaming session opens a fresh connection (see [`ReplicationConnection::start_logical_replication`],
+//! which consumes the connection).
+//!
+//! Docs: <https://www.postgresql.org/docs/current/protocol-replication.html> and
+//! <https://www.postgresql.org/docs/current/protocol-flow.html>.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{self, ChannelBinding as ScramChannelBinding};
+use postgres_protocol::escape::{escape_identifier, escape_literal};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::conn::{tls, ChannelBinding, PgUrl, SslMode};
+use crate::lsn::Lsn;
+use crate::source::wire::{self, Frame, ServerMessage, WireError};
+
+/// Session settings that fix the text form of the values pgoutput sends, whatever the
+/// server's defaults: the mapping parses timestamps, floats and bytea in exactly this form.
+const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 \
+     -c IntervalStyle=iso_8601 -c bytea_output=hex";
+
+/// How long to wait for a TCP connection when the URL sets no `connect_timeout`.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// SASL mechanism names (RFC 7677 and PostgreSQL's channel-binding variant).
+const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
+
+/// Authentication request codes of the `'R'` message.
+const AUTH_OK: i32 = 0;
+const AUTH_CLEARTEXT: i32 = 3;
+const AUTH_MD5: i32 = 5;
+const AUTH_SASL: i32 = 10;
+const AUTH_SASL_CONTINUE: i32 = 11;
+const AUTH_SASL_FINAL: i32 = 12;
+
+trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncStream for T {}
+
+/// Everything that can go wrong on the replication connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("cannot reach the source at {target}: {source}")]
+    Io {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to the source at {target}")]
+    ConnectTimeout { target: String },
+    #[error("TLS with the source at {target} failed: {source}")]
+    TlsHandshake {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    TlsConfig(#[from] tls::TlsError),
+    #[error("the source at {target} does not accept TLS, but sslmode={mode} requires it")]
+    TlsRefused { target: String, mode: &'static str },
+    #[error("authentication with the source at {target} is not possible: {reason}")]
+    Authentication { target: String, reason: String },
+    #[error("the source {context} failed: {message}")]
+    Server {
+        context: String,
+        message: Box<ServerMessage>,
+    },
+    #[error("the source sent an unexpected message {tag:?} while {context}")]
+    Unexpected { context: &'static str, tag: char },
+    #[error("the source sent a malformed reply to {command}: {what}")]
+    BadReply { command: &'static str, what: String },
+    #[error("the source closed the replication connection")]
+    Closed,
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+impl ReplicationError {
+    /// The SQLSTATE of a server-reported error, if this is one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ReplicationError::Server { message, .. } => Some(&message.code),
+            _ => None,
+        }
+    }
+
+    /// Whether reconnecting later may succeed without anyone changing anything.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ReplicationError::Io { .. }
+            | ReplicationError::ConnectTimeout { .. }
+            | ReplicationError::TlsHandshake { .. }
+            | ReplicationError::Closed => true,
+            ReplicationError::Server { message, .. } => is_transient_sqlstate(&message.code),
+            _ => false,
+        }
+    }
+}
+
+/// SQLSTATEs that a retry can outlive: connection failures (class 08), the server shutting
+/// down or starting (57P01-57P03), too many connections (53300), and the replication slot
+/// being busy (55006), which happens when the previous walsender of this replicator has not
+/// noticed yet that its client is gone.
+pub fn is_transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "55006")
+}
+
+/// The answer to `IDENTIFY_SYSTEM`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemIdentity {
+    pub system_id: String,
+    pub timeline: u32,
+    pub xlog_pos: Lsn,
+    pub dbname: Option<String>,
+}
+
+/// Rows of a simple query, all values in text form.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueryResult {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Option<String>>>,
+}
+
+impl QueryResult {
+    /// The value of `column` in the first row.
+    pub fn first(&self, column: &str) -> Option<&str> {
+        let index = self.columns.iter().position(|name| name == column)?;
+        self.rows.first()?.get(index)?.as_deref()
+    }
+}
+
+/// What `CREATE_REPLICATION_SLOT` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedSlot {
+    pub consistent_point: Lsn,
+    pub snapshot_name: Option<String>,
+}
+
+/// An open replication connection, before streaming.
+pub struct ReplicationConnection {
+    io: Box<dyn AsyncStream>,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    target: String,
+    server_version_num: Option<u32>,
+}
+
+impl ReplicationConnection {
+    /// Connects and authenticates with `replication=database` to the URL's database.
+    pub async fn connect(url: &PgUrl, application_name: &str) -> Result<Self, ReplicationError> {
+        let target = url.redacted();
+        let timeout = url.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect((url.host.as_str(), url.port)))
+            .await
+            .map_err(|_| ReplicationError::ConnectTimeout {
+                target: target.clone(),
+            })?
+            .map_err(|source| ReplicationError::Io {
+                target: target.clone(),
+                source,
+            })?;
+        // Status updates are tiny and latency-sensitive; don't let Nagle hold them back.
+        tcp.set_nodelay(true)
+            .map_err(|source| ReplicationError::Io {
+                target: target.clone(),
+                source,
+            })?;
+        let (io, channel_binding) = negotiate_tls(tcp, url, &target).await?;
+        let mut conn = ReplicationConnection {
+            io,
+            read_buf: BytesMut::with_capacity(64 * 1024),
+            write_buf: BytesMut::with_capacity(1024),
+            target,
+            server_version_num: None,
+        };
+        conn.startup(url, application_name, channel_binding).await?;
+        Ok(conn)
+    }
+
+    /// The server's `server_version_num`, as reported at startup.
+    pub fn server_version_num(&self) -> Option<u32> {
+        self.server_version_num
+    }
+
+    async fn startup(
+        &mut self,
+        url: &PgUrl,
+        application_name: &str,
+        tls_end_point: Option<Vec<u8>>,
+    ) -> Result<(), ReplicationError> {
+        let application_name = url.application_name.as_deref().unwrap_or(application_name);
+        // The URL's own options (Neon's `endpoint=...`, users' `-c` settings) come first, so
+        // ours win where they overlap: the mapping depends on them.
+        let options = match &url.options {
+            Some(theirs) => format!("{theirs} {SESSION_OPTIONS}"),
+            None => SESSION_OPTIONS.to_owned(),
+        };
+        let params = [
+            ("user", url.user.as_str()),
+            ("database", url.dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", application_name),
+            ("client_encoding", "UTF8"),
+            ("options", options.as_str()),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut self.write_buf)
+            .map_err(|e| self.bad_reply("startup", e.to_string()))?;
+        self.flush().await?;
+        self.authenticate(url, tls_end_point).await?;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                wire::PARAMETER_STATUS => self.note_parameter(&frame.body),
+                wire::BACKEND_KEY_DATA | wire::NOTICE_RESPONSE => {}
+                wire::READY_FOR_QUERY => return Ok(()),
+                wire::ERROR_RESPONSE => return Err(self.server_error("startup", &frame)?),
+                tag => return Err(unexpected("starting up", tag)),
+            }
+        }
+    }
+
+    fn note_parameter(&mut self, body: &[u8]) {
+        let mut parts = body.split(|&b| b == 0);
+        if let (Some(b"server_version_num"), Some(value)) = (parts.next(), parts.next()) {
+            self.server_version_num = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+        }
+    }
+
+    async fn authenticate(
+        &mut self,
+        url: &PgUrl,
+        tls_end_point: Option<Vec<u8>>,
+    ) -> Result<(), ReplicationError> {
+        let encrypted = tls_end_point.is_some();
+        let mut scram: Option<sasl::ScramSha256> = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                wire::AUTHENTICATION => {}
+                wire::ERROR_RESPONSE => return Err(self.server_error("authentication", &frame)?),
+                tag => return Err(unexpected("authenticating", tag)),
+            }
+            let body = &frame.body[..];
+            let code = body
+                .get(..4)
+                .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                .ok_or_else(|| self.bad_reply("authentication", "no request code".into()))?;
+            let data = &body[4..];
+            match code {
+                AUTH_OK => {
+                    if url.channel_binding == ChannelBinding::Require && scram.is_none() {
+                        return Err(self.auth_error(
+                            "channel_binding=require, but the server did not use SCRAM".into(),
+                        ));
+                    }
+                    return Ok(());
+                }
+                AUTH_CLEARTEXT => {
+                    if !encrypted {
+                        return Err(self.auth_error(
+                            "the server asks for a cleartext password on an unencrypted \
+                             connection; use sslmode=require or better, or configure scram-sha-256"
+                                .into(),
+                        ));
+                    }
+                    let password = self.password(url)?;
+                    frontend::password_message(password.as_bytes(), &mut self.write_buf)
+                        .map_err(|e| self.bad_reply("authentication", e.to_string()))?;
+                }
+                AUTH_MD5 => {
+                    let salt: [u8; 4] =
+                        data.get(..4)
+                            .and_then(|s| s.try_into().ok())
+                            .ok_or_else(|| {
+                                self.bad_reply("authentication", "md5 without salt".into())
+                            })?;
+                    let password = self.password(url)?;
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        url.user.as_bytes(),
+                        password.as_bytes(),
+                        salt,
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut self.write_buf)
+                        .map_err(|e| self.bad_reply("authentication", e.to_string()))?;
+                }
+                AUTH_SASL => {
+                    let mechanisms: Vec<&[u8]> =
+                        data.split(|&b| b == 0).filter(|m| !m.is_empty()).collect();
+                    let offers_plus = mechanisms.contains(&SCRAM_SHA_256_PLUS.as_bytes());
+                    let offers_plain = mechanisms.contains(&SCRAM_SHA_256.as_bytes());
+                    let (mechanism, binding) = match (&tls_end_point, offers_plus) {
+                        (Some(end_point), true)
+                            if url.channel_binding != ChannelBinding::Disable
+                                && !end_point.is_empty() =>
+                        {
+                            (
+                                SCRAM_SHA_256_PLUS,
+                                ScramChannelBinding::tls_server_end_point(end_point.clone()),
+                            )
+                        }
+                        _ if url.channel_binding == ChannelBinding::Require => {
+                            return Err(self.auth_error(
+                                "channel_binding=require, but channel binding is not available \
+                                 (it needs TLS and a server offering SCRAM-SHA-256-PLUS)"
+                                    .into(),
+                            ))
+                        }
+                        (Some(_), _) if offers_plain => {
+                            (SCRAM_SHA_256, ScramChannelBinding::unrequested())
+                        }
+                        (None, _) if offers_plain => {
+                            (SCRAM_SHA_256, ScramChannelBinding::unsupported())
+                        }
+                        _ => {
+                            return Err(self.auth_error(format!(
+                                "the server offers no SASL mechanism usersync supports ({})",
+                                mechanisms
+                                    .iter()
+                                    .map(|m| String::from_utf8_lossy(m).into_owned())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )))
+                        }
+                    };
+                    let password = self.password(url)?;
+                    let state = sasl::ScramSha256::new(password.as_bytes(), binding);
+                    frontend::sasl_initial_response(
+                        mechanism,
+                        state.message(),
+                        &mut self.write_buf,
+                    )
+                    .map_err(|e| self.bad_reply("authentication", e.to_string()))?;
+                    scram = Some(state);
+                }
+                AUTH_SASL_CONTINUE => {
+                    let state = scram
+                        .as_mut()
+                        .ok_or_else(|| unexpected("authenticating", wire::AUTHENTICATION))?;
+                    state
+                        .update(data)
+                        .map_err(|e| self.auth_error(format!("SCRAM exchange failed: {e}")))?;
+                    let message = state.message().to_vec();
+                    frontend::sasl_response(&message, &mut self.write_buf)
+                        .map_err(|e| self.bad_reply("authentication", e.to_string()))?;
+                }
+                AUTH_SASL_FINAL => {
+                    let state = scram
+                        .as_mut()
+                        .ok_or_else(|| unexpected("authenticating", wire::AUTHENTICATION))?;
+                    state.finish(data).map_err(|e| {
+                        self.auth_error(format!("the server's SCRAM signature is invalid: {e}"))
+                    })?;
+                    continue;
+                }
+                other => {
+                    return Err(self.auth_error(format!(
+                        "the server asks for authentication method {other}, which usersync does \
+                         not support; use scram-sha-256 in pg_hba.conf"
+                    )))
+                }
+            }
+            self.flush().await?;
+        }
+    }
+
+    fn password<'a>(&self, url: &'a PgUrl) -> Result<&'a str, ReplicationError> {
+        url.password().map(|p| p.expose()).ok_or_else(|| {
+            self.auth_error("the server asks for a password, but the URL has none".into())
+        })
+    }
+
+    /// Runs one simple-protocol query (replication commands included) and collects its rows.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<QueryResult, ReplicationError> {
+        frontend::query(sql, &mut self.write_buf)
+            .map_err(|e| self.bad_reply("query", e.to_string()))?;
+        self.flush().await?;
+        let mut result = QueryResult::default();
+        let mut failure = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                wire::ROW_DESCRIPTION => result.columns = wire::parse_row_description(&frame.body)?,
+                wire::DATA_ROW => result.rows.push(wire::parse_data_row(&frame.body)?),
+                wire::COMMAND_COMPLETE
+                | wire::EMPTY_QUERY_RESPONSE
+                | wire::NOTICE_RESPONSE
+                | wire::PARAMETER_STATUS => {}
+                wire::ERROR_RESPONSE => {
+                    failure = Some(self.server_error(command_name(sql), &frame)?)
+                }
+                wire::READY_FOR_QUERY => {
+                    return match failure {
+                        Some(error) => Err(error),
+                        None => Ok(result),
+                    }
+                }
+                tag => return Err(unexpected("running a query", tag)),
+            }
+        }
+    }
+
+    /// `IDENTIFY_SYSTEM`: the cluster's identity, which the checkpoint is tied to.
+    pub async fn identify_system(&mut self) -> Result<SystemIdentity, ReplicationError> {
+        let result = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let field = |name: &str| {
+            result
+                .first(name)
+                .ok_or_else(|| ReplicationError::BadReply {
+                    command: "IDENTIFY_SYSTEM",
+                    what: format!("no {name}"),
+                })
+        };
+        let bad = |what: &str| ReplicationError::BadReply {
+            command: "IDENTIFY_SYSTEM",
+            what: what.to_owned(),
+        };
+        Ok(SystemIdentity {
+            system_id: field("systemid")?.to_owned(),
+            timeline: field("timeline")?
+                .parse()
+                .map_err(|_| bad("bad timeline"))?,
+            xlog_pos: field("xlogpos")?.parse().map_err(|_| bad("bad xlogpos"))?,
+            dbname: result.first("dbname").map(str::to_owned),
+        })
+    }
+
+    /// `CREATE_REPLICATION_SLOT ... LOGICAL pgoutput`. With `export_snapshot`, the snapshot
+    /// stays usable by `SET TRANSACTION SNAPSHOT` until this connection runs another command.
+    pub async fn create_logical_slot(
+        &mut self,
+        slot: &str,
+        export_snapshot: bool,
+    ) -> Result<CreatedSlot, ReplicationError> {
+        // The pre-15 keyword syntax, which PostgreSQL 15+ still accepts, keeps 14 working.
+        let snapshot = if export_snapshot {
+            "EXPORT_SNAPSHOT"
+        } else {
+            "NOEXPORT_SNAPSHOT"
+        };
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snapshot}",
+            escape_identifier(slot)
+        );
+        let result = self.simple_query(&sql).await?;
+        let consistent_point = result
+            .first("consistent_point")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| ReplicationError::BadReply {
+                command: "CREATE_REPLICATION_SLOT",
+                what: "no consistent_point".into(),
+            })?;
+        Ok(CreatedSlot {
+            consistent_point,
+            snapshot_name: result.first("snapshot_name").map(str::to_owned),
+        })
+    }
+
+    /// `START_REPLICATION SLOT ... LOGICAL`: switches the connection into CopyBoth mode.
+    pub async fn start_logical_replication(
+        mut self,
+        slot: &str,
+        start: Lsn,
+        options: &[(&str, String)],
+    ) -> Result<ReplicationStream, ReplicationError> {
+        let options = options
+            .iter()
+            .map(|(name, value)| format!("{} {}", escape_identifier(name), escape_literal(value)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {start} ({options})",
+            escape_identifier(slot)
+        );
+        frontend::query(&sql, &mut self.write_buf)
+            .map_err(|e| self.bad_reply("START_REPLICATION", e.to_string()))?;
+        self.flush().await?;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                wire::COPY_BOTH_RESPONSE => return Ok(ReplicationStream { conn: self }),
+                wire::NOTICE_RESPONSE | wire::PARAMETER_STATUS => {}
+                wire::ERROR_RESPONSE => {
+                    let error = self.server_error("START_REPLICATION", &frame)?;
+                    // Drain to ReadyForQuery so the error is the one reported, not a hangup.
+                    let _ = self.read_until_ready().await;
+                    return Err(error);
+                }
+                tag => return Err(unexpected("starting replication", tag)),
+            }
+        }
+    }
+
+    /// Ends the session politely.
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.write_buf);
+        let _ = self.flush().await;
+    }
+
+    async fn read_until_ready(&mut self) -> Result<(), ReplicationError> {
+        loop {
+            if self.read_frame().await?.tag == wire::READY_FOR_QUERY {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn read_frame(&mut self) -> Result<Frame, ReplicationError> {
+        loop {
+            if let Some(frame) = wire::take_frame(&mut self.read_buf)? {
+                return Ok(frame);
+            }
+            let read = self
+                .io
+                .read_buf(&mut self.read_buf)
+                .await
+                .map_err(|source| self.io_error(source))?;
+            if read == 0 {
+                return Err(ReplicationError::Closed);
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), ReplicationError> {
+        let result = async {
+            self.io.write_all(&self.write_buf).await?;
+            self.io.flush().await
+        }
+        .await;
+        self.write_buf.clear();
+        result.map_err(|source| self.io_error(source))
+    }
+
+    fn io_error(&self, source: std::io::Error) -> ReplicationError {
+        ReplicationError::Io {
+            target: self.target.clone(),
+            source,
+        }
+    }
+
+    fn auth_error(&self, reason: String) -> ReplicationError {
+        ReplicationError::Authentication {
+            target: self.target.clone(),
+            reason,
+        }
+    }
+
+    fn bad_reply(&self, command: &'static str, what: String) -> ReplicationError {
+        ReplicationError::BadReply { command, what }
+    }
+
+    fn server_error(
+        &self,
+        context: &str,
+        frame: &Frame,
+    ) -> Result<ReplicationError, ReplicationError> {
+        let message = wire::parse_server_message(frame.tag, &frame.body)?;
+        Ok(ReplicationError::Server {
+            context: format!("{context} at {}", self.target),
+            message: Box::new(message),
+        })
+    }
+}
+
+/// A connection in CopyBoth mode: WAL data in, status updates out.
+pub struct ReplicationStream {
+    conn: ReplicationConnection,
+}
+
+impl ReplicationStream {
+    /// The next CopyData payload, or `None` when the server ended the stream.
+    ///
+    /// Cancel-safe: bytes read before a cancellation stay in the buffer, so this can sit in a
+    /// `select!` next to timers.
+    pub async fn recv(&mut self) -> Result<Option<Bytes>, ReplicationError> {
+        loop {
+            let frame = self.conn.read_frame().await?;
+            match frame.tag {
+                wire::COPY_DATA => return Ok(Some(frame.body)),
+                wire::COPY_DONE => return Ok(None),
+                wire::NOTICE_RESPONSE | wire::PARAMETER_STATUS => {}
+                wire::ERROR_RESPONSE => {
+                    return Err(self.conn.server_error("replication stream", &frame)?)
+                }
+                tag => return Err(unexpected("streaming", tag)),
+            }
+        }
+    }
+
+    /// Sends one CopyData message (a Standby Status Update, in practice).
+    pub async fn send(&mut self, payload: Bytes) -> Result<(), ReplicationError> {
+        let copy = frontend::CopyData::new(payload)
+            .map_err(|e| self.conn.bad_reply("CopyData", e.to_string()))?;
+        copy.write(&mut self.conn.write_buf);
+        self.conn.flush().await
+    }
+
+    /// Ends streaming: CopyDone, then waits (briefly) for the server to finish its side, and
+    /// terminates the session. Errors are irrelevant at this point: the position was already
+    /// reported in a status update.
+    pub async fn finish(mut self) {
+        frontend::copy_done(&mut self.conn.write_buf);
+        if self.conn.flush().await.is_ok() {
+            let drain = async {
+                loop {
+                    match self.conn.read_frame().await {
+                        Ok(frame) if frame.tag == wire::READY_FOR_QUERY => break,
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+        }
+        self.conn.close().await;
+    }
+}
+
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    url: &PgUrl,
+    target: &str,
+) -> Result<(Box<dyn AsyncStream>, Option<Vec<u8>>), ReplicationError> {
+    let Some(config) = tls::client_config(url)? else {
+        return Ok((Box::new(tcp), None));
+    };
+    let io_error = |source| ReplicationError::Io {
+        target: target.to_owned(),
+        source,
+    };
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    tcp.write_all(&request).await.map_err(io_error)?;
+    let answer = tcp.read_u8().await.map_err(io_error)?;
+    match answer {
+        b'S' => {}
+        b'N' if matches!(url.sslmode, SslMode::Prefer | SslMode::Allow) => {
+            tracing::warn!(source = %target, "the source refused TLS; continuing unencrypted as sslmode allows");
+            return Ok((Box::new(tcp), None));
+        }
+        b'N' => {
+            return Err(ReplicationError::TlsRefused {
+                target: target.to_owned(),
+                mode: url.sslmode.as_str(),
+            })
+        }
+        other => return Err(unexpected("negotiating TLS", other)),
+    }
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&config));
+    let server_name = tls::server_name(url)?;
+    let stream = connector
+        .connect(server_name, tcp)
+        .await
+        .map_err(|source| match tls::handshake_error(url, &source) {
+            Some(error) => ReplicationError::TlsConfig(error),
+            None => ReplicationError::TlsHandshake {
+                target: target.to_owned(),
+                source,
+            },
+        })?;
+    // An empty end point means "TLS, but no binding data for this certificate".
+    let end_point = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|cert| tls::tls_server_end_point(cert.as_ref()))
+        .unwrap_or_default();
+    Ok((Box::new(stream), Some(end_point)))
+}
+
+fn unexpected(context: &'static str, tag: u8) -> ReplicationError {
+    ReplicationError::Unexpected {
+        context,
+        tag: char::from(tag),
+    }
+}
+
+/// The first word of a command, to name it in errors without echoing the whole text.
+fn command_name(sql: &str) -> &str {
+    sql.split_whitespace().next().unwrap_or("query")
+}
