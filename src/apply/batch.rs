@@ -1,0 +1,310 @@
+//! Coalescing source changes into one target transaction.
+//!
+//! Many source transactions share one target transaction (that is how a client-side
+//! replicator keeps up with PostgreSQL's own apply worker), and within it only the last state
+//! of each user matters: ten updates to one user become one upsert. What must survive
+//! coalescing is the *effect* of applying every change in order:
+//! - a delete after an upsert in the same batch leaves a soft-deleted row carrying the
+//!   upserted `raw_json` (the row may not exist on the target yet);
+//! - an upsert after a delete brings the user back (`deleted_at` cleared);
+//! - unchanged-TOAST keys of a later upsert are filled from an earlier upsert in the batch,
+//!   and only the keys still unknown are left for the target to fill from its current row;
+//! - a TRUNCATE soft-deletes every live row on the target, so the rows pending before it are
+//!   written first: the batch is a sequence of segments, each applied in order.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use crate::lsn::Lsn;
+use crate::map::MappedUser;
+
+/// Microseconds since the Unix epoch (the source commit time of a change).
+pub type UnixMicros = i64;
+
+/// The final state of one user within a segment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingUser {
+    /// The full user when the batch upserted it; `None` when the batch only deleted it.
+    pub raw_json: Option<Map<String, Value>>,
+    /// Keys whose value the target row already holds (unchanged TOAST on the source).
+    pub keep_keys: Vec<String>,
+    pub updated_at: UnixMicros,
+    pub deleted_at: Option<UnixMicros>,
+}
+
+/// A run of changes that can be applied as one upsert and one soft delete, or a truncate.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Segment {
+    Users(HashMap<String, PendingUser>),
+    /// Soft-delete every live user at this time.
+    SoftDeleteAll(UnixMicros),
+}
+
+/// The last source transaction a batch covers: what the checkpoint records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitPosition {
+    pub commit_lsn: Lsn,
+    pub end_lsn: Lsn,
+    pub commit_time: UnixMicros,
+}
+
+/// Changes of one or more whole source transactions, in commit order.
+#[derive(Debug, Default)]
+pub struct Batch {
+    segments: Vec<Segment>,
+    last_commit: Option<CommitPosition>,
+    transactions: usize,
+    changes: usize,
+    /// Commit times of the transactions in the batch, for lag accounting after apply.
+    commit_times: Vec<UnixMicros>,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records that one source transaction's changes were all added.
+    pub fn commit(&mut self, position: CommitPosition) {
+        if let Some(previous) = self.last_commit {
+            debug_assert!(
+                previous.end_lsn <= position.end_lsn,
+                "commits arrive in order"
+            );
+        }
+        self.last_commit = Some(position);
+        self.transactions += 1;
+        self.commit_times.push(position.commit_time);
+    }
+
+    pub fn upsert(&mut self, user: MappedUser, at: UnixMicros) {
+        self.changes += 1;
+        let MappedUser {
+            id,
+            raw_json,
+            unchanged_keys,
+        } = user;
+        let users = self.users_segment();
+        let pending = match users.remove(&id) {
+            Some(PendingUser {
+                raw_json: Some(earlier),
+                keep_keys: earlier_keep,
+                ..
+            }) => merge_unchanged(raw_json, unchanged_keys, earlier, earlier_keep),
+            _ => PendingUser {
+                raw_json: Some(raw_json),
+                keep_keys: unchanged_keys,
+                updated_at: at,
+                deleted_at: None,
+            },
+        };
+        users.insert(
+            id,
+            PendingUser {
+                updated_at: at,
+                deleted_at: None,
+                ..pending
+            },
+        );
+    }
+
+    pub fn soft_delete(&mut self, id: String, at: UnixMicros) {
+        self.changes += 1;
+        let users = self.users_segment();
+        let pending = users.entry(id).or_insert(PendingUser {
+            raw_json: None,
+            keep_keys: Vec::new(),
+            updated_at: at,
+            deleted_at: None,
+        });
+        pending.updated_at = at;
+        pending.deleted_at.get_or_insert(at);
+    }
+
+    pub fn soft_delete_all(&mut self, at: UnixMicros) {
+        self.changes += 1;
+        self.segments.push(Segment::SoftDeleteAll(at));
+    }
+
+    fn users_segment(&mut self) -> &mut HashMap<String, PendingUser> {
+        if !matches!(self.segments.last(), Some(Segment::Users(_))) {
+            self.segments.push(Segment::Users(HashMap::new()));
+        }
+        match self.segments.last_mut() {
+            Some(Segment::Users(users)) => users,
+            _ => unreachable!("a users segment was just pushed"),
+        }
+    }
+
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    pub fn last_commit(&self) -> Option<CommitPosition> {
+        self.last_commit
+    }
+
+    pub fn transactions(&self) -> usize {
+        self.transactions
+    }
+
+    pub fn changes(&self) -> usize {
+        self.changes
+    }
+
+    pub fn commit_times(&self) -> &[UnixMicros] {
+        &self.commit_times
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.transactions == 0
+    }
+}
+
+/// A later upsert takes the earlier upsert's values for the keys it left unchanged.
+fn merge_unchanged(
+    mut raw_json: Map<String, Value>,
+    unchanged_keys: Vec<String>,
+    mut earlier: Map<String, Value>,
+    earlier_keep: Vec<String>,
+) -> PendingUser {
+    let mut keep_keys = Vec::new();
+    for key in unchanged_keys {
+        match earlier.remove(&key) {
+            Some(value) => {
+                raw_json.insert(key, value);
+            }
+            None if earlier_keep.contains(&key) => keep_keys.push(key),
+            // The earlier upsert sent the whole row without this key: it no longer exists.
+            None => {}
+        }
+    }
+    PendingUser {
+        raw_json: Some(raw_json),
+        keep_keys,
+        updated_at: 0,
+        deleted_at: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn user(id: &str, fields: Value, unchanged: &[&str]) -> MappedUser {
+        let mut raw_json = fields.as_object().cloned().unwrap_or_default();
+        raw_json.insert("id".into(), json!(id));
+        MappedUser {
+            id: id.to_owned(),
+            raw_json,
+            unchanged_keys: unchanged.iter().map(|k| k.to_string()).collect(),
+        }
+    }
+
+    fn only_users(batch: &Batch) -> &HashMap<String, PendingUser> {
+        match batch.segments() {
+            [Segment::Users(users)] => users,
+            other => panic!("expected one users segment, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn last_upsert_wins() {
+        let mut batch = Batch::new();
+        batch.upsert(user("a", json!({"display_name": "A1"}), &[]), 1);
+        batch.upsert(user("a", json!({"display_name": "A2"}), &[]), 2);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.raw_json.as_ref().unwrap()["display_name"], "A2");
+        assert_eq!((a.updated_at, a.deleted_at), (2, None));
+        assert_eq!(batch.changes(), 2);
+    }
+
+    #[test]
+    fn delete_after_upsert_keeps_the_row_soft_deleted() {
+        let mut batch = Batch::new();
+        batch.upsert(user("a", json!({"display_name": "A"}), &[]), 1);
+        batch.soft_delete("a".into(), 2);
+        let a = &only_users(&batch)["a"];
+        assert!(a.raw_json.is_some());
+        assert_eq!((a.updated_at, a.deleted_at), (2, Some(2)));
+    }
+
+    #[test]
+    fn upsert_after_delete_revives() {
+        let mut batch = Batch::new();
+        batch.soft_delete("a".into(), 1);
+        batch.upsert(user("a", json!({}), &[]), 2);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.deleted_at, None);
+        assert!(a.raw_json.is_some());
+    }
+
+    #[test]
+    fn repeated_delete_keeps_the_first_time() {
+        let mut batch = Batch::new();
+        batch.soft_delete("a".into(), 1);
+        batch.soft_delete("a".into(), 3);
+        assert_eq!(only_users(&batch)["a"].deleted_at, Some(1));
+    }
+
+    #[test]
+    fn unchanged_toast_is_filled_from_an_earlier_upsert() {
+        let mut batch = Batch::new();
+        batch.upsert(user("a", json!({"big": "x", "n": 1}), &[]), 1);
+        batch.upsert(user("a", json!({"n": 2}), &["big"]), 2);
+        let a = &only_users(&batch)["a"];
+        let raw = a.raw_json.as_ref().unwrap();
+        assert_eq!(
+            (raw["big"].clone(), raw["n"].clone()),
+            (json!("x"), json!(2))
+        );
+        assert!(a.keep_keys.is_empty());
+    }
+
+    #[test]
+    fn unchanged_toast_twice_is_left_to_the_target() {
+        let mut batch = Batch::new();
+        batch.upsert(user("a", json!({"n": 1}), &["big"]), 1);
+        batch.upsert(user("a", json!({"n": 2}), &["big"]), 2);
+        assert_eq!(only_users(&batch)["a"].keep_keys, vec!["big".to_owned()]);
+    }
+
+    #[test]
+    fn truncate_starts_a_new_segment() {
+        let mut batch = Batch::new();
+        batch.upsert(user("a", json!({}), &[]), 1);
+        batch.soft_delete_all(2);
+        batch.upsert(user("b", json!({}), &[]), 3);
+        assert!(matches!(
+            batch.segments(),
+            [
+                Segment::Users(_),
+                Segment::SoftDeleteAll(2),
+                Segment::Users(_)
+            ]
+        ));
+    }
+
+    #[test]
+    fn commit_tracks_the_last_position() {
+        let mut batch = Batch::new();
+        assert!(batch.is_empty());
+        let first = CommitPosition {
+            commit_lsn: Lsn(10),
+            end_lsn: Lsn(20),
+            commit_time: 5,
+        };
+        let second = CommitPosition {
+            commit_lsn: Lsn(30),
+            end_lsn: Lsn(40),
+            commit_time: 6,
+        };
+        batch.commit(first);
+        batch.commit(second);
+        assert_eq!(batch.last_commit(), Some(second));
+        assert_eq!(batch.transactions(), 2);
+        assert_eq!(batch.commit_times(), &[5, 6]);
+    }
+}

@@ -1,0 +1,52 @@
+//! Applying source changes to `neon_auth.users_sync`.
+//!
+//! Inserts and updates upsert `raw_json`; deletes are *soft* (`deleted_at` set, row kept),
+//! because app tables reference users with foreign keys whose `ON DELETE` rules must not fire
+//! on a source delete, and readers filter `deleted_at IS NULL`. Only `raw_json`,
+//! `updated_at` and `deleted_at` are written: the other columns are generated from `raw_json`.
+
+pub mod batch;
+pub mod schema;
+pub mod writer;
+
+pub use batch::{Batch, CommitPosition, UnixMicros};
+pub use schema::{check_shape, ensure_target_schema, TargetShape};
+pub use writer::{delete_checkpoint, read_checkpoint, Checkpoint, TargetWriter};
+
+use crate::lsn::Lsn;
+
+/// Errors of the target side.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("target: {context} failed: {source}")]
+    Sql {
+        context: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("target table has an unusable shape: {0}")]
+    Shape(String),
+    #[error(
+        "the target refused to move the checkpoint of slot {slot} to {end_lsn}: it holds a \
+         later position or one from another source system; check that no other usersync \
+         writes this slot's checkpoint (usersync status shows it)"
+    )]
+    CheckpointRefused { slot: String, end_lsn: Lsn },
+    #[error("an empty batch was handed to the writer")]
+    EmptyBatch,
+}
+
+impl ApplyError {
+    /// Wraps a tokio-postgres error with what usersync was doing.
+    pub fn sql(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
+        move |source| ApplyError::Sql { context, source }
+    }
+
+    /// Whether reconnecting may succeed without anyone changing anything.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyError::Sql { source, .. } => crate::error::is_transient_pg(source),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The target's tables: created when absent, checked when present, never altered.
+//!
+//! App developers join to `neon_auth.users_sync` with foreign keys, so usersync must not
+//! change its shape. Neon's own DDL is in `sql/users_sync.sql`; variants exist in the wild
+//! (older tables without `updated_at`), so the shape is read from the catalog and the
+//! statements adapt where that is safe.
+
+use tokio_postgres::Client;
+
+use super::ApplyError;
+
+/// Neon's DDL for the users table, applied only when the table does not exist.
+const USERS_SYNC_DDL: &str = include_str!("../../sql/users_sync.sql");
+/// usersync's own checkpoint table.
+const STATE_DDL: &str = include_str!("../../sql/usersync_state.sql");
+
+/// What the existing `neon_auth.users_sync` can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetShape {
+    pub has_updated_at: bool,
+}
+
+/// Whether setup found or made the tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    Created,
+    Found,
+}
+
+/// Creates what is missing and checks what exists.
+pub async fn ensure_target_schema(client: &Client) -> Result<(TargetShape, Created), ApplyError> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('neon_auth.users_sync') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(ApplyError::sql("checking for neon_auth.users_sync"))?
+        .get(0);
+    let created = if exists {
+        Created::Found
+    } else {
+        client
+            .batch_execute(USERS_SYNC_DDL)
+            .await
+            .map_err(ApplyError::sql("creating neon_auth.users_sync"))?;
+        Created::Created
+    };
+    client
+        .batch_execute(STATE_DDL)
+        .await
+        .map_err(ApplyError::sql("creating the usersync schema"))?;
+    Ok((check_shape(client).await?, created))
+}
+
+/// Reads the shape of `neon_auth.users_sync` and refuses one usersync cannot write.
+pub async fn check_shape(client: &Client) -> Result<TargetShape, ApplyError> {
+    let rows = client
+        .query(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attgenerated <> ''
+               FROM pg_attribute a
+              WHERE a.attrelid = 'neon_auth.users_sync'::regclass
+                AND a.attnum > 0 AND NOT a.attisdropped",
+            &[],
+        )
+        .await
+        .map_err(ApplyError::sql(
+            "reading the columns of neon_auth.users_sync",
+        ))?;
+    let column = |name: &str| {
+        rows.iter()
+            .find(|row| row.get::<_, &str>(0) == name)
+            .map(|row| (row.get::<_, String>(1), row.get::<_, bool>(2)))
+    };
+    let require = |name: &str, wanted: &str| -> Result<(), ApplyError> {
+        match column(name) {
+            Some((ty, false)) if ty == wanted => Ok(()),
+            Some((ty, generated)) => Err(ApplyError::Shape(format!(
+                "neon_auth.users_sync.{name} is {ty}{} but usersync writes it as {wanted}; \
+                 fix the column or let usersync create the table (drop it on a fresh target)",
+                if generated { " (generated)" } else { "" }
+            ))),
+            None => Err(ApplyError::Shape(format!(
+                "neon_auth.users_sync has no column {name}; usersync needs a writable \
+                 {name} {wanted} column (see sql/users_sync.sql for Neon's definition)"
+            ))),
+        }
+    };
+    require("raw_json", "jsonb")?;
+    require("deleted_at", "timestamp with time zone")?;
+    let has_updated_at = match column("updated_at") {
+        None => false,
+        Some(_) => {
+            require("updated_at", "timestamp with time zone")?;
+            true
+        }
+    };
+    match column("id") {
+        Some((ty, true)) if ty == "text" => {}
+        _ => {
+            return Err(ApplyError::Shape(
+                "neon_auth.users_sync.id must be text GENERATED ALWAYS AS (raw_json ->> 'id'), \
+                 as Neon defines it; usersync derives the id from raw_json"
+                    .into(),
+            ))
+        }
+    }
+    let id_unique: bool = client
+        .query_one(
+            "SELECT EXISTS (
+                SELECT 1 FROM pg_index i
+                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                 WHERE i.indrelid = 'neon_auth.users_sync'::regclass
+                   AND i.indisunique AND i.indnatts = 1 AND a.attname = 'id'
+                   AND i.indpred IS NULL)",
+            &[],
+        )
+        .await
+        .map_err(ApplyError::sql(
+            "reading the indexes of neon_auth.users_sync",
+        ))?
+        .get(0);
+    if !id_unique {
+        return Err(ApplyError::Shape(
+            "neon_auth.users_sync has no primary key or unique index on id; usersync upserts \
+             by id: ALTER TABLE neon_auth.users_sync ADD PRIMARY KEY (id)"
+                .into(),
+        ));
+    }
+    Ok(TargetShape { has_updated_at })
+}

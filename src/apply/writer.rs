@@ -1,0 +1,309 @@
+//! Writing batches to the target, checkpoint included, in one transaction each.
+//!
+//! The checkpoint row in `usersync.state` is updated in the same transaction as the users it
+//! covers, so after any crash the target says exactly which source transactions it holds:
+//! on restart usersync resumes from it and skips what it already has. Statements are
+//! prepared once per connection and take arrays (`unnest`), so a batch costs a fixed
+//! number of round trips whatever its size.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use tokio_postgres::types::Json;
+use tokio_postgres::{Client, Statement};
+
+use super::batch::{Batch, CommitPosition, PendingUser, Segment, UnixMicros};
+use super::schema::TargetShape;
+use super::ApplyError;
+use crate::lsn::Lsn;
+
+/// Upserts users. Rows with unchanged-TOAST keys take those keys from the row already on the
+/// target (the join is skipped for rows that have none).
+const UPSERT_USERS: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::jsonb[], $2::jsonb[], $3::timestamptz[], $4::timestamptz[])
+        AS t(raw_json, keep_keys, updated_at, deleted_at)
+), merged AS (
+    SELECT CASE WHEN u.raw_json IS NULL THEN i.raw_json
+                ELSE i.raw_json || COALESCE(
+                    (SELECT jsonb_object_agg(k, u.raw_json -> k)
+                       FROM jsonb_array_elements_text(i.keep_keys) AS k
+                      WHERE u.raw_json ? k), '{}'::jsonb)
+           END AS raw_json,
+           i.updated_at, i.deleted_at
+      FROM input i
+      LEFT JOIN neon_auth.users_sync u
+        ON jsonb_array_length(i.keep_keys) > 0 AND u.id = i.raw_json ->> 'id'
+)
+INSERT INTO neon_auth.users_sync (raw_json, updated_at, deleted_at)
+SELECT raw_json, updated_at, deleted_at FROM merged
+ON CONFLICT (id) DO UPDATE
+   SET raw_json = EXCLUDED.raw_json, updated_at = EXCLUDED.updated_at,
+       deleted_at = EXCLUDED.deleted_at";
+
+/// The same for a table without `updated_at`.
+const UPSERT_USERS_NO_UPDATED_AT: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::jsonb[], $2::jsonb[], $3::timestamptz[], $4::timestamptz[])
+        AS t(raw_json, keep_keys, updated_at, deleted_at)
+), merged AS (
+    SELECT CASE WHEN u.raw_json IS NULL THEN i.raw_json
+                ELSE i.raw_json || COALESCE(
+                    (SELECT jsonb_object_agg(k, u.raw_json -> k)
+                       FROM jsonb_array_elements_text(i.keep_keys) AS k
+                      WHERE u.raw_json ? k), '{}'::jsonb)
+           END AS raw_json,
+           i.deleted_at
+      FROM input i
+      LEFT JOIN neon_auth.users_sync u
+        ON jsonb_array_length(i.keep_keys) > 0 AND u.id = i.raw_json ->> 'id'
+)
+INSERT INTO neon_auth.users_sync (raw_json, deleted_at)
+SELECT raw_json, deleted_at FROM merged
+ON CONFLICT (id) DO UPDATE
+   SET raw_json = EXCLUDED.raw_json, deleted_at = EXCLUDED.deleted_at";
+
+/// Soft-deletes users by id; a user already deleted keeps its first deletion time.
+const SOFT_DELETE_USERS: &str = "
+UPDATE neon_auth.users_sync AS u
+   SET deleted_at = d.deleted_at, updated_at = d.deleted_at
+  FROM unnest($1::text[], $2::timestamptz[]) AS d(id, deleted_at)
+ WHERE u.id = d.id AND u.deleted_at IS NULL";
+
+const SOFT_DELETE_USERS_NO_UPDATED_AT: &str = "
+UPDATE neon_auth.users_sync AS u
+   SET deleted_at = d.deleted_at
+  FROM unnest($1::text[], $2::timestamptz[]) AS d(id, deleted_at)
+ WHERE u.id = d.id AND u.deleted_at IS NULL";
+
+/// A source TRUNCATE: every live user is soft-deleted (the table is never truncated).
+const SOFT_DELETE_ALL: &str = "
+UPDATE neon_auth.users_sync SET deleted_at = $1, updated_at = $1 WHERE deleted_at IS NULL";
+
+const SOFT_DELETE_ALL_NO_UPDATED_AT: &str = "
+UPDATE neon_auth.users_sync SET deleted_at = $1 WHERE deleted_at IS NULL";
+
+/// Moves the checkpoint forward only: a write that would move it back, or take over another
+/// source system's checkpoint, updates no row and fails the batch.
+const WRITE_CHECKPOINT: &str = "
+INSERT INTO usersync.state AS s
+       (slot_name, system_identifier, commit_lsn, end_lsn, commit_time, updated_at)
+VALUES ($1, $2, $3::text::pg_lsn, $4::text::pg_lsn, $5, now())
+ON CONFLICT (slot_name) DO UPDATE
+   SET commit_lsn = EXCLUDED.commit_lsn, end_lsn = EXCLUDED.end_lsn,
+       commit_time = EXCLUDED.commit_time, updated_at = now()
+ WHERE s.system_identifier = EXCLUDED.system_identifier AND s.end_lsn <= EXCLUDED.end_lsn";
+
+const READ_CHECKPOINT: &str = "
+SELECT system_identifier, commit_lsn::text, end_lsn::text, commit_time
+  FROM usersync.state WHERE slot_name = $1";
+
+/// What the target holds of a slot's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub system_id: String,
+    pub commit_lsn: Lsn,
+    pub end_lsn: Lsn,
+    pub commit_time: Option<DateTime<Utc>>,
+}
+
+/// Reads the checkpoint of `slot`, if the target has one.
+pub async fn read_checkpoint(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<Checkpoint>, ApplyError> {
+    let row = client
+        .query_opt(READ_CHECKPOINT, &[&slot])
+        .await
+        .map_err(ApplyError::sql("reading the checkpoint"))?;
+    let Some(row) = row else { return Ok(None) };
+    let lsn = |index: usize| -> Result<Lsn, ApplyError> {
+        row.get::<_, &str>(index)
+            .parse()
+            .map_err(|_| ApplyError::Shape("usersync.state holds an invalid LSN".into()))
+    };
+    Ok(Some(Checkpoint {
+        system_id: row.get(0),
+        commit_lsn: lsn(1)?,
+        end_lsn: lsn(2)?,
+        commit_time: row.get(3),
+    }))
+}
+
+/// Removes the checkpoint of `slot` (teardown): a later setup starts from a new slot.
+pub async fn delete_checkpoint(client: &Client, slot: &str) -> Result<u64, ApplyError> {
+    client
+        .execute("DELETE FROM usersync.state WHERE slot_name = $1", &[&slot])
+        .await
+        .map_err(ApplyError::sql("deleting the checkpoint"))
+}
+
+struct Statements {
+    upsert: Statement,
+    soft_delete: Statement,
+    soft_delete_all: Statement,
+    checkpoint: Statement,
+}
+
+/// Applies batches for one slot over one target connection.
+pub struct TargetWriter {
+    client: Client,
+    slot: String,
+    system_id: String,
+    statements: Statements,
+}
+
+impl TargetWriter {
+    /// Prepares the statements for the table's shape. The session commits synchronously
+    /// whatever the server default, because the slot is confirmed as soon as COMMIT returns.
+    pub async fn new(
+        client: Client,
+        shape: TargetShape,
+        slot: &str,
+        system_id: &str,
+    ) -> Result<Self, ApplyError> {
+        client
+            .batch_execute("SET synchronous_commit = on")
+            .await
+            .map_err(ApplyError::sql("configuring the target session"))?;
+        let (upsert, soft_delete, soft_delete_all) = if shape.has_updated_at {
+            (UPSERT_USERS, SOFT_DELETE_USERS, SOFT_DELETE_ALL)
+        } else {
+            (
+                UPSERT_USERS_NO_UPDATED_AT,
+                SOFT_DELETE_USERS_NO_UPDATED_AT,
+                SOFT_DELETE_ALL_NO_UPDATED_AT,
+            )
+        };
+        let prepare = |sql: &'static str| client.prepare(sql);
+        let statements = Statements {
+            upsert: prepare(upsert)
+                .await
+                .map_err(ApplyError::sql("preparing the upsert"))?,
+            soft_delete: prepare(soft_delete)
+                .await
+                .map_err(ApplyError::sql("preparing the soft delete"))?,
+            soft_delete_all: prepare(soft_delete_all)
+                .await
+                .map_err(ApplyError::sql("preparing the truncate"))?,
+            checkpoint: prepare(WRITE_CHECKPOINT)
+                .await
+                .map_err(ApplyError::sql("preparing the checkpoint"))?,
+        };
+        Ok(TargetWriter {
+            client,
+            slot: slot.to_owned(),
+            system_id: system_id.to_owned(),
+            statements,
+        })
+    }
+
+    /// Applies the batch and its checkpoint atomically; returns the durable position.
+    pub async fn apply(&mut self, batch: &Batch) -> Result<CommitPosition, ApplyError> {
+        let position = batch.last_commit().ok_or(ApplyError::EmptyBatch)?;
+        let transaction = self
+            .client
+            .transaction()
+            .await
+            .map_err(ApplyError::sql("starting a target transaction"))?;
+        for segment in batch.segments() {
+            match segment {
+                Segment::Users(users) => {
+                    let (upserts, deletes) = users_to_arrays(users);
+                    if !upserts.raw_json.is_empty() {
+                        transaction
+                            .execute(
+                                &self.statements.upsert,
+                                &[
+                                    &upserts.raw_json,
+                                    &upserts.keep_keys,
+                                    &upserts.updated_at,
+                                    &upserts.deleted_at,
+                                ],
+                            )
+                            .await
+                            .map_err(ApplyError::sql("upserting users"))?;
+                    }
+                    if !deletes.ids.is_empty() {
+                        transaction
+                            .execute(&self.statements.soft_delete, &[&deletes.ids, &deletes.at])
+                            .await
+                            .map_err(ApplyError::sql("soft-deleting users"))?;
+                    }
+                }
+                Segment::SoftDeleteAll(at) => {
+                    transaction
+                        .execute(&self.statements.soft_delete_all, &[&timestamp(*at)])
+                        .await
+                        .map_err(ApplyError::sql("soft-deleting all users (source TRUNCATE)"))?;
+                }
+            }
+        }
+        let written = transaction
+            .execute(
+                &self.statements.checkpoint,
+                &[
+                    &self.slot,
+                    &self.system_id,
+                    &position.commit_lsn.to_string(),
+                    &position.end_lsn.to_string(),
+                    &timestamp(position.commit_time),
+                ],
+            )
+            .await
+            .map_err(ApplyError::sql("writing the checkpoint"))?;
+        if written != 1 {
+            return Err(ApplyError::CheckpointRefused {
+                slot: self.slot.clone(),
+                end_lsn: position.end_lsn,
+            });
+        }
+        transaction
+            .commit()
+            .await
+            .map_err(ApplyError::sql("committing the target transaction"))?;
+        Ok(position)
+    }
+}
+
+#[derive(Default)]
+struct UpsertArrays<'a> {
+    raw_json: Vec<Json<&'a Map<String, Value>>>,
+    keep_keys: Vec<Json<&'a [String]>>,
+    updated_at: Vec<DateTime<Utc>>,
+    deleted_at: Vec<Option<DateTime<Utc>>>,
+}
+
+#[derive(Default)]
+struct DeleteArrays<'a> {
+    ids: Vec<&'a str>,
+    at: Vec<DateTime<Utc>>,
+}
+
+fn users_to_arrays(
+    users: &std::collections::HashMap<String, PendingUser>,
+) -> (UpsertArrays<'_>, DeleteArrays<'_>) {
+    let mut upserts = UpsertArrays::default();
+    let mut deletes = DeleteArrays::default();
+    for (id, user) in users {
+        match &user.raw_json {
+            Some(raw_json) => {
+                upserts.raw_json.push(Json(raw_json));
+                upserts.keep_keys.push(Json(&user.keep_keys));
+                upserts.updated_at.push(timestamp(user.updated_at));
+                upserts.deleted_at.push(user.deleted_at.map(timestamp));
+            }
+            None => {
+                deletes.ids.push(id);
+                deletes
+                    .at
+                    .push(timestamp(user.deleted_at.unwrap_or(user.updated_at)));
+            }
+        }
+    }
+    (upserts, deletes)
+}
+
+/// Source times are microseconds since the Unix epoch; PostgreSQL's range fits chrono's.
+fn timestamp(micros: UnixMicros) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(micros).unwrap_or(DateTime::UNIX_EPOCH)
+}
