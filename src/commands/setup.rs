@@ -1,0 +1,151 @@
+//! `usersync setup`: checks the source, creates (or finds) the publication, the slot and the
+//! target tables. Idempotent: run it again and it says what it found.
+
+use tokio_postgres::Client;
+
+use super::connect;
+use crate::apply::{self, schema::Created};
+use crate::config::{Config, TableName};
+use crate::decode::RelationColumn;
+use crate::error::Error;
+use crate::replicator::APPLICATION_NAME;
+use crate::source::{catalog, ReplicationConnection, SourceError};
+
+/// Runs the checks and creations, printing one line per step on stdout.
+pub async fn setup(config: &Config) -> Result<(), Error> {
+    let source = connect("source", &config.source).await?;
+    catalog::check_wal_level(&source).await?;
+    catalog::check_replication_privilege(&source).await?;
+    catalog::check_table(&source, &config.table).await?;
+    let columns = table_columns(&source, &config.table).await?;
+    let mapping = config.mapping.bind(&columns)?;
+    for note in mapping.notes() {
+        println!("mapping note: {note}");
+    }
+    println!(
+        "source table {}: {} columns; mapping: id <- {}, primary_email <- {}, display_name <- {}, signed_up_at_millis <- {}",
+        config.table,
+        columns.len(),
+        config.mapping.id_column,
+        config.mapping.email_column.as_deref().unwrap_or("(none)"),
+        config
+            .mapping
+            .display_name_column
+            .as_deref()
+            .unwrap_or("display_name or name"),
+        config.mapping.signed_up_at_column.as_deref().unwrap_or("(none)"),
+    );
+    println!(
+        "{}",
+        catalog::ensure_publication(&source, &config.publication, &config.table).await?
+    );
+
+    let target = connect("target", &config.target).await?;
+    let (_, created) = apply::ensure_target_schema(&target).await?;
+    println!(
+        "target table neon_auth.users_sync {}; checkpoint table usersync.state ready",
+        match created {
+            Created::Created => "created",
+            Created::Found => "found (its shape fits)",
+        }
+    );
+
+    match catalog::slot_info(&source, &config.slot).await? {
+        Some(slot) => {
+            if slot.plugin.as_deref() != Some("pgoutput") {
+                return Err(SourceError::Definite(format!(
+                    "a slot named {} exists but uses {}, not pgoutput; choose another --slot",
+                    config.slot,
+                    slot.plugin.as_deref().unwrap_or("no plugin (physical)")
+                ))
+                .into());
+            }
+            if slot.database.as_deref() != Some(config.source.dbname.as_str()) {
+                return Err(SourceError::Definite(format!(
+                    "slot {} belongs to database {}, not {}; choose another --slot",
+                    config.slot,
+                    slot.database.as_deref().unwrap_or("?"),
+                    config.source.dbname
+                ))
+                .into());
+            }
+            println!(
+                "replication slot {} found (confirmed up to {})",
+                config.slot,
+                slot.confirmed_flush_lsn
+                    .map_or_else(|| "-".to_owned(), |lsn| lsn.to_string())
+            );
+        }
+        None => {
+            let mut replication =
+                ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
+            let slot = replication.create_logical_slot(&config.slot, false).await?;
+            replication.close().await;
+            println!(
+                "replication slot {} created at {}",
+                config.slot, slot.consistent_point
+            );
+        }
+    }
+    let has_rows: bool = source
+        .query_one(
+            &format!("SELECT EXISTS (SELECT 1 FROM {})", config.table.quoted()),
+            &[],
+        )
+        .await
+        .map_err(SourceError::sql("looking for existing users"))?
+        .get(0);
+    if has_rows
+        && apply::read_checkpoint(&target, &config.slot)
+            .await?
+            .is_none()
+    {
+        tracing::warn!(
+            table = %config.table,
+            "the source table already has users; usersync replicates changes made from now on, \
+             and does not copy existing users yet (initial snapshot is planned)"
+        );
+    }
+    println!("ready: start replication with usersync run");
+    Ok(())
+}
+
+/// The table's columns as a Relation message would describe them, so the mapping can be
+/// checked before any change streams.
+pub async fn table_columns(
+    source: &Client,
+    table: &TableName,
+) -> Result<Vec<RelationColumn>, Error> {
+    let rows = source
+        .query(
+            // A column is a key when the replica identity includes it: all columns for FULL,
+            // the chosen index for USING INDEX, the primary key for DEFAULT.
+            "SELECT a.attname::text, a.atttypid::oid, a.atttypmod,
+                    CASE c.relreplident
+                      WHEN 'f' THEN true
+                      WHEN 'i' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
+                                               AND i.indisreplident AND a.attnum = ANY (i.indkey))
+                      WHEN 'd' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
+                                               AND i.indisprimary AND a.attnum = ANY (i.indkey))
+                      ELSE false
+                    END
+               FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_attribute a ON a.attrelid = c.oid
+              WHERE n.nspname = $1 AND c.relname = $2
+                AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(SourceError::sql("reading the source table's columns"))?;
+    Ok(rows
+        .iter()
+        .map(|row| RelationColumn {
+            name: row.get(0),
+            type_oid: row.get(1),
+            type_modifier: row.get(2),
+            is_key: row.get(3),
+        })
+        .collect())
+}

@@ -1,0 +1,119 @@
+//! The crate's error type, classified once: *transient* errors (the network, a restarting
+//! server) are retried with backoff; *definite* ones (a wrong password, a missing privilege,
+//! a table usersync cannot replicate) stop the process with advice and exit code 78, so a
+//! supervisor does not restart it into the same wall.
+
+use crate::apply::ApplyError;
+use crate::conn::{ConnectError, UrlError};
+use crate::decode::DecodeError;
+use crate::localpg::LocalPgError;
+use crate::map::MapError;
+use crate::source::SourceError;
+
+/// Exit code for configuration and other definite errors (`EX_CONFIG` of sysexits.h).
+pub const EXIT_DEFINITE: u8 = 78;
+/// Exit code for failures that may pass (the process gave up or was stopped mid-retry).
+pub const EXIT_FAILURE: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(String),
+    #[error("invalid {which} URL: {source}")]
+    Url {
+        which: &'static str,
+        #[source]
+        source: UrlError,
+    },
+    #[error("cannot connect to the {which}: {source}")]
+    Connect {
+        which: &'static str,
+        #[source]
+        source: Box<ConnectError>,
+    },
+    #[error(transparent)]
+    Source(Box<SourceError>),
+    #[error(transparent)]
+    Target(#[from] ApplyError),
+    #[error("cannot decode the replication stream (please report this): {0}")]
+    Decode(#[from] DecodeError),
+    #[error("cannot map a source row to a user: {0}")]
+    Map(#[from] MapError),
+    #[error(transparent)]
+    LocalPg(#[from] LocalPgError),
+}
+
+impl From<SourceError> for Error {
+    fn from(error: SourceError) -> Self {
+        Error::Source(Box::new(error))
+    }
+}
+
+impl From<crate::source::ReplicationError> for Error {
+    fn from(error: crate::source::ReplicationError) -> Self {
+        SourceError::Replication(error).into()
+    }
+}
+
+impl Error {
+    /// A failed connection to the source or the target.
+    pub fn connect(which: &'static str) -> impl FnOnce(ConnectError) -> Error {
+        move |source| Error::Connect {
+            which,
+            source: Box::new(source),
+        }
+    }
+}
+
+impl Error {
+    /// Whether reconnecting later may succeed without anyone changing anything.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Connect { source, .. } => source.is_transient(),
+            Error::Source(error) => error.is_transient(),
+            Error::Target(error) => error.is_transient(),
+            Error::Config(_)
+            | Error::Url { .. }
+            | Error::Decode(_)
+            | Error::Map(_)
+            | Error::LocalPg(_) => false,
+        }
+    }
+
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        if self.is_transient() {
+            EXIT_FAILURE
+        } else {
+            EXIT_DEFINITE
+        }
+    }
+}
+
+/// Whether a tokio-postgres error is worth a retry: lost connections and I/O always are;
+/// server errors by SQLSTATE; anything else (a type mismatch, a bad statement) is a bug or a
+/// configuration problem that a retry would only repeat.
+pub fn is_transient_pg(error: &tokio_postgres::Error) -> bool {
+    if let Some(db) = error.as_db_error() {
+        return crate::source::replication::is_transient_sqlstate(db.code().code())
+            || matches!(db.code().code(), "40001" | "40P01");
+    }
+    error.is_closed()
+        || std::error::Error::source(error).is_some_and(|source| source.is::<std::io::Error>())
+}
+
+/// The error and its causes in one line, each cause once: some messages already quote
+/// their cause, others leave it to the chain.
+pub fn report(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(source) = cause {
+        let said = source.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = source.source();
+    }
+    text
+}

@@ -1,0 +1,95 @@
+//! Replication lag: from a source transaction's commit to the moment the target transaction
+//! holding it committed. Kept as a sliding window of samples so that `demo` can print
+//! p50/p99 over the last minute; an idle replicator has no lag, not a growing one.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How far back the percentiles look.
+pub const LAG_WINDOW: Duration = Duration::from_secs(60);
+
+/// Most samples kept, so memory stays bounded at any rate (≈ 1.5 MiB).
+const MAX_SAMPLES: usize = 100_000;
+
+/// Lag percentiles over the window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LagSummary {
+    pub samples: usize,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+    /// Share of samples at or under the lag target.
+    pub within_target: f64,
+}
+
+/// A thread-safe sliding window of lag samples.
+#[derive(Debug, Default)]
+pub struct LagWindow {
+    samples: Mutex<VecDeque<(Instant, Duration)>>,
+}
+
+impl LagWindow {
+    pub fn record(&self, now: Instant, lag: Duration) {
+        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        if samples.len() == MAX_SAMPLES {
+            samples.pop_front();
+        }
+        samples.push_back((now, lag));
+    }
+
+    /// Percentiles of the samples taken within [`LAG_WINDOW`] of `now`.
+    pub fn summary(&self, now: Instant, target: Duration) -> Option<LagSummary> {
+        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        while samples
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > LAG_WINDOW)
+        {
+            samples.pop_front();
+        }
+        if samples.is_empty() {
+            return None;
+        }
+        let mut lags: Vec<Duration> = samples.iter().map(|(_, lag)| *lag).collect();
+        drop(samples);
+        lags.sort_unstable();
+        let at = |q: f64| lags[((lags.len() - 1) as f64 * q).round() as usize];
+        let within = lags.partition_point(|lag| *lag <= target);
+        Some(LagSummary {
+            samples: lags.len(),
+            p50: at(0.5),
+            p99: at(0.99),
+            max: lags[lags.len() - 1],
+            within_target: within as f64 / lags.len() as f64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_over_the_window() {
+        let window = LagWindow::default();
+        let start = Instant::now();
+        for ms in 1..=100 {
+            window.record(start, Duration::from_millis(ms));
+        }
+        let summary = window.summary(start, Duration::from_millis(90)).unwrap();
+        assert_eq!(summary.samples, 100);
+        assert_eq!(summary.p50, Duration::from_millis(51));
+        assert_eq!(summary.p99, Duration::from_millis(99));
+        assert_eq!(summary.max, Duration::from_millis(100));
+        assert!((summary.within_target - 0.9).abs() < 1e-9);
+    }
+
+    #[test]
+    fn old_samples_leave_the_window() {
+        let window = LagWindow::default();
+        let start = Instant::now();
+        window.record(start, Duration::from_secs(5));
+        let later = start + LAG_WINDOW + Duration::from_secs(1);
+        assert_eq!(window.summary(later, Duration::from_secs(1)), None);
+    }
+}

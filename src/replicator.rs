@@ -1,0 +1,476 @@
+//! The service loop: source → decode → map → apply, one streaming session after another.
+//!
+//! A session opens the target (to read the checkpoint), then a fresh replication connection
+//! (PostgreSQL 15 cannot restart logical streaming on one connection), and streams from the
+//! checkpoint. Whole source transactions are grouped into target transactions: a batch is
+//! applied as soon as no more WAL is immediately readable, or when it reaches
+//! [`MAX_BATCH_CHANGES`] or [`MAX_BATCH_AGE`]. That adapts by itself: one change per target
+//! transaction when idle (lowest lag), large batches under load (highest throughput).
+//!
+//! Positions only move forward. The slot is confirmed (Standby Status Update `flush`) up to
+//! the `end_lsn` of the last transaction whose target transaction committed, never further,
+//! except when fully caught up: then the server's keepalive position is confirmed as well, so
+//! the slot advances on an idle database (Neon drops slots that make no progress). After any
+//! failure the next session resumes from the checkpoint and skips transactions it already
+//! holds (`commit_lsn < checkpoint.end_lsn`): nothing lost, nothing applied twice.
+//!
+//! Transient failures reconnect with exponential backoff and jitter; definite ones end `run`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use postgres_protocol::escape::escape_identifier;
+use tokio::sync::watch;
+
+use crate::apply::{self, Batch, CommitPosition, TargetWriter};
+use crate::config::Config;
+use crate::conn;
+use crate::decode::{
+    decode_replication_message, encode_standby_status_update, pg_micros_to_unix_micros,
+    unix_micros_to_pg_micros, Assembled, LogicalMessage, PgOutputDecoder, Relation,
+    ReplicationMessage, Transaction, TransactionAssembler, TupleData,
+};
+use crate::error::Error;
+use crate::lsn::Lsn;
+use crate::map::BoundMapping;
+use crate::progress::Progress;
+use crate::source::{catalog, ReplicationConnection, ReplicationStream, SourceError};
+
+/// Name shown in `pg_stat_activity` and `pg_stat_replication`.
+pub const APPLICATION_NAME: &str = "usersync";
+
+/// Most changes in one target transaction: bounds memory and the target transaction's size.
+pub const MAX_BATCH_CHANGES: usize = 10_000;
+/// Longest a batch collects while WAL keeps arriving (a backlog), so lag stays bounded.
+pub const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
+/// Status updates are sent at least this often; PostgreSQL's `wal_sender_timeout` is 60 s.
+const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// How long `run` waits for a slot held by another process (often its own previous
+/// walsender, which has not noticed yet that the connection is gone).
+const SLOT_BUSY_WAIT: Duration = Duration::from_secs(15);
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A session that ran this long counts as healthy: the next failure starts backoff afresh.
+const HEALTHY_SESSION: Duration = Duration::from_secs(60);
+/// PostgreSQL 14 brought pgoutput protocol 2 (streaming of large in-progress transactions).
+const PROTOCOL_2_MIN_VERSION: u32 = 140_000;
+
+/// Streams until `shutdown` turns true, reconnecting after transient failures.
+pub async fn run(
+    config: &Config,
+    progress: Arc<Progress>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let started = Instant::now();
+        let result = run_session(config, &progress, &mut shutdown).await;
+        progress
+            .streaming
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        match result {
+            Ok(()) => return Ok(()),
+            Err(error) if error.is_transient() => {
+                if started.elapsed() >= HEALTHY_SESSION {
+                    backoff = BACKOFF_MIN;
+                }
+                let delay = with_jitter(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                Progress::add(&progress.reconnects, 1);
+                tracing::warn!(error = %crate::error::report(&error), retry_in_ms = delay.as_millis() as u64, "replication interrupted; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stopped(&mut shutdown) => return Ok(()),
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Resolves once a stop is requested (or the sender is gone, which means the same).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Up to ±25% of the delay, so that many replicators restarting together spread out.
+fn with_jitter(delay: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let factor = 0.75 + f64::from(nanos % 1000) / 2000.0;
+    delay.mul_f64(factor)
+}
+
+async fn run_session(
+    config: &Config,
+    progress: &Arc<Progress>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let target = conn::sql::connect(&config.target, APPLICATION_NAME)
+        .await
+        .map_err(Error::connect("target"))?;
+    let exists: bool = target
+        .query_one("SELECT to_regclass('neon_auth.users_sync') IS NOT NULL AND to_regclass('usersync.state') IS NOT NULL", &[])
+        .await
+        .map_err(apply::ApplyError::sql("looking for neon_auth.users_sync"))?
+        .get(0);
+    if !exists {
+        return Err(Error::Config(
+            "the target has no neon_auth.users_sync or usersync.state yet: run usersync setup first"
+                .into(),
+        ));
+    }
+    let shape = apply::check_shape(&target).await?;
+    let checkpoint = apply::read_checkpoint(&target, &config.slot).await?;
+
+    let source = conn::sql::connect(&config.source, APPLICATION_NAME)
+        .await
+        .map_err(Error::connect("source"))?;
+    wait_for_slot(&source, &config.slot).await?;
+    drop(source);
+
+    let mut replication = ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
+    let identity = replication.identify_system().await?;
+    if let Some(checkpoint) = &checkpoint {
+        if checkpoint.system_id != identity.system_id {
+            return Err(SourceError::Definite(format!(
+                "the target's checkpoint for slot {} comes from source system {}, but this \
+                 source is system {}; point usersync at the right source, or use another slot",
+                config.slot, checkpoint.system_id, identity.system_id
+            ))
+            .into());
+        }
+    }
+    let writer = TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
+    let resume_at = checkpoint.map_or(Lsn::ZERO, |c| c.end_lsn);
+    let protocol_2 = replication
+        .server_version_num()
+        .is_some_and(|v| v >= PROTOCOL_2_MIN_VERSION);
+    let mut options = vec![
+        (
+            "proto_version",
+            if protocol_2 { "2" } else { "1" }.to_owned(),
+        ),
+        ("publication_names", escape_identifier(&config.publication)),
+    ];
+    if protocol_2 {
+        options.push(("streaming", "on".to_owned()));
+    }
+    let stream = replication
+        .start_logical_replication(&config.slot, resume_at, &options)
+        .await?;
+    tracing::info!(slot = %config.slot, resume_at = %resume_at, system = %identity.system_id, "streaming");
+    progress
+        .streaming
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut session = Session {
+        config,
+        progress,
+        stream,
+        writer,
+        decoder: PgOutputDecoder::new(),
+        assembler: TransactionAssembler::new(),
+        users_relation: None,
+        skip_before: resume_at,
+        confirmed: resume_at,
+        received: resume_at,
+        idle_position: resume_at,
+        batch: Batch::new(),
+        batch_started: None,
+        last_status: Instant::now(),
+    };
+    session.stream_until(shutdown).await?;
+    session.stream.finish().await;
+    Ok(())
+}
+
+/// Fails with advice when the slot is missing or lost; waits a little while it is busy.
+async fn wait_for_slot(source: &tokio_postgres::Client, slot: &str) -> Result<(), Error> {
+    let deadline = Instant::now() + SLOT_BUSY_WAIT;
+    loop {
+        let Some(info) = catalog::slot_info(source, slot).await? else {
+            return Err(SourceError::Definite(format!(
+                "replication slot {slot} does not exist on the source: run usersync setup \
+                 (if it existed before, changes made since it was dropped are not on the target)"
+            ))
+            .into());
+        };
+        if info.wal_status.as_deref() == Some("lost") {
+            return Err(SourceError::Definite(format!(
+                "replication slot {slot} has lost WAL it still needed (wal_status = lost), so \
+                 changes are missing from it: drop it with usersync teardown --yes and set up again"
+            ))
+            .into());
+        }
+        if info.plugin.as_deref() != Some("pgoutput") {
+            return Err(SourceError::Definite(format!(
+                "replication slot {slot} uses plugin {}, not pgoutput; use another --slot",
+                info.plugin.as_deref().unwrap_or("(none: a physical slot)")
+            ))
+            .into());
+        }
+        match info.active_pid {
+            Some(pid) if info.active => {
+                if Instant::now() >= deadline {
+                    return Err(SourceError::Definite(format!(
+                        "replication slot {slot} is in use by another process (source backend \
+                         pid {pid}): another usersync is running for this slot, or a tool such \
+                         as pg_recvlogical; stop it first"
+                    ))
+                    .into());
+                }
+                tracing::info!(slot, pid, "slot busy; waiting for it to be released");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// The users table as the current Relation message describes it.
+struct UsersRelation {
+    id: u32,
+    mapping: BoundMapping,
+}
+
+struct Session<'a> {
+    config: &'a Config,
+    progress: &'a Arc<Progress>,
+    stream: ReplicationStream,
+    writer: TargetWriter,
+    decoder: PgOutputDecoder,
+    assembler: TransactionAssembler,
+    users_relation: Option<UsersRelation>,
+    /// Transactions committed before this position are on the target already.
+    skip_before: Lsn,
+    /// The position the target holds durably (the checkpoint's `end_lsn`).
+    confirmed: Lsn,
+    /// The furthest WAL position the server has reported.
+    received: Lsn,
+    /// A position with nothing for the target up to it, confirmable while caught up.
+    idle_position: Lsn,
+    batch: Batch,
+    batch_started: Option<Instant>,
+    last_status: Instant,
+}
+
+impl Session<'_> {
+    async fn stream_until(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
+        loop {
+            if self.batch_is_due() {
+                self.apply_batch().await?;
+                continue;
+            }
+            let status_due = self.last_status + STATUS_INTERVAL;
+            tokio::select! {
+                biased;
+                _ = stopped(shutdown) => {
+                    if !self.batch.is_empty() {
+                        self.apply_batch().await?;
+                    }
+                    self.send_status(false).await?;
+                    tracing::info!(confirmed = %self.confirmed, "stopped");
+                    return Ok(());
+                }
+                payload = self.stream.recv() => match payload? {
+                    Some(payload) => self.handle(payload).await?,
+                    None => return Err(SourceError::Replication(
+                        crate::source::ReplicationError::Closed,
+                    ).into()),
+                },
+                // Nothing more is readable right now: apply what we have.
+                _ = std::future::ready(()), if !self.batch.is_empty() => self.apply_batch().await?,
+                _ = tokio::time::sleep_until(status_due.into()) => self.send_status(false).await?,
+            }
+        }
+    }
+
+    fn batch_is_due(&self) -> bool {
+        self.batch.changes() >= MAX_BATCH_CHANGES
+            || self
+                .batch_started
+                .is_some_and(|started| started.elapsed() >= MAX_BATCH_AGE)
+    }
+
+    async fn handle(&mut self, payload: Bytes) -> Result<(), Error> {
+        match decode_replication_message(payload)? {
+            ReplicationMessage::XLogData { wal_end, data, .. } => {
+                self.received = self.received.max(wal_end);
+                let message = self.decoder.decode(data)?;
+                match self.assembler.push(message)? {
+                    Assembled::Transaction(transaction) => self.add_transaction(transaction)?,
+                    Assembled::Relation(relation) => self.note_relation(relation)?,
+                    Assembled::NonTransactionalMessage(_) | Assembled::Nothing => {}
+                }
+            }
+            ReplicationMessage::PrimaryKeepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                self.received = self.received.max(wal_end);
+                if self.caught_up() {
+                    self.idle_position = self.idle_position.max(wal_end);
+                }
+                if reply_requested {
+                    self.send_status(false).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Nothing received is waiting to be applied.
+    fn caught_up(&self) -> bool {
+        self.batch.is_empty() && self.assembler.is_idle()
+    }
+
+    fn note_relation(&mut self, relation: Relation) -> Result<(), Error> {
+        let table = &self.config.table;
+        if relation.namespace == table.schema && relation.name == table.name {
+            let mapping = self.config.mapping.bind(&relation.columns)?;
+            for note in mapping.notes() {
+                tracing::info!(table = %table, note = %note, "mapping");
+            }
+            self.users_relation = Some(UsersRelation {
+                id: relation.id,
+                mapping,
+            });
+        } else if self
+            .users_relation
+            .as_ref()
+            .is_some_and(|users| users.id == relation.id)
+        {
+            // The users table was renamed or moved: it is no longer the configured table.
+            self.users_relation = None;
+        }
+        Ok(())
+    }
+
+    fn add_transaction(&mut self, transaction: Transaction) -> Result<(), Error> {
+        if transaction.commit_lsn < self.skip_before {
+            Progress::add(&self.progress.skipped_transactions, 1);
+            return Ok(());
+        }
+        let at = pg_micros_to_unix_micros(transaction.commit_time_micros);
+        let changes_before = self.batch.changes();
+        for change in transaction.changes {
+            self.add_change(change, at)?;
+        }
+        let position = CommitPosition {
+            commit_lsn: transaction.commit_lsn,
+            end_lsn: transaction.end_lsn,
+            commit_time: at,
+        };
+        if self.batch.changes() == changes_before && self.batch.is_empty() {
+            // Nothing for the target: no target transaction just to move the checkpoint.
+            self.idle_position = self.idle_position.max(transaction.end_lsn);
+            return Ok(());
+        }
+        self.batch.commit(position);
+        self.batch_started.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    fn add_change(&mut self, change: LogicalMessage, at: i64) -> Result<(), Error> {
+        let users_id = self.users_relation.as_ref().map(|users| users.id);
+        match change {
+            LogicalMessage::Relation(relation) => self.note_relation(relation)?,
+            LogicalMessage::Insert(insert) if Some(insert.relation_id) == users_id => {
+                let user = self.mapping()?.map_row(&insert.new)?;
+                self.batch.upsert(user, at);
+                Progress::add(&self.progress.inserts, 1);
+            }
+            LogicalMessage::Update(update) if Some(update.relation_id) == users_id => {
+                let mapping = self.mapping()?;
+                let user = mapping.map_row(&update.new)?;
+                let old_id = match &update.old {
+                    Some(old) => Some(mapping.map_key(old_tuple(old))?),
+                    None => None,
+                };
+                if let Some(old_id) = old_id.filter(|old_id| *old_id != user.id) {
+                    // The primary key changed: the old user is gone, a new one appears.
+                    self.batch.soft_delete(old_id, at);
+                }
+                self.batch.upsert(user, at);
+                Progress::add(&self.progress.updates, 1);
+            }
+            LogicalMessage::Delete(delete) if Some(delete.relation_id) == users_id => {
+                let id = self.mapping()?.map_key(old_tuple(&delete.old))?;
+                self.batch.soft_delete(id, at);
+                Progress::add(&self.progress.deletes, 1);
+            }
+            LogicalMessage::Truncate(truncate)
+                if users_id.is_some_and(|id| truncate.relation_ids.contains(&id)) =>
+            {
+                self.batch.soft_delete_all(at);
+                Progress::add(&self.progress.truncates, 1);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn mapping(&self) -> Result<&BoundMapping, Error> {
+        self.users_relation
+            .as_ref()
+            .map(|users| &users.mapping)
+            .ok_or_else(|| Error::Config("a change arrived before its relation".into()))
+    }
+
+    async fn apply_batch(&mut self) -> Result<(), Error> {
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_started = None;
+        let position = self.writer.apply(&batch).await?;
+        let applied_at = Instant::now();
+        let applied_unix = unix_micros_now();
+        for commit_time in batch.commit_times() {
+            let lag =
+                Duration::from_micros(applied_unix.saturating_sub(*commit_time).max(0) as u64);
+            self.progress.lag.record(applied_at, lag);
+        }
+        Progress::add(&self.progress.transactions, batch.transactions() as u64);
+        Progress::add(&self.progress.batches, 1);
+        debug_assert!(
+            position.end_lsn >= self.confirmed,
+            "the checkpoint only moves forward"
+        );
+        self.confirmed = self.confirmed.max(position.end_lsn);
+        self.skip_before = self.skip_before.max(position.end_lsn);
+        self.send_status(false).await
+    }
+
+    async fn send_status(&mut self, reply_requested: bool) -> Result<(), Error> {
+        let flushed = if self.caught_up() {
+            self.confirmed.max(self.idle_position)
+        } else {
+            self.confirmed
+        };
+        let written = self.received.max(flushed);
+        let update = encode_standby_status_update(
+            written,
+            flushed,
+            flushed,
+            unix_micros_to_pg_micros(unix_micros_now()),
+            reply_requested,
+        );
+        self.stream.send(update).await?;
+        self.last_status = Instant::now();
+        Ok(())
+    }
+}
+
+fn old_tuple(old: &crate::decode::OldTuple) -> &TupleData {
+    match old {
+        crate::decode::OldTuple::Key(tuple) | crate::decode::OldTuple::Full(tuple) => tuple,
+    }
+}
+
+fn unix_micros_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
