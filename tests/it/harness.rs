@@ -1,0 +1,263 @@
+//! Test harness: shared throwaway PostgreSQL servers, per-test databases, helpers to run
+//! usersync in-process or as the real binary, and content comparison.
+
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+use usersync::config::{Config, TableName};
+use usersync::localpg::{LocalPg, LocalPgOptions};
+use usersync::map::GenericMapping;
+use usersync::progress::Progress;
+
+/// The password of every test server's superuser; tests grep output for it.
+pub const PASSWORD: &str = "s3cret-Test-pw";
+
+/// The users table most tests replicate.
+pub const USERS_TABLE: &str = "
+CREATE TABLE public.users (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    email        text,
+    display_name text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    version      int NOT NULL DEFAULT 1,
+    metadata     jsonb NOT NULL DEFAULT '{}'
+)";
+
+/// How long a test waits for replication before it fails.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The server shared by the tests that don't break their server.
+pub fn shared_server() -> &'static LocalPg {
+    static SERVER: OnceLock<LocalPg> = OnceLock::new();
+    // A tiny decoding memory makes every transaction of more than a few rows stream
+    // (protocol 2), and a short sender timeout makes idle keepalives frequent.
+    SERVER.get_or_init(|| {
+        start_server(vec![
+            ("logical_decoding_work_mem".into(), "64kB".into()),
+            ("wal_sender_timeout".into(), "4s".into()),
+        ])
+    })
+}
+
+pub fn start_server(extra_conf: Vec<(String, String)>) -> LocalPg {
+    LocalPg::start(&LocalPgOptions {
+        superuser_password: PASSWORD.to_owned(),
+        extra_conf,
+        ..LocalPgOptions::default()
+    })
+    .expect("start a throwaway PostgreSQL server")
+}
+
+/// A unique, valid name per test (databases, slots).
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub async fn sql(server: &LocalPg, dbname: &str) -> Client {
+    let url = server.url("postgres", PASSWORD, dbname);
+    let (client, connection) = tokio_postgres::connect(&url, NoTls)
+        .await
+        .expect("connect to the test server");
+    tokio::spawn(connection);
+    client
+}
+
+/// A source database with the users table and a target database, on one server.
+pub struct Pair {
+    pub server: &'static LocalPg,
+    pub config: Config,
+    pub source_url: String,
+    pub target_url: String,
+    pub source: Client,
+    pub target: Client,
+}
+
+impl Pair {
+    pub async fn new() -> Pair {
+        Self::on(shared_server(), USERS_TABLE).await
+    }
+
+    pub async fn on(server: &'static LocalPg, table_ddl: &str) -> Pair {
+        let name = unique("t");
+        let admin = sql(server, "postgres").await;
+        for prefix in ["src", "tgt"] {
+            admin
+                .batch_execute(&format!("CREATE DATABASE {prefix}_{name}"))
+                .await
+                .expect("create a test database");
+        }
+        let source = sql(server, &format!("src_{name}")).await;
+        source
+            .batch_execute(table_ddl)
+            .await
+            .expect("create the users table");
+        let target = sql(server, &format!("tgt_{name}")).await;
+        let source_url = server.url("postgres", PASSWORD, &format!("src_{name}"));
+        let target_url = server.url("postgres", PASSWORD, &format!("tgt_{name}"));
+        let config = Config {
+            source: source_url.parse().unwrap(),
+            target: target_url.parse().unwrap(),
+            table: "public.users".parse::<TableName>().unwrap(),
+            slot: format!("slot_{name}"),
+            publication: "usersync".into(),
+            mapping: GenericMapping::default(),
+            lag_target: Duration::from_secs(1),
+        };
+        Pair {
+            server,
+            config,
+            source_url,
+            target_url,
+            source,
+            target,
+        }
+    }
+
+    pub async fn setup(&self) {
+        usersync::commands::setup::setup(&self.config)
+            .await
+            .expect("usersync setup");
+    }
+
+    /// Starts the replicator in this process.
+    pub fn start(&self) -> Running {
+        let (stop, shutdown) = watch::channel(false);
+        let progress = Arc::new(Progress::default());
+        let config = self.config.clone();
+        let task_progress = Arc::clone(&progress);
+        let task = tokio::spawn(async move {
+            usersync::replicator::run(&config, task_progress, shutdown).await
+        });
+        Running {
+            stop,
+            task,
+            progress,
+        }
+    }
+
+    /// Source users as (id, email, display_name, version), sorted by id.
+    pub async fn source_users(&self) -> Vec<(String, Option<String>, Option<String>, i32)> {
+        self.source
+            .query(
+                "SELECT id::text, email, display_name, version FROM public.users ORDER BY id::text",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect()
+    }
+
+    /// Live target users in the same form.
+    pub async fn target_users(&self) -> Vec<(String, Option<String>, Option<String>, i32)> {
+        self.target
+            .query(
+                "SELECT id, email, name, (raw_json ->> 'version')::int FROM neon_auth.users_sync
+                  WHERE deleted_at IS NULL ORDER BY id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect()
+    }
+
+    /// Waits until the live target users equal the source users, or panics with both.
+    pub async fn wait_for_match(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (source, target) = (self.source_users().await, self.target_users().await);
+            if source == target {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "target did not match source within {WAIT:?}:\nsource {} rows, target {} rows\n\
+                     only in source: {:?}\nonly in target: {:?}",
+                    source.len(),
+                    target.len(),
+                    source.iter().filter(|r| !target.contains(r)).take(5).collect::<Vec<_>>(),
+                    target.iter().filter(|r| !source.contains(r)).take(5).collect::<Vec<_>>(),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for `query` on the target to return true.
+    pub async fn wait_target(&self, query: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let done: bool = self.target.query_one(query, &[]).await.unwrap().get(0);
+            if done {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for: {query}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs the real binary with this pair's URLs in the environment.
+    pub fn usersync(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run usersync")
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_usersync"));
+        command
+            .args(args)
+            .env("USERSYNC_SOURCE_URL", &self.source_url)
+            .env("USERSYNC_TARGET_URL", &self.target_url)
+            .env("USERSYNC_SLOT", &self.config.slot)
+            .env("RUST_LOG", "info");
+        command
+    }
+}
+
+/// A replicator running in this process.
+pub struct Running {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), usersync::Error>>,
+    pub progress: Arc<Progress>,
+}
+
+impl Running {
+    /// Asks it to stop (as SIGTERM does) and waits; panics if it failed.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.task
+            .await
+            .expect("replicator task")
+            .expect("replicator stops cleanly");
+    }
+
+    /// Waits for it to end by itself (an error) and returns the error.
+    pub async fn failure(self) -> usersync::Error {
+        match tokio::time::timeout(WAIT, self.task).await {
+            Ok(Ok(Err(error))) => error,
+            Ok(Ok(Ok(()))) => panic!("the replicator ended without an error"),
+            Ok(Err(join)) => panic!("the replicator task panicked: {join}"),
+            Err(_) => panic!("the replicator did not stop within {WAIT:?}"),
+        }
+    }
+}
+
+pub fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}

@@ -1,0 +1,11 @@
+//! The integration suite: one test binary, real PostgreSQL servers started by the harness.
+//!
+//! Tests share one server (a source database and a target database per test, and a slot per
+//! test), and start their own only when they must break or reconfigure it.
+
+mod harness;
+
+mod cli;
+mod crash;
+mod errors;
+mod replication;

@@ -1,0 +1,375 @@
+//! End-to-end replication through a real slot: every kind of change, batching, TOAST,
+//! streamed transactions, restarts.
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inserts_updates_and_deletes_replicate_with_soft_delete() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let running = pair.start();
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (id, email, display_name, created_at) VALUES
+               ('00000000-0000-0000-0000-000000000001', 'a@example.com', 'Ann', '2024-01-02 03:04:05.678+00'),
+               ('00000000-0000-0000-0000-000000000002', 'b@example.com', 'Bob', now()),
+               ('00000000-0000-0000-0000-000000000003', 'c@example.com', NULL, now());
+             UPDATE users SET display_name = 'Bobby', version = version + 1
+              WHERE id = '00000000-0000-0000-0000-000000000002';
+             DELETE FROM users WHERE id = '00000000-0000-0000-0000-000000000003';",
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    let row = pair
+        .target
+        .query_one(
+            "SELECT raw_json, created_at = '2024-01-02 03:04:05.678+00', deleted_at IS NULL, updated_at IS NOT NULL
+               FROM neon_auth.users_sync WHERE id = '00000000-0000-0000-0000-000000000001'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let raw: serde_json::Value = row.get(0);
+    assert_eq!(raw["primary_email"], "a@example.com");
+    assert_eq!(raw["display_name"], "Ann");
+    assert_eq!(raw["signed_up_at_millis"], 1_704_164_645_678_i64);
+    assert_eq!(raw["version"], 1);
+    assert!(raw["metadata"].is_object());
+    assert!(
+        row.get::<_, bool>(1),
+        "created_at derives from signed_up_at_millis"
+    );
+    assert!(row.get::<_, bool>(2) && row.get::<_, bool>(3));
+    let deleted = pair
+        .target
+        .query_one(
+            "SELECT deleted_at IS NOT NULL, email FROM neon_auth.users_sync
+              WHERE id = '00000000-0000-0000-0000-000000000003'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(
+        deleted.get::<_, bool>(0),
+        "a source delete is a soft delete"
+    );
+    assert_eq!(
+        deleted.get::<_, Option<String>>(1).as_deref(),
+        Some("c@example.com")
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reinsert_revives_and_truncate_soft_deletes_all() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let running = pair.start();
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (id, email) VALUES ('00000000-0000-0000-0000-00000000000a', 'x@example.com');
+             DELETE FROM users;
+             INSERT INTO users (id, email) VALUES ('00000000-0000-0000-0000-00000000000a', 'x2@example.com');",
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (email) SELECT 'u' || g || '@example.com' FROM generate_series(1, 20) g",
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    pair.source.batch_execute("TRUNCATE users").await.unwrap();
+    pair.wait_target(
+        "SELECT count(*) = 21 AND count(*) FILTER (WHERE deleted_at IS NULL) = 0 FROM neon_auth.users_sync",
+    )
+    .await;
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (id, email) VALUES ('00000000-0000-0000-0000-00000000000a', 'back@example.com')",
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_key_change_soft_deletes_the_old_id() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let running = pair.start();
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (id, email) VALUES ('00000000-0000-0000-0000-0000000000b1', 'k@example.com');
+             UPDATE users SET id = '00000000-0000-0000-0000-0000000000b2'
+              WHERE id = '00000000-0000-0000-0000-0000000000b1';",
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    pair.wait_target(
+        "SELECT deleted_at IS NOT NULL FROM neon_auth.users_sync WHERE id = '00000000-0000-0000-0000-0000000000b1'",
+    )
+    .await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_small_transactions_arrive_exactly_once() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let running = pair.start();
+    // One transaction per change, as an identity store writes them.
+    pair.source
+        .batch_execute(
+            "DO $$
+             BEGIN
+               FOR i IN 1..600 LOOP
+                 INSERT INTO users (email, version) VALUES ('m' || i || '@example.com', 1);
+                 COMMIT;
+                 UPDATE users SET version = version + 1 WHERE email = 'm' || (i / 2 + 1) || '@example.com';
+                 COMMIT;
+                 IF i % 10 = 0 THEN
+                   DELETE FROM users WHERE email = 'm' || (i - 5) || '@example.com';
+                   COMMIT;
+                 END IF;
+               END LOOP;
+             END $$;",
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    assert!(
+        usersync::progress::Progress::get(&running.progress.batches)
+            <= usersync::progress::Progress::get(&running.progress.transactions)
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_toast_keeps_the_value_on_the_target() {
+    let pair = Pair::new().await;
+    pair.source
+        .batch_execute("ALTER TABLE users ALTER COLUMN metadata SET STORAGE EXTERNAL")
+        .await
+        .unwrap();
+    pair.setup().await;
+    let running = pair.start();
+    // ~8 KB of incompressible JSON: stored out of line (TOAST).
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (id, email, metadata)
+             SELECT '00000000-0000-0000-0000-0000000000c1', 't@example.com',
+                    jsonb_build_object('blob', string_agg(md5(g::text), ''))
+               FROM generate_series(1, 250) g;
+             UPDATE users SET display_name = 'Toasty', version = 2
+              WHERE id = '00000000-0000-0000-0000-0000000000c1';",
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    // A second update in its own transaction, applied against the row already on the target.
+    pair.source
+        .batch_execute(
+            "UPDATE users SET version = 3 WHERE id = '00000000-0000-0000-0000-0000000000c1'",
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    let source_blob: String = pair
+        .source
+        .query_one("SELECT metadata ->> 'blob' FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let target_blob: Option<String> = pair
+        .target
+        .query_one(
+            "SELECT raw_json -> 'metadata' ->> 'blob' FROM neon_auth.users_sync",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(target_blob.as_deref(), Some(source_blob.as_str()));
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_streamed_transactions_with_savepoint_rollback() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let running = pair.start();
+    // Far more than logical_decoding_work_mem (64kB on the shared server): streamed in
+    // protocol 2 while in progress, with a rolled-back subtransaction in the middle.
+    pair.source
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO users (email) SELECT 'big' || g || '@example.com' FROM generate_series(1, 3000) g;
+             SAVEPOINT s1;
+             INSERT INTO users (email) SELECT 'gone' || g || '@example.com' FROM generate_series(1, 2000) g;
+             ROLLBACK TO SAVEPOINT s1;
+             UPDATE users SET version = 2 WHERE email LIKE 'big1%';
+             COMMIT;
+             BEGIN;
+             INSERT INTO users (email) SELECT 'aborted' || g || '@example.com' FROM generate_series(1, 3000) g;
+             ROLLBACK;",
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_from_the_checkpoint_without_doubling() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    // A log of every write usersync makes on the target, to catch a change applied twice.
+    pair.target
+        .batch_execute(
+            "CREATE TABLE write_log (seq bigserial, id text, version int);
+             CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               INSERT INTO write_log (id, version) VALUES (NEW.id, (NEW.raw_json ->> 'version')::int);
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER log_write AFTER INSERT OR UPDATE ON neon_auth.users_sync
+               FOR EACH ROW EXECUTE FUNCTION log_write();",
+        )
+        .await
+        .unwrap();
+    for round in 1..=3 {
+        let running = pair.start();
+        pair.source
+            .batch_execute(&format!(
+                "INSERT INTO users (email) VALUES ('r{round}a@example.com'), ('r{round}b@example.com');
+                 UPDATE users SET version = version + 1;"
+            ))
+            .await
+            .unwrap();
+        pair.wait_for_match().await;
+        running.stop().await;
+        // Changes made while usersync is down are picked up by the next round.
+        pair.source
+            .batch_execute(&format!(
+                "INSERT INTO users (email) VALUES ('down{round}@example.com')"
+            ))
+            .await
+            .unwrap();
+    }
+    let running = pair.start();
+    pair.wait_for_match().await;
+    running.stop().await;
+    let doubled: i64 = pair
+        .target
+        .query_one(
+            "SELECT count(*) FROM (SELECT id, version FROM write_log GROUP BY id, version HAVING count(*) > 1) d",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(doubled, 0, "a change was applied twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_slot_is_confirmed_past_unrelated_writes() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    pair.source
+        .batch_execute("CREATE TABLE unrelated (n int)")
+        .await
+        .unwrap();
+    let running = pair.start();
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('idle@example.com')")
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    pair.source
+        .batch_execute("INSERT INTO unrelated SELECT generate_series(1, 1000)")
+        .await
+        .unwrap();
+    let written: String = pair
+        .source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let advanced: bool = pair
+            .source
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                &[&written, &pair.config.slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if advanced {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle slot never advanced"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_target_without_updated_at_is_used_as_is() {
+    let pair = Pair::new().await;
+    pair.target
+        .batch_execute(
+            "CREATE SCHEMA neon_auth;
+             CREATE TABLE neon_auth.users_sync (
+               raw_json jsonb NOT NULL,
+               id text GENERATED ALWAYS AS (raw_json ->> 'id') STORED NOT NULL PRIMARY KEY,
+               name text GENERATED ALWAYS AS (raw_json ->> 'display_name') STORED,
+               email text GENERATED ALWAYS AS (raw_json ->> 'primary_email') STORED,
+               deleted_at timestamptz);",
+        )
+        .await
+        .unwrap();
+    pair.setup().await;
+    let running = pair.start();
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (email) VALUES ('old@example.com'), ('gone@example.com');
+             DELETE FROM users WHERE email = 'gone@example.com';",
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    pair.wait_target("SELECT count(*) = 1 FROM neon_auth.users_sync WHERE deleted_at IS NOT NULL")
+        .await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_from_another_source_system_is_refused() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let running = pair.start();
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('sys@example.com')")
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    running.stop().await;
+    pair.target
+        .batch_execute("UPDATE usersync.state SET system_identifier = '42'")
+        .await
+        .unwrap();
+    let error = pair.start().failure().await;
+    assert!(!error.is_transient());
+    assert!(error.to_string().contains("source system 42"), "{error}");
+}
