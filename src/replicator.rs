@@ -33,7 +33,7 @@ use crate::decode::{
 };
 use crate::error::Error;
 use crate::lsn::Lsn;
-use crate::map::BoundMapping;
+use crate::map::{BoundMapping, MappedUser};
 use crate::progress::Progress;
 use crate::source::{catalog, ReplicationConnection, ReplicationStream, SourceError};
 
@@ -230,6 +230,13 @@ async fn wait_for_slot(source: &tokio_postgres::Client, slot: &str) -> Result<()
     }
 }
 
+/// One source change as it will reach the target.
+enum UserChange {
+    Upsert { user: MappedUser, inserted: bool },
+    SoftDelete(String),
+    SoftDeleteAll,
+}
+
 /// The users table as the current Relation message describes it.
 struct UsersRelation {
     id: u32,
@@ -301,7 +308,16 @@ impl Session<'_> {
                 self.received = self.received.max(wal_end);
                 let message = self.decoder.decode(data)?;
                 match self.assembler.push(message)? {
-                    Assembled::Transaction(transaction) => self.add_transaction(transaction)?,
+                    Assembled::Transaction(transaction) => {
+                        if let Err(error) = self.add_transaction(transaction) {
+                            // Keep what came before the bad transaction: apply and confirm it,
+                            // then stop with the error.
+                            if !self.batch.is_empty() {
+                                self.apply_batch().await?;
+                            }
+                            return Err(error);
+                        }
+                    }
                     Assembled::Relation(relation) => self.note_relation(relation)?,
                     Assembled::NonTransactionalMessage(_) | Assembled::Nothing => {}
                 }
@@ -350,39 +366,67 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Maps the whole transaction first, then adds it to the batch: a row that cannot be
+    /// mapped fails the transaction before any of it reaches the batch.
     fn add_transaction(&mut self, transaction: Transaction) -> Result<(), Error> {
         if transaction.commit_lsn < self.skip_before {
             Progress::add(&self.progress.skipped_transactions, 1);
             return Ok(());
         }
-        let at = pg_micros_to_unix_micros(transaction.commit_time_micros);
-        let changes_before = self.batch.changes();
+        let mut changes = Vec::with_capacity(transaction.changes.len());
         for change in transaction.changes {
-            self.add_change(change, at)?;
+            self.map_change(change, &mut changes)?;
         }
-        let position = CommitPosition {
-            commit_lsn: transaction.commit_lsn,
-            end_lsn: transaction.end_lsn,
-            commit_time: at,
-        };
-        if self.batch.changes() == changes_before && self.batch.is_empty() {
+        let at = pg_micros_to_unix_micros(transaction.commit_time_micros);
+        if changes.is_empty() && self.batch.is_empty() {
             // Nothing for the target: no target transaction just to move the checkpoint.
             self.idle_position = self.idle_position.max(transaction.end_lsn);
             return Ok(());
         }
-        self.batch.commit(position);
+        for change in changes {
+            let counter = match change {
+                UserChange::Upsert { user, inserted } => {
+                    self.batch.upsert(user, at);
+                    if inserted {
+                        &self.progress.inserts
+                    } else {
+                        &self.progress.updates
+                    }
+                }
+                UserChange::SoftDelete(id) => {
+                    self.batch.soft_delete(id, at);
+                    &self.progress.deletes
+                }
+                UserChange::SoftDeleteAll => {
+                    self.batch.soft_delete_all(at);
+                    &self.progress.truncates
+                }
+            };
+            Progress::add(counter, 1);
+        }
+        self.batch.commit(CommitPosition {
+            commit_lsn: transaction.commit_lsn,
+            end_lsn: transaction.end_lsn,
+            commit_time: at,
+        });
         self.batch_started.get_or_insert_with(Instant::now);
         Ok(())
     }
 
-    fn add_change(&mut self, change: LogicalMessage, at: i64) -> Result<(), Error> {
+    fn map_change(
+        &mut self,
+        change: LogicalMessage,
+        out: &mut Vec<UserChange>,
+    ) -> Result<(), Error> {
         let users_id = self.users_relation.as_ref().map(|users| users.id);
         match change {
             LogicalMessage::Relation(relation) => self.note_relation(relation)?,
             LogicalMessage::Insert(insert) if Some(insert.relation_id) == users_id => {
                 let user = self.mapping()?.map_row(&insert.new)?;
-                self.batch.upsert(user, at);
-                Progress::add(&self.progress.inserts, 1);
+                out.push(UserChange::Upsert {
+                    user,
+                    inserted: true,
+                });
             }
             LogicalMessage::Update(update) if Some(update.relation_id) == users_id => {
                 let mapping = self.mapping()?;
@@ -393,21 +437,21 @@ impl Session<'_> {
                 };
                 if let Some(old_id) = old_id.filter(|old_id| *old_id != user.id) {
                     // The primary key changed: the old user is gone, a new one appears.
-                    self.batch.soft_delete(old_id, at);
+                    out.push(UserChange::SoftDelete(old_id));
                 }
-                self.batch.upsert(user, at);
-                Progress::add(&self.progress.updates, 1);
+                out.push(UserChange::Upsert {
+                    user,
+                    inserted: false,
+                });
             }
             LogicalMessage::Delete(delete) if Some(delete.relation_id) == users_id => {
                 let id = self.mapping()?.map_key(old_tuple(&delete.old))?;
-                self.batch.soft_delete(id, at);
-                Progress::add(&self.progress.deletes, 1);
+                out.push(UserChange::SoftDelete(id));
             }
             LogicalMessage::Truncate(truncate)
                 if users_id.is_some_and(|id| truncate.relation_ids.contains(&id)) =>
             {
-                self.batch.soft_delete_all(at);
-                Progress::add(&self.progress.truncates, 1);
+                out.push(UserChange::SoftDeleteAll);
             }
             _ => {}
         }

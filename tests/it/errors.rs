@@ -125,3 +125,106 @@ async fn wal_level_replica_is_explained() {
     let output = pair.usersync(&["setup"]);
     assert_definite(&output, "wal_level=logical");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_mapped_column_is_refused_at_setup() {
+    let pair = Pair::new().await;
+    let output = pair
+        .command(&["setup", "--id-column", "user_key"])
+        .output()
+        .unwrap();
+    assert_definite(&output, "user_key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_table_missing_a_writable_column_is_refused() {
+    let pair = Pair::new().await;
+    pair.target
+        .batch_execute(
+            "CREATE SCHEMA neon_auth;
+             CREATE TABLE neon_auth.users_sync (
+               raw_json jsonb NOT NULL,
+               id text GENERATED ALWAYS AS (raw_json ->> 'id') STORED NOT NULL PRIMARY KEY);",
+        )
+        .await
+        .unwrap();
+    let output = pair.usersync(&["setup"]);
+    assert_definite(&output, "neon_auth.users_sync has no column deleted_at");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_row_stops_replication_before_confirming_it() {
+    let pair = Pair::on(
+        shared_server(),
+        "CREATE TABLE public.users (id text PRIMARY KEY, email text, signed_up numeric)",
+    )
+    .await;
+    let setup = pair
+        .command(&["setup", "--signed-up-at-column", "signed_up"])
+        .output()
+        .unwrap();
+    assert!(setup.status.success(), "{}", text(&setup));
+    // Two source transactions: the first maps, the second cannot.
+    for insert in [
+        "INSERT INTO users VALUES ('good', 'good@example.com', 1700000000000)",
+        "INSERT INTO users VALUES ('bad', 'bad@example.com', 1.5)",
+    ] {
+        pair.source.batch_execute(insert).await.unwrap();
+    }
+    let output = pair
+        .command(&["run", "--signed-up-at-column", "signed_up"])
+        .output()
+        .unwrap();
+    assert_definite(&output, "signed_up");
+    assert!(
+        !text(&output).contains("bad@example.com"),
+        "row values stay out of errors"
+    );
+    // The good transaction is on the target; the bad one is neither applied nor confirmed.
+    let (live, checkpoint): (i64, String) = {
+        let row = pair
+            .target
+            .query_one(
+                "SELECT (SELECT count(*) FROM neon_auth.users_sync), (SELECT end_lsn::text FROM usersync.state)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(live, 1);
+    let behind: bool = pair
+        .source
+        .query_one(
+            "SELECT confirmed_flush_lsn <= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+            &[&pair.config.slot, &checkpoint],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        behind,
+        "the slot was confirmed past the last applied transaction"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_select_privilege_is_explained() {
+    let pair = Pair::new().await;
+    let role = unique("noselect");
+    pair.source
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN REPLICATION PASSWORD '{PASSWORD}'"
+        ))
+        .await
+        .unwrap();
+    let url = pair
+        .source_url
+        .replacen("postgres:", &format!("{role}:"), 1);
+    let output = pair
+        .command(&["setup"])
+        .env("USERSYNC_SOURCE_URL", &url)
+        .output()
+        .unwrap();
+    assert_definite(&output, "GRANT SELECT ON");
+}
