@@ -27,7 +27,7 @@ pub enum Command {
     /// Create (or find) the publication, the slot and the target tables; idempotent.
     Setup(ConnectionArgs),
     /// Stream changes from the slot to the target until SIGINT/SIGTERM.
-    Run(ConnectionArgs),
+    Run(RunArgs),
     /// Drop the slot and publication usersync uses, and its checkpoint on the target.
     Teardown {
         #[command(flatten)]
@@ -113,6 +113,32 @@ pub struct ConnectionArgs {
     pub lag_target: String,
 }
 
+/// The service's own options.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "USERSYNC_METRICS_ADDR",
+        default_value = "127.0.0.1:9753",
+        value_name = "ADDR"
+    )]
+    pub metrics_addr: std::net::SocketAddr,
+
+    /// How often to write a heartbeat on the source (pg_logical_emit_message), which measures
+    /// lag while idle and keeps the slot advancing; `off` disables it.
+    #[arg(
+        long,
+        env = "USERSYNC_HEARTBEAT_INTERVAL",
+        default_value = "1s",
+        value_name = "DURATION"
+    )]
+    pub heartbeat_interval: String,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
     /// Stop by itself after this long (e.g. 60s); by default it runs until Ctrl-C.
@@ -126,4 +152,8 @@ pub struct DemoArgs {
     /// Lag target that lag is reported against.
     #[arg(long, default_value = "1s", value_name = "DURATION")]
     pub lag_target: String,
+
+    /// Serve /metrics, /healthz and /readyz here while the demo runs (e.g. 127.0.0.1:9753).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }

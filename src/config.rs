@@ -21,7 +21,12 @@ pub struct Config {
     pub publication: String,
     pub mapping: GenericMapping,
     pub lag_target: Duration,
+    /// How often `run` writes a heartbeat on the source; `None` turns heartbeats off.
+    pub heartbeat_interval: Option<Duration>,
 }
+
+/// The heartbeat interval unless `--heartbeat-interval` says otherwise.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A schema-qualified table name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +101,7 @@ impl Config {
                 signed_up_at_column: Some(args.signed_up_at_column.clone()),
             },
             lag_target: parse_duration(&args.lag_target)?,
+            heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
         })
     }
 }
@@ -140,6 +146,15 @@ fn validate_slot_name(slot: &str) -> Result<(), Error> {
             "invalid slot name {slot:?}: use 1 to 63 lower-case letters, digits and underscores"
         )))
     }
+}
+
+/// `0s` or `off` turns heartbeats off; anything else is a duration.
+pub fn parse_heartbeat_interval(text: &str) -> Result<Option<Duration>, Error> {
+    if text == "off" {
+        return Ok(None);
+    }
+    let interval = parse_duration(text)?;
+    Ok(Some(interval).filter(|interval| !interval.is_zero()))
 }
 
 /// Parses `1s`, `500ms`, `2m`, `1h`, `1.5s`.

@@ -32,9 +32,11 @@ use crate::decode::{
     ReplicationMessage, Transaction, TransactionAssembler, TupleData,
 };
 use crate::error::Error;
+use crate::lag::ClockOffset;
 use crate::lsn::Lsn;
 use crate::map::{BoundMapping, MappedUser};
-use crate::progress::Progress;
+use crate::metrics::{Metrics, Op, Side};
+use crate::source::monitor::{heartbeat_prefix, run_monitor};
 use crate::source::{catalog, ReplicationConnection, ReplicationStream, SourceError};
 
 /// Name shown in `pg_stat_activity` and `pg_stat_replication`.
@@ -53,22 +55,26 @@ const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A session that ran this long counts as healthy: the next failure starts backoff afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(60);
-/// PostgreSQL 14 brought pgoutput protocol 2 (streaming of large in-progress transactions).
+/// PostgreSQL 14 brought pgoutput protocol 2 (streaming of large in-progress transactions)
+/// and the `messages` option (logical messages, which carry the heartbeats).
 const PROTOCOL_2_MIN_VERSION: u32 = 140_000;
 
 /// Streams until `shutdown` turns true, reconnecting after transient failures.
 pub async fn run(
     config: &Config,
-    progress: Arc<Progress>,
+    metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
-        let result = run_session(config, &progress, &mut shutdown).await;
-        progress
-            .streaming
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let result = run_session(config, &metrics, &mut shutdown).await;
+        metrics.set_ready(false);
+        metrics.set_connected(Side::Source, false);
+        metrics.set_connected(Side::Target, false);
+        if let Err(error) = &result {
+            metrics.session_error(error.is_transient());
+        }
         match result {
             Ok(()) => return Ok(()),
             Err(error) if error.is_transient() => {
@@ -77,7 +83,7 @@ pub async fn run(
                 }
                 let delay = with_jitter(backoff);
                 backoff = (backoff * 2).min(BACKOFF_MAX);
-                Progress::add(&progress.reconnects, 1);
+                metrics.reconnected();
                 tracing::warn!(error = %crate::error::report(&error), retry_in_ms = delay.as_millis() as u64, "replication interrupted; reconnecting");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -106,12 +112,13 @@ fn with_jitter(delay: Duration) -> Duration {
 
 async fn run_session(
     config: &Config,
-    progress: &Arc<Progress>,
+    metrics: &Arc<Metrics>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let target = conn::sql::connect(&config.target, APPLICATION_NAME)
         .await
         .map_err(Error::connect("target"))?;
+    metrics.set_connected(Side::Target, true);
     let exists: bool = target
         .query_one("SELECT to_regclass('neon_auth.users_sync') IS NOT NULL AND to_regclass('usersync.state') IS NOT NULL", &[])
         .await
@@ -158,17 +165,29 @@ async fn run_session(
     ];
     if protocol_2 {
         options.push(("streaming", "on".to_owned()));
+        options.push(("messages", "true".to_owned()));
     }
     let stream = replication
         .start_logical_replication(&config.slot, resume_at, &options)
         .await?;
     tracing::info!(slot = %config.slot, resume_at = %resume_at, system = %identity.system_id, "streaming");
-    progress
-        .streaming
-        .store(true, std::sync::atomic::Ordering::Relaxed);
+    metrics.set_connected(Side::Source, true);
+    metrics.set_ready(true);
+    // Heartbeats need logical messages, which protocol 1 servers cannot send.
+    let heartbeat = config.heartbeat_interval.filter(|_| protocol_2);
+    let _monitor = AbortOnDrop(tokio::spawn(run_monitor(
+        config.source.clone(),
+        config.slot.clone(),
+        heartbeat,
+        Arc::clone(metrics),
+    )));
     let mut session = Session {
         config,
-        progress,
+        metrics,
+        heartbeat_prefix: heartbeat_prefix(&config.slot),
+        clock: ClockOffset::default(),
+        pending_heartbeat: None,
+        over_target: false,
         stream,
         writer,
         decoder: PgOutputDecoder::new(),
@@ -232,9 +251,14 @@ async fn wait_for_slot(source: &tokio_postgres::Client, slot: &str) -> Result<()
 
 /// One source change as it will reach the target.
 enum UserChange {
-    Upsert { user: MappedUser, inserted: bool },
+    Upsert {
+        user: MappedUser,
+        inserted: bool,
+    },
     SoftDelete(String),
     SoftDeleteAll,
+    /// This replicator's heartbeat message (never reaches the target).
+    Heartbeat,
 }
 
 /// The users table as the current Relation message describes it.
@@ -243,9 +267,24 @@ struct UsersRelation {
     mapping: BoundMapping,
 }
 
+/// Ends a background task when its owner goes away, on every path.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct Session<'a> {
     config: &'a Config,
-    progress: &'a Arc<Progress>,
+    metrics: &'a Arc<Metrics>,
+    heartbeat_prefix: String,
+    clock: ClockOffset,
+    /// Commit time of a heartbeat waiting behind the open batch.
+    pending_heartbeat: Option<i64>,
+    /// Whether the lag is over the target (to log crossings once).
+    over_target: bool,
     stream: ReplicationStream,
     writer: TargetWriter,
     decoder: PgOutputDecoder,
@@ -290,7 +329,10 @@ impl Session<'_> {
                 },
                 // Nothing more is readable right now: apply what we have.
                 _ = std::future::ready(()), if !self.batch.is_empty() => self.apply_batch().await?,
-                _ = tokio::time::sleep_until(status_due.into()) => self.send_status(false).await?,
+                _ = tokio::time::sleep_until(status_due.into()) => {
+                    self.update_current_lag();
+                    self.send_status(false).await?;
+                }
             }
         }
     }
@@ -304,7 +346,13 @@ impl Session<'_> {
 
     async fn handle(&mut self, payload: Bytes) -> Result<(), Error> {
         match decode_replication_message(payload)? {
-            ReplicationMessage::XLogData { wal_end, data, .. } => {
+            ReplicationMessage::XLogData {
+                wal_end,
+                data,
+                server_time_micros,
+                ..
+            } => {
+                self.observe_server_time(server_time_micros);
                 self.received = self.received.max(wal_end);
                 let message = self.decoder.decode(data)?;
                 match self.assembler.push(message)? {
@@ -325,11 +373,20 @@ impl Session<'_> {
             ReplicationMessage::PrimaryKeepalive {
                 wal_end,
                 reply_requested,
-                ..
+                server_time_micros,
             } => {
+                self.observe_server_time(server_time_micros);
                 self.received = self.received.max(wal_end);
                 if self.caught_up() {
                     self.idle_position = self.idle_position.max(wal_end);
+                    if self.config.heartbeat_interval.is_none() {
+                        // No heartbeats: a keepalive while caught up is the best idle estimate.
+                        let lag = self.clock.lag(
+                            pg_micros_to_unix_micros(server_time_micros),
+                            unix_micros_now(),
+                        );
+                        self.metrics.set_current_lag(lag);
+                    }
                 }
                 if reply_requested {
                     self.send_status(false).await?;
@@ -370,7 +427,7 @@ impl Session<'_> {
     /// mapped fails the transaction before any of it reaches the batch.
     fn add_transaction(&mut self, transaction: Transaction) -> Result<(), Error> {
         if transaction.commit_lsn < self.skip_before {
-            Progress::add(&self.progress.skipped_transactions, 1);
+            self.metrics.transaction_skipped();
             return Ok(());
         }
         let mut changes = Vec::with_capacity(transaction.changes.len());
@@ -378,31 +435,42 @@ impl Session<'_> {
             self.map_change(change, &mut changes)?;
         }
         let at = pg_micros_to_unix_micros(transaction.commit_time_micros);
+        let heartbeat = matches!(changes.last(), Some(UserChange::Heartbeat));
+        if heartbeat {
+            changes.pop();
+        }
         if changes.is_empty() && self.batch.is_empty() {
             // Nothing for the target: no target transaction just to move the checkpoint.
             self.idle_position = self.idle_position.max(transaction.end_lsn);
+            if heartbeat {
+                self.heartbeat_arrived(at);
+            }
             return Ok(());
         }
+        if heartbeat {
+            self.pending_heartbeat = Some(at);
+        }
         for change in changes {
-            let counter = match change {
+            let op = match change {
                 UserChange::Upsert { user, inserted } => {
                     self.batch.upsert(user, at);
                     if inserted {
-                        &self.progress.inserts
+                        Op::Insert
                     } else {
-                        &self.progress.updates
+                        Op::Update
                     }
                 }
                 UserChange::SoftDelete(id) => {
                     self.batch.soft_delete(id, at);
-                    &self.progress.deletes
+                    Op::Delete
                 }
                 UserChange::SoftDeleteAll => {
                     self.batch.soft_delete_all(at);
-                    &self.progress.truncates
+                    Op::Truncate
                 }
+                UserChange::Heartbeat => continue,
             };
-            Progress::add(counter, 1);
+            self.metrics.add_changes(op, 1);
         }
         self.batch.commit(CommitPosition {
             commit_lsn: transaction.commit_lsn,
@@ -453,6 +521,9 @@ impl Session<'_> {
             {
                 out.push(UserChange::SoftDeleteAll);
             }
+            LogicalMessage::Message(message) if message.prefix == self.heartbeat_prefix => {
+                out.push(UserChange::Heartbeat);
+            }
             _ => {}
         }
         Ok(())
@@ -468,16 +539,24 @@ impl Session<'_> {
     async fn apply_batch(&mut self) -> Result<(), Error> {
         let batch = std::mem::take(&mut self.batch);
         self.batch_started = None;
+        let started = Instant::now();
         let position = self.writer.apply(&batch).await?;
         let applied_at = Instant::now();
         let applied_unix = unix_micros_now();
+        let mut last_lag = Duration::ZERO;
         for commit_time in batch.commit_times() {
-            let lag =
-                Duration::from_micros(applied_unix.saturating_sub(*commit_time).max(0) as u64);
-            self.progress.lag.record(applied_at, lag);
+            last_lag = self.clock.lag(*commit_time, applied_unix);
+            self.metrics.observe_lag(applied_at, last_lag);
         }
-        Progress::add(&self.progress.transactions, batch.transactions() as u64);
-        Progress::add(&self.progress.batches, 1);
+        self.metrics.set_current_lag(last_lag);
+        self.note_lag(last_lag);
+        self.metrics
+            .batch_applied(batch.transactions(), batch.changes(), applied_at - started);
+        self.metrics
+            .set_checkpoint(position.end_lsn, position.commit_time);
+        if let Some(heartbeat) = self.pending_heartbeat.take() {
+            self.heartbeat_arrived(heartbeat);
+        }
         debug_assert!(
             position.end_lsn >= self.confirmed,
             "the checkpoint only moves forward"
@@ -485,6 +564,54 @@ impl Session<'_> {
         self.confirmed = self.confirmed.max(position.end_lsn);
         self.skip_before = self.skip_before.max(position.end_lsn);
         self.send_status(false).await
+    }
+
+    fn observe_server_time(&mut self, server_time_micros: i64) {
+        self.clock.observe(
+            pg_micros_to_unix_micros(server_time_micros),
+            unix_micros_now(),
+        );
+        self.metrics
+            .set_clock_offset(self.clock.micros() as f64 / 1_000_000.0);
+    }
+
+    /// A heartbeat committed at `commit_time` has come through the whole pipeline.
+    fn heartbeat_arrived(&mut self, commit_time: i64) {
+        let lag = self.clock.lag(commit_time, unix_micros_now());
+        self.metrics.set_heartbeat_lag(lag);
+        if self.caught_up() {
+            self.metrics.set_current_lag(lag);
+            self.note_lag(lag);
+        }
+    }
+
+    /// While work waits, the current lag is the age of the oldest waiting commit.
+    fn update_current_lag(&mut self) {
+        if let Some(oldest) = self.batch.commit_times().first() {
+            let lag = self.clock.lag(*oldest, unix_micros_now());
+            self.metrics.set_current_lag(lag);
+            self.note_lag(lag);
+        }
+    }
+
+    /// Logs when the lag crosses the target, once each way.
+    fn note_lag(&mut self, lag: Duration) {
+        let target = self.metrics.lag_target();
+        let over = lag > target;
+        if over && !self.over_target {
+            tracing::warn!(
+                lag_ms = lag.as_millis() as u64,
+                target_ms = target.as_millis() as u64,
+                "lag is over the target"
+            );
+        } else if !over && self.over_target {
+            tracing::info!(
+                lag_ms = lag.as_millis() as u64,
+                target_ms = target.as_millis() as u64,
+                "lag is back under the target"
+            );
+        }
+        self.over_target = over;
     }
 
     async fn send_status(&mut self, reply_requested: bool) -> Result<(), Error> {

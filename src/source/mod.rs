@@ -1,7 +1,8 @@
-//! The source side: the replication connection, and the catalog checks, publication and
-//! slot management done over ordinary SQL.
+//! The source side: the replication connection, the catalog checks, publication and slot
+//! management done over ordinary SQL, and the heartbeat/slot monitor.
 
 pub mod catalog;
+pub mod monitor;
 pub mod replication;
 pub mod wire;
 
