@@ -24,8 +24,9 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create (or find) the publication, the slot and the target tables; idempotent.
-    Setup(ConnectionArgs),
+    /// Create (or find) the publication, the slot and the target tables, and copy the users
+    /// already in the table; idempotent.
+    Setup(SetupArgs),
     /// Stream changes from the slot to the target until SIGINT/SIGTERM.
     Run(RunArgs),
     /// Drop the slot and publication usersync uses, and its checkpoint on the target.
@@ -111,6 +112,16 @@ pub struct ConnectionArgs {
         value_name = "DURATION"
     )]
     pub lag_target: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SetupArgs {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+
+    /// Don't copy the users already in the table; replicate only changes made from now on.
+    #[arg(long)]
+    pub no_snapshot: bool,
 }
 
 /// The service's own options.

@@ -9,6 +9,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use usersync::cli::{Cli, Command, LogFormat};
 use usersync::commands;
+use usersync::commands::setup::SetupOptions;
 use usersync::config::{parse_heartbeat_interval, Config};
 use usersync::error::{Error, EXIT_FAILURE};
 
@@ -57,7 +58,12 @@ impl From<Error> for Failure {
 
 async fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Setup(args) => commands::setup::setup(&Config::from_args(&args)?).await?,
+        Command::Setup(args) => {
+            let options = SetupOptions {
+                snapshot: !args.no_snapshot,
+            };
+            commands::setup::setup(&Config::from_args(&args.connection)?, options).await?
+        }
         Command::Run(args) => {
             let mut config = Config::from_args(&args.connection)?;
             config.heartbeat_interval = parse_heartbeat_interval(&args.heartbeat_interval)?;

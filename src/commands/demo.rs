@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use super::{connect, run::wait_for_signal, setup::setup};
+use super::setup::{setup, SetupOptions};
+use super::{connect, run::wait_for_signal};
 use crate::cli::DemoArgs;
 use crate::config::{parse_duration, Config, TableName, DEFAULT_HEARTBEAT_INTERVAL};
 use crate::conn::PgUrl;
@@ -74,7 +75,7 @@ pub async fn demo(args: &DemoArgs) -> Result<(), Error> {
         .batch_execute(SOURCE_SCHEMA)
         .await
         .map_err(SourceError::sql("creating the demo users table"))?;
-    setup(&config).await?;
+    setup(&config, SetupOptions::default()).await?;
 
     let metrics = Arc::new(Metrics::new(lag_target));
     let (stop, shutdown) = watch::channel(false);

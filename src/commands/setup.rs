@@ -1,18 +1,41 @@
 //! `usersync setup`: checks the source, creates (or finds) the publication, the slot and the
-//! target tables. Idempotent: run it again and it says what it found.
+//! target tables, and copies the users already there, consistently with the slot.
+//! Idempotent: run it again and it says what it found.
 
 use tokio_postgres::Client;
 
 use super::connect;
-use crate::apply::{self, schema::Created};
+use std::time::{Duration, Instant};
+
+use crate::apply::{self, schema::Created, Batch, CommitPosition, TargetWriter};
 use crate::config::{Config, TableName};
 use crate::decode::RelationColumn;
 use crate::error::Error;
 use crate::replicator::APPLICATION_NAME;
+use crate::source::catalog::SlotInfo;
+use crate::source::snapshot::SnapshotRows;
 use crate::source::{catalog, ReplicationConnection, SourceError};
 
+/// What `setup` does beyond the checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetupOptions {
+    /// Copy the users already in the table (inside the slot's snapshot).
+    pub snapshot: bool,
+}
+
+impl Default for SetupOptions {
+    fn default() -> Self {
+        SetupOptions { snapshot: true }
+    }
+}
+
+/// Users per target transaction during the initial copy.
+const SNAPSHOT_PAGE: usize = 5_000;
+/// How often the copy reports progress.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Runs the checks and creations, printing one line per step on stdout.
-pub async fn setup(config: &Config) -> Result<(), Error> {
+pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> {
     let source = connect("source", &config.source).await?;
     catalog::check_wal_level(&source).await?;
     catalog::check_replication_privilege(&source).await?;
@@ -50,64 +73,135 @@ pub async fn setup(config: &Config) -> Result<(), Error> {
         }
     );
 
+    let checkpoint = apply::read_checkpoint(&target, &config.slot).await?;
     match catalog::slot_info(&source, &config.slot).await? {
         Some(slot) => {
-            if slot.plugin.as_deref() != Some("pgoutput") {
-                return Err(SourceError::Definite(format!(
-                    "a slot named {} exists but uses {}, not pgoutput; choose another --slot",
+            check_slot_fits(config, &slot)?;
+            if checkpoint.is_some() {
+                println!(
+                    "replication slot {} found (confirmed up to {})",
                     config.slot,
-                    slot.plugin.as_deref().unwrap_or("no plugin (physical)")
-                ))
-                .into());
+                    slot.confirmed_flush_lsn
+                        .map_or_else(|| "-".to_owned(), |lsn| lsn.to_string())
+                );
+            } else {
+                // Setup writes the checkpoint last: without one, an earlier setup stopped
+                // before its initial copy was complete, and only a new snapshot can finish it.
+                if let (true, Some(pid)) = (slot.active, slot.active_pid) {
+                    return Err(SourceError::Definite(format!(
+                        "replication slot {} has no checkpoint on the target (its setup did not \
+                         finish) and is in use by source backend pid {pid}; stop that process and \
+                         run setup again",
+                        config.slot
+                    ))
+                    .into());
+                }
+                println!(
+                    "replication slot {} found without a checkpoint: an earlier setup did not \
+                         finish its initial copy; creating the slot again with a new snapshot",
+                    config.slot
+                );
+                catalog::drop_slot(&source, &config.slot).await?;
+                create_slot_and_copy(config, &columns, target, options).await?;
             }
-            if slot.database.as_deref() != Some(config.source.dbname.as_str()) {
-                return Err(SourceError::Definite(format!(
-                    "slot {} belongs to database {}, not {}; choose another --slot",
-                    config.slot,
-                    slot.database.as_deref().unwrap_or("?"),
-                    config.source.dbname
-                ))
-                .into());
-            }
-            println!(
-                "replication slot {} found (confirmed up to {})",
-                config.slot,
-                slot.confirmed_flush_lsn
-                    .map_or_else(|| "-".to_owned(), |lsn| lsn.to_string())
-            );
         }
-        None => {
-            let mut replication =
-                ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
-            let slot = replication.create_logical_slot(&config.slot, false).await?;
-            replication.close().await;
-            println!(
-                "replication slot {} created at {}",
-                config.slot, slot.consistent_point
-            );
-        }
-    }
-    let has_rows: bool = source
-        .query_one(
-            &format!("SELECT EXISTS (SELECT 1 FROM {})", config.table.quoted()),
-            &[],
-        )
-        .await
-        .map_err(SourceError::sql("looking for existing users"))?
-        .get(0);
-    if has_rows
-        && apply::read_checkpoint(&target, &config.slot)
-            .await?
-            .is_none()
-    {
-        tracing::warn!(
-            table = %config.table,
-            "the source table already has users; usersync replicates changes made from now on, \
-             and does not copy existing users yet (initial snapshot is planned)"
-        );
+        None => create_slot_and_copy(config, &columns, target, options).await?,
     }
     println!("ready: start replication with usersync run");
     Ok(())
+}
+
+fn check_slot_fits(config: &Config, slot: &SlotInfo) -> Result<(), Error> {
+    if slot.plugin.as_deref() != Some("pgoutput") {
+        return Err(SourceError::Definite(format!(
+            "a slot named {} exists but uses {}, not pgoutput; choose another --slot",
+            config.slot,
+            slot.plugin.as_deref().unwrap_or("no plugin (physical)")
+        ))
+        .into());
+    }
+    if slot.database.as_deref() != Some(config.source.dbname.as_str()) {
+        return Err(SourceError::Definite(format!(
+            "slot {} belongs to database {}, not {}; choose another --slot",
+            config.slot,
+            slot.database.as_deref().unwrap_or("?"),
+            config.source.dbname
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Creates the slot, copies the table as of the slot's snapshot (unless told not to), and
+/// writes the checkpoint at the slot's consistent point last, in the final target transaction.
+async fn create_slot_and_copy(
+    config: &Config,
+    columns: &[RelationColumn],
+    target: Client,
+    options: SetupOptions,
+) -> Result<(), Error> {
+    let mut replication = ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
+    let identity = replication.identify_system().await?;
+    let created = replication
+        .create_logical_slot(&config.slot, options.snapshot)
+        .await?;
+    println!(
+        "replication slot {} created at {}",
+        config.slot, created.consistent_point
+    );
+    let shape = apply::check_shape(&target).await?;
+    let mut writer = TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
+    let copied_at = unix_micros_now();
+    let mut copied = 0usize;
+    if let Some(snapshot) = created.snapshot_name.filter(|_| options.snapshot) {
+        let mapping = config.mapping.bind(columns)?;
+        let reader = connect("source", &config.source).await?;
+        let mut rows = SnapshotRows::open(&reader, &config.table, columns, &snapshot).await?;
+        let started = Instant::now();
+        let mut reported = Instant::now();
+        loop {
+            let page = rows.next_page(SNAPSHOT_PAGE).await?;
+            if page.is_empty() {
+                break;
+            }
+            let mut batch = Batch::new();
+            for row in &page {
+                batch.upsert(mapping.map_row(row)?, copied_at);
+            }
+            writer.apply_without_checkpoint(&batch).await?;
+            copied += page.len();
+            if reported.elapsed() >= PROGRESS_INTERVAL {
+                reported = Instant::now();
+                println!(
+                    "initial copy: {copied} users ({:.0} users/s)",
+                    copied as f64 / started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        println!(
+            "initial copy: {copied} users in {:.1}s ({:.0} users/s)",
+            started.elapsed().as_secs_f64(),
+            copied as f64 / started.elapsed().as_secs_f64().max(1e-9)
+        );
+    } else {
+        println!("initial copy skipped (--no-snapshot): only changes from now on replicate");
+    }
+    let mut done = Batch::new();
+    done.commit(CommitPosition {
+        commit_lsn: created.consistent_point,
+        end_lsn: created.consistent_point,
+        commit_time: copied_at,
+    });
+    writer.apply(&done).await?;
+    // Only now may the replication connection (and with it the snapshot) go.
+    replication.close().await;
+    Ok(())
+}
+
+fn unix_micros_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// The table's columns as a Relation message would describe them, so the mapping can be
@@ -133,7 +227,7 @@ pub async fn table_columns(
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_attribute a ON a.attrelid = c.oid
               WHERE n.nspname = $1 AND c.relname = $2
-                AND a.attnum > 0 AND NOT a.attisdropped
+                AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
               ORDER BY a.attnum",
             &[&table.schema, &table.name],
         )

@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod monitor;
 pub mod replication;
+pub mod snapshot;
 pub mod wire;
 
 pub use replication::{ReplicationConnection, ReplicationError, ReplicationStream, SystemIdentity};

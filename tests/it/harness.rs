@@ -125,7 +125,7 @@ impl Pair {
     }
 
     pub async fn setup(&self) {
-        usersync::commands::setup::setup(&self.config)
+        usersync::commands::setup::setup(&self.config, Default::default())
             .await
             .expect("usersync setup");
     }

@@ -10,3 +10,4 @@ mod crash;
 mod errors;
 mod lag;
 mod replication;
+mod snapshot;
