@@ -9,5 +9,6 @@ mod cli;
 mod crash;
 mod errors;
 mod lag;
+mod promtool;
 mod replication;
 mod snapshot;
