@@ -27,6 +27,9 @@ pub enum Command {
     /// Create (or find) the publication, the slot and the target tables, and copy the users
     /// already in the table; idempotent.
     Setup(SetupArgs),
+    /// Recreate a lost or dropped slot and copy the table again, reconciling the target:
+    /// users absent from the source are soft-deleted.
+    Resync(ConnectionArgs),
     /// Stream changes from the slot to the target until SIGINT/SIGTERM.
     Run(RunArgs),
     /// Drop the slot and publication usersync uses, and its checkpoint on the target.

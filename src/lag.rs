@@ -94,6 +94,13 @@ mod tests {
     }
 }
 
+/// This host's clock in microseconds since the Unix epoch (the unit of source commit times).
+pub fn unix_micros_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
 /// Estimates the source server's clock minus this host's clock.
 ///
 /// Commit times come from the source's clock, apply times from ours; a skew between them

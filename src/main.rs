@@ -64,6 +64,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             };
             commands::setup::setup(&Config::from_args(&args.connection)?, options).await?
         }
+        Command::Resync(args) => commands::resync::resync(&Config::from_args(&args)?).await?,
         Command::Run(args) => {
             let mut config = Config::from_args(&args.connection)?;
             config.heartbeat_interval = parse_heartbeat_interval(&args.heartbeat_interval)?;

@@ -32,7 +32,7 @@ use crate::decode::{
     ReplicationMessage, Transaction, TransactionAssembler, TupleData,
 };
 use crate::error::Error;
-use crate::lag::ClockOffset;
+use crate::lag::{unix_micros_now, ClockOffset};
 use crate::lsn::Lsn;
 use crate::map::{BoundMapping, MappedUser};
 use crate::metrics::{Metrics, Op, Side};
@@ -212,15 +212,17 @@ async fn wait_for_slot(source: &tokio_postgres::Client, slot: &str) -> Result<()
     loop {
         let Some(info) = catalog::slot_info(source, slot).await? else {
             return Err(SourceError::Definite(format!(
-                "replication slot {slot} does not exist on the source: run usersync setup \
-                 (if it existed before, changes made since it was dropped are not on the target)"
+                "replication slot {slot} does not exist on the source: run usersync setup for \
+                 a first start, or usersync resync if it existed before (changes made since it \
+                 was dropped never reached the target; resync copies the table again)"
             ))
             .into());
         };
         if info.wal_status.as_deref() == Some("lost") {
             return Err(SourceError::Definite(format!(
                 "replication slot {slot} has lost WAL it still needed (wal_status = lost), so \
-                 changes are missing from it: drop it with usersync teardown --yes and set up again"
+                 changes are missing from it: run usersync resync to recreate it and copy the \
+                 table again"
             ))
             .into());
         }
@@ -638,10 +640,4 @@ fn old_tuple(old: &crate::decode::OldTuple) -> &TupleData {
     match old {
         crate::decode::OldTuple::Key(tuple) | crate::decode::OldTuple::Full(tuple) => tuple,
     }
-}
-
-fn unix_micros_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
 }

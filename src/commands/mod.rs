@@ -2,6 +2,8 @@
 //! error, so `main` only maps errors to exit codes.
 
 pub mod demo;
+mod initial_copy;
+pub mod resync;
 pub mod run;
 pub mod setup;
 pub mod teardown;

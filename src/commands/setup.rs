@@ -5,16 +5,13 @@
 use tokio_postgres::Client;
 
 use super::connect;
-use std::time::{Duration, Instant};
-
-use crate::apply::{self, schema::Created, Batch, CommitPosition, TargetWriter};
+use super::initial_copy::{create_slot_and_copy, CopyMode};
+use crate::apply::{self, schema::Created};
 use crate::config::{Config, TableName};
 use crate::decode::RelationColumn;
 use crate::error::Error;
-use crate::replicator::APPLICATION_NAME;
 use crate::source::catalog::SlotInfo;
-use crate::source::snapshot::SnapshotRows;
-use crate::source::{catalog, ReplicationConnection, SourceError};
+use crate::source::{catalog, SourceError};
 
 /// What `setup` does beyond the checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,13 +26,16 @@ impl Default for SetupOptions {
     }
 }
 
-/// Users per target transaction during the initial copy.
-const SNAPSHOT_PAGE: usize = 5_000;
-/// How often the copy reports progress.
-const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+/// A checked source and a ready target: what `setup` and `resync` both start from.
+pub(crate) struct Prepared {
+    pub source: Client,
+    pub target: Client,
+    pub columns: Vec<RelationColumn>,
+}
 
-/// Runs the checks and creations, printing one line per step on stdout.
-pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> {
+/// Checks the source (settings, privileges, table, mapping), ensures the publication and the
+/// target tables, and says what it found or made.
+pub(crate) async fn prepare(config: &Config) -> Result<Prepared, Error> {
     let source = connect("source", &config.source).await?;
     catalog::check_wal_level(&source).await?;
     catalog::check_replication_privilege(&source).await?;
@@ -73,6 +73,20 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
         }
     );
 
+    Ok(Prepared {
+        source,
+        target,
+        columns,
+    })
+}
+
+/// Runs the checks and creations, printing one line per step on stdout.
+pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> {
+    let Prepared {
+        source,
+        target,
+        columns,
+    } = prepare(config).await?;
     let checkpoint = apply::read_checkpoint(&target, &config.slot).await?;
     match catalog::slot_info(&source, &config.slot).await? {
         Some(slot) => {
@@ -102,16 +116,26 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
                     config.slot
                 );
                 catalog::drop_slot(&source, &config.slot).await?;
-                create_slot_and_copy(config, &columns, target, options).await?;
+                create_slot_and_copy(config, &columns, target, copy_mode(options)).await?;
             }
         }
-        None => create_slot_and_copy(config, &columns, target, options).await?,
+        None => {
+            create_slot_and_copy(config, &columns, target, copy_mode(options)).await?;
+        }
     }
     println!("ready: start replication with usersync run");
     Ok(())
 }
 
-fn check_slot_fits(config: &Config, slot: &SlotInfo) -> Result<(), Error> {
+fn copy_mode(options: SetupOptions) -> CopyMode {
+    if options.snapshot {
+        CopyMode::Copy
+    } else {
+        CopyMode::Skip
+    }
+}
+
+pub(crate) fn check_slot_fits(config: &Config, slot: &SlotInfo) -> Result<(), Error> {
     if slot.plugin.as_deref() != Some("pgoutput") {
         return Err(SourceError::Definite(format!(
             "a slot named {} exists but uses {}, not pgoutput; choose another --slot",
@@ -130,78 +154,6 @@ fn check_slot_fits(config: &Config, slot: &SlotInfo) -> Result<(), Error> {
         .into());
     }
     Ok(())
-}
-
-/// Creates the slot, copies the table as of the slot's snapshot (unless told not to), and
-/// writes the checkpoint at the slot's consistent point last, in the final target transaction.
-async fn create_slot_and_copy(
-    config: &Config,
-    columns: &[RelationColumn],
-    target: Client,
-    options: SetupOptions,
-) -> Result<(), Error> {
-    let mut replication = ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
-    let identity = replication.identify_system().await?;
-    let created = replication
-        .create_logical_slot(&config.slot, options.snapshot)
-        .await?;
-    println!(
-        "replication slot {} created at {}",
-        config.slot, created.consistent_point
-    );
-    let shape = apply::check_shape(&target).await?;
-    let mut writer = TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
-    let copied_at = unix_micros_now();
-    let mut copied = 0usize;
-    if let Some(snapshot) = created.snapshot_name.filter(|_| options.snapshot) {
-        let mapping = config.mapping.bind(columns)?;
-        let reader = connect("source", &config.source).await?;
-        let mut rows = SnapshotRows::open(&reader, &config.table, columns, &snapshot).await?;
-        let started = Instant::now();
-        let mut reported = Instant::now();
-        loop {
-            let page = rows.next_page(SNAPSHOT_PAGE).await?;
-            if page.is_empty() {
-                break;
-            }
-            let mut batch = Batch::new();
-            for row in &page {
-                batch.upsert(mapping.map_row(row)?, copied_at);
-            }
-            writer.apply_without_checkpoint(&batch).await?;
-            copied += page.len();
-            if reported.elapsed() >= PROGRESS_INTERVAL {
-                reported = Instant::now();
-                println!(
-                    "initial copy: {copied} users ({:.0} users/s)",
-                    copied as f64 / started.elapsed().as_secs_f64()
-                );
-            }
-        }
-        println!(
-            "initial copy: {copied} users in {:.1}s ({:.0} users/s)",
-            started.elapsed().as_secs_f64(),
-            copied as f64 / started.elapsed().as_secs_f64().max(1e-9)
-        );
-    } else {
-        println!("initial copy skipped (--no-snapshot): only changes from now on replicate");
-    }
-    let mut done = Batch::new();
-    done.commit(CommitPosition {
-        commit_lsn: created.consistent_point,
-        end_lsn: created.consistent_point,
-        commit_time: copied_at,
-    });
-    writer.apply(&done).await?;
-    // Only now may the replication connection (and with it the snapshot) go.
-    replication.close().await;
-    Ok(())
-}
-
-fn unix_micros_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// The table's columns as a Relation message would describe them, so the mapping can be

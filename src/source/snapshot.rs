@@ -25,6 +25,7 @@ const SESSION_SETTINGS: &str = "SET DateStyle = ISO; SET TimeZone = UTC; \
 
 /// Rows of the snapshot, read page by page.
 pub struct SnapshotRows {
+    total: Option<u64>,
     stream: std::pin::Pin<Box<CopyOutStream>>,
     buf: BytesMut,
     columns: usize,
@@ -48,6 +49,12 @@ impl SnapshotRows {
             ))
             .await
             .map_err(SourceError::sql("opening the slot's snapshot"))?;
+        // An exact count in the same snapshot, for the progress bar's ETA.
+        let total = client
+            .query_one(&format!("SELECT count(*) FROM {}", table.quoted()), &[])
+            .await
+            .map_err(SourceError::sql("counting the users to copy"))?
+            .get::<_, i64>(0);
         let list = columns
             .iter()
             .map(|column| escape_identifier(&column.name))
@@ -61,11 +68,17 @@ impl SnapshotRows {
             .await
             .map_err(SourceError::sql("copying the users table"))?;
         Ok(SnapshotRows {
+            total: u64::try_from(total).ok(),
             stream: Box::pin(stream),
             buf: BytesMut::new(),
             columns: columns.len(),
             done: false,
         })
+    }
+
+    /// How many rows the snapshot holds.
+    pub fn total(&self) -> Option<u64> {
+        self.total
     }
 
     /// Up to `max` more rows; an empty page means the copy is complete.

@@ -11,4 +11,5 @@ mod errors;
 mod lag;
 mod promtool;
 mod replication;
+mod resync;
 mod snapshot;
