@@ -30,6 +30,8 @@ pub enum Command {
     /// Recreate a lost or dropped slot and copy the table again, reconciling the target:
     /// users absent from the source are soft-deleted.
     Resync(ConnectionArgs),
+    /// Apply everything pending in the slot up to the source's current position, then exit.
+    Replay(ReplayArgs),
     /// Stream changes from the slot to the target until SIGINT/SIGTERM.
     Run(RunArgs),
     /// Drop the slot and publication usersync uses, and its checkpoint on the target.
@@ -125,6 +127,21 @@ pub struct SetupArgs {
     /// Don't copy the users already in the table; replicate only changes made from now on.
     #[arg(long)]
     pub no_snapshot: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+
+    /// Print the pending changes as JSON lines (lsn, commit_time, op, id, raw_json) instead of
+    /// applying them; the slot does not advance.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Stop before the first transaction that commits at or after this position (e.g. 0/16B3748).
+    #[arg(long, value_name = "LSN")]
+    pub until_lsn: Option<crate::lsn::Lsn>,
 }
 
 /// The service's own options.

@@ -64,6 +64,10 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             };
             commands::setup::setup(&Config::from_args(&args.connection)?, options).await?
         }
+        Command::Replay(args) => {
+            let config = Config::from_args(&args.connection)?;
+            commands::replay::replay(&config, args.until_lsn, args.dry_run).await?
+        }
         Command::Resync(args) => commands::resync::resync(&Config::from_args(&args)?).await?,
         Command::Run(args) => {
             let mut config = Config::from_args(&args.connection)?;

@@ -48,6 +48,8 @@ pub const MAX_BATCH_CHANGES: usize = 10_000;
 pub const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
 /// Status updates are sent at least this often; PostgreSQL's `wal_sender_timeout` is 60 s.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// A replay polls the server's position this often while it waits for the end.
+const REPLAY_STATUS_INTERVAL: Duration = Duration::from_millis(200);
 /// How long `run` waits for a slot held by another process (often its own previous
 /// walsender, which has not noticed yet that the connection is gone).
 const SLOT_BUSY_WAIT: Duration = Duration::from_secs(15);
@@ -68,7 +70,7 @@ pub async fn run(
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
-        let result = run_session(config, &metrics, &mut shutdown).await;
+        let result = run_session(config, &metrics, &mut shutdown, Mode::Service).await;
         metrics.set_ready(false);
         metrics.set_connected(Side::Source, false);
         metrics.set_connected(Side::Target, false);
@@ -110,10 +112,36 @@ fn with_jitter(delay: Duration) -> Duration {
     delay.mul_f64(factor)
 }
 
+/// How a streaming session ends and what it does with changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Stream until stopped (`run`).
+    Service,
+    /// Apply what commits before `until`, then end (`replay`); with `dry_run`, print the
+    /// changes as JSON lines instead, and confirm nothing new.
+    Replay { until: Lsn, dry_run: bool },
+}
+
+/// One session that ends by itself when the replay position is reached (no reconnects, no
+/// heartbeats: a replay of what is pending should not itself add WAL to wait for).
+pub async fn replay(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+    until: Lsn,
+    dry_run: bool,
+) -> Result<(), Error> {
+    let mode = Mode::Replay { until, dry_run };
+    let result = run_session(config, &metrics, &mut shutdown, mode).await;
+    metrics.set_ready(false);
+    result
+}
+
 async fn run_session(
     config: &Config,
     metrics: &Arc<Metrics>,
     shutdown: &mut watch::Receiver<bool>,
+    mode: Mode,
 ) -> Result<(), Error> {
     let target = conn::sql::connect(&config.target, APPLICATION_NAME)
         .await
@@ -174,7 +202,9 @@ async fn run_session(
     metrics.set_connected(Side::Source, true);
     metrics.set_ready(true);
     // Heartbeats need logical messages, which protocol 1 servers cannot send.
-    let heartbeat = config.heartbeat_interval.filter(|_| protocol_2);
+    let heartbeat = config
+        .heartbeat_interval
+        .filter(|_| protocol_2 && mode == Mode::Service);
     let _monitor = AbortOnDrop(tokio::spawn(run_monitor(
         config.source.clone(),
         config.slot.clone(),
@@ -200,6 +230,8 @@ async fn run_session(
         batch: Batch::new(),
         batch_started: None,
         last_status: Instant::now(),
+        mode,
+        finished: false,
     };
     session.stream_until(shutdown).await?;
     session.stream.finish().await;
@@ -287,6 +319,9 @@ struct Session<'a> {
     pending_heartbeat: Option<i64>,
     /// Whether the lag is over the target (to log crossings once).
     over_target: bool,
+    mode: Mode,
+    /// A replay reached its end position.
+    finished: bool,
     stream: ReplicationStream,
     writer: TargetWriter,
     decoder: PgOutputDecoder,
@@ -308,11 +343,22 @@ struct Session<'a> {
 impl Session<'_> {
     async fn stream_until(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
         loop {
+            if self.finished {
+                if !self.batch.is_empty() {
+                    self.apply_batch().await?;
+                }
+                self.send_status(false).await?;
+                return Ok(());
+            }
             if self.batch_is_due() {
                 self.apply_batch().await?;
                 continue;
             }
-            let status_due = self.last_status + STATUS_INTERVAL;
+            let status_due = self.last_status
+                + match self.mode {
+                    Mode::Service => STATUS_INTERVAL,
+                    Mode::Replay { .. } => REPLAY_STATUS_INTERVAL,
+                };
             tokio::select! {
                 biased;
                 _ = stopped(shutdown) => {
@@ -333,7 +379,8 @@ impl Session<'_> {
                 _ = std::future::ready(()), if !self.batch.is_empty() => self.apply_batch().await?,
                 _ = tokio::time::sleep_until(status_due.into()) => {
                     self.update_current_lag();
-                    self.send_status(false).await?;
+                    // A replay asks for keepalives: their position tells it when it is done.
+                    self.send_status(matches!(self.mode, Mode::Replay { .. })).await?;
                 }
             }
         }
@@ -379,6 +426,12 @@ impl Session<'_> {
             } => {
                 self.observe_server_time(server_time_micros);
                 self.received = self.received.max(wal_end);
+                if let Mode::Replay { until, .. } = self.mode {
+                    // Everything before `until` has been sent once a keepalive is past it.
+                    if wal_end >= until && self.caught_up() {
+                        self.finished = true;
+                    }
+                }
                 if self.caught_up() {
                     self.idle_position = self.idle_position.max(wal_end);
                     if self.config.heartbeat_interval.is_none() {
@@ -432,6 +485,12 @@ impl Session<'_> {
             self.metrics.transaction_skipped();
             return Ok(());
         }
+        if let Mode::Replay { until, .. } = self.mode {
+            if transaction.commit_lsn >= until {
+                self.finished = true;
+                return Ok(());
+            }
+        }
         let mut changes = Vec::with_capacity(transaction.changes.len());
         for change in transaction.changes {
             self.map_change(change, &mut changes)?;
@@ -440,6 +499,10 @@ impl Session<'_> {
         let heartbeat = matches!(changes.last(), Some(UserChange::Heartbeat));
         if heartbeat {
             changes.pop();
+        }
+        if let Mode::Replay { dry_run: true, .. } = self.mode {
+            print_changes(&transaction_meta(&transaction.commit_lsn, at), &changes);
+            return Ok(());
         }
         if changes.is_empty() && self.batch.is_empty() {
             // Nothing for the target: no target transaction just to move the checkpoint.
@@ -617,7 +680,8 @@ impl Session<'_> {
     }
 
     async fn send_status(&mut self, reply_requested: bool) -> Result<(), Error> {
-        let flushed = if self.caught_up() {
+        let dry_run = matches!(self.mode, Mode::Replay { dry_run: true, .. });
+        let flushed = if self.caught_up() && !dry_run {
             self.confirmed.max(self.idle_position)
         } else {
             self.confirmed
@@ -633,6 +697,43 @@ impl Session<'_> {
         self.stream.send(update).await?;
         self.last_status = Instant::now();
         Ok(())
+    }
+}
+
+/// A transaction's position and time, as printed by `replay --dry-run`.
+fn transaction_meta(
+    commit_lsn: &Lsn,
+    commit_time: i64,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut meta = serde_json::Map::new();
+    meta.insert("lsn".into(), commit_lsn.to_string().into());
+    let time = chrono::DateTime::from_timestamp_micros(commit_time)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+    meta.insert("commit_time".into(), time.into());
+    meta
+}
+
+/// One JSON line per change on stdout: lsn, commit time, op, id, raw_json.
+fn print_changes(meta: &serde_json::Map<String, serde_json::Value>, changes: &[UserChange]) {
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for change in changes {
+        let mut line = meta.clone();
+        let (op, id, raw_json) = match change {
+            UserChange::Upsert { user, inserted } => (
+                if *inserted { "insert" } else { "update" },
+                Some(user.id.as_str()),
+                Some(serde_json::Value::Object(user.raw_json.clone())),
+            ),
+            UserChange::SoftDelete(id) => ("delete", Some(id.as_str()), None),
+            UserChange::SoftDeleteAll => ("truncate", None, None),
+            UserChange::Heartbeat => continue,
+        };
+        line.insert("op".into(), op.into());
+        line.insert("id".into(), id.into());
+        line.insert("raw_json".into(), raw_json.into());
+        let _ = writeln!(out, "{}", serde_json::Value::Object(line));
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod demo;
 mod initial_copy;
+pub mod replay;
 pub mod resync;
 pub mod run;
 pub mod setup;

@@ -10,6 +10,7 @@ mod crash;
 mod errors;
 mod lag;
 mod promtool;
+mod replay;
 mod replication;
 mod resync;
 mod snapshot;
