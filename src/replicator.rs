@@ -48,6 +48,8 @@ pub const MAX_BATCH_CHANGES: usize = 10_000;
 pub const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
 /// Status updates are sent at least this often; PostgreSQL's `wal_sender_timeout` is 60 s.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a standby tries to take the slot's lock.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
 /// A replay polls the server's position this often while it waits for the end.
 const REPLAY_STATUS_INTERVAL: Duration = Duration::from_millis(200);
 /// How long `run` waits for a slot held by another process (often its own previous
@@ -159,6 +161,10 @@ async fn run_session(
         ));
     }
     let shape = apply::check_shape(&target).await?;
+    if !hold_slot_lock(&target, &config.slot, shutdown).await? {
+        return Ok(());
+    }
+    // Read only now: a standby that just took over resumes where the other one stopped.
     let checkpoint = apply::read_checkpoint(&target, &config.slot).await?;
 
     let source = conn::sql::connect(&config.source, APPLICATION_NAME)
@@ -236,6 +242,46 @@ async fn run_session(
     session.stream_until(shutdown).await?;
     session.stream.finish().await;
     Ok(())
+}
+
+/// Waits until this process holds the slot's lock on the target, so that of several
+/// `usersync run` for one slot (two replicas, a second unit started by mistake) exactly one
+/// replicates and the others stand by. The lock is a session advisory lock on the connection
+/// that writes the batches: if the active process dies, its session ends, the lock is free,
+/// and a standby takes over within [`STANDBY_POLL`]. Returns false if stopped while waiting.
+async fn hold_slot_lock(
+    target: &tokio_postgres::Client,
+    slot: &str,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool, Error> {
+    let mut said = false;
+    loop {
+        let locked: bool = target
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtextextended('usersync:' || $1, 0))",
+                &[&slot],
+            )
+            .await
+            .map_err(apply::ApplyError::sql("taking the slot's lock"))?
+            .get(0);
+        if locked {
+            if said {
+                tracing::info!(slot, "took over: this process now replicates the slot");
+            }
+            return Ok(true);
+        }
+        if !said {
+            tracing::info!(
+                slot,
+                "standby: another usersync replicates this slot; waiting to take over"
+            );
+            said = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(STANDBY_POLL) => {}
+            _ = stopped(shutdown) => return Ok(false),
+        }
+    }
 }
 
 /// Fails with advice when the slot is missing or lost; waits a little while it is busy.

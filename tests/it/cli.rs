@@ -109,28 +109,61 @@ async fn teardown_needs_yes_then_drops_slot_and_publication() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_consumer_of_the_slot_is_told_the_pid() {
+async fn a_slot_held_by_another_tool_is_reported_with_its_pid() {
     let pair = Pair::new().await;
     pair.setup().await;
-    let running = pair.start();
-    pair.source
-        .batch_execute("INSERT INTO users (email) VALUES ('first@example.com')")
-        .await
-        .unwrap();
-    pair.wait_for_match().await;
-    let second = tokio::task::spawn_blocking({
-        let mut command = pair.command(&["run"]);
-        move || command.output().unwrap()
+    // Another consumer (as pg_recvlogical would be) streams from the slot.
+    let mut holder =
+        usersync::source::ReplicationConnection::connect(&pair.config.source, "other-tool")
+            .await
+            .unwrap()
+            .start_logical_replication(
+                &pair.config.slot,
+                usersync::lsn::Lsn::ZERO,
+                &[
+                    ("proto_version", "1".to_owned()),
+                    ("publication_names", "usersync".to_owned()),
+                ],
+            )
+            .await
+            .unwrap();
+    // It answers keepalives, so the server keeps it (wal_sender_timeout is short here).
+    let holder = tokio::spawn(async move {
+        use usersync::decode::{
+            decode_replication_message, encode_standby_status_update, ReplicationMessage,
+        };
+        while let Ok(Some(payload)) = holder.recv().await {
+            if let Ok(ReplicationMessage::PrimaryKeepalive { wal_end, .. }) =
+                decode_replication_message(payload)
+            {
+                let zero = usersync::lsn::Lsn::ZERO;
+                let reply = encode_standby_status_update(wal_end, zero, zero, 0, false);
+                if holder.send(reply).await.is_err() {
+                    break;
+                }
+            }
+        }
     });
-    let output = tokio::time::timeout(Duration::from_secs(60), second)
-        .await
-        .expect("the second run gives up")
+    let mut child = pair
+        .command(&["run"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let output = child.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(78), "{}", text(&output));
     assert!(
         text(&output).contains("in use by another process (source backend pid"),
         "{}",
         text(&output)
     );
-    running.stop().await;
+    holder.abort();
 }

@@ -246,6 +246,11 @@ impl Running {
             .expect("replicator stops cleanly");
     }
 
+    /// Ends it abruptly, as a crash would: its connections just drop.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+
     /// Waits for it to end by itself (an error) and returns the error.
     pub async fn failure(self) -> usersync::Error {
         match tokio::time::timeout(WAIT, self.task).await {

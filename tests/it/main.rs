@@ -8,6 +8,7 @@ mod harness;
 mod cli;
 mod crash;
 mod errors;
+mod ha;
 mod lag;
 mod promtool;
 mod replay;
