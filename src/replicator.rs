@@ -28,12 +28,12 @@ use crate::config::Config;
 use crate::conn;
 use crate::decode::{
     decode_replication_message, encode_standby_status_update, pg_micros_to_unix_micros,
-    unix_micros_to_pg_micros, Assembled, LogicalMessage, PgOutputDecoder, Relation,
+    unix_micros_to_pg_micros, Assembled, LogicalMessage, OldTuple, PgOutputDecoder, Relation,
     ReplicationMessage, Transaction, TransactionAssembler, TupleData,
 };
 use crate::error::Error;
 use crate::lsn::Lsn;
-use crate::map::{BoundMapping, MappedUser};
+use crate::map::{BoundProfile, MappedUser, Profile, RowMapper, RowOutcome};
 use crate::progress::Progress;
 use crate::source::{catalog, ReplicationConnection, ReplicationStream, SourceError};
 
@@ -130,6 +130,8 @@ async fn run_session(
         .await
         .map_err(Error::connect("source"))?;
     wait_for_slot(&source, &config.slot).await?;
+    // Facts the profile needs from the source (Keycloak: the realm's id for its name).
+    let profile = catalog::resolve_profile(&source, &config.table, &config.mapping).await?;
     drop(source);
 
     let mut replication = ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
@@ -173,6 +175,7 @@ async fn run_session(
         writer,
         decoder: PgOutputDecoder::new(),
         assembler: TransactionAssembler::new(),
+        profile,
         users_relation: None,
         skip_before: resume_at,
         confirmed: resume_at,
@@ -232,7 +235,12 @@ async fn wait_for_slot(source: &tokio_postgres::Client, slot: &str) -> Result<()
 
 /// One source change as it will reach the target.
 enum UserChange {
-    Upsert { user: MappedUser, inserted: bool },
+    /// `deleted_at`: the source keeps the row but marks the user deleted at that time.
+    Upsert {
+        user: MappedUser,
+        inserted: bool,
+        deleted_at: Option<i64>,
+    },
     SoftDelete(String),
     SoftDeleteAll,
 }
@@ -240,7 +248,7 @@ enum UserChange {
 /// The users table as the current Relation message describes it.
 struct UsersRelation {
     id: u32,
-    mapping: BoundMapping,
+    mapping: BoundProfile,
 }
 
 struct Session<'a> {
@@ -250,6 +258,8 @@ struct Session<'a> {
     writer: TargetWriter,
     decoder: PgOutputDecoder,
     assembler: TransactionAssembler,
+    /// The configured profile, completed with what the source told us.
+    profile: Profile,
     users_relation: Option<UsersRelation>,
     /// Transactions committed before this position are on the target already.
     skip_before: Lsn,
@@ -347,7 +357,7 @@ impl Session<'_> {
     fn note_relation(&mut self, relation: Relation) -> Result<(), Error> {
         let table = &self.config.table;
         if relation.namespace == table.schema && relation.name == table.name {
-            let mapping = self.config.mapping.bind(&relation.columns)?;
+            let mapping = self.profile.bind(&relation.columns)?;
             for note in mapping.notes() {
                 tracing::info!(table = %table, note = %note, "mapping");
             }
@@ -385,8 +395,15 @@ impl Session<'_> {
         }
         for change in changes {
             let counter = match change {
-                UserChange::Upsert { user, inserted } => {
-                    self.batch.upsert(user, at);
+                UserChange::Upsert {
+                    user,
+                    inserted,
+                    deleted_at,
+                } => {
+                    match deleted_at {
+                        Some(deleted_at) => self.batch.upsert_deleted(user, deleted_at, at),
+                        None => self.batch.upsert(user, at),
+                    }
                     if inserted {
                         &self.progress.inserts
                     } else {
@@ -422,31 +439,46 @@ impl Session<'_> {
         match change {
             LogicalMessage::Relation(relation) => self.note_relation(relation)?,
             LogicalMessage::Insert(insert) if Some(insert.relation_id) == users_id => {
-                let user = self.mapping()?.map_row(&insert.new)?;
-                out.push(UserChange::Upsert {
-                    user,
-                    inserted: true,
-                });
+                // A skipped new row has no user on the target to correct.
+                let outcome = self.mapping()?.map_row(&insert.new)?;
+                out.extend(upsert(outcome, true));
             }
             LogicalMessage::Update(update) if Some(update.relation_id) == users_id => {
                 let mapping = self.mapping()?;
-                let user = mapping.map_row(&update.new)?;
+                let outcome = mapping.map_row(&update.new)?;
                 let old_id = match &update.old {
                     Some(old) => Some(mapping.map_key(old_tuple(old))?),
                     None => None,
                 };
-                if let Some(old_id) = old_id.filter(|old_id| *old_id != user.id) {
+                if let Some(old_id) = old_id.filter(|old_id| old_id != outcome.id()) {
                     // The primary key changed: the old user is gone, a new one appears.
                     out.push(UserChange::SoftDelete(old_id));
                 }
-                out.push(UserChange::Upsert {
-                    user,
-                    inserted: false,
-                });
+                if let RowOutcome::Skip { id, reason } = &outcome {
+                    // The row is no longer one of ours (it became anonymous, moved to another
+                    // realm): a user replicated before must not stay live. Only a whole old
+                    // row (REPLICA IDENTITY FULL) can tell that it was skipped already.
+                    let skipped_before = match &update.old {
+                        Some(OldTuple::Full(old)) => mapping.skip_reason(old)?.is_some(),
+                        _ => false,
+                    };
+                    if !skipped_before {
+                        tracing::debug!(%reason, "an updated row is no longer replicated");
+                        out.push(UserChange::SoftDelete(id.clone()));
+                    }
+                }
+                out.extend(upsert(outcome, false));
             }
             LogicalMessage::Delete(delete) if Some(delete.relation_id) == users_id => {
-                let id = self.mapping()?.map_key(old_tuple(&delete.old))?;
-                out.push(UserChange::SoftDelete(id));
+                let mapping = self.mapping()?;
+                let id = mapping.map_key(old_tuple(&delete.old))?;
+                let skipped = match &delete.old {
+                    OldTuple::Full(old) => mapping.skip_reason(old)?.is_some(),
+                    OldTuple::Key(_) => false,
+                };
+                if !skipped {
+                    out.push(UserChange::SoftDelete(id));
+                }
             }
             LogicalMessage::Truncate(truncate)
                 if users_id.is_some_and(|id| truncate.relation_ids.contains(&id)) =>
@@ -458,10 +490,10 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn mapping(&self) -> Result<&BoundMapping, Error> {
+    fn mapping(&self) -> Result<&dyn RowMapper, Error> {
         self.users_relation
             .as_ref()
-            .map(|users| &users.mapping)
+            .map(|users| users.mapping.as_ref())
             .ok_or_else(|| Error::Config("a change arrived before its relation".into()))
     }
 
@@ -507,9 +539,26 @@ impl Session<'_> {
     }
 }
 
-fn old_tuple(old: &crate::decode::OldTuple) -> &TupleData {
+fn old_tuple(old: &OldTuple) -> &TupleData {
     match old {
-        crate::decode::OldTuple::Key(tuple) | crate::decode::OldTuple::Full(tuple) => tuple,
+        OldTuple::Key(tuple) | OldTuple::Full(tuple) => tuple,
+    }
+}
+
+/// The upsert a mapped row asks for, if any.
+fn upsert(outcome: RowOutcome, inserted: bool) -> Option<UserChange> {
+    match outcome {
+        RowOutcome::User(user) => Some(UserChange::Upsert {
+            user,
+            inserted,
+            deleted_at: None,
+        }),
+        RowOutcome::Deleted { user, at } => Some(UserChange::Upsert {
+            user,
+            inserted,
+            deleted_at: Some(at),
+        }),
+        RowOutcome::Skip { .. } => None,
     }
 }
 

@@ -59,7 +59,7 @@ pub async fn demo(args: &DemoArgs) -> Result<(), Error> {
         table: "public.users".parse::<TableName>()?,
         slot: "usersync".into(),
         publication: "usersync".into(),
-        mapping: GenericMapping::default(),
+        mapping: GenericMapping::default().into(),
         lag_target,
     };
     println!(

@@ -8,6 +8,7 @@ use crate::apply::{self, schema::Created};
 use crate::config::{Config, TableName};
 use crate::decode::RelationColumn;
 use crate::error::Error;
+use crate::map::MappingPlan;
 use crate::replicator::APPLICATION_NAME;
 use crate::source::{catalog, ReplicationConnection, SourceError};
 
@@ -17,24 +18,19 @@ pub async fn setup(config: &Config) -> Result<(), Error> {
     catalog::check_wal_level(&source).await?;
     catalog::check_replication_privilege(&source).await?;
     catalog::check_table(&source, &config.table).await?;
+    let profile = catalog::resolve_profile(&source, &config.table, &config.mapping).await?;
     let columns = table_columns(&source, &config.table).await?;
-    let mapping = config.mapping.bind(&columns)?;
+    let mapping = profile.bind(&columns)?;
     for note in mapping.notes() {
         println!("mapping note: {note}");
     }
     println!(
-        "source table {}: {} columns; mapping: id <- {}, primary_email <- {}, display_name <- {}, signed_up_at_millis <- {}",
+        "source table {}: {} columns, profile {}; raw_json will be:",
         config.table,
         columns.len(),
-        config.mapping.id_column,
-        config.mapping.email_column.as_deref().unwrap_or("(none)"),
-        config
-            .mapping
-            .display_name_column
-            .as_deref()
-            .unwrap_or("display_name or name"),
-        config.mapping.signed_up_at_column.as_deref().unwrap_or("(none)"),
+        profile.name()
     );
+    print!("{}", describe(&mapping.plan()));
     println!(
         "{}",
         catalog::ensure_publication(&source, &config.publication, &config.table).await?
@@ -110,8 +106,36 @@ pub async fn setup(config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
+/// The mapping as lines for people: one per Stack Auth key, then what else happens.
+fn describe(plan: &MappingPlan) -> String {
+    let width = plan
+        .keys
+        .iter()
+        .map(|(key, _)| key.len())
+        .max()
+        .unwrap_or(0);
+    let mut text = String::new();
+    for (key, source) in &plan.keys {
+        text.push_str(&format!("  {key:<width$} <- {source}\n"));
+    }
+    let list = |names: &[String]| {
+        if names.is_empty() {
+            "(none)".to_owned()
+        } else {
+            names.join(", ")
+        }
+    };
+    text.push_str(&format!("  passed through: {}\n", list(&plan.passthrough)));
+    text.push_str(&format!("  never copied: {}\n", list(&plan.excluded)));
+    for rule in &plan.rules {
+        text.push_str(&format!("  rows: {rule}\n"));
+    }
+    text
+}
+
 /// The table's columns as a Relation message would describe them, so the mapping can be
-/// checked before any change streams.
+/// checked before any change streams. Generated columns are left out, as pgoutput leaves
+/// them out of its Relation messages.
 pub async fn table_columns(
     source: &Client,
     table: &TableName,
@@ -133,7 +157,7 @@ pub async fn table_columns(
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_attribute a ON a.attrelid = c.oid
               WHERE n.nspname = $1 AND c.relname = $2
-                AND a.attnum > 0 AND NOT a.attisdropped
+                AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
               ORDER BY a.attnum",
             &[&table.schema, &table.name],
         )
