@@ -184,10 +184,12 @@ impl BoundKeycloak {
         Ok(None)
     }
 
-    /// `first_name last_name` (either may be missing), else `username`; `None` when a part
-    /// is unchanged TOAST. That needs a value of more than 2 kB, which `varchar(255)` holds
-    /// only in 4-byte characters; the target then keeps its display name, which the
-    /// unchanged parts still match unless a part that did arrive changed with them.
+    /// `first_name last_name` (either may be missing), else `username`; `None` (the target
+    /// keeps its display name) when a part is unchanged TOAST. A part goes out of line only
+    /// when the row outgrows 2 kB, which `varchar(255)` names reach only in 4-byte
+    /// characters; should the other part change in that same update, the kept display name
+    /// lags until an update sends both parts. The mapper cannot do better without the
+    /// target's row, and apply keeps whole keys, not their ingredients.
     fn display_name(&self, values: &[ColumnValue]) -> Result<Option<Value>, MapError> {
         let mut parts = Vec::with_capacity(2);
         for column in [&self.first_name, &self.last_name] {
