@@ -24,10 +24,16 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create (or find) the publication, the slot and the target tables; idempotent.
-    Setup(ConnectionArgs),
+    /// Create (or find) the publication, the slot and the target tables, and copy the users
+    /// already in the table; idempotent.
+    Setup(SetupArgs),
+    /// Recreate a lost or dropped slot and copy the table again, reconciling the target:
+    /// users absent from the source are soft-deleted.
+    Resync(ConnectionArgs),
+    /// Apply everything pending in the slot up to the source's current position, then exit.
+    Replay(ReplayArgs),
     /// Stream changes from the slot to the target until SIGINT/SIGTERM.
-    Run(ConnectionArgs),
+    Run(RunArgs),
     /// Drop the slot and publication usersync uses, and its checkpoint on the target.
     Teardown {
         #[command(flatten)]
@@ -115,6 +121,57 @@ pub struct ConnectionArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct SetupArgs {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+
+    /// Don't copy the users already in the table; replicate only changes made from now on.
+    #[arg(long)]
+    pub no_snapshot: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+
+    /// Print the pending changes as JSON lines (lsn, commit_time, op, id, raw_json) instead of
+    /// applying them; the slot does not advance.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Stop before the first transaction that commits at or after this position (e.g. 0/16B3748).
+    #[arg(long, value_name = "LSN")]
+    pub until_lsn: Option<crate::lsn::Lsn>,
+}
+
+/// The service's own options.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "USERSYNC_METRICS_ADDR",
+        default_value = "127.0.0.1:9753",
+        value_name = "ADDR"
+    )]
+    pub metrics_addr: std::net::SocketAddr,
+
+    /// How often to write a heartbeat on the source (pg_logical_emit_message), which measures
+    /// lag while idle and keeps the slot advancing; `off` disables it.
+    #[arg(
+        long,
+        env = "USERSYNC_HEARTBEAT_INTERVAL",
+        default_value = "1s",
+        value_name = "DURATION"
+    )]
+    pub heartbeat_interval: String,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
     /// Stop by itself after this long (e.g. 60s); by default it runs until Ctrl-C.
     #[arg(long, value_name = "DURATION")]
@@ -127,4 +184,8 @@ pub struct DemoArgs {
     /// Lag target that lag is reported against.
     #[arg(long, default_value = "1s", value_name = "DURATION")]
     pub lag_target: String,
+
+    /// Serve /metrics, /healthz and /readyz here while the demo runs (e.g. 127.0.0.1:9753).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }

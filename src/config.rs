@@ -24,7 +24,12 @@ pub struct Config {
     /// The identity-store profile and its options: how rows become users.
     pub mapping: Profile,
     pub lag_target: Duration,
+    /// How often `run` writes a heartbeat on the source; `None` turns heartbeats off.
+    pub heartbeat_interval: Option<Duration>,
 }
+
+/// The heartbeat interval unless `--heartbeat-interval` says otherwise.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A schema-qualified table name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +99,7 @@ impl Config {
             publication: args.publication.clone(),
             mapping,
             lag_target: parse_duration(&args.lag_target)?,
+            heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
         })
     }
 }
@@ -210,6 +216,15 @@ fn validate_slot_name(slot: &str) -> Result<(), Error> {
     }
 }
 
+/// `0s` or `off` turns heartbeats off; anything else is a duration.
+pub fn parse_heartbeat_interval(text: &str) -> Result<Option<Duration>, Error> {
+    if text == "off" {
+        return Ok(None);
+    }
+    let interval = parse_duration(text)?;
+    Ok(Some(interval).filter(|interval| !interval.is_zero()))
+}
+
 /// Parses `1s`, `500ms`, `2m`, `1h`, `1.5s`.
 pub fn parse_duration(text: &str) -> Result<Duration, Error> {
     let invalid = || {
@@ -270,9 +285,9 @@ mod tests {
         let argv = ["usersync", "setup"].iter().chain(args);
         match crate::cli::Cli::try_parse_from(argv).expect("arguments parse") {
             crate::cli::Cli {
-                command: crate::cli::Command::Setup(connection),
+                command: crate::cli::Command::Setup(setup),
                 ..
-            } => profile_from_args(&connection),
+            } => profile_from_args(&setup.connection),
             other => panic!("parsed as {other:?}"),
         }
     }

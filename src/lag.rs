@@ -93,3 +93,74 @@ mod tests {
         assert_eq!(window.summary(later, Duration::from_secs(1)), None);
     }
 }
+
+/// This host's clock in microseconds since the Unix epoch (the unit of source commit times).
+pub fn unix_micros_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Estimates the source server's clock minus this host's clock.
+///
+/// Commit times come from the source's clock, apply times from ours; a skew between them
+/// would show up as lag (or negative lag). Every message from the walsender carries the
+/// server's send time; `send time − receive time` is the offset minus the network delay, so
+/// the largest recent sample (the one with the least delay) is the best estimate.
+#[derive(Debug, Default)]
+pub struct ClockOffset {
+    samples: VecDeque<i64>,
+}
+
+/// Samples kept: at one per message, a few seconds of traffic under load, minutes of
+/// keepalives when idle.
+const CLOCK_SAMPLES: usize = 256;
+
+impl ClockOffset {
+    /// Adds one sample: the server's send time and our receive time, in Unix microseconds.
+    pub fn observe(&mut self, server_unix_micros: i64, local_unix_micros: i64) {
+        if self.samples.len() == CLOCK_SAMPLES {
+            self.samples.pop_front();
+        }
+        self.samples
+            .push_back(server_unix_micros.saturating_sub(local_unix_micros));
+    }
+
+    /// The estimate in microseconds (0 before any sample).
+    pub fn micros(&self) -> i64 {
+        self.samples.iter().copied().max().unwrap_or(0)
+    }
+
+    /// The lag of a source commit applied at `local_unix_micros`, corrected for the offset.
+    pub fn lag(&self, commit_unix_micros: i64, local_unix_micros: i64) -> Duration {
+        let lag = local_unix_micros
+            .saturating_sub(commit_unix_micros)
+            .saturating_add(self.micros());
+        Duration::from_micros(lag.max(0) as u64)
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+
+    #[test]
+    fn the_least_delayed_sample_wins() {
+        let mut clock = ClockOffset::default();
+        // Source 5 s ahead; delays of 3 ms, 1 ms, 8 ms.
+        for (sent, received) in [
+            (5_000_000, 3_000),
+            (6_000_000, 1_001_000),
+            (7_000_000, 2_008_000),
+        ] {
+            clock.observe(sent, received);
+        }
+        assert_eq!(clock.micros(), 4_999_000);
+        // A commit at source time 10 s applied at local 5.02 s: 21 ms late (1 ms of it skew error).
+        assert_eq!(
+            clock.lag(10_000_000, 5_020_000),
+            Duration::from_micros(19_000)
+        );
+        assert_eq!(ClockOffset::default().lag(10, 5), Duration::ZERO);
+    }
+}

@@ -17,7 +17,7 @@
 //! - [`map`]: a source row → the Stack Auth-shaped `raw_json` of a user.
 //! - [`apply`]: batches → SQL on the target, checkpoint in the same transaction.
 //! - [`replicator`]: the service loop tying them together, with reconnects.
-//! - [`lag`], [`progress`]: what was applied and how late.
+//! - [`lag`], [`metrics`], [`http`]: how late, what was applied, and `/metrics`.
 //! - [`conn`]: libpq-style URLs, TLS, ordinary SQL connections.
 //! - [`commands`]: one module per subcommand; [`cli`] and [`config`] parse and validate.
 //! - [`localpg`]: throwaway local PostgreSQL servers for `demo` and the tests.
@@ -29,11 +29,12 @@ pub mod config;
 pub mod conn;
 pub mod decode;
 pub mod error;
+pub mod http;
 pub mod lag;
 pub mod localpg;
 pub mod lsn;
 pub mod map;
-pub mod progress;
+pub mod metrics;
 pub mod replicator;
 pub mod source;
 

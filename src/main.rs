@@ -9,7 +9,8 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use usersync::cli::{Cli, Command, LogFormat};
 use usersync::commands;
-use usersync::config::Config;
+use usersync::commands::setup::SetupOptions;
+use usersync::config::{parse_heartbeat_interval, Config};
 use usersync::error::{Error, EXIT_FAILURE};
 
 /// Exit code for usage errors, as clap uses.
@@ -57,8 +58,22 @@ impl From<Error> for Failure {
 
 async fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Setup(args) => commands::setup::setup(&Config::from_args(&args)?).await?,
-        Command::Run(args) => commands::run::run(&Config::from_args(&args)?).await?,
+        Command::Setup(args) => {
+            let options = SetupOptions {
+                snapshot: !args.no_snapshot,
+            };
+            commands::setup::setup(&Config::from_args(&args.connection)?, options).await?
+        }
+        Command::Replay(args) => {
+            let config = Config::from_args(&args.connection)?;
+            commands::replay::replay(&config, args.until_lsn, args.dry_run).await?
+        }
+        Command::Resync(args) => commands::resync::resync(&Config::from_args(&args)?).await?,
+        Command::Run(args) => {
+            let mut config = Config::from_args(&args.connection)?;
+            config.heartbeat_interval = parse_heartbeat_interval(&args.heartbeat_interval)?;
+            commands::run::run(&config, args.metrics_addr).await?
+        }
         Command::Teardown { connection, yes } => {
             let config = Config::from_args(&connection)?;
             if !yes {

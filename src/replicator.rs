@@ -32,9 +32,11 @@ use crate::decode::{
     ReplicationMessage, Transaction, TransactionAssembler, TupleData,
 };
 use crate::error::Error;
+use crate::lag::{unix_micros_now, ClockOffset};
 use crate::lsn::Lsn;
 use crate::map::{BoundProfile, MappedUser, Profile, RowMapper, RowOutcome};
-use crate::progress::Progress;
+use crate::metrics::{Metrics, Op, Side};
+use crate::source::monitor::{heartbeat_prefix, run_monitor};
 use crate::source::{catalog, ReplicationConnection, ReplicationStream, SourceError};
 
 /// Name shown in `pg_stat_activity` and `pg_stat_replication`.
@@ -46,6 +48,8 @@ pub const MAX_BATCH_CHANGES: usize = 10_000;
 pub const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
 /// Status updates are sent at least this often; PostgreSQL's `wal_sender_timeout` is 60 s.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// A replay polls the server's position this often while it waits for the end.
+const REPLAY_STATUS_INTERVAL: Duration = Duration::from_millis(200);
 /// How long `run` waits for a slot held by another process (often its own previous
 /// walsender, which has not noticed yet that the connection is gone).
 const SLOT_BUSY_WAIT: Duration = Duration::from_secs(15);
@@ -53,22 +57,26 @@ const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A session that ran this long counts as healthy: the next failure starts backoff afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(60);
-/// PostgreSQL 14 brought pgoutput protocol 2 (streaming of large in-progress transactions).
+/// PostgreSQL 14 brought pgoutput protocol 2 (streaming of large in-progress transactions)
+/// and the `messages` option (logical messages, which carry the heartbeats).
 const PROTOCOL_2_MIN_VERSION: u32 = 140_000;
 
 /// Streams until `shutdown` turns true, reconnecting after transient failures.
 pub async fn run(
     config: &Config,
-    progress: Arc<Progress>,
+    metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
-        let result = run_session(config, &progress, &mut shutdown).await;
-        progress
-            .streaming
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let result = run_session(config, &metrics, &mut shutdown, Mode::Service).await;
+        metrics.set_ready(false);
+        metrics.set_connected(Side::Source, false);
+        metrics.set_connected(Side::Target, false);
+        if let Err(error) = &result {
+            metrics.session_error(error.is_transient());
+        }
         match result {
             Ok(()) => return Ok(()),
             Err(error) if error.is_transient() => {
@@ -77,7 +85,7 @@ pub async fn run(
                 }
                 let delay = with_jitter(backoff);
                 backoff = (backoff * 2).min(BACKOFF_MAX);
-                Progress::add(&progress.reconnects, 1);
+                metrics.reconnected();
                 tracing::warn!(error = %crate::error::report(&error), retry_in_ms = delay.as_millis() as u64, "replication interrupted; reconnecting");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -104,14 +112,41 @@ fn with_jitter(delay: Duration) -> Duration {
     delay.mul_f64(factor)
 }
 
+/// How a streaming session ends and what it does with changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Stream until stopped (`run`).
+    Service,
+    /// Apply what commits before `until`, then end (`replay`); with `dry_run`, print the
+    /// changes as JSON lines instead, and confirm nothing new.
+    Replay { until: Lsn, dry_run: bool },
+}
+
+/// One session that ends by itself when the replay position is reached (no reconnects, no
+/// heartbeats: a replay of what is pending should not itself add WAL to wait for).
+pub async fn replay(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+    until: Lsn,
+    dry_run: bool,
+) -> Result<(), Error> {
+    let mode = Mode::Replay { until, dry_run };
+    let result = run_session(config, &metrics, &mut shutdown, mode).await;
+    metrics.set_ready(false);
+    result
+}
+
 async fn run_session(
     config: &Config,
-    progress: &Arc<Progress>,
+    metrics: &Arc<Metrics>,
     shutdown: &mut watch::Receiver<bool>,
+    mode: Mode,
 ) -> Result<(), Error> {
     let target = conn::sql::connect(&config.target, APPLICATION_NAME)
         .await
         .map_err(Error::connect("target"))?;
+    metrics.set_connected(Side::Target, true);
     let exists: bool = target
         .query_one("SELECT to_regclass('neon_auth.users_sync') IS NOT NULL AND to_regclass('usersync.state') IS NOT NULL", &[])
         .await
@@ -160,17 +195,31 @@ async fn run_session(
     ];
     if protocol_2 {
         options.push(("streaming", "on".to_owned()));
+        options.push(("messages", "true".to_owned()));
     }
     let stream = replication
         .start_logical_replication(&config.slot, resume_at, &options)
         .await?;
     tracing::info!(slot = %config.slot, resume_at = %resume_at, system = %identity.system_id, "streaming");
-    progress
-        .streaming
-        .store(true, std::sync::atomic::Ordering::Relaxed);
+    metrics.set_connected(Side::Source, true);
+    metrics.set_ready(true);
+    // Heartbeats need logical messages, which protocol 1 servers cannot send.
+    let heartbeat = config
+        .heartbeat_interval
+        .filter(|_| protocol_2 && mode == Mode::Service);
+    let _monitor = AbortOnDrop(tokio::spawn(run_monitor(
+        config.source.clone(),
+        config.slot.clone(),
+        heartbeat,
+        Arc::clone(metrics),
+    )));
     let mut session = Session {
         config,
-        progress,
+        metrics,
+        heartbeat_prefix: heartbeat_prefix(&config.slot),
+        clock: ClockOffset::default(),
+        pending_heartbeat: None,
+        over_target: false,
         stream,
         writer,
         decoder: PgOutputDecoder::new(),
@@ -184,6 +233,8 @@ async fn run_session(
         batch: Batch::new(),
         batch_started: None,
         last_status: Instant::now(),
+        mode,
+        finished: false,
     };
     session.stream_until(shutdown).await?;
     session.stream.finish().await;
@@ -196,15 +247,17 @@ async fn wait_for_slot(source: &tokio_postgres::Client, slot: &str) -> Result<()
     loop {
         let Some(info) = catalog::slot_info(source, slot).await? else {
             return Err(SourceError::Definite(format!(
-                "replication slot {slot} does not exist on the source: run usersync setup \
-                 (if it existed before, changes made since it was dropped are not on the target)"
+                "replication slot {slot} does not exist on the source: run usersync setup for \
+                 a first start, or usersync resync if it existed before (changes made since it \
+                 was dropped never reached the target; resync copies the table again)"
             ))
             .into());
         };
         if info.wal_status.as_deref() == Some("lost") {
             return Err(SourceError::Definite(format!(
                 "replication slot {slot} has lost WAL it still needed (wal_status = lost), so \
-                 changes are missing from it: drop it with usersync teardown --yes and set up again"
+                 changes are missing from it: run usersync resync to recreate it and copy the \
+                 table again"
             ))
             .into());
         }
@@ -243,6 +296,8 @@ enum UserChange {
     },
     SoftDelete(String),
     SoftDeleteAll,
+    /// This replicator's heartbeat message (never reaches the target).
+    Heartbeat,
 }
 
 /// The users table as the current Relation message describes it.
@@ -251,9 +306,27 @@ struct UsersRelation {
     mapping: BoundProfile,
 }
 
+/// Ends a background task when its owner goes away, on every path.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct Session<'a> {
     config: &'a Config,
-    progress: &'a Arc<Progress>,
+    metrics: &'a Arc<Metrics>,
+    heartbeat_prefix: String,
+    clock: ClockOffset,
+    /// Commit time of a heartbeat waiting behind the open batch.
+    pending_heartbeat: Option<i64>,
+    /// Whether the lag is over the target (to log crossings once).
+    over_target: bool,
+    mode: Mode,
+    /// A replay reached its end position.
+    finished: bool,
     stream: ReplicationStream,
     writer: TargetWriter,
     decoder: PgOutputDecoder,
@@ -277,11 +350,22 @@ struct Session<'a> {
 impl Session<'_> {
     async fn stream_until(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
         loop {
+            if self.finished {
+                if !self.batch.is_empty() {
+                    self.apply_batch().await?;
+                }
+                self.send_status(false).await?;
+                return Ok(());
+            }
             if self.batch_is_due() {
                 self.apply_batch().await?;
                 continue;
             }
-            let status_due = self.last_status + STATUS_INTERVAL;
+            let status_due = self.last_status
+                + match self.mode {
+                    Mode::Service => STATUS_INTERVAL,
+                    Mode::Replay { .. } => REPLAY_STATUS_INTERVAL,
+                };
             tokio::select! {
                 biased;
                 _ = stopped(shutdown) => {
@@ -300,7 +384,11 @@ impl Session<'_> {
                 },
                 // Nothing more is readable right now: apply what we have.
                 _ = std::future::ready(()), if !self.batch.is_empty() => self.apply_batch().await?,
-                _ = tokio::time::sleep_until(status_due.into()) => self.send_status(false).await?,
+                _ = tokio::time::sleep_until(status_due.into()) => {
+                    self.update_current_lag();
+                    // A replay asks for keepalives: their position tells it when it is done.
+                    self.send_status(matches!(self.mode, Mode::Replay { .. })).await?;
+                }
             }
         }
     }
@@ -314,7 +402,13 @@ impl Session<'_> {
 
     async fn handle(&mut self, payload: Bytes) -> Result<(), Error> {
         match decode_replication_message(payload)? {
-            ReplicationMessage::XLogData { wal_end, data, .. } => {
+            ReplicationMessage::XLogData {
+                wal_end,
+                data,
+                server_time_micros,
+                ..
+            } => {
+                self.observe_server_time(server_time_micros);
                 self.received = self.received.max(wal_end);
                 let message = self.decoder.decode(data)?;
                 match self.assembler.push(message)? {
@@ -335,11 +429,26 @@ impl Session<'_> {
             ReplicationMessage::PrimaryKeepalive {
                 wal_end,
                 reply_requested,
-                ..
+                server_time_micros,
             } => {
+                self.observe_server_time(server_time_micros);
                 self.received = self.received.max(wal_end);
+                if let Mode::Replay { until, .. } = self.mode {
+                    // Everything before `until` has been sent once a keepalive is past it.
+                    if wal_end >= until && self.caught_up() {
+                        self.finished = true;
+                    }
+                }
                 if self.caught_up() {
                     self.idle_position = self.idle_position.max(wal_end);
+                    if self.config.heartbeat_interval.is_none() {
+                        // No heartbeats: a keepalive while caught up is the best idle estimate.
+                        let lag = self.clock.lag(
+                            pg_micros_to_unix_micros(server_time_micros),
+                            unix_micros_now(),
+                        );
+                        self.metrics.set_current_lag(lag);
+                    }
                 }
                 if reply_requested {
                     self.send_status(false).await?;
@@ -380,21 +489,41 @@ impl Session<'_> {
     /// mapped fails the transaction before any of it reaches the batch.
     fn add_transaction(&mut self, transaction: Transaction) -> Result<(), Error> {
         if transaction.commit_lsn < self.skip_before {
-            Progress::add(&self.progress.skipped_transactions, 1);
+            self.metrics.transaction_skipped();
             return Ok(());
+        }
+        if let Mode::Replay { until, .. } = self.mode {
+            if transaction.commit_lsn >= until {
+                self.finished = true;
+                return Ok(());
+            }
         }
         let mut changes = Vec::with_capacity(transaction.changes.len());
         for change in transaction.changes {
             self.map_change(change, &mut changes)?;
         }
         let at = pg_micros_to_unix_micros(transaction.commit_time_micros);
+        let heartbeat = matches!(changes.last(), Some(UserChange::Heartbeat));
+        if heartbeat {
+            changes.pop();
+        }
+        if let Mode::Replay { dry_run: true, .. } = self.mode {
+            print_changes(&transaction_meta(&transaction.commit_lsn, at), &changes);
+            return Ok(());
+        }
         if changes.is_empty() && self.batch.is_empty() {
             // Nothing for the target: no target transaction just to move the checkpoint.
             self.idle_position = self.idle_position.max(transaction.end_lsn);
+            if heartbeat {
+                self.heartbeat_arrived(at);
+            }
             return Ok(());
         }
+        if heartbeat {
+            self.pending_heartbeat = Some(at);
+        }
         for change in changes {
-            let counter = match change {
+            let op = match change {
                 UserChange::Upsert {
                     user,
                     inserted,
@@ -405,21 +534,22 @@ impl Session<'_> {
                         None => self.batch.upsert(user, at),
                     }
                     if inserted {
-                        &self.progress.inserts
+                        Op::Insert
                     } else {
-                        &self.progress.updates
+                        Op::Update
                     }
                 }
                 UserChange::SoftDelete(id) => {
                     self.batch.soft_delete(id, at);
-                    &self.progress.deletes
+                    Op::Delete
                 }
                 UserChange::SoftDeleteAll => {
                     self.batch.soft_delete_all(at);
-                    &self.progress.truncates
+                    Op::Truncate
                 }
+                UserChange::Heartbeat => continue,
             };
-            Progress::add(counter, 1);
+            self.metrics.add_changes(op, 1);
         }
         self.batch.commit(CommitPosition {
             commit_lsn: transaction.commit_lsn,
@@ -485,6 +615,9 @@ impl Session<'_> {
             {
                 out.push(UserChange::SoftDeleteAll);
             }
+            LogicalMessage::Message(message) if message.prefix == self.heartbeat_prefix => {
+                out.push(UserChange::Heartbeat);
+            }
             _ => {}
         }
         Ok(())
@@ -500,16 +633,24 @@ impl Session<'_> {
     async fn apply_batch(&mut self) -> Result<(), Error> {
         let batch = std::mem::take(&mut self.batch);
         self.batch_started = None;
+        let started = Instant::now();
         let position = self.writer.apply(&batch).await?;
         let applied_at = Instant::now();
         let applied_unix = unix_micros_now();
+        let mut last_lag = Duration::ZERO;
         for commit_time in batch.commit_times() {
-            let lag =
-                Duration::from_micros(applied_unix.saturating_sub(*commit_time).max(0) as u64);
-            self.progress.lag.record(applied_at, lag);
+            last_lag = self.clock.lag(*commit_time, applied_unix);
+            self.metrics.observe_lag(applied_at, last_lag);
         }
-        Progress::add(&self.progress.transactions, batch.transactions() as u64);
-        Progress::add(&self.progress.batches, 1);
+        self.metrics.set_current_lag(last_lag);
+        self.note_lag(last_lag);
+        self.metrics
+            .batch_applied(batch.transactions(), batch.changes(), applied_at - started);
+        self.metrics
+            .set_checkpoint(position.end_lsn, position.commit_time);
+        if let Some(heartbeat) = self.pending_heartbeat.take() {
+            self.heartbeat_arrived(heartbeat);
+        }
         debug_assert!(
             position.end_lsn >= self.confirmed,
             "the checkpoint only moves forward"
@@ -519,8 +660,57 @@ impl Session<'_> {
         self.send_status(false).await
     }
 
+    fn observe_server_time(&mut self, server_time_micros: i64) {
+        self.clock.observe(
+            pg_micros_to_unix_micros(server_time_micros),
+            unix_micros_now(),
+        );
+        self.metrics
+            .set_clock_offset(self.clock.micros() as f64 / 1_000_000.0);
+    }
+
+    /// A heartbeat committed at `commit_time` has come through the whole pipeline.
+    fn heartbeat_arrived(&mut self, commit_time: i64) {
+        let lag = self.clock.lag(commit_time, unix_micros_now());
+        self.metrics.set_heartbeat_lag(lag);
+        if self.caught_up() {
+            self.metrics.set_current_lag(lag);
+            self.note_lag(lag);
+        }
+    }
+
+    /// While work waits, the current lag is the age of the oldest waiting commit.
+    fn update_current_lag(&mut self) {
+        if let Some(oldest) = self.batch.commit_times().first() {
+            let lag = self.clock.lag(*oldest, unix_micros_now());
+            self.metrics.set_current_lag(lag);
+            self.note_lag(lag);
+        }
+    }
+
+    /// Logs when the lag crosses the target, once each way.
+    fn note_lag(&mut self, lag: Duration) {
+        let target = self.metrics.lag_target();
+        let over = lag > target;
+        if over && !self.over_target {
+            tracing::warn!(
+                lag_ms = lag.as_millis() as u64,
+                target_ms = target.as_millis() as u64,
+                "lag is over the target"
+            );
+        } else if !over && self.over_target {
+            tracing::info!(
+                lag_ms = lag.as_millis() as u64,
+                target_ms = target.as_millis() as u64,
+                "lag is back under the target"
+            );
+        }
+        self.over_target = over;
+    }
+
     async fn send_status(&mut self, reply_requested: bool) -> Result<(), Error> {
-        let flushed = if self.caught_up() {
+        let dry_run = matches!(self.mode, Mode::Replay { dry_run: true, .. });
+        let flushed = if self.caught_up() && !dry_run {
             self.confirmed.max(self.idle_position)
         } else {
             self.confirmed
@@ -536,6 +726,55 @@ impl Session<'_> {
         self.stream.send(update).await?;
         self.last_status = Instant::now();
         Ok(())
+    }
+}
+
+/// A transaction's position and time, as printed by `replay --dry-run`.
+fn transaction_meta(
+    commit_lsn: &Lsn,
+    commit_time: i64,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut meta = serde_json::Map::new();
+    meta.insert("lsn".into(), commit_lsn.to_string().into());
+    let time = chrono::DateTime::from_timestamp_micros(commit_time)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+    meta.insert("commit_time".into(), time.into());
+    meta
+}
+
+/// One JSON line per change on stdout: lsn, commit time, op, id, raw_json.
+fn print_changes(meta: &serde_json::Map<String, serde_json::Value>, changes: &[UserChange]) {
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for change in changes {
+        let mut line = meta.clone();
+        let (op, id, raw_json) = match change {
+            UserChange::Upsert {
+                user,
+                inserted,
+                deleted_at,
+            } => {
+                if let Some(deleted_at) = deleted_at {
+                    // The source keeps the row but marks the user deleted.
+                    let time = chrono::DateTime::from_timestamp_micros(*deleted_at)
+                        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+                    line.insert("deleted_at".into(), time.into());
+                }
+                (
+                    if *inserted { "insert" } else { "update" },
+                    Some(user.id.as_str()),
+                    Some(serde_json::Value::Object(user.raw_json.clone())),
+                )
+            }
+            UserChange::SoftDelete(id) => ("delete", Some(id.as_str()), None),
+            UserChange::SoftDeleteAll => ("truncate", None, None),
+            UserChange::Heartbeat => continue,
+        };
+        line.insert("op".into(), op.into());
+        line.insert("id".into(), id.into());
+        line.insert("raw_json".into(), raw_json.into());
+        let _ = writeln!(out, "{}", serde_json::Value::Object(line));
     }
 }
 
@@ -560,10 +799,4 @@ fn upsert(outcome: RowOutcome, inserted: bool) -> Option<UserChange> {
         }),
         RowOutcome::Skip { .. } => None,
     }
-}
-
-fn unix_micros_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
 }

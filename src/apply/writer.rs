@@ -200,6 +200,21 @@ impl TargetWriter {
     /// Applies the batch and its checkpoint atomically; returns the durable position.
     pub async fn apply(&mut self, batch: &Batch) -> Result<CommitPosition, ApplyError> {
         let position = batch.last_commit().ok_or(ApplyError::EmptyBatch)?;
+        self.apply_inner(batch, Some(position)).await?;
+        Ok(position)
+    }
+
+    /// Applies users that belong to no source transaction (a page of the initial snapshot):
+    /// the checkpoint is written only once the whole snapshot is on the target.
+    pub async fn apply_without_checkpoint(&mut self, batch: &Batch) -> Result<(), ApplyError> {
+        self.apply_inner(batch, None).await
+    }
+
+    async fn apply_inner(
+        &mut self,
+        batch: &Batch,
+        position: Option<CommitPosition>,
+    ) -> Result<(), ApplyError> {
         let transaction = self
             .client
             .transaction()
@@ -238,31 +253,51 @@ impl TargetWriter {
                 }
             }
         }
-        let written = transaction
-            .execute(
+        if let Some(position) = position {
+            write_checkpoint(
+                &transaction,
                 &self.statements.checkpoint,
-                &[
-                    &self.slot,
-                    &self.system_id,
-                    &position.commit_lsn.to_string(),
-                    &position.end_lsn.to_string(),
-                    &timestamp(position.commit_time),
-                ],
+                &self.slot,
+                &self.system_id,
+                position,
             )
-            .await
-            .map_err(ApplyError::sql("writing the checkpoint"))?;
-        if written != 1 {
-            return Err(ApplyError::CheckpointRefused {
-                slot: self.slot.clone(),
-                end_lsn: position.end_lsn,
-            });
+            .await?;
         }
         transaction
             .commit()
             .await
-            .map_err(ApplyError::sql("committing the target transaction"))?;
-        Ok(position)
+            .map_err(ApplyError::sql("committing the target transaction"))
     }
+}
+
+/// Writes the checkpoint inside the batch's transaction; refuses to move it back.
+async fn write_checkpoint(
+    transaction: &tokio_postgres::Transaction<'_>,
+    statement: &Statement,
+    slot: &str,
+    system_id: &str,
+    position: CommitPosition,
+) -> Result<(), ApplyError> {
+    let written = transaction
+        .execute(
+            statement,
+            &[
+                &slot,
+                &system_id,
+                &position.commit_lsn.to_string(),
+                &position.end_lsn.to_string(),
+                &timestamp(position.commit_time),
+            ],
+        )
+        .await
+        .map_err(ApplyError::sql("writing the checkpoint"))?;
+    if written != 1 {
+        return Err(ApplyError::CheckpointRefused {
+            slot: slot.to_owned(),
+            end_lsn: position.end_lsn,
+        });
+    }
+    Ok(())
 }
 
 #[derive(Default)]

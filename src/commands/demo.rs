@@ -10,14 +10,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use super::{connect, run::wait_for_signal, setup::setup};
+use super::setup::{setup, SetupOptions};
+use super::{connect, run::wait_for_signal};
 use crate::cli::DemoArgs;
-use crate::config::{parse_duration, Config, TableName};
+use crate::config::{parse_duration, Config, TableName, DEFAULT_HEARTBEAT_INTERVAL};
 use crate::conn::PgUrl;
 use crate::error::Error;
+use crate::http;
 use crate::localpg::{LocalPg, LocalPgOptions};
 use crate::map::GenericMapping;
-use crate::progress::Progress;
+use crate::metrics::{Metrics, Op};
 use crate::replicator;
 use crate::source::SourceError;
 
@@ -61,6 +63,7 @@ pub async fn demo(args: &DemoArgs) -> Result<(), Error> {
         publication: "usersync".into(),
         mapping: GenericMapping::default().into(),
         lag_target,
+        heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
     };
     println!(
         "source {} / target {}",
@@ -72,14 +75,21 @@ pub async fn demo(args: &DemoArgs) -> Result<(), Error> {
         .batch_execute(SOURCE_SCHEMA)
         .await
         .map_err(SourceError::sql("creating the demo users table"))?;
-    setup(&config).await?;
+    setup(&config, SetupOptions::default()).await?;
 
-    let progress = Arc::new(Progress::default());
+    let metrics = Arc::new(Metrics::new(lag_target));
     let (stop, shutdown) = watch::channel(false);
+    if let Some(addr) = args.metrics_addr {
+        let (bound, server) = http::bind(addr, Arc::clone(&metrics), shutdown.clone())
+            .await
+            .map_err(|error| Error::Config(error.to_string()))?;
+        println!("metrics on http://{bound}/metrics");
+        tokio::spawn(server);
+    }
     let replicator = {
         let config = config.clone();
-        let progress = Arc::clone(&progress);
-        tokio::spawn(async move { replicator::run(&config, progress, shutdown).await })
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move { replicator::run(&config, metrics, shutdown).await })
     };
     println!(
         "generating {} source transactions/s (60% sign-ups, 35% updates, 5% deletions); Ctrl-C stops",
@@ -93,7 +103,7 @@ pub async fn demo(args: &DemoArgs) -> Result<(), Error> {
         }
     };
     let generated = tokio::select! {
-        result = generate(&source, args.rate, &progress, lag_target) => result?,
+        result = generate(&source, args.rate, &metrics, lag_target) => result?,
         _ = wait_for_signal() => 0,
         _ = stop_at => 0,
     };
@@ -108,7 +118,7 @@ pub async fn demo(args: &DemoArgs) -> Result<(), Error> {
             return Err(Error::Config(format!("the replicator task failed: {join}")));
         }
     }
-    print_line(&progress, lag_target, started);
+    print_line(&metrics, lag_target, started);
     println!("{verdict}");
     println!("removing the throwaway servers");
     drop((source_pg, target_pg));
@@ -130,7 +140,7 @@ async fn start_server(password: &str) -> Result<LocalPg, Error> {
 async fn generate(
     source: &Client,
     rate: u32,
-    progress: &Progress,
+    metrics: &Metrics,
     lag_target: Duration,
 ) -> Result<u64, Error> {
     let mut random = seed() | 1;
@@ -166,13 +176,13 @@ async fn generate(
         count += 1;
         if Instant::now() >= next_report {
             next_report += Duration::from_secs(1);
-            print_line(progress, lag_target, started);
+            print_line(metrics, lag_target, started);
         }
     }
 }
 
-fn print_line(progress: &Progress, lag_target: Duration, started: Instant) {
-    let lag = progress.lag.summary(Instant::now(), lag_target);
+fn print_line(metrics: &Metrics, lag_target: Duration, started: Instant) {
+    let lag = metrics.lag_window.summary(Instant::now(), lag_target);
     let lag = match lag {
         Some(lag) => format!(
             "lag p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {:.1}% within {} ms",
@@ -187,11 +197,11 @@ fn print_line(progress: &Progress, lag_target: Duration, started: Instant) {
     println!(
         "[{:>4}s] applied {} inserts, {} updates, {} deletes in {} transactions ({} batches) | {lag}",
         started.elapsed().as_secs(),
-        Progress::get(&progress.inserts),
-        Progress::get(&progress.updates),
-        Progress::get(&progress.deletes),
-        Progress::get(&progress.transactions),
-        Progress::get(&progress.batches),
+        metrics.changes(Op::Insert),
+        metrics.changes(Op::Update),
+        metrics.changes(Op::Delete),
+        metrics.transactions(),
+        metrics.batches(),
     );
 }
 

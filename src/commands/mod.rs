@@ -2,6 +2,9 @@
 //! error, so `main` only maps errors to exit codes.
 
 pub mod demo;
+mod initial_copy;
+pub mod replay;
+pub mod resync;
 pub mod run;
 pub mod setup;
 pub mod teardown;

@@ -1,23 +1,34 @@
 //! `usersync run`: the service. SIGINT or SIGTERM finishes the open batch, confirms it to
-//! the source and exits 0.
+//! the source and exits 0. Its tasks, spawned here: the signal listener, the HTTP endpoint,
+//! and (inside the replicator) one source monitor per streaming session.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::progress::Progress;
+use crate::http;
+use crate::metrics::Metrics;
 use crate::replicator;
 
-pub async fn run(config: &Config) -> Result<(), Error> {
+pub async fn run(config: &Config, metrics_addr: SocketAddr) -> Result<(), Error> {
     let (stop, shutdown) = watch::channel(false);
+    let metrics = Arc::new(Metrics::new(config.lag_target));
+    let (bound, server) = http::bind(metrics_addr, Arc::clone(&metrics), shutdown.clone())
+        .await
+        .map_err(|error| Error::Config(error.to_string()))?;
+    tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+    let server = tokio::spawn(server);
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("stop requested; finishing the open batch");
         let _ = stop.send(true);
     });
-    replicator::run(config, Arc::new(Progress::default()), shutdown).await
+    let result = replicator::run(config, metrics, shutdown).await;
+    server.abort();
+    result
 }
 
 /// Waits for SIGINT (Ctrl-C) or SIGTERM (systemd, Kubernetes).

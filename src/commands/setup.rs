@@ -1,19 +1,42 @@
 //! `usersync setup`: checks the source, creates (or finds) the publication, the slot and the
-//! target tables. Idempotent: run it again and it says what it found.
+//! target tables, and copies the users already there, consistently with the slot.
+//! Idempotent: run it again and it says what it found.
 
 use tokio_postgres::Client;
 
 use super::connect;
+use super::initial_copy::{create_slot_and_copy, CopyMode};
 use crate::apply::{self, schema::Created};
 use crate::config::{Config, TableName};
 use crate::decode::RelationColumn;
 use crate::error::Error;
 use crate::map::MappingPlan;
-use crate::replicator::APPLICATION_NAME;
-use crate::source::{catalog, ReplicationConnection, SourceError};
+use crate::source::catalog::SlotInfo;
+use crate::source::{catalog, SourceError};
 
-/// Runs the checks and creations, printing one line per step on stdout.
-pub async fn setup(config: &Config) -> Result<(), Error> {
+/// What `setup` does beyond the checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetupOptions {
+    /// Copy the users already in the table (inside the slot's snapshot).
+    pub snapshot: bool,
+}
+
+impl Default for SetupOptions {
+    fn default() -> Self {
+        SetupOptions { snapshot: true }
+    }
+}
+
+/// A checked source and a ready target: what `setup` and `resync` both start from.
+pub(crate) struct Prepared {
+    pub source: Client,
+    pub target: Client,
+    pub columns: Vec<RelationColumn>,
+}
+
+/// Checks the source (settings, privileges, table, mapping), ensures the publication and the
+/// target tables, and says what it found or made.
+pub(crate) async fn prepare(config: &Config) -> Result<Prepared, Error> {
     let source = connect("source", &config.source).await?;
     catalog::check_wal_level(&source).await?;
     catalog::check_replication_privilege(&source).await?;
@@ -46,61 +69,55 @@ pub async fn setup(config: &Config) -> Result<(), Error> {
         }
     );
 
+    Ok(Prepared {
+        source,
+        target,
+        columns,
+    })
+}
+
+/// Runs the checks and creations, printing one line per step on stdout.
+pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> {
+    let Prepared {
+        source,
+        target,
+        columns,
+    } = prepare(config).await?;
+    let checkpoint = apply::read_checkpoint(&target, &config.slot).await?;
     match catalog::slot_info(&source, &config.slot).await? {
         Some(slot) => {
-            if slot.plugin.as_deref() != Some("pgoutput") {
-                return Err(SourceError::Definite(format!(
-                    "a slot named {} exists but uses {}, not pgoutput; choose another --slot",
+            check_slot_fits(config, &slot)?;
+            if checkpoint.is_some() {
+                println!(
+                    "replication slot {} found (confirmed up to {})",
                     config.slot,
-                    slot.plugin.as_deref().unwrap_or("no plugin (physical)")
-                ))
-                .into());
+                    slot.confirmed_flush_lsn
+                        .map_or_else(|| "-".to_owned(), |lsn| lsn.to_string())
+                );
+            } else {
+                // Setup writes the checkpoint last: without one, an earlier setup stopped
+                // before its initial copy was complete, and only a new snapshot can finish it.
+                if let (true, Some(pid)) = (slot.active, slot.active_pid) {
+                    return Err(SourceError::Definite(format!(
+                        "replication slot {} has no checkpoint on the target (its setup did not \
+                         finish) and is in use by source backend pid {pid}; stop that process and \
+                         run setup again",
+                        config.slot
+                    ))
+                    .into());
+                }
+                println!(
+                    "replication slot {} found without a checkpoint: an earlier setup did not \
+                         finish its initial copy; creating the slot again with a new snapshot",
+                    config.slot
+                );
+                catalog::drop_slot(&source, &config.slot).await?;
+                create_slot_and_copy(config, &columns, target, copy_mode(options)).await?;
             }
-            if slot.database.as_deref() != Some(config.source.dbname.as_str()) {
-                return Err(SourceError::Definite(format!(
-                    "slot {} belongs to database {}, not {}; choose another --slot",
-                    config.slot,
-                    slot.database.as_deref().unwrap_or("?"),
-                    config.source.dbname
-                ))
-                .into());
-            }
-            println!(
-                "replication slot {} found (confirmed up to {})",
-                config.slot,
-                slot.confirmed_flush_lsn
-                    .map_or_else(|| "-".to_owned(), |lsn| lsn.to_string())
-            );
         }
         None => {
-            let mut replication =
-                ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
-            let slot = replication.create_logical_slot(&config.slot, false).await?;
-            replication.close().await;
-            println!(
-                "replication slot {} created at {}",
-                config.slot, slot.consistent_point
-            );
+            create_slot_and_copy(config, &columns, target, copy_mode(options)).await?;
         }
-    }
-    let has_rows: bool = source
-        .query_one(
-            &format!("SELECT EXISTS (SELECT 1 FROM {})", config.table.quoted()),
-            &[],
-        )
-        .await
-        .map_err(SourceError::sql("looking for existing users"))?
-        .get(0);
-    if has_rows
-        && apply::read_checkpoint(&target, &config.slot)
-            .await?
-            .is_none()
-    {
-        tracing::warn!(
-            table = %config.table,
-            "the source table already has users; usersync replicates changes made from now on, \
-             and does not copy existing users yet (initial snapshot is planned)"
-        );
     }
     println!("ready: start replication with usersync run");
     Ok(())
@@ -131,6 +148,35 @@ fn describe(plan: &MappingPlan) -> String {
         text.push_str(&format!("  rows: {rule}\n"));
     }
     text
+}
+
+fn copy_mode(options: SetupOptions) -> CopyMode {
+    if options.snapshot {
+        CopyMode::Copy
+    } else {
+        CopyMode::Skip
+    }
+}
+
+pub(crate) fn check_slot_fits(config: &Config, slot: &SlotInfo) -> Result<(), Error> {
+    if slot.plugin.as_deref() != Some("pgoutput") {
+        return Err(SourceError::Definite(format!(
+            "a slot named {} exists but uses {}, not pgoutput; choose another --slot",
+            config.slot,
+            slot.plugin.as_deref().unwrap_or("no plugin (physical)")
+        ))
+        .into());
+    }
+    if slot.database.as_deref() != Some(config.source.dbname.as_str()) {
+        return Err(SourceError::Definite(format!(
+            "slot {} belongs to database {}, not {}; choose another --slot",
+            config.slot,
+            slot.database.as_deref().unwrap_or("?"),
+            config.source.dbname
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// The table's columns as a Relation message would describe them, so the mapping can be

@@ -1,8 +1,10 @@
-//! The source side: the replication connection, and the catalog checks, publication and
-//! slot management done over ordinary SQL.
+//! The source side: the replication connection, the catalog checks, publication and slot
+//! management done over ordinary SQL, and the heartbeat/slot monitor.
 
 pub mod catalog;
+pub mod monitor;
 pub mod replication;
+pub mod snapshot;
 pub mod wire;
 
 pub use replication::{ReplicationConnection, ReplicationError, ReplicationStream, SystemIdentity};

@@ -232,10 +232,11 @@ impl ReplicationConnection {
         }
     }
 
+    /// Servers report `server_version` (not `server_version_num`) at startup.
     fn note_parameter(&mut self, body: &[u8]) {
         let mut parts = body.split(|&b| b == 0);
-        if let (Some(b"server_version_num"), Some(value)) = (parts.next(), parts.next()) {
-            self.server_version_num = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+        if let (Some(b"server_version"), Some(value)) = (parts.next(), parts.next()) {
+            self.server_version_num = std::str::from_utf8(value).ok().and_then(version_num);
         }
     }
 
@@ -688,7 +689,39 @@ fn unexpected(context: &'static str, tag: u8) -> ReplicationError {
     }
 }
 
+/// `server_version` text (`15.18 (Debian 15.18-0+deb12u1)`, `17devel`, `9.6.3`) as
+/// `server_version_num` (`150018`).
+fn version_num(text: &str) -> Option<u32> {
+    let numeric: String = text
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let mut parts = numeric.split('.').filter(|p| !p.is_empty());
+    let major: u32 = parts.next()?.parse().ok()?;
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    if major >= 10 {
+        Some(major * 10_000 + minor)
+    } else {
+        let patch: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        Some(major * 10_000 + minor * 100 + patch)
+    }
+}
+
 /// The first word of a command, to name it in errors without echoing the whole text.
 fn command_name(sql: &str) -> &str {
     sql.split_whitespace().next().unwrap_or("query")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_server_versions() {
+        assert_eq!(version_num("15.18 (Debian 15.18-0+deb12u1)"), Some(150018));
+        assert_eq!(version_num("17devel"), Some(170000));
+        assert_eq!(version_num("18beta1"), Some(180000));
+        assert_eq!(version_num("9.6.3"), Some(90603));
+        assert_eq!(version_num("unknown"), None);
+    }
 }

@@ -12,7 +12,7 @@ use tokio_postgres::{Client, NoTls};
 use usersync::config::{Config, TableName};
 use usersync::localpg::{LocalPg, LocalPgOptions};
 use usersync::map::GenericMapping;
-use usersync::progress::Progress;
+use usersync::metrics::Metrics;
 
 /// The password of every test server's superuser; tests grep output for it.
 pub const PASSWORD: &str = "s3cret-Test-pw";
@@ -112,6 +112,7 @@ impl Pair {
             publication: "usersync".into(),
             mapping: GenericMapping::default().into(),
             lag_target: Duration::from_secs(1),
+            heartbeat_interval: Some(usersync::config::DEFAULT_HEARTBEAT_INTERVAL),
         };
         Pair {
             server,
@@ -124,7 +125,7 @@ impl Pair {
     }
 
     pub async fn setup(&self) {
-        usersync::commands::setup::setup(&self.config)
+        usersync::commands::setup::setup(&self.config, Default::default())
             .await
             .expect("usersync setup");
     }
@@ -132,16 +133,16 @@ impl Pair {
     /// Starts the replicator in this process.
     pub fn start(&self) -> Running {
         let (stop, shutdown) = watch::channel(false);
-        let progress = Arc::new(Progress::default());
+        let metrics = Arc::new(Metrics::new(self.config.lag_target));
         let config = self.config.clone();
-        let task_progress = Arc::clone(&progress);
+        let task_metrics = Arc::clone(&metrics);
         let task = tokio::spawn(async move {
-            usersync::replicator::run(&config, task_progress, shutdown).await
+            usersync::replicator::run(&config, task_metrics, shutdown).await
         });
         Running {
             stop,
             task,
-            progress,
+            metrics,
         }
     }
 
@@ -221,6 +222,8 @@ impl Pair {
             .env("USERSYNC_SOURCE_URL", &self.source_url)
             .env("USERSYNC_TARGET_URL", &self.target_url)
             .env("USERSYNC_SLOT", &self.config.slot)
+            // Tests run in parallel: each service takes a free port for /metrics.
+            .env("USERSYNC_METRICS_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "info");
         command
     }
@@ -230,7 +233,7 @@ impl Pair {
 pub struct Running {
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), usersync::Error>>,
-    pub progress: Arc<Progress>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Running {

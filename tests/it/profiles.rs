@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 use usersync::map::{BetterAuthMapping, KeycloakMapping, Profile, SupabaseMapping};
-use usersync::progress::Progress;
+use usersync::metrics::Op;
 
 use crate::harness::*;
 
@@ -453,7 +453,7 @@ async fn keycloak_replicates_one_realm() {
         "only acme's people reach the target"
     );
     assert_eq!(
-        Progress::get(&running.progress.deletes),
+        running.metrics.changes(Op::Delete),
         0,
         "with whole old rows, changes to other realms' users write nothing"
     );

@@ -143,10 +143,7 @@ async fn many_small_transactions_arrive_exactly_once() {
         .await
         .unwrap();
     pair.wait_for_match().await;
-    assert!(
-        usersync::progress::Progress::get(&running.progress.batches)
-            <= usersync::progress::Progress::get(&running.progress.transactions)
-    );
+    assert!(running.metrics.batches() <= running.metrics.transactions());
     running.stop().await;
 }
 

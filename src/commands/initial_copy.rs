@@ -1,0 +1,269 @@
+//! Creating the slot and copying the users table as of its snapshot: the shared core of
+//! `setup` and `resync`.
+//!
+//! The checkpoint (at the slot's consistent point) is written in the very last target
+//! transaction, so a copy that is interrupted leaves no checkpoint, and `setup` or `resync`
+//! knows to start it again rather than present a half-copied table as done.
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use super::connect;
+use crate::apply::{self, ApplyError, Batch, CommitPosition, TargetWriter};
+use crate::config::Config;
+use crate::decode::RelationColumn;
+use crate::error::Error;
+use crate::lag::unix_micros_now;
+use crate::lsn::Lsn;
+use crate::map::RowOutcome;
+use crate::replicator::APPLICATION_NAME;
+use crate::source::snapshot::SnapshotRows;
+use crate::source::{catalog, ReplicationConnection};
+
+/// Users per target transaction during the copy.
+const PAGE: usize = 5_000;
+/// How often plain progress lines are printed (a terminal gets a bar, redrawn per page).
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What to do with the users already in the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMode {
+    /// Copy them.
+    Copy,
+    /// Copy them and soft-delete live target users absent from the source (`resync`).
+    CopyAndReconcile,
+    /// Leave them (`setup --no-snapshot`).
+    Skip,
+}
+
+/// What the copy did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyOutcome {
+    pub consistent_point: Lsn,
+    pub copied: usize,
+    pub soft_deleted: u64,
+}
+
+/// Creates the slot with an exported snapshot, copies the table in it, and writes the
+/// checkpoint at the slot's consistent point.
+pub async fn create_slot_and_copy(
+    config: &Config,
+    columns: &[RelationColumn],
+    target: Client,
+    mode: CopyMode,
+) -> Result<CopyOutcome, Error> {
+    let mut replication = ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
+    let identity = replication.identify_system().await?;
+    let created = replication
+        .create_logical_slot(&config.slot, mode != CopyMode::Skip)
+        .await?;
+    println!(
+        "replication slot {} created at {}",
+        config.slot, created.consistent_point
+    );
+    let shape = apply::check_shape(&target).await?;
+    let mut writer = TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
+    let copied_at = unix_micros_now();
+    let mut outcome = CopyOutcome {
+        consistent_point: created.consistent_point,
+        copied: 0,
+        soft_deleted: 0,
+    };
+    match created.snapshot_name.filter(|_| mode != CopyMode::Skip) {
+        Some(snapshot) => {
+            let reconcile = match mode {
+                CopyMode::CopyAndReconcile => Some(Reconciler::new(config).await?),
+                _ => None,
+            };
+            outcome.copied = copy(
+                config,
+                columns,
+                &snapshot,
+                &mut writer,
+                copied_at,
+                reconcile.as_ref(),
+            )
+            .await?;
+            if let Some(reconcile) = reconcile {
+                outcome.soft_deleted = reconcile
+                    .soft_delete_absent(shape.has_updated_at, copied_at)
+                    .await?;
+            }
+        }
+        None => {
+            println!("initial copy skipped (--no-snapshot): only changes from now on replicate")
+        }
+    }
+    let mut done = Batch::new();
+    done.commit(CommitPosition {
+        commit_lsn: created.consistent_point,
+        end_lsn: created.consistent_point,
+        commit_time: copied_at,
+    });
+    writer.apply(&done).await?;
+    // Only now may the replication connection (and with it the snapshot) go.
+    replication.close().await;
+    Ok(outcome)
+}
+
+async fn copy(
+    config: &Config,
+    columns: &[RelationColumn],
+    snapshot: &str,
+    writer: &mut TargetWriter,
+    copied_at: i64,
+    reconcile: Option<&Reconciler>,
+) -> Result<usize, Error> {
+    let reader = connect("source", &config.source).await?;
+    let profile = catalog::resolve_profile(&reader, &config.table, &config.mapping).await?;
+    let mapping = profile.bind(columns)?;
+    let mut rows = SnapshotRows::open(&reader, &config.table, columns, snapshot).await?;
+    let mut progress = Progress::new(rows.total());
+    let (mut read, mut copied) = (0usize, 0usize);
+    loop {
+        let page = rows.next_page(PAGE).await?;
+        if page.is_empty() {
+            break;
+        }
+        let mut batch = Batch::new();
+        let mut ids = Vec::with_capacity(page.len());
+        for row in &page {
+            // A skipped row (anonymous, another realm) is not copied, and not "seen": a
+            // resync soft-deletes a live target user that the source now skips.
+            let (user, deleted_at) = match mapping.map_row(row)? {
+                RowOutcome::User(user) => (user, None),
+                RowOutcome::Deleted { user, at } => (user, Some(at)),
+                RowOutcome::Skip { .. } => continue,
+            };
+            if reconcile.is_some() {
+                ids.push(user.id.clone());
+            }
+            match deleted_at {
+                Some(deleted_at) => batch.upsert_deleted(user, deleted_at, copied_at),
+                None => batch.upsert(user, copied_at),
+            }
+        }
+        writer.apply_without_checkpoint(&batch).await?;
+        if let Some(reconcile) = reconcile {
+            reconcile.saw(&ids).await?;
+        }
+        read += page.len();
+        copied += batch.changes();
+        progress.update(read);
+    }
+    progress.finish(read);
+    if copied < read {
+        println!(
+            "initial copy: skipped {} of {read} rows, which the {} profile does not replicate",
+            read - copied,
+            profile.name()
+        );
+    }
+    Ok(copied)
+}
+
+/// Remembers, on the target, which users the snapshot had, to soft-delete the others.
+struct Reconciler {
+    client: Client,
+}
+
+impl Reconciler {
+    async fn new(config: &Config) -> Result<Reconciler, Error> {
+        let client = connect("target", &config.target).await?;
+        client
+            .batch_execute("CREATE TEMPORARY TABLE usersync_resync_seen (id text PRIMARY KEY)")
+            .await
+            .map_err(ApplyError::sql("preparing the reconciliation"))?;
+        Ok(Reconciler { client })
+    }
+
+    async fn saw(&self, ids: &[String]) -> Result<(), Error> {
+        self.client
+            .execute(
+                "INSERT INTO usersync_resync_seen SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+                &[&ids],
+            )
+            .await
+            .map_err(ApplyError::sql("recording copied users"))?;
+        Ok(())
+    }
+
+    /// Soft-deletes live users the source no longer has, at the copy's time.
+    async fn soft_delete_absent(&self, has_updated_at: bool, at: i64) -> Result<u64, Error> {
+        let at = chrono::DateTime::from_timestamp_micros(at).unwrap_or_default();
+        let sql = if has_updated_at {
+            "UPDATE neon_auth.users_sync SET deleted_at = $1, updated_at = $1
+              WHERE deleted_at IS NULL
+                AND NOT EXISTS (SELECT 1 FROM usersync_resync_seen s WHERE s.id = users_sync.id)"
+        } else {
+            "UPDATE neon_auth.users_sync SET deleted_at = $1
+              WHERE deleted_at IS NULL
+                AND NOT EXISTS (SELECT 1 FROM usersync_resync_seen s WHERE s.id = users_sync.id)"
+        };
+        Ok(self
+            .client
+            .execute(sql, &[&at])
+            .await
+            .map_err(ApplyError::sql(
+                "soft-deleting users absent from the source",
+            ))?)
+    }
+}
+
+/// A progress bar on a terminal, plain lines otherwise.
+struct Progress {
+    total: Option<u64>,
+    started: Instant,
+    last_line: Instant,
+    terminal: bool,
+}
+
+impl Progress {
+    fn new(total: Option<u64>) -> Progress {
+        Progress {
+            total,
+            started: Instant::now(),
+            last_line: Instant::now(),
+            terminal: std::io::stdout().is_terminal(),
+        }
+    }
+
+    fn update(&mut self, copied: usize) {
+        let elapsed = self.started.elapsed().as_secs_f64().max(1e-6);
+        let rate = copied as f64 / elapsed;
+        let eta = self
+            .total
+            .filter(|total| *total as f64 > copied as f64 && rate > 0.0)
+            .map(|total| format!(", ETA {:.0}s", (total as f64 - copied as f64) / rate))
+            .unwrap_or_default();
+        if self.terminal {
+            const WIDTH: usize = 30;
+            let done = self.total.map_or(0, |total| {
+                ((copied as f64 / total.max(1) as f64) * WIDTH as f64).min(WIDTH as f64) as usize
+            });
+            let total = self.total.map_or_else(String::new, |t| format!("/{t}"));
+            print!(
+                "\r[{}{}] {copied}{total} users, {rate:.0}/s{eta}   ",
+                "#".repeat(done),
+                " ".repeat(WIDTH - done)
+            );
+            let _ = std::io::stdout().flush();
+        } else if self.last_line.elapsed() >= PROGRESS_INTERVAL {
+            self.last_line = Instant::now();
+            println!("initial copy: {copied} users ({rate:.0} users/s{eta})");
+        }
+    }
+
+    fn finish(&self, copied: usize) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        if self.terminal {
+            println!();
+        }
+        println!(
+            "initial copy: {copied} users in {elapsed:.1}s ({:.0} users/s)",
+            copied as f64 / elapsed.max(1e-6)
+        );
+    }
+}

@@ -1,0 +1,444 @@
+//! Every metric usersync exports, named and described in this one module.
+//!
+//! Names carry the `usersync_` prefix and their unit (`_seconds`, `_bytes`, `_total`);
+//! labels are few and bounded (`op`, `side`, `kind`, `status`). The lag histogram's buckets
+//! are dense around the one-second target and include it exactly, so the share of changes
+//! within target is a plain bucket ratio. The registry is encoded as OpenMetrics text by
+//! [`Metrics::encode`] for `/metrics`.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::lag::LagWindow;
+
+/// Lag buckets in seconds: fine-grained below the target, which is one of them.
+const LAG_BUCKETS: [f64; 13] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0,
+];
+/// Changes per target transaction: 1 when idle, up to the batch limit under load.
+const BATCH_SIZE_BUCKETS: [f64; 9] = [1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 10000.0];
+/// Time to apply one batch on the target.
+const APPLY_BUCKETS: [f64; 10] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
+
+/// The kind of a source change, as the `op` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+impl Op {
+    fn label(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Truncate => "truncate",
+        }
+    }
+}
+
+/// Which database a connection goes to, as the `side` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Target,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SideLabel {
+    side: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NoLabels {}
+
+/// The slot's possible `wal_status` values (PostgreSQL 13+).
+const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// The replicator's measurements: Prometheus metrics plus the sliding lag window that
+/// `demo` prints. Shared as `Arc<Metrics>`; every update is atomic.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    lag: Histogram,
+    lag_current: FloatGauge,
+    heartbeat_lag: FloatGauge,
+    changes: Family<OpLabel, Counter>,
+    transactions: Counter,
+    skipped_transactions: Counter,
+    batches: Counter,
+    batch_size: Histogram,
+    apply_duration: Histogram,
+    connected: Family<SideLabel, Gauge>,
+    reconnects: Counter,
+    errors: Family<KindLabel, Counter>,
+    slot_retained_wal: Gauge,
+    slot_safe_wal_size: Family<NoLabels, Gauge>,
+    slot_wal_status: Family<StatusLabel, Gauge>,
+    checkpoint_lsn: FloatGauge,
+    checkpoint_commit_time: FloatGauge,
+    clock_offset: FloatGauge,
+    ready: Gauge,
+    /// Lag samples of the last minute, for percentiles printed by `demo`.
+    pub lag_window: LagWindow,
+    lag_target: Duration,
+}
+
+impl Metrics {
+    pub fn new(lag_target: Duration) -> Metrics {
+        let mut registry = Registry::with_prefix("usersync");
+        let lag = Histogram::new(LAG_BUCKETS);
+        registry.register_with_unit(
+            "lag",
+            "End-to-end lag per applied source transaction: source commit to target commit",
+            Unit::Seconds,
+            lag.clone(),
+        );
+        let lag_current = FloatGauge::default();
+        registry.register_with_unit(
+            "lag_current",
+            "Current lag: the oldest unapplied commit's age, or the last heartbeat's lag when caught up",
+            Unit::Seconds,
+            lag_current.clone(),
+        );
+        let target = FloatGauge::default();
+        target.set(lag_target.as_secs_f64());
+        registry.register_with_unit(
+            "lag_target",
+            "The lag target the replicator is measured against",
+            Unit::Seconds,
+            target,
+        );
+        let heartbeat_lag = FloatGauge::default();
+        registry.register_with_unit(
+            "heartbeat_lag",
+            "Lag of the last heartbeat message through the pipeline",
+            Unit::Seconds,
+            heartbeat_lag.clone(),
+        );
+        let changes = Family::<OpLabel, Counter>::default();
+        registry.register(
+            "changes_applied",
+            "Source changes applied to the target, by operation",
+            changes.clone(),
+        );
+        let transactions = Counter::default();
+        registry.register(
+            "transactions_applied",
+            "Source transactions applied to the target",
+            transactions.clone(),
+        );
+        let skipped_transactions = Counter::default();
+        registry.register(
+            "transactions_skipped",
+            "Source transactions received again after a restart and skipped (already applied)",
+            skipped_transactions.clone(),
+        );
+        let batches = Counter::default();
+        registry.register(
+            "batches_applied",
+            "Target transactions committed",
+            batches.clone(),
+        );
+        let batch_size = Histogram::new(BATCH_SIZE_BUCKETS);
+        registry.register(
+            "batch_size_changes",
+            "Source changes per target transaction",
+            batch_size.clone(),
+        );
+        let apply_duration = Histogram::new(APPLY_BUCKETS);
+        registry.register_with_unit(
+            "apply_duration",
+            "Time to apply one batch on the target, checkpoint and commit included",
+            Unit::Seconds,
+            apply_duration.clone(),
+        );
+        let connected = Family::<SideLabel, Gauge>::default();
+        registry.register(
+            "connected",
+            "1 while the streaming session holds a connection to this side",
+            connected.clone(),
+        );
+        let reconnects = Counter::default();
+        registry.register(
+            "reconnects",
+            "Streaming sessions restarted after a transient failure",
+            reconnects.clone(),
+        );
+        let errors = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "errors",
+            "Errors that ended a streaming session, by kind (transient or definite)",
+            errors.clone(),
+        );
+        let slot_retained_wal = Gauge::default();
+        registry.register_with_unit(
+            "slot_retained_wal",
+            "WAL the replication slot holds back on the source",
+            Unit::Bytes,
+            slot_retained_wal.clone(),
+        );
+        let slot_safe_wal_size = Family::<NoLabels, Gauge>::default();
+        registry.register_with_unit(
+            "slot_safe_wal_size",
+            "WAL that can still be written before the slot is at risk (absent when unlimited)",
+            Unit::Bytes,
+            slot_safe_wal_size.clone(),
+        );
+        let slot_wal_status = Family::<StatusLabel, Gauge>::default();
+        registry.register(
+            "slot_wal_status",
+            "1 for the slot's current wal_status, 0 for the others",
+            slot_wal_status.clone(),
+        );
+        let checkpoint_lsn = FloatGauge::default();
+        registry.register(
+            "checkpoint_lsn",
+            "LSN of the last applied source commit, as a number",
+            checkpoint_lsn.clone(),
+        );
+        let checkpoint_commit_time = FloatGauge::default();
+        registry.register_with_unit(
+            "checkpoint_commit_timestamp",
+            "Source commit time of the last applied transaction (Unix time)",
+            Unit::Seconds,
+            checkpoint_commit_time.clone(),
+        );
+        let clock_offset = FloatGauge::default();
+        registry.register_with_unit(
+            "clock_offset",
+            "Estimated source server clock minus this host's clock",
+            Unit::Seconds,
+            clock_offset.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 while streaming and not broken (as /readyz)",
+            ready.clone(),
+        );
+        let metrics = Metrics {
+            registry,
+            lag,
+            lag_current,
+            heartbeat_lag,
+            changes,
+            transactions,
+            skipped_transactions,
+            batches,
+            batch_size,
+            apply_duration,
+            connected,
+            reconnects,
+            errors,
+            slot_retained_wal,
+            slot_safe_wal_size,
+            slot_wal_status,
+            checkpoint_lsn,
+            checkpoint_commit_time,
+            clock_offset,
+            ready,
+            lag_window: LagWindow::default(),
+            lag_target,
+        };
+        // Series exist from the first scrape, so rates and alerts see zeros, not gaps.
+        for op in [Op::Insert, Op::Update, Op::Delete, Op::Truncate] {
+            let _ = metrics.changes.get_or_create(&OpLabel { op: op.label() });
+        }
+        for kind in ["transient", "definite"] {
+            let _ = metrics.errors.get_or_create(&KindLabel { kind });
+        }
+        metrics.set_connected(Side::Source, false);
+        metrics.set_connected(Side::Target, false);
+        metrics
+    }
+
+    /// The registry in OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn lag_target(&self) -> Duration {
+        self.lag_target
+    }
+
+    /// Records the lag of one applied source transaction.
+    pub fn observe_lag(&self, now: std::time::Instant, lag: Duration) {
+        self.lag.observe(lag.as_secs_f64());
+        self.lag_window.record(now, lag);
+    }
+
+    pub fn set_current_lag(&self, lag: Duration) {
+        self.lag_current.set(lag.as_secs_f64());
+    }
+
+    pub fn current_lag(&self) -> Duration {
+        Duration::from_secs_f64(self.lag_current.get().max(0.0))
+    }
+
+    pub fn set_heartbeat_lag(&self, lag: Duration) {
+        self.heartbeat_lag.set(lag.as_secs_f64());
+    }
+
+    pub fn add_changes(&self, op: Op, n: u64) {
+        self.changes
+            .get_or_create(&OpLabel { op: op.label() })
+            .inc_by(n);
+    }
+
+    pub fn changes(&self, op: Op) -> u64 {
+        self.changes
+            .get_or_create(&OpLabel { op: op.label() })
+            .get()
+    }
+
+    /// Records one committed target transaction.
+    pub fn batch_applied(&self, transactions: usize, changes: usize, took: Duration) {
+        self.transactions.inc_by(transactions as u64);
+        self.batches.inc();
+        self.batch_size.observe(changes as f64);
+        self.apply_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn transactions(&self) -> u64 {
+        self.transactions.get()
+    }
+
+    pub fn batches(&self) -> u64 {
+        self.batches.get()
+    }
+
+    pub fn transaction_skipped(&self) {
+        self.skipped_transactions.inc();
+    }
+
+    pub fn set_connected(&self, side: Side, connected: bool) {
+        let side = match side {
+            Side::Source => "source",
+            Side::Target => "target",
+        };
+        self.connected
+            .get_or_create(&SideLabel { side })
+            .set(i64::from(connected));
+    }
+
+    pub fn reconnected(&self) {
+        self.reconnects.inc();
+    }
+
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.get()
+    }
+
+    pub fn session_error(&self, transient: bool) {
+        let kind = if transient { "transient" } else { "definite" };
+        self.errors.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// Slot figures read from `pg_replication_slots`.
+    pub fn set_slot(
+        &self,
+        retained_bytes: i64,
+        safe_wal_size: Option<i64>,
+        wal_status: Option<&str>,
+    ) {
+        self.slot_retained_wal.set(retained_bytes);
+        match safe_wal_size {
+            Some(bytes) => {
+                self.slot_safe_wal_size
+                    .get_or_create(&NoLabels {})
+                    .set(bytes);
+            }
+            None => self.slot_safe_wal_size.clear(),
+        }
+        for status in WAL_STATUSES {
+            self.slot_wal_status
+                .get_or_create(&StatusLabel { status })
+                .set(i64::from(wal_status == Some(status)));
+        }
+    }
+
+    pub fn set_checkpoint(&self, lsn: crate::lsn::Lsn, commit_time_unix_micros: i64) {
+        // An f64 holds LSNs exactly up to 2^53 bytes of WAL (8 PiB).
+        self.checkpoint_lsn.set(lsn.0 as f64);
+        self.checkpoint_commit_time
+            .set(commit_time_unix_micros as f64 / 1_000_000.0);
+    }
+
+    pub fn set_clock_offset(&self, offset_seconds: f64) {
+        self.clock_offset.set(offset_seconds);
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.get() == 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_names_with_units_and_the_target_bucket() {
+        let metrics = Metrics::new(Duration::from_secs(1));
+        metrics.observe_lag(std::time::Instant::now(), Duration::from_millis(3));
+        metrics.add_changes(Op::Insert, 2);
+        metrics.set_slot(1024, None, Some("reserved"));
+        let text = metrics.encode();
+        for needle in [
+            "usersync_lag_seconds_bucket{le=\"1.0\"} 1",
+            "usersync_lag_seconds_count 1",
+            "usersync_lag_target_seconds 1.0",
+            "usersync_changes_applied_total{op=\"insert\"} 2",
+            "usersync_changes_applied_total{op=\"truncate\"} 0",
+            "usersync_slot_retained_wal_bytes 1024",
+            "usersync_slot_wal_status{status=\"reserved\"} 1",
+            "usersync_slot_wal_status{status=\"lost\"} 0",
+            "usersync_connected{side=\"source\"} 0",
+            "usersync_errors_total{kind=\"definite\"} 0",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+        assert!(!text.contains("usersync_slot_safe_wal_size_bytes "));
+        metrics.set_slot(1024, Some(4096), Some("extended"));
+        assert!(metrics
+            .encode()
+            .contains("usersync_slot_safe_wal_size_bytes 4096"));
+    }
+}

@@ -1,0 +1,302 @@
+//! Lag measurement and its export: heartbeats while idle, agreement with an independent
+//! probe, the HTTP endpoint, and a real Prometheus scraping it.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use usersync::metrics::Metrics;
+
+use crate::harness::*;
+
+/// Plain HTTP/1.0 GET on loopback: status line and body.
+fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect to the HTTP endpoint");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (head.to_owned(), body.to_owned())
+}
+
+/// Serves `metrics` on a free loopback port until the returned sender is dropped.
+async fn serve(metrics: &Arc<Metrics>) -> (SocketAddr, watch::Sender<bool>) {
+    let (stop, shutdown) = watch::channel(false);
+    let (addr, server) = usersync::http::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::clone(metrics),
+        shutdown,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(server);
+    (addr, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_advance_an_idle_slot_and_idle_is_not_lag() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let running = pair.start();
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('hb@example.com')")
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    let before: String = pair
+        .source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // No writes from the test from here on: only heartbeats move the slot.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let advanced: bool = pair
+            .source
+            .query_one(
+                "SELECT confirmed_flush_lsn > $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                &[&before, &pair.config.slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if advanced {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the idle slot never advanced");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = running.metrics.encode();
+    let heartbeat_lag = gauge(&text, "usersync_heartbeat_lag_seconds");
+    assert!(heartbeat_lag > 0.0, "no heartbeat came through:\n{text}");
+    // Idle: the current lag is a heartbeat's trip, far under the target, not the time
+    // since the last change.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let current = running.metrics.current_lag();
+    assert!(
+        current < pair.config.lag_target,
+        "idle lag reads {current:?}"
+    );
+    running.stop().await;
+}
+
+fn gauge(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_lag_agrees_with_an_independent_probe() {
+    let pair = Pair::on(
+        shared_server(),
+        "CREATE TABLE public.users (
+            id bigserial PRIMARY KEY, email text,
+            probe_at timestamptz NOT NULL DEFAULT clock_timestamp())",
+    )
+    .await;
+    pair.setup().await;
+    // The target records when each user became visible, by its own clock (the same host's).
+    pair.target
+        .batch_execute(
+            "CREATE TABLE probe (id text, written timestamptz, seen timestamptz);
+             CREATE FUNCTION probe() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               INSERT INTO probe VALUES (NEW.id, (NEW.raw_json ->> 'probe_at')::timestamptz, clock_timestamp());
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER probe AFTER INSERT ON neon_auth.users_sync
+               FOR EACH ROW EXECUTE FUNCTION probe();",
+        )
+        .await
+        .unwrap();
+    let running = pair.start();
+    for n in 0..40 {
+        pair.source
+            .batch_execute(&format!(
+                "INSERT INTO users (email) VALUES ('p{n}@example.com')"
+            ))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pair.wait_target("SELECT count(*) = 40 FROM probe").await;
+    let probe_p50: f64 = pair
+        .target
+        .query_one(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM seen - written))::float8 FROM probe",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let reported = running
+        .metrics
+        .lag_window
+        .summary(Instant::now(), pair.config.lag_target)
+        .expect("lag samples");
+    running.stop().await;
+    let reported_p50 = reported.p50.as_secs_f64();
+    // Both measure the same 40 commits, one from inside the databases, one from usersync;
+    // they differ by the commits' own duration, so agreement is loose but meaningful.
+    let tolerance = (probe_p50 * 0.5).max(0.02);
+    assert!(
+        (reported_p50 - probe_p50).abs() <= tolerance,
+        "usersync reports p50 {reported_p50:.4}s, the probe measured {probe_p50:.4}s"
+    );
+    assert!(reported.samples >= 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoint_serves_openmetrics_health_and_readiness() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let running = pair.start();
+    let (addr, _stop) = serve(&running.metrics).await;
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('m@example.com'); DELETE FROM users;")
+        .await
+        .unwrap();
+    pair.wait_target("SELECT count(*) = 1 FROM neon_auth.users_sync WHERE deleted_at IS NOT NULL")
+        .await;
+    let (head, body) = tokio::task::spawn_blocking(move || http_get(addr, "/metrics"))
+        .await
+        .unwrap();
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    for needle in [
+        "usersync_changes_applied_total{op=\"insert\"} 1",
+        "usersync_changes_applied_total{op=\"delete\"} 1",
+        "usersync_connected{side=\"source\"} 1",
+        "usersync_ready 1",
+        "usersync_lag_target_seconds 1.0",
+        "# EOF",
+    ] {
+        assert!(body.contains(needle), "{needle} missing from:\n{body}");
+    }
+    let (health, _) = tokio::task::spawn_blocking(move || http_get(addr, "/healthz"))
+        .await
+        .unwrap();
+    assert!(
+        health.starts_with("HTTP/1.0 200") || health.starts_with("HTTP/1.1 200"),
+        "{health}"
+    );
+    let (ready, _) = tokio::task::spawn_blocking(move || http_get(addr, "/readyz"))
+        .await
+        .unwrap();
+    assert!(ready.contains(" 200 "), "{ready}");
+    running.stop().await;
+    let (not_ready, _) = tokio::task::spawn_blocking(move || http_get(addr, "/readyz"))
+        .await
+        .unwrap();
+    assert!(not_ready.contains(" 503 "), "{not_ready}");
+}
+
+/// A Prometheus server for one test, killed on drop.
+struct Prometheus(Child);
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_lag_and_evaluates_the_slo_rule() {
+    let Ok(binary) = which("prometheus") else {
+        eprintln!(
+            "skipped: no prometheus binary on PATH (apt-get install prometheus; .ci/run does)"
+        );
+        return;
+    };
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let running = pair.start();
+    let (addr, _stop) = serve(&running.metrics).await;
+    let dir = std::env::temp_dir().join(unique("usersync-prometheus"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/prometheus/usersync-rules.yml");
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
+             scrape_configs:\n  - job_name: usersync\n    static_configs:\n      - targets: ['{addr}']\n",
+            rules.display()
+        ),
+    )
+    .unwrap();
+    let web = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let _prometheus = Prometheus(
+        Command::new(binary)
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={web}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus"),
+    );
+    for n in 0..20 {
+        pair.source
+            .batch_execute(&format!(
+                "INSERT INTO users (email) VALUES ('prom{n}@example.com')"
+            ))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for query in [
+        "usersync_lag_seconds_count",
+        "usersync_changes_applied_total",
+        "usersync:lag_within_target:ratio_rate5m",
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let path = format!("/api/v1/query?query={query}");
+            let (_, body) = tokio::task::spawn_blocking(move || http_get(web, &path))
+                .await
+                .unwrap();
+            // A non-empty vector result: the series was scraped (or the rule evaluated).
+            if body.contains("\"result\":[{") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus never answered {query}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    running.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn which(program: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(program))
+                .find(|path| path.is_file())
+        })
+        .ok_or(())
+}

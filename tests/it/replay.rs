@@ -1,0 +1,121 @@
+//! `replay`: apply what is pending and exit; `--dry-run` shows it without applying;
+//! `--until-lsn` stops at a position.
+
+use crate::harness::*;
+
+async fn confirmed(pair: &Pair) -> String {
+    pair.source
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&pair.config.slot],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_applies_what_is_pending_and_exits() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (email) VALUES ('r1@example.com'), ('r2@example.com');
+             UPDATE users SET version = 2 WHERE email = 'r1@example.com';",
+        )
+        .await
+        .unwrap();
+    pair.source
+        .batch_execute("DELETE FROM users WHERE email = 'r2@example.com'")
+        .await
+        .unwrap();
+    let output = pair.usersync(&["replay"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(pair.source_users().await, pair.target_users().await);
+    // Nothing pending: a second replay has nothing to do and still ends.
+    let again = pair.usersync(&["replay"]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        text(&again).contains("replayed 0 transactions"),
+        "{}",
+        text(&again)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_prints_changes_and_applies_nothing() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let before = confirmed(&pair).await;
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (id, email) VALUES ('00000000-0000-0000-0000-0000000000d1', 'dry@example.com');",
+        )
+        .await
+        .unwrap();
+    pair.source
+        .batch_execute("DELETE FROM users")
+        .await
+        .unwrap();
+    let output = pair.usersync(&["replay", "--dry-run"]);
+    assert!(output.status.success(), "{}", text(&output));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["op"], "insert");
+    assert_eq!(lines[0]["id"], "00000000-0000-0000-0000-0000000000d1");
+    assert_eq!(lines[0]["raw_json"]["primary_email"], "dry@example.com");
+    assert!(lines[0]["lsn"].as_str().unwrap().contains('/'));
+    assert!(lines[0]["commit_time"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(lines[1]["op"], "delete");
+    let applied: i64 = pair
+        .target
+        .query_one("SELECT count(*) FROM neon_auth.users_sync", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 0);
+    assert_eq!(
+        confirmed(&pair).await,
+        before,
+        "a dry run must not advance the slot"
+    );
+    // The changes are still there for a real replay.
+    let output = pair.usersync(&["replay"]);
+    assert!(output.status.success(), "{}", text(&output));
+    pair.wait_target("SELECT count(*) = 1 FROM neon_auth.users_sync WHERE deleted_at IS NOT NULL")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn until_lsn_stops_at_the_position() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('early@example.com')")
+        .await
+        .unwrap();
+    let position: String = pair
+        .source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('late@example.com')")
+        .await
+        .unwrap();
+    let output = pair.usersync(&["replay", "--until-lsn", &position]);
+    assert!(output.status.success(), "{}", text(&output));
+    let emails: Vec<String> = pair
+        .target
+        .query("SELECT email FROM neon_auth.users_sync", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(emails, vec!["early@example.com".to_owned()]);
+}

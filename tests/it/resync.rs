@@ -1,0 +1,87 @@
+//! A slot that lost WAL: `run` refuses with advice, `resync` repairs it and reconciles.
+
+use std::sync::OnceLock;
+
+use usersync::localpg::LocalPg;
+
+use crate::harness::*;
+
+/// A server whose slots lose WAL quickly: any slot more than 1 MB behind at a checkpoint.
+fn forgetful_server() -> &'static LocalPg {
+    static SERVER: OnceLock<LocalPg> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        start_server(vec![
+            ("max_slot_wal_keep_size".into(), "1MB".into()),
+            ("wal_keep_size".into(), "0".into()),
+        ])
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_slot_is_refused_by_run_and_repaired_by_resync() {
+    let pair = Pair::on(forgetful_server(), USERS_TABLE).await;
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (email) SELECT 'u' || g || '@example.com' FROM generate_series(1, 30) g",
+        )
+        .await
+        .unwrap();
+    pair.setup().await;
+    let running = pair.start();
+    pair.wait_for_match().await;
+    running.stop().await;
+
+    // While nobody consumes the slot: users change, and the WAL moves on without it.
+    pair.source
+        .batch_execute(
+            "DELETE FROM users WHERE email LIKE 'u1%';
+             UPDATE users SET display_name = 'renamed', version = 2 WHERE email LIKE 'u2%';
+             INSERT INTO users (email) VALUES ('new@example.com');
+             CREATE TABLE filler (blob text);",
+        )
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        pair.source
+            .batch_execute(
+                "INSERT INTO filler SELECT repeat(md5(g::text), 32) FROM generate_series(1, 2000) g;
+                 SELECT pg_switch_wal();",
+            )
+            .await
+            .unwrap();
+    }
+    pair.source.batch_execute("CHECKPOINT").await.unwrap();
+    let status: String = pair
+        .source
+        .query_one(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            &[&pair.config.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "lost", "the test could not make the slot lose WAL");
+
+    let run = pair.usersync(&["run"]);
+    assert_eq!(run.status.code(), Some(78), "{}", text(&run));
+    assert!(text(&run).contains("usersync resync"), "{}", text(&run));
+
+    let resync = pair.usersync(&["resync"]);
+    let said = text(&resync);
+    assert!(resync.status.success(), "{said}");
+    assert!(said.contains("soft-deleted"), "{said}");
+    let running = pair.start();
+    pair.wait_for_match().await;
+    running.stop().await;
+    // The users deleted while the slot was lost are soft-deleted, not gone.
+    let deleted: i64 = pair
+        .target
+        .query_one(
+            "SELECT count(*) FROM neon_auth.users_sync WHERE deleted_at IS NOT NULL AND email LIKE 'u1%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(deleted, 11);
+}
