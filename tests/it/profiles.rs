@@ -608,3 +608,62 @@ async fn a_profile_refuses_a_table_that_is_not_its_store() {
         "{said}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_initial_copy_and_resync_follow_the_profile() {
+    let pair = profile_pair(
+        SUPABASE_USERS,
+        "auth.users",
+        Profile::Supabase(SupabaseMapping::default()),
+    )
+    .await;
+    pair.source
+        .batch_execute(
+            r#"INSERT INTO auth.users (id, email, is_anonymous, deleted_at, raw_user_meta_data, created_at)
+               VALUES ('00000000-0000-4000-8000-0000000000f1', 'fay@example.com', false, NULL,
+                       '{"full_name": "Fay"}', now()),
+                      ('00000000-0000-4000-8000-0000000000f2', NULL, true, NULL, '{}', now()),
+                      ('00000000-0000-4000-8000-0000000000f3', 'gone@example.com', false,
+                       '2024-02-03 04:05:06.5+00', '{}', now());"#,
+        )
+        .await
+        .unwrap();
+    let setup = pair.usersync(&["setup", "--profile", "supabase", "--include-anonymous"]);
+    assert!(setup.status.success(), "{}", text(&setup));
+    assert!(
+        target_has(
+            &pair,
+            "SELECT count(*) FILTER (WHERE deleted_at IS NULL) = 2
+                    AND bool_or(deleted_at = '2024-02-03 04:05:06.5+00'
+                                AND id = '00000000-0000-4000-8000-0000000000f3')
+               FROM neon_auth.users_sync"
+        )
+        .await,
+        "the copy takes the anonymous user (included) and the soft-deleted one (deleted)"
+    );
+
+    // Without --include-anonymous the anonymous user is no longer one of ours.
+    let resync = pair.usersync(&["resync", "--profile", "supabase"]);
+    let said = text(&resync);
+    assert!(resync.status.success(), "{said}");
+    assert!(
+        said.contains("skipped 1 of 3 rows, which the supabase profile does not replicate"),
+        "{said}"
+    );
+    assert!(
+        said.contains("1 absent from the source soft-deleted"),
+        "{said}"
+    );
+    assert!(
+        target_has(
+            &pair,
+            "SELECT count(*) FILTER (WHERE deleted_at IS NULL) = 1
+                    AND bool_or(deleted_at IS NOT NULL AND id = '00000000-0000-4000-8000-0000000000f2')
+                    AND bool_or(deleted_at = '2024-02-03 04:05:06.5+00'
+                                AND id = '00000000-0000-4000-8000-0000000000f3')
+               FROM neon_auth.users_sync"
+        )
+        .await,
+        "resync soft-deletes the user the profile now skips, and keeps the store's deletion time"
+    );
+}
