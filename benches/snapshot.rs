@@ -76,7 +76,7 @@ async fn main() {
         table: "public.users".parse().unwrap(),
         slot: "bench".into(),
         publication: "bench".into(),
-        mapping: GenericMapping::default(),
+        mapping: GenericMapping::default().into(),
         lag_target: Duration::from_secs(1),
         heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
     };

@@ -68,18 +68,22 @@ pub struct ConnectionArgs {
     )]
     pub target_url: Option<String>,
 
-    /// The users table on the source.
-    #[arg(
-        long,
-        env = "USERSYNC_TABLE",
-        default_value = "public.users",
-        value_name = "SCHEMA.NAME"
-    )]
-    pub table: String,
+    /// The users table on the source [default: the profile's: public.users (generic),
+    /// auth.users (supabase), public.user_entity (keycloak), public.user (better-auth)].
+    #[arg(long, env = "USERSYNC_TABLE", value_name = "SCHEMA.NAME")]
+    pub table: Option<String>,
 
-    /// How source rows become users (only `generic` so far).
+    /// Which identity store the table belongs to: generic, supabase, keycloak, better-auth.
     #[arg(long, env = "USERSYNC_PROFILE", default_value = "generic")]
     pub profile: String,
+
+    /// keycloak: the realm whose users are replicated, by name or id (required).
+    #[arg(long, env = "USERSYNC_REALM")]
+    pub realm: Option<String>,
+
+    /// supabase, better-auth: replicate anonymous users too (skipped by default).
+    #[arg(long, env = "USERSYNC_INCLUDE_ANONYMOUS")]
+    pub include_anonymous: bool,
 
     /// Logical replication slot name on the source.
     #[arg(long, env = "USERSYNC_SLOT", default_value = "usersync")]
@@ -89,25 +93,22 @@ pub struct ConnectionArgs {
     #[arg(long, env = "USERSYNC_PUBLICATION", default_value = "usersync")]
     pub publication: String,
 
-    /// Source column that holds the user id.
-    #[arg(long, env = "USERSYNC_ID_COLUMN", default_value = "id")]
-    pub id_column: String,
+    /// generic: source column that holds the user id [default: id].
+    #[arg(long, env = "USERSYNC_ID_COLUMN")]
+    pub id_column: Option<String>,
 
-    /// Source column for primary_email.
-    #[arg(long, env = "USERSYNC_EMAIL_COLUMN", default_value = "email")]
-    pub email_column: String,
+    /// generic: source column for primary_email [default: email].
+    #[arg(long, env = "USERSYNC_EMAIL_COLUMN")]
+    pub email_column: Option<String>,
 
-    /// Source column for display_name [default: display_name, else name].
+    /// generic: source column for display_name [default: display_name, else name].
     #[arg(long, env = "USERSYNC_DISPLAY_NAME_COLUMN")]
     pub display_name_column: Option<String>,
 
-    /// Source column for signed_up_at_millis (a timestamp, date or integer milliseconds).
-    #[arg(
-        long,
-        env = "USERSYNC_SIGNED_UP_AT_COLUMN",
-        default_value = "created_at"
-    )]
-    pub signed_up_at_column: String,
+    /// generic: source column for signed_up_at_millis (a timestamp, date or integer
+    /// milliseconds) [default: created_at].
+    #[arg(long, env = "USERSYNC_SIGNED_UP_AT_COLUMN")]
+    pub signed_up_at_column: Option<String>,
 
     /// Lag target that lag is reported against (e.g. 1s, 500ms).
     #[arg(

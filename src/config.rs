@@ -9,7 +9,9 @@ use postgres_protocol::escape::escape_identifier;
 use crate::cli::ConnectionArgs;
 use crate::conn::PgUrl;
 use crate::error::Error;
-use crate::map::GenericMapping;
+use crate::map::{
+    generic, BetterAuthMapping, GenericMapping, KeycloakMapping, Profile, SupabaseMapping,
+};
 
 /// Everything `setup`, `run` and `teardown` need, validated.
 #[derive(Debug, Clone)]
@@ -19,7 +21,8 @@ pub struct Config {
     pub table: TableName,
     pub slot: String,
     pub publication: String,
-    pub mapping: GenericMapping,
+    /// The identity-store profile and its options: how rows become users.
+    pub mapping: Profile,
     pub lag_target: Duration,
     /// How often `run` writes a heartbeat on the source; `None` turns heartbeats off.
     pub heartbeat_interval: Option<Duration>,
@@ -78,12 +81,12 @@ impl Config {
     pub fn from_args(args: &ConnectionArgs) -> Result<Config, Error> {
         let source = resolve_url("source", args.source_url.as_deref(), "USERSYNC_SOURCE_URL")?;
         let target = resolve_url("target", args.target_url.as_deref(), "USERSYNC_TARGET_URL")?;
-        if args.profile != "generic" {
-            return Err(Error::Config(format!(
-                "unknown profile {:?}: the profiles available are: generic",
-                args.profile
-            )));
-        }
+        let mapping = profile_from_args(args)?;
+        let table = args
+            .table
+            .as_deref()
+            .unwrap_or(mapping.default_table())
+            .parse()?;
         validate_slot_name(&args.slot)?;
         if args.publication.is_empty() {
             return Err(Error::Config("--publication must not be empty".into()));
@@ -91,19 +94,84 @@ impl Config {
         Ok(Config {
             source,
             target,
-            table: args.table.parse()?,
+            table,
             slot: args.slot.clone(),
             publication: args.publication.clone(),
-            mapping: GenericMapping {
-                id_column: args.id_column.clone(),
-                email_column: Some(args.email_column.clone()),
-                display_name_column: args.display_name_column.clone(),
-                signed_up_at_column: Some(args.signed_up_at_column.clone()),
-            },
+            mapping,
             lag_target: parse_duration(&args.lag_target)?,
             heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
         })
     }
+}
+
+/// The profile `--profile` names, with its options; an option of another profile is an
+/// error rather than silently ignored.
+fn profile_from_args(args: &ConnectionArgs) -> Result<Profile, Error> {
+    let column_options = [
+        ("--id-column", &args.id_column),
+        ("--email-column", &args.email_column),
+        ("--display-name-column", &args.display_name_column),
+        ("--signed-up-at-column", &args.signed_up_at_column),
+    ];
+    let only_for = |option: &str, profiles: &str| {
+        Err(Error::Config(format!(
+            "{option} applies to --profile {profiles} only, not {}",
+            args.profile
+        )))
+    };
+    if args.profile != "generic" {
+        if let Some((option, _)) = column_options.iter().find(|(_, value)| value.is_some()) {
+            return only_for(option, "generic");
+        }
+    }
+    if args.realm.is_some() && args.profile != "keycloak" {
+        return only_for("--realm", "keycloak");
+    }
+    if args.include_anonymous && !["supabase", "better-auth"].contains(&args.profile.as_str()) {
+        return only_for("--include-anonymous", "supabase or better-auth");
+    }
+    Ok(match args.profile.as_str() {
+        "generic" => Profile::Generic(GenericMapping {
+            id_column: args
+                .id_column
+                .clone()
+                .unwrap_or_else(|| generic::DEFAULT_ID_COLUMN.to_owned()),
+            email_column: Some(
+                args.email_column
+                    .clone()
+                    .unwrap_or_else(|| generic::DEFAULT_EMAIL_COLUMN.to_owned()),
+            ),
+            display_name_column: args.display_name_column.clone(),
+            signed_up_at_column: Some(
+                args.signed_up_at_column
+                    .clone()
+                    .unwrap_or_else(|| generic::DEFAULT_SIGNED_UP_AT_COLUMN.to_owned()),
+            ),
+        }),
+        "supabase" => Profile::Supabase(SupabaseMapping {
+            include_anonymous: args.include_anonymous,
+        }),
+        "keycloak" => match args.realm.as_deref() {
+            Some(realm) if !realm.is_empty() => Profile::Keycloak(KeycloakMapping::new(realm)),
+            _ => {
+                return Err(Error::Config(
+                    "--profile keycloak needs --realm (USERSYNC_REALM): the realm whose users \
+                     to replicate, by name or id (a Keycloak database holds every realm, \
+                     including master and its administrators)"
+                        .into(),
+                ))
+            }
+        },
+        "better-auth" => Profile::BetterAuth(BetterAuthMapping {
+            include_anonymous: args.include_anonymous,
+        }),
+        other => {
+            return Err(Error::Config(format!(
+                "unknown profile {other:?}: the profiles available are: {}",
+                Profile::NAMES.join(", ")
+            )))
+        }
+    })
 }
 
 fn resolve_url(which: &'static str, given: Option<&str>, env: &str) -> Result<PgUrl, Error> {
@@ -210,6 +278,80 @@ mod tests {
         );
         assert!("a.b.c".parse::<TableName>().is_err());
         assert!(".users".parse::<TableName>().is_err());
+    }
+
+    fn profile_of(args: &[&str]) -> Result<Profile, Error> {
+        use clap::Parser as _;
+        let argv = ["usersync", "setup"].iter().chain(args);
+        match crate::cli::Cli::try_parse_from(argv).expect("arguments parse") {
+            crate::cli::Cli {
+                command: crate::cli::Command::Setup(setup),
+                ..
+            } => profile_from_args(&setup.connection),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn profiles_take_their_own_options() {
+        assert_eq!(profile_of(&[]).unwrap(), Profile::default());
+        assert_eq!(
+            profile_of(&["--id-column", "user_id"]).unwrap(),
+            Profile::Generic(GenericMapping {
+                id_column: "user_id".into(),
+                ..GenericMapping::default()
+            })
+        );
+        assert_eq!(
+            profile_of(&["--profile", "supabase", "--include-anonymous"]).unwrap(),
+            Profile::Supabase(SupabaseMapping {
+                include_anonymous: true
+            })
+        );
+        assert_eq!(
+            profile_of(&["--profile", "keycloak", "--realm", "acme"]).unwrap(),
+            Profile::Keycloak(KeycloakMapping::new("acme"))
+        );
+        assert_eq!(
+            profile_of(&["--profile", "better-auth"]).unwrap(),
+            Profile::BetterAuth(BetterAuthMapping::default())
+        );
+        let refused = [
+            (&["--profile", "keycloak"][..], "needs --realm"),
+            (&["--profile", "supabase", "--realm", "x"], "--realm applies to"),
+            (&["--profile", "keycloak", "--realm", "x", "--include-anonymous"], "--include-anonymous applies"),
+            (&["--include-anonymous"], "--include-anonymous applies"),
+            (&["--profile", "better-auth", "--email-column", "mail"], "--email-column applies to --profile generic only"),
+            (&["--profile", "okta"], "unknown profile \"okta\": the profiles available are: generic, supabase, keycloak, better-auth"),
+        ];
+        for (args, needle) in refused {
+            let error = profile_of(args).unwrap_err().to_string();
+            assert!(error.contains(needle), "{args:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn each_profile_has_a_default_table() {
+        let tables: Vec<TableName> = [
+            Profile::default(),
+            Profile::Supabase(SupabaseMapping::default()),
+            Profile::Keycloak(KeycloakMapping::new("acme")),
+            Profile::BetterAuth(BetterAuthMapping::default()),
+        ]
+        .iter()
+        .map(|profile| profile.default_table().parse().unwrap())
+        .collect();
+        let names: Vec<String> = tables.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            names,
+            [
+                "public.users",
+                "auth.users",
+                "public.user_entity",
+                "public.user"
+            ]
+        );
+        assert_eq!(tables[3].quoted(), "\"public\".\"user\"");
     }
 
     #[test]

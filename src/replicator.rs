@@ -28,13 +28,13 @@ use crate::config::Config;
 use crate::conn;
 use crate::decode::{
     decode_replication_message, encode_standby_status_update, pg_micros_to_unix_micros,
-    unix_micros_to_pg_micros, Assembled, LogicalMessage, PgOutputDecoder, Relation,
+    unix_micros_to_pg_micros, Assembled, LogicalMessage, OldTuple, PgOutputDecoder, Relation,
     ReplicationMessage, Transaction, TransactionAssembler, TupleData,
 };
 use crate::error::Error;
 use crate::lag::{unix_micros_now, ClockOffset};
 use crate::lsn::Lsn;
-use crate::map::{BoundMapping, MappedUser};
+use crate::map::{BoundProfile, MappedUser, Profile, RowMapper, RowOutcome};
 use crate::metrics::{Metrics, Op, Side};
 use crate::source::monitor::{heartbeat_prefix, run_monitor};
 use crate::source::{catalog, ReplicationConnection, ReplicationStream, SourceError};
@@ -171,6 +171,8 @@ async fn run_session(
         .await
         .map_err(Error::connect("source"))?;
     wait_for_slot(&source, &config.slot).await?;
+    // Facts the profile needs from the source (Keycloak: the realm's id for its name).
+    let profile = catalog::resolve_profile(&source, &config.table, &config.mapping).await?;
     drop(source);
 
     let mut replication = ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
@@ -228,6 +230,7 @@ async fn run_session(
         writer,
         decoder: PgOutputDecoder::new(),
         assembler: TransactionAssembler::new(),
+        profile,
         users_relation: None,
         skip_before: resume_at,
         confirmed: resume_at,
@@ -331,9 +334,11 @@ async fn wait_for_slot(source: &tokio_postgres::Client, slot: &str) -> Result<()
 
 /// One source change as it will reach the target.
 enum UserChange {
+    /// `deleted_at`: the source keeps the row but marks the user deleted at that time.
     Upsert {
         user: MappedUser,
         inserted: bool,
+        deleted_at: Option<i64>,
     },
     SoftDelete(String),
     SoftDeleteAll,
@@ -344,7 +349,7 @@ enum UserChange {
 /// The users table as the current Relation message describes it.
 struct UsersRelation {
     id: u32,
-    mapping: BoundMapping,
+    mapping: BoundProfile,
 }
 
 /// Ends a background task when its owner goes away, on every path.
@@ -372,6 +377,8 @@ struct Session<'a> {
     writer: TargetWriter,
     decoder: PgOutputDecoder,
     assembler: TransactionAssembler,
+    /// The configured profile, completed with what the source told us.
+    profile: Profile,
     users_relation: Option<UsersRelation>,
     /// Transactions committed before this position are on the target already.
     skip_before: Lsn,
@@ -505,7 +512,7 @@ impl Session<'_> {
     fn note_relation(&mut self, relation: Relation) -> Result<(), Error> {
         let table = &self.config.table;
         if relation.namespace == table.schema && relation.name == table.name {
-            let mapping = self.config.mapping.bind(&relation.columns)?;
+            let mapping = self.profile.bind(&relation.columns)?;
             for note in mapping.notes() {
                 tracing::info!(table = %table, note = %note, "mapping");
             }
@@ -563,8 +570,15 @@ impl Session<'_> {
         }
         for change in changes {
             let op = match change {
-                UserChange::Upsert { user, inserted } => {
-                    self.batch.upsert(user, at);
+                UserChange::Upsert {
+                    user,
+                    inserted,
+                    deleted_at,
+                } => {
+                    match deleted_at {
+                        Some(deleted_at) => self.batch.upsert_deleted(user, deleted_at, at),
+                        None => self.batch.upsert(user, at),
+                    }
                     if inserted {
                         Op::Insert
                     } else {
@@ -601,31 +615,46 @@ impl Session<'_> {
         match change {
             LogicalMessage::Relation(relation) => self.note_relation(relation)?,
             LogicalMessage::Insert(insert) if Some(insert.relation_id) == users_id => {
-                let user = self.mapping()?.map_row(&insert.new)?;
-                out.push(UserChange::Upsert {
-                    user,
-                    inserted: true,
-                });
+                // A skipped new row has no user on the target to correct.
+                let outcome = self.mapping()?.map_row(&insert.new)?;
+                out.extend(upsert(outcome, true));
             }
             LogicalMessage::Update(update) if Some(update.relation_id) == users_id => {
                 let mapping = self.mapping()?;
-                let user = mapping.map_row(&update.new)?;
+                let outcome = mapping.map_row(&update.new)?;
                 let old_id = match &update.old {
                     Some(old) => Some(mapping.map_key(old_tuple(old))?),
                     None => None,
                 };
-                if let Some(old_id) = old_id.filter(|old_id| *old_id != user.id) {
+                if let Some(old_id) = old_id.filter(|old_id| old_id != outcome.id()) {
                     // The primary key changed: the old user is gone, a new one appears.
                     out.push(UserChange::SoftDelete(old_id));
                 }
-                out.push(UserChange::Upsert {
-                    user,
-                    inserted: false,
-                });
+                if let RowOutcome::Skip { id, reason } = &outcome {
+                    // The row is no longer one of ours (it became anonymous, moved to another
+                    // realm): a user replicated before must not stay live. Only a whole old
+                    // row (REPLICA IDENTITY FULL) can tell that it was skipped already.
+                    let skipped_before = match &update.old {
+                        Some(OldTuple::Full(old)) => mapping.skip_reason(old)?.is_some(),
+                        _ => false,
+                    };
+                    if !skipped_before {
+                        tracing::debug!(%reason, "an updated row is no longer replicated");
+                        out.push(UserChange::SoftDelete(id.clone()));
+                    }
+                }
+                out.extend(upsert(outcome, false));
             }
             LogicalMessage::Delete(delete) if Some(delete.relation_id) == users_id => {
-                let id = self.mapping()?.map_key(old_tuple(&delete.old))?;
-                out.push(UserChange::SoftDelete(id));
+                let mapping = self.mapping()?;
+                let id = mapping.map_key(old_tuple(&delete.old))?;
+                let skipped = match &delete.old {
+                    OldTuple::Full(old) => mapping.skip_reason(old)?.is_some(),
+                    OldTuple::Key(_) => false,
+                };
+                if !skipped {
+                    out.push(UserChange::SoftDelete(id));
+                }
             }
             LogicalMessage::Truncate(truncate)
                 if users_id.is_some_and(|id| truncate.relation_ids.contains(&id)) =>
@@ -640,10 +669,10 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn mapping(&self) -> Result<&BoundMapping, Error> {
+    fn mapping(&self) -> Result<&dyn RowMapper, Error> {
         self.users_relation
             .as_ref()
-            .map(|users| &users.mapping)
+            .map(|users| users.mapping.as_ref())
             .ok_or_else(|| Error::Config("a change arrived before its relation".into()))
     }
 
@@ -767,11 +796,23 @@ fn print_changes(meta: &serde_json::Map<String, serde_json::Value>, changes: &[U
     for change in changes {
         let mut line = meta.clone();
         let (op, id, raw_json) = match change {
-            UserChange::Upsert { user, inserted } => (
-                if *inserted { "insert" } else { "update" },
-                Some(user.id.as_str()),
-                Some(serde_json::Value::Object(user.raw_json.clone())),
-            ),
+            UserChange::Upsert {
+                user,
+                inserted,
+                deleted_at,
+            } => {
+                if let Some(deleted_at) = deleted_at {
+                    // The source keeps the row but marks the user deleted.
+                    let time = chrono::DateTime::from_timestamp_micros(*deleted_at)
+                        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+                    line.insert("deleted_at".into(), time.into());
+                }
+                (
+                    if *inserted { "insert" } else { "update" },
+                    Some(user.id.as_str()),
+                    Some(serde_json::Value::Object(user.raw_json.clone())),
+                )
+            }
             UserChange::SoftDelete(id) => ("delete", Some(id.as_str()), None),
             UserChange::SoftDeleteAll => ("truncate", None, None),
             UserChange::Heartbeat => continue,
@@ -783,8 +824,25 @@ fn print_changes(meta: &serde_json::Map<String, serde_json::Value>, changes: &[U
     }
 }
 
-fn old_tuple(old: &crate::decode::OldTuple) -> &TupleData {
+fn old_tuple(old: &OldTuple) -> &TupleData {
     match old {
-        crate::decode::OldTuple::Key(tuple) | crate::decode::OldTuple::Full(tuple) => tuple,
+        OldTuple::Key(tuple) | OldTuple::Full(tuple) => tuple,
+    }
+}
+
+/// The upsert a mapped row asks for, if any.
+fn upsert(outcome: RowOutcome, inserted: bool) -> Option<UserChange> {
+    match outcome {
+        RowOutcome::User(user) => Some(UserChange::Upsert {
+            user,
+            inserted,
+            deleted_at: None,
+        }),
+        RowOutcome::Deleted { user, at } => Some(UserChange::Upsert {
+            user,
+            inserted,
+            deleted_at: Some(at),
+        }),
+        RowOutcome::Skip { .. } => None,
     }
 }

@@ -7,6 +7,8 @@
 //! - a delete after an upsert in the same batch leaves a soft-deleted row carrying the
 //!   upserted `raw_json` (the row may not exist on the target yet);
 //! - an upsert after a delete brings the user back (`deleted_at` cleared);
+//! - an upsert of a user the source marks deleted (Supabase's soft delete) carries its row
+//!   and its own `deleted_at`, and replaces what came before it like any upsert;
 //! - unchanged-TOAST keys of a later upsert are filled from an earlier upsert in the batch,
 //!   and only the keys still unknown are left for the target to fill from its current row;
 //! - a TRUNCATE soft-deletes every live row on the target, so the rows pending before it are
@@ -79,6 +81,16 @@ impl Batch {
     }
 
     pub fn upsert(&mut self, user: MappedUser, at: UnixMicros) {
+        self.upsert_with(user, at, None);
+    }
+
+    /// Upserts a user whose row the source keeps but marks deleted at `deleted_at`: the target
+    /// row gets the latest `raw_json` and that `deleted_at`.
+    pub fn upsert_deleted(&mut self, user: MappedUser, deleted_at: UnixMicros, at: UnixMicros) {
+        self.upsert_with(user, at, Some(deleted_at));
+    }
+
+    fn upsert_with(&mut self, user: MappedUser, at: UnixMicros, deleted_at: Option<UnixMicros>) {
         self.changes += 1;
         let MappedUser {
             id,
@@ -103,7 +115,7 @@ impl Batch {
             id,
             PendingUser {
                 updated_at: at,
-                deleted_at: None,
+                deleted_at,
                 ..pending
             },
         );
@@ -239,6 +251,26 @@ mod tests {
         let a = &only_users(&batch)["a"];
         assert_eq!(a.deleted_at, None);
         assert!(a.raw_json.is_some());
+    }
+
+    #[test]
+    fn a_soft_deleted_row_carries_its_json_and_its_own_time() {
+        let mut batch = Batch::new();
+        batch.upsert(user("a", json!({"n": 1, "big": "x"}), &[]), 1);
+        batch.upsert_deleted(user("a", json!({"n": 2}), &["big"]), 5, 7);
+        let a = &only_users(&batch)["a"];
+        let raw = a.raw_json.as_ref().unwrap();
+        assert_eq!(
+            (raw["n"].clone(), raw["big"].clone()),
+            (json!(2), json!("x"))
+        );
+        assert_eq!((a.updated_at, a.deleted_at), (7, Some(5)));
+        // A later hard delete keeps the source's deletion time; a live upsert revives.
+        batch.soft_delete("a".into(), 9);
+        assert_eq!(only_users(&batch)["a"].deleted_at, Some(5));
+        batch.upsert(user("a", json!({"n": 3}), &[]), 10);
+        assert_eq!(only_users(&batch)["a"].deleted_at, None);
+        assert_eq!(batch.changes(), 4);
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub async fn demo(args: &DemoArgs) -> Result<(), Error> {
         table: "public.users".parse::<TableName>()?,
         slot: "usersync".into(),
         publication: "usersync".into(),
-        mapping: GenericMapping::default(),
+        mapping: GenericMapping::default().into(),
         lag_target,
         heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
     };

@@ -17,9 +17,10 @@ use crate::decode::RelationColumn;
 use crate::error::Error;
 use crate::lag::unix_micros_now;
 use crate::lsn::Lsn;
+use crate::map::RowOutcome;
 use crate::replicator::APPLICATION_NAME;
 use crate::source::snapshot::SnapshotRows;
-use crate::source::ReplicationConnection;
+use crate::source::{catalog, ReplicationConnection};
 
 /// Users per target transaction during the copy.
 const PAGE: usize = 5_000;
@@ -115,11 +116,12 @@ async fn copy(
     copied_at: i64,
     reconcile: Option<&Reconciler>,
 ) -> Result<usize, Error> {
-    let mapping = config.mapping.bind(columns)?;
     let reader = connect("source", &config.source).await?;
+    let profile = catalog::resolve_profile(&reader, &config.table, &config.mapping).await?;
+    let mapping = profile.bind(columns)?;
     let mut rows = SnapshotRows::open(&reader, &config.table, columns, snapshot).await?;
     let mut progress = Progress::new(rows.total());
-    let mut copied = 0usize;
+    let (mut read, mut copied) = (0usize, 0usize);
     loop {
         let page = rows.next_page(PAGE).await?;
         if page.is_empty() {
@@ -128,20 +130,37 @@ async fn copy(
         let mut batch = Batch::new();
         let mut ids = Vec::with_capacity(page.len());
         for row in &page {
-            let user = mapping.map_row(row)?;
+            // A skipped row (anonymous, another realm) is not copied, and not "seen": a
+            // resync soft-deletes a live target user that the source now skips.
+            let (user, deleted_at) = match mapping.map_row(row)? {
+                RowOutcome::User(user) => (user, None),
+                RowOutcome::Deleted { user, at } => (user, Some(at)),
+                RowOutcome::Skip { .. } => continue,
+            };
             if reconcile.is_some() {
                 ids.push(user.id.clone());
             }
-            batch.upsert(user, copied_at);
+            match deleted_at {
+                Some(deleted_at) => batch.upsert_deleted(user, deleted_at, copied_at),
+                None => batch.upsert(user, copied_at),
+            }
         }
         writer.apply_without_checkpoint(&batch).await?;
         if let Some(reconcile) = reconcile {
             reconcile.saw(&ids).await?;
         }
-        copied += page.len();
-        progress.update(copied);
+        read += page.len();
+        copied += batch.changes();
+        progress.update(read);
     }
-    progress.finish(copied);
+    progress.finish(read);
+    if copied < read {
+        println!(
+            "initial copy: skipped {} of {read} rows, which the {} profile does not replicate",
+            read - copied,
+            profile.name()
+        );
+    }
     Ok(copied)
 }
 

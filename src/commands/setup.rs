@@ -10,6 +10,7 @@ use crate::apply::{self, schema::Created};
 use crate::config::{Config, TableName};
 use crate::decode::RelationColumn;
 use crate::error::Error;
+use crate::map::MappingPlan;
 use crate::source::catalog::SlotInfo;
 use crate::source::{catalog, SourceError};
 
@@ -40,24 +41,19 @@ pub(crate) async fn prepare(config: &Config) -> Result<Prepared, Error> {
     catalog::check_wal_level(&source).await?;
     catalog::check_replication_privilege(&source).await?;
     catalog::check_table(&source, &config.table).await?;
+    let profile = catalog::resolve_profile(&source, &config.table, &config.mapping).await?;
     let columns = table_columns(&source, &config.table).await?;
-    let mapping = config.mapping.bind(&columns)?;
+    let mapping = profile.bind(&columns)?;
     for note in mapping.notes() {
         println!("mapping note: {note}");
     }
     println!(
-        "source table {}: {} columns; mapping: id <- {}, primary_email <- {}, display_name <- {}, signed_up_at_millis <- {}",
+        "source table {}: {} columns, profile {}; raw_json will be:",
         config.table,
         columns.len(),
-        config.mapping.id_column,
-        config.mapping.email_column.as_deref().unwrap_or("(none)"),
-        config
-            .mapping
-            .display_name_column
-            .as_deref()
-            .unwrap_or("display_name or name"),
-        config.mapping.signed_up_at_column.as_deref().unwrap_or("(none)"),
+        profile.name()
     );
+    print!("{}", describe(&mapping.plan()));
     println!(
         "{}",
         catalog::ensure_publication(&source, &config.publication, &config.table).await?
@@ -127,6 +123,33 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
     Ok(())
 }
 
+/// The mapping as lines for people: one per Stack Auth key, then what else happens.
+fn describe(plan: &MappingPlan) -> String {
+    let width = plan
+        .keys
+        .iter()
+        .map(|(key, _)| key.len())
+        .max()
+        .unwrap_or(0);
+    let mut text = String::new();
+    for (key, source) in &plan.keys {
+        text.push_str(&format!("  {key:<width$} <- {source}\n"));
+    }
+    let list = |names: &[String]| {
+        if names.is_empty() {
+            "(none)".to_owned()
+        } else {
+            names.join(", ")
+        }
+    };
+    text.push_str(&format!("  passed through: {}\n", list(&plan.passthrough)));
+    text.push_str(&format!("  never copied: {}\n", list(&plan.excluded)));
+    for rule in &plan.rules {
+        text.push_str(&format!("  rows: {rule}\n"));
+    }
+    text
+}
+
 fn copy_mode(options: SetupOptions) -> CopyMode {
     if options.snapshot {
         CopyMode::Copy
@@ -157,7 +180,8 @@ pub(crate) fn check_slot_fits(config: &Config, slot: &SlotInfo) -> Result<(), Er
 }
 
 /// The table's columns as a Relation message would describe them, so the mapping can be
-/// checked before any change streams.
+/// checked before any change streams. Generated columns are left out, as pgoutput leaves
+/// them out of its Relation messages.
 pub async fn table_columns(
     source: &Client,
     table: &TableName,

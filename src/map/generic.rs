@@ -20,17 +20,22 @@
 //!
 //! Every other column passes through under its own name with its JSON value, so nothing the
 //! source holds is lost, except a column whose name is a computed key (say an `id serial`
-//! beside `--id-column user_uuid`): writing it would overwrite the computed value.
+//! beside `--id-column user_uuid`): writing it would overwrite the computed value. Every row is
+//! a live user: the generic profile never skips a row.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use super::value::{self, TextValue, ValueError};
+use super::columns::{row_values, BoundColumn, Relation, UserJson};
+use super::profile::{MappingPlan, RowMapper, RowOutcome, SkipReason};
+use super::value::{self, ValueError};
 use super::{key, MapError};
-use crate::decode::{ColumnValue, RelationColumn, TupleData};
+use crate::decode::{RelationColumn, TupleData};
 
 /// Every profile produces the same output; re-exported so it can be named from the profile too.
 pub use super::MappedUser;
 
+/// The users table when `--table` is not given.
+pub const DEFAULT_TABLE: &str = "public.users";
 pub const DEFAULT_ID_COLUMN: &str = "id";
 pub const DEFAULT_EMAIL_COLUMN: &str = "email";
 pub const DEFAULT_SIGNED_UP_AT_COLUMN: &str = "created_at";
@@ -43,9 +48,6 @@ pub const EMAIL_VERIFIED_COLUMNS: [&str; 2] = ["email_verified", key::PRIMARY_EM
 const EMAIL_OPTION: &str = "--email-column";
 const DISPLAY_NAME_OPTION: &str = "--display-name-column";
 const SIGNED_UP_AT_OPTION: &str = "--signed-up-at-column";
-
-/// What `MapError::Column` says a passed-through column was becoming.
-const PASSTHROUGH_TARGET: &str = "a JSON value";
 
 /// Which source columns feed the Stack Auth keys, as the operator configured them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,115 +83,36 @@ pub struct BoundMapping {
     signed_up_at: Option<BoundColumn>,
     email_verified: Option<BoundColumn>,
     passthrough: Vec<BoundColumn>,
+    /// Columns left out because their name is a computed key.
+    hidden: Vec<String>,
     notes: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
-struct BoundColumn {
-    index: usize,
-    /// The source column name, which is also the raw_json key when passed through.
-    name: String,
-    type_oid: u32,
-}
-
-impl BoundColumn {
-    fn new(index: usize, column: &RelationColumn) -> Self {
-        BoundColumn {
-            index,
-            name: column.name.clone(),
-            type_oid: column.type_oid,
-        }
-    }
-
-    fn error(&self, target: &'static str, source: ValueError) -> MapError {
-        MapError::Column {
-            column: self.name.clone(),
-            type_oid: self.type_oid,
-            target,
-            source,
-        }
-    }
-
-    /// `values` has been checked against the relation's width; a miss still errors, not panics.
-    fn value<'r>(
-        &self,
-        values: &'r [ColumnValue],
-        target: &'static str,
-    ) -> Result<TextValue<'r>, MapError> {
-        let value = values.get(self.index).ok_or(MapError::ColumnCount {
-            expected: self.index + 1,
-            actual: values.len(),
-        })?;
-        TextValue::of(value).map_err(|source| self.error(target, source))
-    }
-}
-
-/// The relation's columns with the lookups `bind` needs.
-struct Relation<'c> {
-    columns: &'c [RelationColumn],
-}
-
-impl Relation<'_> {
-    fn find(&self, name: &str) -> Option<BoundColumn> {
-        self.columns
-            .iter()
-            .position(|column| column.name == name)
-            .and_then(|index| Some(BoundColumn::new(index, self.columns.get(index)?)))
-    }
-
-    fn first_of(&self, names: &[&str]) -> Option<BoundColumn> {
-        names.iter().find_map(|name| self.find(name))
-    }
-
-    /// Like `first_of`, skipping (with a note) candidates whose type cannot feed `key`.
-    fn first_of_type(
-        &self,
-        names: &[&str],
-        types: &[u32],
-        (key, wrong_type): (&str, ValueError),
-        notes: &mut Vec<String>,
-    ) -> Option<BoundColumn> {
-        names
-            .iter()
-            .filter_map(|name| self.find(name))
-            .find(|column| {
-                let fits = types.contains(&column.type_oid);
-                if !fits {
-                    notes.push(format!(
-                        "column {} (type oid {}) is not used for {key}: {wrong_type}",
-                        column.name, column.type_oid
-                    ));
-                }
-                fits
-            })
-    }
-
-    fn require(&self, name: &str, option: &'static str) -> Result<BoundColumn, MapError> {
-        self.find(name)
-            .ok_or_else(|| MapError::ConfiguredColumnMissing {
-                option,
-                column: name.to_owned(),
-                available: self.names(),
-            })
-    }
-
-    fn names(&self) -> String {
-        let names: Vec<&str> = self.columns.iter().map(|c| c.name.as_str()).collect();
-        names.join(", ")
-    }
+fn require(
+    relation: &Relation<'_>,
+    name: &str,
+    option: &'static str,
+) -> Result<BoundColumn, MapError> {
+    relation
+        .find(name)
+        .ok_or_else(|| MapError::ConfiguredColumnMissing {
+            option,
+            column: name.to_owned(),
+            available: relation.names(),
+        })
 }
 
 impl GenericMapping {
     /// Fails on what the operator must fix before any row can be replicated correctly.
     pub fn bind(&self, columns: &[RelationColumn]) -> Result<BoundMapping, MapError> {
-        let relation = Relation { columns };
+        let relation = Relation::new(columns);
         let id = relation
             .find(&self.id_column)
             .ok_or_else(|| MapError::IdColumnMissing {
                 column: self.id_column.clone(),
                 available: relation.names(),
             })?;
-        if !columns.get(id.index).is_some_and(|column| column.is_key) {
+        if !relation.is_key(&id) {
             return Err(MapError::IdNotInReplicaIdentity { column: id.name });
         }
 
@@ -199,11 +122,11 @@ impl GenericMapping {
             Some(DEFAULT_EMAIL_COLUMN) => {
                 relation.first_of(&[DEFAULT_EMAIL_COLUMN, key::PRIMARY_EMAIL])
             }
-            Some(name) => Some(relation.require(name, EMAIL_OPTION)?),
+            Some(name) => Some(require(&relation, name, EMAIL_OPTION)?),
         };
         let display_name = match self.display_name_column.as_deref() {
             None => relation.first_of(&DISPLAY_NAME_COLUMNS),
-            Some(name) => Some(relation.require(name, DISPLAY_NAME_OPTION)?),
+            Some(name) => Some(require(&relation, name, DISPLAY_NAME_OPTION)?),
         };
         let signed_up_at = match self.signed_up_at_column.as_deref() {
             None => None,
@@ -214,7 +137,7 @@ impl GenericMapping {
                 &mut notes,
             ),
             Some(name) => {
-                let column = relation.require(name, SIGNED_UP_AT_OPTION)?;
+                let column = require(&relation, name, SIGNED_UP_AT_OPTION)?;
                 if !value::MILLIS_TYPES.contains(&column.type_oid) {
                     return Err(column.error(key::SIGNED_UP_AT_MILLIS, ValueError::NotMillisType));
                 }
@@ -236,6 +159,7 @@ impl GenericMapping {
                 .any(|column| column.index == index)
         };
         let mut passthrough = Vec::new();
+        let mut hidden = Vec::new();
         for (index, column) in columns.iter().enumerate() {
             if feeds_a_key(index) {
                 continue;
@@ -245,6 +169,7 @@ impl GenericMapping {
                     "column {} is left out of raw_json: usersync computes that key from other columns",
                     column.name
                 ));
+                hidden.push(column.name.clone());
                 continue;
             }
             passthrough.push(BoundColumn::new(index, column));
@@ -258,6 +183,7 @@ impl GenericMapping {
             signed_up_at,
             email_verified,
             passthrough,
+            hidden,
             notes,
         })
     }
@@ -276,111 +202,86 @@ impl BoundMapping {
     }
 
     /// Maps an Insert's tuple or an Update's new tuple.
-    pub fn map_row(&self, row: &TupleData) -> Result<MappedUser, MapError> {
-        let values = self.values(row)?;
-        let id = self.id_text(values)?.to_owned();
-        let mut raw_json = Map::new();
-        let mut unchanged_keys = Vec::new();
-        raw_json.insert(key::ID.to_owned(), Value::String(id.clone()));
-
+    pub fn map_user(&self, row: &TupleData) -> Result<MappedUser, MapError> {
+        let values = row_values(row, self.column_count)?;
+        let id = self.id.id_text(values)?;
+        let mut user = UserJson::new(id);
         for (column, key) in [
             (&self.email, key::PRIMARY_EMAIL),
             (&self.display_name, key::DISPLAY_NAME),
         ] {
             let json = match column {
-                None => Value::Null,
-                Some(column) => match column.value(values, key)? {
-                    TextValue::Text(text) => Value::String(text.to_owned()),
-                    TextValue::Null => Value::Null,
-                    TextValue::UnchangedToast => {
-                        unchanged_keys.push(key.to_owned());
-                        continue;
-                    }
-                },
+                None => Some(Value::Null),
+                Some(column) => column.string(values, key)?,
             };
-            raw_json.insert(key.to_owned(), json);
+            user.set(key, json);
         }
-
-        let verified = match &self.email_verified {
-            None => Some(false),
-            Some(column) => match column.value(values, key::PRIMARY_EMAIL_VERIFIED)? {
-                TextValue::Text(text) => Some(
-                    value::verified_from_text(column.type_oid, text)
-                        .map_err(|source| column.error(key::PRIMARY_EMAIL_VERIFIED, source))?,
-                ),
-                TextValue::Null => Some(false),
-                TextValue::UnchangedToast => None,
-            },
-        };
-        match verified {
-            Some(flag) => {
-                raw_json.insert(key::PRIMARY_EMAIL_VERIFIED.to_owned(), Value::Bool(flag));
-            }
-            None => unchanged_keys.push(key::PRIMARY_EMAIL_VERIFIED.to_owned()),
+        match &self.email_verified {
+            None => user.set(key::PRIMARY_EMAIL_VERIFIED, Some(Value::Bool(false))),
+            Some(column) => user.set_email_verified(column, values)?,
         }
-
         if let Some(column) = &self.signed_up_at {
-            match column.value(values, key::SIGNED_UP_AT_MILLIS)? {
-                TextValue::Text(text) => {
-                    let millis = value::millis_from_text(column.type_oid, text)
-                        .map_err(|source| column.error(key::SIGNED_UP_AT_MILLIS, source))?;
-                    raw_json.insert(key::SIGNED_UP_AT_MILLIS.to_owned(), Value::from(millis));
-                }
-                // Left out, so the target's created_at is NULL: see the module docs.
-                TextValue::Null => {}
-                TextValue::UnchangedToast => {
-                    unchanged_keys.push(key::SIGNED_UP_AT_MILLIS.to_owned());
-                }
-            }
+            user.set_signed_up_at(column, values)?;
         }
-
-        for column in &self.passthrough {
-            let json = match column.value(values, PASSTHROUGH_TARGET)? {
-                TextValue::Text(text) => value::text_to_json(column.type_oid, text)
-                    .map_err(|source| column.error(PASSTHROUGH_TARGET, source))?,
-                TextValue::Null => Value::Null,
-                TextValue::UnchangedToast => {
-                    unchanged_keys.push(column.name.clone());
-                    continue;
-                }
-            };
-            raw_json.insert(column.name.clone(), json);
-        }
-
-        Ok(MappedUser {
-            id,
-            raw_json,
-            unchanged_keys,
-        })
+        user.pass_through(&self.passthrough, values)?;
+        Ok(user.finish(id.to_owned()))
     }
 
     /// The user id from a Delete's or Update's old tuple: a 'K' tuple (replica identity
     /// columns only, NULL elsewhere) or an 'O' tuple (REPLICA IDENTITY FULL).
     pub fn map_key(&self, old_key_or_full: &TupleData) -> Result<String, MapError> {
-        let values = self.values(old_key_or_full)?;
-        self.id_text(values).map(str::to_owned)
+        let values = row_values(old_key_or_full, self.column_count)?;
+        self.id.id_text(values).map(str::to_owned)
+    }
+}
+
+impl RowMapper for BoundMapping {
+    fn map_row(&self, row: &TupleData) -> Result<RowOutcome, MapError> {
+        self.map_user(row).map(RowOutcome::User)
     }
 
-    fn values<'r>(&self, row: &'r TupleData) -> Result<&'r [ColumnValue], MapError> {
-        if row.0.len() == self.column_count {
-            Ok(&row.0)
-        } else {
-            Err(MapError::ColumnCount {
-                expected: self.column_count,
-                actual: row.0.len(),
-            })
-        }
+    fn map_key(&self, old_key_or_full: &TupleData) -> Result<String, MapError> {
+        BoundMapping::map_key(self, old_key_or_full)
     }
 
-    fn id_text<'r>(&self, values: &'r [ColumnValue]) -> Result<&'r str, MapError> {
-        match self.id.value(values, key::ID)? {
-            TextValue::Text(text) => Ok(text),
-            TextValue::Null => Err(MapError::NullId {
-                column: self.id.name.clone(),
-            }),
-            TextValue::UnchangedToast => Err(MapError::UnchangedToastId {
-                column: self.id.name.clone(),
-            }),
+    fn skip_reason(&self, _full_row: &TupleData) -> Result<Option<SkipReason>, MapError> {
+        Ok(None)
+    }
+
+    fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    fn plan(&self) -> MappingPlan {
+        let source = |column: &Option<BoundColumn>, otherwise: &str| {
+            column
+                .as_ref()
+                .map_or_else(|| otherwise.to_owned(), |column| column.name.clone())
+        };
+        MappingPlan {
+            keys: vec![
+                (key::ID, self.id.name.clone()),
+                (key::PRIMARY_EMAIL, source(&self.email, "(none: null)")),
+                (
+                    key::DISPLAY_NAME,
+                    source(&self.display_name, "(none: null)"),
+                ),
+                (
+                    key::SIGNED_UP_AT_MILLIS,
+                    source(&self.signed_up_at, "(none: left out)"),
+                ),
+                (
+                    key::PRIMARY_EMAIL_VERIFIED,
+                    source(&self.email_verified, "(none: false)"),
+                ),
+            ],
+            passthrough: self.passthrough.iter().map(|c| c.name.clone()).collect(),
+            excluded: self
+                .hidden
+                .iter()
+                .map(|name| format!("{name} (named like a computed key)"))
+                .collect(),
+            rules: vec!["every row is a live user; a source delete is a soft delete".into()],
         }
     }
 }
@@ -388,26 +289,12 @@ impl BoundMapping {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::ColumnValue;
+    use crate::map::columns::fixtures::{column, row, text};
+    use crate::map::columns::PASSTHROUGH_TARGET;
     use crate::map::value::oid;
     use bytes::Bytes;
     use serde_json::json;
-
-    fn column(name: &str, type_oid: u32, is_key: bool) -> RelationColumn {
-        RelationColumn {
-            is_key,
-            name: name.to_owned(),
-            type_oid,
-            type_modifier: -1,
-        }
-    }
-
-    fn text(value: &str) -> ColumnValue {
-        ColumnValue::Text(Bytes::copy_from_slice(value.as_bytes()))
-    }
-
-    fn row(values: Vec<ColumnValue>) -> TupleData {
-        TupleData(values)
-    }
 
     /// A typical application table.
     fn users_columns() -> Vec<RelationColumn> {
@@ -448,7 +335,7 @@ mod tests {
     fn maps_a_full_row_into_the_stack_auth_shape() {
         let mapping = bind_default(&users_columns());
         assert!(mapping.notes().is_empty(), "{:?}", mapping.notes());
-        let user = mapping.map_row(&users_row()).unwrap();
+        let user = mapping.map_user(&users_row()).unwrap();
         assert_eq!(user.id, USER_ID);
         assert!(user.unchanged_keys.is_empty());
         assert_eq!(
@@ -472,7 +359,7 @@ mod tests {
         let columns = vec![column("id", oid::INT8, true)];
         let mapping = bind_default(&columns);
         let user = mapping
-            .map_row(&row(vec![text("9007199254740993")]))
+            .map_user(&row(vec![text("9007199254740993")]))
             .unwrap();
         assert_eq!(user.id, "9007199254740993");
         assert_eq!(user.raw_json.get("id"), Some(&json!("9007199254740993")));
@@ -482,7 +369,7 @@ mod tests {
     fn a_bare_table_gets_nulls_false_and_no_sign_up_time() {
         let columns = vec![column("id", oid::TEXT, true)];
         let mapping = bind_default(&columns);
-        let user = mapping.map_row(&row(vec![text("u1")])).unwrap();
+        let user = mapping.map_user(&row(vec![text("u1")])).unwrap();
         assert_eq!(
             Value::Object(user.raw_json),
             json!({
@@ -501,7 +388,7 @@ mod tests {
             column("name", oid::TEXT, false),
         ];
         let user = bind_default(&columns)
-            .map_row(&row(vec![text("u1"), text("Grace")]))
+            .map_user(&row(vec![text("u1"), text("Grace")]))
             .unwrap();
         assert_eq!(user.raw_json.get("display_name"), Some(&json!("Grace")));
         assert_eq!(user.raw_json.get("name"), None);
@@ -513,7 +400,7 @@ mod tests {
             column("display_name", oid::TEXT, false),
         ];
         let user = bind_default(&columns)
-            .map_row(&row(vec![text("u1"), text("grace"), text("Grace H.")]))
+            .map_user(&row(vec![text("u1"), text("grace"), text("Grace H.")]))
             .unwrap();
         assert_eq!(user.raw_json.get("display_name"), Some(&json!("Grace H.")));
         assert_eq!(user.raw_json.get("name"), Some(&json!("grace")));
@@ -537,7 +424,7 @@ mod tests {
         .bind(&columns)
         .unwrap();
         let user = mapping
-            .map_row(&row(vec![
+            .map_user(&row(vec![
                 text("7"),
                 text("a@b.c"),
                 text("A B"),
@@ -573,7 +460,7 @@ mod tests {
         .bind(&columns)
         .unwrap();
         let user = mapping
-            .map_row(&row(vec![
+            .map_user(&row(vec![
                 text("u1"),
                 text("a@b.c"),
                 text("2024-01-02 03:04:05+00"),
@@ -597,7 +484,7 @@ mod tests {
             column("primary_email_verified", oid::BOOL, false),
         ];
         let user = bind_default(&columns)
-            .map_row(&row(vec![
+            .map_user(&row(vec![
                 text("u1"),
                 text("a@b.c"),
                 text("1704164645123"),
@@ -632,7 +519,7 @@ mod tests {
         assert_eq!(mapping.notes().len(), 1);
         assert!(mapping.notes()[0].contains("column id is left out"));
         let user = mapping
-            .map_row(&row(vec![text("1"), text(USER_ID), text("a@b.c")]))
+            .map_user(&row(vec![text("1"), text(USER_ID), text("a@b.c")]))
             .unwrap();
         assert_eq!(user.raw_json.get("id"), Some(&json!(USER_ID)));
     }
@@ -655,7 +542,7 @@ mod tests {
             ]
         );
         let user = mapping
-            .map_row(&row(vec![text("u1"), text("yesterday"), text("yes")]))
+            .map_user(&row(vec![text("u1"), text("yesterday"), text("yes")]))
             .unwrap();
         assert_eq!(user.raw_json.get("signed_up_at_millis"), None);
         assert_eq!(user.raw_json.get("created_at"), Some(&json!("yesterday")));
@@ -674,14 +561,14 @@ mod tests {
         ];
         let mapping = bind_default(&columns);
         let verified = mapping
-            .map_row(&row(vec![text("u1"), text("2024-01-02 03:04:05+00")]))
+            .map_user(&row(vec![text("u1"), text("2024-01-02 03:04:05+00")]))
             .unwrap();
         assert_eq!(
             verified.raw_json.get("primary_email_verified"),
             Some(&json!(true))
         );
         let unverified = mapping
-            .map_row(&row(vec![text("u1"), ColumnValue::Null]))
+            .map_user(&row(vec![text("u1"), ColumnValue::Null]))
             .unwrap();
         assert_eq!(
             unverified.raw_json.get("primary_email_verified"),
@@ -696,7 +583,7 @@ mod tests {
         for value in &mut values[1..] {
             *value = ColumnValue::Null;
         }
-        let user = mapping.map_row(&row(values)).unwrap();
+        let user = mapping.map_user(&row(values)).unwrap();
         assert_eq!(
             Value::Object(user.raw_json),
             json!({
@@ -719,7 +606,7 @@ mod tests {
         values[1] = ColumnValue::UnchangedToast;
         values[3] = ColumnValue::UnchangedToast;
         values[6] = ColumnValue::UnchangedToast;
-        let user = mapping.map_row(&row(values)).unwrap();
+        let user = mapping.map_user(&row(values)).unwrap();
         assert_eq!(
             user.unchanged_keys,
             ["primary_email", "signed_up_at_millis", "server_metadata"]
@@ -739,14 +626,14 @@ mod tests {
         let mut values = users_row().0;
         values[0] = ColumnValue::Null;
         assert_eq!(
-            mapping.map_row(&row(values.clone())),
+            mapping.map_user(&row(values.clone())),
             Err(MapError::NullId {
                 column: "id".to_owned()
             })
         );
         values[0] = ColumnValue::UnchangedToast;
         assert_eq!(
-            mapping.map_row(&row(values)),
+            mapping.map_user(&row(values)),
             Err(MapError::UnchangedToastId {
                 column: "id".to_owned()
             })
@@ -763,7 +650,7 @@ mod tests {
             actual: 8,
         });
         assert_eq!(
-            mapping.map_row(&row(values.clone())).map(|u| u.id),
+            mapping.map_user(&row(values.clone())).map(|u| u.id),
             expected
         );
         assert_eq!(mapping.map_key(&row(values)), expected);
@@ -774,7 +661,7 @@ mod tests {
         let mapping = bind_default(&users_columns());
         let mut values = users_row().0;
         values[7] = text("secret-value");
-        let error = mapping.map_row(&row(values)).unwrap_err();
+        let error = mapping.map_user(&row(values)).unwrap_err();
         assert_eq!(
             error,
             MapError::Column {
@@ -793,7 +680,7 @@ mod tests {
 
         let mut values = users_row().0;
         values[3] = text("03/04/2024");
-        let error = mapping.map_row(&row(values)).unwrap_err();
+        let error = mapping.map_user(&row(values)).unwrap_err();
         assert_eq!(
             error.to_string(),
             "column created_at (type oid 1184) cannot become signed_up_at_millis"
@@ -802,7 +689,7 @@ mod tests {
         let mut values = users_row().0;
         values[2] = ColumnValue::Binary(Bytes::from_static(b"Ada"));
         assert!(matches!(
-            mapping.map_row(&row(values)),
+            mapping.map_user(&row(values)),
             Err(MapError::Column {
                 source: ValueError::BinaryFormat,
                 ..
@@ -940,7 +827,7 @@ mod tests {
         }
         .bind(&columns)
         .unwrap();
-        let user = mapping.map_row(&row(vec![text("a@b.c")])).unwrap();
+        let user = mapping.map_user(&row(vec![text("a@b.c")])).unwrap();
         assert_eq!(user.raw_json.get("id"), Some(&json!("a@b.c")));
         assert_eq!(user.raw_json.get("primary_email"), Some(&json!("a@b.c")));
         assert_eq!(user.raw_json.get("email"), None);

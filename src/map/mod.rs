@@ -13,8 +13,9 @@
 //! | any other source column  | its JSON value     | — (apps read it from `raw_json`)   |
 //!
 //! Stack Auth's own users also carry `profile_image_url`, `client_metadata`,
-//! `client_read_only_metadata` and `server_metadata`; a source column of that name lands there
-//! by passing through under its own name.
+//! `client_read_only_metadata` and `server_metadata`. The named profiles fill them from the
+//! store's own columns; with `generic`, a source column of that name lands there by passing
+//! through under its own name.
 //!
 //! **Why `id` is always a JSON string.** The target computes `id` as `raw_json ->> 'id'`, and
 //! apps join it to text and uuid columns. A string carries a uuid, a text key or a bigint
@@ -32,16 +33,30 @@
 //! and reports it in [`MappedUser::unchanged_keys`]; the apply step keeps those keys from the
 //! row already on the target. This keeps mapping pure: no lookups, no I/O.
 //!
-//! One file per identity-store profile ([`generic`] today; Stack Auth, Supabase, Keycloak and
-//! Better Auth later); conversions they share live in [`value`].
+//! **Which rows are users** is the profile's call too: a row may be a live user, a user the
+//! store marks deleted, or no user of ours at all (an anonymous user, another Keycloak realm);
+//! see [`RowOutcome`] and the [`profile`] module.
+//!
+//! One file per identity-store profile: [`generic`], [`supabase`], [`keycloak`],
+//! [`better_auth`] (Stack Auth's two-table profile is still to come). Conversions they share
+//! live in [`value`], and column binding and `raw_json` building in `columns`.
 //!
 //! Every [`MapError`] is definite: retrying the same row gives the same error, so the operator
 //! has to change the configuration or the source schema.
 
+pub mod better_auth;
+mod columns;
 pub mod generic;
+pub mod keycloak;
+pub mod profile;
+pub mod supabase;
 pub mod value;
 
+pub use better_auth::BetterAuthMapping;
 pub use generic::{BoundMapping, GenericMapping};
+pub use keycloak::KeycloakMapping;
+pub use profile::{BoundProfile, MappingPlan, Profile, RowMapper, RowOutcome, SkipReason};
+pub use supabase::SupabaseMapping;
 pub use value::{timestamp_millis, TextValue, ValueError};
 
 /// The Stack Auth keys a profile computes rather than copies; a source column with one of these
@@ -53,12 +68,31 @@ pub mod key {
     pub const PRIMARY_EMAIL_VERIFIED: &str = "primary_email_verified";
     pub const SIGNED_UP_AT_MILLIS: &str = "signed_up_at_millis";
 
+    pub const PROFILE_IMAGE_URL: &str = "profile_image_url";
+    pub const CLIENT_METADATA: &str = "client_metadata";
+    pub const CLIENT_READ_ONLY_METADATA: &str = "client_read_only_metadata";
+    pub const SERVER_METADATA: &str = "server_metadata";
+
+    /// What the generic profile computes; the other keys pass through by name there.
     pub const COMPUTED: [&str; 5] = [
         ID,
         DISPLAY_NAME,
         PRIMARY_EMAIL,
         PRIMARY_EMAIL_VERIFIED,
         SIGNED_UP_AT_MILLIS,
+    ];
+
+    /// Stack Auth's user shape: the named profiles write every one of these keys.
+    pub const STACK_AUTH: [&str; 9] = [
+        ID,
+        DISPLAY_NAME,
+        PRIMARY_EMAIL,
+        PRIMARY_EMAIL_VERIFIED,
+        SIGNED_UP_AT_MILLIS,
+        PROFILE_IMAGE_URL,
+        CLIENT_METADATA,
+        CLIENT_READ_ONLY_METADATA,
+        SERVER_METADATA,
     ];
 }
 
@@ -93,9 +127,36 @@ pub enum MapError {
         "id column {column:?} is not part of the table's replica identity, so deletes would \
          arrive without it; make it the primary key, or run ALTER TABLE … REPLICA IDENTITY \
          USING INDEX <a unique index on {column}> (or REPLICA IDENTITY FULL), \
-         or set --id-column to a primary-key column"
+         or (generic profile) set --id-column to a primary-key column"
     )]
     IdNotInReplicaIdentity { column: String },
+
+    #[error(
+        "the {profile} profile needs column {column} (the table has columns {available}); \
+         check that --table names the {profile} users table"
+    )]
+    ProfileColumnMissing {
+        profile: &'static str,
+        column: String,
+        available: String,
+    },
+
+    #[error(
+        "column {column} (type oid {type_oid}) does not fit the {profile} profile: \
+         expected {expected}"
+    )]
+    ProfileColumnType {
+        profile: &'static str,
+        column: String,
+        type_oid: u32,
+        expected: &'static str,
+    },
+
+    #[error(
+        "column {column} decides whether a row is replicated, but arrived as an unchanged \
+         TOAST value"
+    )]
+    UnchangedToastFilter { column: String },
 
     #[error(
         "the row has {actual} columns but the relation has {expected}; \

@@ -101,6 +101,10 @@ pub enum ValueError {
     InfiniteTime,
     #[error("the time is outside the range of 64-bit milliseconds since 1970")]
     MillisOutOfRange,
+    #[error("the time is outside the range of 64-bit microseconds since 1970")]
+    MicrosOutOfRange,
+    #[error("expected a timestamp or date")]
+    NotTimeType,
     #[error("expected a boolean, an integer, or a timestamp whose presence means verified")]
     NotVerifiedType,
 }
@@ -745,19 +749,31 @@ impl<'a> IsoDateTime<'a> {
 
     /// Milliseconds since 1970 in UTC, rounding towards the past like a clock reading.
     fn epoch_millis(&self) -> Result<i64, ValueError> {
-        const MILLI_DIGITS: usize = 3;
-        let local = self.naive().ok_or(ValueError::MillisOutOfRange)?;
+        const MILLI_DIGITS: u32 = 3;
+        self.epoch_units(MILLI_DIGITS)
+            .ok_or(ValueError::MillisOutOfRange)
+    }
+
+    /// Microseconds since 1970 in UTC: PostgreSQL's own resolution, so nothing is rounded.
+    fn epoch_micros(&self) -> Result<i64, ValueError> {
+        const MICRO_DIGITS: u32 = 6;
+        self.epoch_units(MICRO_DIGITS)
+            .ok_or(ValueError::MicrosOutOfRange)
+    }
+
+    /// Units of 10^-`digits` seconds since 1970 in UTC, further fraction digits dropped.
+    fn epoch_units(&self, digits: u32) -> Option<i64> {
+        let local = self.naive()?;
         let seconds = local.and_utc().timestamp() - i64::from(self.offset_seconds);
-        let mut millis_of_second = 0;
-        let mut digits = self.fraction().bytes();
-        for _ in 0..MILLI_DIGITS {
-            let digit = digits.next().map_or(0, |d| i64::from(d - b'0'));
-            millis_of_second = millis_of_second * 10 + digit;
+        let mut units_of_second = 0;
+        let mut fraction = self.fraction().bytes();
+        for _ in 0..digits {
+            let digit = fraction.next().map_or(0, |d| i64::from(d - b'0'));
+            units_of_second = units_of_second * 10 + digit;
         }
         seconds
-            .checked_mul(1000)
-            .and_then(|millis| millis.checked_add(millis_of_second))
-            .ok_or(ValueError::MillisOutOfRange)
+            .checked_mul(10_i64.pow(digits))
+            .and_then(|units| units.checked_add(units_of_second))
     }
 }
 
@@ -917,6 +933,32 @@ pub fn millis_from_text(type_oid: u32, text: &str) -> Result<i64, ValueError> {
         }
         _ => Err(ValueError::NotMillisType),
     }
+}
+
+/// Types `micros_from_text` accepts.
+pub const TIME_TYPES: &[u32] = &[oid::TIMESTAMPTZ, oid::TIMESTAMP, oid::DATE];
+
+/// Microseconds since the Unix epoch of a timestamp or date (a source's own deletion time,
+/// which becomes the target's `deleted_at` exactly). `timestamp` is taken as UTC and `date`
+/// as midnight UTC, as in [`millis_from_text`].
+pub fn micros_from_text(type_oid: u32, text: &str) -> Result<i64, ValueError> {
+    let zone = match type_oid {
+        oid::TIMESTAMPTZ => Some(Zone::Offset),
+        oid::TIMESTAMP => Some(Zone::None),
+        oid::DATE => None,
+        _ => return Err(ValueError::NotTimeType),
+    };
+    if is_infinity(text) {
+        return Err(ValueError::InfiniteTime);
+    }
+    let not_time = if zone.is_some() {
+        ValueError::NotTimestamp
+    } else {
+        ValueError::NotDate
+    };
+    IsoDateTime::parse(text, zone)
+        .ok_or(not_time)?
+        .epoch_micros()
 }
 
 /// `primary_email_verified` from a non-null value: a boolean as is, an integer when non-zero,
@@ -1315,6 +1357,42 @@ mod tests {
         assert_eq!(
             timestamp_millis(oid::NUMERIC, "1704164645123.000"),
             Ok(1_704_164_645_123)
+        );
+    }
+
+    #[test]
+    fn micros_keep_postgres_resolution() {
+        assert_eq!(
+            micros_from_text(oid::TIMESTAMPTZ, "2024-01-02 03:04:05.123456+00"),
+            Ok(1_704_164_645_123_456)
+        );
+        assert_eq!(
+            micros_from_text(oid::TIMESTAMPTZ, "2024-01-02 05:04:05.5+02"),
+            Ok(1_704_164_645_500_000)
+        );
+        assert_eq!(
+            micros_from_text(oid::TIMESTAMP, "1969-12-31 23:59:59.999999"),
+            Ok(-1)
+        );
+        assert_eq!(
+            micros_from_text(oid::DATE, "1970-01-02"),
+            Ok(86_400_000_000)
+        );
+        assert_eq!(
+            micros_from_text(oid::TIMESTAMPTZ, "infinity"),
+            Err(ValueError::InfiniteTime)
+        );
+        assert_eq!(
+            micros_from_text(oid::TIMESTAMPTZ, "2024-01-02"),
+            Err(ValueError::NotTimestamp)
+        );
+        assert_eq!(
+            micros_from_text(oid::INT8, "1704164645123"),
+            Err(ValueError::NotTimeType)
+        );
+        assert_eq!(
+            micros_from_text(oid::TIMESTAMPTZ, "294276-12-31 23:59:59+00"),
+            Err(ValueError::MicrosOutOfRange)
         );
     }
 

@@ -7,6 +7,7 @@ use tokio_postgres::Client;
 use super::SourceError;
 use crate::config::TableName;
 use crate::lsn::Lsn;
+use crate::map::{keycloak, KeycloakMapping, Profile};
 
 /// `pg_replication_slots` as far as usersync cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,4 +220,75 @@ pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, SourceError> {
         .get(0);
     text.parse()
         .map_err(|_| SourceError::Definite(format!("the source reported an invalid LSN {text:?}")))
+}
+
+/// The profile completed with what only the source knows. For Keycloak, that is the id of the
+/// realm `--realm` names: user rows carry the realm's id (a UUID for realms created in the
+/// admin console), while people know realms by name.
+pub async fn resolve_profile(
+    client: &Client,
+    table: &TableName,
+    profile: &Profile,
+) -> Result<Profile, SourceError> {
+    let Profile::Keycloak(mapping) = profile else {
+        return Ok(profile.clone());
+    };
+    let realm_table = TableName {
+        schema: table.schema.clone(),
+        name: keycloak::REALM_TABLE.to_owned(),
+    };
+    let readable: Option<bool> = client
+        .query_opt(
+            "SELECT has_table_privilege(c.oid, 'SELECT')
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2",
+            &[&realm_table.schema, &realm_table.name],
+        )
+        .await
+        .map_err(SourceError::sql("looking up Keycloak's realm table"))?
+        .map(|row| row.get(0));
+    if readable != Some(true) {
+        tracing::warn!(
+            realm = %mapping.realm,
+            table = %realm_table,
+            "cannot read Keycloak's realm table, so --realm is taken as the realm id; \
+             GRANT SELECT on it to look realm names up"
+        );
+        return Ok(profile.clone());
+    }
+    let realms: Vec<(String, String)> = client
+        .query(
+            &format!(
+                "SELECT id, name FROM {} ORDER BY name",
+                realm_table.quoted()
+            ),
+            &[],
+        )
+        .await
+        .map_err(SourceError::sql("reading Keycloak's realms"))?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let wanted = &mapping.realm;
+    let found = realms
+        .iter()
+        .find(|(id, _)| id == wanted)
+        .or_else(|| realms.iter().find(|(_, name)| name == wanted));
+    match found {
+        Some((id, _)) => Ok(Profile::Keycloak(KeycloakMapping {
+            realm: mapping.realm.clone(),
+            realm_id: Some(id.clone()),
+        })),
+        None => {
+            let known: Vec<String> = realms
+                .iter()
+                .map(|(id, name)| format!("{name} (id {id})"))
+                .collect();
+            Err(SourceError::Definite(format!(
+                "Keycloak has no realm {wanted:?} (by name or id); its realms are: {}; \
+                 set --realm (USERSYNC_REALM) to one of them",
+                known.join(", ")
+            )))
+        }
+    }
 }

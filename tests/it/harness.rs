@@ -110,7 +110,7 @@ impl Pair {
             table: "public.users".parse::<TableName>().unwrap(),
             slot: format!("slot_{name}"),
             publication: "usersync".into(),
-            mapping: GenericMapping::default(),
+            mapping: GenericMapping::default().into(),
             lag_target: Duration::from_secs(1),
             heartbeat_interval: Some(usersync::config::DEFAULT_HEARTBEAT_INTERVAL),
         };

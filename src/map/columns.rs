@@ -1,0 +1,391 @@
+//! What every profile does with a relation and its rows: find columns by name once per
+//! Relation message, read a row's values by position, and build `raw_json` with the keys
+//! whose source value is unchanged TOAST set aside for apply.
+
+use serde_json::{Map, Value};
+
+use super::value::{self, TextValue, ValueError};
+use super::{MapError, MappedUser};
+use crate::decode::{ColumnValue, RelationColumn, TupleData};
+
+/// What `MapError::Column` says a passed-through column was becoming.
+pub(super) const PASSTHROUGH_TARGET: &str = "a JSON value";
+
+/// Words that mark a column holding a credential (password hash, token, secret). The named
+/// profiles never copy such a column, whatever the store adds in a later version.
+const CREDENTIAL_WORDS: [&str; 3] = ["password", "token", "secret"];
+
+/// Whether a column name says it holds a credential (see [`CREDENTIAL_WORDS`]).
+pub(super) fn is_credential(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    CREDENTIAL_WORDS.iter().any(|word| name.contains(word))
+}
+
+/// A source column at a known position of the current relation.
+#[derive(Debug, Clone)]
+pub(super) struct BoundColumn {
+    pub index: usize,
+    /// The source column name, which is also the raw_json key when passed through.
+    pub name: String,
+    pub type_oid: u32,
+}
+
+impl BoundColumn {
+    pub fn new(index: usize, column: &RelationColumn) -> Self {
+        BoundColumn {
+            index,
+            name: column.name.clone(),
+            type_oid: column.type_oid,
+        }
+    }
+
+    pub fn error(&self, target: &'static str, source: ValueError) -> MapError {
+        MapError::Column {
+            column: self.name.clone(),
+            type_oid: self.type_oid,
+            target,
+            source,
+        }
+    }
+
+    /// `values` has been checked against the relation's width; a miss still errors, not panics.
+    pub fn value<'r>(
+        &self,
+        values: &'r [ColumnValue],
+        target: &'static str,
+    ) -> Result<TextValue<'r>, MapError> {
+        let value = values.get(self.index).ok_or(MapError::ColumnCount {
+            expected: self.index + 1,
+            actual: values.len(),
+        })?;
+        TextValue::of(value).map_err(|source| self.error(target, source))
+    }
+
+    /// The value as a JSON string (whatever its type); `None` when it is unchanged TOAST.
+    pub fn string(
+        &self,
+        values: &[ColumnValue],
+        target: &'static str,
+    ) -> Result<Option<Value>, MapError> {
+        Ok(match self.value(values, target)? {
+            TextValue::Text(text) => Some(Value::String(text.to_owned())),
+            TextValue::Null => Some(Value::Null),
+            TextValue::UnchangedToast => None,
+        })
+    }
+
+    /// The value as JSON by its type; `None` when it is unchanged TOAST.
+    pub fn json(
+        &self,
+        values: &[ColumnValue],
+        target: &'static str,
+    ) -> Result<Option<Value>, MapError> {
+        Ok(match self.value(values, target)? {
+            TextValue::Text(text) => Some(
+                value::text_to_json(self.type_oid, text)
+                    .map_err(|source| self.error(target, source))?,
+            ),
+            TextValue::Null => Some(Value::Null),
+            TextValue::UnchangedToast => None,
+        })
+    }
+
+    /// A value that decides whether the row is replicated at all. Such columns are small
+    /// (booleans, timestamps, short ids) and never stored out of line, so unchanged TOAST here
+    /// means something we do not understand: an error rather than a guess.
+    pub fn filter_value<'r>(
+        &self,
+        values: &'r [ColumnValue],
+        target: &'static str,
+    ) -> Result<Option<&'r str>, MapError> {
+        match self.value(values, target)? {
+            TextValue::Text(text) => Ok(Some(text)),
+            TextValue::Null => Ok(None),
+            TextValue::UnchangedToast => Err(MapError::UnchangedToastFilter {
+                column: self.name.clone(),
+            }),
+        }
+    }
+
+    /// The user id's text: never NULL, never unchanged TOAST.
+    pub fn id_text<'r>(&self, values: &'r [ColumnValue]) -> Result<&'r str, MapError> {
+        match self.value(values, super::key::ID)? {
+            TextValue::Text(text) => Ok(text),
+            TextValue::Null => Err(MapError::NullId {
+                column: self.name.clone(),
+            }),
+            TextValue::UnchangedToast => Err(MapError::UnchangedToastId {
+                column: self.name.clone(),
+            }),
+        }
+    }
+}
+
+/// A row's values, after checking that the row is as wide as the relation it was bound to.
+pub(super) fn row_values(row: &TupleData, column_count: usize) -> Result<&[ColumnValue], MapError> {
+    if row.0.len() == column_count {
+        Ok(&row.0)
+    } else {
+        Err(MapError::ColumnCount {
+            expected: column_count,
+            actual: row.0.len(),
+        })
+    }
+}
+
+/// The relation's columns with the lookups binding needs.
+pub(super) struct Relation<'c> {
+    pub columns: &'c [RelationColumn],
+}
+
+impl<'c> Relation<'c> {
+    pub fn new(columns: &'c [RelationColumn]) -> Self {
+        Relation { columns }
+    }
+
+    pub fn find(&self, name: &str) -> Option<BoundColumn> {
+        self.columns
+            .iter()
+            .position(|column| column.name == name)
+            .and_then(|index| Some(BoundColumn::new(index, self.columns.get(index)?)))
+    }
+
+    pub fn first_of(&self, names: &[&str]) -> Option<BoundColumn> {
+        names.iter().find_map(|name| self.find(name))
+    }
+
+    /// Like `first_of`, skipping (with a note) candidates whose type cannot feed `key`.
+    pub fn first_of_type(
+        &self,
+        names: &[&str],
+        types: &[u32],
+        (key, wrong_type): (&str, ValueError),
+        notes: &mut Vec<String>,
+    ) -> Option<BoundColumn> {
+        names
+            .iter()
+            .filter_map(|name| self.find(name))
+            .find(|column| {
+                let fits = types.contains(&column.type_oid);
+                if !fits {
+                    notes.push(format!(
+                        "column {} (type oid {}) is not used for {key}: {wrong_type}",
+                        column.name, column.type_oid
+                    ));
+                }
+                fits
+            })
+    }
+
+    pub fn names(&self) -> String {
+        let names: Vec<&str> = self.columns.iter().map(|c| c.name.as_str()).collect();
+        names.join(", ")
+    }
+
+    pub fn is_key(&self, column: &BoundColumn) -> bool {
+        self.columns
+            .get(column.index)
+            .is_some_and(|column| column.is_key)
+    }
+
+    /// A column a named profile cannot work without: the first of `names` present (stores
+    /// spell some columns two ways), of one of `types` when given.
+    pub fn require(&self, need: &ColumnNeed) -> Result<BoundColumn, MapError> {
+        self.optional(need)?
+            .ok_or_else(|| MapError::ProfileColumnMissing {
+                profile: need.profile,
+                column: need.names.join(" or "),
+                available: self.names(),
+            })
+    }
+
+    /// A column a named profile uses when present (older versions of the store lack it);
+    /// present with the wrong type is still an error.
+    pub fn optional(&self, need: &ColumnNeed) -> Result<Option<BoundColumn>, MapError> {
+        let Some(column) = self.first_of(need.names) else {
+            return Ok(None);
+        };
+        match need.types {
+            Some((types, expected)) if !types.contains(&column.type_oid) => {
+                Err(MapError::ProfileColumnType {
+                    profile: need.profile,
+                    column: column.name,
+                    type_oid: column.type_oid,
+                    expected,
+                })
+            }
+            _ => Ok(Some(column)),
+        }
+    }
+
+    /// The id column: it must be in the replica identity, or deletes could not be matched to
+    /// users.
+    pub fn require_id(&self, need: &ColumnNeed) -> Result<BoundColumn, MapError> {
+        let id = self.require(need)?;
+        if self.is_key(&id) {
+            Ok(id)
+        } else {
+            Err(MapError::IdNotInReplicaIdentity { column: id.name })
+        }
+    }
+}
+
+/// A column a named profile reads, as its store's published schema spells it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ColumnNeed {
+    pub profile: &'static str,
+    /// Accepted spellings, preferred first.
+    pub names: &'static [&'static str],
+    /// Accepted types, and how to say so in an error; `None` takes any type.
+    pub types: Option<(&'static [u32], &'static str)>,
+}
+
+/// `raw_json` being built. A key whose source value is unchanged TOAST is left out and set
+/// aside for apply, which keeps the target's current value.
+#[derive(Debug)]
+pub(super) struct UserJson {
+    raw_json: Map<String, Value>,
+    unchanged_keys: Vec<String>,
+}
+
+impl UserJson {
+    pub fn new(id: &str) -> Self {
+        let mut raw_json = Map::new();
+        raw_json.insert(super::key::ID.to_owned(), Value::String(id.to_owned()));
+        UserJson {
+            raw_json,
+            unchanged_keys: Vec::new(),
+        }
+    }
+
+    /// `None`: the source did not send the value (unchanged TOAST).
+    pub fn set(&mut self, key: &str, value: Option<Value>) {
+        match value {
+            Some(value) => {
+                self.raw_json.insert(key.to_owned(), value);
+            }
+            None => self.unchanged_keys.push(key.to_owned()),
+        }
+    }
+
+    /// Copies each column under its own name with its JSON value.
+    pub fn pass_through(
+        &mut self,
+        columns: &[BoundColumn],
+        values: &[ColumnValue],
+    ) -> Result<(), MapError> {
+        for column in columns {
+            let json = column.json(values, PASSTHROUGH_TARGET)?;
+            self.set(&column.name, json);
+        }
+        Ok(())
+    }
+
+    /// `signed_up_at_millis` from a time or integer-milliseconds column; left out when NULL,
+    /// so the target's `created_at` is NULL (see the module docs of `map`).
+    pub fn set_signed_up_at(
+        &mut self,
+        column: &BoundColumn,
+        values: &[ColumnValue],
+    ) -> Result<(), MapError> {
+        let key = super::key::SIGNED_UP_AT_MILLIS;
+        match column.value(values, key)? {
+            TextValue::Text(text) => {
+                let millis = value::millis_from_text(column.type_oid, text)
+                    .map_err(|source| column.error(key, source))?;
+                self.set(key, Some(Value::from(millis)));
+            }
+            TextValue::Null => {}
+            TextValue::UnchangedToast => self.set(key, None),
+        }
+        Ok(())
+    }
+
+    /// `primary_email_verified` from a flag or a verification time; NULL is false.
+    pub fn set_email_verified(
+        &mut self,
+        column: &BoundColumn,
+        values: &[ColumnValue],
+    ) -> Result<(), MapError> {
+        let key = super::key::PRIMARY_EMAIL_VERIFIED;
+        let verified = match column.value(values, key)? {
+            TextValue::Text(text) => Some(Value::Bool(
+                value::verified_from_text(column.type_oid, text)
+                    .map_err(|source| column.error(key, source))?,
+            )),
+            TextValue::Null => Some(Value::Bool(false)),
+            TextValue::UnchangedToast => None,
+        };
+        self.set(key, verified);
+        Ok(())
+    }
+
+    pub fn finish(self, id: String) -> MappedUser {
+        MappedUser {
+            id,
+            raw_json: self.raw_json,
+            unchanged_keys: self.unchanged_keys,
+        }
+    }
+}
+
+/// Relations and rows for the profiles' unit tests.
+#[cfg(test)]
+pub(super) mod fixtures {
+    use bytes::Bytes;
+
+    use crate::decode::{ColumnValue, RelationColumn, TupleData};
+
+    pub fn column(name: &str, type_oid: u32, is_key: bool) -> RelationColumn {
+        RelationColumn {
+            is_key,
+            name: name.to_owned(),
+            type_oid,
+            type_modifier: -1,
+        }
+    }
+
+    pub fn text(value: &str) -> ColumnValue {
+        ColumnValue::Text(Bytes::copy_from_slice(value.as_bytes()))
+    }
+
+    pub fn row(values: Vec<ColumnValue>) -> TupleData {
+        TupleData(values)
+    }
+
+    /// A row built by column name; columns not given are NULL.
+    pub fn row_of(columns: &[RelationColumn], given: &[(&str, ColumnValue)]) -> TupleData {
+        let values = columns
+            .iter()
+            .map(|column| {
+                given
+                    .iter()
+                    .find(|(name, _)| *name == column.name)
+                    .map_or(ColumnValue::Null, |(_, value)| value.clone())
+            })
+            .collect();
+        TupleData(values)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_columns_are_recognised_by_name() {
+        for name in [
+            "encrypted_password",
+            "recovery_token",
+            "email_change_token_new",
+            "totp_secret",
+            "passwordHash",
+            "refreshToken",
+        ] {
+            assert!(is_credential(name), "{name}");
+        }
+        for name in ["email", "raw_user_meta_data", "created_at", "image"] {
+            assert!(!is_credential(name), "{name}");
+        }
+    }
+}

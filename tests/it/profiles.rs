@@ -1,0 +1,669 @@
+//! Identity-store profiles end to end: each store's users table as its published schema
+//! creates it (reduced to the users table, columns faithful), replicated through a real slot.
+//! Each test compares the live users on both sides by content, then checks the profile's
+//! special cases: Supabase soft deletes and anonymous users, Keycloak realms, Better Auth
+//! anonymous users, and unchanged TOAST values.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+use usersync::map::{BetterAuthMapping, KeycloakMapping, Profile, SupabaseMapping};
+use usersync::metrics::Op;
+
+use crate::harness::*;
+
+/// `auth.users` as Supabase Auth (GoTrue) creates it, indexes left out.
+const SUPABASE_USERS: &str = "
+CREATE SCHEMA auth;
+CREATE TABLE auth.users (
+    instance_id                 uuid,
+    id                          uuid NOT NULL,
+    aud                         varchar(255),
+    role                        varchar(255),
+    email                       varchar(255),
+    encrypted_password          varchar(255),
+    email_confirmed_at          timestamptz,
+    invited_at                  timestamptz,
+    confirmation_token          varchar(255),
+    confirmation_sent_at        timestamptz,
+    recovery_token              varchar(255),
+    recovery_sent_at            timestamptz,
+    email_change_token_new      varchar(255),
+    email_change                varchar(255),
+    email_change_sent_at        timestamptz,
+    last_sign_in_at             timestamptz,
+    raw_app_meta_data           jsonb,
+    raw_user_meta_data          jsonb,
+    is_super_admin              boolean,
+    created_at                  timestamptz,
+    updated_at                  timestamptz,
+    phone                       text DEFAULT NULL::character varying UNIQUE,
+    phone_confirmed_at          timestamptz,
+    phone_change                text DEFAULT ''::character varying,
+    phone_change_token          varchar(255) DEFAULT ''::character varying,
+    phone_change_sent_at        timestamptz,
+    confirmed_at                timestamptz
+                                GENERATED ALWAYS AS (LEAST(email_confirmed_at, phone_confirmed_at)) STORED,
+    email_change_token_current  varchar(255) DEFAULT ''::character varying,
+    email_change_confirm_status smallint DEFAULT 0
+                                CHECK (email_change_confirm_status >= 0 AND email_change_confirm_status <= 2),
+    banned_until                timestamptz,
+    reauthentication_token      varchar(255) DEFAULT ''::character varying,
+    reauthentication_sent_at    timestamptz,
+    is_sso_user                 boolean NOT NULL DEFAULT false,
+    deleted_at                  timestamptz,
+    is_anonymous                boolean NOT NULL DEFAULT false,
+    CONSTRAINT users_pkey PRIMARY KEY (id)
+)";
+
+/// Keycloak's `realm` (reduced to the columns usersync reads; Keycloak has dozens of realm
+/// settings more) and `user_entity` (complete), as its Liquibase changelog creates them.
+const KEYCLOAK_TABLES: &str = "
+CREATE TABLE public.realm (
+    id      varchar(36) NOT NULL,
+    name    varchar(255),
+    enabled boolean DEFAULT false NOT NULL,
+    CONSTRAINT constraint_4a PRIMARY KEY (id),
+    CONSTRAINT uk_orvsdmla56612eaefiq6wl5oi UNIQUE (name)
+);
+CREATE TABLE public.user_entity (
+    id                          varchar(36) NOT NULL,
+    email                       varchar(255),
+    email_constraint            varchar(255),
+    email_verified              boolean DEFAULT false NOT NULL,
+    enabled                     boolean DEFAULT false NOT NULL,
+    federation_link             varchar(255),
+    first_name                  varchar(255),
+    last_name                   varchar(255),
+    realm_id                    varchar(255),
+    username                    varchar(255),
+    created_timestamp           bigint,
+    service_account_client_link varchar(255),
+    not_before                  integer DEFAULT 0 NOT NULL,
+    CONSTRAINT constraint_fb PRIMARY KEY (id),
+    CONSTRAINT uk_dykn684sl8up1crfei6eckhd7 UNIQUE (realm_id, email_constraint),
+    CONSTRAINT uk_ru8tt6t700s9v50bu18ws5ha6 UNIQUE (realm_id, username)
+);
+INSERT INTO public.realm (id, name, enabled) VALUES
+    ('master', 'master', true),
+    ('9c3e6a2b-5d41-4f0e-8b7a-2f1d3c4b5a69', 'acme', true)";
+
+const ACME_REALM_ID: &str = "9c3e6a2b-5d41-4f0e-8b7a-2f1d3c4b5a69";
+
+/// `"user"` as `npx @better-auth/cli migrate` creates it on PostgreSQL, with the anonymous
+/// plugin's column.
+const BETTER_AUTH_USER: &str = r#"
+CREATE TABLE "user" (
+    "id"            text NOT NULL PRIMARY KEY,
+    "name"          text NOT NULL,
+    "email"         text NOT NULL UNIQUE,
+    "emailVerified" boolean NOT NULL,
+    "image"         text,
+    "createdAt"     timestamptz DEFAULT CURRENT_TIMESTAMP NOT NULL,
+    "updatedAt"     timestamptz DEFAULT CURRENT_TIMESTAMP NOT NULL,
+    "isAnonymous"   boolean
+)"#;
+
+/// What both sides must agree on for each live user: id, email, display name, verified,
+/// sign-up millis, and a checksum of the profile's larger values.
+type LiveUser = (
+    String,
+    Option<String>,
+    Option<String>,
+    bool,
+    Option<i64>,
+    String,
+);
+
+async fn profile_pair(ddl: &str, table: &str, profile: Profile) -> Pair {
+    let mut pair = Pair::on(shared_server(), ddl).await;
+    pair.config.table = table.parse().unwrap();
+    pair.config.mapping = profile;
+    pair
+}
+
+async fn live_users(client: &Client, sql: &str) -> Vec<LiveUser> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .collect()
+}
+
+/// Waits until the target's live users equal what the source says they should be.
+async fn wait_live_match(pair: &Pair, source_sql: &str, target_sql: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let source = live_users(&pair.source, source_sql).await;
+        let target = live_users(&pair.target, target_sql).await;
+        if source == target {
+            assert!(!source.is_empty(), "the comparison compared nothing");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "live users differ after {WAIT:?}:\nsource {source:#?}\ntarget {target:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn target_has(pair: &Pair, query: &str) -> bool {
+    pair.target.query_one(query, &[]).await.unwrap().get(0)
+}
+
+const SUPABASE_SOURCE_LIVE: &str = "
+SELECT id::text, email::text,
+       coalesce(nullif(btrim(raw_user_meta_data ->> 'full_name'), ''),
+                nullif(btrim(raw_user_meta_data ->> 'name'), '')),
+       email_confirmed_at IS NOT NULL,
+       floor(extract(epoch FROM created_at) * 1000)::bigint,
+       md5(coalesce(raw_user_meta_data::text, 'null') || coalesce(raw_app_meta_data::text, 'null'))
+  FROM auth.users WHERE NOT is_anonymous AND deleted_at IS NULL ORDER BY 1";
+
+const SUPABASE_TARGET_LIVE: &str = "
+SELECT id, email, name, (raw_json ->> 'primary_email_verified')::bool,
+       (raw_json ->> 'signed_up_at_millis')::bigint,
+       md5(coalesce((raw_json -> 'client_metadata')::text, 'null')
+           || coalesce((raw_json -> 'client_read_only_metadata')::text, 'null'))
+  FROM neon_auth.users_sync WHERE deleted_at IS NULL ORDER BY 1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_users_soft_deletes_and_anonymous_users() {
+    let pair = profile_pair(
+        SUPABASE_USERS,
+        "auth.users",
+        Profile::Supabase(SupabaseMapping::default()),
+    )
+    .await;
+    // setup through the binary: --table defaults to auth.users, and the mapping is printed.
+    let setup = pair
+        .command(&["setup", "--profile", "supabase"])
+        .output()
+        .unwrap();
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(said.contains("source table auth.users"), "{said}");
+    assert!(
+        said.contains("client_read_only_metadata <- raw_app_meta_data"),
+        "{said}"
+    );
+    assert!(said.contains("never copied: encrypted_password"), "{said}");
+    let passed = said
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("passed through: "))
+        .unwrap_or_default();
+    assert!(passed.split(", ").any(|c| c == "last_sign_in_at"), "{said}");
+    assert!(
+        !passed.split(", ").any(|c| c == "confirmed_at"),
+        "a generated column is not published: {said}"
+    );
+
+    let running = pair.start();
+    pair.source
+        .batch_execute(
+            r#"INSERT INTO auth.users (id, aud, role, email, encrypted_password, email_confirmed_at,
+                                     confirmation_token, raw_app_meta_data, raw_user_meta_data,
+                                     created_at, updated_at)
+               VALUES ('00000000-0000-4000-8000-00000000a001', 'authenticated', 'authenticated',
+                       'ada@example.com', '$2a$10$secretsecretsecretsecret', '2024-01-02 03:05:00+00',
+                       'tok-confirm-ada', '{"provider": "github", "providers": ["github"]}',
+                       '{"full_name": "Ada Lovelace", "avatar_url": "https://i.example/ada.png"}',
+                       '2024-01-02 03:04:05.678+00', now()),
+                      ('00000000-0000-4000-8000-00000000b002', 'authenticated', 'authenticated',
+                       'bob@example.com', NULL, NULL, 'tok-confirm-bob', '{"provider": "email"}',
+                       '{"name": "bob"}', now(), now()),
+                      ('00000000-0000-4000-8000-00000000c003', 'authenticated', 'authenticated',
+                       'carol@example.com', NULL, now(), '', '{}', '{}', now(), now());
+               INSERT INTO auth.users (id, aud, role, is_anonymous, raw_app_meta_data,
+                                       raw_user_meta_data, created_at)
+               VALUES ('00000000-0000-4000-8000-00000000d004', 'authenticated', 'authenticated',
+                       true, '{}', '{}', now());
+               UPDATE auth.users SET last_sign_in_at = now()
+                WHERE id = '00000000-0000-4000-8000-00000000a001';"#,
+        )
+        .await
+        .unwrap();
+    wait_live_match(&pair, SUPABASE_SOURCE_LIVE, SUPABASE_TARGET_LIVE).await;
+    assert!(
+        target_has(
+            &pair,
+            "SELECT NOT EXISTS (SELECT 1 FROM neon_auth.users_sync
+                                 WHERE id = '00000000-0000-4000-8000-00000000d004')"
+        )
+        .await,
+        "an anonymous user is not replicated"
+    );
+    let ada: serde_json::Value = pair
+        .target
+        .query_one(
+            "SELECT raw_json FROM neon_auth.users_sync
+              WHERE id = '00000000-0000-4000-8000-00000000a001'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ada["profile_image_url"], "https://i.example/ada.png");
+    assert_eq!(ada["client_read_only_metadata"]["provider"], "github");
+    assert_eq!(ada["signed_up_at_millis"], 1_704_164_645_678_i64);
+    assert!(ada["last_sign_in_at"].is_string());
+    assert!(
+        target_has(
+            &pair,
+            "SELECT bool_and(NOT raw_json ?| array['encrypted_password', 'confirmation_token',
+                                                   'recovery_token', 'email_change_token_new']
+                             AND raw_json::text NOT LIKE '%tok-confirm%'
+                             AND raw_json::text NOT LIKE '%secretsecret%')
+               FROM neon_auth.users_sync"
+        )
+        .await,
+        "no password hash or token reaches the target"
+    );
+
+    // The anonymous user links an email (becomes a user); bob turns anonymous (must not stay
+    // live); ada is soft-deleted by Supabase; carol is deleted for real. Each its own
+    // transaction, as GoTrue writes them.
+    for statement in [
+        "UPDATE auth.users SET email = 'dave@example.com', is_anonymous = false,
+                raw_user_meta_data = '{\"full_name\": \"Dave\"}'
+          WHERE id = '00000000-0000-4000-8000-00000000d004'",
+        "UPDATE auth.users SET is_anonymous = true WHERE id = '00000000-0000-4000-8000-00000000b002'",
+        "UPDATE auth.users SET deleted_at = '2024-05-06 07:08:09.123456+00', email = 'obfuscated@example.invalid'
+          WHERE id = '00000000-0000-4000-8000-00000000a001'",
+        "DELETE FROM auth.users WHERE id = '00000000-0000-4000-8000-00000000c003'",
+    ] {
+        pair.source.batch_execute(statement).await.unwrap();
+    }
+    wait_live_match(&pair, SUPABASE_SOURCE_LIVE, SUPABASE_TARGET_LIVE).await;
+    pair.wait_target(
+        "SELECT deleted_at = '2024-05-06 07:08:09.123456+00'
+                AND email = 'obfuscated@example.invalid'
+                AND raw_json ->> 'deleted_at' = '2024-05-06T07:08:09.123456Z'
+           FROM neon_auth.users_sync WHERE id = '00000000-0000-4000-8000-00000000a001'",
+    )
+    .await;
+    pair.wait_target(
+        "SELECT count(*) = 2 FROM neon_auth.users_sync
+          WHERE deleted_at IS NOT NULL
+            AND id IN ('00000000-0000-4000-8000-00000000b002', '00000000-0000-4000-8000-00000000c003')",
+    )
+    .await;
+
+    // Undoing a Supabase soft delete brings the user back.
+    pair.source
+        .batch_execute(
+            "UPDATE auth.users SET deleted_at = NULL WHERE id = '00000000-0000-4000-8000-00000000a001'",
+        )
+        .await
+        .unwrap();
+    wait_live_match(&pair, SUPABASE_SOURCE_LIVE, SUPABASE_TARGET_LIVE).await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_unchanged_toast_metadata_keeps_its_derived_keys() {
+    let pair = profile_pair(
+        SUPABASE_USERS,
+        "auth.users",
+        Profile::Supabase(SupabaseMapping::default()),
+    )
+    .await;
+    pair.source
+        .batch_execute(
+            "ALTER TABLE auth.users ALTER COLUMN raw_user_meta_data SET STORAGE EXTERNAL;
+             ALTER TABLE auth.users ALTER COLUMN raw_app_meta_data SET STORAGE EXTERNAL;",
+        )
+        .await
+        .unwrap();
+    pair.setup().await;
+    let running = pair.start();
+    // ~8 KB of metadata each: stored out of line, so updates that do not touch them send
+    // "unchanged" instead of the value. The update in the same transaction is merged in the
+    // batch; the later one is merged with the row already on the target.
+    pair.source
+        .batch_execute(
+            "INSERT INTO auth.users (id, email, raw_user_meta_data, raw_app_meta_data, created_at)
+             SELECT '00000000-0000-4000-8000-0000000000e1', 'toast@example.com',
+                    jsonb_build_object('full_name', 'Tess Toast', 'avatar_url', 'https://i.example/t.png',
+                                       'bio', string_agg(md5(g::text), '')),
+                    jsonb_build_object('provider', 'email', 'roles', string_agg(md5((-g)::text), '')),
+                    now()
+               FROM generate_series(1, 250) g;
+             UPDATE auth.users SET last_sign_in_at = now()
+              WHERE id = '00000000-0000-4000-8000-0000000000e1';",
+        )
+        .await
+        .unwrap();
+    wait_live_match(&pair, SUPABASE_SOURCE_LIVE, SUPABASE_TARGET_LIVE).await;
+    pair.source
+        .batch_execute(
+            "UPDATE auth.users SET email_confirmed_at = now(), updated_at = now()
+              WHERE id = '00000000-0000-4000-8000-0000000000e1'",
+        )
+        .await
+        .unwrap();
+    pair.wait_target(
+        "SELECT (raw_json ->> 'primary_email_verified')::bool FROM neon_auth.users_sync",
+    )
+    .await;
+    wait_live_match(&pair, SUPABASE_SOURCE_LIVE, SUPABASE_TARGET_LIVE).await;
+    assert!(
+        target_has(
+            &pair,
+            "SELECT name = 'Tess Toast' AND raw_json ->> 'profile_image_url' = 'https://i.example/t.png'
+                    AND length(raw_json -> 'client_metadata' ->> 'bio') = 8000
+               FROM neon_auth.users_sync"
+        )
+        .await,
+        "keys derived from unchanged metadata are kept"
+    );
+    running.stop().await;
+}
+
+const KEYCLOAK_SOURCE_LIVE: &str = "
+SELECT u.id::text, u.email::text,
+       coalesce(nullif(concat_ws(' ', nullif(btrim(u.first_name), ''), nullif(btrim(u.last_name), '')), ''),
+                u.username)::text,
+       u.email_verified, u.created_timestamp,
+       md5(concat_ws('|', u.username, u.enabled::text, u.realm_id, u.first_name, u.last_name))
+  FROM public.user_entity u JOIN public.realm r ON r.id = u.realm_id
+ WHERE r.name = 'acme' AND u.service_account_client_link IS NULL ORDER BY 1";
+
+const KEYCLOAK_TARGET_LIVE: &str = "
+SELECT id, email, name, (raw_json ->> 'primary_email_verified')::bool,
+       (raw_json ->> 'signed_up_at_millis')::bigint,
+       md5(concat_ws('|', raw_json ->> 'username', raw_json ->> 'enabled', raw_json ->> 'realm_id',
+                     raw_json ->> 'first_name', raw_json ->> 'last_name'))
+  FROM neon_auth.users_sync WHERE deleted_at IS NULL ORDER BY 1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keycloak_replicates_one_realm() {
+    let pair = profile_pair(
+        KEYCLOAK_TABLES,
+        "public.user_entity",
+        Profile::Keycloak(KeycloakMapping::new("acme")),
+    )
+    .await;
+    // Whole old rows, so changes to other realms' users cost the target nothing.
+    pair.source
+        .batch_execute(
+            "ALTER TABLE public.user_entity REPLICA IDENTITY FULL;
+             ALTER TABLE public.user_entity ALTER COLUMN first_name SET STORAGE EXTERNAL;
+             ALTER TABLE public.user_entity ALTER COLUMN last_name SET STORAGE EXTERNAL;",
+        )
+        .await
+        .unwrap();
+
+    let unknown = pair
+        .command(&["setup", "--profile", "keycloak", "--realm", "nope"])
+        .output()
+        .unwrap();
+    let said = text(&unknown);
+    assert_eq!(unknown.status.code(), Some(78), "{said}");
+    assert!(said.contains("no realm \"nope\""), "{said}");
+    assert!(
+        said.contains(&format!("acme (id {ACME_REALM_ID})")),
+        "{said}"
+    );
+
+    // --table defaults to public.user_entity; the realm is found by name.
+    let setup = pair
+        .command(&["setup", "--profile", "keycloak", "--realm", "acme"])
+        .output()
+        .unwrap();
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(said.contains("source table public.user_entity"), "{said}");
+    assert!(
+        said.contains(&format!("realm acme (id {ACME_REALM_ID})")),
+        "{said}"
+    );
+    assert!(said.contains("never copied: email_constraint"), "{said}");
+
+    let running = pair.start();
+    // Names of 255 four-byte characters: the row outgrows 2 kB and a name goes out of line.
+    pair.source
+        .batch_execute(&format!(
+            "INSERT INTO public.user_entity (id, email, email_constraint, email_verified, enabled,
+                                             first_name, last_name, realm_id, username,
+                                             created_timestamp, service_account_client_link)
+             VALUES ('k-1', 'kim@example.com', 'kim@example.com', true, true, 'Kim', 'Lee',
+                     '{ACME_REALM_ID}', 'kim', 1704164645123, NULL),
+                    ('k-2', 'admin@example.com', 'admin@example.com', true, true, NULL, NULL,
+                     'master', 'admin', 1704164645000, NULL),
+                    ('k-3', NULL, 'k-3', false, true, NULL, NULL,
+                     '{ACME_REALM_ID}', 'service-account-backend', 1704164645000, 'client-1'),
+                    ('k-4', 'wide@example.com', 'wide@example.com', false, true,
+                     repeat('😀', 255), repeat('🙂', 255), '{ACME_REALM_ID}', 'wide', NULL, NULL);
+             UPDATE public.user_entity SET enabled = false WHERE id = 'k-2';
+             DELETE FROM public.user_entity WHERE id = 'k-2';"
+        ))
+        .await
+        .unwrap();
+    wait_live_match(&pair, KEYCLOAK_SOURCE_LIVE, KEYCLOAK_TARGET_LIVE).await;
+    assert!(
+        target_has(
+            &pair,
+            "SELECT count(*) = 2 FROM neon_auth.users_sync WHERE id IN ('k-1', 'k-4')"
+        )
+        .await,
+        "only acme's people reach the target"
+    );
+    assert_eq!(
+        running.metrics.changes(Op::Delete),
+        0,
+        "with whole old rows, changes to other realms' users write nothing"
+    );
+
+    // An update that leaves the long names alone: they arrive as unchanged TOAST. (An
+    // uncompressed value stored out of line reports its bare length as its column size.)
+    let out_of_line: bool = pair
+        .source
+        .query_one(
+            "SELECT pg_column_size(first_name) = octet_length(first_name)
+                    OR pg_column_size(last_name) = octet_length(last_name)
+               FROM public.user_entity WHERE id = 'k-4'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(out_of_line, "a long name is stored out of line");
+    pair.source
+        .batch_execute("UPDATE public.user_entity SET enabled = false WHERE id = 'k-4'")
+        .await
+        .unwrap();
+    pair.wait_target(
+        "SELECT raw_json ->> 'enabled' = 'false' FROM neon_auth.users_sync WHERE id = 'k-4'",
+    )
+    .await;
+    wait_live_match(&pair, KEYCLOAK_SOURCE_LIVE, KEYCLOAK_TARGET_LIVE).await;
+
+    // Moving a user to another realm is that realm's gain and acme's delete; moving back
+    // revives it; a rename shows; a delete is a soft delete.
+    pair.source
+        .batch_execute("UPDATE public.user_entity SET realm_id = 'master' WHERE id = 'k-1'")
+        .await
+        .unwrap();
+    pair.wait_target("SELECT deleted_at IS NOT NULL FROM neon_auth.users_sync WHERE id = 'k-1'")
+        .await;
+    for statement in [
+        &format!("UPDATE public.user_entity SET realm_id = '{ACME_REALM_ID}' WHERE id = 'k-1'"),
+        "UPDATE public.user_entity SET first_name = 'Kimberly' WHERE id = 'k-1'",
+    ] {
+        pair.source.batch_execute(statement).await.unwrap();
+    }
+    wait_live_match(&pair, KEYCLOAK_SOURCE_LIVE, KEYCLOAK_TARGET_LIVE).await;
+    assert!(
+        target_has(
+            &pair,
+            "SELECT name = 'Kimberly Lee' FROM neon_auth.users_sync WHERE id = 'k-1'"
+        )
+        .await
+    );
+    pair.source
+        .batch_execute("DELETE FROM public.user_entity WHERE id = 'k-4'")
+        .await
+        .unwrap();
+    pair.wait_target(
+        "SELECT deleted_at IS NOT NULL AND raw_json ->> 'username' = 'wide'
+           FROM neon_auth.users_sync WHERE id = 'k-4'",
+    )
+    .await;
+    running.stop().await;
+}
+
+const BETTER_AUTH_SOURCE_LIVE: &str = r#"
+SELECT id, email, name, "emailVerified", floor(extract(epoch FROM "createdAt") * 1000)::bigint,
+       md5(coalesce(image, ''))
+  FROM "user" WHERE NOT coalesce("isAnonymous", false) ORDER BY 1"#;
+
+const BETTER_AUTH_TARGET_LIVE: &str = "
+SELECT id, email, name, (raw_json ->> 'primary_email_verified')::bool,
+       (raw_json ->> 'signed_up_at_millis')::bigint,
+       md5(coalesce(raw_json ->> 'profile_image_url', ''))
+  FROM neon_auth.users_sync WHERE deleted_at IS NULL ORDER BY 1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn better_auth_users_with_anonymous_and_toast() {
+    let pair = profile_pair(
+        BETTER_AUTH_USER,
+        "public.user",
+        Profile::BetterAuth(BetterAuthMapping::default()),
+    )
+    .await;
+    pair.source
+        .batch_execute(r#"ALTER TABLE "user" ALTER COLUMN "image" SET STORAGE EXTERNAL"#)
+        .await
+        .unwrap();
+    let setup = pair
+        .command(&["setup", "--profile", "better-auth"])
+        .output()
+        .unwrap();
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(said.contains("source table public.user"), "{said}");
+    assert!(
+        said.lines()
+            .any(|line| line.split_whitespace().collect::<Vec<_>>()
+                == ["primary_email_verified", "<-", "emailVerified"]),
+        "{said}"
+    );
+
+    let running = pair.start();
+    // An avatar stored as a data: URL of ~8 kB goes out of line.
+    pair.source
+        .batch_execute(
+            r#"INSERT INTO "user" (id, name, email, "emailVerified", image, "createdAt")
+               SELECT 'ba-1', 'Linus', 'linus@example.com', false,
+                      'data:image/png;base64,' || string_agg(md5(g::text), ''),
+                      '2024-01-02 03:04:05.678+00'
+                 FROM generate_series(1, 250) g;
+               INSERT INTO "user" (id, name, email, "emailVerified", "isAnonymous")
+               VALUES ('ba-2', 'Anonymous', 'temp-ba-2@anon.example', false, true),
+                      ('ba-3', 'Margaret', 'margaret@example.com', true, false);"#,
+        )
+        .await
+        .unwrap();
+    wait_live_match(&pair, BETTER_AUTH_SOURCE_LIVE, BETTER_AUTH_TARGET_LIVE).await;
+    for statement in [
+        // Leaves the image alone: unchanged TOAST, kept from the target.
+        r#"UPDATE "user" SET "emailVerified" = true, "updatedAt" = now() WHERE id = 'ba-1'"#,
+        // The guest signs up: now a user.
+        r#"UPDATE "user" SET email = 'guest@example.com', name = 'Guest', "isAnonymous" = false WHERE id = 'ba-2'"#,
+        // Turned anonymous again: must not stay live.
+        r#"UPDATE "user" SET "isAnonymous" = true WHERE id = 'ba-3'"#,
+    ] {
+        pair.source.batch_execute(statement).await.unwrap();
+    }
+    wait_live_match(&pair, BETTER_AUTH_SOURCE_LIVE, BETTER_AUTH_TARGET_LIVE).await;
+    pair.wait_target("SELECT deleted_at IS NOT NULL FROM neon_auth.users_sync WHERE id = 'ba-3'")
+        .await;
+    pair.source
+        .batch_execute(r#"DELETE FROM "user" WHERE id = 'ba-1'"#)
+        .await
+        .unwrap();
+    pair.wait_target(
+        "SELECT deleted_at IS NOT NULL AND length(raw_json ->> 'profile_image_url') > 8000
+           FROM neon_auth.users_sync WHERE id = 'ba-1'",
+    )
+    .await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_refuses_a_table_that_is_not_its_store() {
+    let pair = Pair::new().await;
+    let output = pair
+        .command(&["setup", "--profile", "supabase", "--table", "public.users"])
+        .output()
+        .unwrap();
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(78), "{said}");
+    assert!(
+        said.contains("the supabase profile needs column email_confirmed_at"),
+        "{said}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_initial_copy_and_resync_follow_the_profile() {
+    let pair = profile_pair(
+        SUPABASE_USERS,
+        "auth.users",
+        Profile::Supabase(SupabaseMapping::default()),
+    )
+    .await;
+    pair.source
+        .batch_execute(
+            r#"INSERT INTO auth.users (id, email, is_anonymous, deleted_at, raw_user_meta_data, created_at)
+               VALUES ('00000000-0000-4000-8000-0000000000f1', 'fay@example.com', false, NULL,
+                       '{"full_name": "Fay"}', now()),
+                      ('00000000-0000-4000-8000-0000000000f2', NULL, true, NULL, '{}', now()),
+                      ('00000000-0000-4000-8000-0000000000f3', 'gone@example.com', false,
+                       '2024-02-03 04:05:06.5+00', '{}', now());"#,
+        )
+        .await
+        .unwrap();
+    let setup = pair.usersync(&["setup", "--profile", "supabase", "--include-anonymous"]);
+    assert!(setup.status.success(), "{}", text(&setup));
+    assert!(
+        target_has(
+            &pair,
+            "SELECT count(*) FILTER (WHERE deleted_at IS NULL) = 2
+                    AND bool_or(deleted_at = '2024-02-03 04:05:06.5+00'
+                                AND id = '00000000-0000-4000-8000-0000000000f3')
+               FROM neon_auth.users_sync"
+        )
+        .await,
+        "the copy takes the anonymous user (included) and the soft-deleted one (deleted)"
+    );
+
+    // Without --include-anonymous the anonymous user is no longer one of ours.
+    let resync = pair.usersync(&["resync", "--profile", "supabase"]);
+    let said = text(&resync);
+    assert!(resync.status.success(), "{said}");
+    assert!(
+        said.contains("skipped 1 of 3 rows, which the supabase profile does not replicate"),
+        "{said}"
+    );
+    assert!(
+        said.contains("1 absent from the source soft-deleted"),
+        "{said}"
+    );
+    assert!(
+        target_has(
+            &pair,
+            "SELECT count(*) FILTER (WHERE deleted_at IS NULL) = 1
+                    AND bool_or(deleted_at IS NOT NULL AND id = '00000000-0000-4000-8000-0000000000f2')
+                    AND bool_or(deleted_at = '2024-02-03 04:05:06.5+00'
+                                AND id = '00000000-0000-4000-8000-0000000000f3')
+               FROM neon_auth.users_sync"
+        )
+        .await,
+        "resync soft-deletes the user the profile now skips, and keeps the store's deletion time"
+    );
+}
