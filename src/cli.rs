@@ -28,6 +28,9 @@ pub enum Command {
     Setup(ConnectionArgs),
     /// Stream changes from the slot to the target until SIGINT/SIGTERM.
     Run(ConnectionArgs),
+    /// Report the slot, the checkpoint, the target's users and the lag, with a verdict:
+    /// exit 0 healthy, 3 lagging, 4 slot at risk, 5 broken.
+    Status(StatusArgs),
     /// Drop the slot and publication usersync uses, and its checkpoint on the target.
     Teardown {
         #[command(flatten)]
@@ -111,6 +114,26 @@ pub struct ConnectionArgs {
         value_name = "DURATION"
     )]
     pub lag_target: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+
+    /// Print one JSON object on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Call the slot at risk when the WAL it may still fall behind (safe_wal_size) is below
+    /// this (e.g. 512MB, 1GB).
+    #[arg(
+        long,
+        env = "USERSYNC_MIN_SAFE_WAL_SIZE",
+        default_value = "1GB",
+        value_name = "SIZE"
+    )]
+    pub min_safe_wal_size: String,
 }
 
 #[derive(Debug, Clone, Args)]

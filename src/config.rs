@@ -165,6 +165,30 @@ pub fn parse_duration(text: &str) -> Result<Duration, Error> {
     Duration::try_from_secs_f64(seconds).map_err(|_| invalid())
 }
 
+/// Parses a byte size with PostgreSQL's units (1024-based): `0`, `4096`, `512kB`, `64MB`,
+/// `1GB`, `1TB`; the unit's case does not matter.
+pub fn parse_byte_size(text: &str) -> Result<u64, Error> {
+    let invalid = || {
+        Error::Config(format!(
+            "invalid size {text:?}: use a whole number of bytes or one with a unit, e.g. 512MB, 1GB"
+        ))
+    };
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| invalid())?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "kb" => 10,
+        "mb" => 20,
+        "gb" => 30,
+        "tb" => 40,
+        _ => return Err(invalid()),
+    };
+    number.checked_mul(1 << shift).ok_or_else(invalid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +201,18 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         for bad in ["", "1", "s", "1x", "-1s", "1..2s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parses_byte_sizes() {
+        assert_eq!(parse_byte_size("0").unwrap(), 0);
+        assert_eq!(parse_byte_size("4096").unwrap(), 4096);
+        assert_eq!(parse_byte_size("512kB").unwrap(), 512 << 10);
+        assert_eq!(parse_byte_size("64MB").unwrap(), 64 << 20);
+        assert_eq!(parse_byte_size("1gb").unwrap(), 1 << 30);
+        for bad in ["", "MB", "1.5GB", "-1", "1 GB", "1PB", "99999999999TB"] {
+            assert!(parse_byte_size(bad).is_err(), "{bad}");
         }
     }
 

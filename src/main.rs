@@ -9,7 +9,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use usersync::cli::{Cli, Command, LogFormat};
 use usersync::commands;
-use usersync::config::Config;
+use usersync::config::{parse_byte_size, Config};
 use usersync::error::{Error, EXIT_FAILURE};
 
 /// Exit code for usage errors, as clap uses.
@@ -30,7 +30,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(dispatch(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(Failure::Usage(message)) => {
             eprintln!("usersync: {message}");
             ExitCode::from(EXIT_USAGE)
@@ -55,10 +55,20 @@ impl From<Error> for Failure {
     }
 }
 
-async fn dispatch(command: Command) -> Result<(), Failure> {
+/// Runs the command; `Ok` holds the exit code (0, or `status`'s verdict).
+async fn dispatch(command: Command) -> Result<u8, Failure> {
     match command {
         Command::Setup(args) => commands::setup::setup(&Config::from_args(&args)?).await?,
         Command::Run(args) => commands::run::run(&Config::from_args(&args)?).await?,
+        Command::Status(args) => {
+            let config = Config::from_args(&args.connection)?;
+            let options = commands::status::StatusOptions {
+                json: args.json,
+                min_safe_wal_size: parse_byte_size(&args.min_safe_wal_size)?,
+            };
+            let verdict = commands::status::status(&config, options).await?;
+            return Ok(verdict.exit_code());
+        }
         Command::Teardown { connection, yes } => {
             let config = Config::from_args(&connection)?;
             if !yes {
@@ -72,7 +82,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
         }
         Command::Demo(args) => commands::demo::demo(&args).await?,
     }
-    Ok(())
+    Ok(0)
 }
 
 /// Logs go to stderr (stdout is for command output), filtered by `RUST_LOG`, `info` by default.

@@ -4,7 +4,9 @@
 pub mod demo;
 pub mod run;
 pub mod setup;
+pub mod status;
 pub mod teardown;
+pub mod units;
 
 use crate::conn::{self, PgUrl};
 use crate::error::Error;
