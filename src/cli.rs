@@ -31,6 +31,10 @@ pub enum Command {
     /// Report the slot, the checkpoint, the target's users and the lag, with a verdict:
     /// exit 0 healthy, 3 lagging, 4 slot at risk, 5 broken.
     Status(StatusArgs),
+    /// Hard-delete users soft-deleted longer ago than --older-than, in small batches, so the
+    /// ON DELETE rules of app tables fire (or --scrub their personal fields). Needs only
+    /// the target.
+    Purge(PurgeArgs),
     /// Drop the slot and publication usersync uses, and its checkpoint on the target.
     Teardown {
         #[command(flatten)]
@@ -134,6 +138,34 @@ pub struct StatusArgs {
         value_name = "SIZE"
     )]
     pub min_safe_wal_size: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PurgeArgs {
+    /// Target (Neon) URL, libpq style.
+    #[arg(
+        long = "target",
+        env = "USERSYNC_TARGET_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub target_url: Option<String>,
+
+    /// Retention: users soft-deleted longer ago than this go (e.g. 30d, 720h).
+    #[arg(long, value_name = "DURATION")]
+    pub older_than: String,
+
+    /// Only count the users that would go.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Keep the rows, but strip raw_json down to id and signed_up_at_millis.
+    #[arg(long)]
+    pub scrub: bool,
+
+    /// Users per transaction.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub batch_size: u32,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use postgres_protocol::escape::escape_identifier;
 
-use crate::cli::ConnectionArgs;
+use crate::cli::{ConnectionArgs, PurgeArgs};
 use crate::conn::PgUrl;
 use crate::error::Error;
 use crate::map::GenericMapping;
@@ -96,6 +96,46 @@ impl Config {
                 signed_up_at_column: Some(args.signed_up_at_column.clone()),
             },
             lag_target: parse_duration(&args.lag_target)?,
+        })
+    }
+}
+
+/// What `purge` needs: the target only, so it runs where the source is out of reach.
+#[derive(Debug, Clone)]
+pub struct PurgeConfig {
+    pub target: PgUrl,
+    /// Users soft-deleted longer ago than this go.
+    pub older_than: Duration,
+    pub action: PurgeAction,
+    pub dry_run: bool,
+    /// Users per target transaction.
+    pub batch_size: i64,
+}
+
+/// What happens to a user past the retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurgeAction {
+    /// Hard delete: the row goes, and the `ON DELETE` rules of app tables fire.
+    Delete,
+    /// The row stays; `raw_json` keeps only `id` and `signed_up_at_millis`.
+    Scrub,
+}
+
+impl PurgeConfig {
+    pub fn from_args(args: &PurgeArgs) -> Result<PurgeConfig, Error> {
+        if args.batch_size == 0 {
+            return Err(Error::Config("--batch-size must be at least 1".into()));
+        }
+        Ok(PurgeConfig {
+            target: resolve_url("target", args.target_url.as_deref(), "USERSYNC_TARGET_URL")?,
+            older_than: parse_duration(&args.older_than)?,
+            action: if args.scrub {
+                PurgeAction::Scrub
+            } else {
+                PurgeAction::Delete
+            },
+            dry_run: args.dry_run,
+            batch_size: i64::from(args.batch_size),
         })
     }
 }

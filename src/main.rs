@@ -9,7 +9,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use usersync::cli::{Cli, Command, LogFormat};
 use usersync::commands;
-use usersync::config::{parse_byte_size, Config};
+use usersync::config::{parse_byte_size, Config, PurgeConfig};
 use usersync::error::{Error, EXIT_FAILURE};
 
 /// Exit code for usage errors, as clap uses.
@@ -68,6 +68,9 @@ async fn dispatch(command: Command) -> Result<u8, Failure> {
             };
             let verdict = commands::status::status(&config, options).await?;
             return Ok(verdict.exit_code());
+        }
+        Command::Purge(args) => {
+            commands::purge::purge(&PurgeConfig::from_args(&args)?).await?;
         }
         Command::Teardown { connection, yes } => {
             let config = Config::from_args(&connection)?;

@@ -2,6 +2,7 @@
 //! error, so `main` only maps errors to exit codes.
 
 pub mod demo;
+pub mod purge;
 pub mod run;
 pub mod setup;
 pub mod status;
