@@ -75,6 +75,7 @@ async fn dispatch(command: Command) -> Result<u8, Failure> {
         Command::Teardown { connection, yes } => {
             let config = Config::from_args(&connection)?;
             if !yes {
+                commands::teardown::preview(&config).await;
                 return Err(Failure::Usage(format!(
                     "teardown drops replication slot {} and its unconsumed changes; run again \
                      with --yes to confirm",
