@@ -8,4 +8,5 @@ mod harness;
 mod cli;
 mod crash;
 mod errors;
+mod lifecycle;
 mod replication;
