@@ -34,6 +34,13 @@ pub enum Command {
     Replay(ReplayArgs),
     /// Stream changes from the slot to the target until SIGINT/SIGTERM.
     Run(RunArgs),
+    /// Report the slot, the checkpoint, the target's users and the lag, with a verdict:
+    /// exit 0 healthy, 3 lagging, 4 slot at risk, 5 broken.
+    Status(StatusArgs),
+    /// Hard-delete users soft-deleted longer ago than --older-than, in small batches, so the
+    /// ON DELETE rules of app tables fire (or --scrub their personal fields). Needs only
+    /// the target.
+    Purge(PurgeArgs),
     /// Drop the slot and publication usersync uses, and its checkpoint on the target.
     Teardown {
         #[command(flatten)]
@@ -169,6 +176,54 @@ pub struct RunArgs {
         value_name = "DURATION"
     )]
     pub heartbeat_interval: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+
+    /// Print one JSON object on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Call the slot at risk when the WAL it may still fall behind (safe_wal_size) is below
+    /// this (e.g. 512MB, 1GB).
+    #[arg(
+        long,
+        env = "USERSYNC_MIN_SAFE_WAL_SIZE",
+        default_value = "1GB",
+        value_name = "SIZE"
+    )]
+    pub min_safe_wal_size: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PurgeArgs {
+    /// Target (Neon) URL, libpq style.
+    #[arg(
+        long = "target",
+        env = "USERSYNC_TARGET_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub target_url: Option<String>,
+
+    /// Retention: users soft-deleted longer ago than this go (e.g. 30d, 720h).
+    #[arg(long, value_name = "DURATION")]
+    pub older_than: String,
+
+    /// Only count the users that would go.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Keep the rows, but strip raw_json down to id and signed_up_at_millis.
+    #[arg(long)]
+    pub scrub: bool,
+
+    /// Users per transaction.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub batch_size: u32,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use postgres_protocol::escape::escape_identifier;
 
-use crate::cli::ConnectionArgs;
+use crate::cli::{ConnectionArgs, PurgeArgs};
 use crate::conn::PgUrl;
 use crate::error::Error;
 use crate::map::{
@@ -174,6 +174,46 @@ fn profile_from_args(args: &ConnectionArgs) -> Result<Profile, Error> {
     })
 }
 
+/// What `purge` needs: the target only, so it runs where the source is out of reach.
+#[derive(Debug, Clone)]
+pub struct PurgeConfig {
+    pub target: PgUrl,
+    /// Users soft-deleted longer ago than this go.
+    pub older_than: Duration,
+    pub action: PurgeAction,
+    pub dry_run: bool,
+    /// Users per target transaction.
+    pub batch_size: i64,
+}
+
+/// What happens to a user past the retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurgeAction {
+    /// Hard delete: the row goes, and the `ON DELETE` rules of app tables fire.
+    Delete,
+    /// The row stays; `raw_json` keeps only `id` and `signed_up_at_millis`.
+    Scrub,
+}
+
+impl PurgeConfig {
+    pub fn from_args(args: &PurgeArgs) -> Result<PurgeConfig, Error> {
+        if args.batch_size == 0 {
+            return Err(Error::Config("--batch-size must be at least 1".into()));
+        }
+        Ok(PurgeConfig {
+            target: resolve_url("target", args.target_url.as_deref(), "USERSYNC_TARGET_URL")?,
+            older_than: parse_duration(&args.older_than)?,
+            action: if args.scrub {
+                PurgeAction::Scrub
+            } else {
+                PurgeAction::Delete
+            },
+            dry_run: args.dry_run,
+            batch_size: i64::from(args.batch_size),
+        })
+    }
+}
+
 fn resolve_url(which: &'static str, given: Option<&str>, env: &str) -> Result<PgUrl, Error> {
     let text = match given {
         Some(text) => text.to_owned(),
@@ -248,6 +288,30 @@ pub fn parse_duration(text: &str) -> Result<Duration, Error> {
     Duration::try_from_secs_f64(seconds).map_err(|_| invalid())
 }
 
+/// Parses a byte size with PostgreSQL's units (1024-based): `0`, `4096`, `512kB`, `64MB`,
+/// `1GB`, `1TB`; the unit's case does not matter.
+pub fn parse_byte_size(text: &str) -> Result<u64, Error> {
+    let invalid = || {
+        Error::Config(format!(
+            "invalid size {text:?}: use a whole number of bytes or one with a unit, e.g. 512MB, 1GB"
+        ))
+    };
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| invalid())?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "kb" => 10,
+        "mb" => 20,
+        "gb" => 30,
+        "tb" => 40,
+        _ => return Err(invalid()),
+    };
+    number.checked_mul(1 << shift).ok_or_else(invalid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +324,18 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         for bad in ["", "1", "s", "1x", "-1s", "1..2s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parses_byte_sizes() {
+        assert_eq!(parse_byte_size("0").unwrap(), 0);
+        assert_eq!(parse_byte_size("4096").unwrap(), 4096);
+        assert_eq!(parse_byte_size("512kB").unwrap(), 512 << 10);
+        assert_eq!(parse_byte_size("64MB").unwrap(), 64 << 20);
+        assert_eq!(parse_byte_size("1gb").unwrap(), 1 << 30);
+        for bad in ["", "MB", "1.5GB", "-1", "1 GB", "1PB", "99999999999TB"] {
+            assert!(parse_byte_size(bad).is_err(), "{bad}");
         }
     }
 

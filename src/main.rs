@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 use usersync::cli::{Cli, Command, LogFormat};
 use usersync::commands;
 use usersync::commands::setup::SetupOptions;
-use usersync::config::{parse_heartbeat_interval, Config};
+use usersync::config::{parse_byte_size, parse_heartbeat_interval, Config, PurgeConfig};
 use usersync::error::{Error, EXIT_FAILURE};
 
 /// Exit code for usage errors, as clap uses.
@@ -31,7 +31,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(dispatch(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(Failure::Usage(message)) => {
             eprintln!("usersync: {message}");
             ExitCode::from(EXIT_USAGE)
@@ -56,7 +56,8 @@ impl From<Error> for Failure {
     }
 }
 
-async fn dispatch(command: Command) -> Result<(), Failure> {
+/// Runs the command; `Ok` holds the exit code (0, or `status`'s verdict).
+async fn dispatch(command: Command) -> Result<u8, Failure> {
     match command {
         Command::Setup(args) => {
             let options = SetupOptions {
@@ -74,9 +75,22 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             config.heartbeat_interval = parse_heartbeat_interval(&args.heartbeat_interval)?;
             commands::run::run(&config, args.metrics_addr).await?
         }
+        Command::Status(args) => {
+            let config = Config::from_args(&args.connection)?;
+            let options = commands::status::StatusOptions {
+                json: args.json,
+                min_safe_wal_size: parse_byte_size(&args.min_safe_wal_size)?,
+            };
+            let verdict = commands::status::status(&config, options).await?;
+            return Ok(verdict.exit_code());
+        }
+        Command::Purge(args) => {
+            commands::purge::purge(&PurgeConfig::from_args(&args)?).await?;
+        }
         Command::Teardown { connection, yes } => {
             let config = Config::from_args(&connection)?;
             if !yes {
+                commands::teardown::preview(&config).await;
                 return Err(Failure::Usage(format!(
                     "teardown drops replication slot {} and its unconsumed changes; run again \
                      with --yes to confirm",
@@ -87,7 +101,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
         }
         Command::Demo(args) => commands::demo::demo(&args).await?,
     }
-    Ok(())
+    Ok(0)
 }
 
 /// Logs go to stderr (stdout is for command output), filtered by `RUST_LOG`, `info` by default.

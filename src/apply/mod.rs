@@ -10,7 +10,7 @@ pub mod schema;
 pub mod writer;
 
 pub use batch::{Batch, CommitPosition, UnixMicros};
-pub use schema::{check_shape, ensure_target_schema, TargetShape};
+pub use schema::{check_shape, ensure_target_schema, target_tables, TargetShape, TargetTables};
 pub use writer::{delete_checkpoint, read_checkpoint, Checkpoint, TargetWriter};
 
 use crate::lsn::Lsn;

@@ -27,17 +27,34 @@ pub enum Created {
     Found,
 }
 
-/// Creates what is missing and checks what exists.
-pub async fn ensure_target_schema(client: &Client) -> Result<(TargetShape, Created), ApplyError> {
-    let exists: bool = client
+/// Which of the tables usersync works with exist on the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetTables {
+    /// `neon_auth.users_sync`.
+    pub users_sync: bool,
+    /// `usersync.state`, the checkpoint table.
+    pub state: bool,
+}
+
+/// Looks the tables up without touching them.
+pub async fn target_tables(client: &Client) -> Result<TargetTables, ApplyError> {
+    let row = client
         .query_one(
-            "SELECT to_regclass('neon_auth.users_sync') IS NOT NULL",
+            "SELECT to_regclass('neon_auth.users_sync') IS NOT NULL,
+                    to_regclass('usersync.state') IS NOT NULL",
             &[],
         )
         .await
-        .map_err(ApplyError::sql("checking for neon_auth.users_sync"))?
-        .get(0);
-    let created = if exists {
+        .map_err(ApplyError::sql("looking for the target tables"))?;
+    Ok(TargetTables {
+        users_sync: row.get(0),
+        state: row.get(1),
+    })
+}
+
+/// Creates what is missing and checks what exists.
+pub async fn ensure_target_schema(client: &Client) -> Result<(TargetShape, Created), ApplyError> {
+    let created = if target_tables(client).await?.users_sync {
         Created::Found
     } else {
         client

@@ -94,7 +94,7 @@ ON CONFLICT (slot_name) DO UPDATE
  WHERE s.system_identifier = EXCLUDED.system_identifier AND s.end_lsn <= EXCLUDED.end_lsn";
 
 const READ_CHECKPOINT: &str = "
-SELECT system_identifier, commit_lsn::text, end_lsn::text, commit_time
+SELECT system_identifier, commit_lsn::text, end_lsn::text, commit_time, updated_at
   FROM usersync.state WHERE slot_name = $1";
 
 /// What the target holds of a slot's stream.
@@ -104,6 +104,8 @@ pub struct Checkpoint {
     pub commit_lsn: Lsn,
     pub end_lsn: Lsn,
     pub commit_time: Option<DateTime<Utc>>,
+    /// When the target transaction that wrote it ran (the target's clock).
+    pub written_at: DateTime<Utc>,
 }
 
 /// Reads the checkpoint of `slot`, if the target has one.
@@ -126,6 +128,7 @@ pub async fn read_checkpoint(
         commit_lsn: lsn(1)?,
         end_lsn: lsn(2)?,
         commit_time: row.get(3),
+        written_at: row.get(4),
     }))
 }
 

@@ -3,11 +3,14 @@
 
 pub mod demo;
 mod initial_copy;
+pub mod purge;
 pub mod replay;
 pub mod resync;
 pub mod run;
 pub mod setup;
+pub mod status;
 pub mod teardown;
+pub mod units;
 
 use crate::conn::{self, PgUrl};
 use crate::error::Error;

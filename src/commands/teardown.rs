@@ -1,11 +1,19 @@
 //! `usersync teardown --yes`: drops the slot and publication, and the slot's checkpoint on
 //! the target. The users already on the target stay.
+//!
+//! Dropping a slot throws away the WAL it holds: changes usersync has not confirmed are then
+//! never delivered. So teardown says how much is pending before it drops anything, and
+//! without `--yes` it only says that.
+
+use tokio_postgres::Client;
 
 use super::connect;
+use super::units::bytes;
 use crate::apply;
 use crate::config::Config;
 use crate::error::Error;
-use crate::source::{catalog, SourceError};
+use crate::source::catalog::{self, SlotInfo};
+use crate::source::SourceError;
 
 pub async fn teardown(config: &Config) -> Result<(), Error> {
     let source = connect("source", &config.source).await?;
@@ -20,32 +28,58 @@ pub async fn teardown(config: &Config) -> Result<(), Error> {
             .into())
         }
         Some(slot) => {
-            let behind = match slot.confirmed_flush_lsn {
-                Some(confirmed) => {
-                    let current = catalog::current_wal_lsn(&source).await?;
-                    current.0.saturating_sub(confirmed.0)
-                }
-                None => 0,
-            };
+            warn_about_pending_changes(&source, &config.slot, &slot).await?;
             catalog::drop_slot(&source, &config.slot).await?;
-            println!(
-                "replication slot {} dropped ({behind} bytes of WAL were not yet confirmed)",
-                config.slot
-            );
+            println!("replication slot {} dropped", config.slot);
         }
         None => println!("replication slot {} not found", config.slot),
     }
     catalog::drop_publication(&source, &config.publication).await?;
     println!("publication {} dropped", config.publication);
     let target = connect("target", &config.target).await?;
-    let exists: bool = target
-        .query_one("SELECT to_regclass('usersync.state') IS NOT NULL", &[])
-        .await
-        .map_err(apply::ApplyError::sql("looking for usersync.state"))?
-        .get(0);
-    if exists {
+    if apply::target_tables(&target).await?.state {
         apply::delete_checkpoint(&target, &config.slot).await?;
         println!("checkpoint of slot {} removed from the target", config.slot);
     }
+    Ok(())
+}
+
+/// Without `--yes`: shows what dropping the slot would lose, before `main` refuses. Best
+/// effort: the refusal stands even when the source cannot be reached.
+pub async fn preview(config: &Config) {
+    let result = async {
+        let source = connect("source", &config.source).await?;
+        if let Some(slot) = catalog::slot_info(&source, &config.slot).await? {
+            warn_about_pending_changes(&source, &config.slot, &slot).await?;
+        }
+        Ok::<_, Error>(())
+    }
+    .await;
+    if let Err(error) = result {
+        tracing::warn!(error = %crate::error::report(&error), "cannot look at the slot's pending changes");
+    }
+}
+
+/// Prints a warning on stderr when the slot holds WAL usersync has not confirmed.
+async fn warn_about_pending_changes(
+    source: &Client,
+    name: &str,
+    slot: &SlotInfo,
+) -> Result<(), Error> {
+    let current = catalog::current_wal_lsn(source).await?;
+    let Some(pending) = slot.pending_bytes(current).filter(|&pending| pending > 0) else {
+        return Ok(());
+    };
+    let amount = if pending < 1024 {
+        format!("{pending} bytes")
+    } else {
+        format!("{pending} bytes ({})", bytes(pending))
+    };
+    eprintln!(
+        "warning: replication slot {name} still holds {amount} of WAL that usersync has not \
+         confirmed, from {} to {current}; any user changes in it are not on the target yet and \
+         are lost when the slot is dropped (let usersync run catch up first to keep them)",
+        slot.confirmed_flush_lsn.unwrap_or_default(),
+    );
     Ok(())
 }

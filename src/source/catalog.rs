@@ -20,6 +20,23 @@ pub struct SlotInfo {
     pub restart_lsn: Option<Lsn>,
     /// `reserved`, `extended`, `unreserved` or `lost` (PostgreSQL 13+).
     pub wal_status: Option<String>,
+    /// Bytes of WAL that can still be written before the slot risks being lost; `None` when
+    /// `max_slot_wal_keep_size` is unlimited (PostgreSQL 13+).
+    pub safe_wal_size: Option<i64>,
+}
+
+impl SlotInfo {
+    /// WAL not yet confirmed by the slot's consumer at `current`: `current − confirmed_flush_lsn`.
+    pub fn pending_bytes(&self, current: Lsn) -> Option<u64> {
+        self.confirmed_flush_lsn
+            .map(|confirmed| current.0.saturating_sub(confirmed.0))
+    }
+
+    /// WAL the server keeps for the slot at `current`: `current − restart_lsn`.
+    pub fn retained_bytes(&self, current: Lsn) -> Option<u64> {
+        self.restart_lsn
+            .map(|restart| current.0.saturating_sub(restart.0))
+    }
 }
 
 /// Checks that the source can do logical decoding at all.
@@ -174,7 +191,7 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
     let row = client
         .query_opt(
             "SELECT plugin::text, database::text, active, active_pid,
-                    confirmed_flush_lsn::text, restart_lsn::text, wal_status
+                    confirmed_flush_lsn::text, restart_lsn::text, wal_status, safe_wal_size
                FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -188,6 +205,7 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
         confirmed_flush_lsn: row.get::<_, Option<&str>>(4).and_then(|v| v.parse().ok()),
         restart_lsn: row.get::<_, Option<&str>>(5).and_then(|v| v.parse().ok()),
         wal_status: row.get(6),
+        safe_wal_size: row.get(7),
     }))
 }
 
@@ -291,4 +309,37 @@ pub async fn resolve_profile(
             )))
         }
     }
+}
+
+/// The source's system identifier over plain SQL: the same value `IDENTIFY_SYSTEM` reports
+/// on a replication connection, and the one a checkpoint records.
+pub async fn system_identifier(client: &Client) -> Result<String, SourceError> {
+    Ok(client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .map_err(SourceError::sql("reading the system identifier"))?
+        .get(0))
+}
+
+/// The lag the source server measured for the walsender with this pid
+/// (`pg_stat_replication.flush_lag`): time from sending a commit to the consumer confirming
+/// it flushed. `None` when the server has no measurement (it clears it once the consumer has
+/// confirmed everything sent), or when the role may not see that walsender's statistics.
+pub async fn walsender_flush_lag(
+    client: &Client,
+    pid: i32,
+) -> Result<Option<std::time::Duration>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT extract(epoch FROM flush_lag)::float8 FROM pg_stat_replication WHERE pid = $1",
+            &[&pid],
+        )
+        .await
+        .map_err(SourceError::sql("reading pg_stat_replication"))?;
+    Ok(row
+        .and_then(|row| row.get::<_, Option<f64>>(0))
+        .and_then(|seconds| std::time::Duration::try_from_secs_f64(seconds).ok()))
 }

@@ -10,6 +10,7 @@ mod crash;
 mod errors;
 mod ha;
 mod lag;
+mod lifecycle;
 mod profiles;
 mod promtool;
 mod replay;

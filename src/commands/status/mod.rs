@@ -1,0 +1,171 @@
+//! `usersync status`: one look at the slot on the source, the checkpoint and users on the
+//! target, and the lag, with a verdict and an exit code for cron jobs and probes.
+//!
+//! Everything is read over ordinary SQL; nothing is written and the slot is not touched, so
+//! status is safe to run while `usersync run` streams. What the pending WAL holds is not
+//! decoded (that would need the slot), so the lag is an estimate: see
+//! [`report::estimate_lag`].
+
+pub mod report;
+
+use chrono::Utc;
+use tokio_postgres::Client;
+
+use super::connect;
+use super::units::Rfc3339;
+use crate::apply::{self, ApplyError};
+use crate::config::Config;
+use crate::error::Error;
+use crate::source::catalog;
+use report::{
+    estimate_lag, CheckpointStatus, LagStatus, LsnText, Problem, SlotStatus, SourceStatus,
+    StatusReport, TargetStatus, Thresholds, Verdict,
+};
+
+/// How to report, beyond the connection settings.
+#[derive(Debug, Clone, Copy)]
+pub struct StatusOptions {
+    /// One JSON object on stdout instead of the table.
+    pub json: bool,
+    /// `safe_wal_size` below this makes the slot at risk.
+    pub min_safe_wal_size: u64,
+}
+
+/// Prints the report and returns the verdict (whose exit code `main` uses).
+pub async fn status(config: &Config, options: StatusOptions) -> Result<Verdict, Error> {
+    let report = gather(config, options).await?;
+    if options.json {
+        let json = serde_json::to_string(&report)
+            .expect("a status report has only string keys and plain values");
+        println!("{json}");
+    } else {
+        print!("{}", report.human());
+    }
+    Ok(report.verdict)
+}
+
+/// Reads the source and the target and judges what it found.
+pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusReport, Error> {
+    let source = connect("source", &config.source).await?;
+    let system_identifier = catalog::system_identifier(&source).await?;
+    let slot = catalog::slot_info(&source, &config.slot).await?;
+    let current = catalog::current_wal_lsn(&source).await?;
+    // The measurement the source server keeps for the process streaming from the slot.
+    let consumer_flush_lag = match slot.as_ref().and_then(|slot| slot.active_pid) {
+        Some(pid) if slot.as_ref().is_some_and(|slot| slot.active) => {
+            Some(catalog::walsender_flush_lag(&source, pid).await?)
+        }
+        _ => None,
+    };
+    drop(source);
+
+    let target = connect("target", &config.target).await?;
+    let mut problems = Vec::new();
+    let (target_status, checkpoint) = read_target(&target, config, &mut problems).await?;
+
+    let now = Utc::now();
+    let pending_bytes = slot.as_ref().and_then(|slot| slot.pending_bytes(current));
+    let (lag, estimate) = estimate_lag(
+        pending_bytes,
+        consumer_flush_lag,
+        checkpoint
+            .as_ref()
+            .and_then(|checkpoint| checkpoint.commit_time),
+        now,
+    );
+    let mut report = StatusReport {
+        verdict: Verdict::Healthy,
+        exit_code: Verdict::Healthy.exit_code(),
+        problems,
+        checked_at: Rfc3339(now),
+        source: SourceStatus {
+            url: config.source.redacted(),
+            system_identifier,
+            current_wal_lsn: LsnText(current),
+        },
+        slot: SlotStatus {
+            name: config.slot.clone(),
+            exists: slot.is_some(),
+            plugin: slot.as_ref().and_then(|slot| slot.plugin.clone()),
+            active: slot.as_ref().is_some_and(|slot| slot.active),
+            active_pid: slot.as_ref().and_then(|slot| slot.active_pid),
+            confirmed_flush_lsn: slot
+                .as_ref()
+                .and_then(|slot| slot.confirmed_flush_lsn)
+                .map(LsnText),
+            restart_lsn: slot.as_ref().and_then(|slot| slot.restart_lsn).map(LsnText),
+            wal_status: slot.as_ref().and_then(|slot| slot.wal_status.clone()),
+            safe_wal_size_bytes: slot.as_ref().and_then(|slot| slot.safe_wal_size),
+            retained_wal_bytes: slot.as_ref().and_then(|slot| slot.retained_bytes(current)),
+            pending_bytes,
+        },
+        checkpoint: checkpoint.map(|checkpoint| CheckpointStatus {
+            system_identifier: checkpoint.system_id,
+            commit_lsn: LsnText(checkpoint.commit_lsn),
+            end_lsn: LsnText(checkpoint.end_lsn),
+            commit_time: checkpoint.commit_time.map(Rfc3339),
+            written_at: Rfc3339(checkpoint.written_at),
+        }),
+        target: target_status,
+        lag: LagStatus {
+            seconds: lag.map(|lag| lag.as_secs_f64()),
+            target_seconds: config.lag_target.as_secs_f64(),
+            estimate,
+        },
+    };
+    report.judge(Thresholds {
+        lag_target: config.lag_target,
+        min_safe_wal_size: options.min_safe_wal_size,
+    });
+    Ok(report)
+}
+
+/// The target's tables, users and checkpoint; a missing table or an unusable shape is a
+/// problem to report, not an error.
+async fn read_target(
+    target: &Client,
+    config: &Config,
+    problems: &mut Vec<Problem>,
+) -> Result<(TargetStatus, Option<apply::Checkpoint>), Error> {
+    let tables = apply::target_tables(target).await?;
+    let mut status = TargetStatus {
+        url: config.target.redacted(),
+        tables_present: tables.users_sync && tables.state,
+        users_live: None,
+        users_soft_deleted: None,
+    };
+    if !status.tables_present {
+        problems.push(Problem {
+            verdict: Verdict::Broken,
+            message: "the target has no neon_auth.users_sync or usersync.state: run usersync setup"
+                .into(),
+        });
+    }
+    if tables.users_sync {
+        match apply::check_shape(target).await {
+            Ok(_) => {}
+            Err(ApplyError::Shape(message)) => problems.push(Problem {
+                verdict: Verdict::Broken,
+                message,
+            }),
+            Err(error) => return Err(error.into()),
+        }
+        let row = target
+            .query_one(
+                "SELECT count(*) FILTER (WHERE deleted_at IS NULL),
+                        count(*) FILTER (WHERE deleted_at IS NOT NULL)
+                   FROM neon_auth.users_sync",
+                &[],
+            )
+            .await
+            .map_err(ApplyError::sql("counting the users"))?;
+        status.users_live = Some(row.get(0));
+        status.users_soft_deleted = Some(row.get(1));
+    }
+    let checkpoint = if tables.state {
+        apply::read_checkpoint(target, &config.slot).await?
+    } else {
+        None
+    };
+    Ok((status, checkpoint))
+}

@@ -1,0 +1,574 @@
+//! Around replication: `status` (JSON schema, table, verdicts and exit codes), the retention
+//! `purge` (hard delete firing app foreign keys, dry run, scrub) and teardown's warning about
+//! changes the slot still holds.
+
+use std::process::Output;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use usersync::localpg::LocalPg;
+
+use crate::harness::*;
+
+/// Runs `status --json` and parses its stdout, which must be exactly one JSON object.
+fn status_json(pair: &Pair, extra: &[&str]) -> (Option<i32>, Value) {
+    let mut args = vec!["status", "--json"];
+    args.extend_from_slice(extra);
+    let output = pair.usersync(&args);
+    let stdout = String::from_utf8(output.stdout.clone()).expect("utf-8 stdout");
+    assert_eq!(stdout.lines().count(), 1, "{}", text(&output));
+    let json: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", text(&output)));
+    assert!(json.is_object());
+    assert!(!text(&output).contains(PASSWORD), "{}", text(&output));
+    (output.status.code(), json)
+}
+
+fn keys(value: &Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = value
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {value}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+fn assert_lsn(value: &Value) {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("LSN not a string: {value}"));
+    assert!(
+        text.parse::<usersync::lsn::Lsn>().is_ok(),
+        "not an X/Y LSN: {text}"
+    );
+}
+
+fn assert_time(value: &Value) {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("time not a string: {value}"));
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(text).is_ok(),
+        "not RFC 3339: {text}"
+    );
+}
+
+fn problems(json: &Value) -> String {
+    json["problems"].to_string()
+}
+
+/// A pair whose target holds one replicated user and a checkpoint, with the replicator
+/// stopped and the slot released.
+async fn replicated_then_stopped() -> Pair {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let running = pair.start();
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('applied@example.com')")
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    running.stop().await;
+    wait_slot_inactive(&pair).await;
+    pair
+}
+
+/// Waits until no process streams from the slot any more (the walsender of a stopped
+/// replicator exits a moment after it).
+async fn wait_slot_inactive(pair: &Pair) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let active: bool = pair
+            .source
+            .query_one(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&pair.config.slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if !active {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the slot stayed active");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_a_healthy_slot_as_json_and_as_a_table() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let running = pair.start();
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (email) VALUES ('a@example.com'), ('b@example.com'), ('c@example.com');
+             DELETE FROM users WHERE email = 'c@example.com'",
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    pair.wait_target(
+        "SELECT count(*) FILTER (WHERE deleted_at IS NOT NULL) = 1 FROM neon_auth.users_sync",
+    )
+    .await;
+
+    // A generous lag target: this is about the schema, not about how busy the machine is.
+    let (code, json) = status_json(&pair, &["--lag-target", "1h"]);
+    assert_eq!(code, Some(0), "{json}");
+    assert_eq!(json["verdict"], "healthy", "{json}");
+    assert_eq!(json["exit_code"], 0);
+    assert_eq!(json["problems"], Value::Array(vec![]));
+    assert_time(&json["checked_at"]);
+    assert_eq!(
+        keys(&json),
+        [
+            "checked_at",
+            "checkpoint",
+            "exit_code",
+            "lag",
+            "problems",
+            "slot",
+            "source",
+            "target",
+            "verdict"
+        ]
+    );
+
+    let source = &json["source"];
+    assert_eq!(
+        keys(source),
+        ["current_wal_lsn", "system_identifier", "url"]
+    );
+    let system_id: String = pair
+        .source
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(source["system_identifier"], system_id.as_str());
+    assert_lsn(&source["current_wal_lsn"]);
+    assert!(source["url"].as_str().unwrap().contains(":***@"));
+
+    let slot = &json["slot"];
+    assert_eq!(
+        keys(slot),
+        [
+            "active",
+            "active_pid",
+            "confirmed_flush_lsn",
+            "exists",
+            "name",
+            "pending_bytes",
+            "plugin",
+            "restart_lsn",
+            "retained_wal_bytes",
+            "safe_wal_size_bytes",
+            "wal_status"
+        ]
+    );
+    assert_eq!(slot["name"], pair.config.slot.as_str());
+    assert_eq!(slot["exists"], true);
+    assert_eq!(slot["active"], true);
+    assert!(slot["active_pid"].is_i64(), "{slot}");
+    assert_eq!(slot["plugin"], "pgoutput");
+    assert_lsn(&slot["confirmed_flush_lsn"]);
+    assert_lsn(&slot["restart_lsn"]);
+    assert_eq!(slot["wal_status"], "reserved");
+    // max_slot_wal_keep_size is unlimited on the test server.
+    assert!(slot["safe_wal_size_bytes"].is_null());
+    assert!(slot["retained_wal_bytes"].is_u64(), "{slot}");
+    assert!(slot["pending_bytes"].is_u64(), "{slot}");
+
+    let checkpoint = &json["checkpoint"];
+    assert_eq!(
+        keys(checkpoint),
+        [
+            "commit_lsn",
+            "commit_time",
+            "end_lsn",
+            "system_identifier",
+            "written_at"
+        ]
+    );
+    assert_eq!(checkpoint["system_identifier"], system_id.as_str());
+    assert_lsn(&checkpoint["commit_lsn"]);
+    assert_lsn(&checkpoint["end_lsn"]);
+    assert_time(&checkpoint["commit_time"]);
+    assert_time(&checkpoint["written_at"]);
+
+    let target = &json["target"];
+    assert_eq!(
+        keys(target),
+        ["tables_present", "url", "users_live", "users_soft_deleted"]
+    );
+    assert_eq!(target["tables_present"], true);
+    assert_eq!(target["users_live"], 2);
+    assert_eq!(target["users_soft_deleted"], 1);
+
+    let lag = &json["lag"];
+    assert_eq!(keys(lag), ["estimate", "seconds", "target_seconds"]);
+    assert!(lag["seconds"].is_f64(), "{lag}");
+    assert_eq!(lag["target_seconds"], 3600.0);
+    assert!(
+        ["caught_up", "source_server"].contains(&lag["estimate"].as_str().unwrap()),
+        "{lag}"
+    );
+
+    let table = pair.usersync(&["status", "--lag-target", "1h"]);
+    let said = text(&table);
+    assert_eq!(table.status.code(), Some(0), "{said}");
+    assert!(!said.contains(PASSWORD), "{said}");
+    assert!(said.contains(":***@"), "{said}");
+    assert!(said.contains(&pair.config.slot), "{said}");
+    assert!(said.contains("2 live, 1 soft-deleted"), "{said}");
+    assert!(
+        said.lines()
+            .any(|line| line.starts_with("verdict") && line.ends_with("healthy")),
+        "{said}"
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_lagging_while_changes_wait_for_a_stopped_replicator() {
+    let pair = replicated_then_stopped().await;
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('waiting@example.com')")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    let (code, json) = status_json(&pair, &["--lag-target", "10ms"]);
+    assert_eq!(code, Some(3), "{json}");
+    assert_eq!(json["verdict"], "lagging");
+    assert_eq!(json["slot"]["active"], false);
+    assert!(json["slot"]["active_pid"].is_null());
+    assert!(
+        json["slot"]["pending_bytes"].as_u64().unwrap() > 0,
+        "{json}"
+    );
+    assert_eq!(json["lag"]["estimate"], "since_last_applied");
+    assert!(json["lag"]["seconds"].as_f64().unwrap() > 0.01, "{json}");
+    assert_eq!(json["problems"][0]["verdict"], "lagging");
+    assert!(
+        problems(&json).contains("no usersync is streaming"),
+        "{json}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_broken_without_tables_slot_or_with_a_foreign_checkpoint() {
+    // Nothing set up: no slot, no target tables.
+    let bare = Pair::new().await;
+    let (code, json) = status_json(&bare, &[]);
+    assert_eq!(code, Some(5), "{json}");
+    assert_eq!(json["verdict"], "broken");
+    assert_eq!(json["slot"]["exists"], false);
+    assert!(json["slot"]["confirmed_flush_lsn"].is_null());
+    assert!(json["checkpoint"].is_null());
+    assert_eq!(json["target"]["tables_present"], false);
+    assert!(json["target"]["users_live"].is_null());
+    assert!(json["lag"]["seconds"].is_null());
+    assert!(problems(&json).contains("run usersync setup"), "{json}");
+
+    let pair = replicated_then_stopped().await;
+
+    pair.target
+        .batch_execute("UPDATE usersync.state SET system_identifier = '12345'")
+        .await
+        .unwrap();
+    let (code, json) = status_json(&pair, &["--lag-target", "1h"]);
+    assert_eq!(code, Some(5), "{json}");
+    assert_eq!(json["verdict"], "broken");
+    assert_eq!(json["checkpoint"]["system_identifier"], "12345");
+    assert!(problems(&json).contains("source system 12345"), "{json}");
+
+    pair.source
+        .query_one(
+            "SELECT pg_drop_replication_slot($1)::text",
+            &[&pair.config.slot],
+        )
+        .await
+        .unwrap();
+    let (code, json) = status_json(&pair, &["--lag-target", "1h"]);
+    assert_eq!(code, Some(5), "{json}");
+    assert_eq!(json["slot"]["exists"], false);
+    assert!(
+        problems(&json).contains("does not exist on the source"),
+        "{json}"
+    );
+    let table = pair.usersync(&["status"]);
+    assert_eq!(table.status.code(), Some(5), "{}", text(&table));
+    assert!(text(&table).contains("broken"), "{}", text(&table));
+    assert!(!text(&table).contains(PASSWORD));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_calls_a_slot_at_risk_when_little_safe_wal_is_left() {
+    // A limit on the WAL a slot may hold gives it a safe_wal_size, necessarily below the
+    // default threshold of 1GB.
+    static SERVER: OnceLock<LocalPg> = OnceLock::new();
+    let server =
+        SERVER.get_or_init(|| start_server(vec![("max_slot_wal_keep_size".into(), "64MB".into())]));
+    let pair = Pair::on(server, USERS_TABLE).await;
+    pair.setup().await;
+    let (code, json) = status_json(&pair, &["--lag-target", "1h"]);
+    assert_eq!(code, Some(4), "{json}");
+    assert_eq!(json["verdict"], "slot_at_risk");
+    let safe = json["slot"]["safe_wal_size_bytes"]
+        .as_i64()
+        .expect("a size");
+    // About the limit, rounded to WAL segments; well below the threshold.
+    assert!(safe > 0 && safe < 1 << 30, "{json}");
+    assert!(problems(&json).contains("safe_wal_size"), "{json}");
+    let (code, json) = status_json(&pair, &["--lag-target", "1h", "--min-safe-wal-size", "1MB"]);
+    assert_ne!(code, Some(4), "{json}");
+}
+
+fn purge(pair: &Pair, args: &[&str]) -> Output {
+    let mut all = vec!["purge"];
+    all.extend_from_slice(args);
+    // Purge needs only the target.
+    let output = pair
+        .command(&all)
+        .env_remove("USERSYNC_SOURCE_URL")
+        .output()
+        .expect("run usersync purge");
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(!text(&output).contains(PASSWORD));
+    output
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+async fn count(pair: &Pair, query: &str) -> i64 {
+    pair.target.query_one(query, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_removes_users_past_retention_and_fires_on_delete_cascade() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let running = pair.start();
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (email) SELECT 'u' || n || '@example.com' FROM generate_series(1, 5) n;
+             DELETE FROM users WHERE email <> 'u5@example.com'",
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    pair.wait_target(
+        "SELECT count(*) FILTER (WHERE deleted_at IS NOT NULL) = 4 FROM neon_auth.users_sync",
+    )
+    .await;
+    running.stop().await;
+    // An app table as Neon recommends, and the deletions of u1..u3 long ago; u4's is recent.
+    pair.target
+        .batch_execute(
+            "CREATE TABLE app_notes (
+                 user_id text NOT NULL REFERENCES neon_auth.users_sync (id) ON DELETE CASCADE,
+                 note    text);
+             INSERT INTO app_notes SELECT id, 'note of ' || email FROM neon_auth.users_sync;
+             UPDATE neon_auth.users_sync SET deleted_at = now() - interval '40 days'
+              WHERE email IN ('u1@example.com', 'u2@example.com', 'u3@example.com')",
+        )
+        .await
+        .unwrap();
+
+    let dry = purge(&pair, &["--older-than", "30d", "--dry-run"]);
+    assert!(
+        stdout(&dry).contains("dry run: 3 users soft-deleted before"),
+        "{}",
+        text(&dry)
+    );
+    assert_eq!(
+        count(&pair, "SELECT count(*) FROM neon_auth.users_sync").await,
+        5
+    );
+    assert_eq!(count(&pair, "SELECT count(*) FROM app_notes").await, 5);
+
+    let done = purge(&pair, &["--older-than", "30d", "--batch-size", "2"]);
+    assert!(
+        stdout(&done).contains("removed 3 users soft-deleted before"),
+        "{}",
+        text(&done)
+    );
+    assert!(stdout(&done).contains("in 2 batches"), "{}", text(&done));
+    let left: Vec<String> = pair
+        .target
+        .query("SELECT email FROM neon_auth.users_sync ORDER BY email", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(left, ["u4@example.com", "u5@example.com"]);
+    // The cascade fired for the purged users, and only for them.
+    let notes: Vec<String> = pair
+        .target
+        .query("SELECT note FROM app_notes ORDER BY note", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(notes, ["note of u4@example.com", "note of u5@example.com"]);
+
+    let again = purge(&pair, &["--older-than", "30d"]);
+    assert!(
+        stdout(&again).contains("removed 0 users"),
+        "{}",
+        text(&again)
+    );
+}
+
+/// Every target user as (id, raw_json, created_at, deleted_at), by id.
+async fn users_snapshot(pair: &Pair) -> Vec<(String, String, String, Option<String>)> {
+    pair.target
+        .query(
+            "SELECT id, raw_json::text, created_at::text, deleted_at::text
+               FROM neon_auth.users_sync ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_scrub_keeps_only_id_and_sign_up_time_once() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    pair.target
+        .batch_execute(
+            r#"INSERT INTO neon_auth.users_sync (raw_json, deleted_at)
+               SELECT jsonb_build_object(
+                          'id', id, 'primary_email', id || '@example.com', 'display_name', upper(id),
+                          'signed_up_at_millis', 1700000000000, 'primary_email_verified', true,
+                          'client_metadata', '{"plan": "pro"}'::jsonb),
+                      deleted_at
+                 FROM (VALUES ('old1', now() - interval '40 days'),
+                              ('old2', now() - interval '31 days'),
+                              ('recent', now() - interval '1 day'),
+                              ('live', NULL::timestamptz)) AS u(id, deleted_at)"#,
+        )
+        .await
+        .unwrap();
+    let before = users_snapshot(&pair).await;
+
+    let dry = purge(&pair, &["--older-than", "30d", "--scrub", "--dry-run"]);
+    assert!(
+        stdout(&dry).contains("dry run: 2 users soft-deleted before"),
+        "{}",
+        text(&dry)
+    );
+    assert_eq!(users_snapshot(&pair).await, before);
+
+    let done = purge(&pair, &["--older-than", "30d", "--scrub"]);
+    assert!(
+        stdout(&done).contains("scrubbed 2 users"),
+        "{}",
+        text(&done)
+    );
+    let after = users_snapshot(&pair).await;
+    assert_eq!(after.len(), 4, "scrub keeps the rows");
+    for (old, new) in before.iter().zip(&after) {
+        let (id, _, created_at, deleted_at) = old;
+        assert_eq!((&new.0, &new.2, &new.3), (id, created_at, deleted_at));
+        if id.starts_with("old") {
+            let raw: Value = serde_json::from_str(&new.1).unwrap();
+            assert_eq!(
+                raw,
+                serde_json::json!({"id": id, "signed_up_at_millis": 1700000000000_i64})
+            );
+        } else {
+            assert_eq!(new, old, "{id} is within the retention or alive");
+        }
+    }
+    let email: Option<String> = pair
+        .target
+        .query_one(
+            "SELECT email FROM neon_auth.users_sync WHERE id = 'old1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(email, None);
+
+    let again = purge(&pair, &["--older-than", "30d", "--scrub"]);
+    assert!(
+        stdout(&again).contains("scrubbed 0 users"),
+        "{}",
+        text(&again)
+    );
+    assert_eq!(users_snapshot(&pair).await, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teardown_warns_about_pending_changes_before_dropping() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    // Changes nobody has consumed yet.
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('p1@example.com'), ('p2@example.com')")
+        .await
+        .unwrap();
+    let slot_exists = || async {
+        pair.source
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&pair.config.slot],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    };
+
+    let refused = pair.usersync(&["teardown"]);
+    let said = text(&refused);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(said.contains("--yes"), "{said}");
+    assert!(pending_warning(&refused) > 0, "{said}");
+    assert!(slot_exists().await, "nothing is dropped without --yes");
+
+    let done = pair.usersync(&["teardown", "--yes"]);
+    assert!(done.status.success(), "{}", text(&done));
+    assert!(pending_warning(&done) > 0, "{}", text(&done));
+    assert!(
+        stdout(&done).contains(&format!("replication slot {} dropped", pair.config.slot)),
+        "{}",
+        text(&done)
+    );
+    assert!(!slot_exists().await);
+    assert!(!text(&done).contains(PASSWORD));
+}
+
+/// The pending bytes the teardown warning on stderr names.
+fn pending_warning(output: &Output) -> u64 {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let line = stderr
+        .lines()
+        .find(|line| line.starts_with("warning: replication slot"))
+        .unwrap_or_else(|| panic!("no warning in: {stderr}"));
+    assert!(line.contains("not confirmed"), "{line}");
+    assert!(line.contains("lost when the slot is dropped"), "{line}");
+    let (_, rest) = line
+        .split_once(" still holds ")
+        .expect("still holds N bytes");
+    let (number, _) = rest.split_once(" bytes").expect("still holds N bytes");
+    number.parse().expect("a byte count")
+}
