@@ -57,8 +57,8 @@ impl From<Error> for Failure {
 
 async fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Setup(args) => commands::setup::setup(&Config::from_args(&args)?).await?,
-        Command::Run(args) => commands::run::run(&Config::from_args(&args)?).await?,
+        Command::Setup(args) => commands::setup::setup(&Config::for_replication(&args)?).await?,
+        Command::Run(args) => commands::run::run(&Config::for_replication(&args)?).await?,
         Command::Teardown { connection, yes } => {
             let config = Config::from_args(&connection)?;
             if !yes {

@@ -7,8 +7,11 @@
 use std::error::Error as _;
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Client, Config, Connection, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -102,17 +105,29 @@ impl ConnectError {
 }
 
 /// Opens a connection and spawns the task that drives it; the task ends when the returned client
-/// is dropped. `application_name` is used unless the URL sets its own.
+/// is dropped. `application_name` is used unless the URL sets its own. An unencrypted
+/// connection to another machine logs a warning ([`tls::warn_if_plaintext`]).
 pub async fn connect(url: &PgUrl, application_name: &str) -> Result<Client, ConnectError> {
+    let (client, encrypted) = open(url, application_name).await?;
+    tls::warn_if_plaintext(url, encrypted);
+    Ok(client)
+}
+
+/// [`connect`], and whether the connection is encrypted.
+async fn open(url: &PgUrl, application_name: &str) -> Result<(Client, bool), ConnectError> {
     let config = postgres_config(url, application_name);
     let tls_config = tls::client_config(url).map_err(|source| ConnectError::Tls {
         url: url.redacted(),
         source,
     })?;
+    let encrypted = Arc::new(AtomicBool::new(false));
     let connecting = async {
         match tls_config {
             Some(tls_config) => {
-                let connector = MakeRustlsConnect::new((*tls_config).clone());
+                let connector = RecordTls {
+                    inner: MakeRustlsConnect::new((*tls_config).clone()),
+                    encrypted: Arc::clone(&encrypted),
+                };
                 let (client, connection) = config.connect(connector).await?;
                 spawn_connection(connection, url.redacted());
                 Ok(client)
@@ -135,7 +150,48 @@ pub async fn connect(url: &PgUrl, application_name: &str) -> Result<Client, Conn
             })?,
         None => connecting.await,
     };
-    result.map_err(|error| classify(url, error))
+    let client = result.map_err(|error| classify(url, error))?;
+    Ok((client, encrypted.load(Ordering::Relaxed)))
+}
+
+/// A TLS connector that records whether it was used. tokio-postgres calls
+/// [`TlsConnect::connect`] only after the server accepted SSLRequest; under `sslmode=prefer` it
+/// continues in plaintext after a refusal without telling its caller, and whether that
+/// happened decides the plaintext warning.
+struct RecordTls<M> {
+    inner: M,
+    encrypted: Arc<AtomicBool>,
+}
+
+impl<S, M: MakeTlsConnect<S>> MakeTlsConnect<S> for RecordTls<M> {
+    type Stream = M::Stream;
+    type TlsConnect = RecordTlsConnect<M::TlsConnect>;
+    type Error = M::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, Self::Error> {
+        Ok(RecordTlsConnect {
+            inner: self.inner.make_tls_connect(domain)?,
+            encrypted: Arc::clone(&self.encrypted),
+        })
+    }
+}
+
+/// The per-connection half of [`RecordTls`].
+struct RecordTlsConnect<T> {
+    inner: T,
+    encrypted: Arc<AtomicBool>,
+}
+
+impl<S, T: TlsConnect<S>> TlsConnect<S> for RecordTlsConnect<T> {
+    type Stream = T::Stream;
+    type Error = T::Error;
+    type Future = T::Future;
+
+    fn connect(self, stream: S) -> Self::Future {
+        // A failed handshake fails the whole connection, so setting this early is exact.
+        self.encrypted.store(true, Ordering::Relaxed);
+        self.inner.connect(stream)
+    }
 }
 
 /// The tokio-postgres settings for `url`, field by field (there is deliberately no round trip
@@ -406,7 +462,8 @@ mod tests {
         )
         .parse()
         .expect("test URL");
-        let client = connect(&url, "usersync-test").await.expect("connect");
+        let (client, encrypted) = open(&url, "usersync-test").await.expect("connect");
+        assert!(encrypted);
         drop(client);
         let seen = server.await.expect("server task").expect("server I/O");
         assert_eq!(seen.sni.as_deref(), Some("localhost"));
@@ -483,9 +540,10 @@ mod tests {
     #[tokio::test]
     async fn prefer_continues_in_plaintext_when_the_server_refuses_tls() {
         let (port, server) = fake_server(None, startup_ok()).await;
-        let client = connect(&url(port, "sslmode=prefer"), "usersync-test")
+        let (client, encrypted) = open(&url(port, "sslmode=prefer"), "usersync-test")
             .await
             .expect("connect");
+        assert!(!encrypted, "plaintext after the refusal, and known to be");
         drop(client);
         let seen = server.await.expect("server task").expect("server I/O");
         assert_eq!(seen.sni, None);

@@ -227,6 +227,21 @@ impl PgUrl {
         url
     }
 
+    /// Refuses a host that cannot carry a replication connection: a pooled endpoint, whose
+    /// first label ends with `-pooler` (Neon's naming: `ep-cool-123-pooler.us-east-2.aws.neon.tech`
+    /// is PgBouncer in transaction mode in front of `ep-cool-123.us-east-2.aws.neon.tech`).
+    /// PgBouncer refuses the `replication` startup parameter, so without this check the
+    /// operator would see a confusing server error after connecting, or a retry loop.
+    pub fn check_replication_endpoint(&self) -> Result<(), UrlError> {
+        match direct_endpoint(&self.host) {
+            Some(direct_host) => Err(UrlError::PoolerCannotReplicate {
+                host: self.host.clone(),
+                direct_host,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Whether the server is on this machine (`localhost` or a loopback address), where an
     /// unauthenticated or plaintext connection is a reasonable choice.
     pub fn is_loopback(&self) -> bool {
@@ -333,6 +348,12 @@ pub enum UrlError {
     WeakSslModeWithSystemRoots(SslMode),
     #[error("channel_binding=require needs TLS, but sslmode=disable; use sslmode=verify-full")]
     ChannelBindingWithoutTls,
+    #[error(
+        "host {host} is a pooled endpoint (Neon's -pooler, PgBouncer in transaction mode), which \
+         cannot carry logical replication; use the direct endpoint {direct_host} (the same host \
+         name without -pooler)"
+    )]
+    PoolerCannotReplicate { host: String, direct_host: String },
 }
 
 fn suggestion_text(suggestion: &Option<&'static str>) -> String {
@@ -484,6 +505,30 @@ impl Builder {
             options: self.options,
         })
     }
+}
+
+/// Neon's pooled-endpoint suffix on the first label of the host name.
+const POOLER_SUFFIX: &str = "-pooler";
+
+/// The direct endpoint behind a pooled one (`ep-x-pooler.region.aws.neon.tech` →
+/// `ep-x.region.aws.neon.tech`), or `None` when `host` is not a pooled endpoint. Host names
+/// are case-insensitive, so the suffix is too; IP addresses have no labels to match.
+fn direct_endpoint(host: &str) -> Option<String> {
+    let (first_label, rest) = match host.split_once('.') {
+        Some((first_label, rest)) => (first_label, Some(rest)),
+        None => (host, None),
+    };
+    let base_len = first_label.len().checked_sub(POOLER_SUFFIX.len())?;
+    // Comparing bytes first keeps the slicing below on a character boundary.
+    let suffix = &first_label.as_bytes()[base_len..];
+    if base_len == 0 || !suffix.eq_ignore_ascii_case(POOLER_SUFFIX.as_bytes()) {
+        return None;
+    }
+    let base = &first_label[..base_len];
+    Some(match rest {
+        Some(rest) => format!("{base}.{rest}"),
+        None => base.to_owned(),
+    })
 }
 
 fn invalid_value(parameter: &'static str, value: &str, expected: &'static str) -> UrlError {
@@ -1184,6 +1229,53 @@ mod tests {
     fn host_names_that_docker_and_dns_allow() {
         assert_eq!(parse("host=db_1 user=u").host, "db_1");
         assert_eq!(parse("host=db.example.com. user=u").host, "db.example.com.");
+    }
+
+    #[test]
+    fn pooled_endpoints_cannot_replicate() {
+        let check = |host: &str| parse(&format!("host={host} user=u")).check_replication_endpoint();
+        let error = check("ep-cool-123-pooler.us-east-2.aws.neon.tech").expect_err("pooler");
+        assert_eq!(
+            error,
+            UrlError::PoolerCannotReplicate {
+                host: "ep-cool-123-pooler.us-east-2.aws.neon.tech".into(),
+                direct_host: "ep-cool-123.us-east-2.aws.neon.tech".into(),
+            }
+        );
+        assert_eq!(
+            error.to_string(),
+            "host ep-cool-123-pooler.us-east-2.aws.neon.tech is a pooled endpoint (Neon's -pooler, \
+             PgBouncer in transaction mode), which cannot carry logical replication; use the \
+             direct endpoint ep-cool-123.us-east-2.aws.neon.tech (the same host name without \
+             -pooler)"
+        );
+        assert!(matches!(
+            check("EP-X-POOLER.c-2.eu-central-1.aws.neon.tech"),
+            Err(UrlError::PoolerCannotReplicate { direct_host, .. })
+                if direct_host == "EP-X.c-2.eu-central-1.aws.neon.tech"
+        ));
+        assert!(matches!(
+            check("db-pooler"),
+            Err(UrlError::PoolerCannotReplicate { direct_host, .. }) if direct_host == "db"
+        ));
+        for direct in [
+            "ep-cool-123.us-east-2.aws.neon.tech",
+            // Only the first label names the endpoint.
+            "ep-cool-123.pooler-east.aws.neon.tech",
+            "ep-cool-123.us-east-2-pooler.aws.neon.tech",
+            // Supabase's pooler host has no -pooler label; it is refused by the server instead.
+            "aws-0-eu-central-1.pooler.supabase.com",
+            "pooler.example.com",
+            "127.0.0.1",
+            "::1",
+            "localhost",
+        ] {
+            assert_eq!(check(direct), Ok(()), "{direct}");
+        }
+        assert_eq!(direct_endpoint("-pooler.example.com"), None);
+        // Never a panic on a character boundary (the URL parser refuses such hosts anyway).
+        assert_eq!(direct_endpoint("\u{e9}\u{e9}\u{e9}\u{e9}"), None);
+        assert_eq!(direct_endpoint("\u{e9}-pooler"), Some("\u{e9}".to_owned()));
     }
 
     #[test]
