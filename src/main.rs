@@ -10,13 +10,14 @@ use tracing_subscriber::EnvFilter;
 use usersync::cli::{Cli, Command, LogFormat};
 use usersync::commands;
 use usersync::config::Config;
+use usersync::conn::redact_secrets;
 use usersync::error::{Error, EXIT_FAILURE};
 
 /// Exit code for usage errors, as clap uses.
 const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_args();
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -40,6 +41,20 @@ fn main() -> ExitCode {
             tracing::error!(error = %report, "usersync stopped");
             eprintln!("usersync: {report}");
             ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+/// [`Cli::parse`], except that a usage error, which quotes the argument it could not place
+/// (say a URL pasted without `--source`), has the passwords in it redacted.
+fn parse_args() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version: printed as they are, exit 0.
+        Err(error) if !error.use_stderr() => error.exit(),
+        Err(error) => {
+            eprint!("{}", redact_secrets(&error.render().to_string()));
+            std::process::exit(error.exit_code());
         }
     }
 }

@@ -42,4 +42,4 @@ pub use tls::{
     client_config, plaintext_exposure, server_name, tls_requirement, tls_server_end_point,
     warn_if_plaintext, TlsError, TlsRequirement,
 };
-pub use url::{ChannelBinding, Password, PgUrl, SslMode, SslRootCert, UrlError};
+pub use url::{redact_secrets, ChannelBinding, Password, PgUrl, SslMode, SslRootCert, UrlError};

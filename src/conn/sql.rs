@@ -22,8 +22,11 @@ use super::url::{ChannelBinding, PgUrl, SslMode};
 /// [`ConnectErrorKind::is_transient`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectErrorKind {
-    /// Wrong password, no `pg_hba.conf` entry, or channel binding impossible (definite).
+    /// Wrong password, or no `pg_hba.conf` entry (definite).
     Authentication,
+    /// `channel_binding=require`, but the server did not bind the channel (no TLS, or no
+    /// SCRAM-SHA-256 password to authenticate with; definite).
+    ChannelBinding,
     /// The database named in the URL does not exist (SQLSTATE 3D000, definite).
     DatabaseMissing,
     /// The role may not connect to the database (SQLSTATE 42501, definite).
@@ -48,6 +51,10 @@ impl ConnectErrorKind {
             Self::Authentication => {
                 "authentication failed; check the user name and password, and that pg_hba.conf \
                  admits this user from this host"
+            }
+            Self::ChannelBinding => {
+                "channel_binding=require, but the server did not use channel binding; it needs \
+                 TLS (sslmode=require or better) and a SCRAM-SHA-256 password for this user"
             }
             Self::DatabaseMissing => {
                 "the database does not exist; check the database name in the URL"
@@ -251,9 +258,21 @@ fn classify(url: &PgUrl, error: tokio_postgres::Error) -> ConnectError {
             source: tls_error,
         };
     }
+    let kind = match kind_of(&error) {
+        // tokio-postgres says only "authentication error" with the reason in its source.
+        ConnectErrorKind::Authentication
+            if url.channel_binding == ChannelBinding::Require
+                && error
+                    .source()
+                    .is_some_and(|reason| reason.to_string().contains("channel binding")) =>
+        {
+            ConnectErrorKind::ChannelBinding
+        }
+        kind => kind,
+    };
     ConnectError::Postgres {
         url: url.redacted(),
-        kind: kind_of(&error),
+        kind,
         source: error,
     }
 }
@@ -547,6 +566,22 @@ mod tests {
         drop(client);
         let seen = server.await.expect("server task").expect("server I/O");
         assert_eq!(seen.sni, None);
+    }
+
+    #[tokio::test]
+    async fn channel_binding_required_but_not_used_is_explained() {
+        // The server refuses TLS (prefer continues) and lets the client in without SCRAM.
+        let (port, _server) = fake_server(None, startup_ok()).await;
+        let error = failed_connect(&url(port, "sslmode=prefer&channel_binding=require")).await;
+        assert_eq!(error.kind(), ConnectErrorKind::ChannelBinding);
+        assert!(!error.is_transient());
+        assert!(
+            error.to_string().ends_with(
+                "channel_binding=require, but the server did not use channel binding; it needs \
+                 TLS (sslmode=require or better) and a SCRAM-SHA-256 password for this user"
+            ),
+            "{error}"
+        );
     }
 
     #[tokio::test]

@@ -720,6 +720,83 @@ fn percent_decode(text: &str, component: &str) -> Result<String, UrlError> {
     })
 }
 
+/// `text` with every password it may hold replaced by `***`: the password of each
+/// `scheme://user:password@host` URL and the value of each `password=` pair. For messages that
+/// quote input usersync has not parsed, such as clap's "unexpected argument '…'" when a URL is
+/// pasted without `--source`. It would rather hide too much than too little: a URL's password
+/// runs to its last `@`, and an unquoted `password=` value to the next space or quote.
+pub fn redact_secrets(text: &str) -> String {
+    redact_key_value_passwords(&redact_url_passwords(text))
+}
+
+/// Characters that end a URL or an unquoted value quoted inside a message.
+fn ends_token(c: char) -> bool {
+    c.is_whitespace() || matches!(c, '\'' | '"' | '`')
+}
+
+fn redact_url_passwords(text: &str) -> String {
+    let mut redacted = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(scheme_end) = rest.find("://") {
+        let authority_start = scheme_end + "://".len();
+        redacted.push_str(&rest[..authority_start]);
+        rest = &rest[authority_start..];
+        let token_len = rest.find(ends_token).unwrap_or(rest.len());
+        let token = &rest[..token_len];
+        match token.rfind('@') {
+            Some(at) => match token[..at].find(':') {
+                Some(colon) => {
+                    redacted.push_str(&token[..=colon]);
+                    redacted.push_str("***");
+                    redacted.push_str(&token[at..]);
+                }
+                None => redacted.push_str(token),
+            },
+            None => redacted.push_str(token),
+        }
+        rest = &rest[token_len..];
+    }
+    redacted.push_str(rest);
+    redacted
+}
+
+fn redact_key_value_passwords(text: &str) -> String {
+    const KEY: &str = "password";
+    let mut redacted = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(key_at) = rest.find(KEY) {
+        let after_key = &rest[key_at + KEY.len()..];
+        let after_spaces = after_key.trim_start();
+        let Some(value) = after_spaces.strip_prefix('=') else {
+            // "password" in prose, not a key: keep it and look further.
+            redacted.push_str(&rest[..key_at + KEY.len()]);
+            rest = after_key;
+            continue;
+        };
+        let value = value.trim_start();
+        let value_start = rest.len() - value.len();
+        let value_len = if let Some(quoted) = value.strip_prefix('\'') {
+            // libpq quoting: up to the next quote not escaped by a backslash.
+            let mut escaped = false;
+            let close = quoted.char_indices().find_map(|(index, c)| {
+                let closes = c == '\'' && !escaped;
+                escaped = c == '\\' && !escaped;
+                closes.then_some(index)
+            });
+            close.map_or(value.len(), |index| index + 2)
+        } else {
+            value.find(ends_token).unwrap_or(value.len())
+        };
+        redacted.push_str(&rest[..value_start]);
+        if value_len > 0 {
+            redacted.push_str("***");
+        }
+        rest = &rest[value_start + value_len..];
+    }
+    redacted.push_str(rest);
+    redacted
+}
+
 /// Percent-encodes all but RFC 3986 unreserved characters (and `/` where a path reads better).
 fn percent_encode(text: &str, keep_slash: bool) -> String {
     let mut encoded = String::with_capacity(text.len());
@@ -1276,6 +1353,51 @@ mod tests {
         // Never a panic on a character boundary (the URL parser refuses such hosts anyway).
         assert_eq!(direct_endpoint("\u{e9}\u{e9}\u{e9}\u{e9}"), None);
         assert_eq!(direct_endpoint("\u{e9}-pooler"), Some("\u{e9}".to_owned()));
+    }
+
+    #[test]
+    fn secrets_are_redacted_from_free_text() {
+        let cases = [
+            (
+                "error: unexpected argument 'postgresql://u:s3cret@host:5432/db' found",
+                "error: unexpected argument 'postgresql://u:***@host:5432/db' found",
+            ),
+            (
+                "postgres://u:a:b@c%40d@h/db?sslmode=require and postgresql://v:x@h2",
+                "postgres://u:***@h/db?sslmode=require and postgresql://v:***@h2",
+            ),
+            ("postgresql://u@h/db", "postgresql://u@h/db"),
+            ("postgresql://h:5432/db", "postgresql://h:5432/db"),
+            (
+                "'host=h password=s3cret user=u'",
+                "'host=h password=*** user=u'",
+            ),
+            (
+                "host=h password = 'it\\'s s3cret' user=u",
+                "host=h password = *** user=u",
+            ),
+            ("password='s3cret", "password=***"),
+            ("password=", "password="),
+            (
+                "wrong password; password=s3cret",
+                "wrong password; password=***",
+            ),
+            (
+                "postgresql://u@h/db?password=s3cret&sslmode=require",
+                "postgresql://u@h/db?password=***",
+            ),
+            (
+                "password authentication failed for user \"u\"",
+                "password authentication failed for user \"u\"",
+            ),
+            (
+                "d\u{e9}j\u{e0} password=\u{e9}t\u{e9} vu",
+                "d\u{e9}j\u{e0} password=*** vu",
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(redact_secrets(text), expected, "{text}");
+        }
     }
 
     #[test]
