@@ -9,3 +9,4 @@ mod cli;
 mod crash;
 mod errors;
 mod replication;
+mod security;
