@@ -810,3 +810,357 @@ fn role_scripts_refuse_to_run_without_a_password() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Deployment files (deploy/): no Docker engine or cluster here, so they are checked by
+// parsers, systemd-analyze and kubectl's offline kustomize when those are installed.
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// Whether `program` runs at all (is installed and on PATH).
+fn available(program: &str, probe: &[&str]) -> bool {
+    Command::new(program)
+        .args(probe)
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
+/// The Kubernetes manifests as JSON documents, parsed by PyYAML; `None` when python3 or
+/// PyYAML is missing (the test then says it skipped).
+fn kubernetes_documents() -> Option<Vec<serde_json::Value>> {
+    if !available("python3", &["-c", "import yaml"]) {
+        eprintln!("skipped: python3 with PyYAML is not installed (pip install pyyaml)");
+        return None;
+    }
+    let mut manifests: Vec<PathBuf> = fs::read_dir(repo_path("deploy/kubernetes"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    manifests.sort();
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml\n\
+             docs = []\n\
+             for path in sys.argv[1:]:\n\
+             \x20   with open(path) as f:\n\
+             \x20       docs.extend(d for d in yaml.safe_load_all(f) if d is not None)\n\
+             json.dump(docs, sys.stdout)",
+        ])
+        .args(&manifests)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "YAML error: {}", text(&output));
+    Some(serde_json::from_slice(&output.stdout).expect("JSON from python"))
+}
+
+/// The document of `kind` named `name`.
+fn manifest<'a>(documents: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Value {
+    documents
+        .iter()
+        .find(|document| document["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} in deploy/kubernetes"))
+}
+
+/// Environment variables usersync reads: every `[env: NAME]` of `run --help`, the URL
+/// files, RUST_LOG, and `--metrics-addr` from the metrics work (DESIGN §5).
+fn known_environment() -> Vec<String> {
+    let help = Command::new(env!("CARGO_BIN_EXE_usersync"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = text(&help);
+    let mut names: Vec<String> = help
+        .split("[env: ")
+        .skip(1)
+        .map(|rest| {
+            rest.split(|c: char| c == ']' || c == '=')
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    names.extend(
+        [
+            "USERSYNC_SOURCE_URL_FILE",
+            "USERSYNC_TARGET_URL_FILE",
+            "USERSYNC_METRICS_ADDR",
+            "RUST_LOG",
+        ]
+        .map(String::from),
+    );
+    names
+}
+
+#[test]
+fn kubernetes_manifests_parse_and_fit_together() {
+    let Some(documents) = kubernetes_documents() else {
+        return;
+    };
+    for document in &documents {
+        for field in ["apiVersion", "kind"] {
+            assert!(document[field].is_string(), "{field} missing: {document}");
+        }
+    }
+    let deployment = manifest(&documents, "Deployment");
+    let secret = manifest(&documents, "Secret");
+    let config = manifest(&documents, "ConfigMap");
+    let service = manifest(&documents, "Service");
+    let monitor = manifest(&documents, "ServiceMonitor");
+
+    // One consumer per slot.
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
+    let pod = &deployment["spec"]["template"];
+    let pod_labels = &pod["metadata"]["labels"];
+    for selector in [
+        &deployment["spec"]["selector"]["matchLabels"],
+        &service["spec"]["selector"],
+        &monitor["spec"]["selector"]["matchLabels"],
+    ] {
+        for (key, value) in selector.as_object().unwrap() {
+            assert_eq!(&pod_labels[key], value, "selector {key}");
+        }
+    }
+    assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+
+    let init = &pod["spec"]["initContainers"][0];
+    let main = &pod["spec"]["containers"][0];
+    assert_eq!(init["args"], serde_json::json!(["setup"]));
+    assert_eq!(main["args"], serde_json::json!(["run"]));
+    assert_eq!(main["ports"][0]["containerPort"], 9753);
+    let port_name = &main["ports"][0]["name"];
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(main[probe]["httpGet"]["path"], path);
+        assert_eq!(&main[probe]["httpGet"]["port"], port_name);
+    }
+    for container in [init, main] {
+        for bound in ["requests", "limits"] {
+            assert!(
+                container["resources"][bound]["memory"].is_string(),
+                "{}: resources.{bound}",
+                container["name"]
+            );
+        }
+        assert_eq!(
+            container["securityContext"]["allowPrivilegeEscalation"],
+            false
+        );
+        assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(
+            container["envFrom"][0]["configMapRef"]["name"],
+            config["metadata"]["name"]
+        );
+    }
+
+    // The Secret's keys are mounted where the ConfigMap's *_FILE variables point.
+    let volume = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|volume| volume["secret"].is_object())
+        .expect("a secret volume");
+    assert_eq!(volume["secret"]["secretName"], secret["metadata"]["name"]);
+    let mount = main["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|mount| mount["name"] == volume["name"])
+        .expect("the secret is mounted");
+    let mount_path = mount["mountPath"].as_str().unwrap();
+    for (variable, key) in [
+        ("USERSYNC_SOURCE_URL_FILE", "source-url"),
+        ("USERSYNC_TARGET_URL_FILE", "target-url"),
+    ] {
+        assert!(secret["stringData"][key].is_string(), "secret key {key}");
+        let item = volume["secret"]["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|item| item["key"] == key)
+            .unwrap_or_else(|| panic!("{key} is not mounted"));
+        assert_eq!(
+            config["data"][variable].as_str(),
+            Some(format!("{mount_path}/{}", item["path"].as_str().unwrap()).as_str()),
+            "{variable}"
+        );
+    }
+    let known = known_environment();
+    for variable in config["data"].as_object().unwrap().keys() {
+        assert!(known.contains(variable), "usersync reads no {variable}");
+    }
+    assert_eq!(config["data"]["USERSYNC_METRICS_ADDR"], "0.0.0.0:9753");
+
+    // Prometheus finds the metrics port by annotation or ServiceMonitor.
+    let annotations = &service["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "9753");
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    assert_eq!(service["spec"]["ports"][0]["port"], 9753);
+    assert_eq!(&service["spec"]["ports"][0]["targetPort"], port_name);
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["port"],
+        service["spec"]["ports"][0]["name"]
+    );
+    // The alert rules expect job="usersync", which the ServiceMonitor takes from the name.
+    assert_eq!(service["metadata"]["name"], "usersync");
+}
+
+#[test]
+fn kustomization_builds_offline() {
+    if !available("kubectl", &["version", "--client"]) {
+        eprintln!("skipped: kubectl is not installed");
+        return;
+    }
+    let output = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(repo_path("deploy/kubernetes"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    let built = String::from_utf8_lossy(&output.stdout);
+    for kind in ["kind: ConfigMap", "kind: Deployment", "kind: Service"] {
+        assert!(built.contains(kind), "{kind} missing: {built}");
+    }
+}
+
+#[test]
+fn systemd_unit_keeps_secrets_in_credentials_and_verifies() {
+    let unit = fs::read_to_string(repo_path("deploy/systemd/usersync.service")).unwrap();
+    let lines: Vec<&str> = unit.lines().map(str::trim).collect();
+    for line in [
+        "ExecStart=/usr/local/bin/usersync run",
+        "Restart=on-failure",
+        "RestartPreventExitStatus=78",
+        "LoadCredential=source-url:/etc/usersync/source-url",
+        "LoadCredential=target-url:/etc/usersync/target-url",
+        "Environment=USERSYNC_SOURCE_URL_FILE=%d/source-url",
+        "Environment=USERSYNC_TARGET_URL_FILE=%d/target-url",
+        "DynamicUser=yes",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+    ] {
+        assert!(lines.contains(&line), "{line} missing");
+    }
+    assert!(
+        !lines
+            .iter()
+            .any(|line| line.starts_with("Environment=USERSYNC_SOURCE_URL=")),
+        "URLs belong in credentials, not the environment"
+    );
+    if !available("systemd-analyze", &["--version"]) {
+        eprintln!("skipped systemd-analyze verify: not installed");
+        return;
+    }
+    // verify wants an executable at ExecStart: point it at the binary cargo built.
+    let dir = std::env::temp_dir().join(unique("usersync-unit"));
+    fs::create_dir(&dir).unwrap();
+    let copy = dir.join("usersync.service");
+    fs::write(
+        &copy,
+        unit.replace("/usr/local/bin/usersync", env!("CARGO_BIN_EXE_usersync")),
+    )
+    .unwrap();
+    let output = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    fs::remove_dir_all(&dir).unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).trim().is_empty(),
+        "systemd-analyze warns: {}",
+        text(&output)
+    );
+}
+
+#[test]
+fn dockerfile_builds_from_what_the_context_keeps() {
+    let dockerfile = fs::read_to_string(repo_path("deploy/Dockerfile")).unwrap();
+    let ignored: Vec<String> = fs::read_to_string(repo_path(".dockerignore"))
+        .unwrap()
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| line.trim_end_matches('/').to_owned())
+        .collect();
+    let instructions: Vec<&str> = dockerfile
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.starts_with('#'))
+        .collect();
+    let has = |prefix: &str| instructions.iter().any(|line| line.starts_with(prefix));
+    assert!(has("FROM rust:1-bookworm AS build"));
+    assert!(has("FROM debian:bookworm-slim"));
+    assert!(dockerfile.contains("cargo build --release --locked"));
+    assert!(dockerfile.contains("ca-certificates"));
+    assert!(has("EXPOSE 9753"));
+    assert!(has(r#"ENTRYPOINT ["usersync"]"#));
+    assert!(has(r#"CMD ["run"]"#));
+    let user = instructions
+        .iter()
+        .rev()
+        .find_map(|line| line.strip_prefix("USER "))
+        .expect("a USER instruction");
+    assert!(
+        !user.starts_with("root") && !user.starts_with("0"),
+        "{user}"
+    );
+
+    // Every COPY from the context exists and survives .dockerignore.
+    let mut copied = Vec::new();
+    for line in &instructions {
+        let Some(arguments) = line.strip_prefix("COPY ") else {
+            continue;
+        };
+        if arguments.starts_with("--from") {
+            continue;
+        }
+        let words: Vec<&str> = arguments.split_whitespace().collect();
+        for source in &words[..words.len() - 1] {
+            assert!(repo_path(source).exists(), "COPY {source}: not in the repo");
+            assert!(
+                !ignored.iter().any(|pattern| pattern == source),
+                "COPY {source}: excluded by .dockerignore"
+            );
+            copied.push(source.trim_end_matches('/').to_owned());
+        }
+    }
+    // Files the code compiles in must be in the image's build context too.
+    let mut pending = vec![repo_path("src")];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let code = fs::read_to_string(&path).unwrap();
+            for included in code.split("include_str!(\"").skip(1) {
+                let relative = included.split('"').next().unwrap();
+                let file = path
+                    .parent()
+                    .unwrap()
+                    .join(relative)
+                    .canonicalize()
+                    .unwrap();
+                let in_repo = file
+                    .strip_prefix(repo_path("").canonicalize().unwrap())
+                    .unwrap()
+                    .to_owned();
+                let top = in_repo.components().next().unwrap().as_os_str();
+                assert!(
+                    copied.iter().any(|source| source.as_str() == top),
+                    "{} includes {} but the Dockerfile does not COPY {}",
+                    path.display(),
+                    in_repo.display(),
+                    top.to_string_lossy()
+                );
+            }
+        }
+    }
+}
