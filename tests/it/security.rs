@@ -876,12 +876,7 @@ fn known_environment() -> Vec<String> {
     let mut names: Vec<String> = help
         .split("[env: ")
         .skip(1)
-        .map(|rest| {
-            rest.split(|c: char| c == ']' || c == '=')
-                .next()
-                .unwrap()
-                .to_owned()
-        })
+        .map(|rest| rest.split([']', '=']).next().unwrap().to_owned())
         .collect();
     names.extend(
         [
