@@ -214,6 +214,23 @@ impl PurgeConfig {
     }
 }
 
+impl Config {
+    /// [`Config::from_args`] for the commands that open a replication connection (`setup`,
+    /// `run`): also refuses a source that cannot carry one, such as Neon's `-pooler` endpoint,
+    /// before anything connects.
+    pub fn for_replication(args: &ConnectionArgs) -> Result<Config, Error> {
+        let config = Config::from_args(args)?;
+        config
+            .source
+            .check_replication_endpoint()
+            .map_err(|source| Error::Url {
+                which: "source",
+                source,
+            })?;
+        Ok(config)
+    }
+}
+
 fn resolve_url(which: &'static str, given: Option<&str>, env: &str) -> Result<PgUrl, Error> {
     let text = match given {
         Some(text) => text.to_owned(),
@@ -428,6 +445,44 @@ mod tests {
             ]
         );
         assert_eq!(tables[3].quoted(), "\"public\".\"user\"");
+    }
+
+    fn connection_args(source: &str) -> ConnectionArgs {
+        use clap::Parser as _;
+        let cli = crate::cli::Cli::try_parse_from([
+            "usersync",
+            "run",
+            "--source",
+            source,
+            "--target",
+            "postgresql://u@ep-x-pooler.us-east-2.aws.neon.tech/db",
+        ])
+        .expect("valid arguments");
+        match cli.command {
+            crate::cli::Command::Run(args) => args.connection,
+            _ => unreachable!("parsed as run"),
+        }
+    }
+
+    #[test]
+    fn replication_commands_refuse_a_pooled_source() {
+        let pooled = connection_args("postgresql://u:pw@ep-x-pooler.us-east-2.aws.neon.tech/db");
+        let error = Config::for_replication(&pooled).expect_err("pooler refused");
+        assert_eq!(error.exit_code(), crate::error::EXIT_DEFINITE);
+        assert!(
+            error.to_string().starts_with(
+                "invalid source URL: host ep-x-pooler.us-east-2.aws.neon.tech is a pooled endpoint"
+            ),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("ep-x.us-east-2.aws.neon.tech"),
+            "{error}"
+        );
+        // Commands that only run SQL may use it; so may the target of any command.
+        assert!(Config::from_args(&pooled).is_ok());
+        let direct = connection_args("postgresql://u:pw@ep-x.us-east-2.aws.neon.tech/db");
+        assert!(Config::for_replication(&direct).is_ok());
     }
 
     #[test]

@@ -401,6 +401,34 @@ impl LocalPg {
         &self.dir
     }
 
+    /// Writes `contents` to the file `name` in the data directory, readable only by the OS user
+    /// the server runs as (mode 0600, handed to it when we are root), and returns its path.
+    /// For files that settings name relative to the data directory, such as `ssl_cert_file`
+    /// and `ssl_key_file`: PostgreSQL refuses a key file that it does not own or that others
+    /// may read.
+    pub fn write_data_file(&self, name: &str, contents: &str) -> Result<PathBuf, LocalPgError> {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(LocalPgError::InvalidOption(format!(
+                "data file name {name:?} must be a plain file name"
+            )));
+        }
+        let path = self.data_dir.join(name);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_error("create", &path))?;
+        file.write_all(contents.as_bytes())
+            .map_err(io_error("write", &path))?;
+        // `mode` applies only to a new file; an existing one keeps its bits otherwise.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+            .map_err(io_error("set permissions of", &path))?;
+        self.run_as.give_to_postgres(&[&path])?;
+        Ok(path)
+    }
+
     /// The server log; worth reading when a test fails.
     pub fn log_file(&self) -> &Path {
         &self.log_file

@@ -11,13 +11,14 @@ use usersync::cli::{Cli, Command, LogFormat};
 use usersync::commands;
 use usersync::commands::setup::SetupOptions;
 use usersync::config::{parse_byte_size, parse_heartbeat_interval, Config, PurgeConfig};
+use usersync::conn::redact_secrets;
 use usersync::error::{Error, EXIT_FAILURE};
 
 /// Exit code for usage errors, as clap uses.
 const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_args();
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -45,6 +46,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// [`Cli::parse`], except that a usage error, which quotes the argument it could not place
+/// (say a URL pasted without `--source`), has the passwords in it redacted.
+fn parse_args() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version: printed as they are, exit 0.
+        Err(error) if !error.use_stderr() => error.exit(),
+        Err(error) => {
+            eprint!("{}", redact_secrets(&error.render().to_string()));
+            std::process::exit(error.exit_code());
+        }
+    }
+}
+
 enum Failure {
     Usage(String),
     Error(Error),
@@ -63,15 +78,15 @@ async fn dispatch(command: Command) -> Result<u8, Failure> {
             let options = SetupOptions {
                 snapshot: !args.no_snapshot,
             };
-            commands::setup::setup(&Config::from_args(&args.connection)?, options).await?
+            commands::setup::setup(&Config::for_replication(&args.connection)?, options).await?
         }
         Command::Replay(args) => {
-            let config = Config::from_args(&args.connection)?;
+            let config = Config::for_replication(&args.connection)?;
             commands::replay::replay(&config, args.until_lsn, args.dry_run).await?
         }
-        Command::Resync(args) => commands::resync::resync(&Config::from_args(&args)?).await?,
+        Command::Resync(args) => commands::resync::resync(&Config::for_replication(&args)?).await?,
         Command::Run(args) => {
-            let mut config = Config::from_args(&args.connection)?;
+            let mut config = Config::for_replication(&args.connection)?;
             config.heartbeat_interval = parse_heartbeat_interval(&args.heartbeat_interval)?;
             commands::run::run(&config, args.metrics_addr).await?
         }

@@ -20,7 +20,12 @@
 //!   failures as transient (retry) or definite (stop and tell the operator).
 //!
 //! Neon's pooled endpoints (`-pooler` in the host name) run PgBouncer in transaction mode and
-//! cannot carry a replication stream, so the source URL must name the direct endpoint.
+//! cannot carry a replication stream, so the source URL must name the direct endpoint
+//! ([`PgUrl::check_replication_endpoint`]).
+//!
+//! A connection that ends up unencrypted to a host that is not this machine logs a warning
+//! ([`tls::plaintext_exposure`]): `sslmode=disable`, or `prefer`/`allow` with a server that
+//! refused TLS.
 //!
 //! Passwords never leave [`Password`] except through [`Password::expose`]: every `Debug`, log
 //! line and error in this module shows [`PgUrl::redacted`] instead of the URL as given.
@@ -30,10 +35,11 @@ pub mod tls;
 pub mod url;
 
 #[cfg(test)]
-mod test_pki;
+pub(crate) mod test_pki;
 
 pub use sql::{connect, ConnectError, ConnectErrorKind};
 pub use tls::{
-    client_config, server_name, tls_requirement, tls_server_end_point, TlsError, TlsRequirement,
+    client_config, plaintext_exposure, server_name, tls_requirement, tls_server_end_point,
+    warn_if_plaintext, TlsError, TlsRequirement,
 };
-pub use url::{ChannelBinding, Password, PgUrl, SslMode, SslRootCert, UrlError};
+pub use url::{redact_secrets, ChannelBinding, Password, PgUrl, SslMode, SslRootCert, UrlError};

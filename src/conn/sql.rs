@@ -7,8 +7,11 @@
 use std::error::Error as _;
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Client, Config, Connection, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -19,8 +22,11 @@ use super::url::{ChannelBinding, PgUrl, SslMode};
 /// [`ConnectErrorKind::is_transient`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectErrorKind {
-    /// Wrong password, no `pg_hba.conf` entry, or channel binding impossible (definite).
+    /// Wrong password, or no `pg_hba.conf` entry (definite).
     Authentication,
+    /// `channel_binding=require`, but the server did not bind the channel (no TLS, or no
+    /// SCRAM-SHA-256 password to authenticate with; definite).
+    ChannelBinding,
     /// The database named in the URL does not exist (SQLSTATE 3D000, definite).
     DatabaseMissing,
     /// The role may not connect to the database (SQLSTATE 42501, definite).
@@ -45,6 +51,10 @@ impl ConnectErrorKind {
             Self::Authentication => {
                 "authentication failed; check the user name and password, and that pg_hba.conf \
                  admits this user from this host"
+            }
+            Self::ChannelBinding => {
+                "channel_binding=require, but the server did not use channel binding; it needs \
+                 TLS (sslmode=require or better) and a SCRAM-SHA-256 password for this user"
             }
             Self::DatabaseMissing => {
                 "the database does not exist; check the database name in the URL"
@@ -102,17 +112,29 @@ impl ConnectError {
 }
 
 /// Opens a connection and spawns the task that drives it; the task ends when the returned client
-/// is dropped. `application_name` is used unless the URL sets its own.
+/// is dropped. `application_name` is used unless the URL sets its own. An unencrypted
+/// connection to another machine logs a warning ([`tls::warn_if_plaintext`]).
 pub async fn connect(url: &PgUrl, application_name: &str) -> Result<Client, ConnectError> {
+    let (client, encrypted) = open(url, application_name).await?;
+    tls::warn_if_plaintext(url, encrypted);
+    Ok(client)
+}
+
+/// [`connect`], and whether the connection is encrypted.
+async fn open(url: &PgUrl, application_name: &str) -> Result<(Client, bool), ConnectError> {
     let config = postgres_config(url, application_name);
     let tls_config = tls::client_config(url).map_err(|source| ConnectError::Tls {
         url: url.redacted(),
         source,
     })?;
+    let encrypted = Arc::new(AtomicBool::new(false));
     let connecting = async {
         match tls_config {
             Some(tls_config) => {
-                let connector = MakeRustlsConnect::new((*tls_config).clone());
+                let connector = RecordTls {
+                    inner: MakeRustlsConnect::new((*tls_config).clone()),
+                    encrypted: Arc::clone(&encrypted),
+                };
                 let (client, connection) = config.connect(connector).await?;
                 spawn_connection(connection, url.redacted());
                 Ok(client)
@@ -135,7 +157,48 @@ pub async fn connect(url: &PgUrl, application_name: &str) -> Result<Client, Conn
             })?,
         None => connecting.await,
     };
-    result.map_err(|error| classify(url, error))
+    let client = result.map_err(|error| classify(url, error))?;
+    Ok((client, encrypted.load(Ordering::Relaxed)))
+}
+
+/// A TLS connector that records whether it was used. tokio-postgres calls
+/// [`TlsConnect::connect`] only after the server accepted SSLRequest; under `sslmode=prefer` it
+/// continues in plaintext after a refusal without telling its caller, and whether that
+/// happened decides the plaintext warning.
+struct RecordTls<M> {
+    inner: M,
+    encrypted: Arc<AtomicBool>,
+}
+
+impl<S, M: MakeTlsConnect<S>> MakeTlsConnect<S> for RecordTls<M> {
+    type Stream = M::Stream;
+    type TlsConnect = RecordTlsConnect<M::TlsConnect>;
+    type Error = M::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, Self::Error> {
+        Ok(RecordTlsConnect {
+            inner: self.inner.make_tls_connect(domain)?,
+            encrypted: Arc::clone(&self.encrypted),
+        })
+    }
+}
+
+/// The per-connection half of [`RecordTls`].
+struct RecordTlsConnect<T> {
+    inner: T,
+    encrypted: Arc<AtomicBool>,
+}
+
+impl<S, T: TlsConnect<S>> TlsConnect<S> for RecordTlsConnect<T> {
+    type Stream = T::Stream;
+    type Error = T::Error;
+    type Future = T::Future;
+
+    fn connect(self, stream: S) -> Self::Future {
+        // A failed handshake fails the whole connection, so setting this early is exact.
+        self.encrypted.store(true, Ordering::Relaxed);
+        self.inner.connect(stream)
+    }
 }
 
 /// The tokio-postgres settings for `url`, field by field (there is deliberately no round trip
@@ -195,9 +258,21 @@ fn classify(url: &PgUrl, error: tokio_postgres::Error) -> ConnectError {
             source: tls_error,
         };
     }
+    let kind = match kind_of(&error) {
+        // tokio-postgres says only "authentication error" with the reason in its source.
+        ConnectErrorKind::Authentication
+            if url.channel_binding == ChannelBinding::Require
+                && error
+                    .source()
+                    .is_some_and(|reason| reason.to_string().contains("channel binding")) =>
+        {
+            ConnectErrorKind::ChannelBinding
+        }
+        kind => kind,
+    };
     ConnectError::Postgres {
         url: url.redacted(),
-        kind: kind_of(&error),
+        kind,
         source: error,
     }
 }
@@ -406,7 +481,8 @@ mod tests {
         )
         .parse()
         .expect("test URL");
-        let client = connect(&url, "usersync-test").await.expect("connect");
+        let (client, encrypted) = open(&url, "usersync-test").await.expect("connect");
+        assert!(encrypted);
         drop(client);
         let seen = server.await.expect("server task").expect("server I/O");
         assert_eq!(seen.sni.as_deref(), Some("localhost"));
@@ -483,12 +559,29 @@ mod tests {
     #[tokio::test]
     async fn prefer_continues_in_plaintext_when_the_server_refuses_tls() {
         let (port, server) = fake_server(None, startup_ok()).await;
-        let client = connect(&url(port, "sslmode=prefer"), "usersync-test")
+        let (client, encrypted) = open(&url(port, "sslmode=prefer"), "usersync-test")
             .await
             .expect("connect");
+        assert!(!encrypted, "plaintext after the refusal, and known to be");
         drop(client);
         let seen = server.await.expect("server task").expect("server I/O");
         assert_eq!(seen.sni, None);
+    }
+
+    #[tokio::test]
+    async fn channel_binding_required_but_not_used_is_explained() {
+        // The server refuses TLS (prefer continues) and lets the client in without SCRAM.
+        let (port, _server) = fake_server(None, startup_ok()).await;
+        let error = failed_connect(&url(port, "sslmode=prefer&channel_binding=require")).await;
+        assert_eq!(error.kind(), ConnectErrorKind::ChannelBinding);
+        assert!(!error.is_transient());
+        assert!(
+            error.to_string().ends_with(
+                "channel_binding=require, but the server did not use channel binding; it needs \
+                 TLS (sslmode=require or better) and a SCRAM-SHA-256 password for this user"
+            ),
+            "{error}"
+        );
     }
 
     #[tokio::test]

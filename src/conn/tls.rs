@@ -176,6 +176,39 @@ pub fn client_config(url: &PgUrl) -> Result<Option<Arc<ClientConfig>>, TlsError>
     Ok(Some(Arc::new(config.with_no_client_auth())))
 }
 
+/// Why a connection to `url` that ended up unencrypted exposes its traffic, or `None` when it
+/// does not: it is encrypted, or the server is on this machine (`localhost` or a loopback
+/// address), where nothing crosses a network. `encrypted` is whether the TLS handshake took
+/// place: `sslmode=prefer`/`allow` continue in plaintext when the server refuses TLS.
+pub fn plaintext_exposure(url: &PgUrl, encrypted: bool) -> Option<&'static str> {
+    if encrypted || url.is_loopback() {
+        return None;
+    }
+    Some(match url.sslmode {
+        SslMode::Disable => "sslmode=disable turns TLS off",
+        SslMode::Allow | SslMode::Prefer => {
+            "the server refused TLS, and sslmode=prefer/allow continue without it"
+        }
+        // These fail rather than continue unencrypted; named for completeness.
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => "TLS was not negotiated",
+    })
+}
+
+/// Warns, once per connection, when [`plaintext_exposure`] says the connection's traffic
+/// (user rows, e-mail addresses, the authentication exchange) crosses a network unencrypted.
+pub fn warn_if_plaintext(url: &PgUrl, encrypted: bool) {
+    if let Some(reason) = plaintext_exposure(url, encrypted) {
+        tracing::warn!(
+            server = %url.redacted(),
+            sslmode = url.sslmode.as_str(),
+            reason,
+            "the connection is NOT encrypted: user data crosses the network in plaintext to a \
+             host that is not this machine; use sslmode=verify-full (with sslrootcert for a \
+             private CA)"
+        );
+    }
+}
+
 /// The name to verify the certificate against and to send as SNI: the URL's host, as a DNS
 /// name or, for an address, as an IP address (verified against IP subject alternative names).
 pub fn server_name(url: &PgUrl) -> Result<ServerName<'static>, TlsError> {
@@ -669,6 +702,31 @@ mod tests {
         assert_eq!(
             tls_requirement(SslMode::VerifyFull),
             TlsRequirement::Required
+        );
+    }
+
+    #[test]
+    fn plaintext_warns_only_off_this_machine() {
+        for mode in ["disable", "allow", "prefer"] {
+            let remote = url("db.example.com", &format!("sslmode={mode}"));
+            assert!(plaintext_exposure(&remote, false).is_some(), "{mode}");
+            assert_eq!(plaintext_exposure(&remote, true), None, "{mode} with TLS");
+            for local in ["localhost", "127.0.0.1", "127.0.0.2", "[::1]"] {
+                let local = url(local, &format!("sslmode={mode}"));
+                assert_eq!(plaintext_exposure(&local, false), None, "{local}");
+            }
+        }
+        assert_eq!(
+            plaintext_exposure(&url("10.0.0.7", "sslmode=disable"), false),
+            Some("sslmode=disable turns TLS off")
+        );
+        assert_eq!(
+            plaintext_exposure(&url("db.internal", "sslmode=prefer"), false),
+            Some("the server refused TLS, and sslmode=prefer/allow continue without it")
+        );
+        // A name that merely contains "localhost" is somewhere else.
+        assert!(
+            plaintext_exposure(&url("localhost.example.com", "sslmode=disable"), false).is_some()
         );
     }
 

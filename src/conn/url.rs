@@ -227,6 +227,21 @@ impl PgUrl {
         url
     }
 
+    /// Refuses a host that cannot carry a replication connection: a pooled endpoint, whose
+    /// first label ends with `-pooler` (Neon's naming: `ep-cool-123-pooler.us-east-2.aws.neon.tech`
+    /// is PgBouncer in transaction mode in front of `ep-cool-123.us-east-2.aws.neon.tech`).
+    /// PgBouncer refuses the `replication` startup parameter, so without this check the
+    /// operator would see a confusing server error after connecting, or a retry loop.
+    pub fn check_replication_endpoint(&self) -> Result<(), UrlError> {
+        match direct_endpoint(&self.host) {
+            Some(direct_host) => Err(UrlError::PoolerCannotReplicate {
+                host: self.host.clone(),
+                direct_host,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Whether the server is on this machine (`localhost` or a loopback address), where an
     /// unauthenticated or plaintext connection is a reasonable choice.
     pub fn is_loopback(&self) -> bool {
@@ -333,6 +348,12 @@ pub enum UrlError {
     WeakSslModeWithSystemRoots(SslMode),
     #[error("channel_binding=require needs TLS, but sslmode=disable; use sslmode=verify-full")]
     ChannelBindingWithoutTls,
+    #[error(
+        "host {host} is a pooled endpoint (Neon's -pooler, PgBouncer in transaction mode), which \
+         cannot carry logical replication; use the direct endpoint {direct_host} (the same host \
+         name without -pooler)"
+    )]
+    PoolerCannotReplicate { host: String, direct_host: String },
 }
 
 fn suggestion_text(suggestion: &Option<&'static str>) -> String {
@@ -484,6 +505,30 @@ impl Builder {
             options: self.options,
         })
     }
+}
+
+/// Neon's pooled-endpoint suffix on the first label of the host name.
+const POOLER_SUFFIX: &str = "-pooler";
+
+/// The direct endpoint behind a pooled one (`ep-x-pooler.region.aws.neon.tech` →
+/// `ep-x.region.aws.neon.tech`), or `None` when `host` is not a pooled endpoint. Host names
+/// are case-insensitive, so the suffix is too; IP addresses have no labels to match.
+fn direct_endpoint(host: &str) -> Option<String> {
+    let (first_label, rest) = match host.split_once('.') {
+        Some((first_label, rest)) => (first_label, Some(rest)),
+        None => (host, None),
+    };
+    let base_len = first_label.len().checked_sub(POOLER_SUFFIX.len())?;
+    // Comparing bytes first keeps the slicing below on a character boundary.
+    let suffix = &first_label.as_bytes()[base_len..];
+    if base_len == 0 || !suffix.eq_ignore_ascii_case(POOLER_SUFFIX.as_bytes()) {
+        return None;
+    }
+    let base = &first_label[..base_len];
+    Some(match rest {
+        Some(rest) => format!("{base}.{rest}"),
+        None => base.to_owned(),
+    })
 }
 
 fn invalid_value(parameter: &'static str, value: &str, expected: &'static str) -> UrlError {
@@ -673,6 +718,83 @@ fn percent_decode(text: &str, component: &str) -> Result<String, UrlError> {
     String::from_utf8(decoded).map_err(|_| UrlError::NotUtf8 {
         component: component.to_owned(),
     })
+}
+
+/// `text` with every password it may hold replaced by `***`: the password of each
+/// `scheme://user:password@host` URL and the value of each `password=` pair. For messages that
+/// quote input usersync has not parsed, such as clap's "unexpected argument '…'" when a URL is
+/// pasted without `--source`. It would rather hide too much than too little: a URL's password
+/// runs to its last `@`, and an unquoted `password=` value to the next space or quote.
+pub fn redact_secrets(text: &str) -> String {
+    redact_key_value_passwords(&redact_url_passwords(text))
+}
+
+/// Characters that end a URL or an unquoted value quoted inside a message.
+fn ends_token(c: char) -> bool {
+    c.is_whitespace() || matches!(c, '\'' | '"' | '`')
+}
+
+fn redact_url_passwords(text: &str) -> String {
+    let mut redacted = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(scheme_end) = rest.find("://") {
+        let authority_start = scheme_end + "://".len();
+        redacted.push_str(&rest[..authority_start]);
+        rest = &rest[authority_start..];
+        let token_len = rest.find(ends_token).unwrap_or(rest.len());
+        let token = &rest[..token_len];
+        match token.rfind('@') {
+            Some(at) => match token[..at].find(':') {
+                Some(colon) => {
+                    redacted.push_str(&token[..=colon]);
+                    redacted.push_str("***");
+                    redacted.push_str(&token[at..]);
+                }
+                None => redacted.push_str(token),
+            },
+            None => redacted.push_str(token),
+        }
+        rest = &rest[token_len..];
+    }
+    redacted.push_str(rest);
+    redacted
+}
+
+fn redact_key_value_passwords(text: &str) -> String {
+    const KEY: &str = "password";
+    let mut redacted = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(key_at) = rest.find(KEY) {
+        let after_key = &rest[key_at + KEY.len()..];
+        let after_spaces = after_key.trim_start();
+        let Some(value) = after_spaces.strip_prefix('=') else {
+            // "password" in prose, not a key: keep it and look further.
+            redacted.push_str(&rest[..key_at + KEY.len()]);
+            rest = after_key;
+            continue;
+        };
+        let value = value.trim_start();
+        let value_start = rest.len() - value.len();
+        let value_len = if let Some(quoted) = value.strip_prefix('\'') {
+            // libpq quoting: up to the next quote not escaped by a backslash.
+            let mut escaped = false;
+            let close = quoted.char_indices().find_map(|(index, c)| {
+                let closes = c == '\'' && !escaped;
+                escaped = c == '\\' && !escaped;
+                closes.then_some(index)
+            });
+            close.map_or(value.len(), |index| index + 2)
+        } else {
+            value.find(ends_token).unwrap_or(value.len())
+        };
+        redacted.push_str(&rest[..value_start]);
+        if value_len > 0 {
+            redacted.push_str("***");
+        }
+        rest = &rest[value_start + value_len..];
+    }
+    redacted.push_str(rest);
+    redacted
 }
 
 /// Percent-encodes all but RFC 3986 unreserved characters (and `/` where a path reads better).
@@ -1184,6 +1306,98 @@ mod tests {
     fn host_names_that_docker_and_dns_allow() {
         assert_eq!(parse("host=db_1 user=u").host, "db_1");
         assert_eq!(parse("host=db.example.com. user=u").host, "db.example.com.");
+    }
+
+    #[test]
+    fn pooled_endpoints_cannot_replicate() {
+        let check = |host: &str| parse(&format!("host={host} user=u")).check_replication_endpoint();
+        let error = check("ep-cool-123-pooler.us-east-2.aws.neon.tech").expect_err("pooler");
+        assert_eq!(
+            error,
+            UrlError::PoolerCannotReplicate {
+                host: "ep-cool-123-pooler.us-east-2.aws.neon.tech".into(),
+                direct_host: "ep-cool-123.us-east-2.aws.neon.tech".into(),
+            }
+        );
+        assert_eq!(
+            error.to_string(),
+            "host ep-cool-123-pooler.us-east-2.aws.neon.tech is a pooled endpoint (Neon's -pooler, \
+             PgBouncer in transaction mode), which cannot carry logical replication; use the \
+             direct endpoint ep-cool-123.us-east-2.aws.neon.tech (the same host name without \
+             -pooler)"
+        );
+        assert!(matches!(
+            check("EP-X-POOLER.c-2.eu-central-1.aws.neon.tech"),
+            Err(UrlError::PoolerCannotReplicate { direct_host, .. })
+                if direct_host == "EP-X.c-2.eu-central-1.aws.neon.tech"
+        ));
+        assert!(matches!(
+            check("db-pooler"),
+            Err(UrlError::PoolerCannotReplicate { direct_host, .. }) if direct_host == "db"
+        ));
+        for direct in [
+            "ep-cool-123.us-east-2.aws.neon.tech",
+            // Only the first label names the endpoint.
+            "ep-cool-123.pooler-east.aws.neon.tech",
+            "ep-cool-123.us-east-2-pooler.aws.neon.tech",
+            // Supabase's pooler host has no -pooler label; it is refused by the server instead.
+            "aws-0-eu-central-1.pooler.supabase.com",
+            "pooler.example.com",
+            "127.0.0.1",
+            "::1",
+            "localhost",
+        ] {
+            assert_eq!(check(direct), Ok(()), "{direct}");
+        }
+        assert_eq!(direct_endpoint("-pooler.example.com"), None);
+        // Never a panic on a character boundary (the URL parser refuses such hosts anyway).
+        assert_eq!(direct_endpoint("\u{e9}\u{e9}\u{e9}\u{e9}"), None);
+        assert_eq!(direct_endpoint("\u{e9}-pooler"), Some("\u{e9}".to_owned()));
+    }
+
+    #[test]
+    fn secrets_are_redacted_from_free_text() {
+        let cases = [
+            (
+                "error: unexpected argument 'postgresql://u:s3cret@host:5432/db' found",
+                "error: unexpected argument 'postgresql://u:***@host:5432/db' found",
+            ),
+            (
+                "postgres://u:a:b@c%40d@h/db?sslmode=require and postgresql://v:x@h2",
+                "postgres://u:***@h/db?sslmode=require and postgresql://v:***@h2",
+            ),
+            ("postgresql://u@h/db", "postgresql://u@h/db"),
+            ("postgresql://h:5432/db", "postgresql://h:5432/db"),
+            (
+                "'host=h password=s3cret user=u'",
+                "'host=h password=*** user=u'",
+            ),
+            (
+                "host=h password = 'it\\'s s3cret' user=u",
+                "host=h password = *** user=u",
+            ),
+            ("password='s3cret", "password=***"),
+            ("password=", "password="),
+            (
+                "wrong password; password=s3cret",
+                "wrong password; password=***",
+            ),
+            (
+                "postgresql://u@h/db?password=s3cret&sslmode=require",
+                "postgresql://u@h/db?password=***",
+            ),
+            (
+                "password authentication failed for user \"u\"",
+                "password authentication failed for user \"u\"",
+            ),
+            (
+                "d\u{e9}j\u{e0} password=\u{e9}t\u{e9} vu",
+                "d\u{e9}j\u{e0} password=*** vu",
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(redact_secrets(text), expected, "{text}");
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::conn::{tls, ChannelBinding, PgUrl, SslMode};
+use crate::conn::{tls, ChannelBinding, PgUrl, SslMode, UrlError};
 use crate::lsn::Lsn;
 use crate::source::wire::{self, Frame, ServerMessage, WireError};
 
@@ -69,6 +69,12 @@ pub enum ReplicationError {
     },
     #[error(transparent)]
     TlsConfig(#[from] tls::TlsError),
+    #[error("cannot replicate from {target}: {source}")]
+    NotReplicable {
+        target: String,
+        #[source]
+        source: UrlError,
+    },
     #[error("the source at {target} does not accept TLS, but sslmode={mode} requires it")]
     TlsRefused { target: String, mode: &'static str },
     #[error("authentication with the source at {target} is not possible: {reason}")]
@@ -162,6 +168,12 @@ impl ReplicationConnection {
     /// Connects and authenticates with `replication=database` to the URL's database.
     pub async fn connect(url: &PgUrl, application_name: &str) -> Result<Self, ReplicationError> {
         let target = url.redacted();
+        // Config validation refuses this already; a library caller may not have validated.
+        url.check_replication_endpoint()
+            .map_err(|source| ReplicationError::NotReplicable {
+                target: target.clone(),
+                source,
+            })?;
         let timeout = url.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let tcp = tokio::time::timeout(timeout, TcpStream::connect((url.host.as_str(), url.port)))
             .await
@@ -179,6 +191,7 @@ impl ReplicationConnection {
                 source,
             })?;
         let (io, channel_binding) = negotiate_tls(tcp, url, &target).await?;
+        tls::warn_if_plaintext(url, channel_binding.is_some());
         let mut conn = ReplicationConnection {
             io,
             read_buf: BytesMut::with_capacity(64 * 1024),
@@ -648,7 +661,8 @@ async fn negotiate_tls(
     match answer {
         b'S' => {}
         b'N' if matches!(url.sslmode, SslMode::Prefer | SslMode::Allow) => {
-            tracing::warn!(source = %target, "the source refused TLS; continuing unencrypted as sslmode allows");
+            // Warned about by the caller, unless the source is on this machine.
+            tracing::debug!(source = %target, "the source refused TLS; continuing unencrypted as sslmode allows");
             return Ok((Box::new(tcp), None));
         }
         b'N' => {
@@ -723,5 +737,70 @@ mod tests {
         assert_eq!(version_num("18beta1"), Some(180000));
         assert_eq!(version_num("9.6.3"), Some(90603));
         assert_eq!(version_num("unknown"), None);
+    }
+
+    use crate::conn::test_pki::{self, TestPki};
+    use tokio::net::TcpListener;
+    use tokio_rustls::TlsAcceptor;
+
+    /// Connects to a fake source that accepts SSLRequest, completes the TLS handshake and
+    /// hangs up; returns the SNI the handshake carried.
+    async fn sni_of_connection_to(host: &str) -> Option<String> {
+        let pki = TestPki::new();
+        let cert = pki.issue("server", "DNS:localhost,IP:127.0.0.1");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let acceptor = TlsAcceptor::from(test_pki::server_config(&cert));
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await?;
+            let mut ssl_request = [0_u8; 8];
+            tcp.read_exact(&mut ssl_request).await?;
+            tcp.write_all(b"S").await?;
+            let stream = acceptor.accept(tcp).await?;
+            Ok::<_, std::io::Error>(stream.get_ref().1.server_name().map(str::to_owned))
+        });
+        let url: PgUrl = format!(
+            "postgresql://u:pw@{host}:{port}/db?sslmode=verify-full&sslrootcert={}",
+            pki.ca_cert.display()
+        )
+        .parse()
+        .expect("test URL");
+        let outcome = ReplicationConnection::connect(&url, "usersync-test").await;
+        assert!(
+            matches!(
+                outcome,
+                Err(ReplicationError::Closed | ReplicationError::Io { .. })
+            ),
+            "the fake server hangs up after the handshake"
+        );
+        server.await.expect("server task").expect("TLS handshake")
+    }
+
+    #[tokio::test]
+    async fn tls_carries_the_host_name_as_sni() {
+        assert_eq!(
+            sni_of_connection_to("localhost").await.as_deref(),
+            Some("localhost")
+        );
+        // RFC 6066 forbids IP addresses in SNI; the certificate is checked against IP SANs.
+        assert_eq!(sni_of_connection_to("127.0.0.1").await, None);
+    }
+
+    #[tokio::test]
+    async fn a_pooled_endpoint_is_refused_before_connecting() {
+        // An unresolvable name: the refusal must come before any DNS or TCP.
+        let url: PgUrl = "postgresql://u:pw@ep-x-pooler.invalid/db?sslmode=require"
+            .parse()
+            .expect("test URL");
+        let error = ReplicationConnection::connect(&url, "usersync-test")
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(error, ReplicationError::NotReplicable { .. }),
+            "{error:?}"
+        );
+        assert!(!error.is_transient());
+        assert!(crate::error::report(&error).contains("use the direct endpoint ep-x.invalid"));
     }
 }

@@ -16,4 +16,5 @@ mod promtool;
 mod replay;
 mod replication;
 mod resync;
+mod security;
 mod snapshot;

@@ -1,0 +1,98 @@
+-- A least-privilege role for usersync on the SOURCE (the identity store's database).
+--
+-- What usersync does there, and what each step needs:
+--   * reads the catalog (wal_level, the table's columns, key and replica identity, slots):
+--     nothing beyond being able to connect;
+--   * opens a logical replication connection and creates, reads and drops its slot:
+--     the REPLICATION attribute (no pg_hba.conf "replication" line is needed for logical
+--     replication: it matches the database like an ordinary connection);
+--   * reads the users table (setup checks it; an initial copy reads it): SELECT on it;
+--   * would write a heartbeat with pg_logical_emit_message(): EXECUTE on it, which PUBLIC has
+--     by default, so nothing to grant (tests/it/security.rs checks this for the role below);
+--   * uses the publication: nothing, once it exists. Creating one FOR TABLE needs ownership of
+--     the table, so this script creates it as the table owner (choice A below).
+--
+-- Run it as the owner of the users table (or a superuser), in the identity store's database:
+--
+--   psql "$ADMIN_URL" -v ON_ERROR_STOP=1 \
+--        -v role=usersync_source -v password="$SOURCE_PASSWORD" \
+--        -v schema=public -v table=users -v publication=usersync \
+--        -f sql/source_role.sql
+--
+-- Variables: role (default usersync_source), password (required), schema (default public),
+-- table (default users), publication (default usersync; pass the same --publication to
+-- usersync). Running it again updates the password and re-applies the grants.
+--
+-- The password reaches the server inside the statement text: with log_statement = 'ddl' or
+-- 'all' it is written to the server log. To avoid that, run the script with password set to
+-- a throwaway value, then set the real one with psql's \password usersync_source, which
+-- sends only a SCRAM verifier.
+--
+-- Creating a role with REPLICATION needs a superuser on PostgreSQL 15 and older (16: a role
+-- with CREATEROLE that has REPLICATION itself). Managed services have their own way, for
+-- example Amazon RDS: GRANT rds_replication TO usersync_source; on Neon, enable logical
+-- replication in the project settings, and roles created in the console have REPLICATION.
+--
+-- The publication, two choices:
+--   A (this script): the table owner creates it, usersync setup finds it and only checks that
+--     it publishes the table. The usersync role owns nothing on the source. usersync teardown
+--     then cannot drop the publication (it is not the owner); drop it as the owner with
+--     DROP PUBLICATION usersync.
+--   B: let usersync setup create it. The role then needs CREATE on the database and ownership
+--     of the table, e.g. GRANT CREATE ON DATABASE ... TO usersync_source and membership in the
+--     owning role (GRANT <table owner> TO usersync_source), which also lets it alter and drop
+--     the table: more than replication needs, which is why A is the default here.
+
+\set ON_ERROR_STOP 1
+
+\if :{?role}
+\else
+  \set role usersync_source
+\endif
+\if :{?schema}
+\else
+  \set schema public
+\endif
+\if :{?table}
+\else
+  \set table users
+\endif
+\if :{?publication}
+\else
+  \set publication usersync
+\endif
+\if :{?password}
+\else
+  \echo 'source_role.sql: set the role password with -v password=...'
+  DO $$ BEGIN RAISE EXCEPTION 'missing psql variable: password'; END $$;
+\endif
+
+SELECT current_database() AS dbname,
+       EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :'role') AS role_exists,
+       EXISTS (SELECT 1 FROM pg_publication WHERE pubname = :'publication') AS publication_exists
+\gset
+
+-- LOGIN and REPLICATION only. An existing role keeps its other attributes (this script never
+-- takes SUPERUSER away from a role named by mistake), and is reported if it has more.
+\if :role_exists
+  ALTER ROLE :"role" WITH LOGIN REPLICATION PASSWORD :'password';
+\else
+  CREATE ROLE :"role" WITH LOGIN REPLICATION PASSWORD :'password';
+\endif
+SELECT rolsuper OR rolcreatedb OR rolcreaterole OR rolbypassrls AS role_has_more
+  FROM pg_roles WHERE rolname = :'role'
+\gset
+\if :role_has_more
+  \echo 'warning: role' :"role" 'has SUPERUSER, CREATEDB, CREATEROLE or BYPASSRLS, which usersync does not need'
+\endif
+
+GRANT CONNECT ON DATABASE :"dbname" TO :"role";
+GRANT USAGE ON SCHEMA :"schema" TO :"role";
+GRANT SELECT ON TABLE :"schema".:"table" TO :"role";
+
+-- Choice A: the publication, created by the table owner (whoever runs this script).
+\if :publication_exists
+  \echo 'publication' :"publication" 'exists; usersync setup checks that it publishes' :"schema".:"table"
+\else
+  CREATE PUBLICATION :"publication" FOR TABLE :"schema".:"table";
+\endif
