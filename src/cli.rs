@@ -196,6 +196,15 @@ pub struct StatusArgs {
         value_name = "SIZE"
     )]
     pub min_safe_wal_size: String,
+
+    /// Where the running `usersync run` serves /metrics, for its last-minute lag figures.
+    #[arg(
+        long,
+        env = "USERSYNC_METRICS_ADDR",
+        default_value = "127.0.0.1:9753",
+        value_name = "ADDR"
+    )]
+    pub metrics_addr: std::net::SocketAddr,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -95,6 +95,7 @@ async fn dispatch(command: Command) -> Result<u8, Failure> {
             let options = commands::status::StatusOptions {
                 json: args.json,
                 min_safe_wal_size: parse_byte_size(&args.min_safe_wal_size)?,
+                metrics_addr: args.metrics_addr,
             };
             let verdict = commands::status::status(&config, options).await?;
             return Ok(verdict.exit_code());

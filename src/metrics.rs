@@ -79,6 +79,11 @@ struct StatusLabel {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NoLabels {}
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuantileLabel {
+    quantile: &'static str,
+}
+
 /// The slot's possible `wal_status` values (PostgreSQL 13+).
 const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 
@@ -108,6 +113,8 @@ pub struct Metrics {
     checkpoint_commit_time: FloatGauge,
     clock_offset: FloatGauge,
     ready: Gauge,
+    lag_recent: Family<QuantileLabel, FloatGauge>,
+    lag_recent_within_target: Family<NoLabels, FloatGauge>,
     /// Lag samples of the last minute, for percentiles printed by `demo`.
     pub lag_window: LagWindow,
     lag_target: Duration,
@@ -246,6 +253,19 @@ impl Metrics {
             "1 while streaming and not broken (as /readyz)",
             ready.clone(),
         );
+        let lag_recent = Family::<QuantileLabel, FloatGauge>::default();
+        registry.register_with_unit(
+            "lag_recent",
+            "Lag percentiles over the last minute, as `demo` and `status` show them",
+            Unit::Seconds,
+            lag_recent.clone(),
+        );
+        let lag_recent_within_target = Family::<NoLabels, FloatGauge>::default();
+        registry.register(
+            "lag_recent_within_target_ratio",
+            "Share of the last minute's transactions applied within the lag target",
+            lag_recent_within_target.clone(),
+        );
         let metrics = Metrics {
             registry,
             lag,
@@ -267,6 +287,8 @@ impl Metrics {
             checkpoint_commit_time,
             clock_offset,
             ready,
+            lag_recent,
+            lag_recent_within_target,
             lag_window: LagWindow::default(),
             lag_target,
         };
@@ -298,6 +320,26 @@ impl Metrics {
     pub fn observe_lag(&self, now: std::time::Instant, lag: Duration) {
         self.lag.observe(lag.as_secs_f64());
         self.lag_window.record(now, lag);
+    }
+
+    /// Publishes the last minute's percentiles (absent when the minute had no transaction).
+    pub fn refresh_recent_lag(&self, now: std::time::Instant) {
+        match self.lag_window.summary(now, self.lag_target) {
+            Some(summary) => {
+                for (quantile, value) in [("0.5", summary.p50), ("0.99", summary.p99)] {
+                    self.lag_recent
+                        .get_or_create(&QuantileLabel { quantile })
+                        .set(value.as_secs_f64());
+                }
+                self.lag_recent_within_target
+                    .get_or_create(&NoLabels {})
+                    .set(summary.within_target);
+            }
+            None => {
+                self.lag_recent.clear();
+                self.lag_recent_within_target.clear();
+            }
+        }
     }
 
     pub fn set_current_lag(&self, lag: Duration) {

@@ -50,6 +50,8 @@ pub const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// How often a standby tries to take the slot's lock.
 const STANDBY_POLL: Duration = Duration::from_secs(1);
+/// The last-minute lag percentiles are recomputed at most this often (a sort of the window).
+const RECENT_LAG_REFRESH: Duration = Duration::from_secs(1);
 /// A replay polls the server's position this often while it waits for the end.
 const REPLAY_STATUS_INTERVAL: Duration = Duration::from_millis(200);
 /// How long `run` waits for a slot held by another process (often its own previous
@@ -240,6 +242,9 @@ async fn run_session(
         batch_started: None,
         last_status: Instant::now(),
         mode,
+        recent_refreshed: Instant::now()
+            .checked_sub(RECENT_LAG_REFRESH)
+            .unwrap_or_else(Instant::now),
         finished: false,
     };
     session.stream_until(shutdown).await?;
@@ -371,6 +376,8 @@ struct Session<'a> {
     /// Whether the lag is over the target (to log crossings once).
     over_target: bool,
     mode: Mode,
+    /// When the last-minute percentiles were last published.
+    recent_refreshed: Instant,
     /// A replay reached its end position.
     finished: bool,
     stream: ReplicationStream,
@@ -431,7 +438,6 @@ impl Session<'_> {
                 // Nothing more is readable right now: apply what we have.
                 _ = std::future::ready(()), if !self.batch.is_empty() => self.apply_batch().await?,
                 _ = tokio::time::sleep_until(status_due.into()) => {
-                    self.update_current_lag();
                     // A replay asks for keepalives: their position tells it when it is done.
                     self.send_status(matches!(self.mode, Mode::Replay { .. })).await?;
                 }
@@ -754,7 +760,14 @@ impl Session<'_> {
         self.over_target = over;
     }
 
+    /// Also the moment to refresh the lag figures that only change with time: status updates
+    /// go out at least every few seconds, whatever the traffic.
     async fn send_status(&mut self, reply_requested: bool) -> Result<(), Error> {
+        self.update_current_lag();
+        if self.recent_refreshed.elapsed() >= RECENT_LAG_REFRESH {
+            self.recent_refreshed = Instant::now();
+            self.metrics.refresh_recent_lag(self.recent_refreshed);
+        }
         let dry_run = matches!(self.mode, Mode::Replay { dry_run: true, .. });
         let flushed = if self.caught_up() && !dry_run {
             self.confirmed.max(self.idle_position)

@@ -300,3 +300,48 @@ fn which(program: &str) -> Result<std::path::PathBuf, ()> {
         })
         .ok_or(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_running_replicators_last_minute() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let port = free_port();
+    let mut child = pair
+        .command(&["run"])
+        .env("USERSYNC_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for n in 0..5 {
+        pair.source
+            .batch_execute(&format!(
+                "INSERT INTO users (email) VALUES ('s{n}@example.com')"
+            ))
+            .await
+            .unwrap();
+    }
+    pair.wait_for_match().await;
+    let deadline = Instant::now() + WAIT;
+    let last_minute = loop {
+        let output = pair
+            .command(&["status", "--json", "--lag-target", "1h"])
+            .env("USERSYNC_METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .output()
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let last_minute = json["lag"]["last_minute"].clone();
+        if last_minute["p99_seconds"].is_f64() {
+            break last_minute;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never showed the figures: {json}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(last_minute["p50_seconds"].as_f64().unwrap() >= 0.0);
+    assert!(last_minute["within_target_ratio"].as_f64().unwrap() > 0.0);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

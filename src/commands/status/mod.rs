@@ -8,7 +8,12 @@
 
 pub mod report;
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
 use chrono::Utc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_postgres::Client;
 
 use super::connect;
@@ -18,8 +23,8 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::source::catalog;
 use report::{
-    estimate_lag, CheckpointStatus, LagStatus, LsnText, Problem, SlotStatus, SourceStatus,
-    StatusReport, TargetStatus, Thresholds, Verdict,
+    estimate_lag, CheckpointStatus, LagStatus, LsnText, Problem, RecentLag, SlotStatus,
+    SourceStatus, StatusReport, TargetStatus, Thresholds, Verdict,
 };
 
 /// How to report, beyond the connection settings.
@@ -29,6 +34,8 @@ pub struct StatusOptions {
     pub json: bool,
     /// `safe_wal_size` below this makes the slot at risk.
     pub min_safe_wal_size: u64,
+    /// Where a running `usersync run` serves `/metrics`, for its last-minute lag figures.
+    pub metrics_addr: SocketAddr,
 }
 
 /// Prints the report and returns the verdict (whose exit code `main` uses).
@@ -111,6 +118,7 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
             seconds: lag.map(|lag| lag.as_secs_f64()),
             target_seconds: config.lag_target.as_secs_f64(),
             estimate,
+            last_minute: recent_lag(options.metrics_addr).await,
         },
     };
     report.judge(Thresholds {
@@ -118,6 +126,44 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
         min_safe_wal_size: options.min_safe_wal_size,
     });
     Ok(report)
+}
+
+/// How long `status` waits for a running usersync's `/metrics`.
+const METRICS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The running replicator's own lag figures over the last minute (the same ones `demo`
+/// prints), read from its `/metrics`; `None` when nothing answers there.
+async fn recent_lag(addr: SocketAddr) -> Option<RecentLag> {
+    let body = tokio::time::timeout(METRICS_TIMEOUT, http_get_metrics(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let value = |name: &str| {
+        body.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+    };
+    Some(RecentLag {
+        p50_seconds: value("usersync_lag_recent_seconds{quantile=\"0.5\"}"),
+        p99_seconds: value("usersync_lag_recent_seconds{quantile=\"0.99\"}"),
+        within_target_ratio: value("usersync_lag_recent_within_target_ratio"),
+        metrics_addr: addr.to_string(),
+    })
+}
+
+async fn http_get_metrics(addr: SocketAddr) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or(("", ""));
+    if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") {
+        Ok(body.to_owned())
+    } else {
+        Err(std::io::Error::other("/metrics did not answer 200"))
+    }
 }
 
 /// The target's tables, users and checkpoint; a missing table or an unusable shape is a

@@ -134,6 +134,18 @@ pub struct LagStatus {
     pub seconds: Option<f64>,
     pub target_seconds: f64,
     pub estimate: LagEstimate,
+    /// The running replicator's own figures, when its `/metrics` answered.
+    pub last_minute: Option<RecentLag>,
+}
+
+/// Lag over the last minute as the running replicator measured it (the figures `demo`
+/// prints); each is `null` when the minute had no applied transaction.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecentLag {
+    pub p50_seconds: Option<f64>,
+    pub p99_seconds: Option<f64>,
+    pub within_target_ratio: Option<f64>,
+    pub metrics_addr: String,
 }
 
 /// An LSN, printed as PostgreSQL prints it (`16/B374D848`).
@@ -375,6 +387,27 @@ impl StatusReport {
                 None => format!("unknown (target {target})"),
             },
         );
+        row(
+            "lag, last minute",
+            match &self.lag.last_minute {
+                Some(RecentLag {
+                    p50_seconds: Some(p50),
+                    p99_seconds: Some(p99),
+                    within_target_ratio: Some(within),
+                    ..
+                }) => format!(
+                    "p50 {}, p99 {}, {:.1}% within target",
+                    duration(Duration::from_secs_f64(*p50)),
+                    duration(Duration::from_secs_f64(*p99)),
+                    within * 100.0
+                ),
+                Some(recent) => format!(
+                    "no transaction applied in the last minute (usersync at {})",
+                    recent.metrics_addr
+                ),
+                None => "- (no usersync /metrics answered; see --metrics-addr)".to_owned(),
+            },
+        );
         for problem in &self.problems {
             row(
                 "problem",
@@ -436,6 +469,7 @@ mod tests {
                 seconds: Some(0.0),
                 target_seconds: 1.0,
                 estimate: LagEstimate::CaughtUp,
+                last_minute: None,
             },
         }
     }
