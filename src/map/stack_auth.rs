@@ -564,3 +564,293 @@ impl RowMapper for BoundContactChannel {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::map::columns::fixtures::{column, row_of, text};
+    use crate::map::MappedUser;
+
+    const TENANCY: &str = "4f1b2c3d-5e6f-4a7b-8c9d-0e1f2a3b4c5d";
+    const USER_ID: &str = "0c5b1f1e-8d1e-4f7a-9d7e-3c1f2b4a5d6e";
+
+    /// `"ProjectUser"` as Stack Auth's Prisma migrations create it (enum-free columns).
+    fn project_user() -> Vec<RelationColumn> {
+        [
+            ("tenancyId", oid::UUID),
+            ("projectUserId", oid::UUID),
+            ("mirroredProjectId", oid::TEXT),
+            ("mirroredBranchId", oid::TEXT),
+            ("createdAt", oid::TIMESTAMP),
+            ("updatedAt", oid::TIMESTAMP),
+            ("displayName", oid::TEXT),
+            ("serverMetadata", oid::JSONB),
+            ("clientReadOnlyMetadata", oid::JSONB),
+            ("clientMetadata", oid::JSONB),
+            ("profileImageUrl", oid::TEXT),
+            ("requiresTotpMfa", oid::BOOL),
+            ("totpSecret", oid::BYTEA),
+            ("isAnonymous", oid::BOOL),
+        ]
+        .into_iter()
+        .map(|(name, type_oid)| {
+            column(
+                name,
+                type_oid,
+                name == "tenancyId" || name == "projectUserId",
+            )
+        })
+        .collect()
+    }
+
+    /// `"ContactChannel"` with REPLICA IDENTITY FULL; `type`, `isPrimary` and `usedForAuth`
+    /// are enums (their oids are the database's own).
+    fn contact_channel(full: bool) -> Vec<RelationColumn> {
+        [
+            ("tenancyId", oid::UUID),
+            ("projectUserId", oid::UUID),
+            ("id", oid::UUID),
+            ("createdAt", oid::TIMESTAMP),
+            ("updatedAt", oid::TIMESTAMP),
+            ("type", 16_400),
+            ("isPrimary", 16_401),
+            ("usedForAuth", 16_401),
+            ("isVerified", oid::BOOL),
+            ("value", oid::TEXT),
+        ]
+        .into_iter()
+        .map(|(name, type_oid)| {
+            let key = full || ["tenancyId", "projectUserId", "id"].contains(&name);
+            column(name, type_oid, key)
+        })
+        .collect()
+    }
+
+    fn ada(extra: &[(&str, ColumnValue)]) -> TupleData {
+        let mut given = vec![
+            ("tenancyId", text(TENANCY)),
+            ("projectUserId", text(USER_ID)),
+            ("mirroredProjectId", text("internal")),
+            ("mirroredBranchId", text("main")),
+            ("createdAt", text("2024-01-02 03:04:05.123")),
+            ("updatedAt", text("2024-01-02 03:04:05.123")),
+            ("displayName", text("Ada Lovelace")),
+            ("serverMetadata", text(r#"{"plan": "pro"}"#)),
+            ("clientMetadata", text(r#"{"theme": "dark"}"#)),
+            ("profileImageUrl", text("https://example.org/ada.png")),
+            ("requiresTotpMfa", text("f")),
+            ("totpSecret", text("\\xdeadbeef")),
+            ("isAnonymous", text("f")),
+        ];
+        for (name, value) in extra {
+            given.retain(|(given, _)| given != name);
+            given.push((name, value.clone()));
+        }
+        row_of(&project_user(), &given)
+    }
+
+    fn channel(extra: &[(&str, ColumnValue)]) -> TupleData {
+        let mut given = vec![
+            ("tenancyId", text(TENANCY)),
+            ("projectUserId", text(USER_ID)),
+            ("id", text("9d0c3b4a-1e2f-4a5b-8c7d-6e5f4a3b2c1d")),
+            ("type", text("EMAIL")),
+            ("isPrimary", text("TRUE")),
+            ("usedForAuth", text("TRUE")),
+            ("isVerified", text("t")),
+            ("value", text("ada@example.org")),
+        ];
+        for (name, value) in extra {
+            given.retain(|(given, _)| given != name);
+            given.push((name, value.clone()));
+        }
+        row_of(&contact_channel(true), &given)
+    }
+
+    fn user(outcome: RowOutcome) -> MappedUser {
+        match outcome {
+            RowOutcome::User(user) => user,
+            other => panic!("expected a live user, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_new_project_user_has_no_email_yet() {
+        let mapping = StackAuthMapping::default().bind(&project_user()).unwrap();
+        assert!(mapping.notes().is_empty(), "{:?}", mapping.notes());
+        let user = user(mapping.map_insert(&ada(&[])).unwrap());
+        assert_eq!(
+            Value::Object(user.raw_json),
+            json!({
+                "id": USER_ID,
+                "display_name": "Ada Lovelace",
+                "signed_up_at_millis": 1_704_164_645_123_i64,
+                "profile_image_url": "https://example.org/ada.png",
+                "client_metadata": {"theme": "dark"},
+                "client_read_only_metadata": null,
+                "server_metadata": {"plan": "pro"},
+                "primary_email": null,
+                "primary_email_verified": false,
+                "primary_email_auth_enabled": false,
+                "tenancyId": TENANCY,
+                "mirroredProjectId": "internal",
+                "mirroredBranchId": "main",
+                "updatedAt": "2024-01-02T03:04:05.123",
+                "requiresTotpMfa": false,
+                "isAnonymous": false,
+            })
+        );
+        assert!(user.unchanged_keys.is_empty());
+        assert_eq!(mapping.plan().excluded, ["totpSecret"]);
+    }
+
+    #[test]
+    fn an_updated_project_user_leaves_the_email_to_the_target() {
+        let mapping = StackAuthMapping::default().bind(&project_user()).unwrap();
+        let user = user(mapping.map_row(&ada(&[])).unwrap());
+        assert!(!user.raw_json.contains_key("primary_email"));
+        assert_eq!(user.unchanged_keys, EMAIL_KEYS.map(str::to_owned));
+    }
+
+    #[test]
+    fn the_copy_takes_the_joined_primary_email() {
+        let mapping = StackAuthMapping::default().bind(&project_user()).unwrap();
+        let mut row = ada(&[]);
+        row.0
+            .extend([text("ada@example.org"), text("t"), ColumnValue::Null]);
+        let copied = user(mapping.map_copied(&row).unwrap());
+        assert_eq!(copied.raw_json["primary_email"], "ada@example.org");
+        assert_eq!(copied.raw_json["primary_email_verified"], true);
+        assert_eq!(copied.raw_json["primary_email_auth_enabled"], false);
+        let mut without = ada(&[]);
+        without
+            .0
+            .extend([ColumnValue::Null, ColumnValue::Null, ColumnValue::Null]);
+        let copied = user(mapping.map_copied(&without).unwrap());
+        assert_eq!(copied.raw_json["primary_email"], Value::Null);
+        assert_eq!(copied.raw_json["primary_email_verified"], false);
+        assert!(matches!(
+            mapping.map_copied(&ada(&[])),
+            Err(MapError::ColumnCount { .. })
+        ));
+    }
+
+    #[test]
+    fn the_primary_email_channel_patches_its_user() {
+        let mapping = StackAuthMapping::default()
+            .bind_contact_channel(&contact_channel(true))
+            .unwrap();
+        let patch = |outcome| match outcome {
+            RowOutcome::Patch { id, keys } => {
+                assert_eq!(id, USER_ID);
+                Value::Object(keys)
+            }
+            other => panic!("expected a patch, got {other:?}"),
+        };
+        assert_eq!(
+            patch(mapping.map_row(&channel(&[])).unwrap()),
+            json!({
+                "primary_email": "ada@example.org",
+                "primary_email_verified": true,
+                "primary_email_auth_enabled": true,
+            })
+        );
+        let unverified = channel(&[
+            ("isVerified", text("f")),
+            ("usedForAuth", ColumnValue::Null),
+        ]);
+        assert_eq!(
+            patch(mapping.map_row(&unverified).unwrap()),
+            json!({
+                "primary_email": "ada@example.org",
+                "primary_email_verified": false,
+                "primary_email_auth_enabled": false,
+            })
+        );
+        assert_eq!(
+            patch(mapping.removed(USER_ID).unwrap()),
+            json!({
+                "primary_email": null,
+                "primary_email_verified": false,
+                "primary_email_auth_enabled": false,
+            })
+        );
+        let secondary = channel(&[("isPrimary", ColumnValue::Null)]);
+        assert_eq!(
+            mapping.map_row(&secondary).unwrap(),
+            RowOutcome::Skip {
+                id: USER_ID.into(),
+                reason: SkipReason::NotPrimaryEmail
+            }
+        );
+        assert_eq!(
+            mapping.skip_reason(&secondary),
+            Ok(Some(SkipReason::NotPrimaryEmail))
+        );
+        assert_eq!(mapping.skip_reason(&channel(&[])), Ok(None));
+        assert_eq!(mapping.map_key(&channel(&[])).unwrap(), USER_ID);
+    }
+
+    #[test]
+    fn contact_channels_need_replica_identity_full() {
+        let error = StackAuthMapping::default()
+            .bind_contact_channel(&contact_channel(false))
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("REPLICA IDENTITY FULL"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn other_tenancies_are_skipped_by_row_and_by_key() {
+        let mapping = StackAuthMapping {
+            tenancy_id: Some(TENANCY.into()),
+        };
+        let users = mapping.bind(&project_user()).unwrap();
+        let channels = mapping
+            .bind_contact_channel(&contact_channel(true))
+            .unwrap();
+        let other = [("tenancyId", text("00000000-0000-4000-8000-000000000000"))];
+        assert!(matches!(
+            users.map_row(&ada(&other)).unwrap(),
+            RowOutcome::Skip {
+                reason: SkipReason::OtherTenancy,
+                ..
+            }
+        ));
+        assert!(matches!(
+            users.map_insert(&ada(&[])).unwrap(),
+            RowOutcome::User(_)
+        ));
+        let key = row_of(
+            &project_user(),
+            &[other[0].clone(), ("projectUserId", text(USER_ID))],
+        );
+        assert_eq!(
+            users.key_skip_reason(&key),
+            Ok(Some(SkipReason::OtherTenancy))
+        );
+        assert_eq!(users.key_skip_reason(&ada(&[])), Ok(None));
+        assert_eq!(
+            channels.skip_reason(&channel(&other)),
+            Ok(Some(SkipReason::OtherTenancy))
+        );
+        assert_eq!(
+            mapping.row_filter().as_deref(),
+            Some(format!("(\"tenancyId\" = '{TENANCY}')").as_str())
+        );
+        let select =
+            mapping.snapshot_select(&"public.ProjectUser".parse().unwrap(), &project_user());
+        assert!(
+            select.contains("LEFT JOIN \"public\".\"ContactChannel\" c"),
+            "{select}"
+        );
+        assert!(
+            select.ends_with(&format!("WHERE u.\"tenancyId\" = '{TENANCY}'")),
+            "{select}"
+        );
+    }
+}
