@@ -766,9 +766,9 @@ fn channel(tenancy: &str, n: u32, channel: u32, value: &str, primary: bool) -> S
     format!(
         r#"INSERT INTO "ContactChannel" ("tenancyId", "projectUserId", id, "updatedAt", type,
                                          "isPrimary", "usedForAuth", "isVerified", value)
-           VALUES ('{tenancy}', '{}', '{}', now(), 'EMAIL', {}, 'TRUE', false, '{value}');"#,
+           VALUES ('{tenancy}', '{}', '00000000-0000-4000-9000-{channel:012}', now(), 'EMAIL',
+                   {}, 'TRUE', false, '{value}');"#,
         user_id(n),
-        format!("00000000-0000-4000-9000-{channel:012}"),
         if primary { "'TRUE'" } else { "NULL" }
     )
 }
