@@ -76,17 +76,23 @@ pub struct ConnectionArgs {
     pub target_url: Option<String>,
 
     /// The users table on the source [default: the profile's: public.users (generic),
-    /// auth.users (supabase), public.user_entity (keycloak), public.user (better-auth)].
+    /// auth.users (supabase), public.user_entity (keycloak), public.user (better-auth),
+    /// public.ProjectUser (stack-auth)].
     #[arg(long, env = "USERSYNC_TABLE", value_name = "SCHEMA.NAME")]
     pub table: Option<String>,
 
-    /// Which identity store the table belongs to: generic, supabase, keycloak, better-auth.
+    /// Which identity store the table belongs to: generic, supabase, keycloak, better-auth,
+    /// stack-auth.
     #[arg(long, env = "USERSYNC_PROFILE", default_value = "generic")]
     pub profile: String,
 
     /// keycloak: the realm whose users are replicated, by name or id (required).
     #[arg(long, env = "USERSYNC_REALM")]
     pub realm: Option<String>,
+
+    /// stack-auth: replicate only this tenancy (a uuid); by default every tenancy.
+    #[arg(long, env = "USERSYNC_TENANCY_ID", value_name = "UUID")]
+    pub tenancy_id: Option<String>,
 
     /// supabase, better-auth: replicate anonymous users too (skipped by default).
     #[arg(long, env = "USERSYNC_INCLUDE_ANONYMOUS")]

@@ -10,7 +10,8 @@ use crate::cli::{ConnectionArgs, PurgeArgs};
 use crate::conn::PgUrl;
 use crate::error::Error;
 use crate::map::{
-    generic, BetterAuthMapping, GenericMapping, KeycloakMapping, Profile, SupabaseMapping,
+    generic, BetterAuthMapping, GenericMapping, KeycloakMapping, Profile, StackAuthMapping,
+    SupabaseMapping,
 };
 
 /// Everything `setup`, `run` and `teardown` need, validated.
@@ -127,6 +128,9 @@ fn profile_from_args(args: &ConnectionArgs) -> Result<Profile, Error> {
     if args.realm.is_some() && args.profile != "keycloak" {
         return only_for("--realm", "keycloak");
     }
+    if args.tenancy_id.is_some() && args.profile != "stack-auth" {
+        return only_for("--tenancy-id", "stack-auth");
+    }
     if args.include_anonymous && !["supabase", "better-auth"].contains(&args.profile.as_str()) {
         return only_for("--include-anonymous", "supabase or better-auth");
     }
@@ -165,6 +169,9 @@ fn profile_from_args(args: &ConnectionArgs) -> Result<Profile, Error> {
         "better-auth" => Profile::BetterAuth(BetterAuthMapping {
             include_anonymous: args.include_anonymous,
         }),
+        "stack-auth" => Profile::StackAuth(StackAuthMapping {
+            tenancy_id: args.tenancy_id.as_deref().map(tenancy_id).transpose()?,
+        }),
         other => {
             return Err(Error::Config(format!(
                 "unknown profile {other:?}: the profiles available are: {}",
@@ -172,6 +179,29 @@ fn profile_from_args(args: &ConnectionArgs) -> Result<Profile, Error> {
             )))
         }
     })
+}
+
+/// A Stack Auth tenancy id: a uuid, spelled as PostgreSQL prints it (lowercase, hyphens),
+/// because usersync compares it with the text of the `"tenancyId"` column.
+fn tenancy_id(text: &str) -> Result<String, Error> {
+    let id = text.trim().to_ascii_lowercase();
+    let hyphens = [8, 13, 18, 23];
+    let uuid = id.len() == 36
+        && id.char_indices().all(|(i, c)| {
+            if hyphens.contains(&i) {
+                c == '-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        });
+    if uuid {
+        Ok(id)
+    } else {
+        Err(Error::Config(format!(
+            "--tenancy-id {text:?} is not a uuid; Stack Auth's tenancy ids look like \
+             4f1b2c3d-5e6f-4a7b-8c9d-0e1f2a3b4c5d (the \"tenancyId\" column)"
+        )))
+    }
 }
 
 /// What `purge` needs: the target only, so it runs where the source is out of reach.
@@ -409,13 +439,27 @@ mod tests {
             profile_of(&["--profile", "better-auth"]).unwrap(),
             Profile::BetterAuth(BetterAuthMapping::default())
         );
+        assert_eq!(
+            profile_of(&[
+                "--profile",
+                "stack-auth",
+                "--tenancy-id",
+                "4F1B2C3D-5E6F-4A7B-8C9D-0E1F2A3B4C5D"
+            ])
+            .unwrap(),
+            Profile::StackAuth(StackAuthMapping {
+                tenancy_id: Some("4f1b2c3d-5e6f-4a7b-8c9d-0e1f2a3b4c5d".into())
+            })
+        );
         let refused = [
             (&["--profile", "keycloak"][..], "needs --realm"),
             (&["--profile", "supabase", "--realm", "x"], "--realm applies to"),
             (&["--profile", "keycloak", "--realm", "x", "--include-anonymous"], "--include-anonymous applies"),
             (&["--include-anonymous"], "--include-anonymous applies"),
             (&["--profile", "better-auth", "--email-column", "mail"], "--email-column applies to --profile generic only"),
-            (&["--profile", "okta"], "unknown profile \"okta\": the profiles available are: generic, supabase, keycloak, better-auth"),
+            (&["--profile", "okta"], "unknown profile \"okta\": the profiles available are: generic, supabase, keycloak, better-auth, stack-auth"),
+            (&["--tenancy-id", "4f1b2c3d-5e6f-4a7b-8c9d-0e1f2a3b4c5d"], "--tenancy-id applies to --profile stack-auth only"),
+            (&["--profile", "stack-auth", "--tenancy-id", "'; DROP TABLE x; --"], "is not a uuid"),
         ];
         for (args, needle) in refused {
             let error = profile_of(args).unwrap_err().to_string();
@@ -430,6 +474,7 @@ mod tests {
             Profile::Supabase(SupabaseMapping::default()),
             Profile::Keycloak(KeycloakMapping::new("acme")),
             Profile::BetterAuth(BetterAuthMapping::default()),
+            Profile::StackAuth(StackAuthMapping::default()),
         ]
         .iter()
         .map(|profile| profile.default_table().parse().unwrap())
@@ -441,7 +486,8 @@ mod tests {
                 "public.users",
                 "auth.users",
                 "public.user_entity",
-                "public.user"
+                "public.user",
+                "public.ProjectUser"
             ]
         );
         assert_eq!(tables[3].quoted(), "\"public\".\"user\"");

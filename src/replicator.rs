@@ -233,7 +233,7 @@ async fn run_session(
         decoder: PgOutputDecoder::new(),
         assembler: TransactionAssembler::new(),
         profile,
-        users_relation: None,
+        relations: Vec::new(),
         skip_before: resume_at,
         confirmed: resume_at,
         received: resume_at,
@@ -345,15 +345,22 @@ enum UserChange {
         inserted: bool,
         deleted_at: Option<i64>,
     },
+    /// Part of a user changed (a row of another table of the profile).
+    Patch {
+        id: String,
+        keys: serde_json::Map<String, serde_json::Value>,
+    },
     SoftDelete(String),
     SoftDeleteAll,
     /// This replicator's heartbeat message (never reaches the target).
     Heartbeat,
 }
 
-/// The users table as the current Relation message describes it.
+/// A table of the profile as the current Relation message describes it.
 struct UsersRelation {
     id: u32,
+    /// Its index in the profile's tables: 0 is the users table.
+    table: usize,
     mapping: BoundProfile,
 }
 
@@ -386,7 +393,8 @@ struct Session<'a> {
     assembler: TransactionAssembler,
     /// The configured profile, completed with what the source told us.
     profile: Profile,
-    users_relation: Option<UsersRelation>,
+    /// The profile's tables the stream has described so far.
+    relations: Vec<UsersRelation>,
     /// Transactions committed before this position are on the target already.
     skip_before: Lsn,
     /// The position the target holds durably (the checkpoint's `end_lsn`).
@@ -516,23 +524,23 @@ impl Session<'_> {
     }
 
     fn note_relation(&mut self, relation: Relation) -> Result<(), Error> {
-        let table = &self.config.table;
-        if relation.namespace == table.schema && relation.name == table.name {
-            let mapping = self.profile.bind(&relation.columns)?;
+        let tables = self.profile.tables(&self.config.table);
+        let table = tables
+            .iter()
+            .position(|table| relation.namespace == table.schema && relation.name == table.name);
+        // A table renamed or moved is no longer one of the profile's.
+        self.relations
+            .retain(|known| known.id != relation.id && Some(known.table) != table);
+        if let Some(table) = table {
+            let mapping = self.profile.bind_table(table, &relation.columns)?;
             for note in mapping.notes() {
-                tracing::info!(table = %table, note = %note, "mapping");
+                tracing::info!(table = %tables[table], note = %note, "mapping");
             }
-            self.users_relation = Some(UsersRelation {
+            self.relations.push(UsersRelation {
                 id: relation.id,
+                table,
                 mapping,
             });
-        } else if self
-            .users_relation
-            .as_ref()
-            .is_some_and(|users| users.id == relation.id)
-        {
-            // The users table was renamed or moved: it is no longer the configured table.
-            self.users_relation = None;
         }
         Ok(())
     }
@@ -591,6 +599,10 @@ impl Session<'_> {
                         Op::Update
                     }
                 }
+                UserChange::Patch { id, keys } => {
+                    self.batch.patch(id, keys, at);
+                    Op::Update
+                }
                 UserChange::SoftDelete(id) => {
                     self.batch.soft_delete(id, at);
                     Op::Delete
@@ -617,55 +629,78 @@ impl Session<'_> {
         change: LogicalMessage,
         out: &mut Vec<UserChange>,
     ) -> Result<(), Error> {
-        let users_id = self.users_relation.as_ref().map(|users| users.id);
         match change {
             LogicalMessage::Relation(relation) => self.note_relation(relation)?,
-            LogicalMessage::Insert(insert) if Some(insert.relation_id) == users_id => {
-                // A skipped new row has no user on the target to correct.
-                let outcome = self.mapping()?.map_row(&insert.new)?;
-                out.extend(upsert(outcome, true));
+            LogicalMessage::Insert(insert) => {
+                if let Some(mapping) = self.mapping_of(insert.relation_id) {
+                    // A skipped new row has no user on the target to correct.
+                    out.extend(change_of(mapping.map_insert(&insert.new)?, true));
+                }
             }
-            LogicalMessage::Update(update) if Some(update.relation_id) == users_id => {
-                let mapping = self.mapping()?;
+            LogicalMessage::Update(update) => {
+                let Some(mapping) = self.mapping_of(update.relation_id) else {
+                    return Ok(());
+                };
                 let outcome = mapping.map_row(&update.new)?;
+                // Whether the old row was skipped: a whole old row (REPLICA IDENTITY FULL)
+                // tells; so does a key that decides skips (a tenancy) when the update left
+                // it unchanged or sent it.
+                let skipped_before = match &update.old {
+                    Some(OldTuple::Full(old)) => mapping.skip_reason(old)?,
+                    Some(OldTuple::Key(old)) => mapping.key_skip_reason(old)?,
+                    None => mapping.key_skip_reason(&update.new)?,
+                }
+                .is_some();
                 let old_id = match &update.old {
                     Some(old) => Some(mapping.map_key(old_tuple(old))?),
                     None => None,
                 };
-                if let Some(old_id) = old_id.filter(|old_id| old_id != outcome.id()) {
+                let moved_from = old_id.filter(|old_id| old_id != outcome.id());
+                let id_changed = moved_from.is_some();
+                if let Some(old_id) = moved_from.filter(|_| !skipped_before) {
                     // The primary key changed: the old user is gone, a new one appears.
-                    out.push(UserChange::SoftDelete(old_id));
+                    out.push(removal(mapping, old_id));
                 }
                 if let RowOutcome::Skip { id, reason } = &outcome {
                     // The row is no longer one of ours (it became anonymous, moved to another
-                    // realm): a user replicated before must not stay live. Only a whole old
-                    // row (REPLICA IDENTITY FULL) can tell that it was skipped already.
-                    let skipped_before = match &update.old {
-                        Some(OldTuple::Full(old)) => mapping.skip_reason(old)?.is_some(),
-                        _ => false,
-                    };
-                    if !skipped_before {
+                    // realm, is no longer the primary email): a user replicated before must
+                    // not stay live, a part replicated before must not stay.
+                    if !skipped_before && !id_changed {
                         tracing::debug!(%reason, "an updated row is no longer replicated");
-                        out.push(UserChange::SoftDelete(id.clone()));
+                        out.push(removal(mapping, id.clone()));
                     }
                 }
-                out.extend(upsert(outcome, false));
+                out.extend(change_of(outcome, false));
             }
-            LogicalMessage::Delete(delete) if Some(delete.relation_id) == users_id => {
-                let mapping = self.mapping()?;
+            LogicalMessage::Delete(delete) => {
+                let Some(mapping) = self.mapping_of(delete.relation_id) else {
+                    return Ok(());
+                };
                 let id = mapping.map_key(old_tuple(&delete.old))?;
                 let skipped = match &delete.old {
-                    OldTuple::Full(old) => mapping.skip_reason(old)?.is_some(),
-                    OldTuple::Key(_) => false,
+                    OldTuple::Full(old) => mapping.skip_reason(old)?,
+                    OldTuple::Key(old) => mapping.key_skip_reason(old)?,
                 };
-                if !skipped {
-                    out.push(UserChange::SoftDelete(id));
+                if skipped.is_none() {
+                    out.push(removal(mapping, id));
                 }
             }
-            LogicalMessage::Truncate(truncate)
-                if users_id.is_some_and(|id| truncate.relation_ids.contains(&id)) =>
-            {
-                out.push(UserChange::SoftDeleteAll);
+            LogicalMessage::Truncate(truncate) => {
+                let truncated: Vec<usize> = self
+                    .relations
+                    .iter()
+                    .filter(|known| truncate.relation_ids.contains(&known.id))
+                    .map(|known| known.table)
+                    .collect();
+                if truncated.contains(&0) {
+                    out.push(UserChange::SoftDeleteAll);
+                } else if !truncated.is_empty() {
+                    tracing::warn!(
+                        "a table holding part of the users was truncated alone; users on the \
+                         target keep those keys until they change (usersync resync copies \
+                         them again)"
+                    );
+                }
             }
             LogicalMessage::Message(message) if message.prefix == self.heartbeat_prefix => {
                 out.push(UserChange::Heartbeat);
@@ -675,11 +710,12 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn mapping(&self) -> Result<&dyn RowMapper, Error> {
-        self.users_relation
-            .as_ref()
-            .map(|users| users.mapping.as_ref())
-            .ok_or_else(|| Error::Config("a change arrived before its relation".into()))
+    /// The bound profile for a relation id, if it is one of the profile's tables.
+    fn mapping_of(&self, relation_id: u32) -> Option<&dyn RowMapper> {
+        self.relations
+            .iter()
+            .find(|known| known.id == relation_id)
+            .map(|known| known.mapping.as_ref())
     }
 
     async fn apply_batch(&mut self) -> Result<(), Error> {
@@ -826,6 +862,11 @@ fn print_changes(meta: &serde_json::Map<String, serde_json::Value>, changes: &[U
                     Some(serde_json::Value::Object(user.raw_json.clone())),
                 )
             }
+            UserChange::Patch { id, keys } => (
+                "patch",
+                Some(id.as_str()),
+                Some(serde_json::Value::Object(keys.clone())),
+            ),
             UserChange::SoftDelete(id) => ("delete", Some(id.as_str()), None),
             UserChange::SoftDeleteAll => ("truncate", None, None),
             UserChange::Heartbeat => continue,
@@ -843,8 +884,20 @@ fn old_tuple(old: &OldTuple) -> &TupleData {
     }
 }
 
-/// The upsert a mapped row asks for, if any.
-fn upsert(outcome: RowOutcome, inserted: bool) -> Option<UserChange> {
+/// What a row of the profile going away means for user `id`: a soft delete, or (a table
+/// holding part of a user) a patch clearing that part.
+fn removal(mapping: &dyn RowMapper, id: String) -> UserChange {
+    match mapping
+        .removed(&id)
+        .and_then(|outcome| change_of(outcome, false))
+    {
+        Some(change) => change,
+        None => UserChange::SoftDelete(id),
+    }
+}
+
+/// The change a mapped row asks for, if any.
+fn change_of(outcome: RowOutcome, inserted: bool) -> Option<UserChange> {
     match outcome {
         RowOutcome::User(user) => Some(UserChange::Upsert {
             user,
@@ -856,6 +909,7 @@ fn upsert(outcome: RowOutcome, inserted: bool) -> Option<UserChange> {
             inserted,
             deleted_at: Some(at),
         }),
+        RowOutcome::Patch { id, keys } => Some(UserChange::Patch { id, keys }),
         RowOutcome::Skip { .. } => None,
     }
 }

@@ -11,6 +11,11 @@
 //!   and its own `deleted_at`, and replaces what came before it like any upsert;
 //! - unchanged-TOAST keys of a later upsert are filled from an earlier upsert in the batch,
 //!   and only the keys still unknown are left for the target to fill from its current row;
+//! - a patch (part of a user, kept in another source table) is merged into an upsert pending
+//!   for that user, fills the keys a later upsert left to the target, and otherwise is merged
+//!   into the live row on the target; a patch for a user deleted earlier in the batch is
+//!   dropped (Stack Auth's cascade deletes a user's contact channels after the user), so a
+//!   patch never revives a user or changes when it was deleted;
 //! - a TRUNCATE soft-deletes every live row on the target, so the rows pending before it are
 //!   written first: the batch is a sequence of segments, each applied in order.
 
@@ -31,8 +36,23 @@ pub struct PendingUser {
     pub raw_json: Option<Map<String, Value>>,
     /// Keys whose value the target row already holds (unchanged TOAST on the source).
     pub keep_keys: Vec<String>,
+    /// With no upsert: keys to merge into the live row on the target (`raw_json || patch`).
+    pub patch: Map<String, Value>,
     pub updated_at: UnixMicros,
     pub deleted_at: Option<UnixMicros>,
+}
+
+impl PendingUser {
+    /// A user the batch has not changed yet.
+    fn nothing(at: UnixMicros) -> Self {
+        PendingUser {
+            raw_json: None,
+            keep_keys: Vec::new(),
+            patch: Map::new(),
+            updated_at: at,
+            deleted_at: None,
+        }
+    }
 }
 
 /// A run of changes that can be applied as one upsert and one soft delete, or a truncate.
@@ -104,9 +124,19 @@ impl Batch {
                 keep_keys: earlier_keep,
                 ..
             }) => merge_unchanged(raw_json, unchanged_keys, earlier, earlier_keep),
+            Some(PendingUser {
+                raw_json: None,
+                patch,
+                ..
+            }) if !patch.is_empty() => {
+                // What the patch holds is known; the other keys still come from the target.
+                let keep_keys = unchanged_keys.clone();
+                merge_unchanged(raw_json, unchanged_keys, patch, keep_keys)
+            }
             _ => PendingUser {
                 raw_json: Some(raw_json),
                 keep_keys: unchanged_keys,
+                patch: Map::new(),
                 updated_at: at,
                 deleted_at: None,
             },
@@ -124,14 +154,27 @@ impl Batch {
     pub fn soft_delete(&mut self, id: String, at: UnixMicros) {
         self.changes += 1;
         let users = self.users_segment();
-        let pending = users.entry(id).or_insert(PendingUser {
-            raw_json: None,
-            keep_keys: Vec::new(),
-            updated_at: at,
-            deleted_at: None,
-        });
+        let pending = users.entry(id).or_insert_with(|| PendingUser::nothing(at));
         pending.updated_at = at;
         pending.deleted_at.get_or_insert(at);
+    }
+
+    /// Sets `keys` of user `id` and keeps its other keys (see the module docs).
+    pub fn patch(&mut self, id: String, keys: Map<String, Value>, at: UnixMicros) {
+        self.changes += 1;
+        let users = self.users_segment();
+        let pending = users.entry(id).or_insert_with(|| PendingUser::nothing(at));
+        if pending.deleted_at.is_some() {
+            return;
+        }
+        pending.updated_at = at;
+        match &mut pending.raw_json {
+            Some(raw_json) => {
+                pending.keep_keys.retain(|key| !keys.contains_key(key));
+                raw_json.extend(keys);
+            }
+            None => pending.patch.extend(keys),
+        }
     }
 
     pub fn soft_delete_all(&mut self, at: UnixMicros) {
@@ -195,6 +238,7 @@ fn merge_unchanged(
     PendingUser {
         raw_json: Some(raw_json),
         keep_keys,
+        patch: Map::new(),
         updated_at: 0,
         deleted_at: None,
     }
@@ -301,6 +345,83 @@ mod tests {
         batch.upsert(user("a", json!({"n": 1}), &["big"]), 1);
         batch.upsert(user("a", json!({"n": 2}), &["big"]), 2);
         assert_eq!(only_users(&batch)["a"].keep_keys, vec!["big".to_owned()]);
+    }
+
+    fn keys(fields: Value) -> Map<String, Value> {
+        fields.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn a_patch_merges_into_a_pending_upsert() {
+        let mut batch = Batch::new();
+        batch.upsert(user("a", json!({"primary_email": null, "n": 1}), &[]), 1);
+        batch.patch("a".into(), keys(json!({"primary_email": "a@x.org"})), 1);
+        let a = &only_users(&batch)["a"];
+        let raw = a.raw_json.as_ref().unwrap();
+        assert_eq!(
+            (raw["primary_email"].clone(), raw["n"].clone()),
+            (json!("a@x.org"), json!(1))
+        );
+        assert!(a.patch.is_empty());
+        // A later update of the user row keeps the patched email, pending or not.
+        batch.upsert(user("a", json!({"n": 2}), &["primary_email", "big"]), 2);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.raw_json.as_ref().unwrap()["primary_email"], "a@x.org");
+        assert!(a.keep_keys.is_empty(), "{:?}", a.keep_keys);
+        assert_eq!(batch.changes(), 3);
+    }
+
+    #[test]
+    fn a_patch_fills_keys_an_upsert_left_to_the_target() {
+        let mut batch = Batch::new();
+        batch.upsert(
+            user("a", json!({"n": 1}), &["primary_email", "verified"]),
+            1,
+        );
+        batch.patch("a".into(), keys(json!({"primary_email": "a@x.org"})), 2);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.raw_json.as_ref().unwrap()["primary_email"], "a@x.org");
+        assert_eq!(a.keep_keys, vec!["verified".to_owned()]);
+        assert_eq!(a.updated_at, 2);
+    }
+
+    #[test]
+    fn patches_without_an_upsert_add_up_and_feed_a_later_upsert() {
+        let mut batch = Batch::new();
+        batch.patch(
+            "a".into(),
+            keys(json!({"primary_email": null, "v": false})),
+            1,
+        );
+        batch.patch("a".into(), keys(json!({"primary_email": "b@x.org"})), 2);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.raw_json, None);
+        assert_eq!(
+            a.patch,
+            keys(json!({"primary_email": "b@x.org", "v": false}))
+        );
+        assert_eq!((a.updated_at, a.deleted_at), (2, None));
+        batch.upsert(user("a", json!({"n": 1}), &["primary_email", "other"]), 3);
+        let a = &only_users(&batch)["a"];
+        let raw = a.raw_json.as_ref().unwrap();
+        assert_eq!(raw["primary_email"], "b@x.org");
+        assert_eq!(a.keep_keys, vec!["other".to_owned()]);
+    }
+
+    #[test]
+    fn a_patch_after_a_delete_changes_nothing() {
+        let mut batch = Batch::new();
+        batch.upsert(user("a", json!({"primary_email": "a@x.org"}), &[]), 1);
+        batch.soft_delete("a".into(), 2);
+        batch.patch("a".into(), keys(json!({"primary_email": null})), 2);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.raw_json.as_ref().unwrap()["primary_email"], "a@x.org");
+        assert_eq!(a.deleted_at, Some(2));
+        batch.soft_delete("b".into(), 3);
+        batch.patch("b".into(), keys(json!({"primary_email": null})), 3);
+        let b = &only_users(&batch)["b"];
+        assert!(b.patch.is_empty());
+        assert_eq!(b.deleted_at, Some(3));
     }
 
     #[test]

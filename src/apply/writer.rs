@@ -62,6 +62,21 @@ SELECT raw_json, deleted_at FROM merged
 ON CONFLICT (id) DO UPDATE
    SET raw_json = EXCLUDED.raw_json, deleted_at = EXCLUDED.deleted_at";
 
+/// Merges part of a user into its live row (Stack Auth's primary email, from another source
+/// table): `raw_json || patch`. A user deleted or not on the target is left alone: a patch
+/// never creates or revives a user.
+const PATCH_USERS: &str = "
+UPDATE neon_auth.users_sync AS u
+   SET raw_json = u.raw_json || p.patch, updated_at = p.updated_at
+  FROM unnest($1::text[], $2::jsonb[], $3::timestamptz[]) AS p(id, patch, updated_at)
+ WHERE u.id = p.id AND u.deleted_at IS NULL";
+
+const PATCH_USERS_NO_UPDATED_AT: &str = "
+UPDATE neon_auth.users_sync AS u
+   SET raw_json = u.raw_json || p.patch
+  FROM unnest($1::text[], $2::jsonb[], $3::timestamptz[]) AS p(id, patch, updated_at)
+ WHERE u.id = p.id AND u.deleted_at IS NULL";
+
 /// Soft-deletes users by id; a user already deleted keeps its first deletion time.
 const SOFT_DELETE_USERS: &str = "
 UPDATE neon_auth.users_sync AS u
@@ -142,6 +157,7 @@ pub async fn delete_checkpoint(client: &Client, slot: &str) -> Result<u64, Apply
 
 struct Statements {
     upsert: Statement,
+    patch: Statement,
     soft_delete: Statement,
     soft_delete_all: Statement,
     checkpoint: Statement,
@@ -168,11 +184,17 @@ impl TargetWriter {
             .batch_execute("SET synchronous_commit = on")
             .await
             .map_err(ApplyError::sql("configuring the target session"))?;
-        let (upsert, soft_delete, soft_delete_all) = if shape.has_updated_at {
-            (UPSERT_USERS, SOFT_DELETE_USERS, SOFT_DELETE_ALL)
+        let (upsert, patch, soft_delete, soft_delete_all) = if shape.has_updated_at {
+            (
+                UPSERT_USERS,
+                PATCH_USERS,
+                SOFT_DELETE_USERS,
+                SOFT_DELETE_ALL,
+            )
         } else {
             (
                 UPSERT_USERS_NO_UPDATED_AT,
+                PATCH_USERS_NO_UPDATED_AT,
                 SOFT_DELETE_USERS_NO_UPDATED_AT,
                 SOFT_DELETE_ALL_NO_UPDATED_AT,
             )
@@ -182,6 +204,9 @@ impl TargetWriter {
             upsert: prepare(upsert)
                 .await
                 .map_err(ApplyError::sql("preparing the upsert"))?,
+            patch: prepare(patch)
+                .await
+                .map_err(ApplyError::sql("preparing the patch"))?,
             soft_delete: prepare(soft_delete)
                 .await
                 .map_err(ApplyError::sql("preparing the soft delete"))?,
@@ -226,7 +251,7 @@ impl TargetWriter {
         for segment in batch.segments() {
             match segment {
                 Segment::Users(users) => {
-                    let (upserts, deletes) = users_to_arrays(users);
+                    let (upserts, patches, deletes) = users_to_arrays(users);
                     if !upserts.raw_json.is_empty() {
                         transaction
                             .execute(
@@ -240,6 +265,24 @@ impl TargetWriter {
                             )
                             .await
                             .map_err(ApplyError::sql("upserting users"))?;
+                    }
+                    if !patches.ids.is_empty() {
+                        let patched = transaction
+                            .execute(
+                                &self.statements.patch,
+                                &[&patches.ids, &patches.keys, &patches.updated_at],
+                            )
+                            .await
+                            .map_err(ApplyError::sql("patching users"))?;
+                        if patched < patches.ids.len() as u64 {
+                            // Their user row has not reached the target (or is deleted): the
+                            // user's own upsert carries the keys when it comes.
+                            tracing::debug!(
+                                patches = patches.ids.len(),
+                                patched,
+                                "some patches found no live user on the target"
+                            );
+                        }
                     }
                     if !deletes.ids.is_empty() {
                         transaction
@@ -312,6 +355,13 @@ struct UpsertArrays<'a> {
 }
 
 #[derive(Default)]
+struct PatchArrays<'a> {
+    ids: Vec<&'a str>,
+    keys: Vec<Json<&'a Map<String, Value>>>,
+    updated_at: Vec<DateTime<Utc>>,
+}
+
+#[derive(Default)]
 struct DeleteArrays<'a> {
     ids: Vec<&'a str>,
     at: Vec<DateTime<Utc>>,
@@ -319,8 +369,9 @@ struct DeleteArrays<'a> {
 
 fn users_to_arrays(
     users: &std::collections::HashMap<String, PendingUser>,
-) -> (UpsertArrays<'_>, DeleteArrays<'_>) {
+) -> (UpsertArrays<'_>, PatchArrays<'_>, DeleteArrays<'_>) {
     let mut upserts = UpsertArrays::default();
+    let mut patches = PatchArrays::default();
     let mut deletes = DeleteArrays::default();
     for (id, user) in users {
         match &user.raw_json {
@@ -331,14 +382,20 @@ fn users_to_arrays(
                 upserts.deleted_at.push(user.deleted_at.map(timestamp));
             }
             None => {
-                deletes.ids.push(id);
-                deletes
-                    .at
-                    .push(timestamp(user.deleted_at.unwrap_or(user.updated_at)));
+                // A patch comes before the delete that followed it in the batch.
+                if !user.patch.is_empty() {
+                    patches.ids.push(id);
+                    patches.keys.push(Json(&user.patch));
+                    patches.updated_at.push(timestamp(user.updated_at));
+                }
+                if let Some(deleted_at) = user.deleted_at {
+                    deletes.ids.push(id);
+                    deletes.at.push(timestamp(deleted_at));
+                }
             }
         }
     }
-    (upserts, deletes)
+    (upserts, patches, deletes)
 }
 
 /// Source times are microseconds since the Unix epoch; PostgreSQL's range fits chrono's.

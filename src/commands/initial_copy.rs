@@ -119,7 +119,9 @@ async fn copy(
     let reader = connect("source", &config.source).await?;
     let profile = catalog::resolve_profile(&reader, &config.table, &config.mapping).await?;
     let mapping = profile.bind(columns)?;
-    let mut rows = SnapshotRows::open(&reader, &config.table, columns, snapshot).await?;
+    let select = profile.snapshot_select(&config.table, columns);
+    let width = profile.snapshot_width(columns);
+    let mut rows = SnapshotRows::open(&reader, &select, width, snapshot).await?;
     let mut progress = Progress::new(rows.total());
     let (mut read, mut copied) = (0usize, 0usize);
     loop {
@@ -132,10 +134,11 @@ async fn copy(
         for row in &page {
             // A skipped row (anonymous, another realm) is not copied, and not "seen": a
             // resync soft-deletes a live target user that the source now skips.
-            let (user, deleted_at) = match mapping.map_row(row)? {
+            let (user, deleted_at) = match mapping.map_copied(row)? {
                 RowOutcome::User(user) => (user, None),
                 RowOutcome::Deleted { user, at } => (user, Some(at)),
-                RowOutcome::Skip { .. } => continue,
+                // The copy reads whole users (their other tables joined in), never parts.
+                RowOutcome::Skip { .. } | RowOutcome::Patch { .. } => continue,
             };
             if reconcile.is_some() {
                 ids.push(user.id.clone());

@@ -40,23 +40,40 @@ pub(crate) async fn prepare(config: &Config) -> Result<Prepared, Error> {
     let source = connect("source", &config.source).await?;
     catalog::check_wal_level(&source).await?;
     catalog::check_replication_privilege(&source).await?;
-    catalog::check_table(&source, &config.table).await?;
     let profile = catalog::resolve_profile(&source, &config.table, &config.mapping).await?;
-    let columns = table_columns(&source, &config.table).await?;
-    let mapping = profile.bind(&columns)?;
-    for note in mapping.notes() {
-        println!("mapping note: {note}");
+    let tables = profile.tables(&config.table);
+    let mut columns = Vec::new();
+    for (index, table) in tables.iter().enumerate() {
+        catalog::check_table(&source, table).await?;
+        let table_columns = table_columns(&source, table).await?;
+        let mapping = profile.bind_table(index, &table_columns)?;
+        for note in mapping.notes() {
+            println!("mapping note: {note}");
+        }
+        println!(
+            "source table {table}: {} columns, profile {}; {}",
+            table_columns.len(),
+            profile.name(),
+            if index == 0 {
+                "raw_json will be:"
+            } else {
+                "its rows set these keys of their user:"
+            }
+        );
+        print!("{}", describe(&mapping.plan()));
+        if index == 0 {
+            columns = table_columns;
+        }
     }
     println!(
-        "source table {}: {} columns, profile {}; raw_json will be:",
-        config.table,
-        columns.len(),
-        profile.name()
-    );
-    print!("{}", describe(&mapping.plan()));
-    println!(
         "{}",
-        catalog::ensure_publication(&source, &config.publication, &config.table).await?
+        catalog::ensure_publication(
+            &source,
+            &config.publication,
+            &tables,
+            profile.row_filter().as_deref()
+        )
+        .await?
     );
 
     let target = connect("target", &config.target).await?;

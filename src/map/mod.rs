@@ -38,7 +38,7 @@
 //! see [`RowOutcome`] and the [`profile`] module.
 //!
 //! One file per identity-store profile: [`generic`], [`supabase`], [`keycloak`],
-//! [`better_auth`] (Stack Auth's two-table profile is still to come). Conversions they share
+//! [`better_auth`], [`stack_auth`] (two tables: users and their contact channels). Conversions they share
 //! live in [`value`], and column binding and `raw_json` building in `columns`.
 //!
 //! Every [`MapError`] is definite: retrying the same row gives the same error, so the operator
@@ -49,6 +49,7 @@ mod columns;
 pub mod generic;
 pub mod keycloak;
 pub mod profile;
+pub mod stack_auth;
 pub mod supabase;
 pub mod value;
 
@@ -56,6 +57,7 @@ pub use better_auth::BetterAuthMapping;
 pub use generic::{BoundMapping, GenericMapping};
 pub use keycloak::KeycloakMapping;
 pub use profile::{BoundProfile, MappingPlan, Profile, RowMapper, RowOutcome, SkipReason};
+pub use stack_auth::StackAuthMapping;
 pub use supabase::SupabaseMapping;
 pub use value::{timestamp_millis, TextValue, ValueError};
 
@@ -72,6 +74,8 @@ pub mod key {
     pub const CLIENT_METADATA: &str = "client_metadata";
     pub const CLIENT_READ_ONLY_METADATA: &str = "client_read_only_metadata";
     pub const SERVER_METADATA: &str = "server_metadata";
+    /// Stack Auth: the primary email can be used to sign in (magic link, password reset).
+    pub const PRIMARY_EMAIL_AUTH_ENABLED: &str = "primary_email_auth_enabled";
 
     /// What the generic profile computes; the other keys pass through by name there.
     pub const COMPUTED: [&str; 5] = [
@@ -163,6 +167,12 @@ pub enum MapError {
          the relation was probably altered without a new Relation message"
     )]
     ColumnCount { expected: usize, actual: usize },
+
+    #[error(
+        "table {table} needs REPLICA IDENTITY FULL: {why}; run ALTER TABLE {table} REPLICA \
+         IDENTITY FULL"
+    )]
+    FullReplicaIdentityNeeded { table: String, why: &'static str },
 
     #[error("id column {column} is NULL, so the user cannot be identified")]
     NullId { column: String },

@@ -13,20 +13,29 @@
 //!   that *was* replicated does not stay live: an update that turns a row into a skipped one
 //!   soft-deletes the user (see `replicator.rs`).
 //!
+//! - [`RowOutcome::Patch`]: part of a user, kept in another table (Stack Auth's primary email
+//!   in `ContactChannel`): those keys are merged into the user's `raw_json`, the rest kept.
+//!
 //! **Adding a profile.** A single-table profile is one file in `map/` with a mapping type
 //! (options), its `bind`, and a bound type implementing [`RowMapper`]; then one arm in each
-//! `match` here and in `config.rs`. A profile spread over two tables (Stack Auth's
-//! `ProjectUser` + `ContactChannel`) needs more than this module: the replicator follows one
-//! relation today, and a row of the second table changes part of a user it did not send
-//! (that is a batch/apply change, sketched in the README's "Profiles" section).
+//! `match` here and in `config.rs`. A profile spread over several tables names them
+//! ([`Profile::tables`], the users table first) and binds each ([`Profile::bind_table`]); a
+//! row of a table other than the users table maps to patches ([`RowMapper::removed`] says
+//! what its removal clears), and the initial copy joins the tables
+//! ([`Profile::snapshot_select`], [`RowMapper::map_copied`]).
 
 use std::fmt;
+
+use postgres_protocol::escape::escape_identifier;
+use serde_json::{Map, Value};
 
 use super::better_auth::BetterAuthMapping;
 use super::generic::GenericMapping;
 use super::keycloak::KeycloakMapping;
+use super::stack_auth::StackAuthMapping;
 use super::supabase::SupabaseMapping;
 use super::{MapError, MappedUser};
+use crate::config::TableName;
 use crate::decode::{RelationColumn, TupleData};
 
 /// What one source row means for the target.
@@ -40,6 +49,12 @@ pub enum RowOutcome {
     /// Not a user this replicator carries; `id` so a user replicated earlier can be
     /// soft-deleted.
     Skip { id: String, reason: SkipReason },
+    /// Part of user `id` changed (a row of a table that holds part of a user): merge `keys`
+    /// into its `raw_json`, keep the other keys, leave `deleted_at` alone.
+    Patch {
+        id: String,
+        keys: Map<String, Value>,
+    },
 }
 
 impl RowOutcome {
@@ -47,7 +62,7 @@ impl RowOutcome {
     pub fn id(&self) -> &str {
         match self {
             RowOutcome::User(user) | RowOutcome::Deleted { user, .. } => &user.id,
-            RowOutcome::Skip { id, .. } => id,
+            RowOutcome::Skip { id, .. } | RowOutcome::Patch { id, .. } => id,
         }
     }
 }
@@ -61,6 +76,10 @@ pub enum SkipReason {
     OtherRealm,
     /// A Keycloak service account: a client's identity, not a person.
     ServiceAccount,
+    /// A Stack Auth row of a tenancy other than `--tenancy-id`.
+    OtherTenancy,
+    /// A Stack Auth contact channel that is not the primary email.
+    NotPrimaryEmail,
 }
 
 impl fmt::Display for SkipReason {
@@ -69,6 +88,8 @@ impl fmt::Display for SkipReason {
             SkipReason::Anonymous => "anonymous user",
             SkipReason::OtherRealm => "user of another realm",
             SkipReason::ServiceAccount => "service account",
+            SkipReason::OtherTenancy => "row of another tenancy",
+            SkipReason::NotPrimaryEmail => "contact channel that is not the primary email",
         })
     }
 }
@@ -77,6 +98,31 @@ impl fmt::Display for SkipReason {
 pub trait RowMapper: fmt::Debug + Send + Sync {
     /// An Insert's tuple or an Update's new tuple.
     fn map_row(&self, row: &TupleData) -> Result<RowOutcome, MapError>;
+
+    /// An Insert's tuple. A profile whose users table leaves keys to another table sets
+    /// them here to "none yet", where an update would keep the target's values.
+    fn map_insert(&self, row: &TupleData) -> Result<RowOutcome, MapError> {
+        self.map_row(row)
+    }
+
+    /// A row of the initial copy, as [`Profile::snapshot_select`] reads it.
+    fn map_copied(&self, row: &TupleData) -> Result<RowOutcome, MapError> {
+        self.map_insert(row)
+    }
+
+    /// What it means for user `id` that a row this mapper replicated went away (deleted, or
+    /// updated into one it skips): `None` for a users table (the user is soft-deleted); the
+    /// patch that clears its part for a table holding part of a user.
+    fn removed(&self, _id: &str) -> Option<RowOutcome> {
+        None
+    }
+
+    /// Whether the replica identity columns alone make a row skipped (a tenancy in the
+    /// primary key). An update that leaves the key unchanged sends no old tuple, and the old
+    /// row was then skipped for the same reason as the new one.
+    fn key_skip_reason(&self, _key: &TupleData) -> Result<Option<SkipReason>, MapError> {
+        Ok(None)
+    }
 
     /// The user id from a Delete's or Update's old tuple: a 'K' tuple (replica identity
     /// columns only, NULL elsewhere) or an 'O' tuple (REPLICA IDENTITY FULL).
@@ -116,6 +162,7 @@ pub enum Profile {
     Supabase(SupabaseMapping),
     Keycloak(KeycloakMapping),
     BetterAuth(BetterAuthMapping),
+    StackAuth(StackAuthMapping),
 }
 
 impl Default for Profile {
@@ -132,7 +179,13 @@ impl From<GenericMapping> for Profile {
 
 impl Profile {
     /// The names `--profile` accepts.
-    pub const NAMES: [&'static str; 4] = ["generic", "supabase", "keycloak", "better-auth"];
+    pub const NAMES: [&'static str; 5] = [
+        "generic",
+        "supabase",
+        "keycloak",
+        "better-auth",
+        "stack-auth",
+    ];
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -140,6 +193,7 @@ impl Profile {
             Profile::Supabase(_) => "supabase",
             Profile::Keycloak(_) => "keycloak",
             Profile::BetterAuth(_) => "better-auth",
+            Profile::StackAuth(_) => "stack-auth",
         }
     }
 
@@ -150,6 +204,70 @@ impl Profile {
             Profile::Supabase(_) => super::supabase::DEFAULT_TABLE,
             Profile::Keycloak(_) => super::keycloak::DEFAULT_TABLE,
             Profile::BetterAuth(_) => super::better_auth::DEFAULT_TABLE,
+            Profile::StackAuth(_) => super::stack_auth::DEFAULT_TABLE,
+        }
+    }
+
+    /// The source tables the profile replicates, the users table (`--table`) first; the
+    /// others are found in the same schema.
+    pub fn tables(&self, users_table: &TableName) -> Vec<TableName> {
+        let mut tables = vec![users_table.clone()];
+        if let Profile::StackAuth(_) = self {
+            tables.push(TableName {
+                schema: users_table.schema.clone(),
+                name: super::stack_auth::CONTACT_CHANNEL_TABLE.to_owned(),
+            });
+        }
+        tables
+    }
+
+    /// Rows a table of the profile publishes, as a publication row filter (PostgreSQL 15+);
+    /// `None`: every row. usersync applies the same filter itself, so an older server, or a
+    /// publication created without it, only costs decoding.
+    pub fn row_filter(&self) -> Option<String> {
+        match self {
+            Profile::StackAuth(mapping) => mapping.row_filter(),
+            _ => None,
+        }
+    }
+
+    /// The SELECT the initial copy reads (inside the slot's snapshot); its rows go to
+    /// [`RowMapper::map_copied`]. `columns` are the users table's.
+    pub fn snapshot_select(&self, users_table: &TableName, columns: &[RelationColumn]) -> String {
+        match self {
+            Profile::StackAuth(mapping) => mapping.snapshot_select(users_table, columns),
+            _ => {
+                let list = columns
+                    .iter()
+                    .map(|column| escape_identifier(&column.name))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!("SELECT {list} FROM {}", users_table.quoted())
+            }
+        }
+    }
+
+    /// Columns per row of [`Profile::snapshot_select`].
+    pub fn snapshot_width(&self, columns: &[RelationColumn]) -> usize {
+        match self {
+            Profile::StackAuth(_) => columns.len() + super::stack_auth::JOINED_EMAIL_COLUMNS,
+            _ => columns.len(),
+        }
+    }
+
+    /// Resolves the profile against the columns of its table number `table` (an index into
+    /// [`Profile::tables`]).
+    pub fn bind_table(
+        &self,
+        table: usize,
+        columns: &[RelationColumn],
+    ) -> Result<BoundProfile, MapError> {
+        match (self, table) {
+            (_, 0) => self.bind(columns),
+            (Profile::StackAuth(mapping), 1) => {
+                Ok(Box::new(mapping.bind_contact_channel(columns)?))
+            }
+            _ => unreachable!("the profile has no table {table}"),
         }
     }
 
@@ -161,6 +279,7 @@ impl Profile {
             Profile::Supabase(mapping) => Box::new(mapping.bind(columns)?),
             Profile::Keycloak(mapping) => Box::new(mapping.bind(columns)?),
             Profile::BetterAuth(mapping) => Box::new(mapping.bind(columns)?),
+            Profile::StackAuth(mapping) => Box::new(mapping.bind(columns)?),
         })
     }
 }

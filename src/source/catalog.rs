@@ -143,41 +143,101 @@ pub async fn publication_state(
     Ok(row.map(|row| row.get(0)))
 }
 
-/// Creates the publication for the table, or adds the table to an existing one.
-/// Returns a sentence saying what was done.
+/// PostgreSQL 15 brought publication row filters (`FOR TABLE t WHERE (...)`).
+const ROW_FILTER_MIN_VERSION: i32 = 150_000;
+
+/// Creates the publication for the tables, or adds the tables it lacks to an existing one,
+/// each with `row_filter` where the server has row filters (usersync filters the rows
+/// itself as well). Returns a sentence saying what was done.
 pub async fn ensure_publication(
     client: &Client,
     publication: &str,
-    table: &TableName,
+    tables: &[TableName],
+    row_filter: Option<&str>,
 ) -> Result<String, SourceError> {
-    let (sql, said) = match publication_state(client, publication, table).await? {
-        Some(true) => {
-            return Ok(format!(
-                "publication {publication} found, publishing {table}"
-            ))
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(SourceError::sql("reading the server version"))?
+        .get(0);
+    let filter = row_filter
+        .filter(|_| version >= ROW_FILTER_MIN_VERSION)
+        .map(|filter| format!(" WHERE {filter}"))
+        .unwrap_or_default();
+    let mut exists = false;
+    let mut missing = Vec::new();
+    for table in tables {
+        match publication_state(client, publication, table).await? {
+            Some(published) => {
+                exists = true;
+                if !published {
+                    missing.push(table);
+                }
+            }
+            None => missing.push(table),
         }
-        Some(false) => (
+    }
+    let names = |tables: &[&TableName]| {
+        tables
+            .iter()
+            .map(|table| table.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let list = |tables: &[&TableName]| {
+        tables
+            .iter()
+            .map(|table| format!("{}{filter}", table.quoted()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let all: Vec<&TableName> = tables.iter().collect();
+    let (sql, said) = if missing.is_empty() {
+        return Ok(format!(
+            "publication {publication} found, publishing {}",
+            names(&all)
+        ));
+    } else if exists {
+        (
             format!(
                 "ALTER PUBLICATION {} ADD TABLE {}",
                 escape_identifier(publication),
-                table.quoted()
+                list(&missing)
             ),
-            format!("publication {publication} found; added {table} to it"),
-        ),
-        None => (
+            format!(
+                "publication {publication} found; added {} to it{}",
+                names(&missing),
+                if filter.is_empty() {
+                    ""
+                } else {
+                    " with a row filter"
+                }
+            ),
+        )
+    } else {
+        (
             format!(
                 "CREATE PUBLICATION {} FOR TABLE {}",
                 escape_identifier(publication),
-                table.quoted()
+                list(&all)
             ),
-            format!("publication {publication} created for {table}"),
-        ),
+            format!(
+                "publication {publication} created for {}{}",
+                names(&all),
+                if filter.is_empty() {
+                    ""
+                } else {
+                    " with a row filter"
+                }
+            ),
+        )
     };
     client.batch_execute(&sql).await.map_err(|source| {
         if source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
             SourceError::Definite(format!(
                 "the source role may not create or change publication {publication}: it must \
-                 own {table} (or be a superuser); or create it as the owner with: {sql}"
+                 own {} (or be a superuser); or create it as the owner with: {sql}",
+                names(&missing)
             ))
         } else {
             SourceError::sql("creating the publication")(source)

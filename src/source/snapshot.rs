@@ -12,12 +12,11 @@
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use postgres_protocol::escape::{escape_identifier, escape_literal};
+use postgres_protocol::escape::escape_literal;
 use tokio_postgres::{Client, CopyOutStream};
 
 use super::SourceError;
-use crate::config::TableName;
-use crate::decode::{ColumnValue, RelationColumn, TupleData};
+use crate::decode::{ColumnValue, TupleData};
 
 /// Session settings that make COPY's text match pgoutput's (see the replication client).
 const SESSION_SETTINGS: &str = "SET DateStyle = ISO; SET TimeZone = UTC; \
@@ -34,11 +33,12 @@ pub struct SnapshotRows {
 
 impl SnapshotRows {
     /// Opens the snapshot on `client` (which then stays inside that transaction until the
-    /// copy is read to the end) and starts copying the table's published columns.
+    /// copy is read to the end) and starts copying what `select` reads (the profile's
+    /// `snapshot_select`), rows of `width` columns.
     pub async fn open(
         client: &Client,
-        table: &TableName,
-        columns: &[RelationColumn],
+        select: &str,
+        width: usize,
         snapshot_name: &str,
     ) -> Result<SnapshotRows, SourceError> {
         client
@@ -51,27 +51,19 @@ impl SnapshotRows {
             .map_err(SourceError::sql("opening the slot's snapshot"))?;
         // An exact count in the same snapshot, for the progress bar's ETA.
         let total = client
-            .query_one(&format!("SELECT count(*) FROM {}", table.quoted()), &[])
+            .query_one(&format!("SELECT count(*) FROM ({select}) AS copied"), &[])
             .await
             .map_err(SourceError::sql("counting the users to copy"))?
             .get::<_, i64>(0);
-        let list = columns
-            .iter()
-            .map(|column| escape_identifier(&column.name))
-            .collect::<Vec<_>>()
-            .join(", ");
         let stream = client
-            .copy_out(&format!(
-                "COPY (SELECT {list} FROM {}) TO STDOUT",
-                table.quoted()
-            ))
+            .copy_out(&format!("COPY ({select}) TO STDOUT"))
             .await
             .map_err(SourceError::sql("copying the users table"))?;
         Ok(SnapshotRows {
             total: u64::try_from(total).ok(),
             stream: Box::pin(stream),
             buf: BytesMut::new(),
-            columns: columns.len(),
+            columns: width,
             done: false,
         })
     }

@@ -7,7 +7,9 @@
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
-use usersync::map::{BetterAuthMapping, KeycloakMapping, Profile, SupabaseMapping};
+use usersync::map::{
+    BetterAuthMapping, KeycloakMapping, Profile, StackAuthMapping, SupabaseMapping,
+};
 use usersync::metrics::Op;
 
 use crate::harness::*;
@@ -666,4 +668,251 @@ async fn supabase_initial_copy_and_resync_follow_the_profile() {
         .await,
         "resync soft-deletes the user the profile now skips, and keeps the store's deletion time"
     );
+}
+
+/// Stack Auth's `"ProjectUser"` and `"ContactChannel"` as its Prisma migrations create them
+/// (ProjectUser reduced to the columns of its own; the enums and unique indexes faithful),
+/// with the foreign key that cascades a user's deletion to its contact channels.
+const STACK_AUTH_TABLES: &str = r#"
+CREATE TYPE "ContactChannelType" AS ENUM ('EMAIL');
+CREATE TYPE "BooleanTrue" AS ENUM ('TRUE');
+CREATE TABLE "ProjectUser" (
+    "tenancyId"              uuid NOT NULL,
+    "projectUserId"          uuid NOT NULL,
+    "mirroredProjectId"      text NOT NULL,
+    "mirroredBranchId"       text NOT NULL,
+    "createdAt"              timestamp(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    "updatedAt"              timestamp(3) NOT NULL,
+    "lastActiveAt"           timestamp(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    "sequenceId"             bigint,
+    "shouldUpdateSequenceId" boolean NOT NULL DEFAULT true,
+    "displayName"            text,
+    "serverMetadata"         jsonb,
+    "clientReadOnlyMetadata" jsonb,
+    "clientMetadata"         jsonb,
+    "profileImageUrl"        text,
+    "requiresTotpMfa"        boolean NOT NULL DEFAULT false,
+    "totpSecret"             bytea,
+    "isAnonymous"            boolean NOT NULL DEFAULT false,
+    "projectId"              text,
+    CONSTRAINT "ProjectUser_pkey" PRIMARY KEY ("tenancyId", "projectUserId")
+);
+CREATE TABLE "ContactChannel" (
+    "tenancyId"              uuid NOT NULL,
+    "projectUserId"          uuid NOT NULL,
+    "id"                     uuid NOT NULL,
+    "createdAt"              timestamp(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    "updatedAt"              timestamp(3) NOT NULL,
+    "sequenceId"             bigint,
+    "shouldUpdateSequenceId" boolean NOT NULL DEFAULT true,
+    "type"                   "ContactChannelType" NOT NULL,
+    "isPrimary"              "BooleanTrue",
+    "usedForAuth"            "BooleanTrue",
+    "isVerified"             boolean NOT NULL,
+    "value"                  text NOT NULL,
+    CONSTRAINT "ContactChannel_pkey" PRIMARY KEY ("tenancyId", "projectUserId", "id"),
+    CONSTRAINT "ContactChannel_tenancyId_projectUserId_fkey" FOREIGN KEY ("tenancyId", "projectUserId")
+        REFERENCES "ProjectUser" ("tenancyId", "projectUserId") ON DELETE CASCADE ON UPDATE CASCADE
+);
+CREATE UNIQUE INDEX "ContactChannel_tenancyId_projectUserId_type_isPrimary_key"
+    ON "ContactChannel" ("tenancyId", "projectUserId", "type", "isPrimary");
+CREATE UNIQUE INDEX "ContactChannel_tenancyId_projectUserId_type_value_key"
+    ON "ContactChannel" ("tenancyId", "projectUserId", "type", "value");
+CREATE UNIQUE INDEX "ContactChannel_tenancyId_type_value_usedForAuth_key"
+    ON "ContactChannel" ("tenancyId", "type", "value", "usedForAuth");
+"#;
+
+const TENANCY: &str = "11111111-1111-4111-8111-111111111111";
+const OTHER_TENANCY: &str = "22222222-2222-4222-8222-222222222222";
+
+/// Users of `TENANCY` with their primary email, as the target should hold them.
+const STACK_AUTH_SOURCE_LIVE: &str = r#"
+SELECT u."projectUserId"::text, c.value, u."displayName", coalesce(c."isVerified", false),
+       floor(extract(epoch FROM u."createdAt") * 1000)::bigint,
+       md5(coalesce(u."clientMetadata"::text, 'null') || coalesce(u."serverMetadata"::text, 'null')
+           || coalesce((c."usedForAuth" IS NOT NULL)::text, 'false'))
+  FROM "ProjectUser" u
+  LEFT JOIN "ContactChannel" c
+    ON c."tenancyId" = u."tenancyId" AND c."projectUserId" = u."projectUserId"
+   AND c.type = 'EMAIL' AND c."isPrimary" = 'TRUE'
+ WHERE u."tenancyId" = '11111111-1111-4111-8111-111111111111' ORDER BY 1"#;
+
+const STACK_AUTH_TARGET_LIVE: &str = "
+SELECT id, email, name, (raw_json ->> 'primary_email_verified')::bool,
+       (raw_json ->> 'signed_up_at_millis')::bigint,
+       md5(coalesce((raw_json -> 'client_metadata')::text, 'null')
+           || coalesce((raw_json -> 'server_metadata')::text, 'null')
+           || (raw_json ->> 'primary_email_auth_enabled'))
+  FROM neon_auth.users_sync WHERE deleted_at IS NULL ORDER BY 1";
+
+/// A `"ProjectUser"` insert of user number `n` of a tenancy.
+fn project_user(tenancy: &str, n: u32, name: &str) -> String {
+    format!(
+        r#"INSERT INTO "ProjectUser" ("tenancyId", "projectUserId", "mirroredProjectId",
+                                      "mirroredBranchId", "createdAt", "updatedAt", "displayName",
+                                      "clientMetadata", "serverMetadata", "totpSecret")
+           VALUES ('{tenancy}', '{}', 'proj', 'main', '2024-01-02 03:04:05.{n:03}', now(),
+                   '{name}', '{{"n": {n}}}', '{{"plan": "pro"}}', '\xdeadbeef');"#,
+        user_id(n)
+    )
+}
+
+fn user_id(n: u32) -> String {
+    format!("00000000-0000-4000-8000-{n:012}")
+}
+
+/// A contact channel insert: the user's email `value`, primary or not.
+fn channel(tenancy: &str, n: u32, channel: u32, value: &str, primary: bool) -> String {
+    format!(
+        r#"INSERT INTO "ContactChannel" ("tenancyId", "projectUserId", id, "updatedAt", type,
+                                         "isPrimary", "usedForAuth", "isVerified", value)
+           VALUES ('{tenancy}', '{}', '00000000-0000-4000-9000-{channel:012}', now(), 'EMAIL',
+                   {}, 'TRUE', false, '{value}');"#,
+        user_id(n),
+        if primary { "'TRUE'" } else { "NULL" }
+    )
+}
+
+async fn raw_json_of(pair: &Pair, n: u32) -> serde_json::Value {
+    pair.target
+        .query_one(
+            "SELECT raw_json FROM neon_auth.users_sync WHERE id = $1",
+            &[&user_id(n)],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stack_auth_users_their_primary_email_and_one_tenancy() {
+    let pair = profile_pair(
+        STACK_AUTH_TABLES,
+        "public.ProjectUser",
+        Profile::StackAuth(StackAuthMapping {
+            tenancy_id: Some(TENANCY.into()),
+        }),
+    )
+    .await;
+    // Users before setup: the initial copy joins their primary email.
+    let mut before = String::new();
+    before += &project_user(TENANCY, 1, "Ada");
+    before += &channel(TENANCY, 1, 1, "ada@example.org", true);
+    before += &channel(TENANCY, 1, 2, "ada@work.example", false);
+    before += &project_user(TENANCY, 2, "Bob");
+    before += &project_user(OTHER_TENANCY, 3, "Olga");
+    before += &channel(OTHER_TENANCY, 3, 3, "olga@example.org", true);
+    pair.source.batch_execute(&before).await.unwrap();
+
+    let args = ["setup", "--profile", "stack-auth", "--tenancy-id", TENANCY];
+    let refused = pair.usersync(&args);
+    assert_eq!(refused.status.code(), Some(78), "{}", text(&refused));
+    assert!(
+        text(&refused).contains(r#"ALTER TABLE "ContactChannel" REPLICA IDENTITY FULL"#),
+        "{}",
+        text(&refused)
+    );
+    pair.source
+        .batch_execute(r#"ALTER TABLE "ContactChannel" REPLICA IDENTITY FULL"#)
+        .await
+        .unwrap();
+    let setup = pair.usersync(&args);
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(
+        said.contains("source table public.ContactChannel"),
+        "{said}"
+    );
+    assert!(said.contains("never copied: totpSecret"), "{said}");
+    assert!(said.contains("initial copy: 2 users"), "{said}");
+    let filter: Option<String> = pair
+        .source
+        .query_one(
+            "SELECT rowfilter FROM pg_publication_tables WHERE tablename = 'ContactChannel'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(filter.is_some_and(|f| f.contains(TENANCY)));
+    wait_live_match(&pair, STACK_AUTH_SOURCE_LIVE, STACK_AUTH_TARGET_LIVE).await;
+    assert_eq!(
+        raw_json_of(&pair, 1).await["primary_email"],
+        "ada@example.org"
+    );
+    assert!(raw_json_of(&pair, 2).await["primary_email"].is_null());
+
+    let running = pair.start();
+    // A user and its email in one transaction; a user whose email comes later.
+    let mut sql = format!("BEGIN; {}", project_user(TENANCY, 4, "Cleo"));
+    sql += &channel(TENANCY, 4, 4, "cleo@example.org", true);
+    sql += "COMMIT;";
+    sql += &project_user(TENANCY, 5, "Dan");
+    pair.source.batch_execute(&sql).await.unwrap();
+    pair.source
+        .batch_execute(&channel(TENANCY, 5, 5, "dan@example.org", true))
+        .await
+        .unwrap();
+    // Email change and verification; a user row update keeps the email.
+    pair.source
+        .batch_execute(
+            r#"UPDATE "ContactChannel" SET value = 'ada@new.example' WHERE id = '00000000-0000-4000-9000-000000000001';
+               UPDATE "ContactChannel" SET "isVerified" = true WHERE id = '00000000-0000-4000-9000-000000000004';
+               UPDATE "ProjectUser" SET "displayName" = 'Ada L.', "clientMetadata" = '{"n": 11}'
+                WHERE "projectUserId" = '00000000-0000-4000-8000-000000000001';"#,
+        )
+        .await
+        .unwrap();
+    // A primary switch in one transaction, as Stack Auth does it (the unique index allows
+    // one primary at a time), then an email deleted.
+    pair.source
+        .batch_execute(
+            r#"BEGIN;
+               UPDATE "ContactChannel" SET "isPrimary" = NULL WHERE id = '00000000-0000-4000-9000-000000000001';
+               UPDATE "ContactChannel" SET "isPrimary" = 'TRUE' WHERE id = '00000000-0000-4000-9000-000000000002';
+               COMMIT;
+               DELETE FROM "ContactChannel" WHERE id = '00000000-0000-4000-9000-000000000005';"#,
+        )
+        .await
+        .unwrap();
+    // The other tenancy changes too: none of it may reach the target.
+    let mut other = project_user(OTHER_TENANCY, 6, "Otto");
+    other += &channel(OTHER_TENANCY, 6, 6, "otto@example.org", true);
+    other += r#"UPDATE "ProjectUser" SET "displayName" = 'O.' WHERE "projectUserId" = '00000000-0000-4000-8000-000000000003';
+                DELETE FROM "ProjectUser" WHERE "projectUserId" = '00000000-0000-4000-8000-000000000003';"#;
+    pair.source.batch_execute(&other).await.unwrap();
+    wait_live_match(&pair, STACK_AUTH_SOURCE_LIVE, STACK_AUTH_TARGET_LIVE).await;
+    let ada = raw_json_of(&pair, 1).await;
+    assert_eq!(ada["primary_email"], "ada@work.example");
+    assert_eq!(ada["display_name"], "Ada L.");
+    assert_eq!(raw_json_of(&pair, 4).await["primary_email_verified"], true);
+    let dan = raw_json_of(&pair, 5).await;
+    assert!(dan["primary_email"].is_null(), "{dan}");
+    assert_eq!(dan["primary_email_auth_enabled"], false);
+    assert!(
+        target_has(
+            &pair,
+            "SELECT count(*) = 4 AND bool_and(raw_json ->> 'tenancyId' = '11111111-1111-4111-8111-111111111111')
+               FROM neon_auth.users_sync"
+        )
+        .await,
+        "only the tenancy's users reach the target"
+    );
+
+    // A hard delete cascades to the contact channels: one soft-deleted user, email kept.
+    pair.source
+        .batch_execute(
+            r#"DELETE FROM "ProjectUser" WHERE "projectUserId" = '00000000-0000-4000-8000-000000000004'"#,
+        )
+        .await
+        .unwrap();
+    pair.wait_target(
+        "SELECT deleted_at IS NOT NULL FROM neon_auth.users_sync
+          WHERE id = '00000000-0000-4000-8000-000000000004'",
+    )
+    .await;
+    let cleo = raw_json_of(&pair, 4).await;
+    assert_eq!(cleo["primary_email"], "cleo@example.org");
+    wait_live_match(&pair, STACK_AUTH_SOURCE_LIVE, STACK_AUTH_TARGET_LIVE).await;
+    running.stop().await;
 }

@@ -1,0 +1,856 @@
+//! The `stack-auth` profile: Stack Auth's `"ProjectUser"` and `"ContactChannel"` tables.
+//!
+//! | column                                   | `raw_json` key               |
+//! |------------------------------------------|------------------------------|
+//! | `"ProjectUser"."projectUserId"` (uuid)   | `id`                         |
+//! | `"displayName"`                          | `display_name`               |
+//! | `"createdAt"`                            | `signed_up_at_millis`        |
+//! | `"profileImageUrl"`                      | `profile_image_url`          |
+//! | `"clientMetadata"`                       | `client_metadata`            |
+//! | `"clientReadOnlyMetadata"`               | `client_read_only_metadata`  |
+//! | `"serverMetadata"`                       | `server_metadata`            |
+//! | `"ContactChannel".value`                 | `primary_email`              |
+//! | `"ContactChannel"."isVerified"`          | `primary_email_verified`     |
+//! | `"ContactChannel"."usedForAuth"` = TRUE  | `primary_email_auth_enabled` |
+//!
+//! of the user's contact channel with `type = 'EMAIL'` and `"isPrimary" = 'TRUE'` (Prisma's
+//! `BooleanTrue` enum: `TRUE` or NULL, so a unique index allows one primary per user and type).
+//!
+//! **Two tables, one target row.** A `"ProjectUser"` row carries no email, so its update
+//! leaves the three email keys to the target (as unchanged TOAST does), and its insert sets
+//! them to "none yet": the foreign key from `"ContactChannel"` means no channel can exist
+//! before its user. A contact channel change maps to a [`RowOutcome::Patch`] of the three
+//! keys for its user; batch and apply merge it into an upsert pending in the same batch, or
+//! into the row on the target (`raw_json || patch`), never touching `deleted_at`. A channel
+//! that stops being the primary email (deleted, or `"isPrimary"` cleared) clears the keys.
+//! To know that, a deleted or updated channel must carry its old row: the table needs
+//! `REPLICA IDENTITY FULL` (binding checks it).
+//!
+//! **Hard deletes.** Stack Auth deletes users; the foreign key cascades to their contact
+//! channels in the same transaction, after the user's own delete. The user is soft-deleted,
+//! and a patch for a user already deleted in the batch is dropped, so the target keeps one
+//! soft-deleted user with its last email.
+//!
+//! **Tenancies.** One database holds every project (tenancy). `--tenancy-id` replicates one:
+//! rows of other tenancies are skipped, here and (PostgreSQL 15+) by the publication's row
+//! filter. `"tenancyId"` is in both primary keys, so it is in every old key tuple as well.
+
+use postgres_protocol::escape::{escape_identifier, escape_literal};
+use serde_json::{Map, Value};
+
+use super::columns::{is_credential, row_values, BoundColumn, ColumnNeed, Relation, UserJson};
+use super::profile::{MappingPlan, RowMapper, RowOutcome, SkipReason};
+use super::value::{self, oid};
+use super::{key, MapError};
+use crate::config::TableName;
+use crate::decode::{ColumnValue, RelationColumn, TupleData};
+
+/// Stack Auth's Prisma schema names tables after its models, in the default schema.
+pub const DEFAULT_TABLE: &str = "public.ProjectUser";
+/// The contact channel table, in the users table's schema.
+pub const CONTACT_CHANNEL_TABLE: &str = "ContactChannel";
+const PROFILE: &str = "stack-auth";
+
+/// Prisma's `BooleanTrue` enum has this one value; NULL means false.
+const BOOLEAN_TRUE: &str = "TRUE";
+/// `ContactChannelType` for an email address (the only type Stack Auth has so far).
+const EMAIL_TYPE: &str = "EMAIL";
+
+/// The keys a contact channel sets; a user row leaves them alone.
+const EMAIL_KEYS: [&str; 3] = [
+    key::PRIMARY_EMAIL,
+    key::PRIMARY_EMAIL_VERIFIED,
+    key::PRIMARY_EMAIL_AUTH_ENABLED,
+];
+
+/// Columns the initial copy appends to each `"ProjectUser"` row (the primary email channel's
+/// `value`, `"isVerified"`, `"usedForAuth"`), see [`StackAuthMapping::snapshot_select`].
+pub const JOINED_EMAIL_COLUMNS: usize = 3;
+
+const fn need(names: &'static [&'static str]) -> ColumnNeed {
+    ColumnNeed {
+        profile: PROFILE,
+        names,
+        types: None,
+    }
+}
+
+const fn typed(
+    names: &'static [&'static str],
+    types: (&'static [u32], &'static str),
+) -> ColumnNeed {
+    ColumnNeed {
+        profile: PROFILE,
+        names,
+        types: Some(types),
+    }
+}
+
+const JSON_TYPES: (&[u32], &str) = (&[oid::JSONB, oid::JSON], "jsonb or json");
+
+const TENANCY_ID: ColumnNeed = need(&["tenancyId"]);
+const PROJECT_USER_ID: ColumnNeed = need(&["projectUserId"]);
+const DISPLAY_NAME: ColumnNeed = need(&["displayName"]);
+const CREATED_AT: ColumnNeed = typed(&["createdAt"], (value::MILLIS_TYPES, "a timestamp"));
+const PROFILE_IMAGE_URL: ColumnNeed = need(&["profileImageUrl"]);
+const CLIENT_METADATA: ColumnNeed = typed(&["clientMetadata"], JSON_TYPES);
+const CLIENT_READ_ONLY_METADATA: ColumnNeed = typed(&["clientReadOnlyMetadata"], JSON_TYPES);
+const SERVER_METADATA: ColumnNeed = typed(&["serverMetadata"], JSON_TYPES);
+
+const CHANNEL_TYPE: ColumnNeed = need(&["type"]);
+const IS_PRIMARY: ColumnNeed = need(&["isPrimary"]);
+const USED_FOR_AUTH: ColumnNeed = need(&["usedForAuth"]);
+const IS_VERIFIED: ColumnNeed = typed(&["isVerified"], (value::VERIFIED_TYPES, "a boolean"));
+const VALUE: ColumnNeed = need(&["value"]);
+
+/// The `stack-auth` profile's options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StackAuthMapping {
+    /// Replicate only this tenancy (a uuid, lowercase as PostgreSQL prints it).
+    pub tenancy_id: Option<String>,
+}
+
+impl StackAuthMapping {
+    /// `("tenancyId" = '…')` when one tenancy is replicated.
+    pub fn row_filter(&self) -> Option<String> {
+        self.tenancy_id
+            .as_deref()
+            .map(|tenancy| format!("(\"tenancyId\" = {})", escape_literal(tenancy)))
+    }
+
+    /// The users with their primary email: `"ProjectUser"`'s columns, then the primary email
+    /// channel's `value`, `"isVerified"`, `"usedForAuth"` (NULL when the user has none).
+    pub fn snapshot_select(&self, users_table: &TableName, columns: &[RelationColumn]) -> String {
+        let list = columns
+            .iter()
+            .map(|column| format!("u.{}", escape_identifier(&column.name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let channels = TableName {
+            schema: users_table.schema.clone(),
+            name: CONTACT_CHANNEL_TABLE.to_owned(),
+        };
+        let only_tenancy = self
+            .tenancy_id
+            .as_deref()
+            .map(|tenancy| format!(" WHERE u.\"tenancyId\" = {}", escape_literal(tenancy)))
+            .unwrap_or_default();
+        format!(
+            "SELECT {list}, c.value, c.\"isVerified\", c.\"usedForAuth\" \
+               FROM {} u LEFT JOIN {} c \
+                 ON c.\"tenancyId\" = u.\"tenancyId\" AND c.\"projectUserId\" = u.\"projectUserId\" \
+                AND c.type = {} AND c.\"isPrimary\" = {}{only_tenancy}",
+            users_table.quoted(),
+            channels.quoted(),
+            escape_literal(EMAIL_TYPE),
+            escape_literal(BOOLEAN_TRUE),
+        )
+    }
+
+    pub fn bind(&self, columns: &[RelationColumn]) -> Result<BoundProjectUser, MapError> {
+        let relation = Relation::new(columns);
+        let tenancy_id = relation.require(&TENANCY_ID)?;
+        let id = relation.require_id(&PROJECT_USER_ID)?;
+        let display_name = relation.require(&DISPLAY_NAME)?;
+        let created_at = relation.require(&CREATED_AT)?;
+        let profile_image_url = relation.require(&PROFILE_IMAGE_URL)?;
+        let client_metadata = relation.require(&CLIENT_METADATA)?;
+        let client_read_only_metadata = relation.require(&CLIENT_READ_ONLY_METADATA)?;
+        let server_metadata = relation.require(&SERVER_METADATA)?;
+        if self.tenancy_id.is_some() && !relation.is_key(&tenancy_id) {
+            // Only then can a deleted row be told to be of another tenancy.
+            return Err(MapError::IdNotInReplicaIdentity {
+                column: tenancy_id.name,
+            });
+        }
+
+        let moved = [
+            &id,
+            &display_name,
+            &created_at,
+            &profile_image_url,
+            &client_metadata,
+            &client_read_only_metadata,
+            &server_metadata,
+        ];
+        let mut notes = Vec::new();
+        let mut passthrough = Vec::new();
+        let mut excluded = Vec::new();
+        for (index, column) in columns.iter().enumerate() {
+            if moved.iter().any(|moved| moved.index == index) {
+                continue;
+            }
+            if is_credential(&column.name) {
+                excluded.push(column.name.clone());
+            } else if key::STACK_AUTH.contains(&column.name.as_str())
+                || EMAIL_KEYS.contains(&column.name.as_str())
+            {
+                notes.push(format!(
+                    "column {} is left out of raw_json: the profile computes that key",
+                    column.name
+                ));
+                excluded.push(column.name.clone());
+            } else {
+                passthrough.push(BoundColumn::new(index, column));
+            }
+        }
+        Ok(BoundProjectUser {
+            column_count: columns.len(),
+            tenancy: self.tenancy_id.clone(),
+            tenancy_id,
+            id,
+            display_name,
+            created_at,
+            profile_image_url,
+            client_metadata,
+            client_read_only_metadata,
+            server_metadata,
+            passthrough,
+            excluded,
+            notes,
+        })
+    }
+
+    pub fn bind_contact_channel(
+        &self,
+        columns: &[RelationColumn],
+    ) -> Result<BoundContactChannel, MapError> {
+        let relation = Relation::new(columns);
+        let tenancy_id = relation.require(&TENANCY_ID)?;
+        let user_id = relation.require_id(&PROJECT_USER_ID)?;
+        let channel_type = relation.require(&CHANNEL_TYPE)?;
+        let is_primary = relation.require(&IS_PRIMARY)?;
+        let used_for_auth = relation.require(&USED_FOR_AUTH)?;
+        let is_verified = relation.require(&IS_VERIFIED)?;
+        let value = relation.require(&VALUE)?;
+        let read = [
+            &channel_type,
+            &is_primary,
+            &used_for_auth,
+            &is_verified,
+            &value,
+        ];
+        if read.iter().any(|column| !relation.is_key(column)) {
+            return Err(MapError::FullReplicaIdentityNeeded {
+                table: format!("\"{CONTACT_CHANNEL_TABLE}\""),
+                why: "a deleted contact channel, or one no longer primary, must say whether it \
+                      was the primary email so that the user's email can be cleared",
+            });
+        }
+        Ok(BoundContactChannel {
+            column_count: columns.len(),
+            tenancy: self.tenancy_id.clone(),
+            tenancy_id,
+            user_id,
+            channel_type,
+            is_primary,
+            used_for_auth,
+            is_verified,
+            value,
+        })
+    }
+}
+
+/// Whether a row's `"tenancyId"` is not the one replicated.
+fn other_tenancy(
+    wanted: Option<&str>,
+    column: &BoundColumn,
+    values: &[ColumnValue],
+) -> Result<bool, MapError> {
+    let Some(wanted) = wanted else {
+        return Ok(false);
+    };
+    Ok(column.filter_value(values, "tenancyId")? != Some(wanted))
+}
+
+/// The three email keys of a primary email channel, or of none.
+fn email_keys(email: Value, verified: bool, auth_enabled: bool) -> Map<String, Value> {
+    let mut keys = Map::new();
+    keys.insert(key::PRIMARY_EMAIL.to_owned(), email);
+    keys.insert(
+        key::PRIMARY_EMAIL_VERIFIED.to_owned(),
+        Value::Bool(verified),
+    );
+    keys.insert(
+        key::PRIMARY_EMAIL_AUTH_ENABLED.to_owned(),
+        Value::Bool(auth_enabled),
+    );
+    keys
+}
+
+/// The email keys from a channel's `value`, `"isVerified"` and `"usedForAuth"`; all NULL
+/// (no primary email) gives no email.
+fn channel_email(
+    value: &BoundColumn,
+    is_verified: &BoundColumn,
+    used_for_auth: &BoundColumn,
+    values: &[ColumnValue],
+) -> Result<Map<String, Value>, MapError> {
+    let email = value.string(values, key::PRIMARY_EMAIL)?.ok_or_else(|| {
+        MapError::UnchangedToastFilter {
+            column: value.name.clone(),
+        }
+    })?;
+    let verified = match is_verified.filter_value(values, key::PRIMARY_EMAIL_VERIFIED)? {
+        Some(text) => value::verified_from_text(is_verified.type_oid, text)
+            .map_err(|source| is_verified.error(key::PRIMARY_EMAIL_VERIFIED, source))?,
+        None => false,
+    };
+    let auth_enabled =
+        used_for_auth.filter_value(values, key::PRIMARY_EMAIL_AUTH_ENABLED)? == Some(BOOLEAN_TRUE);
+    Ok(email_keys(email, verified, auth_enabled))
+}
+
+/// Where a user's email keys come from.
+enum Emails<'v> {
+    /// An update of the user row: the target keeps them.
+    Keep,
+    /// A new user: no contact channel yet.
+    NoneYet,
+    /// The initial copy: the joined primary email channel's columns.
+    Joined(&'v [ColumnValue]),
+}
+
+/// A [`StackAuthMapping`] resolved against `"ProjectUser"`.
+#[derive(Debug, Clone)]
+pub struct BoundProjectUser {
+    column_count: usize,
+    tenancy: Option<String>,
+    tenancy_id: BoundColumn,
+    id: BoundColumn,
+    display_name: BoundColumn,
+    created_at: BoundColumn,
+    profile_image_url: BoundColumn,
+    client_metadata: BoundColumn,
+    client_read_only_metadata: BoundColumn,
+    server_metadata: BoundColumn,
+    passthrough: Vec<BoundColumn>,
+    excluded: Vec<String>,
+    notes: Vec<String>,
+}
+
+impl BoundProjectUser {
+    fn map(&self, values: &[ColumnValue], emails: Emails<'_>) -> Result<RowOutcome, MapError> {
+        let id = self.id.id_text(values)?;
+        if other_tenancy(self.tenancy.as_deref(), &self.tenancy_id, values)? {
+            return Ok(RowOutcome::Skip {
+                id: id.to_owned(),
+                reason: SkipReason::OtherTenancy,
+            });
+        }
+        let mut user = UserJson::new(id);
+        user.set(
+            key::DISPLAY_NAME,
+            self.display_name.string(values, key::DISPLAY_NAME)?,
+        );
+        user.set_signed_up_at(&self.created_at, values)?;
+        // Stack Auth accepts data: URLs here, large enough to be TOASTed.
+        user.set(
+            key::PROFILE_IMAGE_URL,
+            self.profile_image_url
+                .string(values, key::PROFILE_IMAGE_URL)?,
+        );
+        for (column, key) in [
+            (&self.client_metadata, key::CLIENT_METADATA),
+            (
+                &self.client_read_only_metadata,
+                key::CLIENT_READ_ONLY_METADATA,
+            ),
+            (&self.server_metadata, key::SERVER_METADATA),
+        ] {
+            user.set(key, column.json(values, key)?);
+        }
+        match emails {
+            Emails::Keep => EMAIL_KEYS.iter().for_each(|key| user.set(key, None)),
+            Emails::NoneYet => {
+                for (key, value) in email_keys(Value::Null, false, false) {
+                    user.set(&key, Some(value));
+                }
+            }
+            Emails::Joined(joined) => {
+                let (value, verified, auth) = joined_email_columns();
+                for (key, value) in channel_email(&value, &verified, &auth, joined)? {
+                    user.set(&key, Some(value));
+                }
+            }
+        }
+        user.pass_through(&self.passthrough, values)?;
+        Ok(RowOutcome::User(user.finish(id.to_owned())))
+    }
+}
+
+/// The email columns a copied row appends, as positions in that tail.
+fn joined_email_columns() -> (BoundColumn, BoundColumn, BoundColumn) {
+    let column = |index: usize, name: &str, type_oid: u32| BoundColumn {
+        index,
+        name: name.to_owned(),
+        type_oid,
+    };
+    (
+        column(0, "value", oid::TEXT),
+        column(1, "isVerified", oid::BOOL),
+        column(2, "usedForAuth", oid::TEXT),
+    )
+}
+
+impl RowMapper for BoundProjectUser {
+    fn map_row(&self, row: &TupleData) -> Result<RowOutcome, MapError> {
+        self.map(row_values(row, self.column_count)?, Emails::Keep)
+    }
+
+    fn map_insert(&self, row: &TupleData) -> Result<RowOutcome, MapError> {
+        self.map(row_values(row, self.column_count)?, Emails::NoneYet)
+    }
+
+    fn map_copied(&self, row: &TupleData) -> Result<RowOutcome, MapError> {
+        let expected = self.column_count + JOINED_EMAIL_COLUMNS;
+        if row.0.len() != expected {
+            return Err(MapError::ColumnCount {
+                expected,
+                actual: row.0.len(),
+            });
+        }
+        let (user, email) = row.0.split_at(self.column_count);
+        self.map(user, Emails::Joined(email))
+    }
+
+    fn map_key(&self, old_key_or_full: &TupleData) -> Result<String, MapError> {
+        let values = row_values(old_key_or_full, self.column_count)?;
+        self.id.id_text(values).map(str::to_owned)
+    }
+
+    fn skip_reason(&self, full_row: &TupleData) -> Result<Option<SkipReason>, MapError> {
+        self.key_skip_reason(full_row)
+    }
+
+    fn key_skip_reason(&self, key: &TupleData) -> Result<Option<SkipReason>, MapError> {
+        let values = row_values(key, self.column_count)?;
+        Ok(
+            other_tenancy(self.tenancy.as_deref(), &self.tenancy_id, values)?
+                .then_some(SkipReason::OtherTenancy),
+        )
+    }
+
+    fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    fn plan(&self) -> MappingPlan {
+        let channel = format!(
+            "\"{CONTACT_CHANNEL_TABLE}\" (type = {EMAIL_TYPE}, isPrimary = {BOOLEAN_TRUE})"
+        );
+        MappingPlan {
+            keys: vec![
+                (key::ID, self.id.name.clone()),
+                (key::DISPLAY_NAME, self.display_name.name.clone()),
+                (key::SIGNED_UP_AT_MILLIS, self.created_at.name.clone()),
+                (key::PROFILE_IMAGE_URL, self.profile_image_url.name.clone()),
+                (key::CLIENT_METADATA, self.client_metadata.name.clone()),
+                (
+                    key::CLIENT_READ_ONLY_METADATA,
+                    self.client_read_only_metadata.name.clone(),
+                ),
+                (key::SERVER_METADATA, self.server_metadata.name.clone()),
+                (key::PRIMARY_EMAIL, format!("{channel}.value")),
+                (key::PRIMARY_EMAIL_VERIFIED, format!("{channel}.isVerified")),
+                (
+                    key::PRIMARY_EMAIL_AUTH_ENABLED,
+                    format!("{channel}.usedForAuth = {BOOLEAN_TRUE}"),
+                ),
+            ],
+            passthrough: self.passthrough.iter().map(|c| c.name.clone()).collect(),
+            excluded: self.excluded.clone(),
+            rules: tenancy_rule(self.tenancy.as_deref(), &self.tenancy_id.name)
+                .into_iter()
+                .chain(["a deleted user is soft-deleted (its contact channels with it)".into()])
+                .collect(),
+        }
+    }
+}
+
+fn tenancy_rule(tenancy: Option<&str>, column: &str) -> Option<String> {
+    tenancy.map(|tenancy| format!("{column} other than {tenancy}: skipped"))
+}
+
+/// A [`StackAuthMapping`] resolved against `"ContactChannel"`: its rows patch users.
+#[derive(Debug, Clone)]
+pub struct BoundContactChannel {
+    column_count: usize,
+    tenancy: Option<String>,
+    tenancy_id: BoundColumn,
+    user_id: BoundColumn,
+    channel_type: BoundColumn,
+    is_primary: BoundColumn,
+    used_for_auth: BoundColumn,
+    is_verified: BoundColumn,
+    value: BoundColumn,
+}
+
+impl BoundContactChannel {
+    fn skip(&self, values: &[ColumnValue]) -> Result<Option<SkipReason>, MapError> {
+        if other_tenancy(self.tenancy.as_deref(), &self.tenancy_id, values)? {
+            return Ok(Some(SkipReason::OtherTenancy));
+        }
+        let email = self.channel_type.filter_value(values, "type")? == Some(EMAIL_TYPE);
+        let primary = self.is_primary.filter_value(values, "isPrimary")? == Some(BOOLEAN_TRUE);
+        Ok((!(email && primary)).then_some(SkipReason::NotPrimaryEmail))
+    }
+}
+
+impl RowMapper for BoundContactChannel {
+    fn map_row(&self, row: &TupleData) -> Result<RowOutcome, MapError> {
+        let values = row_values(row, self.column_count)?;
+        let id = self.user_id.id_text(values)?.to_owned();
+        if let Some(reason) = self.skip(values)? {
+            return Ok(RowOutcome::Skip { id, reason });
+        }
+        let keys = channel_email(&self.value, &self.is_verified, &self.used_for_auth, values)?;
+        Ok(RowOutcome::Patch { id, keys })
+    }
+
+    fn map_copied(&self, _row: &TupleData) -> Result<RowOutcome, MapError> {
+        unreachable!("the initial copy reads contact channels joined to their users")
+    }
+
+    fn map_key(&self, old_key_or_full: &TupleData) -> Result<String, MapError> {
+        let values = row_values(old_key_or_full, self.column_count)?;
+        self.user_id.id_text(values).map(str::to_owned)
+    }
+
+    fn skip_reason(&self, full_row: &TupleData) -> Result<Option<SkipReason>, MapError> {
+        self.skip(row_values(full_row, self.column_count)?)
+    }
+
+    fn key_skip_reason(&self, key: &TupleData) -> Result<Option<SkipReason>, MapError> {
+        let values = row_values(key, self.column_count)?;
+        Ok(
+            other_tenancy(self.tenancy.as_deref(), &self.tenancy_id, values)?
+                .then_some(SkipReason::OtherTenancy),
+        )
+    }
+
+    fn removed(&self, id: &str) -> Option<RowOutcome> {
+        Some(RowOutcome::Patch {
+            id: id.to_owned(),
+            keys: email_keys(Value::Null, false, false),
+        })
+    }
+
+    fn notes(&self) -> &[String] {
+        &[]
+    }
+
+    fn plan(&self) -> MappingPlan {
+        MappingPlan {
+            keys: vec![
+                (key::ID, self.user_id.name.clone()),
+                (key::PRIMARY_EMAIL, self.value.name.clone()),
+                (key::PRIMARY_EMAIL_VERIFIED, self.is_verified.name.clone()),
+                (
+                    key::PRIMARY_EMAIL_AUTH_ENABLED,
+                    format!("{} = {BOOLEAN_TRUE}", self.used_for_auth.name),
+                ),
+            ],
+            passthrough: Vec::new(),
+            excluded: vec!["(every other column)".into()],
+            rules: tenancy_rule(self.tenancy.as_deref(), &self.tenancy_id.name)
+                .into_iter()
+                .chain([format!(
+                    "{} = {EMAIL_TYPE} and {} = {BOOLEAN_TRUE}: sets the user's email keys; \
+                     deleted or no longer primary: clears them (primary_email null)",
+                    self.channel_type.name, self.is_primary.name
+                )])
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::map::columns::fixtures::{column, row_of, text};
+    use crate::map::MappedUser;
+
+    const TENANCY: &str = "4f1b2c3d-5e6f-4a7b-8c9d-0e1f2a3b4c5d";
+    const USER_ID: &str = "0c5b1f1e-8d1e-4f7a-9d7e-3c1f2b4a5d6e";
+
+    /// `"ProjectUser"` as Stack Auth's Prisma migrations create it (enum-free columns).
+    fn project_user() -> Vec<RelationColumn> {
+        [
+            ("tenancyId", oid::UUID),
+            ("projectUserId", oid::UUID),
+            ("mirroredProjectId", oid::TEXT),
+            ("mirroredBranchId", oid::TEXT),
+            ("createdAt", oid::TIMESTAMP),
+            ("updatedAt", oid::TIMESTAMP),
+            ("displayName", oid::TEXT),
+            ("serverMetadata", oid::JSONB),
+            ("clientReadOnlyMetadata", oid::JSONB),
+            ("clientMetadata", oid::JSONB),
+            ("profileImageUrl", oid::TEXT),
+            ("requiresTotpMfa", oid::BOOL),
+            ("totpSecret", oid::BYTEA),
+            ("isAnonymous", oid::BOOL),
+        ]
+        .into_iter()
+        .map(|(name, type_oid)| {
+            column(
+                name,
+                type_oid,
+                name == "tenancyId" || name == "projectUserId",
+            )
+        })
+        .collect()
+    }
+
+    /// `"ContactChannel"` with REPLICA IDENTITY FULL; `type`, `isPrimary` and `usedForAuth`
+    /// are enums (their oids are the database's own).
+    fn contact_channel(full: bool) -> Vec<RelationColumn> {
+        [
+            ("tenancyId", oid::UUID),
+            ("projectUserId", oid::UUID),
+            ("id", oid::UUID),
+            ("createdAt", oid::TIMESTAMP),
+            ("updatedAt", oid::TIMESTAMP),
+            ("type", 16_400),
+            ("isPrimary", 16_401),
+            ("usedForAuth", 16_401),
+            ("isVerified", oid::BOOL),
+            ("value", oid::TEXT),
+        ]
+        .into_iter()
+        .map(|(name, type_oid)| {
+            let key = full || ["tenancyId", "projectUserId", "id"].contains(&name);
+            column(name, type_oid, key)
+        })
+        .collect()
+    }
+
+    fn ada(extra: &[(&str, ColumnValue)]) -> TupleData {
+        let mut given = vec![
+            ("tenancyId", text(TENANCY)),
+            ("projectUserId", text(USER_ID)),
+            ("mirroredProjectId", text("internal")),
+            ("mirroredBranchId", text("main")),
+            ("createdAt", text("2024-01-02 03:04:05.123")),
+            ("updatedAt", text("2024-01-02 03:04:05.123")),
+            ("displayName", text("Ada Lovelace")),
+            ("serverMetadata", text(r#"{"plan": "pro"}"#)),
+            ("clientMetadata", text(r#"{"theme": "dark"}"#)),
+            ("profileImageUrl", text("https://example.org/ada.png")),
+            ("requiresTotpMfa", text("f")),
+            ("totpSecret", text("\\xdeadbeef")),
+            ("isAnonymous", text("f")),
+        ];
+        for (name, value) in extra {
+            given.retain(|(given, _)| given != name);
+            given.push((name, value.clone()));
+        }
+        row_of(&project_user(), &given)
+    }
+
+    fn channel(extra: &[(&str, ColumnValue)]) -> TupleData {
+        let mut given = vec![
+            ("tenancyId", text(TENANCY)),
+            ("projectUserId", text(USER_ID)),
+            ("id", text("9d0c3b4a-1e2f-4a5b-8c7d-6e5f4a3b2c1d")),
+            ("type", text("EMAIL")),
+            ("isPrimary", text("TRUE")),
+            ("usedForAuth", text("TRUE")),
+            ("isVerified", text("t")),
+            ("value", text("ada@example.org")),
+        ];
+        for (name, value) in extra {
+            given.retain(|(given, _)| given != name);
+            given.push((name, value.clone()));
+        }
+        row_of(&contact_channel(true), &given)
+    }
+
+    fn user(outcome: RowOutcome) -> MappedUser {
+        match outcome {
+            RowOutcome::User(user) => user,
+            other => panic!("expected a live user, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_new_project_user_has_no_email_yet() {
+        let mapping = StackAuthMapping::default().bind(&project_user()).unwrap();
+        assert!(mapping.notes().is_empty(), "{:?}", mapping.notes());
+        let user = user(mapping.map_insert(&ada(&[])).unwrap());
+        assert_eq!(
+            Value::Object(user.raw_json),
+            json!({
+                "id": USER_ID,
+                "display_name": "Ada Lovelace",
+                "signed_up_at_millis": 1_704_164_645_123_i64,
+                "profile_image_url": "https://example.org/ada.png",
+                "client_metadata": {"theme": "dark"},
+                "client_read_only_metadata": null,
+                "server_metadata": {"plan": "pro"},
+                "primary_email": null,
+                "primary_email_verified": false,
+                "primary_email_auth_enabled": false,
+                "tenancyId": TENANCY,
+                "mirroredProjectId": "internal",
+                "mirroredBranchId": "main",
+                "updatedAt": "2024-01-02T03:04:05.123",
+                "requiresTotpMfa": false,
+                "isAnonymous": false,
+            })
+        );
+        assert!(user.unchanged_keys.is_empty());
+        assert_eq!(mapping.plan().excluded, ["totpSecret"]);
+    }
+
+    #[test]
+    fn an_updated_project_user_leaves_the_email_to_the_target() {
+        let mapping = StackAuthMapping::default().bind(&project_user()).unwrap();
+        let user = user(mapping.map_row(&ada(&[])).unwrap());
+        assert!(!user.raw_json.contains_key("primary_email"));
+        assert_eq!(user.unchanged_keys, EMAIL_KEYS.map(str::to_owned));
+    }
+
+    #[test]
+    fn the_copy_takes_the_joined_primary_email() {
+        let mapping = StackAuthMapping::default().bind(&project_user()).unwrap();
+        let mut row = ada(&[]);
+        row.0
+            .extend([text("ada@example.org"), text("t"), ColumnValue::Null]);
+        let copied = user(mapping.map_copied(&row).unwrap());
+        assert_eq!(copied.raw_json["primary_email"], "ada@example.org");
+        assert_eq!(copied.raw_json["primary_email_verified"], true);
+        assert_eq!(copied.raw_json["primary_email_auth_enabled"], false);
+        let mut without = ada(&[]);
+        without
+            .0
+            .extend([ColumnValue::Null, ColumnValue::Null, ColumnValue::Null]);
+        let copied = user(mapping.map_copied(&without).unwrap());
+        assert_eq!(copied.raw_json["primary_email"], Value::Null);
+        assert_eq!(copied.raw_json["primary_email_verified"], false);
+        assert!(matches!(
+            mapping.map_copied(&ada(&[])),
+            Err(MapError::ColumnCount { .. })
+        ));
+    }
+
+    #[test]
+    fn the_primary_email_channel_patches_its_user() {
+        let mapping = StackAuthMapping::default()
+            .bind_contact_channel(&contact_channel(true))
+            .unwrap();
+        let patch = |outcome| match outcome {
+            RowOutcome::Patch { id, keys } => {
+                assert_eq!(id, USER_ID);
+                Value::Object(keys)
+            }
+            other => panic!("expected a patch, got {other:?}"),
+        };
+        assert_eq!(
+            patch(mapping.map_row(&channel(&[])).unwrap()),
+            json!({
+                "primary_email": "ada@example.org",
+                "primary_email_verified": true,
+                "primary_email_auth_enabled": true,
+            })
+        );
+        let unverified = channel(&[
+            ("isVerified", text("f")),
+            ("usedForAuth", ColumnValue::Null),
+        ]);
+        assert_eq!(
+            patch(mapping.map_row(&unverified).unwrap()),
+            json!({
+                "primary_email": "ada@example.org",
+                "primary_email_verified": false,
+                "primary_email_auth_enabled": false,
+            })
+        );
+        assert_eq!(
+            patch(mapping.removed(USER_ID).unwrap()),
+            json!({
+                "primary_email": null,
+                "primary_email_verified": false,
+                "primary_email_auth_enabled": false,
+            })
+        );
+        let secondary = channel(&[("isPrimary", ColumnValue::Null)]);
+        assert_eq!(
+            mapping.map_row(&secondary).unwrap(),
+            RowOutcome::Skip {
+                id: USER_ID.into(),
+                reason: SkipReason::NotPrimaryEmail
+            }
+        );
+        assert_eq!(
+            mapping.skip_reason(&secondary),
+            Ok(Some(SkipReason::NotPrimaryEmail))
+        );
+        assert_eq!(mapping.skip_reason(&channel(&[])), Ok(None));
+        assert_eq!(mapping.map_key(&channel(&[])).unwrap(), USER_ID);
+    }
+
+    #[test]
+    fn contact_channels_need_replica_identity_full() {
+        let error = StackAuthMapping::default()
+            .bind_contact_channel(&contact_channel(false))
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("REPLICA IDENTITY FULL"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn other_tenancies_are_skipped_by_row_and_by_key() {
+        let mapping = StackAuthMapping {
+            tenancy_id: Some(TENANCY.into()),
+        };
+        let users = mapping.bind(&project_user()).unwrap();
+        let channels = mapping
+            .bind_contact_channel(&contact_channel(true))
+            .unwrap();
+        let other = [("tenancyId", text("00000000-0000-4000-8000-000000000000"))];
+        assert!(matches!(
+            users.map_row(&ada(&other)).unwrap(),
+            RowOutcome::Skip {
+                reason: SkipReason::OtherTenancy,
+                ..
+            }
+        ));
+        assert!(matches!(
+            users.map_insert(&ada(&[])).unwrap(),
+            RowOutcome::User(_)
+        ));
+        let key = row_of(
+            &project_user(),
+            &[other[0].clone(), ("projectUserId", text(USER_ID))],
+        );
+        assert_eq!(
+            users.key_skip_reason(&key),
+            Ok(Some(SkipReason::OtherTenancy))
+        );
+        assert_eq!(users.key_skip_reason(&ada(&[])), Ok(None));
+        assert_eq!(
+            channels.skip_reason(&channel(&other)),
+            Ok(Some(SkipReason::OtherTenancy))
+        );
+        assert_eq!(
+            mapping.row_filter().as_deref(),
+            Some(format!("(\"tenancyId\" = '{TENANCY}')").as_str())
+        );
+        let select =
+            mapping.snapshot_select(&"public.ProjectUser".parse().unwrap(), &project_user());
+        assert!(
+            select.contains("LEFT JOIN \"public\".\"ContactChannel\" c"),
+            "{select}"
+        );
+        assert!(
+            select.ends_with(&format!("WHERE u.\"tenancyId\" = '{TENANCY}'")),
+            "{select}"
+        );
+    }
+}
