@@ -16,5 +16,6 @@ mod promtool;
 mod replay;
 mod replication;
 mod resync;
+mod schema_change;
 mod security;
 mod snapshot;
