@@ -899,6 +899,29 @@ async fn stack_auth_users_their_primary_email_and_one_tenancy() {
         "only the tenancy's users reach the target"
     );
 
+    // Unchanged TOAST: ~8 KB of server metadata stored out of line, then an update that
+    // leaves it alone; the target keeps it (the checksums compare it).
+    pair.source
+        .batch_execute(
+            r#"ALTER TABLE "ProjectUser" ALTER COLUMN "serverMetadata" SET STORAGE EXTERNAL;
+               UPDATE "ProjectUser"
+                  SET "serverMetadata" = (SELECT jsonb_build_object('blob', string_agg(md5(g::text), ''))
+                                            FROM generate_series(1, 250) g)
+                WHERE "projectUserId" = '00000000-0000-4000-8000-000000000001';"#,
+        )
+        .await
+        .unwrap();
+    wait_live_match(&pair, STACK_AUTH_SOURCE_LIVE, STACK_AUTH_TARGET_LIVE).await;
+    pair.source
+        .batch_execute(
+            r#"UPDATE "ProjectUser" SET "displayName" = 'Ada Lovelace'
+                WHERE "projectUserId" = '00000000-0000-4000-8000-000000000001';"#,
+        )
+        .await
+        .unwrap();
+    wait_live_match(&pair, STACK_AUTH_SOURCE_LIVE, STACK_AUTH_TARGET_LIVE).await;
+    assert_eq!(raw_json_of(&pair, 1).await["display_name"], "Ada Lovelace");
+
     // A hard delete cascades to the contact channels: one soft-deleted user, email kept.
     pair.source
         .batch_execute(
