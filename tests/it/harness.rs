@@ -97,7 +97,6 @@ fn start_server_from(bin_dir: Option<PathBuf>, extra_conf: Vec<(String, String)>
         superuser_password: PASSWORD.to_owned(),
         extra_conf,
         bin_dir,
-        ..LocalPgOptions::default()
     })
     .expect("start a throwaway PostgreSQL server")
 }
