@@ -47,14 +47,14 @@ pub const SOURCE_PG_BIN_ENV: &str = "USERSYNC_TEST_SOURCE_PG_BIN";
 pub const TARGET_PG_BIN_ENV: &str = "USERSYNC_TEST_TARGET_PG_BIN";
 
 /// The bin directory `variable` names; `None` (the machine's default) if unset or empty.
-fn bin_dir_from_env(variable: &str) -> Option<PathBuf> {
+pub fn bin_dir_from_env(variable: &str) -> Option<PathBuf> {
     std::env::var_os(variable)
         .filter(|dir| !dir.is_empty())
         .map(PathBuf::from)
 }
 
 /// The source's and the target's bin directories differ: they need a server each.
-fn separate_target_server() -> bool {
+pub fn separate_target_server() -> bool {
     bin_dir_from_env(SOURCE_PG_BIN_ENV) != bin_dir_from_env(TARGET_PG_BIN_ENV)
 }
 
