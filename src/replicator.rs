@@ -151,6 +151,7 @@ async fn run_session(
         .await
         .map_err(Error::connect("target"))?;
     metrics.set_connected(Side::Target, true);
+    conn::version::check_target(&target).await?;
     let exists: bool = target
         .query_one("SELECT to_regclass('neon_auth.users_sync') IS NOT NULL AND to_regclass('usersync.state') IS NOT NULL", &[])
         .await
@@ -172,6 +173,7 @@ async fn run_session(
     let source = conn::sql::connect(&config.source, APPLICATION_NAME)
         .await
         .map_err(Error::connect("source"))?;
+    conn::version::check_source(&source).await?;
     wait_for_slot(&source, &config.slot).await?;
     // Facts the profile needs from the source (Keycloak: the realm's id for its name).
     let profile = catalog::resolve_profile(&source, &config.table, &config.mapping).await?;

@@ -8,6 +8,7 @@ use super::connect;
 use super::initial_copy::{create_slot_and_copy, CopyMode};
 use crate::apply::{self, schema::Created};
 use crate::config::{Config, TableName};
+use crate::conn::version;
 use crate::decode::RelationColumn;
 use crate::error::Error;
 use crate::map::MappingPlan;
@@ -38,6 +39,7 @@ pub(crate) struct Prepared {
 /// target tables, and says what it found or made.
 pub(crate) async fn prepare(config: &Config) -> Result<Prepared, Error> {
     let source = connect("source", &config.source).await?;
+    version::check_source(&source).await?;
     catalog::check_wal_level(&source).await?;
     catalog::check_replication_privilege(&source).await?;
     let profile = catalog::resolve_profile(&source, &config.table, &config.mapping).await?;
@@ -77,6 +79,7 @@ pub(crate) async fn prepare(config: &Config) -> Result<Prepared, Error> {
     );
 
     let target = connect("target", &config.target).await?;
+    version::check_target(&target).await?;
     let (_, created) = apply::ensure_target_schema(&target).await?;
     println!(
         "target table neon_auth.users_sync {}; checkpoint table usersync.state ready",

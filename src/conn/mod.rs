@@ -33,6 +33,7 @@
 pub mod sql;
 pub mod tls;
 pub mod url;
+pub mod version;
 
 #[cfg(test)]
 pub(crate) mod test_pki;

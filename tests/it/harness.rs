@@ -1,6 +1,15 @@
 //! Test harness: shared throwaway PostgreSQL servers, per-test databases, helpers to run
 //! usersync in-process or as the real binary, and content comparison.
+//!
+//! # Server versions
+//!
+//! The source and the target may run different PostgreSQL versions: [`SOURCE_PG_BIN_ENV`]
+//! and [`TARGET_PG_BIN_ENV`] name the directories of their server binaries (default: the
+//! machine's, as [`LocalPgOptions::bin_dir`] finds them). While the two are the same, one
+//! shared server holds both the source and the target databases, as always; when they
+//! differ, each role gets its own shared server. `scripts/compat-matrix.sh` sets them.
 
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -31,24 +40,63 @@ CREATE TABLE public.users (
 /// How long a test waits for replication before it fails.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// The server shared by the tests that don't break their server.
+/// Directory of the source servers' binaries (`initdb`, `pg_ctl`, `postgres`).
+pub const SOURCE_PG_BIN_ENV: &str = "USERSYNC_TEST_SOURCE_PG_BIN";
+
+/// Directory of the target servers' binaries.
+pub const TARGET_PG_BIN_ENV: &str = "USERSYNC_TEST_TARGET_PG_BIN";
+
+/// The bin directory `variable` names; `None` (the machine's default) if unset or empty.
+pub fn bin_dir_from_env(variable: &str) -> Option<PathBuf> {
+    std::env::var_os(variable)
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The source's and the target's bin directories differ: they need a server each.
+pub fn separate_target_server() -> bool {
+    bin_dir_from_env(SOURCE_PG_BIN_ENV) != bin_dir_from_env(TARGET_PG_BIN_ENV)
+}
+
+/// Settings of the shared servers: a tiny decoding memory makes every transaction of more
+/// than a few rows stream (protocol 2), and a short sender timeout makes idle keepalives
+/// frequent.
+fn shared_server_conf() -> Vec<(String, String)> {
+    vec![
+        ("logical_decoding_work_mem".into(), "64kB".into()),
+        ("wal_sender_timeout".into(), "4s".into()),
+    ]
+}
+
+/// The server shared by the tests that don't break their server: the source server, and
+/// the target server too unless the target runs other binaries ([`shared_target_server`]).
 pub fn shared_server() -> &'static LocalPg {
     static SERVER: OnceLock<LocalPg> = OnceLock::new();
-    // A tiny decoding memory makes every transaction of more than a few rows stream
-    // (protocol 2), and a short sender timeout makes idle keepalives frequent.
+    SERVER.get_or_init(|| start_server(shared_server_conf()))
+}
+
+/// The server that holds the target databases of [`Pair::new`]: [`shared_server`], unless
+/// [`TARGET_PG_BIN_ENV`] names other binaries than [`SOURCE_PG_BIN_ENV`].
+pub fn shared_target_server() -> &'static LocalPg {
+    static SERVER: OnceLock<LocalPg> = OnceLock::new();
+    if !separate_target_server() {
+        return shared_server();
+    }
     SERVER.get_or_init(|| {
-        start_server(vec![
-            ("logical_decoding_work_mem".into(), "64kB".into()),
-            ("wal_sender_timeout".into(), "4s".into()),
-        ])
+        start_server_from(bin_dir_from_env(TARGET_PG_BIN_ENV), shared_server_conf())
     })
 }
 
+/// A source server of its own (from [`SOURCE_PG_BIN_ENV`]'s binaries) with extra settings.
 pub fn start_server(extra_conf: Vec<(String, String)>) -> LocalPg {
+    start_server_from(bin_dir_from_env(SOURCE_PG_BIN_ENV), extra_conf)
+}
+
+fn start_server_from(bin_dir: Option<PathBuf>, extra_conf: Vec<(String, String)>) -> LocalPg {
     LocalPg::start(&LocalPgOptions {
         superuser_password: PASSWORD.to_owned(),
         extra_conf,
-        ..LocalPgOptions::default()
+        bin_dir,
     })
     .expect("start a throwaway PostgreSQL server")
 }
@@ -72,9 +120,13 @@ pub async fn sql(server: &LocalPg, dbname: &str) -> Client {
     client
 }
 
-/// A source database with the users table and a target database, on one server.
+/// A source database with the users table and a target database.
 pub struct Pair {
+    /// The server of the source database.
     pub server: &'static LocalPg,
+    /// The server of the target database: `server` itself, except for pairs on the shared
+    /// server when the target runs other binaries (see the module docs).
+    pub target_server: &'static LocalPg,
     pub config: Config,
     pub source_url: String,
     pub target_url: String,
@@ -87,11 +139,18 @@ impl Pair {
         Self::on(shared_server(), USERS_TABLE).await
     }
 
+    /// A pair whose source is on `server`. Its target is on the same server, except on the
+    /// shared server, whose pairs get their target on [`shared_target_server`].
     pub async fn on(server: &'static LocalPg, table_ddl: &str) -> Pair {
+        let target_server = if std::ptr::eq(server, shared_server()) {
+            shared_target_server()
+        } else {
+            server
+        };
         let name = unique("t");
-        let admin = sql(server, "postgres").await;
-        for prefix in ["src", "tgt"] {
-            admin
+        for (prefix, on) in [("src", server), ("tgt", target_server)] {
+            sql(on, "postgres")
+                .await
                 .batch_execute(&format!("CREATE DATABASE {prefix}_{name}"))
                 .await
                 .expect("create a test database");
@@ -101,9 +160,9 @@ impl Pair {
             .batch_execute(table_ddl)
             .await
             .expect("create the users table");
-        let target = sql(server, &format!("tgt_{name}")).await;
+        let target = sql(target_server, &format!("tgt_{name}")).await;
         let source_url = server.url("postgres", PASSWORD, &format!("src_{name}"));
-        let target_url = server.url("postgres", PASSWORD, &format!("tgt_{name}"));
+        let target_url = target_server.url("postgres", PASSWORD, &format!("tgt_{name}"));
         let config = Config {
             source: source_url.parse().unwrap(),
             target: target_url.parse().unwrap(),
@@ -116,6 +175,7 @@ impl Pair {
         };
         Pair {
             server,
+            target_server,
             config,
             source_url,
             target_url,

@@ -6,6 +6,7 @@
 mod harness;
 
 mod cli;
+mod compat;
 mod crash;
 mod errors;
 mod ha;

@@ -116,7 +116,14 @@ fn issue_server_cert(dir: &Path, ca: &str, subject_alt_names: &str) {
 
 /// psql as the superuser over the server's Unix socket (trusted), stopping at the first error.
 fn psql(pg: &LocalPg, dbname: &str, arguments: &[&str]) -> Output {
-    Command::new(pg.bin_dir().join("psql"))
+    // Server-only builds (scripts/fetch-postgres.sh) have no psql: any psql will do.
+    let beside_server = pg.bin_dir().join("psql");
+    let program = if beside_server.is_file() {
+        beside_server
+    } else {
+        "psql".into()
+    };
+    Command::new(program)
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
         .arg(pg.socket_dir())
         .args([
@@ -144,7 +151,7 @@ fn url_on(pg: &LocalPg, host: &str, dbname: &str, query: &str) -> String {
 fn pair_urls(pair: &Pair, host: &str, query: &str) -> (String, String) {
     (
         url_on(pair.server, host, &pair.config.source.dbname, query),
-        url_on(pair.server, host, &pair.config.target.dbname, query),
+        url_on(pair.target_server, host, &pair.config.target.dbname, query),
     )
 }
 
@@ -455,12 +462,12 @@ fn assert_no_secret(label: &str, output: &Output) {
 /// Creates a role with the distinctive password that may do everything setup and run do.
 async fn role_with_secret(pair: &Pair) -> String {
     let role = unique("secretive");
-    pair.source
-        .batch_execute(&format!(
-            "CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{SECRET}'"
-        ))
-        .await
-        .unwrap();
+    let create = format!("CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{SECRET}'");
+    pair.source.batch_execute(&create).await.unwrap();
+    // Roles belong to a server: a target on a server of its own needs the role too.
+    if !std::ptr::eq(pair.server, pair.target_server) {
+        pair.target.batch_execute(&create).await.unwrap();
+    }
     role
 }
 
@@ -471,7 +478,8 @@ async fn no_output_ever_contains_the_password() {
     let server = pair.server;
     let good = (
         server.url(&role, SECRET, &pair.config.source.dbname),
-        server.url(&role, SECRET, &pair.config.target.dbname),
+        pair.target_server
+            .url(&role, SECRET, &pair.config.target.dbname),
     );
     assert!(good.0.contains("Quokka%407431"), "{}", good.0);
     // Everything logged, down to dependencies' trace output.
@@ -495,7 +503,8 @@ async fn no_output_ever_contains_the_password() {
 
     let wrong = (
         server.url(&role, WRONG_SECRET, &pair.config.source.dbname),
-        server.url(&role, WRONG_SECRET, &pair.config.target.dbname),
+        pair.target_server
+            .url(&role, WRONG_SECRET, &pair.config.target.dbname),
     );
     for args in [&["setup"][..], &["run"], &["teardown", "--yes"]] {
         let output = command(args, &wrong).output().unwrap();
@@ -671,7 +680,7 @@ async fn least_privilege_roles_from_the_sql_scripts_replicate() {
             &[("role", &source_role), ("password", PASSWORD)],
         );
         apply_role_script(
-            server,
+            pair.target_server,
             &target_db,
             "target_role.sql",
             &[("role", &target_role), ("password", PASSWORD)],
@@ -679,7 +688,7 @@ async fn least_privilege_roles_from_the_sql_scripts_replicate() {
     }
     let urls = (
         server.url(&source_role, PASSWORD, &source_db),
-        server.url(&target_role, PASSWORD, &target_db),
+        pair.target_server.url(&target_role, PASSWORD, &target_db),
     );
 
     let setup = command_with(&pair, &["setup"], &urls).output().unwrap();
