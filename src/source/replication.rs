@@ -90,6 +90,15 @@ pub enum ReplicationError {
     BadReply { command: &'static str, what: String },
     #[error("the source closed the replication connection")]
     Closed,
+    #[error(
+        "the source at {target} sent nothing for {}s, not even a keepalive; the connection is \
+         taken for dead",
+        silent_for.as_secs()
+    )]
+    Silent {
+        target: String,
+        silent_for: Duration,
+    },
     #[error(transparent)]
     Wire(#[from] WireError),
 }
@@ -109,7 +118,8 @@ impl ReplicationError {
             ReplicationError::Io { .. }
             | ReplicationError::ConnectTimeout { .. }
             | ReplicationError::TlsHandshake { .. }
-            | ReplicationError::Closed => true,
+            | ReplicationError::Closed
+            | ReplicationError::Silent { .. } => true,
             ReplicationError::Server { message, .. } => is_transient_sqlstate(&message.code),
             _ => false,
         }
@@ -610,6 +620,14 @@ impl ReplicationStream {
                 }
                 tag => return Err(unexpected("streaming", tag)),
             }
+        }
+    }
+
+    /// The error for a stream that has been silent for `silent_for`.
+    pub fn silent(&self, silent_for: Duration) -> ReplicationError {
+        ReplicationError::Silent {
+            target: self.conn.target.clone(),
+            silent_for,
         }
     }
 

@@ -113,6 +113,7 @@ impl Pair {
             mapping: GenericMapping::default().into(),
             lag_target: Duration::from_secs(1),
             heartbeat_interval: Some(usersync::config::DEFAULT_HEARTBEAT_INTERVAL),
+            source_timeout: usersync::config::DEFAULT_SOURCE_TIMEOUT,
         };
         Pair {
             server,
