@@ -67,7 +67,8 @@ const REPLAY_STATUS_INTERVAL: Duration = Duration::from_millis(200);
 const SLOT_BUSY_WAIT: Duration = Duration::from_secs(15);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// A session that ran this long counts as healthy: the next failure starts backoff afresh.
+/// A session that ran this long, or applied a batch, counts as healthy: the next failure
+/// starts backoff afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(60);
 /// PostgreSQL 14 brought pgoutput protocol 2 (streaming of large in-progress transactions)
 /// and the `messages` option (logical messages, which carry the heartbeats).
@@ -82,6 +83,7 @@ pub async fn run(
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
+        let batches_before = metrics.batches();
         let result = run_session(config, &metrics, &mut shutdown, Mode::Service).await;
         metrics.set_ready(false);
         metrics.set_connected(Side::Source, false);
@@ -92,7 +94,9 @@ pub async fn run(
         match result {
             Ok(()) => return Ok(()),
             Err(error) if error.is_transient() => {
-                if started.elapsed() >= HEALTHY_SESSION {
+                // Progress means the failure interrupted working replication, not that it keeps
+                // failing: otherwise a blip every few seconds would grow backoff to its maximum.
+                if started.elapsed() >= HEALTHY_SESSION || metrics.batches() > batches_before {
                     backoff = BACKOFF_MIN;
                 }
                 let delay = with_jitter(backoff);
