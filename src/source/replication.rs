@@ -614,6 +614,11 @@ impl ReplicationStream {
             match frame.tag {
                 wire::COPY_DATA => return Ok(Some(frame.body)),
                 wire::COPY_DONE => return Ok(None),
+                // A walsender that shuts down (fast shutdown, switchover) once all it sent is
+                // confirmed ends the stream with CommandComplete and no CopyDone (`WalSndDone`
+                // in walsender.c): the end of the stream, to reconnect after, not a protocol
+                // violation to stop for.
+                wire::COMMAND_COMPLETE => return Ok(None),
                 wire::NOTICE_RESPONSE | wire::PARAMETER_STATUS => {}
                 wire::ERROR_RESPONSE => {
                     return Err(self.conn.server_error("replication stream", &frame)?)
@@ -820,5 +825,34 @@ mod tests {
         );
         assert!(!error.is_transient());
         assert!(crate::error::report(&error).contains("use the direct endpoint ep-x.invalid"));
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    /// A stream whose server side the test writes to.
+    fn stream_with_server() -> (ReplicationStream, tokio::io::DuplexStream) {
+        let (client, server) = tokio::io::duplex(1024);
+        let conn = ReplicationConnection {
+            io: Box::new(client),
+            read_buf: BytesMut::new(),
+            write_buf: BytesMut::new(),
+            target: "test".into(),
+            server_version_num: None,
+        };
+        (ReplicationStream { conn }, server)
+    }
+
+    #[tokio::test]
+    async fn command_complete_at_shutdown_ends_the_stream() {
+        let (mut stream, mut server) = stream_with_server();
+        // CommandComplete "COPY 0", as a walsender sends it when the server shuts down.
+        let mut frame = vec![b'C'];
+        frame.extend_from_slice(&(4 + 7_i32).to_be_bytes());
+        frame.extend_from_slice(b"COPY 0\0");
+        server.write_all(&frame).await.unwrap();
+        assert!(stream.recv().await.unwrap().is_none());
     }
 }
