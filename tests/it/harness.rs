@@ -247,6 +247,11 @@ impl Running {
             .expect("replicator stops cleanly");
     }
 
+    /// Whether it has ended by itself (an error, with `run`; see [`Running::stop`]).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Ends it abruptly, as a crash would: its connections just drop.
     pub fn abort(self) {
         self.task.abort();

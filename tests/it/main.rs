@@ -8,6 +8,7 @@ mod harness;
 mod cli;
 mod crash;
 mod errors;
+mod faults;
 mod ha;
 mod lag;
 mod lifecycle;
