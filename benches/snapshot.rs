@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
 use usersync::commands::setup::{setup, SetupOptions};
-use usersync::config::{Config, DEFAULT_HEARTBEAT_INTERVAL};
+use usersync::config::{Config, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_SOURCE_TIMEOUT};
 use usersync::localpg::{LocalPg, LocalPgOptions};
 use usersync::map::GenericMapping;
 
@@ -79,6 +79,7 @@ async fn main() {
         mapping: GenericMapping::default().into(),
         lag_target: Duration::from_secs(1),
         heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
+        source_timeout: DEFAULT_SOURCE_TIMEOUT,
     };
     let started = Instant::now();
     setup(&config, SetupOptions::default())

@@ -182,6 +182,16 @@ pub struct RunArgs {
         value_name = "DURATION"
     )]
     pub heartbeat_interval: String,
+
+    /// Reconnect when the source sends nothing (no data, no keepalive) for this long; a reply
+    /// is requested after half of it. Like the server's wal_sender_timeout, for our side.
+    #[arg(
+        long,
+        env = "USERSYNC_SOURCE_TIMEOUT",
+        default_value = "60s",
+        value_name = "DURATION"
+    )]
+    pub source_timeout: String,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -27,10 +27,17 @@ pub struct Config {
     pub lag_target: Duration,
     /// How often `run` writes a heartbeat on the source; `None` turns heartbeats off.
     pub heartbeat_interval: Option<Duration>,
+    /// A replication connection silent this long (no data, no keepalive) is taken for dead
+    /// and replaced: a half-open connection must not stall replication forever.
+    pub source_timeout: Duration,
 }
 
 /// The heartbeat interval unless `--heartbeat-interval` says otherwise.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The source timeout unless `--source-timeout` says otherwise: PostgreSQL's default
+/// `wal_sender_timeout`, the same bound the server applies to us.
+pub const DEFAULT_SOURCE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A schema-qualified table name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +108,7 @@ impl Config {
             mapping,
             lag_target: parse_duration(&args.lag_target)?,
             heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
+            source_timeout: DEFAULT_SOURCE_TIMEOUT,
         })
     }
 }
@@ -312,6 +320,22 @@ pub fn parse_heartbeat_interval(text: &str) -> Result<Option<Duration>, Error> {
     Ok(Some(interval).filter(|interval| !interval.is_zero()))
 }
 
+/// `--source-timeout`: a duration of at least [`MIN_SOURCE_TIMEOUT`].
+pub fn parse_source_timeout(text: &str) -> Result<Duration, Error> {
+    let timeout = parse_duration(text)?;
+    if timeout < MIN_SOURCE_TIMEOUT {
+        return Err(Error::Config(format!(
+            "--source-timeout {text} is too short: use at least {}ms (the server needs a \
+             round trip to answer a keepalive request)",
+            MIN_SOURCE_TIMEOUT.as_millis()
+        )));
+    }
+    Ok(timeout)
+}
+
+/// Shorter timeouts would take a slow round trip for a dead connection.
+pub const MIN_SOURCE_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// Parses `1s`, `500ms`, `2m`, `1h`, `1.5s`.
 pub fn parse_duration(text: &str) -> Result<Duration, Error> {
     let invalid = || {
@@ -362,6 +386,13 @@ pub fn parse_byte_size(text: &str) -> Result<u64, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn source_timeout_has_a_floor() {
+        assert_eq!(parse_source_timeout("2s").unwrap(), Duration::from_secs(2));
+        assert!(parse_source_timeout("100ms").is_err());
+        assert!(parse_source_timeout("soon").is_err());
+    }
 
     #[test]
     fn parses_durations() {

@@ -91,12 +91,13 @@ impl Error {
 }
 
 /// Whether a tokio-postgres error is worth a retry: lost connections and I/O always are;
-/// server errors by SQLSTATE; anything else (a type mismatch, a bad statement) is a bug or a
+/// server errors by SQLSTATE (a serialization failure, a deadlock, a statement cancelled by
+/// `statement_timeout` or an operator); anything else (a type mismatch, a bad statement) is a bug or a
 /// configuration problem that a retry would only repeat.
 pub fn is_transient_pg(error: &tokio_postgres::Error) -> bool {
     if let Some(db) = error.as_db_error() {
         return crate::source::replication::is_transient_sqlstate(db.code().code())
-            || matches!(db.code().code(), "40001" | "40P01");
+            || matches!(db.code().code(), "40001" | "40P01" | "57014");
     }
     error.is_closed()
         || std::error::Error::source(error).is_some_and(|source| source.is::<std::io::Error>())

@@ -10,7 +10,9 @@ use tracing_subscriber::EnvFilter;
 use usersync::cli::{Cli, Command, LogFormat};
 use usersync::commands;
 use usersync::commands::setup::SetupOptions;
-use usersync::config::{parse_byte_size, parse_heartbeat_interval, Config, PurgeConfig};
+use usersync::config::{
+    parse_byte_size, parse_heartbeat_interval, parse_source_timeout, Config, PurgeConfig,
+};
 use usersync::conn::redact_secrets;
 use usersync::error::{Error, EXIT_FAILURE};
 
@@ -88,6 +90,7 @@ async fn dispatch(command: Command) -> Result<u8, Failure> {
         Command::Run(args) => {
             let mut config = Config::for_replication(&args.connection)?;
             config.heartbeat_interval = parse_heartbeat_interval(&args.heartbeat_interval)?;
+            config.source_timeout = parse_source_timeout(&args.source_timeout)?;
             commands::run::run(&config, args.metrics_addr).await?
         }
         Command::Status(args) => {

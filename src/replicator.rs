@@ -14,6 +14,16 @@
 //! failure the next session resumes from the checkpoint and skips transactions it already
 //! holds (`commit_lsn < checkpoint.end_lsn`): nothing lost, nothing applied twice.
 //!
+//! A silent source is a dead one. While idle, a walsender sends a keepalive every half
+//! `wal_sender_timeout`; a connection that brings nothing at all, neither data nor keepalive,
+//! for `source_timeout` (default 60 s, the server's default `wal_sender_timeout`) is most
+//! likely half-open: the network stalled, or the server vanished without a FIN. Waiting on it
+//! would hang replication for as long as the kernel cares to wait (hours), so the session ends
+//! with a transient error and a new connection is made. Halfway there, a status update asks
+//! the server for a reply (`reply_requested`), so a live but quiet server always answers in
+//! time, whatever its own `wal_sender_timeout`.
+//! <https://www.postgresql.org/docs/current/protocol-replication.html#PROTOCOL-REPLICATION-STANDBY-STATUS-UPDATE>
+//!
 //! Transient failures reconnect with exponential backoff and jitter; definite ones end `run`.
 
 use std::sync::Arc;
@@ -59,7 +69,8 @@ const REPLAY_STATUS_INTERVAL: Duration = Duration::from_millis(200);
 const SLOT_BUSY_WAIT: Duration = Duration::from_secs(15);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// A session that ran this long counts as healthy: the next failure starts backoff afresh.
+/// A session that ran this long, or applied a batch, counts as healthy: the next failure
+/// starts backoff afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(60);
 /// PostgreSQL 14 brought pgoutput protocol 2 (streaming of large in-progress transactions)
 /// and the `messages` option (logical messages, which carry the heartbeats).
@@ -74,6 +85,7 @@ pub async fn run(
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
+        let batches_before = metrics.batches();
         let result = run_session(config, &metrics, &mut shutdown, Mode::Service).await;
         metrics.set_ready(false);
         metrics.set_connected(Side::Source, false);
@@ -84,7 +96,9 @@ pub async fn run(
         match result {
             Ok(()) => return Ok(()),
             Err(error) if error.is_transient() => {
-                if started.elapsed() >= HEALTHY_SESSION {
+                // Progress means the failure interrupted working replication, not that it keeps
+                // failing: otherwise a blip every few seconds would grow backoff to its maximum.
+                if started.elapsed() >= HEALTHY_SESSION || metrics.batches() > batches_before {
                     backoff = BACKOFF_MIN;
                 }
                 let delay = with_jitter(backoff);
@@ -243,6 +257,8 @@ async fn run_session(
         batch: Batch::new(),
         batch_started: None,
         last_status: Instant::now(),
+        last_message: Instant::now(),
+        reply_requested: false,
         mode,
         recent_refreshed: Instant::now()
             .checked_sub(RECENT_LAG_REFRESH)
@@ -408,6 +424,10 @@ struct Session<'a> {
     batch: Batch,
     batch_started: Option<Instant>,
     last_status: Instant,
+    /// When the source last sent anything (data or keepalive).
+    last_message: Instant,
+    /// A reply was requested since `last_message`, because the source had been quiet.
+    reply_requested: bool,
 }
 
 impl Session<'_> {
@@ -429,6 +449,7 @@ impl Session<'_> {
                     Mode::Service => STATUS_INTERVAL,
                     Mode::Replay { .. } => REPLAY_STATUS_INTERVAL,
                 };
+            let timer = status_due.min(self.silence_check_due());
             tokio::select! {
                 biased;
                 _ = stopped(shutdown) => {
@@ -440,19 +461,55 @@ impl Session<'_> {
                     return Ok(());
                 }
                 payload = self.stream.recv() => match payload? {
-                    Some(payload) => self.handle(payload).await?,
+                    Some(payload) => {
+                        self.last_message = Instant::now();
+                        self.reply_requested = false;
+                        self.handle(payload).await?
+                    }
                     None => return Err(SourceError::Replication(
                         crate::source::ReplicationError::Closed,
                     ).into()),
                 },
                 // Nothing more is readable right now: apply what we have.
                 _ = std::future::ready(()), if !self.batch.is_empty() => self.apply_batch().await?,
-                _ = tokio::time::sleep_until(status_due.into()) => {
-                    // A replay asks for keepalives: their position tells it when it is done.
-                    self.send_status(matches!(self.mode, Mode::Replay { .. })).await?;
+                _ = tokio::time::sleep_until(timer.into()) => {
+                    self.check_silence().await?;
+                    if Instant::now() >= status_due {
+                        // A replay asks for keepalives: their position tells it when it is done.
+                        self.send_status(matches!(self.mode, Mode::Replay { .. })).await?;
+                    }
                 }
             }
         }
+    }
+
+    /// When the source's silence next needs a look: halfway, to ask for a reply, then at
+    /// the timeout.
+    fn silence_check_due(&self) -> Instant {
+        let timeout = self.config.source_timeout;
+        if self.reply_requested {
+            self.last_message + timeout
+        } else {
+            self.last_message + timeout / 2
+        }
+    }
+
+    /// Asks a quiet source for a reply; gives up on one silent for the whole timeout.
+    async fn check_silence(&mut self) -> Result<(), Error> {
+        let silent_for = self.last_message.elapsed();
+        let timeout = self.config.source_timeout;
+        if silent_for >= timeout {
+            return Err(SourceError::Replication(self.stream.silent(silent_for)).into());
+        }
+        if silent_for >= timeout / 2 && !self.reply_requested {
+            tracing::debug!(
+                silent_ms = silent_for.as_millis() as u64,
+                "the source is quiet; asking for a reply"
+            );
+            self.reply_requested = true;
+            self.send_status(true).await?;
+        }
+        Ok(())
     }
 
     fn batch_is_due(&self) -> bool {

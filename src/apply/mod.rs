@@ -34,6 +34,11 @@ pub enum ApplyError {
     CheckpointRefused { slot: String, end_lsn: Lsn },
     #[error("an empty batch was handed to the writer")]
     EmptyBatch,
+    #[error(
+        "target: no answer to a batch within {}s; the network or the target is stalled",
+        timeout.as_secs()
+    )]
+    Stalled { timeout: std::time::Duration },
 }
 
 impl ApplyError {
@@ -46,6 +51,7 @@ impl ApplyError {
     pub fn is_transient(&self) -> bool {
         match self {
             ApplyError::Sql { source, .. } => crate::error::is_transient_pg(source),
+            ApplyError::Stalled { .. } => true,
             _ => false,
         }
     }

@@ -6,6 +6,8 @@
 //! prepared once per connection and take arrays (`unnest`), so a batch costs a fixed
 //! number of round trips whatever its size.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use tokio_postgres::types::Json;
@@ -15,6 +17,13 @@ use super::batch::{Batch, CommitPosition, PendingUser, Segment, UnixMicros};
 use super::schema::TargetShape;
 use super::ApplyError;
 use crate::lsn::Lsn;
+
+/// The target session's `statement_timeout`: generous (a batch takes milliseconds), but a
+/// statement stuck behind a lock or a stalled server ends, and the session reconnects.
+const STATEMENT_TIMEOUT: &str = "60s";
+/// The client-side bound on one batch, for a stall the server cannot see (a half-open
+/// connection): longer than the statement timeout, so the server's own verdict comes first.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Upserts users. Rows with unchanged-TOAST keys take those keys from the row already on the
 /// target (the join is skipped for rows that have none).
@@ -173,7 +182,8 @@ pub struct TargetWriter {
 
 impl TargetWriter {
     /// Prepares the statements for the table's shape. The session commits synchronously
-    /// whatever the server default, because the slot is confirmed as soon as COMMIT returns.
+    /// whatever the server default, because the slot is confirmed as soon as COMMIT returns,
+    /// and bounds its statements ([`STATEMENT_TIMEOUT`]) so that apply never hangs forever.
     pub async fn new(
         client: Client,
         shape: TargetShape,
@@ -181,7 +191,9 @@ impl TargetWriter {
         system_id: &str,
     ) -> Result<Self, ApplyError> {
         client
-            .batch_execute("SET synchronous_commit = on")
+            .batch_execute(&format!(
+                "SET synchronous_commit = on; SET statement_timeout = '{STATEMENT_TIMEOUT}'"
+            ))
             .await
             .map_err(ApplyError::sql("configuring the target session"))?;
         let (upsert, patch, soft_delete, soft_delete_all) = if shape.has_updated_at {
@@ -238,7 +250,23 @@ impl TargetWriter {
         self.apply_inner(batch, None).await
     }
 
+    /// A batch that gets no answer within [`APPLY_TIMEOUT`] fails as [`ApplyError::Stalled`]:
+    /// the caller drops this connection, so the server rolls back whatever it has not
+    /// committed, and a commit that did happen carries its checkpoint, so the next session
+    /// skips it. Nothing is lost or applied twice either way.
     async fn apply_inner(
+        &mut self,
+        batch: &Batch,
+        position: Option<CommitPosition>,
+    ) -> Result<(), ApplyError> {
+        tokio::time::timeout(APPLY_TIMEOUT, self.apply_unbounded(batch, position))
+            .await
+            .map_err(|_| ApplyError::Stalled {
+                timeout: APPLY_TIMEOUT,
+            })?
+    }
+
+    async fn apply_unbounded(
         &mut self,
         batch: &Batch,
         position: Option<CommitPosition>,

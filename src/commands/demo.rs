@@ -13,7 +13,9 @@ use tokio_postgres::Client;
 use super::setup::{setup, SetupOptions};
 use super::{connect, run::wait_for_signal};
 use crate::cli::DemoArgs;
-use crate::config::{parse_duration, Config, TableName, DEFAULT_HEARTBEAT_INTERVAL};
+use crate::config::{
+    parse_duration, Config, TableName, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_SOURCE_TIMEOUT,
+};
 use crate::conn::PgUrl;
 use crate::error::Error;
 use crate::http;
@@ -64,6 +66,7 @@ pub async fn demo(args: &DemoArgs) -> Result<(), Error> {
         mapping: GenericMapping::default().into(),
         lag_target,
         heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
+        source_timeout: DEFAULT_SOURCE_TIMEOUT,
     };
     println!(
         "source {} / target {}",

@@ -18,6 +18,15 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::tls::{self, TlsError};
 use super::url::{ChannelBinding, PgUrl, SslMode};
 
+/// TCP keepalive probes start after this much silence on an idle connection...
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// ...repeat this often...
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// ...and this many unanswered ones close the connection (about a minute in all).
+const TCP_KEEPALIVE_RETRIES: u32 = 3;
+/// Data left unacknowledged this long closes the connection (Linux `TCP_USER_TIMEOUT`).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Why a connection attempt failed, decided once here so callers only ask
 /// [`ConnectErrorKind::is_transient`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,6 +239,14 @@ fn postgres_config(url: &PgUrl, application_name: &str) -> Config {
     if let Some(timeout) = url.connect_timeout {
         config.connect_timeout(timeout);
     }
+    // A peer that vanished without closing (a stalled network, a half-open connection) is
+    // noticed by the kernel: keepalives while idle, a bound on unacknowledged data otherwise.
+    config
+        .keepalives(true)
+        .keepalives_idle(TCP_KEEPALIVE_IDLE)
+        .keepalives_interval(TCP_KEEPALIVE_INTERVAL)
+        .keepalives_retries(TCP_KEEPALIVE_RETRIES)
+        .tcp_user_timeout(TCP_USER_TIMEOUT);
     if let Some(options) = &url.options {
         config.options(options);
     }

@@ -90,6 +90,15 @@ pub enum ReplicationError {
     BadReply { command: &'static str, what: String },
     #[error("the source closed the replication connection")]
     Closed,
+    #[error(
+        "the source at {target} sent nothing for {}s, not even a keepalive; the connection is \
+         taken for dead",
+        silent_for.as_secs()
+    )]
+    Silent {
+        target: String,
+        silent_for: Duration,
+    },
     #[error(transparent)]
     Wire(#[from] WireError),
 }
@@ -109,7 +118,8 @@ impl ReplicationError {
             ReplicationError::Io { .. }
             | ReplicationError::ConnectTimeout { .. }
             | ReplicationError::TlsHandshake { .. }
-            | ReplicationError::Closed => true,
+            | ReplicationError::Closed
+            | ReplicationError::Silent { .. } => true,
             ReplicationError::Server { message, .. } => is_transient_sqlstate(&message.code),
             _ => false,
         }
@@ -604,12 +614,25 @@ impl ReplicationStream {
             match frame.tag {
                 wire::COPY_DATA => return Ok(Some(frame.body)),
                 wire::COPY_DONE => return Ok(None),
+                // A walsender that shuts down (fast shutdown, switchover) once all it sent is
+                // confirmed ends the stream with CommandComplete and no CopyDone (`WalSndDone`
+                // in walsender.c): the end of the stream, to reconnect after, not a protocol
+                // violation to stop for.
+                wire::COMMAND_COMPLETE => return Ok(None),
                 wire::NOTICE_RESPONSE | wire::PARAMETER_STATUS => {}
                 wire::ERROR_RESPONSE => {
                     return Err(self.conn.server_error("replication stream", &frame)?)
                 }
                 tag => return Err(unexpected("streaming", tag)),
             }
+        }
+    }
+
+    /// The error for a stream that has been silent for `silent_for`.
+    pub fn silent(&self, silent_for: Duration) -> ReplicationError {
+        ReplicationError::Silent {
+            target: self.conn.target.clone(),
+            silent_for,
         }
     }
 
@@ -802,5 +825,34 @@ mod tests {
         );
         assert!(!error.is_transient());
         assert!(crate::error::report(&error).contains("use the direct endpoint ep-x.invalid"));
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    /// A stream whose server side the test writes to.
+    fn stream_with_server() -> (ReplicationStream, tokio::io::DuplexStream) {
+        let (client, server) = tokio::io::duplex(1024);
+        let conn = ReplicationConnection {
+            io: Box::new(client),
+            read_buf: BytesMut::new(),
+            write_buf: BytesMut::new(),
+            target: "test".into(),
+            server_version_num: None,
+        };
+        (ReplicationStream { conn }, server)
+    }
+
+    #[tokio::test]
+    async fn command_complete_at_shutdown_ends_the_stream() {
+        let (mut stream, mut server) = stream_with_server();
+        // CommandComplete "COPY 0", as a walsender sends it when the server shuts down.
+        let mut frame = vec![b'C'];
+        frame.extend_from_slice(&(4 + 7_i32).to_be_bytes());
+        frame.extend_from_slice(b"COPY 0\0");
+        server.write_all(&frame).await.unwrap();
+        assert!(stream.recv().await.unwrap().is_none());
     }
 }

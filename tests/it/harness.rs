@@ -172,6 +172,7 @@ impl Pair {
             mapping: GenericMapping::default().into(),
             lag_target: Duration::from_secs(1),
             heartbeat_interval: Some(usersync::config::DEFAULT_HEARTBEAT_INTERVAL),
+            source_timeout: usersync::config::DEFAULT_SOURCE_TIMEOUT,
         };
         Pair {
             server,
@@ -304,6 +305,11 @@ impl Running {
             .await
             .expect("replicator task")
             .expect("replicator stops cleanly");
+    }
+
+    /// Whether it has ended by itself (an error, with `run`; see [`Running::stop`]).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
     }
 
     /// Ends it abruptly, as a crash would: its connections just drop.

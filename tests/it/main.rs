@@ -9,6 +9,7 @@ mod cli;
 mod compat;
 mod crash;
 mod errors;
+mod faults;
 mod ha;
 mod lag;
 mod lifecycle;

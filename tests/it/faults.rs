@@ -1,0 +1,437 @@
+//! Fault injection under a steady write load: servers restarted (fast and immediate), backends
+//! terminated, connections cut or stalled by a proxy, again and again. After the last fault
+//! the target must equal the source (a per-row `version` counter shows a lost change), and a
+//! write log on the target must never see a user's version repeat or go back (a doubled or
+//! reordered change).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+use usersync::localpg::{LocalPg, StopMode};
+
+use crate::harness::*;
+
+/// Faults per test: enough to hit each kind a few times, few enough for well under a minute.
+const FAULTS: u32 = 12;
+/// The replicator's `source_timeout` in these tests: a stalled connection is given up quickly.
+const SOURCE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a fault waits for the replicator to apply again before it counts as a hang.
+const RECOVERY: Duration = Duration::from_secs(30);
+
+/// The servers these tests break; a short sender timeout releases a cut-off slot quickly.
+fn breakable_conf() -> Vec<(String, String)> {
+    vec![
+        ("logical_decoding_work_mem".into(), "64kB".into()),
+        ("wal_sender_timeout".into(), "3s".into()),
+    ]
+}
+
+fn restart_source_server() -> &'static LocalPg {
+    static SERVER: OnceLock<LocalPg> = OnceLock::new();
+    SERVER.get_or_init(|| start_server(breakable_conf()))
+}
+
+fn restart_target_server() -> &'static LocalPg {
+    static SERVER: OnceLock<LocalPg> = OnceLock::new();
+    SERVER.get_or_init(|| start_server(breakable_conf()))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    SourceFastRestart,
+    SourceCrash,
+    TargetFastRestart,
+    TargetCrash,
+    TerminateWalsender,
+    TerminateTargetSessions,
+    CutSource,
+    StallSource,
+    CutTarget,
+}
+
+/// Restarts and terminations, on a source server and a separate target server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_and_terminations_lose_and_double_nothing() {
+    let (source_server, target_server) = (restart_source_server(), restart_target_server());
+    let mut pair = Pair::on(source_server, USERS_TABLE).await;
+    move_target(&mut pair, target_server).await;
+    let kinds = [
+        Fault::SourceFastRestart,
+        Fault::SourceCrash,
+        Fault::TargetFastRestart,
+        Fault::TargetCrash,
+        Fault::TerminateWalsender,
+        Fault::TerminateTargetSessions,
+    ];
+    run_faults(&mut pair, &kinds, None, Some(target_server)).await;
+}
+
+/// Connections cut and stalled between usersync and both servers, and backends terminated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_cuts_and_stalls_lose_and_double_nothing() {
+    let server = shared_server();
+    let mut pair = Pair::on(server, USERS_TABLE).await;
+    let source_proxy = Proxy::start(server.port()).await;
+    let target_proxy = Proxy::start(server.port()).await;
+    let proxies = Proxies {
+        source: source_proxy,
+        target: target_proxy,
+    };
+    let kinds = [
+        Fault::CutSource,
+        Fault::StallSource,
+        Fault::CutTarget,
+        Fault::TerminateWalsender,
+        Fault::TerminateTargetSessions,
+    ];
+    run_faults(&mut pair, &kinds, Some(&proxies), None).await;
+}
+
+struct Proxies {
+    source: Proxy,
+    target: Proxy,
+}
+
+/// Puts the pair's target database on another server.
+async fn move_target(pair: &mut Pair, server: &'static LocalPg) {
+    let dbname = format!("moved_{}", pair.config.target.dbname);
+    sql(server, "postgres")
+        .await
+        .batch_execute(&format!("CREATE DATABASE {dbname}"))
+        .await
+        .unwrap();
+    pair.target_url = server.url("postgres", PASSWORD, &dbname);
+    pair.config.target = pair.target_url.parse().unwrap();
+    pair.target = sql(server, &dbname).await;
+}
+
+async fn run_faults(
+    pair: &mut Pair,
+    kinds: &[Fault],
+    proxies: Option<&Proxies>,
+    target_server: Option<&'static LocalPg>,
+) {
+    // RUST_LOG=usersync=debug shows the replicator's side of a failure.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let started = Instant::now();
+    pair.setup().await;
+    install_write_log(&pair.target).await;
+    let source_url = pair.source_url.clone();
+    let target_url = pair.target_url.clone();
+    if let Some(proxies) = proxies {
+        pair.config.source = via(&pair.source_url, pair.server.port(), proxies.source.port);
+        pair.config.target = via(&pair.target_url, pair.server.port(), proxies.target.port);
+    }
+    pair.config.source_timeout = SOURCE_TIMEOUT;
+
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = tokio::spawn(write_load(source_url.clone(), Arc::clone(&writing)));
+    let mut running = pair.start();
+    let mut random = Random::seeded();
+    let mut injected = Vec::new();
+    for round in 0..FAULTS {
+        // Each fault hits working replication: wait for a batch since the last one.
+        let want = running.metrics.batches() + 1;
+        running = wait_for_batches(running, want).await;
+        tokio::time::sleep(Duration::from_millis(200 + random.below(600))).await;
+        let fault = kinds[random.below(kinds.len() as u64) as usize];
+        eprintln!("faults: round {round}: {fault:?}");
+        inject(fault, pair, proxies, target_server).await;
+        injected.push(fault);
+    }
+    let want = running.metrics.batches() + 1;
+    let running = wait_for_batches(running, want).await;
+    writing.store(false, Ordering::Relaxed);
+    let changes = writer.await.unwrap();
+    // The test's own clients may have died with a restart.
+    pair.source = reconnect(&source_url).await;
+    pair.target = reconnect(&target_url).await;
+    pair.wait_for_match().await;
+    let reconnects = running.metrics.reconnects();
+    running.stop().await;
+    eprintln!(
+        "faults: {} injected ({injected:?}); {changes} source statements; {reconnects} \
+         reconnects; {:.1}s",
+        injected.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(changes > 100, "the writer made only {changes} changes");
+    assert_write_log_ordered(&pair.target).await;
+}
+
+async fn inject(
+    fault: Fault,
+    pair: &Pair,
+    proxies: Option<&Proxies>,
+    target_server: Option<&'static LocalPg>,
+) {
+    let admin_url = |server: &LocalPg| server.url("postgres", PASSWORD, "postgres");
+    match fault {
+        Fault::SourceFastRestart => restart(pair.server, StopMode::Fast).await,
+        Fault::SourceCrash => restart(pair.server, StopMode::Immediate).await,
+        Fault::TargetFastRestart => restart(target_server.unwrap(), StopMode::Fast).await,
+        Fault::TargetCrash => restart(target_server.unwrap(), StopMode::Immediate).await,
+        Fault::TerminateWalsender => {
+            let admin = reconnect(&admin_url(pair.server)).await;
+            let slot = &pair.config.slot;
+            admin
+                .execute(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                      WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                    &[slot],
+                )
+                .await
+                .unwrap();
+        }
+        Fault::TerminateTargetSessions => {
+            let server = target_server.unwrap_or(pair.server);
+            let admin = reconnect(&admin_url(server)).await;
+            let dbname = pair.config.target.dbname.as_str();
+            admin
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                      WHERE application_name = 'usersync' AND datname = $1",
+                    &[&dbname],
+                )
+                .await
+                .unwrap();
+        }
+        Fault::CutSource => proxies.unwrap().source.cut(),
+        Fault::StallSource => proxies.unwrap().source.stall(),
+        Fault::CutTarget => proxies.unwrap().target.cut(),
+    }
+}
+
+/// Restarts a server off the async runtime (pg_ctl blocks for a second or so).
+async fn restart(server: &'static LocalPg, mode: StopMode) {
+    tokio::task::spawn_blocking(move || server.restart(mode))
+        .await
+        .unwrap()
+        .expect("restart the server");
+}
+
+/// Waits for the replicator's applied-batch count to reach `count`; if it ended instead (a
+/// definite error), stops it, which panics with that error.
+async fn wait_for_batches(running: Running, count: u64) -> Running {
+    let deadline = Instant::now() + RECOVERY;
+    while running.metrics.batches() < count {
+        if running.is_finished() {
+            running.stop().await;
+            panic!("the replicator ended by itself after a fault");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replicator applied nothing for {RECOVERY:?} after a fault: it hangs"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running
+}
+
+/// Every upsert usersync makes is logged: (id, version) must never repeat or go back.
+async fn install_write_log(target: &Client) {
+    target
+        .batch_execute(
+            "CREATE TABLE write_log (seq bigserial, id text, version int);
+             CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               INSERT INTO write_log (id, version) VALUES (NEW.id, (NEW.raw_json ->> 'version')::int);
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER log_write AFTER INSERT OR UPDATE ON neon_auth.users_sync
+               FOR EACH ROW WHEN (NEW.deleted_at IS NULL) EXECUTE FUNCTION log_write();",
+        )
+        .await
+        .unwrap();
+}
+
+async fn assert_write_log_ordered(target: &Client) {
+    let bad: Vec<(String, i32, i32)> = target
+        .query(
+            "SELECT id, version, previous FROM (
+                SELECT id, version, lag(version) OVER (PARTITION BY id ORDER BY seq) AS previous
+                  FROM write_log) w
+              WHERE version <= previous",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "applied twice or out of order (id, version, previous): {bad:?}"
+    );
+    let deleted: i64 = target
+        .query_one(
+            "SELECT count(*) FROM neon_auth.users_sync WHERE deleted_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        deleted > 0,
+        "the load deleted users; the target must hold them"
+    );
+}
+
+/// Inserts, updates that bump `version`, and deletes, until told to stop; rides out the
+/// source's restarts by reconnecting. Returns how many statements it ran.
+async fn write_load(url: String, writing: Arc<AtomicBool>) -> u32 {
+    let mut client = reconnect(&url).await;
+    let mut n = 0u32;
+    while writing.load(Ordering::Relaxed) {
+        n += 1;
+        let sql = match n % 20 {
+            0 => "DELETE FROM users WHERE id = (SELECT id FROM users ORDER BY version LIMIT 1)"
+                .to_owned(),
+            k if k % 3 == 0 => format!("INSERT INTO users (email) VALUES ('f{n}@example.com')"),
+            _ => "UPDATE users SET version = version + 1
+                   WHERE id IN (SELECT id FROM users ORDER BY random() LIMIT 3)"
+                .to_owned(),
+        };
+        // A statement cut off by a restart may or may not have committed: either is fine,
+        // the comparison reads the source as it ends up.
+        if let Err(error) = client.batch_execute(&sql).await {
+            eprintln!("faults: writer: {error}");
+            client = reconnect(&url).await;
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    n
+}
+
+/// Connects, retrying while a server restarts.
+async fn reconnect(url: &str) -> Client {
+    let deadline = Instant::now() + RECOVERY;
+    loop {
+        match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                return client;
+            }
+            Err(error) => {
+                assert!(Instant::now() < deadline, "cannot reconnect: {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The URL with the server's port replaced by the proxy's.
+fn via(url: &str, server_port: u16, proxy_port: u16) -> usersync::conn::PgUrl {
+    url.replace(&format!(":{server_port}/"), &format!(":{proxy_port}/"))
+        .parse()
+        .unwrap()
+}
+
+/// A loopback TCP proxy to a server that can cut every connection it carries (both sides
+/// closed) or stall them (nothing forwarded, nothing closed: a half-open network). New
+/// connections after a fault are forwarded normally.
+struct Proxy {
+    port: u16,
+    cuts: watch::Sender<u64>,
+    stalls: watch::Sender<u64>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cuts, _) = watch::channel(0);
+        let (stalls, _) = watch::channel(0);
+        let accept = {
+            let (cuts, stalls) = (cuts.clone(), stalls.clone());
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    tokio::spawn(forward(
+                        client,
+                        upstream,
+                        cuts.subscribe(),
+                        stalls.subscribe(),
+                    ));
+                }
+            })
+        };
+        Proxy {
+            port,
+            cuts,
+            stalls,
+            accept,
+        }
+    }
+
+    /// Closes every connection (stalled ones too).
+    fn cut(&self) {
+        self.cuts.send_modify(|n| *n += 1);
+    }
+
+    /// Stops forwarding on every open connection, leaving them open.
+    fn stall(&self) {
+        self.stalls.send_modify(|n| *n += 1);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        // Connection tasks end when the senders go (their `changed` fails).
+    }
+}
+
+async fn forward(
+    mut client: TcpStream,
+    upstream: u16,
+    mut cuts: watch::Receiver<u64>,
+    mut stalls: watch::Receiver<u64>,
+) {
+    let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+        return;
+    };
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+        _ = cuts.changed() => return,
+        _ = stalls.changed() => {}
+    }
+    // Stalled: hold both sockets open, forwarding nothing, until a cut or the proxy's end.
+    let _ = cuts.changed().await;
+}
+
+/// A small xorshift generator; the seed is printed so a failing sequence can be replayed
+/// (`FAULTS_SEED=<seed>`).
+struct Random(u64);
+
+impl Random {
+    fn seeded() -> Random {
+        let seed = std::env::var("FAULTS_SEED")
+            .ok()
+            .and_then(|seed| seed.parse().ok())
+            .unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .subsec_nanos() as u64
+                    | 1
+            });
+        eprintln!("faults: seed {seed}");
+        Random(seed.max(1))
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % bound
+    }
+}
