@@ -508,21 +508,21 @@ impl MetricSnapshot {
     }
 }
 
-/// A tiny xorshift generator: ids and choices need to differ, not to be secret.
+/// SplitMix64: ids and choices need to differ, not to be secret. (Not xorshift: seeding a
+/// task with the next output of another xorshift generator would replay its sequence.)
 struct Rng(u64);
 
 impl Rng {
     fn new(seed: u64) -> Rng {
-        Rng(seed | 1)
+        Rng(seed)
     }
 
     fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     }
 
     fn below(&mut self, n: usize) -> usize {
@@ -571,8 +571,9 @@ struct LoadResult {
 /// Writes the 60/35/5 insert/update/delete mix, one change per transaction.
 async fn generate_load(bench: &mut Bench, pace: Pace) -> LoadResult {
     let connections = match pace {
-        Pace::Rate { per_second, .. } => ((per_second / RATE_PER_CONNECTION).ceil() as usize)
-            .clamp(1, MAX_LOAD_CONNECTIONS),
+        Pace::Rate { per_second, .. } => {
+            ((per_second / RATE_PER_CONNECTION).ceil() as usize).clamp(1, MAX_LOAD_CONNECTIONS)
+        }
         Pace::Count(_) => BACKLOG_CONNECTIONS,
     };
     let mut pool = std::mem::take(&mut bench.id_pool);
@@ -713,22 +714,22 @@ async fn start(settings: &Settings, report: &mut Report) -> Bench {
             "INSERT INTO users (id, email, display_name, created_at, metadata)
              SELECT gen_random_uuid(), 'user' || g || '@example.com', 'User ' || g,
                     now() - g * interval '1 minute', jsonb_build_object('plan', 'free', 'n', g)
-               FROM generate_series(1, {users}) g;
-             VACUUM ANALYZE users"
+               FROM generate_series(1, {users}) g"
         ))
         .await
         .unwrap();
+    source.batch_execute("VACUUM ANALYZE users").await.unwrap();
     eprintln!(
         "source filled with {users} users in {:.1}s",
         fill.elapsed().as_secs_f64()
     );
     let admin = connect_url(&target_pg.url("postgres", PASSWORD, "postgres")).await;
-    admin
-        .batch_execute(&format!(
-            "CREATE DATABASE {USERSYNC_DB}; CREATE DATABASE {NATIVE_DB}"
-        ))
-        .await
-        .unwrap();
+    for database in [USERSYNC_DB, NATIVE_DB] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .unwrap();
+    }
 
     let config = Config {
         source: source_url.parse().unwrap(),
@@ -886,13 +887,7 @@ async fn steady(bench: &mut Bench, settings: &Settings, report: &mut Report) {
                 ));
             }
         }
-        report.add(
-            &section,
-            "load achieved",
-            "tx/s",
-            achieved[0],
-            achieved[1],
-        );
+        report.add(&section, "load achieved", "tx/s", achieved[0], achieved[1]);
         for (i, name) in ["lag p50", "lag p95", "lag p99", "lag max"]
             .into_iter()
             .enumerate()
@@ -955,9 +950,7 @@ async fn drain(bench: &mut Bench, settings: &Settings, report: &mut Report) {
     assert!(status.success(), "pg_recvlogical failed: {status}");
     bench
         .source
-        .batch_execute(&format!(
-            "SELECT pg_drop_replication_slot('{DECODE_SLOT}')"
-        ))
+        .batch_execute(&format!("SELECT pg_drop_replication_slot('{DECODE_SLOT}')"))
         .await
         .unwrap();
 
