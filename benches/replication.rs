@@ -226,7 +226,7 @@ impl Report {
     fn print(&self) {
         let cell = |v: Option<f64>| v.map_or("-".to_owned(), format_value);
         println!(
-            "\n{:<34} {:<26} {:>12} {:>12} {:>9}",
+            "\n{:<32} {:<36} {:>12} {:>12} {:>9}",
             "section", "figure", "usersync", "native", "us/native"
         );
         for f in &self.figures {
@@ -235,7 +235,7 @@ impl Report {
                 _ => "-".into(),
             };
             println!(
-                "{:<34} {:<26} {:>12} {:>12} {:>9}",
+                "{:<32} {:<36} {:>12} {:>12} {:>9}",
                 f.section,
                 format!("{} ({})", f.metric, f.unit),
                 cell(f.usersync),
