@@ -1,0 +1,1131 @@
+//! usersync against PostgreSQL's own logical replication, on the same two throwaway servers
+//! in the same run.
+//!
+//! ```text
+//! cargo bench --bench replication                  # full scale (~10 minutes on 2 cores)
+//! USERSYNC_BENCH_SCALE=0.1 cargo bench --bench replication -- --json
+//! ```
+//!
+//! Contenders, both replicating `public.users` of the source server through the publication
+//! `bench`:
+//!
+//! - **usersync**, in this process (`usersync::replicator::run`), into `neon_auth.users_sync`
+//!   of the target database `usersync_target`;
+//! - **native**, a subscription (`bench_native`) into a plain copy of the users table in the
+//!   target database `native_target`.
+//!
+//! Only one contender runs during a measurement; the other is stopped (usersync) or disabled
+//! (native) and catches up, unmeasured, before its own turn, so both targets stay complete.
+//!
+//! Sections, each printed as usersync, native and usersync/native:
+//!
+//! 1. **snapshot**: initial copy of `USERSYNC_BENCH_SNAPSHOT_USERS` (1,000,000) users, usersync
+//!    `setup` against `CREATE SUBSCRIPTION` with `copy_data` (rows/s).
+//! 2. **steady load**: 60% inserts, 35% updates, 5% deletes, one change per transaction, at
+//!    each rate of `USERSYNC_BENCH_RATES` (200,1000,5000 tx/s) for `USERSYNC_BENCH_SECONDS`
+//!    (10) seconds. Lag is measured identically for both: every source write sets
+//!    `changed_at = clock_timestamp()`, and a deferred constraint trigger on the target table
+//!    (fired at commit) records `clock_timestamp() - changed_at` (both servers share this
+//!    host's clock). Deletes are not sampled (native deletes the row; usersync soft-deletes).
+//!    The achieved load rate is reported next to the requested one.
+//! 3. **backlog drain**: `USERSYNC_BENCH_BACKLOG` (100,000) such transactions written while
+//!    both are stopped, then time to catch up (tx/s); plus `pg_recvlogical` decoding the same
+//!    backlog from a second slot into /dev/null, the slot's raw decode rate (physical limit).
+//! 4. **bulk transaction**: one transaction of `USERSYNC_BENCH_BULK` (100,000) inserts, from
+//!    commit to the last row visible on the target (rows/s).
+//! 5. **peak memory**: the real binary (`usersync run`, built by cargo for this bench with the
+//!    bench profile, `CARGO_BIN_EXE_usersync`) replicating one transaction of
+//!    `USERSYNC_BENCH_RSS_USERS` (1,000,000) inserts; peak RSS is `VmHWM` from
+//!    `/proc/<pid>/status`. No native figure: the apply worker's RSS counts shared buffers.
+//!
+//! `USERSYNC_BENCH_SCALE` multiplies every size and the duration (`0.1` for a quick run, about
+//! a minute). `USERSYNC_BENCH_SECTIONS` (e.g. `steady,drain`) runs only some sections; the
+//! snapshot always runs, because it fills the source. `--json` (or `USERSYNC_BENCH_JSON=1`)
+//! prints the table as one JSON object on stdout after the text table; progress goes to stderr.
+//!
+//! For usersync the steady-load and drain sections also print where the time goes, from its
+//! own metrics: target transactions, mean changes per target transaction and mean apply time.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+use usersync::commands::setup::{setup, SetupOptions};
+use usersync::config::Config;
+use usersync::localpg::{LocalPg, LocalPgOptions};
+use usersync::map::GenericMapping;
+use usersync::metrics::Metrics;
+
+const PASSWORD: &str = "bench";
+const PUBLICATION: &str = "bench";
+const SLOT: &str = "bench";
+const NATIVE_SUBSCRIPTION: &str = "bench_native";
+const DECODE_SLOT: &str = "bench_decode";
+const USERSYNC_DB: &str = "usersync_target";
+const NATIVE_DB: &str = "native_target";
+
+/// The source table; `changed_at` is the source-side timestamp every lag sample starts from.
+const USERS_TABLE: &str = "
+CREATE TABLE public.users (
+    id           uuid PRIMARY KEY,
+    email        text NOT NULL,
+    display_name text,
+    created_at   timestamptz NOT NULL,
+    metadata     jsonb NOT NULL,
+    changed_at   timestamptz NOT NULL DEFAULT clock_timestamp()
+)";
+
+/// One lag sample per applied insert or update, taken when the target transaction commits.
+const LAG_TABLE: &str = "
+CREATE UNLOGGED TABLE public.bench_lag (
+    source_ts  timestamptz NOT NULL,
+    applied_at timestamptz NOT NULL
+)";
+
+const USERSYNC_LAG_TRIGGER: &str = "
+CREATE FUNCTION public.bench_record_lag() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.bench_lag
+    VALUES ((NEW.raw_json ->> 'changed_at')::timestamptz, clock_timestamp());
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER bench_lag AFTER INSERT OR UPDATE ON neon_auth.users_sync
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.deleted_at IS NULL)
+    EXECUTE FUNCTION public.bench_record_lag();
+ALTER TABLE neon_auth.users_sync ENABLE ALWAYS TRIGGER bench_lag;";
+
+/// `ENABLE ALWAYS`: the apply worker runs with `session_replication_role = replica`, under
+/// which ordinary triggers do not fire.
+const NATIVE_LAG_TRIGGER: &str = "
+CREATE FUNCTION public.bench_record_lag() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.bench_lag VALUES (NEW.changed_at, clock_timestamp());
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER bench_lag AFTER INSERT OR UPDATE ON public.users
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+    EXECUTE FUNCTION public.bench_record_lag();
+ALTER TABLE public.users ENABLE ALWAYS TRIGGER bench_lag;";
+
+const LAG_PERCENTILES: &str = "
+SELECT count(*),
+       percentile_disc(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP
+           (ORDER BY extract(epoch FROM applied_at - source_ts)::float8),
+       max(extract(epoch FROM applied_at - source_ts)::float8)
+  FROM public.bench_lag";
+
+/// How long any wait for replication may take before the bench gives up.
+const WAIT_LIMIT: Duration = Duration::from_secs(900);
+/// Poll interval for "is the marker row on the target yet".
+const POLL: Duration = Duration::from_millis(10);
+/// Target rate of one load connection: each change is one round trip plus a commit.
+const RATE_PER_CONNECTION: f64 = 400.0;
+const MAX_LOAD_CONNECTIONS: usize = 16;
+/// Connections writing a backlog as fast as they can.
+const BACKLOG_CONNECTIONS: usize = 4;
+/// Existing users handed to the load generator for its first updates and deletes.
+const INITIAL_ID_POOL: i64 = 20_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    Usersync,
+    Native,
+}
+
+struct Settings {
+    snapshot_users: u64,
+    rates: Vec<f64>,
+    seconds: f64,
+    backlog: u64,
+    bulk: u64,
+    rss_users: u64,
+    sections: Option<Vec<String>>,
+    json: bool,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let scale: f64 = env_parse("USERSYNC_BENCH_SCALE").unwrap_or(1.0);
+        let scaled = |name: &str, default: f64| -> u64 {
+            env_parse(name).unwrap_or((default * scale).round().max(1.0) as u64)
+        };
+        let rates = std::env::var("USERSYNC_BENCH_RATES")
+            .unwrap_or_else(|_| "200,1000,5000".into())
+            .split(',')
+            .map(|r| r.trim().parse().expect("USERSYNC_BENCH_RATES: numbers"))
+            .collect();
+        Settings {
+            snapshot_users: scaled("USERSYNC_BENCH_SNAPSHOT_USERS", 1_000_000.0),
+            rates,
+            seconds: env_parse("USERSYNC_BENCH_SECONDS").unwrap_or((10.0 * scale).max(2.0)),
+            backlog: scaled("USERSYNC_BENCH_BACKLOG", 100_000.0),
+            bulk: scaled("USERSYNC_BENCH_BULK", 100_000.0),
+            rss_users: scaled("USERSYNC_BENCH_RSS_USERS", 1_000_000.0),
+            sections: std::env::var("USERSYNC_BENCH_SECTIONS")
+                .ok()
+                .map(|s| s.split(',').map(|s| s.trim().to_owned()).collect()),
+            json: std::env::args().any(|a| a == "--json")
+                || std::env::var("USERSYNC_BENCH_JSON").is_ok_and(|v| v == "1"),
+        }
+    }
+
+    fn runs(&self, section: &str) -> bool {
+        self.sections
+            .as_ref()
+            .is_none_or(|s| s.iter().any(|s| s == section))
+    }
+}
+
+fn env_parse<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// One line of the result table.
+struct Figure {
+    section: String,
+    metric: String,
+    unit: &'static str,
+    usersync: Option<f64>,
+    native: Option<f64>,
+}
+
+#[derive(Default)]
+struct Report {
+    figures: Vec<Figure>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn add(
+        &mut self,
+        section: &str,
+        metric: &str,
+        unit: &'static str,
+        usersync: Option<f64>,
+        native: Option<f64>,
+    ) {
+        self.figures.push(Figure {
+            section: section.into(),
+            metric: metric.into(),
+            unit,
+            usersync,
+            native,
+        });
+    }
+
+    fn note(&mut self, note: String) {
+        eprintln!("  {note}");
+        self.notes.push(note);
+    }
+
+    fn print(&self) {
+        let cell = |v: Option<f64>| v.map_or("-".to_owned(), format_value);
+        println!(
+            "\n{:<32} {:<36} {:>12} {:>12} {:>9}",
+            "section", "figure", "usersync", "native", "us/native"
+        );
+        for f in &self.figures {
+            let ratio = match (f.usersync, f.native) {
+                (Some(u), Some(n)) if n != 0.0 => format!("{:.2}x", u / n),
+                _ => "-".into(),
+            };
+            println!(
+                "{:<32} {:<36} {:>12} {:>12} {:>9}",
+                f.section,
+                format!("{} ({})", f.metric, f.unit),
+                cell(f.usersync),
+                cell(f.native),
+                ratio
+            );
+        }
+        println!("(rates: higher is better; lag and memory: lower is better)");
+        for note in &self.notes {
+            println!("note: {note}");
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let figures: Vec<_> = self
+            .figures
+            .iter()
+            .map(|f| {
+                json!({
+                    "section": f.section,
+                    "figure": f.metric,
+                    "unit": f.unit,
+                    "usersync": f.usersync,
+                    "native": f.native,
+                    "ratio": match (f.usersync, f.native) {
+                        (Some(u), Some(n)) if n != 0.0 => Some(u / n),
+                        _ => None,
+                    },
+                })
+            })
+            .collect();
+        json!({ "figures": figures, "notes": self.notes })
+    }
+}
+
+fn format_value(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+/// The two servers, the connections the bench drives them with, and the running contenders.
+struct Bench {
+    source_pg: LocalPg,
+    _target_pg: LocalPg,
+    source_url: String,
+    target_url: String,
+    source: Client,
+    usersync_target: Client,
+    native_target: Client,
+    config: Config,
+    usersync: Option<InProcess>,
+    native_enabled: bool,
+    /// Ids the load generator may update or delete, one pool per load connection.
+    id_pool: Vec<String>,
+    rng: Rng,
+}
+
+struct InProcess {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), usersync::Error>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Bench {
+    async fn contender_start(&mut self, who: Who) {
+        match who {
+            Who::Usersync if self.usersync.is_none() => {
+                let (stop, shutdown) = watch::channel(false);
+                let metrics = Arc::new(Metrics::new(self.config.lag_target));
+                let config = self.config.clone();
+                let task_metrics = Arc::clone(&metrics);
+                let task = tokio::spawn(async move {
+                    usersync::replicator::run(&config, task_metrics, shutdown).await
+                });
+                self.usersync = Some(InProcess {
+                    stop,
+                    task,
+                    metrics,
+                });
+            }
+            Who::Native if !self.native_enabled => {
+                self.native_target
+                    .batch_execute(&format!("ALTER SUBSCRIPTION {NATIVE_SUBSCRIPTION} ENABLE"))
+                    .await
+                    .unwrap();
+                self.native_enabled = true;
+            }
+            _ => {}
+        }
+    }
+
+    async fn contender_stop(&mut self, who: Who) {
+        match who {
+            Who::Usersync => {
+                if let Some(running) = self.usersync.take() {
+                    let _ = running.stop.send(true);
+                    running
+                        .task
+                        .await
+                        .expect("replicator task")
+                        .expect("replicator stops cleanly");
+                }
+            }
+            Who::Native if self.native_enabled => {
+                self.native_target
+                    .batch_execute(&format!("ALTER SUBSCRIPTION {NATIVE_SUBSCRIPTION} DISABLE"))
+                    .await
+                    .unwrap();
+                self.native_enabled = false;
+                // The apply worker leaves asynchronously; wait until its slot is free.
+                self.wait_slot_inactive(NATIVE_SUBSCRIPTION).await;
+            }
+            Who::Native => {}
+        }
+    }
+
+    async fn wait_slot_inactive(&self, slot: &str) {
+        let started = Instant::now();
+        loop {
+            let active: bool = self
+                .source
+                .query_one(
+                    "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if !active {
+                return;
+            }
+            assert!(started.elapsed() < WAIT_LIMIT, "slot {slot} stays active");
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Runs `who` alone and waits until it has applied everything written so far.
+    async fn only(&mut self, who: Who) {
+        let other = match who {
+            Who::Usersync => Who::Native,
+            Who::Native => Who::Usersync,
+        };
+        self.contender_stop(other).await;
+        self.contender_start(who).await;
+        self.catch_up(who).await;
+    }
+
+    async fn catch_up(&mut self, who: Who) -> Duration {
+        let id = self.rng.uuid();
+        insert_user(&self.source, &id).await;
+        self.wait_visible(who, &id).await
+    }
+
+    fn target(&self, who: Who) -> &Client {
+        match who {
+            Who::Usersync => &self.usersync_target,
+            Who::Native => &self.native_target,
+        }
+    }
+
+    /// Polls until the user `id` is on `who`'s target; returns how long that took.
+    async fn wait_visible(&self, who: Who, id: &str) -> Duration {
+        let query = match who {
+            Who::Usersync => "SELECT EXISTS (SELECT 1 FROM neon_auth.users_sync WHERE id = $1)",
+            Who::Native => "SELECT EXISTS (SELECT 1 FROM public.users WHERE id = $1::text::uuid)",
+        };
+        let statement = self.target(who).prepare(query).await.unwrap();
+        let started = Instant::now();
+        loop {
+            let seen: bool = self
+                .target(who)
+                .query_one(&statement, &[&id])
+                .await
+                .unwrap()
+                .get(0);
+            if seen {
+                return started.elapsed();
+            }
+            if let Some(running) = &self.usersync {
+                assert!(
+                    !running.task.is_finished(),
+                    "the in-process replicator stopped"
+                );
+            }
+            assert!(
+                started.elapsed() < WAIT_LIMIT,
+                "{who:?} did not replicate {id} within {WAIT_LIMIT:?}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn reset_lag(&self, who: Who) {
+        self.target(who)
+            .batch_execute("TRUNCATE public.bench_lag")
+            .await
+            .unwrap();
+    }
+
+    /// (samples, p50, p95, p99, max) in seconds.
+    async fn lag(&self, who: Who) -> (i64, [f64; 4]) {
+        let row = self
+            .target(who)
+            .query_one(LAG_PERCENTILES, &[])
+            .await
+            .unwrap();
+        let count: i64 = row.get(0);
+        let percentiles: Option<Vec<f64>> = row.get(1);
+        let max: Option<f64> = row.get(2);
+        let p = percentiles.unwrap_or_else(|| vec![f64::NAN; 3]);
+        (count, [p[0], p[1], p[2], max.unwrap_or(f64::NAN)])
+    }
+
+    fn usersync_metrics(&self) -> Option<MetricSnapshot> {
+        self.usersync
+            .as_ref()
+            .map(|r| MetricSnapshot::read(&r.metrics))
+    }
+
+    async fn current_wal_lsn(&self) -> String {
+        self.source
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+/// Sums of usersync's batch histograms at one moment; differences give a phase's breakdown.
+#[derive(Clone, Copy, Default)]
+struct MetricSnapshot {
+    batches: f64,
+    changes: f64,
+    apply_seconds: f64,
+}
+
+impl MetricSnapshot {
+    fn read(metrics: &Metrics) -> MetricSnapshot {
+        let text = metrics.encode();
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        MetricSnapshot {
+            batches: value("usersync_batch_size_changes_count"),
+            changes: value("usersync_batch_size_changes_sum"),
+            apply_seconds: value("usersync_apply_duration_seconds_sum"),
+        }
+    }
+
+    fn describe_since(&self, before: &MetricSnapshot, wall: Duration) -> String {
+        let batches = self.batches - before.batches;
+        let changes = self.changes - before.changes;
+        let apply = self.apply_seconds - before.apply_seconds;
+        format!(
+            "{batches:.0} target transactions, {:.1} changes each, {:.2} ms apply each, \
+             apply {:.0}% of {:.1}s",
+            changes / batches.max(1.0),
+            apply * 1000.0 / batches.max(1.0),
+            apply * 100.0 / wall.as_secs_f64().max(1e-9),
+            wall.as_secs_f64()
+        )
+    }
+}
+
+/// SplitMix64: ids and choices need to differ, not to be secret. (Not xorshift: seeding a
+/// task with the next output of another xorshift generator would replay its sequence.)
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn uuid(&mut self) -> String {
+        let (a, b) = (self.next(), self.next());
+        format!(
+            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+            a >> 32,
+            (a >> 16) & 0xffff,
+            a & 0xfff,
+            b >> 52,
+            b & 0xffff_ffff_ffff
+        )
+    }
+}
+
+const INSERT_USER: &str = "INSERT INTO public.users (id, email, display_name, created_at, metadata)
+     VALUES ($1::text::uuid, $1 || '@example.com', 'Bench User', now(), '{\"plan\": \"free\"}')";
+const UPDATE_USER: &str = "UPDATE public.users
+        SET display_name = 'Renamed ' || $2::text, metadata = jsonb_build_object('plan', 'pro', 'n', $2::text),
+            changed_at = clock_timestamp()
+      WHERE id = $1::text::uuid";
+const DELETE_USER: &str = "DELETE FROM public.users WHERE id = $1::text::uuid";
+
+async fn insert_user(client: &Client, id: &str) {
+    client.execute(INSERT_USER, &[&id]).await.unwrap();
+}
+
+/// How a load run is paced.
+#[derive(Clone, Copy)]
+enum Pace {
+    /// This many transactions per second for this long.
+    Rate { per_second: f64, seconds: f64 },
+    /// This many transactions, as fast as the connections go.
+    Count(u64),
+}
+
+struct LoadResult {
+    transactions: u64,
+    elapsed: Duration,
+}
+
+/// Writes the 60/35/5 insert/update/delete mix, one change per transaction.
+async fn generate_load(bench: &mut Bench, pace: Pace) -> LoadResult {
+    let connections = match pace {
+        Pace::Rate { per_second, .. } => {
+            ((per_second / RATE_PER_CONNECTION).ceil() as usize).clamp(1, MAX_LOAD_CONNECTIONS)
+        }
+        Pace::Count(_) => BACKLOG_CONNECTIONS,
+    };
+    let mut pool = std::mem::take(&mut bench.id_pool);
+    let share = pool.len() / connections;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for index in 0..connections {
+        let ids: Vec<String> = pool.split_off(pool.len() - share);
+        let url = bench.source_url.clone();
+        let seed = bench.rng.next();
+        tasks.push(tokio::spawn(async move {
+            load_connection(url, ids, seed, pace, connections, index, started).await
+        }));
+    }
+    let mut transactions = 0;
+    for task in tasks {
+        let (done, ids) = task.await.expect("load task");
+        transactions += done;
+        pool.extend(ids);
+    }
+    bench.id_pool = pool;
+    LoadResult {
+        transactions,
+        elapsed: started.elapsed(),
+    }
+}
+
+async fn load_connection(
+    url: String,
+    mut ids: Vec<String>,
+    seed: u64,
+    pace: Pace,
+    connections: usize,
+    index: usize,
+    started: Instant,
+) -> (u64, Vec<String>) {
+    let client = connect_url(&url).await;
+    let insert = client.prepare(INSERT_USER).await.unwrap();
+    let update = client.prepare(UPDATE_USER).await.unwrap();
+    let delete = client.prepare(DELETE_USER).await.unwrap();
+    let mut rng = Rng::new(seed);
+    let mut done: u64 = 0;
+    loop {
+        match pace {
+            Pace::Rate {
+                per_second,
+                seconds,
+            } => {
+                // Transaction n of this connection is due at (n * connections + index) / rate:
+                // an absolute schedule, so a slow round trip is made up, not lost.
+                let due = ((done * connections as u64 + index as u64) as f64) / per_second;
+                if due >= seconds {
+                    break;
+                }
+                let due = started + Duration::from_secs_f64(due);
+                if due > Instant::now() {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+            }
+            Pace::Count(total) => {
+                if done * connections as u64 + index as u64 >= total {
+                    break;
+                }
+            }
+        }
+        let roll = rng.below(100);
+        if roll < 60 || ids.is_empty() {
+            let id = rng.uuid();
+            client.execute(&insert, &[&id]).await.unwrap();
+            ids.push(id);
+        } else if roll < 95 {
+            let id = &ids[rng.below(ids.len())];
+            let n = rng.next().to_string();
+            client.execute(&update, &[id, &n]).await.unwrap();
+        } else {
+            let id = ids.swap_remove(rng.below(ids.len()));
+            client.execute(&delete, &[&id]).await.unwrap();
+        }
+        done += 1;
+    }
+    (done, ids)
+}
+
+async fn connect_url(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+#[tokio::main]
+async fn main() {
+    let settings = Settings::from_env();
+    let mut report = Report::default();
+    let mut bench = start(&settings, &mut report).await;
+
+    if settings.runs("steady") {
+        steady(&mut bench, &settings, &mut report).await;
+    }
+    if settings.runs("drain") {
+        drain(&mut bench, &settings, &mut report).await;
+    }
+    if settings.runs("bulk") {
+        bulk(&mut bench, &settings, &mut report).await;
+    }
+    if settings.runs("rss") {
+        peak_rss(&mut bench, &settings, &mut report).await;
+    }
+    bench.contender_stop(Who::Usersync).await;
+    bench.contender_stop(Who::Native).await;
+
+    report.print();
+    if settings.json {
+        println!("{}", report.json());
+    }
+}
+
+/// Servers, the source table filled, and section 1: both initial copies.
+async fn start(settings: &Settings, report: &mut Report) -> Bench {
+    let options = LocalPgOptions {
+        superuser_password: PASSWORD.into(),
+        ..LocalPgOptions::default()
+    };
+    let source_pg = LocalPg::start(&options).expect("start the source server");
+    let target_pg = LocalPg::start(&options).expect("start the target server");
+    eprintln!(
+        "servers up: PostgreSQL {} (source port {}, target port {})",
+        source_pg.server_version_num(),
+        source_pg.port(),
+        target_pg.port()
+    );
+    let source_url = source_pg.url("postgres", PASSWORD, "postgres");
+    let source = connect_url(&source_url).await;
+    source.batch_execute(USERS_TABLE).await.unwrap();
+    let users = settings.snapshot_users;
+    let fill = Instant::now();
+    source
+        .batch_execute(&format!(
+            "INSERT INTO users (id, email, display_name, created_at, metadata)
+             SELECT gen_random_uuid(), 'user' || g || '@example.com', 'User ' || g,
+                    now() - g * interval '1 minute', jsonb_build_object('plan', 'free', 'n', g)
+               FROM generate_series(1, {users}) g"
+        ))
+        .await
+        .unwrap();
+    source.batch_execute("VACUUM ANALYZE users").await.unwrap();
+    eprintln!(
+        "source filled with {users} users in {:.1}s",
+        fill.elapsed().as_secs_f64()
+    );
+    let admin = connect_url(&target_pg.url("postgres", PASSWORD, "postgres")).await;
+    for database in [USERSYNC_DB, NATIVE_DB] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .unwrap();
+    }
+
+    let config = Config {
+        source: source_url.parse().unwrap(),
+        target: target_pg
+            .url("postgres", PASSWORD, USERSYNC_DB)
+            .parse()
+            .unwrap(),
+        table: "public.users".parse().unwrap(),
+        slot: SLOT.into(),
+        publication: PUBLICATION.into(),
+        mapping: GenericMapping::default().into(),
+        lag_target: Duration::from_secs(1),
+        // No heartbeats: they would be extra source transactions only usersync writes.
+        heartbeat_interval: None,
+        source_timeout: usersync::config::DEFAULT_SOURCE_TIMEOUT,
+    };
+    eprintln!("snapshot: usersync setup");
+    let started = Instant::now();
+    setup(&config, SetupOptions::default())
+        .await
+        .expect("usersync setup");
+    let ours = started.elapsed();
+
+    eprintln!("snapshot: native copy_data");
+    let native_target = connect_url(&target_pg.url("postgres", PASSWORD, NATIVE_DB)).await;
+    native_target.batch_execute(USERS_TABLE).await.unwrap();
+    let started = Instant::now();
+    native_target
+        .batch_execute(&format!(
+            "CREATE SUBSCRIPTION {NATIVE_SUBSCRIPTION} CONNECTION '{}' PUBLICATION {PUBLICATION}",
+            source_url.replace('\'', "''")
+        ))
+        .await
+        .unwrap();
+    loop {
+        let ready: bool = native_target
+            .query_one(
+                "SELECT count(*) > 0 AND bool_and(srsubstate = 'r') FROM pg_subscription_rel",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if ready {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let theirs = started.elapsed();
+    let rate = |took: Duration| users as f64 / took.as_secs_f64();
+    report.add(
+        &format!("snapshot {users} users"),
+        "copy rate",
+        "rows/s",
+        Some(rate(ours)),
+        Some(rate(theirs)),
+    );
+    report.add(
+        &format!("snapshot {users} users"),
+        "copy time",
+        "s",
+        Some(ours.as_secs_f64()),
+        Some(theirs.as_secs_f64()),
+    );
+
+    let target_url = target_pg.url("postgres", PASSWORD, USERSYNC_DB);
+    let usersync_target = connect_url(&target_url).await;
+    usersync_target
+        .batch_execute(&format!("{LAG_TABLE}; {USERSYNC_LAG_TRIGGER}"))
+        .await
+        .unwrap();
+    native_target
+        .batch_execute(&format!("{LAG_TABLE}; {NATIVE_LAG_TRIGGER}"))
+        .await
+        .unwrap();
+    let id_pool = source
+        .query(
+            &format!("SELECT id::text FROM public.users LIMIT {INITIAL_ID_POOL}"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut bench = Bench {
+        source_pg,
+        _target_pg: target_pg,
+        source_url,
+        target_url,
+        source,
+        usersync_target,
+        native_target,
+        config,
+        usersync: None,
+        native_enabled: true,
+        id_pool,
+        rng: Rng::new(0x5eed_cafe_f00d),
+    };
+    bench.contender_start(Who::Usersync).await;
+    bench.catch_up(Who::Usersync).await;
+    bench.catch_up(Who::Native).await;
+    report.note(format!(
+        "usersync raw_json carries changed_at as {:?}",
+        bench
+            .usersync_target
+            .query_one(
+                "SELECT raw_json ->> 'changed_at' FROM neon_auth.users_sync LIMIT 1",
+                &[]
+            )
+            .await
+            .unwrap()
+            .get::<_, Option<String>>(0)
+    ));
+    bench
+}
+
+/// Section 2: lag under a fixed rate.
+async fn steady(bench: &mut Bench, settings: &Settings, report: &mut Report) {
+    for &rate in &settings.rates {
+        let section = format!("steady {rate:.0} tx/s, {:.0}s", settings.seconds);
+        let mut lags: [[Option<f64>; 4]; 2] = [[None; 4]; 2];
+        let mut achieved = [None; 2];
+        for (slot, who) in [Who::Usersync, Who::Native].into_iter().enumerate() {
+            eprintln!("{section}: {who:?}");
+            bench.only(who).await;
+            bench.reset_lag(who).await;
+            let before = bench.usersync_metrics();
+            let load = generate_load(
+                bench,
+                Pace::Rate {
+                    per_second: rate,
+                    seconds: settings.seconds,
+                },
+            )
+            .await;
+            let drained = bench.catch_up(who).await;
+            let wall = load.elapsed + drained;
+            let rate_achieved = load.transactions as f64 / load.elapsed.as_secs_f64();
+            achieved[slot] = Some(rate_achieved);
+            let (samples, lag) = bench.lag(who).await;
+            for (i, value) in lag.iter().enumerate() {
+                lags[slot][i] = Some(*value * 1000.0);
+            }
+            eprintln!(
+                "  {} tx in {:.1}s ({rate_achieved:.0}/s), {samples} lag samples, p50 {:.1} ms, p99 {:.1} ms",
+                load.transactions,
+                load.elapsed.as_secs_f64(),
+                lag[0] * 1000.0,
+                lag[2] * 1000.0
+            );
+            if let (Some(before), Some(after)) = (before, bench.usersync_metrics()) {
+                report.note(format!(
+                    "{section}, usersync: {}",
+                    after.describe_since(&before, wall)
+                ));
+            }
+        }
+        report.add(&section, "load achieved", "tx/s", achieved[0], achieved[1]);
+        for (i, name) in ["lag p50", "lag p95", "lag p99", "lag max"]
+            .into_iter()
+            .enumerate()
+        {
+            report.add(&section, name, "ms", lags[0][i], lags[1][i]);
+        }
+    }
+}
+
+/// Section 3: a backlog written while both are stopped, then each catches up alone.
+async fn drain(bench: &mut Bench, settings: &Settings, report: &mut Report) {
+    let section = format!("backlog drain {} tx", settings.backlog);
+    eprintln!("{section}: both catching up, then stopping");
+    bench.contender_start(Who::Usersync).await;
+    bench.contender_start(Who::Native).await;
+    bench.catch_up(Who::Usersync).await;
+    bench.catch_up(Who::Native).await;
+    bench.contender_stop(Who::Usersync).await;
+    bench.contender_stop(Who::Native).await;
+    bench
+        .source
+        .batch_execute(&format!(
+            "SELECT pg_create_logical_replication_slot('{DECODE_SLOT}', 'pgoutput')"
+        ))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let load = generate_load(bench, Pace::Count(settings.backlog)).await;
+    let marker = bench.rng.uuid();
+    insert_user(&bench.source, &marker).await;
+    let transactions = load.transactions + 1;
+    let end_lsn = bench.current_wal_lsn().await;
+    eprintln!(
+        "  backlog of {transactions} tx written in {:.1}s, ending at {end_lsn}",
+        started.elapsed().as_secs_f64()
+    );
+    let retained: String = bench
+        .source
+        .query_one(
+            "SELECT pg_size_pretty(pg_current_wal_lsn() - confirmed_flush_lsn) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&DECODE_SLOT],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    report.note(format!("{section}: the backlog is {retained} of WAL"));
+
+    // The physical limit: the walsender decoding the same WAL through pgoutput, nothing applied.
+    let pg_recvlogical = bench.source_pg.bin_dir().join("pg_recvlogical");
+    let started = Instant::now();
+    let status = Command::new(&pg_recvlogical)
+        .args(["-d", &bench.source_url, "--slot", DECODE_SLOT, "--start"])
+        .args(["-E", &end_lsn, "--no-loop", "-f", "/dev/null"])
+        .args(["-o", "proto_version=2", "-o"])
+        .arg(format!("publication_names={PUBLICATION}"))
+        .stdout(Stdio::null())
+        .status()
+        .expect("run pg_recvlogical");
+    let decode = started.elapsed();
+    assert!(status.success(), "pg_recvlogical failed: {status}");
+    bench
+        .source
+        .batch_execute(&format!("SELECT pg_drop_replication_slot('{DECODE_SLOT}')"))
+        .await
+        .unwrap();
+
+    let mut took = [Duration::ZERO; 2];
+    for (slot, who) in [Who::Usersync, Who::Native].into_iter().enumerate() {
+        eprintln!("{section}: {who:?}");
+        let started = Instant::now();
+        bench.contender_start(who).await;
+        let before = bench.usersync_metrics();
+        bench.wait_visible(who, &marker).await;
+        took[slot] = started.elapsed();
+        if let (Some(before), Some(after)) = (before, bench.usersync_metrics()) {
+            report.note(format!(
+                "{section}, usersync: {}",
+                after.describe_since(&before, took[slot])
+            ));
+        }
+        bench.contender_stop(who).await;
+    }
+    let rate = |d: Duration| transactions as f64 / d.as_secs_f64();
+    report.add(
+        &section,
+        "catch-up rate",
+        "tx/s",
+        Some(rate(took[0])),
+        Some(rate(took[1])),
+    );
+    report.add(
+        &section,
+        "catch-up time",
+        "s",
+        Some(took[0].as_secs_f64()),
+        Some(took[1].as_secs_f64()),
+    );
+    report.add(
+        &section,
+        "pg_recvlogical decode rate",
+        "tx/s",
+        Some(rate(decode)),
+        Some(rate(decode)),
+    );
+    report.note(format!(
+        "{section}: pg_recvlogical (proto_version=2, into /dev/null) decoded it in {:.2}s; \
+         usersync reaches {:.0}% of that rate, native {:.0}%",
+        decode.as_secs_f64(),
+        100.0 * decode.as_secs_f64() / took[0].as_secs_f64(),
+        100.0 * decode.as_secs_f64() / took[1].as_secs_f64()
+    ));
+}
+
+/// Section 4: one large transaction, from its commit to its last row on the target.
+async fn bulk(bench: &mut Bench, settings: &Settings, report: &mut Report) {
+    let rows = settings.bulk;
+    let section = format!("bulk 1 tx of {rows} inserts");
+    let mut took = [Duration::ZERO; 2];
+    for (slot, who) in [Who::Usersync, Who::Native].into_iter().enumerate() {
+        eprintln!("{section}: {who:?}");
+        bench.only(who).await;
+        let before = bench.usersync_metrics();
+        let last = bench.rng.uuid();
+        let (commit, _) = bulk_insert(&bench.source, rows, &last).await;
+        bench.wait_visible(who, &last).await;
+        took[slot] = commit.elapsed();
+        if let (Some(before), Some(after)) = (before, bench.usersync_metrics()) {
+            report.note(format!(
+                "{section}, usersync: {}",
+                after.describe_since(&before, took[slot])
+            ));
+        }
+    }
+    let rate = |d: Duration| rows as f64 / d.as_secs_f64();
+    report.add(
+        &section,
+        "commit to last row",
+        "rows/s",
+        Some(rate(took[0])),
+        Some(rate(took[1])),
+    );
+    report.add(
+        &section,
+        "commit to last row",
+        "s",
+        Some(took[0].as_secs_f64()),
+        Some(took[1].as_secs_f64()),
+    );
+}
+
+/// Inserts `rows - 1` generated users and then `last`, in one transaction. Returns the
+/// instant the commit returned and how long the transaction took on the source.
+async fn bulk_insert(source: &Client, rows: u64, last: &str) -> (Instant, Duration) {
+    let started = Instant::now();
+    source
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO public.users (id, email, display_name, created_at, metadata)
+             SELECT gen_random_uuid(), 'bulk' || g || '@example.com', 'Bulk ' || g, now(),
+                    jsonb_build_object('plan', 'free', 'n', g)
+               FROM generate_series(1, {}) g;
+             INSERT INTO public.users (id, email, display_name, created_at, metadata)
+             VALUES ('{last}', 'last@example.com', 'Last', now(), '{{}}');
+             COMMIT",
+            rows.saturating_sub(1)
+        ))
+        .await
+        .unwrap();
+    (Instant::now(), started.elapsed())
+}
+
+/// Section 5: the real binary's peak RSS through one very large transaction.
+async fn peak_rss(bench: &mut Bench, settings: &Settings, report: &mut Report) {
+    let rows = settings.rss_users;
+    let section = format!("memory, 1 tx of {rows} inserts");
+    eprintln!("{section}: usersync run (child process)");
+    bench.contender_stop(Who::Native).await;
+    bench.contender_stop(Who::Usersync).await;
+    let binary = PathBuf::from(env!("CARGO_BIN_EXE_usersync"));
+    let mut child = Command::new(&binary)
+        .arg("run")
+        .env("USERSYNC_SOURCE_URL", &bench.source_url)
+        .env("USERSYNC_TARGET_URL", &bench.target_url)
+        .env("USERSYNC_SLOT", SLOT)
+        .env("USERSYNC_PUBLICATION", PUBLICATION)
+        .env("USERSYNC_TABLE", "public.users")
+        .env("USERSYNC_METRICS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start usersync run");
+    let pid = child.id();
+    bench.catch_up(Who::Usersync).await;
+    let idle = vm_hwm_kib(pid).unwrap_or(0);
+    let last = bench.rng.uuid();
+    let (commit, source_took) = bulk_insert(&bench.source, rows, &last).await;
+    bench.wait_visible(Who::Usersync, &last).await;
+    let replicated = commit.elapsed();
+    // VmHWM is the kernel's own high-water mark: one read after the fact is the peak.
+    let peak = vm_hwm_kib(pid).unwrap_or(0);
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = child.wait();
+    report.add(
+        &section,
+        "usersync run peak RSS",
+        "MiB",
+        Some(peak as f64 / 1024.0),
+        None,
+    );
+    report.add(
+        &section,
+        "commit to last row",
+        "rows/s",
+        Some(rows as f64 / replicated.as_secs_f64()),
+        None,
+    );
+    report.note(format!(
+        "{section}: VmHWM {:.1} MiB when idle, {:.1} MiB after; the source took {:.1}s to \
+         write it, usersync {:.1}s from commit to last row (native not measured: the apply \
+         worker's RSS counts shared buffers)",
+        idle as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        source_took.as_secs_f64(),
+        replicated.as_secs_f64()
+    ));
+}
+
+/// `VmHWM` (peak resident set) of a process in KiB, or `None` once it has gone.
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
