@@ -67,6 +67,8 @@ const REPLAY_STATUS_INTERVAL: Duration = Duration::from_millis(200);
 /// How long `run` waits for a slot held by another process (often its own previous
 /// walsender, which has not noticed yet that the connection is gone).
 const SLOT_BUSY_WAIT: Duration = Duration::from_secs(15);
+/// Added to the source's `wal_sender_timeout` when waiting for a lingering walsender.
+const SLOT_BUSY_MARGIN: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A session that ran this long, or applied a batch, counts as healthy: the next failure
@@ -311,8 +313,23 @@ async fn hold_slot_lock(
 }
 
 /// Fails with advice when the slot is missing or lost; waits a little while it is busy.
+///
+/// The wait lasts at least as long as the source's `wal_sender_timeout` (plus a margin): a
+/// predecessor that died without closing its connection (a crashed host, after which a
+/// standby takes over) keeps the slot busy until its walsender times out.
 async fn wait_for_slot(source: &tokio_postgres::Client, slot: &str) -> Result<(), Error> {
-    let deadline = Instant::now() + SLOT_BUSY_WAIT;
+    let sender_timeout: i32 = source
+        .query_one(
+            "SELECT setting::int FROM pg_settings WHERE name = 'wal_sender_timeout'",
+            &[],
+        )
+        .await
+        .map_err(SourceError::sql("reading wal_sender_timeout"))?
+        .get(0);
+    let wait = SLOT_BUSY_WAIT.max(
+        Duration::from_millis(u64::try_from(sender_timeout).unwrap_or(0)) + SLOT_BUSY_MARGIN,
+    );
+    let deadline = Instant::now() + wait;
     loop {
         let Some(info) = catalog::slot_info(source, slot).await? else {
             return Err(SourceError::Definite(format!(
