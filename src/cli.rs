@@ -141,6 +141,11 @@ pub struct SetupArgs {
     /// Don't copy the users already in the table; replicate only changes made from now on.
     #[arg(long)]
     pub no_snapshot: bool,
+
+    /// Create a failover slot (PostgreSQL 17+), synchronised to physical standbys so that
+    /// replication survives a failover of the source.
+    #[arg(long)]
+    pub failover: bool,
 }
 
 #[derive(Debug, Clone, Args)]

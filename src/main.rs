@@ -79,6 +79,7 @@ async fn dispatch(command: Command) -> Result<u8, Failure> {
         Command::Setup(args) => {
             let options = SetupOptions {
                 snapshot: !args.no_snapshot,
+                failover: args.failover,
             };
             commands::setup::setup(&Config::for_replication(&args.connection)?, options).await?
         }

@@ -326,9 +326,8 @@ async fn wait_for_slot(source: &tokio_postgres::Client, slot: &str) -> Result<()
         .await
         .map_err(SourceError::sql("reading wal_sender_timeout"))?
         .get(0);
-    let wait = SLOT_BUSY_WAIT.max(
-        Duration::from_millis(u64::try_from(sender_timeout).unwrap_or(0)) + SLOT_BUSY_MARGIN,
-    );
+    let wait = SLOT_BUSY_WAIT
+        .max(Duration::from_millis(u64::try_from(sender_timeout).unwrap_or(0)) + SLOT_BUSY_MARGIN);
     let deadline = Instant::now() + wait;
     loop {
         let Some(info) = catalog::slot_info(source, slot).await? else {

@@ -20,8 +20,10 @@ use crate::lsn::Lsn;
 use crate::map::RowOutcome;
 use crate::replicator::APPLICATION_NAME;
 use crate::source::snapshot::SnapshotRows;
-use crate::source::{catalog, ReplicationConnection};
+use crate::source::{catalog, ReplicationConnection, SourceError};
 
+/// PostgreSQL 17 brought failover slots (kept in sync on physical standbys).
+const FAILOVER_MIN_VERSION: u32 = 170_000;
 /// Users per target transaction during the copy.
 const PAGE: usize = 5_000;
 /// How often plain progress lines are printed (a terminal gets a bar, redrawn per page).
@@ -53,15 +55,30 @@ pub async fn create_slot_and_copy(
     columns: &[RelationColumn],
     target: Client,
     mode: CopyMode,
+    failover: bool,
 ) -> Result<CopyOutcome, Error> {
     let mut replication = ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
+    if failover {
+        let version = replication.server_version_num().unwrap_or(0);
+        if version < FAILOVER_MIN_VERSION {
+            return Err(SourceError::Definite(format!(
+                "--failover needs PostgreSQL 17 or later on the source (it runs {}.{}): \
+                 failover slots are synchronised to standbys only from 17 on",
+                version / 10_000,
+                version % 10_000
+            ))
+            .into());
+        }
+    }
     let identity = replication.identify_system().await?;
     let created = replication
-        .create_logical_slot(&config.slot, mode != CopyMode::Skip)
+        .create_logical_slot(&config.slot, mode != CopyMode::Skip, failover)
         .await?;
     println!(
-        "replication slot {} created at {}",
-        config.slot, created.consistent_point
+        "replication slot {} created at {}{}",
+        config.slot,
+        created.consistent_point,
+        if failover { " (failover)" } else { "" }
     );
     let shape = apply::check_shape(&target).await?;
     let mut writer = TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;

@@ -17,6 +17,8 @@ pub async fn resync(config: &Config) -> Result<(), Error> {
         target,
         columns,
     } = prepare(config).await?;
+    // A failover slot is recreated as one.
+    let failover = catalog::slot_is_failover(&source, &config.slot).await?;
     if let Some(slot) = catalog::slot_info(&source, &config.slot).await? {
         check_slot_fits(config, &slot)?;
         if let (true, Some(pid)) = (slot.active, slot.active_pid) {
@@ -36,8 +38,14 @@ pub async fn resync(config: &Config) -> Result<(), Error> {
     }
     // Without a checkpoint an interrupted resync is recognised and redone by setup or resync.
     apply::delete_checkpoint(&target, &config.slot).await?;
-    let outcome =
-        create_slot_and_copy(config, &columns, target, CopyMode::CopyAndReconcile).await?;
+    let outcome = create_slot_and_copy(
+        config,
+        &columns,
+        target,
+        CopyMode::CopyAndReconcile,
+        failover,
+    )
+    .await?;
     println!(
         "resync done: {} users copied, {} absent from the source soft-deleted; checkpoint reset to {}",
         outcome.copied, outcome.soft_deleted, outcome.consistent_point

@@ -20,11 +20,16 @@ use crate::source::{catalog, SourceError};
 pub struct SetupOptions {
     /// Copy the users already in the table (inside the slot's snapshot).
     pub snapshot: bool,
+    /// Create a failover slot (PostgreSQL 17+), which a promoted standby keeps.
+    pub failover: bool,
 }
 
 impl Default for SetupOptions {
     fn default() -> Self {
-        SetupOptions { snapshot: true }
+        SetupOptions {
+            snapshot: true,
+            failover: false,
+        }
     }
 }
 
@@ -132,11 +137,25 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
                     config.slot
                 );
                 catalog::drop_slot(&source, &config.slot).await?;
-                create_slot_and_copy(config, &columns, target, copy_mode(options)).await?;
+                create_slot_and_copy(
+                    config,
+                    &columns,
+                    target,
+                    copy_mode(options),
+                    options.failover,
+                )
+                .await?;
             }
         }
         None => {
-            create_slot_and_copy(config, &columns, target, copy_mode(options)).await?;
+            create_slot_and_copy(
+                config,
+                &columns,
+                target,
+                copy_mode(options),
+                options.failover,
+            )
+            .await?;
         }
     }
     println!("ready: start replication with usersync run");

@@ -269,6 +269,26 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
     }))
 }
 
+/// Whether the slot is a failover slot (PostgreSQL 17+; always false before).
+pub async fn slot_is_failover(client: &Client, slot: &str) -> Result<bool, SourceError> {
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(SourceError::sql("reading the server version"))?
+        .get(0);
+    if version < 170_000 {
+        return Ok(false);
+    }
+    let row = client
+        .query_opt(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(SourceError::sql("reading the slot's failover flag"))?;
+    Ok(row.is_some_and(|row| row.get(0)))
+}
+
 /// Drops the slot; fails with the holder's pid when a process is streaming from it.
 pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), SourceError> {
     client

@@ -467,17 +467,27 @@ impl ReplicationConnection {
         &mut self,
         slot: &str,
         export_snapshot: bool,
+        failover: bool,
     ) -> Result<CreatedSlot, ReplicationError> {
-        // The pre-15 keyword syntax, which PostgreSQL 15+ still accepts, keeps 14 working.
-        let snapshot = if export_snapshot {
-            "EXPORT_SNAPSHOT"
+        let sql = if failover {
+            // Failover slots (PostgreSQL 17+) exist only in the option-list syntax.
+            let snapshot = if export_snapshot { "export" } else { "nothing" };
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{snapshot}', FAILOVER true)",
+                escape_identifier(slot)
+            )
         } else {
-            "NOEXPORT_SNAPSHOT"
+            // The pre-15 keyword syntax, which PostgreSQL 15+ still accepts, keeps 14 working.
+            let snapshot = if export_snapshot {
+                "EXPORT_SNAPSHOT"
+            } else {
+                "NOEXPORT_SNAPSHOT"
+            };
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snapshot}",
+                escape_identifier(slot)
+            )
         };
-        let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snapshot}",
-            escape_identifier(slot)
-        );
         let result = self.simple_query(&sql).await?;
         let consistent_point = result
             .first("consistent_point")

@@ -370,3 +370,46 @@ async fn a_checkpoint_from_another_source_system_is_refused() {
     assert!(!error.is_transient());
     assert!(error.to_string().contains("source system 42"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_failover_makes_a_failover_slot_where_the_source_has_them() {
+    let pair = Pair::new().await;
+    let version: i32 = pair
+        .source
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let output = pair.usersync(&["setup", "--failover"]);
+    if version < 170_000 {
+        assert_eq!(output.status.code(), Some(78), "{}", text(&output));
+        assert!(
+            text(&output).contains("--failover needs PostgreSQL 17"),
+            "{}",
+            text(&output)
+        );
+        return;
+    }
+    assert!(output.status.success(), "{}", text(&output));
+    let failover: bool = pair
+        .source
+        .query_one(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+            &[&pair.config.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(failover);
+    let running = pair.start();
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('failover@example.com')")
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    running.stop().await;
+    // resync recreates it as a failover slot.
+    let resync = pair.usersync(&["resync"]);
+    assert!(resync.status.success(), "{}", text(&resync));
+    assert!(text(&resync).contains("(failover)"), "{}", text(&resync));
+}
