@@ -122,7 +122,11 @@ pub struct ConnectionArgs {
     /// milliseconds) [default: created_at].
     #[arg(long, env = "USERSYNC_SIGNED_UP_AT_COLUMN")]
     pub signed_up_at_column: Option<String>,
+}
 
+/// The lag target, for the commands that measure lag.
+#[derive(Debug, Clone, Args)]
+pub struct LagTargetArgs {
     /// Lag target that lag is reported against (e.g. 1s, 500ms).
     #[arg(
         long,
@@ -169,6 +173,9 @@ pub struct RunArgs {
     #[command(flatten)]
     pub connection: ConnectionArgs,
 
+    #[command(flatten)]
+    pub lag: LagTargetArgs,
+
     /// Address for /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -203,6 +210,9 @@ pub struct RunArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     pub connection: ConnectionArgs,
+
+    #[command(flatten)]
+    pub lag: LagTargetArgs,
 
     /// Print one JSON object on stdout instead of a table.
     #[arg(long)]

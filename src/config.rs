@@ -32,6 +32,9 @@ pub struct Config {
     pub source_timeout: Duration,
 }
 
+/// The lag target unless `--lag-target` says otherwise: Neon's promise for users_sync.
+pub const DEFAULT_LAG_TARGET: Duration = Duration::from_secs(1);
+
 /// The heartbeat interval unless `--heartbeat-interval` says otherwise.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -106,7 +109,7 @@ impl Config {
             slot: args.slot.clone(),
             publication: args.publication.clone(),
             mapping,
-            lag_target: parse_duration(&args.lag_target)?,
+            lag_target: DEFAULT_LAG_TARGET,
             heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
             source_timeout: DEFAULT_SOURCE_TIMEOUT,
         })

@@ -11,7 +11,8 @@ use usersync::cli::{Cli, Command, LogFormat};
 use usersync::commands;
 use usersync::commands::setup::SetupOptions;
 use usersync::config::{
-    parse_byte_size, parse_heartbeat_interval, parse_source_timeout, Config, PurgeConfig,
+    parse_byte_size, parse_duration, parse_heartbeat_interval, parse_source_timeout, Config,
+    PurgeConfig,
 };
 use usersync::conn::redact_secrets;
 use usersync::error::{Error, EXIT_FAILURE};
@@ -92,10 +93,12 @@ async fn dispatch(command: Command) -> Result<u8, Failure> {
             let mut config = Config::for_replication(&args.connection)?;
             config.heartbeat_interval = parse_heartbeat_interval(&args.heartbeat_interval)?;
             config.source_timeout = parse_source_timeout(&args.source_timeout)?;
+            config.lag_target = parse_duration(&args.lag.lag_target)?;
             commands::run::run(&config, args.metrics_addr).await?
         }
         Command::Status(args) => {
-            let config = Config::from_args(&args.connection)?;
+            let mut config = Config::from_args(&args.connection)?;
+            config.lag_target = parse_duration(&args.lag.lag_target)?;
             let options = commands::status::StatusOptions {
                 json: args.json,
                 min_safe_wal_size: parse_byte_size(&args.min_safe_wal_size)?,
