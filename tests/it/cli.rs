@@ -7,7 +7,8 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_is_idempotent_and_says_what_it_did() {
-    let pair = Pair::new().await;
+    // Superuser: it checks the messages of setup creating and teardown dropping what the roles may not.
+    let pair = Pair::as_superuser().await;
     let first = pair.usersync(&["setup"]);
     assert!(first.status.success(), "{}", text(&first));
     let said = text(&first);
@@ -84,7 +85,8 @@ pub fn send_signal(pid: u32, signal: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn teardown_needs_yes_then_drops_slot_and_publication() {
-    let pair = Pair::new().await;
+    // Superuser: it checks the messages of setup creating and teardown dropping what the roles may not.
+    let pair = Pair::as_superuser().await;
     pair.setup().await;
     let refused = pair.usersync(&["teardown"]);
     assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));

@@ -25,7 +25,8 @@ async fn wrong_password_is_definite_and_not_echoed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_table_and_missing_key_are_explained() {
-    let pair = Pair::new().await;
+    // Superuser: it makes its own roles, tables or privileges, which the roles script would pre-empt.
+    let pair = Pair::as_superuser().await;
     let missing = pair
         .command(&["setup", "--table", "public.nobody"])
         .output()
@@ -44,7 +45,8 @@ async fn missing_table_and_missing_key_are_explained() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_replication_privilege_is_explained() {
-    let pair = Pair::new().await;
+    // Superuser: it makes its own roles, tables or privileges, which the roles script would pre-empt.
+    let pair = Pair::as_superuser().await;
     let role = unique("plain");
     pair.source
         .batch_execute(&format!(
@@ -138,7 +140,8 @@ async fn an_unknown_mapped_column_is_refused_at_setup() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_table_missing_a_writable_column_is_refused() {
-    let pair = Pair::new().await;
+    // Superuser: it makes its own roles, tables or privileges, which the roles script would pre-empt.
+    let pair = Pair::as_superuser().await;
     pair.target
         .batch_execute(
             "CREATE SCHEMA neon_auth;
@@ -210,7 +213,8 @@ async fn a_malformed_row_stops_replication_before_confirming_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_select_privilege_is_explained() {
-    let pair = Pair::new().await;
+    // Superuser: it makes its own roles, tables or privileges, which the roles script would pre-empt.
+    let pair = Pair::as_superuser().await;
     let role = unique("noselect");
     pair.source
         .batch_execute(&format!(

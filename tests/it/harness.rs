@@ -120,6 +120,48 @@ pub async fn sql(server: &LocalPg, dbname: &str) -> Client {
     client
 }
 
+/// psql as the superuser over the server's Unix socket (trusted), stopping at the first error.
+pub fn psql(pg: &LocalPg, dbname: &str, arguments: &[&str]) -> Output {
+    // Server-only builds (scripts/fetch-postgres.sh) have no psql: any psql will do.
+    let beside_server = pg.bin_dir().join("psql");
+    let program = if beside_server.is_file() {
+        beside_server
+    } else {
+        "psql".into()
+    };
+    Command::new(program)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(pg.socket_dir())
+        .args([
+            "-p",
+            &pg.port().to_string(),
+            "-U",
+            pg.superuser(),
+            "-d",
+            dbname,
+        ])
+        .args(arguments)
+        .output()
+        .expect("run psql")
+}
+
+/// Applies one of the role scripts in `sql/` with psql as the superuser.
+pub fn apply_role_script(pg: &LocalPg, dbname: &str, script: &str, variables: &[(&str, &str)]) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("sql")
+        .join(script);
+    let mut arguments = Vec::new();
+    for (name, value) in variables {
+        arguments.push("-v".to_owned());
+        arguments.push(format!("{name}={value}"));
+    }
+    arguments.push("-f".to_owned());
+    arguments.push(path.display().to_string());
+    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+    let output = psql(pg, dbname, &arguments);
+    assert!(output.status.success(), "{script}: {}", text(&output));
+}
+
 /// A source database with the users table and a target database.
 pub struct Pair {
     /// The server of the source database.
@@ -134,14 +176,45 @@ pub struct Pair {
     pub target: Client,
 }
 
+/// Whom usersync connects as in a [`Pair`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Roles {
+    /// Roles made by `sql/source_role.sql` and `sql/target_role.sql`, as in production.
+    LeastPrivilege,
+    /// The servers' superuser, for tests that need what the roles may not do.
+    Superuser,
+}
+
 impl Pair {
+    /// A pair on the shared server; usersync connects as least-privilege roles.
     pub async fn new() -> Pair {
         Self::on(shared_server(), USERS_TABLE).await
     }
 
+    /// A pair on the shared server; usersync connects as the superuser.
+    pub async fn as_superuser() -> Pair {
+        Self::with(shared_server(), USERS_TABLE, Roles::Superuser).await
+    }
+
+    /// A pair whose source is on `server`, with `public.users` made by `table_ddl`;
+    /// usersync connects as least-privilege roles.
+    pub async fn on(server: &'static LocalPg, table_ddl: &str) -> Pair {
+        Self::with(server, table_ddl, Roles::LeastPrivilege).await
+    }
+
+    /// A pair whose source is on `server`, usersync connecting as the superuser.
+    pub async fn on_as_superuser(server: &'static LocalPg, table_ddl: &str) -> Pair {
+        Self::with(server, table_ddl, Roles::Superuser).await
+    }
+
     /// A pair whose source is on `server`. Its target is on the same server, except on the
     /// shared server, whose pairs get their target on [`shared_target_server`].
-    pub async fn on(server: &'static LocalPg, table_ddl: &str) -> Pair {
+    ///
+    /// With [`Roles::LeastPrivilege`], the role scripts run as the superuser once the table
+    /// exists: the source script creates publication `usersync` as the table's owner (its
+    /// choice A), the target script creates `neon_auth.users_sync`; usersync setup then
+    /// finds both. The helper clients `source` and `target` stay superuser either way.
+    pub async fn with(server: &'static LocalPg, table_ddl: &str, roles: Roles) -> Pair {
         let target_server = if std::ptr::eq(server, shared_server()) {
             shared_target_server()
         } else {
@@ -161,8 +234,32 @@ impl Pair {
             .await
             .expect("create the users table");
         let target = sql(target_server, &format!("tgt_{name}")).await;
-        let source_url = server.url("postgres", PASSWORD, &format!("src_{name}"));
-        let target_url = target_server.url("postgres", PASSWORD, &format!("tgt_{name}"));
+        let (source_role, target_role) = match roles {
+            Roles::Superuser => ("postgres".to_owned(), "postgres".to_owned()),
+            Roles::LeastPrivilege => {
+                let (source_role, target_role) = (format!("src_{name}"), format!("tgt_{name}"));
+                apply_role_script(
+                    server,
+                    &format!("src_{name}"),
+                    "source_role.sql",
+                    &[
+                        ("role", &source_role),
+                        ("password", PASSWORD),
+                        ("schema", "public"),
+                        ("table", "users"),
+                    ],
+                );
+                apply_role_script(
+                    target_server,
+                    &format!("tgt_{name}"),
+                    "target_role.sql",
+                    &[("role", &target_role), ("password", PASSWORD)],
+                );
+                (source_role, target_role)
+            }
+        };
+        let source_url = server.url(&source_role, PASSWORD, &format!("src_{name}"));
+        let target_url = target_server.url(&target_role, PASSWORD, &format!("tgt_{name}"));
         let config = Config {
             source: source_url.parse().unwrap(),
             target: target_url.parse().unwrap(),

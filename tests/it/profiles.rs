@@ -118,7 +118,8 @@ type LiveUser = (
 );
 
 async fn profile_pair(ddl: &str, table: &str, profile: Profile) -> Pair {
-    let mut pair = Pair::on(shared_server(), ddl).await;
+    // Superuser: each profile has its own schema and table, not public.users.
+    let mut pair = Pair::on_as_superuser(shared_server(), ddl).await;
     pair.config.table = table.parse().unwrap();
     pair.config.mapping = profile;
     pair

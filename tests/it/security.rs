@@ -114,31 +114,6 @@ fn issue_server_cert(dir: &Path, ca: &str, subject_alt_names: &str) {
     );
 }
 
-/// psql as the superuser over the server's Unix socket (trusted), stopping at the first error.
-fn psql(pg: &LocalPg, dbname: &str, arguments: &[&str]) -> Output {
-    // Server-only builds (scripts/fetch-postgres.sh) have no psql: any psql will do.
-    let beside_server = pg.bin_dir().join("psql");
-    let program = if beside_server.is_file() {
-        beside_server
-    } else {
-        "psql".into()
-    };
-    Command::new(program)
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
-        .arg(pg.socket_dir())
-        .args([
-            "-p",
-            &pg.port().to_string(),
-            "-U",
-            pg.superuser(),
-            "-d",
-            dbname,
-        ])
-        .args(arguments)
-        .output()
-        .expect("run psql")
-}
-
 /// A URL for the superuser on `host` (a name or address of the loopback server).
 fn url_on(pg: &LocalPg, host: &str, dbname: &str, query: &str) -> String {
     format!(
@@ -639,23 +614,6 @@ async fn urls_are_read_from_files() {
 
 // ---------------------------------------------------------------------------------------------
 // Least-privilege roles
-
-/// Applies one of the role scripts in `sql/` with psql as the superuser.
-fn apply_role_script(pg: &LocalPg, dbname: &str, script: &str, variables: &[(&str, &str)]) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("sql")
-        .join(script);
-    let mut arguments = Vec::new();
-    for (name, value) in variables {
-        arguments.push("-v".to_owned());
-        arguments.push(format!("{name}={value}"));
-    }
-    arguments.push("-f".to_owned());
-    arguments.push(path.display().to_string());
-    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
-    let output = psql(pg, dbname, &arguments);
-    assert!(output.status.success(), "{script}: {}", text(&output));
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_privilege_roles_from_the_sql_scripts_replicate() {
