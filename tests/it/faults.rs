@@ -58,7 +58,8 @@ enum Fault {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_and_terminations_lose_and_double_nothing() {
     let (source_server, target_server) = (restart_source_server(), restart_target_server());
-    // Superuser: not yet working under the roles (under investigation).
+    // Superuser: the fault helpers re-point usersync at a second target server and through
+    // proxies with superuser URLs; not yet ported to the least-privilege roles.
     let mut pair = Pair::on_as_superuser(source_server, USERS_TABLE).await;
     move_target(&mut pair, target_server).await;
     let kinds = [
@@ -76,7 +77,8 @@ async fn restarts_and_terminations_lose_and_double_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_cuts_and_stalls_lose_and_double_nothing() {
     let server = shared_server();
-    // Superuser: not yet working under the roles (under investigation).
+    // Superuser: under the least-privilege roles this test fails and the cause is not yet
+    // found; it stays on the superuser until it is.
     let mut pair = Pair::on_as_superuser(server, USERS_TABLE).await;
     let source_proxy = Proxy::start(server.port()).await;
     let target_proxy = Proxy::start(server.port()).await;
@@ -243,7 +245,7 @@ async fn install_write_log(target: &Client) {
     target
         .batch_execute(
             "CREATE TABLE write_log (seq bigserial, id text, version int);
-             CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql AS $$
+             CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
              BEGIN
                INSERT INTO write_log (id, version) VALUES (NEW.id, (NEW.raw_json ->> 'version')::int);
                RETURN NEW;
