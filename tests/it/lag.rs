@@ -345,3 +345,32 @@ async fn status_shows_the_running_replicators_last_minute() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_right_to_emit_heartbeats_replication_goes_on() {
+    let pair = Pair::new().await;
+    // This database only: the source role may no longer write logical messages.
+    pair.source
+        .batch_execute(
+            "REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC",
+        )
+        .await
+        .unwrap();
+    pair.setup().await;
+    let running = pair.start();
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('nohb@example.com')")
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let text = running.metrics.encode();
+    assert_eq!(
+        gauge(&text, "usersync_heartbeat_lag_seconds"),
+        0.0,
+        "{text}"
+    );
+    assert!(running.metrics.is_ready());
+    assert!(running.metrics.current_lag() < pair.config.lag_target);
+    running.stop().await;
+}
