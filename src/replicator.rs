@@ -7,9 +7,11 @@
 //! [`MAX_BATCH_CHANGES`] or [`MAX_BATCH_AGE`]. That adapts by itself: one change per target
 //! transaction when idle (lowest lag), large batches under load (highest throughput).
 //!
-//! Positions only move forward. The slot is confirmed (Standby Status Update `flush`) up to
-//! the `end_lsn` of the last transaction whose target transaction committed, never further,
-//! except when fully caught up: then the server's keepalive position is confirmed as well, so
+//! Positions only move forward. Target transactions commit asynchronously, as PostgreSQL's
+//! own subscriptions do: a batch is visible at once, and durable once the target's WAL flush
+//! passes its commit (within the target's `wal_writer_delay`). The slot is confirmed
+//! (Standby Status Update `flush`) up to the `end_lsn` of the last transaction whose target
+//! transaction is durable, never further, except when fully caught up and durable: then the server's keepalive position is confirmed as well, so
 //! the slot advances on an idle database (Neon drops slots that make no progress). After any
 //! failure the next session resumes from the checkpoint and skips transactions it already
 //! holds (`commit_lsn < checkpoint.end_lsn`): nothing lost, nothing applied twice.
@@ -26,6 +28,7 @@
 //!
 //! Transient failures reconnect with exponential backoff and jitter; definite ones end `run`.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -58,6 +61,8 @@ pub const MAX_BATCH_CHANGES: usize = 10_000;
 pub const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
 /// Status updates are sent at least this often; PostgreSQL's `wal_sender_timeout` is 60 s.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the target's WAL flush position is read while applied batches wait for it.
+const FLUSH_POLL: Duration = Duration::from_millis(200);
 /// How often a standby tries to take the slot's lock.
 const STANDBY_POLL: Duration = Duration::from_secs(1);
 /// The last-minute lag percentiles are recomputed at most this often (a sort of the window).
@@ -207,7 +212,8 @@ async fn run_session(
             .into());
         }
     }
-    let writer = TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
+    let mut writer = TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
+    writer.use_async_commit().await?;
     let resume_at = checkpoint.map_or(Lsn::ZERO, |c| c.end_lsn);
     let protocol_2 = replication
         .server_version_num()
@@ -254,6 +260,8 @@ async fn run_session(
         relations: Vec::new(),
         skip_before: resume_at,
         confirmed: resume_at,
+        unflushed: VecDeque::new(),
+        last_flush_poll: Instant::now(),
         received: resume_at,
         idle_position: resume_at,
         batch: Batch::new(),
@@ -433,6 +441,10 @@ struct Session<'a> {
     skip_before: Lsn,
     /// The position the target holds durably (the checkpoint's `end_lsn`).
     confirmed: Lsn,
+    /// Applied batches not yet durable: the target WAL position their commit ends before,
+    /// and the source position they take the checkpoint to.
+    unflushed: VecDeque<(Lsn, Lsn)>,
+    last_flush_poll: Instant,
     /// The furthest WAL position the server has reported.
     received: Lsn,
     /// A position with nothing for the target up to it, confirmable while caught up.
@@ -453,6 +465,7 @@ impl Session<'_> {
                 if !self.batch.is_empty() {
                     self.apply_batch().await?;
                 }
+                self.make_durable().await?;
                 self.send_status(false).await?;
                 return Ok(());
             }
@@ -465,13 +478,18 @@ impl Session<'_> {
                     Mode::Service => STATUS_INTERVAL,
                     Mode::Replay { .. } => REPLAY_STATUS_INTERVAL,
                 };
-            let timer = status_due.min(self.silence_check_due());
+            let mut timer = status_due.min(self.silence_check_due());
+            let flush_poll_due = self.last_flush_poll + FLUSH_POLL;
+            if !self.unflushed.is_empty() {
+                timer = timer.min(flush_poll_due);
+            }
             tokio::select! {
                 biased;
                 _ = stopped(shutdown) => {
                     if !self.batch.is_empty() {
                         self.apply_batch().await?;
                     }
+                    self.make_durable().await?;
                     self.send_status(false).await?;
                     tracing::info!(confirmed = %self.confirmed, "stopped");
                     return Ok(());
@@ -489,6 +507,9 @@ impl Session<'_> {
                 // Nothing more is readable right now: apply what we have.
                 _ = std::future::ready(()), if !self.batch.is_empty() => self.apply_batch().await?,
                 _ = tokio::time::sleep_until(timer.into()) => {
+                    if !self.unflushed.is_empty() && Instant::now() >= flush_poll_due {
+                        self.poll_flushed().await?;
+                    }
                     self.check_silence().await?;
                     if Instant::now() >= status_due {
                         // A replay asks for keepalives: their position tells it when it is done.
@@ -554,6 +575,8 @@ impl Session<'_> {
                             if !self.batch.is_empty() {
                                 self.apply_batch().await?;
                             }
+                            self.make_durable().await?;
+                            self.send_status(false).await?;
                             return Err(error);
                         }
                     }
@@ -797,7 +820,7 @@ impl Session<'_> {
         let batch = std::mem::take(&mut self.batch);
         self.batch_started = None;
         let started = Instant::now();
-        let position = self.writer.apply(&batch).await?;
+        let (position, lsns) = self.writer.apply_tracked(&batch).await?;
         let applied_at = Instant::now();
         let applied_unix = unix_micros_now();
         let mut last_lag = Duration::ZERO;
@@ -815,12 +838,47 @@ impl Session<'_> {
             self.heartbeat_arrived(heartbeat);
         }
         debug_assert!(
-            position.end_lsn >= self.confirmed,
+            position.end_lsn >= self.skip_before,
             "the checkpoint only moves forward"
         );
-        self.confirmed = self.confirmed.max(position.end_lsn);
         self.skip_before = self.skip_before.max(position.end_lsn);
+        self.unflushed.push_back((lsns.committed, position.end_lsn));
+        self.release_flushed(lsns.flushed);
         self.send_status(false).await
+    }
+
+    /// Confirms the applied batches whose commit the target has flushed.
+    fn release_flushed(&mut self, flushed: Lsn) {
+        while let Some(&(committed, end_lsn)) = self.unflushed.front() {
+            if committed > flushed {
+                break;
+            }
+            self.confirmed = self.confirmed.max(end_lsn);
+            self.unflushed.pop_front();
+        }
+    }
+
+    /// Reads how far the target has flushed, and confirms what that makes durable.
+    async fn poll_flushed(&mut self) -> Result<(), Error> {
+        self.last_flush_poll = Instant::now();
+        let before = self.confirmed;
+        let flushed = self.writer.flushed_lsn().await?;
+        self.release_flushed(flushed);
+        if self.confirmed > before {
+            self.send_status(false).await?;
+        }
+        Ok(())
+    }
+
+    /// Before a session ends on purpose: flushes the target, so the slot can be confirmed
+    /// up to everything applied.
+    async fn make_durable(&mut self) -> Result<(), Error> {
+        if let Some(&(_, end_lsn)) = self.unflushed.back() {
+            self.writer.make_durable().await?;
+            self.confirmed = self.confirmed.max(end_lsn);
+            self.unflushed.clear();
+        }
+        Ok(())
     }
 
     fn observe_server_time(&mut self, server_time_micros: i64) {
@@ -880,7 +938,7 @@ impl Session<'_> {
             self.metrics.refresh_recent_lag(self.recent_refreshed);
         }
         let dry_run = matches!(self.mode, Mode::Replay { dry_run: true, .. });
-        let flushed = if self.caught_up() && !dry_run {
+        let flushed = if self.caught_up() && self.unflushed.is_empty() && !dry_run {
             self.confirmed.max(self.idle_position)
         } else {
             self.confirmed

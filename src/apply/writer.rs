@@ -3,14 +3,14 @@
 //! The checkpoint row in `usersync.state` is updated in the same transaction as the users it
 //! covers, so after any crash the target says exactly which source transactions it holds:
 //! on restart usersync resumes from it and skips what it already has. Statements are
-//! prepared once per connection and take arrays (`unnest`), so a batch costs a fixed
-//! number of round trips whatever its size.
+//! prepared once per connection and take arrays (`unnest`), and a batch's statements are
+//! pipelined: a batch costs two round trips (statements, then COMMIT) whatever its size.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
-use tokio_postgres::types::Json;
+use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{Client, Statement};
 
 use super::batch::{Batch, CommitPosition, PendingUser, Segment, UnixMicros};
@@ -178,12 +178,14 @@ pub struct TargetWriter {
     slot: String,
     system_id: String,
     statements: Statements,
+    /// A target transaction is open across calls ([`TargetWriter::apply_part`]).
+    open: bool,
 }
 
 impl TargetWriter {
     /// Prepares the statements for the table's shape. The session commits synchronously
-    /// whatever the server default, because the slot is confirmed as soon as COMMIT returns,
-    /// and bounds its statements ([`STATEMENT_TIMEOUT`]) so that apply never hangs forever.
+    /// whatever the server default, so that a position [`apply`](Self::apply) returns is
+    /// durable (see [`use_async_commit`](Self::use_async_commit) for the other way), and bounds its statements ([`STATEMENT_TIMEOUT`]) so that apply never hangs forever.
     pub async fn new(
         client: Client,
         shape: TargetShape,
@@ -234,145 +236,291 @@ impl TargetWriter {
             slot: slot.to_owned(),
             system_id: system_id.to_owned(),
             statements,
+            open: false,
         })
     }
 
-    /// Applies the batch and its checkpoint atomically; returns the durable position.
+    /// Applies the batch and its checkpoint atomically; returns the position the checkpoint
+    /// holds now (durable unless [`use_async_commit`](Self::use_async_commit) was called).
     pub async fn apply(&mut self, batch: &Batch) -> Result<CommitPosition, ApplyError> {
+        Ok(self.apply_tracked(batch).await?.0)
+    }
+
+    /// [`apply`](Self::apply), also returning the target's WAL positions after the commit:
+    /// with asynchronous commit the batch is durable once the target's flush position
+    /// reaches `committed`.
+    pub async fn apply_tracked(
+        &mut self,
+        batch: &Batch,
+    ) -> Result<(CommitPosition, TargetLsns), ApplyError> {
         let position = batch.last_commit().ok_or(ApplyError::EmptyBatch)?;
-        self.apply_inner(batch, Some(position)).await?;
-        Ok(position)
+        let lsns = self.write(batch, End::Commit(Some(position))).await?;
+        Ok((position, lsns.ok_or(ApplyError::EmptyBatch)?))
     }
 
     /// Applies users that belong to no source transaction (a page of the initial snapshot):
     /// the checkpoint is written only once the whole snapshot is on the target.
     pub async fn apply_without_checkpoint(&mut self, batch: &Batch) -> Result<(), ApplyError> {
-        self.apply_inner(batch, None).await
+        self.write(batch, End::Commit(None)).await.map(drop)
+    }
+
+    /// Applies part of a source transaction too large for one batch, in a target transaction
+    /// left open: the next parts and, last, [`apply_tracked`](Self::apply_tracked) with the
+    /// source commit go into the same one, so the target sees the source transaction whole
+    /// or not at all. [`abandon`](Self::abandon) rolls it back.
+    pub async fn apply_part(&mut self, batch: &Batch) -> Result<(), ApplyError> {
+        self.write(batch, End::KeepOpen).await.map(drop)
+    }
+
+    /// Rolls back a transaction left open by [`apply_part`](Self::apply_part).
+    pub async fn abandon(&mut self) {
+        if self.open {
+            self.open = false;
+            self.rollback().await;
+        }
+    }
+
+    /// Commits asynchronously from now on, as PostgreSQL's own subscriptions do by default:
+    /// a batch is visible as soon as it commits, without waiting for the target's WAL flush,
+    /// and the caller confirms the source position only once [`flushed_lsn`](Self::flushed_lsn)
+    /// has passed the batch's commit. A target crash loses the batch and its checkpoint
+    /// together, so the next session resumes before it.
+    pub async fn use_async_commit(&mut self) -> Result<(), ApplyError> {
+        self.client
+            .batch_execute("SET synchronous_commit = off")
+            .await
+            .map_err(ApplyError::sql("configuring the target session"))
     }
 
     /// A batch that gets no answer within [`APPLY_TIMEOUT`] fails as [`ApplyError::Stalled`]:
     /// the caller drops this connection, so the server rolls back whatever it has not
     /// committed, and a commit that did happen carries its checkpoint, so the next session
     /// skips it. Nothing is lost or applied twice either way.
-    async fn apply_inner(
-        &mut self,
-        batch: &Batch,
-        position: Option<CommitPosition>,
-    ) -> Result<(), ApplyError> {
-        tokio::time::timeout(APPLY_TIMEOUT, self.apply_unbounded(batch, position))
+    async fn write(&mut self, batch: &Batch, end: End) -> Result<Option<TargetLsns>, ApplyError> {
+        let result = tokio::time::timeout(APPLY_TIMEOUT, self.write_unbounded(batch, end))
             .await
-            .map_err(|_| ApplyError::Stalled {
+            .unwrap_or(Err(ApplyError::Stalled {
                 timeout: APPLY_TIMEOUT,
-            })?
+            }));
+        if result.is_err() {
+            self.open = false;
+        }
+        result
     }
 
-    async fn apply_unbounded(
+    async fn write_unbounded(
         &mut self,
         batch: &Batch,
-        position: Option<CommitPosition>,
-    ) -> Result<(), ApplyError> {
+        end: End,
+    ) -> Result<Option<TargetLsns>, ApplyError> {
+        let position = match end {
+            End::Commit(position) => position,
+            End::KeepOpen => None,
+        };
+        let checkpoint = position.map(|position| {
+            (
+                position.commit_lsn.to_string(),
+                position.end_lsn.to_string(),
+                timestamp(position.commit_time),
+            )
+        });
+        let arrays: Vec<SegmentArrays<'_>> = batch.segments().iter().map(segment_arrays).collect();
+        let client = &self.client;
+        let statements = &self.statements;
+        let mut steps: Vec<(&'static str, Pending<'_>)> = Vec::new();
+        if !self.open {
+            steps.push((
+                "starting a target transaction",
+                Box::pin(client.execute("BEGIN", &[])),
+            ));
+        }
+        let mut patch_counts = Vec::new();
+        for segment in &arrays {
+            match segment {
+                SegmentArrays::Users(arrays) => {
+                    let (upserts, patches, deletes) = &**arrays;
+                    if !upserts.raw_json.is_empty() {
+                        let params: Vec<&(dyn ToSql + Sync)> = vec![
+                            &upserts.raw_json,
+                            &upserts.keep_keys,
+                            &upserts.updated_at,
+                            &upserts.deleted_at,
+                        ];
+                        steps.push((
+                            "upserting users",
+                            execute(client, &statements.upsert, params),
+                        ));
+                    }
+                    if !patches.ids.is_empty() {
+                        patch_counts.push((steps.len(), patches.ids.len()));
+                        let params: Vec<&(dyn ToSql + Sync)> =
+                            vec![&patches.ids, &patches.keys, &patches.updated_at];
+                        steps.push(("patching users", execute(client, &statements.patch, params)));
+                    }
+                    if !deletes.ids.is_empty() {
+                        let params: Vec<&(dyn ToSql + Sync)> = vec![&deletes.ids, &deletes.at];
+                        steps.push((
+                            "soft-deleting users",
+                            execute(client, &statements.soft_delete, params),
+                        ));
+                    }
+                }
+                SegmentArrays::SoftDeleteAll(at) => steps.push((
+                    "soft-deleting all users (source TRUNCATE)",
+                    execute(client, &statements.soft_delete_all, vec![at]),
+                )),
+            }
+        }
+        if let Some((commit_lsn, end_lsn, commit_time)) = &checkpoint {
+            let params: Vec<&(dyn ToSql + Sync)> = vec![
+                &self.slot,
+                &self.system_id,
+                commit_lsn,
+                end_lsn,
+                commit_time,
+            ];
+            steps.push((
+                "writing the checkpoint",
+                execute(client, &statements.checkpoint, params),
+            ));
+        }
+        // Every statement is sent before the first answer is read: one round trip for the
+        // whole batch. After a failure the server answers the rest with "transaction
+        // aborted", so the first error in order is the cause.
+        let (contexts, futures): (Vec<_>, Vec<_>) = steps.into_iter().unzip();
+        let results = futures_util::future::join_all(futures).await;
+        let mut counts = Vec::with_capacity(results.len());
+        for (context, result) in contexts.iter().zip(results) {
+            match result {
+                Ok(count) => counts.push(count),
+                Err(source) => {
+                    self.rollback().await;
+                    return Err(ApplyError::Sql { context, source });
+                }
+            }
+        }
+        for (step, patches) in patch_counts {
+            if counts[step] < patches as u64 {
+                // Their user row has not reached the target (or is deleted): the user's own
+                // upsert carries the keys when it comes.
+                tracing::debug!(
+                    patches,
+                    patched = counts[step],
+                    "some patches found no live user on the target"
+                );
+            }
+        }
+        if end == End::KeepOpen {
+            self.open = true;
+            return Ok(None);
+        }
+        if let Some(position) = position {
+            if counts.last() != Some(&1) {
+                self.rollback().await;
+                return Err(ApplyError::CheckpointRefused {
+                    slot: self.slot.clone(),
+                    end_lsn: position.end_lsn,
+                });
+            }
+        }
+        let (committed, lsns) = tokio::join!(
+            self.client.execute("COMMIT", &[]),
+            self.client.query_one(TARGET_LSNS, &[])
+        );
+        self.open = false;
+        committed.map_err(ApplyError::sql("committing the target transaction"))?;
+        let lsns = lsns.map_err(ApplyError::sql("reading the target's WAL position"))?;
+        target_lsns(&lsns).map(Some)
+    }
+
+    /// Ends a failed batch's transaction. Best effort: on a broken connection the server rolls
+    /// back by itself, and the caller drops the connection after any error anyway.
+    async fn rollback(&self) {
+        if let Err(error) = self.client.batch_execute("ROLLBACK").await {
+            tracing::debug!(%error, "rolling back a failed batch");
+        }
+    }
+
+    /// Where the target's WAL is flushed to: every commit before it survives a target crash.
+    pub async fn flushed_lsn(&self) -> Result<Lsn, ApplyError> {
+        let row = self
+            .client
+            .query_one(TARGET_LSNS, &[])
+            .await
+            .map_err(ApplyError::sql("reading the target's WAL position"))?;
+        Ok(target_lsns(&row)?.flushed)
+    }
+
+    /// Makes every batch applied so far durable: a synchronous commit flushes the target's
+    /// WAL up to its own commit record, which comes after all of them.
+    pub async fn make_durable(&mut self) -> Result<(), ApplyError> {
+        let context = "flushing the target's WAL";
         let transaction = self
             .client
             .transaction()
             .await
-            .map_err(ApplyError::sql("starting a target transaction"))?;
-        for segment in batch.segments() {
-            match segment {
-                Segment::Users(users) => {
-                    let (upserts, patches, deletes) = users_to_arrays(users);
-                    if !upserts.raw_json.is_empty() {
-                        transaction
-                            .execute(
-                                &self.statements.upsert,
-                                &[
-                                    &upserts.raw_json,
-                                    &upserts.keep_keys,
-                                    &upserts.updated_at,
-                                    &upserts.deleted_at,
-                                ],
-                            )
-                            .await
-                            .map_err(ApplyError::sql("upserting users"))?;
-                    }
-                    if !patches.ids.is_empty() {
-                        let patched = transaction
-                            .execute(
-                                &self.statements.patch,
-                                &[&patches.ids, &patches.keys, &patches.updated_at],
-                            )
-                            .await
-                            .map_err(ApplyError::sql("patching users"))?;
-                        if patched < patches.ids.len() as u64 {
-                            // Their user row has not reached the target (or is deleted): the
-                            // user's own upsert carries the keys when it comes.
-                            tracing::debug!(
-                                patches = patches.ids.len(),
-                                patched,
-                                "some patches found no live user on the target"
-                            );
-                        }
-                    }
-                    if !deletes.ids.is_empty() {
-                        transaction
-                            .execute(&self.statements.soft_delete, &[&deletes.ids, &deletes.at])
-                            .await
-                            .map_err(ApplyError::sql("soft-deleting users"))?;
-                    }
-                }
-                Segment::SoftDeleteAll(at) => {
-                    transaction
-                        .execute(&self.statements.soft_delete_all, &[&timestamp(*at)])
-                        .await
-                        .map_err(ApplyError::sql("soft-deleting all users (source TRUNCATE)"))?;
-                }
-            }
-        }
-        if let Some(position) = position {
-            write_checkpoint(
-                &transaction,
-                &self.statements.checkpoint,
-                &self.slot,
-                &self.system_id,
-                position,
-            )
-            .await?;
-        }
+            .map_err(ApplyError::sql(context))?;
         transaction
-            .commit()
+            .batch_execute("SET LOCAL synchronous_commit = on")
             .await
-            .map_err(ApplyError::sql("committing the target transaction"))
+            .map_err(ApplyError::sql(context))?;
+        transaction
+            .execute(
+                "UPDATE usersync.state SET updated_at = now() WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .map_err(ApplyError::sql(context))?;
+        transaction.commit().await.map_err(ApplyError::sql(context))
     }
 }
 
-/// Writes the checkpoint inside the batch's transaction; refuses to move it back.
-async fn write_checkpoint(
-    transaction: &tokio_postgres::Transaction<'_>,
-    statement: &Statement,
-    slot: &str,
-    system_id: &str,
-    position: CommitPosition,
-) -> Result<(), ApplyError> {
-    let written = transaction
-        .execute(
-            statement,
-            &[
-                &slot,
-                &system_id,
-                &position.commit_lsn.to_string(),
-                &position.end_lsn.to_string(),
-                &timestamp(position.commit_time),
-            ],
-        )
-        .await
-        .map_err(ApplyError::sql("writing the checkpoint"))?;
-    if written != 1 {
-        return Err(ApplyError::CheckpointRefused {
-            slot: slot.to_owned(),
-            end_lsn: position.end_lsn,
-        });
-    }
-    Ok(())
+/// The target's WAL positions right after a commit: where its commit record ends (at most
+/// the insert position) and how far the WAL is flushed.
+const TARGET_LSNS: &str =
+    "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text";
+
+/// Target WAL positions, see [`TARGET_LSNS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetLsns {
+    /// At or past the end of the batch's commit record.
+    pub committed: Lsn,
+    pub flushed: Lsn,
 }
+
+fn target_lsns(row: &tokio_postgres::Row) -> Result<TargetLsns, ApplyError> {
+    let lsn = |index: usize| -> Result<Lsn, ApplyError> {
+        row.get::<_, &str>(index)
+            .parse()
+            .map_err(|_| ApplyError::Shape("the target reported an invalid WAL position".into()))
+    };
+    Ok(TargetLsns {
+        committed: lsn(0)?,
+        flushed: lsn(1)?,
+    })
+}
+
+/// How a write ends its target transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Commit, with the checkpoint at this position if there is one.
+    Commit(Option<CommitPosition>),
+    /// Leave the transaction open for the next part.
+    KeepOpen,
+}
+
+/// Runs a prepared statement with parameters the future owns, so that many can be in flight.
+fn execute<'a>(
+    client: &'a Client,
+    statement: &'a Statement,
+    params: Vec<&'a (dyn ToSql + Sync)>,
+) -> Pending<'a> {
+    Box::pin(client.execute_raw(statement, params))
+}
+
+type Pending<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>,
+>;
 
 #[derive(Default)]
 struct UpsertArrays<'a> {
@@ -393,6 +541,19 @@ struct PatchArrays<'a> {
 struct DeleteArrays<'a> {
     ids: Vec<&'a str>,
     at: Vec<DateTime<Utc>>,
+}
+
+/// A segment's parameters, borrowed from the batch.
+enum SegmentArrays<'a> {
+    Users(Box<(UpsertArrays<'a>, PatchArrays<'a>, DeleteArrays<'a>)>),
+    SoftDeleteAll(DateTime<Utc>),
+}
+
+fn segment_arrays(segment: &Segment) -> SegmentArrays<'_> {
+    match segment {
+        Segment::Users(users) => SegmentArrays::Users(Box::new(users_to_arrays(users))),
+        Segment::SoftDeleteAll(at) => SegmentArrays::SoftDeleteAll(timestamp(*at)),
+    }
 }
 
 fn users_to_arrays(
