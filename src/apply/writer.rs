@@ -6,12 +6,13 @@
 //! prepared once per connection and take arrays (`unnest`), and a batch's statements are
 //! pipelined: a batch costs two round trips (statements, then COMMIT) whatever its size.
 
+use std::task::Poll;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use tokio_postgres::types::{Json, ToSql};
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::{Client, SimpleQueryMessage, Statement};
 
 use super::batch::{Batch, CommitPosition, PendingUser, Segment, UnixMicros};
 use super::schema::TargetShape;
@@ -331,7 +332,7 @@ impl TargetWriter {
         if !self.open {
             steps.push((
                 "starting a target transaction",
-                Box::pin(client.execute("BEGIN", &[])),
+                Box::pin(async move { client.batch_execute("BEGIN").await.map(|()| 0) }),
             ));
         }
         let mut patch_counts = Vec::new();
@@ -388,7 +389,7 @@ impl TargetWriter {
         // whole batch. After a failure the server answers the rest with "transaction
         // aborted", so the first error in order is the cause.
         let (contexts, futures): (Vec<_>, Vec<_>) = steps.into_iter().unzip();
-        let results = futures_util::future::join_all(futures).await;
+        let results = pipeline(futures).await;
         let mut counts = Vec::with_capacity(results.len());
         for (context, result) in contexts.iter().zip(results) {
             match result {
@@ -423,14 +424,27 @@ impl TargetWriter {
                 });
             }
         }
-        let (committed, lsns) = tokio::join!(
-            self.client.execute("COMMIT", &[]),
-            self.client.query_one(TARGET_LSNS, &[])
-        );
+        // One message: the position is read only once the commit is done.
+        let committed = self
+            .client
+            .simple_query(&format!("COMMIT; {TARGET_LSNS}"))
+            .await;
         self.open = false;
-        committed.map_err(ApplyError::sql("committing the target transaction"))?;
-        let lsns = lsns.map_err(ApplyError::sql("reading the target's WAL position"))?;
-        target_lsns(&lsns).map(Some)
+        let messages = committed.map_err(ApplyError::sql("committing the target transaction"))?;
+        let row = messages.iter().find_map(|message| match message {
+            SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        });
+        let lsn = |index: usize| {
+            row.and_then(|row| row.get(index))
+                .and_then(|lsn| lsn.parse().ok())
+        };
+        match (lsn(0), lsn(1)) {
+            (Some(committed), Some(flushed)) => Ok(Some(TargetLsns { committed, flushed })),
+            _ => Err(ApplyError::Shape(
+                "the target reported no valid WAL position after a commit".into(),
+            )),
+        }
     }
 
     /// Ends a failed batch's transaction. Best effort: on a broken connection the server rolls
@@ -507,6 +521,30 @@ enum End {
     Commit(Option<CommitPosition>),
     /// Leave the transaction open for the next part.
     KeepOpen,
+}
+
+/// Polls every request in order until all are answered. tokio-postgres sends a request when
+/// its future is first polled, so the first pass sends them all, in this order, before any
+/// answer is awaited (`join_all` promises no polling order).
+async fn pipeline(mut futures: Vec<Pending<'_>>) -> Vec<Result<u64, tokio_postgres::Error>> {
+    let mut results: Vec<Option<Result<u64, tokio_postgres::Error>>> =
+        futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        for (future, result) in futures.iter_mut().zip(results.iter_mut()) {
+            if result.is_none() {
+                if let Poll::Ready(done) = future.as_mut().poll(cx) {
+                    *result = Some(done);
+                }
+            }
+        }
+        if results.iter().all(Option::is_some) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    results.into_iter().flatten().collect()
 }
 
 /// Runs a prepared statement with parameters the future owns, so that many can be in flight.

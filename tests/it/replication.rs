@@ -415,3 +415,61 @@ async fn setup_failover_makes_a_failover_slot_where_the_source_has_them() {
     assert!(resync.status.success(), "{}", text(&resync));
     assert!(text(&resync).contains("(failover)"), "{}", text(&resync));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_checkpoint_writes_nothing_of_its_batch() {
+    use usersync::apply::{ApplyError, Batch, CommitPosition, TargetWriter};
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let checkpoint = usersync::apply::read_checkpoint(&pair.target, &pair.config.slot)
+        .await
+        .unwrap()
+        .expect("setup wrote a checkpoint");
+    // Another writer has taken the checkpoint past what the batch covers.
+    pair.target
+        .execute(
+            "UPDATE usersync.state SET end_lsn = 'FFFF/0' WHERE slot_name = $1",
+            &[&pair.config.slot],
+        )
+        .await
+        .unwrap();
+    let (client, connection) = tokio_postgres::connect(&pair.target_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let shape = usersync::apply::check_shape(&client).await.unwrap();
+    let mut writer = TargetWriter::new(client, shape, &pair.config.slot, &checkpoint.system_id)
+        .await
+        .unwrap();
+    let mut batch = Batch::new();
+    let mut raw_json = serde_json::Map::new();
+    raw_json.insert("id".into(), "refused".into());
+    batch.upsert(
+        usersync::map::MappedUser {
+            id: "refused".into(),
+            raw_json,
+            unchanged_keys: Vec::new(),
+        },
+        0,
+    );
+    batch.commit(CommitPosition {
+        commit_lsn: usersync::lsn::Lsn(0x100),
+        end_lsn: usersync::lsn::Lsn(0x200),
+        commit_time: 0,
+    });
+    let error = writer.apply(&batch).await.unwrap_err();
+    assert!(
+        matches!(error, ApplyError::CheckpointRefused { .. }),
+        "{error}"
+    );
+    let users: i64 = pair
+        .target
+        .query_one("SELECT count(*) FROM neon_auth.users_sync", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        users, 0,
+        "the batch's users were written without its checkpoint"
+    );
+}
