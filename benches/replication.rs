@@ -745,6 +745,7 @@ async fn start(settings: &Settings, report: &mut Report) -> Bench {
         // No heartbeats: they would be extra source transactions only usersync writes.
         heartbeat_interval: None,
         source_timeout: usersync::config::DEFAULT_SOURCE_TIMEOUT,
+        spill_threshold: usersync::decode::DEFAULT_MEMORY_LIMIT,
     };
     eprintln!("snapshot: usersync setup");
     let started = Instant::now();

@@ -80,6 +80,7 @@ async fn main() {
         lag_target: Duration::from_secs(1),
         heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
         source_timeout: DEFAULT_SOURCE_TIMEOUT,
+        spill_threshold: usersync::decode::DEFAULT_MEMORY_LIMIT,
     };
     let started = Instant::now();
     setup(&config, SetupOptions::default())

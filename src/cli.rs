@@ -204,6 +204,16 @@ pub struct RunArgs {
         value_name = "DURATION"
     )]
     pub source_timeout: String,
+
+    /// How much of the changes of uncommitted source transactions is held in memory; past
+    /// it, the transaction growing is spilled to a file in TMPDIR until it commits.
+    #[arg(
+        long,
+        env = "USERSYNC_SPILL_THRESHOLD",
+        default_value = "16MB",
+        value_name = "SIZE"
+    )]
+    pub spill_threshold: String,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -8,6 +8,7 @@ use postgres_protocol::escape::escape_identifier;
 
 use crate::cli::{ConnectionArgs, PurgeArgs};
 use crate::conn::PgUrl;
+use crate::decode::DEFAULT_MEMORY_LIMIT;
 use crate::error::Error;
 use crate::map::{
     generic, BetterAuthMapping, GenericMapping, KeycloakMapping, Profile, StackAuthMapping,
@@ -30,6 +31,8 @@ pub struct Config {
     /// A replication connection silent this long (no data, no keepalive) is taken for dead
     /// and replaced: a half-open connection must not stall replication forever.
     pub source_timeout: Duration,
+    /// Bytes of uncommitted transactions' changes held in memory before one is spilled.
+    pub spill_threshold: usize,
 }
 
 /// The lag target unless `--lag-target` says otherwise: Neon's promise for users_sync.
@@ -112,6 +115,7 @@ impl Config {
             lag_target: DEFAULT_LAG_TARGET,
             heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
             source_timeout: DEFAULT_SOURCE_TIMEOUT,
+            spill_threshold: DEFAULT_MEMORY_LIMIT,
         })
     }
 }
@@ -386,6 +390,19 @@ pub fn parse_byte_size(text: &str) -> Result<u64, Error> {
     number.checked_mul(1 << shift).ok_or_else(invalid)
 }
 
+/// Parses `--spill-threshold`: at least 64kB (PostgreSQL's floor for its own
+/// `logical_decoding_work_mem`), so a typo cannot send every transaction to disk.
+pub fn parse_spill_threshold(text: &str) -> Result<usize, Error> {
+    let bytes = parse_byte_size(text)?;
+    if bytes < 64 << 10 {
+        return Err(Error::Config(format!(
+            "--spill-threshold {text} is too small: use at least 64kB (the default is 16MB)"
+        )));
+    }
+    usize::try_from(bytes)
+        .map_err(|_| Error::Config(format!("--spill-threshold {text} is too large")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,6 +423,14 @@ mod tests {
         for bad in ["", "1", "s", "1x", "-1s", "1..2s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn spill_threshold_has_a_floor() {
+        assert_eq!(parse_spill_threshold("64kB").unwrap(), 64 << 10);
+        assert_eq!(parse_spill_threshold("16MB").unwrap(), 16 << 20);
+        assert!(parse_spill_threshold("1kB").is_err());
+        assert!(parse_spill_threshold("lots").is_err());
     }
 
     #[test]

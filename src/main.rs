@@ -11,8 +11,8 @@ use usersync::cli::{Cli, Command, LogFormat};
 use usersync::commands;
 use usersync::commands::setup::SetupOptions;
 use usersync::config::{
-    parse_byte_size, parse_duration, parse_heartbeat_interval, parse_source_timeout, Config,
-    PurgeConfig,
+    parse_byte_size, parse_duration, parse_heartbeat_interval, parse_source_timeout,
+    parse_spill_threshold, Config, PurgeConfig,
 };
 use usersync::conn::redact_secrets;
 use usersync::error::{Error, EXIT_FAILURE};
@@ -93,6 +93,7 @@ async fn dispatch(command: Command) -> Result<u8, Failure> {
             let mut config = Config::for_replication(&args.connection)?;
             config.heartbeat_interval = parse_heartbeat_interval(&args.heartbeat_interval)?;
             config.source_timeout = parse_source_timeout(&args.source_timeout)?;
+            config.spill_threshold = parse_spill_threshold(&args.spill_threshold)?;
             config.lag_target = parse_duration(&args.lag.lag_target)?;
             commands::run::run(&config, args.metrics_addr).await?
         }

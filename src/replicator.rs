@@ -36,7 +36,7 @@ use bytes::Bytes;
 use postgres_protocol::escape::escape_identifier;
 use tokio::sync::watch;
 
-use crate::apply::{self, Batch, CommitPosition, TargetWriter};
+use crate::apply::{self, Batch, CommitPosition, TargetWriter, UnixMicros};
 use crate::config::Config;
 use crate::conn;
 use crate::decode::{
@@ -251,11 +251,12 @@ async fn run_session(
         heartbeat_prefix: heartbeat_prefix(&config.slot),
         clock: ClockOffset::default(),
         pending_heartbeat: None,
+        in_large_transaction: false,
         over_target: false,
         stream,
         writer,
         decoder: PgOutputDecoder::new(),
-        assembler: TransactionAssembler::new(),
+        assembler: TransactionAssembler::with_memory_limit(config.spill_threshold),
         profile,
         relations: Vec::new(),
         skip_before: resume_at,
@@ -398,6 +399,11 @@ enum UserChange {
     Heartbeat,
 }
 
+/// Whether a transaction goes to the target in parts rather than in a batch.
+fn is_large(transaction: &Transaction) -> bool {
+    transaction.spilled.is_some() || transaction.len() > MAX_BATCH_CHANGES
+}
+
 /// A table of the profile as the current Relation message describes it.
 struct UsersRelation {
     id: u32,
@@ -422,6 +428,8 @@ struct Session<'a> {
     clock: ClockOffset,
     /// Commit time of a heartbeat waiting behind the open batch.
     pending_heartbeat: Option<i64>,
+    /// A large transaction is being applied in parts.
+    in_large_transaction: bool,
     /// Whether the lag is over the target (to log crossings once).
     over_target: bool,
     mode: Mode,
@@ -566,8 +574,11 @@ impl Session<'_> {
             } => {
                 self.observe_server_time(server_time_micros);
                 self.received = self.received.max(wal_end);
-                let message = self.decoder.decode(data)?;
-                match self.assembler.push(message)? {
+                let message = self.decoder.decode(data.clone())?;
+                match self.assembler.push_payload(message, data)? {
+                    Assembled::Transaction(transaction) if is_large(&transaction) => {
+                        self.add_large_transaction(transaction).await?;
+                    }
                     Assembled::Transaction(transaction) => {
                         if let Err(error) = self.add_transaction(transaction) {
                             // Keep what came before the bad transaction: apply and confirm it,
@@ -575,8 +586,7 @@ impl Session<'_> {
                             if !self.batch.is_empty() {
                                 self.apply_batch().await?;
                             }
-                            self.make_durable().await?;
-                            self.send_status(false).await?;
+                            self.confirm_before_failing().await;
                             return Err(error);
                         }
                     }
@@ -618,7 +628,7 @@ impl Session<'_> {
 
     /// Nothing received is waiting to be applied.
     fn caught_up(&self) -> bool {
-        self.batch.is_empty() && self.assembler.is_idle()
+        self.batch.is_empty() && self.assembler.is_idle() && !self.in_large_transaction
     }
 
     fn note_relation(&mut self, relation: Relation) -> Result<(), Error> {
@@ -680,6 +690,18 @@ impl Session<'_> {
         if heartbeat {
             self.pending_heartbeat = Some(at);
         }
+        self.add_changes(changes, at);
+        self.batch.commit(CommitPosition {
+            commit_lsn: transaction.commit_lsn,
+            end_lsn: transaction.end_lsn,
+            commit_time: at,
+        });
+        self.batch_started.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    /// Adds mapped changes of a source transaction committed at `at` to the batch.
+    fn add_changes(&mut self, changes: impl IntoIterator<Item = UserChange>, at: UnixMicros) {
         for change in changes {
             let op = match change {
                 UserChange::Upsert {
@@ -713,12 +735,86 @@ impl Session<'_> {
             };
             self.metrics.add_changes(op, 1);
         }
-        self.batch.commit(CommitPosition {
+    }
+
+    /// A transaction too large for one batch (or spilled to disk) goes to the target in
+    /// parts, read, mapped and written [`MAX_BATCH_CHANGES`] at a time into one target
+    /// transaction that commits with the checkpoint: memory stays bounded and the target
+    /// still sees the source transaction whole or not at all. Status updates keep going
+    /// out meanwhile, so the source does not time the connection out.
+    async fn add_large_transaction(&mut self, transaction: Transaction) -> Result<(), Error> {
+        if transaction.commit_lsn < self.skip_before {
+            self.metrics.transaction_skipped();
+            return Ok(());
+        }
+        if let Mode::Replay { until, .. } = self.mode {
+            if transaction.commit_lsn >= until {
+                self.finished = true;
+                return Ok(());
+            }
+        }
+        if !self.batch.is_empty() {
+            self.apply_batch().await?;
+        }
+        let at = pg_micros_to_unix_micros(transaction.commit_time_micros);
+        let position = CommitPosition {
             commit_lsn: transaction.commit_lsn,
             end_lsn: transaction.end_lsn,
             commit_time: at,
-        });
+        };
+        tracing::info!(
+            commit_lsn = %transaction.commit_lsn,
+            changes = transaction.len(),
+            spilled = transaction.spilled.is_some(),
+            "applying a large transaction in parts"
+        );
+        self.in_large_transaction = true;
+        let result = self.add_in_parts(transaction, at).await;
+        self.in_large_transaction = false;
+        if let Err(error) = result {
+            // Nothing of it may reach the target: roll back what was written, drop the rest.
+            self.writer.abandon().await;
+            self.batch = Batch::new();
+            self.batch_started = None;
+            self.confirm_before_failing().await;
+            return Err(error);
+        }
+        if let Mode::Replay { dry_run: true, .. } = self.mode {
+            return Ok(());
+        }
+        self.batch.commit(position);
         self.batch_started.get_or_insert_with(Instant::now);
+        self.apply_batch().await
+    }
+
+    async fn add_in_parts(
+        &mut self,
+        transaction: Transaction,
+        at: UnixMicros,
+    ) -> Result<(), Error> {
+        let dry_run = matches!(self.mode, Mode::Replay { dry_run: true, .. });
+        let meta = transaction_meta(&transaction.commit_lsn, at);
+        let mut changes = Vec::new();
+        let mut all = transaction.into_changes().peekable();
+        while let Some(change) = all.next() {
+            self.map_change(change?, &mut changes)?;
+            if changes.len() < MAX_BATCH_CHANGES && all.peek().is_some() {
+                continue;
+            }
+            if dry_run {
+                print_changes(&meta, &changes);
+                changes.clear();
+                continue;
+            }
+            self.add_changes(changes.drain(..), at);
+            if all.peek().is_some() {
+                self.writer.apply_part(&self.batch).await?;
+                self.batch = Batch::new();
+            }
+            if self.last_status.elapsed() >= STATUS_INTERVAL {
+                self.send_status(false).await?;
+            }
+        }
         Ok(())
     }
 
@@ -868,6 +964,19 @@ impl Session<'_> {
             self.send_status(false).await?;
         }
         Ok(())
+    }
+
+    /// Before a session ends with an error: confirms what was applied, if the connections
+    /// still allow it. A failure here is only logged: the error that ends the session is
+    /// the one to report.
+    async fn confirm_before_failing(&mut self) {
+        let confirmed = match self.make_durable().await {
+            Ok(()) => self.send_status(false).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = confirmed {
+            tracing::debug!(error = %crate::error::report(&error), "confirming before the session ends");
+        }
     }
 
     /// Before a session ends on purpose: flushes the target, so the slot can be confirmed

@@ -17,6 +17,7 @@ use crate::config::{
     parse_duration, Config, TableName, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_SOURCE_TIMEOUT,
 };
 use crate::conn::PgUrl;
+use crate::decode::DEFAULT_MEMORY_LIMIT;
 use crate::error::Error;
 use crate::http;
 use crate::localpg::{LocalPg, LocalPgOptions};
@@ -67,6 +68,7 @@ pub async fn demo(args: &DemoArgs) -> Result<(), Error> {
         lag_target,
         heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
         source_timeout: DEFAULT_SOURCE_TIMEOUT,
+        spill_threshold: DEFAULT_MEMORY_LIMIT,
     };
     println!(
         "source {} / target {}",

@@ -78,6 +78,7 @@
 mod pgoutput;
 mod reader;
 mod replication;
+mod spill;
 mod transaction;
 
 pub use pgoutput::{
@@ -89,11 +90,13 @@ pub use replication::{
     decode_replication_message, encode_standby_status_update, pg_micros_to_unix_micros,
     unix_micros_to_pg_micros, ReplicationMessage, PG_EPOCH_UNIX_MICROS,
 };
-pub use transaction::{Assembled, Transaction, TransactionAssembler};
+pub use spill::SpilledChanges;
+pub use transaction::{Assembled, Transaction, TransactionAssembler, DEFAULT_MEMORY_LIMIT};
 
 /// Why a replication message could not be decoded or did not fit the message flow.
 ///
-/// Every variant is a protocol violation (or a bug on our side), never a transient fault.
+/// Every variant but [`DecodeError::Spill`] is a protocol violation (or a bug on our side);
+/// none is a transient fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// The message ended before a field was complete.
@@ -126,6 +129,13 @@ pub enum DecodeError {
     #[error("unexpected {message}: {reason}")]
     Unexpected {
         message: &'static str,
+        reason: String,
+    },
+    /// The disk failed a transaction spilled past the memory limit: not a protocol
+    /// violation, but as final, since the transaction cannot be assembled without it.
+    #[error("{action} the spill file of a large transaction failed: {reason}")]
+    Spill {
+        action: &'static str,
         reason: String,
     },
 }

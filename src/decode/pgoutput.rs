@@ -312,6 +312,12 @@ impl PgOutputDecoder {
         Self::default()
     }
 
+    /// Decodes a change read back from a spill file: `in_stream` says whether it came inside
+    /// a stream block.
+    pub fn decode_spilled(data: Bytes, in_stream: bool) -> Result<LogicalMessage, DecodeError> {
+        PgOutputDecoder { in_stream }.decode(data)
+    }
+
     /// Decodes one XLogData payload. A message that fails to decode leaves the state as it was.
     pub fn decode(&mut self, data: Bytes) -> Result<LogicalMessage, DecodeError> {
         let mut reader = Reader::new(data);

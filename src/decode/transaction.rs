@@ -6,20 +6,32 @@
 //! and Stream Stop that interleave with each other and with ordinary transactions; their
 //! changes are held here until Stream Commit (emitted then, which is commit order) or Stream
 //! Abort (dropped, wholly or back to a rolled-back subtransaction).
+//!
+//! Memory is bounded: once the changes held pass the assembler's limit, the transaction
+//! receiving more goes to a [spill file](super::spill) and is read back from there when it
+//! commits.
 
 use std::collections::HashMap;
+
+use bytes::Bytes;
 
 use super::pgoutput::{
     Begin, Commit, LogicalDecodingMessage, LogicalMessage, Relation, StreamAbort, StreamCommit,
     StreamStart,
 };
+use super::spill::{SpillFile, SpilledChanges};
 use super::DecodeError;
 use crate::lsn::Lsn;
+
+/// What a change is counted as beyond its payload: the decoded message and its columns.
+const CHANGE_OVERHEAD: usize = 256;
+/// The default memory limit of [`TransactionAssembler`].
+pub const DEFAULT_MEMORY_LIMIT: usize = 16 << 20;
 
 /// A committed source transaction.
 ///
 /// Transactions without changes are emitted too: their `end_lsn` is progress to confirm.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Transaction {
     /// The top-level transaction's xid.
     pub xid: u32,
@@ -28,12 +40,34 @@ pub struct Transaction {
     pub end_lsn: Lsn,
     /// Microseconds since the PostgreSQL epoch, from the commit message.
     pub commit_time_micros: i64,
-    /// Relation, Type, Insert, Update, Delete, Truncate and transactional Message, in order.
+    /// Relation, Type, Insert, Update, Delete, Truncate and transactional Message, in order;
+    /// empty when the transaction was spilled.
     pub changes: Vec<LogicalMessage>,
+    /// The changes of a transaction that outgrew the memory limit, instead of `changes`.
+    pub spilled: Option<SpilledChanges>,
+}
+
+impl Transaction {
+    /// How many changes it has.
+    pub fn len(&self) -> usize {
+        self.changes.len() + self.spilled.as_ref().map_or(0, SpilledChanges::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Its changes in order, read back from disk if it was spilled.
+    pub fn into_changes(self) -> impl Iterator<Item = Result<LogicalMessage, DecodeError>> {
+        self.changes
+            .into_iter()
+            .map(Ok)
+            .chain(self.spilled.into_iter().flatten())
+    }
 }
 
 /// What pushing one message produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Assembled {
     /// A transaction committed.
     Transaction(Transaction),
@@ -52,10 +86,9 @@ pub enum Assembled {
 /// in-progress transactions again from their first segment. After an error the state is
 /// not meaningful; stop and reconnect.
 ///
-/// In-progress streamed transactions are held in memory for now; spilling them to disk past
-/// a size limit is a later piece of work. [`buffered_changes`](Self::buffered_changes) is
-/// there to watch the cost.
-#[derive(Debug, Default)]
+/// Changes pushed with their payload ([`push_payload`](Self::push_payload)) are spilled to
+/// disk past the memory limit; [`push`](Self::push) keeps everything in memory.
+#[derive(Debug)]
 pub struct TransactionAssembler {
     /// The non-streamed transaction between Begin and Commit.
     open: Option<OpenTransaction>,
@@ -63,30 +96,150 @@ pub struct TransactionAssembler {
     in_block: Option<StreamedTransaction>,
     /// Streamed transactions between blocks, waiting for more, a commit or an abort.
     streamed: HashMap<u32, StreamedTransaction>,
+    /// Bytes of changes held in memory past which a transaction is spilled.
+    memory_limit: usize,
+}
+
+impl Default for TransactionAssembler {
+    fn default() -> Self {
+        Self::with_memory_limit(DEFAULT_MEMORY_LIMIT)
+    }
 }
 
 #[derive(Debug)]
 struct OpenTransaction {
     begin: Begin,
-    changes: Vec<LogicalMessage>,
+    changes: Changes,
 }
 
 #[derive(Debug)]
 struct StreamedTransaction {
     /// The top-level xid, from Stream Start.
     xid: u32,
-    changes: Vec<LogicalMessage>,
-    /// For each (sub)transaction xid seen on a change, the index of its first change: an abort
+    changes: Changes,
+    /// For each (sub)transaction xid seen on a change, where its first change is: an abort
     /// of that subtransaction cuts `changes` back to there.
-    first_change: HashMap<u32, usize>,
+    first_change: HashMap<u32, Mark>,
 }
 
 impl StreamedTransaction {
     fn new(xid: u32) -> Self {
         Self {
             xid,
-            changes: Vec::new(),
+            changes: Changes::new(true),
             first_change: HashMap::new(),
+        }
+    }
+}
+
+/// A position in [`Changes`]: the number of changes before it and, once spilled, where it
+/// is in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mark {
+    count: usize,
+    offset: u64,
+}
+
+/// The changes of one transaction, in memory or spilled.
+#[derive(Debug)]
+struct Changes {
+    in_memory: Vec<LogicalMessage>,
+    /// The payload of each change in memory, while all are known: what a spill writes.
+    payloads: Vec<Bytes>,
+    /// What the changes in memory are counted as.
+    bytes: usize,
+    spill: Option<SpillFile>,
+    /// Whether they come inside stream blocks (their payloads carry an xid).
+    in_stream: bool,
+}
+
+impl Changes {
+    fn new(in_stream: bool) -> Self {
+        Changes {
+            in_memory: Vec::new(),
+            payloads: Vec::new(),
+            bytes: 0,
+            spill: None,
+            in_stream,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.spill
+            .as_ref()
+            .map_or(self.in_memory.len(), SpillFile::len)
+    }
+
+    fn mark(&self) -> Mark {
+        Mark {
+            count: self.len(),
+            offset: self.spill.as_ref().map_or(0, SpillFile::end),
+        }
+    }
+
+    fn push(&mut self, change: LogicalMessage, payload: Option<Bytes>) -> Result<(), DecodeError> {
+        match (&mut self.spill, payload) {
+            (Some(file), Some(payload)) => file.append(&payload),
+            (Some(_), None) => Err(unexpected(
+                change.kind(),
+                "without its payload, in a spilled transaction".to_owned(),
+            )),
+            (None, payload) => {
+                self.bytes += CHANGE_OVERHEAD;
+                if let Some(payload) = payload {
+                    self.bytes += payload.len();
+                    self.payloads.push(payload);
+                }
+                self.in_memory.push(change);
+                Ok(())
+            }
+        }
+    }
+
+    /// Moves the changes in memory to a new spill file, and gives `marks` their offsets there.
+    fn spill<'a>(
+        &mut self,
+        marks: impl IntoIterator<Item = &'a mut Mark>,
+    ) -> Result<(), DecodeError> {
+        let mut marks: Vec<&mut Mark> = marks.into_iter().collect();
+        marks.sort_by_key(|mark| std::cmp::Reverse(mark.count));
+        let mut file = SpillFile::create(self.in_stream)?;
+        for (index, payload) in self.payloads.iter().enumerate() {
+            while marks.last().is_some_and(|mark| mark.count == index) {
+                if let Some(mark) = marks.pop() {
+                    mark.offset = file.end();
+                }
+            }
+            file.append(payload)?;
+        }
+        self.in_memory = Vec::new();
+        self.payloads = Vec::new();
+        self.bytes = 0;
+        self.spill = Some(file);
+        Ok(())
+    }
+
+    fn can_spill(&self) -> bool {
+        self.spill.is_none() && self.payloads.len() == self.in_memory.len()
+    }
+
+    fn truncate(&mut self, mark: Mark) -> Result<(), DecodeError> {
+        match &mut self.spill {
+            Some(file) => file.truncate(mark.offset, mark.count),
+            None => {
+                self.in_memory.truncate(mark.count);
+                self.payloads.truncate(mark.count);
+                self.bytes = self.payloads.iter().map(Bytes::len).sum::<usize>()
+                    + CHANGE_OVERHEAD * self.in_memory.len();
+                Ok(())
+            }
+        }
+    }
+
+    fn into_parts(self) -> Result<(Vec<LogicalMessage>, Option<SpilledChanges>), DecodeError> {
+        match self.spill {
+            Some(file) => Ok((Vec::new(), Some(file.into_changes()?))),
+            None => Ok((self.in_memory, None)),
         }
     }
 }
@@ -96,8 +249,38 @@ impl TransactionAssembler {
         Self::default()
     }
 
-    /// Takes the next decoded message, in the order the server sent them.
+    /// An assembler that spills a transaction once the changes held in memory pass `bytes`
+    /// (payloads plus an estimate of the decoded form).
+    pub fn with_memory_limit(bytes: usize) -> Self {
+        TransactionAssembler {
+            open: None,
+            in_block: None,
+            streamed: HashMap::new(),
+            memory_limit: bytes,
+        }
+    }
+
+    /// Takes the next decoded message, in the order the server sent them, held in memory
+    /// however large its transaction grows.
     pub fn push(&mut self, message: LogicalMessage) -> Result<Assembled, DecodeError> {
+        self.push_inner(message, None)
+    }
+
+    /// [`push`](Self::push), with the payload the message was decoded from: what is written
+    /// to disk if its transaction is spilled.
+    pub fn push_payload(
+        &mut self,
+        message: LogicalMessage,
+        payload: Bytes,
+    ) -> Result<Assembled, DecodeError> {
+        self.push_inner(message, Some(payload))
+    }
+
+    fn push_inner(
+        &mut self,
+        message: LogicalMessage,
+        payload: Option<Bytes>,
+    ) -> Result<Assembled, DecodeError> {
         match message {
             LogicalMessage::Begin(begin) => self.begin(begin),
             LogicalMessage::Commit(commit) => self.commit(commit),
@@ -110,7 +293,7 @@ impl TransactionAssembler {
             LogicalMessage::Message(message) if !message.transactional => {
                 Ok(Assembled::NonTransactionalMessage(message))
             }
-            change => self.change(change),
+            change => self.change(change, payload),
         }
     }
 
@@ -120,15 +303,26 @@ impl TransactionAssembler {
         self.open.is_none() && self.in_block.is_none() && self.streamed.is_empty()
     }
 
-    /// Changes held in memory, in open and in-progress streamed transactions.
+    /// Changes held, in memory or spilled, in open and in-progress streamed transactions.
     pub fn buffered_changes(&self) -> usize {
-        self.open.as_ref().map_or(0, |open| open.changes.len())
-            + self.in_block.as_ref().map_or(0, |txn| txn.changes.len())
-            + self
-                .streamed
-                .values()
-                .map(|txn| txn.changes.len())
-                .sum::<usize>()
+        self.all_changes().map(Changes::len).sum()
+    }
+
+    /// What the changes held in memory are counted as, in bytes.
+    pub fn buffered_bytes(&self) -> usize {
+        self.all_changes().map(|changes| changes.bytes).sum()
+    }
+
+    fn over_memory_limit(&self) -> bool {
+        self.buffered_bytes() > self.memory_limit
+    }
+
+    fn all_changes(&self) -> impl Iterator<Item = &Changes> {
+        self.open
+            .iter()
+            .map(|open| &open.changes)
+            .chain(self.in_block.iter().map(|txn| &txn.changes))
+            .chain(self.streamed.values().map(|txn| &txn.changes))
     }
 
     fn begin(&mut self, begin: Begin) -> Result<Assembled, DecodeError> {
@@ -144,7 +338,7 @@ impl TransactionAssembler {
         }
         self.open = Some(OpenTransaction {
             begin,
-            changes: Vec::new(),
+            changes: Changes::new(false),
         });
         Ok(Assembled::Nothing)
     }
@@ -167,12 +361,14 @@ impl TransactionAssembler {
                 ),
             ));
         }
+        let (changes, spilled) = open.changes.into_parts()?;
         Ok(Assembled::Transaction(Transaction {
             xid: open.begin.xid,
             commit_lsn: commit.commit_lsn,
             end_lsn: commit.end_lsn,
             commit_time_micros: commit.commit_time_micros,
-            changes: open.changes,
+            changes,
+            spilled,
         }))
     }
 
@@ -223,12 +419,14 @@ impl TransactionAssembler {
                 format!("of xid {}, which is not streaming", commit.xid),
             )
         })?;
+        let (changes, spilled) = txn.changes.into_parts()?;
         Ok(Assembled::Transaction(Transaction {
             xid: txn.xid,
             commit_lsn: commit.commit_lsn,
             end_lsn: commit.end_lsn,
             commit_time_micros: commit.commit_time_micros,
-            changes: txn.changes,
+            changes,
+            spilled,
         }))
     }
 
@@ -245,22 +443,41 @@ impl TransactionAssembler {
             self.streamed.remove(&abort.xid);
         } else if let Some(txn) = self.streamed.get_mut(&abort.xid) {
             if let Some(&cut) = txn.first_change.get(&abort.subxid) {
-                txn.changes.truncate(cut);
-                txn.first_change.retain(|_, first| *first < cut);
+                txn.changes.truncate(cut)?;
+                txn.first_change.retain(|_, first| first.count < cut.count);
             }
         }
         Ok(Assembled::Nothing)
     }
 
-    fn change(&mut self, change: LogicalMessage) -> Result<Assembled, DecodeError> {
+    fn change(
+        &mut self,
+        change: LogicalMessage,
+        payload: Option<Bytes>,
+    ) -> Result<Assembled, DecodeError> {
         if let Some(txn) = &mut self.in_block {
             let subxid = streamed_xid(&change).unwrap_or(txn.xid);
-            txn.first_change.entry(subxid).or_insert(txn.changes.len());
-            txn.changes.push(change);
+            let mark = txn.changes.mark();
+            txn.first_change.entry(subxid).or_insert(mark);
+            txn.changes.push(change, payload)?;
+            if self.over_memory_limit() {
+                if let Some(txn) = &mut self.in_block {
+                    if txn.changes.can_spill() {
+                        txn.changes.spill(txn.first_change.values_mut())?;
+                    }
+                }
+            }
             return Ok(Assembled::Nothing);
         }
         if let Some(open) = &mut self.open {
-            open.changes.push(change);
+            open.changes.push(change, payload)?;
+            if self.over_memory_limit() {
+                if let Some(open) = &mut self.open {
+                    if open.changes.can_spill() {
+                        open.changes.spill([])?;
+                    }
+                }
+            }
             return Ok(Assembled::Nothing);
         }
         match change {
@@ -320,7 +537,9 @@ fn streamed_xid(change: &LogicalMessage) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{ColumnValue, Insert, Origin, ReplicaIdentity, TupleData, TypeMessage};
+    use crate::decode::{
+        ColumnValue, Insert, Origin, PgOutputDecoder, ReplicaIdentity, TupleData, TypeMessage,
+    };
     use bytes::Bytes;
 
     const A: u32 = 1_000;
@@ -463,6 +682,7 @@ mod tests {
                     LogicalMessage::Message(message(None, true)),
                     insert(None, "two"),
                 ],
+                spilled: None,
             }
         );
         assert_eq!(assembler.buffered_changes(), 0);
@@ -551,6 +771,7 @@ mod tests {
                     insert(Some(A), "a1"),
                     insert(Some(A), "a2"),
                 ],
+                spilled: None,
             }
         );
         assert_eq!(assembler.buffered_changes(), 0);
@@ -659,5 +880,116 @@ mod tests {
             push_all(&mut assembler, before);
             assert_eq!(unexpected_message(assembler.push(message)), expected);
         }
+    }
+
+    /// An insert as [`insert`] makes it, with the payload it decodes from.
+    fn insert_payload(xid: Option<u32>, label: &'static str) -> (LogicalMessage, Bytes) {
+        let mut payload = vec![b'I'];
+        if let Some(xid) = xid {
+            payload.extend_from_slice(&xid.to_be_bytes());
+        }
+        payload.extend_from_slice(&16_384u32.to_be_bytes());
+        payload.push(b'N');
+        payload.extend_from_slice(&1u16.to_be_bytes());
+        payload.push(b't');
+        payload.extend_from_slice(&(label.len() as u32).to_be_bytes());
+        payload.extend_from_slice(label.as_bytes());
+        let payload = Bytes::from(payload);
+        let message =
+            PgOutputDecoder::decode_spilled(payload.clone(), xid.is_some()).expect("an insert");
+        assert_eq!(message, insert(xid, label));
+        (message, payload)
+    }
+
+    fn push_inserts(assembler: &mut TransactionAssembler, inserts: &[(Option<u32>, &'static str)]) {
+        for &(xid, label) in inserts {
+            let (message, payload) = insert_payload(xid, label);
+            assert_eq!(
+                assembler.push_payload(message, payload),
+                Ok(Assembled::Nothing)
+            );
+        }
+    }
+
+    fn spilled_changes(txn: Transaction) -> Vec<LogicalMessage> {
+        assert!(txn.spilled.is_some(), "the transaction was spilled");
+        txn.into_changes().map(Result::unwrap).collect()
+    }
+
+    #[test]
+    fn a_transaction_past_the_memory_limit_is_spilled_and_read_back_in_order() {
+        let mut assembler = TransactionAssembler::with_memory_limit(3 * CHANGE_OVERHEAD);
+        push_all(&mut assembler, vec![begin(C, 0x500)]);
+        let labels = ["one", "two", "three", "four", "five"];
+        push_inserts(&mut assembler, &labels.map(|label| (None, label)));
+        assert_eq!(assembler.buffered_changes(), 5);
+        assert_eq!(assembler.buffered_bytes(), 0, "all on disk");
+        let txn = committed(assembler.push(commit(0x500)));
+        assert_eq!(txn.len(), 5);
+        assert_eq!(
+            spilled_changes(txn),
+            labels.map(|label| insert(None, label)).to_vec()
+        );
+        assert!(assembler.is_idle());
+    }
+
+    #[test]
+    fn a_subtransaction_abort_cuts_a_spilled_stream_back() {
+        // Spilled from the first change on: every mark is a file offset.
+        let mut assembler = TransactionAssembler::with_memory_limit(1);
+        push_all(&mut assembler, vec![stream_start(A, true)]);
+        push_inserts(
+            &mut assembler,
+            &[(Some(A), "a1"), (Some(A_SUB1), "s1"), (Some(A_SUB1), "s2")],
+        );
+        push_all(&mut assembler, vec![LogicalMessage::StreamStop]);
+        push_all(&mut assembler, vec![stream_abort(A, A_SUB1)]);
+        push_all(&mut assembler, vec![stream_start(A, false)]);
+        push_inserts(&mut assembler, &[(Some(A), "a2"), (Some(A_SUB2), "t1")]);
+        push_all(&mut assembler, vec![LogicalMessage::StreamStop]);
+        let txn = committed(assembler.push(stream_commit(A, 0x900)));
+        assert_eq!(
+            spilled_changes(txn),
+            vec![
+                insert(Some(A), "a1"),
+                insert(Some(A), "a2"),
+                insert(Some(A_SUB2), "t1")
+            ]
+        );
+    }
+
+    #[test]
+    fn marks_taken_in_memory_hold_after_the_spill() {
+        // The second change passes the limit: the first subtransaction's mark was taken in
+        // memory and must point into the file afterwards.
+        let mut assembler = TransactionAssembler::with_memory_limit(2 * CHANGE_OVERHEAD);
+        push_all(&mut assembler, vec![stream_start(A, true)]);
+        push_inserts(
+            &mut assembler,
+            &[(Some(A), "a1"), (Some(A_SUB1), "s1"), (Some(A_SUB1), "s2")],
+        );
+        push_all(
+            &mut assembler,
+            vec![LogicalMessage::StreamStop, stream_abort(A, A_SUB1)],
+        );
+        push_all(&mut assembler, vec![stream_start(A, false)]);
+        push_inserts(&mut assembler, &[(Some(A), "a2")]);
+        push_all(&mut assembler, vec![LogicalMessage::StreamStop]);
+        let txn = committed(assembler.push(stream_commit(A, 0x900)));
+        assert_eq!(
+            spilled_changes(txn),
+            vec![insert(Some(A), "a1"), insert(Some(A), "a2")]
+        );
+    }
+
+    #[test]
+    fn under_the_limit_nothing_is_spilled() {
+        let mut assembler = TransactionAssembler::new();
+        push_all(&mut assembler, vec![begin(C, 0x500)]);
+        push_inserts(&mut assembler, &[(None, "one"), (None, "two")]);
+        assert!(assembler.buffered_bytes() > 0);
+        let txn = committed(assembler.push(commit(0x500)));
+        assert!(txn.spilled.is_none());
+        assert_eq!(txn.changes.len(), 2);
     }
 }

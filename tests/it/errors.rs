@@ -232,3 +232,51 @@ async fn missing_select_privilege_is_explained() {
         .unwrap();
     assert_definite(&output, "GRANT SELECT ON");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_row_in_a_spilled_transaction_applies_none_of_it() {
+    let pair = Pair::on(
+        shared_server(),
+        "CREATE TABLE public.users (id text PRIMARY KEY, email text, signed_up numeric)",
+    )
+    .await;
+    let setup = pair
+        .command(&["setup", "--signed-up-at-column", "signed_up"])
+        .output()
+        .unwrap();
+    assert!(setup.status.success(), "{}", text(&setup));
+    // A good transaction, then one past the spill threshold and one batch whose very last
+    // row cannot be mapped: its first parts are on the target before the bad row is read.
+    pair.source
+        .batch_execute("INSERT INTO users VALUES ('good', 'good@example.com', 1700000000000)")
+        .await
+        .unwrap();
+    pair.source
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO users SELECT 'big' || g, 'big' || g || '@example.com', 1700000000000
+               FROM generate_series(1, 25000) g;
+             INSERT INTO users VALUES ('bad', 'bad@example.com', 1.5);
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    let output = pair
+        .command(&[
+            "run",
+            "--signed-up-at-column",
+            "signed_up",
+            "--spill-threshold",
+            "64kB",
+        ])
+        .output()
+        .unwrap();
+    assert_definite(&output, "signed_up");
+    let users: i64 = pair
+        .target
+        .query_one("SELECT count(*) FROM neon_auth.users_sync", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(users, 1, "only the good transaction is on the target");
+}

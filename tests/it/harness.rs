@@ -270,6 +270,7 @@ impl Pair {
             lag_target: Duration::from_secs(1),
             heartbeat_interval: Some(usersync::config::DEFAULT_HEARTBEAT_INTERVAL),
             source_timeout: usersync::config::DEFAULT_SOURCE_TIMEOUT,
+            spill_threshold: usersync::decode::DEFAULT_MEMORY_LIMIT,
         };
         Pair {
             server,

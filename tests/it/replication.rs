@@ -417,6 +417,53 @@ async fn setup_failover_makes_a_failover_slot_where_the_source_has_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_past_the_spill_threshold_go_through_disk_whole() {
+    let mut pair = Pair::new().await;
+    pair.config.spill_threshold = 64 << 10;
+    pair.setup().await;
+    // Which target transactions wrote users: a large source transaction is applied in parts,
+    // all in one target transaction.
+    pair.target
+        .batch_execute(
+            "CREATE TABLE write_txids (txid bigint);
+             CREATE FUNCTION log_txid() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+             BEGIN
+               INSERT INTO write_txids VALUES (txid_current());
+               RETURN NULL;
+             END $$;
+             CREATE TRIGGER log_txid AFTER INSERT OR UPDATE ON neon_auth.users_sync
+               FOR EACH STATEMENT EXECUTE FUNCTION log_txid();",
+        )
+        .await
+        .unwrap();
+    let running = pair.start();
+    // Several times the spill threshold, and more changes than one batch holds; a
+    // subtransaction rolled back after the spill began, updates and deletes after it.
+    pair.source
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO users (email) SELECT 'big' || g || '@example.com' FROM generate_series(1, 25000) g;
+             SAVEPOINT s1;
+             INSERT INTO users (email) SELECT 'gone' || g || '@example.com' FROM generate_series(1, 5000) g;
+             ROLLBACK TO SAVEPOINT s1;
+             UPDATE users SET version = 2 WHERE email LIKE 'big1%';
+             DELETE FROM users WHERE email LIKE 'big2%';
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    running.stop().await;
+    let target_transactions: i64 = pair
+        .target
+        .query_one("SELECT count(DISTINCT txid) FROM write_txids", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(target_transactions, 1, "the source transaction was split");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_checkpoint_writes_nothing_of_its_batch() {
     use usersync::apply::{ApplyError, Batch, CommitPosition, TargetWriter};
     let pair = Pair::new().await;
