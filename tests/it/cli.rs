@@ -58,20 +58,12 @@ async fn run_replicates_and_stops_cleanly_on_sigterm() {
         .query_one(
             "SELECT confirmed_flush_lsn >= $2::text::pg_lsn
                FROM pg_replication_slots WHERE slot_name = $1",
-            &[&pair.config.slot, &checkpoint_end(&pair).await],
+            &[&pair.config.slot, &pair.checkpoint_end().await],
         )
         .await
         .unwrap()
         .get(0);
     assert!(confirmed);
-}
-
-async fn checkpoint_end(pair: &Pair) -> String {
-    pair.target
-        .query_one("SELECT end_lsn::text FROM usersync.state", &[])
-        .await
-        .unwrap()
-        .get(0)
 }
 
 pub fn send_signal(pid: u32, signal: &str) {

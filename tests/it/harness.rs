@@ -288,6 +288,15 @@ impl Pair {
             .expect("usersync setup");
     }
 
+    /// The end LSN of the last transaction the target's checkpoint holds.
+    pub async fn checkpoint_end(&self) -> String {
+        self.target
+            .query_one("SELECT end_lsn::text FROM usersync.state", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     /// Starts the replicator in this process.
     pub fn start(&self) -> Running {
         let (stop, shutdown) = watch::channel(false);
@@ -423,6 +432,60 @@ impl Running {
             Err(_) => panic!("the replicator did not stop within {WAIT:?}"),
         }
     }
+}
+
+/// Logs every write usersync makes to a live user of the target in `write_log`
+/// (`seq`, `id`, `version` from `raw_json`), to catch a change applied twice or out of order
+/// ([`assert_write_log_ordered`]). The trigger function is `SECURITY DEFINER`: it writes the
+/// log as its owner, so usersync's least-privilege target role needs no grant on it.
+pub async fn install_write_log(target: &Client) {
+    target
+        .batch_execute(
+            "CREATE TABLE write_log (seq bigserial, id text, version int);
+             CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+             BEGIN
+               INSERT INTO write_log (id, version) VALUES (NEW.id, (NEW.raw_json ->> 'version')::int);
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER log_write AFTER INSERT OR UPDATE ON neon_auth.users_sync
+               FOR EACH ROW WHEN (NEW.deleted_at IS NULL) EXECUTE FUNCTION log_write();",
+        )
+        .await
+        .expect("install the write log");
+}
+
+/// Panics if the write log shows a user's version written again or going back: a change
+/// applied twice or out of order.
+pub async fn assert_write_log_ordered(target: &Client) {
+    let bad: Vec<(String, i32, i32)> = target
+        .query(
+            "SELECT id, version, previous FROM (
+                SELECT id, version, lag(version) OVER (PARTITION BY id ORDER BY seq) AS previous
+                  FROM write_log) w
+              WHERE version <= previous",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "applied twice or out of order (id, version, previous): {bad:?}"
+    );
+}
+
+/// How many users the target holds soft-deleted.
+pub async fn soft_deleted_users(target: &Client) -> i64 {
+    target
+        .query_one(
+            "SELECT count(*) FROM neon_auth.users_sync WHERE deleted_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 pub fn text(output: &Output) -> String {
