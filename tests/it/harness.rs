@@ -162,6 +162,42 @@ pub fn apply_role_script(pg: &LocalPg, dbname: &str, script: &str, variables: &[
     assert!(output.status.success(), "{script}: {}", text(&output));
 }
 
+/// Makes `role` usersync's least-privilege source role for `table` of `dbname` with
+/// `sql/source_role.sql`.
+fn apply_source_role(pg: &LocalPg, dbname: &str, role: &str, table: &TableName) {
+    apply_role_script(
+        pg,
+        dbname,
+        "source_role.sql",
+        &[
+            ("role", role),
+            ("password", PASSWORD),
+            ("schema", &table.schema),
+            ("table", &table.name),
+        ],
+    );
+}
+
+/// Makes `role` usersync's least-privilege target role in `dbname` with
+/// `sql/target_role.sql`.
+fn apply_target_role(pg: &LocalPg, dbname: &str, role: &str) {
+    apply_role_script(
+        pg,
+        dbname,
+        "target_role.sql",
+        &[("role", role), ("password", PASSWORD)],
+    );
+}
+
+/// Creates an empty database on `pg`.
+async fn create_database(pg: &LocalPg, dbname: &str) {
+    sql(pg, "postgres")
+        .await
+        .batch_execute(&format!("CREATE DATABASE {dbname}"))
+        .await
+        .expect("create a test database");
+}
+
 /// A source database with the users table and a target database.
 pub struct Pair {
     /// The server of the source database.
@@ -174,6 +210,9 @@ pub struct Pair {
     pub target_url: String,
     pub source: Client,
     pub target: Client,
+    /// The role usersync connects to the source as (the superuser for [`Roles::Superuser`]).
+    source_role: String,
+    roles: Roles,
 }
 
 /// Whom usersync connects as in a [`Pair`].
@@ -193,77 +232,76 @@ impl Pair {
 
     /// A pair on the shared server; usersync connects as the superuser.
     pub async fn as_superuser() -> Pair {
-        Self::with(shared_server(), USERS_TABLE, Roles::Superuser).await
+        Self::on_as_superuser(shared_server(), USERS_TABLE).await
     }
 
     /// A pair whose source is on `server`, with `public.users` made by `table_ddl`;
     /// usersync connects as least-privilege roles.
     pub async fn on(server: &'static LocalPg, table_ddl: &str) -> Pair {
-        Self::with(server, table_ddl, Roles::LeastPrivilege).await
+        Self::with(server, table_ddl, "public.users", Roles::LeastPrivilege).await
     }
 
     /// A pair whose source is on `server`, usersync connecting as the superuser.
     pub async fn on_as_superuser(server: &'static LocalPg, table_ddl: &str) -> Pair {
-        Self::with(server, table_ddl, Roles::Superuser).await
+        Self::with(server, table_ddl, "public.users", Roles::Superuser).await
     }
 
-    /// A pair whose source is on `server`. Its target is on the same server, except on the
-    /// shared server, whose pairs get their target on [`shared_target_server`].
+    /// A pair on the shared server whose users table is `table` (`schema.name`, made by
+    /// `table_ddl`), as an identity store other than `public.users` has it; usersync
+    /// connects as least-privilege roles.
+    pub async fn for_table(table_ddl: &str, table: &str) -> Pair {
+        Self::with(shared_server(), table_ddl, table, Roles::LeastPrivilege).await
+    }
+
+    /// A pair whose source is on `server`, replicating `table` made by `table_ddl`. Its
+    /// target is on the same server, except on the shared server, whose pairs get their
+    /// target on [`shared_target_server`].
     ///
     /// With [`Roles::LeastPrivilege`], the role scripts run as the superuser once the table
-    /// exists: the source script creates publication `usersync` as the table's owner (its
+    /// exists: the source script creates publication `usersync` for `table` as its owner (its
     /// choice A), the target script creates `neon_auth.users_sync`; usersync setup then
     /// finds both. The helper clients `source` and `target` stay superuser either way.
-    pub async fn with(server: &'static LocalPg, table_ddl: &str, roles: Roles) -> Pair {
+    pub async fn with(
+        server: &'static LocalPg,
+        table_ddl: &str,
+        table: &str,
+        roles: Roles,
+    ) -> Pair {
         let target_server = if std::ptr::eq(server, shared_server()) {
             shared_target_server()
         } else {
             server
         };
+        let table: TableName = table.parse().unwrap();
         let name = unique("t");
-        for (prefix, on) in [("src", server), ("tgt", target_server)] {
-            sql(on, "postgres")
-                .await
-                .batch_execute(&format!("CREATE DATABASE {prefix}_{name}"))
-                .await
-                .expect("create a test database");
+        let (source_db, target_db) = (format!("src_{name}"), format!("tgt_{name}"));
+        for (dbname, on) in [(&source_db, server), (&target_db, target_server)] {
+            create_database(on, dbname).await;
         }
-        let source = sql(server, &format!("src_{name}")).await;
+        let source = sql(server, &source_db).await;
         source
             .batch_execute(table_ddl)
             .await
             .expect("create the users table");
-        let target = sql(target_server, &format!("tgt_{name}")).await;
+        let target = sql(target_server, &target_db).await;
         let (source_role, target_role) = match roles {
-            Roles::Superuser => ("postgres".to_owned(), "postgres".to_owned()),
+            Roles::Superuser => (
+                server.superuser().to_owned(),
+                target_server.superuser().to_owned(),
+            ),
             Roles::LeastPrivilege => {
-                let (source_role, target_role) = (format!("src_{name}"), format!("tgt_{name}"));
-                apply_role_script(
-                    server,
-                    &format!("src_{name}"),
-                    "source_role.sql",
-                    &[
-                        ("role", &source_role),
-                        ("password", PASSWORD),
-                        ("schema", "public"),
-                        ("table", "users"),
-                    ],
-                );
-                apply_role_script(
-                    target_server,
-                    &format!("tgt_{name}"),
-                    "target_role.sql",
-                    &[("role", &target_role), ("password", PASSWORD)],
-                );
+                let (source_role, target_role) = (source_db.clone(), target_db.clone());
+                apply_source_role(server, &source_db, &source_role, &table);
+                apply_target_role(target_server, &target_db, &target_role);
                 (source_role, target_role)
             }
         };
-        let source_url = server.url(&source_role, PASSWORD, &format!("src_{name}"));
-        let target_url = target_server.url(&target_role, PASSWORD, &format!("tgt_{name}"));
+        let source_url = server.url(&source_role, PASSWORD, &source_db);
+        let target_url = target_server.url(&target_role, PASSWORD, &target_db);
         let config = Config {
             source: source_url.parse().unwrap(),
             target: target_url.parse().unwrap(),
-            table: "public.users".parse::<TableName>().unwrap(),
+            table,
             slot: format!("slot_{name}"),
             publication: "usersync".into(),
             mapping: GenericMapping::default().into(),
@@ -279,6 +317,22 @@ impl Pair {
             target_url,
             source,
             target,
+            source_role,
+            roles,
+        }
+    }
+
+    /// Lets usersync's source role read another table of the source database, as the
+    /// operator would: the source role script again, for that table (the publication
+    /// exists by now, so the script only grants). Nothing to do for a superuser pair.
+    pub fn grant_source_table(&self, table: &TableName) {
+        if self.roles == Roles::LeastPrivilege {
+            apply_source_role(
+                self.server,
+                &self.config.source.dbname,
+                &self.source_role,
+                table,
+            );
         }
     }
 
