@@ -212,6 +212,8 @@ pub struct Pair {
     pub target: Client,
     /// The role usersync connects to the source as (the superuser for [`Roles::Superuser`]).
     source_role: String,
+    /// The role usersync connects to the target as.
+    target_role: String,
     roles: Roles,
 }
 
@@ -318,6 +320,7 @@ impl Pair {
             source,
             target,
             source_role,
+            target_role,
             roles,
         }
     }
@@ -334,6 +337,30 @@ impl Pair {
                 table,
             );
         }
+    }
+
+    /// Puts the pair's target database on another server (a new, empty one there), with
+    /// the target role script applied to it as on the first.
+    pub async fn move_target(&mut self, server: &'static LocalPg) {
+        let dbname = format!("moved_{}", self.config.target.dbname);
+        create_database(server, &dbname).await;
+        if self.roles == Roles::LeastPrivilege {
+            apply_target_role(server, &dbname, &self.target_role);
+        }
+        self.target_server = server;
+        self.target_url = server.url(&self.target_role, PASSWORD, &dbname);
+        self.config.target = self.target_url.parse().unwrap();
+        self.target = sql(server, &dbname).await;
+    }
+
+    /// The source database's URL for the superuser, for the test's own clients.
+    pub fn source_admin_url(&self) -> String {
+        self.server.superuser_url(&self.config.source.dbname)
+    }
+
+    /// The target database's URL for the superuser, for the test's own clients.
+    pub fn target_admin_url(&self) -> String {
+        self.target_server.superuser_url(&self.config.target.dbname)
     }
 
     pub async fn setup(&self) {
