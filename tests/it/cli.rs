@@ -7,7 +7,8 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_is_idempotent_and_says_what_it_did() {
-    // Superuser: it checks the messages of setup creating and teardown dropping what the roles may not.
+    // Superuser: it checks what setup says when it creates the publication and
+    // neon_auth.users_sync itself; under the roles, the role scripts create both first.
     let pair = Pair::as_superuser().await;
     let first = pair.usersync(&["setup"]);
     assert!(first.status.success(), "{}", text(&first));
@@ -77,7 +78,8 @@ pub fn send_signal(pid: u32, signal: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn teardown_needs_yes_then_drops_slot_and_publication() {
-    // Superuser: it checks the messages of setup creating and teardown dropping what the roles may not.
+    // Superuser: teardown drops the publication, which only its owner may; under the roles
+    // that is the table owner who ran sql/source_role.sql, not usersync's role.
     let pair = Pair::as_superuser().await;
     pair.setup().await;
     let refused = pair.usersync(&["teardown"]);
