@@ -23,6 +23,12 @@
 -- table (default users), publication (default usersync; pass the same --publication to
 -- usersync). Running it again updates the password and re-applies the grants.
 --
+-- A profile that reads more than one table (Keycloak looks realm names up in realm, Stack
+-- Auth joins "ContactChannel"): run it once per table, the users table first. Later runs
+-- find the publication and only grant SELECT; a table that must be published too (Stack
+-- Auth's "ContactChannel") is then added by its owner with the ALTER PUBLICATION statement,
+-- row filter included, that usersync setup prints when it may not add the table itself.
+--
 -- The password reaches the server inside the statement text: with log_statement = 'ddl' or
 -- 'all' it is written to the server log. To avoid that, run the script with password set to
 -- a throwaway value, then set the real one with psql's \password usersync_source, which

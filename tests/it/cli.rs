@@ -7,7 +7,8 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_is_idempotent_and_says_what_it_did() {
-    // Superuser: it checks the messages of setup creating and teardown dropping what the roles may not.
+    // Superuser: it checks what setup says when it creates the publication and
+    // neon_auth.users_sync itself; under the roles, the role scripts create both first.
     let pair = Pair::as_superuser().await;
     let first = pair.usersync(&["setup"]);
     assert!(first.status.success(), "{}", text(&first));
@@ -58,20 +59,12 @@ async fn run_replicates_and_stops_cleanly_on_sigterm() {
         .query_one(
             "SELECT confirmed_flush_lsn >= $2::text::pg_lsn
                FROM pg_replication_slots WHERE slot_name = $1",
-            &[&pair.config.slot, &checkpoint_end(&pair).await],
+            &[&pair.config.slot, &pair.checkpoint_end().await],
         )
         .await
         .unwrap()
         .get(0);
     assert!(confirmed);
-}
-
-async fn checkpoint_end(pair: &Pair) -> String {
-    pair.target
-        .query_one("SELECT end_lsn::text FROM usersync.state", &[])
-        .await
-        .unwrap()
-        .get(0)
 }
 
 pub fn send_signal(pid: u32, signal: &str) {
@@ -85,7 +78,8 @@ pub fn send_signal(pid: u32, signal: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn teardown_needs_yes_then_drops_slot_and_publication() {
-    // Superuser: it checks the messages of setup creating and teardown dropping what the roles may not.
+    // Superuser: teardown drops the publication, which only its owner may; under the roles
+    // that is the table owner who ran sql/source_role.sql, not usersync's role.
     let pair = Pair::as_superuser().await;
     pair.setup().await;
     let refused = pair.usersync(&["teardown"]);

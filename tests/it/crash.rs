@@ -15,20 +15,7 @@ const KILLS: u32 = 6;
 async fn kill_9_mid_stream_loses_and_doubles_nothing() {
     let pair = Pair::new().await;
     pair.setup().await;
-    // Every upsert usersync makes is logged: (id, version) must never repeat or go back.
-    pair.target
-        .batch_execute(
-            "CREATE TABLE write_log (seq bigserial, id text, version int);
-             CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
-             BEGIN
-               INSERT INTO write_log (id, version) VALUES (NEW.id, (NEW.raw_json ->> 'version')::int);
-               RETURN NEW;
-             END $$;
-             CREATE TRIGGER log_write AFTER INSERT OR UPDATE ON neon_auth.users_sync
-               FOR EACH ROW WHEN (NEW.deleted_at IS NULL) EXECUTE FUNCTION log_write();",
-        )
-        .await
-        .unwrap();
+    install_write_log(&pair.target).await;
 
     let writing = Arc::new(AtomicBool::new(true));
     let writer = {
@@ -71,35 +58,9 @@ async fn kill_9_mid_stream_loses_and_doubles_nothing() {
     pair.wait_for_match().await;
     running.stop().await;
 
-    let bad: Vec<(String, i32, i32)> = pair
-        .target
-        .query(
-            "SELECT id, version, previous FROM (
-                SELECT id, version, lag(version) OVER (PARTITION BY id ORDER BY seq) AS previous
-                  FROM write_log) w
-              WHERE version <= previous",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    assert_write_log_ordered(&pair.target).await;
     assert!(
-        bad.is_empty(),
-        "applied twice or out of order (id, version, previous): {bad:?}"
-    );
-    let deleted: i64 = pair
-        .target
-        .query_one(
-            "SELECT count(*) FROM neon_auth.users_sync WHERE deleted_at IS NOT NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(
-        deleted > 0,
+        soft_deleted_users(&pair.target).await > 0,
         "the load deleted users; the target must hold them soft-deleted"
     );
 }

@@ -58,10 +58,8 @@ enum Fault {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_and_terminations_lose_and_double_nothing() {
     let (source_server, target_server) = (restart_source_server(), restart_target_server());
-    // Superuser: the fault helpers re-point usersync at a second target server and through
-    // proxies with superuser URLs; not yet ported to the least-privilege roles.
-    let mut pair = Pair::on_as_superuser(source_server, USERS_TABLE).await;
-    move_target(&mut pair, target_server).await;
+    let mut pair = Pair::on(source_server, USERS_TABLE).await;
+    pair.move_target(target_server).await;
     let kinds = [
         Fault::SourceFastRestart,
         Fault::SourceCrash,
@@ -76,12 +74,9 @@ async fn restarts_and_terminations_lose_and_double_nothing() {
 /// Connections cut and stalled between usersync and both servers, and backends terminated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_cuts_and_stalls_lose_and_double_nothing() {
-    let server = shared_server();
-    // Superuser: under the least-privilege roles this test fails and the cause is not yet
-    // found; it stays on the superuser until it is.
-    let mut pair = Pair::on_as_superuser(server, USERS_TABLE).await;
-    let source_proxy = Proxy::start(server.port()).await;
-    let target_proxy = Proxy::start(server.port()).await;
+    let mut pair = Pair::new().await;
+    let source_proxy = Proxy::start(pair.server.port()).await;
+    let target_proxy = Proxy::start(pair.target_server.port()).await;
     let proxies = Proxies {
         source: source_proxy,
         target: target_proxy,
@@ -101,19 +96,6 @@ struct Proxies {
     target: Proxy,
 }
 
-/// Puts the pair's target database on another server.
-async fn move_target(pair: &mut Pair, server: &'static LocalPg) {
-    let dbname = format!("moved_{}", pair.config.target.dbname);
-    sql(server, "postgres")
-        .await
-        .batch_execute(&format!("CREATE DATABASE {dbname}"))
-        .await
-        .unwrap();
-    pair.target_url = server.url("postgres", PASSWORD, &dbname);
-    pair.config.target = pair.target_url.parse().unwrap();
-    pair.target = sql(server, &dbname).await;
-}
-
 async fn run_faults(
     pair: &mut Pair,
     kinds: &[Fault],
@@ -128,11 +110,16 @@ async fn run_faults(
     let started = Instant::now();
     pair.setup().await;
     install_write_log(&pair.target).await;
-    let source_url = pair.source_url.clone();
-    let target_url = pair.target_url.clone();
+    // The test's own clients (the write load, the final comparison) are the superuser's:
+    // usersync's roles may only read the source, and not read the write log at all.
+    let (source_url, target_url) = (pair.source_admin_url(), pair.target_admin_url());
     if let Some(proxies) = proxies {
         pair.config.source = via(&pair.source_url, pair.server.port(), proxies.source.port);
-        pair.config.target = via(&pair.target_url, pair.server.port(), proxies.target.port);
+        pair.config.target = via(
+            &pair.target_url,
+            pair.target_server.port(),
+            proxies.target.port,
+        );
     }
     pair.config.source_timeout = SOURCE_TIMEOUT;
 
@@ -169,6 +156,10 @@ async fn run_faults(
     );
     assert!(changes > 100, "the writer made only {changes} changes");
     assert_write_log_ordered(&pair.target).await;
+    assert!(
+        soft_deleted_users(&pair.target).await > 0,
+        "the load deleted users; the target must hold them soft-deleted"
+    );
 }
 
 async fn inject(
@@ -177,7 +168,7 @@ async fn inject(
     proxies: Option<&Proxies>,
     target_server: Option<&'static LocalPg>,
 ) {
-    let admin_url = |server: &LocalPg| server.url("postgres", PASSWORD, "postgres");
+    let admin_url = |server: &LocalPg| server.superuser_url("postgres");
     match fault {
         Fault::SourceFastRestart => restart(pair.server, StopMode::Fast).await,
         Fault::SourceCrash => restart(pair.server, StopMode::Immediate).await,
@@ -196,8 +187,7 @@ async fn inject(
                 .unwrap();
         }
         Fault::TerminateTargetSessions => {
-            let server = target_server.unwrap_or(pair.server);
-            let admin = reconnect(&admin_url(server)).await;
+            let admin = reconnect(&admin_url(pair.target_server)).await;
             let dbname = pair.config.target.dbname.as_str();
             admin
                 .execute(
@@ -240,55 +230,6 @@ async fn wait_for_batches(running: Running, count: u64) -> Running {
     running
 }
 
-/// Every upsert usersync makes is logged: (id, version) must never repeat or go back.
-async fn install_write_log(target: &Client) {
-    target
-        .batch_execute(
-            "CREATE TABLE write_log (seq bigserial, id text, version int);
-             CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
-             BEGIN
-               INSERT INTO write_log (id, version) VALUES (NEW.id, (NEW.raw_json ->> 'version')::int);
-               RETURN NEW;
-             END $$;
-             CREATE TRIGGER log_write AFTER INSERT OR UPDATE ON neon_auth.users_sync
-               FOR EACH ROW WHEN (NEW.deleted_at IS NULL) EXECUTE FUNCTION log_write();",
-        )
-        .await
-        .unwrap();
-}
-
-async fn assert_write_log_ordered(target: &Client) {
-    let bad: Vec<(String, i32, i32)> = target
-        .query(
-            "SELECT id, version, previous FROM (
-                SELECT id, version, lag(version) OVER (PARTITION BY id ORDER BY seq) AS previous
-                  FROM write_log) w
-              WHERE version <= previous",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    assert!(
-        bad.is_empty(),
-        "applied twice or out of order (id, version, previous): {bad:?}"
-    );
-    let deleted: i64 = target
-        .query_one(
-            "SELECT count(*) FROM neon_auth.users_sync WHERE deleted_at IS NOT NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(
-        deleted > 0,
-        "the load deleted users; the target must hold them"
-    );
-}
-
 /// Inserts, updates that bump `version`, and deletes, until told to stop; rides out the
 /// source's restarts by reconnecting. Returns how many statements it ran.
 async fn write_load(url: String, writing: Arc<AtomicBool>) -> u32 {
@@ -307,7 +248,11 @@ async fn write_load(url: String, writing: Arc<AtomicBool>) -> u32 {
         // A statement cut off by a restart may or may not have committed: either is fine,
         // the comparison reads the source as it ends up.
         if let Err(error) = client.batch_execute(&sql).await {
-            eprintln!("faults: writer: {error}");
+            // tokio-postgres shows a server's error as a bare "db error": print the message.
+            match error.as_db_error() {
+                Some(db_error) => eprintln!("faults: writer: {db_error}"),
+                None => eprintln!("faults: writer: {error}"),
+            }
             client = reconnect(&url).await;
         }
         tokio::time::sleep(Duration::from_millis(3)).await;

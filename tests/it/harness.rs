@@ -162,6 +162,42 @@ pub fn apply_role_script(pg: &LocalPg, dbname: &str, script: &str, variables: &[
     assert!(output.status.success(), "{script}: {}", text(&output));
 }
 
+/// Makes `role` usersync's least-privilege source role for `table` of `dbname` with
+/// `sql/source_role.sql`.
+fn apply_source_role(pg: &LocalPg, dbname: &str, role: &str, table: &TableName) {
+    apply_role_script(
+        pg,
+        dbname,
+        "source_role.sql",
+        &[
+            ("role", role),
+            ("password", PASSWORD),
+            ("schema", &table.schema),
+            ("table", &table.name),
+        ],
+    );
+}
+
+/// Makes `role` usersync's least-privilege target role in `dbname` with
+/// `sql/target_role.sql`.
+fn apply_target_role(pg: &LocalPg, dbname: &str, role: &str) {
+    apply_role_script(
+        pg,
+        dbname,
+        "target_role.sql",
+        &[("role", role), ("password", PASSWORD)],
+    );
+}
+
+/// Creates an empty database on `pg`.
+async fn create_database(pg: &LocalPg, dbname: &str) {
+    sql(pg, "postgres")
+        .await
+        .batch_execute(&format!("CREATE DATABASE {dbname}"))
+        .await
+        .expect("create a test database");
+}
+
 /// A source database with the users table and a target database.
 pub struct Pair {
     /// The server of the source database.
@@ -174,6 +210,11 @@ pub struct Pair {
     pub target_url: String,
     pub source: Client,
     pub target: Client,
+    /// The role usersync connects to the source as (the superuser for [`Roles::Superuser`]).
+    source_role: String,
+    /// The role usersync connects to the target as.
+    target_role: String,
+    roles: Roles,
 }
 
 /// Whom usersync connects as in a [`Pair`].
@@ -193,77 +234,76 @@ impl Pair {
 
     /// A pair on the shared server; usersync connects as the superuser.
     pub async fn as_superuser() -> Pair {
-        Self::with(shared_server(), USERS_TABLE, Roles::Superuser).await
+        Self::on_as_superuser(shared_server(), USERS_TABLE).await
     }
 
     /// A pair whose source is on `server`, with `public.users` made by `table_ddl`;
     /// usersync connects as least-privilege roles.
     pub async fn on(server: &'static LocalPg, table_ddl: &str) -> Pair {
-        Self::with(server, table_ddl, Roles::LeastPrivilege).await
+        Self::with(server, table_ddl, "public.users", Roles::LeastPrivilege).await
     }
 
     /// A pair whose source is on `server`, usersync connecting as the superuser.
     pub async fn on_as_superuser(server: &'static LocalPg, table_ddl: &str) -> Pair {
-        Self::with(server, table_ddl, Roles::Superuser).await
+        Self::with(server, table_ddl, "public.users", Roles::Superuser).await
     }
 
-    /// A pair whose source is on `server`. Its target is on the same server, except on the
-    /// shared server, whose pairs get their target on [`shared_target_server`].
+    /// A pair on the shared server whose users table is `table` (`schema.name`, made by
+    /// `table_ddl`), as an identity store other than `public.users` has it; usersync
+    /// connects as least-privilege roles.
+    pub async fn for_table(table_ddl: &str, table: &str) -> Pair {
+        Self::with(shared_server(), table_ddl, table, Roles::LeastPrivilege).await
+    }
+
+    /// A pair whose source is on `server`, replicating `table` made by `table_ddl`. Its
+    /// target is on the same server, except on the shared server, whose pairs get their
+    /// target on [`shared_target_server`].
     ///
     /// With [`Roles::LeastPrivilege`], the role scripts run as the superuser once the table
-    /// exists: the source script creates publication `usersync` as the table's owner (its
+    /// exists: the source script creates publication `usersync` for `table` as its owner (its
     /// choice A), the target script creates `neon_auth.users_sync`; usersync setup then
     /// finds both. The helper clients `source` and `target` stay superuser either way.
-    pub async fn with(server: &'static LocalPg, table_ddl: &str, roles: Roles) -> Pair {
+    pub async fn with(
+        server: &'static LocalPg,
+        table_ddl: &str,
+        table: &str,
+        roles: Roles,
+    ) -> Pair {
         let target_server = if std::ptr::eq(server, shared_server()) {
             shared_target_server()
         } else {
             server
         };
+        let table: TableName = table.parse().unwrap();
         let name = unique("t");
-        for (prefix, on) in [("src", server), ("tgt", target_server)] {
-            sql(on, "postgres")
-                .await
-                .batch_execute(&format!("CREATE DATABASE {prefix}_{name}"))
-                .await
-                .expect("create a test database");
+        let (source_db, target_db) = (format!("src_{name}"), format!("tgt_{name}"));
+        for (dbname, on) in [(&source_db, server), (&target_db, target_server)] {
+            create_database(on, dbname).await;
         }
-        let source = sql(server, &format!("src_{name}")).await;
+        let source = sql(server, &source_db).await;
         source
             .batch_execute(table_ddl)
             .await
             .expect("create the users table");
-        let target = sql(target_server, &format!("tgt_{name}")).await;
+        let target = sql(target_server, &target_db).await;
         let (source_role, target_role) = match roles {
-            Roles::Superuser => ("postgres".to_owned(), "postgres".to_owned()),
+            Roles::Superuser => (
+                server.superuser().to_owned(),
+                target_server.superuser().to_owned(),
+            ),
             Roles::LeastPrivilege => {
-                let (source_role, target_role) = (format!("src_{name}"), format!("tgt_{name}"));
-                apply_role_script(
-                    server,
-                    &format!("src_{name}"),
-                    "source_role.sql",
-                    &[
-                        ("role", &source_role),
-                        ("password", PASSWORD),
-                        ("schema", "public"),
-                        ("table", "users"),
-                    ],
-                );
-                apply_role_script(
-                    target_server,
-                    &format!("tgt_{name}"),
-                    "target_role.sql",
-                    &[("role", &target_role), ("password", PASSWORD)],
-                );
+                let (source_role, target_role) = (source_db.clone(), target_db.clone());
+                apply_source_role(server, &source_db, &source_role, &table);
+                apply_target_role(target_server, &target_db, &target_role);
                 (source_role, target_role)
             }
         };
-        let source_url = server.url(&source_role, PASSWORD, &format!("src_{name}"));
-        let target_url = target_server.url(&target_role, PASSWORD, &format!("tgt_{name}"));
+        let source_url = server.url(&source_role, PASSWORD, &source_db);
+        let target_url = target_server.url(&target_role, PASSWORD, &target_db);
         let config = Config {
             source: source_url.parse().unwrap(),
             target: target_url.parse().unwrap(),
-            table: "public.users".parse::<TableName>().unwrap(),
+            table,
             slot: format!("slot_{name}"),
             publication: "usersync".into(),
             mapping: GenericMapping::default().into(),
@@ -280,13 +320,63 @@ impl Pair {
             target_url,
             source,
             target,
+            source_role,
+            target_role,
+            roles,
         }
+    }
+
+    /// Lets usersync's source role read another table of the source database, as the
+    /// operator would: the source role script again, for that table (the publication
+    /// exists by now, so the script only grants). Nothing to do for a superuser pair.
+    pub fn grant_source_table(&self, table: &TableName) {
+        if self.roles == Roles::LeastPrivilege {
+            apply_source_role(
+                self.server,
+                &self.config.source.dbname,
+                &self.source_role,
+                table,
+            );
+        }
+    }
+
+    /// Puts the pair's target database on another server (a new, empty one there), with
+    /// the target role script applied to it as on the first.
+    pub async fn move_target(&mut self, server: &'static LocalPg) {
+        let dbname = format!("moved_{}", self.config.target.dbname);
+        create_database(server, &dbname).await;
+        if self.roles == Roles::LeastPrivilege {
+            apply_target_role(server, &dbname, &self.target_role);
+        }
+        self.target_server = server;
+        self.target_url = server.url(&self.target_role, PASSWORD, &dbname);
+        self.config.target = self.target_url.parse().unwrap();
+        self.target = sql(server, &dbname).await;
+    }
+
+    /// The source database's URL for the superuser, for the test's own clients.
+    pub fn source_admin_url(&self) -> String {
+        self.server.superuser_url(&self.config.source.dbname)
+    }
+
+    /// The target database's URL for the superuser, for the test's own clients.
+    pub fn target_admin_url(&self) -> String {
+        self.target_server.superuser_url(&self.config.target.dbname)
     }
 
     pub async fn setup(&self) {
         usersync::commands::setup::setup(&self.config, Default::default())
             .await
             .expect("usersync setup");
+    }
+
+    /// The end LSN of the last transaction the target's checkpoint holds.
+    pub async fn checkpoint_end(&self) -> String {
+        self.target
+            .query_one("SELECT end_lsn::text FROM usersync.state", &[])
+            .await
+            .unwrap()
+            .get(0)
     }
 
     /// Starts the replicator in this process.
@@ -424,6 +514,60 @@ impl Running {
             Err(_) => panic!("the replicator did not stop within {WAIT:?}"),
         }
     }
+}
+
+/// Logs every write usersync makes to a live user of the target in `write_log`
+/// (`seq`, `id`, `version` from `raw_json`), to catch a change applied twice or out of order
+/// ([`assert_write_log_ordered`]). The trigger function is `SECURITY DEFINER`: it writes the
+/// log as its owner, so usersync's least-privilege target role needs no grant on it.
+pub async fn install_write_log(target: &Client) {
+    target
+        .batch_execute(
+            "CREATE TABLE write_log (seq bigserial, id text, version int);
+             CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+             BEGIN
+               INSERT INTO write_log (id, version) VALUES (NEW.id, (NEW.raw_json ->> 'version')::int);
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER log_write AFTER INSERT OR UPDATE ON neon_auth.users_sync
+               FOR EACH ROW WHEN (NEW.deleted_at IS NULL) EXECUTE FUNCTION log_write();",
+        )
+        .await
+        .expect("install the write log");
+}
+
+/// Panics if the write log shows a user's version written again or going back: a change
+/// applied twice or out of order.
+pub async fn assert_write_log_ordered(target: &Client) {
+    let bad: Vec<(String, i32, i32)> = target
+        .query(
+            "SELECT id, version, previous FROM (
+                SELECT id, version, lag(version) OVER (PARTITION BY id ORDER BY seq) AS previous
+                  FROM write_log) w
+              WHERE version <= previous",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "applied twice or out of order (id, version, previous): {bad:?}"
+    );
+}
+
+/// How many users the target holds soft-deleted.
+pub async fn soft_deleted_users(target: &Client) -> i64 {
+    target
+        .query_one(
+            "SELECT count(*) FROM neon_auth.users_sync WHERE deleted_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 pub fn text(output: &Output) -> String {

@@ -271,7 +271,8 @@ async fn status_is_lagging_while_changes_wait_for_a_stopped_replicator() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_is_broken_without_tables_slot_or_with_a_foreign_checkpoint() {
     // Nothing set up: no slot, no target tables.
-    // Superuser: it needs setup/teardown to create and drop what the roles may not.
+    // Superuser: it needs a target without neon_auth.users_sync, which the target role
+    // script creates.
     let bare = Pair::as_superuser().await;
     let (code, json) = status_json(&bare, &[]);
     assert_eq!(code, Some(5), "{json}");
@@ -525,7 +526,8 @@ async fn purge_scrub_keeps_only_id_and_sign_up_time_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn teardown_warns_about_pending_changes_before_dropping() {
-    // Superuser: it needs setup/teardown to create and drop what the roles may not.
+    // Superuser: teardown drops the publication, which only its owner may; under the roles
+    // that is the table owner who ran sql/source_role.sql, not usersync's role.
     let pair = Pair::as_superuser().await;
     pair.setup().await;
     // Changes nobody has consumed yet.

@@ -117,10 +117,13 @@ type LiveUser = (
     String,
 );
 
+/// A pair whose source holds the store's tables (`ddl`), replicating `table` with `profile`
+/// as the least-privilege roles: the source role may read each of the profile's tables.
 async fn profile_pair(ddl: &str, table: &str, profile: Profile) -> Pair {
-    // Superuser: each profile has its own schema and table, not public.users.
-    let mut pair = Pair::on_as_superuser(shared_server(), ddl).await;
-    pair.config.table = table.parse().unwrap();
+    let mut pair = Pair::for_table(ddl, table).await;
+    for other in profile.tables(&pair.config.table).iter().skip(1) {
+        pair.grant_source_table(other);
+    }
     pair.config.mapping = profile;
     pair
 }
@@ -390,6 +393,8 @@ async fn keycloak_replicates_one_realm() {
         Profile::Keycloak(KeycloakMapping::new("acme")),
     )
     .await;
+    // Realm names are looked up in Keycloak's realm table, which the role must read for that.
+    pair.grant_source_table(&"public.realm".parse().unwrap());
     // Whole old rows, so changes to other realms' users cost the target nothing.
     pair.source
         .batch_execute(
@@ -817,6 +822,21 @@ async fn stack_auth_users_their_primary_email_and_one_tenancy() {
         .batch_execute(r#"ALTER TABLE "ContactChannel" REPLICA IDENTITY FULL"#)
         .await
         .unwrap();
+    // The role script published "ProjectUser" only; adding "ContactChannel" takes its owner,
+    // who runs what setup says, row filter included.
+    let refused = pair.usersync(&args);
+    let said = text(&refused);
+    assert_eq!(refused.status.code(), Some(78), "{said}");
+    let (_, owner_sql) = said
+        .split_once("create it as the owner with: ")
+        .unwrap_or_else(|| panic!("no statement for the owner in: {said}"));
+    let owner_sql = owner_sql.lines().next().unwrap_or_default();
+    assert!(
+        owner_sql
+            .starts_with(r#"ALTER PUBLICATION "usersync" ADD TABLE "public"."ContactChannel""#),
+        "{said}"
+    );
+    pair.source.batch_execute(owner_sql).await.unwrap();
     let setup = pair.usersync(&args);
     let said = text(&setup);
     assert!(setup.status.success(), "{said}");

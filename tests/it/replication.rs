@@ -226,20 +226,7 @@ async fn large_streamed_transactions_with_savepoint_rollback() {
 async fn restart_resumes_from_the_checkpoint_without_doubling() {
     let pair = Pair::new().await;
     pair.setup().await;
-    // A log of every write usersync makes on the target, to catch a change applied twice.
-    pair.target
-        .batch_execute(
-            "CREATE TABLE write_log (seq bigserial, id text, version int);
-             CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
-             BEGIN
-               INSERT INTO write_log (id, version) VALUES (NEW.id, (NEW.raw_json ->> 'version')::int);
-               RETURN NEW;
-             END $$;
-             CREATE TRIGGER log_write AFTER INSERT OR UPDATE ON neon_auth.users_sync
-               FOR EACH ROW EXECUTE FUNCTION log_write();",
-        )
-        .await
-        .unwrap();
+    install_write_log(&pair.target).await;
     for round in 1..=3 {
         let running = pair.start();
         pair.source
@@ -262,16 +249,7 @@ async fn restart_resumes_from_the_checkpoint_without_doubling() {
     let running = pair.start();
     pair.wait_for_match().await;
     running.stop().await;
-    let doubled: i64 = pair
-        .target
-        .query_one(
-            "SELECT count(*) FROM (SELECT id, version FROM write_log GROUP BY id, version HAVING count(*) > 1) d",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(doubled, 0, "a change was applied twice");
+    assert_write_log_ordered(&pair.target).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,7 +77,7 @@ async fn a_required_column_disappearing_stops_before_confirming_past_it() {
             "SELECT s.confirmed_flush_lsn <= c.end_lsn::text::pg_lsn
                FROM pg_replication_slots s, (SELECT $2::text AS end_lsn) c
               WHERE s.slot_name = $1",
-            &[&pair.config.slot, &checkpoint_end(&pair).await],
+            &[&pair.config.slot, &pair.checkpoint_end().await],
         )
         .await
         .unwrap()
@@ -86,12 +86,4 @@ async fn a_required_column_disappearing_stops_before_confirming_past_it() {
         behind,
         "the slot was confirmed past the last good transaction"
     );
-}
-
-async fn checkpoint_end(pair: &Pair) -> String {
-    pair.target
-        .query_one("SELECT end_lsn::text FROM usersync.state", &[])
-        .await
-        .unwrap()
-        .get(0)
 }
