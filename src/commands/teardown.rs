@@ -34,8 +34,21 @@ pub async fn teardown(config: &Config) -> Result<(), Error> {
         }
         None => println!("replication slot {} not found", config.slot),
     }
-    catalog::drop_publication(&source, &config.publication).await?;
-    println!("publication {} dropped", config.publication);
+    match catalog::publication_owner(&source, &config.publication).await? {
+        Some((_, true)) => {
+            catalog::drop_publication(&source, &config.publication).await?;
+            println!("publication {} dropped", config.publication);
+        }
+        // The least-privilege setup: an administrator made the publication, and only its
+        // owner may drop it. The slot, which holds WAL, is gone; the publication costs nothing.
+        Some((owner, false)) => println!(
+            "publication {publication} left in place: it belongs to role {owner}, which \
+             usersync's role is not; drop it as {owner} once nothing uses it: \
+             DROP PUBLICATION {publication};",
+            publication = postgres_protocol::escape::escape_identifier(&config.publication),
+        ),
+        None => println!("publication {} not found", config.publication),
+    }
     let target = connect("target", &config.target).await?;
     if apply::target_tables(&target).await?.state {
         apply::delete_checkpoint(&target, &config.slot).await?;

@@ -299,6 +299,23 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), SourceError> {
 }
 
 /// Drops the publication if it exists.
+/// The owner of `publication`, and whether this session may drop it (is, or has the
+/// privileges of, that role); `None` when there is no such publication.
+pub async fn publication_owner(
+    client: &Client,
+    publication: &str,
+) -> Result<Option<(String, bool)>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT pubowner::regrole::text, pg_has_role(current_user, pubowner, 'USAGE')
+               FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(SourceError::sql("looking up the publication's owner"))?;
+    Ok(row.map(|row| (row.get(0), row.get(1))))
+}
+
 pub async fn drop_publication(client: &Client, publication: &str) -> Result<(), SourceError> {
     client
         .batch_execute(&format!(

@@ -581,3 +581,45 @@ fn pending_warning(output: &Output) -> u64 {
     let (number, _) = rest.split_once(" bytes").expect("still holds N bytes");
     number.parse().expect("a byte count")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teardown_as_the_least_privilege_role_leaves_the_publication_to_its_owner() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let done = pair.usersync(&["teardown", "--yes"]);
+    let said = text(&done);
+    assert!(done.status.success(), "{said}");
+    assert!(
+        stdout(&done).contains(&format!("replication slot {} dropped", pair.config.slot)),
+        "{said}"
+    );
+    assert!(said.contains("left in place"), "{said}");
+    assert!(
+        said.contains(&format!(
+            "DROP PUBLICATION \"{}\";",
+            pair.config.publication
+        )),
+        "{said}"
+    );
+    let (slots, publications, checkpoints): (i64, i64, i64) = {
+        let source = pair
+            .source
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1),
+                        (SELECT count(*) FROM pg_publication WHERE pubname = $2)",
+                &[&pair.config.slot, &pair.config.publication],
+            )
+            .await
+            .unwrap();
+        let target = pair
+            .target
+            .query_one(
+                "SELECT count(*) FROM usersync.state WHERE slot_name = $1",
+                &[&pair.config.slot],
+            )
+            .await
+            .unwrap();
+        (source.get(0), source.get(1), target.get(0))
+    };
+    assert_eq!((slots, publications, checkpoints), (0, 1, 0));
+}
