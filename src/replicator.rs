@@ -2,10 +2,12 @@
 //!
 //! A session opens the target (to read the checkpoint), then a fresh replication connection
 //! (PostgreSQL 15 cannot restart logical streaming on one connection), and streams from the
-//! checkpoint. Whole source transactions are grouped into target transactions: a batch is
-//! applied as soon as no more WAL is immediately readable, or when it reaches
-//! [`MAX_BATCH_CHANGES`] or [`MAX_BATCH_AGE`]. That adapts by itself: one change per target
-//! transaction when idle (lowest lag), large batches under load (highest throughput).
+//! checkpoint. Whole source transactions are grouped into target transactions, written by
+//! an [`ApplyWorker`] on its own task while the stream goes on being read and mapped: a batch
+//! goes to the worker as soon as no more WAL is immediately readable and the worker is free,
+//! or when it reaches [`MAX_BATCH_CHANGES`] or [`MAX_BATCH_AGE`]. That adapts by itself: one
+//! change per target transaction when idle (lowest lag), large batches under load (highest
+//! throughput).
 //!
 //! Positions only move forward. Target transactions commit asynchronously, as PostgreSQL's
 //! own subscriptions do: a batch is visible at once, and durable once the target's WAL flush
@@ -36,7 +38,7 @@ use bytes::Bytes;
 use postgres_protocol::escape::escape_identifier;
 use tokio::sync::watch;
 
-use crate::apply::{self, Batch, CommitPosition, TargetWriter, UnixMicros};
+use crate::apply::{self, ApplyWorker, Batch, CommitPosition, Done, Job, TargetWriter, UnixMicros};
 use crate::config::Config;
 use crate::conn;
 use crate::decode::{
@@ -254,7 +256,8 @@ async fn run_session(
         in_large_transaction: false,
         over_target: false,
         stream,
-        writer,
+        worker: ApplyWorker::spawn(writer),
+        in_flight: None,
         decoder: PgOutputDecoder::new(),
         assembler: TransactionAssembler::with_memory_limit(config.spill_threshold),
         profile,
@@ -399,6 +402,12 @@ enum UserChange {
     Heartbeat,
 }
 
+/// What the session remembers of the batch the worker is writing.
+struct InFlight {
+    oldest_commit: Option<UnixMicros>,
+    heartbeat: Option<i64>,
+}
+
 /// Whether a transaction goes to the target in parts rather than in a batch.
 fn is_large(transaction: &Transaction) -> bool {
     transaction.spilled.is_some() || transaction.len() > MAX_BATCH_CHANGES
@@ -438,7 +447,9 @@ struct Session<'a> {
     /// A replay reached its end position.
     finished: bool,
     stream: ReplicationStream,
-    writer: TargetWriter,
+    worker: ApplyWorker,
+    /// The batch being written: its oldest commit time, and a heartbeat that came behind it.
+    in_flight: Option<InFlight>,
     decoder: PgOutputDecoder,
     assembler: TransactionAssembler,
     /// The configured profile, completed with what the source told us.
@@ -467,18 +478,20 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
+    /// Reads the stream while the worker writes the previous batch. A batch goes to the
+    /// worker as soon as nothing more is readable and the worker is free; while it is busy,
+    /// the next batch grows (up to [`MAX_BATCH_CHANGES`], then reading pauses).
     async fn stream_until(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
         loop {
             if self.finished {
-                if !self.batch.is_empty() {
-                    self.apply_batch().await?;
-                }
+                self.apply_batch().await?;
                 self.make_durable().await?;
                 self.send_status(false).await?;
                 return Ok(());
             }
-            if self.batch_is_due() {
-                self.apply_batch().await?;
+            let worker_free = self.in_flight.is_none();
+            if self.batch_is_due() && worker_free {
+                self.submit_batch().await?;
                 continue;
             }
             let status_due = self.last_status
@@ -491,18 +504,18 @@ impl Session<'_> {
             if !self.unflushed.is_empty() {
                 timer = timer.min(flush_poll_due);
             }
+            let may_read = worker_free || !self.batch_is_due();
             tokio::select! {
                 biased;
                 _ = stopped(shutdown) => {
-                    if !self.batch.is_empty() {
-                        self.apply_batch().await?;
-                    }
+                    self.apply_batch().await?;
                     self.make_durable().await?;
                     self.send_status(false).await?;
                     tracing::info!(confirmed = %self.confirmed, "stopped");
                     return Ok(());
                 }
-                payload = self.stream.recv() => match payload? {
+                done = self.worker.recv(), if !worker_free => self.on_done(done?).await?,
+                payload = self.stream.recv(), if may_read => match payload? {
                     Some(payload) => {
                         self.last_message = Instant::now();
                         self.reply_requested = false;
@@ -512,10 +525,12 @@ impl Session<'_> {
                         crate::source::ReplicationError::Closed,
                     ).into()),
                 },
-                // Nothing more is readable right now: apply what we have.
-                _ = std::future::ready(()), if !self.batch.is_empty() => self.apply_batch().await?,
+                // Nothing more is readable right now: write what we have.
+                _ = std::future::ready(()), if worker_free && !self.batch.is_empty() => {
+                    self.submit_batch().await?
+                }
                 _ = tokio::time::sleep_until(timer.into()) => {
-                    if !self.unflushed.is_empty() && Instant::now() >= flush_poll_due {
+                    if !self.unflushed.is_empty() && worker_free && Instant::now() >= flush_poll_due {
                         self.poll_flushed().await?;
                     }
                     self.check_silence().await?;
@@ -628,7 +643,10 @@ impl Session<'_> {
 
     /// Nothing received is waiting to be applied.
     fn caught_up(&self) -> bool {
-        self.batch.is_empty() && self.assembler.is_idle() && !self.in_large_transaction
+        self.batch.is_empty()
+            && self.in_flight.is_none()
+            && self.assembler.is_idle()
+            && !self.in_large_transaction
     }
 
     fn note_relation(&mut self, relation: Relation) -> Result<(), Error> {
@@ -683,7 +701,11 @@ impl Session<'_> {
             // Nothing for the target: no target transaction just to move the checkpoint.
             self.idle_position = self.idle_position.max(transaction.end_lsn);
             if heartbeat {
-                self.heartbeat_arrived(at);
+                // It has come through once the batch being written has.
+                match &mut self.in_flight {
+                    Some(in_flight) => in_flight.heartbeat = Some(at),
+                    None => self.heartbeat_arrived(at),
+                }
             }
             return Ok(());
         }
@@ -773,7 +795,9 @@ impl Session<'_> {
         self.in_large_transaction = false;
         if let Err(error) = result {
             // Nothing of it may reach the target: roll back what was written, drop the rest.
-            self.writer.abandon().await;
+            if self.settle().await.is_ok() {
+                let _ = self.worker.run(Job::Abandon).await;
+            }
             self.batch = Batch::new();
             self.batch_started = None;
             self.confirm_before_failing().await;
@@ -808,8 +832,14 @@ impl Session<'_> {
             }
             self.add_changes(changes.drain(..), at);
             if all.peek().is_some() {
-                self.writer.apply_part(&self.batch).await?;
-                self.batch = Batch::new();
+                // The worker writes this part while the next one is read and mapped.
+                self.settle().await?;
+                let part = std::mem::take(&mut self.batch);
+                self.worker.send(Job::Part(part)).await?;
+                self.in_flight = Some(InFlight {
+                    oldest_commit: None,
+                    heartbeat: None,
+                });
             }
             if self.last_status.elapsed() >= STATUS_INTERVAL {
                 self.send_status(false).await?;
@@ -912,11 +942,48 @@ impl Session<'_> {
             .map(|known| known.mapping.as_ref())
     }
 
-    async fn apply_batch(&mut self) -> Result<(), Error> {
+    /// Hands the batch to the worker; the worker must be free.
+    async fn submit_batch(&mut self) -> Result<(), Error> {
         let batch = std::mem::take(&mut self.batch);
         self.batch_started = None;
-        let started = Instant::now();
-        let (position, lsns) = self.writer.apply_tracked(&batch).await?;
+        self.in_flight = Some(InFlight {
+            oldest_commit: batch.commit_times().first().copied(),
+            heartbeat: self.pending_heartbeat.take(),
+        });
+        self.worker.send(Job::Commit(batch)).await?;
+        Ok(())
+    }
+
+    /// Waits until the worker has answered everything sent to it.
+    async fn settle(&mut self) -> Result<(), Error> {
+        while self.worker.in_flight() > 0 {
+            let done = self.worker.recv().await?;
+            self.on_done(done).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the batch and waits for it, and for anything before it.
+    async fn apply_batch(&mut self) -> Result<(), Error> {
+        self.settle().await?;
+        if !self.batch.is_empty() {
+            self.submit_batch().await?;
+            self.settle().await?;
+        }
+        Ok(())
+    }
+
+    async fn on_done(&mut self, done: Done) -> Result<(), Error> {
+        let in_flight = self.in_flight.take();
+        let Done::Committed {
+            batch,
+            position,
+            lsns,
+            took,
+        } = done
+        else {
+            return Ok(());
+        };
         let applied_at = Instant::now();
         let applied_unix = unix_micros_now();
         let mut last_lag = Duration::ZERO;
@@ -927,10 +994,10 @@ impl Session<'_> {
         self.metrics.set_current_lag(last_lag);
         self.note_lag(last_lag);
         self.metrics
-            .batch_applied(batch.transactions(), batch.changes(), applied_at - started);
+            .batch_applied(batch.transactions(), batch.changes(), took);
         self.metrics
             .set_checkpoint(position.end_lsn, position.commit_time);
-        if let Some(heartbeat) = self.pending_heartbeat.take() {
+        if let Some(heartbeat) = in_flight.and_then(|in_flight| in_flight.heartbeat) {
             self.heartbeat_arrived(heartbeat);
         }
         debug_assert!(
@@ -958,8 +1025,9 @@ impl Session<'_> {
     async fn poll_flushed(&mut self) -> Result<(), Error> {
         self.last_flush_poll = Instant::now();
         let before = self.confirmed;
-        let flushed = self.writer.flushed_lsn().await?;
-        self.release_flushed(flushed);
+        if let Done::Flushed(flushed) = self.worker.run(Job::PollFlushed).await? {
+            self.release_flushed(flushed);
+        }
         if self.confirmed > before {
             self.send_status(false).await?;
         }
@@ -982,8 +1050,9 @@ impl Session<'_> {
     /// Before a session ends on purpose: flushes the target, so the slot can be confirmed
     /// up to everything applied.
     async fn make_durable(&mut self) -> Result<(), Error> {
+        self.settle().await?;
         if let Some(&(_, end_lsn)) = self.unflushed.back() {
-            self.writer.make_durable().await?;
+            self.worker.run(Job::MakeDurable).await?;
             self.confirmed = self.confirmed.max(end_lsn);
             self.unflushed.clear();
         }
@@ -1011,8 +1080,15 @@ impl Session<'_> {
 
     /// While work waits, the current lag is the age of the oldest waiting commit.
     fn update_current_lag(&mut self) {
-        if let Some(oldest) = self.batch.commit_times().first() {
-            let lag = self.clock.lag(*oldest, unix_micros_now());
+        let oldest = match &self.in_flight {
+            Some(InFlight {
+                oldest_commit: Some(oldest),
+                ..
+            }) => Some(*oldest),
+            _ => self.batch.commit_times().first().copied(),
+        };
+        if let Some(oldest) = oldest {
+            let lag = self.clock.lag(oldest, unix_micros_now());
             self.metrics.set_current_lag(lag);
             self.note_lag(lag);
         }

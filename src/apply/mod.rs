@@ -7,10 +7,12 @@
 
 pub mod batch;
 pub mod schema;
+pub mod worker;
 pub mod writer;
 
 pub use batch::{Batch, CommitPosition, UnixMicros};
 pub use schema::{check_shape, ensure_target_schema, target_tables, TargetShape, TargetTables};
+pub use worker::{ApplyWorker, Done, Job};
 pub use writer::{delete_checkpoint, read_checkpoint, Checkpoint, TargetLsns, TargetWriter};
 
 use crate::lsn::Lsn;
@@ -39,6 +41,8 @@ pub enum ApplyError {
         timeout.as_secs()
     )]
     Stalled { timeout: std::time::Duration },
+    #[error("the target writer task ended unexpectedly; this is a bug in usersync")]
+    WorkerGone,
 }
 
 impl ApplyError {

@@ -1,0 +1,136 @@
+//! The target writer on a task of its own, so that the stream is read, decoded and mapped
+//! while the previous batch is being written: the two halves of the pipeline overlap, and
+//! the source keeps getting status updates whatever the target is doing.
+//!
+//! Jobs run one at a time, in the order they are sent, and each is answered in that order.
+//! After a failed job the worker stops: its connection is dropped with the task, so the
+//! server rolls back whatever was not committed.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::batch::{Batch, CommitPosition};
+use super::writer::{TargetLsns, TargetWriter};
+use super::ApplyError;
+use crate::lsn::Lsn;
+
+/// What the worker is asked to do.
+#[derive(Debug)]
+pub enum Job {
+    /// Apply a batch and commit it with its checkpoint.
+    Commit(Batch),
+    /// Apply part of a large transaction and leave the target transaction open.
+    Part(Batch),
+    /// Roll back the target transaction a [`Job::Part`] left open.
+    Abandon,
+    /// Read how far the target's WAL is flushed.
+    PollFlushed,
+    /// Make everything committed so far durable.
+    MakeDurable,
+}
+
+/// The answer to a [`Job`].
+#[derive(Debug)]
+pub enum Done {
+    Committed {
+        batch: Batch,
+        position: CommitPosition,
+        lsns: TargetLsns,
+        took: Duration,
+    },
+    Part,
+    Abandoned,
+    Flushed(Lsn),
+    Durable,
+}
+
+/// The session's handle on the worker task; dropping it ends the task.
+pub struct ApplyWorker {
+    jobs: mpsc::Sender<Job>,
+    done: mpsc::UnboundedReceiver<Result<Done, ApplyError>>,
+    task: tokio::task::JoinHandle<()>,
+    in_flight: usize,
+}
+
+impl ApplyWorker {
+    pub fn spawn(writer: TargetWriter) -> Self {
+        let (jobs, job_queue) = mpsc::channel(1);
+        let (done_sender, done) = mpsc::unbounded_channel();
+        let task = tokio::spawn(work(writer, job_queue, done_sender));
+        ApplyWorker {
+            jobs,
+            done,
+            task,
+            in_flight: 0,
+        }
+    }
+
+    /// Jobs sent and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    pub async fn send(&mut self, job: Job) -> Result<(), ApplyError> {
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| ApplyError::WorkerGone)?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// The answer to the oldest job in flight. Cancel-safe: an answer is only taken once.
+    pub async fn recv(&mut self) -> Result<Done, ApplyError> {
+        let done = self.done.recv().await.ok_or(ApplyError::WorkerGone)?;
+        self.in_flight = self.in_flight.saturating_sub(1);
+        done
+    }
+
+    /// Sends a job and waits for its answer; nothing else may be in flight.
+    pub async fn run(&mut self, job: Job) -> Result<Done, ApplyError> {
+        debug_assert_eq!(self.in_flight, 0, "run waits for its own answer only");
+        self.send(job).await?;
+        self.recv().await
+    }
+}
+
+impl Drop for ApplyWorker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn work(
+    mut writer: TargetWriter,
+    mut jobs: mpsc::Receiver<Job>,
+    done: mpsc::UnboundedSender<Result<Done, ApplyError>>,
+) {
+    while let Some(job) = jobs.recv().await {
+        let result = match job {
+            Job::Commit(batch) => {
+                let started = Instant::now();
+                writer
+                    .apply_tracked(&batch)
+                    .await
+                    .map(|(position, lsns)| Done::Committed {
+                        batch,
+                        position,
+                        lsns,
+                        took: started.elapsed(),
+                    })
+            }
+            Job::Part(batch) => writer.apply_part(&batch).await.map(|()| Done::Part),
+            Job::Abandon => {
+                writer.abandon().await;
+                Ok(Done::Abandoned)
+            }
+            Job::PollFlushed => writer.flushed_lsn().await.map(Done::Flushed),
+            Job::MakeDurable => writer.make_durable().await.map(|()| Done::Durable),
+        };
+        let failed = result.is_err();
+        if done.send(result).is_err() || failed {
+            return;
+        }
+    }
+}
