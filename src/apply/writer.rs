@@ -527,7 +527,7 @@ impl TargetWriter {
 const TARGET_LSNS: &str =
     "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text";
 
-/// Target WAL positions, see [`TARGET_LSNS`].
+/// Target WAL positions, as read right after a commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TargetLsns {
     /// At or past the end of the batch's commit record.
