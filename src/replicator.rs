@@ -671,18 +671,27 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Maps the whole transaction first, then adds it to the batch: a row that cannot be
-    /// mapped fails the transaction before any of it reaches the batch.
-    fn add_transaction(&mut self, transaction: Transaction) -> Result<(), Error> {
+    /// Whether a committed transaction is still to be applied: not one the target holds
+    /// already, nor, in a replay, one at or past its end (which ends the replay).
+    fn wanted(&mut self, transaction: &Transaction) -> bool {
         if transaction.commit_lsn < self.skip_before {
             self.metrics.transaction_skipped();
-            return Ok(());
+            return false;
         }
         if let Mode::Replay { until, .. } = self.mode {
             if transaction.commit_lsn >= until {
                 self.finished = true;
-                return Ok(());
+                return false;
             }
+        }
+        true
+    }
+
+    /// Maps the whole transaction first, then adds it to the batch: a row that cannot be
+    /// mapped fails the transaction before any of it reaches the batch.
+    fn add_transaction(&mut self, transaction: Transaction) -> Result<(), Error> {
+        if !self.wanted(&transaction) {
+            return Ok(());
         }
         let mut changes = Vec::with_capacity(transaction.changes.len());
         for change in transaction.changes {
@@ -765,15 +774,8 @@ impl Session<'_> {
     /// still sees the source transaction whole or not at all. Status updates keep going
     /// out meanwhile, so the source does not time the connection out.
     async fn add_large_transaction(&mut self, transaction: Transaction) -> Result<(), Error> {
-        if transaction.commit_lsn < self.skip_before {
-            self.metrics.transaction_skipped();
+        if !self.wanted(&transaction) {
             return Ok(());
-        }
-        if let Mode::Replay { until, .. } = self.mode {
-            if transaction.commit_lsn >= until {
-                self.finished = true;
-                return Ok(());
-            }
         }
         if !self.batch.is_empty() {
             self.apply_batch().await?;

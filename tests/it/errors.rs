@@ -160,8 +160,8 @@ async fn a_target_table_missing_a_writable_column_is_refused() {
     assert_definite(&output, "neon_auth.users_sync has no column deleted_at");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_malformed_row_stops_replication_before_confirming_it() {
+/// A pair set up with sign-up times in a numeric column, where a fraction cannot be mapped.
+async fn numeric_sign_up_pair() -> Pair {
     let pair = Pair::on(
         shared_server(),
         "CREATE TABLE public.users (id text PRIMARY KEY, email text, signed_up numeric)",
@@ -172,6 +172,12 @@ async fn a_malformed_row_stops_replication_before_confirming_it() {
         .output()
         .unwrap();
     assert!(setup.status.success(), "{}", text(&setup));
+    pair
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_row_stops_replication_before_confirming_it() {
+    let pair = numeric_sign_up_pair().await;
     // Two source transactions: the first maps, the second cannot.
     for insert in [
         "INSERT INTO users VALUES ('good', 'good@example.com', 1700000000000)",
@@ -237,16 +243,7 @@ async fn missing_select_privilege_is_explained() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_row_in_a_spilled_transaction_applies_none_of_it() {
-    let pair = Pair::on(
-        shared_server(),
-        "CREATE TABLE public.users (id text PRIMARY KEY, email text, signed_up numeric)",
-    )
-    .await;
-    let setup = pair
-        .command(&["setup", "--signed-up-at-column", "signed_up"])
-        .output()
-        .unwrap();
-    assert!(setup.status.success(), "{}", text(&setup));
+    let pair = numeric_sign_up_pair().await;
     // A good transaction, then one past the spill threshold and one batch whose very last
     // row cannot be mapped: its first parts are on the target before the bad row is read.
     pair.source
@@ -274,11 +271,9 @@ async fn a_malformed_row_in_a_spilled_transaction_applies_none_of_it() {
         .output()
         .unwrap();
     assert_definite(&output, "signed_up");
-    let users: i64 = pair
-        .target
-        .query_one("SELECT count(*) FROM neon_auth.users_sync", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(users, 1, "only the good transaction is on the target");
+    assert_eq!(
+        target_users(&pair.target).await,
+        1,
+        "only the good transaction is on the target"
+    );
 }

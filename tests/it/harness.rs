@@ -558,6 +558,15 @@ pub async fn assert_write_log_ordered(target: &Client) {
     );
 }
 
+/// How many users the target holds, live or soft-deleted.
+pub async fn target_users(target: &Client) -> i64 {
+    target
+        .query_one("SELECT count(*) FROM neon_auth.users_sync", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// How many users the target holds soft-deleted.
 pub async fn soft_deleted_users(target: &Client) -> i64 {
     target

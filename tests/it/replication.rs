@@ -487,14 +487,9 @@ async fn a_refused_checkpoint_writes_nothing_of_its_batch() {
         matches!(error, ApplyError::CheckpointRefused { .. }),
         "{error}"
     );
-    let users: i64 = pair
-        .target
-        .query_one("SELECT count(*) FROM neon_auth.users_sync", &[])
-        .await
-        .unwrap()
-        .get(0);
     assert_eq!(
-        users, 0,
+        target_users(&pair.target).await,
+        0,
         "the batch's users were written without its checkpoint"
     );
 }
