@@ -374,3 +374,62 @@ async fn without_the_right_to_emit_heartbeats_replication_goes_on() {
     assert!(running.metrics.current_lag() < pair.config.lag_target);
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_heartbeats_keepalives_advance_the_slot_and_estimate_idle_lag() {
+    let mut pair = Pair::new().await;
+    pair.config.heartbeat_interval = None;
+    pair.setup().await;
+    let running = pair.start();
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (email) VALUES ('nohb@example.com');
+             CREATE TABLE unrelated (n int)",
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    // Writes usersync does not replicate: only keepalives tell it the WAL moved on.
+    pair.source
+        .batch_execute("INSERT INTO unrelated VALUES (1)")
+        .await
+        .unwrap();
+    let written: String = pair
+        .source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let advanced: bool = pair
+            .source
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                &[&written, &pair.config.slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if advanced {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot never advanced without heartbeats"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = running.metrics.encode();
+    assert_eq!(
+        gauge(&text, "usersync_heartbeat_lag_seconds"),
+        0.0,
+        "a heartbeat came through with heartbeats off:\n{text}"
+    );
+    let current = running.metrics.current_lag();
+    assert!(
+        current < pair.config.lag_target,
+        "idle lag reads {current:?}"
+    );
+    running.stop().await;
+}
