@@ -272,7 +272,7 @@ async fn a_malformed_row_in_a_spilled_transaction_applies_none_of_it() {
         .unwrap();
     assert_definite(&output, "signed_up");
     assert_eq!(
-        target_users(&pair.target).await,
+        target_user_count(&pair.target).await,
         1,
         "only the good transaction is on the target"
     );

@@ -559,7 +559,7 @@ pub async fn assert_write_log_ordered(target: &Client) {
 }
 
 /// How many users the target holds, live or soft-deleted.
-pub async fn target_users(target: &Client) -> i64 {
+pub async fn target_user_count(target: &Client) -> i64 {
     target
         .query_one("SELECT count(*) FROM neon_auth.users_sync", &[])
         .await

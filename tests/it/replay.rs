@@ -119,3 +119,23 @@ async fn until_lsn_stops_at_the_position() {
         .collect();
     assert_eq!(emails, vec!["early@example.com".to_owned()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_right_to_write_a_marker_replay_ends_at_the_current_position() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    // This database only: the source role may no longer write logical messages.
+    pair.source
+        .batch_execute(
+            "REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC",
+        )
+        .await
+        .unwrap();
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('m1@example.com'), ('m2@example.com')")
+        .await
+        .unwrap();
+    let output = pair.usersync(&["replay"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(pair.source_users().await, pair.target_users().await);
+}

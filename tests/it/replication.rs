@@ -488,7 +488,7 @@ async fn a_refused_checkpoint_writes_nothing_of_its_batch() {
         "{error}"
     );
     assert_eq!(
-        target_users(&pair.target).await,
+        target_user_count(&pair.target).await,
         0,
         "the batch's users were written without its checkpoint"
     );
