@@ -24,44 +24,38 @@
 
 use serde_json::Value;
 
-use super::columns::{is_credential, row_values, BoundColumn, ColumnNeed, Relation, UserJson};
+use super::columns::{
+    is_credential, BoundColumn, ColumnNeed, OtherColumns, Relation, RowLayout, UserJson,
+};
 use super::profile::{MappingPlan, RowMapper, RowOutcome, SkipReason};
 use super::value::{self, oid};
 use super::{key, MapError, MappedUser};
-use crate::decode::{ColumnValue, RelationColumn, TupleData};
+use crate::decode::{ColumnValue, RelationColumn};
 
 /// Better Auth names its table `user`, in the database's default schema.
 pub const DEFAULT_TABLE: &str = "public.user";
 const PROFILE: &str = "better-auth";
 
-const fn need(names: &'static [&'static str]) -> ColumnNeed {
-    ColumnNeed {
-        profile: PROFILE,
-        names,
-        types: None,
-    }
-}
-
-const ID: ColumnNeed = need(&["id"]);
-const NAME: ColumnNeed = need(&["name"]);
-const EMAIL: ColumnNeed = need(&["email"]);
-const IMAGE: ColumnNeed = need(&["image"]);
-const EMAIL_VERIFIED: ColumnNeed = ColumnNeed {
-    profile: PROFILE,
-    names: &["emailVerified", "email_verified"],
-    types: Some((value::VERIFIED_TYPES, "a boolean")),
-};
-const CREATED_AT: ColumnNeed = ColumnNeed {
-    profile: PROFILE,
-    names: &["createdAt", "created_at"],
-    types: Some((value::MILLIS_TYPES, "a timestamp")),
-};
+const ID: ColumnNeed = ColumnNeed::named(PROFILE, &["id"]);
+const NAME: ColumnNeed = ColumnNeed::named(PROFILE, &["name"]);
+const EMAIL: ColumnNeed = ColumnNeed::named(PROFILE, &["email"]);
+const IMAGE: ColumnNeed = ColumnNeed::named(PROFILE, &["image"]);
+const EMAIL_VERIFIED: ColumnNeed = ColumnNeed::typed(
+    PROFILE,
+    &["emailVerified", "email_verified"],
+    (value::VERIFIED_TYPES, "a boolean"),
+);
+const CREATED_AT: ColumnNeed = ColumnNeed::typed(
+    PROFILE,
+    &["createdAt", "created_at"],
+    (value::MILLIS_TYPES, "a timestamp"),
+);
 /// Added by the anonymous plugin.
-const IS_ANONYMOUS: ColumnNeed = ColumnNeed {
-    profile: PROFILE,
-    names: &["isAnonymous", "is_anonymous"],
-    types: Some((&[oid::BOOL], "boolean")),
-};
+const IS_ANONYMOUS: ColumnNeed = ColumnNeed::typed(
+    PROFILE,
+    &["isAnonymous", "is_anonymous"],
+    (&[oid::BOOL], "boolean"),
+);
 
 /// The `better-auth` profile's options.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -81,29 +75,16 @@ impl BetterAuthMapping {
         let created_at = relation.require(&CREATED_AT)?;
         let is_anonymous = relation.optional(&IS_ANONYMOUS)?;
 
-        let moved = [&id, &name, &email, &email_verified, &image, &created_at];
         let mut notes = Vec::new();
-        let mut passthrough = Vec::new();
-        let mut excluded = Vec::new();
-        for (index, column) in columns.iter().enumerate() {
-            if moved.iter().any(|moved| moved.index == index) {
-                continue;
-            }
-            if is_credential(&column.name) {
-                excluded.push(column.name.clone());
-            } else if key::STACK_AUTH.contains(&column.name.as_str()) {
-                notes.push(format!(
-                    "column {} is left out of raw_json: the profile computes that key",
-                    column.name
-                ));
-                excluded.push(column.name.clone());
-            } else {
-                passthrough.push(BoundColumn::new(index, column));
-            }
-        }
+        let other = OtherColumns::bind(
+            columns,
+            &[&id, &name, &email, &email_verified, &image, &created_at],
+            is_credential,
+            &key::STACK_AUTH,
+            &mut notes,
+        );
         Ok(BoundBetterAuth {
-            column_count: columns.len(),
-            id,
+            layout: RowLayout::new(columns, id),
             name,
             email,
             email_verified,
@@ -111,8 +92,7 @@ impl BetterAuthMapping {
             created_at,
             is_anonymous: is_anonymous.filter(|_| !self.include_anonymous),
             include_anonymous: self.include_anonymous,
-            passthrough,
-            excluded,
+            other,
             notes,
         })
     }
@@ -121,8 +101,7 @@ impl BetterAuthMapping {
 /// A [`BetterAuthMapping`] resolved against `"user"` as the Relation message describes it.
 #[derive(Debug, Clone)]
 pub struct BoundBetterAuth {
-    column_count: usize,
-    id: BoundColumn,
+    layout: RowLayout,
     name: BoundColumn,
     email: BoundColumn,
     email_verified: BoundColumn,
@@ -131,12 +110,36 @@ pub struct BoundBetterAuth {
     /// The flag that skips a row; `None` when anonymous users are included or unknown.
     is_anonymous: Option<BoundColumn>,
     include_anonymous: bool,
-    passthrough: Vec<BoundColumn>,
-    excluded: Vec<String>,
+    other: OtherColumns,
     notes: Vec<String>,
 }
 
 impl BoundBetterAuth {
+    fn map_user(&self, id: &str, values: &[ColumnValue]) -> Result<MappedUser, MapError> {
+        let mut user = UserJson::new(id);
+        user.set_string(key::PRIMARY_EMAIL, &self.email, values)?;
+        user.set_email_verified(&self.email_verified, values)?;
+        user.set_string(key::DISPLAY_NAME, &self.name, values)?;
+        // Some apps store a data: URL here, large enough to be TOASTed.
+        user.set_string(key::PROFILE_IMAGE_URL, &self.image, values)?;
+        user.set_signed_up_at(&self.created_at, values)?;
+        for key in [
+            key::CLIENT_METADATA,
+            key::CLIENT_READ_ONLY_METADATA,
+            key::SERVER_METADATA,
+        ] {
+            user.set(key, Some(Value::Null));
+        }
+        user.pass_through(&self.other.passthrough, values)?;
+        Ok(user.finish(id.to_owned()))
+    }
+}
+
+impl RowMapper for BoundBetterAuth {
+    fn layout(&self) -> &RowLayout {
+        &self.layout
+    }
+
     fn skip(&self, values: &[ColumnValue]) -> Result<Option<SkipReason>, MapError> {
         Ok(match &self.is_anonymous {
             Some(flag) if flag.filter_value(values, "isAnonymous")? == Some("t") => {
@@ -146,55 +149,8 @@ impl BoundBetterAuth {
         })
     }
 
-    fn map_user(&self, id: &str, values: &[ColumnValue]) -> Result<MappedUser, MapError> {
-        let mut user = UserJson::new(id);
-        user.set(
-            key::PRIMARY_EMAIL,
-            self.email.string(values, key::PRIMARY_EMAIL)?,
-        );
-        user.set_email_verified(&self.email_verified, values)?;
-        user.set(
-            key::DISPLAY_NAME,
-            self.name.string(values, key::DISPLAY_NAME)?,
-        );
-        // Some apps store a data: URL here, large enough to be TOASTed.
-        user.set(
-            key::PROFILE_IMAGE_URL,
-            self.image.string(values, key::PROFILE_IMAGE_URL)?,
-        );
-        user.set_signed_up_at(&self.created_at, values)?;
-        for key in [
-            key::CLIENT_METADATA,
-            key::CLIENT_READ_ONLY_METADATA,
-            key::SERVER_METADATA,
-        ] {
-            user.set(key, Some(Value::Null));
-        }
-        user.pass_through(&self.passthrough, values)?;
-        Ok(user.finish(id.to_owned()))
-    }
-}
-
-impl RowMapper for BoundBetterAuth {
-    fn map_row(&self, row: &TupleData) -> Result<RowOutcome, MapError> {
-        let values = row_values(row, self.column_count)?;
-        let id = self.id.id_text(values)?;
-        if let Some(reason) = self.skip(values)? {
-            return Ok(RowOutcome::Skip {
-                id: id.to_owned(),
-                reason,
-            });
-        }
+    fn map_values(&self, id: &str, values: &[ColumnValue]) -> Result<RowOutcome, MapError> {
         self.map_user(id, values).map(RowOutcome::User)
-    }
-
-    fn map_key(&self, old_key_or_full: &TupleData) -> Result<String, MapError> {
-        let values = row_values(old_key_or_full, self.column_count)?;
-        self.id.id_text(values).map(str::to_owned)
-    }
-
-    fn skip_reason(&self, full_row: &TupleData) -> Result<Option<SkipReason>, MapError> {
-        self.skip(row_values(full_row, self.column_count)?)
     }
 
     fn notes(&self) -> &[String] {
@@ -215,7 +171,7 @@ impl RowMapper for BoundBetterAuth {
         };
         MappingPlan {
             keys: vec![
-                (key::ID, self.id.name.clone()),
+                (key::ID, self.layout.id.name.clone()),
                 (key::PRIMARY_EMAIL, self.email.name.clone()),
                 (
                     key::PRIMARY_EMAIL_VERIFIED,
@@ -228,8 +184,8 @@ impl RowMapper for BoundBetterAuth {
                 (key::CLIENT_READ_ONLY_METADATA, "(none: null)".into()),
                 (key::SERVER_METADATA, "(none: null)".into()),
             ],
-            passthrough: self.passthrough.iter().map(|c| c.name.clone()).collect(),
-            excluded: self.excluded.clone(),
+            passthrough: self.other.passthrough_names(),
+            excluded: self.other.excluded.clone(),
             rules,
         }
     }
@@ -240,47 +196,47 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::map::columns::fixtures::{column, row_of, text};
+    use crate::decode::TupleData;
+    use crate::map::columns::fixtures::{live_user, relation, row_changing, text};
 
     /// `"user"` as `@better-auth/cli migrate` creates it on PostgreSQL, with the admin and
     /// anonymous plugins.
     fn user_table() -> Vec<RelationColumn> {
-        [
-            ("id", oid::TEXT),
-            ("name", oid::TEXT),
-            ("email", oid::TEXT),
-            ("emailVerified", oid::BOOL),
-            ("image", oid::TEXT),
-            ("createdAt", oid::TIMESTAMPTZ),
-            ("updatedAt", oid::TIMESTAMPTZ),
-            ("role", oid::TEXT),
-            ("banned", oid::BOOL),
-            ("isAnonymous", oid::BOOL),
-        ]
-        .into_iter()
-        .map(|(name, type_oid)| column(name, type_oid, name == "id"))
-        .collect()
+        relation(
+            &[
+                ("id", oid::TEXT),
+                ("name", oid::TEXT),
+                ("email", oid::TEXT),
+                ("emailVerified", oid::BOOL),
+                ("image", oid::TEXT),
+                ("createdAt", oid::TIMESTAMPTZ),
+                ("updatedAt", oid::TIMESTAMPTZ),
+                ("role", oid::TEXT),
+                ("banned", oid::BOOL),
+                ("isAnonymous", oid::BOOL),
+            ],
+            &["id"],
+        )
     }
 
     fn linus(columns: &[RelationColumn], extra: &[(&str, ColumnValue)]) -> TupleData {
-        let mut given = vec![
-            ("id", text("u_9XkTf2")),
-            ("name", text("Linus")),
-            ("email", text("linus@example.org")),
-            ("emailVerified", text("f")),
-            ("email_verified", text("f")),
-            ("image", text("https://i.example/l.png")),
-            ("createdAt", text("2024-01-02 03:04:05.123+00")),
-            ("created_at", text("2024-01-02 03:04:05.123")),
-            ("updatedAt", text("2024-02-02 00:00:00+00")),
-            ("role", text("user")),
-            ("isAnonymous", text("f")),
-        ];
-        for (name, value) in extra {
-            given.retain(|(given, _)| given != name);
-            given.push((name, value.clone()));
-        }
-        row_of(columns, &given)
+        row_changing(
+            columns,
+            &[
+                ("id", text("u_9XkTf2")),
+                ("name", text("Linus")),
+                ("email", text("linus@example.org")),
+                ("emailVerified", text("f")),
+                ("email_verified", text("f")),
+                ("image", text("https://i.example/l.png")),
+                ("createdAt", text("2024-01-02 03:04:05.123+00")),
+                ("created_at", text("2024-01-02 03:04:05.123")),
+                ("updatedAt", text("2024-02-02 00:00:00+00")),
+                ("role", text("user")),
+                ("isAnonymous", text("f")),
+            ],
+            extra,
+        )
     }
 
     fn bind(include_anonymous: bool) -> BoundBetterAuth {
@@ -293,9 +249,7 @@ mod tests {
     fn maps_the_user_table_into_the_stack_auth_shape() {
         let mapping = bind(false);
         assert!(mapping.notes().is_empty(), "{:?}", mapping.notes());
-        let RowOutcome::User(user) = mapping.map_row(&linus(&user_table(), &[])).unwrap() else {
-            panic!("expected a live user");
-        };
+        let user = live_user(mapping.map_row(&linus(&user_table(), &[])).unwrap());
         assert_eq!(
             Value::Object(user.raw_json),
             json!({
@@ -318,22 +272,20 @@ mod tests {
 
     #[test]
     fn snake_case_columns_are_accepted() {
-        let columns: Vec<_> = [
-            ("id", oid::TEXT),
-            ("name", oid::TEXT),
-            ("email", oid::TEXT),
-            ("email_verified", oid::BOOL),
-            ("image", oid::TEXT),
-            ("created_at", oid::TIMESTAMP),
-            ("updated_at", oid::TIMESTAMP),
-        ]
-        .into_iter()
-        .map(|(name, type_oid)| column(name, type_oid, name == "id"))
-        .collect();
+        let columns = relation(
+            &[
+                ("id", oid::TEXT),
+                ("name", oid::TEXT),
+                ("email", oid::TEXT),
+                ("email_verified", oid::BOOL),
+                ("image", oid::TEXT),
+                ("created_at", oid::TIMESTAMP),
+                ("updated_at", oid::TIMESTAMP),
+            ],
+            &["id"],
+        );
         let mapping = BetterAuthMapping::default().bind(&columns).unwrap();
-        let RowOutcome::User(user) = mapping.map_row(&linus(&columns, &[])).unwrap() else {
-            panic!("expected a live user");
-        };
+        let user = live_user(mapping.map_row(&linus(&columns, &[])).unwrap());
         assert_eq!(user.raw_json["signed_up_at_millis"], 1_704_164_645_123_i64);
         assert_eq!(user.raw_json["primary_email_verified"], false);
         assert!(!user.raw_json.contains_key("created_at"));
@@ -357,9 +309,7 @@ mod tests {
     #[test]
     fn an_unchanged_image_is_left_for_apply() {
         let row = linus(&user_table(), &[("image", ColumnValue::UnchangedToast)]);
-        let RowOutcome::User(user) = bind(false).map_row(&row).unwrap() else {
-            panic!("expected a live user");
-        };
+        let user = live_user(bind(false).map_row(&row).unwrap());
         assert_eq!(user.unchanged_keys, ["profile_image_url"]);
     }
 

@@ -121,15 +121,91 @@ impl BoundColumn {
     }
 }
 
-/// A row's values, after checking that the row is as wide as the relation it was bound to.
-pub(super) fn row_values(row: &TupleData, column_count: usize) -> Result<&[ColumnValue], MapError> {
-    if row.0.len() == column_count {
-        Ok(&row.0)
-    } else {
-        Err(MapError::ColumnCount {
-            expected: column_count,
-            actual: row.0.len(),
-        })
+/// What every bound profile needs to read any row of its relation: how wide rows are, and
+/// which column holds the user id.
+#[derive(Debug, Clone)]
+pub struct RowLayout {
+    pub(super) column_count: usize,
+    pub(super) id: BoundColumn,
+}
+
+impl RowLayout {
+    pub(super) fn new(columns: &[RelationColumn], id: BoundColumn) -> Self {
+        RowLayout {
+            column_count: columns.len(),
+            id,
+        }
+    }
+
+    /// A row's values, after checking that the row is as wide as the relation it was bound
+    /// to.
+    pub(super) fn values<'r>(&self, row: &'r TupleData) -> Result<&'r [ColumnValue], MapError> {
+        if row.0.len() == self.column_count {
+            Ok(&row.0)
+        } else {
+            Err(MapError::ColumnCount {
+                expected: self.column_count,
+                actual: row.0.len(),
+            })
+        }
+    }
+
+    /// The user id of checked values: never NULL, never unchanged TOAST.
+    pub(super) fn id<'r>(&self, values: &'r [ColumnValue]) -> Result<&'r str, MapError> {
+        self.id.id_text(values)
+    }
+}
+
+/// The columns a named profile does not read into a key of its own: each passes through
+/// under its own name, or is left out.
+#[derive(Debug, Clone)]
+pub(super) struct OtherColumns {
+    pub passthrough: Vec<BoundColumn>,
+    pub excluded: Vec<String>,
+}
+
+impl OtherColumns {
+    /// Sorts the columns other than `read` (those the profile moves into its keys). A column
+    /// the profile never copies (credentials and the like) is left out silently; one named
+    /// like a key in `computed` is left out with a note, since passing it through would
+    /// overwrite the key the profile computes.
+    pub fn bind(
+        columns: &[RelationColumn],
+        read: &[&BoundColumn],
+        never_copied: impl Fn(&str) -> bool,
+        computed: &[&str],
+        notes: &mut Vec<String>,
+    ) -> Self {
+        let mut passthrough = Vec::new();
+        let mut excluded = Vec::new();
+        for (index, column) in columns.iter().enumerate() {
+            if read.iter().any(|read| read.index == index) {
+                continue;
+            }
+            if never_copied(&column.name) {
+                excluded.push(column.name.clone());
+            } else if computed.contains(&column.name.as_str()) {
+                notes.push(format!(
+                    "column {} is left out of raw_json: the profile computes that key",
+                    column.name
+                ));
+                excluded.push(column.name.clone());
+            } else {
+                passthrough.push(BoundColumn::new(index, column));
+            }
+        }
+        OtherColumns {
+            passthrough,
+            excluded,
+        }
+    }
+
+    /// The passed-through column names, as [`MappingPlan`](super::MappingPlan) lists them.
+    pub fn passthrough_names(&self) -> Vec<String> {
+        self.passthrough
+            .iter()
+            .map(|column| column.name.clone())
+            .collect()
     }
 }
 
@@ -240,6 +316,30 @@ pub(super) struct ColumnNeed {
     pub types: Option<(&'static [u32], &'static str)>,
 }
 
+impl ColumnNeed {
+    /// A column of any type, by one of `names`.
+    pub const fn named(profile: &'static str, names: &'static [&'static str]) -> Self {
+        ColumnNeed {
+            profile,
+            names,
+            types: None,
+        }
+    }
+
+    /// A column of one of `types` (with how to say so in an error), by one of `names`.
+    pub const fn typed(
+        profile: &'static str,
+        names: &'static [&'static str],
+        types: (&'static [u32], &'static str),
+    ) -> Self {
+        ColumnNeed {
+            profile,
+            names,
+            types: Some(types),
+        }
+    }
+}
+
 /// `raw_json` being built. A key whose source value is unchanged TOAST is left out and set
 /// aside for apply, which keeps the target's current value.
 #[derive(Debug)]
@@ -266,6 +366,18 @@ impl UserJson {
             }
             None => self.unchanged_keys.push(key.to_owned()),
         }
+    }
+
+    /// `key` from a column read as a string, whatever its type.
+    pub fn set_string(
+        &mut self,
+        key: &'static str,
+        column: &BoundColumn,
+        values: &[ColumnValue],
+    ) -> Result<(), MapError> {
+        let value = column.string(values, key)?;
+        self.set(key, value);
+        Ok(())
     }
 
     /// Copies each column under its own name with its JSON value.
@@ -335,6 +447,7 @@ pub(super) mod fixtures {
     use bytes::Bytes;
 
     use crate::decode::{ColumnValue, RelationColumn, TupleData};
+    use crate::map::{MappedUser, RowOutcome};
 
     pub fn column(name: &str, type_oid: u32, is_key: bool) -> RelationColumn {
         RelationColumn {
@@ -365,6 +478,33 @@ pub(super) mod fixtures {
             })
             .collect();
         TupleData(values)
+    }
+
+    /// A relation from `(name, type oid)` pairs, in order; `key` names its replica identity.
+    pub fn relation(columns: &[(&str, u32)], key: &[&str]) -> Vec<RelationColumn> {
+        columns
+            .iter()
+            .map(|&(name, type_oid)| column(name, type_oid, key.contains(&name)))
+            .collect()
+    }
+
+    /// A row built by column name from a profile's typical row, `base`, with `changes` in
+    /// place of (or beside) its values.
+    pub fn row_changing(
+        columns: &[RelationColumn],
+        base: &[(&str, ColumnValue)],
+        changes: &[(&str, ColumnValue)],
+    ) -> TupleData {
+        let given: Vec<_> = changes.iter().chain(base).cloned().collect();
+        row_of(columns, &given)
+    }
+
+    /// The user of a live-user outcome; any other outcome fails the test.
+    pub fn live_user(outcome: RowOutcome) -> MappedUser {
+        match outcome {
+            RowOutcome::User(user) => user,
+            other => panic!("expected a live user, got {other:?}"),
+        }
     }
 }
 

@@ -25,11 +25,11 @@
 
 use serde_json::Value;
 
-use super::columns::{row_values, BoundColumn, Relation, UserJson};
-use super::profile::{MappingPlan, RowMapper, RowOutcome, SkipReason};
+use super::columns::{BoundColumn, Relation, RowLayout, UserJson};
+use super::profile::{MappingPlan, RowMapper, RowOutcome};
 use super::value::{self, ValueError};
 use super::{key, MapError};
-use crate::decode::{RelationColumn, TupleData};
+use crate::decode::{ColumnValue, RelationColumn, TupleData};
 
 /// Every profile produces the same output; re-exported so it can be named from the profile too.
 pub use super::MappedUser;
@@ -76,8 +76,7 @@ impl Default for GenericMapping {
 /// message: column positions and types may have changed.
 #[derive(Debug, Clone)]
 pub struct BoundMapping {
-    column_count: usize,
-    id: BoundColumn,
+    layout: RowLayout,
     email: Option<BoundColumn>,
     display_name: Option<BoundColumn>,
     signed_up_at: Option<BoundColumn>,
@@ -176,8 +175,7 @@ impl GenericMapping {
         }
 
         Ok(BoundMapping {
-            column_count: columns.len(),
-            id,
+            layout: RowLayout::new(columns, id),
             email,
             display_name,
             signed_up_at,
@@ -198,13 +196,16 @@ impl BoundMapping {
 
     /// The relation width rows must have.
     pub fn column_count(&self) -> usize {
-        self.column_count
+        self.layout.column_count
     }
 
     /// Maps an Insert's tuple or an Update's new tuple.
     pub fn map_user(&self, row: &TupleData) -> Result<MappedUser, MapError> {
-        let values = row_values(row, self.column_count)?;
-        let id = self.id.id_text(values)?;
+        let values = self.layout.values(row)?;
+        self.user(self.layout.id(values)?, values)
+    }
+
+    fn user(&self, id: &str, values: &[ColumnValue]) -> Result<MappedUser, MapError> {
         let mut user = UserJson::new(id);
         for (column, key) in [
             (&self.email, key::PRIMARY_EMAIL),
@@ -226,26 +227,16 @@ impl BoundMapping {
         user.pass_through(&self.passthrough, values)?;
         Ok(user.finish(id.to_owned()))
     }
-
-    /// The user id from a Delete's or Update's old tuple: a 'K' tuple (replica identity
-    /// columns only, NULL elsewhere) or an 'O' tuple (REPLICA IDENTITY FULL).
-    pub fn map_key(&self, old_key_or_full: &TupleData) -> Result<String, MapError> {
-        let values = row_values(old_key_or_full, self.column_count)?;
-        self.id.id_text(values).map(str::to_owned)
-    }
 }
 
+/// Every row is a live user: the generic profile never skips one.
 impl RowMapper for BoundMapping {
-    fn map_row(&self, row: &TupleData) -> Result<RowOutcome, MapError> {
-        self.map_user(row).map(RowOutcome::User)
+    fn layout(&self) -> &RowLayout {
+        &self.layout
     }
 
-    fn map_key(&self, old_key_or_full: &TupleData) -> Result<String, MapError> {
-        BoundMapping::map_key(self, old_key_or_full)
-    }
-
-    fn skip_reason(&self, _full_row: &TupleData) -> Result<Option<SkipReason>, MapError> {
-        Ok(None)
+    fn map_values(&self, id: &str, values: &[ColumnValue]) -> Result<RowOutcome, MapError> {
+        self.user(id, values).map(RowOutcome::User)
     }
 
     fn notes(&self) -> &[String] {
@@ -260,7 +251,7 @@ impl RowMapper for BoundMapping {
         };
         MappingPlan {
             keys: vec![
-                (key::ID, self.id.name.clone()),
+                (key::ID, self.layout.id.name.clone()),
                 (key::PRIMARY_EMAIL, source(&self.email, "(none: null)")),
                 (
                     key::DISPLAY_NAME,

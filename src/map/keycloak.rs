@@ -32,11 +32,13 @@
 
 use serde_json::Value;
 
-use super::columns::{is_credential, row_values, BoundColumn, ColumnNeed, Relation, UserJson};
+use super::columns::{
+    is_credential, BoundColumn, ColumnNeed, OtherColumns, Relation, RowLayout, UserJson,
+};
 use super::profile::{MappingPlan, RowMapper, RowOutcome, SkipReason};
 use super::value::{self, oid, TextValue};
 use super::{key, MapError, MappedUser};
-use crate::decode::{ColumnValue, RelationColumn, TupleData};
+use crate::decode::{ColumnValue, RelationColumn};
 
 /// Keycloak creates its tables in the database's default schema.
 pub const DEFAULT_TABLE: &str = "public.user_entity";
@@ -44,31 +46,20 @@ pub const DEFAULT_TABLE: &str = "public.user_entity";
 pub const REALM_TABLE: &str = "realm";
 const PROFILE: &str = "keycloak";
 
-const fn need(names: &'static [&'static str]) -> ColumnNeed {
-    ColumnNeed {
-        profile: PROFILE,
-        names,
-        types: None,
-    }
-}
-
-const ID: ColumnNeed = need(&["id"]);
-const EMAIL: ColumnNeed = need(&["email"]);
-const FIRST_NAME: ColumnNeed = need(&["first_name"]);
-const LAST_NAME: ColumnNeed = need(&["last_name"]);
-const USERNAME: ColumnNeed = need(&["username"]);
-const REALM_ID: ColumnNeed = need(&["realm_id"]);
-const SERVICE_ACCOUNT: ColumnNeed = need(&["service_account_client_link"]);
-const EMAIL_VERIFIED: ColumnNeed = ColumnNeed {
-    profile: PROFILE,
-    names: &["email_verified"],
-    types: Some((&[oid::BOOL], "boolean")),
-};
-const CREATED_TIMESTAMP: ColumnNeed = ColumnNeed {
-    profile: PROFILE,
-    names: &["created_timestamp"],
-    types: Some((value::MILLIS_TYPES, "bigint milliseconds")),
-};
+const ID: ColumnNeed = ColumnNeed::named(PROFILE, &["id"]);
+const EMAIL: ColumnNeed = ColumnNeed::named(PROFILE, &["email"]);
+const FIRST_NAME: ColumnNeed = ColumnNeed::named(PROFILE, &["first_name"]);
+const LAST_NAME: ColumnNeed = ColumnNeed::named(PROFILE, &["last_name"]);
+const USERNAME: ColumnNeed = ColumnNeed::named(PROFILE, &["username"]);
+const REALM_ID: ColumnNeed = ColumnNeed::named(PROFILE, &["realm_id"]);
+const SERVICE_ACCOUNT: ColumnNeed = ColumnNeed::named(PROFILE, &["service_account_client_link"]);
+const EMAIL_VERIFIED: ColumnNeed =
+    ColumnNeed::typed(PROFILE, &["email_verified"], (&[oid::BOOL], "boolean"));
+const CREATED_TIMESTAMP: ColumnNeed = ColumnNeed::typed(
+    PROFILE,
+    &["created_timestamp"],
+    (value::MILLIS_TYPES, "bigint milliseconds"),
+);
 /// Keycloak's own uniqueness helper, not a fact about the user.
 const EMAIL_CONSTRAINT: &str = "email_constraint";
 
@@ -107,31 +98,18 @@ impl KeycloakMapping {
         let realm_id = relation.require(&REALM_ID)?;
         let service_account = relation.optional(&SERVICE_ACCOUNT)?;
 
-        let moved = [&id, &email, &email_verified, &created_timestamp];
         let mut notes = Vec::new();
-        let mut passthrough = Vec::new();
-        let mut excluded = Vec::new();
-        for (index, column) in columns.iter().enumerate() {
-            if moved.iter().any(|moved| moved.index == index) {
-                continue;
-            }
-            if column.name == EMAIL_CONSTRAINT || is_credential(&column.name) {
-                excluded.push(column.name.clone());
-            } else if key::STACK_AUTH.contains(&column.name.as_str()) {
-                notes.push(format!(
-                    "column {} is left out of raw_json: the profile computes that key",
-                    column.name
-                ));
-                excluded.push(column.name.clone());
-            } else {
-                passthrough.push(BoundColumn::new(index, column));
-            }
-        }
+        let other = OtherColumns::bind(
+            columns,
+            &[&id, &email, &email_verified, &created_timestamp],
+            |name| name == EMAIL_CONSTRAINT || is_credential(name),
+            &key::STACK_AUTH,
+            &mut notes,
+        );
         Ok(BoundKeycloak {
-            column_count: columns.len(),
+            layout: RowLayout::new(columns, id),
             realm: self.realm.clone(),
             wanted_realm_id: self.realm_id().to_owned(),
-            id,
             email,
             email_verified,
             first_name,
@@ -140,8 +118,7 @@ impl KeycloakMapping {
             created_timestamp,
             realm_id,
             service_account,
-            passthrough,
-            excluded,
+            other,
             notes,
         })
     }
@@ -150,10 +127,9 @@ impl KeycloakMapping {
 /// A [`KeycloakMapping`] resolved against `user_entity` as the Relation message describes it.
 #[derive(Debug, Clone)]
 pub struct BoundKeycloak {
-    column_count: usize,
+    layout: RowLayout,
     realm: String,
     wanted_realm_id: String,
-    id: BoundColumn,
     email: BoundColumn,
     email_verified: BoundColumn,
     first_name: BoundColumn,
@@ -162,28 +138,11 @@ pub struct BoundKeycloak {
     created_timestamp: BoundColumn,
     realm_id: BoundColumn,
     service_account: Option<BoundColumn>,
-    passthrough: Vec<BoundColumn>,
-    excluded: Vec<String>,
+    other: OtherColumns,
     notes: Vec<String>,
 }
 
 impl BoundKeycloak {
-    fn skip(&self, values: &[ColumnValue]) -> Result<Option<SkipReason>, MapError> {
-        let realm = self.realm_id.filter_value(values, "realm_id")?;
-        if realm != Some(self.wanted_realm_id.as_str()) {
-            return Ok(Some(SkipReason::OtherRealm));
-        }
-        if let Some(link) = &self.service_account {
-            if link
-                .filter_value(values, "service_account_client_link")?
-                .is_some()
-            {
-                return Ok(Some(SkipReason::ServiceAccount));
-            }
-        }
-        Ok(None)
-    }
-
     /// `first_name last_name` (either may be missing), else `username`; `None` (the target
     /// keeps its display name) when a part is unchanged TOAST. A part goes out of line only
     /// when the row outgrows 2 kB, which `varchar(255)` names reach only in 4-byte
@@ -212,10 +171,7 @@ impl BoundKeycloak {
 
     fn map_user(&self, id: &str, values: &[ColumnValue]) -> Result<MappedUser, MapError> {
         let mut user = UserJson::new(id);
-        user.set(
-            key::PRIMARY_EMAIL,
-            self.email.string(values, key::PRIMARY_EMAIL)?,
-        );
+        user.set_string(key::PRIMARY_EMAIL, &self.email, values)?;
         user.set_email_verified(&self.email_verified, values)?;
         user.set(key::DISPLAY_NAME, self.display_name(values)?);
         user.set_signed_up_at(&self.created_timestamp, values)?;
@@ -227,31 +183,34 @@ impl BoundKeycloak {
         ] {
             user.set(key, Some(Value::Null));
         }
-        user.pass_through(&self.passthrough, values)?;
+        user.pass_through(&self.other.passthrough, values)?;
         Ok(user.finish(id.to_owned()))
     }
 }
 
 impl RowMapper for BoundKeycloak {
-    fn map_row(&self, row: &TupleData) -> Result<RowOutcome, MapError> {
-        let values = row_values(row, self.column_count)?;
-        let id = self.id.id_text(values)?;
-        if let Some(reason) = self.skip(values)? {
-            return Ok(RowOutcome::Skip {
-                id: id.to_owned(),
-                reason,
-            });
+    fn layout(&self) -> &RowLayout {
+        &self.layout
+    }
+
+    fn skip(&self, values: &[ColumnValue]) -> Result<Option<SkipReason>, MapError> {
+        let realm = self.realm_id.filter_value(values, "realm_id")?;
+        if realm != Some(self.wanted_realm_id.as_str()) {
+            return Ok(Some(SkipReason::OtherRealm));
         }
+        if let Some(link) = &self.service_account {
+            if link
+                .filter_value(values, "service_account_client_link")?
+                .is_some()
+            {
+                return Ok(Some(SkipReason::ServiceAccount));
+            }
+        }
+        Ok(None)
+    }
+
+    fn map_values(&self, id: &str, values: &[ColumnValue]) -> Result<RowOutcome, MapError> {
         self.map_user(id, values).map(RowOutcome::User)
-    }
-
-    fn map_key(&self, old_key_or_full: &TupleData) -> Result<String, MapError> {
-        let values = row_values(old_key_or_full, self.column_count)?;
-        self.id.id_text(values).map(str::to_owned)
-    }
-
-    fn skip_reason(&self, full_row: &TupleData) -> Result<Option<SkipReason>, MapError> {
-        self.skip(row_values(full_row, self.column_count)?)
     }
 
     fn notes(&self) -> &[String] {
@@ -274,7 +233,7 @@ impl RowMapper for BoundKeycloak {
         }
         MappingPlan {
             keys: vec![
-                (key::ID, self.id.name.clone()),
+                (key::ID, self.layout.id.name.clone()),
                 (key::PRIMARY_EMAIL, self.email.name.clone()),
                 (
                     key::PRIMARY_EMAIL_VERIFIED,
@@ -296,8 +255,8 @@ impl RowMapper for BoundKeycloak {
                 (key::CLIENT_READ_ONLY_METADATA, "(none: null)".into()),
                 (key::SERVER_METADATA, "(none: null)".into()),
             ],
-            passthrough: self.passthrough.iter().map(|c| c.name.clone()).collect(),
-            excluded: self.excluded.clone(),
+            passthrough: self.other.passthrough_names(),
+            excluded: self.other.excluded.clone(),
             rules,
         }
     }
@@ -308,52 +267,52 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::map::columns::fixtures::{column, row_of, text};
+    use crate::decode::TupleData;
+    use crate::map::columns::fixtures::{live_user, relation, row_changing, text};
 
     const USER_ID: &str = "0c5b1f1e-8d1e-4f7a-9d7e-3c1f2b4a5d6e";
     const REALM_ID: &str = "7d8f3a2e-1b4c-4e5f-8a9b-0c1d2e3f4a5b";
 
     /// `user_entity` as Keycloak's Liquibase changelog creates it.
     fn user_entity() -> Vec<RelationColumn> {
-        [
-            ("id", oid::VARCHAR),
-            ("email", oid::VARCHAR),
-            ("email_constraint", oid::VARCHAR),
-            ("email_verified", oid::BOOL),
-            ("enabled", oid::BOOL),
-            ("federation_link", oid::VARCHAR),
-            ("first_name", oid::VARCHAR),
-            ("last_name", oid::VARCHAR),
-            ("realm_id", oid::VARCHAR),
-            ("username", oid::VARCHAR),
-            ("created_timestamp", oid::INT8),
-            ("service_account_client_link", oid::VARCHAR),
-            ("not_before", oid::INT4),
-        ]
-        .into_iter()
-        .map(|(name, type_oid)| column(name, type_oid, name == "id"))
-        .collect()
+        relation(
+            &[
+                ("id", oid::VARCHAR),
+                ("email", oid::VARCHAR),
+                ("email_constraint", oid::VARCHAR),
+                ("email_verified", oid::BOOL),
+                ("enabled", oid::BOOL),
+                ("federation_link", oid::VARCHAR),
+                ("first_name", oid::VARCHAR),
+                ("last_name", oid::VARCHAR),
+                ("realm_id", oid::VARCHAR),
+                ("username", oid::VARCHAR),
+                ("created_timestamp", oid::INT8),
+                ("service_account_client_link", oid::VARCHAR),
+                ("not_before", oid::INT4),
+            ],
+            &["id"],
+        )
     }
 
     fn grace(extra: &[(&str, ColumnValue)]) -> TupleData {
-        let mut given = vec![
-            ("id", text(USER_ID)),
-            ("email", text("grace@example.org")),
-            ("email_constraint", text("grace@example.org")),
-            ("email_verified", text("t")),
-            ("enabled", text("t")),
-            ("first_name", text("Grace")),
-            ("last_name", text("Hopper")),
-            ("realm_id", text(REALM_ID)),
-            ("username", text("grace")),
-            ("created_timestamp", text("1704164645123")),
-            ("not_before", text("0")),
-        ];
-        for (name, value) in extra {
-            given.retain(|(given, _)| given != name);
-            given.push((name, value.clone()));
-        }
-        row_of(&user_entity(), &given)
+        row_changing(
+            &user_entity(),
+            &[
+                ("id", text(USER_ID)),
+                ("email", text("grace@example.org")),
+                ("email_constraint", text("grace@example.org")),
+                ("email_verified", text("t")),
+                ("enabled", text("t")),
+                ("first_name", text("Grace")),
+                ("last_name", text("Hopper")),
+                ("realm_id", text(REALM_ID)),
+                ("username", text("grace")),
+                ("created_timestamp", text("1704164645123")),
+                ("not_before", text("0")),
+            ],
+            extra,
+        )
     }
 
     fn bind() -> BoundKeycloak {
@@ -365,18 +324,11 @@ mod tests {
         .unwrap()
     }
 
-    fn user(outcome: RowOutcome) -> MappedUser {
-        match outcome {
-            RowOutcome::User(user) => user,
-            other => panic!("expected a live user, got {other:?}"),
-        }
-    }
-
     #[test]
     fn maps_user_entity_into_the_stack_auth_shape() {
         let mapping = bind();
         assert!(mapping.notes().is_empty(), "{:?}", mapping.notes());
-        let user = user(mapping.map_row(&grace(&[])).unwrap());
+        let user = live_user(mapping.map_row(&grace(&[])).unwrap());
         assert_eq!(
             Value::Object(user.raw_json),
             json!({
@@ -413,11 +365,11 @@ mod tests {
         ];
         for (first, last, expected) in cases {
             let row = grace(&[("first_name", first), ("last_name", last)]);
-            let user = user(mapping.map_row(&row).unwrap());
+            let user = live_user(mapping.map_row(&row).unwrap());
             assert_eq!(user.raw_json["display_name"], expected);
         }
         let row = grace(&[("first_name", ColumnValue::UnchangedToast)]);
-        let user = user(mapping.map_row(&row).unwrap());
+        let user = live_user(mapping.map_row(&row).unwrap());
         assert!(user.unchanged_keys.contains(&"display_name".to_owned()));
         assert!(user.unchanged_keys.contains(&"first_name".to_owned()));
     }
@@ -472,7 +424,7 @@ mod tests {
 
     #[test]
     fn disabled_users_stay_live() {
-        let user = user(bind().map_row(&grace(&[("enabled", text("f"))])).unwrap());
+        let user = live_user(bind().map_row(&grace(&[("enabled", text("f"))])).unwrap());
         assert_eq!(user.raw_json["enabled"], json!(false));
     }
 

@@ -56,7 +56,9 @@ pub mod value;
 pub use better_auth::BetterAuthMapping;
 pub use generic::{BoundMapping, GenericMapping};
 pub use keycloak::KeycloakMapping;
-pub use profile::{BoundProfile, MappingPlan, Profile, RowMapper, RowOutcome, SkipReason};
+pub use profile::{
+    BoundProfile, MappingPlan, Profile, RowLayout, RowMapper, RowOutcome, SkipReason,
+};
 pub use stack_auth::StackAuthMapping;
 pub use supabase::SupabaseMapping;
 pub use value::{timestamp_millis, TextValue, ValueError};

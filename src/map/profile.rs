@@ -17,7 +17,8 @@
 //!   in `ContactChannel`): those keys are merged into the user's `raw_json`, the rest kept.
 //!
 //! **Adding a profile.** A single-table profile is one file in `map/` with a mapping type
-//! (options), its `bind`, and a bound type implementing [`RowMapper`]; then one arm in each
+//! (options), its `bind`, and a bound type implementing [`RowMapper`]'s hooks (its
+//! [`RowLayout`], which rows it skips, how it maps the others); then one arm in each
 //! `match` here and in `config.rs`. A profile spread over several tables names them
 //! ([`Profile::tables`], the users table first) and binds each ([`Profile::bind_table`]); a
 //! row of a table other than the users table maps to patches ([`RowMapper::removed`] says
@@ -30,13 +31,14 @@ use postgres_protocol::escape::escape_identifier;
 use serde_json::{Map, Value};
 
 use super::better_auth::BetterAuthMapping;
+pub use super::columns::RowLayout;
 use super::generic::GenericMapping;
 use super::keycloak::KeycloakMapping;
 use super::stack_auth::StackAuthMapping;
 use super::supabase::SupabaseMapping;
 use super::{MapError, MappedUser};
 use crate::config::TableName;
-use crate::decode::{RelationColumn, TupleData};
+use crate::decode::{ColumnValue, RelationColumn, TupleData};
 
 /// What one source row means for the target.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,9 +97,29 @@ impl fmt::Display for SkipReason {
 }
 
 /// A profile bound to one relation: maps its rows. Pure: no I/O, no clock.
+///
+/// Every profile reads a row the same way: check its width, read the user id (a row without
+/// one is an error whatever else it holds), then ask the profile whether to skip it, and only
+/// then map it. So a profile supplies the hooks ([`RowMapper::layout`], [`RowMapper::skip`],
+/// [`RowMapper::map_values`]) and the entry points the replicator calls are provided here.
 pub trait RowMapper: fmt::Debug + Send + Sync {
+    /// Hook: the bound relation's width and id column.
+    fn layout(&self) -> &RowLayout;
+
+    /// Hook: why a row is not replicated, from its values (already checked against the
+    /// width); only the columns that decide it are read. By default every row is replicated.
+    fn skip(&self, _values: &[ColumnValue]) -> Result<Option<SkipReason>, MapError> {
+        Ok(None)
+    }
+
+    /// Hook: what a row that is not skipped means, from its id and its checked values.
+    fn map_values(&self, id: &str, values: &[ColumnValue]) -> Result<RowOutcome, MapError>;
+
     /// An Insert's tuple or an Update's new tuple.
-    fn map_row(&self, row: &TupleData) -> Result<RowOutcome, MapError>;
+    fn map_row(&self, row: &TupleData) -> Result<RowOutcome, MapError> {
+        let values = self.layout().values(row)?;
+        map_unless_skipped(self, values, |id| self.map_values(id, values))
+    }
 
     /// An Insert's tuple. A profile whose users table leaves keys to another table sets
     /// them here to "none yet", where an update would keep the target's values.
@@ -126,17 +148,42 @@ pub trait RowMapper: fmt::Debug + Send + Sync {
 
     /// The user id from a Delete's or Update's old tuple: a 'K' tuple (replica identity
     /// columns only, NULL elsewhere) or an 'O' tuple (REPLICA IDENTITY FULL).
-    fn map_key(&self, old_key_or_full: &TupleData) -> Result<String, MapError>;
+    fn map_key(&self, old_key_or_full: &TupleData) -> Result<String, MapError> {
+        let layout = self.layout();
+        layout
+            .id(layout.values(old_key_or_full)?)
+            .map(str::to_owned)
+    }
 
     /// Whether a whole row (an 'O' tuple) is one this profile skips; only the columns that
     /// decide it are read.
-    fn skip_reason(&self, full_row: &TupleData) -> Result<Option<SkipReason>, MapError>;
+    fn skip_reason(&self, full_row: &TupleData) -> Result<Option<SkipReason>, MapError> {
+        self.skip(self.layout().values(full_row)?)
+    }
 
     /// Choices the operator may not expect, to log once. They name columns, never values.
     fn notes(&self) -> &[String];
 
     /// The mapping as `setup` prints it.
     fn plan(&self) -> MappingPlan;
+}
+
+/// A row's outcome from its checked values: the id first, then the profile's skip decision,
+/// then `map` with the id. For the entry points a profile overrides ([`RowMapper::map_insert`],
+/// [`RowMapper::map_copied`]) to map the same row another way.
+pub(super) fn map_unless_skipped<M: RowMapper + ?Sized>(
+    mapper: &M,
+    values: &[ColumnValue],
+    map: impl FnOnce(&str) -> Result<RowOutcome, MapError>,
+) -> Result<RowOutcome, MapError> {
+    let id = mapper.layout().id(values)?;
+    match mapper.skip(values)? {
+        Some(reason) => Ok(RowOutcome::Skip {
+            id: id.to_owned(),
+            reason,
+        }),
+        None => map(id),
+    }
 }
 
 /// A bound profile, whichever it is.

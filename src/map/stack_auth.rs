@@ -38,8 +38,10 @@
 use postgres_protocol::escape::{escape_identifier, escape_literal};
 use serde_json::{Map, Value};
 
-use super::columns::{is_credential, row_values, BoundColumn, ColumnNeed, Relation, UserJson};
-use super::profile::{MappingPlan, RowMapper, RowOutcome, SkipReason};
+use super::columns::{
+    is_credential, BoundColumn, ColumnNeed, OtherColumns, Relation, RowLayout, UserJson,
+};
+use super::profile::{map_unless_skipped, MappingPlan, RowMapper, RowOutcome, SkipReason};
 use super::value::{self, oid};
 use super::{key, MapError};
 use crate::config::TableName;
@@ -67,41 +69,31 @@ const EMAIL_KEYS: [&str; 3] = [
 /// `value`, `"isVerified"`, `"usedForAuth"`), see [`StackAuthMapping::snapshot_select`].
 pub const JOINED_EMAIL_COLUMNS: usize = 3;
 
-const fn need(names: &'static [&'static str]) -> ColumnNeed {
-    ColumnNeed {
-        profile: PROFILE,
-        names,
-        types: None,
-    }
-}
-
-const fn typed(
-    names: &'static [&'static str],
-    types: (&'static [u32], &'static str),
-) -> ColumnNeed {
-    ColumnNeed {
-        profile: PROFILE,
-        names,
-        types: Some(types),
-    }
-}
-
 const JSON_TYPES: (&[u32], &str) = (&[oid::JSONB, oid::JSON], "jsonb or json");
 
-const TENANCY_ID: ColumnNeed = need(&["tenancyId"]);
-const PROJECT_USER_ID: ColumnNeed = need(&["projectUserId"]);
-const DISPLAY_NAME: ColumnNeed = need(&["displayName"]);
-const CREATED_AT: ColumnNeed = typed(&["createdAt"], (value::MILLIS_TYPES, "a timestamp"));
-const PROFILE_IMAGE_URL: ColumnNeed = need(&["profileImageUrl"]);
-const CLIENT_METADATA: ColumnNeed = typed(&["clientMetadata"], JSON_TYPES);
-const CLIENT_READ_ONLY_METADATA: ColumnNeed = typed(&["clientReadOnlyMetadata"], JSON_TYPES);
-const SERVER_METADATA: ColumnNeed = typed(&["serverMetadata"], JSON_TYPES);
+const TENANCY_ID: ColumnNeed = ColumnNeed::named(PROFILE, &["tenancyId"]);
+const PROJECT_USER_ID: ColumnNeed = ColumnNeed::named(PROFILE, &["projectUserId"]);
+const DISPLAY_NAME: ColumnNeed = ColumnNeed::named(PROFILE, &["displayName"]);
+const CREATED_AT: ColumnNeed = ColumnNeed::typed(
+    PROFILE,
+    &["createdAt"],
+    (value::MILLIS_TYPES, "a timestamp"),
+);
+const PROFILE_IMAGE_URL: ColumnNeed = ColumnNeed::named(PROFILE, &["profileImageUrl"]);
+const CLIENT_METADATA: ColumnNeed = ColumnNeed::typed(PROFILE, &["clientMetadata"], JSON_TYPES);
+const CLIENT_READ_ONLY_METADATA: ColumnNeed =
+    ColumnNeed::typed(PROFILE, &["clientReadOnlyMetadata"], JSON_TYPES);
+const SERVER_METADATA: ColumnNeed = ColumnNeed::typed(PROFILE, &["serverMetadata"], JSON_TYPES);
 
-const CHANNEL_TYPE: ColumnNeed = need(&["type"]);
-const IS_PRIMARY: ColumnNeed = need(&["isPrimary"]);
-const USED_FOR_AUTH: ColumnNeed = need(&["usedForAuth"]);
-const IS_VERIFIED: ColumnNeed = typed(&["isVerified"], (value::VERIFIED_TYPES, "a boolean"));
-const VALUE: ColumnNeed = need(&["value"]);
+const CHANNEL_TYPE: ColumnNeed = ColumnNeed::named(PROFILE, &["type"]);
+const IS_PRIMARY: ColumnNeed = ColumnNeed::named(PROFILE, &["isPrimary"]);
+const USED_FOR_AUTH: ColumnNeed = ColumnNeed::named(PROFILE, &["usedForAuth"]);
+const IS_VERIFIED: ColumnNeed = ColumnNeed::typed(
+    PROFILE,
+    &["isVerified"],
+    (value::VERIFIED_TYPES, "a boolean"),
+);
+const VALUE: ColumnNeed = ColumnNeed::named(PROFILE, &["value"]);
 
 /// The `stack-auth` profile's options.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -147,6 +139,14 @@ impl StackAuthMapping {
         )
     }
 
+    /// `--tenancy-id` with the `"tenancyId"` column of the table being bound.
+    fn tenancy(&self, column: BoundColumn) -> Tenancy {
+        Tenancy {
+            wanted: self.tenancy_id.clone(),
+            column,
+        }
+    }
+
     pub fn bind(&self, columns: &[RelationColumn]) -> Result<BoundProjectUser, MapError> {
         let relation = Relation::new(columns);
         let tenancy_id = relation.require(&TENANCY_ID)?;
@@ -164,49 +164,32 @@ impl StackAuthMapping {
             });
         }
 
-        let moved = [
-            &id,
-            &display_name,
-            &created_at,
-            &profile_image_url,
-            &client_metadata,
-            &client_read_only_metadata,
-            &server_metadata,
-        ];
         let mut notes = Vec::new();
-        let mut passthrough = Vec::new();
-        let mut excluded = Vec::new();
-        for (index, column) in columns.iter().enumerate() {
-            if moved.iter().any(|moved| moved.index == index) {
-                continue;
-            }
-            if is_credential(&column.name) {
-                excluded.push(column.name.clone());
-            } else if key::STACK_AUTH.contains(&column.name.as_str())
-                || EMAIL_KEYS.contains(&column.name.as_str())
-            {
-                notes.push(format!(
-                    "column {} is left out of raw_json: the profile computes that key",
-                    column.name
-                ));
-                excluded.push(column.name.clone());
-            } else {
-                passthrough.push(BoundColumn::new(index, column));
-            }
-        }
+        let other = OtherColumns::bind(
+            columns,
+            &[
+                &id,
+                &display_name,
+                &created_at,
+                &profile_image_url,
+                &client_metadata,
+                &client_read_only_metadata,
+                &server_metadata,
+            ],
+            is_credential,
+            &[key::STACK_AUTH.as_slice(), &EMAIL_KEYS].concat(),
+            &mut notes,
+        );
         Ok(BoundProjectUser {
-            column_count: columns.len(),
-            tenancy: self.tenancy_id.clone(),
-            tenancy_id,
-            id,
+            layout: RowLayout::new(columns, id),
+            tenancy: self.tenancy(tenancy_id),
             display_name,
             created_at,
             profile_image_url,
             client_metadata,
             client_read_only_metadata,
             server_metadata,
-            passthrough,
-            excluded,
+            other,
             notes,
         })
     }
@@ -238,10 +221,8 @@ impl StackAuthMapping {
             });
         }
         Ok(BoundContactChannel {
-            column_count: columns.len(),
-            tenancy: self.tenancy_id.clone(),
-            tenancy_id,
-            user_id,
+            layout: RowLayout::new(columns, user_id),
+            tenancy: self.tenancy(tenancy_id),
             channel_type,
             is_primary,
             used_for_auth,
@@ -251,16 +232,31 @@ impl StackAuthMapping {
     }
 }
 
-/// Whether a row's `"tenancyId"` is not the one replicated.
-fn other_tenancy(
-    wanted: Option<&str>,
-    column: &BoundColumn,
-    values: &[ColumnValue],
-) -> Result<bool, MapError> {
-    let Some(wanted) = wanted else {
-        return Ok(false);
-    };
-    Ok(column.filter_value(values, "tenancyId")? != Some(wanted))
+/// `--tenancy-id` bound to a table's `"tenancyId"` column.
+#[derive(Debug, Clone)]
+struct Tenancy {
+    /// `None`: every tenancy is replicated.
+    wanted: Option<String>,
+    column: BoundColumn,
+}
+
+impl Tenancy {
+    /// Whether a row is of a tenancy other than the one replicated. The column is in the
+    /// primary key, so a key tuple answers as well as a whole row.
+    fn skip(&self, values: &[ColumnValue]) -> Result<Option<SkipReason>, MapError> {
+        let Some(wanted) = self.wanted.as_deref() else {
+            return Ok(None);
+        };
+        let other = self.column.filter_value(values, "tenancyId")? != Some(wanted);
+        Ok(other.then_some(SkipReason::OtherTenancy))
+    }
+
+    /// The rule `setup` prints, when one tenancy is replicated.
+    fn rule(&self) -> Option<String> {
+        self.wanted
+            .as_deref()
+            .map(|tenancy| format!("{} other than {tenancy}: skipped", self.column.name))
+    }
 }
 
 /// The three email keys of a primary email channel, or of none.
@@ -314,42 +310,30 @@ enum Emails<'v> {
 /// A [`StackAuthMapping`] resolved against `"ProjectUser"`.
 #[derive(Debug, Clone)]
 pub struct BoundProjectUser {
-    column_count: usize,
-    tenancy: Option<String>,
-    tenancy_id: BoundColumn,
-    id: BoundColumn,
+    layout: RowLayout,
+    tenancy: Tenancy,
     display_name: BoundColumn,
     created_at: BoundColumn,
     profile_image_url: BoundColumn,
     client_metadata: BoundColumn,
     client_read_only_metadata: BoundColumn,
     server_metadata: BoundColumn,
-    passthrough: Vec<BoundColumn>,
-    excluded: Vec<String>,
+    other: OtherColumns,
     notes: Vec<String>,
 }
 
 impl BoundProjectUser {
-    fn map(&self, values: &[ColumnValue], emails: Emails<'_>) -> Result<RowOutcome, MapError> {
-        let id = self.id.id_text(values)?;
-        if other_tenancy(self.tenancy.as_deref(), &self.tenancy_id, values)? {
-            return Ok(RowOutcome::Skip {
-                id: id.to_owned(),
-                reason: SkipReason::OtherTenancy,
-            });
-        }
+    fn map_user(
+        &self,
+        id: &str,
+        values: &[ColumnValue],
+        emails: Emails<'_>,
+    ) -> Result<RowOutcome, MapError> {
         let mut user = UserJson::new(id);
-        user.set(
-            key::DISPLAY_NAME,
-            self.display_name.string(values, key::DISPLAY_NAME)?,
-        );
+        user.set_string(key::DISPLAY_NAME, &self.display_name, values)?;
         user.set_signed_up_at(&self.created_at, values)?;
         // Stack Auth accepts data: URLs here, large enough to be TOASTed.
-        user.set(
-            key::PROFILE_IMAGE_URL,
-            self.profile_image_url
-                .string(values, key::PROFILE_IMAGE_URL)?,
-        );
+        user.set_string(key::PROFILE_IMAGE_URL, &self.profile_image_url, values)?;
         for (column, key) in [
             (&self.client_metadata, key::CLIENT_METADATA),
             (
@@ -374,7 +358,7 @@ impl BoundProjectUser {
                 }
             }
         }
-        user.pass_through(&self.passthrough, values)?;
+        user.pass_through(&self.other.passthrough, values)?;
         Ok(RowOutcome::User(user.finish(id.to_owned())))
     }
 }
@@ -394,41 +378,43 @@ fn joined_email_columns() -> (BoundColumn, BoundColumn, BoundColumn) {
 }
 
 impl RowMapper for BoundProjectUser {
-    fn map_row(&self, row: &TupleData) -> Result<RowOutcome, MapError> {
-        self.map(row_values(row, self.column_count)?, Emails::Keep)
+    fn layout(&self) -> &RowLayout {
+        &self.layout
+    }
+
+    fn skip(&self, values: &[ColumnValue]) -> Result<Option<SkipReason>, MapError> {
+        self.tenancy.skip(values)
+    }
+
+    /// An update of the user row: the email keys stay as the target has them.
+    fn map_values(&self, id: &str, values: &[ColumnValue]) -> Result<RowOutcome, MapError> {
+        self.map_user(id, values, Emails::Keep)
     }
 
     fn map_insert(&self, row: &TupleData) -> Result<RowOutcome, MapError> {
-        self.map(row_values(row, self.column_count)?, Emails::NoneYet)
+        let values = self.layout.values(row)?;
+        map_unless_skipped(self, values, |id| {
+            self.map_user(id, values, Emails::NoneYet)
+        })
     }
 
     fn map_copied(&self, row: &TupleData) -> Result<RowOutcome, MapError> {
-        let expected = self.column_count + JOINED_EMAIL_COLUMNS;
+        let expected = self.layout.column_count + JOINED_EMAIL_COLUMNS;
         if row.0.len() != expected {
             return Err(MapError::ColumnCount {
                 expected,
                 actual: row.0.len(),
             });
         }
-        let (user, email) = row.0.split_at(self.column_count);
-        self.map(user, Emails::Joined(email))
+        let (user, email) = row.0.split_at(self.layout.column_count);
+        map_unless_skipped(self, user, |id| {
+            self.map_user(id, user, Emails::Joined(email))
+        })
     }
 
-    fn map_key(&self, old_key_or_full: &TupleData) -> Result<String, MapError> {
-        let values = row_values(old_key_or_full, self.column_count)?;
-        self.id.id_text(values).map(str::to_owned)
-    }
-
-    fn skip_reason(&self, full_row: &TupleData) -> Result<Option<SkipReason>, MapError> {
-        self.key_skip_reason(full_row)
-    }
-
+    /// Only the tenancy skips a user, and it is in the key.
     fn key_skip_reason(&self, key: &TupleData) -> Result<Option<SkipReason>, MapError> {
-        let values = row_values(key, self.column_count)?;
-        Ok(
-            other_tenancy(self.tenancy.as_deref(), &self.tenancy_id, values)?
-                .then_some(SkipReason::OtherTenancy),
-        )
+        self.skip_reason(key)
     }
 
     fn notes(&self) -> &[String] {
@@ -441,7 +427,7 @@ impl RowMapper for BoundProjectUser {
         );
         MappingPlan {
             keys: vec![
-                (key::ID, self.id.name.clone()),
+                (key::ID, self.layout.id.name.clone()),
                 (key::DISPLAY_NAME, self.display_name.name.clone()),
                 (key::SIGNED_UP_AT_MILLIS, self.created_at.name.clone()),
                 (key::PROFILE_IMAGE_URL, self.profile_image_url.name.clone()),
@@ -458,9 +444,11 @@ impl RowMapper for BoundProjectUser {
                     format!("{channel}.usedForAuth = {BOOLEAN_TRUE}"),
                 ),
             ],
-            passthrough: self.passthrough.iter().map(|c| c.name.clone()).collect(),
-            excluded: self.excluded.clone(),
-            rules: tenancy_rule(self.tenancy.as_deref(), &self.tenancy_id.name)
+            passthrough: self.other.passthrough_names(),
+            excluded: self.other.excluded.clone(),
+            rules: self
+                .tenancy
+                .rule()
                 .into_iter()
                 .chain(["a deleted user is soft-deleted (its contact channels with it)".into()])
                 .collect(),
@@ -468,17 +456,11 @@ impl RowMapper for BoundProjectUser {
     }
 }
 
-fn tenancy_rule(tenancy: Option<&str>, column: &str) -> Option<String> {
-    tenancy.map(|tenancy| format!("{column} other than {tenancy}: skipped"))
-}
-
 /// A [`StackAuthMapping`] resolved against `"ContactChannel"`: its rows patch users.
 #[derive(Debug, Clone)]
 pub struct BoundContactChannel {
-    column_count: usize,
-    tenancy: Option<String>,
-    tenancy_id: BoundColumn,
-    user_id: BoundColumn,
+    layout: RowLayout,
+    tenancy: Tenancy,
     channel_type: BoundColumn,
     is_primary: BoundColumn,
     used_for_auth: BoundColumn,
@@ -486,47 +468,36 @@ pub struct BoundContactChannel {
     value: BoundColumn,
 }
 
-impl BoundContactChannel {
+impl RowMapper for BoundContactChannel {
+    fn layout(&self) -> &RowLayout {
+        &self.layout
+    }
+
     fn skip(&self, values: &[ColumnValue]) -> Result<Option<SkipReason>, MapError> {
-        if other_tenancy(self.tenancy.as_deref(), &self.tenancy_id, values)? {
-            return Ok(Some(SkipReason::OtherTenancy));
+        if let Some(reason) = self.tenancy.skip(values)? {
+            return Ok(Some(reason));
         }
         let email = self.channel_type.filter_value(values, "type")? == Some(EMAIL_TYPE);
         let primary = self.is_primary.filter_value(values, "isPrimary")? == Some(BOOLEAN_TRUE);
         Ok((!(email && primary)).then_some(SkipReason::NotPrimaryEmail))
     }
-}
 
-impl RowMapper for BoundContactChannel {
-    fn map_row(&self, row: &TupleData) -> Result<RowOutcome, MapError> {
-        let values = row_values(row, self.column_count)?;
-        let id = self.user_id.id_text(values)?.to_owned();
-        if let Some(reason) = self.skip(values)? {
-            return Ok(RowOutcome::Skip { id, reason });
-        }
+    /// The primary email channel: its email keys patch the user.
+    fn map_values(&self, id: &str, values: &[ColumnValue]) -> Result<RowOutcome, MapError> {
         let keys = channel_email(&self.value, &self.is_verified, &self.used_for_auth, values)?;
-        Ok(RowOutcome::Patch { id, keys })
+        Ok(RowOutcome::Patch {
+            id: id.to_owned(),
+            keys,
+        })
     }
 
     fn map_copied(&self, _row: &TupleData) -> Result<RowOutcome, MapError> {
         unreachable!("the initial copy reads contact channels joined to their users")
     }
 
-    fn map_key(&self, old_key_or_full: &TupleData) -> Result<String, MapError> {
-        let values = row_values(old_key_or_full, self.column_count)?;
-        self.user_id.id_text(values).map(str::to_owned)
-    }
-
-    fn skip_reason(&self, full_row: &TupleData) -> Result<Option<SkipReason>, MapError> {
-        self.skip(row_values(full_row, self.column_count)?)
-    }
-
+    /// The key holds the tenancy, but not the type or whether the channel is primary.
     fn key_skip_reason(&self, key: &TupleData) -> Result<Option<SkipReason>, MapError> {
-        let values = row_values(key, self.column_count)?;
-        Ok(
-            other_tenancy(self.tenancy.as_deref(), &self.tenancy_id, values)?
-                .then_some(SkipReason::OtherTenancy),
-        )
+        self.tenancy.skip(self.layout.values(key)?)
     }
 
     fn removed(&self, id: &str) -> Option<RowOutcome> {
@@ -543,7 +514,7 @@ impl RowMapper for BoundContactChannel {
     fn plan(&self) -> MappingPlan {
         MappingPlan {
             keys: vec![
-                (key::ID, self.user_id.name.clone()),
+                (key::ID, self.layout.id.name.clone()),
                 (key::PRIMARY_EMAIL, self.value.name.clone()),
                 (key::PRIMARY_EMAIL_VERIFIED, self.is_verified.name.clone()),
                 (
@@ -553,7 +524,9 @@ impl RowMapper for BoundContactChannel {
             ],
             passthrough: Vec::new(),
             excluded: vec!["(every other column)".into()],
-            rules: tenancy_rule(self.tenancy.as_deref(), &self.tenancy_id.name)
+            rules: self
+                .tenancy
+                .rule()
                 .into_iter()
                 .chain([format!(
                     "{} = {EMAIL_TYPE} and {} = {BOOLEAN_TRUE}: sets the user's email keys; \
@@ -570,39 +543,32 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::map::columns::fixtures::{column, row_of, text};
-    use crate::map::MappedUser;
+    use crate::map::columns::fixtures::{column, live_user, relation, row_changing, row_of, text};
 
     const TENANCY: &str = "4f1b2c3d-5e6f-4a7b-8c9d-0e1f2a3b4c5d";
     const USER_ID: &str = "0c5b1f1e-8d1e-4f7a-9d7e-3c1f2b4a5d6e";
 
     /// `"ProjectUser"` as Stack Auth's Prisma migrations create it (enum-free columns).
     fn project_user() -> Vec<RelationColumn> {
-        [
-            ("tenancyId", oid::UUID),
-            ("projectUserId", oid::UUID),
-            ("mirroredProjectId", oid::TEXT),
-            ("mirroredBranchId", oid::TEXT),
-            ("createdAt", oid::TIMESTAMP),
-            ("updatedAt", oid::TIMESTAMP),
-            ("displayName", oid::TEXT),
-            ("serverMetadata", oid::JSONB),
-            ("clientReadOnlyMetadata", oid::JSONB),
-            ("clientMetadata", oid::JSONB),
-            ("profileImageUrl", oid::TEXT),
-            ("requiresTotpMfa", oid::BOOL),
-            ("totpSecret", oid::BYTEA),
-            ("isAnonymous", oid::BOOL),
-        ]
-        .into_iter()
-        .map(|(name, type_oid)| {
-            column(
-                name,
-                type_oid,
-                name == "tenancyId" || name == "projectUserId",
-            )
-        })
-        .collect()
+        relation(
+            &[
+                ("tenancyId", oid::UUID),
+                ("projectUserId", oid::UUID),
+                ("mirroredProjectId", oid::TEXT),
+                ("mirroredBranchId", oid::TEXT),
+                ("createdAt", oid::TIMESTAMP),
+                ("updatedAt", oid::TIMESTAMP),
+                ("displayName", oid::TEXT),
+                ("serverMetadata", oid::JSONB),
+                ("clientReadOnlyMetadata", oid::JSONB),
+                ("clientMetadata", oid::JSONB),
+                ("profileImageUrl", oid::TEXT),
+                ("requiresTotpMfa", oid::BOOL),
+                ("totpSecret", oid::BYTEA),
+                ("isAnonymous", oid::BOOL),
+            ],
+            &["tenancyId", "projectUserId"],
+        )
     }
 
     /// `"ContactChannel"` with REPLICA IDENTITY FULL; `type`, `isPrimary` and `usedForAuth`
@@ -629,58 +595,49 @@ mod tests {
     }
 
     fn ada(extra: &[(&str, ColumnValue)]) -> TupleData {
-        let mut given = vec![
-            ("tenancyId", text(TENANCY)),
-            ("projectUserId", text(USER_ID)),
-            ("mirroredProjectId", text("internal")),
-            ("mirroredBranchId", text("main")),
-            ("createdAt", text("2024-01-02 03:04:05.123")),
-            ("updatedAt", text("2024-01-02 03:04:05.123")),
-            ("displayName", text("Ada Lovelace")),
-            ("serverMetadata", text(r#"{"plan": "pro"}"#)),
-            ("clientMetadata", text(r#"{"theme": "dark"}"#)),
-            ("profileImageUrl", text("https://example.org/ada.png")),
-            ("requiresTotpMfa", text("f")),
-            ("totpSecret", text("\\xdeadbeef")),
-            ("isAnonymous", text("f")),
-        ];
-        for (name, value) in extra {
-            given.retain(|(given, _)| given != name);
-            given.push((name, value.clone()));
-        }
-        row_of(&project_user(), &given)
+        row_changing(
+            &project_user(),
+            &[
+                ("tenancyId", text(TENANCY)),
+                ("projectUserId", text(USER_ID)),
+                ("mirroredProjectId", text("internal")),
+                ("mirroredBranchId", text("main")),
+                ("createdAt", text("2024-01-02 03:04:05.123")),
+                ("updatedAt", text("2024-01-02 03:04:05.123")),
+                ("displayName", text("Ada Lovelace")),
+                ("serverMetadata", text(r#"{"plan": "pro"}"#)),
+                ("clientMetadata", text(r#"{"theme": "dark"}"#)),
+                ("profileImageUrl", text("https://example.org/ada.png")),
+                ("requiresTotpMfa", text("f")),
+                ("totpSecret", text("\\xdeadbeef")),
+                ("isAnonymous", text("f")),
+            ],
+            extra,
+        )
     }
 
     fn channel(extra: &[(&str, ColumnValue)]) -> TupleData {
-        let mut given = vec![
-            ("tenancyId", text(TENANCY)),
-            ("projectUserId", text(USER_ID)),
-            ("id", text("9d0c3b4a-1e2f-4a5b-8c7d-6e5f4a3b2c1d")),
-            ("type", text("EMAIL")),
-            ("isPrimary", text("TRUE")),
-            ("usedForAuth", text("TRUE")),
-            ("isVerified", text("t")),
-            ("value", text("ada@example.org")),
-        ];
-        for (name, value) in extra {
-            given.retain(|(given, _)| given != name);
-            given.push((name, value.clone()));
-        }
-        row_of(&contact_channel(true), &given)
-    }
-
-    fn user(outcome: RowOutcome) -> MappedUser {
-        match outcome {
-            RowOutcome::User(user) => user,
-            other => panic!("expected a live user, got {other:?}"),
-        }
+        row_changing(
+            &contact_channel(true),
+            &[
+                ("tenancyId", text(TENANCY)),
+                ("projectUserId", text(USER_ID)),
+                ("id", text("9d0c3b4a-1e2f-4a5b-8c7d-6e5f4a3b2c1d")),
+                ("type", text("EMAIL")),
+                ("isPrimary", text("TRUE")),
+                ("usedForAuth", text("TRUE")),
+                ("isVerified", text("t")),
+                ("value", text("ada@example.org")),
+            ],
+            extra,
+        )
     }
 
     #[test]
     fn a_new_project_user_has_no_email_yet() {
         let mapping = StackAuthMapping::default().bind(&project_user()).unwrap();
         assert!(mapping.notes().is_empty(), "{:?}", mapping.notes());
-        let user = user(mapping.map_insert(&ada(&[])).unwrap());
+        let user = live_user(mapping.map_insert(&ada(&[])).unwrap());
         assert_eq!(
             Value::Object(user.raw_json),
             json!({
@@ -709,7 +666,7 @@ mod tests {
     #[test]
     fn an_updated_project_user_leaves_the_email_to_the_target() {
         let mapping = StackAuthMapping::default().bind(&project_user()).unwrap();
-        let user = user(mapping.map_row(&ada(&[])).unwrap());
+        let user = live_user(mapping.map_row(&ada(&[])).unwrap());
         assert!(!user.raw_json.contains_key("primary_email"));
         assert_eq!(user.unchanged_keys, EMAIL_KEYS.map(str::to_owned));
     }
@@ -720,7 +677,7 @@ mod tests {
         let mut row = ada(&[]);
         row.0
             .extend([text("ada@example.org"), text("t"), ColumnValue::Null]);
-        let copied = user(mapping.map_copied(&row).unwrap());
+        let copied = live_user(mapping.map_copied(&row).unwrap());
         assert_eq!(copied.raw_json["primary_email"], "ada@example.org");
         assert_eq!(copied.raw_json["primary_email_verified"], true);
         assert_eq!(copied.raw_json["primary_email_auth_enabled"], false);
@@ -728,7 +685,7 @@ mod tests {
         without
             .0
             .extend([ColumnValue::Null, ColumnValue::Null, ColumnValue::Null]);
-        let copied = user(mapping.map_copied(&without).unwrap());
+        let copied = live_user(mapping.map_copied(&without).unwrap());
         assert_eq!(copied.raw_json["primary_email"], Value::Null);
         assert_eq!(copied.raw_json["primary_email_verified"], false);
         assert!(matches!(

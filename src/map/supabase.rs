@@ -44,11 +44,13 @@
 
 use serde_json::Value;
 
-use super::columns::{is_credential, row_values, BoundColumn, ColumnNeed, Relation, UserJson};
+use super::columns::{
+    is_credential, BoundColumn, ColumnNeed, OtherColumns, Relation, RowLayout, UserJson,
+};
 use super::profile::{MappingPlan, RowMapper, RowOutcome, SkipReason};
 use super::value::{self, oid};
 use super::{key, MapError, MappedUser};
-use crate::decode::{ColumnValue, RelationColumn, TupleData};
+use crate::decode::{ColumnValue, RelationColumn};
 
 /// Where GoTrue creates its users.
 pub const DEFAULT_TABLE: &str = "auth.users";
@@ -57,36 +59,19 @@ const PROFILE: &str = "supabase";
 const JSON_TYPES: (&[u32], &str) = (&[oid::JSONB, oid::JSON], "jsonb or json");
 const TIME_TYPES: (&[u32], &str) = (value::TIME_TYPES, "a timestamp");
 
-const fn need(names: &'static [&'static str]) -> ColumnNeed {
-    ColumnNeed {
-        profile: PROFILE,
-        names,
-        types: None,
-    }
-}
-
-const fn typed(
-    names: &'static [&'static str],
-    types: (&'static [u32], &'static str),
-) -> ColumnNeed {
-    ColumnNeed {
-        profile: PROFILE,
-        names,
-        types: Some(types),
-    }
-}
-
-const ID: ColumnNeed = need(&["id"]);
-const EMAIL: ColumnNeed = need(&["email"]);
-const PHONE: ColumnNeed = need(&["phone"]);
-const EMAIL_CONFIRMED_AT: ColumnNeed = typed(&["email_confirmed_at"], TIME_TYPES);
-const CREATED_AT: ColumnNeed = typed(&["created_at"], TIME_TYPES);
-const USER_META_DATA: ColumnNeed = typed(&["raw_user_meta_data"], JSON_TYPES);
-const APP_META_DATA: ColumnNeed = typed(&["raw_app_meta_data"], JSON_TYPES);
+const ID: ColumnNeed = ColumnNeed::named(PROFILE, &["id"]);
+const EMAIL: ColumnNeed = ColumnNeed::named(PROFILE, &["email"]);
+const PHONE: ColumnNeed = ColumnNeed::named(PROFILE, &["phone"]);
+const EMAIL_CONFIRMED_AT: ColumnNeed =
+    ColumnNeed::typed(PROFILE, &["email_confirmed_at"], TIME_TYPES);
+const CREATED_AT: ColumnNeed = ColumnNeed::typed(PROFILE, &["created_at"], TIME_TYPES);
+const USER_META_DATA: ColumnNeed = ColumnNeed::typed(PROFILE, &["raw_user_meta_data"], JSON_TYPES);
+const APP_META_DATA: ColumnNeed = ColumnNeed::typed(PROFILE, &["raw_app_meta_data"], JSON_TYPES);
 /// Added to GoTrue in 2022.
-const DELETED_AT: ColumnNeed = typed(&["deleted_at"], TIME_TYPES);
+const DELETED_AT: ColumnNeed = ColumnNeed::typed(PROFILE, &["deleted_at"], TIME_TYPES);
 /// Added to GoTrue in 2024.
-const IS_ANONYMOUS: ColumnNeed = typed(&["is_anonymous"], (&[oid::BOOL], "boolean"));
+const IS_ANONYMOUS: ColumnNeed =
+    ColumnNeed::typed(PROFILE, &["is_anonymous"], (&[oid::BOOL], "boolean"));
 
 /// `raw_user_meta_data` fields that name the user, preferred first (OAuth providers fill
 /// `full_name` and `name`; sign-up forms usually one of them).
@@ -131,8 +116,7 @@ enum AnonymousTest {
 /// A [`SupabaseMapping`] resolved against `auth.users` as the Relation message describes it.
 #[derive(Debug, Clone)]
 pub struct BoundSupabase {
-    column_count: usize,
-    id: BoundColumn,
+    layout: RowLayout,
     email: BoundColumn,
     email_confirmed_at: BoundColumn,
     created_at: BoundColumn,
@@ -141,8 +125,7 @@ pub struct BoundSupabase {
     deleted_at: Option<BoundColumn>,
     /// `None` when anonymous users are included.
     anonymous: Option<AnonymousTest>,
-    passthrough: Vec<BoundColumn>,
-    excluded: Vec<String>,
+    other: OtherColumns,
     notes: Vec<String>,
 }
 
@@ -183,28 +166,15 @@ impl SupabaseMapping {
             })
         };
 
-        let moved = [&id, &email, &created_at, &user_meta_data, &app_meta_data];
-        let mut passthrough = Vec::new();
-        let mut excluded = Vec::new();
-        for (index, column) in columns.iter().enumerate() {
-            if moved.iter().any(|moved| moved.index == index) {
-                continue;
-            }
-            if is_excluded(&column.name) {
-                excluded.push(column.name.clone());
-            } else if key::STACK_AUTH.contains(&column.name.as_str()) {
-                notes.push(format!(
-                    "column {} is left out of raw_json: the profile computes that key",
-                    column.name
-                ));
-                excluded.push(column.name.clone());
-            } else {
-                passthrough.push(BoundColumn::new(index, column));
-            }
-        }
+        let other = OtherColumns::bind(
+            columns,
+            &[&id, &email, &created_at, &user_meta_data, &app_meta_data],
+            is_excluded,
+            &key::STACK_AUTH,
+            &mut notes,
+        );
         Ok(BoundSupabase {
-            column_count: columns.len(),
-            id,
+            layout: RowLayout::new(columns, id),
             email,
             email_confirmed_at,
             created_at,
@@ -212,38 +182,16 @@ impl SupabaseMapping {
             app_meta_data,
             deleted_at,
             anonymous,
-            passthrough,
-            excluded,
+            other,
             notes,
         })
     }
 }
 
 impl BoundSupabase {
-    fn skip(&self, values: &[ColumnValue]) -> Result<Option<SkipReason>, MapError> {
-        let anonymous = match &self.anonymous {
-            None => false,
-            Some(AnonymousTest::Flag(flag)) => {
-                flag.filter_value(values, "is_anonymous")? == Some("t")
-            }
-            Some(AnonymousTest::NoContact { email, phone }) => {
-                let blank = |column: &BoundColumn| -> Result<bool, MapError> {
-                    Ok(column
-                        .filter_value(values, "is_anonymous")?
-                        .is_none_or(str::is_empty))
-                };
-                blank(email)? && phone.as_ref().map_or(Ok(true), blank)?
-            }
-        };
-        Ok(anonymous.then_some(SkipReason::Anonymous))
-    }
-
     fn map_user(&self, id: &str, values: &[ColumnValue]) -> Result<MappedUser, MapError> {
         let mut user = UserJson::new(id);
-        user.set(
-            key::PRIMARY_EMAIL,
-            self.email.string(values, key::PRIMARY_EMAIL)?,
-        );
+        user.set_string(key::PRIMARY_EMAIL, &self.email, values)?;
         user.set_email_verified(&self.email_confirmed_at, values)?;
         user.set_signed_up_at(&self.created_at, values)?;
         match self.user_meta_data.json(values, key::CLIENT_METADATA)? {
@@ -275,7 +223,7 @@ impl BoundSupabase {
                 .json(values, key::CLIENT_READ_ONLY_METADATA)?,
         );
         user.set(key::SERVER_METADATA, Some(Value::Null));
-        user.pass_through(&self.passthrough, values)?;
+        user.pass_through(&self.other.passthrough, values)?;
         Ok(user.finish(id.to_owned()))
     }
 }
@@ -291,15 +239,30 @@ fn first_text_field(object: &Value, fields: &[&str]) -> Value {
 }
 
 impl RowMapper for BoundSupabase {
-    fn map_row(&self, row: &TupleData) -> Result<RowOutcome, MapError> {
-        let values = row_values(row, self.column_count)?;
-        let id = self.id.id_text(values)?;
-        if let Some(reason) = self.skip(values)? {
-            return Ok(RowOutcome::Skip {
-                id: id.to_owned(),
-                reason,
-            });
-        }
+    fn layout(&self) -> &RowLayout {
+        &self.layout
+    }
+
+    fn skip(&self, values: &[ColumnValue]) -> Result<Option<SkipReason>, MapError> {
+        let anonymous = match &self.anonymous {
+            None => false,
+            Some(AnonymousTest::Flag(flag)) => {
+                flag.filter_value(values, "is_anonymous")? == Some("t")
+            }
+            Some(AnonymousTest::NoContact { email, phone }) => {
+                let blank = |column: &BoundColumn| -> Result<bool, MapError> {
+                    Ok(column
+                        .filter_value(values, "is_anonymous")?
+                        .is_none_or(str::is_empty))
+                };
+                blank(email)? && phone.as_ref().map_or(Ok(true), blank)?
+            }
+        };
+        Ok(anonymous.then_some(SkipReason::Anonymous))
+    }
+
+    /// A live user, or a soft-deleted one when `deleted_at` is set.
+    fn map_values(&self, id: &str, values: &[ColumnValue]) -> Result<RowOutcome, MapError> {
         let deleted_at = match &self.deleted_at {
             Some(column) => match column.filter_value(values, "deleted_at")? {
                 Some(text) => Some(
@@ -315,15 +278,6 @@ impl RowMapper for BoundSupabase {
             Some(at) => RowOutcome::Deleted { user, at },
             None => RowOutcome::User(user),
         })
-    }
-
-    fn map_key(&self, old_key_or_full: &TupleData) -> Result<String, MapError> {
-        let values = row_values(old_key_or_full, self.column_count)?;
-        self.id.id_text(values).map(str::to_owned)
-    }
-
-    fn skip_reason(&self, full_row: &TupleData) -> Result<Option<SkipReason>, MapError> {
-        self.skip(row_values(full_row, self.column_count)?)
     }
 
     fn notes(&self) -> &[String] {
@@ -354,7 +308,7 @@ impl RowMapper for BoundSupabase {
         rules.push("an update that makes a user skipped soft-deletes it on the target".into());
         MappingPlan {
             keys: vec![
-                (key::ID, self.id.name.clone()),
+                (key::ID, self.layout.id.name.clone()),
                 (key::PRIMARY_EMAIL, self.email.name.clone()),
                 (
                     key::PRIMARY_EMAIL_VERIFIED,
@@ -376,8 +330,8 @@ impl RowMapper for BoundSupabase {
                 ),
                 (key::SERVER_METADATA, "(none: null)".into()),
             ],
-            passthrough: self.passthrough.iter().map(|c| c.name.clone()).collect(),
-            excluded: self.excluded.clone(),
+            passthrough: self.other.passthrough_names(),
+            excluded: self.other.excluded.clone(),
             rules,
         }
     }
@@ -388,85 +342,85 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::map::columns::fixtures::{column, row_of, text};
+    use crate::decode::TupleData;
+    use crate::map::columns::fixtures::{live_user, relation, row_changing, text};
 
     const USER_ID: &str = "5b2d4ff4-7c3e-4a1d-9f45-0b8a7e1d2c3f";
 
     /// `auth.users` as GoTrue creates it, in its column order (`confirmed_at` is generated and
     /// not published, so a Relation message does not carry it).
     fn auth_users() -> Vec<RelationColumn> {
-        [
-            ("instance_id", oid::UUID),
-            ("id", oid::UUID),
-            ("aud", oid::VARCHAR),
-            ("role", oid::VARCHAR),
-            ("email", oid::VARCHAR),
-            ("encrypted_password", oid::VARCHAR),
-            ("email_confirmed_at", oid::TIMESTAMPTZ),
-            ("invited_at", oid::TIMESTAMPTZ),
-            ("confirmation_token", oid::VARCHAR),
-            ("confirmation_sent_at", oid::TIMESTAMPTZ),
-            ("recovery_token", oid::VARCHAR),
-            ("recovery_sent_at", oid::TIMESTAMPTZ),
-            ("email_change_token_new", oid::VARCHAR),
-            ("email_change", oid::VARCHAR),
-            ("email_change_sent_at", oid::TIMESTAMPTZ),
-            ("last_sign_in_at", oid::TIMESTAMPTZ),
-            ("raw_app_meta_data", oid::JSONB),
-            ("raw_user_meta_data", oid::JSONB),
-            ("is_super_admin", oid::BOOL),
-            ("created_at", oid::TIMESTAMPTZ),
-            ("updated_at", oid::TIMESTAMPTZ),
-            ("phone", oid::TEXT),
-            ("phone_confirmed_at", oid::TIMESTAMPTZ),
-            ("phone_change", oid::TEXT),
-            ("phone_change_token", oid::VARCHAR),
-            ("phone_change_sent_at", oid::TIMESTAMPTZ),
-            ("email_change_token_current", oid::VARCHAR),
-            ("email_change_confirm_status", oid::INT2),
-            ("banned_until", oid::TIMESTAMPTZ),
-            ("reauthentication_token", oid::VARCHAR),
-            ("reauthentication_sent_at", oid::TIMESTAMPTZ),
-            ("is_sso_user", oid::BOOL),
-            ("deleted_at", oid::TIMESTAMPTZ),
-            ("is_anonymous", oid::BOOL),
-        ]
-        .into_iter()
-        .map(|(name, type_oid)| column(name, type_oid, name == "id"))
-        .collect()
+        relation(
+            &[
+                ("instance_id", oid::UUID),
+                ("id", oid::UUID),
+                ("aud", oid::VARCHAR),
+                ("role", oid::VARCHAR),
+                ("email", oid::VARCHAR),
+                ("encrypted_password", oid::VARCHAR),
+                ("email_confirmed_at", oid::TIMESTAMPTZ),
+                ("invited_at", oid::TIMESTAMPTZ),
+                ("confirmation_token", oid::VARCHAR),
+                ("confirmation_sent_at", oid::TIMESTAMPTZ),
+                ("recovery_token", oid::VARCHAR),
+                ("recovery_sent_at", oid::TIMESTAMPTZ),
+                ("email_change_token_new", oid::VARCHAR),
+                ("email_change", oid::VARCHAR),
+                ("email_change_sent_at", oid::TIMESTAMPTZ),
+                ("last_sign_in_at", oid::TIMESTAMPTZ),
+                ("raw_app_meta_data", oid::JSONB),
+                ("raw_user_meta_data", oid::JSONB),
+                ("is_super_admin", oid::BOOL),
+                ("created_at", oid::TIMESTAMPTZ),
+                ("updated_at", oid::TIMESTAMPTZ),
+                ("phone", oid::TEXT),
+                ("phone_confirmed_at", oid::TIMESTAMPTZ),
+                ("phone_change", oid::TEXT),
+                ("phone_change_token", oid::VARCHAR),
+                ("phone_change_sent_at", oid::TIMESTAMPTZ),
+                ("email_change_token_current", oid::VARCHAR),
+                ("email_change_confirm_status", oid::INT2),
+                ("banned_until", oid::TIMESTAMPTZ),
+                ("reauthentication_token", oid::VARCHAR),
+                ("reauthentication_sent_at", oid::TIMESTAMPTZ),
+                ("is_sso_user", oid::BOOL),
+                ("deleted_at", oid::TIMESTAMPTZ),
+                ("is_anonymous", oid::BOOL),
+            ],
+            &["id"],
+        )
     }
 
     fn ada(columns: &[RelationColumn], extra: &[(&str, ColumnValue)]) -> TupleData {
-        let mut given = vec![
-            ("id", text(USER_ID)),
-            ("aud", text("authenticated")),
-            ("role", text("authenticated")),
-            ("email", text("ada@example.org")),
-            ("encrypted_password", text("$2a$10$abcdefghijklmnopqrstuv")),
-            ("email_confirmed_at", text("2024-01-02 03:05:00+00")),
-            ("confirmation_token", text("tok-confirm")),
-            ("recovery_token", text("tok-recover")),
-            ("email_change", text("new@example.org")),
-            (
-                "raw_app_meta_data",
-                text(r#"{"provider": "github", "providers": ["github"]}"#),
-            ),
-            (
-                "raw_user_meta_data",
-                text(
-                    r#"{"full_name": "Ada Lovelace", "name": "ada", "avatar_url": "https://a.example/ada.png"}"#,
+        row_changing(
+            columns,
+            &[
+                ("id", text(USER_ID)),
+                ("aud", text("authenticated")),
+                ("role", text("authenticated")),
+                ("email", text("ada@example.org")),
+                ("encrypted_password", text("$2a$10$abcdefghijklmnopqrstuv")),
+                ("email_confirmed_at", text("2024-01-02 03:05:00+00")),
+                ("confirmation_token", text("tok-confirm")),
+                ("recovery_token", text("tok-recover")),
+                ("email_change", text("new@example.org")),
+                (
+                    "raw_app_meta_data",
+                    text(r#"{"provider": "github", "providers": ["github"]}"#),
                 ),
-            ),
-            ("created_at", text("2024-01-02 03:04:05.123456+00")),
-            ("phone", text("15550100")),
-            ("is_sso_user", text("f")),
-            ("is_anonymous", text("f")),
-        ];
-        for (name, value) in extra {
-            given.retain(|(given, _)| given != name);
-            given.push((name, value.clone()));
-        }
-        row_of(columns, &given)
+                (
+                    "raw_user_meta_data",
+                    text(
+                        r#"{"full_name": "Ada Lovelace", "name": "ada", "avatar_url": "https://a.example/ada.png"}"#,
+                    ),
+                ),
+                ("created_at", text("2024-01-02 03:04:05.123456+00")),
+                ("phone", text("15550100")),
+                ("is_sso_user", text("f")),
+                ("is_anonymous", text("f")),
+            ],
+            extra,
+        )
     }
 
     fn bind(include_anonymous: bool) -> BoundSupabase {
@@ -475,18 +429,11 @@ mod tests {
             .unwrap()
     }
 
-    fn user(outcome: RowOutcome) -> MappedUser {
-        match outcome {
-            RowOutcome::User(user) => user,
-            other => panic!("expected a live user, got {other:?}"),
-        }
-    }
-
     #[test]
     fn maps_auth_users_into_the_stack_auth_shape() {
         let mapping = bind(false);
         assert!(mapping.notes().is_empty(), "{:?}", mapping.notes());
-        let user = user(mapping.map_row(&ada(&auth_users(), &[])).unwrap());
+        let user = live_user(mapping.map_row(&ada(&auth_users(), &[])).unwrap());
         assert_eq!(user.id, USER_ID);
         assert_eq!(
             Value::Object(user.raw_json),
@@ -546,7 +493,7 @@ mod tests {
                 "reauthentication_sent_at",
             ]
         );
-        let user = user(mapping.map_row(&ada(&auth_users(), &[])).unwrap());
+        let user = live_user(mapping.map_row(&ada(&auth_users(), &[])).unwrap());
         let text = serde_json::to_string(&user.raw_json).unwrap();
         for secret in ["$2a$10$", "tok-confirm", "tok-recover", "new@example.org"] {
             assert!(!text.contains(secret), "{secret} leaked: {text}");
@@ -572,12 +519,12 @@ mod tests {
         ];
         for (meta, name, picture) in cases {
             let row = ada(&auth_users(), &[("raw_user_meta_data", text(meta))]);
-            let user = user(mapping.map_row(&row).unwrap());
+            let user = live_user(mapping.map_row(&row).unwrap());
             assert_eq!(user.raw_json["display_name"], name, "{meta}");
             assert_eq!(user.raw_json["profile_image_url"], picture, "{meta}");
         }
         let row = ada(&auth_users(), &[("raw_user_meta_data", ColumnValue::Null)]);
-        let user = user(mapping.map_row(&row).unwrap());
+        let user = live_user(mapping.map_row(&row).unwrap());
         assert_eq!(user.raw_json["client_metadata"], Value::Null);
         assert_eq!(user.raw_json["display_name"], Value::Null);
     }
@@ -585,7 +532,7 @@ mod tests {
     #[test]
     fn unconfirmed_email_is_not_verified() {
         let row = ada(&auth_users(), &[("email_confirmed_at", ColumnValue::Null)]);
-        let user = user(bind(false).map_row(&row).unwrap());
+        let user = live_user(bind(false).map_row(&row).unwrap());
         assert_eq!(user.raw_json["primary_email_verified"], json!(false));
     }
 
@@ -595,7 +542,7 @@ mod tests {
             &auth_users(),
             &[("raw_user_meta_data", ColumnValue::UnchangedToast)],
         );
-        let user = user(bind(false).map_row(&row).unwrap());
+        let user = live_user(bind(false).map_row(&row).unwrap());
         assert_eq!(
             user.unchanged_keys,
             ["client_metadata", "display_name", "profile_image_url"]
@@ -643,7 +590,7 @@ mod tests {
             bind(false).skip_reason(&row),
             Ok(Some(SkipReason::Anonymous))
         );
-        let included = user(bind(true).map_row(&row).unwrap());
+        let included = live_user(bind(true).map_row(&row).unwrap());
         assert_eq!(included.raw_json["is_anonymous"], json!(true));
         assert_eq!(bind(true).skip_reason(&row), Ok(None));
         // Anonymous and deleted: still skipped, there is nothing to show.
