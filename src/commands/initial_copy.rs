@@ -4,6 +4,11 @@
 //! The checkpoint (at the slot's consistent point) is written in the very last target
 //! transaction, so a copy that is interrupted leaves no checkpoint, and `setup` or `resync`
 //! knows to start it again rather than present a half-copied table as done.
+//!
+//! The copy is a pipeline: one loop reads the snapshot, maps its rows and encodes pages of
+//! users as binary COPY data, while [`COPY_WRITERS`] target connections write the pages
+//! before them (see `apply::bulk`). A bounded channel between them keeps a few pages in
+//! memory at most, whatever the size of the table.
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::AtomicBool;
