@@ -202,3 +202,60 @@ async fn a_user_on_two_source_rows_is_copied_once() {
     let user = |id: &str| (id.to_owned(), format!("{id}@example.com"));
     assert_eq!(users, [user("a"), user("b"), user("c")]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_and_resyncs_into_a_target_without_updated_at() {
+    // Superuser: it creates users_sync in an older shape first.
+    let pair = Pair::as_superuser().await;
+    pair.target
+        .batch_execute(
+            "CREATE SCHEMA neon_auth;
+             CREATE TABLE neon_auth.users_sync (
+               raw_json jsonb NOT NULL,
+               id text GENERATED ALWAYS AS (raw_json ->> 'id') STORED NOT NULL PRIMARY KEY,
+               name text GENERATED ALWAYS AS (raw_json ->> 'display_name') STORED,
+               email text GENERATED ALWAYS AS (raw_json ->> 'primary_email') STORED,
+               deleted_at timestamptz);",
+        )
+        .await
+        .unwrap();
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (email) VALUES ('kept@example.com'), ('gone@example.com')",
+        )
+        .await
+        .unwrap();
+    // Into the empty table: inserted.
+    pair.setup().await;
+    pair.wait_for_match().await;
+    pair.source
+        .batch_execute(
+            "DELETE FROM users WHERE email = 'gone@example.com';
+             UPDATE users SET display_name = 'Kept';
+             INSERT INTO users (email) VALUES ('new@example.com');",
+        )
+        .await
+        .unwrap();
+    // Over the users: upserted, and the one the source lost soft-deleted.
+    let resync = pair.usersync(&["resync"]);
+    assert!(resync.status.success(), "{}", text(&resync));
+    let users: Vec<(String, Option<String>, bool)> = pair
+        .target
+        .query(
+            "SELECT email, name, deleted_at IS NULL FROM neon_auth.users_sync ORDER BY email",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(
+        users,
+        [
+            ("gone@example.com".to_owned(), None, false),
+            ("kept@example.com".to_owned(), Some("Kept".to_owned()), true),
+            ("new@example.com".to_owned(), None, true),
+        ]
+    );
+}
