@@ -2,11 +2,14 @@
 //! copy_data`, on the same two throwaway servers in the same run.
 //!
 //! `cargo bench --bench snapshot` (1,000,000 users; `USERSYNC_BENCH_USERS` to change) prints
-//! one line per contender and the ratio.
+//! one line per contender and the ratio, then `usersync resync` over the copied table: the
+//! same copy as upserts into a table that holds every user (plus the reconcile), which has no
+//! native counterpart.
 
 use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
+use usersync::commands::resync::resync;
 use usersync::commands::setup::{setup, SetupOptions};
 use usersync::config::{Config, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_SOURCE_TIMEOUT};
 use usersync::localpg::{LocalPg, LocalPgOptions};
@@ -63,7 +66,7 @@ async fn main() {
         .await
         .unwrap();
 
-    // usersync: slot, snapshot, COPY, map, multi-row upserts into neon_auth.users_sync.
+    // usersync: slot, snapshot, COPY out, map, binary COPY into the empty neon_auth.users_sync.
     let config = Config {
         source: source_pg
             .url("postgres", PASSWORD, "postgres")
@@ -121,6 +124,11 @@ async fn main() {
         .await
         .unwrap();
 
+    // After native's turn, so that it had the machine to itself.
+    let started = Instant::now();
+    resync(&config).await.expect("usersync resync");
+    let resynced = started.elapsed();
+
     let rate = |took: Duration| users as f64 / took.as_secs_f64();
     println!("initial copy of {users} users");
     println!(
@@ -134,6 +142,11 @@ async fn main() {
         rate(theirs)
     );
     println!("  usersync / native   {:>8.2}x", rate(ours) / rate(theirs));
+    println!(
+        "  usersync resync     {:>8.2}s  {:>10.0} users/s  (upserts over every user)",
+        resynced.as_secs_f64(),
+        rate(resynced)
+    );
 }
 
 async fn client(pg: &LocalPg, dbname: &str) -> Client {

@@ -6,6 +6,7 @@
 //! `updated_at` and `deleted_at` are written: the other columns are generated from `raw_json`.
 
 pub mod batch;
+pub mod bulk;
 pub mod schema;
 pub mod worker;
 pub mod writer;

@@ -4,28 +4,50 @@
 //! The checkpoint (at the slot's consistent point) is written in the very last target
 //! transaction, so a copy that is interrupted leaves no checkpoint, and `setup` or `resync`
 //! knows to start it again rather than present a half-copied table as done.
+//!
+//! The copy is a pipeline: one loop reads the snapshot, maps its rows and encodes pages of
+//! users as binary COPY data, while [`COPY_WRITERS`] target connections write the pages
+//! before them (see `apply::bulk`). A bounded channel between them keeps a few pages in
+//! memory at most, whatever the size of the table.
 
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::future::try_join_all;
+use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
 use super::connect;
-use crate::apply::{self, ApplyError, Batch, CommitPosition, TargetWriter};
+use crate::apply::bulk::{self, BulkWriter, CopyPage, UserPage};
+use crate::apply::{
+    self, ApplyError, Batch, CommitPosition, TargetShape, TargetWriter, UnixMicros,
+};
 use crate::config::Config;
 use crate::decode::RelationColumn;
 use crate::error::Error;
 use crate::lag::unix_micros_now;
 use crate::lsn::Lsn;
-use crate::map::RowOutcome;
+use crate::map::{RowMapper, RowOutcome};
 use crate::replicator::APPLICATION_NAME;
 use crate::source::snapshot::SnapshotRows;
 use crate::source::{catalog, ReplicationConnection, SourceError};
 
 /// PostgreSQL 17 brought failover slots (kept in sync on physical standbys).
 const FAILOVER_MIN_VERSION: u32 = 170_000;
-/// Users per target transaction during the copy.
-const PAGE: usize = 5_000;
+/// Users per target transaction during the copy: large enough that a commit costs little
+/// next to its rows.
+const PAGE_USERS: usize = 20_000;
+/// Bytes per page at most, so memory stays bounded whatever the users hold: the pages in
+/// flight are one being filled, one waiting per writer and one being written per writer.
+const PAGE_BYTES: usize = 8 << 20;
+/// Source rows parsed at a time.
+const READ_CHUNK: usize = 1_000;
+/// Target connections writing pages at once. Each is a server backend of its own, so the
+/// target's work (parsing `jsonb`, maintaining the indexes) spreads over two cores; more
+/// rarely pays on a small target, and the source and the mapping need a core too.
+const COPY_WRITERS: usize = 2;
 /// How often plain progress lines are printed (a terminal gets a bar, redrawn per page).
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -98,7 +120,7 @@ pub async fn create_slot_and_copy(
                 config,
                 columns,
                 &snapshot,
-                &mut writer,
+                shape,
                 copied_at,
                 reconcile.as_ref(),
             )
@@ -125,12 +147,14 @@ pub async fn create_slot_and_copy(
     Ok(outcome)
 }
 
+/// Reads the snapshot page by page while [`COPY_WRITERS`] connections write earlier pages,
+/// so that the source read, the mapping and the target's inserts overlap.
 async fn copy(
     config: &Config,
     columns: &[RelationColumn],
     snapshot: &str,
-    writer: &mut TargetWriter,
-    copied_at: i64,
+    shape: TargetShape,
+    copied_at: UnixMicros,
     reconcile: Option<&Reconciler>,
 ) -> Result<usize, Error> {
     let reader = connect("source", &config.source).await?;
@@ -138,42 +162,32 @@ async fn copy(
     let mapping = profile.bind(columns)?;
     let select = profile.snapshot_select(&config.table, columns);
     let width = profile.snapshot_width(columns);
-    let mut rows = SnapshotRows::open(&reader, &select, width, snapshot).await?;
-    let mut progress = Progress::new(rows.total());
-    let (mut read, mut copied) = (0usize, 0usize);
-    loop {
-        let page = rows.next_page(PAGE).await?;
-        if page.is_empty() {
-            break;
-        }
-        let mut batch = Batch::new();
-        let mut ids = Vec::with_capacity(page.len());
-        for row in &page {
-            // A skipped row (anonymous, another realm) is not copied, and not "seen": a
-            // resync soft-deletes a live target user that the source now skips.
-            let (user, deleted_at) = match mapping.map_copied(row)? {
-                RowOutcome::User(user) => (user, None),
-                RowOutcome::Deleted { user, at } => (user, Some(at)),
-                // The copy reads whole users (their other tables joined in), never parts.
-                RowOutcome::Skip { .. } | RowOutcome::Patch { .. } => continue,
-            };
-            if reconcile.is_some() {
-                ids.push(user.id.clone());
-            }
-            match deleted_at {
-                Some(deleted_at) => batch.upsert_deleted(user, deleted_at, copied_at),
-                None => batch.upsert(user, copied_at),
-            }
-        }
-        writer.apply_without_checkpoint(&batch).await?;
-        if let Some(reconcile) = reconcile {
-            reconcile.saw(&ids).await?;
-        }
-        read += page.len();
-        copied += batch.changes();
-        progress.update(read);
+    let mut clients = Vec::with_capacity(COPY_WRITERS);
+    for _ in 0..COPY_WRITERS {
+        clients.push(connect("target", &config.target).await?);
     }
-    progress.finish(read);
+    let inserts = Arc::new(AtomicBool::new(
+        bulk::users_sync_is_empty(&clients[0]).await?,
+    ));
+    let mut writers = Vec::with_capacity(COPY_WRITERS);
+    for client in clients {
+        writers.push(BulkWriter::new(client, shape, Arc::clone(&inserts)).await?);
+    }
+    let mut rows = SnapshotRows::open(&reader, &select, width, snapshot).await?;
+    let progress = Mutex::new(Progress::new(rows.total()));
+    let (pages, received) = mpsc::channel(COPY_WRITERS);
+    let received = tokio::sync::Mutex::new(received);
+    let produce = read_pages(&mut rows, mapping.as_ref(), shape, copied_at, pages);
+    let consume = try_join_all(
+        writers
+            .iter_mut()
+            .map(|writer| write_pages(writer, &received, reconcile, &progress)),
+    );
+    let ((read, copied), _) = tokio::try_join!(produce, consume)?;
+    progress
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .finish(read);
     if copied < read {
         println!(
             "initial copy: skipped {} of {read} rows, which the {} profile does not replicate",
@@ -182,6 +196,92 @@ async fn copy(
         );
     }
     Ok(copied)
+}
+
+/// A page of users and how many source rows it accounts for (skipped ones included), which
+/// is what the progress bar counts.
+struct ReadPage {
+    users: CopyPage,
+    rows: usize,
+}
+
+/// Maps the snapshot's rows into pages for the writers; returns the rows read and the users
+/// among them.
+async fn read_pages(
+    rows: &mut SnapshotRows,
+    mapping: &dyn RowMapper,
+    shape: TargetShape,
+    copied_at: UnixMicros,
+    pages: mpsc::Sender<ReadPage>,
+) -> Result<(usize, usize), Error> {
+    let (mut read, mut copied) = (0usize, 0usize);
+    // Rows read up to the page being filled.
+    let mut sent_rows = 0usize;
+    let mut page = UserPage::new(shape);
+    loop {
+        let chunk = rows.next_page(READ_CHUNK).await?;
+        if chunk.is_empty() {
+            break;
+        }
+        for row in &chunk {
+            read += 1;
+            // A skipped row (anonymous, another realm) is not copied, and not "seen": a
+            // resync soft-deletes a live target user that the source now skips.
+            let (user, deleted_at) = match mapping.map_copied(row)? {
+                RowOutcome::User(user) => (user, None),
+                RowOutcome::Deleted { user, at } => (user, Some(at)),
+                // The copy reads whole users (their other tables joined in), never parts.
+                RowOutcome::Skip { .. } | RowOutcome::Patch { .. } => continue,
+            };
+            copied += 1;
+            // A second row for a user starts a new page: one statement cannot write a row twice.
+            let full = page.len() >= PAGE_USERS || page.encoded_len() >= PAGE_BYTES;
+            if full || page.contains(&user.id) {
+                let users = std::mem::replace(&mut page, UserPage::new(shape)).finish();
+                // This row goes to the next page.
+                let rows = read - 1 - sent_rows;
+                sent_rows += rows;
+                if pages.send(ReadPage { users, rows }).await.is_err() {
+                    // The writers are gone: their error is what the copy reports.
+                    return Ok((read, copied));
+                }
+            }
+            page.push(user, copied_at, deleted_at);
+        }
+    }
+    // Sent even when empty, for the skipped rows' progress; dropping the sender afterwards
+    // tells the writers that no page follows.
+    let last = ReadPage {
+        users: page.finish(),
+        rows: read - sent_rows,
+    };
+    let _ = pages.send(last).await;
+    Ok((read, copied))
+}
+
+/// Writes pages until there are no more, each in its own transaction.
+async fn write_pages(
+    writer: &mut BulkWriter,
+    pages: &tokio::sync::Mutex<mpsc::Receiver<ReadPage>>,
+    reconcile: Option<&Reconciler>,
+    progress: &Mutex<Progress>,
+) -> Result<(), Error> {
+    loop {
+        let page = pages.lock().await.recv().await;
+        let Some(page) = page else {
+            return Ok(());
+        };
+        if !page.users.is_empty() {
+            writer.write(&page.users).await?;
+            if let Some(reconcile) = reconcile {
+                reconcile.saw(&page.users).await?;
+            }
+        }
+        progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(page.rows);
+    }
 }
 
 /// Remembers, on the target, which users the snapshot had, to soft-delete the others.
@@ -199,7 +299,8 @@ impl Reconciler {
         Ok(Reconciler { client })
     }
 
-    async fn saw(&self, ids: &[String]) -> Result<(), Error> {
+    async fn saw(&self, page: &CopyPage) -> Result<(), Error> {
+        let ids: Vec<&str> = page.ids().collect();
         self.client
             .execute(
                 "INSERT INTO usersync_resync_seen SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
@@ -235,6 +336,7 @@ impl Reconciler {
 /// A progress bar on a terminal, plain lines otherwise.
 struct Progress {
     total: Option<u64>,
+    written: usize,
     started: Instant,
     last_line: Instant,
     terminal: bool,
@@ -244,13 +346,17 @@ impl Progress {
     fn new(total: Option<u64>) -> Progress {
         Progress {
             total,
+            written: 0,
             started: Instant::now(),
             last_line: Instant::now(),
             terminal: std::io::stdout().is_terminal(),
         }
     }
 
-    fn update(&mut self, copied: usize) {
+    /// Counts `rows` more source rows written (or skipped), and shows it.
+    fn add(&mut self, rows: usize) {
+        self.written += rows;
+        let copied = self.written;
         let elapsed = self.started.elapsed().as_secs_f64().max(1e-6);
         let rate = copied as f64 / elapsed;
         let eta = self

@@ -78,8 +78,9 @@ impl SnapshotRows {
         let mut rows = Vec::new();
         while rows.len() < max {
             if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
-                let line = self.buf.split_to(end + 1).freeze();
-                rows.push(parse_line(&line[..end], self.columns)?);
+                let mut line = self.buf.split_to(end + 1).freeze();
+                line.truncate(end);
+                rows.push(parse_line(&line, self.columns)?);
                 continue;
             }
             if self.done {
@@ -101,9 +102,15 @@ impl SnapshotRows {
     }
 }
 
-/// One line of COPY text: tab-separated fields, `\N` for NULL, backslash escapes.
-fn parse_line(line: &[u8], columns: usize) -> Result<TupleData, SourceError> {
-    let values: Vec<ColumnValue> = line.split(|&b| b == b'\t').map(parse_field).collect();
+/// One line of COPY text: tab-separated fields, `\N` for NULL, backslash escapes. A field
+/// without escapes shares the line's buffer rather than being copied.
+fn parse_line(line: &Bytes, columns: usize) -> Result<TupleData, SourceError> {
+    let mut values = Vec::with_capacity(columns);
+    let mut start = 0;
+    for field in line.split(|&b| b == b'\t') {
+        values.push(parse_field(line, start..start + field.len()));
+        start += field.len() + 1;
+    }
     if values.len() != columns {
         return Err(SourceError::Definite(format!(
             "the source's COPY output has {} columns where {columns} were expected",
@@ -113,12 +120,13 @@ fn parse_line(line: &[u8], columns: usize) -> Result<TupleData, SourceError> {
     Ok(TupleData(values))
 }
 
-fn parse_field(raw: &[u8]) -> ColumnValue {
+fn parse_field(line: &Bytes, range: std::ops::Range<usize>) -> ColumnValue {
+    let raw = &line[range.clone()];
     if raw == b"\\N" {
         return ColumnValue::Null;
     }
     if !raw.contains(&b'\\') {
-        return ColumnValue::Text(Bytes::copy_from_slice(raw));
+        return ColumnValue::Text(line.slice(range));
     }
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
@@ -189,17 +197,21 @@ mod tests {
 
     #[test]
     fn parses_copy_text_lines() {
-        let row = parse_line(b"1\t\\N\ta\\tb\\nc\\\\d\t\\x41\\101", 4).unwrap();
+        let row = parse_line(
+            &Bytes::from_static(b"1\t\\N\ta\\tb\\nc\\\\d\t\\x41\\101"),
+            4,
+        )
+        .unwrap();
         assert_eq!(text(&row.0[0]), b"1");
         assert_eq!(row.0[1], ColumnValue::Null);
         assert_eq!(text(&row.0[2]), b"a\tb\nc\\d");
         assert_eq!(text(&row.0[3]), b"AA");
-        assert!(parse_line(b"1\t2", 3).is_err());
+        assert!(parse_line(&Bytes::from_static(b"1\t2"), 3).is_err());
     }
 
     #[test]
     fn keeps_utf8_and_empty_strings() {
-        let row = parse_line("ünï\t".as_bytes(), 2).unwrap();
+        let row = parse_line(&Bytes::from("ünï\t"), 2).unwrap();
         assert_eq!(text(&row.0[0]), "ünï".as_bytes());
         assert_eq!(text(&row.0[1]), b"");
     }

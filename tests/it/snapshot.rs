@@ -104,3 +104,158 @@ async fn no_snapshot_replicates_only_new_changes() {
     .await;
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_over_a_table_with_users_overwrites_and_revives_them() {
+    let pair = Pair::new().await;
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (id, email) VALUES
+               ('00000000-0000-0000-0000-000000000001', 'new1@example.com'),
+               ('00000000-0000-0000-0000-000000000002', 'new2@example.com'),
+               ('00000000-0000-0000-0000-000000000003', 'new3@example.com')",
+        )
+        .await
+        .unwrap();
+    // What an earlier replication (of another slot) left: a stale user, a soft-deleted one and
+    // one the source no longer has.
+    pair.target
+        .batch_execute(
+            "INSERT INTO neon_auth.users_sync (raw_json, updated_at, deleted_at) VALUES
+               ('{\"id\": \"00000000-0000-0000-0000-000000000001\", \"primary_email\": \"old1@example.com\"}',
+                '2020-01-01', NULL),
+               ('{\"id\": \"00000000-0000-0000-0000-000000000002\", \"primary_email\": \"old2@example.com\"}',
+                '2020-01-01', '2020-01-01'),
+               ('{\"id\": \"00000000-0000-0000-0000-000000000009\", \"primary_email\": \"gone@example.com\"}',
+                '2020-01-01', NULL)",
+        )
+        .await
+        .unwrap();
+    pair.setup().await;
+    let rows = pair
+        .target
+        .query(
+            "SELECT id, email, deleted_at IS NULL, updated_at > '2021-01-01'
+               FROM neon_auth.users_sync ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let users: Vec<(String, String, bool, bool)> = rows
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+        .collect();
+    let user = |n: u8, email: &str, live: bool, updated: bool| {
+        (
+            format!("00000000-0000-0000-0000-00000000000{n}"),
+            email.to_owned(),
+            live,
+            updated,
+        )
+    };
+    assert_eq!(
+        users,
+        [
+            user(1, "new1@example.com", true, true),
+            user(2, "new2@example.com", true, true),
+            user(3, "new3@example.com", true, true),
+            // setup does not reconcile (resync does): a user it does not copy is left alone.
+            user(9, "gone@example.com", true, false),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_on_two_source_rows_is_copied_once() {
+    // With REPLICA IDENTITY FULL the id column need not be unique; the copy into the empty
+    // target meets the user twice and must upsert rather than fail.
+    let mut pair = Pair::on(
+        shared_server(),
+        "CREATE TABLE public.users (pk int PRIMARY KEY, uid text NOT NULL, email text);
+         ALTER TABLE public.users REPLICA IDENTITY FULL",
+    )
+    .await;
+    pair.config.mapping = usersync::map::GenericMapping {
+        id_column: "uid".into(),
+        ..Default::default()
+    }
+    .into();
+    pair.source
+        .batch_execute(
+            "INSERT INTO users VALUES (1, 'a', 'a@example.com'), (2, 'b', 'b@example.com'),
+                                      (3, 'a', 'a@example.com'), (4, 'c', 'c@example.com')",
+        )
+        .await
+        .unwrap();
+    pair.setup().await;
+    let users: Vec<(String, String)> = pair
+        .target
+        .query(
+            "SELECT id, email FROM neon_auth.users_sync WHERE deleted_at IS NULL ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let user = |id: &str| (id.to_owned(), format!("{id}@example.com"));
+    assert_eq!(users, [user("a"), user("b"), user("c")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_and_resyncs_into_a_target_without_updated_at() {
+    // Superuser: it creates users_sync in an older shape first.
+    let pair = Pair::as_superuser().await;
+    pair.target
+        .batch_execute(
+            "CREATE SCHEMA neon_auth;
+             CREATE TABLE neon_auth.users_sync (
+               raw_json jsonb NOT NULL,
+               id text GENERATED ALWAYS AS (raw_json ->> 'id') STORED NOT NULL PRIMARY KEY,
+               name text GENERATED ALWAYS AS (raw_json ->> 'display_name') STORED,
+               email text GENERATED ALWAYS AS (raw_json ->> 'primary_email') STORED,
+               deleted_at timestamptz);",
+        )
+        .await
+        .unwrap();
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (email) VALUES ('kept@example.com'), ('gone@example.com')",
+        )
+        .await
+        .unwrap();
+    // Into the empty table: inserted.
+    pair.setup().await;
+    pair.wait_for_match().await;
+    pair.source
+        .batch_execute(
+            "DELETE FROM users WHERE email = 'gone@example.com';
+             UPDATE users SET display_name = 'Kept';
+             INSERT INTO users (email) VALUES ('new@example.com');",
+        )
+        .await
+        .unwrap();
+    // Over the users: upserted, and the one the source lost soft-deleted.
+    let resync = pair.usersync(&["resync"]);
+    assert!(resync.status.success(), "{}", text(&resync));
+    let users: Vec<(String, Option<String>, bool)> = pair
+        .target
+        .query(
+            "SELECT email, name, deleted_at IS NULL FROM neon_auth.users_sync ORDER BY email",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(
+        users,
+        [
+            ("gone@example.com".to_owned(), None, false),
+            ("kept@example.com".to_owned(), Some("Kept".to_owned()), true),
+            ("new@example.com".to_owned(), None, true),
+        ]
+    );
+}
