@@ -35,7 +35,8 @@ use tokio_postgres::{Client, Statement, Transaction};
 
 use super::batch::UnixMicros;
 use super::schema::TargetShape;
-use super::ApplyError;
+use super::{ApplyError, STATEMENT_TIMEOUT};
+use crate::decode::PG_EPOCH_UNIX_MICROS;
 use crate::map::MappedUser;
 
 /// Binary COPY's signature, flags (none) and header extension length (none).
@@ -44,12 +45,7 @@ const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 const COPY_TRAILER: i16 = -1;
 /// `jsonb`'s binary format: a version byte, then the JSON text.
 const JSONB_VERSION: u8 = 1;
-/// PostgreSQL's timestamps count microseconds from 2000-01-01, Unix ones from 1970-01-01.
-const POSTGRES_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
-/// Like the streaming writer's: generous for a page (it takes a fraction of a second), but a
-/// statement stuck behind a lock ends.
-const STATEMENT_TIMEOUT: &str = "60s";
 /// The client-side bound on one page, for a stall the server cannot see.
 const PAGE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -168,7 +164,7 @@ fn put_timestamp(data: &mut BytesMut, micros: Option<UnixMicros>) {
         Some(micros) => {
             data.put_i32(8);
             // Saturating keeps ±infinity (i64::MAX/MIN) what they are.
-            data.put_i64(micros.saturating_sub(POSTGRES_EPOCH_UNIX_MICROS));
+            data.put_i64(micros.saturating_sub(PG_EPOCH_UNIX_MICROS));
         }
         None => data.put_i32(-1),
     }
@@ -341,7 +337,7 @@ mod tests {
         let mut page = UserPage::new(TargetShape {
             has_updated_at: true,
         });
-        page.push(user("u1"), POSTGRES_EPOCH_UNIX_MICROS + 1, None);
+        page.push(user("u1"), PG_EPOCH_UNIX_MICROS + 1, None);
         assert!(page.contains("u1"));
         assert_eq!(page.len(), 1);
         let page = page.finish();
@@ -366,7 +362,7 @@ mod tests {
         let mut page = UserPage::new(TargetShape {
             has_updated_at: false,
         });
-        page.push(user("u1"), 0, Some(POSTGRES_EPOCH_UNIX_MICROS));
+        page.push(user("u1"), 0, Some(PG_EPOCH_UNIX_MICROS));
         let page = page.finish();
         let data = &page.data[COPY_HEADER.len()..];
         assert_eq!(&data[..2], &2i16.to_be_bytes());

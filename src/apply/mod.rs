@@ -18,6 +18,11 @@ pub use writer::{delete_checkpoint, read_checkpoint, Checkpoint, TargetLsns, Tar
 
 use crate::lsn::Lsn;
 
+/// Every target session's `statement_timeout`: generous (a batch or a page takes a fraction
+/// of a second), but a statement stuck behind a lock or a stalled server ends, and the session
+/// reconnects.
+const STATEMENT_TIMEOUT: &str = "60s";
+
 /// Errors of the target side.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {

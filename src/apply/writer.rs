@@ -16,12 +16,9 @@ use tokio_postgres::{Client, SimpleQueryMessage, Statement};
 
 use super::batch::{Batch, CommitPosition, PendingUser, Segment, UnixMicros};
 use super::schema::TargetShape;
-use super::ApplyError;
+use super::{ApplyError, STATEMENT_TIMEOUT};
 use crate::lsn::Lsn;
 
-/// The target session's `statement_timeout`: generous (a batch takes milliseconds), but a
-/// statement stuck behind a lock or a stalled server ends, and the session reconnects.
-const STATEMENT_TIMEOUT: &str = "60s";
 /// The client-side bound on one batch, for a stall the server cannot see (a half-open
 /// connection): longer than the statement timeout, so the server's own verdict comes first.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(90);
@@ -200,7 +197,8 @@ pub struct TargetWriter {
 impl TargetWriter {
     /// Prepares the statements for the table's shape. The session commits synchronously
     /// whatever the server default, so that a position [`apply`](Self::apply) returns is
-    /// durable (see [`use_async_commit`](Self::use_async_commit) for the other way), and bounds its statements ([`STATEMENT_TIMEOUT`]) so that apply never hangs forever.
+    /// durable (see [`use_async_commit`](Self::use_async_commit) for the other way), and
+    /// bounds its statements ([`STATEMENT_TIMEOUT`]) so that apply never hangs forever.
     pub async fn new(
         client: Client,
         shape: TargetShape,
