@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{Client, SimpleQueryMessage, Statement};
 
@@ -118,15 +119,21 @@ const SOFT_DELETE_ALL_NO_UPDATED_AT: &str = "
 UPDATE neon_auth.users_sync SET deleted_at = $1 WHERE deleted_at IS NULL";
 
 /// Moves the checkpoint forward only: a write that would move it back, or take over another
-/// source system's checkpoint, updates no row and fails the batch.
+/// source system's checkpoint, updates no row, and then fails the statement (a division by
+/// the zero rows written, SQLSTATE 22012), because the `COMMIT` behind it is already on its
+/// way in the same round trip and must find the transaction aborted.
 const WRITE_CHECKPOINT: &str = "
-INSERT INTO usersync.state AS s
-       (slot_name, system_identifier, commit_lsn, end_lsn, commit_time, updated_at)
-VALUES ($1, $2, $3::text::pg_lsn, $4::text::pg_lsn, $5, now())
-ON CONFLICT (slot_name) DO UPDATE
-   SET commit_lsn = EXCLUDED.commit_lsn, end_lsn = EXCLUDED.end_lsn,
-       commit_time = EXCLUDED.commit_time, updated_at = now()
- WHERE s.system_identifier = EXCLUDED.system_identifier AND s.end_lsn <= EXCLUDED.end_lsn";
+WITH written AS (
+    INSERT INTO usersync.state AS s
+           (slot_name, system_identifier, commit_lsn, end_lsn, commit_time, updated_at)
+    VALUES ($1, $2, $3::text::pg_lsn, $4::text::pg_lsn, $5, now())
+    ON CONFLICT (slot_name) DO UPDATE
+       SET commit_lsn = EXCLUDED.commit_lsn, end_lsn = EXCLUDED.end_lsn,
+           commit_time = EXCLUDED.commit_time, updated_at = now()
+     WHERE s.system_identifier = EXCLUDED.system_identifier AND s.end_lsn <= EXCLUDED.end_lsn
+    RETURNING 1
+)
+SELECT 1 / count(*)::int FROM written";
 
 const READ_CHECKPOINT: &str = "
 SELECT system_identifier, commit_lsn::text, end_lsn::text, commit_time, updated_at
@@ -350,7 +357,12 @@ impl TargetWriter {
         if !self.open {
             steps.push((
                 "starting a target transaction",
-                Box::pin(async move { client.batch_execute("BEGIN").await.map(|()| 0) }),
+                Box::pin(async move {
+                    client
+                        .batch_execute("BEGIN")
+                        .await
+                        .map(|()| Answer::Count(0))
+                }),
             ));
         }
         let mut patch_counts = Vec::new();
@@ -412,22 +424,49 @@ impl TargetWriter {
                 commit_time,
             ];
             steps.push((
-                "writing the checkpoint",
+                CHECKPOINT_STEP,
                 execute(client, &statements.checkpoint, params),
             ));
         }
+        let commits = end != End::KeepOpen;
+        if commits {
+            // The position is read in the same message, once the commit is done.
+            let commit = format!("COMMIT; {TARGET_LSNS}");
+            steps.push((
+                COMMIT_STEP,
+                Box::pin(async move { client.simple_query(&commit).await.map(Answer::Rows) }),
+            ));
+        }
         // Every statement is sent before the first answer is read: one round trip for the
-        // whole batch. After a failure the server answers the rest with "transaction
-        // aborted", so the first error in order is the cause.
+        // whole batch, commit included. After a failure the server answers the rest with
+        // "transaction aborted" and turns the COMMIT into a rollback, so the first error in
+        // order is the cause and nothing of the batch is committed.
         let (contexts, futures): (Vec<_>, Vec<_>) = steps.into_iter().unzip();
         let results = pipeline(futures).await;
+        if commits {
+            self.open = false;
+        }
         let mut counts = Vec::with_capacity(results.len());
-        for (context, result) in contexts.iter().zip(results) {
+        let mut committed = None;
+        for (context, result) in contexts.iter().copied().zip(results) {
             match result {
-                Ok(count) => counts.push(count),
+                Ok(Answer::Count(count)) => counts.push(count),
+                Ok(Answer::Rows(rows)) => committed = Some(rows),
                 Err(source) => {
-                    self.rollback().await;
-                    return Err(ApplyError::Sql { context, source });
+                    if !commits {
+                        self.rollback().await;
+                    }
+                    return Err(match (context, position) {
+                        (CHECKPOINT_STEP, Some(position))
+                            if source.code() == Some(&SqlState::DIVISION_BY_ZERO) =>
+                        {
+                            ApplyError::CheckpointRefused {
+                                slot: self.slot.clone(),
+                                end_lsn: position.end_lsn,
+                            }
+                        }
+                        _ => ApplyError::Sql { context, source },
+                    });
                 }
             }
         }
@@ -442,26 +481,10 @@ impl TargetWriter {
                 );
             }
         }
-        if end == End::KeepOpen {
+        let Some(messages) = committed else {
             self.open = true;
             return Ok(None);
-        }
-        if let Some(position) = position {
-            if counts.last() != Some(&1) {
-                self.rollback().await;
-                return Err(ApplyError::CheckpointRefused {
-                    slot: self.slot.clone(),
-                    end_lsn: position.end_lsn,
-                });
-            }
-        }
-        // One message: the position is read only once the commit is done.
-        let committed = self
-            .client
-            .simple_query(&format!("COMMIT; {TARGET_LSNS}"))
-            .await;
-        self.open = false;
-        let messages = committed.map_err(ApplyError::sql("committing the target transaction"))?;
+        };
         let row = messages.iter().find_map(|message| match message {
             SimpleQueryMessage::Row(row) => Some(row),
             _ => None,
@@ -554,11 +577,22 @@ enum End {
     KeepOpen,
 }
 
+const CHECKPOINT_STEP: &str = "writing the checkpoint";
+const COMMIT_STEP: &str = "committing the target transaction";
+
+/// What a pipelined request answers.
+enum Answer {
+    /// Rows written by a statement.
+    Count(u64),
+    /// The messages of a simple query.
+    Rows(Vec<SimpleQueryMessage>),
+}
+
 /// Polls every request in order until all are answered. tokio-postgres sends a request when
 /// its future is first polled, so the first pass sends them all, in this order, before any
 /// answer is awaited (`join_all` promises no polling order).
-async fn pipeline(mut futures: Vec<Pending<'_>>) -> Vec<Result<u64, tokio_postgres::Error>> {
-    let mut results: Vec<Option<Result<u64, tokio_postgres::Error>>> =
+async fn pipeline(mut futures: Vec<Pending<'_>>) -> Vec<Result<Answer, tokio_postgres::Error>> {
+    let mut results: Vec<Option<Result<Answer, tokio_postgres::Error>>> =
         futures.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
         for (future, result) in futures.iter_mut().zip(results.iter_mut()) {
@@ -584,11 +618,16 @@ fn execute<'a>(
     statement: &'a Statement,
     params: Vec<&'a (dyn ToSql + Sync)>,
 ) -> Pending<'a> {
-    Box::pin(client.execute_raw(statement, params))
+    Box::pin(async move {
+        client
+            .execute_raw(statement, params)
+            .await
+            .map(Answer::Count)
+    })
 }
 
 type Pending<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>,
+    Box<dyn std::future::Future<Output = Result<Answer, tokio_postgres::Error>> + Send + 'a>,
 >;
 
 #[derive(Default)]
