@@ -9,12 +9,13 @@
 //! change per target transaction when idle (lowest lag), large batches under load (highest
 //! throughput).
 //!
-//! Positions only move forward. Target transactions commit asynchronously, as PostgreSQL's
-//! own subscriptions do: a batch is visible at once, and durable once the target's WAL flush
-//! passes its commit (within the target's `wal_writer_delay`). The slot is confirmed
-//! (Standby Status Update `flush`) up to the `end_lsn` of the last transaction whose target
-//! transaction is durable, never further, except when fully caught up and durable: then the server's keepalive position is confirmed as well, so
-//! the slot advances on an idle database (Neon drops slots that make no progress). After any
+//! Positions only move forward. Target transactions commit asynchronously: a batch is
+//! visible at once, and known durable once a later synchronous commit on the target returns
+//! (at most every [`DURABLE_INTERVAL`]). The slot is confirmed (Standby Status Update
+//! `flush`) up to the `end_lsn` of the last transaction whose target transaction is known
+//! durable, never further, except when fully caught up and durable: then the server's
+//! keepalive position is confirmed as well, so the slot advances on an idle database (Neon
+//! drops slots that make no progress). After any
 //! failure the next session resumes from the checkpoint and skips transactions it already
 //! holds (`commit_lsn < checkpoint.end_lsn`): nothing lost, nothing applied twice.
 //!
@@ -63,8 +64,9 @@ pub const MAX_BATCH_CHANGES: usize = 10_000;
 pub const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
 /// Status updates are sent at least this often; PostgreSQL's `wal_sender_timeout` is 60 s.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
-/// How often the target's WAL flush position is read while applied batches wait for it.
-const FLUSH_POLL: Duration = Duration::from_millis(200);
+/// How often, at most, applied batches are made durable (a synchronous commit on the target),
+/// which lets the slot be confirmed up to them.
+const DURABLE_INTERVAL: Duration = Duration::from_millis(200);
 /// How often a standby tries to take the slot's lock.
 const STANDBY_POLL: Duration = Duration::from_secs(1);
 /// The last-minute lag percentiles are recomputed at most this often (a sort of the window).
@@ -265,7 +267,7 @@ async fn run_session(
         skip_before: resume_at,
         confirmed: resume_at,
         unflushed: VecDeque::new(),
-        last_flush_poll: Instant::now(),
+        last_durable: Instant::now(),
         received: resume_at,
         idle_position: resume_at,
         batch: Batch::new(),
@@ -406,6 +408,8 @@ enum UserChange {
 struct InFlight {
     oldest_commit: Option<UnixMicros>,
     heartbeat: Option<i64>,
+    /// How many of the oldest unflushed batches a [`Job::MakeDurable`] covers.
+    makes_durable: usize,
 }
 
 /// Whether a transaction goes to the target in parts rather than in a batch.
@@ -460,10 +464,9 @@ struct Session<'a> {
     skip_before: Lsn,
     /// The position the target holds durably (the checkpoint's `end_lsn`).
     confirmed: Lsn,
-    /// Applied batches not yet durable: the target WAL position their commit ends before,
-    /// and the source position they take the checkpoint to.
-    unflushed: VecDeque<(Lsn, Lsn)>,
-    last_flush_poll: Instant,
+    /// Applied batches not yet known durable: the source position each takes the checkpoint to.
+    unflushed: VecDeque<Lsn>,
+    last_durable: Instant,
     /// The furthest WAL position the server has reported.
     received: Lsn,
     /// A position with nothing for the target up to it, confirmable while caught up.
@@ -490,6 +493,11 @@ impl Session<'_> {
                 return Ok(());
             }
             let worker_free = self.in_flight.is_none();
+            let durable_due = self.last_durable + DURABLE_INTERVAL;
+            if worker_free && !self.unflushed.is_empty() && Instant::now() >= durable_due {
+                self.submit_durable().await?;
+                continue;
+            }
             if self.batch_is_due() && worker_free {
                 self.submit_batch().await?;
                 continue;
@@ -500,9 +508,8 @@ impl Session<'_> {
                     Mode::Replay { .. } => REPLAY_STATUS_INTERVAL,
                 };
             let mut timer = status_due.min(self.silence_check_due());
-            let flush_poll_due = self.last_flush_poll + FLUSH_POLL;
             if !self.unflushed.is_empty() {
-                timer = timer.min(flush_poll_due);
+                timer = timer.min(durable_due);
             }
             let may_read = worker_free || !self.batch_is_due();
             tokio::select! {
@@ -530,9 +537,6 @@ impl Session<'_> {
                     self.submit_batch().await?
                 }
                 _ = tokio::time::sleep_until(timer.into()) => {
-                    if !self.unflushed.is_empty() && worker_free && Instant::now() >= flush_poll_due {
-                        self.poll_flushed().await?;
-                    }
                     self.check_silence().await?;
                     if Instant::now() >= status_due {
                         // A replay asks for keepalives: their position tells it when it is done.
@@ -841,6 +845,7 @@ impl Session<'_> {
                 self.in_flight = Some(InFlight {
                     oldest_commit: None,
                     heartbeat: None,
+                    makes_durable: 0,
                 });
             }
             if self.last_status.elapsed() >= STATUS_INTERVAL {
@@ -951,6 +956,7 @@ impl Session<'_> {
         self.in_flight = Some(InFlight {
             oldest_commit: batch.commit_times().first().copied(),
             heartbeat: self.pending_heartbeat.take(),
+            makes_durable: 0,
         });
         self.worker.send(Job::Commit(batch)).await?;
         Ok(())
@@ -977,14 +983,20 @@ impl Session<'_> {
 
     async fn on_done(&mut self, done: Done) -> Result<(), Error> {
         let in_flight = self.in_flight.take();
-        let Done::Committed {
-            batch,
-            position,
-            lsns,
-            took,
-        } = done
-        else {
-            return Ok(());
+        let (batch, position, took) = match done {
+            Done::Committed {
+                batch,
+                position,
+                took,
+            } => (batch, position, took),
+            Done::Durable => {
+                let covered = in_flight.map_or(0, |in_flight| in_flight.makes_durable);
+                for end_lsn in self.unflushed.drain(..covered) {
+                    self.confirmed = self.confirmed.max(end_lsn);
+                }
+                return self.send_status(false).await;
+            }
+            Done::Part | Done::Abandoned => return Ok(()),
         };
         let applied_at = Instant::now();
         let applied_unix = unix_micros_now();
@@ -1007,32 +1019,19 @@ impl Session<'_> {
             "the checkpoint only moves forward"
         );
         self.skip_before = self.skip_before.max(position.end_lsn);
-        self.unflushed.push_back((lsns.committed, position.end_lsn));
-        self.release_flushed(lsns.flushed);
+        self.unflushed.push_back(position.end_lsn);
         self.send_status(false).await
     }
 
-    /// Confirms the applied batches whose commit the target has flushed.
-    fn release_flushed(&mut self, flushed: Lsn) {
-        while let Some(&(committed, end_lsn)) = self.unflushed.front() {
-            if committed > flushed {
-                break;
-            }
-            self.confirmed = self.confirmed.max(end_lsn);
-            self.unflushed.pop_front();
-        }
-    }
-
-    /// Reads how far the target has flushed, and confirms what that makes durable.
-    async fn poll_flushed(&mut self) -> Result<(), Error> {
-        self.last_flush_poll = Instant::now();
-        let before = self.confirmed;
-        if let Done::Flushed(flushed) = self.worker.run(Job::PollFlushed).await? {
-            self.release_flushed(flushed);
-        }
-        if self.confirmed > before {
-            self.send_status(false).await?;
-        }
+    /// Asks the worker to make the batches applied so far durable, without waiting for it.
+    async fn submit_durable(&mut self) -> Result<(), Error> {
+        self.last_durable = Instant::now();
+        self.in_flight = Some(InFlight {
+            oldest_commit: None,
+            heartbeat: None,
+            makes_durable: self.unflushed.len(),
+        });
+        self.worker.send(Job::MakeDurable).await?;
         Ok(())
     }
 
@@ -1053,7 +1052,7 @@ impl Session<'_> {
     /// up to everything applied.
     async fn make_durable(&mut self) -> Result<(), Error> {
         self.settle().await?;
-        if let Some(&(_, end_lsn)) = self.unflushed.back() {
+        if let Some(&end_lsn) = self.unflushed.back() {
             self.worker.run(Job::MakeDurable).await?;
             self.confirmed = self.confirmed.max(end_lsn);
             self.unflushed.clear();

@@ -14,7 +14,7 @@ pub mod writer;
 pub use batch::{Batch, CommitPosition, UnixMicros};
 pub use schema::{check_shape, ensure_target_schema, target_tables, TargetShape, TargetTables};
 pub use worker::{ApplyWorker, Done, Job};
-pub use writer::{delete_checkpoint, read_checkpoint, Checkpoint, TargetLsns, TargetWriter};
+pub use writer::{delete_checkpoint, read_checkpoint, Checkpoint, TargetWriter};
 
 use crate::lsn::Lsn;
 

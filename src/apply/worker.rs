@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::batch::{Batch, CommitPosition};
-use super::writer::{TargetLsns, TargetWriter};
+use super::writer::TargetWriter;
 use super::ApplyError;
-use crate::lsn::Lsn;
 
 /// What the worker is asked to do.
 #[derive(Debug)]
@@ -24,8 +23,6 @@ pub enum Job {
     Part(Batch),
     /// Roll back the target transaction a [`Job::Part`] left open.
     Abandon,
-    /// Read how far the target's WAL is flushed.
-    PollFlushed,
     /// Make everything committed so far durable.
     MakeDurable,
 }
@@ -36,12 +33,10 @@ pub enum Done {
     Committed {
         batch: Batch,
         position: CommitPosition,
-        lsns: TargetLsns,
         took: Duration,
     },
     Part,
     Abandoned,
-    Flushed(Lsn),
     Durable,
 }
 
@@ -110,22 +105,17 @@ async fn work(
         let result = match job {
             Job::Commit(batch) => {
                 let started = Instant::now();
-                writer
-                    .apply_tracked(&batch)
-                    .await
-                    .map(|(position, lsns)| Done::Committed {
-                        batch,
-                        position,
-                        lsns,
-                        took: started.elapsed(),
-                    })
+                writer.apply(&batch).await.map(|position| Done::Committed {
+                    batch,
+                    position,
+                    took: started.elapsed(),
+                })
             }
             Job::Part(batch) => writer.apply_part(&batch).await.map(|()| Done::Part),
             Job::Abandon => {
                 writer.abandon().await;
                 Ok(Done::Abandoned)
             }
-            Job::PollFlushed => writer.flushed_lsn().await.map(Done::Flushed),
             Job::MakeDurable => writer.make_durable().await.map(|()| Done::Durable),
         };
         let failed = result.is_err();

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Json, ToSql};
-use tokio_postgres::{Client, SimpleQueryMessage, Statement};
+use tokio_postgres::{Client, Statement};
 
 use super::batch::{Batch, CommitPosition, PendingUser, Segment, UnixMicros};
 use super::schema::TargetShape;
@@ -269,33 +269,23 @@ impl TargetWriter {
     /// Applies the batch and its checkpoint atomically; returns the position the checkpoint
     /// holds now (durable unless [`use_async_commit`](Self::use_async_commit) was called).
     pub async fn apply(&mut self, batch: &Batch) -> Result<CommitPosition, ApplyError> {
-        Ok(self.apply_tracked(batch).await?.0)
-    }
-
-    /// [`apply`](Self::apply), also returning the target's WAL positions after the commit:
-    /// with asynchronous commit the batch is durable once the target's flush position
-    /// reaches `committed`.
-    pub async fn apply_tracked(
-        &mut self,
-        batch: &Batch,
-    ) -> Result<(CommitPosition, TargetLsns), ApplyError> {
         let position = batch.last_commit().ok_or(ApplyError::EmptyBatch)?;
-        let lsns = self.write(batch, End::Commit(Some(position))).await?;
-        Ok((position, lsns.ok_or(ApplyError::EmptyBatch)?))
+        self.write(batch, End::Commit(Some(position))).await?;
+        Ok(position)
     }
 
     /// Applies users that belong to no source transaction (a page of the initial snapshot):
     /// the checkpoint is written only once the whole snapshot is on the target.
     pub async fn apply_without_checkpoint(&mut self, batch: &Batch) -> Result<(), ApplyError> {
-        self.write(batch, End::Commit(None)).await.map(drop)
+        self.write(batch, End::Commit(None)).await
     }
 
     /// Applies part of a source transaction too large for one batch, in a target transaction
-    /// left open: the next parts and, last, [`apply_tracked`](Self::apply_tracked) with the
+    /// left open: the next parts and, last, [`apply`](Self::apply) with the
     /// source commit go into the same one, so the target sees the source transaction whole
     /// or not at all. [`abandon`](Self::abandon) rolls it back.
     pub async fn apply_part(&mut self, batch: &Batch) -> Result<(), ApplyError> {
-        self.write(batch, End::KeepOpen).await.map(drop)
+        self.write(batch, End::KeepOpen).await
     }
 
     /// Rolls back a transaction left open by [`apply_part`](Self::apply_part).
@@ -306,11 +296,11 @@ impl TargetWriter {
         }
     }
 
-    /// Commits asynchronously from now on, as PostgreSQL's own subscriptions do by default:
-    /// a batch is visible as soon as it commits, without waiting for the target's WAL flush,
-    /// and the caller confirms the source position only once [`flushed_lsn`](Self::flushed_lsn)
-    /// has passed the batch's commit. A target crash loses the batch and its checkpoint
-    /// together, so the next session resumes before it.
+    /// Commits asynchronously from now on: a batch is visible as soon as it commits, without
+    /// waiting for the target's WAL to be flushed (or, on Neon, acknowledged by the
+    /// safekeepers), and the caller confirms the source position only once a later
+    /// [`make_durable`](Self::make_durable) has returned. A target crash loses the batch and
+    /// its checkpoint together, so the next session resumes before it.
     pub async fn use_async_commit(&mut self) -> Result<(), ApplyError> {
         self.client
             .batch_execute("SET synchronous_commit = off")
@@ -322,7 +312,7 @@ impl TargetWriter {
     /// the caller drops this connection, so the server rolls back whatever it has not
     /// committed, and a commit that did happen carries its checkpoint, so the next session
     /// skips it. Nothing is lost or applied twice either way.
-    async fn write(&mut self, batch: &Batch, end: End) -> Result<Option<TargetLsns>, ApplyError> {
+    async fn write(&mut self, batch: &Batch, end: End) -> Result<(), ApplyError> {
         let result = tokio::time::timeout(APPLY_TIMEOUT, self.write_unbounded(batch, end))
             .await
             .unwrap_or(Err(ApplyError::Stalled {
@@ -334,11 +324,7 @@ impl TargetWriter {
         result
     }
 
-    async fn write_unbounded(
-        &mut self,
-        batch: &Batch,
-        end: End,
-    ) -> Result<Option<TargetLsns>, ApplyError> {
+    async fn write_unbounded(&mut self, batch: &Batch, end: End) -> Result<(), ApplyError> {
         let position = match end {
             End::Commit(position) => position,
             End::KeepOpen => None,
@@ -357,12 +343,7 @@ impl TargetWriter {
         if !self.open {
             steps.push((
                 "starting a target transaction",
-                Box::pin(async move {
-                    client
-                        .batch_execute("BEGIN")
-                        .await
-                        .map(|()| Answer::Count(0))
-                }),
+                Box::pin(async move { client.batch_execute("BEGIN").await.map(|()| 0) }),
             ));
         }
         let mut patch_counts = Vec::new();
@@ -430,11 +411,9 @@ impl TargetWriter {
         }
         let commits = end != End::KeepOpen;
         if commits {
-            // The position is read in the same message, once the commit is done.
-            let commit = format!("COMMIT; {TARGET_LSNS}");
             steps.push((
-                COMMIT_STEP,
-                Box::pin(async move { client.simple_query(&commit).await.map(Answer::Rows) }),
+                "committing the target transaction",
+                Box::pin(async move { client.batch_execute("COMMIT").await.map(|()| 0) }),
             ));
         }
         // Every statement is sent before the first answer is read: one round trip for the
@@ -447,11 +426,9 @@ impl TargetWriter {
             self.open = false;
         }
         let mut counts = Vec::with_capacity(results.len());
-        let mut committed = None;
         for (context, result) in contexts.iter().copied().zip(results) {
             match result {
-                Ok(Answer::Count(count)) => counts.push(count),
-                Ok(Answer::Rows(rows)) => committed = Some(rows),
+                Ok(count) => counts.push(count),
                 Err(source) => {
                     if !commits {
                         self.rollback().await;
@@ -481,24 +458,8 @@ impl TargetWriter {
                 );
             }
         }
-        let Some(messages) = committed else {
-            self.open = true;
-            return Ok(None);
-        };
-        let row = messages.iter().find_map(|message| match message {
-            SimpleQueryMessage::Row(row) => Some(row),
-            _ => None,
-        });
-        let lsn = |index: usize| {
-            row.and_then(|row| row.get(index))
-                .and_then(|lsn| lsn.parse().ok())
-        };
-        match (lsn(0), lsn(1)) {
-            (Some(committed), Some(flushed)) => Ok(Some(TargetLsns { committed, flushed })),
-            _ => Err(ApplyError::Shape(
-                "the target reported no valid WAL position after a commit".into(),
-            )),
-        }
+        self.open = !commits;
+        Ok(())
     }
 
     /// Ends a failed batch's transaction. Best effort: on a broken connection the server rolls
@@ -509,18 +470,11 @@ impl TargetWriter {
         }
     }
 
-    /// Where the target's WAL is flushed to: every commit before it survives a target crash.
-    pub async fn flushed_lsn(&self) -> Result<Lsn, ApplyError> {
-        let row = self
-            .client
-            .query_one(TARGET_LSNS, &[])
-            .await
-            .map_err(ApplyError::sql("reading the target's WAL position"))?;
-        Ok(target_lsns(&row)?.flushed)
-    }
-
-    /// Makes every batch applied so far durable: a synchronous commit flushes the target's
-    /// WAL up to its own commit record, which comes after all of them.
+    /// Makes every batch applied so far durable: a synchronous commit waits until the target's
+    /// WAL is durable up to its own commit record (flushed locally, or on Neon acknowledged
+    /// by the safekeepers), which comes after all of them. The local flush position
+    /// (`pg_current_wal_flush_lsn()`) would not do: on Neon it is not what survives a compute
+    /// restart.
     pub async fn make_durable(&mut self) -> Result<(), ApplyError> {
         let context = "flushing the target's WAL";
         let transaction = self
@@ -543,31 +497,6 @@ impl TargetWriter {
     }
 }
 
-/// The target's WAL positions right after a commit: where its commit record ends (at most
-/// the insert position) and how far the WAL is flushed.
-const TARGET_LSNS: &str =
-    "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text";
-
-/// Target WAL positions, as read right after a commit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TargetLsns {
-    /// At or past the end of the batch's commit record.
-    pub committed: Lsn,
-    pub flushed: Lsn,
-}
-
-fn target_lsns(row: &tokio_postgres::Row) -> Result<TargetLsns, ApplyError> {
-    let lsn = |index: usize| -> Result<Lsn, ApplyError> {
-        row.get::<_, &str>(index)
-            .parse()
-            .map_err(|_| ApplyError::Shape("the target reported an invalid WAL position".into()))
-    };
-    Ok(TargetLsns {
-        committed: lsn(0)?,
-        flushed: lsn(1)?,
-    })
-}
-
 /// How a write ends its target transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -578,21 +507,12 @@ enum End {
 }
 
 const CHECKPOINT_STEP: &str = "writing the checkpoint";
-const COMMIT_STEP: &str = "committing the target transaction";
-
-/// What a pipelined request answers.
-enum Answer {
-    /// Rows written by a statement.
-    Count(u64),
-    /// The messages of a simple query.
-    Rows(Vec<SimpleQueryMessage>),
-}
 
 /// Polls every request in order until all are answered. tokio-postgres sends a request when
 /// its future is first polled, so the first pass sends them all, in this order, before any
 /// answer is awaited (`join_all` promises no polling order).
-async fn pipeline(mut futures: Vec<Pending<'_>>) -> Vec<Result<Answer, tokio_postgres::Error>> {
-    let mut results: Vec<Option<Result<Answer, tokio_postgres::Error>>> =
+async fn pipeline(mut futures: Vec<Pending<'_>>) -> Vec<Result<u64, tokio_postgres::Error>> {
+    let mut results: Vec<Option<Result<u64, tokio_postgres::Error>>> =
         futures.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
         for (future, result) in futures.iter_mut().zip(results.iter_mut()) {
@@ -618,16 +538,11 @@ fn execute<'a>(
     statement: &'a Statement,
     params: Vec<&'a (dyn ToSql + Sync)>,
 ) -> Pending<'a> {
-    Box::pin(async move {
-        client
-            .execute_raw(statement, params)
-            .await
-            .map(Answer::Count)
-    })
+    Box::pin(client.execute_raw(statement, params))
 }
 
 type Pending<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<Answer, tokio_postgres::Error>> + Send + 'a>,
+    Box<dyn std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>,
 >;
 
 #[derive(Default)]
