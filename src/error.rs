@@ -41,6 +41,18 @@ pub enum Error {
     Map(#[from] MapError),
     #[error(transparent)]
     LocalPg(#[from] LocalPgError),
+    /// A request that got no answer at all: a stalled network or a hung server answers
+    /// nothing, not even an error, and TCP keepalives do not notice a peer that still
+    /// acknowledges.
+    #[error(
+        "the {which} did not answer ({what}) within {}s; the connection is taken for dead",
+        after.as_secs()
+    )]
+    Unanswered {
+        which: &'static str,
+        what: &'static str,
+        after: std::time::Duration,
+    },
 }
 
 impl From<SourceError> for Error {
@@ -72,6 +84,7 @@ impl Error {
             Error::Connect { source, .. } => source.is_transient(),
             Error::Source(error) => error.is_transient(),
             Error::Target(error) => error.is_transient(),
+            Error::Unanswered { .. } => true,
             Error::Config(_)
             | Error::Url { .. }
             | Error::Decode(_)

@@ -172,40 +172,66 @@ async fn run_session(
     shutdown: &mut watch::Receiver<bool>,
     mode: Mode,
 ) -> Result<(), Error> {
-    let target = conn::sql::connect(&config.target, APPLICATION_NAME)
-        .await
-        .map_err(Error::connect("target"))?;
+    // Every request before streaming is bounded: a connection stalled while a session starts
+    // would otherwise hang it for good (the stream's own silence check comes later).
+    let source_timeout = config.source_timeout;
+    let (target, shape) = answered(TARGET_TIMEOUT, "target", "preparing the session", async {
+        let target = conn::sql::connect(&config.target, APPLICATION_NAME)
+            .await
+            .map_err(Error::connect("target"))?;
+        conn::version::check_target(&target).await?;
+        let exists: bool = target
+            .query_one("SELECT to_regclass('neon_auth.users_sync') IS NOT NULL AND to_regclass('usersync.state') IS NOT NULL", &[])
+            .await
+            .map_err(apply::ApplyError::sql("looking for neon_auth.users_sync"))?
+            .get(0);
+        if !exists {
+            return Err(Error::Config(
+                "the target has no neon_auth.users_sync or usersync.state yet: run usersync setup first"
+                    .into(),
+            ));
+        }
+        let shape = apply::check_shape(&target).await?;
+        Ok((target, shape))
+    })
+    .await?;
     metrics.set_connected(Side::Target, true);
-    conn::version::check_target(&target).await?;
-    let exists: bool = target
-        .query_one("SELECT to_regclass('neon_auth.users_sync') IS NOT NULL AND to_regclass('usersync.state') IS NOT NULL", &[])
-        .await
-        .map_err(apply::ApplyError::sql("looking for neon_auth.users_sync"))?
-        .get(0);
-    if !exists {
-        return Err(Error::Config(
-            "the target has no neon_auth.users_sync or usersync.state yet: run usersync setup first"
-                .into(),
-        ));
-    }
-    let shape = apply::check_shape(&target).await?;
     if !hold_slot_lock(&target, &config.slot, shutdown).await? {
         return Ok(());
     }
     // Read only now: a standby that just took over resumes where the other one stopped.
-    let checkpoint = apply::read_checkpoint(&target, &config.slot).await?;
+    let checkpoint = answered(TARGET_TIMEOUT, "target", "reading the checkpoint", async {
+        Ok(apply::read_checkpoint(&target, &config.slot).await?)
+    })
+    .await?;
 
-    let source = conn::sql::connect(&config.source, APPLICATION_NAME)
-        .await
-        .map_err(Error::connect("source"))?;
-    conn::version::check_source(&source).await?;
-    wait_for_slot(&source, &config.slot).await?;
+    let source = answered(source_timeout, "source", "preparing the session", async {
+        let source = conn::sql::connect(&config.source, APPLICATION_NAME)
+            .await
+            .map_err(Error::connect("source"))?;
+        conn::version::check_source(&source).await?;
+        Ok(source)
+    })
+    .await?;
+    wait_for_slot(&source, &config.slot, source_timeout).await?;
     // Facts the profile needs from the source (Keycloak: the realm's id for its name).
-    let profile = catalog::resolve_profile(&source, &config.table, &config.mapping).await?;
+    let profile = answered(
+        source_timeout,
+        "source",
+        "reading the profile's facts",
+        async { Ok(catalog::resolve_profile(&source, &config.table, &config.mapping).await?) },
+    )
+    .await?;
     drop(source);
 
-    let mut replication = ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
-    let identity = replication.identify_system().await?;
+    let (replication, identity) =
+        answered(source_timeout, "source", "opening replication", async {
+            let mut replication =
+                ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
+            let identity = replication.identify_system().await?;
+            Ok((replication, identity))
+        })
+        .await?;
     if let Some(checkpoint) = &checkpoint {
         if checkpoint.system_id != identity.system_id {
             return Err(SourceError::Definite(format!(
@@ -216,8 +242,13 @@ async fn run_session(
             .into());
         }
     }
-    let mut writer = TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
-    writer.use_async_commit().await?;
+    let writer = answered(TARGET_TIMEOUT, "target", "preparing statements", async {
+        let mut writer =
+            TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
+        writer.use_async_commit().await?;
+        Ok(writer)
+    })
+    .await?;
     let resume_at = checkpoint.map_or(Lsn::ZERO, |c| c.end_lsn);
     let protocol_2 = replication
         .server_version_num()
@@ -233,9 +264,12 @@ async fn run_session(
         options.push(("streaming", "on".to_owned()));
         options.push(("messages", "true".to_owned()));
     }
-    let stream = replication
-        .start_logical_replication(&config.slot, resume_at, &options)
-        .await?;
+    let stream = answered(source_timeout, "source", "starting replication", async {
+        Ok(replication
+            .start_logical_replication(&config.slot, resume_at, &options)
+            .await?)
+    })
+    .await?;
     tracing::info!(slot = %config.slot, resume_at = %resume_at, system = %identity.system_id, "streaming");
     metrics.set_connected(Side::Source, true);
     metrics.set_ready(true);
@@ -298,14 +332,17 @@ async fn hold_slot_lock(
 ) -> Result<bool, Error> {
     let mut said = false;
     loop {
-        let locked: bool = target
-            .query_one(
-                "SELECT pg_try_advisory_lock(hashtextextended('usersync:' || $1, 0))",
-                &[&slot],
-            )
-            .await
-            .map_err(apply::ApplyError::sql("taking the slot's lock"))?
-            .get(0);
+        let locked: bool = answered(TARGET_TIMEOUT, "target", "taking the slot's lock", async {
+            Ok(target
+                .query_one(
+                    "SELECT pg_try_advisory_lock(hashtextextended('usersync:' || $1, 0))",
+                    &[&slot],
+                )
+                .await
+                .map_err(apply::ApplyError::sql("taking the slot's lock"))?
+                .get(0))
+        })
+        .await?;
         if locked {
             if said {
                 tracing::info!(slot, "took over: this process now replicates the slot");
@@ -331,20 +368,31 @@ async fn hold_slot_lock(
 /// The wait lasts at least as long as the source's `wal_sender_timeout` (plus a margin): a
 /// predecessor that died without closing its connection (a crashed host, after which a
 /// standby takes over) keeps the slot busy until its walsender times out.
-async fn wait_for_slot(source: &tokio_postgres::Client, slot: &str) -> Result<(), Error> {
-    let sender_timeout: i32 = source
-        .query_one(
-            "SELECT setting::int FROM pg_settings WHERE name = 'wal_sender_timeout'",
-            &[],
-        )
-        .await
-        .map_err(SourceError::sql("reading wal_sender_timeout"))?
-        .get(0);
+async fn wait_for_slot(
+    source: &tokio_postgres::Client,
+    slot: &str,
+    source_timeout: Duration,
+) -> Result<(), Error> {
+    let sender_timeout: i32 = answered(source_timeout, "source", "reading settings", async {
+        Ok(source
+            .query_one(
+                "SELECT setting::int FROM pg_settings WHERE name = 'wal_sender_timeout'",
+                &[],
+            )
+            .await
+            .map_err(SourceError::sql("reading wal_sender_timeout"))?
+            .get(0))
+    })
+    .await?;
     let wait = SLOT_BUSY_WAIT
         .max(Duration::from_millis(u64::try_from(sender_timeout).unwrap_or(0)) + SLOT_BUSY_MARGIN);
     let deadline = Instant::now() + wait;
     loop {
-        let Some(info) = catalog::slot_info(source, slot).await? else {
+        let info = answered(source_timeout, "source", "reading the slot", async {
+            Ok(catalog::slot_info(source, slot).await?)
+        })
+        .await?;
+        let Some(info) = info else {
             return Err(SourceError::Definite(format!(
                 "replication slot {slot} does not exist on the source: run usersync setup for \
                  a first start, or usersync resync if it existed before (changes made since it \
@@ -423,6 +471,22 @@ struct UsersRelation {
     /// Its index in the profile's tables: 0 is the users table.
     table: usize,
     mapping: BoundProfile,
+}
+
+/// How long a target request may go unanswered while a session starts; afterwards the
+/// writer's own `statement_timeout` and batch timeout bound every request.
+const TARGET_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `request`, or [`Error::Unanswered`] if it is not done within `after`.
+async fn answered<T>(
+    after: Duration,
+    which: &'static str,
+    what: &'static str,
+    request: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(after, request)
+        .await
+        .unwrap_or(Err(Error::Unanswered { which, what, after }))
 }
 
 /// Ends a background task when its owner goes away, on every path.

@@ -384,3 +384,37 @@ impl Random {
         self.0 % bound
     }
 }
+
+/// A source that accepts connections and then answers nothing, as a stalled network does
+/// while a session starts: each attempt must give up after the source timeout and retry,
+/// never hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_answers_nothing_while_a_session_starts_is_retried() {
+    let mut pair = Pair::new().await;
+    pair.setup().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = listener.accept().await {
+            held.push(connection);
+        }
+    });
+    pair.config.source = via(&pair.source_url, pair.server.port(), silent_port);
+    pair.config.source_timeout = SOURCE_TIMEOUT;
+    let running = pair.start();
+    let deadline = Instant::now() + RECOVERY;
+    while running.metrics.reconnects() < 2 {
+        assert!(
+            !running.is_finished(),
+            "a silent source is not a definite error"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "a session start hangs on a source that answers nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.stop().await;
+    silent.abort();
+}
