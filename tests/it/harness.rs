@@ -424,6 +424,39 @@ impl Pair {
             .collect()
     }
 
+    /// The source's current WAL position.
+    pub async fn source_wal_lsn(&self) -> String {
+        self.source
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Waits until the slot is confirmed at `lsn` or past it (only past it, `strictly`), or
+    /// panics with `failure`.
+    pub async fn wait_for_slot_confirmed(&self, lsn: &str, strictly: bool, failure: &str) {
+        let comparison = if strictly { ">" } else { ">=" };
+        let query = format!(
+            "SELECT confirmed_flush_lsn {comparison} $1::text::pg_lsn
+               FROM pg_replication_slots WHERE slot_name = $2"
+        );
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let advanced: bool = self
+                .source
+                .query_one(&query, &[&lsn, &self.config.slot])
+                .await
+                .unwrap()
+                .get(0);
+            if advanced {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{failure}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Waits until the live target users equal the source users, or panics with both.
     pub async fn wait_for_match(&self) {
         let deadline = Instant::now() + WAIT;

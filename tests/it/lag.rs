@@ -46,30 +46,10 @@ async fn heartbeats_advance_an_idle_slot_and_idle_is_not_lag() {
         .await
         .unwrap();
     pair.wait_for_match().await;
-    let before: String = pair
-        .source
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let before = pair.source_wal_lsn().await;
     // No writes from the test from here on: only heartbeats move the slot.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let advanced: bool = pair
-            .source
-            .query_one(
-                "SELECT confirmed_flush_lsn > $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
-                &[&before, &pair.config.slot],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if advanced {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the idle slot never advanced");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    pair.wait_for_slot_confirmed(&before, true, "the idle slot never advanced")
+        .await;
     let text = running.metrics.encode();
     let heartbeat_lag = gauge(&text, "usersync_heartbeat_lag_seconds");
     assert!(heartbeat_lag > 0.0, "no heartbeat came through:\n{text}");
@@ -394,32 +374,13 @@ async fn without_heartbeats_keepalives_advance_the_slot_and_estimate_idle_lag() 
         .batch_execute("INSERT INTO unrelated VALUES (1)")
         .await
         .unwrap();
-    let written: String = pair
-        .source
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let advanced: bool = pair
-            .source
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
-                &[&written, &pair.config.slot],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if advanced {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the slot never advanced without heartbeats"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let written = pair.source_wal_lsn().await;
+    pair.wait_for_slot_confirmed(
+        &written,
+        false,
+        "the slot never advanced without heartbeats",
+    )
+    .await;
     let text = running.metrics.encode();
     assert_eq!(
         gauge(&text, "usersync_heartbeat_lag_seconds"),

@@ -97,12 +97,7 @@ async fn until_lsn_stops_at_the_position() {
         .batch_execute("INSERT INTO users (email) VALUES ('early@example.com')")
         .await
         .unwrap();
-    let position: String = pair
-        .source
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let position = pair.source_wal_lsn().await;
     pair.source
         .batch_execute("INSERT INTO users (email) VALUES ('late@example.com')")
         .await

@@ -270,32 +270,9 @@ async fn idle_slot_is_confirmed_past_unrelated_writes() {
         .batch_execute("INSERT INTO unrelated SELECT generate_series(1, 1000)")
         .await
         .unwrap();
-    let written: String = pair
-        .source
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let advanced: bool = pair
-            .source
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
-                &[&written, &pair.config.slot],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if advanced {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the idle slot never advanced"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    let written = pair.source_wal_lsn().await;
+    pair.wait_for_slot_confirmed(&written, false, "the idle slot never advanced")
+        .await;
     running.stop().await;
 }
 
