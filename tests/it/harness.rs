@@ -37,6 +37,16 @@ CREATE TABLE public.users (
     metadata     jsonb NOT NULL DEFAULT '{}'
 )";
 
+/// `neon_auth.users_sync` in an older shape, without `updated_at`.
+pub const USERS_SYNC_WITHOUT_UPDATED_AT: &str = "
+CREATE SCHEMA neon_auth;
+CREATE TABLE neon_auth.users_sync (
+  raw_json jsonb NOT NULL,
+  id text GENERATED ALWAYS AS (raw_json ->> 'id') STORED NOT NULL PRIMARY KEY,
+  name text GENERATED ALWAYS AS (raw_json ->> 'display_name') STORED,
+  email text GENERATED ALWAYS AS (raw_json ->> 'primary_email') STORED,
+  deleted_at timestamptz)";
+
 /// How long a test waits for replication before it fails.
 pub const WAIT: Duration = Duration::from_secs(30);
 

@@ -208,15 +208,7 @@ async fn copies_and_resyncs_into_a_target_without_updated_at() {
     // Superuser: it creates users_sync in an older shape first.
     let pair = Pair::as_superuser().await;
     pair.target
-        .batch_execute(
-            "CREATE SCHEMA neon_auth;
-             CREATE TABLE neon_auth.users_sync (
-               raw_json jsonb NOT NULL,
-               id text GENERATED ALWAYS AS (raw_json ->> 'id') STORED NOT NULL PRIMARY KEY,
-               name text GENERATED ALWAYS AS (raw_json ->> 'display_name') STORED,
-               email text GENERATED ALWAYS AS (raw_json ->> 'primary_email') STORED,
-               deleted_at timestamptz);",
-        )
+        .batch_execute(USERS_SYNC_WITHOUT_UPDATED_AT)
         .await
         .unwrap();
     pair.source
