@@ -109,7 +109,7 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
         columns,
     } = prepare(config).await?;
     let checkpoint = apply::read_checkpoint(&target, &config.slot).await?;
-    match catalog::slot_info(&source, &config.slot).await? {
+    let copy = match catalog::slot_info(&source, &config.slot).await? {
         Some(slot) => {
             check_slot_fits(config, &slot)?;
             if checkpoint.is_some() {
@@ -119,6 +119,7 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
                     slot.confirmed_flush_lsn
                         .map_or_else(|| "-".to_owned(), |lsn| lsn.to_string())
                 );
+                false
             } else {
                 // Setup writes the checkpoint last: without one, an earlier setup stopped
                 // before its initial copy was complete, and only a new snapshot can finish it.
@@ -137,26 +138,20 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
                     config.slot
                 );
                 catalog::drop_slot(&source, &config.slot).await?;
-                create_slot_and_copy(
-                    config,
-                    &columns,
-                    target,
-                    copy_mode(options),
-                    options.failover,
-                )
-                .await?;
+                true
             }
         }
-        None => {
-            create_slot_and_copy(
-                config,
-                &columns,
-                target,
-                copy_mode(options),
-                options.failover,
-            )
-            .await?;
-        }
+        None => true,
+    };
+    if copy {
+        create_slot_and_copy(
+            config,
+            &columns,
+            target,
+            copy_mode(options),
+            options.failover,
+        )
+        .await?;
     }
     println!("ready: start replication with usersync run");
     Ok(())
