@@ -195,8 +195,11 @@ fn main() {
         let mut assembler = TransactionAssembler::new();
         let mut done = 0;
         for message in &wire {
-            let message = decoder.decode(message.clone()).expect("decode");
-            if let Assembled::Transaction(txn) = assembler.push(message).expect("assemble") {
+            let decoded = decoder.decode(message.clone()).expect("decode");
+            if let Assembled::Transaction(txn) = assembler
+                .push_payload(decoded, message.clone())
+                .expect("assemble")
+            {
                 black_box(&txn);
                 done += 1;
             }

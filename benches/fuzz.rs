@@ -217,20 +217,22 @@ fn execute(inputs: &[Vec<u8>], columns: &[RelationColumn]) {
     let profile: Profile = GenericMapping::default().into();
     let mapping = profile.bind(columns).ok();
     let mut decoder = PgOutputDecoder::new();
-    let mut assembler = TransactionAssembler::new();
+    // A small memory limit, so that spilling and reading back are fuzzed too.
+    let mut assembler = TransactionAssembler::with_memory_limit(4096);
     for input in inputs {
         let _ = decode_replication_message(wrap_xlogdata(input));
         let _ = decode_replication_message(Bytes::from(input.clone()));
-        let Ok(message) = decoder.decode(Bytes::from(input.clone())) else {
+        let payload = Bytes::from(input.clone());
+        let Ok(message) = decoder.decode(payload.clone()) else {
             continue;
         };
         if let (LogicalMessage::Insert(insert), Some(mapping)) = (&message, &mapping) {
             let _ = mapping.map_row(&insert.new);
             let _ = mapping.map_key(&insert.new);
         }
-        if let Ok(Assembled::Transaction(transaction)) = assembler.push(message) {
-            for change in &transaction.changes {
-                if let (LogicalMessage::Update(update), Some(mapping)) = (change, &mapping) {
+        if let Ok(Assembled::Transaction(transaction)) = assembler.push_payload(message, payload) {
+            for change in transaction.into_changes().flatten() {
+                if let (LogicalMessage::Update(update), Some(mapping)) = (&change, &mapping) {
                     let _ = mapping.map_row(&update.new);
                 }
             }

@@ -86,8 +86,9 @@ pub enum Assembled {
 /// in-progress transactions again from their first segment. After an error the state is
 /// not meaningful; stop and reconnect.
 ///
-/// Changes pushed with their payload ([`push_payload`](Self::push_payload)) are spilled to
-/// disk past the memory limit; [`push`](Self::push) keeps everything in memory.
+/// A transaction whose changes pass the memory limit is spilled to disk: each change comes
+/// with the payload it was decoded from ([`push_payload`](Self::push_payload)), which is what
+/// the spill file holds.
 #[derive(Debug)]
 pub struct TransactionAssembler {
     /// The non-streamed transaction between Begin and Commit.
@@ -261,13 +262,14 @@ impl TransactionAssembler {
     }
 
     /// Takes the next decoded message, in the order the server sent them, held in memory
-    /// however large its transaction grows.
+    /// however large its transaction grows (tests build messages without their bytes).
+    #[cfg(test)]
     pub fn push(&mut self, message: LogicalMessage) -> Result<Assembled, DecodeError> {
         self.push_inner(message, None)
     }
 
-    /// [`push`](Self::push), with the payload the message was decoded from: what is written
-    /// to disk if its transaction is spilled.
+    /// Takes the next decoded message, in the order the server sent them, with the payload it
+    /// was decoded from: what is written to disk if its transaction is spilled.
     pub fn push_payload(
         &mut self,
         message: LogicalMessage,
@@ -304,6 +306,7 @@ impl TransactionAssembler {
     }
 
     /// Changes held, in memory or spilled, in open and in-progress streamed transactions.
+    #[cfg(test)]
     pub fn buffered_changes(&self) -> usize {
         self.all_changes().map(Changes::len).sum()
     }
