@@ -35,7 +35,7 @@ pub enum Error {
     Source(Box<SourceError>),
     #[error(transparent)]
     Target(#[from] ApplyError),
-    #[error("cannot decode the replication stream (please report this): {0}")]
+    #[error("{}", decode_message(.0))]
     Decode(#[from] DecodeError),
     #[error("cannot map a source row to a user: {0}")]
     Map(#[from] MapError),
@@ -100,6 +100,14 @@ impl Error {
         } else {
             EXIT_DEFINITE
         }
+    }
+}
+
+/// A stream that cannot be decoded is a bug to report; a spill file the disk refused is not.
+fn decode_message(error: &DecodeError) -> String {
+    match error {
+        DecodeError::Spill { .. } => error.to_string(),
+        _ => format!("cannot decode the replication stream (please report this): {error}"),
     }
 }
 

@@ -178,7 +178,8 @@ fn spill_error(
     DecodeError::Spill {
         action,
         reason: format!(
-            "{}: {error}; free space there or point TMPDIR at a larger disk",
+            "{}: {error}; large transactions are spilled to TMPDIR: make sure it exists, is \
+             writable and has room, or point it at another disk",
             path.display()
         ),
     }

@@ -277,3 +277,29 @@ async fn a_malformed_row_in_a_spilled_transaction_applies_none_of_it() {
         "only the good transaction is on the target"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spill_directory_that_cannot_be_written_is_explained() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (email) SELECT 'spill' || g || '@example.com' FROM generate_series(1, 5000) g",
+        )
+        .await
+        .unwrap();
+    let output = pair
+        .command(&["run", "--spill-threshold", "64kB"])
+        .env("TMPDIR", "/nonexistent/usersync-spill")
+        .output()
+        .unwrap();
+    assert_definite(&output, "/nonexistent/usersync-spill");
+    let said = text(&output);
+    assert!(said.contains("TMPDIR"), "{said}");
+    assert!(!said.contains("please report"), "{said}");
+    assert_eq!(
+        target_user_count(&pair.target).await,
+        0,
+        "nothing of the transaction reached the target"
+    );
+}
