@@ -242,9 +242,17 @@ async fn run_session(
             .into());
         }
     }
+    let has_checkpoint = checkpoint.is_some();
     let writer = answered(TARGET_TIMEOUT, "target", "preparing statements", async {
         let mut writer =
             TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
+        if has_checkpoint {
+            // The checkpoint read above is only visible: the session that wrote it may have
+            // committed it asynchronously and died before a synchronous commit covered it,
+            // and a target crash (or a Neon compute restart) would undo it. It becomes the
+            // first position this session reports, so first make it durable.
+            writer.make_durable().await?;
+        }
         writer.use_async_commit().await?;
         Ok(writer)
     })
@@ -300,6 +308,7 @@ async fn run_session(
         relations: Vec::new(),
         skip_before: resume_at,
         confirmed: resume_at,
+        reported_flush: Lsn::ZERO,
         unflushed: VecDeque::new(),
         last_durable: Instant::now(),
         received: resume_at,
@@ -528,6 +537,9 @@ struct Session<'a> {
     skip_before: Lsn,
     /// The position the target holds durably (the checkpoint's `end_lsn`).
     confirmed: Lsn,
+    /// The furthest flush position sent to the source: an idle confirmation may have gone
+    /// past `confirmed`, and what was reported once is never taken back.
+    reported_flush: Lsn,
     /// Applied batches not yet known durable: the source position each takes the checkpoint to.
     unflushed: VecDeque<Lsn>,
     last_durable: Instant,
@@ -1187,11 +1199,17 @@ impl Session<'_> {
             self.recent_refreshed = Instant::now();
             self.metrics.refresh_recent_lag(self.recent_refreshed);
         }
-        let dry_run = matches!(self.mode, Mode::Replay { dry_run: true, .. });
-        let flushed = if self.caught_up() && self.unflushed.is_empty() && !dry_run {
-            self.confirmed.max(self.idle_position)
+        let flushed = if matches!(self.mode, Mode::Replay { dry_run: true, .. }) {
+            // A dry run confirms nothing: the server ignores an invalid (zero) position.
+            Lsn::ZERO
         } else {
-            self.confirmed
+            let flushed = if self.caught_up() && self.unflushed.is_empty() {
+                self.confirmed.max(self.idle_position)
+            } else {
+                self.confirmed
+            };
+            self.reported_flush = self.reported_flush.max(flushed);
+            self.reported_flush
         };
         let written = self.received.max(flushed);
         let update = encode_standby_status_update(

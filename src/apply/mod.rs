@@ -40,6 +40,13 @@ pub enum ApplyError {
          writes this slot's checkpoint (usersync status shows it)"
     )]
     CheckpointRefused { slot: String, end_lsn: Lsn },
+    #[error(
+        "the checkpoint of slot {slot} is gone from usersync.state on the target (removed by \
+         usersync teardown or resync, or by hand) while this replicator was applying to it, so \
+         nothing past the durable position was confirmed; if a resync or teardown is under way \
+         let it finish, otherwise run usersync resync"
+    )]
+    CheckpointGone { slot: String },
     #[error("an empty batch was handed to the writer")]
     EmptyBatch,
     #[error(

@@ -475,6 +475,10 @@ impl TargetWriter {
     /// by the safekeepers), which comes after all of them. The local flush position
     /// (`pg_current_wal_flush_lsn()`) would not do: on Neon it is not what survives a compute
     /// restart.
+    ///
+    /// The commit only waits if the transaction wrote something: an UPDATE that finds no
+    /// checkpoint row gets no transaction id, its COMMIT writes no WAL and returns at once,
+    /// having made nothing durable. So a missing row is an error, never a success.
     pub async fn make_durable(&mut self) -> Result<(), ApplyError> {
         let context = "flushing the target's WAL";
         let transaction = self
@@ -486,13 +490,19 @@ impl TargetWriter {
             .batch_execute("SET LOCAL synchronous_commit = on")
             .await
             .map_err(ApplyError::sql(context))?;
-        transaction
+        let touched = transaction
             .execute(
                 "UPDATE usersync.state SET updated_at = now() WHERE slot_name = $1",
                 &[&self.slot],
             )
             .await
             .map_err(ApplyError::sql(context))?;
+        if touched != 1 {
+            // Dropping the transaction rolls it back.
+            return Err(ApplyError::CheckpointGone {
+                slot: self.slot.clone(),
+            });
+        }
         transaction.commit().await.map_err(ApplyError::sql(context))
     }
 }

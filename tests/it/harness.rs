@@ -102,6 +102,11 @@ pub fn start_server(extra_conf: Vec<(String, String)>) -> LocalPg {
     start_server_from(bin_dir_from_env(SOURCE_PG_BIN_ENV), extra_conf)
 }
 
+/// A target server of its own (from [`TARGET_PG_BIN_ENV`]'s binaries) with extra settings.
+pub fn start_target_server(extra_conf: Vec<(String, String)>) -> LocalPg {
+    start_server_from(bin_dir_from_env(TARGET_PG_BIN_ENV), extra_conf)
+}
+
 fn start_server_from(bin_dir: Option<PathBuf>, extra_conf: Vec<(String, String)>) -> LocalPg {
     LocalPg::start(&LocalPgOptions {
         superuser_password: PASSWORD.to_owned(),

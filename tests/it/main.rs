@@ -7,6 +7,7 @@ mod harness;
 
 mod cli;
 mod compat;
+mod confirmation;
 mod crash;
 mod errors;
 mod faults;
