@@ -318,6 +318,7 @@ async fn run_session(
         last_status: Instant::now(),
         last_message: Instant::now(),
         reply_requested: false,
+        reading_paused: false,
         mode,
         recent_refreshed: Instant::now()
             .checked_sub(RECENT_LAG_REFRESH)
@@ -554,6 +555,9 @@ struct Session<'a> {
     last_message: Instant,
     /// A reply was requested since `last_message`, because the source had been quiet.
     reply_requested: bool,
+    /// The stream is not being read (the next batch waits for a busy worker), so the
+    /// source's silence means nothing: its messages wait in the socket.
+    reading_paused: bool,
 }
 
 impl Session<'_> {
@@ -583,11 +587,22 @@ impl Session<'_> {
                     Mode::Service => STATUS_INTERVAL,
                     Mode::Replay { .. } => REPLAY_STATUS_INTERVAL,
                 };
-            let mut timer = status_due.min(self.silence_check_due());
+            let may_read = worker_free || !self.batch_is_due();
+            if !may_read {
+                self.reading_paused = true;
+            } else if self.reading_paused {
+                // The silence is measured again from now: a target slower than the source
+                // timeout is not a silent source.
+                self.reading_paused = false;
+                self.heard_from_source();
+            }
+            let mut timer = status_due;
+            if may_read {
+                timer = timer.min(self.silence_check_due());
+            }
             if !self.unflushed.is_empty() {
                 timer = timer.min(durable_due);
             }
-            let may_read = worker_free || !self.batch_is_due();
             tokio::select! {
                 biased;
                 _ = stopped(shutdown) => {
@@ -600,9 +615,9 @@ impl Session<'_> {
                 done = self.worker.recv(), if !worker_free => self.on_done(done?).await?,
                 payload = self.stream.recv(), if may_read => match payload? {
                     Some(payload) => {
-                        self.last_message = Instant::now();
-                        self.reply_requested = false;
-                        self.handle(payload).await?
+                        self.handle(payload).await?;
+                        // After handling: a large transaction is written while nothing is read.
+                        self.heard_from_source();
                     }
                     None => return Err(SourceError::Replication(
                         crate::source::ReplicationError::Closed,
@@ -613,7 +628,9 @@ impl Session<'_> {
                     self.submit_batch().await?
                 }
                 _ = tokio::time::sleep_until(timer.into()) => {
-                    self.check_silence().await?;
+                    if may_read {
+                        self.check_silence().await?;
+                    }
                     if Instant::now() >= status_due {
                         // A replay asks for keepalives: their position tells it when it is done.
                         self.send_status(matches!(self.mode, Mode::Replay { .. })).await?;
@@ -621,6 +638,12 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// The source has just been heard from, or could not be listened to until now.
+    fn heard_from_source(&mut self) {
+        self.last_message = Instant::now();
+        self.reply_requested = false;
     }
 
     /// When the source's silence next needs a look: halfway, to ask for a reply, then at
