@@ -790,11 +790,23 @@ impl Session<'_> {
         true
     }
 
+    /// A skipped transaction's changes are not applied, but the Relation messages among them
+    /// still describe the tables: the server sends a relation once per session, so a later
+    /// transaction's changes may rely on one that came inside a skipped transaction.
+    fn note_relations_of_skipped(&mut self, transaction: Transaction) -> Result<(), Error> {
+        for change in transaction.into_changes() {
+            if let LogicalMessage::Relation(relation) = change? {
+                self.note_relation(relation)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Maps the whole transaction first, then adds it to the batch: a row that cannot be
     /// mapped fails the transaction before any of it reaches the batch.
     fn add_transaction(&mut self, transaction: Transaction) -> Result<(), Error> {
         if !self.wanted(&transaction) {
-            return Ok(());
+            return self.note_relations_of_skipped(transaction);
         }
         let mut changes = Vec::with_capacity(transaction.changes.len());
         for change in transaction.changes {
@@ -878,7 +890,7 @@ impl Session<'_> {
     /// out meanwhile, so the source does not time the connection out.
     async fn add_large_transaction(&mut self, transaction: Transaction) -> Result<(), Error> {
         if !self.wanted(&transaction) {
-            return Ok(());
+            return self.note_relations_of_skipped(transaction);
         }
         if !self.batch.is_empty() {
             self.apply_batch().await?;
