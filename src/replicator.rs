@@ -62,7 +62,10 @@ pub const APPLICATION_NAME: &str = "usersync";
 pub const MAX_BATCH_CHANGES: usize = 10_000;
 /// Longest a batch collects while WAL keeps arriving (a backlog), so lag stays bounded.
 pub const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
-/// Status updates are sent at least this often; PostgreSQL's `wal_sender_timeout` is 60 s.
+/// Status updates are sent at least this often, and at least three times per the source's
+/// `wal_sender_timeout` (60 s by default): while a slow batch pauses the reading of the
+/// stream, the server's requests for a reply go unseen, and only these keep it from ending
+/// the connection as timed out.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// How often, at most, applied batches are made durable (a synchronous commit on the target),
 /// which lets the slot be confirmed up to them.
@@ -213,7 +216,7 @@ async fn run_session(
         Ok(source)
     })
     .await?;
-    wait_for_slot(&source, &config.slot, source_timeout).await?;
+    let sender_timeout = wait_for_slot(&source, &config.slot, source_timeout).await?;
     // Facts the profile needs from the source (Keycloak: the realm's id for its name).
     let profile = answered(
         source_timeout,
@@ -291,8 +294,14 @@ async fn run_session(
         heartbeat,
         Arc::clone(metrics),
     )));
+    let status_interval = match mode {
+        Mode::Service if !sender_timeout.is_zero() => STATUS_INTERVAL.min(sender_timeout / 3),
+        Mode::Service => STATUS_INTERVAL,
+        Mode::Replay { .. } => REPLAY_STATUS_INTERVAL,
+    };
     let mut session = Session {
         config,
+        status_interval,
         metrics,
         heartbeat_prefix: heartbeat_prefix(&config.slot),
         clock: ClockOffset::default(),
@@ -377,12 +386,13 @@ async fn hold_slot_lock(
 ///
 /// The wait lasts at least as long as the source's `wal_sender_timeout` (plus a margin): a
 /// predecessor that died without closing its connection (a crashed host, after which a
-/// standby takes over) keeps the slot busy until its walsender times out.
+/// standby takes over) keeps the slot busy until its walsender times out. Returns that
+/// timeout (zero if the server has it off).
 async fn wait_for_slot(
     source: &tokio_postgres::Client,
     slot: &str,
     source_timeout: Duration,
-) -> Result<(), Error> {
+) -> Result<Duration, Error> {
     let sender_timeout: i32 = answered(source_timeout, "source", "reading settings", async {
         Ok(source
             .query_one(
@@ -394,8 +404,8 @@ async fn wait_for_slot(
             .get(0))
     })
     .await?;
-    let wait = SLOT_BUSY_WAIT
-        .max(Duration::from_millis(u64::try_from(sender_timeout).unwrap_or(0)) + SLOT_BUSY_MARGIN);
+    let sender_timeout = Duration::from_millis(u64::try_from(sender_timeout).unwrap_or(0));
+    let wait = SLOT_BUSY_WAIT.max(sender_timeout + SLOT_BUSY_MARGIN);
     let deadline = Instant::now() + wait;
     loop {
         let info = answered(source_timeout, "source", "reading the slot", async {
@@ -438,7 +448,7 @@ async fn wait_for_slot(
                 tracing::info!(slot, pid, "slot busy; waiting for it to be released");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            _ => return Ok(()),
+            _ => return Ok(sender_timeout),
         }
     }
 }
@@ -520,6 +530,8 @@ struct Session<'a> {
     /// Whether the lag is over the target (to log crossings once).
     over_target: bool,
     mode: Mode,
+    /// How often a status update goes out, whatever happens.
+    status_interval: Duration,
     /// When the last-minute percentiles were last published.
     recent_refreshed: Instant,
     /// A replay reached its end position.
@@ -582,11 +594,7 @@ impl Session<'_> {
                 self.submit_batch().await?;
                 continue;
             }
-            let status_due = self.last_status
-                + match self.mode {
-                    Mode::Service => STATUS_INTERVAL,
-                    Mode::Replay { .. } => REPLAY_STATUS_INTERVAL,
-                };
+            let status_due = self.last_status + self.status_interval;
             let may_read = worker_free || !self.batch_is_due();
             if !may_read {
                 self.reading_paused = true;
@@ -600,7 +608,8 @@ impl Session<'_> {
             if may_read {
                 timer = timer.min(self.silence_check_due());
             }
-            if !self.unflushed.is_empty() {
+            if worker_free && !self.unflushed.is_empty() {
+                // (A busy worker wakes the loop itself when it is done.)
                 timer = timer.min(durable_due);
             }
             tokio::select! {
@@ -959,7 +968,7 @@ impl Session<'_> {
                     makes_durable: 0,
                 });
             }
-            if self.last_status.elapsed() >= STATUS_INTERVAL {
+            if self.last_status.elapsed() >= self.status_interval {
                 self.send_status(false).await?;
             }
         }

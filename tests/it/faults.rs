@@ -418,3 +418,51 @@ async fn a_source_that_answers_nothing_while_a_session_starts_is_retried() {
     running.stop().await;
     silent.abort();
 }
+
+/// A batch that takes longer than the source timeout (a slow target) pauses the reading of
+/// the stream while the next batch waits; the source's silence in that time is not its
+/// fault, and must not end a healthy session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_slower_than_the_source_timeout_is_not_a_silent_source() {
+    let mut pair = Pair::new().await;
+    pair.setup().await;
+    pair.target
+        .batch_execute(&format!(
+            "CREATE FUNCTION slow_user() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN PERFORM pg_sleep({}); RETURN NEW; END $$;
+                 CREATE TRIGGER slow_user BEFORE INSERT ON neon_auth.users_sync FOR EACH ROW
+                   WHEN (NEW.raw_json ->> 'primary_email' = 'slow@example.com')
+                   EXECUTE FUNCTION slow_user();",
+            SOURCE_TIMEOUT.as_secs() + 2
+        ))
+        .await
+        .unwrap();
+    pair.config.source_timeout = SOURCE_TIMEOUT;
+    let running = pair.start();
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('slow@example.com')")
+        .await
+        .unwrap();
+    // Changes keep coming while the slow batch is written, so the next batch is due and
+    // waits: reading pauses.
+    let until = Instant::now() + SOURCE_TIMEOUT + Duration::from_secs(2);
+    let mut n = 0;
+    while Instant::now() < until {
+        n += 1;
+        pair.source
+            .execute(
+                "INSERT INTO users (email) VALUES ($1)",
+                &[&format!("after{n}@example.com")],
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pair.wait_for_match().await;
+    assert_eq!(
+        running.metrics.reconnects(),
+        0,
+        "a slow target ended the session as if the source were silent"
+    );
+    running.stop().await;
+}
