@@ -74,10 +74,11 @@ async fn monitor_with(
         if heartbeat_interval.is_some() && *heartbeats_allowed {
             if let Err(error) = emit_heartbeat(client, prefix).await {
                 if error.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+                    let function = emit_message_signature(client).await;
                     tracing::warn!(
                         "heartbeats disabled: the source role may not call pg_logical_emit_message; \
                          lag while idle is estimated from keepalives. To enable them: GRANT EXECUTE \
-                         ON FUNCTION pg_logical_emit_message(boolean, text, text) TO <role>"
+                         ON FUNCTION {function} TO <role>"
                     );
                     *heartbeats_allowed = false;
                 } else {
@@ -91,6 +92,19 @@ async fn monitor_with(
                 return error;
             }
         }
+    }
+}
+
+/// The text form of `pg_logical_emit_message` that heartbeats call, as a GRANT names it: its
+/// signature differs by version (PostgreSQL 17 added a fourth argument, `flush`).
+pub async fn emit_message_signature(client: &Client) -> String {
+    const SIGNATURE: &str = "SELECT oid::regprocedure::text FROM pg_proc
+        WHERE proname = 'pg_logical_emit_message' AND proargtypes[2] = 'text'::regtype";
+    match client.query_opt(SIGNATURE, &[]).await {
+        Ok(Some(row)) => row.get(0),
+        _ => "pg_logical_emit_message(boolean, text, text) (on PostgreSQL 17 and later: \
+              pg_logical_emit_message(boolean, text, text, boolean))"
+            .to_owned(),
     }
 }
 

@@ -47,6 +47,17 @@ CREATE TABLE neon_auth.users_sync (
   email text GENERATED ALWAYS AS (raw_json ->> 'primary_email') STORED,
   deleted_at timestamptz)";
 
+/// Takes the right to write logical messages from PUBLIC in one database, in every form the
+/// server has (PostgreSQL 17 added a fourth argument, so the signatures differ by version).
+pub const REVOKE_EMIT_MESSAGE: &str = "
+DO $$
+DECLARE f regprocedure;
+BEGIN
+  FOR f IN SELECT oid::regprocedure FROM pg_proc WHERE proname = 'pg_logical_emit_message' LOOP
+    EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+  END LOOP;
+END $$";
+
 /// How long a test waits for replication before it fails.
 pub const WAIT: Duration = Duration::from_secs(30);
 

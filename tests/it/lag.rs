@@ -331,9 +331,7 @@ async fn without_the_right_to_emit_heartbeats_replication_goes_on() {
     let pair = Pair::new().await;
     // This database only: the source role may no longer write logical messages.
     pair.source
-        .batch_execute(
-            "REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC",
-        )
+        .batch_execute(REVOKE_EMIT_MESSAGE)
         .await
         .unwrap();
     pair.setup().await;

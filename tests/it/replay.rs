@@ -121,9 +121,7 @@ async fn without_the_right_to_write_a_marker_replay_ends_at_the_current_position
     pair.setup().await;
     // This database only: the source role may no longer write logical messages.
     pair.source
-        .batch_execute(
-            "REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC",
-        )
+        .batch_execute(REVOKE_EMIT_MESSAGE)
         .await
         .unwrap();
     pair.source
