@@ -51,10 +51,17 @@ async fn a_required_column_disappearing_stops_before_confirming_past_it() {
     for sql in [
         "INSERT INTO users (id, mail) VALUES ('good', 'good@example.com')",
         "ALTER TABLE users DROP COLUMN mail",
-        "INSERT INTO users (id) VALUES ('after')",
     ] {
         pair.source.batch_execute(sql).await.unwrap();
     }
+    // The bad transaction commits after this position. The slot may be confirmed up to it
+    // (PostgreSQL 14 sends the DDL's transaction, empty, and it may be confirmed as nothing
+    // for the target), never past it.
+    let before_bad = pair.source_wal_lsn().await;
+    pair.source
+        .batch_execute("INSERT INTO users (id) VALUES ('after')")
+        .await
+        .unwrap();
     let output = pair
         .command(&["run", "--email-column", "mail"])
         .output()
@@ -74,16 +81,12 @@ async fn a_required_column_disappearing_stops_before_confirming_past_it() {
     let behind: bool = pair
         .source
         .query_one(
-            "SELECT s.confirmed_flush_lsn <= c.end_lsn::text::pg_lsn
-               FROM pg_replication_slots s, (SELECT $2::text AS end_lsn) c
-              WHERE s.slot_name = $1",
-            &[&pair.config.slot, &pair.checkpoint_end().await],
+            "SELECT s.confirmed_flush_lsn <= $2::text::pg_lsn
+               FROM pg_replication_slots s WHERE s.slot_name = $1",
+            &[&pair.config.slot, &before_bad],
         )
         .await
         .unwrap()
         .get(0);
-    assert!(
-        behind,
-        "the slot was confirmed past the last good transaction"
-    );
+    assert!(behind, "the slot was confirmed past the bad transaction");
 }
