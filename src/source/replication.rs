@@ -88,6 +88,21 @@ pub enum ReplicationError {
     Unexpected { context: &'static str, tag: char },
     #[error("the source sent a malformed reply to {command}: {what}")]
     BadReply { command: &'static str, what: String },
+    /// A PostgreSQL server sends only small messages before authentication completes, so a long
+    /// one means the other end is something else, or something in between tampers with it.
+    #[error(
+        "the source at {target} sent a message of {len} bytes (type {tag:?}) before \
+         authentication completed, where PostgreSQL sends at most a few kilobytes; usersync \
+         accepts {limit} bytes at that stage and read no further. Check that {target} is a \
+         PostgreSQL server and that nothing in between (a proxy, a load balancer) alters the \
+         connection"
+    )]
+    OversizedBeforeAuthentication {
+        target: String,
+        tag: char,
+        len: u32,
+        limit: usize,
+    },
     #[error("the source closed the replication connection")]
     Closed,
     #[error(
@@ -172,6 +187,9 @@ pub struct ReplicationConnection {
     write_buf: BytesMut,
     target: String,
     server_version_num: Option<u32>,
+    /// Whether the server has accepted the client (AuthenticationOk): until then, only small
+    /// messages are read ([`wire::MAX_PRE_AUTH_FRAME_LEN`]).
+    authenticated: bool,
 }
 
 impl ReplicationConnection {
@@ -208,6 +226,7 @@ impl ReplicationConnection {
             write_buf: BytesMut::with_capacity(1024),
             target,
             server_version_num: None,
+            authenticated: false,
         };
         conn.startup(url, application_name, channel_binding).await?;
         Ok(conn)
@@ -243,6 +262,7 @@ impl ReplicationConnection {
             .map_err(|e| self.bad_reply("startup", e.to_string()))?;
         self.flush().await?;
         self.authenticate(url, tls_end_point).await?;
+        self.authenticated = true;
         loop {
             let frame = self.read_frame().await?;
             match frame.tag {
@@ -552,9 +572,24 @@ impl ReplicationConnection {
     }
 
     async fn read_frame(&mut self) -> Result<Frame, ReplicationError> {
+        let limit = if self.authenticated {
+            wire::MAX_FRAME_LEN
+        } else {
+            wire::MAX_PRE_AUTH_FRAME_LEN
+        };
         loop {
-            if let Some(frame) = wire::take_frame(&mut self.read_buf)? {
-                return Ok(frame);
+            match wire::take_frame(&mut self.read_buf, limit) {
+                Ok(Some(frame)) => return Ok(frame),
+                Ok(None) => {}
+                Err(WireError::TooLong { tag, len, .. }) if !self.authenticated => {
+                    return Err(ReplicationError::OversizedBeforeAuthentication {
+                        target: self.target.clone(),
+                        tag,
+                        len,
+                        limit,
+                    })
+                }
+                Err(error) => return Err(error.into()),
             }
             let read = self
                 .io
@@ -851,6 +886,7 @@ mod stream_tests {
             write_buf: BytesMut::new(),
             target: "test".into(),
             server_version_num: None,
+            authenticated: true,
         };
         (ReplicationStream { conn }, server)
     }
