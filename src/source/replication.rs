@@ -902,3 +902,6 @@ mod stream_tests {
         assert!(stream.recv().await.unwrap().is_none());
     }
 }
+
+#[cfg(test)]
+mod hostile_server_tests;
