@@ -20,6 +20,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+use super::auth::{
+    AUTH_CLEARTEXT, AUTH_GSS, AUTH_MD5, AUTH_OK, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL,
+};
 use super::*;
 use crate::conn::test_pki::{self, TestPki};
 
@@ -43,10 +46,33 @@ const WAIT: Duration = Duration::from_secs(10);
 enum Scenario {
     /// AuthenticationCleartextPassword; AuthenticationOk for whatever comes back.
     Cleartext,
-    /// AuthenticationSASL offering these mechanisms, and an honest SCRAM exchange.
-    Scram(&'static [&'static str]),
+    /// AuthenticationMD5Password; AuthenticationOk for whatever comes back.
+    Md5,
+    /// AuthenticationOk at once, as `trust` in pg_hba.conf does.
+    Trust,
+    /// AuthenticationGSS, which usersync does not speak.
+    Gss,
+    /// AuthenticationSASL offering these mechanisms, then the exchange ends as [`Finish`] says.
+    Scram(&'static [&'static str], Finish),
+    /// SASLContinue with no SASL exchange started.
+    ContinueFirst,
+    /// SASLFinal right after the client's first message, skipping SASLContinue.
+    FinalFirst,
+    /// A SCRAM exchange, then a request for an md5 hash in the middle of it.
+    Md5DuringScram,
     /// The header of a 1 GiB authentication request, and then nothing.
     HugeFrame,
+}
+
+/// How the fake server ends a SCRAM exchange after the client's final message.
+#[derive(Clone, Copy, Debug)]
+enum Finish {
+    /// SASLFinal with the signature made from the password, AuthenticationOk, ReadyForQuery.
+    Honestly,
+    /// AuthenticationOk without SASLFinal: the server never proves that it knows the password.
+    OkBeforeFinal,
+    /// SASLFinal with a signature made without the password, then AuthenticationOk.
+    WrongSignature,
 }
 
 const BOTH: &[&str] = &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"];
@@ -122,7 +148,7 @@ impl Peer {
 
     /// AuthenticationOk and ReadyForQuery: the end of a successful startup.
     async fn let_in(&mut self) -> std::io::Result<()> {
-        self.send_auth(0, &[]).await?;
+        self.send_auth(AUTH_OK, &[]).await?;
         self.send(b'Z', b"I").await
     }
 
@@ -212,11 +238,53 @@ async fn play(peer: &mut Peer, scenario: Scenario) -> std::io::Result<()> {
             peer.read_message().await?;
             peer.let_in().await
         }
-        Scenario::Scram(mechanisms) => {
+        Scenario::Md5 => {
+            peer.send_auth(AUTH_MD5, &MD5_SALT).await?;
+            peer.read_message().await?;
+            peer.let_in().await
+        }
+        Scenario::Trust => peer.let_in().await,
+        Scenario::Gss => {
+            peer.send_auth(AUTH_GSS, &[]).await?;
+            peer.read_message().await?;
+            peer.let_in().await
+        }
+        Scenario::Scram(mechanisms, finish) => {
             let auth_message = scram_until_client_final(peer, mechanisms).await?;
-            let signature = server_signature(PASSWORD.as_bytes(), &auth_message);
-            let message = format!("v={}", base64(&signature));
-            peer.send_auth(AUTH_SASL_FINAL, message.as_bytes()).await?;
+            match finish {
+                Finish::Honestly => {
+                    let signature = server_signature(PASSWORD.as_bytes(), &auth_message);
+                    let message = format!("v={}", base64(&signature));
+                    peer.send_auth(AUTH_SASL_FINAL, message.as_bytes()).await?;
+                }
+                Finish::OkBeforeFinal => {}
+                Finish::WrongSignature => {
+                    let signature = server_signature(b"not the password", &auth_message);
+                    let message = format!("v={}", base64(&signature));
+                    peer.send_auth(AUTH_SASL_FINAL, message.as_bytes()).await?;
+                }
+            }
+            peer.let_in().await
+        }
+        Scenario::ContinueFirst => {
+            peer.send_auth(AUTH_SASL_CONTINUE, b"r=abc,s=c2FsdA==,i=4096")
+                .await?;
+            peer.read_message().await?;
+            peer.let_in().await
+        }
+        Scenario::FinalFirst => {
+            peer.send_auth(AUTH_SASL, &mechanism_list(PLAIN_ONLY))
+                .await?;
+            read_sasl_initial(peer).await?;
+            peer.send_auth(AUTH_SASL_FINAL, b"v=c2lnbmF0dXJl").await?;
+            peer.let_in().await
+        }
+        Scenario::Md5DuringScram => {
+            peer.send_auth(AUTH_SASL, &mechanism_list(PLAIN_ONLY))
+                .await?;
+            read_sasl_initial(peer).await?;
+            peer.send_auth(AUTH_MD5, &MD5_SALT).await?;
+            peer.read_message().await?;
             peer.let_in().await
         }
         Scenario::HugeFrame => {
@@ -404,6 +472,134 @@ fn assert_refused(outcome: Result<(), ReplicationError>, expected: &str) -> Repl
     error
 }
 
+/// Refused with `expected`, having written nothing at all after the StartupMessage.
+async fn assert_refused_before_answering(scenario: Scenario, settings: &str, expected: &str) {
+    let (outcome, recorded) = connect_to(scenario, true, settings).await;
+    assert_no_secret_sent(&recorded);
+    assert!(
+        recorded.after_startup().is_empty(),
+        "{scenario:?} with {settings}: the client answered with {:?}",
+        String::from_utf8_lossy(recorded.after_startup())
+    );
+    assert_refused(outcome, expected);
+}
+
+const REQUIRE: &str = "sslmode=require&channel_binding=require";
+
+// ---------------------------------------------------------------------------------------------
+// channel_binding=require answers nothing but SCRAM-SHA-256-PLUS
+
+#[tokio::test]
+async fn require_refuses_a_cleartext_request_before_sending_the_password() {
+    assert_refused_before_answering(
+        Scenario::Cleartext,
+        REQUIRE,
+        "the server asked for a cleartext password, but channel_binding=require",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn require_refuses_an_md5_request_before_sending_the_hash() {
+    assert_refused_before_answering(
+        Scenario::Md5,
+        REQUIRE,
+        "the server asked for an md5 password hash, but channel_binding=require",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn require_refuses_md5_on_a_connection_the_server_kept_unencrypted() {
+    // sslmode=prefer lets a server (or whoever answers) refuse TLS.
+    let settings = "sslmode=prefer&channel_binding=require";
+    let (outcome, recorded) = connect_to(Scenario::Md5, false, settings).await;
+    assert_no_secret_sent(&recorded);
+    assert!(recorded.after_startup().is_empty());
+    assert_refused(
+        outcome,
+        "the server asked for an md5 password hash, but channel_binding=require",
+    );
+}
+
+#[tokio::test]
+async fn require_refuses_trust() {
+    assert_refused_before_answering(
+        Scenario::Trust,
+        REQUIRE,
+        "without any authentication (trust), but channel_binding=require",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn require_refuses_gssapi() {
+    assert_refused_before_answering(
+        Scenario::Gss,
+        REQUIRE,
+        "the server asked for GSSAPI authentication, but channel_binding=require",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn require_refuses_scram_without_channel_binding() {
+    assert_refused_before_answering(
+        Scenario::Scram(PLAIN_ONLY, Finish::Honestly),
+        REQUIRE,
+        "the server offers SCRAM-SHA-256 without channel binding",
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// SCRAM counts only when complete: the server must prove that it knows the password
+
+#[tokio::test]
+async fn success_before_the_servers_signature_is_refused() {
+    for settings in [
+        "sslmode=require&channel_binding=prefer",
+        REQUIRE,
+        "sslmode=require&channel_binding=disable",
+    ] {
+        let (outcome, recorded) =
+            connect_to(Scenario::Scram(BOTH, Finish::OkBeforeFinal), true, settings).await;
+        assert_no_secret_sent(&recorded);
+        assert_refused(
+            outcome,
+            "the server reported success before completing SCRAM",
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_server_signature_is_refused() {
+    let (outcome, recorded) = connect_to(
+        Scenario::Scram(BOTH, Finish::WrongSignature),
+        true,
+        "sslmode=require",
+    )
+    .await;
+    assert_no_secret_sent(&recorded);
+    assert_refused(outcome, "the server's SCRAM signature is wrong");
+}
+
+#[tokio::test]
+async fn scram_messages_out_of_order_are_refused() {
+    for scenario in [Scenario::ContinueFirst, Scenario::FinalFirst] {
+        let (outcome, recorded) = connect_to(scenario, true, "sslmode=require").await;
+        assert_no_secret_sent(&recorded);
+        assert_refused(outcome, "out of order");
+    }
+}
+
+#[tokio::test]
+async fn a_password_request_in_the_middle_of_scram_is_refused() {
+    let (outcome, recorded) = connect_to(Scenario::Md5DuringScram, true, "sslmode=require").await;
+    assert_no_secret_sent(&recorded);
+    assert_refused(outcome, "out of order");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Message sizes before authentication
 
@@ -419,7 +615,8 @@ async fn a_giant_message_before_authentication_is_refused_without_allocating() {
 
 /// Runs an honest SCRAM exchange offering `mechanisms`; returns what the client wrote.
 async fn honest_scram(mechanisms: &'static [&'static str], tls: bool, settings: &str) -> Recorded {
-    let (outcome, recorded) = connect_to(Scenario::Scram(mechanisms), tls, settings).await;
+    let (outcome, recorded) =
+        connect_to(Scenario::Scram(mechanisms, Finish::Honestly), tls, settings).await;
     if let Err(error) = outcome {
         panic!("{settings}: {}", crate::error::report(&error));
     }
@@ -432,7 +629,7 @@ async fn honest_scram(mechanisms: &'static [&'static str], tls: bool, settings: 
 
 #[tokio::test]
 async fn require_binds_to_the_servers_certificate() {
-    let recorded = honest_scram(BOTH, true, "sslmode=require&channel_binding=require").await;
+    let recorded = honest_scram(BOTH, true, REQUIRE).await;
     let (mechanism, _) = recorded.sasl_initial.as_ref().unwrap();
     assert_eq!(mechanism, "SCRAM-SHA-256-PLUS");
     assert_eq!(recorded.gs2_header(), "p=tls-server-end-point,,");
