@@ -25,7 +25,7 @@
 //! - **The GS2 header** of the client-first-message says what the client knows about binding:
 //!   `p=tls-server-end-point` when it binds; `y` when it could (TLS) but the server did not offer
 //!   PLUS, so that a server that did offer it knows the offer was stripped on the way and
-//!   refuses; `n` without TLS.
+//!   refuses; `n` without TLS or with `channel_binding=disable`.
 //!
 //! Every refusal is an [`AuthError`] that says what to check. None of them, and nothing here,
 //! ever contains the password. The module is pure (requests in, messages to send out); the
@@ -114,9 +114,10 @@ pub enum AuthError {
     )]
     BindingNeedsTls,
     #[error(
-        "channel_binding=require, but the server's certificate is signed with an algorithm that \
-         gives no tls-server-end-point hash (such as Ed25519), so the channel cannot be bound; \
-         give the server a certificate signed with RSA or ECDSA"
+        "the server offers channel binding, but its certificate is signed with an algorithm that \
+         gives no tls-server-end-point hash (such as Ed25519), so usersync cannot bind to it; \
+         give the server a certificate signed with RSA or ECDSA (or, to authenticate without \
+         binding, set channel_binding=disable)"
     )]
     NoEndPoint,
     #[error(
@@ -378,28 +379,36 @@ impl<'a> Authenticator<'a> {
     /// client-first-message.
     fn start_scram(&self, mechanisms: &[&[u8]], out: &mut BytesMut) -> Result<Progress, AuthError> {
         let offers = |name: &str| mechanisms.contains(&name.as_bytes());
-        let require = self.channel_binding == ChannelBinding::Require;
-        let (mechanism, binding, bound) = match &self.tls_end_point {
-            Some(end_point)
-                if offers(SCRAM_SHA_256_PLUS)
-                    && self.channel_binding != ChannelBinding::Disable
-                    && !end_point.is_empty() =>
-            {
-                (
-                    SCRAM_SHA_256_PLUS,
-                    ScramChannelBinding::tls_server_end_point(end_point.clone()),
-                    true,
-                )
+        // The GS2 header: `unsupported()` is 'n', `unrequested()` is 'y' (postgres-protocol).
+        let (mechanism, binding, bound) = match (&self.tls_end_point, self.channel_binding) {
+            (None, ChannelBinding::Require) => return Err(AuthError::BindingNeedsTls),
+            // Nothing to bind to.
+            (None, _) => (SCRAM_SHA_256, ScramChannelBinding::unsupported(), false),
+            // 'n', as libpq sends: 'y' would tell a server that offered PLUS that the offer was
+            // stripped on the way, and PostgreSQL refuses the connection.
+            (Some(_), ChannelBinding::Disable) => {
+                (SCRAM_SHA_256, ScramChannelBinding::unsupported(), false)
             }
-            None if require => return Err(AuthError::BindingNeedsTls),
-            Some(_) if require && offers(SCRAM_SHA_256_PLUS) => return Err(AuthError::NoEndPoint),
-            Some(_) if require => {
+            // A certificate without a tls-server-end-point hash cannot be bound to; libpq fails
+            // here too. Falling back to 'n' would let a man in the middle with such a
+            // certificate turn binding off without the real server noticing.
+            (Some(end_point), _) if offers(SCRAM_SHA_256_PLUS) && end_point.is_empty() => {
+                return Err(AuthError::NoEndPoint)
+            }
+            (Some(end_point), _) if offers(SCRAM_SHA_256_PLUS) => (
+                SCRAM_SHA_256_PLUS,
+                ScramChannelBinding::tls_server_end_point(end_point.clone()),
+                true,
+            ),
+            (Some(_), ChannelBinding::Require) => {
                 return Err(AuthError::PlusNotOffered {
                     offered: list(mechanisms),
                 })
             }
-            Some(_) => (SCRAM_SHA_256, ScramChannelBinding::unrequested(), false),
-            None => (SCRAM_SHA_256, ScramChannelBinding::unsupported(), false),
+            // The client could bind, the server did not offer it: 'y'.
+            (Some(_), ChannelBinding::Prefer) => {
+                (SCRAM_SHA_256, ScramChannelBinding::unrequested(), false)
+            }
         };
         if !offers(mechanism) {
             return Err(AuthError::NoSupportedMechanism {
@@ -428,4 +437,138 @@ fn list(mechanisms: &[&[u8]]) -> String {
         .map(|m| String::from_utf8_lossy(m).into_owned())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BOTH: &[&str] = &[SCRAM_SHA_256_PLUS, SCRAM_SHA_256];
+    const PLAIN_ONLY: &[&str] = &[SCRAM_SHA_256];
+    const END_POINT: &[u8] = &[0xab; 32];
+
+    /// Answers an AuthenticationSASL offering `offered`; returns the mechanism chosen and the
+    /// GS2 header of the client-first-message, or the refusal (with nothing written).
+    fn first_message(
+        settings: &str,
+        tls_end_point: Option<&[u8]>,
+        offered: &[&str],
+    ) -> Result<(String, String), AuthError> {
+        let url: PgUrl = format!("postgresql://u:pw@h/db?{settings}")
+            .parse()
+            .expect("test URL");
+        let mut authenticator = Authenticator::new(&url, tls_end_point.map(<[u8]>::to_vec));
+        let mut request = AUTH_SASL.to_be_bytes().to_vec();
+        for mechanism in offered {
+            request.extend_from_slice(mechanism.as_bytes());
+            request.push(0);
+        }
+        request.push(0);
+        let mut out = BytesMut::new();
+        let answered = authenticator.answer(&request, &mut out);
+        if let Err(error) = answered {
+            assert!(out.is_empty(), "{error}: nothing may be sent");
+            return Err(error);
+        }
+        // SASLInitialResponse: 'p', length, mechanism, NUL, length of the message, message.
+        let body = &out[5..];
+        let end = body.iter().position(|&b| b == 0).expect("mechanism");
+        let mechanism = String::from_utf8(body[..end].to_vec()).expect("UTF-8");
+        let message = String::from_utf8(body[end + 5..].to_vec()).expect("UTF-8");
+        let header_end = message.match_indices(',').nth(1).expect("GS2 header").0;
+        Ok((mechanism, message[..=header_end].to_owned()))
+    }
+
+    fn chose(mechanism: &str, header: &str) -> Result<(String, String), AuthError> {
+        Ok((mechanism.to_owned(), header.to_owned()))
+    }
+
+    #[test]
+    fn the_gs2_header_follows_libpq() {
+        let tls = Some(END_POINT);
+        let cases = [
+            ("channel_binding=disable", tls, BOTH, SCRAM_SHA_256, "n,,"),
+            (
+                "channel_binding=disable",
+                tls,
+                PLAIN_ONLY,
+                SCRAM_SHA_256,
+                "n,,",
+            ),
+            (
+                "channel_binding=prefer",
+                tls,
+                BOTH,
+                SCRAM_SHA_256_PLUS,
+                "p=tls-server-end-point,,",
+            ),
+            (
+                "channel_binding=prefer",
+                tls,
+                PLAIN_ONLY,
+                SCRAM_SHA_256,
+                "y,,",
+            ),
+            (
+                "channel_binding=require",
+                tls,
+                BOTH,
+                SCRAM_SHA_256_PLUS,
+                "p=tls-server-end-point,,",
+            ),
+            (
+                "channel_binding=prefer",
+                None,
+                PLAIN_ONLY,
+                SCRAM_SHA_256,
+                "n,,",
+            ),
+            (
+                "channel_binding=disable",
+                None,
+                PLAIN_ONLY,
+                SCRAM_SHA_256,
+                "n,,",
+            ),
+            // A certificate without a binding hash matters only if binding is wanted.
+            (
+                "channel_binding=disable",
+                Some(&[][..]),
+                BOTH,
+                SCRAM_SHA_256,
+                "n,,",
+            ),
+        ];
+        for (settings, tls, offered, mechanism, header) in cases {
+            assert_eq!(
+                first_message(settings, tls, offered).map_err(|e| e.to_string()),
+                chose(mechanism, header).map_err(|e| e.to_string()),
+                "{settings}, TLS: {}, offered: {offered:?}",
+                tls.is_some()
+            );
+        }
+    }
+
+    #[test]
+    fn binding_that_cannot_happen_is_refused_before_answering() {
+        let refused = |settings, tls, offered| first_message(settings, tls, offered).unwrap_err();
+        assert!(matches!(
+            refused("channel_binding=require", Some(END_POINT), PLAIN_ONLY),
+            AuthError::PlusNotOffered { offered } if offered == "SCRAM-SHA-256"
+        ));
+        assert!(matches!(
+            refused("channel_binding=require", None, PLAIN_ONLY),
+            AuthError::BindingNeedsTls
+        ));
+        for settings in ["channel_binding=require", "channel_binding=prefer"] {
+            assert!(matches!(
+                refused(settings, Some(&[][..]), BOTH),
+                AuthError::NoEndPoint
+            ));
+        }
+        assert!(matches!(
+            refused("channel_binding=prefer", Some(END_POINT), &["OAUTHBEARER"]),
+            AuthError::NoSupportedMechanism { offered } if offered == "OAUTHBEARER"
+        ));
+    }
 }

@@ -662,6 +662,15 @@ async fn prefer_over_tls_without_plus_offered_says_binding_was_not_offered() {
 }
 
 #[tokio::test]
+async fn disable_over_tls_says_no_binding() {
+    let recorded = honest_scram(BOTH, true, "sslmode=require&channel_binding=disable").await;
+    assert_eq!(recorded.sasl_initial.as_ref().unwrap().0, "SCRAM-SHA-256");
+    // 'n', as libpq sends: 'y' would tell a server that offered PLUS that it was stripped,
+    // and PostgreSQL refuses the connection.
+    assert_eq!(recorded.gs2_header(), "n,,");
+}
+
+#[tokio::test]
 async fn without_tls_the_client_says_no_binding() {
     let recorded = honest_scram(PLAIN_ONLY, false, "sslmode=prefer").await;
     assert_eq!(recorded.gs2_header(), "n,,");
