@@ -121,6 +121,12 @@ pub enum AuthError {
     )]
     NoEndPoint,
     #[error(
+        "the server offered SCRAM-SHA-256-PLUS on a connection without TLS, which PostgreSQL \
+         never does: something in between may have stripped TLS; check that you are connecting \
+         to the real server, and use sslmode=verify-full"
+    )]
+    PlusWithoutTls,
+    #[error(
         "channel_binding=require, but the server completed authentication without channel \
          binding; check that you are connecting to the real server"
     )]
@@ -382,6 +388,9 @@ impl<'a> Authenticator<'a> {
         // The GS2 header: `unsupported()` is 'n', `unrequested()` is 'y' (postgres-protocol).
         let (mechanism, binding, bound) = match (&self.tls_end_point, self.channel_binding) {
             (None, ChannelBinding::Require) => return Err(AuthError::BindingNeedsTls),
+            // PostgreSQL offers PLUS only over TLS: TLS was stripped in between, and answering
+            // would authenticate whoever stripped it (libpq refuses here too).
+            (None, _) if offers(SCRAM_SHA_256_PLUS) => return Err(AuthError::PlusWithoutTls),
             // Nothing to bind to.
             (None, _) => (SCRAM_SHA_256, ScramChannelBinding::unsupported(), false),
             // 'n', as libpq sends: 'y' would tell a server that offered PLUS that the offer was
@@ -564,6 +573,12 @@ mod tests {
             assert!(matches!(
                 refused(settings, Some(&[][..]), BOTH),
                 AuthError::NoEndPoint
+            ));
+        }
+        for settings in ["channel_binding=prefer", "channel_binding=disable"] {
+            assert!(matches!(
+                refused(settings, None, BOTH),
+                AuthError::PlusWithoutTls
             ));
         }
         assert!(matches!(

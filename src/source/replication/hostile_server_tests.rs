@@ -676,6 +676,19 @@ async fn without_tls_the_client_says_no_binding() {
     assert_eq!(recorded.gs2_header(), "n,,");
 }
 
+#[tokio::test]
+async fn plus_offered_without_tls_is_refused_as_a_stripped_connection() {
+    // The fake server refuses TLS, which sslmode=prefer allows, then offers PLUS.
+    let (outcome, recorded) = connect_to(
+        Scenario::Scram(BOTH, Finish::Honestly),
+        false,
+        "sslmode=prefer",
+    )
+    .await;
+    assert!(recorded.after_startup().is_empty());
+    assert_refused(outcome, "SCRAM-SHA-256-PLUS on a connection without TLS");
+}
+
 // ---------------------------------------------------------------------------------------------
 // What still works
 
