@@ -17,15 +17,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use postgres_protocol::authentication::sasl::{self, ChannelBinding as ScramChannelBinding};
 use postgres_protocol::escape::{escape_identifier, escape_literal};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::conn::{tls, ChannelBinding, PgUrl, SslMode, UrlError};
+use crate::conn::{tls, PgUrl, SslMode, UrlError};
 use crate::lsn::Lsn;
 use crate::source::wire::{self, Frame, ServerMessage, WireError};
+
+mod auth;
+
+pub use auth::{AuthError, AuthMethod};
 
 /// Session settings that fix the text form of the values pgoutput sends, whatever the
 /// server's defaults: the mapping parses timestamps, floats and bytea in exactly this form.
@@ -34,18 +37,6 @@ const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_d
 
 /// How long to wait for a TCP connection when the URL sets no `connect_timeout`.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// SASL mechanism names (RFC 7677 and PostgreSQL's channel-binding variant).
-const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
-const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
-
-/// Authentication request codes of the `'R'` message.
-const AUTH_OK: i32 = 0;
-const AUTH_CLEARTEXT: i32 = 3;
-const AUTH_MD5: i32 = 5;
-const AUTH_SASL: i32 = 10;
-const AUTH_SASL_CONTINUE: i32 = 11;
-const AUTH_SASL_FINAL: i32 = 12;
 
 trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncStream for T {}
@@ -78,7 +69,11 @@ pub enum ReplicationError {
     #[error("the source at {target} does not accept TLS, but sslmode={mode} requires it")]
     TlsRefused { target: String, mode: &'static str },
     #[error("authentication with the source at {target} is not possible: {reason}")]
-    Authentication { target: String, reason: String },
+    Authentication {
+        target: String,
+        #[source]
+        reason: AuthError,
+    },
     #[error("the source {context} failed: {message}")]
     Server {
         context: String,
@@ -88,6 +83,21 @@ pub enum ReplicationError {
     Unexpected { context: &'static str, tag: char },
     #[error("the source sent a malformed reply to {command}: {what}")]
     BadReply { command: &'static str, what: String },
+    /// A PostgreSQL server sends only small messages before authentication completes, so a long
+    /// one means the other end is something else, or something in between tampers with it.
+    #[error(
+        "the source at {target} sent a message of {len} bytes (type {tag:?}) before \
+         authentication completed, where PostgreSQL sends at most a few kilobytes; usersync \
+         accepts {limit} bytes at that stage and read no further. Check that {target} is a \
+         PostgreSQL server and that nothing in between (a proxy, a load balancer) alters the \
+         connection"
+    )]
+    OversizedBeforeAuthentication {
+        target: String,
+        tag: char,
+        len: u32,
+        limit: usize,
+    },
     #[error("the source closed the replication connection")]
     Closed,
     #[error(
@@ -172,6 +182,9 @@ pub struct ReplicationConnection {
     write_buf: BytesMut,
     target: String,
     server_version_num: Option<u32>,
+    /// Whether the server has accepted the client (AuthenticationOk): until then, only small
+    /// messages are read ([`wire::MAX_PRE_AUTH_FRAME_LEN`]).
+    authenticated: bool,
 }
 
 impl ReplicationConnection {
@@ -208,6 +221,7 @@ impl ReplicationConnection {
             write_buf: BytesMut::with_capacity(1024),
             target,
             server_version_num: None,
+            authenticated: false,
         };
         conn.startup(url, application_name, channel_binding).await?;
         Ok(conn)
@@ -243,6 +257,7 @@ impl ReplicationConnection {
             .map_err(|e| self.bad_reply("startup", e.to_string()))?;
         self.flush().await?;
         self.authenticate(url, tls_end_point).await?;
+        self.authenticated = true;
         loop {
             let frame = self.read_frame().await?;
             match frame.tag {
@@ -263,13 +278,14 @@ impl ReplicationConnection {
         }
     }
 
+    /// Answers the server's authentication requests until it accepts the client and the
+    /// client accepts it (see [`auth`] for what is answered and what is refused).
     async fn authenticate(
         &mut self,
         url: &PgUrl,
         tls_end_point: Option<Vec<u8>>,
     ) -> Result<(), ReplicationError> {
-        let encrypted = tls_end_point.is_some();
-        let mut scram: Option<sasl::ScramSha256> = None;
+        let mut authenticator = auth::Authenticator::new(url, tls_end_point);
         loop {
             let frame = self.read_frame().await?;
             match frame.tag {
@@ -277,133 +293,18 @@ impl ReplicationConnection {
                 wire::ERROR_RESPONSE => return Err(self.server_error("authentication", &frame)?),
                 tag => return Err(unexpected("authenticating", tag)),
             }
-            let body = &frame.body[..];
-            let code = body
-                .get(..4)
-                .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-                .ok_or_else(|| self.bad_reply("authentication", "no request code".into()))?;
-            let data = &body[4..];
-            match code {
-                AUTH_OK => {
-                    if url.channel_binding == ChannelBinding::Require && scram.is_none() {
-                        return Err(self.auth_error(
-                            "channel_binding=require, but the server did not use SCRAM".into(),
-                        ));
-                    }
-                    return Ok(());
-                }
-                AUTH_CLEARTEXT => {
-                    if !encrypted {
-                        return Err(self.auth_error(
-                            "the server asks for a cleartext password on an unencrypted \
-                             connection; use sslmode=require or better, or configure scram-sha-256"
-                                .into(),
-                        ));
-                    }
-                    let password = self.password(url)?;
-                    frontend::password_message(password.as_bytes(), &mut self.write_buf)
-                        .map_err(|e| self.bad_reply("authentication", e.to_string()))?;
-                }
-                AUTH_MD5 => {
-                    let salt: [u8; 4] =
-                        data.get(..4)
-                            .and_then(|s| s.try_into().ok())
-                            .ok_or_else(|| {
-                                self.bad_reply("authentication", "md5 without salt".into())
-                            })?;
-                    let password = self.password(url)?;
-                    let hash = postgres_protocol::authentication::md5_hash(
-                        url.user.as_bytes(),
-                        password.as_bytes(),
-                        salt,
-                    );
-                    frontend::password_message(hash.as_bytes(), &mut self.write_buf)
-                        .map_err(|e| self.bad_reply("authentication", e.to_string()))?;
-                }
-                AUTH_SASL => {
-                    let mechanisms: Vec<&[u8]> =
-                        data.split(|&b| b == 0).filter(|m| !m.is_empty()).collect();
-                    let offers_plus = mechanisms.contains(&SCRAM_SHA_256_PLUS.as_bytes());
-                    let offers_plain = mechanisms.contains(&SCRAM_SHA_256.as_bytes());
-                    let (mechanism, binding) = match (&tls_end_point, offers_plus) {
-                        (Some(end_point), true)
-                            if url.channel_binding != ChannelBinding::Disable
-                                && !end_point.is_empty() =>
-                        {
-                            (
-                                SCRAM_SHA_256_PLUS,
-                                ScramChannelBinding::tls_server_end_point(end_point.clone()),
-                            )
-                        }
-                        _ if url.channel_binding == ChannelBinding::Require => {
-                            return Err(self.auth_error(
-                                "channel_binding=require, but channel binding is not available \
-                                 (it needs TLS and a server offering SCRAM-SHA-256-PLUS)"
-                                    .into(),
-                            ))
-                        }
-                        (Some(_), _) if offers_plain => {
-                            (SCRAM_SHA_256, ScramChannelBinding::unrequested())
-                        }
-                        (None, _) if offers_plain => {
-                            (SCRAM_SHA_256, ScramChannelBinding::unsupported())
-                        }
-                        _ => {
-                            return Err(self.auth_error(format!(
-                                "the server offers no SASL mechanism usersync supports ({})",
-                                mechanisms
-                                    .iter()
-                                    .map(|m| String::from_utf8_lossy(m).into_owned())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            )))
-                        }
-                    };
-                    let password = self.password(url)?;
-                    let state = sasl::ScramSha256::new(password.as_bytes(), binding);
-                    frontend::sasl_initial_response(
-                        mechanism,
-                        state.message(),
-                        &mut self.write_buf,
-                    )
-                    .map_err(|e| self.bad_reply("authentication", e.to_string()))?;
-                    scram = Some(state);
-                }
-                AUTH_SASL_CONTINUE => {
-                    let state = scram
-                        .as_mut()
-                        .ok_or_else(|| unexpected("authenticating", wire::AUTHENTICATION))?;
-                    state
-                        .update(data)
-                        .map_err(|e| self.auth_error(format!("SCRAM exchange failed: {e}")))?;
-                    let message = state.message().to_vec();
-                    frontend::sasl_response(&message, &mut self.write_buf)
-                        .map_err(|e| self.bad_reply("authentication", e.to_string()))?;
-                }
-                AUTH_SASL_FINAL => {
-                    let state = scram
-                        .as_mut()
-                        .ok_or_else(|| unexpected("authenticating", wire::AUTHENTICATION))?;
-                    state.finish(data).map_err(|e| {
-                        self.auth_error(format!("the server's SCRAM signature is invalid: {e}"))
-                    })?;
-                    continue;
-                }
-                other => {
-                    return Err(self.auth_error(format!(
-                        "the server asks for authentication method {other}, which usersync does \
-                         not support; use scram-sha-256 in pg_hba.conf"
-                    )))
-                }
+            let step = authenticator
+                .answer(&frame.body, &mut self.write_buf)
+                .map_err(|reason| ReplicationError::Authentication {
+                    target: self.target.clone(),
+                    reason,
+                })?;
+            match step {
+                auth::Step::Authenticated => return Ok(()),
+                auth::Step::Continue if self.write_buf.is_empty() => {}
+                auth::Step::Continue => self.flush().await?,
             }
-            self.flush().await?;
         }
-    }
-
-    fn password<'a>(&self, url: &'a PgUrl) -> Result<&'a str, ReplicationError> {
-        url.password().map(|p| p.expose()).ok_or_else(|| {
-            self.auth_error("the server asks for a password, but the URL has none".into())
-        })
     }
 
     /// Runs one simple-protocol query (replication commands included) and collects its rows.
@@ -552,9 +453,24 @@ impl ReplicationConnection {
     }
 
     async fn read_frame(&mut self) -> Result<Frame, ReplicationError> {
+        let limit = if self.authenticated {
+            wire::MAX_FRAME_LEN
+        } else {
+            wire::MAX_PRE_AUTH_FRAME_LEN
+        };
         loop {
-            if let Some(frame) = wire::take_frame(&mut self.read_buf)? {
-                return Ok(frame);
+            match wire::take_frame(&mut self.read_buf, limit) {
+                Ok(Some(frame)) => return Ok(frame),
+                Ok(None) => {}
+                Err(WireError::TooLong { tag, len, .. }) if !self.authenticated => {
+                    return Err(ReplicationError::OversizedBeforeAuthentication {
+                        target: self.target.clone(),
+                        tag,
+                        len,
+                        limit,
+                    })
+                }
+                Err(error) => return Err(error.into()),
             }
             let read = self
                 .io
@@ -581,13 +497,6 @@ impl ReplicationConnection {
         ReplicationError::Io {
             target: self.target.clone(),
             source,
-        }
-    }
-
-    fn auth_error(&self, reason: String) -> ReplicationError {
-        ReplicationError::Authentication {
-            target: self.target.clone(),
-            reason,
         }
     }
 
@@ -851,6 +760,7 @@ mod stream_tests {
             write_buf: BytesMut::new(),
             target: "test".into(),
             server_version_num: None,
+            authenticated: true,
         };
         (ReplicationStream { conn }, server)
     }
@@ -866,3 +776,6 @@ mod stream_tests {
         assert!(stream.recv().await.unwrap().is_none());
     }
 }
+
+#[cfg(test)]
+mod hostile_server_tests;

@@ -22,9 +22,19 @@ pub const COPY_OUT_RESPONSE: u8 = b'H';
 pub const COPY_DATA: u8 = b'd';
 pub const COPY_DONE: u8 = b'c';
 
-/// Largest backend message accepted. A walsender's messages are bounded by the WAL record
-/// sizes (1 GiB for a single datum); anything bigger is a corrupt length, not data.
-const MAX_FRAME_LEN: usize = 1 << 30;
+/// Largest backend message accepted once the server has authenticated. A walsender's messages
+/// are bounded by the WAL record sizes (1 GiB for a single datum); anything bigger is a corrupt
+/// length, not data.
+pub const MAX_FRAME_LEN: usize = 1 << 30;
+
+/// Largest backend message accepted before authentication completes. Until then the other end
+/// is whoever answered the TCP connection (with `sslmode=require` any certificate passes), and
+/// a length word must not make the client reserve memory at that stranger's will. The messages
+/// of that phase are small: libpq refuses an authentication request over 2,000 bytes and an
+/// ErrorResponse over 30,000 (`PQconnectPoll`, CONNECTION_AWAITING_RESPONSE) and caps every
+/// other short message type at 30,000 (`pqParseInput3`). 64 KiB holds all of them with room to
+/// spare, including a NoticeResponse, and costs nothing to keep.
+pub const MAX_PRE_AUTH_FRAME_LEN: usize = 64 * 1024;
 
 /// One backend message: its tag and its body (without the length word).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,21 +48,33 @@ pub struct Frame {
 pub enum WireError {
     #[error("backend message {tag:?} has an invalid length {len}")]
     BadLength { tag: char, len: u32 },
+    /// Longer than the caller accepts at this point of the connection; nothing was reserved for it.
+    #[error("backend message {tag:?} claims {len} bytes, more than the {max} accepted here")]
+    TooLong { tag: char, len: u32, max: usize },
     #[error("backend message {tag:?} is malformed: {what}")]
     Malformed { tag: char, what: &'static str },
 }
 
 /// Takes one complete frame off the front of `buf`, or returns `None` when more bytes are needed.
-pub fn take_frame(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+/// A frame longer than `max_len` (body and length word) is an error before any memory is
+/// reserved for it.
+pub fn take_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, WireError> {
     if buf.len() < 5 {
         return Ok(None);
     }
     let tag = buf[0];
     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
-    if len < 4 || len as usize > MAX_FRAME_LEN {
+    if len < 4 {
         return Err(WireError::BadLength {
             tag: char::from(tag),
             len,
+        });
+    }
+    if len as usize > max_len {
+        return Err(WireError::TooLong {
+            tag: char::from(tag),
+            len,
+            max: max_len,
         });
     }
     let total = 1 + len as usize;
@@ -194,12 +216,12 @@ mod tests {
     fn takes_frames_only_when_complete() {
         let bytes = frame(COPY_DATA, b"hello");
         let mut buf = BytesMut::from(&bytes[..6]);
-        assert_eq!(take_frame(&mut buf).unwrap(), None);
+        assert_eq!(take_frame(&mut buf, MAX_FRAME_LEN).unwrap(), None);
         buf.extend_from_slice(&bytes[6..]);
         buf.extend_from_slice(&frame(COPY_DONE, b""));
-        let first = take_frame(&mut buf).unwrap().unwrap();
+        let first = take_frame(&mut buf, MAX_FRAME_LEN).unwrap().unwrap();
         assert_eq!((first.tag, &first.body[..]), (COPY_DATA, &b"hello"[..]));
-        let second = take_frame(&mut buf).unwrap().unwrap();
+        let second = take_frame(&mut buf, MAX_FRAME_LEN).unwrap().unwrap();
         assert_eq!((second.tag, second.body.len()), (COPY_DONE, 0));
         assert!(buf.is_empty());
     }
@@ -207,9 +229,34 @@ mod tests {
     #[test]
     fn rejects_impossible_lengths() {
         let mut buf = BytesMut::from(&[b'd', 0, 0, 0, 3][..]);
-        assert!(take_frame(&mut buf).is_err());
+        assert!(take_frame(&mut buf, MAX_FRAME_LEN).is_err());
         let mut buf = BytesMut::from(&[b'd', 0xff, 0xff, 0xff, 0xff][..]);
-        assert!(take_frame(&mut buf).is_err());
+        assert!(take_frame(&mut buf, MAX_FRAME_LEN).is_err());
+    }
+
+    #[test]
+    fn refuses_a_frame_over_the_limit_without_reserving_for_it() {
+        // An authentication request claiming 1 GiB, before authentication.
+        let mut buf = BytesMut::from(&[b'R', 0x40, 0, 0, 0, 0, 0, 0, 0][..]);
+        assert_eq!(
+            take_frame(&mut buf, MAX_PRE_AUTH_FRAME_LEN),
+            Err(WireError::TooLong {
+                tag: 'R',
+                len: 1 << 30,
+                max: MAX_PRE_AUTH_FRAME_LEN
+            })
+        );
+        assert!(
+            buf.capacity() < MAX_PRE_AUTH_FRAME_LEN,
+            "{}",
+            buf.capacity()
+        );
+        // A frame of exactly the limit passes.
+        let body = vec![0; MAX_PRE_AUTH_FRAME_LEN - 4];
+        let mut buf = BytesMut::from(&frame(b'E', &body)[..]);
+        assert!(take_frame(&mut buf, MAX_PRE_AUTH_FRAME_LEN)
+            .unwrap()
+            .is_some());
     }
 
     #[test]

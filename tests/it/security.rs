@@ -288,6 +288,17 @@ async fn the_replication_client_verifies_like_the_sql_client() {
     .expect("SCRAM-SHA-256-PLUS over TLS")
     .close()
     .await;
+
+    // The client says "no binding" (GS2 'n'); 'y' would tell a server that offered
+    // SCRAM-SHA-256-PLUS that its offer was stripped on the way, and it would refuse.
+    connect(
+        "localhost",
+        format!("{}&channel_binding=disable", verify("verify-full", &tls.ca)),
+    )
+    .await
+    .expect("SCRAM-SHA-256 over TLS without binding")
+    .close()
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
