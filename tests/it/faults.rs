@@ -52,6 +52,9 @@ enum Fault {
     CutSource,
     StallSource,
     CutTarget,
+    /// usersync killed and started again, then the target crashing 0-300 ms later: the new
+    /// session's first moments meet a target that loses its unflushed WAL tail.
+    ReplicatorKilledThenTargetCrash,
 }
 
 /// Restarts and terminations, on a source server and a separate target server.
@@ -70,6 +73,24 @@ async fn restarts_and_terminations_lose_and_double_nothing() {
     ];
     run_faults(&mut pair, &kinds, None, Some(target_server)).await;
 }
+
+/// Crashes of the target (immediate stop), alone and right after usersync was killed and
+/// started again, round after round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_crashes_around_restarts_lose_and_double_nothing() {
+    static SOURCE: OnceLock<LocalPg> = OnceLock::new();
+    static TARGET: OnceLock<LocalPg> = OnceLock::new();
+    let source_server = SOURCE.get_or_init(|| start_server(breakable_conf()));
+    let target_server = TARGET.get_or_init(|| start_target_server(breakable_conf()));
+    let mut pair = Pair::on(source_server, USERS_TABLE).await;
+    pair.move_target(target_server).await;
+    let kinds = [Fault::TargetCrash, Fault::ReplicatorKilledThenTargetCrash];
+    run_faults_for(&mut pair, &kinds, None, Some(target_server), CRASH_ROUNDS).await;
+}
+
+/// Rounds of [`target_crashes_around_restarts_lose_and_double_nothing`]: dozens, as each is
+/// quick.
+const CRASH_ROUNDS: u32 = 24;
 
 /// Connections cut and stalled between usersync and both servers, and backends terminated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,6 +123,16 @@ async fn run_faults(
     proxies: Option<&Proxies>,
     target_server: Option<&'static LocalPg>,
 ) {
+    run_faults_for(pair, kinds, proxies, target_server, FAULTS).await;
+}
+
+async fn run_faults_for(
+    pair: &mut Pair,
+    kinds: &[Fault],
+    proxies: Option<&Proxies>,
+    target_server: Option<&'static LocalPg>,
+    rounds: u32,
+) {
     // RUST_LOG=usersync=debug shows the replicator's side of a failure.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -128,13 +159,18 @@ async fn run_faults(
     let mut running = pair.start();
     let mut random = Random::seeded();
     let mut injected = Vec::new();
-    for round in 0..FAULTS {
+    for round in 0..rounds {
         // Each fault hits working replication: wait for a batch since the last one.
         let want = running.metrics.batches() + 1;
         running = wait_for_batches(running, want).await;
         tokio::time::sleep(Duration::from_millis(200 + random.below(600))).await;
         let fault = kinds[random.below(kinds.len() as u64) as usize];
         eprintln!("faults: round {round}: {fault:?}");
+        if fault == Fault::ReplicatorKilledThenTargetCrash {
+            running.abort();
+            running = pair.start();
+            tokio::time::sleep(Duration::from_millis(random.below(300))).await;
+        }
         inject(fault, pair, proxies, target_server).await;
         injected.push(fault);
     }
@@ -173,7 +209,9 @@ async fn inject(
         Fault::SourceFastRestart => restart(pair.server, StopMode::Fast).await,
         Fault::SourceCrash => restart(pair.server, StopMode::Immediate).await,
         Fault::TargetFastRestart => restart(target_server.unwrap(), StopMode::Fast).await,
-        Fault::TargetCrash => restart(target_server.unwrap(), StopMode::Immediate).await,
+        Fault::TargetCrash | Fault::ReplicatorKilledThenTargetCrash => {
+            restart(target_server.unwrap(), StopMode::Immediate).await
+        }
         Fault::TerminateWalsender => {
             let admin = reconnect(&admin_url(pair.server)).await;
             let slot = &pair.config.slot;
