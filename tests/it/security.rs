@@ -939,6 +939,23 @@ fn kubernetes_manifests_parse_and_fit_together() {
         );
     }
 
+    // The root filesystem is read-only, so large transactions spill to a volume at /tmp
+    // (TMPDIR's default), bounded in size.
+    let tmp = main["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|mount| mount["mountPath"] == "/tmp")
+        .expect("a writable /tmp for spill files");
+    let spill = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|volume| volume["name"] == tmp["name"])
+        .expect("the /tmp volume");
+    assert!(spill["emptyDir"]["sizeLimit"].is_string(), "{spill}");
+    assert_ne!(tmp["readOnly"], true);
+
     // The Secret's keys are mounted where the ConfigMap's *_FILE variables point.
     let volume = pod["spec"]["volumes"]
         .as_array()
@@ -1017,7 +1034,8 @@ fn systemd_unit_keeps_secrets_in_credentials_and_verifies() {
     for line in [
         "ExecStart=/usr/local/bin/usersync run",
         "Restart=on-failure",
-        "RestartPreventExitStatus=78",
+        // A definite error (78) or an argument error (2) would fail the same way again.
+        "RestartPreventExitStatus=2 78",
         "LoadCredential=source-url:/etc/usersync/source-url",
         "LoadCredential=target-url:/etc/usersync/target-url",
         "Environment=USERSYNC_SOURCE_URL_FILE=%d/source-url",
