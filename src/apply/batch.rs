@@ -11,6 +11,9 @@
 //!   and its own `deleted_at`, and replaces what came before it like any upsert;
 //! - unchanged-TOAST keys of a later upsert are filled from an earlier upsert in the batch,
 //!   and only the keys still unknown are left for the target to fill from its current row;
+//! - after a primary-key change the unchanged-TOAST values are the *old* user's: taken from
+//!   its pending upsert or patch in the batch, else from its row on the target (as
+//!   PostgreSQL's own apply takes them from the old row), which the change soft-deletes;
 //! - a patch (part of a user, kept in another source table) is merged into an upsert pending
 //!   for that user, fills the keys a later upsert left to the target, and otherwise is merged
 //!   into the live row on the target; a patch for a user deleted earlier in the batch is
@@ -36,6 +39,9 @@ pub struct PendingUser {
     pub raw_json: Option<Map<String, Value>>,
     /// Keys whose value the target row already holds (unchanged TOAST on the source).
     pub keep_keys: Vec<String>,
+    /// The user whose target row holds `keep_keys` when not this one: the old id of a
+    /// primary-key change. The target reads it as it was before the segment.
+    pub keep_from: Option<String>,
     /// With no upsert: keys to merge into the live row on the target (`raw_json || patch`).
     pub patch: Map<String, Value>,
     pub updated_at: UnixMicros,
@@ -48,6 +54,7 @@ impl PendingUser {
         PendingUser {
             raw_json: None,
             keep_keys: Vec::new(),
+            keep_from: None,
             patch: Map::new(),
             updated_at: at,
             deleted_at: None,
@@ -101,16 +108,34 @@ impl Batch {
     }
 
     pub fn upsert(&mut self, user: MappedUser, at: UnixMicros) {
-        self.upsert_with(user, at, None);
+        self.upsert_with(user, at, None, None);
     }
 
     /// Upserts a user whose row the source keeps but marks deleted at `deleted_at`: the target
     /// row gets the latest `raw_json` and that `deleted_at`.
     pub fn upsert_deleted(&mut self, user: MappedUser, deleted_at: UnixMicros, at: UnixMicros) {
-        self.upsert_with(user, at, Some(deleted_at));
+        self.upsert_with(user, at, Some(deleted_at), None);
     }
 
-    fn upsert_with(&mut self, user: MappedUser, at: UnixMicros, deleted_at: Option<UnixMicros>) {
+    /// Upserts a user whose id an update changed from `from` (whose removal the caller adds
+    /// too): its unchanged-TOAST keys hold the values user `from` has.
+    pub fn upsert_moved(
+        &mut self,
+        user: MappedUser,
+        from: String,
+        deleted_at: Option<UnixMicros>,
+        at: UnixMicros,
+    ) {
+        self.upsert_with(user, at, deleted_at, Some(from));
+    }
+
+    fn upsert_with(
+        &mut self,
+        user: MappedUser,
+        at: UnixMicros,
+        deleted_at: Option<UnixMicros>,
+        moved_from: Option<String>,
+    ) {
         self.changes += 1;
         let MappedUser {
             id,
@@ -118,12 +143,26 @@ impl Batch {
             unchanged_keys,
         } = user;
         let users = self.users_segment();
-        let pending = match users.remove(&id) {
+        // What the batch knows of the user whose values the unchanged keys hold.
+        let earlier = users.remove(&id);
+        let earlier = match &moved_from {
+            Some(from) if !unchanged_keys.is_empty() => users.get(from).cloned(),
+            Some(_) => None,
+            None => earlier,
+        };
+        let pending = match earlier {
             Some(PendingUser {
                 raw_json: Some(earlier),
                 keep_keys: earlier_keep,
+                keep_from: earlier_from,
                 ..
-            }) => merge_unchanged(raw_json, unchanged_keys, earlier, earlier_keep),
+            }) => merge_unchanged(
+                raw_json,
+                unchanged_keys,
+                earlier,
+                earlier_keep,
+                earlier_from.or(moved_from),
+            ),
             Some(PendingUser {
                 raw_json: None,
                 patch,
@@ -131,9 +170,10 @@ impl Batch {
             }) if !patch.is_empty() => {
                 // What the patch holds is known; the other keys still come from the target.
                 let keep_keys = unchanged_keys.clone();
-                merge_unchanged(raw_json, unchanged_keys, patch, keep_keys)
+                merge_unchanged(raw_json, unchanged_keys, patch, keep_keys, moved_from)
             }
             _ => PendingUser {
+                keep_from: moved_from.filter(|_| !unchanged_keys.is_empty()),
                 raw_json: Some(raw_json),
                 keep_keys: unchanged_keys,
                 patch: Map::new(),
@@ -217,12 +257,14 @@ impl Batch {
     }
 }
 
-/// A later upsert takes the earlier upsert's values for the keys it left unchanged.
+/// A later upsert takes the earlier upsert's values for the keys it left unchanged; the keys
+/// the earlier one left to the target stay with the target row it named (`earlier_from`).
 fn merge_unchanged(
     mut raw_json: Map<String, Value>,
     unchanged_keys: Vec<String>,
     mut earlier: Map<String, Value>,
     earlier_keep: Vec<String>,
+    earlier_from: Option<String>,
 ) -> PendingUser {
     let mut keep_keys = Vec::new();
     for key in unchanged_keys {
@@ -237,6 +279,7 @@ fn merge_unchanged(
     }
     PendingUser {
         raw_json: Some(raw_json),
+        keep_from: earlier_from.filter(|_| !keep_keys.is_empty()),
         keep_keys,
         patch: Map::new(),
         updated_at: 0,
@@ -345,6 +388,58 @@ mod tests {
         batch.upsert(user("a", json!({"n": 1}), &["big"]), 1);
         batch.upsert(user("a", json!({"n": 2}), &["big"]), 2);
         assert_eq!(only_users(&batch)["a"].keep_keys, vec!["big".to_owned()]);
+    }
+
+    #[test]
+    fn a_moved_user_keeps_unchanged_values_of_the_old_row_on_the_target() {
+        let mut batch = Batch::new();
+        batch.soft_delete("a".into(), 1);
+        batch.upsert_moved(user("b", json!({"n": 1}), &["big"]), "a".into(), None, 1);
+        let b = &only_users(&batch)["b"];
+        assert_eq!(b.keep_keys, vec!["big".to_owned()]);
+        assert_eq!(b.keep_from.as_deref(), Some("a"));
+        // Later updates of the moved user still take them from there, and so does a second
+        // move.
+        batch.upsert(user("b", json!({"n": 2}), &["big"]), 2);
+        assert_eq!(only_users(&batch)["b"].keep_from.as_deref(), Some("a"));
+        batch.soft_delete("b".into(), 3);
+        batch.upsert_moved(user("c", json!({"n": 3}), &["big"]), "b".into(), None, 3);
+        let users = only_users(&batch);
+        assert_eq!(users["c"].keep_from.as_deref(), Some("a"));
+        assert_eq!(users["c"].keep_keys, vec!["big".to_owned()]);
+        assert_eq!(users["a"].deleted_at, Some(1));
+        assert_eq!(users["b"].deleted_at, Some(3));
+    }
+
+    #[test]
+    fn a_moved_user_keeps_unchanged_values_of_the_old_row_in_the_batch() {
+        let mut batch = Batch::new();
+        batch.upsert(user("a", json!({"big": "x", "n": 1}), &[]), 1);
+        batch.soft_delete("a".into(), 2);
+        batch.upsert_moved(user("b", json!({"n": 2}), &["big"]), "a".into(), None, 2);
+        let b = &only_users(&batch)["b"];
+        assert_eq!(b.raw_json.as_ref().unwrap()["big"], "x");
+        assert!(b.keep_keys.is_empty());
+        assert_eq!(b.keep_from, None);
+        // The old user keeps its own row, soft-deleted.
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.raw_json.as_ref().unwrap()["big"], "x");
+        assert_eq!(a.deleted_at, Some(2));
+    }
+
+    #[test]
+    fn a_move_replaces_what_the_batch_held_under_the_new_id() {
+        let mut batch = Batch::new();
+        batch.upsert(user("b", json!({"big": "old b"}), &[]), 1);
+        batch.soft_delete("b".into(), 1);
+        batch.upsert_moved(user("b", json!({"n": 1}), &["big"]), "a".into(), None, 2);
+        let b = &only_users(&batch)["b"];
+        assert_eq!(b.raw_json.as_ref().unwrap().get("big"), None);
+        assert_eq!(
+            (b.keep_keys.clone(), b.keep_from.as_deref()),
+            (vec!["big".to_owned()], Some("a"))
+        );
+        assert_eq!(b.deleted_at, None);
     }
 
     fn keys(fields: Value) -> Map<String, Value> {

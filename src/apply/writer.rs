@@ -41,11 +41,13 @@ ON CONFLICT (id) DO UPDATE
    SET raw_json = EXCLUDED.raw_json, deleted_at = EXCLUDED.deleted_at";
 
 /// Upserts users with unchanged-TOAST keys: those keys come from the row already on the
-/// target.
+/// target, the user's own or (after a primary-key change) the old id's (`keep_from`). It runs
+/// before the segment's other statements, so that row is read as it was before the segment.
 const UPSERT_MERGING: &str = "
 WITH input AS (
-    SELECT * FROM unnest($1::jsonb[], $2::jsonb[], $3::timestamptz[], $4::timestamptz[])
-        AS t(raw_json, keep_keys, updated_at, deleted_at)
+    SELECT * FROM unnest($1::jsonb[], $2::jsonb[], $3::timestamptz[], $4::timestamptz[],
+                         $5::text[])
+        AS t(raw_json, keep_keys, updated_at, deleted_at, keep_from)
 ), merged AS (
     SELECT CASE WHEN u.raw_json IS NULL THEN i.raw_json
                 ELSE i.raw_json || COALESCE(
@@ -55,7 +57,7 @@ WITH input AS (
            END AS raw_json,
            i.updated_at, i.deleted_at
       FROM input i
-      LEFT JOIN neon_auth.users_sync u ON u.id = i.raw_json ->> 'id'
+      LEFT JOIN neon_auth.users_sync u ON u.id = COALESCE(i.keep_from, i.raw_json ->> 'id')
 )
 INSERT INTO neon_auth.users_sync (raw_json, updated_at, deleted_at)
 SELECT raw_json, updated_at, deleted_at FROM merged
@@ -65,8 +67,9 @@ ON CONFLICT (id) DO UPDATE
 
 const UPSERT_MERGING_NO_UPDATED_AT: &str = "
 WITH input AS (
-    SELECT * FROM unnest($1::jsonb[], $2::jsonb[], $3::timestamptz[], $4::timestamptz[])
-        AS t(raw_json, keep_keys, updated_at, deleted_at)
+    SELECT * FROM unnest($1::jsonb[], $2::jsonb[], $3::timestamptz[], $4::timestamptz[],
+                         $5::text[])
+        AS t(raw_json, keep_keys, updated_at, deleted_at, keep_from)
 ), merged AS (
     SELECT CASE WHEN u.raw_json IS NULL THEN i.raw_json
                 ELSE i.raw_json || COALESCE(
@@ -76,7 +79,7 @@ WITH input AS (
            END AS raw_json,
            i.deleted_at
       FROM input i
-      LEFT JOIN neon_auth.users_sync u ON u.id = i.raw_json ->> 'id'
+      LEFT JOIN neon_auth.users_sync u ON u.id = COALESCE(i.keep_from, i.raw_json ->> 'id')
 )
 INSERT INTO neon_auth.users_sync (raw_json, deleted_at)
 SELECT raw_json, deleted_at FROM merged
@@ -356,24 +359,26 @@ impl TargetWriter {
                         patches,
                         deletes,
                     } = &**arrays;
-                    if !upserts.raw_json.is_empty() {
-                        let params: Vec<&(dyn ToSql + Sync)> =
-                            vec![&upserts.raw_json, &upserts.updated_at, &upserts.deleted_at];
-                        steps.push((
-                            "upserting users",
-                            execute(client, &statements.upsert, params),
-                        ));
-                    }
+                    // First: it reads rows the others may write (a moved user's old id).
                     if !merging.raw_json.is_empty() {
                         let params: Vec<&(dyn ToSql + Sync)> = vec![
                             &merging.raw_json,
                             &merging.keep_keys,
                             &merging.updated_at,
                             &merging.deleted_at,
+                            &merging.keep_from,
                         ];
                         steps.push((
                             "upserting users with unchanged values",
                             execute(client, &statements.upsert_merging, params),
+                        ));
+                    }
+                    if !upserts.raw_json.is_empty() {
+                        let params: Vec<&(dyn ToSql + Sync)> =
+                            vec![&upserts.raw_json, &upserts.updated_at, &upserts.deleted_at];
+                        steps.push((
+                            "upserting users",
+                            execute(client, &statements.upsert, params),
                         ));
                     }
                     if !patches.ids.is_empty() {
@@ -549,6 +554,7 @@ type Pending<'a> = std::pin::Pin<
 struct UpsertArrays<'a> {
     raw_json: Vec<Json<&'a Map<String, Value>>>,
     keep_keys: Vec<Json<&'a [String]>>,
+    keep_from: Vec<Option<&'a str>>,
     updated_at: Vec<DateTime<Utc>>,
     deleted_at: Vec<Option<DateTime<Utc>>>,
 }
@@ -580,7 +586,8 @@ fn segment_arrays(segment: &Segment) -> SegmentArrays<'_> {
 }
 
 /// A users segment's parameters: upserts without and with unchanged-TOAST keys, patches
-/// and soft deletes. Each user is in one of them, so their order does not matter.
+/// and soft deletes. Each user is in one of them, so their order does not matter, except
+/// that the merging upsert reads other users' rows (`keep_from`) and so runs first.
 #[derive(Default)]
 struct UserArrays<'a> {
     upserts: UpsertArrays<'a>,
@@ -604,6 +611,7 @@ fn users_to_arrays(users: &std::collections::HashMap<String, PendingUser>) -> Us
                     &mut *upserts
                 } else {
                     merging.keep_keys.push(Json(&user.keep_keys));
+                    merging.keep_from.push(user.keep_from.as_deref());
                     &mut *merging
                 };
                 into.raw_json.push(Json(raw_json));
