@@ -447,6 +447,8 @@ enum UserChange {
     Patch {
         id: String,
         keys: serde_json::Map<String, serde_json::Value>,
+        /// The part's row went away: the patch clears the part (see `Batch::clear_part`).
+        clears: bool,
     },
     SoftDelete(String),
     SoftDeleteAll,
@@ -844,8 +846,12 @@ impl Session<'_> {
                         Op::Update
                     }
                 }
-                UserChange::Patch { id, keys } => {
-                    self.batch.patch(id, keys, at);
+                UserChange::Patch { id, keys, clears } => {
+                    if clears {
+                        self.batch.clear_part(id, keys, at);
+                    } else {
+                        self.batch.patch(id, keys, at);
+                    }
                     Op::Update
                 }
                 UserChange::SoftDelete(id) => {
@@ -1274,7 +1280,7 @@ fn print_changes(meta: &serde_json::Map<String, serde_json::Value>, changes: &[U
                     Some(serde_json::Value::Object(user.raw_json.clone())),
                 )
             }
-            UserChange::Patch { id, keys } => (
+            UserChange::Patch { id, keys, .. } => (
                 "patch",
                 Some(id.as_str()),
                 Some(serde_json::Value::Object(keys.clone())),
@@ -1303,6 +1309,11 @@ fn removal(mapping: &dyn RowMapper, id: String) -> UserChange {
         .removed(&id)
         .and_then(|outcome| change_of(outcome, false))
     {
+        Some(UserChange::Patch { id, keys, .. }) => UserChange::Patch {
+            id,
+            keys,
+            clears: true,
+        },
         Some(change) => change,
         None => UserChange::SoftDelete(id),
     }
@@ -1323,7 +1334,11 @@ fn change_of(outcome: RowOutcome, inserted: bool) -> Option<UserChange> {
             deleted_at: Some(at),
             moved_from: None,
         }),
-        RowOutcome::Patch { id, keys } => Some(UserChange::Patch { id, keys }),
+        RowOutcome::Patch { id, keys } => Some(UserChange::Patch {
+            id,
+            keys,
+            clears: false,
+        }),
         RowOutcome::Skip { .. } => None,
     }
 }

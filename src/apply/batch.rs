@@ -19,6 +19,12 @@
 //!   into the live row on the target; a patch for a user deleted earlier in the batch is
 //!   dropped (Stack Auth's cascade deletes a user's contact channels after the user), so a
 //!   patch never revives a user or changes when it was deleted;
+//! - a patch that clears a part because its row went away (a contact channel deleted, or no
+//!   longer the primary email) is undone when the next change to that user in the same source
+//!   transaction is its delete: an application that deletes the channel before the user gets
+//!   what the cascade (user first) gets, a soft-deleted user with its last email. A source
+//!   transaction never showed the user without it. (Within one batch or one part of a large
+//!   transaction: parts are written as they fill.)
 //! - a TRUNCATE soft-deletes every live row on the target, so the rows pending before it are
 //!   written first: the batch is a sequence of segments, each applied in order.
 
@@ -82,6 +88,10 @@ pub struct CommitPosition {
 #[derive(Debug, Default)]
 pub struct Batch {
     segments: Vec<Segment>,
+    /// Users whose last change in the current source transaction cleared a part, with what
+    /// the batch held for them before (`None`: nothing), to undo it if the user's delete
+    /// follows.
+    cleared: HashMap<String, Option<PendingUser>>,
     last_commit: Option<CommitPosition>,
     transactions: usize,
     changes: usize,
@@ -103,6 +113,7 @@ impl Batch {
             );
         }
         self.last_commit = Some(position);
+        self.cleared.clear();
         self.transactions += 1;
         self.commit_times.push(position.commit_time);
     }
@@ -142,6 +153,7 @@ impl Batch {
             raw_json,
             unchanged_keys,
         } = user;
+        self.cleared.remove(&id);
         let users = self.users_segment();
         // What the batch knows of the user whose values the unchanged keys hold.
         let earlier = users.remove(&id);
@@ -193,7 +205,17 @@ impl Batch {
 
     pub fn soft_delete(&mut self, id: String, at: UnixMicros) {
         self.changes += 1;
+        let undo = self.cleared.remove(&id);
         let users = self.users_segment();
+        match undo {
+            Some(Some(before)) => {
+                users.insert(id.clone(), before);
+            }
+            Some(None) => {
+                users.remove(&id);
+            }
+            None => {}
+        }
         let pending = users.entry(id).or_insert_with(|| PendingUser::nothing(at));
         pending.updated_at = at;
         pending.deleted_at.get_or_insert(at);
@@ -201,6 +223,19 @@ impl Batch {
 
     /// Sets `keys` of user `id` and keeps its other keys (see the module docs).
     pub fn patch(&mut self, id: String, keys: Map<String, Value>, at: UnixMicros) {
+        self.cleared.remove(&id);
+        self.patch_keys(id, keys, at);
+    }
+
+    /// A patch clearing a part of user `id` whose row went away: undone if the user's delete
+    /// is the next change to it in the same source transaction (see the module docs).
+    pub fn clear_part(&mut self, id: String, keys: Map<String, Value>, at: UnixMicros) {
+        let before = self.users_segment().get(&id).cloned();
+        self.cleared.entry(id.clone()).or_insert(before);
+        self.patch_keys(id, keys, at);
+    }
+
+    fn patch_keys(&mut self, id: String, keys: Map<String, Value>, at: UnixMicros) {
         self.changes += 1;
         let users = self.users_segment();
         let pending = users.entry(id).or_insert_with(|| PendingUser::nothing(at));
@@ -219,6 +254,7 @@ impl Batch {
 
     pub fn soft_delete_all(&mut self, at: UnixMicros) {
         self.changes += 1;
+        self.cleared.clear();
         self.segments.push(Segment::SoftDeleteAll(at));
     }
 
@@ -517,6 +553,55 @@ mod tests {
         let b = &only_users(&batch)["b"];
         assert!(b.patch.is_empty());
         assert_eq!(b.deleted_at, Some(3));
+    }
+
+    fn position(n: u64) -> CommitPosition {
+        CommitPosition {
+            commit_lsn: Lsn(n),
+            end_lsn: Lsn(n),
+            commit_time: n as i64,
+        }
+    }
+
+    #[test]
+    fn a_part_cleared_just_before_the_delete_of_its_user_is_kept() {
+        let cleared = || keys(json!({"primary_email": null}));
+        let mut batch = Batch::new();
+        // On the target only: the clearing patch goes, the delete stays.
+        batch.clear_part("a".into(), cleared(), 1);
+        batch.soft_delete("a".into(), 1);
+        let a = &only_users(&batch)["a"];
+        assert!(a.patch.is_empty() && a.raw_json.is_none());
+        assert_eq!(a.deleted_at, Some(1));
+        // Upserted earlier in the batch: the row keeps its email.
+        batch.commit(position(1));
+        batch.upsert(user("b", json!({"primary_email": "b@x.org"}), &[]), 2);
+        batch.commit(position(2));
+        batch.clear_part("b".into(), cleared(), 3);
+        batch.soft_delete("b".into(), 3);
+        let b = &only_users(&batch)["b"];
+        assert_eq!(b.raw_json.as_ref().unwrap()["primary_email"], "b@x.org");
+        assert_eq!((b.updated_at, b.deleted_at), (3, Some(3)));
+        assert_eq!(batch.changes(), 5);
+    }
+
+    #[test]
+    fn a_part_cleared_in_an_earlier_transaction_or_before_another_change_stays_cleared() {
+        let cleared = || keys(json!({"primary_email": null}));
+        let mut batch = Batch::new();
+        // The user lived without the part for a while: that is its last state.
+        batch.clear_part("a".into(), cleared(), 1);
+        batch.commit(position(1));
+        batch.soft_delete("a".into(), 2);
+        assert_eq!(only_users(&batch)["a"].patch, cleared());
+        // Another change to the user in between: the clear stands.
+        batch.clear_part("b".into(), cleared(), 3);
+        batch.patch("b".into(), keys(json!({"primary_email": "new@x.org"})), 3);
+        batch.soft_delete("b".into(), 3);
+        assert_eq!(
+            only_users(&batch)["b"].patch,
+            keys(json!({"primary_email": "new@x.org"}))
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use tokio_postgres::Client;
 use usersync::map::{
     BetterAuthMapping, KeycloakMapping, Profile, StackAuthMapping, SupabaseMapping,
@@ -1035,5 +1036,28 @@ async fn stack_auth_users_their_primary_email_and_one_tenancy() {
     let cleo = raw_json_of(&pair, 4).await;
     assert_eq!(cleo["primary_email"], "cleo@example.org");
     wait_live_match(&pair, STACK_AUTH_SOURCE_LIVE, STACK_AUTH_TARGET_LIVE).await;
+
+    // An application that deletes the contact channels first, then the user, in one
+    // transaction: the same end as the cascade.
+    pair.source
+        .batch_execute(
+            r#"BEGIN;
+               DELETE FROM "ContactChannel" WHERE "projectUserId" = '00000000-0000-4000-8000-000000000001';
+               DELETE FROM "ProjectUser" WHERE "projectUserId" = '00000000-0000-4000-8000-000000000001';
+               COMMIT;"#,
+        )
+        .await
+        .unwrap();
+    pair.wait_target(
+        "SELECT deleted_at IS NOT NULL FROM neon_auth.users_sync
+          WHERE id = '00000000-0000-4000-8000-000000000001'",
+    )
+    .await;
+    let ada = raw_json_of(&pair, 1).await;
+    assert_eq!(
+        (&ada["primary_email"], &ada["display_name"]),
+        (&json!("ada@work.example"), &json!("Ada Lovelace"))
+    );
+
     running.stop().await;
 }
