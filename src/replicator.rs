@@ -246,6 +246,7 @@ async fn run_session(
         let mut writer =
             TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
         writer.use_async_commit().await?;
+        writer.count_in(Arc::clone(metrics));
         Ok(writer)
     })
     .await?;

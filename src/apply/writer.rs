@@ -6,6 +6,7 @@
 //! prepared once per connection and take arrays (`unnest`), and a batch's statements are
 //! pipelined: a batch costs two round trips (statements, then COMMIT) whatever its size.
 
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use super::batch::{Batch, CommitPosition, PendingUser, Segment, UnixMicros};
 use super::schema::TargetShape;
 use super::{ApplyError, STATEMENT_TIMEOUT};
 use crate::lsn::Lsn;
+use crate::metrics::Metrics;
 
 /// The client-side bound on one batch, for a stall the server cannot see (a half-open
 /// connection): longer than the statement timeout, so the server's own verdict comes first.
@@ -202,6 +204,8 @@ pub struct TargetWriter {
     statements: Statements,
     /// A target transaction is open across calls ([`TargetWriter::apply_part`]).
     open: bool,
+    /// Where what the target could not take is counted (the replicator's metrics).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl TargetWriter {
@@ -266,7 +270,13 @@ impl TargetWriter {
             system_id: system_id.to_owned(),
             statements,
             open: false,
+            metrics: None,
         })
+    }
+
+    /// Counts what the target could not take (patches without a live user) in `metrics`.
+    pub fn count_in(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = Some(metrics);
     }
 
     /// Applies the batch and its checkpoint atomically; returns the position the checkpoint
@@ -452,16 +462,25 @@ impl TargetWriter {
                 }
             }
         }
-        for (step, patches) in patch_counts {
-            if counts[step] < patches as u64 {
-                // Their user row has not reached the target (or is deleted): the user's own
-                // upsert carries the keys when it comes.
-                tracing::debug!(
-                    patches,
-                    patched = counts[step],
-                    "some patches found no live user on the target"
-                );
+        // Patches merge only into a live row: one whose user the target lacks (never copied,
+        // removed behind usersync's back) or holds soft-deleted is lost, and the user's next
+        // update leaves those keys to the missing row too. Counts only: no ids in logs.
+        let (patches, patched) = patch_counts
+            .iter()
+            .fold((0, 0), |(patches, patched), &(step, n)| {
+                (patches + n as u64, patched + counts[step])
+            });
+        if patched < patches {
+            let without_user = patches - patched;
+            if let Some(metrics) = &self.metrics {
+                metrics.patches_without_user_found(without_user);
             }
+            tracing::warn!(
+                patches,
+                without_user,
+                "some users' parts (Stack Auth's primary email) found no live user on the \
+                 target and were not applied; usersync resync copies the users again"
+            );
         }
         self.open = !commits;
         Ok(())

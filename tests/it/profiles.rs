@@ -1059,5 +1059,29 @@ async fn stack_auth_users_their_primary_email_and_one_tenancy() {
         (&json!("ada@work.example"), &json!("Ada Lovelace"))
     );
 
+    // A patch whose user is not on the target (here: removed behind usersync's back) is
+    // counted, not only logged at debug level.
+    assert_eq!(running.metrics.patches_without_user(), 0);
+    pair.target
+        .execute(
+            "DELETE FROM neon_auth.users_sync WHERE id = $1",
+            &[&user_id(2)],
+        )
+        .await
+        .unwrap();
+    pair.source
+        .batch_execute(&channel(TENANCY, 2, 7, "bob@example.org", true))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while running.metrics.patches_without_user() == 0 {
+        assert!(Instant::now() < deadline, "the lost patch was not counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(running.metrics.patches_without_user(), 1);
+    assert!(running
+        .metrics
+        .encode()
+        .contains("usersync_patches_without_user_total 1"));
     running.stop().await;
 }
