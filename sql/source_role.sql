@@ -19,15 +19,23 @@
 --        -v schema=public -v table=users -v publication=usersync \
 --        -f sql/source_role.sql
 --
--- Variables: role (default usersync_source), password (required), schema (default public),
--- table (default users), publication (default usersync; pass the same --publication to
+--   psql "$ADMIN_URL" -v ON_ERROR_STOP=1 \
+--        -v role=usersync_source -v password="$SOURCE_PASSWORD" -v profile=keycloak \
+--        -f sql/source_role.sql
+--
+-- Variables: role (default usersync_source), password (required), profile (default generic;
+-- pass the same --profile to usersync), schema and table (default: the profile's users table,
+-- public.users for generic), publication (default usersync; pass the same --publication to
 -- usersync). Running it again updates the password and re-applies the grants.
 --
--- A profile that reads more than one table (Keycloak looks realm names up in realm, Stack
--- Auth joins "ContactChannel"): run it once per table, the users table first. Later runs
--- find the publication and only grant SELECT; a table that must be published too (Stack
--- Auth's "ContactChannel") is then added by its owner with the ALTER PUBLICATION statement,
--- row filter included, that usersync setup prints when it may not add the table itself.
+-- A profile that reads more than the users table gets SELECT on those tables too:
+--   keycloak    realm (same schema), where usersync looks up the realm --realm names; without
+--               it usersync refuses a realm name;
+--   stack-auth  "ContactChannel" (same schema), which holds the users' primary emails.
+-- A table that must be published too (Stack Auth's "ContactChannel") is then added by its
+-- owner with the ALTER PUBLICATION statement, row filter included, that usersync setup prints
+-- when it may not add the table itself. (Running the script with -v table=... for another
+-- table also just grants SELECT on it, once the publication exists.)
 --
 -- The password reaches the server inside the statement text: with log_statement = 'ddl' or
 -- 'all' it is written to the server log. To avoid that, run the script with password set to
@@ -55,13 +63,32 @@
 \else
   \set role usersync_source
 \endif
+\if :{?profile}
+\else
+  \set profile generic
+\endif
+-- The profile's users table (usersync's default --table) and what else it reads.
+SELECT :'profile' IN ('generic', 'supabase', 'keycloak', 'better-auth', 'stack-auth')
+           AS known_profile,
+       CASE :'profile' WHEN 'supabase' THEN 'auth' ELSE 'public' END AS profile_schema,
+       CASE :'profile' WHEN 'supabase' THEN 'users' WHEN 'keycloak' THEN 'user_entity'
+                       WHEN 'better-auth' THEN 'user' WHEN 'stack-auth' THEN 'ProjectUser'
+                       ELSE 'users' END AS profile_table,
+       :'profile' = 'keycloak' AS reads_realm,
+       :'profile' = 'stack-auth' AS reads_contact_channel
+\gset
+\if :known_profile
+\else
+  \echo 'source_role.sql: unknown profile' :'profile' '(generic, supabase, keycloak, better-auth, stack-auth)'
+  DO $$ BEGIN RAISE EXCEPTION 'unknown profile'; END $$;
+\endif
 \if :{?schema}
 \else
-  \set schema public
+  \set schema :profile_schema
 \endif
 \if :{?table}
 \else
-  \set table users
+  \set table :profile_table
 \endif
 \if :{?publication}
 \else
@@ -95,6 +122,12 @@ SELECT rolsuper OR rolcreatedb OR rolcreaterole OR rolbypassrls AS role_has_more
 GRANT CONNECT ON DATABASE :"dbname" TO :"role";
 GRANT USAGE ON SCHEMA :"schema" TO :"role";
 GRANT SELECT ON TABLE :"schema".:"table" TO :"role";
+\if :reads_realm
+  GRANT SELECT ON TABLE :"schema".realm TO :"role";
+\endif
+\if :reads_contact_channel
+  GRANT SELECT ON TABLE :"schema"."ContactChannel" TO :"role";
+\endif
 
 -- Choice A: the publication, created by the table owner (whoever runs this script).
 \if :publication_exists

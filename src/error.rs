@@ -41,6 +41,22 @@ pub enum Error {
     Map(#[from] MapError),
     #[error(transparent)]
     LocalPg(#[from] LocalPgError),
+    /// The target holds the checkpoint of a slot that is gone or lost: the changes since
+    /// then are missing, and only `resync` (a new copy that soft-deletes the users the source
+    /// no longer has) brings the target back; a plain copy would leave deleted users live.
+    #[error(
+        "replication slot {slot} {state}, but the target holds its checkpoint (up to {checkpoint}): \
+         the changes made since then never reached the target and the source no longer has \
+         them; run usersync resync, which creates the slot again, copies the table and \
+         soft-deletes the users the source no longer has (setup does not: users deleted \
+         meanwhile would stay live)"
+    )]
+    ResyncNeeded {
+        slot: String,
+        /// What happened to the slot: "does not exist on the source", "has lost WAL …".
+        state: &'static str,
+        checkpoint: crate::lsn::Lsn,
+    },
     /// A request that got no answer at all: a stalled network or a hung server answers
     /// nothing, not even an error, and TCP keepalives do not notice a peer that still
     /// acknowledges.
@@ -89,7 +105,8 @@ impl Error {
             | Error::Url { .. }
             | Error::Decode(_)
             | Error::Map(_)
-            | Error::LocalPg(_) => false,
+            | Error::LocalPg(_)
+            | Error::ResyncNeeded { .. } => false,
         }
     }
 

@@ -100,6 +100,7 @@ pub struct Metrics {
     changes: Family<OpLabel, Counter>,
     transactions: Counter,
     skipped_transactions: Counter,
+    patches_without_user: Counter,
     batches: Counter,
     batch_size: Histogram,
     apply_duration: Histogram,
@@ -169,6 +170,13 @@ impl Metrics {
             "transactions_skipped",
             "Source transactions received again after a restart and skipped (already applied)",
             skipped_transactions.clone(),
+        );
+        let patches_without_user = Counter::default();
+        registry.register(
+            "patches_without_user",
+            "Parts of users (Stack Auth's primary email) that found no live user on the target to \
+             merge into, so the target lacks them (usersync resync copies them again)",
+            patches_without_user.clone(),
         );
         let batches = Counter::default();
         registry.register(
@@ -274,6 +282,7 @@ impl Metrics {
             changes,
             transactions,
             skipped_transactions,
+            patches_without_user,
             batches,
             batch_size,
             apply_duration,
@@ -386,6 +395,15 @@ impl Metrics {
         self.skipped_transactions.inc();
     }
 
+    /// Records patches that found no live user on the target.
+    pub fn patches_without_user_found(&self, n: u64) {
+        self.patches_without_user.inc_by(n);
+    }
+
+    pub fn patches_without_user(&self) -> u64 {
+        self.patches_without_user.get()
+    }
+
     pub fn set_connected(&self, side: Side, connected: bool) {
         let side = match side {
             Side::Source => "source",
@@ -474,6 +492,7 @@ mod tests {
             "usersync_slot_wal_status{status=\"lost\"} 0",
             "usersync_connected{side=\"source\"} 0",
             "usersync_errors_total{kind=\"definite\"} 0",
+            "usersync_patches_without_user_total 0",
         ] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }

@@ -257,6 +257,7 @@ async fn run_session(
             writer.make_durable().await?;
         }
         writer.use_async_commit().await?;
+        writer.count_in(Arc::clone(metrics));
         Ok(writer)
     })
     .await?;
@@ -460,16 +461,40 @@ enum UserChange {
         user: MappedUser,
         inserted: bool,
         deleted_at: Option<i64>,
+        /// The user's old id when the update changed it: its unchanged values are that user's.
+        moved_from: Option<String>,
     },
     /// Part of a user changed (a row of another table of the profile).
     Patch {
         id: String,
         keys: serde_json::Map<String, serde_json::Value>,
+        /// The part's row went away: the patch clears the part (see `Batch::clear_part`).
+        clears: bool,
     },
     SoftDelete(String),
     SoftDeleteAll,
     /// This replicator's heartbeat message (never reaches the target).
     Heartbeat,
+}
+
+impl UserChange {
+    /// The change of a row whose id an update changed from `from` (`None`: it did not).
+    fn moved_from(self, from: Option<String>) -> Self {
+        match self {
+            UserChange::Upsert {
+                user,
+                inserted,
+                deleted_at,
+                ..
+            } => UserChange::Upsert {
+                user,
+                inserted,
+                deleted_at,
+                moved_from: from,
+            },
+            other => other,
+        }
+    }
 }
 
 /// What the session remembers of the batch the worker is writing.
@@ -863,10 +888,14 @@ impl Session<'_> {
                     user,
                     inserted,
                     deleted_at,
+                    moved_from,
                 } => {
-                    match deleted_at {
-                        Some(deleted_at) => self.batch.upsert_deleted(user, deleted_at, at),
-                        None => self.batch.upsert(user, at),
+                    match (moved_from, deleted_at) {
+                        (Some(from), deleted_at) => {
+                            self.batch.upsert_moved(user, from, deleted_at, at)
+                        }
+                        (None, Some(deleted_at)) => self.batch.upsert_deleted(user, deleted_at, at),
+                        (None, None) => self.batch.upsert(user, at),
                     }
                     if inserted {
                         Op::Insert
@@ -874,8 +903,12 @@ impl Session<'_> {
                         Op::Update
                     }
                 }
-                UserChange::Patch { id, keys } => {
-                    self.batch.patch(id, keys, at);
+                UserChange::Patch { id, keys, clears } => {
+                    if clears {
+                        self.batch.clear_part(id, keys, at);
+                    } else {
+                        self.batch.patch(id, keys, at);
+                    }
                     Op::Update
                 }
                 UserChange::SoftDelete(id) => {
@@ -1008,9 +1041,11 @@ impl Session<'_> {
                 };
                 let moved_from = old_id.filter(|old_id| old_id != outcome.id());
                 let id_changed = moved_from.is_some();
-                if let Some(old_id) = moved_from.filter(|_| !skipped_before) {
-                    // The primary key changed: the old user is gone, a new one appears.
-                    out.push(removal(mapping, old_id));
+                let moved_from = moved_from.filter(|_| !skipped_before);
+                if let Some(old_id) = &moved_from {
+                    // The primary key changed: the old user is gone, a new one appears, with
+                    // the old user's values where the new row left them unchanged (TOAST).
+                    out.push(removal(mapping, old_id.clone()));
                 }
                 if let RowOutcome::Skip { id, reason } = &outcome {
                     // The row is no longer one of ours (it became anonymous, moved to another
@@ -1021,7 +1056,7 @@ impl Session<'_> {
                         out.push(removal(mapping, id.clone()));
                     }
                 }
-                out.extend(change_of(outcome, false));
+                out.extend(change_of(outcome, false).map(|change| change.moved_from(moved_from)));
             }
             LogicalMessage::Delete(delete) => {
                 let Some(mapping) = self.mapping_of(delete.relation_id) else {
@@ -1294,6 +1329,7 @@ fn print_changes(meta: &serde_json::Map<String, serde_json::Value>, changes: &[U
                 user,
                 inserted,
                 deleted_at,
+                ..
             } => {
                 if let Some(deleted_at) = deleted_at {
                     // The source keeps the row but marks the user deleted.
@@ -1307,7 +1343,7 @@ fn print_changes(meta: &serde_json::Map<String, serde_json::Value>, changes: &[U
                     Some(serde_json::Value::Object(user.raw_json.clone())),
                 )
             }
-            UserChange::Patch { id, keys } => (
+            UserChange::Patch { id, keys, .. } => (
                 "patch",
                 Some(id.as_str()),
                 Some(serde_json::Value::Object(keys.clone())),
@@ -1336,6 +1372,11 @@ fn removal(mapping: &dyn RowMapper, id: String) -> UserChange {
         .removed(&id)
         .and_then(|outcome| change_of(outcome, false))
     {
+        Some(UserChange::Patch { id, keys, .. }) => UserChange::Patch {
+            id,
+            keys,
+            clears: true,
+        },
         Some(change) => change,
         None => UserChange::SoftDelete(id),
     }
@@ -1348,13 +1389,19 @@ fn change_of(outcome: RowOutcome, inserted: bool) -> Option<UserChange> {
             user,
             inserted,
             deleted_at: None,
+            moved_from: None,
         }),
         RowOutcome::Deleted { user, at } => Some(UserChange::Upsert {
             user,
             inserted,
             deleted_at: Some(at),
+            moved_from: None,
         }),
-        RowOutcome::Patch { id, keys } => Some(UserChange::Patch { id, keys }),
+        RowOutcome::Patch { id, keys } => Some(UserChange::Patch {
+            id,
+            keys,
+            clears: false,
+        }),
         RowOutcome::Skip { .. } => None,
     }
 }

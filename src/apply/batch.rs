@@ -11,11 +11,20 @@
 //!   and its own `deleted_at`, and replaces what came before it like any upsert;
 //! - unchanged-TOAST keys of a later upsert are filled from an earlier upsert in the batch,
 //!   and only the keys still unknown are left for the target to fill from its current row;
+//! - after a primary-key change the unchanged-TOAST values are the *old* user's: taken from
+//!   its pending upsert or patch in the batch, else from its row on the target (as
+//!   PostgreSQL's own apply takes them from the old row), which the change soft-deletes;
 //! - a patch (part of a user, kept in another source table) is merged into an upsert pending
 //!   for that user, fills the keys a later upsert left to the target, and otherwise is merged
 //!   into the live row on the target; a patch for a user deleted earlier in the batch is
 //!   dropped (Stack Auth's cascade deletes a user's contact channels after the user), so a
 //!   patch never revives a user or changes when it was deleted;
+//! - a patch that clears a part because its row went away (a contact channel deleted, or no
+//!   longer the primary email) is undone when the next change to that user in the same source
+//!   transaction is its delete: an application that deletes the channel before the user gets
+//!   what the cascade (user first) gets, a soft-deleted user with its last email. A source
+//!   transaction never showed the user without it. (Within one batch or one part of a large
+//!   transaction: parts are written as they fill.)
 //! - a TRUNCATE soft-deletes every live row on the target, so the rows pending before it are
 //!   written first: the batch is a sequence of segments, each applied in order.
 
@@ -36,6 +45,9 @@ pub struct PendingUser {
     pub raw_json: Option<Map<String, Value>>,
     /// Keys whose value the target row already holds (unchanged TOAST on the source).
     pub keep_keys: Vec<String>,
+    /// The user whose target row holds `keep_keys` when not this one: the old id of a
+    /// primary-key change. The target reads it as it was before the segment.
+    pub keep_from: Option<String>,
     /// With no upsert: keys to merge into the live row on the target (`raw_json || patch`).
     pub patch: Map<String, Value>,
     pub updated_at: UnixMicros,
@@ -48,6 +60,7 @@ impl PendingUser {
         PendingUser {
             raw_json: None,
             keep_keys: Vec::new(),
+            keep_from: None,
             patch: Map::new(),
             updated_at: at,
             deleted_at: None,
@@ -75,6 +88,10 @@ pub struct CommitPosition {
 #[derive(Debug, Default)]
 pub struct Batch {
     segments: Vec<Segment>,
+    /// Users whose last change in the current source transaction cleared a part, with what
+    /// the batch held for them before (`None`: nothing), to undo it if the user's delete
+    /// follows.
+    cleared: HashMap<String, Option<PendingUser>>,
     last_commit: Option<CommitPosition>,
     transactions: usize,
     changes: usize,
@@ -96,34 +113,68 @@ impl Batch {
             );
         }
         self.last_commit = Some(position);
+        self.cleared.clear();
         self.transactions += 1;
         self.commit_times.push(position.commit_time);
     }
 
     pub fn upsert(&mut self, user: MappedUser, at: UnixMicros) {
-        self.upsert_with(user, at, None);
+        self.upsert_with(user, at, None, None);
     }
 
     /// Upserts a user whose row the source keeps but marks deleted at `deleted_at`: the target
     /// row gets the latest `raw_json` and that `deleted_at`.
     pub fn upsert_deleted(&mut self, user: MappedUser, deleted_at: UnixMicros, at: UnixMicros) {
-        self.upsert_with(user, at, Some(deleted_at));
+        self.upsert_with(user, at, Some(deleted_at), None);
     }
 
-    fn upsert_with(&mut self, user: MappedUser, at: UnixMicros, deleted_at: Option<UnixMicros>) {
+    /// Upserts a user whose id an update changed from `from` (whose removal the caller adds
+    /// too): its unchanged-TOAST keys hold the values user `from` has.
+    pub fn upsert_moved(
+        &mut self,
+        user: MappedUser,
+        from: String,
+        deleted_at: Option<UnixMicros>,
+        at: UnixMicros,
+    ) {
+        self.upsert_with(user, at, deleted_at, Some(from));
+    }
+
+    fn upsert_with(
+        &mut self,
+        user: MappedUser,
+        at: UnixMicros,
+        deleted_at: Option<UnixMicros>,
+        moved_from: Option<String>,
+    ) {
         self.changes += 1;
         let MappedUser {
             id,
             raw_json,
             unchanged_keys,
         } = user;
+        self.cleared.remove(&id);
         let users = self.users_segment();
-        let pending = match users.remove(&id) {
+        // What the batch knows of the user whose values the unchanged keys hold.
+        let earlier = users.remove(&id);
+        let earlier = match &moved_from {
+            Some(from) if !unchanged_keys.is_empty() => users.get(from).cloned(),
+            Some(_) => None,
+            None => earlier,
+        };
+        let pending = match earlier {
             Some(PendingUser {
                 raw_json: Some(earlier),
                 keep_keys: earlier_keep,
+                keep_from: earlier_from,
                 ..
-            }) => merge_unchanged(raw_json, unchanged_keys, earlier, earlier_keep),
+            }) => merge_unchanged(
+                raw_json,
+                unchanged_keys,
+                earlier,
+                earlier_keep,
+                earlier_from.or(moved_from),
+            ),
             Some(PendingUser {
                 raw_json: None,
                 patch,
@@ -131,9 +182,10 @@ impl Batch {
             }) if !patch.is_empty() => {
                 // What the patch holds is known; the other keys still come from the target.
                 let keep_keys = unchanged_keys.clone();
-                merge_unchanged(raw_json, unchanged_keys, patch, keep_keys)
+                merge_unchanged(raw_json, unchanged_keys, patch, keep_keys, moved_from)
             }
             _ => PendingUser {
+                keep_from: moved_from.filter(|_| !unchanged_keys.is_empty()),
                 raw_json: Some(raw_json),
                 keep_keys: unchanged_keys,
                 patch: Map::new(),
@@ -153,7 +205,17 @@ impl Batch {
 
     pub fn soft_delete(&mut self, id: String, at: UnixMicros) {
         self.changes += 1;
+        let undo = self.cleared.remove(&id);
         let users = self.users_segment();
+        match undo {
+            Some(Some(before)) => {
+                users.insert(id.clone(), before);
+            }
+            Some(None) => {
+                users.remove(&id);
+            }
+            None => {}
+        }
         let pending = users.entry(id).or_insert_with(|| PendingUser::nothing(at));
         pending.updated_at = at;
         pending.deleted_at.get_or_insert(at);
@@ -161,6 +223,19 @@ impl Batch {
 
     /// Sets `keys` of user `id` and keeps its other keys (see the module docs).
     pub fn patch(&mut self, id: String, keys: Map<String, Value>, at: UnixMicros) {
+        self.cleared.remove(&id);
+        self.patch_keys(id, keys, at);
+    }
+
+    /// A patch clearing a part of user `id` whose row went away: undone if the user's delete
+    /// is the next change to it in the same source transaction (see the module docs).
+    pub fn clear_part(&mut self, id: String, keys: Map<String, Value>, at: UnixMicros) {
+        let before = self.users_segment().get(&id).cloned();
+        self.cleared.entry(id.clone()).or_insert(before);
+        self.patch_keys(id, keys, at);
+    }
+
+    fn patch_keys(&mut self, id: String, keys: Map<String, Value>, at: UnixMicros) {
         self.changes += 1;
         let users = self.users_segment();
         let pending = users.entry(id).or_insert_with(|| PendingUser::nothing(at));
@@ -179,6 +254,7 @@ impl Batch {
 
     pub fn soft_delete_all(&mut self, at: UnixMicros) {
         self.changes += 1;
+        self.cleared.clear();
         self.segments.push(Segment::SoftDeleteAll(at));
     }
 
@@ -217,12 +293,14 @@ impl Batch {
     }
 }
 
-/// A later upsert takes the earlier upsert's values for the keys it left unchanged.
+/// A later upsert takes the earlier upsert's values for the keys it left unchanged; the keys
+/// the earlier one left to the target stay with the target row it named (`earlier_from`).
 fn merge_unchanged(
     mut raw_json: Map<String, Value>,
     unchanged_keys: Vec<String>,
     mut earlier: Map<String, Value>,
     earlier_keep: Vec<String>,
+    earlier_from: Option<String>,
 ) -> PendingUser {
     let mut keep_keys = Vec::new();
     for key in unchanged_keys {
@@ -237,6 +315,7 @@ fn merge_unchanged(
     }
     PendingUser {
         raw_json: Some(raw_json),
+        keep_from: earlier_from.filter(|_| !keep_keys.is_empty()),
         keep_keys,
         patch: Map::new(),
         updated_at: 0,
@@ -347,6 +426,58 @@ mod tests {
         assert_eq!(only_users(&batch)["a"].keep_keys, vec!["big".to_owned()]);
     }
 
+    #[test]
+    fn a_moved_user_keeps_unchanged_values_of_the_old_row_on_the_target() {
+        let mut batch = Batch::new();
+        batch.soft_delete("a".into(), 1);
+        batch.upsert_moved(user("b", json!({"n": 1}), &["big"]), "a".into(), None, 1);
+        let b = &only_users(&batch)["b"];
+        assert_eq!(b.keep_keys, vec!["big".to_owned()]);
+        assert_eq!(b.keep_from.as_deref(), Some("a"));
+        // Later updates of the moved user still take them from there, and so does a second
+        // move.
+        batch.upsert(user("b", json!({"n": 2}), &["big"]), 2);
+        assert_eq!(only_users(&batch)["b"].keep_from.as_deref(), Some("a"));
+        batch.soft_delete("b".into(), 3);
+        batch.upsert_moved(user("c", json!({"n": 3}), &["big"]), "b".into(), None, 3);
+        let users = only_users(&batch);
+        assert_eq!(users["c"].keep_from.as_deref(), Some("a"));
+        assert_eq!(users["c"].keep_keys, vec!["big".to_owned()]);
+        assert_eq!(users["a"].deleted_at, Some(1));
+        assert_eq!(users["b"].deleted_at, Some(3));
+    }
+
+    #[test]
+    fn a_moved_user_keeps_unchanged_values_of_the_old_row_in_the_batch() {
+        let mut batch = Batch::new();
+        batch.upsert(user("a", json!({"big": "x", "n": 1}), &[]), 1);
+        batch.soft_delete("a".into(), 2);
+        batch.upsert_moved(user("b", json!({"n": 2}), &["big"]), "a".into(), None, 2);
+        let b = &only_users(&batch)["b"];
+        assert_eq!(b.raw_json.as_ref().unwrap()["big"], "x");
+        assert!(b.keep_keys.is_empty());
+        assert_eq!(b.keep_from, None);
+        // The old user keeps its own row, soft-deleted.
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.raw_json.as_ref().unwrap()["big"], "x");
+        assert_eq!(a.deleted_at, Some(2));
+    }
+
+    #[test]
+    fn a_move_replaces_what_the_batch_held_under_the_new_id() {
+        let mut batch = Batch::new();
+        batch.upsert(user("b", json!({"big": "old b"}), &[]), 1);
+        batch.soft_delete("b".into(), 1);
+        batch.upsert_moved(user("b", json!({"n": 1}), &["big"]), "a".into(), None, 2);
+        let b = &only_users(&batch)["b"];
+        assert_eq!(b.raw_json.as_ref().unwrap().get("big"), None);
+        assert_eq!(
+            (b.keep_keys.clone(), b.keep_from.as_deref()),
+            (vec!["big".to_owned()], Some("a"))
+        );
+        assert_eq!(b.deleted_at, None);
+    }
+
     fn keys(fields: Value) -> Map<String, Value> {
         fields.as_object().cloned().unwrap_or_default()
     }
@@ -422,6 +553,55 @@ mod tests {
         let b = &only_users(&batch)["b"];
         assert!(b.patch.is_empty());
         assert_eq!(b.deleted_at, Some(3));
+    }
+
+    fn position(n: u64) -> CommitPosition {
+        CommitPosition {
+            commit_lsn: Lsn(n),
+            end_lsn: Lsn(n),
+            commit_time: n as i64,
+        }
+    }
+
+    #[test]
+    fn a_part_cleared_just_before_the_delete_of_its_user_is_kept() {
+        let cleared = || keys(json!({"primary_email": null}));
+        let mut batch = Batch::new();
+        // On the target only: the clearing patch goes, the delete stays.
+        batch.clear_part("a".into(), cleared(), 1);
+        batch.soft_delete("a".into(), 1);
+        let a = &only_users(&batch)["a"];
+        assert!(a.patch.is_empty() && a.raw_json.is_none());
+        assert_eq!(a.deleted_at, Some(1));
+        // Upserted earlier in the batch: the row keeps its email.
+        batch.commit(position(1));
+        batch.upsert(user("b", json!({"primary_email": "b@x.org"}), &[]), 2);
+        batch.commit(position(2));
+        batch.clear_part("b".into(), cleared(), 3);
+        batch.soft_delete("b".into(), 3);
+        let b = &only_users(&batch)["b"];
+        assert_eq!(b.raw_json.as_ref().unwrap()["primary_email"], "b@x.org");
+        assert_eq!((b.updated_at, b.deleted_at), (3, Some(3)));
+        assert_eq!(batch.changes(), 5);
+    }
+
+    #[test]
+    fn a_part_cleared_in_an_earlier_transaction_or_before_another_change_stays_cleared() {
+        let cleared = || keys(json!({"primary_email": null}));
+        let mut batch = Batch::new();
+        // The user lived without the part for a while: that is its last state.
+        batch.clear_part("a".into(), cleared(), 1);
+        batch.commit(position(1));
+        batch.soft_delete("a".into(), 2);
+        assert_eq!(only_users(&batch)["a"].patch, cleared());
+        // Another change to the user in between: the clear stands.
+        batch.clear_part("b".into(), cleared(), 3);
+        batch.patch("b".into(), keys(json!({"primary_email": "new@x.org"})), 3);
+        batch.soft_delete("b".into(), 3);
+        assert_eq!(
+            only_users(&batch)["b"].patch,
+            keys(json!({"primary_email": "new@x.org"}))
+        );
     }
 
     #[test]

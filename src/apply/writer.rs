@@ -6,6 +6,7 @@
 //! prepared once per connection and take arrays (`unnest`), and a batch's statements are
 //! pipelined: a batch costs two round trips (statements, then COMMIT) whatever its size.
 
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use super::batch::{Batch, CommitPosition, PendingUser, Segment, UnixMicros};
 use super::schema::TargetShape;
 use super::{ApplyError, STATEMENT_TIMEOUT};
 use crate::lsn::Lsn;
+use crate::metrics::Metrics;
 
 /// The client-side bound on one batch, for a stall the server cannot see (a half-open
 /// connection): longer than the statement timeout, so the server's own verdict comes first.
@@ -41,11 +43,13 @@ ON CONFLICT (id) DO UPDATE
    SET raw_json = EXCLUDED.raw_json, deleted_at = EXCLUDED.deleted_at";
 
 /// Upserts users with unchanged-TOAST keys: those keys come from the row already on the
-/// target.
+/// target, the user's own or (after a primary-key change) the old id's (`keep_from`). It runs
+/// before the segment's other statements, so that row is read as it was before the segment.
 const UPSERT_MERGING: &str = "
 WITH input AS (
-    SELECT * FROM unnest($1::jsonb[], $2::jsonb[], $3::timestamptz[], $4::timestamptz[])
-        AS t(raw_json, keep_keys, updated_at, deleted_at)
+    SELECT * FROM unnest($1::jsonb[], $2::jsonb[], $3::timestamptz[], $4::timestamptz[],
+                         $5::text[])
+        AS t(raw_json, keep_keys, updated_at, deleted_at, keep_from)
 ), merged AS (
     SELECT CASE WHEN u.raw_json IS NULL THEN i.raw_json
                 ELSE i.raw_json || COALESCE(
@@ -55,7 +59,7 @@ WITH input AS (
            END AS raw_json,
            i.updated_at, i.deleted_at
       FROM input i
-      LEFT JOIN neon_auth.users_sync u ON u.id = i.raw_json ->> 'id'
+      LEFT JOIN neon_auth.users_sync u ON u.id = COALESCE(i.keep_from, i.raw_json ->> 'id')
 )
 INSERT INTO neon_auth.users_sync (raw_json, updated_at, deleted_at)
 SELECT raw_json, updated_at, deleted_at FROM merged
@@ -65,8 +69,9 @@ ON CONFLICT (id) DO UPDATE
 
 const UPSERT_MERGING_NO_UPDATED_AT: &str = "
 WITH input AS (
-    SELECT * FROM unnest($1::jsonb[], $2::jsonb[], $3::timestamptz[], $4::timestamptz[])
-        AS t(raw_json, keep_keys, updated_at, deleted_at)
+    SELECT * FROM unnest($1::jsonb[], $2::jsonb[], $3::timestamptz[], $4::timestamptz[],
+                         $5::text[])
+        AS t(raw_json, keep_keys, updated_at, deleted_at, keep_from)
 ), merged AS (
     SELECT CASE WHEN u.raw_json IS NULL THEN i.raw_json
                 ELSE i.raw_json || COALESCE(
@@ -76,7 +81,7 @@ WITH input AS (
            END AS raw_json,
            i.deleted_at
       FROM input i
-      LEFT JOIN neon_auth.users_sync u ON u.id = i.raw_json ->> 'id'
+      LEFT JOIN neon_auth.users_sync u ON u.id = COALESCE(i.keep_from, i.raw_json ->> 'id')
 )
 INSERT INTO neon_auth.users_sync (raw_json, deleted_at)
 SELECT raw_json, deleted_at FROM merged
@@ -199,6 +204,8 @@ pub struct TargetWriter {
     statements: Statements,
     /// A target transaction is open across calls ([`TargetWriter::apply_part`]).
     open: bool,
+    /// Where what the target could not take is counted (the replicator's metrics).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl TargetWriter {
@@ -263,7 +270,13 @@ impl TargetWriter {
             system_id: system_id.to_owned(),
             statements,
             open: false,
+            metrics: None,
         })
+    }
+
+    /// Counts what the target could not take (patches without a live user) in `metrics`.
+    pub fn count_in(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = Some(metrics);
     }
 
     /// Applies the batch and its checkpoint atomically; returns the position the checkpoint
@@ -356,24 +369,26 @@ impl TargetWriter {
                         patches,
                         deletes,
                     } = &**arrays;
-                    if !upserts.raw_json.is_empty() {
-                        let params: Vec<&(dyn ToSql + Sync)> =
-                            vec![&upserts.raw_json, &upserts.updated_at, &upserts.deleted_at];
-                        steps.push((
-                            "upserting users",
-                            execute(client, &statements.upsert, params),
-                        ));
-                    }
+                    // First: it reads rows the others may write (a moved user's old id).
                     if !merging.raw_json.is_empty() {
                         let params: Vec<&(dyn ToSql + Sync)> = vec![
                             &merging.raw_json,
                             &merging.keep_keys,
                             &merging.updated_at,
                             &merging.deleted_at,
+                            &merging.keep_from,
                         ];
                         steps.push((
                             "upserting users with unchanged values",
                             execute(client, &statements.upsert_merging, params),
+                        ));
+                    }
+                    if !upserts.raw_json.is_empty() {
+                        let params: Vec<&(dyn ToSql + Sync)> =
+                            vec![&upserts.raw_json, &upserts.updated_at, &upserts.deleted_at];
+                        steps.push((
+                            "upserting users",
+                            execute(client, &statements.upsert, params),
                         ));
                     }
                     if !patches.ids.is_empty() {
@@ -447,16 +462,25 @@ impl TargetWriter {
                 }
             }
         }
-        for (step, patches) in patch_counts {
-            if counts[step] < patches as u64 {
-                // Their user row has not reached the target (or is deleted): the user's own
-                // upsert carries the keys when it comes.
-                tracing::debug!(
-                    patches,
-                    patched = counts[step],
-                    "some patches found no live user on the target"
-                );
+        // Patches merge only into a live row: one whose user the target lacks (never copied,
+        // removed behind usersync's back) or holds soft-deleted is lost, and the user's next
+        // update leaves those keys to the missing row too. Counts only: no ids in logs.
+        let (patches, patched) = patch_counts
+            .iter()
+            .fold((0, 0), |(patches, patched), &(step, n)| {
+                (patches + n as u64, patched + counts[step])
+            });
+        if patched < patches {
+            let without_user = patches - patched;
+            if let Some(metrics) = &self.metrics {
+                metrics.patches_without_user_found(without_user);
             }
+            tracing::warn!(
+                patches,
+                without_user,
+                "some users' parts (Stack Auth's primary email) found no live user on the \
+                 target and were not applied; usersync resync copies the users again"
+            );
         }
         self.open = !commits;
         Ok(())
@@ -559,6 +583,7 @@ type Pending<'a> = std::pin::Pin<
 struct UpsertArrays<'a> {
     raw_json: Vec<Json<&'a Map<String, Value>>>,
     keep_keys: Vec<Json<&'a [String]>>,
+    keep_from: Vec<Option<&'a str>>,
     updated_at: Vec<DateTime<Utc>>,
     deleted_at: Vec<Option<DateTime<Utc>>>,
 }
@@ -590,7 +615,8 @@ fn segment_arrays(segment: &Segment) -> SegmentArrays<'_> {
 }
 
 /// A users segment's parameters: upserts without and with unchanged-TOAST keys, patches
-/// and soft deletes. Each user is in one of them, so their order does not matter.
+/// and soft deletes. Each user is in one of them, so their order does not matter, except
+/// that the merging upsert reads other users' rows (`keep_from`) and so runs first.
 #[derive(Default)]
 struct UserArrays<'a> {
     upserts: UpsertArrays<'a>,
@@ -614,6 +640,7 @@ fn users_to_arrays(users: &std::collections::HashMap<String, PendingUser>) -> Us
                     &mut *upserts
                 } else {
                     merging.keep_keys.push(Json(&user.keep_keys));
+                    merging.keep_from.push(user.keep_from.as_deref());
                     &mut *merging
                 };
                 into.raw_json.push(Json(raw_json));

@@ -1,6 +1,18 @@
 //! `usersync setup`: checks the source, creates (or finds) the publication, the slot and the
 //! target tables, and copies the users already there, consistently with the slot.
 //! Idempotent: run it again and it says what it found.
+//!
+//! What it does with the slot depends on the target's checkpoint for it:
+//!
+//! | slot                | checkpoint | setup                                               |
+//! |---------------------|------------|-----------------------------------------------------|
+//! | none                | none       | creates it and copies (a first setup)               |
+//! | found               | none       | an earlier setup stopped before its copy was done:  |
+//! |                     |            | drops it, creates it again and copies               |
+//! | found               | found      | nothing to do                                       |
+//! | none, or WAL lost   | found      | refuses and names `resync`: the changes since the   |
+//! |                     |            | checkpoint are gone, and a copy alone would leave   |
+//! |                     |            | the users deleted meanwhile live                    |
 
 use tokio_postgres::Client;
 
@@ -109,7 +121,26 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
         columns,
     } = prepare(config).await?;
     let checkpoint = apply::read_checkpoint(&target, &config.slot).await?;
-    let copy = match catalog::slot_info(&source, &config.slot).await? {
+    let slot = catalog::slot_info(&source, &config.slot).await?;
+    if let Some(checkpoint) = &checkpoint {
+        // The target was fed from this slot: if the slot is gone or lost, so are the changes
+        // since the checkpoint, deletes included, and a new copy alone would not notice them.
+        let state = match &slot {
+            None => Some("does not exist on the source"),
+            Some(slot) if slot.wal_status.as_deref() == Some("lost") => {
+                Some("has lost WAL it still needed (wal_status lost)")
+            }
+            Some(_) => None,
+        };
+        if let Some(state) = state {
+            return Err(Error::ResyncNeeded {
+                slot: config.slot.clone(),
+                state,
+                checkpoint: checkpoint.end_lsn,
+            });
+        }
+    }
+    let copy = match slot {
         Some(slot) => {
             check_slot_fits(config, &slot)?;
             if checkpoint.is_some() {

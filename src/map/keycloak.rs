@@ -22,7 +22,10 @@
 //! user moved out of the realm (an update of `realm_id`) is soft-deleted like a delete.
 //! `user_entity.realm_id` holds the realm's *id*, a UUID for realms created in the admin
 //! console, while operators know realms by name; `--realm` takes either, and usersync looks
-//! the name up in Keycloak's `realm` table when it starts ([`KeycloakMapping::realm_id`]).
+//! the name up in Keycloak's `realm` table when it starts ([`KeycloakMapping::realm_id`]). A
+//! value it cannot resolve (no realm of that name or id; or, when the role may not read
+//! `realm`, no user carrying it as `realm_id`) is refused: taken as an id, it would make every
+//! user of the realm another realm's.
 //!
 //! **Service accounts** (`service_account_client_link` set) are a client's identity, not a
 //! person, and are skipped like users of another realm.
@@ -68,8 +71,9 @@ const EMAIL_CONSTRAINT: &str = "email_constraint";
 pub struct KeycloakMapping {
     /// `--realm` as given: a realm name or id.
     pub realm: String,
-    /// The realm's id (`user_entity.realm_id`) once looked up on the source; until then
-    /// `realm` is taken as the id.
+    /// The realm's id (`user_entity.realm_id`) once resolved on the source
+    /// (`source::catalog::resolve_profile`, which every command runs before mapping rows);
+    /// until then `realm` stands for the id.
     pub realm_id: Option<String>,
 }
 

@@ -29,7 +29,9 @@
 //! **Hard deletes.** Stack Auth deletes users; the foreign key cascades to their contact
 //! channels in the same transaction, after the user's own delete. The user is soft-deleted,
 //! and a patch for a user already deleted in the batch is dropped, so the target keeps one
-//! soft-deleted user with its last email.
+//! soft-deleted user with its last email. An application that deletes the channels first,
+//! then the user, in one transaction gets the same: the clearing patch ([`RowMapper::removed`])
+//! is undone by the user's delete that follows it (see `apply::batch`).
 //!
 //! **Tenancies.** One database holds every project (tenancy). `--tenancy-id` replicates one:
 //! rows of other tenancies are skipped, here and (PostgreSQL 15+) by the publication's row

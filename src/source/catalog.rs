@@ -339,7 +339,10 @@ pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, SourceError> {
 
 /// The profile completed with what only the source knows. For Keycloak, that is the id of the
 /// realm `--realm` names: user rows carry the realm's id (a UUID for realms created in the
-/// admin console), while people know realms by name.
+/// admin console), while people know realms by name. A realm that cannot be resolved is
+/// refused: taken as an id that no user has, it would make every user of the realm "another
+/// realm's", so the copy would take none and each update would soft-delete one (or, with
+/// REPLICA IDENTITY FULL, be dropped while the slot moves past it).
 pub async fn resolve_profile(
     client: &Client,
     table: &TableName,
@@ -363,13 +366,7 @@ pub async fn resolve_profile(
         .map_err(SourceError::sql("looking up Keycloak's realm table"))?
         .map(|row| row.get(0));
     if readable != Some(true) {
-        tracing::warn!(
-            realm = %mapping.realm,
-            table = %realm_table,
-            "cannot read Keycloak's realm table, so --realm is taken as the realm id; \
-             GRANT SELECT on it to look realm names up"
-        );
-        return Ok(profile.clone());
+        return realm_given_as_id(client, table, &realm_table, readable.is_some(), mapping).await;
     }
     let realms: Vec<(String, String)> = client
         .query(
@@ -406,6 +403,55 @@ pub async fn resolve_profile(
             )))
         }
     }
+}
+
+/// Without Keycloak's realm table to look names up in, `--realm` is usable only as an id that
+/// users carry (`user_entity.realm_id`); anything else is refused with the grant to run.
+async fn realm_given_as_id(
+    client: &Client,
+    table: &TableName,
+    realm_table: &TableName,
+    realm_table_exists: bool,
+    mapping: &KeycloakMapping,
+) -> Result<Profile, SourceError> {
+    // The users table must be readable anyway; its own check says how.
+    check_table(client, table).await?;
+    let carried: bool = client
+        .query_one(
+            &format!(
+                "SELECT EXISTS (SELECT 1 FROM {} WHERE realm_id = $1::text)",
+                table.quoted()
+            ),
+            &[&mapping.realm],
+        )
+        .await
+        .map_err(SourceError::sql(
+            "looking for the realm id among Keycloak's users",
+        ))?
+        .get(0);
+    if carried {
+        tracing::info!(
+            table = %realm_table,
+            "Keycloak's realm table cannot be read; --realm is a realm id its users carry"
+        );
+        return Ok(Profile::Keycloak(KeycloakMapping {
+            realm: mapping.realm.clone(),
+            realm_id: Some(mapping.realm.clone()),
+        }));
+    }
+    let why = if realm_table_exists {
+        format!("the source role may not read {realm_table}, where realm names are looked up")
+    } else {
+        format!("the source has no table {realm_table}, where Keycloak keeps its realms")
+    };
+    Err(SourceError::Definite(format!(
+        "cannot tell which Keycloak realm --realm {:?} is: {why}, and no user in {table} has \
+         realm_id {:?}; GRANT SELECT ON {} TO <usersync's source role> (sql/source_role.sql \
+         with -v profile=keycloak does), or set --realm (USERSYNC_REALM) to the realm's id",
+        mapping.realm,
+        mapping.realm,
+        realm_table.quoted()
+    )))
 }
 
 /// The source's system identifier over plain SQL: the same value `IDENTIFY_SYSTEM` reports

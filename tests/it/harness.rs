@@ -366,6 +366,27 @@ impl Pair {
         }
     }
 
+    /// Lets usersync's source role read what `profile` (a `--profile` name) reads besides
+    /// the users table, as the operator would: the source role script again, with
+    /// `-v profile=...`. Nothing to do for a superuser pair.
+    pub fn grant_source_profile(&self, profile: &str) {
+        if self.roles == Roles::LeastPrivilege {
+            let table = &self.config.table;
+            apply_role_script(
+                self.server,
+                &self.config.source.dbname,
+                "source_role.sql",
+                &[
+                    ("role", &self.source_role),
+                    ("password", PASSWORD),
+                    ("schema", &table.schema),
+                    ("table", &table.name),
+                    ("profile", profile),
+                ],
+            );
+        }
+    }
+
     /// Puts the pair's target database on another server (a new, empty one there), with
     /// the target role script applied to it as on the first.
     pub async fn move_target(&mut self, server: &'static LocalPg) {

@@ -317,6 +317,81 @@ async fn status_is_broken_without_tables_slot_or_with_a_foreign_checkpoint() {
     assert!(!text(&table).contains(PASSWORD));
 }
 
+/// A slot dropped while the target holds its checkpoint: the changes of the gap are gone from
+/// the source, so `setup` (which copies without soft-deleting) would leave users deleted in the
+/// gap live. It refuses and names `resync`, which repairs it; `status` says the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_after_a_dropped_slot_refuses_and_names_resync() {
+    let pair = replicated_then_stopped().await;
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('gone@example.com')")
+        .await
+        .unwrap();
+    let running = pair.start();
+    pair.wait_for_match().await;
+    running.stop().await;
+    wait_slot_inactive(&pair).await;
+    pair.source
+        .query_one(
+            "SELECT pg_drop_replication_slot($1)::text",
+            &[&pair.config.slot],
+        )
+        .await
+        .unwrap();
+    // In the gap: a user is deleted, another signs up.
+    pair.source
+        .batch_execute(
+            "DELETE FROM users WHERE email = 'gone@example.com';
+             INSERT INTO users (email) VALUES ('gap@example.com')",
+        )
+        .await
+        .unwrap();
+
+    let (code, json) = status_json(&pair, &["--lag-target", "1h"]);
+    assert_eq!(code, Some(5), "{json}");
+    assert!(problems(&json).contains("run usersync resync"), "{json}");
+    assert!(!problems(&json).contains("run usersync setup"), "{json}");
+
+    let before = users_snapshot(&pair).await;
+    let checkpoint = pair.checkpoint_end().await;
+    let setup = pair.usersync(&["setup"]);
+    let said = text(&setup);
+    assert_eq!(setup.status.code(), Some(78), "{said}");
+    assert!(said.contains("usersync resync"), "{said}");
+    assert!(!said.contains(PASSWORD), "{said}");
+    // Nothing changed: no slot, the same users and checkpoint on the target.
+    let slots: i64 = pair
+        .source
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&pair.config.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "{said}");
+    assert_eq!(users_snapshot(&pair).await, before);
+    assert_eq!(pair.checkpoint_end().await, checkpoint);
+
+    let resync = pair.usersync(&["resync"]);
+    assert!(resync.status.success(), "{}", text(&resync));
+    pair.wait_for_match().await;
+    let gone: bool = pair
+        .target
+        .query_one(
+            "SELECT deleted_at IS NOT NULL FROM neon_auth.users_sync WHERE email = 'gone@example.com'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(gone, "the user deleted in the gap is soft-deleted");
+    // And setup is content again.
+    let setup = pair.usersync(&["setup"]);
+    assert!(setup.status.success(), "{}", text(&setup));
+    assert!(text(&setup).contains("found"), "{}", text(&setup));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_calls_a_slot_at_risk_when_little_safe_wal_is_left() {
     // A limit on the WAL a slot may hold gives it a safe_wal_size, necessarily below the

@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use tokio_postgres::Client;
 use usersync::map::{
     BetterAuthMapping, KeycloakMapping, Profile, StackAuthMapping, SupabaseMapping,
@@ -118,12 +119,11 @@ type LiveUser = (
 );
 
 /// A pair whose source holds the store's tables (`ddl`), replicating `table` with `profile`
-/// as the least-privilege roles: the source role may read each of the profile's tables.
+/// as the least-privilege roles: the source role script, given the profile, lets the role
+/// read every table the profile reads.
 async fn profile_pair(ddl: &str, table: &str, profile: Profile) -> Pair {
     let mut pair = Pair::for_table(ddl, table).await;
-    for other in profile.tables(&pair.config.table).iter().skip(1) {
-        pair.grant_source_table(other);
-    }
+    pair.grant_source_profile(profile.name());
     pair.config.mapping = profile;
     pair
 }
@@ -393,8 +393,6 @@ async fn keycloak_replicates_one_realm() {
         Profile::Keycloak(KeycloakMapping::new("acme")),
     )
     .await;
-    // Realm names are looked up in Keycloak's realm table, which the role must read for that.
-    pair.grant_source_table(&"public.realm".parse().unwrap());
     // Whole old rows, so changes to other realms' users cost the target nothing.
     pair.source
         .batch_execute(
@@ -519,6 +517,86 @@ async fn keycloak_replicates_one_realm() {
     pair.wait_target(
         "SELECT deleted_at IS NOT NULL AND raw_json ->> 'username' = 'wide'
            FROM neon_auth.users_sync WHERE id = 'k-4'",
+    )
+    .await;
+    running.stop().await;
+}
+
+/// A realm usersync cannot resolve is refused, never taken as an id that matches no user (then
+/// setup copied nothing and every update of the realm's users became a soft delete): the
+/// least-privilege role without `SELECT` on Keycloak's `realm` table gets the GRANT to run,
+/// and a realm id that users carry needs no lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keycloak_refuses_a_realm_it_cannot_resolve() {
+    // The role script for the users table only: no SELECT on realm.
+    let mut pair = Pair::for_table(KEYCLOAK_TABLES, "public.user_entity").await;
+    pair.config.mapping = Profile::Keycloak(KeycloakMapping::new("acme"));
+    pair.source
+        .batch_execute(&format!(
+            "INSERT INTO public.user_entity (id, email, email_constraint, realm_id, username,
+                                             created_timestamp)
+             VALUES ('k-1', 'kim@example.com', 'kim@example.com', '{ACME_REALM_ID}', 'kim',
+                     1704164645123),
+                    ('k-2', 'admin@example.com', 'admin@example.com', 'master', 'admin',
+                     1704164645000)"
+        ))
+        .await
+        .unwrap();
+    let slots = || async {
+        pair.source
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&pair.config.slot],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    for realm in ["acme", "nope"] {
+        let refused = pair.usersync(&["setup", "--profile", "keycloak", "--realm", realm]);
+        let said = text(&refused);
+        assert_eq!(refused.status.code(), Some(78), "{said}");
+        assert!(
+            said.contains(r#"GRANT SELECT ON "public"."realm""#),
+            "{said}"
+        );
+        assert!(said.contains("profile=keycloak"), "{said}");
+        assert_eq!(slots().await, 0, "{said}");
+    }
+
+    // An id that users carry needs no lookup.
+    let setup = pair.usersync(&["setup", "--profile", "keycloak", "--realm", ACME_REALM_ID]);
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(said.contains("skipped 1 of 2 rows"), "{said}");
+    assert_eq!(slots().await, 1);
+
+    // A least-privilege run after that setup: the name is refused at start, before any change
+    // is taken for another realm's.
+    let run = pair.usersync(&["run", "--profile", "keycloak", "--realm", "acme"]);
+    let said = text(&run);
+    assert_eq!(run.status.code(), Some(78), "{said}");
+    assert!(
+        said.contains(r#"GRANT SELECT ON "public"."realm""#),
+        "{said}"
+    );
+
+    // With what the role script grants for the profile, the name resolves.
+    pair.grant_source_profile("keycloak");
+    let setup = pair.usersync(&["setup", "--profile", "keycloak", "--realm", "acme"]);
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("realm acme (id {ACME_REALM_ID})")),
+        "{said}"
+    );
+    let running = pair.start();
+    pair.source
+        .batch_execute("UPDATE public.user_entity SET first_name = 'Kim' WHERE id = 'k-1'")
+        .await
+        .unwrap();
+    pair.wait_target(
+        "SELECT name = 'Kim' AND deleted_at IS NULL FROM neon_auth.users_sync WHERE id = 'k-1'",
     )
     .await;
     running.stop().await;
@@ -961,5 +1039,52 @@ async fn stack_auth_users_their_primary_email_and_one_tenancy() {
     let cleo = raw_json_of(&pair, 4).await;
     assert_eq!(cleo["primary_email"], "cleo@example.org");
     wait_live_match(&pair, STACK_AUTH_SOURCE_LIVE, STACK_AUTH_TARGET_LIVE).await;
+
+    // An application that deletes the contact channels first, then the user, in one
+    // transaction: the same end as the cascade.
+    pair.source
+        .batch_execute(
+            r#"BEGIN;
+               DELETE FROM "ContactChannel" WHERE "projectUserId" = '00000000-0000-4000-8000-000000000001';
+               DELETE FROM "ProjectUser" WHERE "projectUserId" = '00000000-0000-4000-8000-000000000001';
+               COMMIT;"#,
+        )
+        .await
+        .unwrap();
+    pair.wait_target(
+        "SELECT deleted_at IS NOT NULL FROM neon_auth.users_sync
+          WHERE id = '00000000-0000-4000-8000-000000000001'",
+    )
+    .await;
+    let ada = raw_json_of(&pair, 1).await;
+    assert_eq!(
+        (&ada["primary_email"], &ada["display_name"]),
+        (&json!("ada@work.example"), &json!("Ada Lovelace"))
+    );
+
+    // A patch whose user is not on the target (here: removed behind usersync's back) is
+    // counted, not only logged at debug level.
+    assert_eq!(running.metrics.patches_without_user(), 0);
+    pair.target
+        .execute(
+            "DELETE FROM neon_auth.users_sync WHERE id = $1",
+            &[&user_id(2)],
+        )
+        .await
+        .unwrap();
+    pair.source
+        .batch_execute(&channel(TENANCY, 2, 7, "bob@example.org", true))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while running.metrics.patches_without_user() == 0 {
+        assert!(Instant::now() < deadline, "the lost patch was not counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(running.metrics.patches_without_user(), 1);
+    assert!(running
+        .metrics
+        .encode()
+        .contains("usersync_patches_without_user_total 1"));
     running.stop().await;
 }

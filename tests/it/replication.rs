@@ -196,6 +196,124 @@ async fn unchanged_toast_keeps_the_value_on_the_target() {
     running.stop().await;
 }
 
+/// A primary-key change sends the new row's large values as "unchanged TOAST": they are on
+/// the target under the *old* id, whether the old row reached the target in an earlier batch
+/// or in the same one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_key_change_keeps_unchanged_toast_values() {
+    let pair = Pair::new().await;
+    pair.source
+        .batch_execute("ALTER TABLE users ALTER COLUMN metadata SET STORAGE EXTERNAL")
+        .await
+        .unwrap();
+    pair.setup().await;
+    let running = pair.start();
+    // ~8 KB of incompressible JSON each: stored out of line (TOAST).
+    let insert = |id: &str| {
+        format!(
+            "INSERT INTO users (id, email, metadata)
+             SELECT '{id}', '{id}@example.com',
+                    jsonb_build_object('blob', string_agg(md5(g::text || '{id}'), ''))
+               FROM generate_series(1, 250) g;"
+        )
+    };
+    let (earlier, moved_earlier) = (
+        "00000000-0000-0000-0000-0000000000d1",
+        "00000000-0000-0000-0000-0000000000d2",
+    );
+    let (reused, moved_reused) = (
+        "00000000-0000-0000-0000-0000000000f1",
+        "00000000-0000-0000-0000-0000000000f2",
+    );
+    pair.source
+        .batch_execute(&format!("{}{}", insert(earlier), insert(reused)))
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    // The old row is on the target: the move comes in a batch of its own.
+    pair.source
+        .batch_execute(&format!(
+            "UPDATE users SET id = '{moved_earlier}' WHERE id = '{earlier}'"
+        ))
+        .await
+        .unwrap();
+    // The old id is taken again by another user in the same batch: the moved user's values
+    // are still the ones the old id held before.
+    pair.source
+        .batch_execute(&format!(
+            "BEGIN; UPDATE users SET id = '{moved_reused}' WHERE id = '{reused}';
+             INSERT INTO users (id, email, metadata) VALUES ('{reused}', 'new@example.com', '{{}}');
+             COMMIT;"
+        ))
+        .await
+        .unwrap();
+    // The old row and the move in one source transaction (so one batch).
+    let (same, moved_same) = (
+        "00000000-0000-0000-0000-0000000000e1",
+        "00000000-0000-0000-0000-0000000000e2",
+    );
+    pair.source
+        .batch_execute(&format!(
+            "BEGIN; {} UPDATE users SET id = '{moved_same}' WHERE id = '{same}'; COMMIT;",
+            insert(same)
+        ))
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    for new in [moved_earlier, moved_same, moved_reused] {
+        let source_blob: String = pair
+            .source
+            .query_one(
+                "SELECT metadata ->> 'blob' FROM users WHERE id = $1::text::uuid",
+                &[&new],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let target_blob: Option<String> = pair
+            .target
+            .query_one(
+                "SELECT raw_json -> 'metadata' ->> 'blob' FROM neon_auth.users_sync WHERE id = $1",
+                &[&new],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            target_blob.as_ref().map(String::len),
+            Some(source_blob.len()),
+            "the moved user {new} keeps its unchanged TOAST value"
+        );
+        assert_eq!(target_blob.as_deref(), Some(source_blob.as_str()));
+    }
+    // The old ids: soft-deleted, or (taken again) the new user's.
+    let old_ids: Vec<(String, bool, Option<String>)> = pair
+        .target
+        .query(
+            "SELECT id, deleted_at IS NOT NULL, raw_json ->> 'primary_email'
+               FROM neon_auth.users_sync WHERE id = ANY($1) ORDER BY id",
+            &[&vec![earlier, same, reused]],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(
+        old_ids,
+        vec![
+            (
+                earlier.to_owned(),
+                true,
+                Some(format!("{earlier}@example.com"))
+            ),
+            (same.to_owned(), true, Some(format!("{same}@example.com"))),
+            (reused.to_owned(), false, Some("new@example.com".to_owned())),
+        ]
+    );
+    running.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_streamed_transactions_with_savepoint_rollback() {
     let pair = Pair::new().await;

@@ -65,6 +65,19 @@ async fn a_lost_slot_is_refused_by_run_and_repaired_by_resync() {
     let run = pair.usersync(&["run"]);
     assert_eq!(run.status.code(), Some(78), "{}", text(&run));
     assert!(text(&run).contains("usersync resync"), "{}", text(&run));
+    // status and setup give the same advice (teardown and setup would copy without
+    // soft-deleting the users deleted meanwhile).
+    let status = pair.usersync(&["status", "--lag-target", "1h"]);
+    assert_eq!(status.status.code(), Some(5), "{}", text(&status));
+    assert!(
+        text(&status).contains("run usersync resync"),
+        "{}",
+        text(&status)
+    );
+    assert!(!text(&status).contains("teardown"), "{}", text(&status));
+    let setup = pair.usersync(&["setup"]);
+    assert_eq!(setup.status.code(), Some(78), "{}", text(&setup));
+    assert!(text(&setup).contains("usersync resync"), "{}", text(&setup));
 
     let resync = pair.usersync(&["resync"]);
     let said = text(&resync);

@@ -199,11 +199,20 @@ impl StatusReport {
         if !slot.exists {
             problem(
                 Verdict::Broken,
-                format!(
-                    "replication slot {} does not exist on the source: run usersync setup (changes \
-                     made while it was missing are not on the target)",
-                    slot.name
-                ),
+                match &self.checkpoint {
+                    // The target was fed from it: setup alone would miss the deletes of the gap.
+                    Some(checkpoint) => format!(
+                        "replication slot {} does not exist on the source, but the target holds \
+                         its checkpoint (up to {}): changes made since then are not on the \
+                         target; run usersync resync (it copies the table again and \
+                         soft-deletes the users the source no longer has)",
+                        slot.name, checkpoint.end_lsn.0
+                    ),
+                    None => format!(
+                        "replication slot {} does not exist on the source: run usersync setup",
+                        slot.name
+                    ),
+                },
             );
         } else {
             if slot.plugin.as_deref() != Some("pgoutput") {
@@ -221,7 +230,9 @@ impl StatusReport {
                     Verdict::Broken,
                     format!(
                         "replication slot {} has lost WAL it still needed (wal_status lost): \
-                         drop it with usersync teardown --yes and set up again",
+                         changes are missing from the target; run usersync resync (it creates \
+                         the slot again, copies the table and soft-deletes the users the source \
+                         no longer has)",
                         slot.name
                     ),
                 ),
@@ -523,6 +534,15 @@ mod tests {
         assert_eq!(report.verdict, Verdict::Broken);
         assert_eq!(report.problems.len(), 1);
         assert!(report.human().contains("does not exist"));
+        // The target holds its checkpoint: only resync brings back the deletes of the gap.
+        assert!(report.problems[0].message.contains("run usersync resync"));
+        let fresh = judged(|r| {
+            r.slot.exists = false;
+            r.checkpoint = None;
+        });
+        assert!(fresh.problems[0].message.contains("run usersync setup"));
+        let lost = judged(|r| r.slot.wal_status = Some("lost".into()));
+        assert!(lost.problems[0].message.contains("run usersync resync"));
     }
 
     #[test]
