@@ -166,9 +166,11 @@ fn profile_from_args(args: &ConnectionArgs) -> Result<Profile, Error> {
                     .clone()
                     .unwrap_or_else(|| generic::DEFAULT_SIGNED_UP_AT_COLUMN.to_owned()),
             ),
+            ..GenericMapping::default()
         }),
         "supabase" => Profile::Supabase(SupabaseMapping {
             include_anonymous: args.include_anonymous,
+            ..SupabaseMapping::default()
         }),
         "keycloak" => match args.realm.as_deref() {
             Some(realm) if !realm.is_empty() => Profile::Keycloak(KeycloakMapping::new(realm)),
@@ -183,9 +185,11 @@ fn profile_from_args(args: &ConnectionArgs) -> Result<Profile, Error> {
         },
         "better-auth" => Profile::BetterAuth(BetterAuthMapping {
             include_anonymous: args.include_anonymous,
+            ..BetterAuthMapping::default()
         }),
         "stack-auth" => Profile::StackAuth(StackAuthMapping {
             tenancy_id: args.tenancy_id.as_deref().map(tenancy_id).transpose()?,
+            ..StackAuthMapping::default()
         }),
         other => {
             return Err(Error::Config(format!(
@@ -487,7 +491,8 @@ mod tests {
         assert_eq!(
             profile_of(&["--profile", "supabase", "--include-anonymous"]).unwrap(),
             Profile::Supabase(SupabaseMapping {
-                include_anonymous: true
+                include_anonymous: true,
+                ..SupabaseMapping::default()
             })
         );
         assert_eq!(
@@ -507,7 +512,8 @@ mod tests {
             ])
             .unwrap(),
             Profile::StackAuth(StackAuthMapping {
-                tenancy_id: Some("4f1b2c3d-5e6f-4a7b-8c9d-0e1f2a3b4c5d".into())
+                tenancy_id: Some("4f1b2c3d-5e6f-4a7b-8c9d-0e1f2a3b4c5d".into()),
+                ..StackAuthMapping::default()
             })
         );
         let refused = [

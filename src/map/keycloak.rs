@@ -36,6 +36,7 @@ use super::columns::{
     is_credential, BoundColumn, ColumnNeed, OtherColumns, Relation, RowLayout, UserJson,
 };
 use super::profile::{MappingPlan, RowMapper, RowOutcome, SkipReason};
+use super::selection::ColumnSelection;
 use super::value::{self, oid, TextValue};
 use super::{key, MapError, MappedUser};
 use crate::decode::{ColumnValue, RelationColumn};
@@ -71,6 +72,8 @@ pub struct KeycloakMapping {
     /// The realm's id (`user_entity.realm_id`) once looked up on the source; until then
     /// `realm` is taken as the id.
     pub realm_id: Option<String>,
+    /// Which other columns are copied (`--include-columns`, `--exclude-columns`).
+    pub columns: ColumnSelection,
 }
 
 impl KeycloakMapping {
@@ -78,6 +81,7 @@ impl KeycloakMapping {
         KeycloakMapping {
             realm: realm.into(),
             realm_id: None,
+            columns: ColumnSelection::default(),
         }
     }
 
@@ -100,14 +104,15 @@ impl KeycloakMapping {
 
         let mut notes = Vec::new();
         let other = OtherColumns::bind(
-            columns,
+            &relation,
             &[&id, &email, &email_verified, &created_timestamp],
             |name| name == EMAIL_CONSTRAINT || is_credential(name),
             &key::STACK_AUTH,
+            &self.columns,
             &mut notes,
-        );
+        )?;
         Ok(BoundKeycloak {
-            layout: RowLayout::new(columns, id),
+            layout: relation.layout(id),
             realm: self.realm.clone(),
             wanted_realm_id: self.realm_id().to_owned(),
             email,
@@ -317,8 +322,8 @@ mod tests {
 
     fn bind() -> BoundKeycloak {
         KeycloakMapping {
-            realm: "acme".into(),
             realm_id: Some(REALM_ID.into()),
+            ..KeycloakMapping::new("acme")
         }
         .bind(&user_entity())
         .unwrap()

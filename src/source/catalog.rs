@@ -391,8 +391,8 @@ pub async fn resolve_profile(
         .or_else(|| realms.iter().find(|(_, name)| name == wanted));
     match found {
         Some((id, _)) => Ok(Profile::Keycloak(KeycloakMapping {
-            realm: mapping.realm.clone(),
             realm_id: Some(id.clone()),
+            ..mapping.clone()
         })),
         None => {
             let known: Vec<String> = realms

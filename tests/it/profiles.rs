@@ -797,6 +797,7 @@ async fn stack_auth_users_their_primary_email_and_one_tenancy() {
         "public.ProjectUser",
         Profile::StackAuth(StackAuthMapping {
             tenancy_id: Some(TENANCY.into()),
+            ..StackAuthMapping::default()
         }),
     )
     .await;
