@@ -53,6 +53,9 @@ pub(crate) async fn prepare(config: &Config) -> Result<Prepared, Error> {
     for (index, table) in tables.iter().enumerate() {
         catalog::check_table(&source, table).await?;
         let table_columns = table_columns(&source, table).await?;
+        if index == 0 {
+            profile.columns().check_names(&table_columns)?;
+        }
         let mapping = profile.bind_table(index, &table_columns)?;
         for note in mapping.notes() {
             println!("mapping note: {note}");
@@ -69,6 +72,9 @@ pub(crate) async fn prepare(config: &Config) -> Result<Prepared, Error> {
         );
         print!("{}", describe(&mapping.plan()));
         if index == 0 {
+            if let Some(selection) = profile.columns().describe() {
+                println!("  columns: {selection}");
+            }
             columns = table_columns;
         }
     }
