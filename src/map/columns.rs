@@ -131,13 +131,24 @@ impl BoundColumn {
     }
 }
 
-/// A column of the relation that the mapping uses.
+/// A column of the relation that the mapping uses, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsedColumn {
     pub name: String,
-    /// Read (into a key, or to decide which rows are users) or in the replica identity: rows
-    /// cannot be mapped without it. Otherwise it is only copied under its own name.
-    pub needed: bool,
+    /// Read into a key, or to decide which rows are users.
+    pub read: bool,
+    /// Copied into `raw_json` under its own name.
+    pub copied: bool,
+    /// In the replica identity: deletes and updates are matched by it, and PostgreSQL refuses
+    /// writes to the table while a publication's column list leaves it out.
+    pub in_identity: bool,
+}
+
+impl UsedColumn {
+    /// Rows cannot be mapped (or the table written) without it.
+    pub fn needed(&self) -> bool {
+        self.read || self.in_identity
+    }
 }
 
 /// The relation's columns the mapping uses, in the relation's order: what a publication's
@@ -160,7 +171,7 @@ impl ColumnUse {
     pub fn needed(&self) -> Vec<String> {
         self.columns
             .iter()
-            .filter(|column| column.needed)
+            .filter(|column| column.needed())
             .map(|column| column.name.clone())
             .collect()
     }
@@ -345,10 +356,11 @@ impl<'c> Relation<'c> {
             .filter_map(|(index, column)| {
                 let read = self.read.get(index).is_some_and(Cell::get);
                 let copied = self.copied.get(index).is_some_and(Cell::get);
-                let needed = read || column.is_key;
-                (needed || copied).then(|| UsedColumn {
+                (read || copied || column.is_key).then(|| UsedColumn {
                     name: column.name.clone(),
-                    needed,
+                    read,
+                    copied,
+                    in_identity: column.is_key,
                 })
             })
             .collect();
