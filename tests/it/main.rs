@@ -8,6 +8,7 @@ mod harness;
 mod cli;
 mod compat;
 mod crash;
+mod credentials;
 mod errors;
 mod faults;
 mod ha;
