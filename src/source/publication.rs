@@ -23,6 +23,12 @@
 //! that change, so the new list applies from the commit of the `ALTER` on, and a running
 //! `usersync run` receives a new Relation message and rebinds.
 //!
+//! **Migrations of the source table.** PostgreSQL records that a publication depends on each
+//! column of its list, and then refuses to drop such a column or change its type (`cannot
+//! drop column ... because other objects depend on it`). Before such a migration the column
+//! must leave the list (`--exclude-columns` and `setup`); `setup` says so when it sets a
+//! list.
+//!
 //! **Privileges.** Changing a publication takes ownership of it and of the table; the
 //! least-privilege role of `sql/source_role.sql` has neither. Then `setup` prints the
 //! statement for the owner: a table missing, or a list lacking a column the mapping uses, stops
@@ -346,6 +352,19 @@ pub async fn ensure_publication(
                 }
             }
         }
+    }
+    let list_set = !exists || !missing.is_empty() || !changed.is_empty();
+    if list_set
+        && tables
+            .iter()
+            .any(|table| table.column_list(version).is_some())
+    {
+        said.push(
+            "note: PostgreSQL refuses to drop a listed column or change its type; before such \
+             a migration of the source table, leave the column out (--exclude-columns) and run \
+             usersync setup"
+                .to_owned(),
+        );
     }
     if version < COLUMN_LIST_MIN_VERSION {
         said.push(format!(
