@@ -51,7 +51,10 @@
 --   A (this script): the table owner creates it, usersync setup finds it and only checks that
 --     it publishes the table. The usersync role owns nothing on the source. usersync teardown
 --     then cannot drop the publication (it is not the owner); drop it as the owner with
---     DROP PUBLICATION usersync.
+--     DROP PUBLICATION usersync. This script publishes every column; on PostgreSQL 15+
+--     usersync setup then prints the ALTER PUBLICATION statements that narrow the publication
+--     to the columns the mapping uses (no password hash or token on the wire): run them as
+--     the owner, and again whenever setup prints new ones.
 --   B: let usersync setup create it. The role then needs CREATE on the database and ownership
 --     of the table, e.g. GRANT CREATE ON DATABASE ... TO usersync_source and membership in the
 --     owning role (GRANT <table owner> TO usersync_source), which also lets it alter and drop

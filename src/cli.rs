@@ -106,6 +106,33 @@ pub struct ConnectionArgs {
     #[arg(long, env = "USERSYNC_PUBLICATION", default_value = "usersync")]
     pub publication: String,
 
+    /// Copy into raw_json only these columns besides the keys the profile computes (an
+    /// allow-list; comma-separated, spelled as in the catalog). A column named here is copied
+    /// even if its name looks like a credential (password_changed_at). Columns not copied are
+    /// not published either (PostgreSQL 15+). A name the table lacks stops setup and run
+    /// (exit 78). Not with --exclude-columns.
+    #[arg(
+        long,
+        env = "USERSYNC_INCLUDE_COLUMNS",
+        value_name = "COLUMNS",
+        value_delimiter = ',',
+        conflicts_with = "exclude_columns"
+    )]
+    pub include_columns: Vec<String>,
+
+    /// Also leave these columns out of raw_json (a deny-list, comma-separated, on top of the
+    /// profile's rule, which leaves out any column whose name contains password, token or
+    /// secret). A column the profile reads (the id, the email, ...) cannot be excluded, and a
+    /// name the table lacks stops setup and run (exit 78). Columns not copied are not
+    /// published either (PostgreSQL 15+).
+    #[arg(
+        long,
+        env = "USERSYNC_EXCLUDE_COLUMNS",
+        value_name = "COLUMNS",
+        value_delimiter = ','
+    )]
+    pub exclude_columns: Vec<String>,
+
     /// generic: source column that holds the user id [default: id].
     #[arg(long, env = "USERSYNC_ID_COLUMN")]
     pub id_column: Option<String>,

@@ -10,9 +10,10 @@ use crate::cli::{ConnectionArgs, PurgeArgs};
 use crate::conn::PgUrl;
 use crate::decode::DEFAULT_MEMORY_LIMIT;
 use crate::error::Error;
+use crate::map::selection::{EXCLUDE_OPTION, INCLUDE_OPTION};
 use crate::map::{
-    generic, BetterAuthMapping, GenericMapping, KeycloakMapping, Profile, StackAuthMapping,
-    SupabaseMapping,
+    generic, BetterAuthMapping, ColumnSelection, GenericMapping, KeycloakMapping, Profile,
+    StackAuthMapping, SupabaseMapping,
 };
 
 /// Everything `setup`, `run` and `teardown` need, validated.
@@ -149,6 +150,42 @@ fn profile_from_args(args: &ConnectionArgs) -> Result<Profile, Error> {
     if args.include_anonymous && !["supabase", "better-auth"].contains(&args.profile.as_str()) {
         return only_for("--include-anonymous", "supabase or better-auth");
     }
+    let columns = column_selection(args)?;
+    Ok(profile_of_name(args)?.with_columns(columns))
+}
+
+/// `--include-columns` or `--exclude-columns` (clap refuses both); names are trimmed, and an
+/// empty one (`a,,b`, a trailing comma) is refused rather than matched against nothing.
+fn column_selection(args: &ConnectionArgs) -> Result<ColumnSelection, Error> {
+    let names = |option: &str, given: &[String]| -> Result<Vec<String>, Error> {
+        given
+            .iter()
+            .map(|name| match name.trim() {
+                "" => Err(Error::Config(format!(
+                    "{option} has an empty column name: give comma-separated names, e.g. \
+                     {option} plan,locale"
+                ))),
+                name => Ok(name.to_owned()),
+            })
+            .collect()
+    };
+    Ok(
+        match (&args.include_columns[..], &args.exclude_columns[..]) {
+            ([], []) => ColumnSelection::Profile,
+            (include, []) => ColumnSelection::Include(names(INCLUDE_OPTION, include)?),
+            ([], exclude) => ColumnSelection::Exclude(names(EXCLUDE_OPTION, exclude)?),
+            _ => {
+                return Err(Error::Config(format!(
+                    "{INCLUDE_OPTION} and {EXCLUDE_OPTION} do not go together: the allow-list \
+                 already leaves every other column out"
+                )))
+            }
+        },
+    )
+}
+
+/// The profile `--profile` names, with the options that only it takes.
+fn profile_of_name(args: &ConnectionArgs) -> Result<Profile, Error> {
     Ok(match args.profile.as_str() {
         "generic" => Profile::Generic(GenericMapping {
             id_column: args
@@ -166,9 +203,11 @@ fn profile_from_args(args: &ConnectionArgs) -> Result<Profile, Error> {
                     .clone()
                     .unwrap_or_else(|| generic::DEFAULT_SIGNED_UP_AT_COLUMN.to_owned()),
             ),
+            ..GenericMapping::default()
         }),
         "supabase" => Profile::Supabase(SupabaseMapping {
             include_anonymous: args.include_anonymous,
+            ..SupabaseMapping::default()
         }),
         "keycloak" => match args.realm.as_deref() {
             Some(realm) if !realm.is_empty() => Profile::Keycloak(KeycloakMapping::new(realm)),
@@ -183,9 +222,11 @@ fn profile_from_args(args: &ConnectionArgs) -> Result<Profile, Error> {
         },
         "better-auth" => Profile::BetterAuth(BetterAuthMapping {
             include_anonymous: args.include_anonymous,
+            ..BetterAuthMapping::default()
         }),
         "stack-auth" => Profile::StackAuth(StackAuthMapping {
             tenancy_id: args.tenancy_id.as_deref().map(tenancy_id).transpose()?,
+            ..StackAuthMapping::default()
         }),
         other => {
             return Err(Error::Config(format!(
@@ -487,7 +528,8 @@ mod tests {
         assert_eq!(
             profile_of(&["--profile", "supabase", "--include-anonymous"]).unwrap(),
             Profile::Supabase(SupabaseMapping {
-                include_anonymous: true
+                include_anonymous: true,
+                ..SupabaseMapping::default()
             })
         );
         assert_eq!(
@@ -507,7 +549,8 @@ mod tests {
             ])
             .unwrap(),
             Profile::StackAuth(StackAuthMapping {
-                tenancy_id: Some("4f1b2c3d-5e6f-4a7b-8c9d-0e1f2a3b4c5d".into())
+                tenancy_id: Some("4f1b2c3d-5e6f-4a7b-8c9d-0e1f2a3b4c5d".into()),
+                ..StackAuthMapping::default()
             })
         );
         let refused = [
@@ -524,6 +567,58 @@ mod tests {
             let error = profile_of(args).unwrap_err().to_string();
             assert!(error.contains(needle), "{args:?}: {error}");
         }
+    }
+
+    #[test]
+    fn every_profile_takes_a_column_allow_or_deny_list() {
+        let selection = |args: &[&str]| profile_of(args).map(|p| p.columns().clone());
+        assert_eq!(selection(&[]).unwrap(), ColumnSelection::Profile);
+        assert_eq!(
+            selection(&["--exclude-columns", "plan, locale"]).unwrap(),
+            ColumnSelection::Exclude(vec!["plan".into(), "locale".into()])
+        );
+        assert_eq!(
+            selection(&["--profile", "supabase", "--include-columns", "phone,aud"]).unwrap(),
+            ColumnSelection::Include(vec!["phone".into(), "aud".into()])
+        );
+        let keycloak = profile_of(&[
+            "--profile",
+            "keycloak",
+            "--realm",
+            "acme",
+            "--exclude-columns",
+            "federation_link",
+        ])
+        .unwrap();
+        assert_eq!(keycloak.name(), "keycloak");
+        assert_eq!(
+            keycloak.columns(),
+            &ColumnSelection::Exclude(vec!["federation_link".into()])
+        );
+        assert_eq!(
+            selection(&[
+                "--profile",
+                "stack-auth",
+                "--include-columns",
+                "lastActiveAt"
+            ])
+            .unwrap(),
+            ColumnSelection::Include(vec!["lastActiveAt".into()])
+        );
+        let error = selection(&["--exclude-columns", "a,,b"]).unwrap_err();
+        assert!(error.to_string().contains("empty column name"), "{error}");
+
+        use clap::Parser as _;
+        let both = crate::cli::Cli::try_parse_from([
+            "usersync",
+            "setup",
+            "--include-columns",
+            "a",
+            "--exclude-columns",
+            "b",
+        ])
+        .unwrap_err();
+        assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict);
     }
 
     #[test]

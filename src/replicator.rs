@@ -217,12 +217,23 @@ async fn run_session(
     })
     .await?;
     let sender_timeout = wait_for_slot(&source, &config.slot, source_timeout).await?;
-    // Facts the profile needs from the source (Keycloak: the realm's id for its name).
+    // Facts the profile needs from the source (Keycloak: the realm's id for its name), and
+    // whether the publication carries the columns the mapping needs (PostgreSQL 15+).
     let profile = answered(
         source_timeout,
         "source",
         "reading the profile's facts",
-        async { Ok(catalog::resolve_profile(&source, &config.table, &config.mapping).await?) },
+        async {
+            let profile = catalog::resolve_profile(&source, &config.table, &config.mapping).await?;
+            crate::source::publication::check_published_columns(
+                &source,
+                &config.publication,
+                &config.table,
+                &profile,
+            )
+            .await?;
+            Ok(profile)
+        },
     )
     .await?;
     drop(source);

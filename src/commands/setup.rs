@@ -19,12 +19,13 @@ use tokio_postgres::Client;
 use super::connect;
 use super::initial_copy::{create_slot_and_copy, CopyMode};
 use crate::apply::{self, schema::Created};
-use crate::config::{Config, TableName};
+use crate::config::Config;
 use crate::conn::version;
 use crate::decode::RelationColumn;
 use crate::error::Error;
-use crate::map::MappingPlan;
+use crate::map::{ColumnUse, MappingPlan};
 use crate::source::catalog::SlotInfo;
+use crate::source::publication::{self, PublishedTable};
 use crate::source::{catalog, SourceError};
 
 /// What `setup` does beyond the checks.
@@ -49,6 +50,7 @@ impl Default for SetupOptions {
 pub(crate) struct Prepared {
     pub source: Client,
     pub target: Client,
+    /// The users table's columns the mapping uses: all the initial copy reads.
     pub columns: Vec<RelationColumn>,
 }
 
@@ -62,9 +64,13 @@ pub(crate) async fn prepare(config: &Config) -> Result<Prepared, Error> {
     let profile = catalog::resolve_profile(&source, &config.table, &config.mapping).await?;
     let tables = profile.tables(&config.table);
     let mut columns = Vec::new();
+    let mut published = Vec::new();
     for (index, table) in tables.iter().enumerate() {
         catalog::check_table(&source, table).await?;
-        let table_columns = table_columns(&source, table).await?;
+        let table_columns = catalog::table_columns(&source, table).await?;
+        if index == 0 {
+            profile.columns().check_names(&table_columns)?;
+        }
         let mapping = profile.bind_table(index, &table_columns)?;
         for note in mapping.notes() {
             println!("mapping note: {note}");
@@ -80,20 +86,25 @@ pub(crate) async fn prepare(config: &Config) -> Result<Prepared, Error> {
             }
         );
         print!("{}", describe(&mapping.plan()));
+        let used = mapping.layout().used().clone();
         if index == 0 {
-            columns = table_columns;
+            if let Some(selection) = profile.columns().describe() {
+                println!("  columns: {selection}");
+            }
+            columns = copied_columns(&table_columns, &used);
         }
+        published.push(PublishedTable::new(table.clone(), &table_columns, used));
     }
-    println!(
-        "{}",
-        catalog::ensure_publication(
-            &source,
-            &config.publication,
-            &tables,
-            profile.row_filter().as_deref()
-        )
-        .await?
-    );
+    for line in publication::ensure_publication(
+        &source,
+        &config.publication,
+        &published,
+        profile.row_filter().as_deref(),
+    )
+    .await?
+    {
+        println!("{line}");
+    }
 
     let target = connect("target", &config.target).await?;
     version::check_target(&target).await?;
@@ -215,6 +226,21 @@ fn describe(plan: &MappingPlan) -> String {
     text
 }
 
+/// The columns of the users table the initial copy reads: those the mapping reads or copies,
+/// in the table's order, so that no other column (a password hash) leaves the source through
+/// the copy either. The replica identity is left out unless read: only the stream needs it.
+fn copied_columns(columns: &[RelationColumn], used: &ColumnUse) -> Vec<RelationColumn> {
+    columns
+        .iter()
+        .filter(|column| {
+            used.columns
+                .iter()
+                .any(|used| used.name == column.name && (used.read || used.copied))
+        })
+        .cloned()
+        .collect()
+}
+
 fn copy_mode(options: SetupOptions) -> CopyMode {
     if options.snapshot {
         CopyMode::Copy
@@ -242,45 +268,4 @@ pub(crate) fn check_slot_fits(config: &Config, slot: &SlotInfo) -> Result<(), Er
         .into());
     }
     Ok(())
-}
-
-/// The table's columns as a Relation message would describe them, so the mapping can be
-/// checked before any change streams. Generated columns are left out, as pgoutput leaves
-/// them out of its Relation messages.
-pub async fn table_columns(
-    source: &Client,
-    table: &TableName,
-) -> Result<Vec<RelationColumn>, Error> {
-    let rows = source
-        .query(
-            // A column is a key when the replica identity includes it: all columns for FULL,
-            // the chosen index for USING INDEX, the primary key for DEFAULT.
-            "SELECT a.attname::text, a.atttypid::oid, a.atttypmod,
-                    CASE c.relreplident
-                      WHEN 'f' THEN true
-                      WHEN 'i' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
-                                               AND i.indisreplident AND a.attnum = ANY (i.indkey))
-                      WHEN 'd' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
-                                               AND i.indisprimary AND a.attnum = ANY (i.indkey))
-                      ELSE false
-                    END
-               FROM pg_class c
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-               JOIN pg_attribute a ON a.attrelid = c.oid
-              WHERE n.nspname = $1 AND c.relname = $2
-                AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
-              ORDER BY a.attnum",
-            &[&table.schema, &table.name],
-        )
-        .await
-        .map_err(SourceError::sql("reading the source table's columns"))?;
-    Ok(rows
-        .iter()
-        .map(|row| RelationColumn {
-            name: row.get(0),
-            type_oid: row.get(1),
-            type_modifier: row.get(2),
-            is_key: row.get(3),
-        })
-        .collect())
 }

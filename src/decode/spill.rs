@@ -6,11 +6,16 @@
 //! does the same with its own spool files. The file is unlinked as soon as it is created, so
 //! nothing is left behind by a crash, and it goes to the system's temporary directory
 //! (`TMPDIR`).
+//!
+//! **Other users of the machine.** The payloads are users' rows, so the file is created
+//! readable and writable by its owner only (mode 0600), under a name of 128 random bits, with
+//! `O_CREAT | O_EXCL` (which never follows a symbolic link). A shared `/tmp` lets anyone
+//! create files: were the names guessable, a file or link planted at the next name would stop
+//! replication, so a name that is taken is simply skipped for a fresh one.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
@@ -20,7 +25,9 @@ use super::DecodeError;
 /// Buffer of the file's reader and writer.
 const BUFFER: usize = 256 * 1024;
 
-static NEXT_FILE: AtomicU64 = AtomicU64::new(0);
+/// Fresh names tried before giving up. Random names do not collide by chance: a name taken
+/// means files planted on purpose, and a few more tries outlast any such guess.
+const CREATE_ATTEMPTS: usize = 8;
 
 /// Where payloads are appended, each as a 4-byte big-endian length and the payload.
 #[derive(Debug)]
@@ -35,18 +42,32 @@ pub struct SpillFile {
 }
 
 impl SpillFile {
+    /// A new, private, already unlinked file in the system's temporary directory.
     pub fn create(in_stream: bool) -> Result<Self, DecodeError> {
-        let path = std::env::temp_dir().join(format!(
-            "usersync-spill-{}-{}",
-            std::process::id(),
-            NEXT_FILE.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|error| spill_error("creating", &path, &error))?;
+        Self::create_in(&std::env::temp_dir(), random_name, in_stream)
+    }
+
+    /// A new file in `dir` under the first of `names` not taken.
+    fn create_in(
+        dir: &Path,
+        mut names: impl FnMut() -> Result<String, DecodeError>,
+        in_stream: bool,
+    ) -> Result<Self, DecodeError> {
+        let mut attempt = 0;
+        let (file, path) = loop {
+            let path = dir.join(names()?);
+            match create_private(&path) {
+                Ok(file) => break (file, path),
+                Err(error)
+                    if error.kind() == std::io::ErrorKind::AlreadyExists
+                        && attempt + 1 < CREATE_ATTEMPTS =>
+                {
+                    attempt += 1;
+                    tracing::warn!(path = %path.display(), "a spill file name was taken; trying another");
+                }
+                Err(error) => return Err(spill_error("creating", &path, &error)),
+            }
+        };
         std::fs::remove_file(&path).map_err(|error| spill_error("unlinking", &path, &error))?;
         Ok(SpillFile {
             writer: BufWriter::with_capacity(BUFFER, file),
@@ -108,6 +129,30 @@ impl SpillFile {
             in_stream: self.in_stream,
         })
     }
+}
+
+/// `usersync-spill-` and 128 random bits in hex: not guessable by another user.
+fn random_name() -> Result<String, DecodeError> {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| DecodeError::Spill {
+            action: "creating",
+            reason: "the system's random number generator failed to name a spill file".into(),
+        })?;
+    let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    Ok(format!("usersync-spill-{hex}"))
+}
+
+/// Creates `path`, which must not exist (not even as a symbolic link), readable and writable
+/// by its owner only.
+fn create_private(path: &Path) -> std::io::Result<File> {
+    let mut options = File::options();
+    options.read(true).write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
 }
 
 /// The changes of a spilled transaction, decoded one at a time as they are read.
@@ -235,6 +280,110 @@ mod tests {
         file.truncate(mark, count).unwrap();
         file.append(&insert_payload("d")).unwrap();
         assert_eq!(ids(file.into_changes().unwrap()), ["a", "d"]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn spill_files_are_readable_by_their_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let file = SpillFile::create(false).unwrap();
+        let mode = file
+            .writer
+            .get_ref()
+            .metadata()
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+    }
+
+    /// Another local user who can guess the names could plant files at them to stop
+    /// replication; with names derived from the pid and a counter they could.
+    #[test]
+    fn files_planted_at_guessable_names_do_not_stop_spilling() {
+        let dir = std::env::temp_dir();
+        let planted: Vec<PathBuf> = (0..200)
+            .map(|n| dir.join(format!("usersync-spill-{}-{n}", std::process::id())))
+            .filter(|path| {
+                File::options()
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .is_ok()
+            })
+            .collect();
+        let created = SpillFile::create(false);
+        for path in &planted {
+            let _ = std::fs::remove_file(path);
+        }
+        created.expect("a spill file despite the planted ones");
+    }
+
+    #[test]
+    fn names_are_random() {
+        let (a, b) = (random_name().unwrap(), random_name().unwrap());
+        assert_ne!(a, b);
+        assert!(a.starts_with("usersync-spill-") && a.len() == "usersync-spill-".len() + 32);
+    }
+
+    /// A scratch directory of the test's own.
+    fn scratch_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "usersync-spill-test-{name}-{}",
+            random_name().unwrap()
+        ));
+        std::fs::create_dir(&dir).unwrap();
+        dir
+    }
+
+    /// Names handed out in order, as a planted-file scenario needs them.
+    fn names_in_order(names: &[&str]) -> impl FnMut() -> Result<String, DecodeError> {
+        let mut names: Vec<String> = names.iter().rev().map(|name| (*name).to_owned()).collect();
+        move || Ok(names.pop().expect("no more names"))
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_planted_file_or_symlink_is_skipped_and_left_alone() {
+        let dir = scratch_dir("planted");
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::fs::write(dir.join("taken-by-file"), b"planted").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("taken-by-link")).unwrap();
+        std::os::unix::fs::symlink(dir.join("nowhere"), dir.join("taken-by-dangling-link"))
+            .unwrap();
+
+        let names = names_in_order(&[
+            "taken-by-file",
+            "taken-by-link",
+            "taken-by-dangling-link",
+            "free",
+        ]);
+        let mut file = SpillFile::create_in(&dir, names, false).unwrap();
+        assert_eq!(file.path, dir.join("free"));
+        assert!(!file.path.exists(), "unlinked at once");
+        file.append(&insert_payload("a")).unwrap();
+        assert_eq!(ids(file.into_changes().unwrap()), ["a"]);
+
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(
+            std::fs::read(dir.join("taken-by-file")).unwrap(),
+            b"planted"
+        );
+        assert!(
+            !dir.join("nowhere").exists(),
+            "a dangling link is not followed"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn gives_up_with_the_reason_when_every_name_is_taken() {
+        let dir = scratch_dir("taken");
+        std::fs::write(dir.join("taken"), b"").unwrap();
+        let error = SpillFile::create_in(&dir, || Ok("taken".to_owned()), false).unwrap_err();
+        assert!(error.to_string().contains("exists"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -28,6 +28,7 @@ use super::columns::{
     is_credential, BoundColumn, ColumnNeed, OtherColumns, Relation, RowLayout, UserJson,
 };
 use super::profile::{MappingPlan, RowMapper, RowOutcome, SkipReason};
+use super::selection::ColumnSelection;
 use super::value::{self, oid};
 use super::{key, MapError, MappedUser};
 use crate::decode::{ColumnValue, RelationColumn};
@@ -62,6 +63,8 @@ const IS_ANONYMOUS: ColumnNeed = ColumnNeed::typed(
 pub struct BetterAuthMapping {
     /// Replicate the anonymous plugin's guest users too.
     pub include_anonymous: bool,
+    /// Which other columns are copied (`--include-columns`, `--exclude-columns`).
+    pub columns: ColumnSelection,
 }
 
 impl BetterAuthMapping {
@@ -73,24 +76,31 @@ impl BetterAuthMapping {
         let email_verified = relation.require(&EMAIL_VERIFIED)?;
         let image = relation.require(&IMAGE)?;
         let created_at = relation.require(&CREATED_AT)?;
-        let is_anonymous = relation.optional(&IS_ANONYMOUS)?;
+        // Looked up only when it decides something: a column looked up is one the mapping
+        // reads, which the publication must carry and --exclude-columns cannot drop.
+        let is_anonymous = if self.include_anonymous {
+            None
+        } else {
+            relation.optional(&IS_ANONYMOUS)?
+        };
 
         let mut notes = Vec::new();
         let other = OtherColumns::bind(
-            columns,
+            &relation,
             &[&id, &name, &email, &email_verified, &image, &created_at],
             is_credential,
             &key::STACK_AUTH,
+            &self.columns,
             &mut notes,
-        );
+        )?;
         Ok(BoundBetterAuth {
-            layout: RowLayout::new(columns, id),
+            layout: relation.layout(id),
             name,
             email,
             email_verified,
             image,
             created_at,
-            is_anonymous: is_anonymous.filter(|_| !self.include_anonymous),
+            is_anonymous,
             include_anonymous: self.include_anonymous,
             other,
             notes,
@@ -240,9 +250,12 @@ mod tests {
     }
 
     fn bind(include_anonymous: bool) -> BoundBetterAuth {
-        BetterAuthMapping { include_anonymous }
-            .bind(&user_table())
-            .unwrap()
+        BetterAuthMapping {
+            include_anonymous,
+            ..BetterAuthMapping::default()
+        }
+        .bind(&user_table())
+        .unwrap()
     }
 
     #[test]

@@ -1,9 +1,19 @@
 //! What every profile does with a relation and its rows: find columns by name once per
 //! Relation message, read a row's values by position, and build `raw_json` with the keys
 //! whose source value is unchanged TOAST set aside for apply.
+//!
+//! Binding also records what the mapping does with each column ([`ColumnUse`]): a column the
+//! profile looked up is read, one passed through is copied, and the replica identity is
+//! needed whatever the profile does. That record is what a publication's column list must
+//! carry, so it is kept by the one place every lookup goes through ([`Relation`]) rather than
+//! listed by hand in each profile, where a column read but forgotten would vanish from the
+//! stream.
+
+use std::cell::Cell;
 
 use serde_json::{Map, Value};
 
+use super::selection::{ColumnSelection, EXCLUDE_OPTION, INCLUDE_OPTION};
 use super::value::{self, TextValue, ValueError};
 use super::{MapError, MappedUser};
 use crate::decode::{ColumnValue, RelationColumn, TupleData};
@@ -121,20 +131,65 @@ impl BoundColumn {
     }
 }
 
+/// A column of the relation that the mapping uses, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsedColumn {
+    pub name: String,
+    /// Read into a key, or to decide which rows are users.
+    pub read: bool,
+    /// Copied into `raw_json` under its own name.
+    pub copied: bool,
+    /// In the replica identity: deletes and updates are matched by it, and PostgreSQL refuses
+    /// writes to the table while a publication's column list leaves it out.
+    pub in_identity: bool,
+}
+
+impl UsedColumn {
+    /// Rows cannot be mapped (or the table written) without it.
+    pub fn needed(&self) -> bool {
+        self.read || self.in_identity
+    }
+}
+
+/// The relation's columns the mapping uses, in the relation's order: what a publication's
+/// column list must carry. The others may be left out of the stream altogether.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ColumnUse {
+    pub columns: Vec<UsedColumn>,
+}
+
+impl ColumnUse {
+    /// Every column used, needed or copied.
+    pub fn names(&self) -> Vec<String> {
+        self.columns
+            .iter()
+            .map(|column| column.name.clone())
+            .collect()
+    }
+
+    /// The columns rows cannot be mapped without.
+    pub fn needed(&self) -> Vec<String> {
+        self.columns
+            .iter()
+            .filter(|column| column.needed())
+            .map(|column| column.name.clone())
+            .collect()
+    }
+}
+
 /// What every bound profile needs to read any row of its relation: how wide rows are, and
-/// which column holds the user id.
+/// which column holds the user id; and, for the publication, which columns it uses.
 #[derive(Debug, Clone)]
 pub struct RowLayout {
     pub(super) column_count: usize,
     pub(super) id: BoundColumn,
+    pub(super) used: ColumnUse,
 }
 
 impl RowLayout {
-    pub(super) fn new(columns: &[RelationColumn], id: BoundColumn) -> Self {
-        RowLayout {
-            column_count: columns.len(),
-            id,
-        }
+    /// The columns the mapping uses: what the publication's column list must carry.
+    pub fn used(&self) -> &ColumnUse {
+        &self.used
     }
 
     /// A row's values, after checking that the row is as wide as the relation it was bound
@@ -165,39 +220,73 @@ pub(super) struct OtherColumns {
 }
 
 impl OtherColumns {
-    /// Sorts the columns other than `read` (those the profile moves into its keys). A column
-    /// the profile never copies (credentials and the like) is left out silently; one named
-    /// like a key in `computed` is left out with a note, since passing it through would
-    /// overwrite the key the profile computes.
+    /// Sorts the columns other than `read` (those the profile moves into its keys), after
+    /// every other lookup of the profile (a column looked up cannot be excluded). A column
+    /// the profile never copies (credentials and the like) is left out silently, unless
+    /// `selection` includes it by name; one named like a key in `computed` is left out with a
+    /// note, since passing it through would overwrite the key the profile computes; then
+    /// `selection` has its say (see the `selection` module). The columns passed through are
+    /// recorded as copied in `relation`.
     pub fn bind(
-        columns: &[RelationColumn],
+        relation: &Relation<'_>,
         read: &[&BoundColumn],
         never_copied: impl Fn(&str) -> bool,
         computed: &[&str],
+        selection: &ColumnSelection,
         notes: &mut Vec<String>,
-    ) -> Self {
+    ) -> Result<Self, MapError> {
+        if let ColumnSelection::Exclude(names) = selection {
+            if let Some(name) = names.iter().find(|name| relation.is_read(name)) {
+                return Err(MapError::ExcludedColumnRead {
+                    column: name.clone(),
+                });
+            }
+        }
         let mut passthrough = Vec::new();
         let mut excluded = Vec::new();
-        for (index, column) in columns.iter().enumerate() {
+        for (index, column) in relation.columns.iter().enumerate() {
             if read.iter().any(|read| read.index == index) {
                 continue;
             }
-            if never_copied(&column.name) {
-                excluded.push(column.name.clone());
-            } else if computed.contains(&column.name.as_str()) {
+            let name = &column.name;
+            let credential = never_copied(name);
+            if computed.contains(&name.as_str()) {
+                if selection.includes(name) {
+                    return Err(MapError::IncludedComputedKey {
+                        column: name.clone(),
+                    });
+                }
                 notes.push(format!(
-                    "column {} is left out of raw_json: the profile computes that key",
-                    column.name
+                    "column {name} is left out of raw_json: the profile computes that key"
                 ));
-                excluded.push(column.name.clone());
+                excluded.push(format!("{name} (named like a computed key)"));
+            } else if selection.includes(name) {
+                if credential {
+                    notes.push(format!(
+                        "column {name} is copied into raw_json although its name says \
+                         credential: --include-columns names it"
+                    ));
+                }
+                passthrough.push(BoundColumn::new(index, column));
+            } else if credential {
+                excluded.push(name.clone());
+            } else if let ColumnSelection::Include(_) = selection {
+                excluded.push(format!("{name} (not in {INCLUDE_OPTION})"));
+            } else if selection.excludes(name) {
+                excluded.push(format!("{name} ({EXCLUDE_OPTION})"));
             } else {
                 passthrough.push(BoundColumn::new(index, column));
             }
         }
-        OtherColumns {
+        for column in &passthrough {
+            if let Some(copied) = relation.copied.get(column.index) {
+                copied.set(true);
+            }
+        }
+        Ok(OtherColumns {
             passthrough,
             excluded,
-        }
+        })
     }
 
     /// The passed-through column names, as [`MappingPlan`](super::MappingPlan) lists them.
@@ -209,25 +298,77 @@ impl OtherColumns {
     }
 }
 
-/// The relation's columns with the lookups binding needs.
+/// The relation's columns with the lookups binding needs, recording which columns the
+/// profile reads (every column a lookup returns) and copies ([`OtherColumns::bind`]).
 pub(super) struct Relation<'c> {
     pub columns: &'c [RelationColumn],
+    read: Vec<Cell<bool>>,
+    copied: Vec<Cell<bool>>,
 }
 
 impl<'c> Relation<'c> {
     pub fn new(columns: &'c [RelationColumn]) -> Self {
-        Relation { columns }
+        Relation {
+            columns,
+            read: vec![Cell::new(false); columns.len()],
+            copied: vec![Cell::new(false); columns.len()],
+        }
     }
 
-    pub fn find(&self, name: &str) -> Option<BoundColumn> {
+    /// A column by name, without recording it as read: for candidates that may be turned
+    /// down.
+    fn lookup(&self, name: &str) -> Option<BoundColumn> {
         self.columns
             .iter()
             .position(|column| column.name == name)
             .and_then(|index| Some(BoundColumn::new(index, self.columns.get(index)?)))
     }
 
+    fn mark_read(&self, column: BoundColumn) -> BoundColumn {
+        if let Some(read) = self.read.get(column.index) {
+            read.set(true);
+        }
+        column
+    }
+
+    /// Whether a lookup returned the column named `name`.
+    fn is_read(&self, name: &str) -> bool {
+        self.lookup(name)
+            .and_then(|column| self.read.get(column.index))
+            .is_some_and(Cell::get)
+    }
+
+    /// The column named `name`, which the profile reads.
+    pub fn find(&self, name: &str) -> Option<BoundColumn> {
+        self.lookup(name).map(|column| self.mark_read(column))
+    }
+
     pub fn first_of(&self, names: &[&str]) -> Option<BoundColumn> {
         names.iter().find_map(|name| self.find(name))
+    }
+
+    /// The layout of the bound relation, once every lookup is done; `id` is the user id.
+    pub fn layout(&self, id: BoundColumn) -> RowLayout {
+        let columns = self
+            .columns
+            .iter()
+            .enumerate()
+            .filter_map(|(index, column)| {
+                let read = self.read.get(index).is_some_and(Cell::get);
+                let copied = self.copied.get(index).is_some_and(Cell::get);
+                (read || copied || column.is_key).then(|| UsedColumn {
+                    name: column.name.clone(),
+                    read,
+                    copied,
+                    in_identity: column.is_key,
+                })
+            })
+            .collect();
+        RowLayout {
+            column_count: self.columns.len(),
+            id,
+            used: ColumnUse { columns },
+        }
     }
 
     /// Like `first_of`, skipping (with a note) candidates whose type cannot feed `key`.
@@ -240,7 +381,7 @@ impl<'c> Relation<'c> {
     ) -> Option<BoundColumn> {
         names
             .iter()
-            .filter_map(|name| self.find(name))
+            .filter_map(|name| self.lookup(name))
             .find(|column| {
                 let fits = types.contains(&column.type_oid);
                 if !fits {
@@ -251,6 +392,7 @@ impl<'c> Relation<'c> {
                 }
                 fits
             })
+            .map(|column| self.mark_read(column))
     }
 
     pub fn names(&self) -> String {

@@ -18,15 +18,19 @@
 //! the caller can log them once at startup. An `email_column` or `signed_up_at_column` of
 //! `None` means "no such column".
 //!
-//! Every other column passes through under its own name with its JSON value, so nothing the
-//! source holds is lost, except a column whose name is a computed key (say an `id serial`
-//! beside `--id-column user_uuid`): writing it would overwrite the computed value. Every row is
-//! a live user: the generic profile never skips a row.
+//! Every other column passes through under its own name with its JSON value, except a
+//! column whose name says it holds a credential (`password`, `token` or `secret` in it, the
+//! rule of every profile: `password_hash`, `reset_token`, `totp_secret`), and a column whose
+//! name is a computed key (say an `id serial` beside `--id-column user_uuid`): writing it
+//! would overwrite the computed value. `--include-columns` and `--exclude-columns` narrow or
+//! widen that (see the `selection` module). Every row is a live user: the generic profile
+//! never skips a row.
 
 use serde_json::Value;
 
-use super::columns::{BoundColumn, Relation, RowLayout, UserJson};
+use super::columns::{is_credential, BoundColumn, OtherColumns, Relation, RowLayout, UserJson};
 use super::profile::{MappingPlan, RowMapper, RowOutcome};
+use super::selection::ColumnSelection;
 use super::value::{self, ValueError};
 use super::{key, MapError};
 use crate::decode::{ColumnValue, RelationColumn, TupleData};
@@ -59,6 +63,8 @@ pub struct GenericMapping {
     pub display_name_column: Option<String>,
     /// `Some("created_at")` (the default) also accepts a table without it.
     pub signed_up_at_column: Option<String>,
+    /// Which other columns are copied (`--include-columns`, `--exclude-columns`).
+    pub columns: ColumnSelection,
 }
 
 impl Default for GenericMapping {
@@ -68,6 +74,7 @@ impl Default for GenericMapping {
             email_column: Some(DEFAULT_EMAIL_COLUMN.to_owned()),
             display_name_column: None,
             signed_up_at_column: Some(DEFAULT_SIGNED_UP_AT_COLUMN.to_owned()),
+            columns: ColumnSelection::default(),
         }
     }
 }
@@ -81,9 +88,7 @@ pub struct BoundMapping {
     display_name: Option<BoundColumn>,
     signed_up_at: Option<BoundColumn>,
     email_verified: Option<BoundColumn>,
-    passthrough: Vec<BoundColumn>,
-    /// Columns left out because their name is a computed key.
-    hidden: Vec<String>,
+    other: OtherColumns,
     notes: Vec<String>,
 }
 
@@ -150,38 +155,28 @@ impl GenericMapping {
             &mut notes,
         );
 
-        let feeds_a_key = |index: usize| {
+        let feeding_keys: Vec<&BoundColumn> =
             [&email, &display_name, &signed_up_at, &email_verified]
                 .into_iter()
                 .flatten()
                 .chain([&id])
-                .any(|column| column.index == index)
-        };
-        let mut passthrough = Vec::new();
-        let mut hidden = Vec::new();
-        for (index, column) in columns.iter().enumerate() {
-            if feeds_a_key(index) {
-                continue;
-            }
-            if key::COMPUTED.contains(&column.name.as_str()) {
-                notes.push(format!(
-                    "column {} is left out of raw_json: usersync computes that key from other columns",
-                    column.name
-                ));
-                hidden.push(column.name.clone());
-                continue;
-            }
-            passthrough.push(BoundColumn::new(index, column));
-        }
+                .collect();
+        let other = OtherColumns::bind(
+            &relation,
+            &feeding_keys,
+            is_credential,
+            &key::COMPUTED,
+            &self.columns,
+            &mut notes,
+        )?;
 
         Ok(BoundMapping {
-            layout: RowLayout::new(columns, id),
+            layout: relation.layout(id),
             email,
             display_name,
             signed_up_at,
             email_verified,
-            passthrough,
-            hidden,
+            other,
             notes,
         })
     }
@@ -224,7 +219,7 @@ impl BoundMapping {
         if let Some(column) = &self.signed_up_at {
             user.set_signed_up_at(column, values)?;
         }
-        user.pass_through(&self.passthrough, values)?;
+        user.pass_through(&self.other.passthrough, values)?;
         Ok(user.finish(id.to_owned()))
     }
 }
@@ -266,12 +261,8 @@ impl RowMapper for BoundMapping {
                     source(&self.email_verified, "(none: false)"),
                 ),
             ],
-            passthrough: self.passthrough.iter().map(|c| c.name.clone()).collect(),
-            excluded: self
-                .hidden
-                .iter()
-                .map(|name| format!("{name} (named like a computed key)"))
-                .collect(),
+            passthrough: self.other.passthrough_names(),
+            excluded: self.other.excluded.clone(),
             rules: vec!["every row is a live user; a source delete is a soft delete".into()],
         }
     }
@@ -346,6 +337,240 @@ mod tests {
     }
 
     #[test]
+    fn credential_columns_are_never_copied() {
+        let columns = vec![
+            column("id", oid::UUID, true),
+            column("email", oid::TEXT, false),
+            column("password_hash", oid::TEXT, false),
+            column("encrypted_password", oid::TEXT, false),
+            column("reset_token", oid::TEXT, false),
+            column("totp_secret", oid::TEXT, false),
+            column("plan", oid::TEXT, false),
+        ];
+        let mapping = bind_default(&columns);
+        let user = mapping
+            .map_user(&row(vec![
+                text(USER_ID),
+                text("ada@example.org"),
+                text("$argon2id$v=19$m=65536,t=3,p=4$planted"),
+                text("$2a$10$planted"),
+                text("planted-reset-token"),
+                text("planted-totp-secret"),
+                text("pro"),
+            ]))
+            .unwrap();
+        assert_eq!(
+            Value::Object(user.raw_json),
+            json!({
+                "id": USER_ID,
+                "primary_email": "ada@example.org",
+                "display_name": null,
+                "primary_email_verified": false,
+                "plan": "pro",
+            })
+        );
+        let plan = mapping.plan();
+        assert_eq!(plan.passthrough, ["plan"]);
+        for name in [
+            "password_hash",
+            "encrypted_password",
+            "reset_token",
+            "totp_secret",
+        ] {
+            assert!(plan.excluded.iter().any(|e| e == name), "{name}: {plan:?}");
+        }
+    }
+
+    /// An application table with a credential, a credential-looking fact and a secret-free
+    /// column, as the selection tests use it.
+    fn accounts_columns() -> Vec<RelationColumn> {
+        vec![
+            column("id", oid::TEXT, true),
+            column("email", oid::TEXT, false),
+            column("password_hash", oid::TEXT, false),
+            column("password_changed_at", oid::TIMESTAMPTZ, false),
+            column("plan", oid::TEXT, false),
+            column("locale", oid::TEXT, false),
+        ]
+    }
+
+    fn accounts_row() -> TupleData {
+        row(vec![
+            text("u1"),
+            text("a@b.c"),
+            text("$argon2id$planted"),
+            text("2024-01-02 03:04:05+00"),
+            text("pro"),
+            text("en"),
+        ])
+    }
+
+    fn with_columns(columns: ColumnSelection) -> GenericMapping {
+        GenericMapping {
+            columns,
+            ..GenericMapping::default()
+        }
+    }
+
+    fn copied_keys(mapping: &BoundMapping) -> Vec<String> {
+        let user = mapping.map_user(&accounts_row()).unwrap();
+        let computed = [
+            "id",
+            "primary_email",
+            "display_name",
+            "primary_email_verified",
+        ];
+        let mut keys: Vec<String> = user
+            .raw_json
+            .keys()
+            .filter(|key| !computed.contains(&key.as_str()))
+            .cloned()
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn exclude_columns_is_a_deny_list_on_top_of_the_credential_rule() {
+        let mapping = with_columns(ColumnSelection::Exclude(vec!["locale".into()]))
+            .bind(&accounts_columns())
+            .unwrap();
+        // password_changed_at merely looks like a credential, but the rule goes by the name:
+        // only --include-columns brings it in.
+        assert_eq!(copied_keys(&mapping), ["plan"]);
+        assert_eq!(
+            mapping.plan().excluded,
+            [
+                "password_hash",
+                "password_changed_at",
+                "locale (--exclude-columns)"
+            ]
+        );
+        // Excluding a credential the rule leaves out anyway is allowed (belt and braces).
+        let mapping = with_columns(ColumnSelection::Exclude(vec!["password_hash".into()]))
+            .bind(&accounts_columns())
+            .unwrap();
+        assert_eq!(copied_keys(&mapping), ["locale", "plan"]);
+    }
+
+    #[test]
+    fn include_columns_is_an_allow_list_that_can_name_a_credential_looking_column() {
+        let mapping = with_columns(ColumnSelection::Include(vec![
+            "plan".into(),
+            "password_changed_at".into(),
+        ]))
+        .bind(&accounts_columns())
+        .unwrap();
+        assert_eq!(copied_keys(&mapping), ["password_changed_at", "plan"]);
+        assert_eq!(
+            mapping.plan().excluded,
+            ["password_hash", "locale (not in --include-columns)"]
+        );
+        assert!(
+            mapping
+                .notes()
+                .iter()
+                .any(|note| note.contains("password_changed_at is copied")),
+            "{:?}",
+            mapping.notes()
+        );
+        // Naming a column the profile reads anyway changes nothing.
+        let mapping = with_columns(ColumnSelection::Include(vec!["email".into()]))
+            .bind(&accounts_columns())
+            .unwrap();
+        assert!(copied_keys(&mapping).is_empty());
+        let user = mapping.map_user(&accounts_row()).unwrap();
+        assert_eq!(user.raw_json.get("primary_email"), Some(&json!("a@b.c")));
+    }
+
+    #[test]
+    fn a_column_the_profile_reads_cannot_be_excluded() {
+        for read in ["id", "email"] {
+            let error = with_columns(ColumnSelection::Exclude(vec![read.into()]))
+                .bind(&accounts_columns())
+                .unwrap_err();
+            assert_eq!(
+                error,
+                MapError::ExcludedColumnRead {
+                    column: read.to_owned()
+                }
+            );
+            assert!(error.to_string().contains("--exclude-columns"), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_column_named_like_a_computed_key_cannot_be_included() {
+        let columns = vec![
+            column("user_uuid", oid::UUID, true),
+            column("id", oid::INT4, false),
+        ];
+        let error = GenericMapping {
+            id_column: "user_uuid".into(),
+            ..with_columns(ColumnSelection::Include(vec!["id".into()]))
+        }
+        .bind(&columns)
+        .unwrap_err();
+        assert_eq!(
+            error,
+            MapError::IncludedComputedKey {
+                column: "id".into()
+            }
+        );
+    }
+
+    #[test]
+    fn the_columns_used_are_those_read_copied_or_in_the_replica_identity() {
+        let columns = vec![
+            column("tenant", oid::TEXT, true),
+            column("id", oid::TEXT, true),
+            column("email", oid::TEXT, false),
+            column("password_hash", oid::TEXT, false),
+            column("created_at", oid::TEXT, false),
+            column("plan", oid::TEXT, false),
+            column("locale", oid::TEXT, false),
+        ];
+        let mapping = with_columns(ColumnSelection::Exclude(vec![
+            "tenant".into(),
+            "locale".into(),
+        ]))
+        .bind(&columns)
+        .unwrap();
+        let used = mapping.layout().used();
+        // created_at (text) is not a sign-up time, so it is only copied; tenant is excluded
+        // from raw_json but stays needed: it is in the replica identity.
+        assert_eq!(
+            used.names(),
+            ["tenant", "id", "email", "created_at", "plan"]
+        );
+        assert_eq!(used.needed(), ["tenant", "id", "email"]);
+    }
+
+    #[test]
+    fn rows_of_a_relation_narrowed_by_a_column_list_map_by_name() {
+        // What a publication's column list sends: the used columns only, in table order.
+        let published = vec![
+            column("id", oid::TEXT, true),
+            column("email", oid::TEXT, false),
+            column("plan", oid::TEXT, false),
+        ];
+        let mapping = bind_default(&published);
+        let user = mapping
+            .map_user(&row(vec![text("u1"), text("a@b.c"), text("pro")]))
+            .unwrap();
+        assert_eq!(
+            Value::Object(user.raw_json),
+            json!({
+                "id": "u1",
+                "primary_email": "a@b.c",
+                "display_name": null,
+                "primary_email_verified": false,
+                "plan": "pro",
+            })
+        );
+    }
+
+    #[test]
     fn ids_are_strings_whatever_their_type() {
         let columns = vec![column("id", oid::INT8, true)];
         let mapping = bind_default(&columns);
@@ -411,6 +636,7 @@ mod tests {
             email_column: Some("mail".to_owned()),
             display_name_column: Some("full_name".to_owned()),
             signed_up_at_column: Some("joined_on".to_owned()),
+            columns: ColumnSelection::Profile,
         }
         .bind(&columns)
         .unwrap();

@@ -39,6 +39,7 @@ use super::columns::{
     is_credential, BoundColumn, ColumnNeed, OtherColumns, Relation, RowLayout, UserJson,
 };
 use super::profile::{MappingPlan, RowMapper, RowOutcome, SkipReason};
+use super::selection::ColumnSelection;
 use super::value::{self, oid, TextValue};
 use super::{key, MapError, MappedUser};
 use crate::decode::{ColumnValue, RelationColumn};
@@ -75,6 +76,8 @@ pub struct KeycloakMapping {
     /// (`source::catalog::resolve_profile`, which every command runs before mapping rows);
     /// until then `realm` stands for the id.
     pub realm_id: Option<String>,
+    /// Which other columns are copied (`--include-columns`, `--exclude-columns`).
+    pub columns: ColumnSelection,
 }
 
 impl KeycloakMapping {
@@ -82,6 +85,7 @@ impl KeycloakMapping {
         KeycloakMapping {
             realm: realm.into(),
             realm_id: None,
+            columns: ColumnSelection::default(),
         }
     }
 
@@ -104,14 +108,15 @@ impl KeycloakMapping {
 
         let mut notes = Vec::new();
         let other = OtherColumns::bind(
-            columns,
+            &relation,
             &[&id, &email, &email_verified, &created_timestamp],
             |name| name == EMAIL_CONSTRAINT || is_credential(name),
             &key::STACK_AUTH,
+            &self.columns,
             &mut notes,
-        );
+        )?;
         Ok(BoundKeycloak {
-            layout: RowLayout::new(columns, id),
+            layout: relation.layout(id),
             realm: self.realm.clone(),
             wanted_realm_id: self.realm_id().to_owned(),
             email,
@@ -321,8 +326,8 @@ mod tests {
 
     fn bind() -> BoundKeycloak {
         KeycloakMapping {
-            realm: "acme".into(),
             realm_id: Some(REALM_ID.into()),
+            ..KeycloakMapping::new("acme")
         }
         .bind(&user_entity())
         .unwrap()

@@ -39,7 +39,9 @@
 //!
 //! One file per identity-store profile: [`generic`], [`supabase`], [`keycloak`],
 //! [`better_auth`], [`stack_auth`] (two tables: users and their contact channels). Conversions they share
-//! live in [`value`], and column binding and `raw_json` building in `columns`.
+//! live in [`value`], and column binding and `raw_json` building in `columns`. Which other
+//! columns a profile copies (never credentials, unless the operator names them) is the
+//! [`selection`] module's subject.
 //!
 //! Every [`MapError`] is definite: retrying the same row gives the same error, so the operator
 //! has to change the configuration or the source schema.
@@ -49,16 +51,19 @@ mod columns;
 pub mod generic;
 pub mod keycloak;
 pub mod profile;
+pub mod selection;
 pub mod stack_auth;
 pub mod supabase;
 pub mod value;
 
 pub use better_auth::BetterAuthMapping;
+pub use columns::{ColumnUse, UsedColumn};
 pub use generic::{BoundMapping, GenericMapping};
 pub use keycloak::KeycloakMapping;
 pub use profile::{
     BoundProfile, MappingPlan, Profile, RowLayout, RowMapper, RowOutcome, SkipReason,
 };
+pub use selection::ColumnSelection;
 pub use stack_auth::StackAuthMapping;
 pub use supabase::SupabaseMapping;
 pub use value::{timestamp_millis, TextValue, ValueError};
@@ -183,6 +188,28 @@ pub enum MapError {
         "id column {column} arrived as an unchanged TOAST value, so the user cannot be identified"
     )]
     UnchangedToastId { column: String },
+
+    #[error(
+        "{option} names {columns}, which the table does not have (its columns: {available}); \
+         names are matched exactly, as the catalog spells them"
+    )]
+    UnknownSelectedColumns {
+        option: &'static str,
+        columns: String,
+        available: String,
+    },
+
+    #[error(
+        "column {column} cannot be excluded (--exclude-columns): the profile reads it, for a \
+         raw_json key or to decide which rows are users; remove it from the list"
+    )]
+    ExcludedColumnRead { column: String },
+
+    #[error(
+        "column {column} cannot be included (--include-columns): the profile computes the \
+         raw_json key {column}, which the column would overwrite"
+    )]
+    IncludedComputedKey { column: String },
 
     #[error("column {column} (type oid {type_oid}) cannot become {target}")]
     Column {

@@ -17,9 +17,12 @@
 //!   in `ContactChannel`): those keys are merged into the user's `raw_json`, the rest kept.
 //!
 //! **Adding a profile.** A single-table profile is one file in `map/` with a mapping type
-//! (options), its `bind`, and a bound type implementing [`RowMapper`]'s hooks (its
-//! [`RowLayout`], which rows it skips, how it maps the others); then one arm in each
-//! `match` here and in `config.rs`. A profile spread over several tables names them
+//! (options, `columns` among them), its `bind`, and a bound type implementing [`RowMapper`]'s
+//! hooks (its [`RowLayout`], which rows it skips, how it maps the others); then one arm in
+//! each `match` here and in `config.rs`. `bind` looks columns up through `columns::Relation`,
+//! sorts the rest with `OtherColumns::bind` (the credential rule and the operator's
+//! [`ColumnSelection`]) and ends with `relation.layout(id)`, which then knows every column the
+//! mapping uses: the publication's column list. A profile spread over several tables names them
 //! ([`Profile::tables`], the users table first) and binds each ([`Profile::bind_table`]); a
 //! row of a table other than the users table maps to patches ([`RowMapper::removed`] says
 //! what its removal clears), and the initial copy joins the tables
@@ -34,6 +37,7 @@ use super::better_auth::BetterAuthMapping;
 pub use super::columns::RowLayout;
 use super::generic::GenericMapping;
 use super::keycloak::KeycloakMapping;
+use super::selection::ColumnSelection;
 use super::stack_auth::StackAuthMapping;
 use super::supabase::SupabaseMapping;
 use super::{MapError, MappedUser};
@@ -242,6 +246,29 @@ impl Profile {
             Profile::BetterAuth(_) => "better-auth",
             Profile::StackAuth(_) => "stack-auth",
         }
+    }
+
+    /// Which columns besides the keys the users table's rows copy into `raw_json`.
+    pub fn columns(&self) -> &ColumnSelection {
+        match self {
+            Profile::Generic(mapping) => &mapping.columns,
+            Profile::Supabase(mapping) => &mapping.columns,
+            Profile::Keycloak(mapping) => &mapping.columns,
+            Profile::BetterAuth(mapping) => &mapping.columns,
+            Profile::StackAuth(mapping) => &mapping.columns,
+        }
+    }
+
+    /// The profile with `columns` deciding what else its users table copies.
+    pub fn with_columns(mut self, columns: ColumnSelection) -> Self {
+        match &mut self {
+            Profile::Generic(mapping) => mapping.columns = columns,
+            Profile::Supabase(mapping) => mapping.columns = columns,
+            Profile::Keycloak(mapping) => mapping.columns = columns,
+            Profile::BetterAuth(mapping) => mapping.columns = columns,
+            Profile::StackAuth(mapping) => mapping.columns = columns,
+        }
+        self
     }
 
     /// The users table when `--table` is not given, as the store creates it.

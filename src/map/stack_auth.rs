@@ -44,6 +44,7 @@ use super::columns::{
     is_credential, BoundColumn, ColumnNeed, OtherColumns, Relation, RowLayout, UserJson,
 };
 use super::profile::{map_unless_skipped, MappingPlan, RowMapper, RowOutcome, SkipReason};
+use super::selection::ColumnSelection;
 use super::value::{self, oid};
 use super::{key, MapError};
 use crate::config::TableName;
@@ -102,6 +103,8 @@ const VALUE: ColumnNeed = ColumnNeed::named(PROFILE, &["value"]);
 pub struct StackAuthMapping {
     /// Replicate only this tenancy (a uuid, lowercase as PostgreSQL prints it).
     pub tenancy_id: Option<String>,
+    /// Which other `"ProjectUser"` columns are copied (`--include-columns`, ...).
+    pub columns: ColumnSelection,
 }
 
 impl StackAuthMapping {
@@ -168,7 +171,7 @@ impl StackAuthMapping {
 
         let mut notes = Vec::new();
         let other = OtherColumns::bind(
-            columns,
+            &relation,
             &[
                 &id,
                 &display_name,
@@ -180,10 +183,11 @@ impl StackAuthMapping {
             ],
             is_credential,
             &[key::STACK_AUTH.as_slice(), &EMAIL_KEYS].concat(),
+            &self.columns,
             &mut notes,
-        );
+        )?;
         Ok(BoundProjectUser {
-            layout: RowLayout::new(columns, id),
+            layout: relation.layout(id),
             tenancy: self.tenancy(tenancy_id),
             display_name,
             created_at,
@@ -223,7 +227,7 @@ impl StackAuthMapping {
             });
         }
         Ok(BoundContactChannel {
-            layout: RowLayout::new(columns, user_id),
+            layout: relation.layout(user_id),
             tenancy: self.tenancy(tenancy_id),
             channel_type,
             is_primary,
@@ -767,6 +771,7 @@ mod tests {
     fn other_tenancies_are_skipped_by_row_and_by_key() {
         let mapping = StackAuthMapping {
             tenancy_id: Some(TENANCY.into()),
+            ..StackAuthMapping::default()
         };
         let users = mapping.bind(&project_user()).unwrap();
         let channels = mapping

@@ -48,6 +48,7 @@ use super::columns::{
     is_credential, BoundColumn, ColumnNeed, OtherColumns, Relation, RowLayout, UserJson,
 };
 use super::profile::{MappingPlan, RowMapper, RowOutcome, SkipReason};
+use super::selection::ColumnSelection;
 use super::value::{self, oid};
 use super::{key, MapError, MappedUser};
 use crate::decode::{ColumnValue, RelationColumn};
@@ -99,6 +100,8 @@ pub fn is_excluded(name: &str) -> bool {
 pub struct SupabaseMapping {
     /// Replicate anonymous users too.
     pub include_anonymous: bool,
+    /// Which other columns are copied (`--include-columns`, `--exclude-columns`).
+    pub columns: ColumnSelection,
 }
 
 /// How a row is recognised as an anonymous user.
@@ -167,14 +170,15 @@ impl SupabaseMapping {
         };
 
         let other = OtherColumns::bind(
-            columns,
+            &relation,
             &[&id, &email, &created_at, &user_meta_data, &app_meta_data],
             is_excluded,
             &key::STACK_AUTH,
+            &self.columns,
             &mut notes,
-        );
+        )?;
         Ok(BoundSupabase {
-            layout: RowLayout::new(columns, id),
+            layout: relation.layout(id),
             email,
             email_confirmed_at,
             created_at,
@@ -424,9 +428,12 @@ mod tests {
     }
 
     fn bind(include_anonymous: bool) -> BoundSupabase {
-        SupabaseMapping { include_anonymous }
-            .bind(&auth_users())
-            .unwrap()
+        SupabaseMapping {
+            include_anonymous,
+            ..SupabaseMapping::default()
+        }
+        .bind(&auth_users())
+        .unwrap()
     }
 
     #[test]
@@ -669,6 +676,87 @@ mod tests {
             SupabaseMapping::default().bind(&columns),
             Err(MapError::IdNotInReplicaIdentity { .. })
         ));
+    }
+
+    #[test]
+    fn the_publication_needs_no_credential_and_no_flow_state() {
+        let used = bind(false).layout().used().clone();
+        let names = used.names();
+        for left_out in [
+            "encrypted_password",
+            "confirmation_token",
+            "recovery_token",
+            "email_change_token_new",
+            "email_change",
+            "phone_change_token",
+            "reauthentication_token",
+        ] {
+            assert!(
+                !names.iter().any(|n| n == left_out),
+                "{left_out}: {names:?}"
+            );
+        }
+        // What decides a row, or fills a key, is needed; the rest is copied.
+        assert_eq!(
+            used.needed(),
+            [
+                "id",
+                "email",
+                "email_confirmed_at",
+                "raw_app_meta_data",
+                "raw_user_meta_data",
+                "created_at",
+                "deleted_at",
+                "is_anonymous",
+            ]
+        );
+        assert!(names.iter().any(|n| n == "last_sign_in_at"));
+        // With anonymous users included, is_anonymous is only copied.
+        let used = bind(true).layout().used().clone();
+        assert!(!used.needed().iter().any(|n| n == "is_anonymous"));
+        assert!(used.names().iter().any(|n| n == "is_anonymous"));
+    }
+
+    #[test]
+    fn what_the_profile_reads_cannot_be_excluded_and_the_rest_can() {
+        let with = |columns| SupabaseMapping {
+            columns,
+            ..SupabaseMapping::default()
+        };
+        let error = with(ColumnSelection::Exclude(vec!["deleted_at".into()]))
+            .bind(&auth_users())
+            .unwrap_err();
+        assert_eq!(
+            error,
+            MapError::ExcludedColumnRead {
+                column: "deleted_at".into()
+            }
+        );
+        let mapping = with(ColumnSelection::Exclude(vec![
+            "phone".into(),
+            "role".into(),
+        ]))
+        .bind(&auth_users())
+        .unwrap();
+        let user = live_user(mapping.map_row(&ada(&auth_users(), &[])).unwrap());
+        assert!(!user.raw_json.contains_key("phone") && !user.raw_json.contains_key("role"));
+        assert!(user.raw_json.contains_key("aud"));
+        // phone is read only to tell anonymous users without is_anonymous: here it is free.
+        assert!(!mapping.layout().used().names().iter().any(|n| n == "phone"));
+
+        let mapping = with(ColumnSelection::Include(vec!["aud".into()]))
+            .bind(&auth_users())
+            .unwrap();
+        let user = live_user(mapping.map_row(&ada(&auth_users(), &[])).unwrap());
+        let mut copied: Vec<&str> = user
+            .raw_json
+            .keys()
+            .map(String::as_str)
+            .filter(|key| !key::STACK_AUTH.contains(key))
+            .collect();
+        copied.sort_unstable();
+        // Only aud is copied: deleted_at and is_anonymous are read, but not included.
+        assert_eq!(copied, ["aud"]);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use tokio_postgres::Client;
 
 use super::SourceError;
 use crate::config::TableName;
+use crate::decode::RelationColumn;
 use crate::lsn::Lsn;
 use crate::map::{keycloak, KeycloakMapping, Profile};
 
@@ -124,126 +125,45 @@ pub async fn check_replication_privilege(client: &Client) -> Result<(), SourceEr
     Ok(())
 }
 
-/// Whether the publication exists, and whether it already publishes the table.
-pub async fn publication_state(
-    client: &Client,
-    publication: &str,
+/// The table's columns as a Relation message would describe them, so the mapping can be
+/// checked before any change streams. Generated columns are left out, as pgoutput leaves
+/// them out of its Relation messages.
+pub async fn table_columns(
+    source: &Client,
     table: &TableName,
-) -> Result<Option<bool>, SourceError> {
-    let row = client
-        .query_opt(
-            "SELECT p.puballtables OR EXISTS (
-                    SELECT 1 FROM pg_publication_tables t
-                     WHERE t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3)
-               FROM pg_publication p WHERE p.pubname = $1",
-            &[&publication, &table.schema, &table.name],
+) -> Result<Vec<RelationColumn>, SourceError> {
+    let rows = source
+        .query(
+            // A column is a key when the replica identity includes it: all columns for FULL,
+            // the chosen index for USING INDEX, the primary key for DEFAULT.
+            "SELECT a.attname::text, a.atttypid::oid, a.atttypmod,
+                    CASE c.relreplident
+                      WHEN 'f' THEN true
+                      WHEN 'i' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
+                                               AND i.indisreplident AND a.attnum = ANY (i.indkey))
+                      WHEN 'd' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
+                                               AND i.indisprimary AND a.attnum = ANY (i.indkey))
+                      ELSE false
+                    END
+               FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_attribute a ON a.attrelid = c.oid
+              WHERE n.nspname = $1 AND c.relname = $2
+                AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+              ORDER BY a.attnum",
+            &[&table.schema, &table.name],
         )
         .await
-        .map_err(SourceError::sql("looking up the publication"))?;
-    Ok(row.map(|row| row.get(0)))
-}
-
-/// PostgreSQL 15 brought publication row filters (`FOR TABLE t WHERE (...)`).
-const ROW_FILTER_MIN_VERSION: i32 = 150_000;
-
-/// Creates the publication for the tables, or adds the tables it lacks to an existing one,
-/// each with `row_filter` where the server has row filters (usersync filters the rows
-/// itself as well). Returns a sentence saying what was done.
-pub async fn ensure_publication(
-    client: &Client,
-    publication: &str,
-    tables: &[TableName],
-    row_filter: Option<&str>,
-) -> Result<String, SourceError> {
-    let version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .map_err(SourceError::sql("reading the server version"))?
-        .get(0);
-    let filter = row_filter
-        .filter(|_| version >= ROW_FILTER_MIN_VERSION)
-        .map(|filter| format!(" WHERE {filter}"))
-        .unwrap_or_default();
-    let mut exists = false;
-    let mut missing = Vec::new();
-    for table in tables {
-        match publication_state(client, publication, table).await? {
-            Some(published) => {
-                exists = true;
-                if !published {
-                    missing.push(table);
-                }
-            }
-            None => missing.push(table),
-        }
-    }
-    let names = |tables: &[&TableName]| {
-        tables
-            .iter()
-            .map(|table| table.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let list = |tables: &[&TableName]| {
-        tables
-            .iter()
-            .map(|table| format!("{}{filter}", table.quoted()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let all: Vec<&TableName> = tables.iter().collect();
-    let (sql, said) = if missing.is_empty() {
-        return Ok(format!(
-            "publication {publication} found, publishing {}",
-            names(&all)
-        ));
-    } else if exists {
-        (
-            format!(
-                "ALTER PUBLICATION {} ADD TABLE {}",
-                escape_identifier(publication),
-                list(&missing)
-            ),
-            format!(
-                "publication {publication} found; added {} to it{}",
-                names(&missing),
-                if filter.is_empty() {
-                    ""
-                } else {
-                    " with a row filter"
-                }
-            ),
-        )
-    } else {
-        (
-            format!(
-                "CREATE PUBLICATION {} FOR TABLE {}",
-                escape_identifier(publication),
-                list(&all)
-            ),
-            format!(
-                "publication {publication} created for {}{}",
-                names(&all),
-                if filter.is_empty() {
-                    ""
-                } else {
-                    " with a row filter"
-                }
-            ),
-        )
-    };
-    client.batch_execute(&sql).await.map_err(|source| {
-        if source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
-            SourceError::Definite(format!(
-                "the source role may not create or change publication {publication}: it must \
-                 own {} (or be a superuser); or create it as the owner with: {sql}",
-                names(&missing)
-            ))
-        } else {
-            SourceError::sql("creating the publication")(source)
-        }
-    })?;
-    Ok(said)
+        .map_err(SourceError::sql("reading the source table's columns"))?;
+    Ok(rows
+        .iter()
+        .map(|row| RelationColumn {
+            name: row.get(0),
+            type_oid: row.get(1),
+            type_modifier: row.get(2),
+            is_key: row.get(3),
+        })
+        .collect())
 }
 
 /// Reads the slot's row, if the slot exists.
@@ -388,8 +308,8 @@ pub async fn resolve_profile(
         .or_else(|| realms.iter().find(|(_, name)| name == wanted));
     match found {
         Some((id, _)) => Ok(Profile::Keycloak(KeycloakMapping {
-            realm: mapping.realm.clone(),
             realm_id: Some(id.clone()),
+            ..mapping.clone()
         })),
         None => {
             let known: Vec<String> = realms
@@ -435,8 +355,8 @@ async fn realm_given_as_id(
             "Keycloak's realm table cannot be read; --realm is a realm id its users carry"
         );
         return Ok(Profile::Keycloak(KeycloakMapping {
-            realm: mapping.realm.clone(),
             realm_id: Some(mapping.realm.clone()),
+            ..mapping.clone()
         }));
     }
     let why = if realm_table_exists {

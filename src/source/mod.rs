@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod monitor;
+pub mod publication;
 pub mod replication;
 pub mod snapshot;
 pub mod wire;

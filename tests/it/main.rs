@@ -9,6 +9,7 @@ mod cli;
 mod compat;
 mod confirmation;
 mod crash;
+mod credentials;
 mod errors;
 mod faults;
 mod ha;

@@ -875,6 +875,7 @@ async fn stack_auth_users_their_primary_email_and_one_tenancy() {
         "public.ProjectUser",
         Profile::StackAuth(StackAuthMapping {
             tenancy_id: Some(TENANCY.into()),
+            ..StackAuthMapping::default()
         }),
     )
     .await;
@@ -906,7 +907,7 @@ async fn stack_auth_users_their_primary_email_and_one_tenancy() {
     let said = text(&refused);
     assert_eq!(refused.status.code(), Some(78), "{said}");
     let (_, owner_sql) = said
-        .split_once("create it as the owner with: ")
+        .split_once("have the owner run: ")
         .unwrap_or_else(|| panic!("no statement for the owner in: {said}"));
     let owner_sql = owner_sql.lines().next().unwrap_or_default();
     assert!(
