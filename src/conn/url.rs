@@ -346,6 +346,13 @@ pub enum UrlError {
     MissingUser,
     #[error("sslmode={0} may not be used with sslrootcert=system; use sslmode=verify-full")]
     WeakSslModeWithSystemRoots(SslMode),
+    #[error(
+        "sslmode=verify-ca needs sslrootcert=/path/to/ca.pem, the CA that signed the server's \
+         certificate: verify-ca does not check the host name, so the public web CAs would let \
+         any website's certificate pass; or use sslmode=verify-full (with sslrootcert=system \
+         for a server whose certificate a public CA issued, as Neon's)"
+    )]
+    VerifyCaWithoutRootCert,
     #[error("channel_binding=require needs TLS, but sslmode=disable; use sslmode=verify-full")]
     ChannelBindingWithoutTls,
     #[error(
@@ -487,6 +494,11 @@ impl Builder {
             (None, Some(SslRootCert::System)) => SslMode::VerifyFull,
             (mode, _) => mode.unwrap_or_default(),
         };
+        // libpq's verify-ca trusts ~/.postgresql/root.crt and fails without it; it never falls
+        // back to public roots, which without a name check would accept any public website.
+        if sslmode == SslMode::VerifyCa && !matches!(self.sslrootcert, Some(SslRootCert::File(_))) {
+            return Err(UrlError::VerifyCaWithoutRootCert);
+        }
         let channel_binding = self.channel_binding.unwrap_or_default();
         if channel_binding == ChannelBinding::Require && sslmode == SslMode::Disable {
             return Err(UrlError::ChannelBindingWithoutTls);
@@ -1046,6 +1058,29 @@ mod tests {
     }
 
     #[test]
+    fn verify_ca_needs_a_root_certificate_file() {
+        for text in [
+            "postgresql://u@h/db?sslmode=verify-ca",
+            "host=h user=u sslmode=verify-ca sslrootcert=",
+        ] {
+            assert_eq!(error(text), UrlError::VerifyCaWithoutRootCert, "{text}");
+        }
+        let advice = error("postgresql://u@h/db?sslmode=verify-ca").to_string();
+        assert!(advice.contains("sslrootcert=/path/to/ca.pem"), "{advice}");
+        assert!(advice.contains("sslmode=verify-full"), "{advice}");
+        assert_eq!(
+            parse("postgresql://u@h/db?sslmode=verify-ca&sslrootcert=/ca.pem").sslmode,
+            SslMode::VerifyCa
+        );
+        // verify-full checks the host name, so the public roots stay meaningful for it.
+        let full = parse("postgresql://u@h/db?sslmode=verify-full");
+        assert_eq!(
+            (full.sslmode, full.sslrootcert),
+            (SslMode::VerifyFull, None)
+        );
+    }
+
+    #[test]
     fn sslmode_names() {
         for mode in [
             SslMode::Disable,
@@ -1056,7 +1091,7 @@ mod tests {
             SslMode::VerifyFull,
         ] {
             assert_eq!(
-                parse(&format!("host=h user=u sslmode={mode}")).sslmode,
+                parse(&format!("host=h user=u sslmode={mode} sslrootcert=/ca.pem")).sslmode,
                 mode
             );
         }

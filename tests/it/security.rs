@@ -381,6 +381,28 @@ async fn channel_binding_require_fails_against_a_server_without_tls() {
     );
 }
 
+/// verify-ca checks no host name, so it needs a CA file: with the public web CAs it would accept
+/// any website's certificate. Refused while parsing the URL, before any connection.
+#[test]
+fn verify_ca_without_a_root_file_is_refused_before_connecting() {
+    // A closed loopback port: should the check ever regress, the attempt fails fast, exit 1.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let url = format!("postgresql://postgres:{PASSWORD}@127.0.0.1:{port}/db?sslmode=verify-ca");
+    let other = "postgresql://u@127.0.0.1/db";
+    for (source, target) in [(url.as_str(), other), (other, url.as_str())] {
+        let output = Command::new(env!("CARGO_BIN_EXE_usersync"))
+            .args(["setup", "--source", source, "--target", target])
+            .output()
+            .unwrap();
+        assert_definite(
+            &output,
+            "sslmode=verify-ca needs sslrootcert=/path/to/ca.pem",
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Neon's pooler
 
