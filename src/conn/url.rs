@@ -840,15 +840,18 @@ fn percent_decode(text: &str, component: &str) -> Result<String, UrlError> {
 }
 
 /// `text` with every password it may hold replaced by `***`: the password of each
-/// `scheme://user:password@host` URL and the value of each `password=` pair. For messages that
-/// quote input usersync has not parsed, such as clap's "unexpected argument '…'" when a URL is
-/// pasted without `--source`. It would rather hide too much than too little: a URL's password
-/// runs to its last `@`, and an unquoted `password=` value to the next space or quote.
+/// `scheme://user:password@host` URL (whatever the scheme's spelling, quoted or not) and the
+/// value of each `password=` pair (`PASSWORD=`, `PGPASSWORD=` too). For messages that quote
+/// input usersync has not parsed, such as clap's "unexpected argument '…'" when a URL is pasted
+/// without `--source`, and as the last step before any error is printed. It would rather hide
+/// too much than too little: a URL's password runs to the last `@` before the next space (a
+/// quote may be part of the password), and an unquoted `password=` value to the next space or
+/// quote.
 pub fn redact_secrets(text: &str) -> String {
     redact_key_value_passwords(&redact_url_passwords(text))
 }
 
-/// Characters that end a URL or an unquoted value quoted inside a message.
+/// Characters that end an unquoted value quoted inside a message.
 fn ends_token(c: char) -> bool {
     c.is_whitespace() || matches!(c, '\'' | '"' | '`')
 }
@@ -860,7 +863,7 @@ fn redact_url_passwords(text: &str) -> String {
         let authority_start = scheme_end + "://".len();
         redacted.push_str(&rest[..authority_start]);
         rest = &rest[authority_start..];
-        let token_len = rest.find(ends_token).unwrap_or(rest.len());
+        let token_len = rest.find(char::is_whitespace).unwrap_or(rest.len());
         let token = &rest[..token_len];
         match token.rfind('@') {
             Some(at) => match token[..at].find(':') {
@@ -883,7 +886,8 @@ fn redact_key_value_passwords(text: &str) -> String {
     const KEY: &str = "password";
     let mut redacted = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(key_at) = rest.find(KEY) {
+    // ASCII lowercasing keeps every byte offset, so positions found in it index `rest` too.
+    while let Some(key_at) = rest.to_ascii_lowercase().find(KEY) {
         let after_key = &rest[key_at + KEY.len()..];
         let after_spaces = after_key.trim_start();
         let Some(value) = after_spaces.strip_prefix('=') else {
@@ -1632,6 +1636,29 @@ mod tests {
             (
                 "d\u{e9}j\u{e0} password=\u{e9}t\u{e9} vu",
                 "d\u{e9}j\u{e0} password=*** vu",
+            ),
+            // Any spelling of any scheme, in quotes or not.
+            (
+                "\"POSTGRESQL://u:s3cret@h/db?sslmode=require\"",
+                "\"POSTGRESQL://u:***@h/db?sslmode=require\"",
+            ),
+            (
+                "'postgresql+psycopg://u:s3cret@h/db'",
+                "'postgresql+psycopg://u:***@h/db'",
+            ),
+            (
+                "jdbc:postgresql://u:s3cret@h/db",
+                "jdbc:postgresql://u:***@h/db",
+            ),
+            // A quote inside the password does not end the URL.
+            ("postgresql://u:s3'cr\"et@h/db", "postgresql://u:***@h/db"),
+            (
+                "PASSWORD=s3cret PGPASSWORD='s3cret' Password = s3cret",
+                "PASSWORD=*** PGPASSWORD=*** Password = ***",
+            ),
+            (
+                "jdbc:postgresql://h/db?user=u&Password=s3cret",
+                "jdbc:postgresql://h/db?user=u&Password=***",
             ),
         ];
         for (text, expected) in cases {
