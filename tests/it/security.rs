@@ -590,6 +590,9 @@ async fn urls_are_read_from_files() {
     // As Kubernetes and `echo >` write them: a trailing newline.
     fs::write(&source_file, format!("{}\n", pair.source_url)).unwrap();
     fs::write(&target_file, format!("{}\n", pair.target_url)).unwrap();
+    for file in [&source_file, &target_file] {
+        fs::set_permissions(file, fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let from_files = |args: &[&str]| {
         let mut command = pair.command(args);
         command
@@ -631,6 +634,65 @@ async fn urls_are_read_from_files() {
     let output = from_files(&["setup"]).output().unwrap();
     assert_definite(&output, "invalid source URL");
 
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A URL file others may read is warned about (without its contents); a URL both in a variable
+/// and in a file is refused, naming both. Neither needs a server: configuration fails first.
+#[test]
+fn url_files_are_private_and_unambiguous() {
+    let dir = std::env::temp_dir().join(unique("usersync-url-file-modes"));
+    fs::create_dir(&dir).unwrap();
+    let file = dir.join("source-url");
+    fs::write(
+        &file,
+        format!(
+            "postgresql://postgres:{}@127.0.0.1:1/db\n",
+            SECRET.replace('@', "%40")
+        ),
+    )
+    .unwrap();
+    let setup = |mode: u32| {
+        fs::set_permissions(&file, fs::Permissions::from_mode(mode)).unwrap();
+        // No target: configuration stops after reading the source's file.
+        let output = Command::new(env!("CARGO_BIN_EXE_usersync"))
+            .arg("setup")
+            .env_clear()
+            .env("USERSYNC_SOURCE_URL_FILE", &file)
+            .output()
+            .unwrap();
+        assert_definite(&output, "no target URL");
+        assert_no_secret(&format!("mode {mode:o}"), &output);
+        text(&output)
+    };
+    let warning = "the source URL file, which holds a password, may be read by other users";
+    for mode in [0o644, 0o604, 0o660] {
+        let said = setup(mode);
+        assert!(said.contains(warning), "{mode:o}: {said}");
+        assert!(said.contains(&file.display().to_string()), "{said}");
+        assert!(said.contains(&format!("mode={mode:04o}")), "{said}");
+    }
+    for mode in [0o600, 0o400] {
+        let said = setup(mode);
+        assert!(!said.contains(warning), "{mode:o}: {said}");
+    }
+
+    for command in ["setup", "run", "status", "purge"] {
+        let mut both = Command::new(env!("CARGO_BIN_EXE_usersync"));
+        both.arg(command)
+            .env_clear()
+            .env("USERSYNC_TARGET_URL", "postgresql://u@127.0.0.1:1/db")
+            .env("USERSYNC_TARGET_URL_FILE", &file)
+            .env("USERSYNC_SOURCE_URL", "postgresql://u@127.0.0.1:1/db");
+        if command == "purge" {
+            both.args(["--older-than", "30d"]);
+        }
+        let output = both.output().unwrap();
+        assert_definite(
+            &output,
+            "both USERSYNC_TARGET_URL and USERSYNC_TARGET_URL_FILE are set; unset one of them",
+        );
+    }
     fs::remove_dir_all(&dir).unwrap();
 }
 
