@@ -579,6 +579,94 @@ async fn no_output_ever_contains_the_password() {
     }
 }
 
+/// URLs as they arrive from other tools (Docker's --env-file keeps quotes, SQLAlchemy names a
+/// driver, some write the scheme in capitals, JDBC prefixes its own) and key=value strings with
+/// mistakes next to the password: each is refused as configuration (exit 78) wherever it is
+/// given, and no output shows the password. No server is needed: nothing gets to connect.
+#[test]
+fn pasted_url_shapes_never_show_the_password() {
+    let encoded = SECRET.replace('@', "%40");
+    let variants = [
+        format!("\"postgresql://postgres:{encoded}@127.0.0.1:1/db?sslmode=require\""),
+        format!("'postgresql://postgres:{encoded}@127.0.0.1:1/db?sslmode=require'"),
+        format!("\"postgresql://postgres:{SECRET}@127.0.0.1:1/db?sslmode=require\""),
+        format!("POSTGRESQL://postgres:{encoded}@127.0.0.1:1/db?sslmode=require"),
+        format!("Postgres://postgres:{SECRET}@127.0.0.1:1/db"),
+        format!("postgresql+psycopg://postgres:{encoded}@127.0.0.1:1/db?sslmode=require"),
+        format!("postgresql+asyncpg://postgres:{SECRET}@127.0.0.1:1/db?ssl=require"),
+        format!("jdbc:postgresql://127.0.0.1:1/db?user=postgres&password={encoded}"),
+        format!("mysql://postgres:{encoded}@127.0.0.1:1/db?ssl=true"),
+        format!("postgresql:/postgres:{encoded}@127.0.0.1:1/db?sslmode=require"),
+        format!("postgres:{encoded}@127.0.0.1:1/db?sslmode=require"),
+        format!("\"host=127.0.0.1 port=1 user=postgres password={SECRET}\""),
+        format!("host=127.0.0.1 port=1 user=postgres password={SECRET} sslmod=require"),
+        format!("host=127.0.0.1 port=1 PASSWORD={SECRET} user=postgres"),
+        format!("host=127.0.0.1 port=1 password='{SECRET} user=postgres"),
+        format!("host=127.0.0.1 port=1 user=postgres password={SECRET} bogus"),
+    ];
+    // Valid, on a closed port: it is never used, because the other URL fails first or after.
+    let valid = "postgresql://u@127.0.0.1:1/db";
+    let dir = std::env::temp_dir().join(unique("usersync-pasted-urls"));
+    fs::create_dir(&dir).unwrap();
+    let file = dir.join("url");
+    let usersync = |command: &str| {
+        let mut usersync = Command::new(env!("CARGO_BIN_EXE_usersync"));
+        usersync.arg(command).env_clear().env("RUST_LOG", "trace");
+        if command == "purge" {
+            usersync.args(["--older-than", "30d"]);
+        }
+        usersync
+    };
+    let mut checked = 0;
+    for bad in &variants {
+        fs::write(&file, format!("{bad}\n")).unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+        for which in ["source", "target"] {
+            let other = if which == "source" {
+                "target"
+            } else {
+                "source"
+            };
+            let variable = format!("USERSYNC_{}_URL", which.to_uppercase());
+            let other_variable = format!("USERSYNC_{}_URL", other.to_uppercase());
+            let commands: &[&str] = if which == "target" {
+                &["setup", "status", "purge"]
+            } else {
+                &["setup", "status"]
+            };
+            for &command in commands {
+                let mut given_as = Vec::new();
+                let mut option = usersync(command);
+                option.args([format!("--{which}"), bad.clone()]);
+                given_as.push(("option", option));
+                let mut variable_set = usersync(command);
+                variable_set.env(&variable, bad);
+                given_as.push(("variable", variable_set));
+                let mut in_file = usersync(command);
+                in_file.env(format!("{variable}_FILE"), &file);
+                given_as.push(("file", in_file));
+                for (how, mut usersync) in given_as {
+                    if command != "purge" {
+                        usersync.env(&other_variable, valid);
+                    }
+                    let output = usersync.output().unwrap();
+                    let label = format!("{command} with the {which} URL {bad} as {how}");
+                    assert_no_secret(&label, &output);
+                    assert_eq!(output.status.code(), Some(78), "{label}: {}", text(&output));
+                    assert!(
+                        text(&output).contains(&format!("invalid {which} URL")),
+                        "{label}: {}",
+                        text(&output)
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, variants.len() * 15);
+    fs::remove_dir_all(&dir).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn urls_are_read_from_files() {
     let pair = Pair::new().await;
