@@ -95,8 +95,11 @@ impl Config {
     /// the file named by `USERSYNC_SOURCE_URL_FILE` / `USERSYNC_TARGET_URL_FILE` (secrets
     /// mounted by Kubernetes or systemd credentials).
     pub fn from_args(args: &ConnectionArgs) -> Result<Config, Error> {
-        let source = resolve_url("source", args.source_url.as_deref(), "USERSYNC_SOURCE_URL")?;
-        let target = resolve_url("target", args.target_url.as_deref(), "USERSYNC_TARGET_URL")?;
+        let mut source = resolve_url("source", args.source_url.as_deref(), "USERSYNC_SOURCE_URL")?;
+        let mut target = resolve_url("target", args.target_url.as_deref(), "USERSYNC_TARGET_URL")?;
+        let allowed = args.plaintext_password.allow_plaintext_password;
+        source.allow_plaintext_password = allowed;
+        target.allow_plaintext_password = allowed;
         let mapping = profile_from_args(args)?;
         let table = args
             .table
@@ -247,8 +250,10 @@ impl PurgeConfig {
         if args.batch_size == 0 {
             return Err(Error::Config("--batch-size must be at least 1".into()));
         }
+        let mut target = resolve_url("target", args.target_url.as_deref(), "USERSYNC_TARGET_URL")?;
+        target.allow_plaintext_password = args.plaintext_password.allow_plaintext_password;
         Ok(PurgeConfig {
-            target: resolve_url("target", args.target_url.as_deref(), "USERSYNC_TARGET_URL")?,
+            target,
             older_than: parse_duration(&args.older_than)?,
             action: if args.scrub {
                 PurgeAction::Scrub
@@ -702,6 +707,35 @@ mod tests {
                 "{mode:o} of uid {owner}"
             );
         }
+    }
+
+    #[test]
+    fn the_plaintext_password_opt_in_reaches_both_urls() {
+        use clap::Parser as _;
+        let config = |extra: &[&str]| {
+            let argv = [
+                "usersync",
+                "status",
+                "--source",
+                "postgresql://u@db.example.com/db",
+                "--target",
+                "postgresql://u@neon.example.com/db",
+            ];
+            let cli =
+                crate::cli::Cli::try_parse_from(argv.iter().chain(extra)).expect("valid arguments");
+            let crate::cli::Command::Status(args) = cli.command else {
+                unreachable!("parsed as status")
+            };
+            Config::from_args(&args.connection).expect("valid")
+        };
+        let default = config(&[]);
+        assert!(!default.source.allow_plaintext_password);
+        assert!(!default.target.allow_plaintext_password);
+        let allowed = config(&["--allow-plaintext-password"]);
+        assert!(allowed.source.allow_plaintext_password);
+        assert!(allowed.target.allow_plaintext_password);
+        // Not part of the URL: a redacted URL never carries it.
+        assert_eq!(allowed.source.redacted(), default.source.redacted());
     }
 
     #[test]

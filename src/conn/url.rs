@@ -59,6 +59,10 @@ pub struct PgUrl {
     /// `endpoint=<id>` from it for clients that cannot send SNI; it must reach the server in the
     /// startup packet of both the SQL and the replication connection.
     pub options: Option<String>,
+    /// Whether a cleartext or md5 password may be sent without TLS to another machine
+    /// ([`super::auth_policy`]). Not a libpq parameter, so never read from or written into the
+    /// connection string: `--allow-plaintext-password` sets it.
+    pub allow_plaintext_password: bool,
 }
 
 /// A password that does not print itself.
@@ -278,6 +282,7 @@ impl fmt::Debug for PgUrl {
             .field("application_name", &self.application_name)
             .field("connect_timeout", &self.connect_timeout)
             .field("options", &self.options)
+            .field("allow_plaintext_password", &self.allow_plaintext_password)
             .finish()
     }
 }
@@ -619,6 +624,7 @@ impl Builder {
             application_name: self.application_name,
             connect_timeout: self.connect_timeout,
             options: self.options,
+            allow_plaintext_password: false,
         })
     }
 }
