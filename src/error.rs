@@ -149,7 +149,10 @@ mod tests {
     /// An error from outside usersync's control that quotes a URL, as a server message or a
     /// dependency's error might.
     #[derive(Debug, thiserror::Error)]
-    #[error("the server said: no such database in \"POSTGRESQL://u:s3cret@h/db\" with password=s3cret given")]
+    #[error(
+        "the server said: no such database in \"POSTGRESQL://u:s3cret@h/db\" with \
+         password=s3cret given"
+    )]
     struct Quoting;
 
     #[derive(Debug, thiserror::Error)]

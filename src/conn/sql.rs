@@ -183,8 +183,8 @@ async fn open(url: &PgUrl, application_name: &str) -> Result<(Client, bool), Con
 }
 
 /// The session on an open `stream` to the server `url` names: TLS with `tls_config` (`None`
-/// for `sslmode=disable`), startup, and authentication through a [`PasswordGuard`]. Separate from [`open`] so that tests can
-/// connect a URL naming another machine to a fake server on this one.
+/// for `sslmode=disable`), startup, and authentication through a [`PasswordGuard`]. Separate
+/// from [`open`] so that tests can connect a URL naming another machine to a fake server here.
 async fn open_on<S>(
     stream: S,
     url: &PgUrl,

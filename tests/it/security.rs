@@ -523,7 +523,7 @@ async fn no_output_ever_contains_the_password() {
         format!("host=127.0.0.1 user={role} password='{SECRET} port={port}"),
         format!("host=127.0.0.1 user={role} password={SECRET} bogus"),
         format!("postgresql://{role}:{SECRET}@127.0.0.1:{port}/db"),
-        // Pasted from elsewhere; every channel for these is in pasted_url_shapes_never_show_the_password.
+        // Pasted from elsewhere (every way to give them: pasted_url_shapes_never_show_the_password).
         format!("\"postgresql://{role}:Quokka%407431-s3cr3t@127.0.0.1:{port}/db?sslmode=disable\""),
         format!("POSTGRESQL://{role}:Quokka%407431-s3cr3t@127.0.0.1:{port}/db?sslmode=disable"),
         format!(
