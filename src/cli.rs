@@ -75,6 +75,9 @@ pub struct ConnectionArgs {
     )]
     pub target_url: Option<String>,
 
+    #[command(flatten)]
+    pub plaintext_password: PlaintextPasswordArgs,
+
     /// The users table on the source [default: the profile's: public.users (generic),
     /// auth.users (supabase), public.user_entity (keycloak), public.user (better-auth),
     /// public.ProjectUser (stack-auth)].
@@ -149,6 +152,16 @@ pub struct ConnectionArgs {
     /// milliseconds) [default: created_at].
     #[arg(long, env = "USERSYNC_SIGNED_UP_AT_COLUMN")]
     pub signed_up_at_column: Option<String>,
+}
+
+/// The opt-in to passwords readable on the network, for every command that connects.
+#[derive(Debug, Clone, Args)]
+pub struct PlaintextPasswordArgs {
+    /// Answer a server on another machine that asks, without TLS, for the password in
+    /// cleartext or as an md5 hash (refused by default: anyone on the network path could read
+    /// or crack it). Prefer TLS or scram-sha-256.
+    #[arg(long, env = "USERSYNC_ALLOW_PLAINTEXT_PASSWORD")]
+    pub allow_plaintext_password: bool,
 }
 
 /// The lag target, for the commands that measure lag.
@@ -285,6 +298,9 @@ pub struct PurgeArgs {
         value_name = "URL"
     )]
     pub target_url: Option<String>,
+
+    #[command(flatten)]
+    pub plaintext_password: PlaintextPasswordArgs,
 
     /// Retention: users soft-deleted longer ago than this go (e.g. 30d, 720h).
     #[arg(long, value_name = "DURATION")]

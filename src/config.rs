@@ -1,7 +1,9 @@
 //! Raw arguments → a validated [`Config`], before the runtime makes any connection, so a typo
 //! fails in milliseconds with a precise message.
 
+use std::ffi::OsString;
 use std::fmt;
+use std::path::Path;
 use std::time::Duration;
 
 use postgres_protocol::escape::escape_identifier;
@@ -94,8 +96,11 @@ impl Config {
     /// the file named by `USERSYNC_SOURCE_URL_FILE` / `USERSYNC_TARGET_URL_FILE` (secrets
     /// mounted by Kubernetes or systemd credentials).
     pub fn from_args(args: &ConnectionArgs) -> Result<Config, Error> {
-        let source = resolve_url("source", args.source_url.as_deref(), "USERSYNC_SOURCE_URL")?;
-        let target = resolve_url("target", args.target_url.as_deref(), "USERSYNC_TARGET_URL")?;
+        let mut source = resolve_url("source", args.source_url.as_deref(), "USERSYNC_SOURCE_URL")?;
+        let mut target = resolve_url("target", args.target_url.as_deref(), "USERSYNC_TARGET_URL")?;
+        let allowed = args.plaintext_password.allow_plaintext_password;
+        source.allow_plaintext_password = allowed;
+        target.allow_plaintext_password = allowed;
         let mapping = profile_from_args(args)?;
         let table = args
             .table
@@ -286,8 +291,10 @@ impl PurgeConfig {
         if args.batch_size == 0 {
             return Err(Error::Config("--batch-size must be at least 1".into()));
         }
+        let mut target = resolve_url("target", args.target_url.as_deref(), "USERSYNC_TARGET_URL")?;
+        target.allow_plaintext_password = args.plaintext_password.allow_plaintext_password;
         Ok(PurgeConfig {
-            target: resolve_url("target", args.target_url.as_deref(), "USERSYNC_TARGET_URL")?,
+            target,
             older_than: parse_duration(&args.older_than)?,
             action: if args.scrub {
                 PurgeAction::Scrub
@@ -318,28 +325,86 @@ impl Config {
 }
 
 fn resolve_url(which: &'static str, given: Option<&str>, env: &str) -> Result<PgUrl, Error> {
-    let text = match given {
-        Some(text) => text.to_owned(),
-        None => {
-            let file_var = format!("{env}_FILE");
-            let Some(path) = std::env::var_os(&file_var) else {
-                return Err(Error::Config(format!(
-                    "no {which} URL: pass --{which} URL, or set {env} or {file_var}"
-                )));
-            };
-            std::fs::read_to_string(&path)
-                .map_err(|e| {
-                    Error::Config(format!(
-                        "cannot read the {which} URL from {file_var}={}: {e}",
-                        std::path::Path::new(&path).display()
-                    ))
-                })?
-                .trim()
-                .to_owned()
+    resolve_url_from(which, given, env, |name| std::env::var_os(name))
+}
+
+/// [`resolve_url`] with the environment as a function, for tests. `given` is the option, or
+/// the variable `env` as clap read it.
+fn resolve_url_from(
+    which: &'static str,
+    given: Option<&str>,
+    env: &str,
+    var_os: impl Fn(&str) -> Option<OsString>,
+) -> Result<PgUrl, Error> {
+    let file_var = format!("{env}_FILE");
+    let file = var_os(&file_var);
+    // Which one would win is a guess an operator should not have to make (and an empty
+    // variable is still set: clap reads it as an empty URL).
+    if file.is_some() && var_os(env).is_some() {
+        return Err(Error::Config(format!(
+            "both {env} and {file_var} are set; unset one of them (keep {file_var}: a file \
+             keeps the password out of the environment)"
+        )));
+    }
+    let text = match (given, file) {
+        (Some(text), _) => text.to_owned(),
+        (None, Some(path)) => read_url_file(which, &file_var, Path::new(&path))?,
+        (None, None) => {
+            return Err(Error::Config(format!(
+                "no {which} URL: pass --{which} URL, or set {env} or {file_var}"
+            )))
         }
     };
     text.parse::<PgUrl>()
         .map_err(|source| Error::Url { which, source })
+}
+
+/// The URL in the file `file_var` names, trimmed (Kubernetes and `echo >` add a newline). Warns,
+/// without the contents, when other users may read the file.
+fn read_url_file(which: &'static str, file_var: &str, path: &Path) -> Result<String, Error> {
+    let unreadable = |e: std::io::Error| {
+        Error::Config(format!(
+            "cannot read the {which} URL from {file_var}={}: {e}",
+            path.display()
+        ))
+    };
+    let mut file = std::fs::File::open(path).map_err(unreadable)?;
+    let metadata = file.metadata().map_err(unreadable)?;
+    if readable_by_others(&metadata) {
+        tracing::warn!(
+            variable = file_var,
+            path = %path.display(),
+            mode = %format!("{:04o}", file_mode(&metadata)),
+            "the {which} URL file, which holds a password, may be read by other users; make \
+             it readable by its owner only (chmod 600), or by root and a group (chown \
+             root:GROUP, chmod 640; Kubernetes: fsGroup with defaultMode 0440)"
+        );
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text).map_err(unreadable)?;
+    Ok(text.trim().to_owned())
+}
+
+fn file_mode(metadata: &std::fs::Metadata) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    metadata.permissions().mode() & 0o7777
+}
+
+/// libpq's rule for a private key (`sslkey`), applied to a file with a password in it: no
+/// access for group or others, except that a file root owns may be read by its group (root
+/// sharing it with a service's group; Kubernetes mounts secrets so with `fsGroup`).
+fn readable_by_others(metadata: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    exposed_by_mode(file_mode(metadata), metadata.uid())
+}
+
+fn exposed_by_mode(mode: u32, owner_uid: u32) -> bool {
+    const ROOT: u32 = 0;
+    /// Group and other permission bits.
+    const GROUP_OR_OTHERS: u32 = 0o077;
+    const GROUP_READ: u32 = 0o040;
+    let forgiven = if owner_uid == ROOT { GROUP_READ } else { 0 };
+    mode & GROUP_OR_OTHERS & !forgiven != 0
 }
 
 /// Slot names are restricted by PostgreSQL to lower-case letters, digits and underscores.
@@ -683,6 +748,89 @@ mod tests {
         assert!(Config::from_args(&pooled).is_ok());
         let direct = connection_args("postgresql://u:pw@ep-x.us-east-2.aws.neon.tech/db");
         assert!(Config::for_replication(&direct).is_ok());
+    }
+
+    #[test]
+    fn a_url_and_its_file_variable_together_are_refused() {
+        let resolve = |given: Option<&str>, set: &'static [&'static str]| {
+            resolve_url_from("source", given, "USERSYNC_SOURCE_URL", |name| {
+                set.contains(&name).then(|| OsString::from("/nonexistent"))
+            })
+        };
+        let url = "postgresql://u@h/db";
+        for given in [Some(url), None] {
+            let error = resolve(given, &["USERSYNC_SOURCE_URL", "USERSYNC_SOURCE_URL_FILE"])
+                .expect_err("ambiguous");
+            assert_eq!(error.exit_code(), crate::error::EXIT_DEFINITE);
+            assert!(
+                error.to_string().starts_with(
+                    "both USERSYNC_SOURCE_URL and USERSYNC_SOURCE_URL_FILE are set; unset one"
+                ),
+                "{error}"
+            );
+        }
+        assert!(resolve(Some(url), &["USERSYNC_SOURCE_URL"]).is_ok());
+        // The option wins over a file, as options win over the environment.
+        assert!(resolve(Some(url), &["USERSYNC_SOURCE_URL_FILE"]).is_ok());
+        let error = resolve(None, &["USERSYNC_SOURCE_URL_FILE"]).expect_err("no such file");
+        assert!(
+            error.to_string().starts_with(
+                "cannot read the source URL from USERSYNC_SOURCE_URL_FILE=/nonexistent"
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn url_files_must_be_private_like_libpq_keys() {
+        for (mode, owner, exposed) in [
+            (0o600, 1000, false),
+            (0o400, 1000, false),
+            (0o640, 1000, true),
+            (0o604, 1000, true),
+            (0o644, 1000, true),
+            (0o660, 1000, true),
+            // Root may share a file with a group: Kubernetes' fsGroup and defaultMode 0440.
+            (0o440, 0, false),
+            (0o640, 0, false),
+            (0o660, 0, true),
+            (0o444, 0, true),
+        ] {
+            assert_eq!(
+                exposed_by_mode(mode, owner),
+                exposed,
+                "{mode:o} of uid {owner}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_plaintext_password_opt_in_reaches_both_urls() {
+        use clap::Parser as _;
+        let config = |extra: &[&str]| {
+            let argv = [
+                "usersync",
+                "status",
+                "--source",
+                "postgresql://u@db.example.com/db",
+                "--target",
+                "postgresql://u@neon.example.com/db",
+            ];
+            let cli =
+                crate::cli::Cli::try_parse_from(argv.iter().chain(extra)).expect("valid arguments");
+            let crate::cli::Command::Status(args) = cli.command else {
+                unreachable!("parsed as status")
+            };
+            Config::from_args(&args.connection).expect("valid")
+        };
+        let default = config(&[]);
+        assert!(!default.source.allow_plaintext_password);
+        assert!(!default.target.allow_plaintext_password);
+        let allowed = config(&["--allow-plaintext-password"]);
+        assert!(allowed.source.allow_plaintext_password);
+        assert!(allowed.target.allow_plaintext_password);
+        // Not part of the URL: a redacted URL never carries it.
+        assert_eq!(allowed.source.redacted(), default.source.redacted());
     }
 
     #[test]

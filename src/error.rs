@@ -4,7 +4,7 @@
 //! supervisor does not restart it into the same wall.
 
 use crate::apply::ApplyError;
-use crate::conn::{ConnectError, UrlError};
+use crate::conn::{redact_secrets, ConnectError, UrlError};
 use crate::decode::DecodeError;
 use crate::localpg::LocalPgError;
 use crate::map::MapError;
@@ -142,7 +142,9 @@ pub fn is_transient_pg(error: &tokio_postgres::Error) -> bool {
 }
 
 /// The error and its causes in one line, each cause once: some messages already quote
-/// their cause, others leave it to the chain.
+/// their cause, others leave it to the chain. This is how every error chain is printed and
+/// logged, so it is the last place a password could slip through: whatever a cause quotes (a
+/// server message, a dependency's error) goes through [`redact_secrets`].
 pub fn report(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
@@ -154,5 +156,33 @@ pub fn report(error: &dyn std::error::Error) -> String {
         }
         cause = source.source();
     }
-    text
+    redact_secrets(&text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error from outside usersync's control that quotes a URL, as a server message or a
+    /// dependency's error might.
+    #[derive(Debug, thiserror::Error)]
+    #[error(
+        "the server said: no such database in \"POSTGRESQL://u:s3cret@h/db\" with \
+         password=s3cret given"
+    )]
+    struct Quoting;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot start")]
+    struct Outer(#[source] Quoting);
+
+    #[test]
+    fn reports_never_show_a_password_a_cause_quotes() {
+        let report = report(&Outer(Quoting));
+        assert_eq!(
+            report,
+            "cannot start: the server said: no such database in \"POSTGRESQL://u:***@h/db\" \
+             with password=*** given"
+        );
+    }
 }

@@ -30,14 +30,14 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("usersync: {error:#}");
+            eprintln!("usersync: {}", redact_secrets(&format!("{error:#}")));
             return ExitCode::from(EXIT_FAILURE);
         }
     };
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(Failure::Usage(message)) => {
-            eprintln!("usersync: {message}");
+            eprintln!("usersync: {}", redact_secrets(&message));
             ExitCode::from(EXIT_USAGE)
         }
         Err(Failure::Error(error)) => {

@@ -18,6 +18,10 @@
 //!   by it and requires TLS. It also computes the `tls-server-end-point` channel binding for SCRAM-SHA-256-PLUS.
 //! - [`sql`] opens ordinary tokio-postgres connections with those settings and classifies
 //!   failures as transient (retry) or definite (stop and tell the operator).
+//! - [`auth_policy`] decides, for both clients, whether a password request may be answered: a
+//!   cleartext or md5 password goes only inside TLS or to this machine, unless the operator
+//!   passes `--allow-plaintext-password`. [`password_guard`] enforces it on tokio-postgres,
+//!   which has no hook for it, by reading along the plaintext startup.
 //!
 //! Neon's pooled endpoints (`-pooler` in the host name) run PgBouncer in transaction mode and
 //! cannot carry a replication stream, so the source URL must name the direct endpoint
@@ -30,6 +34,8 @@
 //! Passwords never leave [`Password`] except through [`Password::expose`]: every `Debug`, log
 //! line and error in this module shows [`PgUrl::redacted`] instead of the URL as given.
 
+pub mod auth_policy;
+pub mod password_guard;
 pub mod sql;
 pub mod tls;
 pub mod url;
@@ -38,6 +44,7 @@ pub mod version;
 #[cfg(test)]
 pub(crate) mod test_pki;
 
+pub use auth_policy::{PasswordPolicy, PasswordRequest, PlaintextPasswordRefused};
 pub use sql::{connect, ConnectError, ConnectErrorKind};
 pub use tls::{
     client_config, plaintext_exposure, server_name, tls_requirement, tls_server_end_point,

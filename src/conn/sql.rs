@@ -3,6 +3,11 @@
 //! tokio-postgres only knows `sslmode` disable/prefer/require and verifies nothing itself; the
 //! verification libpq's `verify-ca`/`verify-full` promise is done by our rustls configuration
 //! from [`super::tls::client_config`], which tokio-postgres-rustls runs for the handshake.
+//!
+//! usersync opens the TCP connection itself and hands it to tokio-postgres
+//! (`Config::connect_raw`) inside a [`PasswordGuard`], because tokio-postgres would answer a
+//! cleartext or md5 password request on a connection without TLS, which
+//! [`super::auth_policy`] refuses.
 
 use std::error::Error as _;
 use std::future::Future;
@@ -11,10 +16,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use socket2::{SockRef, TcpKeepalive};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Client, Config, Connection, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use super::auth_policy::{PasswordPolicy, PlaintextPasswordRefused};
+use super::password_guard::PasswordGuard;
 use super::tls::{self, TlsError};
 use super::url::{ChannelBinding, PgUrl, SslMode};
 
@@ -42,6 +52,9 @@ pub enum ConnectErrorKind {
     PermissionDenied,
     /// TLS settings or the server certificate are wrong (definite).
     Tls,
+    /// The server asked for a cleartext or md5 password without TLS, which usersync refuses to
+    /// send to another machine (definite).
+    PlaintextPassword,
     /// Network trouble, timeout, or a server that is starting, shutting down, or full
     /// (57P0x, 53xxx, 08xxx, 58xxx). Retrying later may succeed.
     Unavailable,
@@ -74,6 +87,9 @@ impl ConnectErrorKind {
             Self::Tls => {
                 "TLS could not be negotiated; a server without TLS needs sslmode=prefer or disable"
             }
+            Self::PlaintextPassword => {
+                "the server asked for the password in a form readable on the network"
+            }
             Self::Unavailable => "the server is unreachable or not accepting connections now",
             Self::Rejected => "the server refused the connection",
         }
@@ -102,6 +118,18 @@ pub enum ConnectError {
         timeout.as_secs()
     )]
     Timeout { url: String, timeout: Duration },
+    #[error("cannot connect to {url}: {}", ConnectErrorKind::Unavailable.advice())]
+    Network {
+        url: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot connect to {url}")]
+    PlaintextPassword {
+        url: String,
+        #[source]
+        source: PlaintextPasswordRefused,
+    },
 }
 
 impl ConnectError {
@@ -110,7 +138,8 @@ impl ConnectError {
         match self {
             Self::Tls { .. } => ConnectErrorKind::Tls,
             Self::Postgres { kind, .. } => *kind,
-            Self::Timeout { .. } => ConnectErrorKind::Unavailable,
+            Self::Timeout { .. } | Self::Network { .. } => ConnectErrorKind::Unavailable,
+            Self::PlaintextPassword { .. } => ConnectErrorKind::PlaintextPassword,
         }
     }
 
@@ -131,33 +160,18 @@ pub async fn connect(url: &PgUrl, application_name: &str) -> Result<Client, Conn
 
 /// [`connect`], and whether the connection is encrypted.
 async fn open(url: &PgUrl, application_name: &str) -> Result<(Client, bool), ConnectError> {
-    let config = postgres_config(url, application_name);
+    // tokio-postgres applies connect_timeout to each TCP connect only; libpq's covers the whole
+    // attempt, so a server that accepts but never answers the handshake is bounded too.
+    // Settings that cannot work fail before anything connects.
     let tls_config = tls::client_config(url).map_err(|source| ConnectError::Tls {
         url: url.redacted(),
         source,
     })?;
-    let encrypted = Arc::new(AtomicBool::new(false));
     let connecting = async {
-        match tls_config {
-            Some(tls_config) => {
-                let connector = RecordTls {
-                    inner: MakeRustlsConnect::new((*tls_config).clone()),
-                    encrypted: Arc::clone(&encrypted),
-                };
-                let (client, connection) = config.connect(connector).await?;
-                spawn_connection(connection, url.redacted());
-                Ok(client)
-            }
-            None => {
-                let (client, connection) = config.connect(NoTls).await?;
-                spawn_connection(connection, url.redacted());
-                Ok(client)
-            }
-        }
+        let tcp = connect_tcp(url).await?;
+        open_on(tcp, url, tls_config, application_name).await
     };
-    // tokio-postgres applies connect_timeout to each TCP connect only; libpq's covers the whole
-    // attempt, so a server that accepts but never answers the handshake is bounded too.
-    let result = match url.connect_timeout {
+    match url.connect_timeout {
         Some(timeout) => tokio::time::timeout(timeout, connecting)
             .await
             .map_err(|_| ConnectError::Timeout {
@@ -165,9 +179,106 @@ async fn open(url: &PgUrl, application_name: &str) -> Result<(Client, bool), Con
                 timeout,
             })?,
         None => connecting.await,
+    }
+}
+
+/// The session on an open `stream` to the server `url` names: TLS with `tls_config` (`None`
+/// for `sslmode=disable`), startup, and authentication through a [`PasswordGuard`]. Separate
+/// from [`open`] so that tests can connect a URL naming another machine to a fake server here.
+async fn open_on<S>(
+    stream: S,
+    url: &PgUrl,
+    tls_config: Option<Arc<rustls::ClientConfig>>,
+    application_name: &str,
+) -> Result<(Client, bool), ConnectError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let config = postgres_config(url, application_name);
+    let stream = PasswordGuard::new(stream, PasswordPolicy::of(url));
+    let encrypted = Arc::new(AtomicBool::new(false));
+    let result = match tls_config {
+        Some(tls_config) => {
+            let mut connector = RecordTls {
+                inner: MakeRustlsConnect::new((*tls_config).clone()),
+                encrypted: Arc::clone(&encrypted),
+            };
+            let made =
+                MakeTlsConnect::<PasswordGuard<S>>::make_tls_connect(&mut connector, &url.host);
+            let connector = match made {
+                Ok(connector) => connector,
+                Err(never) => match never {},
+            };
+            config
+                .connect_raw(stream, connector)
+                .await
+                .map(|(client, connection)| {
+                    spawn_connection(connection, url.redacted());
+                    client
+                })
+        }
+        None => config
+            .connect_raw(stream, NoTls)
+            .await
+            .map(|(client, connection)| {
+                spawn_connection(connection, url.redacted());
+                client
+            }),
     };
     let client = result.map_err(|error| classify(url, error))?;
     Ok((client, encrypted.load(Ordering::Relaxed)))
+}
+
+/// A TCP connection to the URL's host, trying each address it resolves to in turn (as libpq
+/// and tokio-postgres do), with the socket options tokio-postgres would set.
+async fn connect_tcp(url: &PgUrl) -> Result<TcpStream, ConnectError> {
+    let network = |source| ConnectError::Network {
+        url: url.redacted(),
+        source,
+    };
+    let addresses = tokio::net::lookup_host((url.host.as_str(), url.port))
+        .await
+        .map_err(network)?;
+    let mut last_error = None;
+    for address in addresses {
+        let attempt = TcpStream::connect(address);
+        let connected = match url.connect_timeout {
+            Some(timeout) => tokio::time::timeout(timeout, attempt)
+                .await
+                .unwrap_or_else(|_| Err(io::Error::from(io::ErrorKind::TimedOut))),
+            None => attempt.await,
+        };
+        match connected {
+            Ok(tcp) => {
+                configure_socket(&tcp).map_err(network)?;
+                return Ok(tcp);
+            }
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(network(last_error.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{} resolves to no address", url.host),
+        )
+    })))
+}
+
+/// A peer that vanished without closing (a stalled network, a half-open connection) is noticed
+/// by the kernel: keepalives while idle, a bound on unacknowledged data otherwise. No Nagle
+/// delay: queries are small and latency matters.
+fn configure_socket(tcp: &TcpStream) -> io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let socket = SockRef::from(tcp);
+    socket.set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_time(TCP_KEEPALIVE_IDLE)
+            .with_interval(TCP_KEEPALIVE_INTERVAL)
+            .with_retries(TCP_KEEPALIVE_RETRIES),
+    )?;
+    #[cfg(target_os = "linux")]
+    socket.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT))?;
+    Ok(())
 }
 
 /// A TLS connector that records whether it was used. tokio-postgres calls
@@ -211,12 +322,11 @@ impl<S, T: TlsConnect<S>> TlsConnect<S> for RecordTlsConnect<T> {
 }
 
 /// The tokio-postgres settings for `url`, field by field (there is deliberately no round trip
-/// through a connection string, which would need the password in it).
+/// through a connection string, which would need the password in it). Host, port, timeouts and
+/// socket options are not among them: usersync opens the socket ([`connect_tcp`]).
 fn postgres_config(url: &PgUrl, application_name: &str) -> Config {
     let mut config = Config::new();
     config
-        .host(&url.host)
-        .port(url.port)
         .user(&url.user)
         .dbname(&url.dbname)
         .application_name(url.application_name.as_deref().unwrap_or(application_name))
@@ -236,17 +346,6 @@ fn postgres_config(url: &PgUrl, application_name: &str) -> Config {
     if let Some(password) = url.password() {
         config.password(password.expose());
     }
-    if let Some(timeout) = url.connect_timeout {
-        config.connect_timeout(timeout);
-    }
-    // A peer that vanished without closing (a stalled network, a half-open connection) is
-    // noticed by the kernel: keepalives while idle, a bound on unacknowledged data otherwise.
-    config
-        .keepalives(true)
-        .keepalives_idle(TCP_KEEPALIVE_IDLE)
-        .keepalives_interval(TCP_KEEPALIVE_INTERVAL)
-        .keepalives_retries(TCP_KEEPALIVE_RETRIES)
-        .tcp_user_timeout(TCP_USER_TIMEOUT);
     if let Some(options) = &url.options {
         config.options(options);
     }
@@ -269,6 +368,15 @@ where
 /// Decides, once, what a failed connection attempt means. tokio-postgres errors carry no
 /// password (its `Config` is never part of them), and we add only the redacted URL.
 fn classify(url: &PgUrl, error: tokio_postgres::Error) -> ConnectError {
+    let refusal = io_error(&error)
+        .and_then(|io| io.get_ref())
+        .and_then(|inner| inner.downcast_ref::<PlaintextPasswordRefused>());
+    if let Some(refusal) = refusal {
+        return ConnectError::PlaintextPassword {
+            url: url.redacted(),
+            source: refusal.clone(),
+        };
+    }
     if let Some(tls_error) = io_error(&error).and_then(|io| tls::handshake_error(url, io)) {
         return ConnectError::Tls {
             url: url.redacted(),
@@ -641,6 +749,127 @@ mod tests {
         drop(listener);
     }
 
+    /// A hostile server for one connection: declines TLS, asks for the password with `request`,
+    /// and answers a PasswordMessage with success. Returns every message the client sent after
+    /// its startup message, as (tag, body).
+    async fn password_phisher(
+        request: Vec<u8>,
+    ) -> (u16, JoinHandle<io::Result<Vec<(u8, Vec<u8>)>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await?;
+            let first = read_message(&mut tcp).await?;
+            if first.get(..4) == Some(&SSL_REQUEST_CODE.to_be_bytes()[..]) {
+                tcp.write_all(b"N").await?;
+                read_message(&mut tcp).await?;
+            }
+            tcp.write_all(&request).await?;
+            let mut sent = Vec::new();
+            loop {
+                let tag = match tcp.read_u8().await {
+                    Ok(tag) => tag,
+                    Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(sent),
+                    Err(error) => return Err(error),
+                };
+                let body = read_message(&mut tcp).await?;
+                if tag == b'p' {
+                    tcp.write_all(&startup_ok()).await?;
+                }
+                sent.push((tag, body));
+            }
+        });
+        (port, server)
+    }
+
+    /// A URL naming another machine (never resolved: the tests connect the socket themselves).
+    fn remote_url(port: u16, query: &str) -> PgUrl {
+        format!("postgresql://app:{PASSWORD}@db.example.com:{port}/appdb?{query}")
+            .parse()
+            .expect("test URL")
+    }
+
+    /// [`open_on`] a connection to the fake server on `port`, as if it were `url`'s host.
+    async fn open_as(url: &PgUrl, port: u16) -> Result<(Client, bool), ConnectError> {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect to the fake server");
+        let tls_config = tls::client_config(url).expect("TLS settings");
+        open_on(tcp, url, tls_config, "usersync-test").await
+    }
+
+    fn cleartext_request() -> Vec<u8> {
+        backend_message(b'R', &3_i32.to_be_bytes())
+    }
+
+    fn md5_request() -> Vec<u8> {
+        backend_message(b'R', &[&5_i32.to_be_bytes()[..], b"salt"].concat())
+    }
+
+    #[tokio::test]
+    async fn a_remote_server_without_tls_asking_for_a_cleartext_or_md5_password_gets_nothing() {
+        for (request, asked) in [
+            (cleartext_request(), "in cleartext"),
+            (md5_request(), "as an md5 hash"),
+        ] {
+            // prefer is libpq's default: whoever answers "no TLS" gets to ask.
+            for sslmode in ["disable", "allow", "prefer"] {
+                let (port, server) = password_phisher(request.clone()).await;
+                let url = remote_url(port, &format!("sslmode={sslmode}"));
+                let error = open_as(&url, port).await.expect_err("refused");
+                assert_no_password(&error);
+                assert_eq!(
+                    error.kind(),
+                    ConnectErrorKind::PlaintextPassword,
+                    "{error:?}"
+                );
+                assert!(!error.is_transient());
+                let said = crate::error::report(&error);
+                for expected in [
+                    format!("db.example.com asks for the password {asked}"),
+                    "on a connection without TLS".to_owned(),
+                ] {
+                    assert!(said.contains(&expected), "{said}");
+                }
+                assert!(said.contains("--allow-plaintext-password"), "{said}");
+                let sent = server.await.expect("server task").expect("server I/O");
+                assert_eq!(sent, [], "{sslmode}: the client sent {sent:?}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn with_the_opt_in_the_password_is_sent() {
+        for request in [cleartext_request(), md5_request()] {
+            let (port, server) = password_phisher(request.clone()).await;
+            let mut url = remote_url(port, "sslmode=prefer");
+            url.allow_plaintext_password = true;
+            let (client, encrypted) = open_as(&url, port).await.expect("connect");
+            assert!(!encrypted);
+            drop(client);
+            let sent = server.await.expect("server task").expect("server I/O");
+            let (tag, body) = sent.first().expect("a password message");
+            assert_eq!(*tag, b'p');
+            let shows_password = body
+                .windows(PASSWORD.len())
+                .any(|w| w == PASSWORD.as_bytes());
+            assert_eq!(shows_password, request == cleartext_request());
+        }
+    }
+
+    #[tokio::test]
+    async fn to_this_machine_the_password_is_sent_without_tls() {
+        for request in [cleartext_request(), md5_request()] {
+            let (port, server) = password_phisher(request).await;
+            let client = connect(&url(port, "sslmode=prefer"), "usersync-test")
+                .await
+                .expect("loopback is exempt");
+            drop(client);
+            let sent = server.await.expect("server task").expect("server I/O");
+            assert_eq!(sent.first().map(|(tag, _)| *tag), Some(b'p'));
+        }
+    }
+
     #[test]
     fn unreadable_root_file_is_reported_before_connecting() {
         let url = url(1, "sslmode=verify-full&sslrootcert=/nonexistent/ca.pem");
@@ -663,20 +892,16 @@ mod tests {
 
     #[test]
     fn config_is_built_field_by_field() {
-        use tokio_postgres::config::{
-            ChannelBinding as PgChannelBinding, Host, SslMode as PgSslMode,
-        };
+        use tokio_postgres::config::{ChannelBinding as PgChannelBinding, SslMode as PgSslMode};
         let url: PgUrl = "postgresql://u:pw@db.example.com:6000/d?sslmode=verify-ca\
                           &sslrootcert=/ca.pem&channel_binding=require&application_name=mine\
                           &connect_timeout=5&options=-c%20x%3Dy"
             .parse()
             .expect("test URL");
         let config = postgres_config(&url, "usersync");
-        assert_eq!(
-            config.get_hosts(),
-            &[Host::Tcp("db.example.com".to_owned())]
-        );
-        assert_eq!(config.get_ports(), &[6000]);
+        // The socket is ours: tokio-postgres never resolves or connects (connect_raw).
+        assert_eq!(config.get_hosts(), &[]);
+        assert_eq!(config.get_connect_timeout(), None);
         assert_eq!(config.get_user(), Some("u"));
         assert_eq!(config.get_password(), Some(&b"pw"[..]));
         assert_eq!(config.get_dbname(), Some("d"));
@@ -685,7 +910,6 @@ mod tests {
             Some("mine"),
             "the URL's name wins"
         );
-        assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(5)));
         assert_eq!(config.get_options(), Some("-c x=y"));
         assert_eq!(config.get_channel_binding(), PgChannelBinding::Require);
         assert_eq!(config.get_ssl_mode(), PgSslMode::Require);

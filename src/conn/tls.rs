@@ -5,12 +5,14 @@
 //! | `disable`                | never                    | –                       | –                  |
 //! | `allow`, `prefer`        | if the server offers it  | only with a root file   | no                 |
 //! | `require`                | always                   | only with a root file   | no                 |
-//! | `verify-ca`              | always                   | yes                     | no                 |
+//! | `verify-ca`              | always                   | yes, to the root file   | no                 |
 //! | `verify-full`            | always                   | yes                     | yes                |
 //!
 //! "Root file" is `sslrootcert=/path`: libpq verifies the chain whenever it has a root
-//! certificate file, which is why `require` with `sslrootcert` behaves as `verify-ca`. Without a
-//! file, the trusted roots are the Mozilla roots from `webpki-roots`.
+//! certificate file, which is why `require` with `sslrootcert` behaves as `verify-ca`.
+//! `verify-ca` needs the file (libpq's default is `~/.postgresql/root.crt`, never the public web
+//! CAs): without a name check, a public CA would vouch for every website. `verify-full` without
+//! a file, or with `sslrootcert=system`, trusts the Mozilla roots from `webpki-roots`.
 //!
 //! The modes that do not verify still check the handshake signatures: the connection is
 //! encrypted to whoever holds the presented certificate's key, which stops passive eavesdropping
@@ -31,7 +33,7 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 
-use super::url::{PgUrl, SslMode, SslRootCert};
+use super::url::{PgUrl, SslMode, SslRootCert, UrlError};
 
 /// TLS cannot be set up, or the server's certificate was refused. Each message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,8 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
+    #[error("{}", UrlError::VerifyCaWithoutRootCert)]
+    VerifyCaWithoutRootCert,
     #[error("the ring crypto provider cannot be used for TLS")]
     Provider(#[source] rustls::Error),
     #[error("cannot build the certificate verifier")]
@@ -156,6 +160,11 @@ pub fn client_config(url: &PgUrl) -> Result<Option<Arc<ClientConfig>>, TlsError>
     let config = match verification {
         Verification::Full => builder.with_root_certificates(root_store(url)?),
         Verification::ChainOnly => {
+            // Without the name check, only a CA the operator named may vouch for the server. The
+            // URL parser refuses this already; this guards a `PgUrl` built or changed in code.
+            if !matches!(url.sslrootcert, Some(SslRootCert::File(_))) {
+                return Err(TlsError::VerifyCaWithoutRootCert);
+            }
             let webpki =
                 WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(url)?), provider)
                     .build()
@@ -675,6 +684,19 @@ mod tests {
                 not_a_cert.display()
             )
         );
+    }
+
+    #[test]
+    fn verify_ca_never_falls_back_to_the_public_roots() {
+        for roots in ["", "&sslrootcert=system"] {
+            let mut url = url("h", &format!("sslmode=verify-full{roots}"));
+            url.sslmode = SslMode::VerifyCa;
+            let error = client_config(&url).expect_err("no root file");
+            assert!(
+                matches!(error, TlsError::VerifyCaWithoutRootCert),
+                "{error:?}"
+            );
+        }
     }
 
     #[test]

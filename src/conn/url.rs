@@ -4,6 +4,10 @@
 //! honour: one TCP host, password authentication, and the TLS settings implemented in
 //! [`super::tls`]. Every other parameter is refused by name, so that a typo (`sslmod=require`)
 //! or a setting we would silently ignore (`sslcert=…`) fails before any connection is made.
+//!
+//! No error quotes text that could hold a password. URLs pasted from elsewhere (in quotes, with
+//! an uppercase scheme, SQLAlchemy's `postgresql+driver://`, JDBC's) are recognised and named,
+//! rather than read as `key=value` pairs whose unknown first "key" would be the URL itself.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
@@ -55,6 +59,10 @@ pub struct PgUrl {
     /// `endpoint=<id>` from it for clients that cannot send SNI; it must reach the server in the
     /// startup packet of both the SQL and the replication connection.
     pub options: Option<String>,
+    /// Whether a cleartext or md5 password may be sent without TLS to another machine
+    /// ([`super::auth_policy`]). Not a libpq parameter, so never read from or written into the
+    /// connection string: `--allow-plaintext-password` sets it.
+    pub allow_plaintext_password: bool,
 }
 
 /// A password that does not print itself.
@@ -274,6 +282,7 @@ impl fmt::Debug for PgUrl {
             .field("application_name", &self.application_name)
             .field("connect_timeout", &self.connect_timeout)
             .field("options", &self.options)
+            .field("allow_plaintext_password", &self.allow_plaintext_password)
             .finish()
     }
 }
@@ -286,6 +295,33 @@ pub enum UrlError {
         "expected a postgresql:// URL or libpq key=value pairs (host=... user=... dbname=...)"
     )]
     NotAConnectionString,
+    #[error(
+        "the connection string starts with a quote ({quote}), which is part of the value, not \
+         quoting (docker run --env-file, for one, keeps quotes); remove the quotes around it"
+    )]
+    Quoted { quote: char },
+    #[error(
+        "the URL scheme must be lowercase postgresql:// or postgres:// (libpq and psql recognise \
+         no other spelling)"
+    )]
+    SchemeNotLowercase,
+    #[error(
+        "postgresql+{driver}:// is a SQLAlchemy URL; usersync takes libpq's: remove +{driver} \
+         (postgresql://user:password@host/db)"
+    )]
+    SqlAlchemyDriver { driver: String },
+    #[error(
+        "a JDBC URL (jdbc:postgresql://) cannot be used; write it as libpq's \
+         postgresql://user:password@host:port/db"
+    )]
+    Jdbc,
+    #[error("{scheme}:// is not a PostgreSQL URL; expected postgresql://user:password@host/db")]
+    OtherScheme { scheme: String },
+    #[error(
+        "the connection string is neither a postgresql:// URL nor libpq key=value pairs: the text \
+         before an `=` is not a parameter name (not shown: it may hold a password)"
+    )]
+    NotAParameterName,
     #[error(
         "the user name or password in the URL contains an unescaped `/`, `?` or `@`; \
          percent-encode it (%2F, %3F, %40)"
@@ -346,6 +382,13 @@ pub enum UrlError {
     MissingUser,
     #[error("sslmode={0} may not be used with sslrootcert=system; use sslmode=verify-full")]
     WeakSslModeWithSystemRoots(SslMode),
+    #[error(
+        "sslmode=verify-ca needs sslrootcert=/path/to/ca.pem, the CA that signed the server's \
+         certificate: verify-ca does not check the host name, so the public web CAs would let \
+         any website's certificate pass; or use sslmode=verify-full (with sslrootcert=system \
+         for a server whose certificate a public CA issued, as Neon's)"
+    )]
+    VerifyCaWithoutRootCert,
     #[error("channel_binding=require needs TLS, but sslmode=disable; use sslmode=verify-full")]
     ChannelBindingWithoutTls,
     #[error(
@@ -374,15 +417,9 @@ impl FromStr for PgUrl {
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let text = text.trim();
-        let parameters = if let Some(rest) = text
-            .strip_prefix("postgresql://")
-            .or_else(|| text.strip_prefix("postgres://"))
-        {
-            uri_parameters(rest)?
-        } else if text.contains('=') {
-            key_value_parameters(text)?
-        } else {
-            return Err(UrlError::NotAConnectionString);
+        let parameters = match form_of(text)? {
+            Form::Uri(rest) => uri_parameters(rest)?,
+            Form::KeyValue => key_value_parameters(text)?,
         };
         let mut builder = Builder::default();
         for (key, value) in parameters {
@@ -390,6 +427,85 @@ impl FromStr for PgUrl {
         }
         builder.build()
     }
+}
+
+/// The two grammars of a connection string.
+enum Form<'a> {
+    /// After `postgresql://` or `postgres://`.
+    Uri(&'a str),
+    KeyValue,
+}
+
+/// Which grammar `text` is written in. Shapes that are neither but common when a URL is pasted
+/// from elsewhere are named, so that they are not read as `key=value` pairs, whose first "key"
+/// would then be the whole URL up to its first `=`, password included.
+fn form_of(text: &str) -> Result<Form<'_>, UrlError> {
+    if let Some(quote) = text
+        .chars()
+        .next()
+        .filter(|c| matches!(c, '"' | '\'' | '`'))
+    {
+        return Err(UrlError::Quoted { quote });
+    }
+    if let Some(rest) = text
+        .strip_prefix("postgresql://")
+        .or_else(|| text.strip_prefix("postgres://"))
+    {
+        return Ok(Form::Uri(rest));
+    }
+    // In key=value pairs `://` can only follow an `=` (in a value).
+    if let Some((scheme, _)) = text.split_once("://") {
+        if !scheme.contains(|c: char| c == '=' || c.is_whitespace()) {
+            return Err(scheme_error(scheme));
+        }
+    }
+    if text.contains('=') {
+        Ok(Form::KeyValue)
+    } else {
+        Err(UrlError::NotAConnectionString)
+    }
+}
+
+/// Why a URL with this scheme (the text before `://`) cannot be used.
+fn scheme_error(scheme: &str) -> UrlError {
+    /// Longer "schemes" are text that merely contains `://`.
+    const MAX_SCHEME_LEN: usize = 32;
+    let lowercase = scheme.to_ascii_lowercase();
+    let is_postgres = |name: &str| name == "postgresql" || name == "postgres";
+    // RFC 3986 §3.1: a letter, then letters, digits, `+`, `-` and `.`. Only such a scheme is
+    // shown: it cannot hold the `user:password@` that follows `://`.
+    let is_scheme = scheme.len() <= MAX_SCHEME_LEN
+        && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    if lowercase == "jdbc:postgresql" {
+        return UrlError::Jdbc;
+    }
+    if !is_scheme {
+        return UrlError::NotAConnectionString;
+    }
+    if is_postgres(&lowercase) {
+        return UrlError::SchemeNotLowercase;
+    }
+    match lowercase.split_once('+') {
+        Some((base, driver)) if is_postgres(base) => UrlError::SqlAlchemyDriver {
+            driver: driver.to_owned(),
+        },
+        _ => UrlError::OtherScheme {
+            scheme: scheme.to_owned(),
+        },
+    }
+}
+
+/// Whether `key` can be a parameter name, and so may be quoted in an error. Anything else is
+/// more likely a mangled URL than a typo, and may hold a password.
+fn is_parameter_name(key: &str) -> bool {
+    /// libpq's longest name is 25 characters (`fallback_application_name`).
+    const MAX_NAME_LEN: usize = 64;
+    key.len() <= MAX_NAME_LEN
+        && key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Settings collected from the connection string before defaults and cross-checks apply.
@@ -487,6 +603,11 @@ impl Builder {
             (None, Some(SslRootCert::System)) => SslMode::VerifyFull,
             (mode, _) => mode.unwrap_or_default(),
         };
+        // libpq's verify-ca trusts ~/.postgresql/root.crt and fails without it; it never falls
+        // back to public roots, which without a name check would accept any public website.
+        if sslmode == SslMode::VerifyCa && !matches!(self.sslrootcert, Some(SslRootCert::File(_))) {
+            return Err(UrlError::VerifyCaWithoutRootCert);
+        }
         let channel_binding = self.channel_binding.unwrap_or_default();
         if channel_binding == ChannelBinding::Require && sslmode == SslMode::Disable {
             return Err(UrlError::ChannelBindingWithoutTls);
@@ -503,6 +624,7 @@ impl Builder {
             application_name: self.application_name,
             connect_timeout: self.connect_timeout,
             options: self.options,
+            allow_plaintext_password: false,
         })
     }
 }
@@ -665,6 +787,9 @@ fn uri_parameters(rest: &str) -> Result<Vec<(String, String)>, UrlError> {
     for pair in query.split('&').filter(|pair| !pair.is_empty()) {
         let (key, value) = pair.split_once('=').ok_or(UrlError::QueryWithoutEquals)?;
         let key = percent_decode(key, "name of a query parameter")?;
+        if !is_parameter_name(&key) {
+            return Err(UrlError::NotAParameterName);
+        }
         let value = percent_decode(value, &format!("value of `{key}`"))?;
         parameters.push((key, value));
     }
@@ -721,15 +846,18 @@ fn percent_decode(text: &str, component: &str) -> Result<String, UrlError> {
 }
 
 /// `text` with every password it may hold replaced by `***`: the password of each
-/// `scheme://user:password@host` URL and the value of each `password=` pair. For messages that
-/// quote input usersync has not parsed, such as clap's "unexpected argument '…'" when a URL is
-/// pasted without `--source`. It would rather hide too much than too little: a URL's password
-/// runs to its last `@`, and an unquoted `password=` value to the next space or quote.
+/// `scheme://user:password@host` URL (whatever the scheme's spelling, quoted or not) and the
+/// value of each `password=` pair (`PASSWORD=`, `PGPASSWORD=` too). For messages that quote
+/// input usersync has not parsed, such as clap's "unexpected argument '…'" when a URL is pasted
+/// without `--source`, and as the last step before any error is printed. It would rather hide
+/// too much than too little: a URL's password runs to the last `@` before the next space (a
+/// quote may be part of the password), and an unquoted `password=` value to the next space or
+/// quote.
 pub fn redact_secrets(text: &str) -> String {
     redact_key_value_passwords(&redact_url_passwords(text))
 }
 
-/// Characters that end a URL or an unquoted value quoted inside a message.
+/// Characters that end an unquoted value quoted inside a message.
 fn ends_token(c: char) -> bool {
     c.is_whitespace() || matches!(c, '\'' | '"' | '`')
 }
@@ -741,7 +869,7 @@ fn redact_url_passwords(text: &str) -> String {
         let authority_start = scheme_end + "://".len();
         redacted.push_str(&rest[..authority_start]);
         rest = &rest[authority_start..];
-        let token_len = rest.find(ends_token).unwrap_or(rest.len());
+        let token_len = rest.find(char::is_whitespace).unwrap_or(rest.len());
         let token = &rest[..token_len];
         match token.rfind('@') {
             Some(at) => match token[..at].find(':') {
@@ -764,7 +892,8 @@ fn redact_key_value_passwords(text: &str) -> String {
     const KEY: &str = "password";
     let mut redacted = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(key_at) = rest.find(KEY) {
+    // ASCII lowercasing keeps every byte offset, so positions found in it index `rest` too.
+    while let Some(key_at) = rest.to_ascii_lowercase().find(KEY) {
         let after_key = &rest[key_at + KEY.len()..];
         let after_spaces = after_key.trim_start();
         let Some(value) = after_spaces.strip_prefix('=') else {
@@ -827,6 +956,9 @@ fn key_value_parameters(text: &str) -> Result<Vec<(String, String)>, UrlError> {
         let mut key = String::new();
         while let Some(c) = chars.next_if(|&c| c != '=' && !c.is_whitespace()) {
             key.push(c);
+        }
+        if !key.is_empty() && !is_parameter_name(&key) {
+            return Err(UrlError::NotAParameterName);
         }
         skip_whitespace(&mut chars);
         if chars.next() != Some('=') || key.is_empty() {
@@ -1046,6 +1178,29 @@ mod tests {
     }
 
     #[test]
+    fn verify_ca_needs_a_root_certificate_file() {
+        for text in [
+            "postgresql://u@h/db?sslmode=verify-ca",
+            "host=h user=u sslmode=verify-ca sslrootcert=",
+        ] {
+            assert_eq!(error(text), UrlError::VerifyCaWithoutRootCert, "{text}");
+        }
+        let advice = error("postgresql://u@h/db?sslmode=verify-ca").to_string();
+        assert!(advice.contains("sslrootcert=/path/to/ca.pem"), "{advice}");
+        assert!(advice.contains("sslmode=verify-full"), "{advice}");
+        assert_eq!(
+            parse("postgresql://u@h/db?sslmode=verify-ca&sslrootcert=/ca.pem").sslmode,
+            SslMode::VerifyCa
+        );
+        // verify-full checks the host name, so the public roots stay meaningful for it.
+        let full = parse("postgresql://u@h/db?sslmode=verify-full");
+        assert_eq!(
+            (full.sslmode, full.sslrootcert),
+            (SslMode::VerifyFull, None)
+        );
+    }
+
+    #[test]
     fn sslmode_names() {
         for mode in [
             SslMode::Disable,
@@ -1056,7 +1211,7 @@ mod tests {
             SslMode::VerifyFull,
         ] {
             assert_eq!(
-                parse(&format!("host=h user=u sslmode={mode}")).sslmode,
+                parse(&format!("host=h user=u sslmode={mode} sslrootcert=/ca.pem")).sslmode,
                 mode
             );
         }
@@ -1119,7 +1274,12 @@ mod tests {
     #[test]
     fn structural_errors() {
         assert_eq!(error("just some text"), UrlError::NotAConnectionString);
-        assert_eq!(error("mysql://u@h/db"), UrlError::NotAConnectionString);
+        assert_eq!(
+            error("mysql://u@h/db"),
+            UrlError::OtherScheme {
+                scheme: "mysql".into()
+            }
+        );
         assert_eq!(error("postgresql://h/db"), UrlError::MissingUser);
         assert_eq!(error("postgresql://u@/db"), UrlError::MissingHost);
         assert_eq!(error("user=u dbname=d"), UrlError::MissingHost);
@@ -1217,6 +1377,87 @@ mod tests {
         ));
     }
 
+    /// URLs as they arrive from other tools: each shape is named, and none is read as
+    /// key=value pairs (whose first "key" would be the URL up to its first `=`, password and all).
+    #[test]
+    fn pasted_url_shapes_are_named() {
+        let quoted = |quote| UrlError::Quoted { quote };
+        let driver = |name: &str| UrlError::SqlAlchemyDriver {
+            driver: name.into(),
+        };
+        let cases = [
+            // docker run --env-file keeps quotes.
+            (
+                "\"postgresql://u:s3cret@h/db?sslmode=require\"",
+                quoted('"'),
+            ),
+            ("'postgresql://u:s3cret@h/db?sslmode=require'", quoted('\'')),
+            ("\"postgresql://u:s3cret@h/db?sslmode=require", quoted('"')),
+            ("  `host=h password=s3cret`", quoted('`')),
+            ("\"host=h password=s3cret\"", quoted('"')),
+            // libpq matches the scheme case-sensitively.
+            (
+                "POSTGRESQL://u:s3cret@h/db?sslmode=require",
+                UrlError::SchemeNotLowercase,
+            ),
+            ("Postgres://u:s3cret@h/db", UrlError::SchemeNotLowercase),
+            // SQLAlchemy names the driver in the scheme.
+            (
+                "postgresql+psycopg://u:s3cret@h/db?sslmode=require",
+                driver("psycopg"),
+            ),
+            ("postgres+asyncpg://u:s3cret@h/db", driver("asyncpg")),
+            (
+                "POSTGRESQL+PSYCOPG2://u:s3cret@h/db?sslmode=require",
+                driver("psycopg2"),
+            ),
+            (
+                "jdbc:postgresql://h/db?user=u&password=s3cret",
+                UrlError::Jdbc,
+            ),
+            (
+                "mysql://u:s3cret@h/db?ssl=true",
+                UrlError::OtherScheme {
+                    scheme: "mysql".into(),
+                },
+            ),
+            // Not recognisable as a URL: an "unknown key" that must not be quoted.
+            (
+                "postgresql:/u:s3cret@h/db?sslmode=require",
+                UrlError::NotAParameterName,
+            ),
+            (
+                "u:s3cret@h:5432/db?sslmode=require",
+                UrlError::NotAParameterName,
+            ),
+            (
+                "post gres://u:s3cret@h/db?sslmode=require",
+                UrlError::MissingEquals { after: None },
+            ),
+            (
+                "postgresql://u@h/db?pw:s3cret=x",
+                UrlError::NotAParameterName,
+            ),
+            ("host=h user=u s3cret/x=y", UrlError::NotAParameterName),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(error(text), expected, "{text}");
+        }
+        assert_eq!(
+            driver("psycopg").to_string(),
+            "postgresql+psycopg:// is a SQLAlchemy URL; usersync takes libpq's: remove +psycopg \
+             (postgresql://user:password@host/db)"
+        );
+        assert!(quoted('"').to_string().contains("remove the quotes"));
+        // A value may contain `://`; it is still key=value.
+        assert_eq!(
+            parse("host=h user=u application_name=a://b")
+                .application_name
+                .as_deref(),
+            Some("a://b")
+        );
+    }
+
     /// Malformed connection strings with the password `s3cret` (or `Zq9`…`Xw7` around a
     /// reserved character) in them: no error may show any of it.
     #[test]
@@ -1247,6 +1488,14 @@ mod tests {
             "host=h password=s3cret",
             "password=s3cret user=u",
             "s3cret",
+            "\"postgresql://u:s3cret@h/db?sslmode=require\"",
+            "POSTGRESQL://u:s3cret@h/db?sslmode=require",
+            "postgresql+psycopg://u:s3cret@h/db?sslmode=require",
+            "jdbc:postgresql://h/db?user=u&password=s3cret",
+            "mysql://u:s3cret@h/db?ssl=true",
+            "postgresql:/u:s3cret@h/db?sslmode=require",
+            "u:s3cret@h/db?sslmode=require x",
+            "host=h user=u postgresql://u:s3cret@h/db?sslmode=require",
         ];
         for case in cases {
             let error = error(case);
@@ -1393,6 +1642,29 @@ mod tests {
             (
                 "d\u{e9}j\u{e0} password=\u{e9}t\u{e9} vu",
                 "d\u{e9}j\u{e0} password=*** vu",
+            ),
+            // Any spelling of any scheme, in quotes or not.
+            (
+                "\"POSTGRESQL://u:s3cret@h/db?sslmode=require\"",
+                "\"POSTGRESQL://u:***@h/db?sslmode=require\"",
+            ),
+            (
+                "'postgresql+psycopg://u:s3cret@h/db'",
+                "'postgresql+psycopg://u:***@h/db'",
+            ),
+            (
+                "jdbc:postgresql://u:s3cret@h/db",
+                "jdbc:postgresql://u:***@h/db",
+            ),
+            // A quote inside the password does not end the URL.
+            ("postgresql://u:s3'cr\"et@h/db", "postgresql://u:***@h/db"),
+            (
+                "PASSWORD=s3cret PGPASSWORD='s3cret' Password = s3cret",
+                "PASSWORD=*** PGPASSWORD=*** Password = ***",
+            ),
+            (
+                "jdbc:postgresql://h/db?user=u&Password=s3cret",
+                "jdbc:postgresql://h/db?user=u&Password=***",
             ),
         ];
         for (text, expected) in cases {

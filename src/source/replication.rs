@@ -3,7 +3,8 @@
 //! `tokio-postgres` from crates.io cannot open a replication stream (no `replication`
 //! startup key, no CopyBoth), so this module speaks just enough of the protocol itself:
 //! startup with `replication=database`, TLS (SSLRequest, then rustls with SNI), SCRAM-SHA-256
-//! with or without channel binding, md5, cleartext only inside TLS, simple queries for the
+//! with or without channel binding, md5 and cleartext only inside TLS or to this machine
+//! (unless allowed, see [`crate::conn::auth_policy`]), simple queries for the
 //! replication commands, and the CopyBoth sub-protocol in which a walsender streams WAL.
 //!
 //! A logical walsender in PostgreSQL 15 cannot start streaming twice on one connection, so
@@ -779,3 +780,92 @@ mod stream_tests {
 
 #[cfg(test)]
 mod hostile_server_tests;
+
+#[cfg(test)]
+mod password_policy_tests {
+    use super::auth::{AUTH_CLEARTEXT, AUTH_MD5, AUTH_OK};
+    use super::*;
+    use crate::conn::PasswordRequest;
+
+    /// An authentication request as the server sends it, followed by AuthenticationOk for a
+    /// client that answers.
+    fn request_then_ok(code: i32, data: &[u8]) -> Vec<u8> {
+        let message = |body: &[u8]| {
+            let length = i32::try_from(body.len() + 4).expect("small message");
+            [&[wire::AUTHENTICATION][..], &length.to_be_bytes(), body].concat()
+        };
+        [
+            message(&[&code.to_be_bytes()[..], data].concat()),
+            message(&AUTH_OK.to_be_bytes()),
+        ]
+        .concat()
+    }
+
+    /// Authenticates without TLS against a server that sends `from_server`; returns the outcome
+    /// and every byte the client wrote.
+    async fn authenticate_without_tls(
+        url: &PgUrl,
+        from_server: &[u8],
+    ) -> (Result<(), ReplicationError>, Vec<u8>) {
+        let (client, mut server) = tokio::io::duplex(1024);
+        server.write_all(from_server).await.expect("server writes");
+        let mut conn = ReplicationConnection {
+            io: Box::new(client),
+            read_buf: BytesMut::new(),
+            write_buf: BytesMut::new(),
+            target: url.redacted(),
+            server_version_num: None,
+            authenticated: false,
+        };
+        let outcome = conn.authenticate(url, None).await;
+        drop(conn);
+        let mut written = Vec::new();
+        server
+            .read_to_end(&mut written)
+            .await
+            .expect("server reads");
+        (outcome, written)
+    }
+
+    fn url(host: &str) -> PgUrl {
+        format!("postgresql://u:s3cret-pw@{host}/db?sslmode=prefer")
+            .parse()
+            .expect("test URL")
+    }
+
+    #[tokio::test]
+    async fn cleartext_and_md5_without_tls_to_another_machine_send_nothing() {
+        for (code, data, asked) in [
+            (AUTH_CLEARTEXT, &b""[..], PasswordRequest::Cleartext),
+            (AUTH_MD5, &b"salt"[..], PasswordRequest::Md5),
+        ] {
+            let remote = url("db.example.com");
+            let (outcome, written) =
+                authenticate_without_tls(&remote, &request_then_ok(code, data)).await;
+            assert_eq!(written, b"", "{asked:?}: nothing may reach the socket");
+            let error = outcome.expect_err("refused");
+            assert!(!error.is_transient());
+            let ReplicationError::Authentication {
+                reason: auth::AuthError::Plaintext(source),
+                ..
+            } = &error
+            else {
+                panic!("expected a plaintext-password refusal, got {error:?}");
+            };
+            assert_eq!(source.request, asked);
+            assert!(
+                crate::error::report(&error).contains("--allow-plaintext-password"),
+                "{error}"
+            );
+
+            let mut allowed = url("db.example.com");
+            allowed.allow_plaintext_password = true;
+            for url in [allowed, url("127.0.0.1"), url("localhost")] {
+                let (outcome, written) =
+                    authenticate_without_tls(&url, &request_then_ok(code, data)).await;
+                outcome.expect("answered");
+                assert_eq!(written.first(), Some(&b'p'), "{url:?}");
+            }
+        }
+    }
+}

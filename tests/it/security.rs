@@ -392,6 +392,28 @@ async fn channel_binding_require_fails_against_a_server_without_tls() {
     );
 }
 
+/// verify-ca checks no host name, so it needs a CA file: with the public web CAs it would accept
+/// any website's certificate. Refused while parsing the URL, before any connection.
+#[test]
+fn verify_ca_without_a_root_file_is_refused_before_connecting() {
+    // A closed loopback port: should the check ever regress, the attempt fails fast, exit 1.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let url = format!("postgresql://postgres:{PASSWORD}@127.0.0.1:{port}/db?sslmode=verify-ca");
+    let other = "postgresql://u@127.0.0.1/db";
+    for (source, target) in [(url.as_str(), other), (other, url.as_str())] {
+        let output = Command::new(env!("CARGO_BIN_EXE_usersync"))
+            .args(["setup", "--source", source, "--target", target])
+            .output()
+            .unwrap();
+        assert_definite(
+            &output,
+            "sslmode=verify-ca needs sslrootcert=/path/to/ca.pem",
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Neon's pooler
 
@@ -512,6 +534,12 @@ async fn no_output_ever_contains_the_password() {
         format!("host=127.0.0.1 user={role} password='{SECRET} port={port}"),
         format!("host=127.0.0.1 user={role} password={SECRET} bogus"),
         format!("postgresql://{role}:{SECRET}@127.0.0.1:{port}/db"),
+        // Pasted from elsewhere (every way to give them: pasted_url_shapes_never_show_the_password).
+        format!("\"postgresql://{role}:Quokka%407431-s3cr3t@127.0.0.1:{port}/db?sslmode=disable\""),
+        format!("POSTGRESQL://{role}:Quokka%407431-s3cr3t@127.0.0.1:{port}/db?sslmode=disable"),
+        format!(
+            "postgresql+psycopg://{role}:Quokka%407431-s3cr3t@127.0.0.1:{port}/db?sslmode=disable"
+        ),
     ];
     for bad in malformed {
         let output = command(&["setup"], &(bad.clone(), good.1.clone()))
@@ -568,6 +596,94 @@ async fn no_output_ever_contains_the_password() {
     }
 }
 
+/// URLs as they arrive from other tools (Docker's --env-file keeps quotes, SQLAlchemy names a
+/// driver, some write the scheme in capitals, JDBC prefixes its own) and key=value strings with
+/// mistakes next to the password: each is refused as configuration (exit 78) wherever it is
+/// given, and no output shows the password. No server is needed: nothing gets to connect.
+#[test]
+fn pasted_url_shapes_never_show_the_password() {
+    let encoded = SECRET.replace('@', "%40");
+    let variants = [
+        format!("\"postgresql://postgres:{encoded}@127.0.0.1:1/db?sslmode=require\""),
+        format!("'postgresql://postgres:{encoded}@127.0.0.1:1/db?sslmode=require'"),
+        format!("\"postgresql://postgres:{SECRET}@127.0.0.1:1/db?sslmode=require\""),
+        format!("POSTGRESQL://postgres:{encoded}@127.0.0.1:1/db?sslmode=require"),
+        format!("Postgres://postgres:{SECRET}@127.0.0.1:1/db"),
+        format!("postgresql+psycopg://postgres:{encoded}@127.0.0.1:1/db?sslmode=require"),
+        format!("postgresql+asyncpg://postgres:{SECRET}@127.0.0.1:1/db?ssl=require"),
+        format!("jdbc:postgresql://127.0.0.1:1/db?user=postgres&password={encoded}"),
+        format!("mysql://postgres:{encoded}@127.0.0.1:1/db?ssl=true"),
+        format!("postgresql:/postgres:{encoded}@127.0.0.1:1/db?sslmode=require"),
+        format!("postgres:{encoded}@127.0.0.1:1/db?sslmode=require"),
+        format!("\"host=127.0.0.1 port=1 user=postgres password={SECRET}\""),
+        format!("host=127.0.0.1 port=1 user=postgres password={SECRET} sslmod=require"),
+        format!("host=127.0.0.1 port=1 PASSWORD={SECRET} user=postgres"),
+        format!("host=127.0.0.1 port=1 password='{SECRET} user=postgres"),
+        format!("host=127.0.0.1 port=1 user=postgres password={SECRET} bogus"),
+    ];
+    // Valid, on a closed port: it is never used, because the other URL fails first or after.
+    let valid = "postgresql://u@127.0.0.1:1/db";
+    let dir = std::env::temp_dir().join(unique("usersync-pasted-urls"));
+    fs::create_dir(&dir).unwrap();
+    let file = dir.join("url");
+    let usersync = |command: &str| {
+        let mut usersync = Command::new(env!("CARGO_BIN_EXE_usersync"));
+        usersync.arg(command).env_clear().env("RUST_LOG", "trace");
+        if command == "purge" {
+            usersync.args(["--older-than", "30d"]);
+        }
+        usersync
+    };
+    let mut checked = 0;
+    for bad in &variants {
+        fs::write(&file, format!("{bad}\n")).unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+        for which in ["source", "target"] {
+            let other = if which == "source" {
+                "target"
+            } else {
+                "source"
+            };
+            let variable = format!("USERSYNC_{}_URL", which.to_uppercase());
+            let other_variable = format!("USERSYNC_{}_URL", other.to_uppercase());
+            let commands: &[&str] = if which == "target" {
+                &["setup", "status", "purge"]
+            } else {
+                &["setup", "status"]
+            };
+            for &command in commands {
+                let mut given_as = Vec::new();
+                let mut option = usersync(command);
+                option.args([format!("--{which}"), bad.clone()]);
+                given_as.push(("option", option));
+                let mut variable_set = usersync(command);
+                variable_set.env(&variable, bad);
+                given_as.push(("variable", variable_set));
+                let mut in_file = usersync(command);
+                in_file.env(format!("{variable}_FILE"), &file);
+                given_as.push(("file", in_file));
+                for (how, mut usersync) in given_as {
+                    if command != "purge" {
+                        usersync.env(&other_variable, valid);
+                    }
+                    let output = usersync.output().unwrap();
+                    let label = format!("{command} with the {which} URL {bad} as {how}");
+                    assert_no_secret(&label, &output);
+                    assert_eq!(output.status.code(), Some(78), "{label}: {}", text(&output));
+                    assert!(
+                        text(&output).contains(&format!("invalid {which} URL")),
+                        "{label}: {}",
+                        text(&output)
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, variants.len() * 15);
+    fs::remove_dir_all(&dir).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn urls_are_read_from_files() {
     let pair = Pair::new().await;
@@ -579,6 +695,9 @@ async fn urls_are_read_from_files() {
     // As Kubernetes and `echo >` write them: a trailing newline.
     fs::write(&source_file, format!("{}\n", pair.source_url)).unwrap();
     fs::write(&target_file, format!("{}\n", pair.target_url)).unwrap();
+    for file in [&source_file, &target_file] {
+        fs::set_permissions(file, fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let from_files = |args: &[&str]| {
         let mut command = pair.command(args);
         command
@@ -620,6 +739,65 @@ async fn urls_are_read_from_files() {
     let output = from_files(&["setup"]).output().unwrap();
     assert_definite(&output, "invalid source URL");
 
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A URL file others may read is warned about (without its contents); a URL both in a variable
+/// and in a file is refused, naming both. Neither needs a server: configuration fails first.
+#[test]
+fn url_files_are_private_and_unambiguous() {
+    let dir = std::env::temp_dir().join(unique("usersync-url-file-modes"));
+    fs::create_dir(&dir).unwrap();
+    let file = dir.join("source-url");
+    fs::write(
+        &file,
+        format!(
+            "postgresql://postgres:{}@127.0.0.1:1/db\n",
+            SECRET.replace('@', "%40")
+        ),
+    )
+    .unwrap();
+    let setup = |mode: u32| {
+        fs::set_permissions(&file, fs::Permissions::from_mode(mode)).unwrap();
+        // No target: configuration stops after reading the source's file.
+        let output = Command::new(env!("CARGO_BIN_EXE_usersync"))
+            .arg("setup")
+            .env_clear()
+            .env("USERSYNC_SOURCE_URL_FILE", &file)
+            .output()
+            .unwrap();
+        assert_definite(&output, "no target URL");
+        assert_no_secret(&format!("mode {mode:o}"), &output);
+        text(&output)
+    };
+    let warning = "the source URL file, which holds a password, may be read by other users";
+    for mode in [0o644, 0o604, 0o660] {
+        let said = setup(mode);
+        assert!(said.contains(warning), "{mode:o}: {said}");
+        assert!(said.contains(&file.display().to_string()), "{said}");
+        assert!(said.contains(&format!("mode={mode:04o}")), "{said}");
+    }
+    for mode in [0o600, 0o400] {
+        let said = setup(mode);
+        assert!(!said.contains(warning), "{mode:o}: {said}");
+    }
+
+    for command in ["setup", "run", "status", "purge"] {
+        let mut both = Command::new(env!("CARGO_BIN_EXE_usersync"));
+        both.arg(command)
+            .env_clear()
+            .env("USERSYNC_TARGET_URL", "postgresql://u@127.0.0.1:1/db")
+            .env("USERSYNC_TARGET_URL_FILE", &file)
+            .env("USERSYNC_SOURCE_URL", "postgresql://u@127.0.0.1:1/db");
+        if command == "purge" {
+            both.args(["--older-than", "30d"]);
+        }
+        let output = both.output().unwrap();
+        assert_definite(
+            &output,
+            "both USERSYNC_TARGET_URL and USERSYNC_TARGET_URL_FILE are set; unset one of them",
+        );
+    }
     fs::remove_dir_all(&dir).unwrap();
 }
 

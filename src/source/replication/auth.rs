@@ -38,7 +38,9 @@ use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding as ScramChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 
-use crate::conn::{ChannelBinding, PgUrl};
+use crate::conn::{
+    ChannelBinding, PasswordPolicy, PasswordRequest, PgUrl, PlaintextPasswordRefused,
+};
 
 /// SASL mechanism names (RFC 7677 and PostgreSQL's channel-binding variant).
 const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
@@ -149,11 +151,10 @@ pub enum AuthError {
          to the real server"
     )]
     OutOfOrder { got: String, expected: &'static str },
-    #[error(
-        "the server asks for a cleartext password on an unencrypted connection; use \
-         sslmode=require or better, or configure scram-sha-256"
-    )]
-    CleartextWithoutTls,
+    /// A cleartext or md5 password without TLS, to another machine, not allowed by the
+    /// operator: the rule every connection follows ([`PasswordPolicy`]).
+    #[error(transparent)]
+    Plaintext(#[from] PlaintextPasswordRefused),
     #[error("the server asks for a password, but the URL has none")]
     NoPassword,
     #[error(
@@ -283,6 +284,8 @@ pub(super) struct Authenticator<'a> {
     user: &'a str,
     password: Option<&'a str>,
     channel_binding: ChannelBinding,
+    /// Whether a cleartext or md5 password may be sent at all.
+    policy: PasswordPolicy,
     /// `None` without TLS; with TLS, the `tls-server-end-point` hash of the server's
     /// certificate, empty when its signature algorithm gives none.
     tls_end_point: Option<Vec<u8>>,
@@ -295,6 +298,7 @@ impl<'a> Authenticator<'a> {
             user: &url.user,
             password: url.password().map(|p| p.expose()),
             channel_binding: url.channel_binding,
+            policy: PasswordPolicy::of(url),
             tls_end_point,
             progress: Progress::Started,
         }
@@ -323,14 +327,15 @@ impl<'a> Authenticator<'a> {
         }
         self.progress = match (request, progress) {
             (Request::Cleartext, Progress::Started) => {
-                if self.tls_end_point.is_none() {
-                    return Err(AuthError::CleartextWithoutTls);
-                }
+                self.policy
+                    .check(PasswordRequest::Cleartext, self.tls_end_point.is_some())?;
                 let password = self.password()?;
                 frontend::password_message(password.as_bytes(), out).map_err(AuthError::Encode)?;
                 Progress::PasswordSent
             }
             (Request::Md5 { salt }, Progress::Started) => {
+                self.policy
+                    .check(PasswordRequest::Md5, self.tls_end_point.is_some())?;
                 let password = self.password()?;
                 let hash = md5_hash(self.user.as_bytes(), password.as_bytes(), salt);
                 frontend::password_message(hash.as_bytes(), out).map_err(AuthError::Encode)?;
