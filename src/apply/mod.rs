@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod bulk;
 pub mod schema;
+pub mod slot_lock;
 pub mod worker;
 pub mod writer;
 

@@ -206,9 +206,30 @@ async fn status_reports_a_healthy_slot_as_json_and_as_a_table() {
     let target = &json["target"];
     assert_eq!(
         keys(target),
-        ["tables_present", "url", "users_live", "users_soft_deleted"]
+        [
+            "slot_lock_holders",
+            "tables_present",
+            "url",
+            "users_live",
+            "users_soft_deleted"
+        ]
     );
     assert_eq!(target["tables_present"], true);
+    // The running replicator holds the slot's lock on the target.
+    let holders = target["slot_lock_holders"].as_array().expect("an array");
+    assert_eq!(holders.len(), 1, "{json}");
+    assert_eq!(
+        keys(&holders[0]),
+        [
+            "application_name",
+            "backend_start",
+            "client_addr",
+            "mode",
+            "pid",
+            "usename"
+        ]
+    );
+    assert_eq!(holders[0]["application_name"], "usersync");
     assert_eq!(target["users_live"], 2);
     assert_eq!(target["users_soft_deleted"], 1);
 
