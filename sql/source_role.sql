@@ -42,6 +42,25 @@
 -- a throwaway value, then set the real one with psql's \password usersync_source, which
 -- sends only a SCRAM verifier.
 --
+-- What REPLICATION allows beyond usersync's publication (README, "What REPLICATION allows"):
+-- PostgreSQL calls it a very highly privileged attribute. With LOGIN, in every database the
+-- role may connect to, it can create logical slots with any output plugin the server has and
+-- read them (test_decoding and wal2json ignore publications and decode every table); with
+-- pgoutput it names any publication it likes (there are no privileges on publications, and
+-- SELECT is checked only for the initial copy, not for streamed changes); it can advance and
+-- drop any slot, other subscribers' included; and where a pg_hba.conf "replication" line
+-- admits it, it can stream physical replication (pg_basebackup: the whole cluster, password
+-- hashes included) and create physical slots that hold WAL. Treat its password as near read
+-- access to the whole cluster, and limit it:
+--   * a dedicated role used by usersync alone; a long random password, rotated;
+--   * pg_hba.conf: no "replication" line for it (the default "host replication all ..." lines
+--     admit every REPLICATION role: put "host replication usersync_source all reject" above
+--     them); usersync's logical connection (replication=database) matches the lines for its
+--     database, so admit it only there and only from the usersync host, e.g.
+--       hostssl auth usersync_source 10.0.3.7/32 scram-sha-256
+--       host    all  usersync_source all         reject
+--   * max_replication_slots and max_slot_wal_keep_size bound the slots and the WAL they hold.
+--
 -- Creating a role with REPLICATION needs a superuser on PostgreSQL 15 and older (16: a role
 -- with CREATEROLE that has REPLICATION itself). Managed services have their own way, for
 -- example Amazon RDS: GRANT rds_replication TO usersync_source; on Neon, enable logical

@@ -4,8 +4,8 @@
 --   * reads the shape of neon_auth.users_sync from the catalog: USAGE on schema neon_auth;
 --   * upserts users (INSERT ... ON CONFLICT (id) DO UPDATE) and soft-deletes them (UPDATE):
 --     SELECT, INSERT, UPDATE on neon_auth.users_sync (ON CONFLICT DO UPDATE reads the row);
---   * usersync purge (hard delete of users soft-deleted long ago): DELETE on it. Leave the
---     DELETE grant out if you never purge;
+--   * usersync purge (hard delete of users soft-deleted long ago): DELETE on it, granted only
+--     with -v purge=on (see below). purge --scrub needs no more than UPDATE;
 --   * keeps its checkpoint in its own schema usersync (usersync.state), which setup creates
 --     if missing: the role owns schema usersync, so it can create and write the table there.
 --
@@ -22,9 +22,24 @@
 --        -v role=usersync_target -v password="$TARGET_PASSWORD" \
 --        -f sql/target_role.sql
 --
--- Variables: role (default usersync_target), password (required). Running it again updates
--- the password and re-applies the grants. The password reaches the server in the statement
--- text (see sql/source_role.sql for how to keep it out of the server log).
+-- Variables: role (default usersync_target), password (required), purge (default off).
+-- Running it again updates the password and re-applies the grants. The password reaches the
+-- server in the statement text (see sql/source_role.sql for how to keep it out of the server
+-- log).
+--
+-- Hard deletes are opt-in. Only usersync purge removes rows (run, setup, resync and status
+-- soft-delete with UPDATE), and a role that may DELETE users also removes, through the
+-- apps' ON DELETE CASCADE foreign keys, the app rows that point at them. To let this role purge, run the script with -v purge=on, which grants
+-- DELETE on neon_auth.users_sync, or run that GRANT yourself:
+--
+--   psql "$ADMIN_URL" -v ON_ERROR_STOP=1 \
+--        -v role=usersync_target -v password="$TARGET_PASSWORD" -v purge=on \
+--        -f sql/target_role.sql
+--
+-- The script says what the role may do, so a later run without purge=on revokes DELETE
+-- again (and says so). One script rather than a second one for purge: the same variables,
+-- one place to read, and a rerun (say, to rotate the password) cannot leave a forgotten
+-- grant behind.
 
 \set ON_ERROR_STOP 1
 
@@ -36,6 +51,10 @@
 \else
   \echo 'target_role.sql: set the role password with -v password=...'
   DO $$ BEGIN RAISE EXCEPTION 'missing psql variable: password'; END $$;
+\endif
+\if :{?purge}
+\else
+  \set purge off
 \endif
 
 SELECT current_database() AS dbname,
@@ -66,8 +85,21 @@ GRANT CONNECT ON DATABASE :"dbname" TO :"role";
 \endif
 GRANT USAGE ON SCHEMA neon_auth TO :"role";
 GRANT SELECT, INSERT, UPDATE ON TABLE neon_auth.users_sync TO :"role";
--- Only for usersync purge; revoke it if retention purges are not used.
-GRANT DELETE ON TABLE neon_auth.users_sync TO :"role";
+-- Only for usersync purge, and only when asked for (-v purge=on).
+\if :purge
+  GRANT DELETE ON TABLE neon_auth.users_sync TO :"role";
+\else
+  SELECT has_table_privilege(:'role', 'neon_auth.users_sync', 'DELETE') AS role_could_delete
+  \gset
+  REVOKE DELETE ON TABLE neon_auth.users_sync FROM :"role";
+  SELECT has_table_privilege(:'role', 'neon_auth.users_sync', 'DELETE') AS role_may_delete
+  \gset
+  \if :role_may_delete
+    \echo 'warning: role' :"role" 'may still DELETE on neon_auth.users_sync, through PUBLIC, another role it is a member of, or SUPERUSER'
+  \elif :role_could_delete
+    \echo 'revoked DELETE on neon_auth.users_sync from' :"role" '(usersync purge needs it: run again with -v purge=on)'
+  \endif
+\endif
 
 -- usersync's own schema, owned by the role. An existing one (say, from a setup run as the
 -- admin) is handed over with its checkpoint table, so the checkpoint carries on.

@@ -1,7 +1,8 @@
 //! Every metric usersync exports, named and described in this one module.
 //!
 //! Names carry the `usersync_` prefix and their unit (`_seconds`, `_bytes`, `_total`);
-//! labels are few and bounded (`op`, `side`, `kind`, `status`). The lag histogram's buckets
+//! labels are few and bounded (`op`, `side`, `kind`, `status`, and `slot` on the one info
+//! series, so rules can join a process to its slot). The lag histogram's buckets
 //! are dense around the one-second target and include it exactly, so the share of changes
 //! within target is a plain bucket ratio. The registry is encoded as OpenMetrics text by
 //! [`Metrics::encode`] for `/metrics`.
@@ -77,6 +78,11 @@ struct StatusLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SlotLabel {
+    slot: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NoLabels {}
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -114,6 +120,9 @@ pub struct Metrics {
     checkpoint_commit_time: FloatGauge,
     clock_offset: FloatGauge,
     ready: Gauge,
+    standby: Gauge,
+    standby_since: Family<NoLabels, FloatGauge>,
+    slot_info: Family<SlotLabel, Gauge>,
     lag_recent: Family<QuantileLabel, FloatGauge>,
     lag_recent_within_target: Family<NoLabels, FloatGauge>,
     /// Lag samples of the last minute, for percentiles printed by `demo`.
@@ -261,6 +270,25 @@ impl Metrics {
             "1 while streaming and not broken (as /readyz)",
             ready.clone(),
         );
+        let standby = Gauge::default();
+        registry.register(
+            "standby",
+            "1 while waiting for the slot's lock on the target, which another session holds",
+            standby.clone(),
+        );
+        let standby_since = Family::<NoLabels, FloatGauge>::default();
+        registry.register_with_unit(
+            "standby_since_timestamp",
+            "When this process began to stand by (Unix time; absent unless standing by)",
+            Unit::Seconds,
+            standby_since.clone(),
+        );
+        let slot_info = Family::<SlotLabel, Gauge>::default();
+        registry.register(
+            "slot_info",
+            "1, labelled with the replication slot this process consumes",
+            slot_info.clone(),
+        );
         let lag_recent = Family::<QuantileLabel, FloatGauge>::default();
         registry.register_with_unit(
             "lag_recent",
@@ -296,6 +324,9 @@ impl Metrics {
             checkpoint_commit_time,
             clock_offset,
             ready,
+            standby,
+            standby_since,
+            slot_info,
             lag_recent,
             lag_recent_within_target,
             lag_window: LagWindow::default(),
@@ -468,6 +499,27 @@ impl Metrics {
     pub fn is_ready(&self) -> bool {
         self.ready.get() == 1
     }
+
+    /// Names the slot this process consumes (the `slot` label of `usersync_slot_info`).
+    pub fn set_slot_name(&self, slot: &str) {
+        self.slot_info.clear();
+        self.slot_info
+            .get_or_create(&SlotLabel {
+                slot: slot.to_owned(),
+            })
+            .set(1);
+    }
+
+    /// Standing by since `since` (Unix seconds) for the slot's lock, or (`None`) not.
+    pub fn set_standby(&self, since: Option<f64>) {
+        self.standby.set(i64::from(since.is_some()));
+        match since {
+            Some(since) => {
+                self.standby_since.get_or_create(&NoLabels {}).set(since);
+            }
+            None => self.standby_since.clear(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -493,6 +545,7 @@ mod tests {
             "usersync_connected{side=\"source\"} 0",
             "usersync_errors_total{kind=\"definite\"} 0",
             "usersync_patches_without_user_total 0",
+            "usersync_standby 0",
         ] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }
@@ -501,5 +554,20 @@ mod tests {
         assert!(metrics
             .encode()
             .contains("usersync_slot_safe_wal_size_bytes 4096"));
+        assert!(!text.contains("usersync_standby_since_timestamp_seconds "));
+        metrics.set_slot_name("tenants");
+        metrics.set_standby(Some(1_700_000_000.5));
+        let text = metrics.encode();
+        for needle in [
+            "usersync_slot_info{slot=\"tenants\"} 1",
+            "usersync_standby 1",
+            "usersync_standby_since_timestamp_seconds 1700000000.5",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+        metrics.set_standby(None);
+        assert!(!metrics
+            .encode()
+            .contains("usersync_standby_since_timestamp_seconds "));
     }
 }

@@ -72,6 +72,8 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 const DURABLE_INTERVAL: Duration = Duration::from_millis(200);
 /// How often a standby tries to take the slot's lock.
 const STANDBY_POLL: Duration = Duration::from_secs(1);
+/// How often a standby logs who holds the slot's lock while that does not change.
+const STANDBY_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// The last-minute lag percentiles are recomputed at most this often (a sort of the window).
 const RECENT_LAG_REFRESH: Duration = Duration::from_secs(1);
 /// A replay polls the server's position this often while it waits for the end.
@@ -97,6 +99,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let mut backoff = BACKOFF_MIN;
+    metrics.set_slot_name(&config.slot);
     loop {
         let started = Instant::now();
         let batches_before = metrics.batches();
@@ -199,7 +202,7 @@ async fn run_session(
     })
     .await?;
     metrics.set_connected(Side::Target, true);
-    if !hold_slot_lock(&target, &config.slot, shutdown).await? {
+    if !hold_slot_lock(&target, &config.slot, metrics, shutdown).await? {
         return Ok(());
     }
     // Read only now: a standby that just took over resumes where the other one stopped.
@@ -356,40 +359,84 @@ async fn run_session(
 /// replicates and the others stand by. The lock is a session advisory lock on the connection
 /// that writes the batches: if the active process dies, its session ends, the lock is free,
 /// and a standby takes over within [`STANDBY_POLL`]. Returns false if stopped while waiting.
+///
+/// Any session on the target may hold the lock (its key is well known, see
+/// [`apply::slot_lock`]), so a standby names the holders when it starts waiting, whenever they
+/// change, and every [`STANDBY_LOG_INTERVAL`]; the metrics say since when it stands by.
 async fn hold_slot_lock(
     target: &tokio_postgres::Client,
     slot: &str,
+    metrics: &Metrics,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<bool, Error> {
-    let mut said = false;
+    let result = wait_for_slot_lock(target, slot, metrics, shutdown).await;
+    // Holding it, stopped, or failed: not standing by any more.
+    metrics.set_standby(None);
+    result
+}
+
+async fn wait_for_slot_lock(
+    target: &tokio_postgres::Client,
+    slot: &str,
+    metrics: &Metrics,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool, Error> {
+    let mut logged: Option<(Vec<apply::slot_lock::LockHolder>, Instant)> = None;
     loop {
         let locked: bool = answered(TARGET_TIMEOUT, "target", "taking the slot's lock", async {
             Ok(target
-                .query_one(
-                    "SELECT pg_try_advisory_lock(hashtextextended('usersync:' || $1, 0))",
-                    &[&slot],
-                )
+                .query_one(apply::slot_lock::TRY_LOCK, &[&slot])
                 .await
                 .map_err(apply::ApplyError::sql("taking the slot's lock"))?
                 .get(0))
         })
         .await?;
         if locked {
-            if said {
+            if logged.is_some() {
                 tracing::info!(slot, "took over: this process now replicates the slot");
             }
             return Ok(true);
         }
-        if !said {
+        if logged.is_none() {
+            let since = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            metrics.set_standby(Some(since.as_secs_f64()));
+        }
+        let holders = answered(TARGET_TIMEOUT, "target", "reading the slot's lock", async {
+            Ok(apply::slot_lock::holders(target, slot).await?)
+        })
+        .await?;
+        let now = Instant::now();
+        if holders_worth_logging(logged.as_ref(), &holders, now) {
             tracing::info!(
                 slot,
-                "standby: another usersync replicates this slot; waiting to take over"
+                holders = %apply::slot_lock::describe(&holders),
+                "standby: another session holds the slot's lock on the target (a usersync, or \
+                 any session that took it); waiting to take over"
             );
-            said = true;
+            logged = Some((holders, now));
         }
         tokio::select! {
             _ = tokio::time::sleep(STANDBY_POLL) => {}
             _ = stopped(shutdown) => return Ok(false),
+        }
+    }
+}
+
+/// Whether a standby logs the lock's holders now: when it starts waiting, when they change
+/// (a holder that went between the failed attempt and the look at `pg_locks` is no change),
+/// and every [`STANDBY_LOG_INTERVAL`] while they stay.
+fn holders_worth_logging(
+    logged: Option<&(Vec<apply::slot_lock::LockHolder>, Instant)>,
+    holders: &[apply::slot_lock::LockHolder],
+    now: Instant,
+) -> bool {
+    match logged {
+        None => true,
+        Some((before, at)) => {
+            (!holders.is_empty() && holders != before.as_slice())
+                || now.duration_since(*at) >= STANDBY_LOG_INTERVAL
         }
     }
 }
@@ -1414,5 +1461,50 @@ fn change_of(outcome: RowOutcome, inserted: bool) -> Option<UserChange> {
             clears: false,
         }),
         RowOutcome::Skip { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::slot_lock::LockHolder;
+
+    fn holder(pid: i32, application_name: &str) -> LockHolder {
+        LockHolder {
+            pid: Some(pid),
+            mode: "ExclusiveLock".into(),
+            application_name: Some(application_name.into()),
+            usename: Some("mallory".into()),
+            client_addr: None,
+            backend_start: None,
+        }
+    }
+
+    #[test]
+    fn a_standby_names_the_holders_at_first_on_change_and_every_interval() {
+        let start = Instant::now();
+        let squatter = vec![holder(7, "psql")];
+        assert!(holders_worth_logging(None, &squatter, start));
+        assert!(holders_worth_logging(None, &[], start));
+        let logged = (squatter.clone(), start);
+        let soon = start + Duration::from_secs(5);
+        assert!(!holders_worth_logging(Some(&logged), &squatter, soon));
+        // Released between the attempt and the look: nothing new to say.
+        assert!(!holders_worth_logging(Some(&logged), &[], soon));
+        assert!(holders_worth_logging(
+            Some(&logged),
+            &[holder(8, "usersync")],
+            soon
+        ));
+        assert!(holders_worth_logging(
+            Some(&logged),
+            &[holder(7, "renamed")],
+            soon
+        ));
+        assert!(holders_worth_logging(
+            Some(&logged),
+            &squatter,
+            start + STANDBY_LOG_INTERVAL
+        ));
     }
 }

@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod bulk;
 pub mod schema;
+pub mod slot_lock;
 pub mod worker;
 pub mod writer;
 
@@ -47,6 +48,17 @@ pub enum ApplyError {
          let it finish, otherwise run usersync resync"
     )]
     CheckpointGone { slot: String },
+    /// Hard deletes are opt-in for the target role (`sql/target_role.sql -v purge=on`).
+    #[error(
+        "role {role} may not DELETE from neon_auth.users_sync, which purge needs to hard-delete \
+         users (the target role script grants it only when asked): as the table's owner run \
+         `GRANT DELETE ON TABLE neon_auth.users_sync TO {role}`, or run sql/target_role.sql \
+         again with -v purge=on; purge --scrub needs no DELETE"
+    )]
+    DeleteNotGranted {
+        /// The role, quoted as an SQL identifier.
+        role: String,
+    },
     #[error("an empty batch was handed to the writer")]
     EmptyBatch,
     #[error(

@@ -16,6 +16,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use postgres_protocol::escape::escape_identifier;
 use tokio_postgres::Client;
 
 use super::connect;
@@ -76,6 +77,9 @@ pub async fn purge(config: &PurgeConfig) -> Result<PurgeOutcome, Error> {
             "the target has no neon_auth.users_sync: nothing to purge (check --target)".into(),
         ));
     }
+    if config.action == PurgeAction::Delete {
+        check_delete_granted(&target).await?;
+    }
     let cutoff: DateTime<Utc> = target
         .query_one(
             "SELECT now() - make_interval(secs => $1)",
@@ -125,6 +129,27 @@ pub async fn purge(config: &PurgeConfig) -> Result<PurgeOutcome, Error> {
         }
     }
     Ok(outcome)
+}
+
+/// Refuses before anything is deleted (or counted, in a dry run, which would otherwise promise
+/// a purge that cannot happen) when the role may not hard-delete: the role scripts grant
+/// DELETE only on request.
+async fn check_delete_granted(target: &Client) -> Result<(), Error> {
+    let row = target
+        .query_one(
+            "SELECT has_table_privilege('neon_auth.users_sync', 'DELETE'), current_user::text",
+            &[],
+        )
+        .await
+        .map_err(ApplyError::sql("checking the right to delete users"))?;
+    if row.get(0) {
+        return Ok(());
+    }
+    let role: String = row.get(1);
+    Err(ApplyError::DeleteNotGranted {
+        role: escape_identifier(&role),
+    }
+    .into())
 }
 
 /// One short transaction per batch, until a batch finds fewer rows than it may take.

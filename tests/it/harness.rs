@@ -387,6 +387,29 @@ impl Pair {
         }
     }
 
+    /// The role usersync connects to the target as.
+    pub fn target_role(&self) -> &str {
+        &self.target_role
+    }
+
+    /// Lets usersync's target role hard-delete users for `purge`, as the README tells
+    /// operators: the target role script again, with `-v purge=on`. Nothing to do for a
+    /// superuser pair.
+    pub fn grant_purge(&self) {
+        if self.roles == Roles::LeastPrivilege {
+            apply_role_script(
+                self.target_server,
+                &self.config.target.dbname,
+                "target_role.sql",
+                &[
+                    ("role", &self.target_role),
+                    ("password", PASSWORD),
+                    ("purge", "on"),
+                ],
+            );
+        }
+    }
+
     /// Puts the pair's target database on another server (a new, empty one there), with
     /// the target role script applied to it as on the first.
     pub async fn move_target(&mut self, server: &'static LocalPg) {

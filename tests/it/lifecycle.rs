@@ -206,9 +206,30 @@ async fn status_reports_a_healthy_slot_as_json_and_as_a_table() {
     let target = &json["target"];
     assert_eq!(
         keys(target),
-        ["tables_present", "url", "users_live", "users_soft_deleted"]
+        [
+            "slot_lock_holders",
+            "tables_present",
+            "url",
+            "users_live",
+            "users_soft_deleted"
+        ]
     );
     assert_eq!(target["tables_present"], true);
+    // The running replicator holds the slot's lock on the target.
+    let holders = target["slot_lock_holders"].as_array().expect("an array");
+    assert_eq!(holders.len(), 1, "{json}");
+    assert_eq!(
+        keys(&holders[0]),
+        [
+            "application_name",
+            "backend_start",
+            "client_addr",
+            "mode",
+            "pid",
+            "usename"
+        ]
+    );
+    assert_eq!(holders[0]["application_name"], "usersync");
     assert_eq!(target["users_live"], 2);
     assert_eq!(target["users_soft_deleted"], 1);
 
@@ -414,15 +435,19 @@ async fn status_calls_a_slot_at_risk_when_little_safe_wal_is_left() {
     assert_ne!(code, Some(4), "{json}");
 }
 
-fn purge(pair: &Pair, args: &[&str]) -> Output {
+/// `usersync purge ARGS`, as it ran, whatever the outcome.
+fn try_purge(pair: &Pair, args: &[&str]) -> Output {
     let mut all = vec!["purge"];
     all.extend_from_slice(args);
     // Purge needs only the target.
-    let output = pair
-        .command(&all)
+    pair.command(&all)
         .env_remove("USERSYNC_SOURCE_URL")
         .output()
-        .expect("run usersync purge");
+        .expect("run usersync purge")
+}
+
+fn purge(pair: &Pair, args: &[&str]) -> Output {
+    let output = try_purge(pair, args);
     assert!(output.status.success(), "{}", text(&output));
     assert!(!text(&output).contains(PASSWORD));
     output
@@ -467,6 +492,8 @@ async fn purge_removes_users_past_retention_and_fires_on_delete_cascade() {
         .await
         .unwrap();
 
+    // Hard deletes are opt-in for the target role, as the README tells operators.
+    pair.grant_purge();
     let dry = purge(&pair, &["--older-than", "30d", "--dry-run"]);
     assert!(
         stdout(&dry).contains("dry run: 3 users soft-deleted before"),
@@ -511,6 +538,57 @@ async fn purge_removes_users_past_retention_and_fires_on_delete_cascade() {
         stdout(&again).contains("removed 0 users"),
         "{}",
         text(&again)
+    );
+}
+
+/// The target role script grants no DELETE by default: purge (and its dry run) refuses
+/// before touching anything, and names the statement that grants it; once that ran, purge
+/// works. Scrubbing needs no DELETE (`purge_scrub_keeps_only_id_and_sign_up_time_once` runs
+/// under the default role).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_without_the_opt_in_delete_grant_refuses_with_the_grant_to_run() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    pair.target
+        .batch_execute(
+            "INSERT INTO neon_auth.users_sync (raw_json, deleted_at)
+             VALUES ('{\"id\": \"old\", \"signed_up_at_millis\": 1700000000000}', now() - interval '40 days'),
+                    ('{\"id\": \"live\", \"signed_up_at_millis\": 1700000000000}', NULL)",
+        )
+        .await
+        .unwrap();
+    let grant = format!(
+        "GRANT DELETE ON TABLE neon_auth.users_sync TO \"{}\"",
+        pair.target_role()
+    );
+    for args in [
+        &["--older-than", "30d"][..],
+        &["--older-than", "30d", "--dry-run"],
+    ] {
+        let refused = try_purge(&pair, args);
+        let said = text(&refused);
+        assert_eq!(refused.status.code(), Some(78), "{args:?}: {said}");
+        assert!(said.contains(&grant), "{args:?}: {said}");
+        assert!(said.contains("-v purge=on"), "{args:?}: {said}");
+        assert!(!said.contains(PASSWORD), "{said}");
+        assert_eq!(
+            count(&pair, "SELECT count(*) FROM neon_auth.users_sync").await,
+            2,
+            "{args:?} deleted nothing"
+        );
+    }
+
+    // The statement it printed, run by the table's owner, is all it takes.
+    pair.target.batch_execute(&grant).await.unwrap();
+    let done = purge(&pair, &["--older-than", "30d"]);
+    assert!(
+        stdout(&done).contains("removed 1 users soft-deleted before"),
+        "{}",
+        text(&done)
+    );
+    assert_eq!(
+        count(&pair, "SELECT count(*) FROM neon_auth.users_sync").await,
+        1
     );
 }
 

@@ -892,16 +892,34 @@ async fn least_privilege_roles_from_the_sql_scripts_replicate() {
     };
     assert_eq!((superuser, createdb, replication), (false, false, true));
 
-    // The target role: users_sync and its own schema, nothing else.
+    // The target role: users_sync and its own schema, nothing else; hard deletes (purge)
+    // only with `-v purge=on`, and running the script again without it takes them back.
     let as_target = connect_as(&urls.1).await;
-    as_target
-        .batch_execute(
-            "BEGIN;
-             DELETE FROM neon_auth.users_sync WHERE deleted_at IS NOT NULL;
-             ROLLBACK;",
-        )
-        .await
-        .expect("DELETE is granted for purge");
+    const HARD_DELETE: &str = "BEGIN;
+         DELETE FROM neon_auth.users_sync WHERE deleted_at IS NOT NULL;
+         ROLLBACK;";
+    for purge in [None, Some("on"), None] {
+        let mut variables = vec![("role", target_role.as_str()), ("password", PASSWORD)];
+        variables.extend(purge.map(|on| ("purge", on)));
+        apply_role_script(
+            pair.target_server,
+            &target_db,
+            "target_role.sql",
+            &variables,
+        );
+        let deleted = as_target.batch_execute(HARD_DELETE).await;
+        if purge.is_some() {
+            deleted.expect("DELETE is granted with -v purge=on");
+        } else {
+            let error = deleted.expect_err("no DELETE without -v purge=on");
+            assert_eq!(
+                error.code(),
+                Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+                "{error}"
+            );
+            as_target.batch_execute("ROLLBACK").await.unwrap();
+        }
+    }
     // Before PostgreSQL 15 every role may create tables in `public` (a default the schema's
     // owner revokes, as the README says); that is the server's grant, not the script's.
     let version: i32 = as_target

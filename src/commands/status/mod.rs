@@ -179,6 +179,7 @@ async fn read_target(
         tables_present: tables.users_sync && tables.state,
         users_live: None,
         users_soft_deleted: None,
+        slot_lock_holders: apply::slot_lock::holders(target, &config.slot).await?,
     };
     if !status.tables_present {
         problems.push(Problem {

@@ -8,8 +8,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Serialize, Serializer};
 
+use crate::apply::slot_lock::{self, LockHolder};
 use crate::commands::units::{bytes, duration, Rfc3339};
 use crate::lsn::Lsn;
+use crate::replicator::APPLICATION_NAME;
 
 /// The overall state; the worst problem decides it. Each has its own exit code, so cron jobs
 /// and probes can act on it without parsing the output.
@@ -127,6 +129,8 @@ pub struct TargetStatus {
     pub tables_present: bool,
     pub users_live: Option<i64>,
     pub users_soft_deleted: Option<i64>,
+    /// The sessions holding the slot's lock on the target (the active usersync, normally).
+    pub slot_lock_holders: Vec<LockHolder>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -276,6 +280,29 @@ impl StatusReport {
                 );
             }
         }
+        // Anyone may take the slot's lock: a holder that is not a usersync, while nobody
+        // streams, keeps every usersync run standing by.
+        let foreign_holders: Vec<LockHolder> = self
+            .target
+            .slot_lock_holders
+            .iter()
+            .filter(|holder| holder.application_name.as_deref() != Some(APPLICATION_NAME))
+            .cloned()
+            .collect();
+        if slot.exists && !slot.active && !foreign_holders.is_empty() {
+            problem(
+                Verdict::Broken,
+                format!(
+                    "nobody streams from slot {} and its lock on the target is held by {}, \
+                     which is not a usersync: every usersync run for the slot stands by until \
+                     that session lets go. Find out who runs it; if it has no business there, \
+                     end it as an administrator (SELECT pg_terminate_backend(pid)) and take \
+                     the right to connect from its role",
+                    slot.name,
+                    slot_lock::describe(&foreign_holders)
+                ),
+            );
+        }
         let consumer = match slot.active_pid {
             Some(pid) if slot.active => format!("usersync (pid {pid}) is streaming"),
             _ => "no usersync is streaming from the slot".to_owned(),
@@ -381,6 +408,17 @@ impl StatusReport {
                 _ => "- (no neon_auth.users_sync)".to_owned(),
             },
         );
+        row(
+            "  slot lock",
+            if self.target.slot_lock_holders.is_empty() {
+                "free (no usersync run holds it)".to_owned()
+            } else {
+                format!(
+                    "held by {}",
+                    slot_lock::describe(&self.target.slot_lock_holders)
+                )
+            },
+        );
         let target = duration(Duration::from_secs_f64(self.lag.target_seconds));
         row(
             "lag",
@@ -475,6 +513,7 @@ mod tests {
                 tables_present: true,
                 users_live: Some(3),
                 users_soft_deleted: Some(1),
+                slot_lock_holders: Vec::new(),
             },
             lag: LagStatus {
                 seconds: Some(0.0),
@@ -557,6 +596,36 @@ mod tests {
         assert!(report.problems[0]
             .message
             .contains("no usersync is streaming"));
+    }
+
+    #[test]
+    fn a_slot_lock_held_by_another_program_while_nobody_streams_is_broken() {
+        let holder = |application_name: &str| LockHolder {
+            pid: Some(4242),
+            mode: "ExclusiveLock".into(),
+            application_name: Some(application_name.into()),
+            usename: Some("mallory".into()),
+            client_addr: None,
+            backend_start: None,
+        };
+        let squatted = judged(|r| {
+            r.slot.active = false;
+            r.target.slot_lock_holders = vec![holder("psql")];
+        });
+        assert_eq!(squatted.verdict, Verdict::Broken);
+        assert!(squatted.problems[0].message.contains("pid 4242"));
+        assert!(squatted
+            .human()
+            .contains("slot lock         held by pid 4242"));
+        // A usersync holding it (starting up, or streaming) is no problem.
+        let starting = judged(|r| {
+            r.slot.active = false;
+            r.target.slot_lock_holders = vec![holder("usersync")];
+        });
+        assert_eq!(starting.verdict, Verdict::Healthy);
+        let streaming = judged(|r| r.target.slot_lock_holders = vec![holder("psql")]);
+        assert_eq!(streaming.verdict, Verdict::Healthy);
+        assert!(judged(|_| {}).human().contains("slot lock         free"));
     }
 
     #[test]
