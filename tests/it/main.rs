@@ -15,6 +15,7 @@ mod faults;
 mod ha;
 mod lag;
 mod lifecycle;
+mod oracle;
 mod profiles;
 mod promtool;
 mod replay;
