@@ -920,8 +920,9 @@ fn server_settings(port: u16, socket_dir: &Path) -> Vec<(&'static str, String)> 
     let fixed = [
         ("listen_addresses", HOST),
         ("wal_level", "logical"),
-        // Each test has its own slot and walsender; tests share a server.
-        ("max_replication_slots", "64"),
+        // Each test has its own slots (some several) and walsender; tests share a server, and
+        // its slots stay until it goes.
+        ("max_replication_slots", "256"),
         ("max_wal_senders", "64"),
         ("max_connections", "200"),
         // Durability is wasted on data that is thrown away.
