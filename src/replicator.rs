@@ -210,6 +210,16 @@ async fn run_session(
         Ok(apply::read_checkpoint(&target, &config.slot).await?)
     })
     .await?;
+    // Without one, setup or resync has not finished its copy (or the checkpoint was
+    // removed): streaming now would make a partial copy final, or race a copy in progress.
+    let Some(checkpoint) = checkpoint else {
+        return Err(Error::Config(format!(
+            "the target holds no checkpoint for slot {}: usersync setup (or resync) has not \
+             finished its copy, or the checkpoint was removed; run usersync setup to finish a \
+             first setup, or usersync resync if this target was fed before",
+            config.slot
+        )));
+    };
 
     let source = answered(source_timeout, "source", "preparing the session", async {
         let source = conn::sql::connect(&config.source, APPLICATION_NAME)
@@ -219,7 +229,10 @@ async fn run_session(
         Ok(source)
     })
     .await?;
-    let sender_timeout = wait_for_slot(&source, &config.slot, source_timeout).await?;
+    let SlotReady {
+        sender_timeout,
+        confirmed_flush,
+    } = wait_for_slot(&source, &config.slot, source_timeout).await?;
     // Facts the profile needs from the source (Keycloak: the realm's id for its name), and
     // whether the publication carries the columns the mapping needs (PostgreSQL 15+).
     let profile = answered(
@@ -249,33 +262,28 @@ async fn run_session(
             Ok((replication, identity))
         })
         .await?;
-    if let Some(checkpoint) = &checkpoint {
-        if checkpoint.system_id != identity.system_id {
-            return Err(SourceError::Definite(format!(
-                "the target's checkpoint for slot {} comes from source system {}, but this \
-                 source is system {}; point usersync at the right source, or use another slot",
-                config.slot, checkpoint.system_id, identity.system_id
-            ))
-            .into());
-        }
+    if checkpoint.system_id != identity.system_id {
+        return Err(SourceError::Definite(format!(
+            "the target's checkpoint for slot {} comes from source system {}, but this \
+             source is system {}; point usersync at the right source, or use another slot",
+            config.slot, checkpoint.system_id, identity.system_id
+        ))
+        .into());
     }
-    let has_checkpoint = checkpoint.is_some();
     let writer = answered(TARGET_TIMEOUT, "target", "preparing statements", async {
         let mut writer =
             TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
-        if has_checkpoint {
-            // The checkpoint read above is only visible: the session that wrote it may have
-            // committed it asynchronously and died before a synchronous commit covered it,
-            // and a target crash (or a Neon compute restart) would undo it. It becomes the
-            // first position this session reports, so first make it durable.
-            writer.make_durable().await?;
-        }
+        // The checkpoint read above is only visible: the session that wrote it may have
+        // committed it asynchronously and died before a synchronous commit covered it, and a
+        // target crash (or a Neon compute restart) would undo it. It becomes the first
+        // position this session reports, so first make it durable.
+        writer.make_durable().await?;
         writer.use_async_commit().await?;
         writer.count_in(Arc::clone(metrics));
         Ok(writer)
     })
     .await?;
-    let resume_at = checkpoint.map_or(Lsn::ZERO, |c| c.end_lsn);
+    let resume_at = checkpoint.end_lsn;
     let protocol_2 = replication
         .server_version_num()
         .is_some_and(|v| v >= PROTOCOL_2_MIN_VERSION);
@@ -332,7 +340,7 @@ async fn run_session(
         relations: Vec::new(),
         skip_before: resume_at,
         confirmed: resume_at,
-        reported_flush: Lsn::ZERO,
+        reported_flush: confirmed_flush,
         unflushed: VecDeque::new(),
         last_durable: Instant::now(),
         received: resume_at,
@@ -441,17 +449,24 @@ fn holders_worth_logging(
     }
 }
 
+/// What a session learns of its slot before it streams.
+struct SlotReady {
+    /// The source's `wal_sender_timeout` (zero if the server has it off).
+    sender_timeout: Duration,
+    /// Where the slot is confirmed already: no status update reports less.
+    confirmed_flush: Lsn,
+}
+
 /// Fails with advice when the slot is missing or lost; waits a little while it is busy.
 ///
 /// The wait lasts at least as long as the source's `wal_sender_timeout` (plus a margin): a
 /// predecessor that died without closing its connection (a crashed host, after which a
-/// standby takes over) keeps the slot busy until its walsender times out. Returns that
-/// timeout (zero if the server has it off).
+/// standby takes over) keeps the slot busy until its walsender times out.
 async fn wait_for_slot(
     source: &tokio_postgres::Client,
     slot: &str,
     source_timeout: Duration,
-) -> Result<Duration, Error> {
+) -> Result<SlotReady, Error> {
     let sender_timeout: i32 = answered(source_timeout, "source", "reading settings", async {
         Ok(source
             .query_one(
@@ -507,7 +522,12 @@ async fn wait_for_slot(
                 tracing::info!(slot, pid, "slot busy; waiting for it to be released");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            _ => return Ok(sender_timeout),
+            _ => {
+                return Ok(SlotReady {
+                    sender_timeout,
+                    confirmed_flush: info.confirmed_flush_lsn.unwrap_or(Lsn::ZERO),
+                })
+            }
         }
     }
 }
@@ -633,8 +653,9 @@ struct Session<'a> {
     skip_before: Lsn,
     /// The position the target holds durably (the checkpoint's `end_lsn`).
     confirmed: Lsn,
-    /// The furthest flush position sent to the source: an idle confirmation may have gone
-    /// past `confirmed`, and what was reported once is never taken back.
+    /// The furthest flush position sent to the source, starting at the slot's own: an idle
+    /// confirmation may have gone past `confirmed` (in this session or an earlier one), and
+    /// what was reported once is never taken back.
     reported_flush: Lsn,
     /// Applied batches not yet known durable: the source position each takes the checkpoint to.
     unflushed: VecDeque<Lsn>,

@@ -36,9 +36,11 @@ pub enum ApplyError {
     #[error("target table has an unusable shape: {0}")]
     Shape(String),
     #[error(
-        "the target refused to move the checkpoint of slot {slot} to {end_lsn}: it holds a \
-         later position or one from another source system; check that no other usersync \
-         writes this slot's checkpoint (usersync status shows it)"
+        "the target refused to move the checkpoint of slot {slot} to {end_lsn}: usersync.state \
+         holds none for the slot (removed by usersync teardown or resync, or by hand), a later \
+         position, or one from another source system; check that no other usersync writes this \
+         slot's checkpoint (usersync status shows it), and if it was removed, let a resync under \
+         way finish, or run usersync resync"
     )]
     CheckpointRefused { slot: String, end_lsn: Lsn },
     #[error(

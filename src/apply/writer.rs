@@ -123,11 +123,11 @@ UPDATE neon_auth.users_sync SET deleted_at = $1, updated_at = $1 WHERE deleted_a
 const SOFT_DELETE_ALL_NO_UPDATED_AT: &str = "
 UPDATE neon_auth.users_sync SET deleted_at = $1 WHERE deleted_at IS NULL";
 
-/// Moves the checkpoint forward only: a write that would move it back, or take over another
-/// source system's checkpoint, updates no row, and then fails the statement (a division by
+/// Creates the checkpoint, or moves it forward only: a write that would move it back, or
+/// take over another source system's checkpoint, updates no row, and then fails the statement (a division by
 /// the zero rows written, SQLSTATE 22012), because the `COMMIT` behind it is already on its
 /// way in the same round trip and must find the transaction aborted.
-const WRITE_CHECKPOINT: &str = "
+const CREATE_CHECKPOINT: &str = "
 WITH written AS (
     INSERT INTO usersync.state AS s
            (slot_name, system_identifier, commit_lsn, end_lsn, commit_time, updated_at)
@@ -136,6 +136,19 @@ WITH written AS (
        SET commit_lsn = EXCLUDED.commit_lsn, end_lsn = EXCLUDED.end_lsn,
            commit_time = EXCLUDED.commit_time, updated_at = now()
      WHERE s.system_identifier = EXCLUDED.system_identifier AND s.end_lsn <= EXCLUDED.end_lsn
+    RETURNING 1
+)
+SELECT 1 / count(*)::int FROM written";
+
+/// Moves an existing checkpoint forward, as [`CREATE_CHECKPOINT`] does, but never creates
+/// one: only setup and resync do, once their copy is whole. A replicator that found its row
+/// gone (teardown, resync, a person) must stop, not recreate it over a copy in progress.
+const ADVANCE_CHECKPOINT: &str = "
+WITH written AS (
+    UPDATE usersync.state
+       SET commit_lsn = $3::text::pg_lsn, end_lsn = $4::text::pg_lsn, commit_time = $5,
+           updated_at = now()
+     WHERE slot_name = $1 AND system_identifier = $2 AND end_lsn <= $4::text::pg_lsn
     RETURNING 1
 )
 SELECT 1 / count(*)::int FROM written";
@@ -194,6 +207,7 @@ struct Statements {
     soft_delete: Statement,
     soft_delete_all: Statement,
     checkpoint: Statement,
+    create_checkpoint: Statement,
 }
 
 /// Applies batches for one slot over one target connection.
@@ -260,9 +274,12 @@ impl TargetWriter {
             soft_delete_all: prepare(soft_delete_all)
                 .await
                 .map_err(ApplyError::sql("preparing the truncate"))?,
-            checkpoint: prepare(WRITE_CHECKPOINT)
+            checkpoint: prepare(ADVANCE_CHECKPOINT)
                 .await
                 .map_err(ApplyError::sql("preparing the checkpoint"))?,
+            create_checkpoint: prepare(CREATE_CHECKPOINT)
+                .await
+                .map_err(ApplyError::sql("preparing the first checkpoint"))?,
         };
         Ok(TargetWriter {
             client,
@@ -284,6 +301,17 @@ impl TargetWriter {
     pub async fn apply(&mut self, batch: &Batch) -> Result<CommitPosition, ApplyError> {
         let position = batch.last_commit().ok_or(ApplyError::EmptyBatch)?;
         self.write(batch, End::Commit(Some(position))).await?;
+        Ok(position)
+    }
+
+    /// Like [`apply`](Self::apply), but creates the checkpoint rather than moving an existing
+    /// one: for the commit that ends setup's or resync's copy, and nothing else.
+    pub async fn apply_creating_checkpoint(
+        &mut self,
+        batch: &Batch,
+    ) -> Result<CommitPosition, ApplyError> {
+        let position = batch.last_commit().ok_or(ApplyError::EmptyBatch)?;
+        self.write(batch, End::CommitCreating(position)).await?;
         Ok(position)
     }
 
@@ -340,6 +368,7 @@ impl TargetWriter {
     async fn write_unbounded(&mut self, batch: &Batch, end: End) -> Result<(), ApplyError> {
         let position = match end {
             End::Commit(position) => position,
+            End::CommitCreating(position) => Some(position),
             End::KeepOpen => None,
         };
         let checkpoint = position.map(|position| {
@@ -419,10 +448,11 @@ impl TargetWriter {
                 end_lsn,
                 commit_time,
             ];
-            steps.push((
-                CHECKPOINT_STEP,
-                execute(client, &statements.checkpoint, params),
-            ));
+            let statement = match end {
+                End::CommitCreating(_) => &statements.create_checkpoint,
+                End::Commit(_) | End::KeepOpen => &statements.checkpoint,
+            };
+            steps.push((CHECKPOINT_STEP, execute(client, statement, params)));
         }
         let commits = end != End::KeepOpen;
         if commits {
@@ -534,8 +564,10 @@ impl TargetWriter {
 /// How a write ends its target transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
-    /// Commit, with the checkpoint at this position if there is one.
+    /// Commit, with the checkpoint moved to this position if there is one.
     Commit(Option<CommitPosition>),
+    /// Commit, creating the checkpoint at this position (the end of setup's or resync's copy).
+    CommitCreating(CommitPosition),
     /// Leave the transaction open for the next part.
     KeepOpen,
 }

@@ -141,7 +141,7 @@ pub async fn create_slot_and_copy(
         end_lsn: created.consistent_point,
         commit_time: copied_at,
     });
-    writer.apply(&done).await?;
+    writer.apply_creating_checkpoint(&done).await?;
     // Only now may the replication connection (and with it the snapshot) go.
     replication.close().await;
     Ok(outcome)

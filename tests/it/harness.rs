@@ -503,6 +503,18 @@ impl Pair {
             .get(0)
     }
 
+    /// The slot's `confirmed_flush_lsn`.
+    pub async fn slot_confirmed(&self) -> String {
+        self.source
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.config.slot],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     /// Waits until the slot is confirmed at `lsn` or past it (only past it, `strictly`), or
     /// panics with `failure`.
     pub async fn wait_for_slot_confirmed(&self, lsn: &str, strictly: bool, failure: &str) {

@@ -776,3 +776,34 @@ async fn teardown_as_the_least_privilege_role_leaves_the_publication_to_its_owne
     };
     assert_eq!((slots, publications, checkpoints), (0, 1, 0));
 }
+
+/// A target without a checkpoint for the slot (setup or resync interrupted before the end of
+/// its copy, or the row removed): `run` must not stream, which would make a partial copy final
+/// or race a copy in progress, and must not confirm anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_without_a_checkpoint_refuses_and_confirms_nothing() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    pair.target
+        .batch_execute("DELETE FROM usersync.state")
+        .await
+        .unwrap();
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('after@example.com')")
+        .await
+        .unwrap();
+    let before = pair.slot_confirmed().await;
+    for command in ["run", "replay"] {
+        let output = pair.usersync(&[command]);
+        let said = text(&output);
+        assert_eq!(output.status.code(), Some(78), "{command}: {said}");
+        assert!(said.contains("no checkpoint for slot"), "{command}: {said}");
+        assert!(said.contains("usersync resync"), "{command}: {said}");
+    }
+    assert_eq!(
+        pair.slot_confirmed().await,
+        before,
+        "nothing may be confirmed"
+    );
+    assert_eq!(target_user_count(&pair.target).await, 0);
+}

@@ -3,17 +3,6 @@
 
 use crate::harness::*;
 
-async fn confirmed(pair: &Pair) -> String {
-    pair.source
-        .query_one(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&pair.config.slot],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_applies_what_is_pending_and_exits() {
     let pair = Pair::new().await;
@@ -46,7 +35,7 @@ async fn replay_applies_what_is_pending_and_exits() {
 async fn dry_run_prints_changes_and_applies_nothing() {
     let pair = Pair::new().await;
     pair.setup().await;
-    let before = confirmed(&pair).await;
+    let before = pair.slot_confirmed().await;
     pair.source
         .batch_execute(
             "INSERT INTO users (id, email) VALUES ('00000000-0000-0000-0000-0000000000d1', 'dry@example.com');",
@@ -78,7 +67,7 @@ async fn dry_run_prints_changes_and_applies_nothing() {
         .get(0);
     assert_eq!(applied, 0);
     assert_eq!(
-        confirmed(&pair).await,
+        pair.slot_confirmed().await,
         before,
         "a dry run must not advance the slot"
     );
