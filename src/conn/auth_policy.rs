@@ -42,15 +42,22 @@ impl fmt::Display for PasswordRequest {
 /// A password request refused by [`PasswordPolicy::check`]: nothing was sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "{host} asks for the password {request} on a connection without TLS, which anyone on the \
-     network path could read; usersync did not send it. Use TLS (sslmode=verify-full, or \
-     require), or have the server ask for scram-sha-256 (password_encryption and pg_hba.conf); \
-     to send it anyway, pass --allow-plaintext-password (or set USERSYNC_ALLOW_PLAINTEXT_PASSWORD \
-     to true)"
+    "{host} asks for the password {request} on a connection {}; usersync did not send it. Use \
+     sslmode=verify-full (with sslrootcert=/path/ca.pem for a private CA), or have the server \
+     ask for scram-sha-256 (password_encryption and pg_hba.conf); to send it anyway, pass \
+     --allow-plaintext-password (or set USERSYNC_ALLOW_PLAINTEXT_PASSWORD to true)",
+    if *encrypted {
+        "whose server has not proven who it is (TLS without a verified certificate: anyone on \
+         the network path can present one)"
+    } else {
+        "without TLS, which anyone on the network path could read"
+    }
 )]
 pub struct PlaintextPasswordRefused {
     pub host: String,
     pub request: PasswordRequest,
+    /// Whether the connection was TLS (not verified) rather than plaintext.
+    pub encrypted: bool,
 }
 
 /// What decides whether a password request is answered, taken from a URL so that it can travel
@@ -60,6 +67,9 @@ pub struct PasswordPolicy {
     host: String,
     on_this_machine: bool,
     plaintext_allowed: bool,
+    /// The URL's TLS settings verify the server's certificate (`verify-ca`, `verify-full`,
+    /// or a root file): only then does TLS prove who asks.
+    tls_verifies_server: bool,
 }
 
 impl PasswordPolicy {
@@ -68,21 +78,26 @@ impl PasswordPolicy {
             host: url.host.clone(),
             on_this_machine: url.is_loopback(),
             plaintext_allowed: url.allow_plaintext_password,
+            tls_verifies_server: super::tls::verifies_server(url),
         }
     }
 
-    /// Whether to answer `request` on a connection that is `encrypted` (TLS) or not.
+    /// Whether to answer `request` on a connection that is `encrypted` (TLS) or not. TLS
+    /// counts only with a verified certificate: a man in the middle answers "TLS" as easily
+    /// as "no TLS", with a certificate of its own, under `prefer` and `require`.
     pub fn check(
         &self,
         request: PasswordRequest,
         encrypted: bool,
     ) -> Result<(), PlaintextPasswordRefused> {
-        if encrypted || self.on_this_machine || self.plaintext_allowed {
+        let proven = encrypted && self.tls_verifies_server;
+        if proven || self.on_this_machine || self.plaintext_allowed {
             return Ok(());
         }
         Err(PlaintextPasswordRefused {
             host: self.host.clone(),
             request,
+            encrypted,
         })
     }
 }
@@ -100,14 +115,20 @@ mod tests {
         use PasswordRequest::{Cleartext, Md5};
         let remote = policy("postgresql://u:pw@db.example.com/db?sslmode=prefer");
         for request in [Cleartext, Md5] {
-            assert_eq!(
-                remote.check(request, false),
-                Err(PlaintextPasswordRefused {
-                    host: "db.example.com".into(),
-                    request
-                })
-            );
-            assert_eq!(remote.check(request, true), Ok(()), "inside TLS");
+            for encrypted in [false, true] {
+                assert_eq!(
+                    remote.check(request, encrypted),
+                    Err(PlaintextPasswordRefused {
+                        host: "db.example.com".into(),
+                        request,
+                        encrypted,
+                    }),
+                    "prefer's TLS verifies nobody"
+                );
+            }
+            let verified = policy("postgresql://u:pw@db.example.com/db?sslmode=verify-full");
+            assert_eq!(verified.check(request, true), Ok(()), "inside verified TLS");
+            assert!(verified.check(request, false).is_err());
             for local in ["localhost", "127.0.0.1", "[::1]"] {
                 let local = policy(&format!("postgresql://u:pw@{local}/db?sslmode=disable"));
                 assert_eq!(local.check(request, false), Ok(()), "{local:?}");
@@ -128,6 +149,7 @@ mod tests {
         let refusal = PlaintextPasswordRefused {
             host: "db.example.com".into(),
             request: PasswordRequest::Md5,
+            encrypted: false,
         }
         .to_string();
         for advice in [

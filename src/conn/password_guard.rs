@@ -7,8 +7,10 @@
 //! (<https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>):
 //!
 //! 1. If the client's first message was SSLRequest, the server's first byte answers it: `S`
-//!    means everything after it is TLS, and there is nothing left to inspect (a password inside
-//!    TLS is allowed). `N` means plaintext follows.
+//!    means everything after it is TLS, which this guard cannot read; a second guard inside
+//!    the TLS stream ([`PasswordGuard::inside_tls`]) takes over there. Any other byte means
+//!    plaintext follows: tokio-postgres takes every answer but `S` for "no TLS" and drops the
+//!    byte, and so does this guard, to stay in step with what the client will parse.
 //! 2. In plaintext, each backend message is a tag byte and a 4-byte length that counts itself.
 //!    An `'R'` message's first four body bytes are the request code: 3 (cleartext) or 5 (md5)
 //!    go to the policy; 0 (AuthenticationOk) ends authentication and the inspection.
@@ -50,6 +52,8 @@ pub struct PasswordGuard<S> {
     state: State,
     /// The first bytes the client wrote, until they show whether it sent SSLRequest.
     first_written: Vec<u8>,
+    /// Whether `inner` is the TLS stream (the connection is encrypted).
+    encrypted: bool,
 }
 
 enum State {
@@ -72,6 +76,18 @@ impl<S> PasswordGuard<S> {
             policy,
             state: State::Start,
             first_written: Vec::with_capacity(SSL_REQUEST.len()),
+            encrypted: false,
+        }
+    }
+
+    /// A guard on the decrypted side of TLS, from the first message after the handshake.
+    pub fn inside_tls(inner: S, policy: PasswordPolicy) -> Self {
+        PasswordGuard {
+            inner,
+            policy,
+            state: State::Messages(MessageReader::default()),
+            first_written: Vec::new(),
+            encrypted: true,
         }
     }
 
@@ -96,15 +112,13 @@ impl<S> PasswordGuard<S> {
                         self.state = State::PassThrough;
                         return Ok(());
                     }
-                    // `N`, or an ErrorResponse from a server too old for SSLRequest, whose tag
-                    // byte starts a message.
+                    // `N`, or any other byte, which the client drops as it drops `N`.
                     self.state = State::Messages(MessageReader::default());
-                    if answer == b'N' {
-                        bytes = rest;
-                    }
+                    bytes = rest;
                 }
                 State::Messages(reader) => {
                     let policy = &self.policy;
+                    let encrypted = self.encrypted;
                     let mut verdict = Ok(());
                     let mut authenticated = false;
                     reader.feed(bytes, |code| match code {
@@ -118,7 +132,7 @@ impl<S> PasswordGuard<S> {
                             } else {
                                 PasswordRequest::Md5
                             };
-                            verdict = policy.check(request, false);
+                            verdict = policy.check(request, encrypted);
                             verdict.is_ok()
                         }
                         // SASL and its continuations, or methods the client will refuse itself.
@@ -432,5 +446,13 @@ mod tests {
         let mut written = Vec::new();
         server.read_to_end(&mut written).await.expect("read");
         assert_eq!(written, STARTUP, "nothing after the startup message");
+    }
+}
+
+impl<S: tokio_postgres::tls::TlsStream + Unpin> tokio_postgres::tls::TlsStream
+    for PasswordGuard<S>
+{
+    fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
+        self.inner.channel_binding()
     }
 }

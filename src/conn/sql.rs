@@ -202,6 +202,7 @@ where
             let mut connector = RecordTls {
                 inner: MakeRustlsConnect::new((*tls_config).clone()),
                 encrypted: Arc::clone(&encrypted),
+                policy: PasswordPolicy::of(url),
             };
             let made =
                 MakeTlsConnect::<PasswordGuard<S>>::make_tls_connect(&mut connector, &url.host);
@@ -281,17 +282,25 @@ fn configure_socket(tcp: &TcpStream) -> io::Result<()> {
     Ok(())
 }
 
-/// A TLS connector that records whether it was used. tokio-postgres calls
-/// [`TlsConnect::connect`] only after the server accepted SSLRequest; under `sslmode=prefer` it
-/// continues in plaintext after a refusal without telling its caller, and whether that
-/// happened decides the plaintext warning.
+/// A TLS connector that records whether it was used, and guards what comes through the TLS
+/// stream. tokio-postgres calls [`TlsConnect::connect`] only after the server accepted
+/// SSLRequest; under `sslmode=prefer` it continues in plaintext after a refusal without
+/// telling its caller, and whether that happened decides the plaintext warning. Inside TLS
+/// that verifies nobody, a cleartext or md5 request is refused as without TLS: the
+/// [`PasswordGuard`] under TLS cannot read it, the one over it can.
 struct RecordTls<M> {
     inner: M,
     encrypted: Arc<AtomicBool>,
+    policy: PasswordPolicy,
 }
 
-impl<S, M: MakeTlsConnect<S>> MakeTlsConnect<S> for RecordTls<M> {
-    type Stream = M::Stream;
+impl<S, M> MakeTlsConnect<S> for RecordTls<M>
+where
+    M: MakeTlsConnect<S>,
+    M::Stream: Unpin,
+    <M::TlsConnect as TlsConnect<S>>::Future: Send + 'static,
+{
+    type Stream = PasswordGuard<M::Stream>;
     type TlsConnect = RecordTlsConnect<M::TlsConnect>;
     type Error = M::Error;
 
@@ -299,6 +308,7 @@ impl<S, M: MakeTlsConnect<S>> MakeTlsConnect<S> for RecordTls<M> {
         Ok(RecordTlsConnect {
             inner: self.inner.make_tls_connect(domain)?,
             encrypted: Arc::clone(&self.encrypted),
+            policy: self.policy.clone(),
         })
     }
 }
@@ -307,17 +317,30 @@ impl<S, M: MakeTlsConnect<S>> MakeTlsConnect<S> for RecordTls<M> {
 struct RecordTlsConnect<T> {
     inner: T,
     encrypted: Arc<AtomicBool>,
+    policy: PasswordPolicy,
 }
 
-impl<S, T: TlsConnect<S>> TlsConnect<S> for RecordTlsConnect<T> {
-    type Stream = T::Stream;
+impl<S, T> TlsConnect<S> for RecordTlsConnect<T>
+where
+    T: TlsConnect<S>,
+    T::Stream: Unpin,
+    T::Future: Send + 'static,
+{
+    type Stream = PasswordGuard<T::Stream>;
     type Error = T::Error;
-    type Future = T::Future;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Stream, Self::Error>> + Send>,
+    >;
 
     fn connect(self, stream: S) -> Self::Future {
         // A failed handshake fails the whole connection, so setting this early is exact.
         self.encrypted.store(true, Ordering::Relaxed);
-        self.inner.connect(stream)
+        let policy = self.policy;
+        let handshake = self.inner.connect(stream);
+        Box::pin(async move {
+            let tls = handshake.await?;
+            Ok(PasswordGuard::inside_tls(tls, policy))
+        })
     }
 }
 
@@ -836,6 +859,107 @@ mod tests {
                 assert_eq!(sent, [], "{sslmode}: the client sent {sent:?}");
             }
         }
+    }
+
+    /// A hostile server for one connection that answers SSLRequest with `answer` (a byte that
+    /// is neither `S` nor `N`), then asks for the password in cleartext. Returns every byte
+    /// the client sent after its startup message.
+    async fn odd_ssl_answer_phisher(answer: u8) -> (u16, JoinHandle<io::Result<Vec<u8>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await?;
+            read_message(&mut tcp).await?;
+            tcp.write_all(&[answer]).await?;
+            read_message(&mut tcp).await?;
+            tcp.write_all(&cleartext_request()).await?;
+            let mut sent = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut sent)).await;
+            Ok(sent)
+        });
+        (port, server)
+    }
+
+    #[tokio::test]
+    async fn an_answer_to_ssl_request_other_than_s_or_n_gets_nothing() {
+        // tokio-postgres takes any byte but `S` for "no TLS" and drops it; a guard that took
+        // the byte for the start of a message would lose track of the stream.
+        for answer in [b'X', b'E', b'R'] {
+            let (port, server) = odd_ssl_answer_phisher(answer).await;
+            let url = remote_url(port, "sslmode=prefer");
+            let error = open_as(&url, port).await.expect_err("refused");
+            assert_no_password(&error);
+            let sent = server.await.expect("server task").expect("server I/O");
+            assert!(
+                !sent
+                    .windows(PASSWORD.len())
+                    .any(|w| w == PASSWORD.as_bytes()),
+                "answer {:?}: the client sent the password",
+                answer as char
+            );
+            assert_eq!(
+                sent, b"",
+                "answer {:?}: the client sent {sent:?}",
+                answer as char
+            );
+        }
+    }
+
+    /// A hostile server that accepts TLS with `tls` (a certificate nobody trusts, say), then
+    /// asks for the password with `request`. Returns every byte the client sent after its
+    /// startup message, decrypted.
+    async fn tls_phisher(
+        tls: Arc<rustls::ServerConfig>,
+        request: Vec<u8>,
+    ) -> (u16, JoinHandle<io::Result<Vec<u8>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await?;
+            read_message(&mut tcp).await?;
+            tcp.write_all(b"S").await?;
+            let mut tls = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await?;
+            read_message(&mut tls).await?;
+            tls.write_all(&request).await?;
+            tls.flush().await?;
+            let mut sent = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(2), tls.read_to_end(&mut sent)).await;
+            Ok(sent)
+        });
+        (port, server)
+    }
+
+    #[tokio::test]
+    async fn unverified_tls_does_not_earn_a_cleartext_or_md5_password() {
+        // A man in the middle answers `S` as easily as `N`: under prefer or require any
+        // certificate passes, so TLS alone proves nothing about who asks.
+        let pki = TestPki::new();
+        let mitm = test_pki::server_config(&pki.self_signed("mitm", "DNS:db.example.com"));
+        for request in [cleartext_request(), md5_request()] {
+            for sslmode in ["prefer", "require"] {
+                let (port, server) = tls_phisher(Arc::clone(&mitm), request.clone()).await;
+                let url = remote_url(port, &format!("sslmode={sslmode}"));
+                let error = open_as(&url, port).await.expect_err("refused");
+                assert_no_password(&error);
+                assert_eq!(
+                    error.kind(),
+                    ConnectErrorKind::PlaintextPassword,
+                    "{sslmode}: {error:?}"
+                );
+                let sent = server.await.expect("server task").expect("server I/O");
+                assert_eq!(sent, b"", "{sslmode}: the client sent {sent:?}");
+            }
+        }
+        // A verified server gets its answer.
+        let real = test_pki::server_config(&pki.issue("real", "DNS:db.example.com"));
+        let (port, server) = tls_phisher(real, cleartext_request()).await;
+        let url = remote_url(
+            port,
+            &format!("sslmode=verify-full&sslrootcert={}", pki.ca_cert.display()),
+        );
+        let _ = open_as(&url, port).await;
+        let sent = server.await.expect("server task").expect("server I/O");
+        assert_eq!(sent.first(), Some(&b'p'), "verified TLS: {sent:?}");
     }
 
     #[tokio::test]

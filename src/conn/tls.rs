@@ -133,6 +133,15 @@ enum Verification {
     EncryptOnly,
 }
 
+/// Whether the URL's TLS settings verify the server's certificate chain (`verify-ca`,
+/// `verify-full`, or any mode with a root file): whether TLS proves who the server is.
+pub fn verifies_server(url: &PgUrl) -> bool {
+    matches!(
+        verification(url),
+        Some(Verification::Full | Verification::ChainOnly)
+    )
+}
+
 fn verification(url: &PgUrl) -> Option<Verification> {
     let has_root_file = matches!(url.sslrootcert, Some(SslRootCert::File(_)));
     match url.sslmode {

@@ -807,6 +807,15 @@ mod password_policy_tests {
         url: &PgUrl,
         from_server: &[u8],
     ) -> (Result<(), ReplicationError>, Vec<u8>) {
+        authenticate_over(url, None, from_server).await
+    }
+
+    /// As if over TLS when `tls_end_point` is given (the certificate's hash).
+    async fn authenticate_over(
+        url: &PgUrl,
+        tls_end_point: Option<Vec<u8>>,
+        from_server: &[u8],
+    ) -> (Result<(), ReplicationError>, Vec<u8>) {
         let (client, mut server) = tokio::io::duplex(1024);
         server.write_all(from_server).await.expect("server writes");
         let mut conn = ReplicationConnection {
@@ -817,7 +826,7 @@ mod password_policy_tests {
             server_version_num: None,
             authenticated: false,
         };
-        let outcome = conn.authenticate(url, None).await;
+        let outcome = conn.authenticate(url, tls_end_point).await;
         drop(conn);
         let mut written = Vec::new();
         server
@@ -828,9 +837,43 @@ mod password_policy_tests {
     }
 
     fn url(host: &str) -> PgUrl {
-        format!("postgresql://u:s3cret-pw@{host}/db?sslmode=prefer")
+        url_with(host, "sslmode=prefer")
+    }
+
+    fn url_with(host: &str, settings: &str) -> PgUrl {
+        format!("postgresql://u:s3cret-pw@{host}/db?{settings}")
             .parse()
             .expect("test URL")
+    }
+
+    #[tokio::test]
+    async fn cleartext_and_md5_inside_unverified_tls_to_another_machine_send_nothing() {
+        for (code, data) in [(AUTH_CLEARTEXT, &b""[..]), (AUTH_MD5, &b"salt"[..])] {
+            for settings in ["sslmode=prefer", "sslmode=require"] {
+                let remote = url_with("db.example.com", settings);
+                let (outcome, written) =
+                    authenticate_over(&remote, Some(vec![7; 32]), &request_then_ok(code, data))
+                        .await;
+                assert_eq!(written, b"", "{settings}: nothing may reach the socket");
+                let error = outcome.expect_err("refused");
+                assert!(
+                    matches!(
+                        &error,
+                        ReplicationError::Authentication {
+                            reason: auth::AuthError::Plaintext(refused),
+                            ..
+                        } if refused.encrypted
+                    ),
+                    "{error:?}"
+                );
+            }
+            // A verified certificate proves the server: it gets its answer.
+            let verified = url_with("db.example.com", "sslmode=verify-full");
+            let (outcome, written) =
+                authenticate_over(&verified, Some(vec![7; 32]), &request_then_ok(code, data)).await;
+            outcome.expect("answered");
+            assert_eq!(written.first(), Some(&b'p'));
+        }
     }
 
     #[tokio::test]
