@@ -211,6 +211,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for PasswordGuard<S> {
     }
 }
 
+/// tokio-postgres asks its TLS stream for the channel-binding data; the guard passes it on.
+impl<S: tokio_postgres::tls::TlsStream + Unpin> tokio_postgres::tls::TlsStream
+    for PasswordGuard<S>
+{
+    fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
+        self.inner.channel_binding()
+    }
+}
+
 /// Finds backend message boundaries in bytes split anywhere, keeping only the current message's
 /// header and, for an authentication message, its request code.
 #[derive(Debug, Default)]
@@ -446,13 +455,5 @@ mod tests {
         let mut written = Vec::new();
         server.read_to_end(&mut written).await.expect("read");
         assert_eq!(written, STARTUP, "nothing after the startup message");
-    }
-}
-
-impl<S: tokio_postgres::tls::TlsStream + Unpin> tokio_postgres::tls::TlsStream
-    for PasswordGuard<S>
-{
-    fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
-        self.inner.channel_binding()
     }
 }
