@@ -156,12 +156,31 @@ pub fn report(error: &dyn std::error::Error) -> String {
         }
         cause = source.source();
     }
+    // Server messages are the server's words: a hostile one could send terminal escapes.
+    let text: String = text
+        .chars()
+        .flat_map(|c| match c {
+            '\n' | '\t' => vec![c],
+            c if c.is_control() => c.escape_default().collect(),
+            c => vec![c],
+        })
+        .collect();
     redact_secrets(&text)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reports_escape_the_terminal_controls_a_server_may_send() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("server said: \u{1b}[2Jgone\u{7}")]
+        struct Hostile;
+        let said = report(&Hostile);
+        assert!(!said.chars().any(|c| c.is_control()), "{said:?}");
+        assert!(said.contains("gone"), "{said}");
+    }
 
     /// An error from outside usersync's control that quotes a URL, as a server message or a
     /// dependency's error might.

@@ -258,13 +258,17 @@ impl ReplicationConnection {
             .map_err(|e| self.bad_reply("startup", e.to_string()))?;
         self.flush().await?;
         self.authenticate(url, tls_end_point).await?;
-        self.authenticated = true;
+        // Small messages only until the server is ready: a server that let the client in
+        // without proving anything (trust) must not get to reserve a gigabyte either.
         loop {
             let frame = self.read_frame().await?;
             match frame.tag {
                 wire::PARAMETER_STATUS => self.note_parameter(&frame.body),
                 wire::BACKEND_KEY_DATA | wire::NOTICE_RESPONSE => {}
-                wire::READY_FOR_QUERY => return Ok(()),
+                wire::READY_FOR_QUERY => {
+                    self.authenticated = true;
+                    return Ok(());
+                }
                 wire::ERROR_RESPONSE => return Err(self.server_error("startup", &frame)?),
                 tag => return Err(unexpected("starting up", tag)),
             }
@@ -656,11 +660,15 @@ fn version_num(text: &str) -> Option<u32> {
     let mut parts = numeric.split('.').filter(|p| !p.is_empty());
     let major: u32 = parts.next()?.parse().ok()?;
     let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    // Checked: the text is the server's, and a hostile one may send any number.
     if major >= 10 {
-        Some(major * 10_000 + minor)
+        major.checked_mul(10_000)?.checked_add(minor)
     } else {
         let patch: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        Some(major * 10_000 + minor * 100 + patch)
+        major
+            .checked_mul(10_000)?
+            .checked_add(minor.checked_mul(100)?)?
+            .checked_add(patch)
     }
 }
 
@@ -680,6 +688,9 @@ mod tests {
         assert_eq!(version_num("18beta1"), Some(180000));
         assert_eq!(version_num("9.6.3"), Some(90603));
         assert_eq!(version_num("unknown"), None);
+        // A hostile server's number overflows nothing.
+        assert_eq!(version_num("4294967295"), None);
+        assert_eq!(version_num("9.4294967295"), None);
     }
 
     use crate::conn::test_pki::{self, TestPki};
