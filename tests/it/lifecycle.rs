@@ -776,3 +776,59 @@ async fn teardown_as_the_least_privilege_role_leaves_the_publication_to_its_owne
     };
     assert_eq!((slots, publications, checkpoints), (0, 1, 0));
 }
+
+/// The slot's `confirmed_flush_lsn`, as text.
+async fn slot_confirmed(pair: &Pair) -> String {
+    pair.source
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&pair.config.slot],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// One slot name, two targets: setup against the second target (by mistake, with the default
+/// slot name) finds a slot without a checkpoint *there*, but it feeds the first target. It
+/// must not take it for its own unfinished setup and drop it: the first deployment would lose
+/// every change between its checkpoint and a new slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_against_a_second_target_leaves_a_slot_it_did_not_create() {
+    let mut pair = replicated_then_stopped().await;
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('pending@example.com')")
+        .await
+        .unwrap();
+    let confirmed = slot_confirmed(&pair).await;
+    let checkpoint = pair.checkpoint_end().await;
+    let first = (
+        pair.config.clone(),
+        pair.target_url.clone(),
+        pair.target_server,
+    );
+
+    pair.move_target(pair.target_server).await;
+    let setup = pair.usersync(&["setup"]);
+    let said = text(&setup);
+    assert_eq!(setup.status.code(), Some(78), "{said}");
+    assert!(said.contains("this target did not create it"), "{said}");
+    assert!(
+        said.contains(&format!("pg_drop_replication_slot('{}')", pair.config.slot)),
+        "{said}"
+    );
+    assert!(!said.contains(PASSWORD), "{said}");
+    assert_eq!(slot_confirmed(&pair).await, confirmed, "{said}");
+
+    // The first deployment carries on from its checkpoint, the change made meanwhile included.
+    (pair.config, pair.target_url, pair.target_server) = first;
+    pair.target = sql(pair.target_server, &pair.config.target.dbname).await;
+    assert_eq!(pair.checkpoint_end().await, checkpoint);
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('after@example.com')")
+        .await
+        .unwrap();
+    let running = pair.start();
+    pair.wait_for_match().await;
+    running.stop().await;
+}
