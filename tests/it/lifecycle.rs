@@ -209,11 +209,13 @@ async fn status_reports_a_healthy_slot_as_json_and_as_a_table() {
         [
             "slot_lock_holders",
             "tables_present",
+            "unfinished",
             "url",
             "users_live",
             "users_soft_deleted"
         ]
     );
+    assert_eq!(target["unfinished"], Value::Null);
     assert_eq!(target["tables_present"], true);
     // The running replicator holds the slot's lock on the target.
     let holders = target["slot_lock_holders"].as_array().expect("an array");
