@@ -6,8 +6,10 @@
 --     SELECT, INSERT, UPDATE on neon_auth.users_sync (ON CONFLICT DO UPDATE reads the row);
 --   * usersync purge (hard delete of users soft-deleted long ago): DELETE on it, granted only
 --     with -v purge=on (see below). purge --scrub needs no more than UPDATE;
---   * keeps its checkpoint in its own schema usersync (usersync.state), which setup creates
---     if missing: the role owns schema usersync, so it can create and write the table there.
+--   * keeps its checkpoint (usersync.state) and the record of a setup under way
+--     (usersync.setup_progress) in its own schema usersync, which setup creates if missing:
+--     the role owns schema usersync, so it can create and write the tables there (setup
+--     creates a table a newer usersync needs when it runs again).
 --
 -- It cannot create schema neon_auth or the users_sync table (that needs CREATE on the
 -- database). On Neon, Neon Auth creates them; elsewhere this script creates them from
@@ -102,7 +104,8 @@ GRANT SELECT, INSERT, UPDATE ON TABLE neon_auth.users_sync TO :"role";
 \endif
 
 -- usersync's own schema, owned by the role. An existing one (say, from a setup run as the
--- admin) is handed over with its checkpoint table, so the checkpoint carries on.
+-- admin) is handed over with its tables, so the checkpoint carries on.
 CREATE SCHEMA IF NOT EXISTS usersync AUTHORIZATION :"role";
 ALTER SCHEMA usersync OWNER TO :"role";
 ALTER TABLE IF EXISTS usersync.state OWNER TO :"role";
+ALTER TABLE IF EXISTS usersync.setup_progress OWNER TO :"role";

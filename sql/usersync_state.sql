@@ -23,3 +23,20 @@ CREATE TABLE IF NOT EXISTS usersync.state (
   commit_time       timestamptz,
   updated_at        timestamptz NOT NULL DEFAULT now()
 );
+
+-- What setup or resync is doing for a slot until its final commit, which writes the
+-- checkpoint and deletes this row in one transaction. Written once the slot exists (resync:
+-- before it deletes the checkpoint), so that a later setup can tell a slot it created itself
+-- and nobody consumed from (confirmed_flush_lsn still at consistent_point) from one that
+-- feeds another target, and an interrupted resync from an interrupted setup.
+CREATE TABLE IF NOT EXISTS usersync.setup_progress (
+  slot_name         text PRIMARY KEY,
+  system_identifier text NOT NULL,
+  -- The slot's consistent point; NULL while a resync has not created its slot yet.
+  consistent_point  pg_lsn,
+  mode              text NOT NULL CHECK (mode IN ('setup', 'resync')),
+  -- neon_auth.users_sync held no row when the first attempt began: every row on it since
+  -- came from usersync's copy, so a rerun may soft-delete those the source no longer has.
+  target_was_empty  boolean NOT NULL,
+  started_at        timestamptz NOT NULL DEFAULT now()
+);

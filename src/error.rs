@@ -57,6 +57,25 @@ pub enum Error {
         state: &'static str,
         checkpoint: crate::lsn::Lsn,
     },
+    /// A slot without a checkpoint on this target that this target did not record creating
+    /// (or that someone consumed from since): it may feed another usersync's target under
+    /// the same name, so setup does not drop it.
+    #[error(
+        "replication slot {slot} exists on the source but this target did not create it (or \
+         something consumed from it since): another usersync may use it; use another --slot, \
+         or, if it is a leftover, drop it on the source: \
+         SELECT pg_drop_replication_slot('{slot}')"
+    )]
+    SlotNotCreatedHere { slot: String },
+    /// The target records a resync of the slot that did not finish: it deleted the checkpoint
+    /// and did not write the new one. Only resync, which reconciles, may finish it.
+    #[error(
+        "an earlier usersync resync of slot {slot} did not finish (the target holds its record \
+         in usersync.setup_progress and no checkpoint); run usersync resync again, which copies \
+         the table and soft-deletes the users the source no longer has (setup does not: users \
+         deleted meanwhile would stay live)"
+    )]
+    ResyncUnfinished { slot: String },
     /// A request that got no answer at all: a stalled network or a hung server answers
     /// nothing, not even an error, and TCP keepalives do not notice a peer that still
     /// acknowledges.
@@ -106,7 +125,9 @@ impl Error {
             | Error::Decode(_)
             | Error::Map(_)
             | Error::LocalPg(_)
-            | Error::ResyncNeeded { .. } => false,
+            | Error::ResyncNeeded { .. }
+            | Error::SlotNotCreatedHere { .. }
+            | Error::ResyncUnfinished { .. } => false,
         }
     }
 

@@ -8,12 +8,14 @@
 pub mod batch;
 pub mod bulk;
 pub mod schema;
+pub mod setup_progress;
 pub mod slot_lock;
 pub mod worker;
 pub mod writer;
 
 pub use batch::{Batch, CommitPosition, UnixMicros};
 pub use schema::{check_shape, ensure_target_schema, target_tables, TargetShape, TargetTables};
+pub use setup_progress::{SetupMode, SetupProgress};
 pub use worker::{ApplyWorker, Done, Job};
 pub use writer::{delete_checkpoint, read_checkpoint, Checkpoint, TargetWriter};
 

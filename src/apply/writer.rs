@@ -291,6 +291,12 @@ impl TargetWriter {
         })
     }
 
+    /// The connection, for what setup adds to the transaction [`apply_part`](Self::apply_part)
+    /// leaves open (deleting its record of the setup along with the first checkpoint).
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// Counts what the target could not take (patches without a live user) in `metrics`.
     pub fn count_in(&mut self, metrics: Arc<Metrics>) {
         self.metrics = Some(metrics);

@@ -1,9 +1,11 @@
 //! Creating the slot and copying the users table as of its snapshot: the shared core of
 //! `setup` and `resync`.
 //!
-//! The checkpoint (at the slot's consistent point) is written in the very last target
-//! transaction, so a copy that is interrupted leaves no checkpoint, and `setup` or `resync`
-//! knows to start it again rather than present a half-copied table as done.
+//! Once the slot exists, and before the copy, the target records it
+//! (`usersync.setup_progress`, see `apply::setup_progress`). The checkpoint (at the slot's
+//! consistent point) is written in the very last target transaction, which deletes that
+//! record, so a copy that is interrupted leaves the record and no checkpoint, and `setup` or
+//! `resync` knows to start it again rather than present a half-copied table as done.
 //!
 //! The copy is a pipeline: one loop reads the snapshot, maps its rows and encodes pages of
 //! users as binary COPY data, while [`COPY_WRITERS`] target connections write the pages
@@ -21,6 +23,7 @@ use tokio_postgres::Client;
 
 use super::connect;
 use crate::apply::bulk::{self, BulkWriter, CopyPage, UserPage};
+use crate::apply::setup_progress::{self, SetupMode, SetupProgress};
 use crate::apply::{
     self, ApplyError, Batch, CommitPosition, TargetShape, TargetWriter, UnixMicros,
 };
@@ -70,14 +73,23 @@ pub struct CopyOutcome {
     pub soft_deleted: u64,
 }
 
-/// Creates the slot with an exported snapshot, copies the table in it, and writes the
-/// checkpoint at the slot's consistent point.
+/// What the target records about the copy before it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyRecord {
+    pub mode: SetupMode,
+    /// `neon_auth.users_sync` was empty when the first attempt began.
+    pub target_was_empty: bool,
+}
+
+/// Creates the slot with an exported snapshot, records it on the target, copies the table in
+/// it, and writes the checkpoint at the slot's consistent point.
 pub async fn create_slot_and_copy(
     config: &Config,
     columns: &[RelationColumn],
-    target: Client,
+    mut target: Client,
     mode: CopyMode,
     failover: bool,
+    record: CopyRecord,
 ) -> Result<CopyOutcome, Error> {
     let mut replication = ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
     if failover {
@@ -102,6 +114,14 @@ pub async fn create_slot_and_copy(
         created.consistent_point,
         if failover { " (failover)" } else { "" }
     );
+    let progress = SetupProgress {
+        slot: config.slot.clone(),
+        system_id: identity.system_id.clone(),
+        consistent_point: Some(created.consistent_point),
+        mode: record.mode,
+        target_was_empty: record.target_was_empty,
+    };
+    setup_progress::write(&mut target, &progress, false).await?;
     let shape = apply::check_shape(&target).await?;
     let mut writer = TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
     let copied_at = unix_micros_now();
@@ -141,6 +161,9 @@ pub async fn create_slot_and_copy(
         end_lsn: created.consistent_point,
         commit_time: copied_at,
     });
+    // One transaction: the record of the setup goes with the first checkpoint.
+    writer.apply_part(&Batch::new()).await?;
+    setup_progress::delete(writer.client(), &config.slot).await?;
     writer.apply_creating_checkpoint(&done).await?;
     // Only now may the replication connection (and with it the snapshot) go.
     replication.close().await;

@@ -4,9 +4,10 @@
 //! present on the source are upserted, live users absent from it are soft-deleted, and the
 //! checkpoint moves to the new slot.
 
-use super::initial_copy::{create_slot_and_copy, CopyMode};
+use super::initial_copy::{create_slot_and_copy, CopyMode, CopyRecord};
 use super::setup::{check_slot_fits, prepare, Prepared};
-use crate::apply;
+use crate::apply::bulk;
+use crate::apply::setup_progress::{self, SetupMode, SetupProgress};
 use crate::config::Config;
 use crate::error::Error;
 use crate::source::{catalog, SourceError};
@@ -14,13 +15,14 @@ use crate::source::{catalog, SourceError};
 pub async fn resync(config: &Config) -> Result<(), Error> {
     let Prepared {
         source,
-        target,
+        mut target,
         columns,
     } = prepare(config).await?;
     // A failover slot is recreated as one.
     let failover = catalog::slot_is_failover(&source, &config.slot).await?;
-    if let Some(slot) = catalog::slot_info(&source, &config.slot).await? {
-        check_slot_fits(config, &slot)?;
+    let slot = catalog::slot_info(&source, &config.slot).await?;
+    if let Some(slot) = &slot {
+        check_slot_fits(config, slot)?;
         if let (true, Some(pid)) = (slot.active, slot.active_pid) {
             return Err(SourceError::Definite(format!(
                 "replication slot {} is in use by source backend pid {pid}: stop usersync run \
@@ -29,6 +31,23 @@ pub async fn resync(config: &Config) -> Result<(), Error> {
             ))
             .into());
         }
+    }
+    // Before anything is dropped, and with the checkpoint's deletion: from now until the
+    // final commit the target says a resync is under way, which setup refuses to finish
+    // (it would not soft-delete) and resync, rerun, redoes.
+    let target_was_empty = match setup_progress::read(&target, &config.slot).await? {
+        Some(earlier) => earlier.target_was_empty,
+        None => bulk::users_sync_is_empty(&target).await?,
+    };
+    let progress = SetupProgress {
+        slot: config.slot.clone(),
+        system_id: catalog::system_identifier(&source).await?,
+        consistent_point: None,
+        mode: SetupMode::Resync,
+        target_was_empty,
+    };
+    setup_progress::write(&mut target, &progress, true).await?;
+    if let Some(slot) = slot {
         catalog::drop_slot(&source, &config.slot).await?;
         println!(
             "replication slot {} dropped (wal_status was {})",
@@ -36,14 +55,16 @@ pub async fn resync(config: &Config) -> Result<(), Error> {
             slot.wal_status.as_deref().unwrap_or("unknown")
         );
     }
-    // Without a checkpoint an interrupted resync is recognised and redone by setup or resync.
-    apply::delete_checkpoint(&target, &config.slot).await?;
     let outcome = create_slot_and_copy(
         config,
         &columns,
         target,
         CopyMode::CopyAndReconcile,
         failover,
+        CopyRecord {
+            mode: SetupMode::Resync,
+            target_was_empty,
+        },
     )
     .await?;
     println!(

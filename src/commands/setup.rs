@@ -7,18 +7,27 @@
 //! | slot                | checkpoint | setup                                               |
 //! |---------------------|------------|-----------------------------------------------------|
 //! | none                | none       | creates it and copies (a first setup)               |
-//! | found               | none       | an earlier setup stopped before its copy was done:  |
-//! |                     |            | drops it, creates it again and copies               |
+//! | found               | none       | if this target recorded creating it (see            |
+//! |                     |            | `apply::setup_progress`) and nobody consumed from   |
+//! |                     |            | it: an earlier setup stopped before its copy was    |
+//! |                     |            | done; drops it, creates it again and copies.        |
+//! |                     |            | Otherwise it may feed another target: refuses       |
 //! | found               | found      | nothing to do                                       |
 //! | none, or WAL lost   | found      | refuses and names `resync`: the changes since the   |
 //! |                     |            | checkpoint are gone, and a copy alone would leave   |
 //! |                     |            | the users deleted meanwhile live                    |
+//!
+//! A record of an unfinished *resync* makes setup refuse and name `resync`, which reconciles.
+//! The copy that finishes an interrupted setup reconciles too (soft-deletes the users the
+//! source no longer has) when `users_sync` was empty before the first attempt: then every row
+//! on it came from usersync's copy.
 
 use tokio_postgres::Client;
 
 use super::connect;
-use super::initial_copy::{create_slot_and_copy, CopyMode};
-use crate::apply::{self, schema::Created};
+use super::initial_copy::{create_slot_and_copy, CopyMode, CopyRecord};
+use crate::apply::setup_progress::{self, SetupMode, SetupProgress};
+use crate::apply::{self, bulk, schema::Created};
 use crate::config::Config;
 use crate::conn::version;
 use crate::decode::RelationColumn;
@@ -151,6 +160,19 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
             });
         }
     }
+    // Without a checkpoint, what this target recorded of an earlier attempt, if any.
+    let earlier = match checkpoint {
+        Some(_) => None,
+        None => setup_progress::read(&target, &config.slot).await?,
+    };
+    if earlier
+        .as_ref()
+        .is_some_and(|earlier| earlier.mode == SetupMode::Resync)
+    {
+        return Err(Error::ResyncUnfinished {
+            slot: config.slot.clone(),
+        });
+    }
     let copy = match slot {
         Some(slot) => {
             check_slot_fits(config, &slot)?;
@@ -163,8 +185,14 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
                 );
                 false
             } else {
-                // Setup writes the checkpoint last: without one, an earlier setup stopped
-                // before its initial copy was complete, and only a new snapshot can finish it.
+                let system_id = catalog::system_identifier(&source).await?;
+                if !created_here_unconsumed(&slot, earlier.as_ref(), &system_id) {
+                    return Err(Error::SlotNotCreatedHere {
+                        slot: config.slot.clone(),
+                    });
+                }
+                // This target made the slot and nobody consumed from it: an earlier setup
+                // stopped before its copy was complete, and only a new snapshot can finish it.
                 if let (true, Some(pid)) = (slot.active, slot.active_pid) {
                     return Err(SourceError::Definite(format!(
                         "replication slot {} has no checkpoint on the target (its setup did not \
@@ -186,17 +214,58 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
         None => true,
     };
     if copy {
+        let target_was_empty = match &earlier {
+            // The rows on the target now may be the earlier attempt's: what counts is what
+            // the target held before it.
+            Some(earlier) => earlier.target_was_empty,
+            None => bulk::users_sync_is_empty(&target).await?,
+        };
+        let mode = copy_mode(options, earlier.is_some(), target_was_empty);
+        if earlier.is_some() && mode == CopyMode::Copy {
+            println!(
+                "warning: neon_auth.users_sync held users before the interrupted setup began, \
+                 so setup cannot tell them from the users it copied: users deleted on the \
+                 source since the interrupted copy may stay live; run usersync resync after \
+                 setup to soft-delete them"
+            );
+        }
         create_slot_and_copy(
             config,
             &columns,
             target,
-            copy_mode(options),
+            mode,
             options.failover,
+            CopyRecord {
+                mode: SetupMode::Setup,
+                target_was_empty,
+            },
         )
         .await?;
     }
     println!("ready: start replication with usersync run");
     Ok(())
+}
+
+/// Whether `slot` is the one an earlier setup against this target created (the target's
+/// record names it, on this source system) and nobody consumed from it since: its
+/// `confirmed_flush_lsn` is still at the consistent point it was created at. Anything else
+/// may be another usersync's slot, fed to another target under the same name.
+fn created_here_unconsumed(
+    slot: &SlotInfo,
+    earlier: Option<&SetupProgress>,
+    system_id: &str,
+) -> bool {
+    let Some(earlier) = earlier else {
+        return false;
+    };
+    match (earlier.consistent_point, slot.confirmed_flush_lsn) {
+        (Some(consistent_point), Some(confirmed)) => {
+            earlier.mode == SetupMode::Setup
+                && earlier.system_id == system_id
+                && confirmed <= consistent_point
+        }
+        _ => false,
+    }
 }
 
 /// The mapping as lines for people: one per Stack Auth key, then what else happens.
@@ -241,11 +310,14 @@ fn copied_columns(columns: &[RelationColumn], used: &ColumnUse) -> Vec<RelationC
         .collect()
 }
 
-fn copy_mode(options: SetupOptions) -> CopyMode {
-    if options.snapshot {
-        CopyMode::Copy
-    } else {
-        CopyMode::Skip
+/// A rerun after an interrupted copy into an empty `users_sync` reconciles: every row on the
+/// target came from usersync's copy, so one the source no longer has was deleted there since.
+/// Otherwise setup does not soft-delete rows it did not copy: they may come from elsewhere.
+fn copy_mode(options: SetupOptions, rerun: bool, target_was_empty: bool) -> CopyMode {
+    match (options.snapshot, rerun && target_was_empty) {
+        (false, _) => CopyMode::Skip,
+        (true, true) => CopyMode::CopyAndReconcile,
+        (true, false) => CopyMode::Copy,
     }
 }
 

@@ -52,6 +52,7 @@ pub async fn teardown(config: &Config) -> Result<(), Error> {
     let target = connect("target", &config.target).await?;
     if apply::target_tables(&target).await?.state {
         apply::delete_checkpoint(&target, &config.slot).await?;
+        apply::setup_progress::delete_if_present(&target, &config.slot).await?;
         println!("checkpoint of slot {} removed from the target", config.slot);
     }
     Ok(())

@@ -701,3 +701,52 @@ pub fn text(output: &Output) -> String {
         String::from_utf8_lossy(&output.stderr)
     )
 }
+
+/// Runs the real binary with this pair's URLs until `interrupt` says so, then kills it
+/// (SIGKILL, as a crash or an OOM kill would), and returns what it had printed.
+/// `interrupt` sees each stdout line as it comes; it is also asked every 20 ms with `None`.
+pub async fn crash_usersync(
+    pair: &Pair,
+    args: &[&str],
+    mut interrupt: impl FnMut(Option<&str>) -> bool,
+) -> String {
+    use std::io::BufRead;
+    let mut child = pair
+        .command(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start usersync");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if lines.send(line.expect("utf-8 stdout")).is_err() {
+                return;
+            }
+        }
+    });
+    let mut said = String::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let line = received.try_recv().ok();
+        if let Some(line) = &line {
+            said.push_str(line);
+            said.push('\n');
+        }
+        if interrupt(line.as_deref()) {
+            break;
+        }
+        assert!(
+            child.try_wait().expect("poll usersync").is_none(),
+            "usersync {args:?} ended before it could be interrupted: {said}"
+        );
+        assert!(Instant::now() < deadline, "never interrupted: {said}");
+        if line.is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    child.kill().expect("kill usersync");
+    child.wait().expect("reap usersync");
+    said
+}

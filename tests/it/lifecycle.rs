@@ -209,11 +209,13 @@ async fn status_reports_a_healthy_slot_as_json_and_as_a_table() {
         [
             "slot_lock_holders",
             "tables_present",
+            "unfinished",
             "url",
             "users_live",
             "users_soft_deleted"
         ]
     );
+    assert_eq!(target["unfinished"], Value::Null);
     assert_eq!(target["tables_present"], true);
     // The running replicator holds the slot's lock on the target.
     let holders = target["slot_lock_holders"].as_array().expect("an array");
@@ -775,6 +777,50 @@ async fn teardown_as_the_least_privilege_role_leaves_the_publication_to_its_owne
         (source.get(0), source.get(1), target.get(0))
     };
     assert_eq!((slots, publications, checkpoints), (0, 1, 0));
+}
+
+/// One slot name, two targets: setup against the second target (by mistake, with the default
+/// slot name) finds a slot without a checkpoint *there*, but it feeds the first target. It
+/// must not take it for its own unfinished setup and drop it: the first deployment would lose
+/// every change between its checkpoint and a new slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_against_a_second_target_leaves_a_slot_it_did_not_create() {
+    let mut pair = replicated_then_stopped().await;
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('pending@example.com')")
+        .await
+        .unwrap();
+    let confirmed = pair.slot_confirmed().await;
+    let checkpoint = pair.checkpoint_end().await;
+    let first = (
+        pair.config.clone(),
+        pair.target_url.clone(),
+        pair.target_server,
+    );
+
+    pair.move_target(pair.target_server).await;
+    let setup = pair.usersync(&["setup"]);
+    let said = text(&setup);
+    assert_eq!(setup.status.code(), Some(78), "{said}");
+    assert!(said.contains("this target did not create it"), "{said}");
+    assert!(
+        said.contains(&format!("pg_drop_replication_slot('{}')", pair.config.slot)),
+        "{said}"
+    );
+    assert!(!said.contains(PASSWORD), "{said}");
+    assert_eq!(pair.slot_confirmed().await, confirmed, "{said}");
+
+    // The first deployment carries on from its checkpoint, the change made meanwhile included.
+    (pair.config, pair.target_url, pair.target_server) = first;
+    pair.target = sql(pair.target_server, &pair.config.target.dbname).await;
+    assert_eq!(pair.checkpoint_end().await, checkpoint);
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('after@example.com')")
+        .await
+        .unwrap();
+    let running = pair.start();
+    pair.wait_for_match().await;
+    running.stop().await;
 }
 
 /// A target without a checkpoint for the slot (setup or resync interrupted before the end of

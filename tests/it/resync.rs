@@ -98,3 +98,66 @@ async fn a_lost_slot_is_refused_by_run_and_repaired_by_resync() {
         .get(0);
     assert_eq!(deleted, 11);
 }
+
+/// A resync killed mid-copy has deleted the checkpoint: to setup that looks like its own
+/// unfinished first copy, and setup, which does not soft-delete, would leave the users deleted
+/// since live. setup refuses and names resync, status advises resync, and resync run again
+/// redoes it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_resync_is_finished_by_resync_not_setup() {
+    let pair = Pair::new().await;
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (email) SELECT 'u' || g || '@example.com' FROM generate_series(1, 100000) g",
+        )
+        .await
+        .unwrap();
+    pair.setup().await;
+    pair.source
+        .batch_execute("DELETE FROM users WHERE email = 'u7@example.com'")
+        .await
+        .unwrap();
+
+    let slot_created = format!("replication slot {} created", pair.config.slot);
+    let said = crash_usersync(&pair, &["resync"], |line| {
+        line.is_some_and(|line| line.starts_with(&slot_created))
+    })
+    .await;
+    let checkpoints: i64 = pair
+        .target
+        .query_one("SELECT count(*) FROM usersync.state", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        checkpoints, 0,
+        "the resync was not interrupted mid-copy: {said}"
+    );
+
+    let status = pair.usersync(&["status", "--lag-target", "1h"]);
+    let status_said = text(&status);
+    assert_eq!(status.status.code(), Some(5), "{status_said}");
+    assert!(status_said.contains("run usersync resync"), "{status_said}");
+    assert!(!status_said.contains("run usersync setup"), "{status_said}");
+
+    let setup = pair.usersync(&["setup"]);
+    let setup_said = text(&setup);
+    assert_eq!(setup.status.code(), Some(78), "{setup_said}");
+    assert!(setup_said.contains("usersync resync"), "{setup_said}");
+
+    let resync = pair.usersync(&["resync"]);
+    assert!(resync.status.success(), "{}", text(&resync));
+    let running = pair.start();
+    pair.wait_for_match().await;
+    running.stop().await;
+    let gone: bool = pair
+        .target
+        .query_one(
+            "SELECT deleted_at IS NOT NULL FROM neon_auth.users_sync WHERE email = 'u7@example.com'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(gone, "the user deleted before the resync is soft-deleted");
+}

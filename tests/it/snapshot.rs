@@ -47,8 +47,11 @@ async fn snapshot_under_concurrent_writes_misses_and_doubles_nothing() {
     running.stop().await;
 }
 
+/// A slot without a checkpoint and without this target's record of having created it (what an
+/// unfinished setup of an older usersync leaves, or a slot of another deployment): setup does
+/// not drop it, and says how to, if it is a leftover.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unfinished_setup_is_completed_by_running_setup_again() {
+async fn a_slot_without_a_checkpoint_or_a_setup_record_is_left_alone() {
     let pair = Pair::new().await;
     pair.source
         .batch_execute(
@@ -56,28 +59,30 @@ async fn an_unfinished_setup_is_completed_by_running_setup_again() {
         )
         .await
         .unwrap();
-    // What an interrupted setup leaves: a slot, target tables, part of the users, no checkpoint.
     let first = pair.usersync(&["setup"]);
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    assert!(first.status.success(), "{}", text(&first));
     pair.target
-        .batch_execute(
-            "DELETE FROM usersync.state; DELETE FROM neon_auth.users_sync WHERE email LIKE 'old1%'",
-        )
-        .await
-        .unwrap();
-    pair.source
-        .batch_execute("INSERT INTO users (email) VALUES ('meanwhile@example.com')")
+        .batch_execute("DELETE FROM usersync.state")
         .await
         .unwrap();
     let again = pair.usersync(&["setup"]);
     let said = text(&again);
-    assert!(again.status.success(), "{said}");
-    assert!(said.contains("did not finish its initial copy"), "{said}");
-    assert!(said.contains("initial copy: 51 users"), "{said}");
+    assert_eq!(again.status.code(), Some(78), "{said}");
+    assert!(said.contains("this target did not create it"), "{said}");
+    assert!(
+        said.contains(&format!("pg_drop_replication_slot('{}')", pair.config.slot)),
+        "{said}"
+    );
+    // Following the advice completes the setup.
+    pair.source
+        .query_one(
+            "SELECT pg_drop_replication_slot($1)::text",
+            &[&pair.config.slot],
+        )
+        .await
+        .unwrap();
+    let last = pair.usersync(&["setup"]);
+    assert!(last.status.success(), "{}", text(&last));
     let running = pair.start();
     pair.wait_for_match().await;
     running.stop().await;
@@ -250,4 +255,126 @@ async fn copies_and_resyncs_into_a_target_without_updated_at() {
             ("new@example.com".to_owned(), None, true),
         ]
     );
+}
+
+/// Kills `usersync setup` once its copy has put some users on the target, before it wrote
+/// the checkpoint; returns the email of one copied user.
+async fn interrupt_setup(pair: &Pair) -> String {
+    let copied = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let copied = Arc::clone(&copied);
+        let target = sql(pair.target_server, &pair.config.target.dbname).await;
+        tokio::spawn(async move {
+            loop {
+                let some: bool = target
+                    .query_one(
+                        "SELECT to_regclass('neon_auth.users_sync') IS NOT NULL
+                            AND EXISTS (SELECT FROM neon_auth.users_sync WHERE email LIKE 'big%')",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                if some {
+                    copied.store(true, Ordering::Relaxed);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let said = crash_usersync(pair, &["setup"], |_| copied.load(Ordering::Relaxed)).await;
+    watcher.await.unwrap();
+    let checkpoints: i64 = pair
+        .target
+        .query_one("SELECT count(*) FROM usersync.state", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(checkpoints, 0, "setup was not interrupted mid-copy: {said}");
+    pair.target
+        .query_one(
+            "SELECT email FROM neon_auth.users_sync WHERE email LIKE 'big%' LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+const MANY_USERS: &str = "INSERT INTO users (email)
+    SELECT 'big' || g || '@example.com' FROM generate_series(1, 100000) g";
+
+/// A first setup into an empty `users_sync` killed mid-copy, then users deleted on the source
+/// before setup runs again: every row on the target came from the interrupted copy, so the
+/// rerun soft-deletes the users the source no longer has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_first_setup_rerun_soft_deletes_users_deleted_meanwhile() {
+    let pair = Pair::new().await;
+    pair.source.batch_execute(MANY_USERS).await.unwrap();
+    let copied = interrupt_setup(&pair).await;
+    pair.source
+        .execute("DELETE FROM users WHERE email = $1", &[&copied])
+        .await
+        .unwrap();
+
+    let again = pair.usersync(&["setup"]);
+    let said = text(&again);
+    assert!(again.status.success(), "{said}");
+    assert!(said.contains("did not finish its initial copy"), "{said}");
+    let gone: bool = pair
+        .target
+        .query_one(
+            "SELECT deleted_at IS NOT NULL FROM neon_auth.users_sync WHERE email = $1",
+            &[&copied],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        gone,
+        "the user deleted since the interrupted copy is soft-deleted: {said}"
+    );
+    let running = pair.start();
+    pair.wait_for_match().await;
+    running.stop().await;
+}
+
+/// The same, into a `users_sync` that already held users from elsewhere: the rerun cannot
+/// tell the interrupted copy's users from those, so it leaves both, and says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_setup_over_foreign_users_rerun_warns_and_leaves_them() {
+    let pair = Pair::new().await;
+    pair.source.batch_execute(MANY_USERS).await.unwrap();
+    // neon_auth.users_sync exists already (the target role script made it).
+    pair.target
+        .batch_execute(
+            "INSERT INTO neon_auth.users_sync (raw_json, updated_at) VALUES
+               ('{\"id\": \"foreign-1\", \"primary_email\": \"foreign@example.com\"}', '2020-01-01')",
+        )
+        .await
+        .unwrap();
+    let copied = interrupt_setup(&pair).await;
+    pair.source
+        .execute("DELETE FROM users WHERE email = $1", &[&copied])
+        .await
+        .unwrap();
+
+    let again = pair.usersync(&["setup"]);
+    let said = text(&again);
+    assert!(again.status.success(), "{said}");
+    assert!(said.contains("may stay live"), "{said}");
+    assert!(said.contains("usersync resync"), "{said}");
+    let live: Vec<bool> = pair
+        .target
+        .query(
+            "SELECT deleted_at IS NULL FROM neon_auth.users_sync WHERE email IN ($1, 'foreign@example.com')",
+            &[&copied],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(live, [true, true], "{said}");
 }

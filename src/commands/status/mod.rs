@@ -180,6 +180,7 @@ async fn read_target(
         users_live: None,
         users_soft_deleted: None,
         slot_lock_holders: apply::slot_lock::holders(target, &config.slot).await?,
+        unfinished: None,
     };
     if !status.tables_present {
         problems.push(Problem {
@@ -210,6 +211,9 @@ async fn read_target(
         status.users_soft_deleted = Some(row.get(1));
     }
     let checkpoint = if tables.state {
+        status.unfinished = apply::setup_progress::read(target, &config.slot)
+            .await?
+            .map(|progress| progress.mode.as_str());
         apply::read_checkpoint(target, &config.slot).await?
     } else {
         None

@@ -131,6 +131,9 @@ pub struct TargetStatus {
     pub users_soft_deleted: Option<i64>,
     /// The sessions holding the slot's lock on the target (the active usersync, normally).
     pub slot_lock_holders: Vec<LockHolder>,
+    /// `"setup"` or `"resync"` while the target records one of them under way for the slot
+    /// (`usersync.setup_progress`): interrupted, if no checkpoint goes with it.
+    pub unfinished: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -200,7 +203,31 @@ impl StatusReport {
         let slot = &self.slot;
         let mut found = Vec::new();
         let mut problem = |verdict, message: String| found.push(Problem { verdict, message });
-        if !slot.exists {
+        let unfinished = match (&self.checkpoint, self.target.unfinished) {
+            (None, Some(mode)) => Some(mode),
+            _ => None,
+        };
+        if unfinished == Some("resync") {
+            // setup would finish it without soft-deleting the users the source no longer has.
+            problem(
+                Verdict::Broken,
+                format!(
+                    "an earlier usersync resync of slot {} did not finish (the target holds no \
+                     checkpoint): run usersync resync again",
+                    slot.name
+                ),
+            );
+        } else if unfinished.is_some() && slot.exists {
+            problem(
+                Verdict::Broken,
+                format!(
+                    "an earlier usersync setup of slot {} did not finish its initial copy (the \
+                     target holds no checkpoint): run usersync setup again",
+                    slot.name
+                ),
+            );
+        }
+        if !slot.exists && unfinished != Some("resync") {
             problem(
                 Verdict::Broken,
                 match &self.checkpoint {
@@ -318,7 +345,7 @@ impl StatusReport {
                     bytes(pending)
                 ),
             ),
-            None if slot.exists && pending > 0 => problem(
+            None if slot.exists && pending > 0 && unfinished.is_none() => problem(
                 Verdict::Lagging,
                 format!(
                     "{consumer} and {} of WAL wait; the lag is unknown (the target holds no \
@@ -408,6 +435,12 @@ impl StatusReport {
                 _ => "- (no neon_auth.users_sync)".to_owned(),
             },
         );
+        if let Some(mode) = self.target.unfinished {
+            row(
+                "  unfinished",
+                format!("a usersync {mode} of the slot (usersync.setup_progress)"),
+            );
+        }
         row(
             "  slot lock",
             if self.target.slot_lock_holders.is_empty() {
@@ -514,6 +547,7 @@ mod tests {
                 users_live: Some(3),
                 users_soft_deleted: Some(1),
                 slot_lock_holders: Vec::new(),
+                unfinished: None,
             },
             lag: LagStatus {
                 seconds: Some(0.0),
@@ -582,6 +616,34 @@ mod tests {
         assert!(fresh.problems[0].message.contains("run usersync setup"));
         let lost = judged(|r| r.slot.wal_status = Some("lost".into()));
         assert!(lost.problems[0].message.contains("run usersync resync"));
+    }
+
+    #[test]
+    fn an_unfinished_resync_is_left_to_resync() {
+        for exists in [true, false] {
+            let report = judged(|r| {
+                r.slot.exists = exists;
+                r.checkpoint = None;
+                r.target.unfinished = Some("resync");
+            });
+            assert_eq!(report.verdict, Verdict::Broken);
+            let said = format!("{:?}", report.problems);
+            assert!(said.contains("run usersync resync"), "{said}");
+            assert!(!said.contains("run usersync setup"), "{said}");
+        }
+        let setup = judged(|r| {
+            r.checkpoint = None;
+            r.target.unfinished = Some("setup");
+            r.slot.pending_bytes = Some(100);
+        });
+        assert_eq!(setup.verdict, Verdict::Broken);
+        assert_eq!(setup.problems.len(), 1, "{:?}", setup.problems);
+        assert!(setup.problems[0]
+            .message
+            .contains("run usersync setup again"));
+        // A record left beside a checkpoint is not an interruption.
+        let done = judged(|r| r.target.unfinished = Some("setup"));
+        assert_eq!(done.verdict, Verdict::Healthy);
     }
 
     #[test]
