@@ -124,8 +124,8 @@ pub struct ConnectionArgs {
     pub include_columns: Vec<String>,
 
     /// Also leave these columns out of raw_json (a deny-list, comma-separated, on top of the
-    /// profile's rule, which leaves out any column whose name contains password, token or
-    /// secret). A column the profile reads (the id, the email, ...) cannot be excluded, and a
+    /// profile's rule, which leaves out any column whose name says credential: password, token,
+    /// secret, pass, hash, salt, api_key, ...; see the README). A column the profile reads (the id, the email, ...) cannot be excluded, and a
     /// name the table lacks stops setup and run (exit 78). Columns not copied are not
     /// published either (PostgreSQL 15+).
     #[arg(

@@ -16,7 +16,8 @@
 //! own name: `"updatedAt"`, and what plugins add (`role`, `banned`, `"banReason"`,
 //! `"banExpires"`, `username`, `"twoFactorEnabled"`, …). Better Auth keeps passwords and OAuth
 //! tokens in its `account` table, not here; a column whose name says it holds a credential
-//! (`password`, `token`, `secret`) is still never copied.
+//! (`password`, `token`, `secret`, `pass`, `hash`, …: `columns::is_credential`) is still never
+//! copied.
 //!
 //! **Anonymous users.** The anonymous plugin adds `"isAnonymous"`; such users are skipped
 //! unless `--include-anonymous`, as with Supabase, and a user who becomes anonymous again is

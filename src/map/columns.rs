@@ -21,14 +21,153 @@ use crate::decode::{ColumnValue, RelationColumn, TupleData};
 /// What `MapError::Column` says a passed-through column was becoming.
 pub(super) const PASSTHROUGH_TARGET: &str = "a JSON value";
 
-/// Words that mark a column holding a credential (password hash, token, secret). The named
-/// profiles never copy such a column, whatever the store adds in a later version.
-const CREDENTIAL_WORDS: [&str; 3] = ["password", "token", "secret"];
-
-/// Whether a column name says it holds a credential (see [`CREDENTIAL_WORDS`]).
+/// Whether a column name says it holds a credential: a password or its hash, a token, a
+/// secret, a key, a one-time or recovery code, a session. The profiles never copy such a
+/// column into `raw_json` (nor, through the publication's column list, over the wire), whatever
+/// the store adds in a later version; `--include-columns` brings one back by name.
+///
+/// The name matches when any of these holds (case-insensitive):
+///
+/// - it contains `password`, `token` or `secret` anywhere ([`CREDENTIAL_SUBSTRINGS`]). These
+///   three are matched as substrings because stores glue them to other words
+///   (`encrypted_password`, `resetpasswordtoken`, `totpsecret`) and few innocent words contain
+///   them (`tokenizer_version` does: an accepted false positive);
+/// - one of its segments is a credential word ([`CREDENTIAL_SEGMENTS`]: `pass`, `pwd`, `hash`,
+///   `digest`, `salt`, `credential`, `session`, `pin`, …). The name is split into lowercase
+///   segments on `_`, `-`, `.`, spaces and camelCase boundaries ([`name_segments`]:
+///   `userPass` is `user`, `pass`; `APIKey` is `api`, `key`). Whole segments, not substrings,
+///   because these words are short and hide inside innocent ones: `passport`, `compass`,
+///   `bypass`, `hashtag`, `pinned`. Plurals match only where listed (`credentials`), so
+///   `sessions_count` is not a credential but `session_count` is;
+/// - two adjacent segments form a credential pair ([`CREDENTIAL_PAIRS`]: `api key`,
+///   `activation key`, `recovery codes`, `security stamp`, …), where neither word alone says
+///   credential (`user_key`, `public_key`, `ConcurrencyStamp` are not);
+/// - a second factor's name (`otp`, `totp`, `hotp`, `mfa`, `2fa`) is the whole name, or is
+///   followed by what holds its secret ([`FACTOR_MATERIAL`]: `otp_code`, `totp_seed`). Alone in
+///   a longer name it is a flag or a time (`requiresTotpMfa`, Stack Auth's, `mfa_enabled`,
+///   `otp_required_for_login`), which profiles copy.
 pub(super) fn is_credential(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    CREDENTIAL_WORDS.iter().any(|word| name.contains(word))
+    let lowercase = name.to_ascii_lowercase();
+    if CREDENTIAL_SUBSTRINGS
+        .iter()
+        .any(|word| lowercase.contains(word))
+    {
+        return true;
+    }
+    let segments = name_segments(name);
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    if let [only] = segments.as_slice() {
+        if SECOND_FACTORS.contains(only) {
+            return true;
+        }
+    }
+    segments
+        .iter()
+        .any(|segment| CREDENTIAL_SEGMENTS.contains(segment))
+        || segments.windows(2).any(|pair| match *pair {
+            [first, second] => {
+                CREDENTIAL_PAIRS.contains(&(first, second))
+                    || (SECOND_FACTORS.contains(&first) && FACTOR_MATERIAL.contains(&second))
+            }
+            _ => false,
+        })
+}
+
+/// Matched anywhere in a name (see [`is_credential`]).
+const CREDENTIAL_SUBSTRINGS: [&str; 3] = ["password", "token", "secret"];
+
+/// Matched as a whole segment (see [`is_credential`]).
+const CREDENTIAL_SEGMENTS: [&str; 21] = [
+    "pass",
+    "passwd",
+    "pwd",
+    "pw",
+    "passcode",
+    "passphrase",
+    "passkey",
+    "hash",
+    "hashed",
+    "digest",
+    "salt",
+    "credential",
+    "credentials",
+    "session",
+    "cookie",
+    "jwt",
+    "bearer",
+    "pin",
+    "apikey",
+    "authkey",
+    "privatekey",
+];
+
+/// Matched as two adjacent segments (see [`is_credential`]).
+const CREDENTIAL_PAIRS: [(&str, &str); 22] = [
+    ("api", "key"),
+    ("private", "key"),
+    ("auth", "key"),
+    ("activation", "key"),
+    ("access", "key"),
+    ("signing", "key"),
+    ("encryption", "key"),
+    ("recovery", "key"),
+    ("master", "key"),
+    ("security", "stamp"),
+    ("security", "answer"),
+    ("recovery", "code"),
+    ("recovery", "codes"),
+    ("backup", "code"),
+    ("backup", "codes"),
+    ("reset", "code"),
+    ("verification", "code"),
+    ("confirmation", "code"),
+    ("activation", "code"),
+    ("auth", "code"),
+    ("login", "code"),
+    ("one", "time"),
+];
+
+/// A second factor's name: a credential alone, or followed by [`FACTOR_MATERIAL`].
+const SECOND_FACTORS: [&str; 5] = ["otp", "totp", "hotp", "mfa", "2fa"];
+
+/// What holds a second factor's secret, after its name (`otp_code`, `totp_seed`).
+const FACTOR_MATERIAL: [&str; 8] = [
+    "code", "codes", "key", "seed", "uri", "url", "data", "value",
+];
+
+/// A column name's lowercase segments: split on `_`, `-`, `.` and whitespace, and where the
+/// case says a word starts: `userPass` (a lowercase letter or digit, then an uppercase one)
+/// and `APIKey` (an uppercase letter followed by a lowercase one, after uppercase ones).
+/// Digits stay with their word (`2fa`, `user2fa`).
+pub(super) fn name_segments(name: &str) -> Vec<String> {
+    let mut segments = Vec::new();
+    let mut current = String::new();
+    let mut previous: Option<char> = None;
+    let mut chars = name.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '_' || c == '-' || c == '.' || c.is_whitespace() {
+            if !current.is_empty() {
+                segments.push(std::mem::take(&mut current));
+            }
+            previous = None;
+            continue;
+        }
+        if let (true, Some(previous)) = (c.is_uppercase(), previous) {
+            let next_is_lower = chars.peek().is_some_and(|next| next.is_lowercase());
+            if previous.is_lowercase()
+                || previous.is_ascii_digit()
+                || (previous.is_uppercase() && next_is_lower)
+            {
+                segments.push(std::mem::take(&mut current));
+            }
+        }
+        current.extend(c.to_lowercase());
+        previous = Some(c);
+    }
+    if !current.is_empty() {
+        segments.push(current);
+    }
+    segments
 }
 
 /// A source column at a known position of the current relation.
@@ -657,17 +796,193 @@ mod tests {
     #[test]
     fn credential_columns_are_recognised_by_name() {
         for name in [
+            // The substring rule: the three words, glued or not.
             "encrypted_password",
+            "resetpasswordtoken",
             "recovery_token",
             "email_change_token_new",
             "totp_secret",
+            "totpSecret",
             "passwordHash",
+            "PasswordHash",
+            "password_digest",
+            "password_reset_token",
             "refreshToken",
+            "refresh_token",
+            "access_token",
+            "id_token",
+            "confirmation_token",
+            "unlock_token",
+            "two_factor_secret",
+            "encrypted_otp_secret",
+            "otp_secret_key",
+            "mfa_secret",
+            // WordPress, Drupal.
+            "user_pass",
+            "user_activation_key",
+            "pass",
+            // Laravel Fortify, Devise/GitLab/Mastodon.
+            "two_factor_recovery_codes",
+            "otp_backup_codes",
+            // Yii2.
+            "auth_key",
+            // Rails tutorial.
+            "remember_digest",
+            "reset_digest",
+            "activation_digest",
+            // ASP.NET Identity.
+            "SecurityStamp",
+            "security_stamp",
+            // Common spellings.
+            "salt",
+            "passwd",
+            "pwd",
+            "hashed_pw",
+            "pw_hash",
+            "api_key",
+            "apiKey",
+            "APIKey",
+            "apikey",
+            "private_key",
+            "privateKey",
+            "credentials",
+            "credential_id",
+            "session_id",
+            "sessionId",
+            "totp",
+            "hotp",
+            "mfa",
+            "otp_code",
+            "totp_seed",
+            "mfaRecoveryCodes",
+            "reset_code",
+            "verification_code",
+            "recovery_code",
+            "recovery_codes",
+            "backup_code",
+            "backup_codes",
+            "one_time_code",
+            "pin",
+            "jwt",
+            "remember-cookie",
+            "user.pass",
+            "user pass",
+            "userPass",
+        ] {
+            assert!(is_credential(name), "{name} should be a credential");
+        }
+        for name in [
+            // Columns the profiles read or pass through (src/map/*.rs and their tests).
+            "id",
+            "email",
+            "display_name",
+            "displayName",
+            "name",
+            "created_at",
+            "createdAt",
+            "updated_at",
+            "updatedAt",
+            "deleted_at",
+            "email_confirmed_at",
+            "email_verified",
+            "emailVerified",
+            "confirmed_at",
+            "last_sign_in_at",
+            "raw_user_meta_data",
+            "raw_app_meta_data",
+            "is_anonymous",
+            "isAnonymous",
+            "is_sso_user",
+            "is_super_admin",
+            "banned_until",
+            "phone",
+            "phone_confirmed_at",
+            "instance_id",
+            "aud",
+            "role",
+            "realm_id",
+            "username",
+            "first_name",
+            "last_name",
+            "enabled",
+            "federation_link",
+            "service_account_client_link",
+            "created_timestamp",
+            "not_before",
+            "tenancyId",
+            "projectUserId",
+            "mirroredProjectId",
+            "mirroredBranchId",
+            "serverMetadata",
+            "clientMetadata",
+            "clientReadOnlyMetadata",
+            "profileImageUrl",
+            "requiresTotpMfa",
+            "isPrimary",
+            "usedForAuth",
+            "isVerified",
+            "value",
+            "type",
+            "image",
+            "banned",
+            "banReason",
+            "banExpires",
+            "twoFactorEnabled",
+            "metadata",
+            "version",
+            "user_key",
+            "login_count",
+            // Innocents that look close: segments are whole words.
+            "passport_country",
+            "compass",
+            "bypass_sso",
+            "hashtag",
+            "pinned",
+            "sessions_count",
+            "otp_required_for_login",
+            "mfa_enabled",
+            "ConcurrencyStamp",
+            "public_key",
+            "nonce",
+            "keyboard_layout",
+            "avatar_url",
+        ] {
+            assert!(!is_credential(name), "{name} should not be a credential");
+        }
+    }
+
+    /// Names that look like a credential but are not: the price of the rule, which
+    /// `--include-columns` pays back.
+    #[test]
+    fn accepted_false_positives() {
+        for name in [
+            "tokenizer_version",
+            "password_changed_at",
+            "session_count",
+            "email_hash",
+            "pin_set_at",
         ] {
             assert!(is_credential(name), "{name}");
         }
-        for name in ["email", "raw_user_meta_data", "created_at", "image"] {
-            assert!(!is_credential(name), "{name}");
+    }
+
+    #[test]
+    fn names_split_into_lowercase_segments() {
+        for (name, segments) in [
+            ("userPass", &["user", "pass"][..]),
+            ("PasswordHash", &["password", "hash"]),
+            ("APIKey", &["api", "key"]),
+            ("user_activation_key", &["user", "activation", "key"]),
+            (
+                "two-factor.recovery codes",
+                &["two", "factor", "recovery", "codes"],
+            ),
+            ("requiresTotpMfa", &["requires", "totp", "mfa"]),
+            ("user2faCode", &["user2fa", "code"]),
+            ("__id__", &["id"]),
+            ("", &[]),
+        ] {
+            assert_eq!(name_segments(name), segments, "{name}");
         }
     }
 }

@@ -19,10 +19,10 @@
 //! `None` means "no such column".
 //!
 //! Every other column passes through under its own name with its JSON value, except a
-//! column whose name says it holds a credential (`password`, `token` or `secret` in it, the
-//! rule of every profile: `password_hash`, `reset_token`, `totp_secret`), and a column whose
-//! name is a computed key (say an `id serial` beside `--id-column user_uuid`): writing it
-//! would overwrite the computed value. `--include-columns` and `--exclude-columns` narrow or
+//! column whose name says it holds a credential (the rule of every profile,
+//! `columns::is_credential`: `password_hash`, `reset_token`, `totp_secret`, `user_pass`,
+//! `api_key`), and a column whose name is a computed key (say an `id serial` beside
+//! `--id-column user_uuid`): writing it would overwrite the computed value. `--include-columns` and `--exclude-columns` narrow or
 //! widen that (see the `selection` module). Every row is a live user: the generic profile
 //! never skips a row.
 

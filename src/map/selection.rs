@@ -3,7 +3,8 @@
 //!
 //! **The profile's rule.** Every profile copies the columns it does not read into a key,
 //! except those it never copies: any column whose name says it holds a credential
-//! (`password`, `token` or `secret` in it: `columns::is_credential`) and the profile's own
+//! (`password`, `token` or `secret` in it, or a credential word such as `pass`, `hash`,
+//! `salt`, `api_key`: `columns::is_credential`) and the profile's own
 //! (Supabase's verification-flow state, Keycloak's `email_constraint`).
 //!
 //! **`--include-columns a,b`** (allow-list): besides the keys, only `a` and `b` are copied.

@@ -38,7 +38,7 @@
 //! `email_change_token_current`, `phone_change_token`, `reauthentication_token`), and the
 //! `confirmation_*`, `recovery_*`, `reauthentication_*`, `email_change*` and `phone_change*`
 //! columns (pending addresses and when codes were sent). Also never copied: any column whose
-//! name contains `password`, `token` or `secret`, should a later version add one. Every other
+//! name says credential (`columns::is_credential`), should a later version add one. Every other
 //! column passes through under its own name (`phone`, `last_sign_in_at`, `role`, `aud`,
 //! `banned_until`, `is_sso_user`, `deleted_at`, …).
 

@@ -417,6 +417,94 @@ async fn a_table_whose_identity_is_every_column_gets_no_column_list() {
     assert!(columns.contains(&"password_hash".to_owned()), "{columns:?}");
 }
 
+/// A WordPress-shaped users table (`wp_users`, with the generic profile's default column
+/// names for the id, email and sign-up time): its password hash and activation key are named
+/// without `password`, `token` or `secret`, which the credential rule once required.
+const WORDPRESS_USERS: &str = "
+CREATE TABLE public.users (
+    id                  bigserial PRIMARY KEY,
+    user_login          text NOT NULL,
+    user_pass           text NOT NULL,
+    user_nicename       text,
+    email               text,
+    user_url            text,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    user_activation_key text NOT NULL DEFAULT '',
+    user_status         int NOT NULL DEFAULT 0,
+    display_name        text
+)";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wordpress_password_hashes_and_activation_keys_stay_behind() {
+    let pair = Pair::on_as_superuser(shared_server(), WORDPRESS_USERS).await;
+    let insert = |n: u32| {
+        format!(
+            "INSERT INTO users (user_login, user_pass, email, user_activation_key, display_name)
+             VALUES ('user{n}', '$P$B{SECRET}-pass-{n}', 'user{n}@example.com',
+                     '{SECRET}-key-{n}', 'User {n}')"
+        )
+    };
+    pair.source.batch_execute(&insert(1)).await.unwrap();
+
+    let setup = pair.usersync(&["setup"]);
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    let never_copied = said
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("never copied: "))
+        .unwrap_or_else(|| panic!("no never-copied line in: {said}"));
+    for credential in ["user_pass", "user_activation_key"] {
+        assert!(never_copied.contains(credential), "{said}");
+    }
+    let published = published_columns(&pair).await;
+    assert_eq!(
+        published,
+        [
+            "id",
+            "user_login",
+            "user_nicename",
+            "email",
+            "user_url",
+            "created_at",
+            "user_status",
+            "display_name"
+        ]
+    );
+
+    // A user streamed after setup, beside the one the initial copy brought.
+    let running = pair.start();
+    pair.source.batch_execute(&insert(2)).await.unwrap();
+    pair.wait_target("SELECT count(*) = 2 FROM neon_auth.users_sync")
+        .await;
+    running.stop().await;
+    let leaked: i64 = pair
+        .target
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM neon_auth.users_sync
+                  WHERE raw_json ? 'user_pass' OR raw_json ? 'user_activation_key'
+                     OR raw_json::text LIKE '%{SECRET}%'"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leaked, 0);
+    let copied: Vec<String> = pair
+        .target
+        .query(
+            "SELECT raw_json->>'user_login' FROM neon_auth.users_sync ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(copied, ["user1", "user2"], "the other columns are copied");
+}
+
 /// The statement `setup` printed for the publication's owner.
 fn owner_statement(said: &str) -> String {
     said.split_once("have the owner run: ")
