@@ -255,6 +255,13 @@ pub async fn ensure_publication(
     if !statements.is_empty() {
         // One simple query: its statements commit together or not at all.
         let sql = statements.join("; ");
+        // What the owner is to run, as one transaction too: between a DROP TABLE and its ADD
+        // TABLE committed apart, the table's changes are not published, and are lost.
+        let owner_sql = if statements.len() > 1 {
+            format!("BEGIN; {sql}; COMMIT")
+        } else {
+            sql.clone()
+        };
         if let Err(error) = client.batch_execute(&sql).await {
             if error.code() != Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
                 return Err(SourceError::sql("creating or changing the publication")(
@@ -268,7 +275,7 @@ pub async fn ensure_publication(
                 return Err(SourceError::Definite(format!(
                     "the source role may not create or change publication {publication} \
                      (that takes ownership of the publication and of {}, or a superuser); \
-                     have the owner run: {sql}",
+                     have the owner run: {owner_sql}",
                     names(&all)
                 )));
             }
@@ -283,7 +290,7 @@ pub async fn ensure_publication(
                 said.push(format!(
                     "warning: publication {publication} publishes columns of {} that usersync \
                      does not use ({}), and this role may not change it; to keep them off the \
-                     wire, have the owner run: {sql}",
+                     wire, have the owner run: {owner_sql}",
                     table.table,
                     extra.join(", ")
                 ));

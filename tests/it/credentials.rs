@@ -337,10 +337,13 @@ async fn the_least_privilege_role_gets_the_statement_for_the_owner() {
         "{said}"
     );
     let owner_sql = owner_statement(&said);
+    // One transaction: a change committed between the DROP and the ADD would not be published.
     assert!(
-        owner_sql.starts_with(r#"ALTER PUBLICATION "usersync" DROP TABLE "public"."users"; "#),
+        owner_sql
+            .starts_with(r#"BEGIN; ALTER PUBLICATION "usersync" DROP TABLE "public"."users"; "#),
         "{said}"
     );
+    assert!(owner_sql.trim_end().ends_with("; COMMIT"), "{said}");
     pair.source.batch_execute(&owner_sql).await.unwrap();
     assert_eq!(published_columns(&pair).await, USED);
     let again = pair.usersync(&["setup"]);

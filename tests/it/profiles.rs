@@ -912,6 +912,7 @@ async fn stack_auth_users_their_primary_email_and_one_tenancy() {
     let owner_sql = owner_sql.lines().next().unwrap_or_default();
     assert!(
         owner_sql
+            .trim_start_matches("BEGIN; ")
             .starts_with(r#"ALTER PUBLICATION "usersync" ADD TABLE "public"."ContactChannel""#),
         "{said}"
     );
