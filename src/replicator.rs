@@ -1196,11 +1196,19 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Waits until the worker has answered everything sent to it.
+    /// Waits until the worker has answered everything sent to it, with status updates going
+    /// out meanwhile: a slow part of a large transaction must not get the connection ended
+    /// by the source's `wal_sender_timeout`.
     async fn settle(&mut self) -> Result<(), Error> {
         while self.worker.in_flight() > 0 {
-            let done = self.worker.recv().await?;
-            self.on_done(done).await?;
+            let status_due = self.last_status + self.status_interval;
+            tokio::select! {
+                done = self.worker.recv() => {
+                    let done = done?;
+                    self.on_done(done).await?;
+                }
+                _ = tokio::time::sleep_until(status_due.into()) => self.send_status(false).await?,
+            }
         }
         Ok(())
     }
