@@ -233,9 +233,14 @@ impl TargetWriter {
         slot: &str,
         system_id: &str,
     ) -> Result<Self, ApplyError> {
+        // The server's keepalives on this connection, which holds the slot's lock: a host that
+        // vanished (a crash, a partition) releases it within about 25 s, not the kernel's
+        // default two hours, so that a standby can take over.
         client
             .batch_execute(&format!(
-                "SET synchronous_commit = on; SET statement_timeout = '{STATEMENT_TIMEOUT}'"
+                "SET synchronous_commit = on; SET statement_timeout = '{STATEMENT_TIMEOUT}'; \
+                 SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
+                 SET tcp_keepalives_count = 3"
             ))
             .await
             .map_err(ApplyError::sql("configuring the target session"))?;
