@@ -504,3 +504,37 @@ async fn a_target_slower_than_the_source_timeout_is_not_a_silent_source() {
     );
     running.stop().await;
 }
+
+/// A large source transaction goes to the target in parts; a part slower than the source's
+/// `wal_sender_timeout` (4 s on the shared server) must not get the connection ended: status
+/// updates go out while the session waits for the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_part_of_a_large_transaction_keeps_the_source_connection() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    pair.target
+        .batch_execute(
+            "CREATE FUNCTION slow_part() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_sleep(6); RETURN NEW; END $$;
+             CREATE TRIGGER slow_part BEFORE INSERT ON neon_auth.users_sync FOR EACH ROW
+               WHEN (NEW.raw_json ->> 'primary_email' = 'slow1@example.com')
+               EXECUTE FUNCTION slow_part();",
+        )
+        .await
+        .unwrap();
+    let running = pair.start();
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (email) SELECT 'slow' || g || '@example.com'
+               FROM generate_series(1, 25000) g",
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    assert_eq!(
+        running.metrics.reconnects(),
+        0,
+        "the source ended the connection while a slow part was written"
+    );
+    running.stop().await;
+}
