@@ -21,20 +21,11 @@ use usersync::localpg::LocalPg;
 
 use crate::harness::*;
 
-/// A target server whose asynchronous commits stay unflushed for up to ten seconds: the WAL
-/// writer wakes rarely and never flushes for volume, the background writer writes no pages
-/// (writing a page flushes the WAL up to it) and no checkpoint comes in a test's time.
+/// A target server whose asynchronous commits stay unflushed for up to ten seconds
+/// ([`lazy_wal_conf`]).
 fn lazy_target_server() -> &'static LocalPg {
     static SERVER: OnceLock<LocalPg> = OnceLock::new();
-    SERVER.get_or_init(|| {
-        start_target_server(vec![
-            ("wal_writer_delay".into(), "10s".into()),
-            ("wal_writer_flush_after".into(), "1GB".into()),
-            ("bgwriter_lru_maxpages".into(), "0".into()),
-            ("checkpoint_timeout".into(), "1h".into()),
-            ("max_wal_size".into(), "10GB".into()),
-        ])
-    })
+    SERVER.get_or_init(|| start_target_server(lazy_wal_conf()))
 }
 
 /// Records the target WAL position at which each checkpoint row is written. The function is

@@ -113,6 +113,21 @@ pub fn start_server(extra_conf: Vec<(String, String)>) -> LocalPg {
     start_server_from(bin_dir_from_env(SOURCE_PG_BIN_ENV), extra_conf)
 }
 
+/// Settings under which asynchronous commits stay unflushed for up to ten seconds, as they
+/// would be lost by an OS crash or a Neon compute restart: the WAL writer wakes rarely and
+/// never flushes for volume, the background writer writes no pages (writing a page flushes
+/// the WAL up to it) and no checkpoint comes in a test's time. An immediate stop then loses
+/// the unflushed tail too: it is in shared memory, not yet handed to the OS.
+pub fn lazy_wal_conf() -> Vec<(String, String)> {
+    vec![
+        ("wal_writer_delay".into(), "10s".into()),
+        ("wal_writer_flush_after".into(), "1GB".into()),
+        ("bgwriter_lru_maxpages".into(), "0".into()),
+        ("checkpoint_timeout".into(), "1h".into()),
+        ("max_wal_size".into(), "10GB".into()),
+    ]
+}
+
 /// A target server of its own (from [`TARGET_PG_BIN_ENV`]'s binaries) with extra settings.
 pub fn start_target_server(extra_conf: Vec<(String, String)>) -> LocalPg {
     start_server_from(bin_dir_from_env(TARGET_PG_BIN_ENV), extra_conf)
