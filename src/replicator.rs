@@ -202,7 +202,7 @@ async fn run_session(
     })
     .await?;
     metrics.set_connected(Side::Target, true);
-    if !hold_slot_lock(&target, &config.slot, metrics, shutdown).await? {
+    if !hold_slot_lock(&target, &config.slot, mode, metrics, shutdown).await? {
         return Ok(());
     }
     // Read only now: a standby that just took over resumes where the other one stopped.
@@ -374,10 +374,11 @@ async fn run_session(
 async fn hold_slot_lock(
     target: &tokio_postgres::Client,
     slot: &str,
+    mode: Mode,
     metrics: &Metrics,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<bool, Error> {
-    let result = wait_for_slot_lock(target, slot, metrics, shutdown).await;
+    let result = wait_for_slot_lock(target, slot, mode, metrics, shutdown).await;
     // Holding it, stopped, or failed: not standing by any more.
     metrics.set_standby(None);
     result
@@ -386,6 +387,7 @@ async fn hold_slot_lock(
 async fn wait_for_slot_lock(
     target: &tokio_postgres::Client,
     slot: &str,
+    mode: Mode,
     metrics: &Metrics,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<bool, Error> {
@@ -415,6 +417,16 @@ async fn wait_for_slot_lock(
             Ok(apply::slot_lock::holders(target, slot).await?)
         })
         .await?;
+        if let Mode::Replay { .. } = mode {
+            // A replay is a one-off: it does not stand by behind a running replicator, which
+            // applies what is pending anyway.
+            return Err(Error::Config(format!(
+                "another session holds slot {slot}'s lock on the target ({}): a usersync run \
+                 replicates this slot, and applies what is pending itself; stop it first to \
+                 replay (or to replay --dry-run)",
+                apply::slot_lock::describe(&holders)
+            )));
+        }
         let now = Instant::now();
         if holders_worth_logging(logged.as_ref(), &holders, now) {
             tracing::info!(

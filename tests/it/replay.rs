@@ -121,3 +121,31 @@ async fn without_the_right_to_write_a_marker_replay_ends_at_the_current_position
     assert!(output.status.success(), "{}", text(&output));
     assert_eq!(pair.source_users().await, pair.target_users().await);
 }
+
+/// A replay while `run` replicates the slot fails at once with advice, rather than standing
+/// by behind it for good (a cron job would pile up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_while_run_holds_the_slot_fails_fast() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let running = pair.start();
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('busy@example.com')")
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    for args in [&["replay"][..], &["replay", "--dry-run"][..]] {
+        let mut command = pair.command(args);
+        let output = tokio::time::timeout(
+            WAIT,
+            tokio::task::spawn_blocking(move || command.output().unwrap()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{args:?} stood by behind the running replicator"))
+        .unwrap();
+        let said = text(&output);
+        assert_eq!(output.status.code(), Some(78), "{args:?}: {said}");
+        assert!(said.contains("stop it first"), "{args:?}: {said}");
+    }
+    running.stop().await;
+}
