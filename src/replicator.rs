@@ -229,10 +229,13 @@ async fn run_session(
         Ok(source)
     })
     .await?;
-    let SlotReady {
+    let Some(SlotReady {
         sender_timeout,
         confirmed_flush,
-    } = wait_for_slot(&source, &config.slot, source_timeout).await?;
+    }) = wait_for_slot(&source, &config.slot, source_timeout, shutdown).await?
+    else {
+        return Ok(());
+    };
     // Facts the profile needs from the source (Keycloak: the realm's id for its name), and
     // whether the publication carries the columns the mapping needs (PostgreSQL 15+).
     let profile = answered(
@@ -473,12 +476,14 @@ struct SlotReady {
 ///
 /// The wait lasts at least as long as the source's `wal_sender_timeout` (plus a margin): a
 /// predecessor that died without closing its connection (a crashed host, after which a
-/// standby takes over) keeps the slot busy until its walsender times out.
+/// standby takes over) keeps the slot busy until its walsender times out. `None` if stopped
+/// while waiting.
 async fn wait_for_slot(
     source: &tokio_postgres::Client,
     slot: &str,
     source_timeout: Duration,
-) -> Result<SlotReady, Error> {
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<SlotReady>, Error> {
     let sender_timeout: i32 = answered(source_timeout, "source", "reading settings", async {
         Ok(source
             .query_one(
@@ -493,6 +498,7 @@ async fn wait_for_slot(
     let sender_timeout = Duration::from_millis(u64::try_from(sender_timeout).unwrap_or(0));
     let wait = SLOT_BUSY_WAIT.max(sender_timeout + SLOT_BUSY_MARGIN);
     let deadline = Instant::now() + wait;
+    let mut said_busy = false;
     loop {
         let info = answered(source_timeout, "source", "reading the slot", async {
             Ok(catalog::slot_info(source, slot).await?)
@@ -531,14 +537,20 @@ async fn wait_for_slot(
                     ))
                     .into());
                 }
-                tracing::info!(slot, pid, "slot busy; waiting for it to be released");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                if !said_busy {
+                    tracing::info!(slot, pid, "slot busy; waiting for it to be released");
+                    said_busy = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stopped(shutdown) => return Ok(None),
+                }
             }
             _ => {
-                return Ok(SlotReady {
+                return Ok(Some(SlotReady {
                     sender_timeout,
                     confirmed_flush: info.confirmed_flush_lsn.unwrap_or(Lsn::ZERO),
-                })
+                }))
             }
         }
     }

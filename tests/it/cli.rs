@@ -108,38 +108,7 @@ async fn teardown_needs_yes_then_drops_slot_and_publication() {
 async fn a_slot_held_by_another_tool_is_reported_with_its_pid() {
     let pair = Pair::new().await;
     pair.setup().await;
-    // Another consumer (as pg_recvlogical would be) streams from the slot.
-    let mut holder =
-        usersync::source::ReplicationConnection::connect(&pair.config.source, "other-tool")
-            .await
-            .unwrap()
-            .start_logical_replication(
-                &pair.config.slot,
-                usersync::lsn::Lsn::ZERO,
-                &[
-                    ("proto_version", "1".to_owned()),
-                    ("publication_names", "usersync".to_owned()),
-                ],
-            )
-            .await
-            .unwrap();
-    // It answers keepalives, so the server keeps it (wal_sender_timeout is short here).
-    let holder = tokio::spawn(async move {
-        use usersync::decode::{
-            decode_replication_message, encode_standby_status_update, ReplicationMessage,
-        };
-        while let Ok(Some(payload)) = holder.recv().await {
-            if let Ok(ReplicationMessage::PrimaryKeepalive { wal_end, .. }) =
-                decode_replication_message(payload)
-            {
-                let zero = usersync::lsn::Lsn::ZERO;
-                let reply = encode_standby_status_update(wal_end, zero, zero, 0, false);
-                if holder.send(reply).await.is_err() {
-                    break;
-                }
-            }
-        }
-    });
+    let holder = hold_slot_as_another_tool(&pair).await;
     let mut child = pair
         .command(&["run"])
         .stdout(Stdio::piped())
@@ -161,5 +130,61 @@ async fn a_slot_held_by_another_tool_is_reported_with_its_pid() {
         "{}",
         text(&output)
     );
+    holder.abort();
+}
+
+/// Another consumer (as pg_recvlogical would be) streaming from the pair's slot, answering
+/// keepalives so that the server keeps it (wal_sender_timeout is short here).
+async fn hold_slot_as_another_tool(pair: &Pair) -> tokio::task::JoinHandle<()> {
+    let mut holder =
+        usersync::source::ReplicationConnection::connect(&pair.config.source, "other-tool")
+            .await
+            .unwrap()
+            .start_logical_replication(
+                &pair.config.slot,
+                usersync::lsn::Lsn::ZERO,
+                &[
+                    ("proto_version", "1".to_owned()),
+                    ("publication_names", "usersync".to_owned()),
+                ],
+            )
+            .await
+            .unwrap();
+    tokio::spawn(async move {
+        use usersync::decode::{
+            decode_replication_message, encode_standby_status_update, ReplicationMessage,
+        };
+        while let Ok(Some(payload)) = holder.recv().await {
+            if let Ok(ReplicationMessage::PrimaryKeepalive { wal_end, .. }) =
+                decode_replication_message(payload)
+            {
+                let zero = usersync::lsn::Lsn::ZERO;
+                let reply = encode_standby_status_update(wal_end, zero, zero, 0, false);
+                if holder.send(reply).await.is_err() {
+                    break;
+                }
+            }
+        }
+    })
+}
+
+/// SIGTERM while `run` waits for a slot another tool holds: it stops at once, cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_waiting_for_a_busy_slot_is_obeyed() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let holder = hold_slot_as_another_tool(&pair).await;
+    let child = pair
+        .command(&["run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    send_signal(child.id(), "TERM");
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     holder.abort();
 }
