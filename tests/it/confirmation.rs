@@ -331,3 +331,26 @@ async fn wait_for_user(pair: &Pair, email: &str) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
+
+/// Idle, the slot is confirmed up to the server's latest position (past the last checkpoint);
+/// the next change must not take that confirmation back while it waits to be made durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_confirmation_is_never_taken_back() {
+    let pair = lazy_pair().await;
+    let watcher = Watcher::start(&pair).await;
+    let running = pair.start();
+    for round in 0..3 {
+        pair.source
+            .execute(
+                "INSERT INTO users (email) VALUES ($1)",
+                &[&format!("idle{round}@example.com")],
+            )
+            .await
+            .unwrap();
+        wait_for_user(&pair, &format!("idle{round}@example.com")).await;
+        // Idle long enough for heartbeats and keepalives to move the confirmation on.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    running.stop().await;
+    watcher.finish("idle confirmations").await;
+}
