@@ -368,6 +368,15 @@ fn read_url_file(which: &'static str, file_var: &str, path: &Path) -> Result<Str
             path.display()
         ))
     };
+    // A FIFO or a device would block the open or never end: only a regular file (through
+    // symlinks, as Kubernetes mounts secrets) is read.
+    let kind = std::fs::metadata(path).map_err(unreadable)?;
+    if !kind.is_file() {
+        return Err(Error::Config(format!(
+            "{file_var}={} is not a regular file; point it at the file that holds the {which} URL",
+            path.display()
+        )));
+    }
     let mut file = std::fs::File::open(path).map_err(unreadable)?;
     let metadata = file.metadata().map_err(unreadable)?;
     if readable_by_others(&metadata) {
@@ -381,9 +390,23 @@ fn read_url_file(which: &'static str, file_var: &str, path: &Path) -> Result<Str
         );
     }
     let mut text = String::new();
-    std::io::Read::read_to_string(&mut file, &mut text).map_err(unreadable)?;
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(&mut file, MAX_URL_FILE_BYTES + 1),
+        &mut text,
+    )
+    .map_err(unreadable)?;
+    if text.len() as u64 > MAX_URL_FILE_BYTES {
+        return Err(Error::Config(format!(
+            "{file_var}={} is larger than {MAX_URL_FILE_BYTES} bytes, which no URL is; point it \
+             at the file that holds the {which} URL",
+            path.display()
+        )));
+    }
     Ok(text.trim().to_owned())
 }
+
+/// More than any connection URL needs: a file past it is the wrong file.
+const MAX_URL_FILE_BYTES: u64 = 64 * 1024;
 
 fn file_mode(metadata: &std::fs::Metadata) -> u32 {
     use std::os::unix::fs::PermissionsExt as _;
@@ -748,6 +771,32 @@ mod tests {
         assert!(Config::from_args(&pooled).is_ok());
         let direct = connection_args("postgresql://u:pw@ep-x.us-east-2.aws.neon.tech/db");
         assert!(Config::for_replication(&direct).is_ok());
+    }
+
+    #[test]
+    fn a_url_file_must_be_a_small_regular_file() {
+        let dir = std::env::temp_dir().join(format!("usersync-url-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A directory (as a FIFO or a device would) is refused before it is opened.
+        let error = read_url_file("source", "USERSYNC_SOURCE_URL_FILE", &dir).expect_err("a dir");
+        assert!(
+            error.to_string().contains("is not a regular file"),
+            "{error}"
+        );
+        let big = dir.join("big");
+        std::fs::write(&big, vec![b'x'; 70 * 1024]).unwrap();
+        let error = read_url_file("source", "USERSYNC_SOURCE_URL_FILE", &big).expect_err("big");
+        assert!(
+            error.to_string().contains("larger than 65536 bytes"),
+            "{error}"
+        );
+        let fine = dir.join("fine");
+        std::fs::write(&fine, "postgresql://u@h/db\n").unwrap();
+        assert_eq!(
+            read_url_file("source", "USERSYNC_SOURCE_URL_FILE", &fine).unwrap(),
+            "postgresql://u@h/db"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -92,7 +92,9 @@ impl fmt::Display for LockHolder {
             (application_name, usename) => {
                 let application_name = application_name.as_deref().unwrap_or_default();
                 write!(f, " (application_name {application_name:?}")?;
-                write!(f, ", user {}", usename.as_deref().unwrap_or("-"))?;
+                // A role name may hold any character, terminal escapes included.
+                let usename = usename.as_deref().unwrap_or("-").escape_debug();
+                write!(f, ", user {usename}")?;
             }
         }
         match (&self.client_addr, self.backend_start) {
