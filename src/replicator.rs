@@ -39,18 +39,22 @@ use bytes::Bytes;
 use postgres_protocol::escape::escape_identifier;
 use tokio::sync::watch;
 
+mod relations;
+
+use relations::StreamTables;
+
 use crate::apply::{self, ApplyWorker, Batch, CommitPosition, Done, Job, TargetWriter, UnixMicros};
 use crate::config::Config;
 use crate::conn;
 use crate::decode::{
     decode_replication_message, encode_standby_status_update, pg_micros_to_unix_micros,
-    unix_micros_to_pg_micros, Assembled, LogicalMessage, OldTuple, PgOutputDecoder, Relation,
+    unix_micros_to_pg_micros, Assembled, LogicalMessage, OldTuple, PgOutputDecoder,
     ReplicationMessage, Transaction, TransactionAssembler, TupleData,
 };
 use crate::error::Error;
 use crate::lag::{unix_micros_now, ClockOffset};
 use crate::lsn::Lsn;
-use crate::map::{BoundProfile, MappedUser, Profile, RowMapper, RowOutcome};
+use crate::map::{MappedUser, RowMapper, RowOutcome};
 use crate::metrics::{Metrics, Op, Side};
 use crate::source::monitor::{heartbeat_prefix, run_monitor};
 use crate::source::{catalog, ReplicationConnection, ReplicationStream, SourceError};
@@ -339,8 +343,7 @@ async fn run_session(
         in_flight: None,
         decoder: PgOutputDecoder::new(),
         assembler: TransactionAssembler::with_memory_limit(config.spill_threshold),
-        profile,
-        relations: Vec::new(),
+        tables: StreamTables::new(profile, &config.table),
         skip_before: resume_at,
         confirmed: resume_at,
         reported_flush: confirmed_flush,
@@ -612,14 +615,6 @@ fn is_large(transaction: &Transaction) -> bool {
     transaction.spilled.is_some() || transaction.len() > MAX_BATCH_CHANGES
 }
 
-/// A table of the profile as the current Relation message describes it.
-struct UsersRelation {
-    id: u32,
-    /// Its index in the profile's tables: 0 is the users table.
-    table: usize,
-    mapping: BoundProfile,
-}
-
 /// How long a target request may go unanswered while a session starts; afterwards the
 /// writer's own `statement_timeout` and batch timeout bound every request.
 const TARGET_TIMEOUT: Duration = Duration::from_secs(60);
@@ -669,10 +664,9 @@ struct Session<'a> {
     in_flight: Option<InFlight>,
     decoder: PgOutputDecoder,
     assembler: TransactionAssembler,
-    /// The configured profile, completed with what the source told us.
-    profile: Profile,
-    /// The profile's tables the stream has described so far.
-    relations: Vec<UsersRelation>,
+    /// The configured profile, completed with what the source told us, and its tables as
+    /// the stream has described them so far.
+    tables: StreamTables,
     /// Transactions committed before this position are on the target already.
     skip_before: Lsn,
     /// The position the target holds durably (the checkpoint's `end_lsn`).
@@ -845,7 +839,7 @@ impl Session<'_> {
                             return Err(error);
                         }
                     }
-                    Assembled::Relation(relation) => self.note_relation(relation)?,
+                    Assembled::Relation(relation) => self.tables.note(relation)?,
                     Assembled::NonTransactionalMessage(_) | Assembled::Nothing => {}
                 }
             }
@@ -889,28 +883,6 @@ impl Session<'_> {
             && !self.in_large_transaction
     }
 
-    fn note_relation(&mut self, relation: Relation) -> Result<(), Error> {
-        let tables = self.profile.tables(&self.config.table);
-        let table = tables
-            .iter()
-            .position(|table| relation.namespace == table.schema && relation.name == table.name);
-        // A table renamed or moved is no longer one of the profile's.
-        self.relations
-            .retain(|known| known.id != relation.id && Some(known.table) != table);
-        if let Some(table) = table {
-            let mapping = self.profile.bind_table(table, &relation.columns)?;
-            for note in mapping.notes() {
-                tracing::info!(table = %tables[table], note = %note, "mapping");
-            }
-            self.relations.push(UsersRelation {
-                id: relation.id,
-                table,
-                mapping,
-            });
-        }
-        Ok(())
-    }
-
     /// Whether a committed transaction is still to be applied: not one the target holds
     /// already, nor, in a replay, one at or past its end (which ends the replay).
     fn wanted(&mut self, transaction: &Transaction) -> bool {
@@ -927,23 +899,11 @@ impl Session<'_> {
         true
     }
 
-    /// A skipped transaction's changes are not applied, but the Relation messages among them
-    /// still describe the tables: the server sends a relation once per session, so a later
-    /// transaction's changes may rely on one that came inside a skipped transaction.
-    fn note_relations_of_skipped(&mut self, transaction: Transaction) -> Result<(), Error> {
-        for change in transaction.into_changes() {
-            if let LogicalMessage::Relation(relation) = change? {
-                self.note_relation(relation)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Maps the whole transaction first, then adds it to the batch: a row that cannot be
     /// mapped fails the transaction before any of it reaches the batch.
     fn add_transaction(&mut self, transaction: Transaction) -> Result<(), Error> {
         if !self.wanted(&transaction) {
-            return self.note_relations_of_skipped(transaction);
+            return self.tables.note_skipped(transaction);
         }
         let mut changes = Vec::with_capacity(transaction.changes.len());
         for change in transaction.changes {
@@ -1035,7 +995,7 @@ impl Session<'_> {
     /// out meanwhile, so the source does not time the connection out.
     async fn add_large_transaction(&mut self, transaction: Transaction) -> Result<(), Error> {
         if !self.wanted(&transaction) {
-            return self.note_relations_of_skipped(transaction);
+            return self.tables.note_skipped(transaction);
         }
         if !self.batch.is_empty() {
             self.apply_batch().await?;
@@ -1117,15 +1077,15 @@ impl Session<'_> {
         out: &mut Vec<UserChange>,
     ) -> Result<(), Error> {
         match change {
-            LogicalMessage::Relation(relation) => self.note_relation(relation)?,
+            LogicalMessage::Relation(relation) => self.tables.note(relation)?,
             LogicalMessage::Insert(insert) => {
-                if let Some(mapping) = self.mapping_of(insert.relation_id) {
+                if let Some(mapping) = self.tables.mapping_of(insert.relation_id) {
                     // A skipped new row has no user on the target to correct.
                     out.extend(change_of(mapping.map_insert(&insert.new)?, true));
                 }
             }
             LogicalMessage::Update(update) => {
-                let Some(mapping) = self.mapping_of(update.relation_id) else {
+                let Some(mapping) = self.tables.mapping_of(update.relation_id) else {
                     return Ok(());
                 };
                 let outcome = mapping.map_row(&update.new)?;
@@ -1162,7 +1122,7 @@ impl Session<'_> {
                 out.extend(change_of(outcome, false).map(|change| change.moved_from(moved_from)));
             }
             LogicalMessage::Delete(delete) => {
-                let Some(mapping) = self.mapping_of(delete.relation_id) else {
+                let Some(mapping) = self.tables.mapping_of(delete.relation_id) else {
                     return Ok(());
                 };
                 let id = mapping.map_key(old_tuple(&delete.old))?;
@@ -1175,12 +1135,7 @@ impl Session<'_> {
                 }
             }
             LogicalMessage::Truncate(truncate) => {
-                let truncated: Vec<usize> = self
-                    .relations
-                    .iter()
-                    .filter(|known| truncate.relation_ids.contains(&known.id))
-                    .map(|known| known.table)
-                    .collect();
+                let truncated = self.tables.truncated(&truncate.relation_ids);
                 if truncated.contains(&0) {
                     out.push(UserChange::SoftDeleteAll);
                 } else if !truncated.is_empty() {
@@ -1197,14 +1152,6 @@ impl Session<'_> {
             _ => {}
         }
         Ok(())
-    }
-
-    /// The bound profile for a relation id, if it is one of the profile's tables.
-    fn mapping_of(&self, relation_id: u32) -> Option<&dyn RowMapper> {
-        self.relations
-            .iter()
-            .find(|known| known.id == relation_id)
-            .map(|known| known.mapping.as_ref())
     }
 
     /// Hands the batch to the worker; the worker must be free.

@@ -1,0 +1,157 @@
+//! The profile's tables as the stream describes them.
+//!
+//! pgoutput sends a Relation message before the first change to a table in each walsender
+//! session, and again after the table's definition changes; later changes name the table by
+//! its OID only. So every Relation message is recorded, whatever becomes of the transaction
+//! that carried it: one inside a transaction the session skips (the target holds it already)
+//! still describes the table for the transactions after it.
+
+use crate::config::TableName;
+use crate::decode::{LogicalMessage, Relation, Transaction};
+use crate::error::Error;
+use crate::map::{BoundProfile, Profile, RowMapper};
+
+/// A table of the profile as the current Relation message describes it.
+struct KnownTable {
+    id: u32,
+    /// Its index in the profile's tables: 0 is the users table.
+    table: usize,
+    mapping: BoundProfile,
+}
+
+/// The profile, and what the stream has said so far of its tables.
+pub(super) struct StreamTables {
+    profile: Profile,
+    /// The profile's tables, the users table first.
+    tables: Vec<TableName>,
+    known: Vec<KnownTable>,
+}
+
+impl StreamTables {
+    pub fn new(profile: Profile, users_table: &TableName) -> Self {
+        StreamTables {
+            tables: profile.tables(users_table),
+            profile,
+            known: Vec::new(),
+        }
+    }
+
+    /// Records a Relation message: binds the profile to a table of its own, forgets one that
+    /// was renamed or moved away.
+    pub fn note(&mut self, relation: Relation) -> Result<(), Error> {
+        let table = self
+            .tables
+            .iter()
+            .position(|table| relation.namespace == table.schema && relation.name == table.name);
+        self.known
+            .retain(|known| known.id != relation.id && Some(known.table) != table);
+        if let Some(table) = table {
+            let mapping = self.profile.bind_table(table, &relation.columns)?;
+            for note in mapping.notes() {
+                tracing::info!(table = %self.tables[table], note = %note, "mapping");
+            }
+            self.known.push(KnownTable {
+                id: relation.id,
+                table,
+                mapping,
+            });
+        }
+        Ok(())
+    }
+
+    /// Records the Relation messages of a transaction that is not applied.
+    pub fn note_skipped(&mut self, transaction: Transaction) -> Result<(), Error> {
+        for change in transaction.into_changes() {
+            if let LogicalMessage::Relation(relation) = change? {
+                self.note(relation)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The bound profile for a relation id, if it is one of the profile's tables.
+    pub fn mapping_of(&self, relation_id: u32) -> Option<&dyn RowMapper> {
+        self.known
+            .iter()
+            .find(|known| known.id == relation_id)
+            .map(|known| known.mapping.as_ref())
+    }
+
+    /// Which of the profile's tables (by index, 0 the users table) a TRUNCATE names.
+    pub fn truncated(&self, relation_ids: &[u32]) -> Vec<usize> {
+        self.known
+            .iter()
+            .filter(|known| relation_ids.contains(&known.id))
+            .map(|known| known.table)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{RelationColumn, ReplicaIdentity};
+    use crate::lsn::Lsn;
+    use crate::map::GenericMapping;
+
+    fn users(id: u32) -> Relation {
+        let column = |name: &str, type_oid: u32, is_key: bool| RelationColumn {
+            is_key,
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+        };
+        Relation {
+            xid: None,
+            id,
+            namespace: "public".into(),
+            name: "users".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: vec![
+                column("id", 25, true),
+                column("email", 25, false),
+                column("created_at", 1184, false),
+            ],
+        }
+    }
+
+    fn transaction(changes: Vec<LogicalMessage>) -> Transaction {
+        Transaction {
+            xid: 7,
+            commit_lsn: Lsn(0x100),
+            end_lsn: Lsn(0x130),
+            commit_time_micros: 1,
+            changes,
+            spilled: None,
+        }
+    }
+
+    fn tables() -> StreamTables {
+        let table: TableName = "public.users".parse().unwrap();
+        StreamTables::new(GenericMapping::default().into(), &table)
+    }
+
+    #[test]
+    fn a_relation_inside_a_skipped_transaction_still_describes_the_table() {
+        let mut tables = tables();
+        tables
+            .note_skipped(transaction(vec![LogicalMessage::Relation(users(16_384))]))
+            .unwrap();
+        assert!(
+            tables.mapping_of(16_384).is_some(),
+            "a later change to the table would be dropped"
+        );
+    }
+
+    #[test]
+    fn a_table_renamed_away_is_forgotten_and_truncates_are_mapped_to_tables() {
+        let mut tables = tables();
+        tables.note(users(16_384)).unwrap();
+        assert_eq!(tables.truncated(&[16_384, 99]), vec![0]);
+        let mut renamed = users(16_384);
+        renamed.name = "old_users".into();
+        tables.note(renamed).unwrap();
+        assert!(tables.mapping_of(16_384).is_none());
+        assert!(tables.truncated(&[16_384]).is_empty());
+    }
+}
