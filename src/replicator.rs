@@ -185,10 +185,11 @@ async fn run_session(
     // Every request before streaming is bounded: a connection stalled while a session starts
     // would otherwise hang it for good (the stream's own silence check comes later).
     let source_timeout = config.source_timeout;
-    let (target, shape) = answered(TARGET_TIMEOUT, "target", "preparing the session", async {
-        let target = conn::sql::connect(&config.target, APPLICATION_NAME)
-            .await
-            .map_err(Error::connect("target"))?;
+    let (target, warnings, shape) = answered(TARGET_TIMEOUT, "target", "preparing the session", async {
+        let (target, warnings) =
+            conn::sql::connect_counting_warnings(&config.target, APPLICATION_NAME)
+                .await
+                .map_err(Error::connect("target"))?;
         conn::version::check_target(&target).await?;
         let exists: bool = target
             .query_one("SELECT to_regclass('neon_auth.users_sync') IS NOT NULL AND to_regclass('usersync.state') IS NOT NULL", &[])
@@ -202,7 +203,7 @@ async fn run_session(
             ));
         }
         let shape = apply::check_shape(&target).await?;
-        Ok((target, shape))
+        Ok((target, warnings, shape))
     })
     .await?;
     metrics.set_connected(Side::Target, true);
@@ -280,6 +281,7 @@ async fn run_session(
     let writer = answered(TARGET_TIMEOUT, "target", "preparing statements", async {
         let mut writer =
             TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
+        writer.watch_warnings(warnings);
         // The checkpoint read above is only visible: the session that wrote it may have
         // committed it asynchronously and died before a synchronous commit covered it, and a
         // target crash (or a Neon compute restart) would undo it. It becomes the first

@@ -63,6 +63,12 @@ pub enum ApplyError {
         /// The role, quoted as an SQL identifier.
         role: String,
     },
+    #[error(
+        "target: the synchronous commit that makes applied batches durable returned with a \
+         warning (a cancelled wait for synchronous replication commits locally only), so \
+         nothing was confirmed; reconnecting to make them durable again"
+    )]
+    DurabilityUnconfirmed,
     #[error("an empty batch was handed to the writer")]
     EmptyBatch,
     #[error(
@@ -84,7 +90,7 @@ impl ApplyError {
     pub fn is_transient(&self) -> bool {
         match self {
             ApplyError::Sql { source, .. } => crate::error::is_transient_pg(source),
-            ApplyError::Stalled { .. } => true,
+            ApplyError::Stalled { .. } | ApplyError::DurabilityUnconfirmed => true,
             _ => false,
         }
     }

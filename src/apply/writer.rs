@@ -19,6 +19,7 @@ use tokio_postgres::{Client, Statement};
 use super::batch::{Batch, CommitPosition, PendingUser, Segment, UnixMicros};
 use super::schema::TargetShape;
 use super::{ApplyError, STATEMENT_TIMEOUT};
+use crate::conn::sql::Warnings;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 
@@ -220,6 +221,8 @@ pub struct TargetWriter {
     open: bool,
     /// Where what the target could not take is counted (the replicator's metrics).
     metrics: Option<Arc<Metrics>>,
+    /// The server's warnings on this connection ([`watch_warnings`](Self::watch_warnings)).
+    warnings: Option<Warnings>,
 }
 
 impl TargetWriter {
@@ -293,6 +296,7 @@ impl TargetWriter {
             statements,
             open: false,
             metrics: None,
+            warnings: None,
         })
     }
 
@@ -300,6 +304,14 @@ impl TargetWriter {
     /// leaves open (deleting its record of the setup along with the first checkpoint).
     pub(crate) fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// Watches the server's warnings (from [`connect_counting_warnings`]), so that
+    /// [`make_durable`](Self::make_durable) notices a commit that returned without its wait.
+    ///
+    /// [`connect_counting_warnings`]: crate::conn::sql::connect_counting_warnings
+    pub fn watch_warnings(&mut self, warnings: Warnings) {
+        self.warnings = Some(warnings);
     }
 
     /// Counts what the target could not take (patches without a live user) in `metrics`.
@@ -546,6 +558,7 @@ impl TargetWriter {
     /// having made nothing durable. So a missing row is an error, never a success.
     pub async fn make_durable(&mut self) -> Result<(), ApplyError> {
         let context = "flushing the target's WAL";
+        let warned_before = self.warnings.as_ref().map(Warnings::count);
         let transaction = self
             .client
             .transaction()
@@ -568,7 +581,18 @@ impl TargetWriter {
                 slot: self.slot.clone(),
             });
         }
-        transaction.commit().await.map_err(ApplyError::sql(context))
+        transaction
+            .commit()
+            .await
+            .map_err(ApplyError::sql(context))?;
+        // A wait for synchronous replication (Neon's safekeepers, or a standby) that someone
+        // cancels ends in a local commit, a WARNING and a success: nothing says it is durable.
+        if warned_before
+            .is_some_and(|before| self.warnings.as_ref().map(Warnings::count) != Some(before))
+        {
+            return Err(ApplyError::DurabilityUnconfirmed);
+        }
+        Ok(())
     }
 }
 

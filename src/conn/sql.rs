@@ -10,17 +10,17 @@
 //! [`super::auth_policy`] refuses.
 
 use std::error::Error as _;
-use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_postgres::error::Severity;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
-use tokio_postgres::{Client, Config, Connection, NoTls};
+use tokio_postgres::{AsyncMessage, Client, Config, Connection, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::auth_policy::{PasswordPolicy, PlaintextPasswordRefused};
@@ -153,13 +153,40 @@ impl ConnectError {
 /// is dropped. `application_name` is used unless the URL sets its own. An unencrypted
 /// connection to another machine logs a warning ([`tls::warn_if_plaintext`]).
 pub async fn connect(url: &PgUrl, application_name: &str) -> Result<Client, ConnectError> {
-    let (client, encrypted) = open(url, application_name).await?;
+    Ok(connect_counting_warnings(url, application_name).await?.0)
+}
+
+/// [`connect`], with a count of the WARNING notices the server sends on the connection: the
+/// only sign that a commit returned without the wait it was asked for (a cancelled wait for
+/// synchronous replication commits locally, warns, and reports success).
+pub async fn connect_counting_warnings(
+    url: &PgUrl,
+    application_name: &str,
+) -> Result<(Client, Warnings), ConnectError> {
+    let warnings = Warnings::default();
+    let (client, encrypted) = open(url, application_name, warnings.clone()).await?;
     tls::warn_if_plaintext(url, encrypted);
-    Ok(client)
+    Ok((client, warnings))
+}
+
+/// How many WARNING notices a connection's server has sent. Counted by the task that drives
+/// the connection, which reads them in order with the replies: a warning sent before a
+/// command's completion is counted before the command's caller is answered.
+#[derive(Debug, Clone, Default)]
+pub struct Warnings(Arc<AtomicU64>);
+
+impl Warnings {
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 /// [`connect`], and whether the connection is encrypted.
-async fn open(url: &PgUrl, application_name: &str) -> Result<(Client, bool), ConnectError> {
+async fn open(
+    url: &PgUrl,
+    application_name: &str,
+    warnings: Warnings,
+) -> Result<(Client, bool), ConnectError> {
     // tokio-postgres applies connect_timeout to each TCP connect only; libpq's covers the whole
     // attempt, so a server that accepts but never answers the handshake is bounded too.
     // Settings that cannot work fail before anything connects.
@@ -169,7 +196,7 @@ async fn open(url: &PgUrl, application_name: &str) -> Result<(Client, bool), Con
     })?;
     let connecting = async {
         let tcp = connect_tcp(url).await?;
-        open_on(tcp, url, tls_config, application_name).await
+        open_on(tcp, url, tls_config, application_name, warnings).await
     };
     match url.connect_timeout {
         Some(timeout) => tokio::time::timeout(timeout, connecting)
@@ -190,6 +217,7 @@ async fn open_on<S>(
     url: &PgUrl,
     tls_config: Option<Arc<rustls::ClientConfig>>,
     application_name: &str,
+    warnings: Warnings,
 ) -> Result<(Client, bool), ConnectError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -214,7 +242,7 @@ where
                 .connect_raw(stream, connector)
                 .await
                 .map(|(client, connection)| {
-                    spawn_connection(connection, url.redacted());
+                    spawn_connection(connection, url.redacted(), warnings);
                     client
                 })
         }
@@ -222,7 +250,7 @@ where
             .connect_raw(stream, NoTls)
             .await
             .map(|(client, connection)| {
-                spawn_connection(connection, url.redacted());
+                spawn_connection(connection, url.redacted(), warnings);
                 client
             }),
     };
@@ -377,13 +405,30 @@ fn postgres_config(url: &PgUrl, application_name: &str) -> Config {
 
 /// Drives the connection until the client is dropped or the connection fails. Failures are
 /// logged at debug level only: the next query on the client reports them as an error anyway.
-fn spawn_connection<S, T>(connection: Connection<S, T>, redacted_url: String)
-where
-    Connection<S, T>: Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+fn spawn_connection<S, T>(
+    mut connection: Connection<S, T>,
+    redacted_url: String,
+    warnings: Warnings,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(url = %redacted_url, %error, "postgres connection ended with an error");
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notice(notice))) => {
+                    if notice.parsed_severity() == Some(Severity::Warning) {
+                        warnings.0.fetch_add(1, Ordering::SeqCst);
+                    }
+                    tracing::debug!(url = %redacted_url, notice = %notice.message(), "postgres notice");
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => {
+                    tracing::debug!(url = %redacted_url, %error, "postgres connection ended with an error");
+                    break;
+                }
+                None => break,
+            }
         }
     });
 }
@@ -629,7 +674,9 @@ mod tests {
         )
         .parse()
         .expect("test URL");
-        let (client, encrypted) = open(&url, "usersync-test").await.expect("connect");
+        let (client, encrypted) = open(&url, "usersync-test", Warnings::default())
+            .await
+            .expect("connect");
         assert!(encrypted);
         drop(client);
         let seen = server.await.expect("server task").expect("server I/O");
@@ -707,9 +754,13 @@ mod tests {
     #[tokio::test]
     async fn prefer_continues_in_plaintext_when_the_server_refuses_tls() {
         let (port, server) = fake_server(None, startup_ok()).await;
-        let (client, encrypted) = open(&url(port, "sslmode=prefer"), "usersync-test")
-            .await
-            .expect("connect");
+        let (client, encrypted) = open(
+            &url(port, "sslmode=prefer"),
+            "usersync-test",
+            Warnings::default(),
+        )
+        .await
+        .expect("connect");
         assert!(!encrypted, "plaintext after the refusal, and known to be");
         drop(client);
         let seen = server.await.expect("server task").expect("server I/O");
@@ -818,7 +869,7 @@ mod tests {
             .await
             .expect("connect to the fake server");
         let tls_config = tls::client_config(url).expect("TLS settings");
-        open_on(tcp, url, tls_config, "usersync-test").await
+        open_on(tcp, url, tls_config, "usersync-test", Warnings::default()).await
     }
 
     fn cleartext_request() -> Vec<u8> {

@@ -354,3 +354,85 @@ async fn an_idle_confirmation_is_never_taken_back() {
     running.stop().await;
     watcher.finish("idle confirmations").await;
 }
+
+/// A target whose synchronous commits wait for a standby that never answers (as a Neon
+/// compute waits for its safekeepers), and someone cancels usersync's wait: PostgreSQL then
+/// commits locally, warns and reports success. Nothing may be confirmed on that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_wait_for_synchronous_replication_confirms_nothing() {
+    static TARGET: OnceLock<LocalPg> = OnceLock::new();
+    let target_server = TARGET.get_or_init(|| start_target_server(Vec::new()));
+    let mut pair = Pair::new().await;
+    pair.move_target(target_server).await;
+    pair.setup().await;
+    let running = pair.start();
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('before@example.com')")
+        .await
+        .unwrap();
+    wait_for_user(&pair, "before@example.com").await;
+    // Made durable and confirmed before the standby goes missing.
+    let before = pair.checkpoint_end().await;
+    pair.wait_for_slot_confirmed(&before, false, "the first user was never confirmed")
+        .await;
+    let admin = sql(target_server, "postgres").await;
+    admin
+        .batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('stuck@example.com')")
+        .await
+        .unwrap();
+    wait_for_user(&pair, "stuck@example.com").await;
+    let applied = pair.checkpoint_end().await;
+    let mut cancelled = 0;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        cancelled += admin
+            .query(
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity
+                  WHERE application_name = 'usersync' AND wait_event = 'SyncRep'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .len();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        cancelled > 0,
+        "usersync never waited for synchronous replication"
+    );
+    let confirmed_past: bool = pair
+        .source
+        .query_one(
+            "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots
+              WHERE slot_name = $1",
+            &[&pair.config.slot, &applied],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    admin
+        .batch_execute("ALTER SYSTEM RESET synchronous_standby_names")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    running.stop().await;
+    assert!(
+        !confirmed_past,
+        "the slot was confirmed past {applied}, which only a cancelled wait had 'made durable'"
+    );
+}
