@@ -42,7 +42,7 @@
 -- a throwaway value, then set the real one with psql's \password usersync_source, which
 -- sends only a SCRAM verifier.
 --
--- What REPLICATION allows beyond usersync's publication (README, "What REPLICATION allows"):
+-- What REPLICATION allows beyond usersync's publication (docs/deployment.md, "What REPLICATION allows"):
 -- PostgreSQL calls it a very highly privileged attribute. With LOGIN, in every database the
 -- role may connect to, it can create logical slots with any output plugin the server has and
 -- read them (test_decoding and wal2json ignore publications and decode every table); with

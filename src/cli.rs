@@ -125,7 +125,7 @@ pub struct ConnectionArgs {
 
     /// Also leave these columns out of raw_json (a deny-list, comma-separated, on top of the
     /// profile's rule, which leaves out any column whose name says credential: password, token,
-    /// secret, pass, hash, salt, api_key, ...; see the README). A column the profile reads (the id, the email, ...) cannot be excluded, and a
+    /// secret, pass, hash, salt, api_key, ...; see docs/source-and-target.md). A column the profile reads (the id, the email, ...) cannot be excluded, and a
     /// name the table lacks stops setup and run (exit 78). Columns not copied are not
     /// published either (PostgreSQL 15+).
     #[arg(
@@ -157,9 +157,10 @@ pub struct ConnectionArgs {
 /// The opt-in to passwords readable on the network, for every command that connects.
 #[derive(Debug, Clone, Args)]
 pub struct PlaintextPasswordArgs {
-    /// Answer a server on another machine that asks, without TLS, for the password in
-    /// cleartext or as an md5 hash (refused by default: anyone on the network path could read
-    /// or crack it). Prefer TLS or scram-sha-256.
+    /// Answer a server on another machine that asks for the password in cleartext or as an md5
+    /// hash without having proved who it is (no TLS, or TLS without a verified certificate).
+    /// Refused by default: anyone on the network path could read or crack it. Prefer
+    /// sslmode=verify-full or scram-sha-256.
     #[arg(long, env = "USERSYNC_ALLOW_PLAINTEXT_PASSWORD")]
     pub allow_plaintext_password: bool,
 }

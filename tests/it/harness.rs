@@ -407,7 +407,7 @@ impl Pair {
         &self.target_role
     }
 
-    /// Lets usersync's target role hard-delete users for `purge`, as the README tells
+    /// Lets usersync's target role hard-delete users for `purge`, as docs/deployment.md tells
     /// operators: the target role script again, with `-v purge=on`. Nothing to do for a
     /// superuser pair.
     pub fn grant_purge(&self) {

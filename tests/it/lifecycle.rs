@@ -494,7 +494,7 @@ async fn purge_removes_users_past_retention_and_fires_on_delete_cascade() {
         .await
         .unwrap();
 
-    // Hard deletes are opt-in for the target role, as the README tells operators.
+    // Hard deletes are opt-in for the target role, as docs/deployment.md tells operators.
     pair.grant_purge();
     let dry = purge(&pair, &["--older-than", "30d", "--dry-run"]);
     assert!(

@@ -10,6 +10,7 @@ mod compat;
 mod confirmation;
 mod crash;
 mod credentials;
+mod docs;
 mod errors;
 mod faults;
 mod ha;

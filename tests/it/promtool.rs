@@ -1,6 +1,6 @@
 //! The monitoring files under `deploy/`: the Prometheus rules, their unit tests and the example
 //! configuration, checked with `promtool` (Debian package `prometheus`); and, without it, that
-//! runbook links and metric names agree with the README.
+//! runbook links and metric names agree with docs/operations.md.
 //!
 //! Without `promtool` on `PATH` the tests print a skip line and pass, so a dev machine needs no
 //! Prometheus; with `USERSYNC_REQUIRE_PROMTOOL=1` (as `.ci/run` sets) a missing one fails.
@@ -74,36 +74,40 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Every `runbook_url` names a `####` section of the README's runbook (GitHub's anchor: the
-/// heading in lowercase).
+/// Every `runbook_url` names a section of the runbook in `docs/operations.md` (GitHub's
+/// anchor: the heading in lowercase).
 #[test]
-fn runbook_urls_point_at_readme_sections() {
+fn runbook_urls_point_at_runbook_sections() {
     let rules = read("deploy/prometheus/usersync-rules.yml");
-    let readme = read("README.md");
-    let sections: Vec<String> = readme
+    let operations = read("docs/operations.md");
+    let sections: Vec<String> = operations
         .lines()
-        .filter_map(|line| line.strip_prefix("#### "))
+        .filter_map(|line| line.strip_prefix("### "))
         .map(str::to_lowercase)
         .collect();
     let anchors: Vec<&str> = rules
         .lines()
         .filter_map(|line| line.trim().strip_prefix("runbook_url: "))
-        .map(|url| url.trim_matches('"').rsplit_once("README.md#").unwrap().1)
+        .map(|url| {
+            url.trim_matches('"')
+                .strip_prefix("docs/operations.md#")
+                .unwrap_or_else(|| panic!("{url} is not a path to docs/operations.md"))
+        })
         .collect();
     assert_eq!(anchors.len(), rules.matches("- alert: ").count());
     for anchor in anchors {
         assert!(
             sections.iter().any(|section| section == anchor),
-            "no README section for #{anchor}"
+            "no runbook section for #{anchor}"
         );
     }
 }
 
-/// The dashboard and the rules only use metrics the README documents (histograms through
+/// The dashboard and the rules only use metrics `docs/operations.md` documents (histograms through
 /// their `_bucket`, `_sum` and `_count` series).
 #[test]
 fn dashboard_and_rules_use_documented_metrics() {
-    let readme = read("README.md");
+    let readme = read("docs/operations.md");
     let dashboard = read("deploy/grafana/usersync-dashboard.json");
     let parsed: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
     assert_eq!(parsed["uid"], "usersync-lag");
@@ -133,7 +137,7 @@ fn dashboard_and_rules_use_documented_metrics() {
                 .collect();
             assert!(
                 documented(&name),
-                "{name} is not in the README's metrics table"
+                "{name} is not in the metrics table of docs/operations.md"
             );
         }
     }

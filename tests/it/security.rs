@@ -921,7 +921,7 @@ async fn least_privilege_roles_from_the_sql_scripts_replicate() {
         }
     }
     // Before PostgreSQL 15 every role may create tables in `public` (a default the schema's
-    // owner revokes, as the README says); that is the server's grant, not the script's.
+    // owner revokes, as docs/deployment.md says); that is the server's grant, not the script's.
     let version: i32 = as_target
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await

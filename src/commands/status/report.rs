@@ -1,6 +1,6 @@
 //! What `usersync status` reports and the verdict drawn from it. Pure: `mod.rs` gathers the
 //! facts; here they are judged and printed, as a table for people or as one JSON object for
-//! scripts (the key names are a stable interface, documented in the README).
+//! scripts (the key names are a stable interface, documented in docs/commands.md).
 
 use std::fmt::{self, Write as _};
 use std::time::Duration;
