@@ -171,7 +171,7 @@ impl Metrics {
         let transactions = Counter::default();
         registry.register(
             "transactions_applied",
-            "Source transactions applied to the target",
+            "Source transactions with changes for the target, applied (a heartbeat or a transaction of other tables alone is not counted)",
             transactions.clone(),
         );
         let skipped_transactions = Counter::default();

@@ -935,12 +935,16 @@ impl Session<'_> {
         if heartbeat {
             self.pending_heartbeat = Some(at);
         }
+        let carried = !changes.is_empty();
         self.add_changes(changes, at);
-        self.batch.commit(CommitPosition {
-            commit_lsn: transaction.commit_lsn,
-            end_lsn: transaction.end_lsn,
-            commit_time: at,
-        });
+        self.batch.commit(
+            CommitPosition {
+                commit_lsn: transaction.commit_lsn,
+                end_lsn: transaction.end_lsn,
+                commit_time: at,
+            },
+            carried,
+        );
         self.batch_started.get_or_insert_with(Instant::now);
         Ok(())
     }
@@ -1017,38 +1021,46 @@ impl Session<'_> {
         self.in_large_transaction = true;
         let result = self.add_in_parts(transaction, at).await;
         self.in_large_transaction = false;
-        if let Err(error) = result {
-            // Nothing of it may reach the target: roll back what was written, drop the rest.
-            if self.settle().await.is_ok() {
-                let _ = self.worker.run(Job::Abandon).await;
+        let carried = match result {
+            Ok(carried) => carried,
+            Err(error) => {
+                // Nothing of it may reach the target: roll back what was written, drop the rest.
+                if self.settle().await.is_ok() {
+                    let _ = self.worker.run(Job::Abandon).await;
+                }
+                self.batch = Batch::new();
+                self.batch_started = None;
+                self.confirm_before_failing().await;
+                return Err(error);
             }
-            self.batch = Batch::new();
-            self.batch_started = None;
-            self.confirm_before_failing().await;
-            return Err(error);
-        }
+        };
         if let Mode::Replay { dry_run: true, .. } = self.mode {
             return Ok(());
         }
-        self.batch.commit(position);
+        self.batch.commit(position, carried);
         self.batch_started.get_or_insert_with(Instant::now);
         self.apply_batch().await
     }
 
+    /// Whether any change of the transaction was for the target.
     async fn add_in_parts(
         &mut self,
         transaction: Transaction,
         at: UnixMicros,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let dry_run = matches!(self.mode, Mode::Replay { dry_run: true, .. });
         let meta = transaction_meta(&transaction.commit_lsn, at);
         let mut changes = Vec::new();
+        let mut carried = false;
         let mut all = transaction.into_changes().peekable();
         while let Some(change) = all.next() {
             self.map_change(change?, &mut changes)?;
             if changes.len() < MAX_BATCH_CHANGES && all.peek().is_some() {
                 continue;
             }
+            carried |= changes
+                .iter()
+                .any(|change| !matches!(change, UserChange::Heartbeat));
             if dry_run {
                 print_changes(&meta, &changes);
                 changes.clear();
@@ -1070,7 +1082,7 @@ impl Session<'_> {
                 self.send_status(false).await?;
             }
         }
-        Ok(())
+        Ok(carried)
     }
 
     fn map_change(
@@ -1223,7 +1235,7 @@ impl Session<'_> {
         self.metrics.set_current_lag(last_lag);
         self.note_lag(last_lag);
         self.metrics
-            .batch_applied(batch.transactions(), batch.changes(), took);
+            .batch_applied(batch.user_transactions(), batch.changes(), took);
         self.metrics
             .set_checkpoint(position.end_lsn, position.commit_time);
         if let Some(heartbeat) = in_flight.and_then(|in_flight| in_flight.heartbeat) {

@@ -94,6 +94,9 @@ pub struct Batch {
     cleared: HashMap<String, Option<PendingUser>>,
     last_commit: Option<CommitPosition>,
     transactions: usize,
+    /// Of `transactions`, those that carried a change for the target (not a heartbeat or
+    /// marker message alone, not only other tables' or skipped rows).
+    user_transactions: usize,
     changes: usize,
     /// Commit times of the transactions in the batch, for lag accounting after apply.
     commit_times: Vec<UnixMicros>,
@@ -104,8 +107,9 @@ impl Batch {
         Self::default()
     }
 
-    /// Records that one source transaction's changes were all added.
-    pub fn commit(&mut self, position: CommitPosition) {
+    /// Records that one source transaction's changes were all added; `carried` says whether
+    /// it had any change for the target.
+    pub fn commit(&mut self, position: CommitPosition, carried: bool) {
         if let Some(previous) = self.last_commit {
             debug_assert!(
                 previous.end_lsn <= position.end_lsn,
@@ -115,6 +119,7 @@ impl Batch {
         self.last_commit = Some(position);
         self.cleared.clear();
         self.transactions += 1;
+        self.user_transactions += usize::from(carried);
         self.commit_times.push(position.commit_time);
     }
 
@@ -278,6 +283,12 @@ impl Batch {
 
     pub fn transactions(&self) -> usize {
         self.transactions
+    }
+
+    /// The source transactions in the batch that carried changes for the target: what
+    /// `usersync_transactions_total` and `replay`'s summary count.
+    pub fn user_transactions(&self) -> usize {
+        self.user_transactions
     }
 
     pub fn changes(&self) -> usize {
@@ -574,9 +585,9 @@ mod tests {
         assert!(a.patch.is_empty() && a.raw_json.is_none());
         assert_eq!(a.deleted_at, Some(1));
         // Upserted earlier in the batch: the row keeps its email.
-        batch.commit(position(1));
+        batch.commit(position(1), true);
         batch.upsert(user("b", json!({"primary_email": "b@x.org"}), &[]), 2);
-        batch.commit(position(2));
+        batch.commit(position(2), true);
         batch.clear_part("b".into(), cleared(), 3);
         batch.soft_delete("b".into(), 3);
         let b = &only_users(&batch)["b"];
@@ -591,7 +602,7 @@ mod tests {
         let mut batch = Batch::new();
         // The user lived without the part for a while: that is its last state.
         batch.clear_part("a".into(), cleared(), 1);
-        batch.commit(position(1));
+        batch.commit(position(1), true);
         batch.soft_delete("a".into(), 2);
         assert_eq!(only_users(&batch)["a"].patch, cleared());
         // Another change to the user in between: the clear stands.
@@ -634,10 +645,11 @@ mod tests {
             end_lsn: Lsn(40),
             commit_time: 6,
         };
-        batch.commit(first);
-        batch.commit(second);
+        batch.commit(first, true);
+        batch.commit(second, true);
         assert_eq!(batch.last_commit(), Some(second));
         assert_eq!(batch.transactions(), 2);
+        assert_eq!(batch.user_transactions(), 2);
         assert_eq!(batch.commit_times(), &[5, 6]);
     }
 }

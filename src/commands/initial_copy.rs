@@ -156,11 +156,14 @@ pub async fn create_slot_and_copy(
         }
     }
     let mut done = Batch::new();
-    done.commit(CommitPosition {
-        commit_lsn: created.consistent_point,
-        end_lsn: created.consistent_point,
-        commit_time: copied_at,
-    });
+    done.commit(
+        CommitPosition {
+            commit_lsn: created.consistent_point,
+            end_lsn: created.consistent_point,
+            commit_time: copied_at,
+        },
+        false,
+    );
     // One transaction: the record of the setup goes with the first checkpoint.
     writer.apply_part(&Batch::new()).await?;
     setup_progress::delete(writer.client(), &config.slot).await?;

@@ -564,11 +564,14 @@ async fn a_refused_checkpoint_writes_nothing_of_its_batch() {
         },
         0,
     );
-    batch.commit(CommitPosition {
-        commit_lsn: usersync::lsn::Lsn(0x100),
-        end_lsn: usersync::lsn::Lsn(0x200),
-        commit_time: 0,
-    });
+    batch.commit(
+        CommitPosition {
+            commit_lsn: usersync::lsn::Lsn(0x100),
+            end_lsn: usersync::lsn::Lsn(0x200),
+            commit_time: 0,
+        },
+        true,
+    );
     let error = writer.apply(&batch).await.unwrap_err();
     assert!(
         matches!(error, ApplyError::CheckpointRefused { .. }),
