@@ -176,10 +176,10 @@ async fn the_endpoint_serves_openmetrics_health_and_readiness() {
     assert!(not_ready.contains(" 503 "), "{not_ready}");
 }
 
-/// A Prometheus server for one test, killed on drop.
-struct Prometheus(Child);
+/// A child process for one test (a Prometheus server, a `usersync run`), killed on drop.
+struct KillOnDrop(Child);
 
-impl Drop for Prometheus {
+impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -220,7 +220,7 @@ async fn a_real_prometheus_scrapes_lag_and_evaluates_the_slo_rule() {
     )
     .unwrap();
     let web = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let _prometheus = Prometheus(
+    let _prometheus = KillOnDrop(
         Command::new(binary)
             .arg(format!(
                 "--config.file={}",
@@ -391,4 +391,58 @@ async fn without_heartbeats_keepalives_advance_the_slot_and_estimate_idle_lag() 
         "idle lag reads {current:?}"
     );
     running.stop().await;
+}
+
+/// An idle, healthy replicator: `status` must say healthy every time, whether it reads the
+/// running replicator's own lag from /metrics or, from another host, falls back to the
+/// source server's measurement (which swung around the 1 s target with each reply before
+/// usersync confirmed idle WAL promptly).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_on_an_idle_healthy_system_does_not_flap() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let child = pair
+        .command(&["run"])
+        .env("USERSYNC_METRICS_ADDR", &metrics)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _child = KillOnDrop(child);
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('idle@example.com')")
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    // Let it settle into idle: heartbeats only.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = |metrics_addr: &str| {
+        let output = pair
+            .command(&["status", "--json", "--lag-target", "1s"])
+            .env("USERSYNC_METRICS_ADDR", metrics_addr)
+            .output()
+            .unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&output.stdout).unwrap_or_else(|_| panic!("{}", text(&output)));
+        (output.status.code(), json)
+    };
+    let mut estimates = std::collections::BTreeSet::new();
+    for _ in 0..16 {
+        // With /metrics: usersync's own measurement.
+        let (code, json) = status(&metrics);
+        assert_eq!(code, Some(0), "{json}");
+        let estimate = json["lag"]["estimate"].as_str().unwrap().to_owned();
+        assert!(
+            ["caught_up", "replicator"].contains(&estimate.as_str()),
+            "{json}"
+        );
+        estimates.insert(estimate);
+        // Without it (nothing listens on port 1): the source server's figure.
+        let (code, json) = status("127.0.0.1:1");
+        assert_eq!(code, Some(0), "{json}");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert!(estimates.contains("replicator"), "{estimates:?}");
 }

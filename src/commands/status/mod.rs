@@ -40,7 +40,16 @@ pub struct StatusOptions {
 
 /// Prints the report and returns the verdict (whose exit code `main` uses).
 pub async fn status(config: &Config, options: StatusOptions) -> Result<Verdict, Error> {
-    let report = gather(config, options).await?;
+    let report = match gather(config, options).await {
+        Ok(report) => report,
+        Err(error) => {
+            if options.json {
+                // Scripts get their one object even now; the error also goes to stderr.
+                println!("{}", unknown_json(&error));
+            }
+            return Err(error);
+        }
+    };
     if options.json {
         let json = serde_json::to_string(&report)
             .expect("a status report has only string keys and plain values");
@@ -49,6 +58,16 @@ pub async fn status(config: &Config, options: StatusOptions) -> Result<Verdict, 
         print!("{}", report.human());
     }
     Ok(report.verdict)
+}
+
+/// What `status --json` prints when it could not gather the facts: no verdict can be drawn,
+/// the exit code is the error's, and the error says why (passwords redacted).
+fn unknown_json(error: &Error) -> serde_json::Value {
+    serde_json::json!({
+        "verdict": "unknown",
+        "exit_code": error.exit_code(),
+        "error": crate::error::report(error),
+    })
 }
 
 /// Reads the source and the target and judges what it found.
@@ -72,8 +91,16 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
 
     let now = Utc::now();
     let pending_bytes = slot.as_ref().and_then(|slot| slot.pending_bytes(current));
+    let replicator = replicator_metrics(options.metrics_addr).await;
+    // Its own lag counts only if it is the active replicator of this very slot.
+    let streaming = slot.as_ref().is_some_and(|slot| slot.active);
+    let replicator_lag = replicator
+        .as_ref()
+        .filter(|metrics| streaming && metrics.is_active_for(&config.slot))
+        .and_then(ReplicatorMetrics::current_lag);
     let (lag, estimate) = estimate_lag(
         pending_bytes,
+        replicator_lag,
         consumer_flush_lag,
         checkpoint
             .as_ref()
@@ -118,7 +145,7 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
             seconds: lag.map(|lag| lag.as_secs_f64()),
             target_seconds: config.lag_target.as_secs_f64(),
             estimate,
-            last_minute: recent_lag(options.metrics_addr).await,
+            last_minute: replicator.as_ref().map(ReplicatorMetrics::recent_lag),
         },
     };
     report.judge(Thresholds {
@@ -131,24 +158,54 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
 /// How long `status` waits for a running usersync's `/metrics`.
 const METRICS_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The running replicator's own lag figures over the last minute (the same ones `demo`
-/// prints), read from its `/metrics`; `None` when nothing answers there.
-async fn recent_lag(addr: SocketAddr) -> Option<RecentLag> {
+/// What a running `usersync run` serves at `/metrics`.
+struct ReplicatorMetrics {
+    addr: SocketAddr,
+    body: String,
+}
+
+impl ReplicatorMetrics {
+    /// The value of the sample `name` (with its labels, as exported), if present.
+    fn value(&self, name: &str) -> Option<f64> {
+        self.body
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+    }
+
+    /// Whether it consumes `slot` as the active replicator (not a standby, not starting).
+    fn is_active_for(&self, slot: &str) -> bool {
+        let info = format!("usersync_slot_info{{slot=\"{slot}\"}}");
+        self.value(&info) == Some(1.0)
+            && self.value("usersync_standby") == Some(0.0)
+            && self.value("usersync_ready") == Some(1.0)
+    }
+
+    /// Its current lag: the oldest unapplied commit's age, or, caught up, the last
+    /// heartbeat's lag through the whole pipeline.
+    fn current_lag(&self) -> Option<Duration> {
+        self.value("usersync_lag_current_seconds")
+            .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+    }
+
+    /// Its figures over the last minute (the same ones `demo` prints).
+    fn recent_lag(&self) -> RecentLag {
+        RecentLag {
+            p50_seconds: self.value("usersync_lag_recent_seconds{quantile=\"0.5\"}"),
+            p99_seconds: self.value("usersync_lag_recent_seconds{quantile=\"0.99\"}"),
+            within_target_ratio: self.value("usersync_lag_recent_within_target_ratio"),
+            metrics_addr: self.addr.to_string(),
+        }
+    }
+}
+
+/// The running replicator's `/metrics`; `None` when nothing answers there.
+async fn replicator_metrics(addr: SocketAddr) -> Option<ReplicatorMetrics> {
     let body = tokio::time::timeout(METRICS_TIMEOUT, http_get_metrics(addr))
         .await
         .ok()?
         .ok()?;
-    let value = |name: &str| {
-        body.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|value| value.trim().parse::<f64>().ok())
-    };
-    Some(RecentLag {
-        p50_seconds: value("usersync_lag_recent_seconds{quantile=\"0.5\"}"),
-        p99_seconds: value("usersync_lag_recent_seconds{quantile=\"0.99\"}"),
-        within_target_ratio: value("usersync_lag_recent_within_target_ratio"),
-        metrics_addr: addr.to_string(),
-    })
+    Some(ReplicatorMetrics { addr, body })
 }
 
 async fn http_get_metrics(addr: SocketAddr) -> std::io::Result<String> {

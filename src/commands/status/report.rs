@@ -62,8 +62,14 @@ pub struct Problem {
 pub enum LagEstimate {
     /// The slot's consumer has confirmed all WAL: no lag.
     CaughtUp,
-    /// A usersync is streaming: the source server's `pg_stat_replication.flush_lag` for it
-    /// (0 when the server has no measurement because everything sent was confirmed).
+    /// The active usersync's own measurement, read from its `/metrics`: the age of the
+    /// oldest commit it has not applied yet, or, caught up, the last heartbeat's lag from
+    /// source commit to visible on the target.
+    Replicator,
+    /// A usersync is streaming but its `/metrics` did not answer: the source server's
+    /// `pg_stat_replication.flush_lag` for it (0 when the server has no measurement because
+    /// everything sent was confirmed). It runs to the *durable* confirmation, so it is a
+    /// little above the replicator's own figure.
     SourceServer,
     /// Nobody is streaming and WAL is waiting: time since the last commit the target holds,
     /// an upper bound (the waiting WAL may hold no user changes at all).
@@ -167,9 +173,14 @@ impl Serialize for LsnText {
 
 /// The lag from what is known without decoding the pending WAL.
 ///
+/// `replicator_lag` is the active replicator's own current lag, when its `/metrics` answered;
 /// `consumer_flush_lag` is `Some(measurement)` when a process is streaming from the slot.
+/// The replicator's figure wins over the server's: the server measures up to the durable
+/// confirmation, which usersync sends on its own cadence, so on an idle system it swings
+/// with that cadence while the lag a user sees stays at a few milliseconds.
 pub fn estimate_lag(
     pending_bytes: Option<u64>,
+    replicator_lag: Option<Duration>,
     consumer_flush_lag: Option<Option<Duration>>,
     last_applied_commit: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
@@ -177,6 +188,9 @@ pub fn estimate_lag(
     match (pending_bytes, consumer_flush_lag, last_applied_commit) {
         (None, _, _) => (None, LagEstimate::Unknown),
         (Some(0), _, _) => (Some(Duration::ZERO), LagEstimate::CaughtUp),
+        (Some(_), Some(_), _) if replicator_lag.is_some() => {
+            (replicator_lag, LagEstimate::Replicator)
+        }
         (Some(_), Some(measured), _) => (
             Some(measured.unwrap_or(Duration::ZERO)),
             LagEstimate::SourceServer,
@@ -461,6 +475,7 @@ impl StatusReport {
                     duration(Duration::from_secs_f64(lag)),
                     match self.lag.estimate {
                         LagEstimate::CaughtUp => "caught up",
+                        LagEstimate::Replicator => "measured by usersync",
                         LagEstimate::SourceServer => "measured by the source server",
                         LagEstimate::SinceLastApplied => "since the last applied commit",
                         LagEstimate::Unknown => "unknown",
@@ -695,28 +710,39 @@ mod tests {
         let now = Utc::now();
         let commit = now - chrono::Duration::seconds(90);
         let measured = Some(Duration::from_millis(40));
+        let own = Some(Duration::from_millis(3));
         assert_eq!(
-            estimate_lag(Some(0), None, Some(commit), now),
+            estimate_lag(Some(0), own, Some(measured), Some(commit), now),
             (Some(Duration::ZERO), LagEstimate::CaughtUp)
         );
+        // The replicator's own figure wins over the server's, while it streams.
         assert_eq!(
-            estimate_lag(Some(10), Some(measured), Some(commit), now),
+            estimate_lag(Some(10), own, Some(measured), Some(commit), now),
+            (own, LagEstimate::Replicator)
+        );
+        assert_eq!(
+            estimate_lag(Some(10), None, Some(measured), Some(commit), now),
             (measured, LagEstimate::SourceServer)
         );
         assert_eq!(
-            estimate_lag(Some(10), Some(None), Some(commit), now),
+            estimate_lag(Some(10), None, Some(None), Some(commit), now),
             (Some(Duration::ZERO), LagEstimate::SourceServer)
         );
         assert_eq!(
-            estimate_lag(Some(10), None, Some(commit), now),
+            estimate_lag(Some(10), None, None, Some(commit), now),
+            (Some(Duration::from_secs(90)), LagEstimate::SinceLastApplied)
+        );
+        // Nobody streams: a figure from /metrics (another slot's replicator) is not used.
+        assert_eq!(
+            estimate_lag(Some(10), own, None, Some(commit), now),
             (Some(Duration::from_secs(90)), LagEstimate::SinceLastApplied)
         );
         assert_eq!(
-            estimate_lag(Some(10), None, None, now),
+            estimate_lag(Some(10), None, None, None, now),
             (None, LagEstimate::Unknown)
         );
         assert_eq!(
-            estimate_lag(None, None, Some(commit), now),
+            estimate_lag(None, own, None, Some(commit), now),
             (None, LagEstimate::Unknown)
         );
     }
