@@ -377,7 +377,19 @@ fn read_url_file(which: &'static str, file_var: &str, path: &Path) -> Result<Str
             path.display()
         )));
     }
-    let mut file = std::fs::File::open(path).map_err(unreadable)?;
+    let mut file = std::fs::File::open(path).map_err(|e| {
+        if e.kind() != std::io::ErrorKind::PermissionDenied {
+            return unreadable(e);
+        }
+        use std::os::unix::fs::MetadataExt as _;
+        // The process's own uid, without unsafe code: /proc/self belongs to it (Linux).
+        let process_uid = std::fs::metadata("/proc/self").ok().map(|me| me.uid());
+        Error::Config(format!(
+            "cannot read the {which} URL from {file_var}={}: {e}; {}",
+            path.display(),
+            permission_advice(file_mode(&kind), kind.uid(), process_uid)
+        ))
+    })?;
     let metadata = file.metadata().map_err(unreadable)?;
     if readable_by_others(&metadata) {
         tracing::warn!(
@@ -403,6 +415,22 @@ fn read_url_file(which: &'static str, file_var: &str, path: &Path) -> Result<Str
         )));
     }
     Ok(text.trim().to_owned())
+}
+
+/// What to do about a URL file this process may not read: the usual cause is a secret
+/// mounted for root (mode 0600) into a container that runs as another user (the image runs
+/// as uid 10001).
+fn permission_advice(mode: u32, owner_uid: u32, process_uid: Option<u32>) -> String {
+    let me = match process_uid {
+        Some(uid) => format!("usersync runs as uid {uid}"),
+        None => "usersync runs as another user".to_owned(),
+    };
+    format!(
+        "the file belongs to uid {owner_uid} with mode {mode:04o} and {me}: make it readable by \
+         that user (chown it to that uid with chmod 600, or to root and a group of that user \
+         with chmod 640; Docker: the image runs as uid 10001; Kubernetes: fsGroup with \
+         defaultMode 0440)"
+    )
 }
 
 /// More than any connection URL needs: a file past it is the wrong file.
@@ -604,6 +632,19 @@ mod tests {
     }
 
     #[test]
+    fn an_unreadable_url_file_says_whose_it_is_and_who_asks() {
+        let advice = permission_advice(0o600, 0, Some(10001));
+        assert!(
+            advice.starts_with(
+                "the file belongs to uid 0 with mode 0600 and usersync runs as uid 10001"
+            ),
+            "{advice}"
+        );
+        assert!(advice.contains("chmod 640"), "{advice}");
+        assert!(permission_advice(0o600, 0, None).contains("runs as another user"));
+    }
+
+    #[test]
     fn profiles_take_their_own_options() {
         assert_eq!(profile_of(&[]).unwrap(), Profile::default());
         assert_eq!(
@@ -643,13 +684,38 @@ mod tests {
         );
         let refused = [
             (&["--profile", "keycloak"][..], "needs --realm"),
-            (&["--profile", "supabase", "--realm", "x"], "--realm applies to"),
-            (&["--profile", "keycloak", "--realm", "x", "--include-anonymous"], "--include-anonymous applies"),
+            (
+                &["--profile", "supabase", "--realm", "x"],
+                "--realm applies to",
+            ),
+            (
+                &[
+                    "--profile",
+                    "keycloak",
+                    "--realm",
+                    "x",
+                    "--include-anonymous",
+                ],
+                "--include-anonymous applies",
+            ),
             (&["--include-anonymous"], "--include-anonymous applies"),
-            (&["--profile", "better-auth", "--email-column", "mail"], "--email-column applies to --profile generic only"),
-            (&["--profile", "okta"], "unknown profile \"okta\": the profiles available are: generic, supabase, keycloak, better-auth, stack-auth"),
-            (&["--tenancy-id", "4f1b2c3d-5e6f-4a7b-8c9d-0e1f2a3b4c5d"], "--tenancy-id applies to --profile stack-auth only"),
-            (&["--profile", "stack-auth", "--tenancy-id", "'; DROP TABLE x; --"], "is not a uuid"),
+            (
+                &["--profile", "better-auth", "--email-column", "mail"],
+                "--email-column applies to --profile generic only",
+            ),
+            (
+                &["--tenancy-id", "4f1b2c3d-5e6f-4a7b-8c9d-0e1f2a3b4c5d"],
+                "--tenancy-id applies to --profile stack-auth only",
+            ),
+            (
+                &[
+                    "--profile",
+                    "stack-auth",
+                    "--tenancy-id",
+                    "'; DROP TABLE x; --",
+                ],
+                "is not a uuid",
+            ),
         ];
         for (args, needle) in refused {
             let error = profile_of(args).unwrap_err().to_string();
