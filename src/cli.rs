@@ -3,10 +3,31 @@
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::map::Profile;
+
+/// `--version`: the crate version and the commit it was built from (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("USERSYNC_COMMIT"),
+    ")"
+);
+
+const EXAMPLES: &str = "\
+Examples:
+  export USERSYNC_SOURCE_URL_FILE=/etc/usersync/source-url   # or USERSYNC_SOURCE_URL, --source
+  export USERSYNC_TARGET_URL_FILE=/etc/usersync/target-url
+  usersync setup               # publication, slot, target tables, initial copy
+  usersync run                 # the service
+  usersync status              # exit 0 healthy, 3 lagging, 4 slot at risk, 5 broken
+  usersync demo                # two throwaway local servers, nothing else needed
+
+Documentation: README.md and docs/ (docs/options.md lists every option and variable).";
+
 /// Keeps neon_auth.users_sync in step with an identity store's users table, through a
 /// logical replication slot (pgoutput).
 #[derive(Debug, Parser)]
-#[command(name = "usersync", version, about, long_about = None)]
+#[command(name = "usersync", version = VERSION, about, long_about = None, after_help = EXAMPLES)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -26,22 +47,29 @@ pub enum LogFormat {
 pub enum Command {
     /// Create (or find) the publication, the slot and the target tables, and copy the users
     /// already in the table; idempotent.
+    #[command(after_help = SETUP_EXAMPLES)]
     Setup(SetupArgs),
     /// Recreate a lost or dropped slot and copy the table again, reconciling the target:
     /// users absent from the source are soft-deleted.
+    #[command(after_help = RESYNC_EXAMPLES)]
     Resync(ConnectionArgs),
     /// Apply everything pending in the slot up to the source's current position, then exit.
+    #[command(after_help = REPLAY_EXAMPLES)]
     Replay(ReplayArgs),
     /// Stream changes from the slot to the target until SIGINT/SIGTERM.
+    #[command(after_help = RUN_EXAMPLES)]
     Run(RunArgs),
     /// Report the slot, the checkpoint, the target's users and the lag, with a verdict:
     /// exit 0 healthy, 3 lagging, 4 slot at risk, 5 broken.
+    #[command(after_help = STATUS_EXAMPLES)]
     Status(StatusArgs),
     /// Hard-delete users soft-deleted longer ago than --older-than, in small batches, so the
     /// ON DELETE rules of app tables fire (or --scrub their personal fields). Needs only
     /// the target.
+    #[command(after_help = PURGE_EXAMPLES)]
     Purge(PurgeArgs),
     /// Drop the slot and publication usersync uses, and its checkpoint on the target.
+    #[command(after_help = TEARDOWN_EXAMPLES)]
     Teardown {
         #[command(flatten)]
         connection: ConnectionArgs,
@@ -51,7 +79,14 @@ pub enum Command {
     },
     /// Start two throwaway local PostgreSQL servers and replicate generated users between
     /// them, printing changes applied and lag; Ctrl-C stops and removes everything.
+    #[command(after_help = DEMO_EXAMPLES)]
     Demo(DemoArgs),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell.
+    #[command(after_help = COMPLETIONS_EXAMPLES)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Where to replicate from and to, and how source rows map to users.
@@ -84,9 +119,14 @@ pub struct ConnectionArgs {
     #[arg(long, env = "USERSYNC_TABLE", value_name = "SCHEMA.NAME")]
     pub table: Option<String>,
 
-    /// Which identity store the table belongs to: generic, supabase, keycloak, better-auth,
-    /// stack-auth.
-    #[arg(long, env = "USERSYNC_PROFILE", default_value = "generic")]
+    /// Which identity store the table belongs to, which decides how rows become users
+    /// (docs/profiles.md).
+    #[arg(
+        long,
+        env = "USERSYNC_PROFILE",
+        default_value = "generic",
+        value_parser = clap::builder::PossibleValuesParser::new(Profile::NAMES)
+    )]
     pub profile: String,
 
     /// keycloak: the realm whose users are replicated, by name or id (required).
@@ -338,3 +378,56 @@ pub struct DemoArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
+
+const SETUP_EXAMPLES: &str = "\
+Examples:
+  usersync setup                                   # the generic profile, table public.users
+  usersync setup --profile supabase                # auth.users
+  usersync setup --profile keycloak --realm acme
+  usersync setup --profile better-auth --table neon_auth.user
+  usersync setup --no-snapshot                     # only changes from now on";
+
+const RESYNC_EXAMPLES: &str = "\
+Examples:
+  usersync resync               # after the slot was lost or dropped, with run stopped
+  usersync resync --slot tenant_a --profile stack-auth --tenancy-id 0b3e7f0c-5d2a-4c4e-9f6b-2d8a1c9e7b41";
+
+const REPLAY_EXAMPLES: &str = "\
+Examples:
+  usersync replay --dry-run | jq .        # what is pending, as JSON lines; nothing applied
+  usersync replay                          # apply it and exit (a cron job instead of run)
+  usersync replay --until-lsn 16/B374D848";
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  usersync run
+  usersync run --metrics-addr 0.0.0.0:9753 --lag-target 500ms
+  USERSYNC_LOG_FORMAT=json usersync run    # one JSON object per log line";
+
+const STATUS_EXAMPLES: &str = "\
+Examples:
+  usersync status
+  usersync status --json | jq .lag         # the JSON keys are listed in docs/commands.md
+  usersync status || echo \"not healthy: exit $?\"";
+
+const PURGE_EXAMPLES: &str = "\
+Examples:
+  usersync purge --older-than 30d --dry-run    # count only
+  usersync purge --older-than 30d
+  usersync purge --older-than 90d --scrub      # keep the rows, strip personal fields";
+
+const DEMO_EXAMPLES: &str = "\
+Examples:
+  usersync demo
+  usersync demo --rate 500 --duration 60s";
+
+const TEARDOWN_EXAMPLES: &str = "\
+Examples:
+  usersync teardown           # says what it would drop, and exits 2
+  usersync teardown --yes";
+
+const COMPLETIONS_EXAMPLES: &str = "\
+Examples:
+  usersync completions bash > /etc/bash_completion.d/usersync
+  usersync completions zsh > \"${fpath[1]}/_usersync\"
+  usersync completions fish > ~/.config/fish/completions/usersync.fish";

@@ -25,7 +25,7 @@ pub enum Error {
         #[source]
         source: UrlError,
     },
-    #[error("cannot connect to the {which}: {source}")]
+    #[error("{which}: {source}")]
     Connect {
         which: &'static str,
         #[source]

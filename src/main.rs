@@ -5,7 +5,8 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser};
 use tracing_subscriber::EnvFilter;
 use usersync::cli::{Cli, Command, LogFormat};
 use usersync::commands;
@@ -15,7 +16,7 @@ use usersync::config::{
     parse_spill_threshold, Config, PurgeConfig,
 };
 use usersync::conn::redact_secrets;
-use usersync::error::{Error, EXIT_FAILURE};
+use usersync::error::{Error, EXIT_DEFINITE, EXIT_FAILURE};
 
 /// Exit code for usage errors, as clap uses.
 const EXIT_USAGE: u8 = 2;
@@ -23,6 +24,7 @@ const EXIT_USAGE: u8 = 2;
 fn main() -> ExitCode {
     let cli = parse_args();
     init_logging(cli.log_format);
+    let service = matches!(cli.command, Command::Run(_));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -42,15 +44,21 @@ fn main() -> ExitCode {
         }
         Err(Failure::Error(error)) => {
             let report = usersync::error::report(&error);
-            tracing::error!(error = %report, "usersync stopped");
-            eprintln!("usersync: {report}");
+            if service {
+                // The service's last log line, where its collector looks (JSON logs included).
+                tracing::error!(error = %report, "usersync stopped");
+            } else {
+                eprintln!("usersync: {report}");
+            }
             ExitCode::from(error.exit_code())
         }
     }
 }
 
 /// [`Cli::parse`], except that a usage error, which quotes the argument it could not place
-/// (say a URL pasted without `--source`), has the passwords in it redacted.
+/// (say a URL pasted without `--source`), has the passwords in it redacted, and that a wrong
+/// value exits 78 like every other wrong setting (docs/commands.md, "Exit codes"): 2 is
+/// left for a command line of the wrong shape.
 fn parse_args() -> Cli {
     match Cli::try_parse() {
         Ok(cli) => cli,
@@ -58,7 +66,13 @@ fn parse_args() -> Cli {
         Err(error) if !error.use_stderr() => error.exit(),
         Err(error) => {
             eprint!("{}", redact_secrets(&error.render().to_string()));
-            std::process::exit(error.exit_code());
+            let code = match error.kind() {
+                ErrorKind::InvalidValue | ErrorKind::ValueValidation | ErrorKind::InvalidUtf8 => {
+                    i32::from(EXIT_DEFINITE)
+                }
+                _ => error.exit_code(),
+            };
+            std::process::exit(code);
         }
     }
 }
@@ -124,6 +138,12 @@ async fn dispatch(command: Command) -> Result<u8, Failure> {
             commands::teardown::teardown(&config).await?
         }
         Command::Demo(args) => commands::demo::demo(&args).await?,
+        Command::Completions { shell } => clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "usersync",
+            &mut std::io::stdout(),
+        ),
     }
     Ok(0)
 }

@@ -188,3 +188,70 @@ async fn a_stop_while_waiting_for_a_busy_slot_is_obeyed() {
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     holder.abort();
 }
+
+fn usersync_output(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_usersync"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn version_names_the_commit_it_was_built_from() {
+    let output = usersync_output(&["--version"]);
+    assert!(output.status.success(), "{}", text(&output));
+    let version = String::from_utf8_lossy(&output.stdout);
+    // "usersync 0.1.0 (commit 6b1d16d)", or "(commit unknown)" outside a git checkout.
+    let commit = version
+        .trim()
+        .strip_prefix(&format!("usersync {} (commit ", env!("CARGO_PKG_VERSION")))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("unexpected --version: {version:?}"));
+    assert!(
+        commit == "unknown" || (commit.len() >= 7 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{version:?}"
+    );
+}
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef usersync"),
+        ("fish", "complete -c usersync"),
+    ] {
+        let output = usersync_output(&["completions", shell]);
+        assert!(output.status.success(), "{shell}: {}", text(&output));
+        let script = String::from_utf8_lossy(&output.stdout);
+        assert!(script.contains(marker), "{shell}: {script}");
+        assert!(
+            script.contains("replay"),
+            "{shell}: no subcommands in {script}"
+        );
+    }
+    let unknown = usersync_output(&["completions", "tcsh"]);
+    assert_eq!(unknown.status.code(), Some(78), "{}", text(&unknown));
+}
+
+#[test]
+fn help_lists_the_profiles_and_shows_examples() {
+    let run = usersync_output(&["run", "--help"]);
+    let help = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        help.contains("[possible values: generic, supabase, keycloak, better-auth, stack-auth]"),
+        "{help}"
+    );
+    for command in [
+        "setup", "run", "status", "replay", "resync", "purge", "teardown",
+    ] {
+        let output = usersync_output(&[command, "--help"]);
+        let help = String::from_utf8_lossy(&output.stdout);
+        assert!(help.contains("Examples:"), "{command} --help: {help}");
+        assert!(
+            help.contains(&format!("usersync {command}")),
+            "{command}: {help}"
+        );
+    }
+    let top = usersync_output(&["--help"]);
+    assert!(String::from_utf8_lossy(&top.stdout).contains("Examples:"));
+}

@@ -84,32 +84,39 @@ async fn unreachable_target_is_reported_with_the_redacted_url() {
         .unwrap();
     let said = text(&output);
     assert_eq!(output.status.code(), Some(1), "{said}");
-    assert!(said.contains("cannot connect to the target"), "{said}");
+    assert!(
+        said.contains("target: cannot connect to postgresql:"),
+        "{said}"
+    );
     assert!(!said.contains(PASSWORD), "{said}");
 }
 
 #[test]
 fn bad_configuration_fails_before_connecting() {
+    // Every wrong value exits 78, whether clap or usersync found it (docs/commands.md).
     let cases: &[(&[&str], &str)] = &[
-        (&["setup", "--profile", "okta"], "unknown profile"),
+        (&["setup", "--profile", "okta"], "okta"),
         (&["setup", "--slot", "Bad-Slot"], "invalid slot name"),
         (&["setup", "--table", "a.b.c"], "invalid table name"),
         (&["run", "--lag-target", "soon"], "invalid duration"),
+        (&["run", "--metrics-addr", "nowhere"], "nowhere"),
+        (&["replay", "--until-lsn", "banana"], "banana"),
+        (
+            &["purge", "--older-than", "30d", "--batch-size", "many"],
+            "many",
+        ),
+        (&["--log-format", "xml", "status"], "xml"),
     ];
     for (args, needle) in cases {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_usersync"))
-            .args(*args)
-            .env(
-                "USERSYNC_SOURCE_URL",
-                format!("postgresql://u:{PASSWORD}@127.0.0.1:1/db"),
-            )
-            .env(
-                "USERSYNC_TARGET_URL",
-                format!("postgresql://u:{PASSWORD}@127.0.0.1:1/db"),
-            )
-            .output()
-            .unwrap();
+        let output = unreachable_servers_command(args).output().unwrap();
         assert_definite(&output, needle);
+    }
+    // The shape of the command line (an option or command it does not know, no command)
+    // is a usage error: 2.
+    let shapes: &[&[&str]] = &[&["setup", "--no-such-option"], &["sync"], &[]];
+    for args in shapes {
+        let output = unreachable_servers_command(args).output().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", text(&output));
     }
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_usersync"))
         .args([
@@ -121,6 +128,70 @@ fn bad_configuration_fails_before_connecting() {
         .output()
         .unwrap();
     assert_definite(&output, "invalid source URL");
+}
+
+/// The binary with URLs of servers that are not there (port 1), passwords included.
+fn unreachable_servers_command(args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_usersync"));
+    command
+        .args(args)
+        .env(
+            "USERSYNC_SOURCE_URL",
+            format!("postgresql://u:{PASSWORD}@127.0.0.1:1/db"),
+        )
+        .env(
+            "USERSYNC_TARGET_URL",
+            format!("postgresql://u:{PASSWORD}@127.0.0.1:1/db"),
+        );
+    command
+}
+
+#[test]
+fn an_error_is_printed_once() {
+    // (run retries an unreachable server, so it gets a definite error instead.)
+    let cases: &[(&[&str], &str, i32)] = &[
+        (&["setup"], "cannot connect to", 1),
+        (&["status"], "cannot connect to", 1),
+        (&["replay"], "cannot connect to", 1),
+        (&["resync"], "cannot connect to", 1),
+        (&["run", "--slot", "Bad-Slot"], "invalid slot name", 78),
+    ];
+    for (args, needle, code) in cases {
+        let output = unreachable_servers_command(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(*code), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.lines().filter(|line| line.contains(needle)).count(),
+            1,
+            "{args:?}: the error should be printed once: {stderr}"
+        );
+        // Only the service logs that it stopped; the other commands just fail.
+        assert_eq!(
+            stderr.contains("usersync stopped"),
+            args[0] == "run",
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains(PASSWORD), "{stderr}");
+    }
+}
+
+#[test]
+fn status_json_prints_one_object_even_when_it_cannot_connect() {
+    let output = unreachable_servers_command(&["status", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let json: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|error| panic!("not one JSON object ({error}): {stdout:?}"));
+    assert_eq!(json["verdict"], "unknown", "{json}");
+    assert_eq!(json["exit_code"], 1, "{json}");
+    let error = json["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("source: cannot connect to postgresql:"),
+        "{json}"
+    );
+    assert!(!stdout.contains(PASSWORD), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
