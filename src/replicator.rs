@@ -1093,13 +1093,13 @@ impl Session<'_> {
         match change {
             LogicalMessage::Relation(relation) => self.tables.note(relation)?,
             LogicalMessage::Insert(insert) => {
-                if let Some(mapping) = self.tables.mapping_of(insert.relation_id) {
+                if let Some(mapping) = self.tables.mapping_of(insert.relation_id)? {
                     // A skipped new row has no user on the target to correct.
                     out.extend(change_of(mapping.map_insert(&insert.new)?, true));
                 }
             }
             LogicalMessage::Update(update) => {
-                let Some(mapping) = self.tables.mapping_of(update.relation_id) else {
+                let Some(mapping) = self.tables.mapping_of(update.relation_id)? else {
                     return Ok(());
                 };
                 let outcome = mapping.map_row(&update.new)?;
@@ -1136,7 +1136,7 @@ impl Session<'_> {
                 out.extend(change_of(outcome, false).map(|change| change.moved_from(moved_from)));
             }
             LogicalMessage::Delete(delete) => {
-                let Some(mapping) = self.tables.mapping_of(delete.relation_id) else {
+                let Some(mapping) = self.tables.mapping_of(delete.relation_id)? else {
                     return Ok(());
                 };
                 let id = mapping.map_key(old_tuple(&delete.old))?;
@@ -1149,7 +1149,7 @@ impl Session<'_> {
                 }
             }
             LogicalMessage::Truncate(truncate) => {
-                let truncated = self.tables.truncated(&truncate.relation_ids);
+                let truncated = self.tables.truncated(&truncate.relation_ids)?;
                 if truncated.contains(&0) {
                     out.push(UserChange::SoftDeleteAll);
                 } else if !truncated.is_empty() {

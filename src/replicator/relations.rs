@@ -6,8 +6,10 @@
 //! that carried it: one inside a transaction the session skips (the target holds it already)
 //! still describes the table for the transactions after it.
 
+use std::collections::HashSet;
+
 use crate::config::TableName;
-use crate::decode::{LogicalMessage, Relation, Transaction};
+use crate::decode::{DecodeError, LogicalMessage, Relation, Transaction};
 use crate::error::Error;
 use crate::map::{BoundProfile, Profile, RowMapper};
 
@@ -25,6 +27,10 @@ pub(super) struct StreamTables {
     /// The profile's tables, the users table first.
     tables: Vec<TableName>,
     known: Vec<KnownTable>,
+    /// Every relation id a Relation message has described, the profile's or not. A change
+    /// naming any other id breaks pgoutput's promise; dropping it as "not ours" could drop
+    /// a user's change without a word, so it stops replication instead.
+    described: HashSet<u32>,
 }
 
 impl StreamTables {
@@ -33,6 +39,7 @@ impl StreamTables {
             tables: profile.tables(users_table),
             profile,
             known: Vec::new(),
+            described: HashSet::new(),
         }
     }
 
@@ -43,6 +50,7 @@ impl StreamTables {
             .tables
             .iter()
             .position(|table| relation.namespace == table.schema && relation.name == table.name);
+        self.described.insert(relation.id);
         self.known
             .retain(|known| known.id != relation.id && Some(known.table) != table);
         if let Some(table) = table {
@@ -69,21 +77,40 @@ impl StreamTables {
         Ok(())
     }
 
-    /// The bound profile for a relation id, if it is one of the profile's tables.
-    pub fn mapping_of(&self, relation_id: u32) -> Option<&dyn RowMapper> {
-        self.known
-            .iter()
-            .find(|known| known.id == relation_id)
-            .map(|known| known.mapping.as_ref())
+    /// The bound profile for a relation id, if it is one of the profile's tables; an error
+    /// for an id no Relation message has described.
+    pub fn mapping_of(&self, relation_id: u32) -> Result<Option<&dyn RowMapper>, Error> {
+        match self.known.iter().find(|known| known.id == relation_id) {
+            Some(known) => Ok(Some(known.mapping.as_ref())),
+            None => self.described(relation_id).map(|()| None),
+        }
     }
 
     /// Which of the profile's tables (by index, 0 the users table) a TRUNCATE names.
-    pub fn truncated(&self, relation_ids: &[u32]) -> Vec<usize> {
-        self.known
+    pub fn truncated(&self, relation_ids: &[u32]) -> Result<Vec<usize>, Error> {
+        for &id in relation_ids {
+            self.described(id)?;
+        }
+        Ok(self
+            .known
             .iter()
             .filter(|known| relation_ids.contains(&known.id))
             .map(|known| known.table)
-            .collect()
+            .collect())
+    }
+
+    fn described(&self, relation_id: u32) -> Result<(), Error> {
+        if self.described.contains(&relation_id) {
+            return Ok(());
+        }
+        Err(DecodeError::Unexpected {
+            message: "change",
+            reason: format!(
+                "it names relation {relation_id}, which no Relation message of this session \
+                 described"
+            ),
+        }
+        .into())
     }
 }
 
@@ -138,20 +165,40 @@ mod tests {
             .note_skipped(transaction(vec![LogicalMessage::Relation(users(16_384))]))
             .unwrap();
         assert!(
-            tables.mapping_of(16_384).is_some(),
+            tables.mapping_of(16_384).unwrap().is_some(),
             "a later change to the table would be dropped"
         );
+    }
+
+    #[test]
+    fn a_change_to_a_relation_never_described_stops_replication() {
+        let mut tables = tables();
+        let mut other = users(20_000);
+        other.name = "sessions".into();
+        tables.note(other).unwrap();
+        // Another table of the publication, described: not ours, skipped.
+        assert!(tables.mapping_of(20_000).unwrap().is_none());
+        // Never described: it could be the users table; dropping it could lose a change.
+        let Err(error) = tables.mapping_of(16_384) else {
+            panic!("a change to an undescribed relation was accepted");
+        };
+        let error = error.to_string();
+        assert!(error.contains("relation 16384"), "{error}");
+        assert!(tables.truncated(&[20_000, 16_384]).is_err());
     }
 
     #[test]
     fn a_table_renamed_away_is_forgotten_and_truncates_are_mapped_to_tables() {
         let mut tables = tables();
         tables.note(users(16_384)).unwrap();
-        assert_eq!(tables.truncated(&[16_384, 99]), vec![0]);
+        let mut other = users(99);
+        other.name = "sessions".into();
+        tables.note(other).unwrap();
+        assert_eq!(tables.truncated(&[16_384, 99]).unwrap(), vec![0]);
         let mut renamed = users(16_384);
         renamed.name = "old_users".into();
         tables.note(renamed).unwrap();
-        assert!(tables.mapping_of(16_384).is_none());
-        assert!(tables.truncated(&[16_384]).is_empty());
+        assert!(tables.mapping_of(16_384).unwrap().is_none());
+        assert!(tables.truncated(&[16_384]).unwrap().is_empty());
     }
 }
