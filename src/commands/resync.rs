@@ -6,8 +6,8 @@
 
 use super::initial_copy::{create_slot_and_copy, CopyMode, CopyRecord};
 use super::setup::{check_slot_fits, prepare, Prepared};
-use crate::apply::bulk;
 use crate::apply::setup_progress::{self, SetupMode, SetupProgress};
+use crate::apply::{self, bulk};
 use crate::config::Config;
 use crate::error::Error;
 use crate::source::{catalog, SourceError};
@@ -32,16 +32,27 @@ pub async fn resync(config: &Config) -> Result<(), Error> {
             .into());
         }
     }
+    let system_id = catalog::system_identifier(&source).await?;
+    let earlier = setup_progress::read(&target, &config.slot).await?;
+    if let Some(slot) = &slot {
+        let lost = slot.wal_status.as_deref() == Some("lost");
+        if !lost && !records_slot(&target, config, &system_id, earlier.as_ref()).await? {
+            // Of use to whoever consumes it, and this target cannot tell who that is.
+            return Err(Error::SlotNotCreatedHere {
+                slot: config.slot.clone(),
+            });
+        }
+    }
     // Before anything is dropped, and with the checkpoint's deletion: from now until the
     // final commit the target says a resync is under way, which setup refuses to finish
     // (it would not soft-delete) and resync, rerun, redoes.
-    let target_was_empty = match setup_progress::read(&target, &config.slot).await? {
+    let target_was_empty = match &earlier {
         Some(earlier) => earlier.target_was_empty,
         None => bulk::users_sync_is_empty(&target).await?,
     };
     let progress = SetupProgress {
         slot: config.slot.clone(),
-        system_id: catalog::system_identifier(&source).await?,
+        system_id,
         consistent_point: None,
         mode: SetupMode::Resync,
         target_was_empty,
@@ -73,4 +84,22 @@ pub async fn resync(config: &Config) -> Result<(), Error> {
     );
     println!("start replication with usersync run");
     Ok(())
+}
+
+/// Whether this target has a record of the slot, as the source `system_id` names it: its
+/// checkpoint, or a setup or resync of it under way. Only such a slot is resync's to drop
+/// while it still holds its WAL; one without a record may feed another target under the
+/// same name (one identity store, a target per tenancy).
+async fn records_slot(
+    target: &tokio_postgres::Client,
+    config: &Config,
+    system_id: &str,
+    earlier: Option<&SetupProgress>,
+) -> Result<bool, Error> {
+    if earlier.is_some_and(|earlier| earlier.system_id == system_id) {
+        return Ok(true);
+    }
+    Ok(apply::read_checkpoint(target, &config.slot)
+        .await?
+        .is_some_and(|checkpoint| checkpoint.system_id == system_id))
 }

@@ -161,3 +161,34 @@ async fn an_interrupted_resync_is_finished_by_resync_not_setup() {
         .get(0);
     assert!(gone, "the user deleted before the resync is soft-deleted");
 }
+
+/// One source, several targets (one per tenancy), the same slot name by mistake: a resync
+/// against a target that has no record of the slot must not drop it, or the target it feeds
+/// loses every change since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_does_not_drop_a_slot_this_target_has_no_record_of() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    // As if another target's usersync had made the slot: this target knows nothing of it.
+    pair.target
+        .batch_execute("DELETE FROM usersync.state; DELETE FROM usersync.setup_progress;")
+        .await
+        .unwrap();
+    let before = pair.slot_confirmed().await;
+    let resync = pair.usersync(&["resync"]);
+    let said = text(&resync);
+    assert_eq!(resync.status.code(), Some(78), "{said}");
+    assert!(said.contains("another usersync may use it"), "{said}");
+    assert_eq!(
+        pair.slot_confirmed().await,
+        before,
+        "the slot was dropped: {said}"
+    );
+    let progress: i64 = pair
+        .target
+        .query_one("SELECT count(*) FROM usersync.setup_progress", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(progress, 0, "the refused resync left a record behind");
+}
