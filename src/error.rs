@@ -54,7 +54,7 @@ pub enum Error {
     ResyncNeeded {
         slot: String,
         /// What happened to the slot: "does not exist on the source", "has lost WAL …".
-        state: &'static str,
+        state: String,
         checkpoint: crate::lsn::Lsn,
     },
     /// A slot without a checkpoint on this target that this target did not record creating

@@ -517,11 +517,11 @@ async fn wait_for_slot(
             ))
             .into());
         };
-        if info.wal_status.as_deref() == Some("lost") {
+        if info.is_invalidated() {
             return Err(SourceError::Definite(format!(
-                "replication slot {slot} has lost WAL it still needed (wal_status = lost), so \
-                 changes are missing from it: run usersync resync to recreate it and copy the \
-                 table again"
+                "replication slot {slot} {}, so changes are missing from it: run usersync \
+                 resync to recreate it and copy the table again",
+                info.invalidation()
             ))
             .into());
         }

@@ -35,8 +35,9 @@ pub async fn resync(config: &Config) -> Result<(), Error> {
     let system_id = catalog::system_identifier(&source).await?;
     let earlier = setup_progress::read(&target, &config.slot).await?;
     if let Some(slot) = &slot {
-        let lost = slot.wal_status.as_deref() == Some("lost");
-        if !lost && !records_slot(&target, config, &system_id, earlier.as_ref()).await? {
+        if !slot.is_invalidated()
+            && !records_slot(&target, config, &system_id, earlier.as_ref()).await?
+        {
             // Of use to whoever consumes it, and this target cannot tell who that is.
             return Err(Error::SlotNotCreatedHere {
                 slot: config.slot.clone(),

@@ -146,10 +146,8 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
         // The target was fed from this slot: if the slot is gone or lost, so are the changes
         // since the checkpoint, deletes included, and a new copy alone would not notice them.
         let state = match &slot {
-            None => Some("does not exist on the source"),
-            Some(slot) if slot.wal_status.as_deref() == Some("lost") => {
-                Some("has lost WAL it still needed (wal_status lost)")
-            }
+            None => Some("does not exist on the source".to_owned()),
+            Some(slot) if slot.is_invalidated() => Some(slot.invalidation()),
             Some(_) => None,
         };
         if let Some(state) = state {

@@ -24,9 +24,24 @@ pub struct SlotInfo {
     /// Bytes of WAL that can still be written before the slot risks being lost; `None` when
     /// `max_slot_wal_keep_size` is unlimited (PostgreSQL 13+).
     pub safe_wal_size: Option<i64>,
+    /// Why the server invalidated the slot (PostgreSQL 17+: `wal_removed`, `rows_removed`,
+    /// `wal_level_insufficient`; 18 adds `idle_timeout`); `None` while it is valid, and
+    /// always before 17.
+    pub invalidation_reason: Option<String>,
 }
 
 impl SlotInfo {
+    /// Whether the server gave up on the slot: it cannot stream the changes it held, and
+    /// only a new slot and a new copy bring the target back.
+    pub fn is_invalidated(&self) -> bool {
+        self.wal_status.as_deref() == Some("lost") || self.invalidation_reason.is_some()
+    }
+
+    /// What became of an invalidated slot, for messages that follow "replication slot X".
+    pub fn invalidation(&self) -> String {
+        describe_invalidation(self.invalidation_reason.as_deref())
+    }
+
     /// WAL not yet confirmed by the slot's consumer at `current`: `current − confirmed_flush_lsn`.
     pub fn pending_bytes(&self, current: Lsn) -> Option<u64> {
         self.confirmed_flush_lsn
@@ -37,6 +52,28 @@ impl SlotInfo {
     pub fn retained_bytes(&self, current: Lsn) -> Option<u64> {
         self.restart_lsn
             .map(|restart| current.0.saturating_sub(restart.0))
+    }
+}
+
+/// What became of an invalidated slot, from `invalidation_reason` (`None` before 17), for
+/// messages that follow "replication slot X".
+pub fn describe_invalidation(reason: Option<&str>) -> String {
+    match reason {
+        None | Some("wal_removed") => "has lost WAL it still needed (wal_status lost)".into(),
+        Some("idle_timeout") => "was invalidated by the server for being inactive longer than \
+                                 idle_replication_slot_timeout (invalidation_reason idle_timeout)"
+            .into(),
+        Some("rows_removed") => "was invalidated by the server because rows it needed were \
+                                 removed (invalidation_reason rows_removed)"
+            .into(),
+        Some("wal_level_insufficient") => "was invalidated by the server because wal_level is \
+                                           below logical (invalidation_reason \
+                                           wal_level_insufficient)"
+            .into(),
+        Some(other) => format!(
+            "was invalidated by the server (invalidation_reason {})",
+            other.escape_default()
+        ),
     }
 }
 
@@ -170,9 +207,11 @@ pub async fn table_columns(
 pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, SourceError> {
     let row = client
         .query_opt(
+            // to_jsonb: invalidation_reason exists from PostgreSQL 17 only.
             "SELECT plugin::text, database::text, active, active_pid,
-                    confirmed_flush_lsn::text, restart_lsn::text, wal_status, safe_wal_size
-               FROM pg_replication_slots WHERE slot_name = $1",
+                    confirmed_flush_lsn::text, restart_lsn::text, wal_status, safe_wal_size,
+                    to_jsonb(s) ->> 'invalidation_reason'
+               FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
         .await
@@ -186,6 +225,7 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
         restart_lsn: row.get::<_, Option<&str>>(5).and_then(|v| v.parse().ok()),
         wal_status: row.get(6),
         safe_wal_size: row.get(7),
+        invalidation_reason: row.get(8),
     }))
 }
 

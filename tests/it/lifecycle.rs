@@ -164,6 +164,7 @@ async fn status_reports_a_healthy_slot_as_json_and_as_a_table() {
             "active_pid",
             "confirmed_flush_lsn",
             "exists",
+            "invalidation_reason",
             "name",
             "pending_bytes",
             "plugin",

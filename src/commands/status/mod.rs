@@ -129,6 +129,9 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
                 .map(LsnText),
             restart_lsn: slot.as_ref().and_then(|slot| slot.restart_lsn).map(LsnText),
             wal_status: slot.as_ref().and_then(|slot| slot.wal_status.clone()),
+            invalidation_reason: slot
+                .as_ref()
+                .and_then(|slot| slot.invalidation_reason.clone()),
             safe_wal_size_bytes: slot.as_ref().and_then(|slot| slot.safe_wal_size),
             retained_wal_bytes: slot.as_ref().and_then(|slot| slot.retained_bytes(current)),
             pending_bytes,

@@ -12,6 +12,7 @@ use crate::apply::slot_lock::{self, LockHolder};
 use crate::commands::units::{bytes, duration, Rfc3339};
 use crate::lsn::Lsn;
 use crate::replicator::APPLICATION_NAME;
+use crate::source::catalog::describe_invalidation;
 
 /// The overall state; the worst problem decides it. Each has its own exit code, so cron jobs
 /// and probes can act on it without parsing the output.
@@ -110,6 +111,8 @@ pub struct SlotStatus {
     pub confirmed_flush_lsn: Option<LsnText>,
     pub restart_lsn: Option<LsnText>,
     pub wal_status: Option<String>,
+    /// Why the server invalidated the slot (PostgreSQL 17+); `null` while it is valid.
+    pub invalidation_reason: Option<String>,
     /// `null` when `max_slot_wal_keep_size` is unlimited.
     pub safe_wal_size_bytes: Option<i64>,
     /// WAL kept for the slot: current position − `restart_lsn`.
@@ -270,15 +273,17 @@ impl StatusReport {
                     ),
                 );
             }
+            let invalidated =
+                slot.wal_status.as_deref() == Some("lost") || slot.invalidation_reason.is_some();
             match slot.wal_status.as_deref() {
-                Some("lost") => problem(
+                _ if invalidated => problem(
                     Verdict::Broken,
                     format!(
-                        "replication slot {} has lost WAL it still needed (wal_status lost): \
-                         changes are missing from the target; run usersync resync (it creates \
-                         the slot again, copies the table and soft-deletes the users the source \
-                         no longer has)",
-                        slot.name
+                        "replication slot {} {}: changes are missing from the target; run \
+                         usersync resync (it creates the slot again, copies the table and \
+                         soft-deletes the users the source no longer has)",
+                        slot.name,
+                        describe_invalidation(slot.invalidation_reason.as_deref())
                     ),
                 ),
                 Some("unreserved") => problem(
@@ -545,6 +550,7 @@ mod tests {
                 confirmed_flush_lsn: Some(LsnText(Lsn(0x200))),
                 restart_lsn: Some(LsnText(Lsn(0x100))),
                 wal_status: Some("reserved".into()),
+                invalidation_reason: None,
                 safe_wal_size_bytes: None,
                 retained_wal_bytes: Some(0x100),
                 pending_bytes: Some(0),
@@ -629,6 +635,18 @@ mod tests {
             r.checkpoint = None;
         });
         assert!(fresh.problems[0].message.contains("run usersync setup"));
+        let idle = judged(|r| {
+            r.slot.wal_status = Some("lost".into());
+            r.slot.invalidation_reason = Some("idle_timeout".into());
+        });
+        assert_eq!(idle.verdict, Verdict::Broken);
+        assert!(
+            idle.problems[0]
+                .message
+                .contains("idle_replication_slot_timeout"),
+            "{:?}",
+            idle.problems
+        );
         let lost = judged(|r| r.slot.wal_status = Some("lost".into()));
         assert!(lost.problems[0].message.contains("run usersync resync"));
     }
