@@ -430,13 +430,27 @@ impl Pair {
     pub async fn move_target(&mut self, server: &'static LocalPg) {
         let dbname = format!("moved_{}", self.config.target.dbname);
         create_database(server, &dbname).await;
+        self.retarget(server, &dbname).await;
+    }
+
+    /// Makes the source database the target as well, as on a Neon branch whose Neon Auth
+    /// keeps its users next to `neon_auth.users_sync`: the target role script is applied to
+    /// the source database, and usersync's target URL names it.
+    pub async fn target_the_source_database(&mut self) {
+        let dbname = self.config.source.dbname.clone();
+        self.retarget(self.server, &dbname).await;
+    }
+
+    /// Points usersync's target (and the `target` client) at `dbname` on `server`, with the
+    /// target role script applied there.
+    async fn retarget(&mut self, server: &'static LocalPg, dbname: &str) {
         if self.roles == Roles::LeastPrivilege {
-            apply_target_role(server, &dbname, &self.target_role);
+            apply_target_role(server, dbname, &self.target_role);
         }
         self.target_server = server;
-        self.target_url = server.url(&self.target_role, PASSWORD, &dbname);
+        self.target_url = server.url(&self.target_role, PASSWORD, dbname);
         self.config.target = self.target_url.parse().unwrap();
-        self.target = sql(server, &dbname).await;
+        self.target = sql(server, dbname).await;
     }
 
     /// The source database's URL for the superuser, for the test's own clients.

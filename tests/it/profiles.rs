@@ -109,7 +109,7 @@ CREATE TABLE "user" (
 
 /// What both sides must agree on for each live user: id, email, display name, verified,
 /// sign-up millis, and a checksum of the profile's larger values.
-type LiveUser = (
+pub(crate) type LiveUser = (
     String,
     Option<String>,
     Option<String>,
@@ -121,14 +121,14 @@ type LiveUser = (
 /// A pair whose source holds the store's tables (`ddl`), replicating `table` with `profile`
 /// as the least-privilege roles: the source role script, given the profile, lets the role
 /// read every table the profile reads.
-async fn profile_pair(ddl: &str, table: &str, profile: Profile) -> Pair {
+pub(crate) async fn profile_pair(ddl: &str, table: &str, profile: Profile) -> Pair {
     let mut pair = Pair::for_table(ddl, table).await;
     pair.grant_source_profile(profile.name());
     pair.config.mapping = profile;
     pair
 }
 
-async fn live_users(client: &Client, sql: &str) -> Vec<LiveUser> {
+pub(crate) async fn live_users(client: &Client, sql: &str) -> Vec<LiveUser> {
     client
         .query(sql, &[])
         .await
@@ -139,7 +139,7 @@ async fn live_users(client: &Client, sql: &str) -> Vec<LiveUser> {
 }
 
 /// Waits until the target's live users equal what the source says they should be.
-async fn wait_live_match(pair: &Pair, source_sql: &str, target_sql: &str) {
+pub(crate) async fn wait_live_match(pair: &Pair, source_sql: &str, target_sql: &str) {
     let deadline = Instant::now() + WAIT;
     loop {
         let source = live_users(&pair.source, source_sql).await;
