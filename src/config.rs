@@ -308,9 +308,10 @@ impl PurgeConfig {
 }
 
 impl Config {
-    /// [`Config::from_args`] for the commands that open a replication connection (`setup`,
-    /// `run`): also refuses a source that cannot carry one, such as Neon's `-pooler` endpoint,
-    /// before anything connects.
+    /// [`Config::from_args`] for the commands that replicate (`setup`, `run`, `replay`,
+    /// `resync`): also refuses, before anything connects, a source that cannot carry a
+    /// replication connection and a target that does not keep a session, such as Neon's
+    /// `-pooler` endpoints.
     pub fn for_replication(args: &ConnectionArgs) -> Result<Config, Error> {
         let config = Config::from_args(args)?;
         config
@@ -318,6 +319,13 @@ impl Config {
             .check_replication_endpoint()
             .map_err(|source| Error::Url {
                 which: "source",
+                source,
+            })?;
+        config
+            .target
+            .check_session_endpoint()
+            .map_err(|source| Error::Url {
+                which: "target",
                 source,
             })?;
         Ok(config)
@@ -801,15 +809,10 @@ mod tests {
         assert_eq!(tables[3].quoted(), "\"public\".\"user\"");
     }
 
-    fn connection_args(source: &str) -> ConnectionArgs {
+    fn connection_args(source: &str, target: &str) -> ConnectionArgs {
         use clap::Parser as _;
         let cli = crate::cli::Cli::try_parse_from([
-            "usersync",
-            "run",
-            "--source",
-            source,
-            "--target",
-            "postgresql://u@ep-x-pooler.us-east-2.aws.neon.tech/db",
+            "usersync", "run", "--source", source, "--target", target,
         ])
         .expect("valid arguments");
         match cli.command {
@@ -819,8 +822,10 @@ mod tests {
     }
 
     #[test]
-    fn replication_commands_refuse_a_pooled_source() {
-        let pooled = connection_args("postgresql://u:pw@ep-x-pooler.us-east-2.aws.neon.tech/db");
+    fn replication_commands_refuse_a_pooled_source_or_target() {
+        const POOLED: &str = "postgresql://u:pw@ep-x-pooler.us-east-2.aws.neon.tech/db";
+        const DIRECT: &str = "postgresql://u:pw@ep-x.us-east-2.aws.neon.tech/db";
+        let pooled = connection_args(POOLED, DIRECT);
         let error = Config::for_replication(&pooled).expect_err("pooler refused");
         assert_eq!(error.exit_code(), crate::error::EXIT_DEFINITE);
         assert!(
@@ -833,10 +838,22 @@ mod tests {
             error.to_string().contains("ep-x.us-east-2.aws.neon.tech"),
             "{error}"
         );
-        // Commands that only run SQL may use it; so may the target of any command.
-        assert!(Config::from_args(&pooled).is_ok());
-        let direct = connection_args("postgresql://u:pw@ep-x.us-east-2.aws.neon.tech/db");
-        assert!(Config::for_replication(&direct).is_ok());
+        // The target keeps the standby's session lock and a copy's temporary tables.
+        let error = Config::for_replication(&connection_args(DIRECT, POOLED))
+            .expect_err("pooled target refused");
+        assert!(
+            error.to_string().starts_with(
+                "invalid target URL: host ep-x-pooler.us-east-2.aws.neon.tech is a pooled endpoint"
+            ),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("session advisory lock"),
+            "{error}"
+        );
+        // Commands that only run SQL (status, purge, teardown) may use either.
+        assert!(Config::from_args(&connection_args(POOLED, POOLED)).is_ok());
+        assert!(Config::for_replication(&connection_args(DIRECT, DIRECT)).is_ok());
     }
 
     #[test]

@@ -240,6 +240,18 @@ impl PgUrl {
     /// is PgBouncer in transaction mode in front of `ep-cool-123.us-east-2.aws.neon.tech`).
     /// PgBouncer refuses the `replication` startup parameter, so without this check the
     /// operator would see a confusing server error after connecting, or a retry loop.
+    /// Refuses a pooled host (as [`PgUrl::check_replication_endpoint`] tells them) for the
+    /// target of a replicator, which needs a session of its own.
+    pub fn check_session_endpoint(&self) -> Result<(), UrlError> {
+        match direct_endpoint(&self.host) {
+            Some(direct_host) => Err(UrlError::PoolerCannotHoldSession {
+                host: self.host.clone(),
+                direct_host,
+            }),
+            None => Ok(()),
+        }
+    }
+
     pub fn check_replication_endpoint(&self) -> Result<(), UrlError> {
         match direct_endpoint(&self.host) {
             Some(direct_host) => Err(UrlError::PoolerCannotReplicate {
@@ -397,6 +409,14 @@ pub enum UrlError {
          name without -pooler)"
     )]
     PoolerCannotReplicate { host: String, direct_host: String },
+    #[error(
+        "host {host} is a pooled endpoint (Neon's -pooler, PgBouncer in transaction mode), which \
+         does not keep a session: usersync's target connection needs one (the standby's lock \
+         is a session advisory lock, and the settings and temporary tables of a copy live in \
+         the session); use the direct endpoint {direct_host} (the same host name without \
+         -pooler)"
+    )]
+    PoolerCannotHoldSession { host: String, direct_host: String },
 }
 
 fn suggestion_text(suggestion: &Option<&'static str>) -> String {
