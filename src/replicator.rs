@@ -320,6 +320,7 @@ async fn run_session(
     let heartbeat = config
         .heartbeat_interval
         .filter(|_| protocol_2 && mode == Mode::Service);
+    let monitor_started = unix_micros_now();
     let _monitor = AbortOnDrop(tokio::spawn(run_monitor(
         config.source.clone(),
         config.slot.clone(),
@@ -338,6 +339,7 @@ async fn run_session(
         heartbeat_prefix: heartbeat_prefix(&config.slot),
         clock: ClockOffset::default(),
         pending_heartbeat: None,
+        monitor_started,
         in_large_transaction: false,
         over_target: false,
         stream,
@@ -649,6 +651,11 @@ struct Session<'a> {
     clock: ClockOffset,
     /// Commit time of a heartbeat waiting behind the open batch.
     pending_heartbeat: Option<i64>,
+    /// When this session's monitor began to write heartbeats (this host's clock). Older
+    /// heartbeats still in the slot were written by an earlier session (this process's before
+    /// a reconnect, or another process's before a takeover): their age is the time nobody
+    /// streamed, which no user waited for, so they move positions but measure no lag.
+    monitor_started: UnixMicros,
     /// A large transaction is being applied in parts.
     in_large_transaction: bool,
     /// Whether the lag is over the target (to log crossings once).
@@ -1286,6 +1293,9 @@ impl Session<'_> {
 
     /// A heartbeat committed at `commit_time` has come through the whole pipeline.
     fn heartbeat_arrived(&mut self, commit_time: i64) {
+        if self.clock.local_time(commit_time) < self.monitor_started {
+            return;
+        }
         let lag = self.clock.lag(commit_time, unix_micros_now());
         self.metrics.set_heartbeat_lag(lag);
         if self.caught_up() {
