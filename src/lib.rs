@@ -18,6 +18,7 @@
 //! - [`apply`]: batches → SQL on the target, checkpoint in the same transaction.
 //! - [`replicator`]: the service loop tying them together, with reconnects.
 //! - [`lag`], [`metrics`], [`http`]: how late, what was applied, and `/metrics`.
+//! - [`liveness`]: whether the run loop makes progress, as `/healthz` tells.
 //! - [`conn`]: libpq-style URLs, TLS, ordinary SQL connections.
 //! - [`commands`]: one module per subcommand; [`cli`] and [`config`] parse and validate.
 //! - [`localpg`]: throwaway local PostgreSQL servers for `demo` and the tests.
@@ -31,6 +32,7 @@ pub mod decode;
 pub mod error;
 pub mod http;
 pub mod lag;
+pub mod liveness;
 pub mod localpg;
 pub mod lsn;
 pub mod map;

@@ -16,6 +16,9 @@ use crate::replicator;
 pub async fn run(config: &Config, metrics_addr: SocketAddr) -> Result<(), Error> {
     let (stop, shutdown) = watch::channel(false);
     let metrics = Arc::new(Metrics::new(config.lag_target));
+    metrics
+        .liveness()
+        .set_bound(replicator::liveness_bound(config.source_timeout));
     let (bound, server) = http::bind(metrics_addr, Arc::clone(&metrics), shutdown.clone())
         .await
         .map_err(|error| Error::Config(error.to_string()))?;

@@ -2,7 +2,7 @@
 //! standby says who holds the slot's lock, since the lock's key is predictable and any role on
 //! the target can take it.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
@@ -178,18 +178,25 @@ async fn a_standby_and_status_name_the_session_holding_the_slot_lock() {
 
 /// A `usersync run` child with its stderr read line by line; killed (SIGKILL) when dropped,
 /// so that a failing test leaves no replicator behind, stopped or not.
-struct Replicator {
-    child: Child,
+pub struct Replicator {
+    /// `None` once reaped.
+    child: Option<Child>,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
     /// Where it serves /metrics, /healthz and /readyz.
-    addr: SocketAddr,
+    pub addr: SocketAddr,
 }
 
 impl Replicator {
-    async fn start(pair: &Pair) -> Replicator {
+    pub async fn start(pair: &Pair) -> Replicator {
+        Self::start_with(pair, &[]).await
+    }
+
+    /// With more environment variables.
+    pub async fn start_with(pair: &Pair, environment: &[(&str, &str)]) -> Replicator {
         let mut child = pair
             .command(&["run"])
+            .envs(environment.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -204,35 +211,48 @@ impl Replicator {
             .and_then(|addr| addr.parse().ok())
             .unwrap_or_else(|| panic!("no address in {seen:?}"));
         Replicator {
-            child,
+            child: Some(child),
             lines,
             seen,
             addr,
         }
     }
 
-    async fn wait_for(&mut self, needles: &[&str]) {
+    pub async fn wait_for(&mut self, needles: &[&str]) {
         wait_for_line(&self.lines, &mut self.seen, needles).await;
     }
 
     /// Everything it has written to stderr so far.
-    fn log(&mut self) -> String {
+    pub fn log(&mut self) -> String {
         self.seen.extend(self.lines.try_iter());
         self.seen.join("\n")
     }
 
-    fn signal(&self, signal: &str) {
-        send_signal(self.child.id(), signal);
+    pub fn signal(&self, signal: &str) {
+        send_signal(self.child.as_ref().expect("running").id(), signal);
+    }
+
+    /// Status line of `GET path`, e.g. `HTTP/1.1 200 OK`.
+    pub async fn get(&self, path: &'static str) -> String {
+        let addr = self.addr;
+        let (head, _) = tokio::task::spawn_blocking(move || http_get(addr, path))
+            .await
+            .unwrap();
+        head.lines().next().unwrap_or_default().to_owned()
+    }
+
+    async fn reap(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap()
     }
 
     /// SIGTERM, then its exit status and whole log.
-    async fn stop(mut self) -> (std::process::ExitStatus, String) {
+    pub async fn stop(mut self) -> (std::process::ExitStatus, String) {
         self.signal("TERM");
-        let mut child = std::mem::replace(&mut self.child, dummy_child());
-        let status = tokio::task::spawn_blocking(move || child.wait())
-            .await
-            .unwrap()
-            .unwrap();
+        let status = self.reap().await;
         // The reader thread ends with the pipe.
         let deadline = Instant::now() + WAIT;
         while let Ok(line) = self
@@ -245,27 +265,18 @@ impl Replicator {
     }
 
     /// SIGKILL, as a supervisor ends a process that stopped answering.
-    async fn kill(mut self) {
-        let mut child = std::mem::replace(&mut self.child, dummy_child());
-        child.kill().expect("kill usersync");
-        tokio::task::spawn_blocking(move || child.wait())
-            .await
-            .unwrap()
-            .unwrap();
+    pub async fn kill(mut self) {
+        self.signal("KILL");
+        self.reap().await;
     }
-}
-
-/// Stands in for a child already reaped.
-fn dummy_child() -> Child {
-    std::process::Command::new("true")
-        .spawn()
-        .expect("start true")
 }
 
 impl Drop for Replicator {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -299,6 +310,10 @@ async fn a_hung_active_once_killed_hands_over_without_false_lag() {
     // Heartbeats go on meanwhile; the active confirms them only every few seconds, so
     // some are still in the slot when it hangs.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    for replicator in [&active, &standby] {
+        let health = replicator.get("/healthz").await;
+        assert!(health.contains(" 200 "), "{health}");
+    }
 
     active.signal("STOP");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -307,6 +322,20 @@ async fn a_hung_active_once_killed_hands_over_without_false_lag() {
         "the stopped active still holds the lock: {}",
         standby.log()
     );
+    // What a liveness probe sees: a connection (the kernel accepts it), and no answer.
+    let addr = active.addr;
+    let unanswered = tokio::task::spawn_blocking(move || {
+        let mut probe = std::net::TcpStream::connect(addr).unwrap();
+        probe
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        write!(probe, "GET /healthz HTTP/1.0\r\n\r\n").unwrap();
+        probe.read(&mut [0; 64])
+    })
+    .await
+    .unwrap();
+    assert!(unanswered.is_err(), "{unanswered:?}");
+    assert!(standby.get("/healthz").await.contains(" 200 "));
     active.kill().await;
     standby.wait_for(&["took over"]).await;
     wait_for_the_stream_to_pass_now(&pair).await;

@@ -16,6 +16,7 @@ mod faults;
 mod ha;
 mod lag;
 mod lifecycle;
+mod liveness;
 mod oracle;
 mod profiles;
 mod promtool;
