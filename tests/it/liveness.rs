@@ -1,13 +1,15 @@
 //! Whether `run` makes progress, as `/healthz` and systemd's watchdog see it: long waits that
-//! are no hang (a standby waiting for the lock, the backoff between reconnects, a slow target)
-//! keep it alive.
+//! are no hang (a standby waiting for the lock, the backoff between reconnects) keep it alive,
+//! and the binary speaks systemd's notification protocol.
 
+use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use usersync::metrics::Metrics;
 
+use crate::ha::Replicator;
 use crate::harness::*;
 use crate::lag::http_get;
 
@@ -104,6 +106,70 @@ async fn backing_off_between_reconnects_stays_alive() {
     assert!(reconnects >= 6.0, "{text}");
     let _ = stop.send(true);
     task.await.unwrap().expect("stopped while backing off");
+}
+
+/// The binary under systemd (`Type=notify`, `WatchdogSec=`): `READY=1` once it runs, even on
+/// standby, `WATCHDOG=1` at half the watchdog interval while it makes progress, `STOPPING=1`
+/// when asked to stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_tells_systemd_it_is_ready_alive_and_stopping() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    // Another replicator holds the slot, so this one stands by: ready and alive all the same.
+    let active = pair.start();
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('notify@example.com')")
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    let dir = std::env::temp_dir().join(unique("usersync-notify"));
+    std::fs::create_dir(&dir).unwrap();
+    let path = dir.join("notify");
+    let systemd = UnixDatagram::bind(&path).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let received = move || {
+        let mut buffer = [0; 256];
+        systemd
+            .recv(&mut buffer)
+            .ok()
+            .map(|length| String::from_utf8_lossy(&buffer[..length]).into_owned())
+    };
+    let mut standby = Replicator::start_with(
+        &pair,
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            // One second: fed every half second.
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    )
+    .await;
+    standby.wait_for(&["standby"]).await;
+    let (received, messages) = tokio::task::spawn_blocking(move || {
+        let mut messages = Vec::new();
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            messages.extend(received());
+        }
+        (received, messages)
+    })
+    .await
+    .unwrap();
+    assert_eq!(messages.first().map(String::as_str), Some("READY=1"));
+    let fed = messages.iter().filter(|m| *m == "WATCHDOG=1").count();
+    assert!(fed >= 4, "{messages:?}");
+    assert_eq!(messages.len(), fed + 1, "{messages:?}");
+    assert!(standby.get("/healthz").await.contains(" 200 "));
+    let (status, log) = standby.stop().await;
+    assert!(status.success(), "{log}");
+    let after = tokio::task::spawn_blocking(move || std::iter::from_fn(received).collect())
+        .await
+        .unwrap();
+    let after: Vec<String> = after;
+    assert!(after.contains(&"STOPPING=1".to_owned()), "{after:?}");
+    active.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A large source transaction goes to the target in parts; while the target is slow (here:
