@@ -95,7 +95,7 @@ async fn backing_off_between_reconnects_stays_alive() {
     };
     let (addr, metrics, stop, task) = start_in_process(config).await;
     // Backoff 0.25, 0.5, 1, 2, 4, 8 s (each ±25%): within 12 s the fifth, of at least 3 s,
-    // has come and gone.
+    // has begun at the latest 10 s in, and outlasted the bound before the end.
     healthy_throughout(addr, Duration::from_secs(12), "backing off").await;
     let text = metrics.encode();
     let reconnects: f64 = text
@@ -103,7 +103,7 @@ async fn backing_off_between_reconnects_stays_alive() {
         .find_map(|line| line.strip_prefix("usersync_reconnects_total "))
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or_else(|| panic!("{text}"));
-    assert!(reconnects >= 6.0, "{text}");
+    assert!(reconnects >= 5.0, "{text}");
     let _ = stop.send(true);
     task.await.unwrap().expect("stopped while backing off");
 }
