@@ -1,5 +1,5 @@
-//! The HTTP endpoint: `/metrics` (OpenMetrics text), `/healthz` (the process is alive) and
-//! `/readyz` (streaming and not broken), on `--metrics-addr`.
+//! The HTTP endpoint: `/metrics` (OpenMetrics text), `/healthz` (the run loop makes progress,
+//! see [`crate::liveness`]) and `/readyz` (streaming and not broken), on `--metrics-addr`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,7 +41,7 @@ pub async fn bind(
         .map_err(|source| HttpError { addr, source })?;
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(health_handler))
         .route("/readyz", get(ready_handler))
         .with_state(metrics);
     let server = async move {
@@ -62,10 +62,79 @@ async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoRespon
     ([(header::CONTENT_TYPE, OPENMETRICS)], metrics.encode())
 }
 
+/// Fails once the run loop has shown no progress within the liveness bound: the endpoint
+/// answers on its own task, so answering at all says nothing about the loop.
+async fn health_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    let liveness = metrics.liveness();
+    if liveness.is_alive() {
+        (StatusCode::OK, "ok\n".to_owned())
+    } else {
+        let (silent, bound) = (liveness.silent_for(), liveness.bound());
+        tracing::warn!(
+            silent_s = silent.as_secs(),
+            bound_s = bound.as_secs(),
+            "healthz: the run loop shows no progress; answering 503 so that it is restarted"
+        );
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "hung: no progress for {:.1} s (bound {:.1} s)\n",
+                silent.as_secs_f64(),
+                bound.as_secs_f64()
+            ),
+        )
+    }
+}
+
 async fn ready_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
     if metrics.is_ready() {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn healthz_fails_once_the_loop_shows_no_progress_within_the_bound() {
+        let metrics = Arc::new(Metrics::new(Duration::from_secs(1)));
+        metrics.liveness().set_bound(Duration::from_millis(300));
+        let (_stop, shutdown) = watch::channel(false);
+        let (addr, server) = bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::clone(&metrics),
+            shutdown,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(server);
+        let healthy = get(addr, "/healthz").await;
+        assert!(healthy.starts_with("HTTP/1.0 200"), "{healthy}");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let hung = get(addr, "/healthz").await;
+        assert!(hung.starts_with("HTTP/1.0 503"), "{hung}");
+        assert!(hung.contains("\r\n\r\nhung: no progress for 0."), "{hung}");
+        assert!(hung.ends_with(" s (bound 0.3 s)\n"), "{hung}");
+        metrics.liveness().progress();
+        let again = get(addr, "/healthz").await;
+        assert!(again.starts_with("HTTP/1.0 200"), "{again}");
     }
 }

@@ -131,6 +131,12 @@ impl ClockOffset {
         self.samples.iter().copied().max().unwrap_or(0)
     }
 
+    /// When a source time (Unix microseconds by the source's clock) was by this host's clock.
+    /// The estimate errs late, by the least network delay seen, never early.
+    pub fn local_time(&self, source_unix_micros: i64) -> i64 {
+        source_unix_micros.saturating_sub(self.micros())
+    }
+
     /// The lag of a source commit applied at `local_unix_micros`, corrected for the offset.
     pub fn lag(&self, commit_unix_micros: i64, local_unix_micros: i64) -> Duration {
         let lag = local_unix_micros
@@ -162,5 +168,7 @@ mod clock_tests {
             Duration::from_micros(19_000)
         );
         assert_eq!(ClockOffset::default().lag(10, 5), Duration::ZERO);
+        // Source time 10 s was local 5.001 s: 1 ms late, the least delay seen.
+        assert_eq!(clock.local_time(10_000_000), 5_001_000);
     }
 }

@@ -18,6 +18,8 @@
 //! - [`apply`]: batches → SQL on the target, checkpoint in the same transaction.
 //! - [`replicator`]: the service loop tying them together, with reconnects.
 //! - [`lag`], [`metrics`], [`http`]: how late, what was applied, and `/metrics`.
+//! - [`liveness`], [`sdnotify`]: whether the run loop makes progress, told to `/healthz` and
+//!   to systemd.
 //! - [`conn`]: libpq-style URLs, TLS, ordinary SQL connections.
 //! - [`commands`]: one module per subcommand; [`cli`] and [`config`] parse and validate.
 //! - [`localpg`]: throwaway local PostgreSQL servers for `demo` and the tests.
@@ -31,11 +33,13 @@ pub mod decode;
 pub mod error;
 pub mod http;
 pub mod lag;
+pub mod liveness;
 pub mod localpg;
 pub mod lsn;
 pub mod map;
 pub mod metrics;
 pub mod replicator;
+pub mod sdnotify;
 pub mod source;
 
 pub use error::Error;

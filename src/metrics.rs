@@ -18,6 +18,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::lag::LagWindow;
+use crate::liveness::{self, Liveness};
 
 /// Lag buckets in seconds: fine-grained below the target, which is one of them.
 const LAG_BUCKETS: [f64; 13] = [
@@ -128,6 +129,9 @@ pub struct Metrics {
     /// Lag samples of the last minute, for percentiles printed by `demo`.
     pub lag_window: LagWindow,
     lag_target: Duration,
+    /// The run loop's progress, for `/healthz` and systemd's watchdog: shared here because
+    /// everything that reports on the process already shares the metrics.
+    liveness: Liveness,
 }
 
 impl Metrics {
@@ -331,6 +335,7 @@ impl Metrics {
             lag_recent_within_target,
             lag_window: LagWindow::default(),
             lag_target,
+            liveness: Liveness::new(liveness::DEFAULT_BOUND),
         };
         // Series exist from the first scrape, so rates and alerts see zeros, not gaps.
         for op in [Op::Insert, Op::Update, Op::Delete, Op::Truncate] {
@@ -498,6 +503,11 @@ impl Metrics {
 
     pub fn is_ready(&self) -> bool {
         self.ready.get() == 1
+    }
+
+    /// Whether the run loop makes progress (as `/healthz`).
+    pub fn liveness(&self) -> &Liveness {
+        &self.liveness
     }
 
     /// Names the slot this process consumes (the `slot` label of `usersync_slot_info`).

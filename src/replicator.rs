@@ -53,6 +53,7 @@ use crate::decode::{
 };
 use crate::error::Error;
 use crate::lag::{unix_micros_now, ClockOffset};
+use crate::liveness::Liveness;
 use crate::lsn::Lsn;
 use crate::map::{MappedUser, RowMapper, RowOutcome};
 use crate::metrics::{Metrics, Op, Side};
@@ -92,9 +93,19 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A session that ran this long, or applied a batch, counts as healthy: the next failure
 /// starts backoff afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(60);
+/// Time for the work around a request, on top of the longest one, before `/healthz` and
+/// systemd's watchdog take the run loop for hung.
+const LIVENESS_MARGIN: Duration = Duration::from_secs(30);
 /// PostgreSQL 14 brought pgoutput protocol 2 (streaming of large in-progress transactions)
 /// and the `messages` option (logical messages, which carry the heartbeats).
 const PROTOCOL_2_MIN_VERSION: u32 = 140_000;
+
+/// How long `run` may show no progress before it counts as hung (see [`crate::liveness`]):
+/// longer than any one request of a session may take (a [`Limit`]), the longest wait without
+/// progress; every other wait shows progress at least every [`STATUS_INTERVAL`].
+pub fn liveness_bound(source_timeout: Duration) -> Duration {
+    TARGET_TIMEOUT.max(source_timeout) + LIVENESS_MARGIN
+}
 
 /// Streams until `shutdown` turns true, reconnecting after transient failures.
 pub async fn run(
@@ -127,7 +138,7 @@ pub async fn run(
                 metrics.reconnected();
                 tracing::warn!(error = %crate::error::report(&error), retry_in_ms = delay.as_millis() as u64, "replication interrupted; reconnecting");
                 tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = metrics.liveness().sleep(delay) => {}
                     _ = stopped(&mut shutdown) => return Ok(()),
                 }
             }
@@ -184,8 +195,9 @@ async fn run_session(
 ) -> Result<(), Error> {
     // Every request before streaming is bounded: a connection stalled while a session starts
     // would otherwise hang it for good (the stream's own silence check comes later).
-    let source_timeout = config.source_timeout;
-    let (target, warnings, shape) = answered(TARGET_TIMEOUT, "target", "preparing the session", async {
+    let target_limit = Limit::new(TARGET_TIMEOUT, metrics.liveness());
+    let source_limit = Limit::new(config.source_timeout, metrics.liveness());
+    let (target, warnings, shape) = answered(target_limit, "target", "preparing the session", async {
         let (target, warnings) =
             conn::sql::connect_counting_warnings(&config.target, APPLICATION_NAME)
                 .await
@@ -211,7 +223,7 @@ async fn run_session(
         return Ok(());
     }
     // Read only now: a standby that just took over resumes where the other one stopped.
-    let checkpoint = answered(TARGET_TIMEOUT, "target", "reading the checkpoint", async {
+    let checkpoint = answered(target_limit, "target", "reading the checkpoint", async {
         Ok(apply::read_checkpoint(&target, &config.slot).await?)
     })
     .await?;
@@ -226,7 +238,7 @@ async fn run_session(
         )));
     };
 
-    let source = answered(source_timeout, "source", "preparing the session", async {
+    let source = answered(source_limit, "source", "preparing the session", async {
         let source = conn::sql::connect(&config.source, APPLICATION_NAME)
             .await
             .map_err(Error::connect("source"))?;
@@ -237,14 +249,14 @@ async fn run_session(
     let Some(SlotReady {
         sender_timeout,
         confirmed_flush,
-    }) = wait_for_slot(&source, &config.slot, source_timeout, shutdown).await?
+    }) = wait_for_slot(&source, &config.slot, source_limit, shutdown).await?
     else {
         return Ok(());
     };
     // Facts the profile needs from the source (Keycloak: the realm's id for its name), and
     // whether the publication carries the columns the mapping needs (PostgreSQL 15+).
     let profile = answered(
-        source_timeout,
+        source_limit,
         "source",
         "reading the profile's facts",
         async {
@@ -262,14 +274,13 @@ async fn run_session(
     .await?;
     drop(source);
 
-    let (replication, identity) =
-        answered(source_timeout, "source", "opening replication", async {
-            let mut replication =
-                ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
-            let identity = replication.identify_system().await?;
-            Ok((replication, identity))
-        })
-        .await?;
+    let (replication, identity) = answered(source_limit, "source", "opening replication", async {
+        let mut replication =
+            ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
+        let identity = replication.identify_system().await?;
+        Ok((replication, identity))
+    })
+    .await?;
     if checkpoint.system_id != identity.system_id {
         return Err(SourceError::Definite(format!(
             "the target's checkpoint for slot {} comes from source system {}, but this \
@@ -278,7 +289,7 @@ async fn run_session(
         ))
         .into());
     }
-    let writer = answered(TARGET_TIMEOUT, "target", "preparing statements", async {
+    let writer = answered(target_limit, "target", "preparing statements", async {
         let mut writer =
             TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
         writer.watch_warnings(warnings);
@@ -307,7 +318,7 @@ async fn run_session(
         options.push(("streaming", "on".to_owned()));
         options.push(("messages", "true".to_owned()));
     }
-    let stream = answered(source_timeout, "source", "starting replication", async {
+    let stream = answered(source_limit, "source", "starting replication", async {
         Ok(replication
             .start_logical_replication(&config.slot, resume_at, &options)
             .await?)
@@ -320,6 +331,7 @@ async fn run_session(
     let heartbeat = config
         .heartbeat_interval
         .filter(|_| protocol_2 && mode == Mode::Service);
+    let monitor_started = unix_micros_now();
     let _monitor = AbortOnDrop(tokio::spawn(run_monitor(
         config.source.clone(),
         config.slot.clone(),
@@ -338,6 +350,7 @@ async fn run_session(
         heartbeat_prefix: heartbeat_prefix(&config.slot),
         clock: ClockOffset::default(),
         pending_heartbeat: None,
+        monitor_started,
         in_large_transaction: false,
         over_target: false,
         stream,
@@ -400,8 +413,9 @@ async fn wait_for_slot_lock(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<bool, Error> {
     let mut logged: Option<(Vec<apply::slot_lock::LockHolder>, Instant)> = None;
+    let target_limit = Limit::new(TARGET_TIMEOUT, metrics.liveness());
     loop {
-        let locked: bool = answered(TARGET_TIMEOUT, "target", "taking the slot's lock", async {
+        let locked: bool = answered(target_limit, "target", "taking the slot's lock", async {
             Ok(target
                 .query_one(apply::slot_lock::TRY_LOCK, &[&slot])
                 .await
@@ -421,7 +435,7 @@ async fn wait_for_slot_lock(
                 .unwrap_or_default();
             metrics.set_standby(Some(since.as_secs_f64()));
         }
-        let holders = answered(TARGET_TIMEOUT, "target", "reading the slot's lock", async {
+        let holders = answered(target_limit, "target", "reading the slot's lock", async {
             Ok(apply::slot_lock::holders(target, slot).await?)
         })
         .await?;
@@ -486,10 +500,10 @@ struct SlotReady {
 async fn wait_for_slot(
     source: &tokio_postgres::Client,
     slot: &str,
-    source_timeout: Duration,
+    source_limit: Limit<'_>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Option<SlotReady>, Error> {
-    let sender_timeout: i32 = answered(source_timeout, "source", "reading settings", async {
+    let sender_timeout: i32 = answered(source_limit, "source", "reading settings", async {
         Ok(source
             .query_one(
                 "SELECT setting::int FROM pg_settings WHERE name = 'wal_sender_timeout'",
@@ -505,7 +519,7 @@ async fn wait_for_slot(
     let deadline = Instant::now() + wait;
     let mut said_busy = false;
     loop {
-        let info = answered(source_timeout, "source", "reading the slot", async {
+        let info = answered(source_limit, "source", "reading the slot", async {
             Ok(catalog::slot_info(source, slot).await?)
         })
         .await?;
@@ -621,13 +635,29 @@ fn is_large(transaction: &Transaction) -> bool {
 /// writer's own `statement_timeout` and batch timeout bound every request.
 const TARGET_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// `request`, or [`Error::Unanswered`] if it is not done within `after`.
-async fn answered<T>(
+/// How long a request may go unanswered, and the liveness its start shows progress to.
+#[derive(Clone, Copy)]
+struct Limit<'a> {
     after: Duration,
+    liveness: &'a Liveness,
+}
+
+impl<'a> Limit<'a> {
+    fn new(after: Duration, liveness: &'a Liveness) -> Self {
+        Limit { after, liveness }
+    }
+}
+
+/// `request`, or [`Error::Unanswered`] if it is not done within the limit. Its start is
+/// progress (see [`crate::liveness`]): it ends within the limit, one way or the other.
+async fn answered<T>(
+    limit: Limit<'_>,
     which: &'static str,
     what: &'static str,
     request: impl std::future::Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
+    let Limit { after, liveness } = limit;
+    liveness.progress();
     tokio::time::timeout(after, request)
         .await
         .unwrap_or(Err(Error::Unanswered { which, what, after }))
@@ -649,6 +679,11 @@ struct Session<'a> {
     clock: ClockOffset,
     /// Commit time of a heartbeat waiting behind the open batch.
     pending_heartbeat: Option<i64>,
+    /// When this session's monitor began to write heartbeats (this host's clock). Older
+    /// heartbeats still in the slot were written by an earlier session (this process's before
+    /// a reconnect, or another process's before a takeover): their age is the time nobody
+    /// streamed, which no user waited for, so they move positions but measure no lag.
+    monitor_started: UnixMicros,
     /// A large transaction is being applied in parts.
     in_large_transaction: bool,
     /// Whether the lag is over the target (to log crossings once).
@@ -702,6 +737,7 @@ impl Session<'_> {
     /// the next batch grows (up to [`MAX_BATCH_CHANGES`], then reading pauses).
     async fn stream_until(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
         loop {
+            self.metrics.liveness().progress();
             if self.finished {
                 self.apply_batch().await?;
                 self.make_durable().await?;
@@ -1298,6 +1334,9 @@ impl Session<'_> {
 
     /// A heartbeat committed at `commit_time` has come through the whole pipeline.
     fn heartbeat_arrived(&mut self, commit_time: i64) {
+        if self.clock.local_time(commit_time) < self.monitor_started {
+            return;
+        }
         let lag = self.clock.lag(commit_time, unix_micros_now());
         self.metrics.set_heartbeat_lag(lag);
         if self.caught_up() {
@@ -1372,6 +1411,9 @@ impl Session<'_> {
         );
         self.stream.send(update).await?;
         self.last_status = Instant::now();
+        // Status updates go out every few seconds, also while the session waits for the
+        // target (`settle`) or writes a large transaction in parts.
+        self.metrics.liveness().progress();
         Ok(())
     }
 }
@@ -1492,6 +1534,22 @@ mod tests {
             client_addr: None,
             backend_start: None,
         }
+    }
+
+    #[test]
+    fn the_liveness_bound_outlasts_every_wait_without_progress() {
+        assert_eq!(
+            liveness_bound(crate::config::DEFAULT_SOURCE_TIMEOUT),
+            crate::liveness::DEFAULT_BOUND
+        );
+        let short = liveness_bound(Duration::from_secs(2));
+        for wait in [TARGET_TIMEOUT, STATUS_INTERVAL, STANDBY_POLL, MAX_BATCH_AGE] {
+            assert!(wait < short, "{wait:?}");
+        }
+        assert_eq!(
+            liveness_bound(Duration::from_secs(300)),
+            Duration::from_secs(330)
+        );
     }
 
     #[test]

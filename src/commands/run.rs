@@ -1,9 +1,17 @@
 //! `usersync run`: the service. SIGINT or SIGTERM finishes the open batch, confirms it to
 //! the source and exits 0. Its tasks, spawned here: the signal listener, the HTTP endpoint,
-//! and (inside the replicator) one source monitor per streaming session.
+//! systemd's watchdog when it has one, and (inside the replicator) one source monitor per
+//! streaming session.
+//!
+//! Under systemd with `Type=notify` ([`crate::sdnotify`]) it says `READY=1` once the endpoint
+//! is up and replication starts (a standby is a running service too: it only waits),
+//! `STOPPING=1` when asked to stop, and, with `WatchdogSec=`, `WATCHDOG=1` while the run loop
+//! makes progress (as `/healthz` answers): a hung loop stops feeding the watchdog, and systemd
+//! restarts the service.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -12,23 +20,97 @@ use crate::error::Error;
 use crate::http;
 use crate::metrics::Metrics;
 use crate::replicator;
+use crate::sdnotify::{self, Notifier};
 
 pub async fn run(config: &Config, metrics_addr: SocketAddr) -> Result<(), Error> {
     let (stop, shutdown) = watch::channel(false);
     let metrics = Arc::new(Metrics::new(config.lag_target));
+    metrics
+        .liveness()
+        .set_bound(replicator::liveness_bound(config.source_timeout));
     let (bound, server) = http::bind(metrics_addr, Arc::clone(&metrics), shutdown.clone())
         .await
         .map_err(|error| Error::Config(error.to_string()))?;
     tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
     let server = tokio::spawn(server);
+    let systemd = systemd_notifier();
+    let watchdog = systemd.clone().and_then(|systemd| {
+        let interval = watchdog_interval()?;
+        let metrics = Arc::clone(&metrics);
+        Some(tokio::spawn(feed_watchdog(systemd, interval, metrics)))
+    });
+    let stopping = systemd.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("stop requested; finishing the open batch");
+        if let Some(systemd) = &stopping {
+            tell(systemd, sdnotify::STOPPING);
+        }
         let _ = stop.send(true);
     });
+    if let Some(systemd) = &systemd {
+        tell(systemd, sdnotify::READY);
+    }
     let result = replicator::run(config, metrics, shutdown).await;
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     server.abort();
     result
+}
+
+/// The notifier `$NOTIFY_SOCKET` asks for, if any. A socket usersync cannot use is worth a
+/// warning, not a failure: systemd then says what it missed (a start timeout, say).
+fn systemd_notifier() -> Option<Arc<Notifier>> {
+    match Notifier::from_env() {
+        Ok(notifier) => notifier.map(Arc::new),
+        Err(error) => {
+            tracing::warn!(error = %crate::error::report(&error), "cannot notify systemd");
+            None
+        }
+    }
+}
+
+/// How often to feed systemd's watchdog, if it watches this process.
+fn watchdog_interval() -> Option<Duration> {
+    match sdnotify::watchdog_interval_from_env() {
+        Ok(interval) => interval,
+        Err(error) => {
+            tracing::warn!(error = %crate::error::report(&error), "cannot feed systemd's watchdog");
+            None
+        }
+    }
+}
+
+/// Tells systemd `message`; a failure is logged, since nothing else can be done about it.
+fn tell(systemd: &Notifier, message: &str) {
+    if let Err(error) = systemd.notify(message) {
+        tracing::warn!(error = %crate::error::report(&error), "cannot notify systemd");
+    }
+}
+
+/// Sends `WATCHDOG=1` every `interval` while the run loop makes progress, and stops while it
+/// does not, so that systemd restarts a hung process; says so once per hang.
+async fn feed_watchdog(systemd: Arc<Notifier>, interval: Duration, metrics: Arc<Metrics>) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut hung = false;
+    loop {
+        ticks.tick().await;
+        let liveness = metrics.liveness();
+        if liveness.is_alive() {
+            hung = false;
+            tell(&systemd, sdnotify::WATCHDOG);
+        } else if !hung {
+            hung = true;
+            tracing::error!(
+                silent_s = liveness.silent_for().as_secs(),
+                bound_s = liveness.bound().as_secs(),
+                "the run loop shows no progress: no longer feeding systemd's watchdog, which \
+                 restarts the service"
+            );
+        }
+    }
 }
 
 /// Waits for SIGINT (Ctrl-C) or SIGTERM (systemd, Kubernetes).

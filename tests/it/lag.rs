@@ -13,7 +13,7 @@ use usersync::metrics::Metrics;
 use crate::harness::*;
 
 /// Plain HTTP/1.0 GET on loopback: status line and body.
-fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut stream = TcpStream::connect(addr).expect("connect to the HTTP endpoint");
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
     let mut response = String::new();

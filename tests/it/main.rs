@@ -16,6 +16,7 @@ mod faults;
 mod ha;
 mod lag;
 mod lifecycle;
+mod liveness;
 mod neon_auth;
 mod oracle;
 mod profiles;

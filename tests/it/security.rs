@@ -1229,6 +1229,11 @@ fn systemd_unit_keeps_secrets_in_credentials_and_verifies() {
     let lines: Vec<&str> = unit.lines().map(str::trim).collect();
     for line in [
         "ExecStart=/usr/local/bin/usersync run",
+        // usersync says READY=1 and feeds the watchdog while its loop makes progress, so a
+        // hung replicator (which keeps the slot's lock) is restarted.
+        "Type=notify",
+        "NotifyAccess=main",
+        "WatchdogSec=30s",
         "Restart=on-failure",
         // A definite error (78) or an argument error (2) would fail the same way again.
         "RestartPreventExitStatus=2 78",
