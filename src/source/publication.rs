@@ -287,13 +287,24 @@ pub async fn ensure_publication(
                 ),
             );
             for (table, _, extra) in &changed {
-                said.push(format!(
-                    "warning: publication {publication} publishes columns of {} that usersync \
-                     does not use ({}), and this role may not change it; to keep them off the \
-                     wire, have the owner run: {owner_sql}",
-                    table.table,
-                    extra.join(", ")
-                ));
+                said.push(if extra.is_empty() {
+                    // Every column is mapped today; one the table gains later would not be.
+                    format!(
+                        "warning: publication {publication} publishes {} without a column \
+                         list, so a column the table gains later would be sent too, and this \
+                         role may not change it; to publish only the columns usersync uses, \
+                         have the owner run: {owner_sql}",
+                        table.table
+                    )
+                } else {
+                    format!(
+                        "warning: publication {publication} publishes columns of {} that \
+                         usersync does not use ({}), and this role may not change it; to keep \
+                         them off the wire, have the owner run: {owner_sql}",
+                        table.table,
+                        extra.join(", ")
+                    )
+                });
             }
             return Ok(said);
         }
