@@ -163,6 +163,7 @@ async fn status_reports_a_healthy_slot_as_json_and_as_a_table() {
             "active",
             "active_pid",
             "confirmed_flush_lsn",
+            "database",
             "exists",
             "invalidation_reason",
             "name",
@@ -339,6 +340,35 @@ async fn status_is_broken_without_tables_slot_or_with_a_foreign_checkpoint() {
     assert_eq!(table.status.code(), Some(5), "{}", text(&table));
     assert!(text(&table).contains("broken"), "{}", text(&table));
     assert!(!text(&table).contains(PASSWORD));
+
+    // A slot of that name for another database of the server is not this source's.
+    let other_db = unique("other");
+    pair.source
+        .batch_execute(&format!("CREATE DATABASE {other_db}"))
+        .await
+        .unwrap();
+    let other = sql(pair.server, &other_db).await;
+    other
+        .query_one(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')::text",
+            &[&pair.config.slot],
+        )
+        .await
+        .unwrap();
+    let (code, json) = status_json(&pair, &["--lag-target", "1h"]);
+    other
+        .query_one(
+            "SELECT pg_drop_replication_slot($1)::text",
+            &[&pair.config.slot],
+        )
+        .await
+        .unwrap();
+    assert_eq!(code, Some(5), "{json}");
+    assert_eq!(json["slot"]["database"], other_db.as_str(), "{json}");
+    assert!(
+        problems(&json).contains(&format!("belongs to database {other_db}")),
+        "{json}"
+    );
 }
 
 /// A slot dropped while the target holds its checkpoint: the changes of the gap are gone from

@@ -87,6 +87,21 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
 
     let target = connect("target", &config.target).await?;
     let mut problems = Vec::new();
+    if let Some(database) = slot.as_ref().and_then(|slot| slot.database.as_deref()) {
+        // A slot of that name for another database of the server is not this source's.
+        if database != config.source.dbname {
+            problems.push(Problem {
+                verdict: Verdict::Broken,
+                message: format!(
+                    "replication slot {} belongs to database {}, not {}: it is not this \
+                     source's slot; use the --slot of this source",
+                    config.slot,
+                    database.escape_default(),
+                    config.source.dbname
+                ),
+            });
+        }
+    }
     let (target_status, checkpoint) = read_target(&target, config, &mut problems).await?;
 
     let now = Utc::now();
@@ -121,6 +136,7 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
             name: config.slot.clone(),
             exists: slot.is_some(),
             plugin: slot.as_ref().and_then(|slot| slot.plugin.clone()),
+            database: slot.as_ref().and_then(|slot| slot.database.clone()),
             active: slot.as_ref().is_some_and(|slot| slot.active),
             active_pid: slot.as_ref().and_then(|slot| slot.active_pid),
             confirmed_flush_lsn: slot

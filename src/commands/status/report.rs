@@ -106,6 +106,8 @@ pub struct SlotStatus {
     pub name: String,
     pub exists: bool,
     pub plugin: Option<String>,
+    /// The database the slot decodes (a slot belongs to one database of the server).
+    pub database: Option<String>,
     pub active: bool,
     pub active_pid: Option<i32>,
     pub confirmed_flush_lsn: Option<LsnText>,
@@ -545,6 +547,7 @@ mod tests {
                 name: "usersync".into(),
                 exists: true,
                 plugin: Some("pgoutput".into()),
+                database: Some("auth".into()),
                 active: true,
                 active_pid: Some(42),
                 confirmed_flush_lsn: Some(LsnText(Lsn(0x200))),
