@@ -68,8 +68,9 @@
 //! prints the table as one JSON object on stdout after the text table; progress goes to stderr.
 //!
 //! For usersync the steady-load, drain and bulk sections also print where the time goes, from
-//! its own metrics: target transactions, mean changes per target transaction and mean apply
-//! time. The notes also give the measured average size of `raw` on the source and
+//! its own metrics: target transactions, the share of them that carried a single change (the
+//! first bucket of `usersync_batch_size_changes`), mean changes per target transaction and
+//! mean apply time. The notes also give the measured average size of `raw` on the source and
 //! of `raw_json` on the target.
 
 use std::path::PathBuf;
@@ -559,6 +560,8 @@ impl Bench {
 #[derive(Clone, Copy, Default)]
 struct MetricSnapshot {
     batches: f64,
+    /// Target transactions that carried at most one change (the histogram's first bucket).
+    single_change_batches: f64,
     changes: f64,
     apply_seconds: f64,
 }
@@ -574,6 +577,7 @@ impl MetricSnapshot {
         };
         MetricSnapshot {
             batches: value("usersync_batch_size_changes_count"),
+            single_change_batches: value("usersync_batch_size_changes_bucket{le=\"1.0\"}"),
             changes: value("usersync_batch_size_changes_sum"),
             apply_seconds: value("usersync_apply_duration_seconds_sum"),
         }
@@ -581,11 +585,13 @@ impl MetricSnapshot {
 
     fn describe_since(&self, before: &MetricSnapshot, wall: Duration) -> String {
         let batches = self.batches - before.batches;
+        let single = self.single_change_batches - before.single_change_batches;
         let changes = self.changes - before.changes;
         let apply = self.apply_seconds - before.apply_seconds;
         format!(
-            "{batches:.0} target transactions, {:.1} changes each, {:.2} ms apply each, \
-             apply {:.0}% of {:.1}s",
+            "{batches:.0} target transactions ({:.0}% with a single change), {:.1} changes \
+             each, {:.2} ms apply each, apply {:.0}% of {:.1}s",
+            single * 100.0 / batches.max(1.0),
             changes / batches.max(1.0),
             apply * 1000.0 / batches.max(1.0),
             apply * 100.0 / wall.as_secs_f64().max(1e-9),
