@@ -2,7 +2,7 @@
 //! in the same run.
 //!
 //! ```text
-//! cargo bench --bench replication                  # full scale (~10 minutes on 2 cores)
+//! cargo bench --bench replication                  # full scale (not timed since issue #15)
 //! USERSYNC_BENCH_SCALE=0.1 cargo bench --bench replication -- --json
 //! ```
 //!
@@ -17,16 +17,40 @@
 //! Only one contender runs during a measurement; the other is stopped (usersync) or disabled
 //! (native) and catches up, unmeasured, before its own turn, so both targets stay complete.
 //!
+//! The workload is the one of an independent benchmark that found usersync far behind native
+//! replication near saturation (issue #15):
+//!
+//! - **Rows**: `public.users (id uuid PRIMARY KEY, email, display_name, created_at,
+//!   updated_at, raw jsonb, changed_at)`, where `raw` is an identity store's user document of
+//!   about 530 bytes (as text): id, email, two providers (email and a social login with its
+//!   uid and link time), metadata (name, locale, plan, sign-in and failed sign-in counts, three
+//!   flags, last sign-in) and timestamps as strings. Names, emails, providers and sign-up times
+//!   are drawn from each user's id, the rest from the bench's generator, so no two documents
+//!   are alike. usersync maps it with the generic profile (`id`, `email`, `display_name`,
+//!   `created_at` named explicitly), so `raw`, `updated_at` and `changed_at` ride along in
+//!   `raw_json`. Every section writes these rows, through `COPY` for the preloaded users and
+//!   the large transactions. `USERSYNC_BENCH_ROWS=light` writes a `raw` of about 40 bytes
+//!   instead, all else equal, to see what the row size alone changes.
+//! - **Preloaded users**: the snapshot's users; updates and deletes pick at random from
+//!   100,000 of them, spread over the whole table (times `USERSYNC_BENCH_SCALE`; a deleted
+//!   user leaves the pool).
+//! - **Load**: 8 client connections sharing a fixed total rate (or, for the backlog, as fast
+//!   as they go); each transaction is one statement: 60% inserts of a new user (full row,
+//!   fresh document), 35% updates of `display_name`, `raw` (the same user's document with new
+//!   values) and `updated_at` of a preloaded user, 5% deletes of a preloaded user.
+//! - **Durability**: both servers run with PostgreSQL's defaults `fsync`, `full_page_writes`
+//!   and `synchronous_commit` on (the test servers of `usersync::localpg` turn them off).
+//!
 //! Sections, each printed as usersync, native and usersync/native:
 //!
 //! 1. **snapshot**: initial copy of `USERSYNC_BENCH_SNAPSHOT_USERS` (1,000,000) users, usersync
 //!    `setup` against `CREATE SUBSCRIPTION` with `copy_data` (rows/s).
-//! 2. **steady load**: 60% inserts, 35% updates, 5% deletes, one change per transaction, at
-//!    each rate of `USERSYNC_BENCH_RATES` (200,1000,5000 tx/s) for `USERSYNC_BENCH_SECONDS`
-//!    (10) seconds. Lag is measured identically for both: every source write sets
-//!    `changed_at = clock_timestamp()`, and a deferred constraint trigger on the target table
-//!    (fired at commit) records `clock_timestamp() - changed_at` (both servers share this
-//!    host's clock). Deletes are not sampled (native deletes the row; usersync soft-deletes).
+//! 2. **steady load**: the load above at each total rate of `USERSYNC_BENCH_RATES`
+//!    (200,1000,5000 tx/s) for `USERSYNC_BENCH_SECONDS` (10) seconds. Lag is measured
+//!    identically for both: every source write sets `changed_at = clock_timestamp()` (the
+//!    column default on insert, explicitly on update), and a deferred constraint trigger on the
+//!    target table (fired at commit) records `clock_timestamp() - changed_at` (both servers
+//!    share this host's clock). Deletes are not sampled (native deletes the row; usersync soft-deletes).
 //!    The achieved load rate is reported next to the requested one.
 //! 3. **backlog drain**: `USERSYNC_BENCH_BACKLOG` (100,000) such transactions written while
 //!    both are stopped, then time to catch up (tx/s); plus `pg_recvlogical` decoding the same
@@ -38,22 +62,29 @@
 //!    `USERSYNC_BENCH_RSS_USERS` (1,000,000) inserts; peak RSS is `VmHWM` from
 //!    `/proc/<pid>/status`. No native figure: the apply worker's RSS counts shared buffers.
 //!
-//! `USERSYNC_BENCH_SCALE` multiplies every size and the duration (`0.1` for a quick run, about
-//! a minute). `USERSYNC_BENCH_SECTIONS` (e.g. `steady,drain`) runs only some sections; the
+//! `USERSYNC_BENCH_SCALE` multiplies every size and the duration (`0.1` for a quick run; `0.02`
+//! takes about two minutes on 2 cores). `USERSYNC_BENCH_SECTIONS` (e.g. `steady,drain`) runs only some sections; the
 //! snapshot always runs, because it fills the source. `--json` (or `USERSYNC_BENCH_JSON=1`)
 //! prints the table as one JSON object on stdout after the text table; progress goes to stderr.
 //!
-//! For usersync the steady-load and drain sections also print where the time goes, from its
-//! own metrics: target transactions, mean changes per target transaction and mean apply time.
+//! For usersync the steady-load, drain and bulk sections also print where the time goes, from
+//! its own metrics: target transactions, the share of them that carried a single change (the
+//! first bucket of `usersync_batch_size_changes`), mean changes per target transaction and
+//! mean apply time. The notes also give the measured average size of `raw` on the source and
+//! of `raw_json` on the target.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::{BufMut, BytesMut};
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures_util::SinkExt;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 use usersync::commands::setup::{setup, SetupOptions};
 use usersync::config::Config;
@@ -69,14 +100,16 @@ const DECODE_SLOT: &str = "bench_decode";
 const USERSYNC_DB: &str = "usersync_target";
 const NATIVE_DB: &str = "native_target";
 
-/// The source table; `changed_at` is the source-side timestamp every lag sample starts from.
+/// The source table: an identity store's users, each with its `raw` user document (see
+/// [`User`]). `changed_at` is the source-side timestamp every lag sample starts from.
 const USERS_TABLE: &str = "
 CREATE TABLE public.users (
     id           uuid PRIMARY KEY,
     email        text NOT NULL,
     display_name text,
     created_at   timestamptz NOT NULL,
-    metadata     jsonb NOT NULL,
+    updated_at   timestamptz NOT NULL,
+    raw          jsonb NOT NULL,
     changed_at   timestamptz NOT NULL DEFAULT clock_timestamp()
 )";
 
@@ -123,13 +156,25 @@ SELECT count(*),
 const WAIT_LIMIT: Duration = Duration::from_secs(900);
 /// Poll interval for "is the marker row on the target yet".
 const POLL: Duration = Duration::from_millis(10);
-/// Target rate of one load connection: each change is one round trip plus a commit.
-const RATE_PER_CONNECTION: f64 = 400.0;
-const MAX_LOAD_CONNECTIONS: usize = 16;
-/// Connections writing a backlog as fast as they can.
-const BACKLOG_CONNECTIONS: usize = 4;
-/// Existing users handed to the load generator for its first updates and deletes.
-const INITIAL_ID_POOL: i64 = 20_000;
+/// Client connections writing the steady load (at a fixed total rate) and the backlog (as
+/// fast as they go), as in the independent benchmark of issue #15.
+const LOAD_CONNECTIONS: usize = 8;
+/// Preloaded users the load updates and deletes at random (times `USERSYNC_BENCH_SCALE`).
+const PRELOADED_ID_POOL: f64 = 100_000.0;
+/// The generic profile's columns, named for the in-process replicator and `usersync run` alike.
+const ID_COLUMN: &str = "id";
+const EMAIL_COLUMN: &str = "email";
+const DISPLAY_NAME_COLUMN: &str = "display_name";
+const SIGNED_UP_AT_COLUMN: &str = "created_at";
+/// PostgreSQL's durable defaults, which `localpg` turns off for its throwaway test servers: a
+/// production source and target flush every commit, and both contenders pay for it.
+const DURABLE_SETTINGS: [(&str, &str); 3] = [
+    ("fsync", "on"),
+    ("full_page_writes", "on"),
+    ("synchronous_commit", "on"),
+];
+/// Bytes of COPY data sent at a time when filling the source.
+const COPY_CHUNK_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Who {
@@ -137,8 +182,21 @@ enum Who {
     Native,
 }
 
+/// Which `raw` documents the bench writes (`USERSYNC_BENCH_ROWS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowWeight {
+    /// About 530 bytes: an identity store's user document (the default).
+    Realistic,
+    /// About 40 bytes (`plan` and a sign-in count), everything else the same: to see what
+    /// the row size alone changes.
+    Light,
+}
+
 struct Settings {
+    rows: RowWeight,
     snapshot_users: u64,
+    /// Preloaded users the load's updates and deletes pick from.
+    id_pool: u64,
     rates: Vec<f64>,
     seconds: f64,
     backlog: u64,
@@ -159,8 +217,15 @@ impl Settings {
             .split(',')
             .map(|r| r.trim().parse().expect("USERSYNC_BENCH_RATES: numbers"))
             .collect();
+        let rows = match std::env::var("USERSYNC_BENCH_ROWS").as_deref() {
+            Err(_) | Ok("realistic") => RowWeight::Realistic,
+            Ok("light") => RowWeight::Light,
+            Ok(other) => panic!("USERSYNC_BENCH_ROWS: realistic or light, not {other:?}"),
+        };
         Settings {
+            rows,
             snapshot_users: scaled("USERSYNC_BENCH_SNAPSHOT_USERS", 1_000_000.0),
+            id_pool: (PRELOADED_ID_POOL * scale).round().max(1.0) as u64,
             rates,
             seconds: env_parse("USERSYNC_BENCH_SECONDS").unwrap_or((10.0 * scale).max(2.0)),
             backlog: scaled("USERSYNC_BENCH_BACKLOG", 100_000.0),
@@ -293,8 +358,9 @@ struct Bench {
     config: Config,
     usersync: Option<InProcess>,
     native_enabled: bool,
-    /// Ids the load generator may update or delete, one pool per load connection.
+    /// Preloaded users the load generator may update or delete; deleted ones leave it.
     id_pool: Vec<String>,
+    rows: RowWeight,
     rng: Rng,
 }
 
@@ -389,9 +455,30 @@ impl Bench {
     }
 
     async fn catch_up(&mut self, who: Who) -> Duration {
+        let marker = self.new_user();
+        insert_user(&self.source, &marker).await;
+        self.wait_visible(who, &marker.id).await
+    }
+
+    /// Inserts `rows` new users in one transaction. Returns the last user's id, the instant the
+    /// commit returned and how long the transaction took on the source (with generating it).
+    async fn bulk_insert(&mut self, rows: u64) -> (String, Instant, Duration) {
+        let started = Instant::now();
+        self.source.batch_execute("BEGIN").await.unwrap();
+        let mut last = String::new();
+        let users = (0..rows).map(|_| {
+            let user = User::generate(self.rng.uuid(), &mut self.rng, self.rows);
+            last.clone_from(&user.id);
+            user
+        });
+        copy_users(&self.source, users).await;
+        self.source.batch_execute("COMMIT").await.unwrap();
+        (last, Instant::now(), started.elapsed())
+    }
+
+    fn new_user(&mut self) -> User {
         let id = self.rng.uuid();
-        insert_user(&self.source, &id).await;
-        self.wait_visible(who, &id).await
+        User::generate(id, &mut self.rng, self.rows)
     }
 
     fn target(&self, who: Who) -> &Client {
@@ -473,6 +560,8 @@ impl Bench {
 #[derive(Clone, Copy, Default)]
 struct MetricSnapshot {
     batches: f64,
+    /// Target transactions that carried at most one change (the histogram's first bucket).
+    single_change_batches: f64,
     changes: f64,
     apply_seconds: f64,
 }
@@ -488,6 +577,7 @@ impl MetricSnapshot {
         };
         MetricSnapshot {
             batches: value("usersync_batch_size_changes_count"),
+            single_change_batches: value("usersync_batch_size_changes_bucket{le=\"1.0\"}"),
             changes: value("usersync_batch_size_changes_sum"),
             apply_seconds: value("usersync_apply_duration_seconds_sum"),
         }
@@ -495,11 +585,13 @@ impl MetricSnapshot {
 
     fn describe_since(&self, before: &MetricSnapshot, wall: Duration) -> String {
         let batches = self.batches - before.batches;
+        let single = self.single_change_batches - before.single_change_batches;
         let changes = self.changes - before.changes;
         let apply = self.apply_seconds - before.apply_seconds;
         format!(
-            "{batches:.0} target transactions, {:.1} changes each, {:.2} ms apply each, \
-             apply {:.0}% of {:.1}s",
+            "{batches:.0} target transactions ({:.0}% with a single change), {:.1} changes \
+             each, {:.2} ms apply each, apply {:.0}% of {:.1}s",
+            single * 100.0 / batches.max(1.0),
             changes / batches.max(1.0),
             apply * 1000.0 / batches.max(1.0),
             apply * 100.0 / wall.as_secs_f64().max(1e-9),
@@ -529,6 +621,14 @@ impl Rng {
         (self.next() % n as u64) as usize
     }
 
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len())]
+    }
+
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+
     fn uuid(&mut self) -> String {
         let (a, b) = (self.next(), self.next());
         format!(
@@ -542,16 +642,219 @@ impl Rng {
     }
 }
 
-const INSERT_USER: &str = "INSERT INTO public.users (id, email, display_name, created_at, metadata)
-     VALUES ($1::text::uuid, $1 || '@example.com', 'Bench User', now(), '{\"plan\": \"free\"}')";
+/// FNV-1a of a user id: the seed of what never changes about that user.
+fn seed_of(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+const FIRST_NAMES: [&str; 16] = [
+    "Olivia", "Liam", "Amara", "Noah", "Sofia", "Mateo", "Yuki", "Aarav", "Chloe", "Lucas",
+    "Fatima", "Ethan", "Ingrid", "Kwame", "Mei", "Tomasz",
+];
+const LAST_NAMES: [&str; 16] = [
+    "Johnson",
+    "Garcia",
+    "Okafor",
+    "Müller",
+    "Rossi",
+    "Tanaka",
+    "Patel",
+    "Dubois",
+    "Silva",
+    "Kowalski",
+    "Nguyen",
+    "Larsen",
+    "Haddad",
+    "Smith",
+    "Fernández",
+    "Ivanova",
+];
+const EMAIL_DOMAINS: [&str; 6] = [
+    "gmail.com",
+    "outlook.com",
+    "proton.me",
+    "icloud.com",
+    "example.org",
+    "acme-corp.io",
+];
+const SOCIAL_PROVIDERS: [&str; 4] = ["google", "github", "apple", "microsoft"];
+const LOCALES: [&str; 8] = [
+    "en-US", "en-GB", "de-DE", "fr-FR", "es-ES", "pt-BR", "ja-JP", "pl-PL",
+];
+const PLANS: [&str; 4] = ["free", "free", "pro", "team"];
+/// The documents' clock: sign-ups spread over the three years before 2025-01-01.
+const DOCUMENT_EPOCH_MICROS: i64 = 1_735_689_600_000_000;
+const SIGN_UP_SPAN_MICROS: usize = 3 * 365 * 86_400 * 1_000_000;
+
+/// One user of the source table. What never changes about a user (name, email, providers,
+/// sign-up time) is drawn from its id, so an update rewrites the same user; what does (display
+/// name, plan, counts, flags, last sign-in) is drawn from the caller's generator.
+struct User {
+    id: String,
+    email: String,
+    display_name: String,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    /// The `raw` jsonb as JSON text.
+    raw: String,
+}
+
+impl User {
+    fn generate(id: String, rng: &mut Rng, weight: RowWeight) -> User {
+        let mut stable = Rng::new(seed_of(&id));
+        let first = stable.pick(&FIRST_NAMES);
+        let last = stable.pick(&LAST_NAMES);
+        let email = format!(
+            "{}.{}.{}@{}",
+            first.to_lowercase(),
+            last.to_lowercase(),
+            &id[..6],
+            stable.pick(&EMAIL_DOMAINS)
+        );
+        // At least a microsecond before the epoch, so every span below is positive.
+        let created = DOCUMENT_EPOCH_MICROS - 1 - stable.below(SIGN_UP_SPAN_MICROS) as i64;
+        let since_sign_up = (DOCUMENT_EPOCH_MICROS - created) as usize;
+        let linked = created + stable.below(since_sign_up) as i64;
+        let social = stable.pick(&SOCIAL_PROVIDERS);
+        let social_uid = stable.next() % 10u64.pow(19);
+
+        let display_name = match rng.below(3) {
+            0 => format!("{first} {last}"),
+            1 => format!("{first} {}.", last.chars().next().unwrap_or('X')),
+            _ => format!("{first}{}", rng.below(1000)),
+        };
+        let last_sign_in = linked + rng.below((DOCUMENT_EPOCH_MICROS - linked) as usize) as i64;
+        let updated = last_sign_in + rng.below(60_000_000) as i64;
+        let raw = match weight {
+            RowWeight::Realistic => json!({
+                "id": id,
+                "email": email,
+                "providers": [
+                    {"provider": "email"},
+                    {
+                        "provider": social,
+                        "uid": social_uid.to_string(),
+                        "linked_at": rfc3339(linked),
+                    },
+                ],
+                "metadata": {
+                    "name": display_name,
+                    "locale": rng.pick(&LOCALES),
+                    "plan": rng.pick(&PLANS),
+                    "sign_in_count": 1 + rng.below(500),
+                    "failed_sign_ins": rng.below(4),
+                    "mfa_enabled": rng.chance(20),
+                    "newsletter": rng.chance(50),
+                    "banned": rng.chance(1),
+                    "last_sign_in_at": rfc3339(last_sign_in),
+                },
+                "created_at": rfc3339(created),
+                "updated_at": rfc3339(updated),
+            }),
+            RowWeight::Light => json!({
+                "plan": rng.pick(&PLANS),
+                "sign_in_count": 1 + rng.below(500),
+            }),
+        }
+        .to_string();
+        User {
+            id,
+            email,
+            display_name,
+            created_at: timestamp(created),
+            updated_at: timestamp(updated),
+            raw,
+        }
+    }
+
+    /// The parameters of [`INSERT_USER`].
+    fn insert_params(&self) -> [&(dyn ToSql + Sync); 6] {
+        [
+            &self.id,
+            &self.email,
+            &self.display_name,
+            &self.created_at,
+            &self.updated_at,
+            &self.raw,
+        ]
+    }
+
+    /// Appends this user as one line of `COPY_USERS`'s text format.
+    fn write_copy_line(&self, out: &mut BytesMut) {
+        let created_at = self.created_at.to_rfc3339();
+        let updated_at = self.updated_at.to_rfc3339();
+        let fields = [
+            self.id.as_str(),
+            &self.email,
+            &self.display_name,
+            &created_at,
+            &updated_at,
+            &self.raw,
+        ];
+        for (i, field) in fields.into_iter().enumerate() {
+            if i > 0 {
+                out.put_u8(b'\t');
+            }
+            for byte in field.bytes() {
+                match byte {
+                    b'\\' => out.put_slice(b"\\\\"),
+                    b'\t' => out.put_slice(b"\\t"),
+                    b'\n' => out.put_slice(b"\\n"),
+                    b'\r' => out.put_slice(b"\\r"),
+                    byte => out.put_u8(byte),
+                }
+            }
+        }
+        out.put_u8(b'\n');
+    }
+}
+
+fn timestamp(micros: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(micros).expect("a timestamp within chrono's range")
+}
+
+/// Timestamps in the documents are strings, as identity stores write them.
+fn rfc3339(micros: i64) -> String {
+    timestamp(micros).to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+const INSERT_USER: &str =
+    "INSERT INTO public.users (id, email, display_name, created_at, updated_at, raw)
+     VALUES ($1::text::uuid, $2, $3, $4, $5, $6::text::jsonb)";
+/// `changed_at` is set explicitly: its default only applies to inserts.
 const UPDATE_USER: &str = "UPDATE public.users
-        SET display_name = 'Renamed ' || $2::text, metadata = jsonb_build_object('plan', 'pro', 'n', $2::text),
+        SET display_name = $2, raw = $3::text::jsonb, updated_at = now(),
             changed_at = clock_timestamp()
       WHERE id = $1::text::uuid";
 const DELETE_USER: &str = "DELETE FROM public.users WHERE id = $1::text::uuid";
+const COPY_USERS: &str =
+    "COPY public.users (id, email, display_name, created_at, updated_at, raw) FROM STDIN";
 
-async fn insert_user(client: &Client, id: &str) {
-    client.execute(INSERT_USER, &[&id]).await.unwrap();
+async fn insert_user(client: &Client, user: &User) {
+    client
+        .execute(INSERT_USER, &user.insert_params())
+        .await
+        .unwrap();
+}
+
+/// Writes `users` into the source table with one COPY (inside the client's transaction, if
+/// one is open); returns the number of rows.
+async fn copy_users(client: &Client, users: impl IntoIterator<Item = User>) -> u64 {
+    let sink = client.copy_in(COPY_USERS).await.unwrap();
+    let mut sink = std::pin::pin!(sink);
+    let mut buffer = BytesMut::with_capacity(2 * COPY_CHUNK_BYTES);
+    for user in users {
+        user.write_copy_line(&mut buffer);
+        if buffer.len() >= COPY_CHUNK_BYTES {
+            sink.send(buffer.split().freeze()).await.unwrap();
+        }
+    }
+    if !buffer.is_empty() {
+        sink.send(buffer.split().freeze()).await.unwrap();
+    }
+    sink.as_mut().finish().await.unwrap()
 }
 
 /// How a load run is paced.
@@ -568,24 +871,20 @@ struct LoadResult {
     elapsed: Duration,
 }
 
-/// Writes the 60/35/5 insert/update/delete mix, one change per transaction.
+/// Writes the 60/35/5 insert/update/delete mix, one change per transaction, on
+/// [`LOAD_CONNECTIONS`] connections. Updates and deletes pick preloaded users at random.
 async fn generate_load(bench: &mut Bench, pace: Pace) -> LoadResult {
-    let connections = match pace {
-        Pace::Rate { per_second, .. } => {
-            ((per_second / RATE_PER_CONNECTION).ceil() as usize).clamp(1, MAX_LOAD_CONNECTIONS)
-        }
-        Pace::Count(_) => BACKLOG_CONNECTIONS,
-    };
     let mut pool = std::mem::take(&mut bench.id_pool);
-    let share = pool.len() / connections;
+    let share = pool.len() / LOAD_CONNECTIONS;
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for index in 0..connections {
+    for index in 0..LOAD_CONNECTIONS {
         let ids: Vec<String> = pool.split_off(pool.len() - share);
         let url = bench.source_url.clone();
         let seed = bench.rng.next();
+        let rows = bench.rows;
         tasks.push(tokio::spawn(async move {
-            load_connection(url, ids, seed, pace, connections, index, started).await
+            load_connection(url, ids, seed, rows, pace, index, started).await
         }));
     }
     let mut transactions = 0;
@@ -601,12 +900,14 @@ async fn generate_load(bench: &mut Bench, pace: Pace) -> LoadResult {
     }
 }
 
+/// One load connection; returns its transactions and its share of the pool, less the users it
+/// deleted.
 async fn load_connection(
     url: String,
     mut ids: Vec<String>,
     seed: u64,
+    rows: RowWeight,
     pace: Pace,
-    connections: usize,
     index: usize,
     started: Instant,
 ) -> (u64, Vec<String>) {
@@ -616,6 +917,7 @@ async fn load_connection(
     let delete = client.prepare(DELETE_USER).await.unwrap();
     let mut rng = Rng::new(seed);
     let mut done: u64 = 0;
+    let connections = LOAD_CONNECTIONS as u64;
     loop {
         match pace {
             Pace::Rate {
@@ -624,7 +926,7 @@ async fn load_connection(
             } => {
                 // Transaction n of this connection is due at (n * connections + index) / rate:
                 // an absolute schedule, so a slow round trip is made up, not lost.
-                let due = ((done * connections as u64 + index as u64) as f64) / per_second;
+                let due = ((done * connections + index as u64) as f64) / per_second;
                 if due >= seconds {
                     break;
                 }
@@ -634,7 +936,7 @@ async fn load_connection(
                 }
             }
             Pace::Count(total) => {
-                if done * connections as u64 + index as u64 >= total {
+                if done * connections + index as u64 >= total {
                     break;
                 }
             }
@@ -642,15 +944,23 @@ async fn load_connection(
         let roll = rng.below(100);
         if roll < 60 || ids.is_empty() {
             let id = rng.uuid();
-            client.execute(&insert, &[&id]).await.unwrap();
-            ids.push(id);
+            let user = User::generate(id, &mut rng, rows);
+            client
+                .execute(&insert, &user.insert_params())
+                .await
+                .unwrap();
         } else if roll < 95 {
-            let id = &ids[rng.below(ids.len())];
-            let n = rng.next().to_string();
-            client.execute(&update, &[id, &n]).await.unwrap();
+            let id = ids[rng.below(ids.len())].clone();
+            let user = User::generate(id, &mut rng, rows);
+            let updated = client
+                .execute(&update, &[&user.id, &user.display_name, &user.raw])
+                .await
+                .unwrap();
+            assert_eq!(updated, 1, "the pool holds only live preloaded users");
         } else {
             let id = ids.swap_remove(rng.below(ids.len()));
-            client.execute(&delete, &[&id]).await.unwrap();
+            let deleted = client.execute(&delete, &[&id]).await.unwrap();
+            assert_eq!(deleted, 1, "the pool holds only live preloaded users");
         }
         done += 1;
     }
@@ -694,6 +1004,10 @@ async fn main() {
 async fn start(settings: &Settings, report: &mut Report) -> Bench {
     let options = LocalPgOptions {
         superuser_password: PASSWORD.into(),
+        extra_conf: DURABLE_SETTINGS
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect(),
         ..LocalPgOptions::default()
     };
     let source_pg = LocalPg::start(&options).expect("start the source server");
@@ -709,20 +1023,47 @@ async fn start(settings: &Settings, report: &mut Report) -> Bench {
     source.batch_execute(USERS_TABLE).await.unwrap();
     let users = settings.snapshot_users;
     let fill = Instant::now();
-    source
-        .batch_execute(&format!(
-            "INSERT INTO users (id, email, display_name, created_at, metadata)
-             SELECT gen_random_uuid(), 'user' || g || '@example.com', 'User ' || g,
-                    now() - g * interval '1 minute', jsonb_build_object('plan', 'free', 'n', g)
-               FROM generate_series(1, {users}) g"
-        ))
-        .await
-        .unwrap();
+    let mut rng = Rng::new(0x5eed_cafe_f00d);
+    // Every stride-th preloaded user joins the pool, so the load touches the whole table.
+    let stride = (users / settings.id_pool).max(1);
+    let mut id_pool = Vec::new();
+    let preloaded = (0..users).map(|n| {
+        let user = User::generate(rng.uuid(), &mut rng, settings.rows);
+        if n % stride == 0 && (id_pool.len() as u64) < settings.id_pool {
+            id_pool.push(user.id.clone());
+        }
+        user
+    });
+    copy_users(&source, preloaded).await;
     source.batch_execute("VACUUM ANALYZE users").await.unwrap();
     eprintln!(
         "source filled with {users} users in {:.1}s",
         fill.elapsed().as_secs_f64()
     );
+    let sizes = source
+        .query_one(
+            "SELECT avg(octet_length(raw::text))::float8, avg(pg_column_size(raw))::float8,
+                    avg(pg_column_size(users.*))::float8
+               FROM public.users",
+            &[],
+        )
+        .await
+        .unwrap();
+    report.note(format!(
+        "{:?} rows: raw averages {:.0} bytes as text, {:.0} bytes stored \
+         (pg_column_size); a whole row {:.0} bytes; {} preloaded users in the load's pool, \
+         {LOAD_CONNECTIONS} load connections; source and target with {}",
+        settings.rows,
+        sizes.get::<_, f64>(0),
+        sizes.get::<_, f64>(1),
+        sizes.get::<_, f64>(2),
+        id_pool.len(),
+        DURABLE_SETTINGS
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     let admin = connect_url(&target_pg.url("postgres", PASSWORD, "postgres")).await;
     for database in [USERSYNC_DB, NATIVE_DB] {
         admin
@@ -740,7 +1081,16 @@ async fn start(settings: &Settings, report: &mut Report) -> Bench {
         table: "public.users".parse().unwrap(),
         slot: SLOT.into(),
         publication: PUBLICATION.into(),
-        mapping: GenericMapping::default().into(),
+        // Named, not defaulted: a column missing from the table fails setup instead of being
+        // skipped. Every other column (raw, updated_at, changed_at) rides along in raw_json.
+        mapping: GenericMapping {
+            id_column: ID_COLUMN.into(),
+            email_column: Some(EMAIL_COLUMN.into()),
+            display_name_column: Some(DISPLAY_NAME_COLUMN.into()),
+            signed_up_at_column: Some(SIGNED_UP_AT_COLUMN.into()),
+            ..GenericMapping::default()
+        }
+        .into(),
         lag_target: Duration::from_secs(1),
         // No heartbeats: they would be extra source transactions only usersync writes.
         heartbeat_interval: None,
@@ -806,16 +1156,6 @@ async fn start(settings: &Settings, report: &mut Report) -> Bench {
         .batch_execute(&format!("{LAG_TABLE}; {NATIVE_LAG_TRIGGER}"))
         .await
         .unwrap();
-    let id_pool = source
-        .query(
-            &format!("SELECT id::text FROM public.users LIMIT {INITIAL_ID_POOL}"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
     let mut bench = Bench {
         source_pg,
         _target_pg: target_pg,
@@ -828,22 +1168,30 @@ async fn start(settings: &Settings, report: &mut Report) -> Bench {
         usersync: None,
         native_enabled: true,
         id_pool,
-        rng: Rng::new(0x5eed_cafe_f00d),
+        rows: settings.rows,
+        rng,
     };
     bench.contender_start(Who::Usersync).await;
     bench.catch_up(Who::Usersync).await;
     bench.catch_up(Who::Native).await;
+    let sample = bench
+        .usersync_target
+        .query_one(
+            "SELECT min(raw_json ->> 'changed_at'), bool_and(raw_json ? 'raw'),
+                    avg(pg_column_size(raw_json))::float8
+               FROM (SELECT raw_json FROM neon_auth.users_sync LIMIT 10000) sample",
+            &[],
+        )
+        .await
+        .unwrap();
     report.note(format!(
-        "usersync raw_json carries changed_at as {:?}",
-        bench
-            .usersync_target
-            .query_one(
-                "SELECT raw_json ->> 'changed_at' FROM neon_auth.users_sync LIMIT 1",
-                &[]
-            )
-            .await
-            .unwrap()
-            .get::<_, Option<String>>(0)
+        "usersync raw_json carries changed_at (e.g. {:?}) and raw ({}), {:.0} bytes stored",
+        sample.get::<_, Option<String>>(0),
+        match sample.get::<_, Option<bool>>(1) {
+            Some(true) => "every row",
+            _ => "NOT every row",
+        },
+        sample.get::<_, Option<f64>>(2).unwrap_or(f64::NAN)
     ));
     bench
 }
@@ -918,7 +1266,7 @@ async fn drain(bench: &mut Bench, settings: &Settings, report: &mut Report) {
         .unwrap();
     let started = Instant::now();
     let load = generate_load(bench, Pace::Count(settings.backlog)).await;
-    let marker = bench.rng.uuid();
+    let marker = bench.new_user();
     insert_user(&bench.source, &marker).await;
     let transactions = load.transactions + 1;
     let end_lsn = bench.current_wal_lsn().await;
@@ -962,7 +1310,7 @@ async fn drain(bench: &mut Bench, settings: &Settings, report: &mut Report) {
         let started = Instant::now();
         bench.contender_start(who).await;
         let before = bench.usersync_metrics();
-        bench.wait_visible(who, &marker).await;
+        bench.wait_visible(who, &marker.id).await;
         took[slot] = started.elapsed();
         if let (Some(before), Some(after)) = (before, bench.usersync_metrics()) {
             report.note(format!(
@@ -1012,8 +1360,7 @@ async fn bulk(bench: &mut Bench, settings: &Settings, report: &mut Report) {
         eprintln!("{section}: {who:?}");
         bench.only(who).await;
         let before = bench.usersync_metrics();
-        let last = bench.rng.uuid();
-        let (commit, _) = bulk_insert(&bench.source, rows, &last).await;
+        let (last, commit, _) = bench.bulk_insert(rows).await;
         bench.wait_visible(who, &last).await;
         took[slot] = commit.elapsed();
         if let (Some(before), Some(after)) = (before, bench.usersync_metrics()) {
@@ -1040,27 +1387,6 @@ async fn bulk(bench: &mut Bench, settings: &Settings, report: &mut Report) {
     );
 }
 
-/// Inserts `rows - 1` generated users and then `last`, in one transaction. Returns the
-/// instant the commit returned and how long the transaction took on the source.
-async fn bulk_insert(source: &Client, rows: u64, last: &str) -> (Instant, Duration) {
-    let started = Instant::now();
-    source
-        .batch_execute(&format!(
-            "BEGIN;
-             INSERT INTO public.users (id, email, display_name, created_at, metadata)
-             SELECT gen_random_uuid(), 'bulk' || g || '@example.com', 'Bulk ' || g, now(),
-                    jsonb_build_object('plan', 'free', 'n', g)
-               FROM generate_series(1, {}) g;
-             INSERT INTO public.users (id, email, display_name, created_at, metadata)
-             VALUES ('{last}', 'last@example.com', 'Last', now(), '{{}}');
-             COMMIT",
-            rows.saturating_sub(1)
-        ))
-        .await
-        .unwrap();
-    (Instant::now(), started.elapsed())
-}
-
 /// Section 5: the real binary's peak RSS through one very large transaction.
 async fn peak_rss(bench: &mut Bench, settings: &Settings, report: &mut Report) {
     let rows = settings.rss_users;
@@ -1076,6 +1402,11 @@ async fn peak_rss(bench: &mut Bench, settings: &Settings, report: &mut Report) {
         .env("USERSYNC_SLOT", SLOT)
         .env("USERSYNC_PUBLICATION", PUBLICATION)
         .env("USERSYNC_TABLE", "public.users")
+        .env("USERSYNC_PROFILE", "generic")
+        .env("USERSYNC_ID_COLUMN", ID_COLUMN)
+        .env("USERSYNC_EMAIL_COLUMN", EMAIL_COLUMN)
+        .env("USERSYNC_DISPLAY_NAME_COLUMN", DISPLAY_NAME_COLUMN)
+        .env("USERSYNC_SIGNED_UP_AT_COLUMN", SIGNED_UP_AT_COLUMN)
         .env("USERSYNC_METRICS_ADDR", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -1084,8 +1415,7 @@ async fn peak_rss(bench: &mut Bench, settings: &Settings, report: &mut Report) {
     let pid = child.id();
     bench.catch_up(Who::Usersync).await;
     let idle = vm_hwm_kib(pid).unwrap_or(0);
-    let last = bench.rng.uuid();
-    let (commit, source_took) = bulk_insert(&bench.source, rows, &last).await;
+    let (last, commit, source_took) = bench.bulk_insert(rows).await;
     bench.wait_visible(Who::Usersync, &last).await;
     let replicated = commit.elapsed();
     // VmHWM is the kernel's own high-water mark: one read after the fact is the peak.
