@@ -8,10 +8,21 @@ fn main() {
     println!("cargo:rerun-if-env-changed=USERSYNC_COMMIT");
     let commit = std::env::var("USERSYNC_COMMIT")
         .ok()
-        .filter(|commit| !commit.trim().is_empty())
+        .map(|commit| commit.trim().to_owned())
+        .filter(|commit| !commit.is_empty())
         .or_else(git_commit)
+        .filter(|commit| is_plain(commit))
         .unwrap_or_else(|| "unknown".to_owned());
-    println!("cargo:rustc-env=USERSYNC_COMMIT={}", commit.trim());
+    println!("cargo:rustc-env=USERSYNC_COMMIT={commit}");
+}
+
+/// A commit name as git prints one: a newline in a build argument would start a cargo
+/// directive of its own (`cargo:rustc-link-arg=...`), so anything else is "unknown".
+fn is_plain(commit: &str) -> bool {
+    (1..=64).contains(&commit.len())
+        && commit
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn git(args: &[&str]) -> Option<String> {

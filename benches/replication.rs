@@ -53,7 +53,8 @@
 //!    share this host's clock). Deletes are not sampled (native deletes the row; usersync soft-deletes).
 //!    The achieved load rate is reported next to the requested one.
 //! 3. **backlog drain**: `USERSYNC_BENCH_BACKLOG` (100,000) such transactions written while
-//!    both are stopped, then time to catch up (tx/s); plus `pg_recvlogical` decoding the same
+//!    both are stopped, then time to catch up (tx/s), from the moment each consumer streams
+//!    from its slot (the apply worker starts seconds after `ENABLE`); plus `pg_recvlogical` decoding the same
 //!    backlog from a second slot into /dev/null, the slot's raw decode rate (physical limit).
 //! 4. **bulk transaction**: one transaction of `USERSYNC_BENCH_BULK` (100,000) inserts, from
 //!    commit to the last row visible on the target (rows/s).
@@ -424,6 +425,17 @@ impl Bench {
     }
 
     async fn wait_slot_inactive(&self, slot: &str) {
+        self.wait_slot_active_is(slot, false).await;
+    }
+
+    /// Waits until a consumer streams from `slot`: the drain is timed from there, so that
+    /// the subscription's apply worker, which the launcher starts up to
+    /// `wal_retrieve_retry_interval` (5 s) after `ENABLE`, is not charged its start.
+    async fn wait_slot_active(&self, slot: &str) {
+        self.wait_slot_active_is(slot, true).await;
+    }
+
+    async fn wait_slot_active_is(&self, slot: &str, wanted: bool) {
         let started = Instant::now();
         loop {
             let active: bool = self
@@ -435,10 +447,14 @@ impl Bench {
                 .await
                 .unwrap()
                 .get(0);
-            if !active {
+            if active == wanted {
                 return;
             }
-            assert!(started.elapsed() < WAIT_LIMIT, "slot {slot} stays active");
+            assert!(
+                started.elapsed() < WAIT_LIMIT,
+                "slot {slot} never became {}",
+                if wanted { "active" } else { "inactive" }
+            );
             tokio::time::sleep(POLL).await;
         }
     }
@@ -1307,8 +1323,14 @@ async fn drain(bench: &mut Bench, settings: &Settings, report: &mut Report) {
     let mut took = [Duration::ZERO; 2];
     for (slot, who) in [Who::Usersync, Who::Native].into_iter().enumerate() {
         eprintln!("{section}: {who:?}");
-        let started = Instant::now();
         bench.contender_start(who).await;
+        bench
+            .wait_slot_active(match who {
+                Who::Usersync => SLOT,
+                Who::Native => NATIVE_SUBSCRIPTION,
+            })
+            .await;
+        let started = Instant::now();
         let before = bench.usersync_metrics();
         bench.wait_visible(who, &marker.id).await;
         took[slot] = started.elapsed();

@@ -178,15 +178,19 @@ pub fn report(error: &dyn std::error::Error) -> String {
         cause = source.source();
     }
     // Server messages are the server's words: a hostile one could send terminal escapes.
-    let text: String = text
-        .chars()
+    redact_secrets(&escape_controls(&text))
+}
+
+/// `text` with its control characters but newline and tab escaped (`\u{1b}`), for text that
+/// carries a server's words to a terminal.
+pub fn escape_controls(text: &str) -> String {
+    text.chars()
         .flat_map(|c| match c {
             '\n' | '\t' => vec![c],
             c if c.is_control() => c.escape_default().collect(),
             c => vec![c],
         })
-        .collect();
-    redact_secrets(&text)
+        .collect()
 }
 
 #[cfg(test)]

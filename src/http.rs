@@ -70,11 +70,13 @@ async fn health_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoRespons
         (StatusCode::OK, "ok\n".to_owned())
     } else {
         let (silent, bound) = (liveness.silent_for(), liveness.bound());
-        tracing::warn!(
-            silent_s = silent.as_secs(),
-            bound_s = bound.as_secs(),
-            "healthz: the run loop shows no progress; answering 503 so that it is restarted"
-        );
+        if liveness.first_report_of_this_hang() {
+            tracing::warn!(
+                silent_s = silent.as_secs(),
+                bound_s = bound.as_secs(),
+                "healthz: the run loop shows no progress; answering 503 so that it is restarted"
+            );
+        }
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(

@@ -36,6 +36,9 @@ pub struct Liveness {
     last_progress: AtomicU64,
     /// Milliseconds without progress that mean the loop hangs.
     bound: AtomicU64,
+    /// `last_progress + 1` of the hang last reported (0: none), so that a hang is logged once
+    /// however often the endpoint is asked.
+    reported: AtomicU64,
 }
 
 impl Liveness {
@@ -49,6 +52,7 @@ impl Liveness {
             origin,
             last_progress: AtomicU64::new(0),
             bound: AtomicU64::new(millis(bound)),
+            reported: AtomicU64::new(0),
         }
     }
 
@@ -80,6 +84,13 @@ impl Liveness {
 
     fn is_alive_at(&self, now: Instant) -> bool {
         self.silent_at(now) <= self.bound()
+    }
+
+    /// Whether the current hang (no progress since the last) is reported for the first time:
+    /// true once per hang, so that anyone who can reach `/healthz` cannot flood the log.
+    pub fn first_report_of_this_hang(&self) -> bool {
+        let mark = self.last_progress.load(Ordering::Relaxed) + 1;
+        self.reported.swap(mark, Ordering::Relaxed) != mark
     }
 
     /// How long without progress means the loop hangs.
@@ -178,5 +189,16 @@ mod tests {
         }
         assert!(started.elapsed() >= Duration::from_millis(700));
         assert!(liveness.silent_for() < bound);
+    }
+
+    #[test]
+    fn a_hang_is_reported_once_until_progress_resumes() {
+        let start = Instant::now();
+        let liveness = Liveness::starting_at(start, Duration::from_secs(1));
+        assert!(liveness.first_report_of_this_hang());
+        assert!(!liveness.first_report_of_this_hang());
+        liveness.progress_at(start + Duration::from_secs(5));
+        assert!(liveness.first_report_of_this_hang());
+        assert!(!liveness.first_report_of_this_hang());
     }
 }

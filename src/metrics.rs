@@ -81,6 +81,9 @@ struct StatusLabel {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SlotLabel {
     slot: String,
+    /// The source's system identifier once a session has read it (empty before): `status`
+    /// believes this process's lag figures only for its own source and slot.
+    system: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -512,12 +515,24 @@ impl Metrics {
 
     /// Names the slot this process consumes (the `slot` label of `usersync_slot_info`).
     pub fn set_slot_name(&self, slot: &str) {
+        self.set_slot_info(SlotLabel {
+            slot: slot.to_owned(),
+            system: String::new(),
+        });
+    }
+
+    /// Names the source system a session of `slot` streams from (the `system` label of
+    /// `usersync_slot_info`).
+    pub fn set_source_system(&self, slot: &str, system: &str) {
+        self.set_slot_info(SlotLabel {
+            slot: slot.to_owned(),
+            system: system.to_owned(),
+        });
+    }
+
+    fn set_slot_info(&self, label: SlotLabel) {
         self.slot_info.clear();
-        self.slot_info
-            .get_or_create(&SlotLabel {
-                slot: slot.to_owned(),
-            })
-            .set(1);
+        self.slot_info.get_or_create(&label).set(1);
     }
 
     /// Standing by since `since` (Unix seconds) for the slot's lock, or (`None`) not.
@@ -569,7 +584,7 @@ mod tests {
         metrics.set_standby(Some(1_700_000_000.5));
         let text = metrics.encode();
         for needle in [
-            "usersync_slot_info{slot=\"tenants\"} 1",
+            "usersync_slot_info{slot=\"tenants\",system=\"\"} 1",
             "usersync_standby 1",
             "usersync_standby_since_timestamp_seconds 1700000000.5",
         ] {

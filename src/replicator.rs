@@ -324,6 +324,7 @@ async fn run_session(
             .await?)
     })
     .await?;
+    metrics.set_source_system(&config.slot, &identity.system_id);
     tracing::info!(slot = %config.slot, resume_at = %resume_at, system = %identity.system_id, "streaming");
     metrics.set_connected(Side::Source, true);
     metrics.set_ready(true);

@@ -74,6 +74,9 @@ impl Notifier {
             reason: error.to_string(),
         })?;
         let socket = UnixDatagram::unbound().map_err(NotifyError::Socket)?;
+        // Callers are async tasks: a receiver that does not drain its queue (a busy PID 1, a
+        // socket a crafted NOTIFY_SOCKET names) must fail a send, not hang the thread.
+        socket.set_nonblocking(true).map_err(NotifyError::Socket)?;
         Ok(Notifier {
             socket,
             address,
@@ -121,7 +124,10 @@ fn abstract_address(_name: &[u8]) -> io::Result<SocketAddr> {
     ))
 }
 
-/// How often to send [`WATCHDOG`]: half of `$WATCHDOG_USEC`, when systemd watches this
+/// The shortest interval [`WATCHDOG`] is sent at.
+const MIN_WATCHDOG_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How often to send [`WATCHDOG`]: half of `$WATCHDOG_USEC` (at least 100 ms), when systemd watches this
 /// process; `None` when it does not (no `WatchdogSec=`, or `$WATCHDOG_PID` names another
 /// process, which inherited the variables).
 pub fn watchdog_interval_from_env() -> Result<Option<Duration>, NotifyError> {
@@ -143,7 +149,11 @@ fn watchdog_interval(
     }
     match usec.parse::<u64>() {
         Ok(0) => Ok(None),
-        Ok(usec) => Ok(Some(Duration::from_micros(usec) / 2)),
+        // No busy loop for a tiny (or crafted) value: a watchdog that short could never be
+        // fed in time anyway.
+        Ok(usec) => Ok(Some(
+            (Duration::from_micros(usec) / 2).max(MIN_WATCHDOG_INTERVAL),
+        )),
         Err(_) => Err(NotifyError::WatchdogUsec(usec.to_owned())),
     }
 }
@@ -242,9 +252,38 @@ mod tests {
         assert_eq!(watchdog_interval(None, None, 7).unwrap(), None);
         assert_eq!(watchdog_interval(Some(""), None, 7).unwrap(), None);
         assert_eq!(watchdog_interval(Some("0"), None, 7).unwrap(), None);
+        // No busy loop for a tiny value.
+        assert_eq!(
+            watchdog_interval(Some("1"), None, 7).unwrap(),
+            Some(MIN_WATCHDOG_INTERVAL)
+        );
         assert!(matches!(
             watchdog_interval(Some("30s"), None, 7),
             Err(NotifyError::WatchdogUsec(_))
         ));
+    }
+
+    /// `notify` runs on async tasks: when the receiver does not drain its queue (a socket a
+    /// crafted NOTIFY_SOCKET names, or a busy PID 1), a send fails instead of hanging the
+    /// thread (the attacker-seat review's case).
+    #[test]
+    fn attack_notify_blocks_when_the_receiver_does_not_read() {
+        let dir = TempDir::new("full");
+        let path = dir.0.join("notify");
+        let _never_reads = UnixDatagram::bind(&path).unwrap();
+        let notifier = Notifier::connect(path.as_os_str()).unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut refused = 0;
+            for _ in 0..100_000 {
+                refused += usize::from(notifier.notify(WATCHDOG).is_err());
+            }
+            assert!(refused > 0, "a queue that is never drained filled up");
+            let _ = done.send(());
+        });
+        assert!(
+            finished.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "notify blocked: sending to a socket nobody reads hangs the caller"
+        );
     }
 }

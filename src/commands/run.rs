@@ -95,12 +95,21 @@ async fn feed_watchdog(systemd: Arc<Notifier>, interval: Duration, metrics: Arc<
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut hung = false;
+    let mut refused = false;
     loop {
         ticks.tick().await;
         let liveness = metrics.liveness();
         if liveness.is_alive() {
             hung = false;
-            tell(&systemd, sdnotify::WATCHDOG);
+            // Logged once until a send goes through again: a full queue refuses every tick.
+            match systemd.notify(sdnotify::WATCHDOG) {
+                Ok(()) => refused = false,
+                Err(error) if !refused => {
+                    refused = true;
+                    tracing::warn!(error = %crate::error::report(&error), "cannot feed systemd's watchdog");
+                }
+                Err(_) => {}
+            }
         } else if !hung {
             hung = true;
             tracing::error!(

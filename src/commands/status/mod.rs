@@ -55,7 +55,8 @@ pub async fn status(config: &Config, options: StatusOptions) -> Result<Verdict, 
             .expect("a status report has only string keys and plain values");
         println!("{json}");
     } else {
-        print!("{}", report.human());
+        // The slot's plugin, wal_status and the like are the server's words.
+        print!("{}", crate::error::escape_controls(&report.human()));
     }
     Ok(report.verdict)
 }
@@ -111,7 +112,7 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
     let streaming = slot.as_ref().is_some_and(|slot| slot.active);
     let replicator_lag = replicator
         .as_ref()
-        .filter(|metrics| streaming && metrics.is_active_for(&config.slot))
+        .filter(|metrics| streaming && metrics.is_active_for(&config.slot, &system_identifier))
         .and_then(ReplicatorMetrics::current_lag);
     let (lag, estimate) = estimate_lag(
         pending_bytes,
@@ -192,9 +193,12 @@ impl ReplicatorMetrics {
             .and_then(|value| value.trim().parse::<f64>().ok())
     }
 
-    /// Whether it consumes `slot` as the active replicator (not a standby, not starting).
-    fn is_active_for(&self, slot: &str) -> bool {
-        let info = format!("usersync_slot_info{{slot=\"{slot}\"}}");
+    /// Whether it consumes `slot` of the source system `system` as the active replicator
+    /// (not a standby, not starting). The endpoint is unauthenticated: naming the source
+    /// system keeps another usersync's figures (another source, the same default slot name)
+    /// out, and a process that merely squats the port must know the system identifier.
+    fn is_active_for(&self, slot: &str, system: &str) -> bool {
+        let info = format!("usersync_slot_info{{slot=\"{slot}\",system=\"{system}\"}}");
         self.value(&info) == Some(1.0)
             && self.value("usersync_standby") == Some(0.0)
             && self.value("usersync_ready") == Some(1.0)
@@ -218,7 +222,12 @@ impl ReplicatorMetrics {
     }
 }
 
-/// The running replicator's `/metrics`; `None` when nothing answers there.
+/// The largest `/metrics` response read: a replicator's is a few KiB; whatever else answers
+/// there must not make status hold gigabytes.
+const METRICS_MAX_BYTES: u64 = 1 << 20;
+
+/// The running replicator's `/metrics`; `None` when nothing answers there (or something
+/// that is not one: no 200, over [`METRICS_MAX_BYTES`], not UTF-8).
 async fn replicator_metrics(addr: SocketAddr) -> Option<ReplicatorMetrics> {
     let body = tokio::time::timeout(METRICS_TIMEOUT, http_get_metrics(addr))
         .await
@@ -232,14 +241,22 @@ async fn http_get_metrics(addr: SocketAddr) -> std::io::Result<String> {
     stream
         .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
         .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or(("", ""));
-    if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") {
-        Ok(body.to_owned())
-    } else {
-        Err(std::io::Error::other("/metrics did not answer 200"))
+    let mut response = Vec::new();
+    (&mut stream)
+        .take(METRICS_MAX_BYTES + 1)
+        .read_to_end(&mut response)
+        .await?;
+    if response.len() as u64 > METRICS_MAX_BYTES {
+        return Err(std::io::Error::other("/metrics answered too much"));
     }
+    let mut response = String::from_utf8(response).map_err(std::io::Error::other)?;
+    let Some(body_at) = response.find("\r\n\r\n") else {
+        return Err(std::io::Error::other("/metrics answered no HTTP response"));
+    };
+    if !(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")) {
+        return Err(std::io::Error::other("/metrics did not answer 200"));
+    }
+    Ok(response.split_off(body_at + 4))
 }
 
 /// The target's tables, users and checkpoint; a missing table or an unusable shape is a
@@ -295,4 +312,85 @@ async fn read_target(
         None
     };
     Ok((status, checkpoint))
+}
+
+#[cfg(test)]
+mod attack_tests {
+    //! Whatever answers on `--metrics-addr` (the attacker-seat review's cases).
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// Reads the GET, so that closing the socket after answering does not reset it.
+    async fn read_request(stream: &mut TcpStream) {
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                return;
+            }
+            request.push(byte[0]);
+        }
+    }
+
+    /// A hostile process on --metrics-addr must not make status hold as much as loopback
+    /// carries in a second (gigabytes); a real /metrics body is a few KiB.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attack_a_huge_metrics_body_is_read_whole() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        const BODY: usize = 64 << 20;
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            read_request(&mut stream).await;
+            stream
+                .write_all(b"HTTP/1.0 200 OK\r\n\r\nusersync_ready 1\n")
+                .await
+                .unwrap();
+            let chunk = vec![b'#'; 1 << 20];
+            for _ in 0..BODY >> 20 {
+                if stream.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let read = replicator_metrics(addr).await.map(|m| m.body.len());
+        assert!(
+            read.is_none_or(|len| len <= 1 << 20),
+            "status kept a /metrics body of {read:?} bytes in memory"
+        );
+    }
+
+    /// Naming the slot is not enough to be believed: another usersync for another source
+    /// with the same (default) slot name, or a process squatting the port, must also name
+    /// this source's system identifier.
+    #[tokio::test]
+    async fn attack_any_process_on_the_metrics_port_sets_the_lag() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            read_request(&mut stream).await;
+            stream
+                .write_all(
+                    b"HTTP/1.0 200 OK\r\n\r\n\
+                      usersync_slot_info{slot=\"usersync\"} 1\n\
+                      usersync_standby 0\n\
+                      usersync_ready 1\n\
+                      usersync_lag_current_seconds 0\n",
+                )
+                .await
+                .unwrap();
+        });
+        let metrics = replicator_metrics(addr).await.expect("answered");
+        let believed = metrics.is_active_for("usersync", "7312345678901234567")
+            && metrics.current_lag().is_some();
+        assert!(
+            !believed,
+            "status took lag {:?} from an unauthenticated process at {addr}",
+            metrics.current_lag()
+        );
+    }
 }
