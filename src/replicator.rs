@@ -1089,10 +1089,20 @@ impl Session<'_> {
         let meta = transaction_meta(&transaction.commit_lsn, at);
         let mut changes = Vec::new();
         let mut carried = false;
+        let mut read = 0_usize;
         let mut all = transaction.into_changes().peekable();
         while let Some(change) = all.next() {
             self.map_change(change?, &mut changes)?;
+            read += 1;
             if changes.len() < MAX_BATCH_CHANGES && all.peek().is_some() {
+                // Changes that map to nothing (other tables, skipped rows) fill no part, so
+                // the status updates that keep the source connection (and the liveness
+                // bound) satisfied are counted in changes read.
+                if read.is_multiple_of(MAX_BATCH_CHANGES)
+                    && self.last_status.elapsed() >= self.status_interval
+                {
+                    self.send_status(false).await?;
+                }
                 continue;
             }
             carried |= changes

@@ -557,6 +557,16 @@ impl TargetWriter {
     /// checkpoint row gets no transaction id, its COMMIT writes no WAL and returns at once,
     /// having made nothing durable. So a missing row is an error, never a success.
     pub async fn make_durable(&mut self) -> Result<(), ApplyError> {
+        // A target that stops answering (its host frozen while the kernel still acknowledges)
+        // must end the session as a write would, not hold it for good.
+        tokio::time::timeout(APPLY_TIMEOUT, self.make_durable_unbounded())
+            .await
+            .unwrap_or(Err(ApplyError::Stalled {
+                timeout: APPLY_TIMEOUT,
+            }))
+    }
+
+    async fn make_durable_unbounded(&mut self) -> Result<(), ApplyError> {
         let context = "flushing the target's WAL";
         let warned_before = self.warnings.as_ref().map(Warnings::count);
         let transaction = self

@@ -212,3 +212,79 @@ async fn an_active_waiting_for_a_slow_target_stays_alive() {
     let _ = stop.send(true);
     task.await.unwrap().expect("the replicator stops cleanly");
 }
+
+/// A large source transaction whose changes are nearly all for other rows than the target's
+/// (another table of the publication here; the same holds for rows the mapping skips, such as
+/// another tenancy's users) is read back from its spill file and mapped with no part filling
+/// up. Status updates must keep going out meanwhile (the crash-seat review's case): without
+/// them the source's wal_sender_timeout (2 s on this server) ends the connection, and
+/// liveness shows no progress, after which every retry reads the same transaction again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_back_a_large_transaction_of_other_rows_shows_progress() {
+    static SERVER: std::sync::OnceLock<usersync::localpg::LocalPg> = std::sync::OnceLock::new();
+    let server =
+        SERVER.get_or_init(|| start_server(vec![("wal_sender_timeout".into(), "2s".into())]));
+    let pair = Pair::on(server, USERS_TABLE).await;
+    pair.setup().await;
+    pair.source
+        .batch_execute(
+            "CREATE TABLE public.other (id bigint PRIMARY KEY, a text);
+             ALTER PUBLICATION usersync ADD TABLE public.other;",
+        )
+        .await
+        .unwrap();
+    let (_addr, metrics, stop, task) = start_in_process(pair.config.clone()).await;
+    // Only the longest silence matters here, not /healthz's verdict.
+    metrics.liveness().set_bound(Duration::from_secs(3600));
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('before@example.com')")
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    let reconnects = metrics.reconnects();
+    pair.source
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO public.other SELECT g, 'a' FROM generate_series(1, 1500000) g;
+             INSERT INTO users (email) VALUES ('after@example.com');
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut longest = Duration::ZERO;
+    loop {
+        longest = longest.max(metrics.liveness().silent_for());
+        let arrived: bool = pair
+            .target
+            .query_one(
+                "SELECT EXISTS (SELECT FROM neon_auth.users_sync
+                                 WHERE raw_json ->> 'primary_email' = 'after@example.com')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if arrived {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "the transaction never arrived ({} reconnects); longest silence {longest:?}",
+            metrics.reconnects() - reconnects
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        metrics.reconnects(),
+        reconnects,
+        "the source dropped the connection while the transaction was read back; longest \
+         silence {longest:?}"
+    );
+    assert!(
+        longest < Duration::from_secs(2),
+        "longest silence {longest:?}"
+    );
+    let _ = stop.send(true);
+    task.await.unwrap().expect("the replicator stops cleanly");
+}
