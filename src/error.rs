@@ -120,6 +120,7 @@ impl Error {
             Error::Source(error) => error.is_transient(),
             Error::Target(error) => error.is_transient(),
             Error::Unanswered { .. } => true,
+            Error::Decode(DecodeError::Spill { full, .. }) => *full,
             Error::Config(_)
             | Error::Url { .. }
             | Error::Decode(_)

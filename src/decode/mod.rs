@@ -132,10 +132,13 @@ pub enum DecodeError {
         reason: String,
     },
     /// The disk failed a transaction spilled past the memory limit: not a protocol
-    /// violation, but as final, since the transaction cannot be assembled without it.
+    /// violation, but the transaction cannot be assembled without it.
     #[error("{action} the spill file of a large transaction failed: {reason}")]
     Spill {
         action: &'static str,
         reason: String,
+        /// The disk (or the quota) was full: that often passes (another process's files go,
+        /// a volume grows), so the session is retried; any other failure stops usersync.
+        full: bool,
     },
 }

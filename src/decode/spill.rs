@@ -91,6 +91,7 @@ impl SpillFile {
         let length = u32::try_from(payload.len()).map_err(|_| DecodeError::Spill {
             action: "writing",
             reason: format!("a message of {} bytes is too large", payload.len()),
+            full: false,
         })?;
         self.writer
             .write_all(&length.to_be_bytes())
@@ -140,6 +141,7 @@ fn random_name() -> Result<String, DecodeError> {
         .map_err(|_| DecodeError::Spill {
             action: "creating",
             reason: "the system's random number generator failed to name a spill file".into(),
+            full: false,
         })?;
     let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
     Ok(format!("usersync-spill-{hex}"))
@@ -227,12 +229,28 @@ fn spill_error(
              writable and has room, or point it at another disk",
             path.display()
         ),
+        full: matches!(
+            error.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        ),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_is_worth_a_retry_and_a_denied_one_is_not() {
+        let path = std::path::Path::new("/tmp/usersync-spill-x");
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let full: crate::Error = spill_error("writing", path, &full).into();
+        let denied: crate::Error = spill_error("creating", path, &denied).into();
+        assert!(full.is_transient(), "{full}");
+        assert!(!denied.is_transient(), "{denied}");
+        assert_eq!(denied.exit_code(), crate::error::EXIT_DEFINITE);
+    }
 
     fn insert_payload(id: &str) -> Vec<u8> {
         // 'I', relation 16384, 'N', one text column.
