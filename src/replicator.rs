@@ -79,6 +79,10 @@ const DURABLE_INTERVAL: Duration = Duration::from_millis(200);
 const STANDBY_POLL: Duration = Duration::from_secs(1);
 /// How often a standby logs who holds the slot's lock while that does not change.
 const STANDBY_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// How long a replay waits for a slot's lock before it says who holds it: long enough for
+/// the backend of a session that just ended to exit, too short to stand by.
+const REPLAY_LOCK_GRACE: Duration = Duration::from_secs(3);
+const REPLAY_LOCK_POLL: Duration = Duration::from_millis(100);
 /// The last-minute lag percentiles are recomputed at most this often (a sort of the window).
 const RECENT_LAG_REFRESH: Duration = Duration::from_secs(1);
 /// A replay polls the server's position this often while it waits for the end.
@@ -415,6 +419,7 @@ async fn wait_for_slot_lock(
 ) -> Result<bool, Error> {
     let mut logged: Option<(Vec<apply::slot_lock::LockHolder>, Instant)> = None;
     let target_limit = Limit::new(TARGET_TIMEOUT, metrics.liveness());
+    let started = Instant::now();
     loop {
         let locked: bool = answered(target_limit, "target", "taking the slot's lock", async {
             Ok(target
@@ -441,6 +446,13 @@ async fn wait_for_slot_lock(
         })
         .await?;
         if let Mode::Replay { .. } = mode {
+            // A session that just ended (a replay before this one, a run just stopped) may
+            // hold the lock for some milliseconds more: its server backend releases it only
+            // as it exits, after the process is gone.
+            if started.elapsed() < REPLAY_LOCK_GRACE {
+                tokio::time::sleep(REPLAY_LOCK_POLL).await;
+                continue;
+            }
             // A replay is a one-off: it does not stand by behind a running replicator, which
             // applies what is pending anyway.
             return Err(Error::Config(format!(

@@ -28,7 +28,7 @@ async fn one_replicates_the_other_stands_by_and_takes_over() {
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     assert!(first.metrics.is_ready(), "the first one replicates");
     assert!(!second.metrics.is_ready(), "the second one stands by");
-    let slot_info = format!("usersync_slot_info{{slot=\"{}\"}} 1", pair.config.slot);
+    let slot_info = format!("usersync_slot_info{{slot=\"{}\",system=", pair.config.slot);
     let (active, standby) = (first.metrics.encode(), second.metrics.encode());
     for (text, role) in [(&active, "0"), (&standby, "1")] {
         assert!(
