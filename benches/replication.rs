@@ -45,7 +45,8 @@
 //!
 //! 1. **snapshot**: initial copy of `USERSYNC_BENCH_SNAPSHOT_USERS` (1,000,000) users, usersync
 //!    `setup` against `CREATE SUBSCRIPTION` with `copy_data` (rows/s).
-//! 2. **steady load**: the load above at each total rate of `USERSYNC_BENCH_RATES`
+//! 2. **steady load** (servers checkpointed and the tables vacuumed before each turn, and who
+//!    goes first alternating by rate): the load above at each total rate of `USERSYNC_BENCH_RATES`
 //!    (200,1000,5000 tx/s) for `USERSYNC_BENCH_SECONDS` (10) seconds. Lag is measured
 //!    identically for both: every source write sets `changed_at = clock_timestamp()` (the
 //!    column default on insert, explicitly on update), and a deferred constraint trigger on the
@@ -456,6 +457,24 @@ impl Bench {
                 if wanted { "active" } else { "inactive" }
             );
             tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Checkpoints both servers and vacuums the three tables, so that a measurement does not
+    /// pay for the dirty buffers and dead rows of what ran before it (the million-user copy
+    /// above all, which otherwise burdened whoever measured first).
+    async fn settle_servers(&self) {
+        for (client, table) in [
+            (&self.source, "public.users"),
+            (&self.usersync_target, "neon_auth.users_sync"),
+            (&self.native_target, "public.users"),
+        ] {
+            // Apart: VACUUM may not run in the implicit transaction of a multi-statement query.
+            client
+                .batch_execute(&format!("VACUUM (ANALYZE) {table}"))
+                .await
+                .unwrap();
+            client.batch_execute("CHECKPOINT").await.unwrap();
         }
     }
 
@@ -899,7 +918,7 @@ async fn generate_load(bench: &mut Bench, pace: Pace) -> LoadResult {
         let url = bench.source_url.clone();
         let seed = bench.rng.next();
         let rows = bench.rows;
-        tasks.push(tokio::spawn(async move {
+        tasks.push(load_runtime().spawn(async move {
             load_connection(url, ids, seed, rows, pace, index, started).await
         }));
     }
@@ -981,6 +1000,21 @@ async fn load_connection(
         done += 1;
     }
     (done, ids)
+}
+
+/// The load generator's own runtime and threads: on the bench's runtime, the in-process
+/// usersync's tasks queued behind the 8 load connections' tasks, which native's apply worker,
+/// a process of its own, never does.
+fn load_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bench-load")
+            .enable_all()
+            .build()
+            .expect("the load generator's runtime")
+    })
 }
 
 async fn connect_url(url: &str) -> Client {
@@ -1214,13 +1248,22 @@ async fn start(settings: &Settings, report: &mut Report) -> Bench {
 
 /// Section 2: lag under a fixed rate.
 async fn steady(bench: &mut Bench, settings: &Settings, report: &mut Report) {
-    for &rate in &settings.rates {
+    for (turn, &rate) in settings.rates.iter().enumerate() {
         let section = format!("steady {rate:.0} tx/s, {:.0}s", settings.seconds);
         let mut lags: [[Option<f64>; 4]; 2] = [[None; 4]; 2];
         let mut achieved = [None; 2];
-        for (slot, who) in [Who::Usersync, Who::Native].into_iter().enumerate() {
+        // Who goes first alternates, so that neither always meets what the previous
+        // section left running on the servers.
+        let order = if turn % 2 == 0 {
+            [Who::Usersync, Who::Native]
+        } else {
+            [Who::Native, Who::Usersync]
+        };
+        for who in order {
+            let slot = usize::from(who == Who::Native);
             eprintln!("{section}: {who:?}");
             bench.only(who).await;
+            bench.settle_servers().await;
             bench.reset_lag(who).await;
             let before = bench.usersync_metrics();
             let load = generate_load(
@@ -1323,6 +1366,7 @@ async fn drain(bench: &mut Bench, settings: &Settings, report: &mut Report) {
     let mut took = [Duration::ZERO; 2];
     for (slot, who) in [Who::Usersync, Who::Native].into_iter().enumerate() {
         eprintln!("{section}: {who:?}");
+        bench.settle_servers().await;
         bench.contender_start(who).await;
         bench
             .wait_slot_active(match who {
@@ -1381,6 +1425,7 @@ async fn bulk(bench: &mut Bench, settings: &Settings, report: &mut Report) {
     for (slot, who) in [Who::Usersync, Who::Native].into_iter().enumerate() {
         eprintln!("{section}: {who:?}");
         bench.only(who).await;
+        bench.settle_servers().await;
         let before = bench.usersync_metrics();
         let (last, commit, _) = bench.bulk_insert(rows).await;
         bench.wait_visible(who, &last).await;
