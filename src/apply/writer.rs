@@ -154,6 +154,23 @@ WITH written AS (
 )
 SELECT 1 / count(*)::int FROM written";
 
+/// The common batch, upserts only, and its checkpoint as one statement: with no BEGIN and
+/// COMMIT around it, it commits by itself, so a target transaction is one statement for
+/// the server to parse, plan and run instead of four (about a fifth less server time per
+/// target transaction, measured with pgbench on `users_sync`). `{upsert}` is the upsert
+/// without its parameter types' table prefix; the checkpoint's parameters follow its three.
+const UPSERT_AND_ADVANCE: &str = "
+WITH upserted AS ({upsert}
+    RETURNING 1
+), written AS (
+    UPDATE usersync.state
+       SET commit_lsn = $6::text::pg_lsn, end_lsn = $7::text::pg_lsn, commit_time = $8,
+           updated_at = now()
+     WHERE slot_name = $4 AND system_identifier = $5 AND end_lsn <= $7::text::pg_lsn
+    RETURNING 1
+)
+SELECT 1 / count(*)::int FROM written";
+
 const READ_CHECKPOINT: &str = "
 SELECT system_identifier, commit_lsn::text, end_lsn::text, commit_time, updated_at
   FROM usersync.state WHERE slot_name = $1";
@@ -209,6 +226,8 @@ struct Statements {
     soft_delete_all: Statement,
     checkpoint: Statement,
     create_checkpoint: Statement,
+    /// [`UPSERT_AND_ADVANCE`] for this shape.
+    upsert_and_advance: Statement,
 }
 
 /// Applies batches for one slot over one target connection.
@@ -288,6 +307,10 @@ impl TargetWriter {
             create_checkpoint: prepare(CREATE_CHECKPOINT)
                 .await
                 .map_err(ApplyError::sql("preparing the first checkpoint"))?,
+            upsert_and_advance: client
+                .prepare(&UPSERT_AND_ADVANCE.replace("{upsert}", upsert.trim()))
+                .await
+                .map_err(ApplyError::sql("preparing the upsert with its checkpoint"))?,
         };
         Ok(TargetWriter {
             client,
@@ -402,6 +425,30 @@ impl TargetWriter {
             )
         });
         let arrays: Vec<SegmentArrays<'_>> = batch.segments().iter().map(segment_arrays).collect();
+        if let (End::Commit(Some(_)), false, Some((commit_lsn, end_lsn, commit_time))) =
+            (end, self.open, &checkpoint)
+        {
+            if let [SegmentArrays::Users(arrays)] = arrays.as_slice() {
+                if arrays.is_upserts_only() {
+                    let params: Vec<&(dyn ToSql + Sync)> = vec![
+                        &arrays.upserts.raw_json,
+                        &arrays.upserts.updated_at,
+                        &arrays.upserts.deleted_at,
+                        &self.slot,
+                        &self.system_id,
+                        commit_lsn,
+                        end_lsn,
+                        commit_time,
+                    ];
+                    return self
+                        .client
+                        .execute(&self.statements.upsert_and_advance, &params)
+                        .await
+                        .map(drop)
+                        .map_err(|source| checkpoint_error(source, &self.slot, position));
+                }
+            }
+        }
         let client = &self.client;
         let statements = &self.statements;
         let mut steps: Vec<(&'static str, Pending<'_>)> = Vec::new();
@@ -501,15 +548,8 @@ impl TargetWriter {
                     if !commits {
                         self.rollback().await;
                     }
-                    return Err(match (context, position) {
-                        (CHECKPOINT_STEP, Some(position))
-                            if source.code() == Some(&SqlState::DIVISION_BY_ZERO) =>
-                        {
-                            ApplyError::CheckpointRefused {
-                                slot: self.slot.clone(),
-                                end_lsn: position.end_lsn,
-                            }
-                        }
+                    return Err(match context {
+                        CHECKPOINT_STEP => checkpoint_error(source, &self.slot, position),
                         _ => ApplyError::Sql { context, source },
                     });
                 }
@@ -619,6 +659,27 @@ enum End {
 
 const CHECKPOINT_STEP: &str = "writing the checkpoint";
 
+/// A statement that writes the checkpoint failed: its `1 / count(*)` divides by zero when
+/// no row moved (another source system's, or a position behind the one held).
+fn checkpoint_error(
+    source: tokio_postgres::Error,
+    slot: &str,
+    position: Option<CommitPosition>,
+) -> ApplyError {
+    match position {
+        Some(position) if source.code() == Some(&SqlState::DIVISION_BY_ZERO) => {
+            ApplyError::CheckpointRefused {
+                slot: slot.to_owned(),
+                end_lsn: position.end_lsn,
+            }
+        }
+        _ => ApplyError::Sql {
+            context: CHECKPOINT_STEP,
+            source,
+        },
+    }
+}
+
 /// Polls every request in order until all are answered. tokio-postgres sends a request when
 /// its future is first polled, so the first pass sends them all, in this order, before any
 /// answer is awaited (`join_all` promises no polling order).
@@ -700,6 +761,16 @@ struct UserArrays<'a> {
     merging: UpsertArrays<'a>,
     patches: PatchArrays<'a>,
     deletes: DeleteArrays<'a>,
+}
+
+impl UserArrays<'_> {
+    /// Plain upserts and nothing else: the one statement of [`UPSERT_AND_ADVANCE`] does.
+    fn is_upserts_only(&self) -> bool {
+        !self.upserts.raw_json.is_empty()
+            && self.merging.raw_json.is_empty()
+            && self.patches.ids.is_empty()
+            && self.deletes.ids.is_empty()
+    }
 }
 
 fn users_to_arrays(users: &std::collections::HashMap<String, PendingUser>) -> UserArrays<'_> {
