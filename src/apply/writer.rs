@@ -448,7 +448,14 @@ impl TargetWriter {
                         .execute(&self.statements.upsert_and_advance, &params)
                         .await
                         .map(drop)
-                        .map_err(|source| checkpoint_error(source, &self.slot, position));
+                        .map_err(|source| {
+                            checkpoint_error(
+                                source,
+                                "upserting users and writing the checkpoint",
+                                &self.slot,
+                                position,
+                            )
+                        });
                 }
             }
         }
@@ -552,7 +559,9 @@ impl TargetWriter {
                         self.rollback().await;
                     }
                     return Err(match context {
-                        CHECKPOINT_STEP => checkpoint_error(source, &self.slot, position),
+                        CHECKPOINT_STEP => {
+                            checkpoint_error(source, CHECKPOINT_STEP, &self.slot, position)
+                        }
                         _ => ApplyError::Sql { context, source },
                     });
                 }
@@ -662,10 +671,12 @@ enum End {
 
 const CHECKPOINT_STEP: &str = "writing the checkpoint";
 
-/// A statement that writes the checkpoint failed: its `1 / count(*)` divides by zero when
-/// no row moved (another source system's, or a position behind the one held).
+/// A statement that writes the checkpoint (`context` says what else it did) failed: its
+/// `1 / count(*)` divides by zero when no row moved (another source system's, or a
+/// position behind the one held); any other error is the statement's.
 fn checkpoint_error(
     source: tokio_postgres::Error,
+    context: &'static str,
     slot: &str,
     position: Option<CommitPosition>,
 ) -> ApplyError {
@@ -676,10 +687,7 @@ fn checkpoint_error(
                 end_lsn: position.end_lsn,
             }
         }
-        _ => ApplyError::Sql {
-            context: CHECKPOINT_STEP,
-            source,
-        },
+        _ => ApplyError::Sql { context, source },
     }
 }
 
