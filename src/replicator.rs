@@ -435,7 +435,18 @@ async fn wait_for_slot_lock(
             }
             return Ok(true);
         }
-        if logged.is_none() {
+        let replay = matches!(mode, Mode::Replay { .. });
+        // A session that just ended (a replay before this one, a run just stopped) may hold
+        // the lock for some milliseconds more: its server backend releases it only as it
+        // exits, after the process is gone. A replay gives it that long, and stands by for
+        // no more.
+        if replay && started.elapsed() < REPLAY_LOCK_GRACE {
+            tokio::select! {
+                _ = tokio::time::sleep(REPLAY_LOCK_POLL) => continue,
+                _ = stopped(shutdown) => return Ok(false),
+            }
+        }
+        if logged.is_none() && !replay {
             let since = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default();
@@ -445,14 +456,7 @@ async fn wait_for_slot_lock(
             Ok(apply::slot_lock::holders(target, slot).await?)
         })
         .await?;
-        if let Mode::Replay { .. } = mode {
-            // A session that just ended (a replay before this one, a run just stopped) may
-            // hold the lock for some milliseconds more: its server backend releases it only
-            // as it exits, after the process is gone.
-            if started.elapsed() < REPLAY_LOCK_GRACE {
-                tokio::time::sleep(REPLAY_LOCK_POLL).await;
-                continue;
-            }
+        if replay {
             // A replay is a one-off: it does not stand by behind a running replicator, which
             // applies what is pending anyway.
             return Err(Error::Config(format!(
