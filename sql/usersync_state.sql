@@ -21,7 +21,13 @@ CREATE TABLE IF NOT EXISTS usersync.state (
   -- LSN just past that commit record: what the slot may be confirmed up to.
   end_lsn           pg_lsn NOT NULL,
   commit_time       timestamptz,
-  updated_at        timestamptz NOT NULL DEFAULT now()
+  updated_at        timestamptz NOT NULL DEFAULT now(),
+  -- The slot has never been confirmed past end_lsn since this was set: usersync writes a
+  -- position here, durably, before it confirms the slot up to it, idle positions included.
+  -- A slot confirmed further then means the target lost what it had applied (a backup
+  -- restored, a Neon branch reset), and run refuses it. False for a checkpoint an older
+  -- usersync wrote (it confirmed idle positions without writing them): run takes it over.
+  slot_bounded      boolean NOT NULL DEFAULT false
 );
 
 -- What setup or resync is doing for a slot until its final commit, which writes the

@@ -13,9 +13,12 @@
 //! visible at once, and known durable once a later synchronous commit on the target returns
 //! (at most every [`DURABLE_INTERVAL`]). The slot is confirmed (Standby Status Update
 //! `flush`) up to the `end_lsn` of the last transaction whose target transaction is known
-//! durable, never further, except when fully caught up and durable: then the server's
-//! keepalive position is confirmed as well, so the slot advances on an idle database (Neon
-//! drops slots that make no progress). After any
+//! durable, never further. Caught up, the server's keepalive position (nothing for the
+//! target up to it) is written to the checkpoint by such a synchronous commit before it is
+//! confirmed, so the slot advances on an idle database (Neon drops slots that make no
+//! progress) and still never passes the checkpoint: a slot found past it at the start of a
+//! session means the target lost what it had applied (restored to an earlier point), and
+//! the session refuses to stream over that gap. After any
 //! failure the next session resumes from the checkpoint and skips transactions it already
 //! holds (`commit_lsn < checkpoint.end_lsn`): nothing lost, nothing applied twice.
 //!
@@ -75,6 +78,10 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// How often, at most, applied batches are made durable (a synchronous commit on the target),
 /// which lets the slot be confirmed up to them.
 const DURABLE_INTERVAL: Duration = Duration::from_millis(200);
+/// How often, at most, an idle position is recorded in the checkpoint (a small synchronous
+/// target transaction) so that the slot can be confirmed there: while idle, about one per
+/// heartbeat.
+const IDLE_RECORD_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a standby tries to take the slot's lock.
 const STANDBY_POLL: Duration = Duration::from_secs(1);
 /// How often a standby logs who holds the slot's lock while that does not change.
@@ -226,6 +233,15 @@ async fn run_session(
     if !hold_slot_lock(&target, &config.slot, mode, metrics, shutdown).await? {
         return Ok(());
     }
+    let dry_run = matches!(mode, Mode::Replay { dry_run: true, .. });
+    if !dry_run {
+        // A checkpoint table of an older usersync gets what this one records; holding the
+        // slot's lock, no other replicator of this slot writes to it meanwhile.
+        answered(target_limit, "target", "upgrading usersync.state", async {
+            Ok(apply::upgrade_state(&target).await?)
+        })
+        .await?;
+    }
     // Read only now: a standby that just took over resumes where the other one stopped.
     let checkpoint = answered(target_limit, "target", "reading the checkpoint", async {
         Ok(apply::read_checkpoint(&target, &config.slot).await?)
@@ -293,6 +309,36 @@ async fn run_session(
         ))
         .into());
     }
+    // The slot is never confirmed past the checkpoint (`sql/usersync_state.sql`), so a slot
+    // confirmed further means this target lost what it had applied; streaming on from the
+    // slot would leave that gap for good.
+    let mut resume_at = checkpoint.end_lsn;
+    if checkpoint.slot_bounded && confirmed_flush > checkpoint.end_lsn {
+        return Err(target_behind_slot(
+            &config.slot,
+            confirmed_flush,
+            &checkpoint,
+        ));
+    }
+    if !checkpoint.slot_bounded && !dry_run {
+        answered(
+            target_limit,
+            "target",
+            "taking over the checkpoint",
+            async {
+                Ok(apply::take_over_checkpoint(
+                    &target,
+                    &config.slot,
+                    &checkpoint.system_id,
+                    confirmed_flush,
+                )
+                .await?)
+            },
+        )
+        .await?;
+        resume_at = resume_at.max(confirmed_flush);
+        tracing::info!(slot = %config.slot, checkpoint = %resume_at, "took over the checkpoint of an older usersync");
+    }
     let writer = answered(target_limit, "target", "preparing statements", async {
         let mut writer =
             TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
@@ -301,13 +347,12 @@ async fn run_session(
         // committed it asynchronously and died before a synchronous commit covered it, and a
         // target crash (or a Neon compute restart) would undo it. It becomes the first
         // position this session reports, so first make it durable.
-        writer.make_durable().await?;
+        writer.make_durable(None).await?;
         writer.use_async_commit().await?;
         writer.count_in(Arc::clone(metrics));
         Ok(writer)
     })
     .await?;
-    let resume_at = checkpoint.end_lsn;
     let protocol_2 = replication
         .server_version_num()
         .is_some_and(|v| v >= PROTOCOL_2_MIN_VERSION);
@@ -386,6 +431,21 @@ async fn run_session(
     session.stream_until(shutdown).await?;
     session.stream.finish().await;
     Ok(())
+}
+
+/// A slot confirmed past the target's checkpoint, which bounds it: the target lost what it
+/// had applied up to the slot's position, and the source no longer has it for this slot.
+fn target_behind_slot(slot: &str, confirmed: Lsn, checkpoint: &apply::Checkpoint) -> Error {
+    Error::Config(format!(
+        "slot {slot} was confirmed up to {confirmed}, past this target's checkpoint ({}), \
+         which usersync never lets it pass: the target lost changes it had applied (it was \
+         restored from a backup, or its Neon branch reset or restored to an earlier point), \
+         or it is a copy of the target this slot feeds, and the slot no longer holds them; run \
+         usersync resync to copy the table again (it soft-deletes the users the source no \
+         longer has), or, for a copy of another target, usersync resync --slot <a new name> \
+         (docs/changes.md)",
+        checkpoint.end_lsn
+    ))
 }
 
 /// Waits until this process holds the slot's lock on the target, so that of several
@@ -641,6 +701,8 @@ struct InFlight {
     heartbeat: Option<i64>,
     /// How many of the oldest unflushed batches a [`Job::MakeDurable`] covers.
     makes_durable: usize,
+    /// The idle position it records in the checkpoint.
+    records_idle: Option<Lsn>,
 }
 
 /// Whether a transaction goes to the target in parts rather than in a batch.
@@ -725,9 +787,9 @@ struct Session<'a> {
     skip_before: Lsn,
     /// The position the target holds durably (the checkpoint's `end_lsn`).
     confirmed: Lsn,
-    /// The furthest flush position sent to the source, starting at the slot's own: an idle
-    /// confirmation may have gone past `confirmed` (in this session or an earlier one), and
-    /// what was reported once is never taken back.
+    /// The furthest flush position sent to the source, starting at the slot's own: what was
+    /// reported once is never taken back (a crash between recording a position and
+    /// confirming it leaves the checkpoint ahead of the slot, never behind).
     reported_flush: Lsn,
     /// Applied batches not yet known durable: the source position each takes the checkpoint to.
     unflushed: VecDeque<Lsn>,
@@ -762,8 +824,14 @@ impl Session<'_> {
                 return Ok(());
             }
             let worker_free = self.in_flight.is_none();
-            let durable_due = self.last_durable + DURABLE_INTERVAL;
-            if worker_free && !self.unflushed.is_empty() && Instant::now() >= durable_due {
+            let durable_due = if self.unflushed.is_empty() {
+                // Only an idle position to record, if any.
+                self.idle_to_record()
+                    .map(|_| self.last_durable + IDLE_RECORD_INTERVAL)
+            } else {
+                Some(self.last_durable + DURABLE_INTERVAL)
+            };
+            if worker_free && durable_due.is_some_and(|due| Instant::now() >= due) {
                 self.submit_durable().await?;
                 continue;
             }
@@ -785,7 +853,7 @@ impl Session<'_> {
             if may_read {
                 timer = timer.min(self.silence_check_due());
             }
-            if worker_free && !self.unflushed.is_empty() {
+            if let Some(durable_due) = durable_due.filter(|_| worker_free) {
                 // (A busy worker wakes the loop itself when it is done.)
                 timer = timer.min(durable_due);
             }
@@ -1139,6 +1207,7 @@ impl Session<'_> {
                     oldest_commit: None,
                     heartbeat: None,
                     makes_durable: 0,
+                    records_idle: None,
                 });
             }
             if self.last_status.elapsed() >= self.status_interval {
@@ -1239,6 +1308,7 @@ impl Session<'_> {
             oldest_commit: batch.commit_times().first().copied(),
             heartbeat: self.pending_heartbeat.take(),
             makes_durable: 0,
+            records_idle: None,
         });
         self.worker.send(Job::Commit(batch)).await?;
         Ok(())
@@ -1280,8 +1350,10 @@ impl Session<'_> {
                 took,
             } => (batch, position, took),
             Done::Durable => {
-                let covered = in_flight.map_or(0, |in_flight| in_flight.makes_durable);
-                for end_lsn in self.unflushed.drain(..covered) {
+                let (covered, idle) = in_flight.map_or((0, None), |in_flight| {
+                    (in_flight.makes_durable, in_flight.records_idle)
+                });
+                for end_lsn in self.unflushed.drain(..covered).chain(idle) {
                     self.confirmed = self.confirmed.max(end_lsn);
                 }
                 return self.send_status(false).await;
@@ -1313,16 +1385,31 @@ impl Session<'_> {
         self.send_status(false).await
     }
 
-    /// Asks the worker to make the batches applied so far durable, without waiting for it.
+    /// Asks the worker to make the batches applied so far durable, and to record the idle
+    /// position if there is one, without waiting for it.
     async fn submit_durable(&mut self) -> Result<(), Error> {
         self.last_durable = Instant::now();
+        let idle = self.idle_to_record();
         self.in_flight = Some(InFlight {
             oldest_commit: None,
             heartbeat: None,
             makes_durable: self.unflushed.len(),
+            records_idle: idle,
         });
-        self.worker.send(Job::MakeDurable).await?;
+        self.worker.send(Job::MakeDurable(idle)).await?;
         Ok(())
+    }
+
+    /// A position past the durable checkpoint with nothing for the target up to it: caught
+    /// up, the server's latest. The slot may be confirmed there once the checkpoint records
+    /// it ([`TargetWriter::make_durable`]); a dry run records nothing.
+    fn idle_to_record(&self) -> Option<Lsn> {
+        let dry_run = matches!(self.mode, Mode::Replay { dry_run: true, .. });
+        let past = self
+            .unflushed
+            .back()
+            .map_or(self.confirmed, |&end| end.max(self.confirmed));
+        (!dry_run && self.caught_up() && self.idle_position > past).then_some(self.idle_position)
     }
 
     /// Before a session ends with an error: confirms what was applied, if the connections
@@ -1342,10 +1429,12 @@ impl Session<'_> {
     /// up to everything applied.
     async fn make_durable(&mut self) -> Result<(), Error> {
         self.settle().await?;
-        if let Some(&end_lsn) = self.unflushed.back() {
-            self.worker.run(Job::MakeDurable).await?;
-            self.confirmed = self.confirmed.max(end_lsn);
-            self.unflushed.clear();
+        let idle = self.idle_to_record();
+        if !self.unflushed.is_empty() || idle.is_some() {
+            self.worker.run(Job::MakeDurable(idle)).await?;
+            for end_lsn in self.unflushed.drain(..).chain(idle) {
+                self.confirmed = self.confirmed.max(end_lsn);
+            }
         }
         Ok(())
     }
@@ -1420,12 +1509,7 @@ impl Session<'_> {
             // A dry run confirms nothing: the server ignores an invalid (zero) position.
             Lsn::ZERO
         } else {
-            let flushed = if self.caught_up() && self.unflushed.is_empty() {
-                self.confirmed.max(self.idle_position)
-            } else {
-                self.confirmed
-            };
-            self.reported_flush = self.reported_flush.max(flushed);
+            self.reported_flush = self.reported_flush.max(self.confirmed);
             self.reported_flush
         };
         let written = self.received.max(flushed);

@@ -14,10 +14,14 @@ pub mod worker;
 pub mod writer;
 
 pub use batch::{Batch, CommitPosition, UnixMicros};
-pub use schema::{check_shape, ensure_target_schema, target_tables, TargetShape, TargetTables};
+pub use schema::{
+    check_shape, ensure_target_schema, target_tables, upgrade_state, TargetShape, TargetTables,
+};
 pub use setup_progress::{SetupMode, SetupProgress};
 pub use worker::{ApplyWorker, Done, Job};
-pub use writer::{delete_checkpoint, read_checkpoint, Checkpoint, TargetWriter};
+pub use writer::{
+    delete_checkpoint, read_checkpoint, take_over_checkpoint, Checkpoint, TargetWriter,
+};
 
 use crate::lsn::Lsn;
 

@@ -13,6 +13,8 @@ use super::ApplyError;
 const USERS_SYNC_DDL: &str = include_str!("../../sql/users_sync.sql");
 /// usersync's own checkpoint table.
 const STATE_DDL: &str = include_str!("../../sql/usersync_state.sql");
+/// What an older usersync's checkpoint table lacks.
+const STATE_UPGRADE: &str = include_str!("../../sql/usersync_state_upgrade.sql");
 
 /// What the existing `neon_auth.users_sync` can take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +69,20 @@ pub async fn ensure_target_schema(client: &Client) -> Result<(TargetShape, Creat
         .batch_execute(STATE_DDL)
         .await
         .map_err(ApplyError::sql("creating the usersync schema"))?;
+    upgrade_state(client).await?;
     Ok((check_shape(client).await?, created))
+}
+
+/// Adds to `usersync.state` what this version needs and an older one did not create, so
+/// that a new binary resumes without a manual step; a no-op once done.
+pub async fn upgrade_state(client: &Client) -> Result<(), ApplyError> {
+    client
+        .batch_execute(STATE_UPGRADE)
+        .await
+        .map_err(ApplyError::sql(
+            "upgrading usersync.state to this version (adding a column needs the table's owner: \
+         run usersync setup once as the role that created it)",
+        ))
 }
 
 /// Reads the shape of `neon_auth.users_sync` and refuses one usersync cannot write.

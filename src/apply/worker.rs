@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::batch::{Batch, CommitPosition};
 use super::writer::TargetWriter;
 use super::ApplyError;
+use crate::lsn::Lsn;
 
 /// What the worker is asked to do.
 #[derive(Debug)]
@@ -23,8 +24,9 @@ pub enum Job {
     Part(Batch),
     /// Roll back the target transaction a [`Job::Part`] left open.
     Abandon,
-    /// Make everything committed so far durable.
-    MakeDurable,
+    /// Make everything committed so far durable, and record an idle position with it
+    /// ([`TargetWriter::make_durable`]).
+    MakeDurable(Option<Lsn>),
 }
 
 /// The answer to a [`Job`].
@@ -116,7 +118,7 @@ async fn work(
                 writer.abandon().await;
                 Ok(Done::Abandoned)
             }
-            Job::MakeDurable => writer.make_durable().await.map(|()| Done::Durable),
+            Job::MakeDurable(idle) => writer.make_durable(idle).await.map(|()| Done::Durable),
         };
         let failed = result.is_err();
         if done.send(result).is_err() || failed {

@@ -131,11 +131,12 @@ UPDATE neon_auth.users_sync SET deleted_at = $1 WHERE deleted_at IS NULL";
 const CREATE_CHECKPOINT: &str = "
 WITH written AS (
     INSERT INTO usersync.state AS s
-           (slot_name, system_identifier, commit_lsn, end_lsn, commit_time, updated_at)
-    VALUES ($1, $2, $3::text::pg_lsn, $4::text::pg_lsn, $5, now())
+           (slot_name, system_identifier, commit_lsn, end_lsn, commit_time, updated_at,
+            slot_bounded)
+    VALUES ($1, $2, $3::text::pg_lsn, $4::text::pg_lsn, $5, now(), true)
     ON CONFLICT (slot_name) DO UPDATE
        SET commit_lsn = EXCLUDED.commit_lsn, end_lsn = EXCLUDED.end_lsn,
-           commit_time = EXCLUDED.commit_time, updated_at = now()
+           commit_time = EXCLUDED.commit_time, updated_at = now(), slot_bounded = true
      WHERE s.system_identifier = EXCLUDED.system_identifier AND s.end_lsn <= EXCLUDED.end_lsn
     RETURNING 1
 )
@@ -173,9 +174,28 @@ fn upsert_and_advance(upsert: &str) -> String {
     )
 }
 
+/// `slot_bounded` is read through `to_jsonb`, so that a table an older usersync created
+/// (without the column) reads as not bounded, without an upgrade: `status` only reads.
 const READ_CHECKPOINT: &str = "
-SELECT system_identifier, commit_lsn::text, end_lsn::text, commit_time, updated_at
-  FROM usersync.state WHERE slot_name = $1";
+SELECT system_identifier, commit_lsn::text, end_lsn::text, commit_time, updated_at,
+       coalesce((to_jsonb(s) ->> 'slot_bounded')::boolean, false)
+  FROM usersync.state AS s WHERE slot_name = $1";
+
+/// Takes over a checkpoint an older usersync wrote (`slot_bounded` false): that version
+/// confirmed idle positions without writing them here, so a slot confirmed past `end_lsn`
+/// proves nothing yet. The stream would start at the slot's position whatever the
+/// checkpoint says, so the checkpoint moves there, and from now on bounds the slot.
+const TAKE_OVER_CHECKPOINT: &str = "
+UPDATE usersync.state
+   SET end_lsn = greatest(end_lsn, $3::text::pg_lsn), slot_bounded = true, updated_at = now()
+ WHERE slot_name = $1 AND system_identifier = $2";
+
+/// The durability flush's write (see [`TargetWriter::make_durable`]), which also records an
+/// idle position (nothing for the target up to it) before the slot is confirmed there.
+const FLUSH_CHECKPOINT: &str = "
+UPDATE usersync.state
+   SET end_lsn = greatest(end_lsn, $2::text::pg_lsn), updated_at = now()
+ WHERE slot_name = $1";
 
 /// What the target holds of a slot's stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +206,9 @@ pub struct Checkpoint {
     pub commit_time: Option<DateTime<Utc>>,
     /// When the target transaction that wrote it ran (the target's clock).
     pub written_at: DateTime<Utc>,
+    /// The slot has not been confirmed past `end_lsn` since this checkpoint was created or
+    /// taken over (`sql/usersync_state.sql`).
+    pub slot_bounded: bool,
 }
 
 /// Reads the checkpoint of `slot`, if the target has one.
@@ -209,7 +232,32 @@ pub async fn read_checkpoint(
         end_lsn: lsn(2)?,
         commit_time: row.get(3),
         written_at: row.get(4),
+        slot_bounded: row.get(5),
     }))
+}
+
+/// See [`TAKE_OVER_CHECKPOINT`]; commits synchronously (the session default).
+pub async fn take_over_checkpoint(
+    client: &Client,
+    slot: &str,
+    system_id: &str,
+    slot_confirmed: Lsn,
+) -> Result<(), ApplyError> {
+    let touched = client
+        .execute(
+            TAKE_OVER_CHECKPOINT,
+            &[&slot, &system_id, &slot_confirmed.to_string()],
+        )
+        .await
+        .map_err(ApplyError::sql(
+            "taking over the checkpoint of an older usersync",
+        ))?;
+    if touched != 1 {
+        return Err(ApplyError::CheckpointGone {
+            slot: slot.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// Removes the checkpoint of `slot` (teardown): a later setup starts from a new slot.
@@ -608,17 +656,21 @@ impl TargetWriter {
     /// The commit only waits if the transaction wrote something: an UPDATE that finds no
     /// checkpoint row gets no transaction id, its COMMIT writes no WAL and returns at once,
     /// having made nothing durable. So a missing row is an error, never a success.
-    pub async fn make_durable(&mut self) -> Result<(), ApplyError> {
+    ///
+    /// `idle`, if given, is a position with nothing for the target up to it: the checkpoint
+    /// moves there (never back), so that the slot can be confirmed there and still no further
+    /// than the checkpoint.
+    pub async fn make_durable(&mut self, idle: Option<Lsn>) -> Result<(), ApplyError> {
         // A target that stops answering (its host frozen while the kernel still acknowledges)
         // must end the session as a write would, not hold it for good.
-        tokio::time::timeout(APPLY_TIMEOUT, self.make_durable_unbounded())
+        tokio::time::timeout(APPLY_TIMEOUT, self.make_durable_unbounded(idle))
             .await
             .unwrap_or(Err(ApplyError::Stalled {
                 timeout: APPLY_TIMEOUT,
             }))
     }
 
-    async fn make_durable_unbounded(&mut self) -> Result<(), ApplyError> {
+    async fn make_durable_unbounded(&mut self, idle: Option<Lsn>) -> Result<(), ApplyError> {
         let context = "flushing the target's WAL";
         let warned_before = self.warnings.as_ref().map(Warnings::count);
         let transaction = self
@@ -632,8 +684,8 @@ impl TargetWriter {
             .map_err(ApplyError::sql(context))?;
         let touched = transaction
             .execute(
-                "UPDATE usersync.state SET updated_at = now() WHERE slot_name = $1",
-                &[&self.slot],
+                FLUSH_CHECKPOINT,
+                &[&self.slot, &idle.unwrap_or(Lsn::ZERO).to_string()],
             )
             .await
             .map_err(ApplyError::sql(context))?;

@@ -195,6 +195,7 @@ async fn status_reports_a_healthy_slot_as_json_and_as_a_table() {
             "commit_lsn",
             "commit_time",
             "end_lsn",
+            "slot_bounded",
             "system_identifier",
             "written_at"
         ]
@@ -204,6 +205,7 @@ async fn status_reports_a_healthy_slot_as_json_and_as_a_table() {
     assert_lsn(&checkpoint["end_lsn"]);
     assert_time(&checkpoint["commit_time"]);
     assert_time(&checkpoint["written_at"]);
+    assert_eq!(checkpoint["slot_bounded"], true);
 
     let target = &json["target"];
     assert_eq!(

@@ -23,6 +23,7 @@ mod profiles;
 mod promtool;
 mod replay;
 mod replication;
+mod restore;
 mod resync;
 mod schema_change;
 mod security;

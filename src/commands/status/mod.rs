@@ -159,6 +159,7 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
             end_lsn: LsnText(checkpoint.end_lsn),
             commit_time: checkpoint.commit_time.map(Rfc3339),
             written_at: Rfc3339(checkpoint.written_at),
+            slot_bounded: checkpoint.slot_bounded,
         }),
         target: target_status,
         lag: LagStatus {

@@ -130,6 +130,9 @@ pub struct CheckpointStatus {
     pub end_lsn: LsnText,
     pub commit_time: Option<Rfc3339>,
     pub written_at: Rfc3339,
+    /// The slot is never confirmed past `end_lsn` (false for a checkpoint of an older
+    /// usersync that `run` has not taken over yet).
+    pub slot_bounded: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -324,6 +327,23 @@ impl StatusReport {
                          this source is system {}: point usersync at the right source, or use \
                          another slot",
                         slot.name, checkpoint.system_identifier, self.source.system_identifier
+                    ),
+                );
+            }
+            let confirmed = slot.confirmed_flush_lsn.as_ref().map(|lsn| lsn.0);
+            if slot.exists
+                && checkpoint.slot_bounded
+                && confirmed.is_some_and(|confirmed| confirmed > checkpoint.end_lsn.0)
+            {
+                problem(
+                    Verdict::Broken,
+                    format!(
+                        "replication slot {} is confirmed up to {}, past the target's checkpoint \
+                         ({}): the target lost changes it had applied (restored to an earlier \
+                         point, or a copy of the target this slot feeds); run usersync resync",
+                        slot.name,
+                        confirmed.unwrap_or_default(),
+                        checkpoint.end_lsn.0
                     ),
                 );
             }
@@ -564,6 +584,7 @@ mod tests {
                 end_lsn: LsnText(Lsn(0x200)),
                 commit_time: Some(Rfc3339(now)),
                 written_at: Rfc3339(now),
+                slot_bounded: true,
             }),
             target: TargetStatus {
                 url: "postgresql://u:***@t:5432/db?sslmode=verify-full".into(),

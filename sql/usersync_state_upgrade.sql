@@ -1,0 +1,15 @@
+-- Brings a usersync.state created by an older usersync up to date (sql/usersync_state.sql
+-- creates new ones whole). setup runs it after that file, and run before it reads the
+-- checkpoint, so that a new binary needs no manual step.
+--
+-- Each change is a DO block that looks in the catalog first, so that the ALTER (and its
+-- exclusive lock, which would wait for a running replicator's transaction) runs only once.
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_attribute
+                  WHERE attrelid = 'usersync.state'::regclass AND attname = 'slot_bounded'
+                    AND NOT attisdropped) THEN
+    ALTER TABLE usersync.state ADD COLUMN slot_bounded boolean NOT NULL DEFAULT false;
+  END IF;
+END
+$$;
