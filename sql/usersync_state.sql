@@ -22,12 +22,13 @@ CREATE TABLE IF NOT EXISTS usersync.state (
   end_lsn           pg_lsn NOT NULL,
   commit_time       timestamptz,
   updated_at        timestamptz NOT NULL DEFAULT now(),
-  -- The slot has never been confirmed past end_lsn since this was set: usersync writes a
-  -- position here, durably, before it confirms the slot up to it, idle positions included.
-  -- A slot confirmed further then means the target lost what it had applied (a backup
-  -- restored, a Neon branch reset), and run refuses it. False for a checkpoint an older
-  -- usersync wrote (it confirmed idle positions without writing them): run takes it over.
-  slot_bounded      boolean NOT NULL DEFAULT false
+  -- Equal to updated_at while the slot has never been confirmed past end_lsn: usersync
+  -- writes a position here, durably, before it confirms the slot up to it, idle positions
+  -- included, and sets both columns to now() in every write. A slot confirmed further then
+  -- means the target lost what it had applied (a backup restored, a Neon branch reset), and
+  -- run refuses it. An older usersync, which confirmed idle positions without writing them
+  -- here, sets only updated_at: its checkpoint reads as not bounded, and run takes it over.
+  bounded_at        timestamptz
 );
 
 -- What setup or resync is doing for a slot until its final commit, which writes the

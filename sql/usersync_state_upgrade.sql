@@ -7,9 +7,9 @@
 DO $$
 BEGIN
   IF NOT EXISTS (SELECT FROM pg_attribute
-                  WHERE attrelid = 'usersync.state'::regclass AND attname = 'slot_bounded'
+                  WHERE attrelid = 'usersync.state'::regclass AND attname = 'bounded_at'
                     AND NOT attisdropped) THEN
-    ALTER TABLE usersync.state ADD COLUMN slot_bounded boolean NOT NULL DEFAULT false;
+    ALTER TABLE usersync.state ADD COLUMN bounded_at timestamptz;
   END IF;
 END
 $$;

@@ -157,7 +157,7 @@ fn decode_message(error: &DecodeError) -> String {
 pub fn is_transient_pg(error: &tokio_postgres::Error) -> bool {
     if let Some(db) = error.as_db_error() {
         return crate::source::replication::is_transient_sqlstate(db.code().code())
-            || matches!(db.code().code(), "40001" | "40P01" | "57014");
+            || matches!(db.code().code(), "40001" | "40P01" | "57014" | "55P03");
     }
     error.is_closed()
         || std::error::Error::source(error).is_some_and(|source| source.is::<std::io::Error>())

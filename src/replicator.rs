@@ -79,9 +79,10 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// which lets the slot be confirmed up to them.
 const DURABLE_INTERVAL: Duration = Duration::from_millis(200);
 /// How often, at most, an idle position is recorded in the checkpoint (a small synchronous
-/// target transaction) so that the slot can be confirmed there: while idle, about one per
-/// heartbeat.
-const IDLE_RECORD_INTERVAL: Duration = Duration::from_secs(1);
+/// target transaction) so that the slot can be confirmed there: while the source is idle,
+/// one such write per interval; under load it rides on the durability flushes. The slot
+/// needs progress over minutes (retained WAL, Neon's inactive-slot rule), not seconds.
+const IDLE_RECORD_INTERVAL: Duration = Duration::from_secs(10);
 /// How often a standby tries to take the slot's lock.
 const STANDBY_POLL: Duration = Duration::from_secs(1);
 /// How often a standby logs who holds the slot's lock while that does not change.
@@ -309,6 +310,20 @@ async fn run_session(
         ))
         .into());
     }
+    // Every position in the checkpoint came from this source's WAL: one past the source's
+    // end means the source lost WAL since (a failover to a standby that lacked it, a
+    // restore), and its new transactions there would be skipped as already applied.
+    if checkpoint.end_lsn > identity.xlog_pos {
+        return Err(SourceError::Definite(format!(
+            "the target's checkpoint for slot {} is at {}, past the end of the source's WAL \
+             ({}): the source lost WAL this target had seen (it failed over to a standby that \
+             lacked it, or was restored to an earlier point), and changes made there since \
+             would be skipped; run usersync resync (it copies the table again and \
+             soft-deletes the users the source no longer has)",
+            config.slot, checkpoint.end_lsn, identity.xlog_pos
+        ))
+        .into());
+    }
     // The slot is never confirmed past the checkpoint (`sql/usersync_state.sql`), so a slot
     // confirmed further means this target lost what it had applied; streaming on from the
     // slot would leave that gap for good.
@@ -437,13 +452,12 @@ async fn run_session(
 /// had applied up to the slot's position, and the source no longer has it for this slot.
 fn target_behind_slot(slot: &str, confirmed: Lsn, checkpoint: &apply::Checkpoint) -> Error {
     Error::Config(format!(
-        "slot {slot} was confirmed up to {confirmed}, past this target's checkpoint ({}), \
-         which usersync never lets it pass: the target lost changes it had applied (it was \
-         restored from a backup, or its Neon branch reset or restored to an earlier point), \
-         or it is a copy of the target this slot feeds, and the slot no longer holds them; run \
-         usersync resync to copy the table again (it soft-deletes the users the source no \
-         longer has), or, for a copy of another target, usersync resync --slot <a new name> \
-         (docs/changes.md)",
+        "slot {slot} is confirmed up to {confirmed}, past this target's checkpoint ({}), which \
+         usersync never lets it pass: this target may have lost changes, and the slot no \
+         longer holds them. Restored from a backup or to an earlier point: run usersync \
+         resync. A copy (a branch) of the target this slot feeds: never use this slot for it; \
+         run usersync resync --slot <a new name>. See \
+         docs/changes.md#restoring-the-target-to-an-earlier-point",
         checkpoint.end_lsn
     ))
 }

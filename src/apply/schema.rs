@@ -75,13 +75,19 @@ pub async fn ensure_target_schema(client: &Client) -> Result<(TargetShape, Creat
 
 /// Adds to `usersync.state` what this version needs and an older one did not create, so
 /// that a new binary resumes without a manual step; a no-op once done.
+///
+/// One query string is one implicit transaction, so the `SET LOCAL` bounds only the wait for
+/// the table's exclusive lock: behind a transaction that holds the table (someone's open
+/// `SELECT`), the ALTER would otherwise queue every other use of the table behind it, and
+/// its backend would go on waiting after the client gave up. A timeout is retried.
 pub async fn upgrade_state(client: &Client) -> Result<(), ApplyError> {
     client
-        .batch_execute(STATE_UPGRADE)
+        .batch_execute(&format!("SET LOCAL lock_timeout = '5s';\n{STATE_UPGRADE}"))
         .await
         .map_err(ApplyError::sql(
-            "upgrading usersync.state to this version (adding a column needs the table's owner: \
-         run usersync setup once as the role that created it)",
+            "upgrading usersync.state to this version (adding a column needs the table's \
+             owner: ALTER TABLE usersync.state OWNER TO the target role, or run \
+             sql/target_role.sql again)",
         ))
 }
 

@@ -132,11 +132,11 @@ const CREATE_CHECKPOINT: &str = "
 WITH written AS (
     INSERT INTO usersync.state AS s
            (slot_name, system_identifier, commit_lsn, end_lsn, commit_time, updated_at,
-            slot_bounded)
-    VALUES ($1, $2, $3::text::pg_lsn, $4::text::pg_lsn, $5, now(), true)
+            bounded_at)
+    VALUES ($1, $2, $3::text::pg_lsn, $4::text::pg_lsn, $5, now(), now())
     ON CONFLICT (slot_name) DO UPDATE
        SET commit_lsn = EXCLUDED.commit_lsn, end_lsn = EXCLUDED.end_lsn,
-           commit_time = EXCLUDED.commit_time, updated_at = now(), slot_bounded = true
+           commit_time = EXCLUDED.commit_time, updated_at = now(), bounded_at = now()
      WHERE s.system_identifier = EXCLUDED.system_identifier AND s.end_lsn <= EXCLUDED.end_lsn
     RETURNING 1
 )
@@ -153,7 +153,7 @@ fn advance_checkpoint(first: usize, before: &str) -> String {
         "WITH {before}written AS (
     UPDATE usersync.state
        SET commit_lsn = ${commit}::text::pg_lsn, end_lsn = ${end}::text::pg_lsn,
-           commit_time = ${time}, updated_at = now()
+           commit_time = ${time}, updated_at = now(), bounded_at = now()
      WHERE slot_name = ${slot} AND system_identifier = ${system}
        AND end_lsn <= ${end}::text::pg_lsn
     RETURNING 1
@@ -174,28 +174,28 @@ fn upsert_and_advance(upsert: &str) -> String {
     )
 }
 
-/// `slot_bounded` is read through `to_jsonb`, so that a table an older usersync created
+/// `bounded_at` is read through `to_jsonb`, so that a table an older usersync created
 /// (without the column) reads as not bounded, without an upgrade: `status` only reads.
 const READ_CHECKPOINT: &str = "
 SELECT system_identifier, commit_lsn::text, end_lsn::text, commit_time, updated_at,
-       coalesce((to_jsonb(s) ->> 'slot_bounded')::boolean, false)
+       coalesce((pg_catalog.to_jsonb(s) ->> 'bounded_at')::timestamptz = updated_at, false)
   FROM usersync.state AS s WHERE slot_name = $1";
 
-/// Takes over a checkpoint an older usersync wrote (`slot_bounded` false): that version
+/// Takes over a checkpoint an older usersync wrote (not bounded): that version
 /// confirmed idle positions without writing them here, so a slot confirmed past `end_lsn`
 /// proves nothing yet. The stream would start at the slot's position whatever the
 /// checkpoint says, so the checkpoint moves there, and from now on bounds the slot.
 const TAKE_OVER_CHECKPOINT: &str = "
 UPDATE usersync.state
-   SET end_lsn = greatest(end_lsn, $3::text::pg_lsn), slot_bounded = true, updated_at = now()
+   SET end_lsn = greatest(end_lsn, $3::text::pg_lsn), updated_at = now(), bounded_at = now()
  WHERE slot_name = $1 AND system_identifier = $2";
 
 /// The durability flush's write (see [`TargetWriter::make_durable`]), which also records an
 /// idle position (nothing for the target up to it) before the slot is confirmed there.
 const FLUSH_CHECKPOINT: &str = "
 UPDATE usersync.state
-   SET end_lsn = greatest(end_lsn, $2::text::pg_lsn), updated_at = now()
- WHERE slot_name = $1";
+   SET end_lsn = greatest(end_lsn, $2::text::pg_lsn), updated_at = now(), bounded_at = now()
+ WHERE slot_name = $1 AND system_identifier = $3";
 
 /// What the target holds of a slot's stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,7 +207,8 @@ pub struct Checkpoint {
     /// When the target transaction that wrote it ran (the target's clock).
     pub written_at: DateTime<Utc>,
     /// The slot has not been confirmed past `end_lsn` since this checkpoint was created or
-    /// taken over (`sql/usersync_state.sql`).
+    /// taken over, and no older usersync has written it since (`bounded_at` in
+    /// `sql/usersync_state.sql`).
     pub slot_bounded: bool,
 }
 
@@ -685,7 +686,11 @@ impl TargetWriter {
         let touched = transaction
             .execute(
                 FLUSH_CHECKPOINT,
-                &[&self.slot, &idle.unwrap_or(Lsn::ZERO).to_string()],
+                &[
+                    &self.slot,
+                    &idle.unwrap_or(Lsn::ZERO).to_string(),
+                    &self.system_id,
+                ],
             )
             .await
             .map_err(ApplyError::sql(context))?;

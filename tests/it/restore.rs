@@ -159,7 +159,7 @@ async fn a_checkpoint_of_an_older_usersync_is_taken_over_not_refused() {
     pair.setup().await;
     // The table as older versions created it.
     pair.target
-        .batch_execute("ALTER TABLE usersync.state DROP COLUMN slot_bounded")
+        .batch_execute("ALTER TABLE usersync.state DROP COLUMN bounded_at")
         .await
         .unwrap();
     // As an older usersync did while idle: the slot confirmed past the checkpoint, up to
@@ -189,13 +189,10 @@ async fn a_checkpoint_of_an_older_usersync_is_taken_over_not_refused() {
     running.stop().await;
     let (within, confirmed, end) = confirmed_and_end(&pair).await;
     assert!(within, "confirmed {confirmed}, checkpoint {end}");
-    let bounded: bool = pair
-        .target
-        .query_one("SELECT slot_bounded FROM usersync.state", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(bounded, "the older checkpoint was not taken over");
+    assert!(
+        checkpoint_bounded(&pair).await,
+        "the older checkpoint was not taken over"
+    );
     // And from now on the rule holds: a second start is not refused.
     let running = pair.start();
     pair.source
@@ -207,4 +204,63 @@ async fn a_checkpoint_of_an_older_usersync_is_taken_over_not_refused() {
         .unwrap();
     pair.wait_for_match().await;
     running.stop().await;
+
+    // An older usersync runs the slot again (a downgrade, an old standby taking over): it
+    // writes the checkpoint as it always did, then confirms idle positions past it.
+    pair.target
+        .batch_execute("UPDATE usersync.state SET updated_at = now()")
+        .await
+        .unwrap();
+    pair.source
+        .batch_execute("INSERT INTO other VALUES (3)")
+        .await
+        .unwrap();
+    let idle = pair.source_wal_lsn().await;
+    pair.source
+        .execute(
+            "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+            &[&pair.config.slot, &idle],
+        )
+        .await
+        .unwrap();
+    assert!(!checkpoint_bounded(&pair).await);
+    let running = pair.start();
+    pair.source
+        .execute(
+            "INSERT INTO users (email) VALUES ('after-old@example.com')",
+            &[],
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    running.stop().await;
+    assert!(checkpoint_bounded(&pair).await);
+}
+
+/// Whether the checkpoint bounds the slot, as usersync reads it.
+async fn checkpoint_bounded(pair: &Pair) -> bool {
+    usersync::apply::read_checkpoint(&pair.target, &pair.config.slot)
+        .await
+        .unwrap()
+        .expect("a checkpoint")
+        .slot_bounded
+}
+
+/// A source that lost WAL the target had seen (a failover to a standby that lacked it): new
+/// transactions there may have positions the checkpoint counts as applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_past_the_end_of_the_sources_wal_is_refused() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    pair.target
+        .batch_execute(
+            "UPDATE usersync.state SET end_lsn = 'FF/0', updated_at = now(), bounded_at = now()",
+        )
+        .await
+        .unwrap();
+    let error = pair.start().failure().await;
+    assert_eq!(error.exit_code(), 78, "{error}");
+    let said = usersync::error::report(&error);
+    assert!(said.contains("past the end of the source's WAL"), "{said}");
+    assert!(said.contains("usersync resync"), "{said}");
 }

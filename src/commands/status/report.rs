@@ -333,14 +333,17 @@ impl StatusReport {
             let confirmed = slot.confirmed_flush_lsn.as_ref().map(|lsn| lsn.0);
             if slot.exists
                 && checkpoint.slot_bounded
+                && checkpoint.system_identifier == self.source.system_identifier
                 && confirmed.is_some_and(|confirmed| confirmed > checkpoint.end_lsn.0)
             {
                 problem(
                     Verdict::Broken,
                     format!(
                         "replication slot {} is confirmed up to {}, past the target's checkpoint \
-                         ({}): the target lost changes it had applied (restored to an earlier \
-                         point, or a copy of the target this slot feeds); run usersync resync",
+                         ({}): the target may have lost changes, which the slot no longer \
+                         holds; if it was restored to an earlier point, run usersync resync; \
+                         if it is a copy (a branch) of the target this slot feeds, never use \
+                         this slot for it: usersync resync --slot <a new name>",
                         slot.name,
                         confirmed.unwrap_or_default(),
                         checkpoint.end_lsn.0
