@@ -68,6 +68,11 @@ pub const APPLICATION_NAME: &str = "usersync";
 
 /// Most changes in one target transaction: bounds memory and the target transaction's size.
 pub const MAX_BATCH_CHANGES: usize = 10_000;
+/// Changes per part of a large transaction ([`Session::add_in_parts`]): a part is held
+/// twice over (being written while the next one is mapped), as parsed `raw_json` and as the
+/// statement's encoded parameters, so this bounds the memory a transaction of any size
+/// takes; a round trip per part is little beside the writing of its rows.
+const PART_CHANGES: usize = 2_000;
 /// Longest a batch collects while WAL keeps arriving (a backlog), so lag stays bounded.
 pub const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
 /// Status updates are sent at least this often, and at least three times per the source's
@@ -1130,7 +1135,7 @@ impl Session<'_> {
     }
 
     /// A transaction too large for one batch (or spilled to disk) goes to the target in
-    /// parts, read, mapped and written [`MAX_BATCH_CHANGES`] at a time into one target
+    /// parts, read, mapped and written [`PART_CHANGES`] at a time into one target
     /// transaction that commits with the checkpoint: memory stays bounded and the target
     /// still sees the source transaction whole or not at all. Status updates keep going
     /// out meanwhile, so the source does not time the connection out.
@@ -1192,7 +1197,7 @@ impl Session<'_> {
         while let Some(change) = all.next() {
             self.map_change(change?, &mut changes)?;
             read += 1;
-            if changes.len() < MAX_BATCH_CHANGES && all.peek().is_some() {
+            if changes.len() < PART_CHANGES && all.peek().is_some() {
                 // Changes that map to nothing (other tables, skipped rows) fill no part, so
                 // the status updates that keep the source connection (and the liveness
                 // bound) satisfied are counted in changes read.
