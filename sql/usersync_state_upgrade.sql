@@ -9,7 +9,8 @@ BEGIN
   IF NOT EXISTS (SELECT FROM pg_attribute
                   WHERE attrelid = 'usersync.state'::regclass AND attname = 'bounded_at'
                     AND NOT attisdropped) THEN
-    ALTER TABLE usersync.state ADD COLUMN bounded_at timestamptz;
+    -- IF NOT EXISTS: another session may add it between the check and the lock.
+    ALTER TABLE usersync.state ADD COLUMN IF NOT EXISTS bounded_at timestamptz;
   END IF;
 END
 $$;

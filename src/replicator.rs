@@ -298,6 +298,14 @@ async fn run_session(
         },
     )
     .await?;
+    let source_in_recovery: bool = answered(source_limit, "source", "reading the role", async {
+        Ok(source
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(SourceError::sql("asking whether the source is a standby"))?
+            .get(0))
+    })
+    .await?;
     drop(source);
 
     let (replication, identity) = answered(source_limit, "source", "opening replication", async {
@@ -315,24 +323,10 @@ async fn run_session(
         ))
         .into());
     }
-    // Every position in the checkpoint came from this source's WAL: one past the source's
-    // end means the source lost WAL since (a failover to a standby that lacked it, a
-    // restore), and its new transactions there would be skipped as already applied.
-    if checkpoint.end_lsn > identity.xlog_pos {
-        return Err(SourceError::Definite(format!(
-            "the target's checkpoint for slot {} is at {}, past the end of the source's WAL \
-             ({}): the source lost WAL this target had seen (it failed over to a standby that \
-             lacked it, or was restored to an earlier point), and changes made there since \
-             would be skipped; run usersync resync (it copies the table again and \
-             soft-deletes the users the source no longer has)",
-            config.slot, checkpoint.end_lsn, identity.xlog_pos
-        ))
-        .into());
-    }
     // The slot is never confirmed past the checkpoint (`sql/usersync_state.sql`), so a slot
     // confirmed further means this target lost what it had applied; streaming on from the
-    // slot would leave that gap for good.
-    let mut resume_at = checkpoint.end_lsn;
+    // slot would leave that gap for good. A checkpoint an older usersync wrote proves
+    // nothing yet: it is taken over at the slot's position.
     if checkpoint.slot_bounded && confirmed_flush > checkpoint.end_lsn {
         return Err(target_behind_slot(
             &config.slot,
@@ -340,7 +334,29 @@ async fn run_session(
             &checkpoint,
         ));
     }
-    if !checkpoint.slot_bounded && !dry_run {
+    let take_over = !checkpoint.slot_bounded && !dry_run;
+    let resume_at = if take_over {
+        checkpoint.end_lsn.max(confirmed_flush)
+    } else {
+        checkpoint.end_lsn
+    };
+    // Every position the session resumes from came from this source's WAL: one past the end
+    // of a primary's WAL means the source lost WAL since (a failover to a standby that
+    // lacked it, a restore), and its new transactions there would be skipped as already
+    // applied. A standby source may just not have replayed that far yet (it has restarted):
+    // the walsender waits for it.
+    if resume_at > identity.xlog_pos && !source_in_recovery {
+        return Err(SourceError::Definite(format!(
+            "the target's checkpoint for slot {} is at {}, past the end of the source's WAL \
+             ({}): the source lost WAL this target had seen (it failed over to a standby that \
+             lacked it, or was restored to an earlier point), and changes made there since \
+             would be skipped; run usersync resync (it copies the table again and \
+             soft-deletes the users the source no longer has)",
+            config.slot, resume_at, identity.xlog_pos
+        ))
+        .into());
+    }
+    if take_over {
         answered(
             target_limit,
             "target",
@@ -356,8 +372,14 @@ async fn run_session(
             },
         )
         .await?;
-        resume_at = resume_at.max(confirmed_flush);
-        tracing::info!(slot = %config.slot, checkpoint = %resume_at, "took over the checkpoint of an older usersync");
+        // Once per upgrade; more often means something else writes usersync.state (a
+        // trigger, a person), which turns the detection of a restored target off.
+        tracing::warn!(
+            slot = %config.slot,
+            checkpoint = %resume_at,
+            "took over a checkpoint that an older usersync (or something else) wrote: a \
+             restore of the target to before this point cannot be detected"
+        );
     }
     let writer = answered(target_limit, "target", "preparing statements", async {
         let mut writer =
