@@ -377,15 +377,13 @@ fn read_url_file(which: &'static str, file_var: &str, path: &Path) -> Result<Str
         ))
     };
     // A FIFO or a device would block the open or never end: only a regular file (through
-    // symlinks, as Kubernetes mounts secrets) is read.
+    // symlinks, as Kubernetes mounts secrets) is read. Checked before the open, so that no
+    // device is opened, and again on what was opened (`open_regular`), which decides.
     let kind = std::fs::metadata(path).map_err(unreadable)?;
     if !kind.is_file() {
-        return Err(Error::Config(format!(
-            "{file_var}={} is not a regular file; point it at the file that holds the {which} URL",
-            path.display()
-        )));
+        return Err(not_regular(which, file_var, path));
     }
-    let mut file = std::fs::File::open(path).map_err(|e| {
+    let mut file = open_regular(path).map_err(|e| {
         if e.kind() != std::io::ErrorKind::PermissionDenied {
             return unreadable(e);
         }
@@ -399,6 +397,9 @@ fn read_url_file(which: &'static str, file_var: &str, path: &Path) -> Result<Str
         ))
     })?;
     let metadata = file.metadata().map_err(unreadable)?;
+    if !metadata.is_file() {
+        return Err(not_regular(which, file_var, path));
+    }
     if readable_by_others(&metadata) {
         tracing::warn!(
             variable = file_var,
@@ -423,6 +424,24 @@ fn read_url_file(which: &'static str, file_var: &str, path: &Path) -> Result<Str
         )));
     }
     Ok(text.trim().to_owned())
+}
+
+/// Opens `path` for reading without blocking: a FIFO swapped in after the check of the path
+/// opens at once (instead of waiting for a writer), and the caller's check of the opened
+/// file refuses it. Reads of a regular file ignore `O_NONBLOCK`.
+fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+}
+
+fn not_regular(which: &str, file_var: &str, path: &Path) -> Error {
+    Error::Config(format!(
+        "{file_var}={} is not a regular file; point it at the file that holds the {which} URL",
+        path.display()
+    ))
 }
 
 /// What to do about a URL file this process may not read: the usual cause is a secret
@@ -873,6 +892,16 @@ mod tests {
             error.to_string().contains("larger than 65536 bytes"),
             "{error}"
         );
+        // A FIFO that replaces the file between the check and the open (as an attacker with
+        // write access to the directory could): the open returns at once and is refused.
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let opened = open_regular(&fifo).expect("a FIFO opens without a writer");
+        assert!(!opened.metadata().unwrap().is_file());
         let fine = dir.join("fine");
         std::fs::write(&fine, "postgresql://u@h/db\n").unwrap();
         assert_eq!(
