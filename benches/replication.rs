@@ -64,6 +64,9 @@
 //!    `USERSYNC_BENCH_RSS_USERS` (1,000,000) inserts; peak RSS is `VmHWM` from
 //!    `/proc/<pid>/status`. No native figure: the apply worker's RSS counts shared buffers.
 //!
+//! usersync runs on a runtime of its own (one worker thread per core, as `usersync run`;
+//! `USERSYNC_BENCH_WORKERS` sets another count).
+//!
 //! `USERSYNC_BENCH_SCALE` multiplies every size and the duration (`0.1` for a quick run; `0.02`
 //! takes about two minutes on 2 cores). `USERSYNC_BENCH_SECTIONS` (e.g. `steady,drain`) runs only some sections; the
 //! snapshot always runs, because it fills the source. `--json` (or `USERSYNC_BENCH_JSON=1`)
@@ -380,7 +383,7 @@ impl Bench {
                 let metrics = Arc::new(Metrics::new(self.config.lag_target));
                 let config = self.config.clone();
                 let task_metrics = Arc::clone(&metrics);
-                let task = tokio::spawn(async move {
+                let task = usersync_runtime().spawn(async move {
                     usersync::replicator::run(&config, task_metrics, shutdown).await
                 });
                 self.usersync = Some(InProcess {
@@ -1014,6 +1017,24 @@ fn load_runtime() -> &'static tokio::runtime::Runtime {
             .enable_all()
             .build()
             .expect("the load generator's runtime")
+    })
+}
+
+/// In-process usersync gets a runtime of its own, as `usersync run` has: one worker per core
+/// (tokio's default, as in `main.rs`), or `USERSYNC_BENCH_WORKERS`, which measures what the
+/// thread count does to lag under saturation.
+fn usersync_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(workers) = env_parse("USERSYNC_BENCH_WORKERS") {
+            builder.worker_threads(workers);
+        }
+        builder
+            .thread_name("usersync")
+            .enable_all()
+            .build()
+            .expect("usersync's runtime")
     })
 }
 
