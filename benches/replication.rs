@@ -1027,7 +1027,7 @@ fn usersync_runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     RUNTIME.get_or_init(|| {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
-        if let Some(workers) = env_parse("USERSYNC_BENCH_WORKERS") {
+        if let Some(workers) = env_parse::<usize>("USERSYNC_BENCH_WORKERS").filter(|&w| w > 0) {
             builder.worker_threads(workers);
         }
         builder

@@ -377,8 +377,9 @@ fn read_url_file(which: &'static str, file_var: &str, path: &Path) -> Result<Str
         ))
     };
     // A FIFO or a device would block the open or never end: only a regular file (through
-    // symlinks, as Kubernetes mounts secrets) is read. Checked before the open, so that no
-    // device is opened, and again on what was opened (`open_regular`), which decides.
+    // symlinks, as Kubernetes mounts secrets) is read. Checked before the open, so that a
+    // device is not opened by mistake, and again on what was opened (`open_regular`), which
+    // decides: the path may be swapped in between.
     let kind = std::fs::metadata(path).map_err(unreadable)?;
     if !kind.is_file() {
         return Err(not_regular(which, file_var, path));
@@ -398,6 +399,7 @@ fn read_url_file(which: &'static str, file_var: &str, path: &Path) -> Result<Str
     })?;
     let metadata = file.metadata().map_err(unreadable)?;
     if !metadata.is_file() {
+        // It was a regular file a moment ago: replaced while being opened.
         return Err(not_regular(which, file_var, path));
     }
     if readable_by_others(&metadata) {
@@ -428,7 +430,8 @@ fn read_url_file(which: &'static str, file_var: &str, path: &Path) -> Result<Str
 
 /// Opens `path` for reading without blocking: a FIFO swapped in after the check of the path
 /// opens at once (instead of waiting for a writer), and the caller's check of the opened
-/// file refuses it. Reads of a regular file ignore `O_NONBLOCK`.
+/// file refuses it. Reads of a regular file on a local filesystem ignore `O_NONBLOCK` (a
+/// `/proc` file that honours it fails with `EAGAIN`, which is reported).
 fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt as _;
     std::fs::OpenOptions::new()
@@ -438,8 +441,13 @@ fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
 }
 
 fn not_regular(which: &str, file_var: &str, path: &Path) -> Error {
+    let what = if path.is_dir() {
+        "a directory (a mounted secret is a directory of files)"
+    } else {
+        "not a regular file"
+    };
     Error::Config(format!(
-        "{file_var}={} is not a regular file; point it at the file that holds the {which} URL",
+        "{file_var}={} is {what}; point it at the file that holds the {which} URL",
         path.display()
     ))
 }
@@ -881,10 +889,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         // A directory (as a FIFO or a device would) is refused before it is opened.
         let error = read_url_file("source", "USERSYNC_SOURCE_URL_FILE", &dir).expect_err("a dir");
-        assert!(
-            error.to_string().contains("is not a regular file"),
-            "{error}"
-        );
+        assert!(error.to_string().contains("is a directory"), "{error}");
         let big = dir.join("big");
         std::fs::write(&big, vec![b'x'; 70 * 1024]).unwrap();
         let error = read_url_file("source", "USERSYNC_SOURCE_URL_FILE", &big).expect_err("big");
