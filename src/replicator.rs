@@ -189,6 +189,13 @@ pub enum Mode {
     Replay { until: Lsn, dry_run: bool },
 }
 
+impl Mode {
+    /// A replay that prints what it would apply and writes nothing.
+    fn is_dry_run(self) -> bool {
+        matches!(self, Mode::Replay { dry_run: true, .. })
+    }
+}
+
 /// One session that ends by itself when the replay position is reached (no reconnects, no
 /// heartbeats: a replay of what is pending should not itself add WAL to wait for).
 pub async fn replay(
@@ -239,7 +246,7 @@ async fn run_session(
     if !hold_slot_lock(&target, &config.slot, mode, metrics, shutdown).await? {
         return Ok(());
     }
-    let dry_run = matches!(mode, Mode::Replay { dry_run: true, .. });
+    let dry_run = mode.is_dry_run();
     if !dry_run {
         // A checkpoint table of an older usersync gets what this one records; holding the
         // slot's lock, no other replicator of this slot writes to it meanwhile.
@@ -298,13 +305,18 @@ async fn run_session(
         },
     )
     .await?;
-    let source_in_recovery: bool = answered(source_limit, "source", "reading the role", async {
-        Ok(source
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .map_err(SourceError::sql("asking whether the source is a standby"))?
-            .get(0))
-    })
+    let source_in_recovery: bool = answered(
+        source_limit,
+        "source",
+        "asking whether it is a standby",
+        async {
+            Ok(source
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(SourceError::sql("asking whether the source is a standby"))?
+                .get(0))
+        },
+    )
     .await?;
     drop(source);
 
@@ -1078,7 +1090,7 @@ impl Session<'_> {
         if heartbeat {
             changes.pop();
         }
-        if let Mode::Replay { dry_run: true, .. } = self.mode {
+        if self.mode.is_dry_run() {
             print_changes(&transaction_meta(&transaction.commit_lsn, at), &changes);
             return Ok(());
         }
@@ -1196,7 +1208,7 @@ impl Session<'_> {
                 return Err(error);
             }
         };
-        if let Mode::Replay { dry_run: true, .. } = self.mode {
+        if self.mode.is_dry_run() {
             return Ok(());
         }
         self.batch.commit(position, carried);
@@ -1210,7 +1222,7 @@ impl Session<'_> {
         transaction: Transaction,
         at: UnixMicros,
     ) -> Result<bool, Error> {
-        let dry_run = matches!(self.mode, Mode::Replay { dry_run: true, .. });
+        let dry_run = self.mode.is_dry_run();
         let meta = transaction_meta(&transaction.commit_lsn, at);
         let mut changes = Vec::new();
         let mut carried = false;
@@ -1394,9 +1406,7 @@ impl Session<'_> {
                 let (covered, idle) = in_flight.map_or((0, None), |in_flight| {
                     (in_flight.makes_durable, in_flight.records_idle)
                 });
-                for end_lsn in self.unflushed.drain(..covered).chain(idle) {
-                    self.confirmed = self.confirmed.max(end_lsn);
-                }
+                self.durable(covered, idle);
                 return self.send_status(false).await;
             }
             Done::Part | Done::Abandoned => return Ok(()),
@@ -1441,11 +1451,19 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// A durability flush returned: the oldest `covered` applied batches and the idle position
+    /// it recorded are durable, and the slot may be confirmed up to them.
+    fn durable(&mut self, covered: usize, idle: Option<Lsn>) {
+        for end_lsn in self.unflushed.drain(..covered).chain(idle) {
+            self.confirmed = self.confirmed.max(end_lsn);
+        }
+    }
+
     /// A position past the durable checkpoint with nothing for the target up to it: caught
     /// up, the server's latest. The slot may be confirmed there once the checkpoint records
     /// it ([`TargetWriter::make_durable`]); a dry run records nothing.
     fn idle_to_record(&self) -> Option<Lsn> {
-        let dry_run = matches!(self.mode, Mode::Replay { dry_run: true, .. });
+        let dry_run = self.mode.is_dry_run();
         let past = self
             .unflushed
             .back()
@@ -1473,9 +1491,7 @@ impl Session<'_> {
         let idle = self.idle_to_record();
         if !self.unflushed.is_empty() || idle.is_some() {
             self.worker.run(Job::MakeDurable(idle)).await?;
-            for end_lsn in self.unflushed.drain(..).chain(idle) {
-                self.confirmed = self.confirmed.max(end_lsn);
-            }
+            self.durable(self.unflushed.len(), idle);
         }
         Ok(())
     }
@@ -1546,7 +1562,7 @@ impl Session<'_> {
             self.recent_refreshed = Instant::now();
             self.metrics.refresh_recent_lag(self.recent_refreshed);
         }
-        let flushed = if matches!(self.mode, Mode::Replay { dry_run: true, .. }) {
+        let flushed = if self.mode.is_dry_run() {
             // A dry run confirms nothing: the server ignores an invalid (zero) position.
             Lsn::ZERO
         } else {

@@ -164,18 +164,7 @@ async fn a_checkpoint_of_an_older_usersync_is_taken_over_not_refused() {
         .unwrap();
     // As an older usersync did while idle: the slot confirmed past the checkpoint, up to
     // another table's transaction; then a user waits in the slot.
-    pair.source
-        .batch_execute("CREATE TABLE other (x int); INSERT INTO other VALUES (1)")
-        .await
-        .unwrap();
-    let idle = pair.source_wal_lsn().await;
-    pair.source
-        .execute(
-            "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
-            &[&pair.config.slot, &idle],
-        )
-        .await
-        .unwrap();
+    confirm_idle_as_an_older_usersync(&pair).await;
     pair.source
         .execute(
             "INSERT INTO users (email) VALUES ('pending@example.com')",
@@ -211,8 +200,26 @@ async fn a_checkpoint_of_an_older_usersync_is_taken_over_not_refused() {
         .batch_execute("UPDATE usersync.state SET updated_at = now()")
         .await
         .unwrap();
+    confirm_idle_as_an_older_usersync(&pair).await;
+    assert!(!checkpoint_bounded(&pair).await);
+    let running = pair.start();
     pair.source
-        .batch_execute("INSERT INTO other VALUES (3)")
+        .execute(
+            "INSERT INTO users (email) VALUES ('after-old@example.com')",
+            &[],
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    running.stop().await;
+    assert!(checkpoint_bounded(&pair).await);
+}
+
+/// Confirms the slot past the checkpoint, up to another table's transaction, as an older
+/// usersync did while idle (without recording it on the target).
+async fn confirm_idle_as_an_older_usersync(pair: &Pair) {
+    pair.source
+        .batch_execute("CREATE TABLE IF NOT EXISTS other (x int); INSERT INTO other VALUES (1)")
         .await
         .unwrap();
     let idle = pair.source_wal_lsn().await;
@@ -223,11 +230,47 @@ async fn a_checkpoint_of_an_older_usersync_is_taken_over_not_refused() {
         )
         .await
         .unwrap();
-    assert!(!checkpoint_bounded(&pair).await);
+}
+
+/// The upgrade of an older checkpoint table waits for its exclusive lock only briefly (it
+/// would otherwise queue every other use of the table behind it): held by someone's open
+/// transaction, the session fails transiently and is retried, and goes on once it is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upgrade_behind_a_held_lock_is_retried_not_queued() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    pair.target
+        .batch_execute("ALTER TABLE usersync.state DROP COLUMN bounded_at")
+        .await
+        .unwrap();
+    let holder = sql(pair.target_server, &pair.config.target.dbname).await;
+    holder
+        .batch_execute("BEGIN; SELECT count(*) FROM usersync.state")
+        .await
+        .unwrap();
     let running = pair.start();
+    // Another reader of the table waits behind an attempt of the upgrade (at most its 5 s
+    // lock timeout), not for as long as the holder holds the table.
+    let reader = sql(pair.target_server, &pair.config.target.dbname).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let read = tokio::time::timeout(
+        Duration::from_secs(8),
+        reader.query_one("SELECT count(*) FROM usersync.state", &[]),
+    )
+    .await;
+    assert!(
+        matches!(read, Ok(Ok(_))),
+        "a reader waited behind the upgrade's lock"
+    );
+    assert!(!running.is_finished(), "a held lock ended run");
+    assert!(
+        running.metrics.reconnects() > 0,
+        "the upgrade did not give up waiting and retry"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
     pair.source
         .execute(
-            "INSERT INTO users (email) VALUES ('after-old@example.com')",
+            "INSERT INTO users (email) VALUES ('after-lock@example.com')",
             &[],
         )
         .await
