@@ -1,0 +1,125 @@
+//! Groups whole source transactions into the next target transaction.
+//!
+//! A batch goes to the writer as soon as no more WAL is immediately readable and the writer
+//! is free, or when it reaches [`MAX_BATCH_CHANGES`] or [`MAX_BATCH_AGE`]. That adapts by
+//! itself: one change per target transaction when idle (lowest lag), large batches under
+//! load (highest throughput).
+
+use std::time::{Duration, Instant};
+
+use super::changes::UserChange;
+use crate::apply::{Batch, CommitPosition, UnixMicros};
+use crate::metrics::{Metrics, Op};
+
+/// Most changes in one target transaction: bounds memory and the target transaction's size.
+pub(super) const MAX_BATCH_CHANGES: usize = 10_000;
+/// Longest a batch collects while WAL keeps arriving (a backlog), so lag stays bounded.
+pub(super) const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
+
+#[derive(Default)]
+pub(super) struct Batcher {
+    batch: Batch,
+    /// When the first transaction entered the batch.
+    started: Option<Instant>,
+    /// Commit time of a heartbeat waiting behind the batch.
+    heartbeat: Option<UnixMicros>,
+}
+
+impl Batcher {
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// The batch is full, or old enough to go whether or not more WAL is readable.
+    pub fn is_due(&self) -> bool {
+        self.batch.changes() >= MAX_BATCH_CHANGES
+            || self
+                .started
+                .is_some_and(|started| started.elapsed() >= MAX_BATCH_AGE)
+    }
+
+    /// The commit time of the oldest transaction waiting in the batch.
+    pub fn oldest_commit(&self) -> Option<UnixMicros> {
+        self.batch.commit_times().first().copied()
+    }
+
+    /// Adds mapped changes of a source transaction committed at `at`.
+    pub fn add(
+        &mut self,
+        changes: impl IntoIterator<Item = UserChange>,
+        at: UnixMicros,
+        metrics: &Metrics,
+    ) {
+        for change in changes {
+            let op = match change {
+                UserChange::Upsert {
+                    user,
+                    inserted,
+                    deleted_at,
+                    moved_from,
+                } => {
+                    match (moved_from, deleted_at) {
+                        (Some(from), deleted_at) => {
+                            self.batch.upsert_moved(user, from, deleted_at, at)
+                        }
+                        (None, Some(deleted_at)) => self.batch.upsert_deleted(user, deleted_at, at),
+                        (None, None) => self.batch.upsert(user, at),
+                    }
+                    if inserted {
+                        Op::Insert
+                    } else {
+                        Op::Update
+                    }
+                }
+                UserChange::Patch { id, keys, clears } => {
+                    if clears {
+                        self.batch.clear_part(id, keys, at);
+                    } else {
+                        self.batch.patch(id, keys, at);
+                    }
+                    Op::Update
+                }
+                UserChange::SoftDelete(id) => {
+                    self.batch.soft_delete(id, at);
+                    Op::Delete
+                }
+                UserChange::SoftDeleteAll => {
+                    self.batch.soft_delete_all(at);
+                    Op::Truncate
+                }
+                UserChange::Heartbeat => continue,
+            };
+            metrics.add_changes(op, 1);
+        }
+    }
+
+    /// The source transaction whose changes were added last committed at `position`;
+    /// `carried`: whether any of them was for the target.
+    pub fn commit(&mut self, position: CommitPosition, carried: bool) {
+        self.batch.commit(position, carried);
+        self.started.get_or_insert_with(Instant::now);
+    }
+
+    /// A heartbeat committed at `at` came behind the batch: it has come through once the
+    /// batch has.
+    pub fn heartbeat_behind(&mut self, at: UnixMicros) {
+        self.heartbeat = Some(at);
+    }
+
+    /// The batch to write, and the heartbeat that came behind it.
+    pub fn take(&mut self) -> (Batch, Option<UnixMicros>) {
+        self.started = None;
+        (std::mem::take(&mut self.batch), self.heartbeat.take())
+    }
+
+    /// The changes added so far, as a part of a large transaction (not committed yet).
+    pub fn take_part(&mut self) -> Batch {
+        std::mem::take(&mut self.batch)
+    }
+
+    /// Drops what was added: the transaction it came from failed.
+    pub fn discard(&mut self) {
+        self.batch = Batch::new();
+        self.started = None;
+    }
+}

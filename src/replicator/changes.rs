@@ -1,0 +1,266 @@
+//! The map step of the stream: what each decoded change means for the target's users.
+//!
+//! A row of the users table becomes an upsert or a soft delete; a row of another table of
+//! the profile (a contact channel) a patch of part of a user; a row that stops being
+//! replicated (anonymous, another tenancy, no longer the primary email) a removal, so that
+//! nothing replicated before stays live. The batch and the writer take it from there.
+
+use super::relations::StreamTables;
+use crate::decode::{LogicalMessage, OldTuple, Relation, Transaction, TupleData};
+use crate::error::Error;
+use crate::lsn::Lsn;
+use crate::map::{MappedUser, RowMapper, RowOutcome};
+
+/// One source change as it will reach the target.
+pub(super) enum UserChange {
+    /// `deleted_at`: the source keeps the row but marks the user deleted at that time.
+    Upsert {
+        user: MappedUser,
+        inserted: bool,
+        deleted_at: Option<i64>,
+        /// The user's old id when the update changed it: its unchanged values are that user's.
+        moved_from: Option<String>,
+    },
+    /// Part of a user changed (a row of another table of the profile).
+    Patch {
+        id: String,
+        keys: serde_json::Map<String, serde_json::Value>,
+        /// The part's row went away: the patch clears the part (see `Batch::clear_part`).
+        clears: bool,
+    },
+    SoftDelete(String),
+    SoftDeleteAll,
+    /// This replicator's heartbeat message (never reaches the target).
+    Heartbeat,
+}
+
+impl UserChange {
+    /// The change of a row whose id an update changed from `from` (`None`: it did not).
+    pub fn moved_from(self, from: Option<String>) -> Self {
+        match self {
+            UserChange::Upsert {
+                user,
+                inserted,
+                deleted_at,
+                ..
+            } => UserChange::Upsert {
+                user,
+                inserted,
+                deleted_at,
+                moved_from: from,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Maps decoded changes with the profile's tables as the stream has described them so far.
+pub(super) struct ChangeMapper {
+    tables: StreamTables,
+    /// The prefix of this replicator's heartbeat messages.
+    heartbeat_prefix: String,
+}
+
+impl ChangeMapper {
+    pub fn new(tables: StreamTables, heartbeat_prefix: String) -> Self {
+        ChangeMapper {
+            tables,
+            heartbeat_prefix,
+        }
+    }
+
+    /// A relation described outside a transaction's changes.
+    pub fn note(&mut self, relation: Relation) -> Result<(), Error> {
+        self.tables.note(relation)
+    }
+
+    /// A transaction the target has already: only the relations it describes matter.
+    pub fn note_skipped(&mut self, transaction: Transaction) -> Result<(), Error> {
+        self.tables.note_skipped(transaction)
+    }
+
+    /// Adds what `change` means for the target's users to `out`.
+    pub fn map(&mut self, change: LogicalMessage, out: &mut Vec<UserChange>) -> Result<(), Error> {
+        match change {
+            LogicalMessage::Relation(relation) => self.tables.note(relation)?,
+            LogicalMessage::Insert(insert) => {
+                if let Some(mapping) = self.tables.mapping_of(insert.relation_id)? {
+                    // A skipped new row has no user on the target to correct.
+                    out.extend(change_of(mapping.map_insert(&insert.new)?, true));
+                }
+            }
+            LogicalMessage::Update(update) => {
+                let Some(mapping) = self.tables.mapping_of(update.relation_id)? else {
+                    return Ok(());
+                };
+                let outcome = mapping.map_row(&update.new)?;
+                // Whether the old row was skipped: a whole old row (REPLICA IDENTITY FULL)
+                // tells; so does a key that decides skips (a tenancy) when the update left
+                // it unchanged or sent it.
+                let skipped_before = match &update.old {
+                    Some(OldTuple::Full(old)) => mapping.skip_reason(old)?,
+                    Some(OldTuple::Key(old)) => mapping.key_skip_reason(old)?,
+                    None => mapping.key_skip_reason(&update.new)?,
+                }
+                .is_some();
+                let old_id = match &update.old {
+                    Some(old) => Some(mapping.map_key(old_tuple(old))?),
+                    None => None,
+                };
+                let moved_from = old_id.filter(|old_id| old_id != outcome.id());
+                let id_changed = moved_from.is_some();
+                let moved_from = moved_from.filter(|_| !skipped_before);
+                if let Some(old_id) = &moved_from {
+                    // The primary key changed: the old user is gone, a new one appears, with
+                    // the old user's values where the new row left them unchanged (TOAST).
+                    out.push(removal(mapping, old_id.clone()));
+                }
+                if let RowOutcome::Skip { id, reason } = &outcome {
+                    // The row is no longer one of ours (it became anonymous, moved to another
+                    // realm, is no longer the primary email): a user replicated before must
+                    // not stay live, a part replicated before must not stay.
+                    if !skipped_before && !id_changed {
+                        tracing::debug!(%reason, "an updated row is no longer replicated");
+                        out.push(removal(mapping, id.clone()));
+                    }
+                }
+                out.extend(change_of(outcome, false).map(|change| change.moved_from(moved_from)));
+            }
+            LogicalMessage::Delete(delete) => {
+                let Some(mapping) = self.tables.mapping_of(delete.relation_id)? else {
+                    return Ok(());
+                };
+                let id = mapping.map_key(old_tuple(&delete.old))?;
+                let skipped = match &delete.old {
+                    OldTuple::Full(old) => mapping.skip_reason(old)?,
+                    OldTuple::Key(old) => mapping.key_skip_reason(old)?,
+                };
+                if skipped.is_none() {
+                    out.push(removal(mapping, id));
+                }
+            }
+            LogicalMessage::Truncate(truncate) => {
+                let truncated = self.tables.truncated(&truncate.relation_ids)?;
+                if truncated.contains(&0) {
+                    out.push(UserChange::SoftDeleteAll);
+                } else if !truncated.is_empty() {
+                    tracing::warn!(
+                        "a table holding part of the users was truncated alone; users on the \
+                         target keep those keys until they change (usersync resync copies \
+                         them again)"
+                    );
+                }
+            }
+            LogicalMessage::Message(message) if message.prefix == self.heartbeat_prefix => {
+                out.push(UserChange::Heartbeat);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// A transaction's position and time, as printed by `replay --dry-run`.
+pub(super) fn transaction_meta(
+    commit_lsn: &Lsn,
+    commit_time: i64,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut meta = serde_json::Map::new();
+    meta.insert("lsn".into(), commit_lsn.to_string().into());
+    let time = chrono::DateTime::from_timestamp_micros(commit_time)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+    meta.insert("commit_time".into(), time.into());
+    meta
+}
+
+/// One JSON line per change on stdout: lsn, commit time, op, id, raw_json.
+pub(super) fn print_changes(
+    meta: &serde_json::Map<String, serde_json::Value>,
+    changes: &[UserChange],
+) {
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for change in changes {
+        let mut line = meta.clone();
+        let (op, id, raw_json) = match change {
+            UserChange::Upsert {
+                user,
+                inserted,
+                deleted_at,
+                ..
+            } => {
+                if let Some(deleted_at) = deleted_at {
+                    // The source keeps the row but marks the user deleted.
+                    let time = chrono::DateTime::from_timestamp_micros(*deleted_at)
+                        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+                    line.insert("deleted_at".into(), time.into());
+                }
+                (
+                    if *inserted { "insert" } else { "update" },
+                    Some(user.id.as_str()),
+                    Some(serde_json::Value::Object(user.raw_json.clone())),
+                )
+            }
+            UserChange::Patch { id, keys, .. } => (
+                "patch",
+                Some(id.as_str()),
+                Some(serde_json::Value::Object(keys.clone())),
+            ),
+            UserChange::SoftDelete(id) => ("delete", Some(id.as_str()), None),
+            UserChange::SoftDeleteAll => ("truncate", None, None),
+            UserChange::Heartbeat => continue,
+        };
+        line.insert("op".into(), op.into());
+        line.insert("id".into(), id.into());
+        line.insert("raw_json".into(), raw_json.into());
+        let _ = writeln!(out, "{}", serde_json::Value::Object(line));
+    }
+}
+
+fn old_tuple(old: &OldTuple) -> &TupleData {
+    match old {
+        OldTuple::Key(tuple) | OldTuple::Full(tuple) => tuple,
+    }
+}
+
+/// What a row of the profile going away means for user `id`: a soft delete, or (a table
+/// holding part of a user) a patch clearing that part.
+fn removal(mapping: &dyn RowMapper, id: String) -> UserChange {
+    match mapping
+        .removed(&id)
+        .and_then(|outcome| change_of(outcome, false))
+    {
+        Some(UserChange::Patch { id, keys, .. }) => UserChange::Patch {
+            id,
+            keys,
+            clears: true,
+        },
+        Some(change) => change,
+        None => UserChange::SoftDelete(id),
+    }
+}
+
+/// The change a mapped row asks for, if any.
+fn change_of(outcome: RowOutcome, inserted: bool) -> Option<UserChange> {
+    match outcome {
+        RowOutcome::User(user) => Some(UserChange::Upsert {
+            user,
+            inserted,
+            deleted_at: None,
+            moved_from: None,
+        }),
+        RowOutcome::Deleted { user, at } => Some(UserChange::Upsert {
+            user,
+            inserted,
+            deleted_at: Some(at),
+            moved_from: None,
+        }),
+        RowOutcome::Patch { id, keys } => Some(UserChange::Patch {
+            id,
+            keys,
+            clears: false,
+        }),
+        RowOutcome::Skip { .. } => None,
+    }
+}

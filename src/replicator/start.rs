@@ -1,0 +1,564 @@
+//! How a session starts: the checks before streaming, the slot's lock and the slot itself,
+//! where to resume, and the connections the [`Session`] then streams on.
+//!
+//! Every request here is bounded by a [`Limit`]: a connection stalled while a session starts
+//! would otherwise hang it for good (the stream's own silence check comes later).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use postgres_protocol::escape::escape_identifier;
+use tokio::sync::watch;
+
+use super::changes::ChangeMapper;
+use super::relations::StreamTables;
+use super::session::{Parts, Session};
+use super::{
+    answered, stopped, AbortOnDrop, Limit, Mode, APPLICATION_NAME, STATUS_INTERVAL, TARGET_TIMEOUT,
+};
+use crate::apply::{self, ApplyWorker, TargetWriter};
+use crate::config::Config;
+use crate::conn;
+use crate::error::Error;
+use crate::lag::unix_micros_now;
+use crate::lsn::Lsn;
+use crate::metrics::{Metrics, Side};
+use crate::source::monitor::{heartbeat_prefix, run_monitor};
+use crate::source::{catalog, ReplicationConnection, SourceError};
+
+/// How often a standby tries to take the slot's lock.
+pub(super) const STANDBY_POLL: Duration = Duration::from_secs(1);
+/// How often a standby logs who holds the slot's lock while that does not change.
+const STANDBY_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// How long a replay waits for a slot's lock before it says who holds it: long enough for
+/// the backend of a session that just ended to exit, too short to stand by.
+const REPLAY_LOCK_GRACE: Duration = Duration::from_secs(3);
+const REPLAY_LOCK_POLL: Duration = Duration::from_millis(100);
+/// A replay polls the server's position this often while it waits for the end.
+const REPLAY_STATUS_INTERVAL: Duration = Duration::from_millis(200);
+/// How long `run` waits for a slot held by another process (often its own previous
+/// walsender, which has not noticed yet that the connection is gone).
+const SLOT_BUSY_WAIT: Duration = Duration::from_secs(15);
+/// Added to the source's `wal_sender_timeout` when waiting for a lingering walsender.
+const SLOT_BUSY_MARGIN: Duration = Duration::from_secs(5);
+/// PostgreSQL 14 brought pgoutput protocol 2 (streaming of large in-progress transactions)
+/// and the `messages` option (logical messages, which carry the heartbeats).
+const PROTOCOL_2_MIN_VERSION: u32 = 140_000;
+
+pub(super) async fn run_session(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    shutdown: &mut watch::Receiver<bool>,
+    mode: Mode,
+) -> Result<(), Error> {
+    // Every request before streaming is bounded: a connection stalled while a session starts
+    // would otherwise hang it for good (the stream's own silence check comes later).
+    let target_limit = Limit::new(TARGET_TIMEOUT, metrics.liveness());
+    let source_limit = Limit::new(config.source_timeout, metrics.liveness());
+    let (target, warnings, shape) = answered(target_limit, "target", "preparing the session", async {
+        let (target, warnings) =
+            conn::sql::connect_counting_warnings(&config.target, APPLICATION_NAME)
+                .await
+                .map_err(Error::connect("target"))?;
+        conn::version::check_target(&target).await?;
+        let exists: bool = target
+            .query_one("SELECT to_regclass('neon_auth.users_sync') IS NOT NULL AND to_regclass('usersync.state') IS NOT NULL", &[])
+            .await
+            .map_err(apply::ApplyError::sql("looking for neon_auth.users_sync"))?
+            .get(0);
+        if !exists {
+            return Err(Error::Config(
+                "the target has no neon_auth.users_sync or usersync.state yet: run usersync setup first"
+                    .into(),
+            ));
+        }
+        let shape = apply::check_shape(&target).await?;
+        Ok((target, warnings, shape))
+    })
+    .await?;
+    metrics.set_connected(Side::Target, true);
+    if !hold_slot_lock(&target, &config.slot, mode, metrics, shutdown).await? {
+        return Ok(());
+    }
+    let dry_run = mode.is_dry_run();
+    if !dry_run {
+        // A checkpoint table of an older usersync gets what this one records; holding the
+        // slot's lock, no other replicator of this slot writes to it meanwhile.
+        answered(target_limit, "target", "upgrading usersync.state", async {
+            Ok(apply::upgrade_state(&target).await?)
+        })
+        .await?;
+    }
+    // Read only now: a standby that just took over resumes where the other one stopped.
+    let checkpoint = answered(target_limit, "target", "reading the checkpoint", async {
+        Ok(apply::read_checkpoint(&target, &config.slot).await?)
+    })
+    .await?;
+    // Without one, setup or resync has not finished its copy (or the checkpoint was
+    // removed): streaming now would make a partial copy final, or race a copy in progress.
+    let Some(checkpoint) = checkpoint else {
+        return Err(Error::Config(format!(
+            "the target holds no checkpoint for slot {}: usersync setup (or resync) has not \
+             finished its copy, or the checkpoint was removed; run usersync setup to finish a \
+             first setup, or usersync resync if this target was fed before",
+            config.slot
+        )));
+    };
+
+    let source = answered(source_limit, "source", "preparing the session", async {
+        let source = conn::sql::connect(&config.source, APPLICATION_NAME)
+            .await
+            .map_err(Error::connect("source"))?;
+        conn::version::check_source(&source).await?;
+        Ok(source)
+    })
+    .await?;
+    let Some(SlotReady {
+        sender_timeout,
+        confirmed_flush,
+    }) = wait_for_slot(&source, &config.slot, source_limit, shutdown).await?
+    else {
+        return Ok(());
+    };
+    // Facts the profile needs from the source (Keycloak: the realm's id for its name), and
+    // whether the publication carries the columns the mapping needs (PostgreSQL 15+).
+    let profile = answered(
+        source_limit,
+        "source",
+        "reading the profile's facts",
+        async {
+            let profile = catalog::resolve_profile(&source, &config.table, &config.mapping).await?;
+            crate::source::publication::check_published_columns(
+                &source,
+                &config.publication,
+                &config.table,
+                &profile,
+            )
+            .await?;
+            Ok(profile)
+        },
+    )
+    .await?;
+    let source_in_recovery: bool = answered(
+        source_limit,
+        "source",
+        "asking whether it is a standby",
+        async {
+            Ok(source
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(SourceError::sql("asking whether the source is a standby"))?
+                .get(0))
+        },
+    )
+    .await?;
+    drop(source);
+
+    let (replication, identity) = answered(source_limit, "source", "opening replication", async {
+        let mut replication =
+            ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
+        let identity = replication.identify_system().await?;
+        Ok((replication, identity))
+    })
+    .await?;
+    if checkpoint.system_id != identity.system_id {
+        return Err(SourceError::Definite(format!(
+            "the target's checkpoint for slot {} comes from source system {}, but this \
+             source is system {}; point usersync at the right source, or use another slot",
+            config.slot, checkpoint.system_id, identity.system_id
+        ))
+        .into());
+    }
+    // The slot is never confirmed past the checkpoint (`sql/usersync_state.sql`), so a slot
+    // confirmed further means this target lost what it had applied; streaming on from the
+    // slot would leave that gap for good. A checkpoint an older usersync wrote proves
+    // nothing yet: it is taken over at the slot's position.
+    if checkpoint.slot_bounded && confirmed_flush > checkpoint.end_lsn {
+        return Err(target_behind_slot(
+            &config.slot,
+            confirmed_flush,
+            &checkpoint,
+        ));
+    }
+    let take_over = !checkpoint.slot_bounded && !dry_run;
+    let resume_at = if take_over {
+        checkpoint.end_lsn.max(confirmed_flush)
+    } else {
+        checkpoint.end_lsn
+    };
+    // Every position the session resumes from came from this source's WAL: one past the end
+    // of a primary's WAL means the source lost WAL since (a failover to a standby that
+    // lacked it, a restore), and its new transactions there would be skipped as already
+    // applied. A standby source may just not have replayed that far yet (it has restarted):
+    // the walsender waits for it.
+    if resume_at > identity.xlog_pos && !source_in_recovery {
+        return Err(SourceError::Definite(format!(
+            "the target's checkpoint for slot {} is at {}, past the end of the source's WAL \
+             ({}): the source lost WAL this target had seen (it failed over to a standby that \
+             lacked it, or was restored to an earlier point), and changes made there since \
+             would be skipped; run usersync resync (it copies the table again and \
+             soft-deletes the users the source no longer has)",
+            config.slot, resume_at, identity.xlog_pos
+        ))
+        .into());
+    }
+    if take_over {
+        answered(
+            target_limit,
+            "target",
+            "taking over the checkpoint",
+            async {
+                Ok(apply::take_over_checkpoint(
+                    &target,
+                    &config.slot,
+                    &checkpoint.system_id,
+                    confirmed_flush,
+                )
+                .await?)
+            },
+        )
+        .await?;
+        // Once per upgrade; more often means something else writes usersync.state (a
+        // trigger, a person), which turns the detection of a restored target off.
+        tracing::warn!(
+            slot = %config.slot,
+            checkpoint = %resume_at,
+            "took over a checkpoint that an older usersync (or something else) wrote: a \
+             restore of the target to before this point cannot be detected"
+        );
+    }
+    let writer = answered(target_limit, "target", "preparing statements", async {
+        let mut writer =
+            TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
+        writer.watch_warnings(warnings);
+        // The checkpoint read above is only visible: the session that wrote it may have
+        // committed it asynchronously and died before a synchronous commit covered it, and a
+        // target crash (or a Neon compute restart) would undo it. It becomes the first
+        // position this session reports, so first make it durable.
+        writer.make_durable(None).await?;
+        writer.use_async_commit().await?;
+        writer.count_in(Arc::clone(metrics));
+        Ok(writer)
+    })
+    .await?;
+    let protocol_2 = replication
+        .server_version_num()
+        .is_some_and(|v| v >= PROTOCOL_2_MIN_VERSION);
+    let mut options = vec![
+        (
+            "proto_version",
+            if protocol_2 { "2" } else { "1" }.to_owned(),
+        ),
+        ("publication_names", escape_identifier(&config.publication)),
+    ];
+    if protocol_2 {
+        options.push(("streaming", "on".to_owned()));
+        options.push(("messages", "true".to_owned()));
+    }
+    let stream = answered(source_limit, "source", "starting replication", async {
+        Ok(replication
+            .start_logical_replication(&config.slot, resume_at, &options)
+            .await?)
+    })
+    .await?;
+    metrics.set_source_system(&config.slot, &identity.system_id);
+    tracing::info!(slot = %config.slot, resume_at = %resume_at, system = %identity.system_id, "streaming");
+    metrics.set_connected(Side::Source, true);
+    metrics.set_ready(true);
+    // Heartbeats need logical messages, which protocol 1 servers cannot send.
+    let heartbeat = config
+        .heartbeat_interval
+        .filter(|_| protocol_2 && mode == Mode::Service);
+    let monitor_started = unix_micros_now();
+    let _monitor = AbortOnDrop(tokio::spawn(run_monitor(
+        config.source.clone(),
+        config.slot.clone(),
+        heartbeat,
+        Arc::clone(metrics),
+    )));
+    let status_interval = match mode {
+        Mode::Service if !sender_timeout.is_zero() => STATUS_INTERVAL.min(sender_timeout / 3),
+        Mode::Service => STATUS_INTERVAL,
+        Mode::Replay { .. } => REPLAY_STATUS_INTERVAL,
+    };
+    Session::new(Parts {
+        config,
+        metrics,
+        mode,
+        status_interval,
+        stream,
+        worker: ApplyWorker::spawn(writer),
+        changes: ChangeMapper::new(
+            StreamTables::new(profile, &config.table),
+            heartbeat_prefix(&config.slot),
+        ),
+        resume_at,
+        slot_confirmed: confirmed_flush,
+        monitor_started,
+    })
+    .run(shutdown)
+    .await
+}
+
+/// A slot confirmed past the target's checkpoint, which bounds it: the target lost what it
+/// had applied up to the slot's position, and the source no longer has it for this slot.
+fn target_behind_slot(slot: &str, confirmed: Lsn, checkpoint: &apply::Checkpoint) -> Error {
+    Error::Config(format!(
+        "slot {slot} is confirmed up to {confirmed}, past this target's checkpoint ({}), which \
+         usersync never lets it pass: this target may have lost changes, and the slot no \
+         longer holds them. Restored from a backup or to an earlier point: run usersync \
+         resync. A copy (a branch) of the target this slot feeds: never use this slot for it; \
+         run usersync resync --slot <a new name>. See \
+         docs/changes.md#restoring-the-target-to-an-earlier-point",
+        checkpoint.end_lsn
+    ))
+}
+
+/// Waits until this process holds the slot's lock on the target, so that of several
+/// `usersync run` for one slot (two replicas, a second unit started by mistake) exactly one
+/// replicates and the others stand by. The lock is a session advisory lock on the connection
+/// that writes the batches: if the active process dies, its session ends, the lock is free,
+/// and a standby takes over within [`STANDBY_POLL`]. Returns false if stopped while waiting.
+///
+/// Any session on the target may hold the lock (its key is well known, see
+/// [`apply::slot_lock`]), so a standby names the holders when it starts waiting, whenever they
+/// change, and every [`STANDBY_LOG_INTERVAL`]; the metrics say since when it stands by.
+async fn hold_slot_lock(
+    target: &tokio_postgres::Client,
+    slot: &str,
+    mode: Mode,
+    metrics: &Metrics,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool, Error> {
+    let result = wait_for_slot_lock(target, slot, mode, metrics, shutdown).await;
+    // Holding it, stopped, or failed: not standing by any more.
+    metrics.set_standby(None);
+    result
+}
+
+async fn wait_for_slot_lock(
+    target: &tokio_postgres::Client,
+    slot: &str,
+    mode: Mode,
+    metrics: &Metrics,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool, Error> {
+    let mut logged: Option<(Vec<apply::slot_lock::LockHolder>, Instant)> = None;
+    let target_limit = Limit::new(TARGET_TIMEOUT, metrics.liveness());
+    let started = Instant::now();
+    loop {
+        let locked: bool = answered(target_limit, "target", "taking the slot's lock", async {
+            Ok(target
+                .query_one(apply::slot_lock::TRY_LOCK, &[&slot])
+                .await
+                .map_err(apply::ApplyError::sql("taking the slot's lock"))?
+                .get(0))
+        })
+        .await?;
+        if locked {
+            if logged.is_some() {
+                tracing::info!(slot, "took over: this process now replicates the slot");
+            }
+            return Ok(true);
+        }
+        let replay = matches!(mode, Mode::Replay { .. });
+        // A session that just ended (a replay before this one, a run just stopped) may hold
+        // the lock for some milliseconds more: its server backend releases it only as it
+        // exits, after the process is gone. A replay gives it that long, and stands by for
+        // no more.
+        if replay && started.elapsed() < REPLAY_LOCK_GRACE {
+            tokio::select! {
+                _ = tokio::time::sleep(REPLAY_LOCK_POLL) => continue,
+                _ = stopped(shutdown) => return Ok(false),
+            }
+        }
+        if logged.is_none() && !replay {
+            let since = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            metrics.set_standby(Some(since.as_secs_f64()));
+        }
+        let holders = answered(target_limit, "target", "reading the slot's lock", async {
+            Ok(apply::slot_lock::holders(target, slot).await?)
+        })
+        .await?;
+        if replay {
+            // A replay is a one-off: it does not stand by behind a running replicator, which
+            // applies what is pending anyway.
+            return Err(Error::Config(format!(
+                "another session holds slot {slot}'s lock on the target ({}): a usersync run \
+                 replicates this slot, and applies what is pending itself; stop it first to \
+                 replay (or to replay --dry-run)",
+                apply::slot_lock::describe(&holders)
+            )));
+        }
+        let now = Instant::now();
+        if holders_worth_logging(logged.as_ref(), &holders, now) {
+            tracing::info!(
+                slot,
+                holders = %apply::slot_lock::describe(&holders),
+                "standby: another session holds the slot's lock on the target (a usersync, or \
+                 any session that took it); waiting to take over"
+            );
+            logged = Some((holders, now));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(STANDBY_POLL) => {}
+            _ = stopped(shutdown) => return Ok(false),
+        }
+    }
+}
+
+/// Whether a standby logs the lock's holders now: when it starts waiting, when they change
+/// (a holder that went between the failed attempt and the look at `pg_locks` is no change),
+/// and every [`STANDBY_LOG_INTERVAL`] while they stay.
+fn holders_worth_logging(
+    logged: Option<&(Vec<apply::slot_lock::LockHolder>, Instant)>,
+    holders: &[apply::slot_lock::LockHolder],
+    now: Instant,
+) -> bool {
+    match logged {
+        None => true,
+        Some((before, at)) => {
+            (!holders.is_empty() && holders != before.as_slice())
+                || now.duration_since(*at) >= STANDBY_LOG_INTERVAL
+        }
+    }
+}
+
+/// What a session learns of its slot before it streams.
+struct SlotReady {
+    /// The source's `wal_sender_timeout` (zero if the server has it off).
+    sender_timeout: Duration,
+    /// Where the slot is confirmed already: no status update reports less.
+    confirmed_flush: Lsn,
+}
+
+/// Fails with advice when the slot is missing or lost; waits a little while it is busy.
+///
+/// The wait lasts at least as long as the source's `wal_sender_timeout` (plus a margin): a
+/// predecessor that died without closing its connection (a crashed host, after which a
+/// standby takes over) keeps the slot busy until its walsender times out. `None` if stopped
+/// while waiting.
+async fn wait_for_slot(
+    source: &tokio_postgres::Client,
+    slot: &str,
+    source_limit: Limit<'_>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<SlotReady>, Error> {
+    let sender_timeout: i32 = answered(source_limit, "source", "reading settings", async {
+        Ok(source
+            .query_one(
+                "SELECT setting::int FROM pg_settings WHERE name = 'wal_sender_timeout'",
+                &[],
+            )
+            .await
+            .map_err(SourceError::sql("reading wal_sender_timeout"))?
+            .get(0))
+    })
+    .await?;
+    let sender_timeout = Duration::from_millis(u64::try_from(sender_timeout).unwrap_or(0));
+    let wait = SLOT_BUSY_WAIT.max(sender_timeout + SLOT_BUSY_MARGIN);
+    let deadline = Instant::now() + wait;
+    let mut said_busy = false;
+    loop {
+        let info = answered(source_limit, "source", "reading the slot", async {
+            Ok(catalog::slot_info(source, slot).await?)
+        })
+        .await?;
+        let Some(info) = info else {
+            return Err(SourceError::Definite(format!(
+                "replication slot {slot} does not exist on the source: run usersync setup for \
+                 a first start, or usersync resync if it existed before (changes made since it \
+                 was dropped never reached the target; resync copies the table again)"
+            ))
+            .into());
+        };
+        if info.is_invalidated() {
+            return Err(SourceError::Definite(format!(
+                "replication slot {slot} {}, so changes are missing from it: run usersync \
+                 resync to recreate it and copy the table again",
+                info.invalidation()
+            ))
+            .into());
+        }
+        if info.plugin.as_deref() != Some("pgoutput") {
+            return Err(SourceError::Definite(format!(
+                "replication slot {slot} uses plugin {}, not pgoutput; use another --slot",
+                info.plugin.as_deref().unwrap_or("(none: a physical slot)")
+            ))
+            .into());
+        }
+        match info.active_pid {
+            Some(pid) if info.active => {
+                if Instant::now() >= deadline {
+                    return Err(SourceError::Definite(format!(
+                        "replication slot {slot} is in use by another process (source backend \
+                         pid {pid}): another usersync is running for this slot, or a tool such \
+                         as pg_recvlogical; stop it first"
+                    ))
+                    .into());
+                }
+                if !said_busy {
+                    tracing::info!(slot, pid, "slot busy; waiting for it to be released");
+                    said_busy = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stopped(shutdown) => return Ok(None),
+                }
+            }
+            _ => {
+                return Ok(Some(SlotReady {
+                    sender_timeout,
+                    confirmed_flush: info.confirmed_flush_lsn.unwrap_or(Lsn::ZERO),
+                }))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::slot_lock::LockHolder;
+
+    fn holder(pid: i32, application_name: &str) -> LockHolder {
+        LockHolder {
+            pid: Some(pid),
+            mode: "ExclusiveLock".into(),
+            application_name: Some(application_name.into()),
+            usename: Some("mallory".into()),
+            client_addr: None,
+            backend_start: None,
+        }
+    }
+
+    #[test]
+    fn a_standby_names_the_holders_at_first_on_change_and_every_interval() {
+        let start = Instant::now();
+        let squatter = vec![holder(7, "psql")];
+        assert!(holders_worth_logging(None, &squatter, start));
+        assert!(holders_worth_logging(None, &[], start));
+        let logged = (squatter.clone(), start);
+        let soon = start + Duration::from_secs(5);
+        assert!(!holders_worth_logging(Some(&logged), &squatter, soon));
+        // Released between the attempt and the look: nothing new to say.
+        assert!(!holders_worth_logging(Some(&logged), &[], soon));
+        assert!(holders_worth_logging(
+            Some(&logged),
+            &[holder(8, "usersync")],
+            soon
+        ));
+        assert!(holders_worth_logging(
+            Some(&logged),
+            &[holder(7, "renamed")],
+            soon
+        ));
+        assert!(holders_worth_logging(
+            Some(&logged),
+            &squatter,
+            start + STANDBY_LOG_INTERVAL
+        ));
+    }
+}
