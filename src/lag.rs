@@ -130,20 +130,26 @@ impl ClockOffset {
     pub fn micros(&self) -> i64 {
         self.samples.iter().copied().max().unwrap_or(0)
     }
+}
 
-    /// When a source time (Unix microseconds by the source's clock) was by this host's clock.
-    /// The estimate errs late, by the least network delay seen, never early.
-    pub fn local_time(&self, source_unix_micros: i64) -> i64 {
-        source_unix_micros.saturating_sub(self.micros())
-    }
+/// When a source time (Unix microseconds by the source's clock) was by this host's clock,
+/// given the [`ClockOffset`]'s estimate. It errs late, by the least network delay seen,
+/// never early.
+pub fn local_time_at_offset(offset_micros: i64, source_unix_micros: i64) -> i64 {
+    source_unix_micros.saturating_sub(offset_micros)
+}
 
-    /// The lag of a source commit applied at `local_unix_micros`, corrected for the offset.
-    pub fn lag(&self, commit_unix_micros: i64, local_unix_micros: i64) -> Duration {
-        let lag = local_unix_micros
-            .saturating_sub(commit_unix_micros)
-            .saturating_add(self.micros());
-        Duration::from_micros(lag.max(0) as u64)
-    }
+/// The lag of a source commit applied at `local_unix_micros`, corrected by the
+/// [`ClockOffset`]'s estimate.
+pub fn lag_at_offset(
+    offset_micros: i64,
+    commit_unix_micros: i64,
+    local_unix_micros: i64,
+) -> Duration {
+    let lag = local_unix_micros
+        .saturating_sub(commit_unix_micros)
+        .saturating_add(offset_micros);
+    Duration::from_micros(lag.max(0) as u64)
 }
 
 #[cfg(test)]
@@ -164,11 +170,14 @@ mod clock_tests {
         assert_eq!(clock.micros(), 4_999_000);
         // A commit at source time 10 s applied at local 5.02 s: 21 ms late (1 ms of it skew error).
         assert_eq!(
-            clock.lag(10_000_000, 5_020_000),
+            lag_at_offset(clock.micros(), 10_000_000, 5_020_000),
             Duration::from_micros(19_000)
         );
-        assert_eq!(ClockOffset::default().lag(10, 5), Duration::ZERO);
+        assert_eq!(
+            lag_at_offset(ClockOffset::default().micros(), 10, 5),
+            Duration::ZERO
+        );
         // Source time 10 s was local 5.001 s: 1 ms late, the least delay seen.
-        assert_eq!(clock.local_time(10_000_000), 5_001_000);
+        assert_eq!(local_time_at_offset(clock.micros(), 10_000_000), 5_001_000);
     }
 }

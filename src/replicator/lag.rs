@@ -2,22 +2,59 @@
 //! metrics as batches apply, heartbeats come through, and work waits.
 //!
 //! The source's clock is not this host's: every commit time is corrected by the offset
-//! observed in the server's own timestamps ([`ClockOffset`]) before it is compared with now.
+//! the reader observes in the server's own timestamps ([`ClockOffset`]) before it is
+//! compared with now.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::apply::UnixMicros;
 use crate::decode::pg_micros_to_unix_micros;
-use crate::lag::{unix_micros_now, ClockOffset};
+use crate::lag::{lag_at_offset, local_time_at_offset, unix_micros_now, ClockOffset};
 use crate::metrics::Metrics;
 
 /// The last-minute lag percentiles are recomputed at most this often (a sort of the window).
 const RECENT_LAG_REFRESH: Duration = Duration::from_secs(1);
 
-pub(super) struct LagTracker<'a> {
-    metrics: &'a Arc<Metrics>,
+/// The reader's estimate of the source's clock, kept up to date for the routes.
+#[derive(Default)]
+pub(super) struct ClockWatch {
     clock: ClockOffset,
+    shared: SharedClock,
+}
+
+impl ClockWatch {
+    /// What the routes read.
+    pub fn shared(&self) -> SharedClock {
+        self.shared.clone()
+    }
+
+    /// The server's clock read `server_time_micros` (PostgreSQL epoch) as it sent a message.
+    pub fn observe_server_time(&mut self, server_time_micros: i64, metrics: &Metrics) {
+        self.clock.observe(
+            pg_micros_to_unix_micros(server_time_micros),
+            unix_micros_now(),
+        );
+        let micros = self.clock.micros();
+        self.shared.0.store(micros, Ordering::Relaxed);
+        metrics.set_clock_offset(micros as f64 / 1_000_000.0);
+    }
+}
+
+/// The source's clock minus this host's, in microseconds, as last estimated.
+#[derive(Clone, Default)]
+pub(super) struct SharedClock(Arc<AtomicI64>);
+
+impl SharedClock {
+    fn micros(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+pub(super) struct LagTracker {
+    metrics: Arc<Metrics>,
+    clock: SharedClock,
     /// When this session's monitor began to write heartbeats (this host's clock). Older
     /// heartbeats still in the slot were written by an earlier session (this process's before
     /// a reconnect, or another process's before a takeover): their age is the time nobody
@@ -29,11 +66,11 @@ pub(super) struct LagTracker<'a> {
     recent_refreshed: Instant,
 }
 
-impl<'a> LagTracker<'a> {
-    pub fn new(metrics: &'a Arc<Metrics>, monitor_started: UnixMicros) -> Self {
+impl LagTracker {
+    pub fn new(metrics: Arc<Metrics>, clock: SharedClock, monitor_started: UnixMicros) -> Self {
         LagTracker {
             metrics,
-            clock: ClockOffset::default(),
+            clock,
             monitor_started,
             over_target: false,
             recent_refreshed: Instant::now()
@@ -42,22 +79,14 @@ impl<'a> LagTracker<'a> {
         }
     }
 
-    /// The server's clock read `server_time_micros` (PostgreSQL epoch) as it sent a message.
-    pub fn observe_server_time(&mut self, server_time_micros: i64) {
-        self.clock.observe(
-            pg_micros_to_unix_micros(server_time_micros),
-            unix_micros_now(),
-        );
-        self.metrics
-            .set_clock_offset(self.clock.micros() as f64 / 1_000_000.0);
+    fn lag(&self, commit_time: UnixMicros, now: UnixMicros) -> Duration {
+        lag_at_offset(self.clock.micros(), commit_time, now)
     }
 
-    /// Caught up without heartbeats: a keepalive's age is the best estimate of the idle lag.
-    pub fn keepalive_while_idle(&mut self, server_time_micros: i64) {
-        let lag = self.clock.lag(
-            pg_micros_to_unix_micros(server_time_micros),
-            unix_micros_now(),
-        );
+    /// Caught up without heartbeats: the age of a keepalive the server sent at `sent_at`
+    /// (Unix microseconds, its clock) is the best estimate of the idle lag.
+    pub fn keepalive_while_idle(&mut self, sent_at: UnixMicros) {
+        let lag = self.lag(sent_at, unix_micros_now());
         self.metrics.set_current_lag(lag);
     }
 
@@ -67,7 +96,7 @@ impl<'a> LagTracker<'a> {
         let applied_unix = unix_micros_now();
         let mut last_lag = Duration::ZERO;
         for commit_time in commit_times {
-            last_lag = self.clock.lag(*commit_time, applied_unix);
+            last_lag = self.lag(*commit_time, applied_unix);
             self.metrics.observe_lag(applied_at, last_lag);
         }
         self.metrics.set_current_lag(last_lag);
@@ -77,10 +106,10 @@ impl<'a> LagTracker<'a> {
     /// A heartbeat committed at `commit_time` has come through the whole pipeline; caught
     /// up, its age is the current lag.
     pub fn heartbeat_arrived(&mut self, commit_time: UnixMicros, caught_up: bool) {
-        if self.clock.local_time(commit_time) < self.monitor_started {
+        if local_time_at_offset(self.clock.micros(), commit_time) < self.monitor_started {
             return;
         }
-        let lag = self.clock.lag(commit_time, unix_micros_now());
+        let lag = self.lag(commit_time, unix_micros_now());
         self.metrics.set_heartbeat_lag(lag);
         if caught_up {
             self.metrics.set_current_lag(lag);
@@ -93,7 +122,7 @@ impl<'a> LagTracker<'a> {
     /// every few seconds (with every status update), whatever the traffic.
     pub fn waiting(&mut self, oldest: Option<UnixMicros>) {
         if let Some(oldest) = oldest {
-            let lag = self.clock.lag(oldest, unix_micros_now());
+            let lag = self.lag(oldest, unix_micros_now());
             self.metrics.set_current_lag(lag);
             self.note(lag);
         }

@@ -40,10 +40,6 @@ pub(super) struct Ledger {
     skip_before: Lsn,
     /// The position the target holds durably (the checkpoint's `end_lsn`).
     confirmed: Lsn,
-    /// The furthest flush position sent to the source, starting at the slot's own: what was
-    /// reported once is never taken back (a crash between recording a position and
-    /// confirming it leaves the checkpoint ahead of the slot, never behind).
-    reported: Lsn,
     /// Applied batches not yet known durable: the source position each takes the checkpoint to.
     unflushed: VecDeque<Lsn>,
     last_flush: Instant,
@@ -55,13 +51,11 @@ pub(super) struct Ledger {
 }
 
 impl Ledger {
-    /// A ledger for a session resuming at `resume_at` (the durable checkpoint) on a slot
-    /// confirmed up to `slot_confirmed`.
-    pub fn new(resume_at: Lsn, slot_confirmed: Lsn, records: bool) -> Self {
+    /// A ledger for a target resuming at `resume_at` (its durable checkpoint).
+    pub fn new(resume_at: Lsn, records: bool) -> Self {
         Ledger {
             skip_before: resume_at,
             confirmed: resume_at,
-            reported: slot_confirmed,
             unflushed: VecDeque::new(),
             last_flush: Instant::now(),
             idle_position: resume_at,
@@ -136,12 +130,28 @@ impl Ledger {
     pub fn confirmed(&self) -> Lsn {
         self.confirmed
     }
+}
 
-    /// The flush position for the next status update: the durable position, or the one
-    /// reported before if that is further (the slot's own, at first).
-    pub fn report(&mut self) -> Lsn {
-        self.reported = self.reported.max(self.confirmed);
-        self.reported
+/// The flush position the status updates report: what every target holds durably, or what
+/// was reported before if that is further. It starts at the slot's own position: what was
+/// reported once is never taken back (a crash between recording a position and confirming
+/// it leaves the checkpoint ahead of the slot, never behind).
+#[derive(Debug)]
+pub(super) struct Reported(Lsn);
+
+impl Reported {
+    pub fn new(slot_confirmed: Lsn) -> Self {
+        Reported(slot_confirmed)
+    }
+
+    /// The position to report now that every target holds `durable` durably.
+    pub fn report(&mut self, durable: Lsn) -> Lsn {
+        self.0 = self.0.max(durable);
+        self.0
+    }
+
+    pub fn position(&self) -> Lsn {
+        self.0
     }
 }
 
@@ -156,53 +166,56 @@ mod tests {
     #[test]
     fn the_first_report_is_the_slots_own_position_never_less_never_more() {
         // The slot is behind the checkpoint (a crash between recording and confirming).
-        let mut ledger = Ledger::new(lsn(200), lsn(100), true);
-        assert_eq!(ledger.report(), lsn(200));
+        let ledger = Ledger::new(lsn(200), true);
+        assert_eq!(Reported::new(lsn(100)).report(ledger.confirmed()), lsn(200));
         // The slot is ahead (an older usersync's checkpoint, taken over): never taken back.
-        let mut ledger = Ledger::new(lsn(100), lsn(300), true);
-        assert_eq!(ledger.report(), lsn(300));
+        let ledger = Ledger::new(lsn(100), true);
+        let mut reported = Reported::new(lsn(300));
+        assert_eq!(reported.report(ledger.confirmed()), lsn(300));
+        assert_eq!(reported.report(lsn(250)), lsn(300));
+        assert_eq!(reported.report(lsn(400)), lsn(400));
     }
 
     #[test]
     fn an_applied_batch_is_confirmed_only_once_a_flush_covering_it_returns() {
-        let mut ledger = Ledger::new(lsn(100), lsn(100), true);
+        let mut ledger = Ledger::new(lsn(100), true);
         ledger.applied(lsn(150));
         assert!(ledger.holds(lsn(149)) && !ledger.holds(lsn(150)));
-        assert_eq!(ledger.report(), lsn(100), "visible is not durable");
+        assert_eq!(ledger.confirmed(), lsn(100), "visible is not durable");
         let flush = ledger.flush(false);
         // Applied while the flush was on its way: not covered by it.
         ledger.applied(lsn(170));
-        assert_eq!(ledger.report(), lsn(100));
+        assert_eq!(ledger.confirmed(), lsn(100));
         ledger.durable(flush);
-        assert_eq!(ledger.report(), lsn(150));
+        assert_eq!(ledger.confirmed(), lsn(150));
         assert_eq!(
             ledger.flush_due(false),
             Some(ledger.last_flush + DURABLE_INTERVAL)
         );
         let flush = ledger.flush(false);
         ledger.durable(flush);
-        assert_eq!(ledger.report(), lsn(170));
+        assert_eq!(ledger.confirmed(), lsn(170));
         assert_eq!(ledger.flush_due(false), None);
     }
 
     #[test]
     fn an_idle_position_is_confirmed_only_once_recorded_and_only_while_caught_up() {
-        let mut ledger = Ledger::new(lsn(100), lsn(100), true);
+        let mut ledger = Ledger::new(lsn(100), true);
         ledger.nothing_until(lsn(400));
         assert_eq!(ledger.flush_due(false), None, "work waits: not idle");
         let due = ledger.flush_due(true).expect("an idle position to record");
         assert_eq!(due, ledger.last_flush + IDLE_RECORD_INTERVAL);
-        assert_eq!(ledger.report(), lsn(100), "not recorded yet");
+        assert_eq!(ledger.confirmed(), lsn(100), "not recorded yet");
         let flush = ledger.flush(true);
         assert_eq!(flush.idle, Some(lsn(400)));
         ledger.durable(flush);
-        assert_eq!(ledger.report(), lsn(400));
+        assert_eq!(ledger.confirmed(), lsn(400));
         assert_eq!(ledger.flush_due(true), None, "recorded already");
     }
 
     #[test]
     fn an_idle_position_behind_an_applied_batch_is_not_recorded() {
-        let mut ledger = Ledger::new(lsn(100), lsn(100), true);
+        let mut ledger = Ledger::new(lsn(100), true);
         ledger.nothing_until(lsn(120));
         ledger.applied(lsn(150));
         let flush = ledger.flush(true);
@@ -217,12 +230,12 @@ mod tests {
 
     #[test]
     fn a_dry_run_records_no_idle_position() {
-        let mut ledger = Ledger::new(lsn(100), lsn(100), false);
+        let mut ledger = Ledger::new(lsn(100), false);
         ledger.nothing_until(lsn(400));
         assert_eq!(ledger.flush_due(true), None);
         let flush = ledger.flush(true);
         assert!(!Ledger::has_work(flush));
         ledger.durable(flush);
-        assert_eq!(ledger.report(), lsn(100));
+        assert_eq!(ledger.confirmed(), lsn(100));
     }
 }

@@ -28,6 +28,7 @@ mod changes;
 mod lag;
 mod ledger;
 mod relations;
+mod route;
 mod session;
 mod silence;
 mod start;

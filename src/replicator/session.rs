@@ -1,24 +1,27 @@
-//! One streaming session: reads the stream, hands batches to the writer, reports positions.
+//! One streaming session's reader: reads the stream, decodes and maps it once, feeds the
+//! routes, and reports positions to the source.
 //!
-//! The stream is read while the [`ApplyWorker`] writes the previous batch on its own task:
-//! decode ([`crate::decode`]), map ([`super::changes`]), batch ([`super::batcher`]), apply.
-//! What the target holds durably is the [`Ledger`]'s; the lag the [`LagTracker`]'s; whether
-//! the source is still there the [`SilenceWatch`]'s. The session ties them together and sends
-//! the status updates, the only place the slot is confirmed.
+//! Decode ([`crate::decode`]) and map ([`super::changes`]) happen here; each route
+//! ([`super::route`]) batches and writes what it is fed on a task of its own, so the stream
+//! goes on being read while the targets write. The status updates sent from here are the
+//! only place the slot is confirmed: at the lowest position every route holds durably, never
+//! below what was reported before. Whether the source is still there is the
+//! [`SilenceWatch`]'s to say.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
+use tokio::task::JoinSet;
 
-use super::batcher::{Batcher, MAX_BATCH_CHANGES};
 use super::changes::{print_changes, transaction_meta, ChangeMapper, UserChange};
-use super::lag::LagTracker;
-use super::ledger::{Flush, Ledger};
+use super::lag::ClockWatch;
+use super::ledger::Reported;
+use super::route::{self, Feed, RouteHandle, RouteParts};
 use super::silence::{SilenceWatch, Verdict};
-use super::{stopped, Mode};
-use crate::apply::{ApplyWorker, CommitPosition, Done, Job, UnixMicros};
+use super::{batcher::MAX_BATCH_CHANGES, stopped, Mode};
+use crate::apply::{ApplyWorker, CommitPosition, UnixMicros};
 use crate::config::Config;
 use crate::decode::{
     decode_replication_message, encode_standby_status_update, pg_micros_to_unix_micros,
@@ -31,24 +34,11 @@ use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::source::{ReplicationStream, SourceError};
 
-/// Changes per part of a large transaction ([`Session::add_in_parts`]): a part is held
+/// Changes per part of a large transaction ([`Session::feed_in_parts`]): a part is held
 /// twice over (being written while the next one is mapped), as parsed `raw_json` and as the
 /// statement's encoded parameters, so this bounds the memory a transaction of any size
 /// takes; a round trip per part is little beside the writing of its rows.
-const PART_CHANGES: usize = 2_000;
-
-/// What the session remembers of the job the worker is doing.
-enum InFlight {
-    /// A batch: its oldest commit time, and a heartbeat that came behind it.
-    Batch {
-        oldest_commit: Option<UnixMicros>,
-        heartbeat: Option<UnixMicros>,
-    },
-    /// A part of a large transaction.
-    Part,
-    /// A durability flush, and what it covers.
-    Flush(Flush),
-}
+pub(super) const PART_CHANGES: usize = 2_000;
 
 /// Whether a transaction goes to the target in parts rather than in a batch.
 fn is_large(transaction: &Transaction) -> bool {
@@ -68,7 +58,7 @@ pub(super) struct Parts<'a> {
     pub resume_at: Lsn,
     /// Where the slot is confirmed already: no status update reports less.
     pub slot_confirmed: Lsn,
-    /// When this session's heartbeats began (see [`LagTracker`]).
+    /// When this session's heartbeats began (see [`super::lag::LagTracker`]).
     pub monitor_started: UnixMicros,
 }
 
@@ -79,18 +69,20 @@ pub(super) struct Session<'a> {
     /// How often a status update goes out, whatever happens.
     status_interval: Duration,
     stream: ReplicationStream,
-    worker: ApplyWorker,
     decoder: PgOutputDecoder,
     assembler: TransactionAssembler,
     changes: ChangeMapper,
-    batcher: Batcher,
-    ledger: Ledger,
-    lag: LagTracker<'a>,
+    clock: ClockWatch,
     silence: SilenceWatch,
-    /// The job the worker is doing, if any.
-    in_flight: Option<InFlight>,
-    /// A large transaction is being applied in parts.
-    in_large_transaction: bool,
+    routes: Vec<RouteHandle>,
+    /// The routes' tasks: each ends with its route's first error, or once finished.
+    route_tasks: JoinSet<Result<(), Error>>,
+    /// Told whenever a route's durable position moves.
+    confirmations: Arc<Notify>,
+    /// Transactions committed before this position are on every route's target already.
+    skip_before: Lsn,
+    /// The flush position the status updates report.
+    reported: Reported,
     /// A replay reached its end position.
     finished: bool,
     /// The furthest WAL position the server has reported.
@@ -112,22 +104,37 @@ impl<'a> Session<'a> {
             slot_confirmed,
             monitor_started,
         } = parts;
+        let clock = ClockWatch::default();
+        let confirmations = Arc::new(Notify::new());
+        let mut route_tasks = JoinSet::new();
+        let route = route::spawn(
+            RouteParts {
+                worker,
+                metrics: Arc::clone(metrics),
+                resume_at,
+                records: !mode.is_dry_run(),
+                clock: clock.shared(),
+                monitor_started,
+                confirmations: Arc::clone(&confirmations),
+            },
+            &mut route_tasks,
+        );
         Session {
             config,
             metrics,
             mode,
             status_interval,
             stream,
-            worker,
             decoder: PgOutputDecoder::new(),
             assembler: TransactionAssembler::with_memory_limit(config.spill_threshold),
             changes,
-            batcher: Batcher::default(),
-            ledger: Ledger::new(resume_at, slot_confirmed, !mode.is_dry_run()),
-            lag: LagTracker::new(metrics, monitor_started),
+            clock,
             silence: SilenceWatch::new(config.source_timeout),
-            in_flight: None,
-            in_large_transaction: false,
+            routes: vec![route],
+            route_tasks,
+            confirmations,
+            skip_before: resume_at,
+            reported: Reported::new(slot_confirmed),
             finished: false,
             received: resume_at,
             last_status: Instant::now(),
@@ -140,70 +147,40 @@ impl<'a> Session<'a> {
         self.stream.finish().await;
         Ok(())
     }
-}
 
-impl Session<'_> {
-    /// Reads the stream while the worker writes the previous batch. A batch goes to the
-    /// worker as soon as nothing more is readable and the worker is free; while it is busy,
-    /// the next batch grows (up to [`MAX_BATCH_CHANGES`], then reading pauses).
+    /// Reads the stream while the routes write. Reading pauses only while a route's feed is
+    /// full (its target is behind and its next batch is full).
     async fn stream_until(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
         loop {
             self.metrics.liveness().progress();
             if self.finished {
-                self.apply_batch().await?;
-                self.make_durable().await?;
-                self.send_status(false).await?;
-                return Ok(());
-            }
-            let worker_free = self.in_flight.is_none();
-            let flush_due = self.ledger.flush_due(self.caught_up());
-            if worker_free && flush_due.is_some_and(|due| Instant::now() >= due) {
-                self.submit_flush().await?;
-                continue;
-            }
-            if self.batcher.is_due() && worker_free {
-                self.submit_batch().await?;
-                continue;
+                return self.finish_routes().await;
             }
             let status_due = self.last_status + self.status_interval;
-            let may_read = worker_free || !self.batcher.is_due();
-            self.silence.reading(may_read);
-            let mut timer = status_due;
-            if may_read {
-                timer = timer.min(self.silence.check_due());
-            }
-            if let Some(flush_due) = flush_due.filter(|_| worker_free) {
-                // (A busy worker wakes the loop itself when it is done.)
-                timer = timer.min(flush_due);
-            }
+            let timer = status_due.min(self.silence.check_due());
             tokio::select! {
                 biased;
                 _ = stopped(shutdown) => {
-                    self.apply_batch().await?;
-                    self.make_durable().await?;
-                    self.send_status(false).await?;
-                    tracing::info!(confirmed = %self.ledger.confirmed(), "stopped");
+                    self.finish_routes().await?;
+                    tracing::info!(confirmed = %self.reported.position(), "stopped");
                     return Ok(());
                 }
-                done = self.worker.recv(), if !worker_free => self.on_done(done?).await?,
-                payload = self.stream.recv(), if may_read => match payload? {
+                ended = self.route_tasks.join_next(), if !self.route_tasks.is_empty() => {
+                    return Err(route_ended(ended))
+                }
+                _ = self.confirmations.notified() => self.send_status(false).await?,
+                payload = self.stream.recv() => match payload? {
                     Some(payload) => {
                         self.handle(payload).await?;
-                        // After handling: a large transaction is written while nothing is read.
+                        // After handling: feeding a full route waits while nothing is read.
                         self.silence.heard();
                     }
                     None => return Err(SourceError::Replication(
                         crate::source::ReplicationError::Closed,
                     ).into()),
                 },
-                // Nothing more is readable right now: write what we have.
-                _ = std::future::ready(()), if worker_free && !self.batcher.is_empty() => {
-                    self.submit_batch().await?
-                }
                 _ = tokio::time::sleep_until(timer.into()) => {
-                    if may_read {
-                        self.check_silence().await?;
-                    }
+                    self.check_silence().await?;
                     if Instant::now() >= status_due {
                         // A replay asks for keepalives: their position tells it when it is done.
                         self.send_status(matches!(self.mode, Mode::Replay { .. })).await?;
@@ -238,20 +215,18 @@ impl Session<'_> {
                 server_time_micros,
                 ..
             } => {
-                self.lag.observe_server_time(server_time_micros);
+                self.clock
+                    .observe_server_time(server_time_micros, self.metrics);
                 self.received = self.received.max(wal_end);
                 let message = self.decoder.decode(data.clone())?;
                 match self.assembler.push_payload(message, data)? {
                     Assembled::Transaction(transaction) if is_large(&transaction) => {
-                        self.add_large_transaction(transaction).await?;
+                        self.feed_large_transaction(transaction).await?;
                     }
                     Assembled::Transaction(transaction) => {
-                        if let Err(error) = self.add_transaction(transaction) {
+                        if let Err(error) = self.feed_transaction(transaction).await {
                             // Keep what came before the bad transaction: apply and confirm it,
                             // then stop with the error.
-                            if !self.batcher.is_empty() {
-                                self.apply_batch().await?;
-                            }
                             self.confirm_before_failing().await;
                             return Err(error);
                         }
@@ -265,19 +240,28 @@ impl Session<'_> {
                 reply_requested,
                 server_time_micros,
             } => {
-                self.lag.observe_server_time(server_time_micros);
+                self.clock
+                    .observe_server_time(server_time_micros, self.metrics);
                 self.received = self.received.max(wal_end);
-                if let Mode::Replay { until, .. } = self.mode {
-                    // Everything before `until` has been sent once a keepalive is past it.
-                    if wal_end >= until && self.caught_up() {
-                        self.finished = true;
+                // Everything before the keepalive's position has been sent: with no
+                // transaction half-read, nothing up to it is for the targets but what they
+                // have been fed.
+                if self.assembler.is_idle() {
+                    if let Mode::Replay { until, .. } = self.mode {
+                        if wal_end >= until {
+                            self.finished = true;
+                        }
                     }
-                }
-                if self.caught_up() {
-                    self.ledger.nothing_until(wal_end);
-                    if self.config.heartbeat_interval.is_none() {
-                        self.lag.keepalive_while_idle(server_time_micros);
-                    }
+                    let sent_at = self
+                        .config
+                        .heartbeat_interval
+                        .is_none()
+                        .then(|| pg_micros_to_unix_micros(server_time_micros));
+                    self.feed_all(|| Feed::Idle {
+                        position: wal_end,
+                        sent_at,
+                    })
+                    .await?;
                 }
                 if reply_requested {
                     self.send_status(false).await?;
@@ -287,18 +271,10 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Nothing received is waiting to be applied.
-    fn caught_up(&self) -> bool {
-        self.batcher.is_empty()
-            && self.in_flight.is_none()
-            && self.assembler.is_idle()
-            && !self.in_large_transaction
-    }
-
-    /// Whether a committed transaction is still to be applied: not one the target holds
+    /// Whether a committed transaction is still to be applied: not one every target holds
     /// already, nor, in a replay, one at or past its end (which ends the replay).
     fn wanted(&mut self, transaction: &Transaction) -> bool {
-        if self.ledger.holds(transaction.commit_lsn) {
+        if transaction.commit_lsn < self.skip_before {
             self.metrics.transaction_skipped();
             return false;
         }
@@ -311,9 +287,9 @@ impl Session<'_> {
         true
     }
 
-    /// Maps the whole transaction first, then adds it to the batch: a row that cannot be
-    /// mapped fails the transaction before any of it reaches the batch.
-    fn add_transaction(&mut self, transaction: Transaction) -> Result<(), Error> {
+    /// Maps the whole transaction first, then feeds it: a row that cannot be mapped fails
+    /// the transaction before any of it reaches a route.
+    async fn feed_transaction(&mut self, transaction: Transaction) -> Result<(), Error> {
         if !self.wanted(&transaction) {
             return self.changes.note_skipped(transaction);
         }
@@ -330,45 +306,33 @@ impl Session<'_> {
             print_changes(&transaction_meta(&transaction.commit_lsn, at), &changes);
             return Ok(());
         }
-        if changes.is_empty() && self.batcher.is_empty() {
-            // Nothing for the target: no target transaction just to move the checkpoint.
-            self.ledger.nothing_until(transaction.end_lsn);
-            if heartbeat {
-                // It has come through once the batch being written has.
-                match &mut self.in_flight {
-                    Some(InFlight::Batch { heartbeat, .. }) => *heartbeat = Some(at),
-                    _ => self.heartbeat_arrived(at),
-                }
-            }
-            return Ok(());
-        }
-        if heartbeat {
-            self.batcher.heartbeat_behind(at);
-        }
-        let carried = !changes.is_empty();
-        self.batcher.add(changes, at, self.metrics);
-        self.batcher.commit(
-            CommitPosition {
-                commit_lsn: transaction.commit_lsn,
-                end_lsn: transaction.end_lsn,
-                commit_time: at,
+        let position = CommitPosition {
+            commit_lsn: transaction.commit_lsn,
+            end_lsn: transaction.end_lsn,
+            commit_time: at,
+        };
+        let size = changes.len();
+        let permit = self.room(0, size).await?;
+        self.send(
+            0,
+            Feed::Transaction {
+                position,
+                changes,
+                heartbeat,
             },
-            carried,
-        );
-        Ok(())
+            permit,
+        )
+        .await
     }
 
-    /// A transaction too large for one batch (or spilled to disk) goes to the target in
-    /// parts, read, mapped and written [`PART_CHANGES`] at a time into one target
-    /// transaction that commits with the checkpoint: memory stays bounded and the target
-    /// still sees the source transaction whole or not at all. Status updates keep going
-    /// out meanwhile, so the source does not time the connection out.
-    async fn add_large_transaction(&mut self, transaction: Transaction) -> Result<(), Error> {
+    /// A transaction too large for one batch (or spilled to disk) goes to the targets in
+    /// parts, read, mapped and fed [`PART_CHANGES`] at a time; each route writes them into
+    /// one target transaction that commits with the checkpoint: memory stays bounded and the
+    /// target still sees the source transaction whole or not at all. Status updates keep
+    /// going out meanwhile, so the source does not time the connection out.
+    async fn feed_large_transaction(&mut self, transaction: Transaction) -> Result<(), Error> {
         if !self.wanted(&transaction) {
             return self.changes.note_skipped(transaction);
-        }
-        if !self.batcher.is_empty() {
-            self.apply_batch().await?;
         }
         let at = pg_micros_to_unix_micros(transaction.commit_time_micros);
         let position = CommitPosition {
@@ -382,36 +346,24 @@ impl Session<'_> {
             spilled = transaction.spilled.is_some(),
             "applying a large transaction in parts"
         );
-        self.in_large_transaction = true;
-        let result = self.add_in_parts(transaction, at).await;
-        self.in_large_transaction = false;
-        let carried = match result {
-            Ok(carried) => carried,
-            Err(error) => {
-                // Nothing of it may reach the target: roll back what was written, drop the rest.
-                if self.settle().await.is_ok() {
-                    let _ = self.worker.run(Job::Abandon).await;
-                }
-                self.batcher.discard();
-                self.confirm_before_failing().await;
-                return Err(error);
+        if let Err(error) = self.feed_in_parts(transaction, position).await {
+            // Nothing of it may reach the target: the routes roll back what they wrote.
+            if !self.mode.is_dry_run() {
+                let _ = self.feed_all(|| Feed::LargeAbort).await;
             }
-        };
-        if self.mode.is_dry_run() {
-            return Ok(());
+            self.confirm_before_failing().await;
+            return Err(error);
         }
-        self.batcher.commit(position, carried);
-        self.apply_batch().await
+        Ok(())
     }
 
-    /// Whether any change of the transaction was for the target.
-    async fn add_in_parts(
+    async fn feed_in_parts(
         &mut self,
         transaction: Transaction,
-        at: UnixMicros,
-    ) -> Result<bool, Error> {
+        position: CommitPosition,
+    ) -> Result<(), Error> {
         let dry_run = self.mode.is_dry_run();
-        let meta = transaction_meta(&transaction.commit_lsn, at);
+        let meta = transaction_meta(&position.commit_lsn, position.commit_time);
         let mut changes = Vec::new();
         let mut carried = false;
         let mut read = 0_usize;
@@ -419,7 +371,8 @@ impl Session<'_> {
         while let Some(change) = all.next() {
             self.changes.map(change?, &mut changes)?;
             read += 1;
-            if changes.len() < PART_CHANGES && all.peek().is_some() {
+            let last = all.peek().is_none();
+            if changes.len() < PART_CHANGES && !last {
                 // Changes that map to nothing (other tables, skipped rows) fill no part, so
                 // the status updates that keep the source connection (and the liveness
                 // bound) satisfied are counted in changes read.
@@ -438,147 +391,114 @@ impl Session<'_> {
                 changes.clear();
                 continue;
             }
-            self.batcher.add(changes.drain(..), at, self.metrics);
-            if all.peek().is_some() {
-                // The worker writes this part while the next one is read and mapped.
-                self.settle().await?;
-                let part = self.batcher.take_part();
-                self.worker.send(Job::Part(part)).await?;
-                self.in_flight = Some(InFlight::Part);
-            }
+            let part = std::mem::take(&mut changes);
+            let size = part.len();
+            let feed = if last {
+                Feed::LargeEnd {
+                    position,
+                    changes: part,
+                    carried,
+                }
+            } else {
+                Feed::Part {
+                    position,
+                    changes: part,
+                }
+            };
+            let permit = self.room(0, size).await?;
+            self.send(0, feed, permit).await?;
             if self.last_status.elapsed() >= self.status_interval {
                 self.send_status(false).await?;
             }
         }
-        Ok(carried)
-    }
-
-    /// Hands the batch to the worker; the worker must be free.
-    async fn submit_batch(&mut self) -> Result<(), Error> {
-        let (batch, heartbeat) = self.batcher.take();
-        self.in_flight = Some(InFlight::Batch {
-            oldest_commit: batch.commit_times().first().copied(),
-            heartbeat,
-        });
-        self.worker.send(Job::Commit(batch)).await?;
         Ok(())
     }
 
-    /// Waits until the worker has answered everything sent to it, with status updates going
-    /// out meanwhile: a slow part of a large transaction must not get the connection ended
-    /// by the source's `wal_sender_timeout`.
-    async fn settle(&mut self) -> Result<(), Error> {
-        while self.worker.in_flight() > 0 {
+    /// Room in route `route`'s feed for `changes`; while it is full (the route's target is
+    /// behind), status updates keep going out, and a route that fails ends the wait.
+    async fn room(&mut self, route: usize, changes: usize) -> Result<OwnedSemaphorePermit, Error> {
+        if let Some(permit) = self.routes[route].room_now(changes) {
+            return Ok(permit);
+        }
+        loop {
             let status_due = self.last_status + self.status_interval;
             tokio::select! {
-                done = self.worker.recv() => {
-                    let done = done?;
-                    self.on_done(done).await?;
+                permit = self.routes[route].room(changes) => return Ok(permit),
+                ended = self.route_tasks.join_next(), if !self.route_tasks.is_empty() => {
+                    return Err(route_ended(ended))
                 }
+                _ = self.confirmations.notified() => self.send_status(false).await?,
                 _ = tokio::time::sleep_until(status_due.into()) => self.send_status(false).await?,
             }
         }
-        Ok(())
     }
 
-    /// Writes the batch and waits for it, and for anything before it.
-    async fn apply_batch(&mut self) -> Result<(), Error> {
-        self.settle().await?;
-        if !self.batcher.is_empty() {
-            self.submit_batch().await?;
-            self.settle().await?;
+    /// Hands `feed` to route `route`; a route that has ended says why.
+    async fn send(
+        &mut self,
+        route: usize,
+        feed: Feed,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<(), Error> {
+        if self.routes[route].send(feed, permit) {
+            Ok(())
+        } else {
+            Err(route_ended(self.route_tasks.join_next().await))
+        }
+    }
+
+    /// Feeds every route the same message.
+    async fn feed_all(&mut self, feed: impl Fn() -> Feed) -> Result<(), Error> {
+        for route in 0..self.routes.len() {
+            let permit = self.room(route, 0).await?;
+            self.send(route, feed(), permit).await?;
         }
         Ok(())
     }
 
-    async fn on_done(&mut self, done: Done) -> Result<(), Error> {
-        let in_flight = self.in_flight.take();
-        let (batch, position, took) = match done {
-            Done::Committed {
-                batch,
-                position,
-                took,
-            } => (batch, position, took),
-            Done::Durable => {
-                if let Some(InFlight::Flush(flush)) = in_flight {
-                    self.ledger.durable(flush);
-                }
-                return self.send_status(false).await;
+    /// Before a session ends, by request or at a replay's end: every route applies what it
+    /// was fed and makes it durable; then the slot is confirmed up to it.
+    async fn finish_routes(&mut self) -> Result<(), Error> {
+        self.feed_all(|| Feed::Finish).await?;
+        loop {
+            let status_due = self.last_status + self.status_interval;
+            tokio::select! {
+                ended = self.route_tasks.join_next() => match ended {
+                    None => break,
+                    Some(Ok(Ok(()))) => {}
+                    ended => return Err(route_ended(ended)),
+                },
+                _ = tokio::time::sleep_until(status_due.into()) => self.send_status(false).await?,
             }
-            Done::Part | Done::Abandoned => return Ok(()),
-        };
-        self.lag.applied(batch.commit_times());
-        self.metrics
-            .batch_applied(batch.user_transactions(), batch.changes(), took);
-        self.metrics
-            .set_checkpoint(position.end_lsn, position.commit_time);
-        if let Some(InFlight::Batch {
-            heartbeat: Some(heartbeat),
-            ..
-        }) = in_flight
-        {
-            self.heartbeat_arrived(heartbeat);
         }
-        self.ledger.applied(position.end_lsn);
         self.send_status(false).await
-    }
-
-    /// Asks the worker to make the batches applied so far durable, and to record the idle
-    /// position if there is one, without waiting for it.
-    async fn submit_flush(&mut self) -> Result<(), Error> {
-        let flush = self.ledger.flush(self.caught_up());
-        self.in_flight = Some(InFlight::Flush(flush));
-        self.worker.send(Job::MakeDurable(flush.idle)).await?;
-        Ok(())
     }
 
     /// Before a session ends with an error: confirms what was applied, if the connections
     /// still allow it. A failure here is only logged: the error that ends the session is
     /// the one to report.
     async fn confirm_before_failing(&mut self) {
-        let confirmed = match self.make_durable().await {
-            Ok(()) => self.send_status(false).await,
-            Err(error) => Err(error),
-        };
-        if let Err(error) = confirmed {
+        if let Err(error) = self.finish_routes().await {
             tracing::debug!(error = %crate::error::report(&error), "confirming before the session ends");
         }
     }
 
-    /// Before a session ends on purpose: flushes the target, so the slot can be confirmed
-    /// up to everything applied.
-    async fn make_durable(&mut self) -> Result<(), Error> {
-        self.settle().await?;
-        let flush = self.ledger.flush(self.caught_up());
-        if Ledger::has_work(flush) {
-            self.worker.run(Job::MakeDurable(flush.idle)).await?;
-            self.ledger.durable(flush);
-        }
-        Ok(())
+    /// The position every route's target holds durably.
+    fn confirmed(&self) -> Lsn {
+        self.routes
+            .iter()
+            .map(RouteHandle::confirmed)
+            .min()
+            .unwrap_or(Lsn::ZERO)
     }
 
-    /// A heartbeat committed at `commit_time` has come through the whole pipeline.
-    fn heartbeat_arrived(&mut self, commit_time: UnixMicros) {
-        let caught_up = self.caught_up();
-        self.lag.heartbeat_arrived(commit_time, caught_up);
-    }
-
-    /// Also the moment to refresh the lag figures that only change with time: status updates
-    /// go out at least every few seconds, whatever the traffic.
     async fn send_status(&mut self, reply_requested: bool) -> Result<(), Error> {
-        let oldest = match &self.in_flight {
-            Some(InFlight::Batch {
-                oldest_commit: Some(oldest),
-                ..
-            }) => Some(*oldest),
-            _ => self.batcher.oldest_commit(),
-        };
-        self.lag.waiting(oldest);
         let flushed = if self.mode.is_dry_run() {
             // A dry run confirms nothing: the server ignores an invalid (zero) position.
             Lsn::ZERO
         } else {
-            self.ledger.report()
+            let durable = self.confirmed();
+            self.reported.report(durable)
         };
         let written = self.received.max(flushed);
         let update = encode_standby_status_update(
@@ -590,9 +510,18 @@ impl Session<'_> {
         );
         self.stream.send(update).await?;
         self.last_status = Instant::now();
-        // Status updates go out every few seconds, also while the session waits for the
-        // target (`settle`) or writes a large transaction in parts.
+        // Status updates go out every few seconds, also while the session waits for a route.
         self.metrics.liveness().progress();
         Ok(())
+    }
+}
+
+/// The error a route's task ended with, where the session expected it to go on.
+fn route_ended(ended: Option<Result<Result<(), Error>, tokio::task::JoinError>>) -> Error {
+    match ended {
+        Some(Ok(Err(error))) => error,
+        // A panic in a route is a bug: it goes on as one, as if it were the session's own.
+        Some(Err(join)) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        Some(Ok(Ok(()))) | Some(Err(_)) | None => crate::apply::ApplyError::WorkerGone.into(),
     }
 }

@@ -29,9 +29,6 @@ pub(super) struct SilenceWatch {
     last_message: Instant,
     /// A reply was requested since `last_message`, because the source had been quiet.
     reply_requested: bool,
-    /// The stream is not being read (the next batch waits for a busy worker), so the
-    /// source's silence means nothing: its messages wait in the socket.
-    paused: bool,
 }
 
 impl SilenceWatch {
@@ -40,25 +37,15 @@ impl SilenceWatch {
             timeout,
             last_message: Instant::now(),
             reply_requested: false,
-            paused: false,
         }
     }
 
-    /// The source has just been heard from, or could not be listened to until now.
+    /// The source has just been heard from, or could not be listened to until now (the
+    /// stream was not read while a message was handled, a wait for a route included: a
+    /// target slower than the source timeout is not a silent source).
     pub fn heard(&mut self) {
         self.last_message = Instant::now();
         self.reply_requested = false;
-    }
-
-    /// Whether the stream is read now. Reading again after a pause measures the silence from
-    /// now: a target slower than the source timeout is not a silent source.
-    pub fn reading(&mut self, reading: bool) {
-        if !reading {
-            self.paused = true;
-        } else if self.paused {
-            self.paused = false;
-            self.heard();
-        }
     }
 
     /// When the silence next needs a look: halfway, to ask for a reply, then at the timeout.
@@ -105,19 +92,6 @@ mod tests {
         assert_eq!(watch.check(), Verdict::Fine, "asked once");
         assert_eq!(watch.check_due(), watch.last_message + timeout);
         let mut watch = silent_for(timeout, Duration::from_secs(61));
-        assert!(matches!(watch.check(), Verdict::Dead(_)));
-    }
-
-    #[test]
-    fn a_pause_in_reading_is_not_silence() {
-        let timeout = Duration::from_secs(60);
-        let mut watch = silent_for(timeout, Duration::from_secs(90));
-        watch.reading(false);
-        watch.reading(true);
-        assert_eq!(watch.check(), Verdict::Fine);
-        // Reading on without a pause keeps the measure.
-        let mut watch = silent_for(timeout, Duration::from_secs(90));
-        watch.reading(true);
         assert!(matches!(watch.check(), Verdict::Dead(_)));
     }
 

@@ -1,0 +1,453 @@
+//! A route: one target, on a task of its own, fed the source's committed transactions by the
+//! session's reader.
+//!
+//! The reader decodes and maps the stream once; each route batches what it is fed
+//! ([`Batcher`]), has its [`ApplyWorker`] write the batches to its target, keeps its own
+//! [`Ledger`] of what that target holds durably and its own [`LagTracker`]. The slot is
+//! confirmed at the lowest position every route holds durably, which the route publishes
+//! ([`RouteHandle::confirmed`]) and the reader reads when it sends a status update.
+//!
+//! The feed is bounded in changes ([`FEED_CHANGES`]), not in messages: a route whose target
+//! is slower than the source stops taking from its feed once its next batch is full, and the
+//! reader then waits (sending status updates meanwhile), so memory stays bounded whatever
+//! the backlog, as it did when batching and reading were one loop.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+
+use super::batcher::Batcher;
+use super::changes::UserChange;
+use super::lag::{LagTracker, SharedClock};
+use super::ledger::{Flush, Ledger};
+use crate::apply::{ApplyWorker, CommitPosition, Done, Job, UnixMicros};
+use crate::error::Error;
+use crate::lsn::Lsn;
+use crate::metrics::Metrics;
+
+/// Most changes waiting in a route's feed. The feed is only a handoff (the route takes a
+/// transaction into its batch as soon as it comes), so a part's worth is plenty.
+pub(super) const FEED_CHANGES: usize = super::session::PART_CHANGES;
+
+/// How often, at most, a route refreshes the lag figures that change with time alone.
+const LAG_REFRESH: Duration = Duration::from_secs(1);
+
+/// What the reader feeds a route, in commit order.
+pub(super) enum Feed {
+    /// A committed source transaction's changes for this route (none: it only moves the
+    /// position); `heartbeat`: it carried this replicator's heartbeat.
+    Transaction {
+        position: CommitPosition,
+        changes: Vec<UserChange>,
+        heartbeat: bool,
+    },
+    /// Changes of a large transaction committed at `position`, more to come.
+    Part {
+        position: CommitPosition,
+        changes: Vec<UserChange>,
+    },
+    /// The last changes of a large transaction; `carried`: whether any of its changes, in
+    /// any part, was for the target.
+    LargeEnd {
+        position: CommitPosition,
+        changes: Vec<UserChange>,
+        carried: bool,
+    },
+    /// The large transaction being fed failed to map: nothing of it may reach the target.
+    LargeAbort,
+    /// Nothing for the target up to `position` (a keepalive while the reader holds no
+    /// transaction); `sent_at`, without heartbeats, the server's clock as it sent it.
+    Idle {
+        position: Lsn,
+        sent_at: Option<UnixMicros>,
+    },
+    /// Apply what is pending, make it durable, and end.
+    Finish,
+}
+
+/// A feed message and the share of the feed's capacity it holds until taken.
+struct Fed {
+    feed: Feed,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// What the reader holds of a route.
+pub(super) struct RouteHandle {
+    feed: mpsc::UnboundedSender<Fed>,
+    capacity: Arc<Semaphore>,
+    confirmed: Arc<AtomicU64>,
+}
+
+impl RouteHandle {
+    /// The position the route's target holds durably.
+    pub fn confirmed(&self) -> Lsn {
+        Lsn(self.confirmed.load(Ordering::Acquire))
+    }
+
+    /// Waits for room for `changes` in the feed. Cancel-safe: nothing is taken until ready.
+    pub async fn room(&self, changes: usize) -> OwnedSemaphorePermit {
+        let permits = changes.clamp(1, FEED_CHANGES) as u32;
+        Arc::clone(&self.capacity)
+            .acquire_many_owned(permits)
+            .await
+            .expect("the feed's semaphore is never closed")
+    }
+
+    /// Room for `changes` right now, if there is.
+    pub fn room_now(&self, changes: usize) -> Option<OwnedSemaphorePermit> {
+        let permits = changes.clamp(1, FEED_CHANGES) as u32;
+        Arc::clone(&self.capacity)
+            .try_acquire_many_owned(permits)
+            .ok()
+    }
+
+    /// Hands `feed` over with the room taken for it; false if the route has ended (its task
+    /// says why).
+    pub fn send(&self, feed: Feed, permit: OwnedSemaphorePermit) -> bool {
+        self.feed
+            .send(Fed {
+                feed,
+                _permit: permit,
+            })
+            .is_ok()
+    }
+}
+
+/// What a route needs to start.
+pub(super) struct RouteParts {
+    pub worker: ApplyWorker,
+    pub metrics: Arc<Metrics>,
+    /// The durable checkpoint the route's target resumes from.
+    pub resume_at: Lsn,
+    /// Whether idle positions are recorded (not in a dry run).
+    pub records: bool,
+    pub clock: SharedClock,
+    /// When this session's heartbeats began (see [`LagTracker`]).
+    pub monitor_started: UnixMicros,
+    /// Told whenever any route's durable position moves.
+    pub confirmations: Arc<Notify>,
+}
+
+/// Starts a route on its own task, which ends with the route's first error, or once it has
+/// made everything it was fed durable after [`Feed::Finish`].
+pub(super) fn spawn(
+    parts: RouteParts,
+    tasks: &mut tokio::task::JoinSet<Result<(), Error>>,
+) -> RouteHandle {
+    let (feed, fed) = mpsc::unbounded_channel();
+    let capacity = Arc::new(Semaphore::new(FEED_CHANGES));
+    let confirmed = Arc::new(AtomicU64::new(parts.resume_at.0));
+    let route = Route {
+        fed,
+        worker: parts.worker,
+        batcher: Batcher::default(),
+        ledger: Ledger::new(parts.resume_at, parts.records),
+        lag: LagTracker::new(
+            Arc::clone(&parts.metrics),
+            parts.clock,
+            parts.monitor_started,
+        ),
+        metrics: parts.metrics,
+        in_flight: None,
+        in_large_transaction: false,
+        confirmed: Arc::clone(&confirmed),
+        confirmations: parts.confirmations,
+        lag_refreshed: Instant::now(),
+    };
+    tasks.spawn(route.run());
+    RouteHandle {
+        feed,
+        capacity,
+        confirmed,
+    }
+}
+
+/// What the route remembers of the job its worker is doing.
+enum InFlight {
+    /// A batch: its oldest commit time, and a heartbeat that came behind it.
+    Batch {
+        oldest_commit: Option<UnixMicros>,
+        heartbeat: Option<UnixMicros>,
+    },
+    /// A part of a large transaction.
+    Part,
+    /// A durability flush, and what it covers.
+    Flush(Flush),
+}
+
+struct Route {
+    fed: mpsc::UnboundedReceiver<Fed>,
+    worker: ApplyWorker,
+    batcher: Batcher,
+    ledger: Ledger,
+    lag: LagTracker,
+    metrics: Arc<Metrics>,
+    /// The job the worker is doing, if any.
+    in_flight: Option<InFlight>,
+    /// A large transaction is being applied in parts.
+    in_large_transaction: bool,
+    /// The ledger's durable position, for the reader.
+    confirmed: Arc<AtomicU64>,
+    confirmations: Arc<Notify>,
+    lag_refreshed: Instant,
+}
+
+impl Route {
+    /// Takes from the feed while the worker writes the previous batch. A batch goes to the
+    /// worker as soon as the feed is empty and the worker is free; while it is busy, the next
+    /// batch grows (up to its limit, then the route stops taking from the feed).
+    async fn run(mut self) -> Result<(), Error> {
+        loop {
+            let worker_free = self.in_flight.is_none();
+            let flush_due = self.ledger.flush_due(self.caught_up());
+            if worker_free && flush_due.is_some_and(|due| Instant::now() >= due) {
+                self.submit_flush().await?;
+                continue;
+            }
+            if self.batcher.is_due() && worker_free {
+                self.submit_batch().await?;
+                continue;
+            }
+            let may_take = worker_free || !self.batcher.is_due();
+            let mut timer = self.lag_refreshed + LAG_REFRESH;
+            if let Some(flush_due) = flush_due.filter(|_| worker_free) {
+                // (A busy worker wakes the loop itself when it is done.)
+                timer = timer.min(flush_due);
+            }
+            tokio::select! {
+                biased;
+                done = self.worker.recv(), if !worker_free => self.on_done(done?).await?,
+                fed = self.fed.recv(), if may_take => match fed {
+                    Some(Fed { feed: Feed::Finish, .. }) => return self.finish().await,
+                    Some(Fed { feed, _permit }) => self.take(feed).await?,
+                    // The session is ending without a finish (it failed): nothing to add.
+                    None => return Ok(()),
+                },
+                // Nothing more to take right now: write what we have.
+                _ = std::future::ready(()), if worker_free && !self.batcher.is_empty() => {
+                    self.submit_batch().await?
+                }
+                _ = tokio::time::sleep_until(timer.into()) => self.refresh_lag(),
+            }
+        }
+    }
+
+    /// Nothing fed is waiting to be applied.
+    fn caught_up(&self) -> bool {
+        self.batcher.is_empty() && self.in_flight.is_none() && !self.in_large_transaction
+    }
+
+    async fn take(&mut self, feed: Feed) -> Result<(), Error> {
+        match feed {
+            Feed::Transaction {
+                position,
+                changes,
+                heartbeat,
+            } => self.add_transaction(position, changes, heartbeat),
+            Feed::Part { position, changes } => {
+                if self.ledger.holds(position.commit_lsn) {
+                    return Ok(());
+                }
+                self.start_large_transaction().await?;
+                self.batcher
+                    .add(changes, position.commit_time, &self.metrics);
+                // The worker writes this part while the reader maps the next one.
+                self.settle().await?;
+                let part = self.batcher.take_part();
+                self.worker.send(Job::Part(part)).await?;
+                self.in_flight = Some(InFlight::Part);
+            }
+            Feed::LargeEnd {
+                position,
+                changes,
+                carried,
+            } => {
+                if self.ledger.holds(position.commit_lsn) {
+                    self.metrics.transaction_skipped();
+                    return Ok(());
+                }
+                self.start_large_transaction().await?;
+                self.batcher
+                    .add(changes, position.commit_time, &self.metrics);
+                self.batcher.commit(position, carried);
+                self.in_large_transaction = false;
+                self.apply_batch().await?;
+            }
+            Feed::LargeAbort => {
+                // Roll back what was written, drop the rest.
+                if self.in_large_transaction {
+                    self.settle().await?;
+                    self.worker.run(Job::Abandon).await?;
+                }
+                self.batcher.discard();
+                self.in_large_transaction = false;
+            }
+            Feed::Idle { position, sent_at } => {
+                if self.caught_up() {
+                    self.ledger.nothing_until(position);
+                    if let Some(sent_at) = sent_at {
+                        // No heartbeats: a keepalive while caught up is the best idle estimate.
+                        self.lag.keepalive_while_idle(sent_at);
+                    }
+                }
+            }
+            Feed::Finish => unreachable!("handled by run"),
+        }
+        Ok(())
+    }
+
+    /// Adds a transaction to the batch; one with nothing for the target only moves the
+    /// position, without a target transaction of its own while nothing else waits.
+    fn add_transaction(
+        &mut self,
+        position: CommitPosition,
+        changes: Vec<UserChange>,
+        heartbeat: bool,
+    ) {
+        if self.ledger.holds(position.commit_lsn) {
+            self.metrics.transaction_skipped();
+            return;
+        }
+        let at = position.commit_time;
+        if changes.is_empty() && self.batcher.is_empty() {
+            self.ledger.nothing_until(position.end_lsn);
+            if heartbeat {
+                // It has come through once the batch being written has.
+                match &mut self.in_flight {
+                    Some(InFlight::Batch { heartbeat, .. }) => *heartbeat = Some(at),
+                    _ => self.heartbeat_arrived(at),
+                }
+            }
+            return;
+        }
+        if heartbeat {
+            self.batcher.heartbeat_behind(at);
+        }
+        let carried = !changes.is_empty();
+        self.batcher.add(changes, at, &self.metrics);
+        self.batcher.commit(position, carried);
+    }
+
+    /// The first part of a large transaction goes into a target transaction of its own:
+    /// what was batched before it is written first.
+    async fn start_large_transaction(&mut self) -> Result<(), Error> {
+        if !self.in_large_transaction {
+            self.apply_batch().await?;
+            self.in_large_transaction = true;
+        }
+        Ok(())
+    }
+
+    /// Applies what is pending and makes it durable: the reader confirms it, then ends.
+    async fn finish(mut self) -> Result<(), Error> {
+        self.apply_batch().await?;
+        self.settle().await?;
+        let flush = self.ledger.flush(self.caught_up());
+        if Ledger::has_work(flush) {
+            self.worker.run(Job::MakeDurable(flush.idle)).await?;
+            self.durable(flush);
+        }
+        Ok(())
+    }
+
+    /// Hands the batch to the worker; the worker must be free.
+    async fn submit_batch(&mut self) -> Result<(), Error> {
+        let (batch, heartbeat) = self.batcher.take();
+        self.in_flight = Some(InFlight::Batch {
+            oldest_commit: batch.commit_times().first().copied(),
+            heartbeat,
+        });
+        self.worker.send(Job::Commit(batch)).await?;
+        Ok(())
+    }
+
+    /// Waits until the worker has answered everything sent to it.
+    async fn settle(&mut self) -> Result<(), Error> {
+        while self.worker.in_flight() > 0 {
+            let done = self.worker.recv().await?;
+            self.on_done(done).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the batch and waits for it, and for anything before it.
+    async fn apply_batch(&mut self) -> Result<(), Error> {
+        self.settle().await?;
+        if !self.batcher.is_empty() {
+            self.submit_batch().await?;
+            self.settle().await?;
+        }
+        Ok(())
+    }
+
+    async fn on_done(&mut self, done: Done) -> Result<(), Error> {
+        let in_flight = self.in_flight.take();
+        let (batch, position, took) = match done {
+            Done::Committed {
+                batch,
+                position,
+                took,
+            } => (batch, position, took),
+            Done::Durable => {
+                if let Some(InFlight::Flush(flush)) = in_flight {
+                    self.durable(flush);
+                }
+                return Ok(());
+            }
+            Done::Part | Done::Abandoned => return Ok(()),
+        };
+        self.lag.applied(batch.commit_times());
+        self.metrics
+            .batch_applied(batch.user_transactions(), batch.changes(), took);
+        self.metrics
+            .set_checkpoint(position.end_lsn, position.commit_time);
+        if let Some(InFlight::Batch {
+            heartbeat: Some(heartbeat),
+            ..
+        }) = in_flight
+        {
+            self.heartbeat_arrived(heartbeat);
+        }
+        self.ledger.applied(position.end_lsn);
+        self.refresh_lag();
+        Ok(())
+    }
+
+    /// Asks the worker to make the batches applied so far durable, and to record the idle
+    /// position if there is one, without waiting for it.
+    async fn submit_flush(&mut self) -> Result<(), Error> {
+        let flush = self.ledger.flush(self.caught_up());
+        self.in_flight = Some(InFlight::Flush(flush));
+        self.worker.send(Job::MakeDurable(flush.idle)).await?;
+        Ok(())
+    }
+
+    /// A flush returned: the reader may confirm the slot up to what it covered.
+    fn durable(&mut self, flush: Flush) {
+        self.ledger.durable(flush);
+        self.confirmed
+            .store(self.ledger.confirmed().0, Ordering::Release);
+        self.confirmations.notify_one();
+    }
+
+    /// A heartbeat committed at `commit_time` has come through the whole pipeline.
+    fn heartbeat_arrived(&mut self, commit_time: UnixMicros) {
+        let caught_up = self.caught_up();
+        self.lag.heartbeat_arrived(commit_time, caught_up);
+    }
+
+    /// The current lag while work waits: the age of the oldest waiting commit.
+    fn refresh_lag(&mut self) {
+        let oldest = match &self.in_flight {
+            Some(InFlight::Batch {
+                oldest_commit: Some(oldest),
+                ..
+            }) => Some(*oldest),
+            _ => self.batcher.oldest_commit(),
+        };
+        self.lag.waiting(oldest);
+        self.lag_refreshed = Instant::now();
+    }
+}
