@@ -367,8 +367,15 @@ impl<'a> Session<'a> {
         let mut changes = Vec::new();
         let mut carried = false;
         let mut read = 0_usize;
+        let mut room = None;
         let mut all = transaction.into_changes().peekable();
         while let Some(change) = all.next() {
+            if room.is_none() && !dry_run {
+                // Room for a whole part before it is mapped: the route has handed the one
+                // before to its writer, so a transaction of any size holds two parts at most,
+                // one being written while the next is mapped.
+                room = Some(self.room(0, PART_CHANGES).await?);
+            }
             self.changes.map(change?, &mut changes)?;
             read += 1;
             let last = all.peek().is_none();
@@ -392,7 +399,6 @@ impl<'a> Session<'a> {
                 continue;
             }
             let part = std::mem::take(&mut changes);
-            let size = part.len();
             let feed = if last {
                 Feed::LargeEnd {
                     position,
@@ -405,11 +411,23 @@ impl<'a> Session<'a> {
                     changes: part,
                 }
             };
-            let permit = self.room(0, size).await?;
-            self.send(0, feed, permit).await?;
+            if let Some(permit) = room.take() {
+                self.send(0, feed, permit).await?;
+            }
             if self.last_status.elapsed() >= self.status_interval {
                 self.send_status(false).await?;
             }
+        }
+        if read == 0 && !dry_run {
+            // No change at all (a spilled transaction can be empty): it still moves the
+            // position.
+            let permit = self.room(0, 0).await?;
+            let feed = Feed::Transaction {
+                position,
+                changes: Vec::new(),
+                heartbeat: false,
+            };
+            self.send(0, feed, permit).await?;
         }
         Ok(())
     }
