@@ -82,6 +82,11 @@ pub enum ApplyError {
     Stalled { timeout: std::time::Duration },
     #[error("the target writer task ended unexpectedly; this is a bug in usersync")]
     WorkerGone,
+    #[error(
+        "a durability flush was asked for while a large transaction's parts were being \
+         written; nothing was committed; this is a bug in usersync"
+    )]
+    FlushInsideTransaction,
 }
 
 impl ApplyError {

@@ -114,10 +114,7 @@ async fn work(
                 })
             }
             Job::Part(batch) => writer.apply_part(&batch).await.map(|()| Done::Part),
-            Job::Abandon => {
-                writer.abandon().await;
-                Ok(Done::Abandoned)
-            }
+            Job::Abandon => writer.abandon().await.map(|()| Done::Abandoned),
             Job::MakeDurable(idle) => writer.make_durable(idle).await.map(|()| Done::Durable),
         };
         let failed = result.is_err();

@@ -427,12 +427,19 @@ impl TargetWriter {
         self.write(batch, End::KeepOpen).await
     }
 
-    /// Rolls back a transaction left open by [`apply_part`](Self::apply_part).
-    pub async fn abandon(&mut self) {
+    /// Rolls back a transaction left open by [`apply_part`](Self::apply_part). A target that
+    /// stops answering must end the session as a write would (dropping the connection rolls
+    /// back all the same), not hold it for good.
+    pub async fn abandon(&mut self) -> Result<(), ApplyError> {
         if self.open {
             self.open = false;
-            self.rollback().await;
+            tokio::time::timeout(APPLY_TIMEOUT, self.rollback())
+                .await
+                .map_err(|_| ApplyError::Stalled {
+                    timeout: APPLY_TIMEOUT,
+                })?;
         }
+        Ok(())
     }
 
     /// Commits asynchronously from now on: a batch is visible as soon as it commits, without
@@ -662,6 +669,11 @@ impl TargetWriter {
     /// moves there (never back), so that the slot can be confirmed there and still no further
     /// than the checkpoint.
     pub async fn make_durable(&mut self, idle: Option<Lsn>) -> Result<(), ApplyError> {
+        if self.open {
+            // Its commit would be the open transaction's: parts of a source transaction
+            // made visible and durable without the rest.
+            return Err(ApplyError::FlushInsideTransaction);
+        }
         // A target that stops answering (its host frozen while the kernel still acknowledges)
         // must end the session as a write would, not hold it for good.
         tokio::time::timeout(APPLY_TIMEOUT, self.make_durable_unbounded(idle))

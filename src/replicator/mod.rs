@@ -151,6 +151,7 @@ pub async fn replay(
     result
 }
 
+/// How long a target request may go unanswered while a session starts; afterwards the
 /// writer's own `statement_timeout` and batch timeout bound every request.
 const TARGET_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -7,10 +7,11 @@
 //! confirmed at the lowest position every route holds durably, which the route publishes
 //! ([`RouteHandle::confirmed`]) and the reader reads when it sends a status update.
 //!
-//! The feed is bounded in changes ([`FEED_CHANGES`]), not in messages: a route whose target
-//! is slower than the source stops taking from its feed once its next batch is full, and the
-//! reader then waits (sending status updates meanwhile), so memory stays bounded whatever
-//! the backlog, as it did when batching and reading were one loop.
+//! The feed is bounded in changes ([`FEED_CHANGES`], or one transaction that has more), not
+//! in messages: a route whose target is slower than the source stops taking from its feed
+//! once its next batch is full, and the reader then waits (sending status updates
+//! meanwhile), so memory stays bounded whatever the backlog: the batch being written, the
+//! next one, the feed, and the transaction the reader holds, each at most a batch's worth.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -201,7 +202,13 @@ impl Route {
     async fn run(mut self) -> Result<(), Error> {
         loop {
             let worker_free = self.in_flight.is_none();
-            let flush_due = self.ledger.flush_due(self.caught_up());
+            // Between the parts of a large transaction the target transaction is open on the
+            // writer's connection: a flush there would commit the parts so far.
+            let flush_due = if self.in_large_transaction {
+                None
+            } else {
+                self.ledger.flush_due(self.caught_up())
+            };
             if worker_free && flush_due.is_some_and(|due| Instant::now() >= due) {
                 self.submit_flush().await?;
                 continue;
@@ -275,15 +282,7 @@ impl Route {
                 self.in_large_transaction = false;
                 self.apply_batch().await?;
             }
-            Feed::LargeAbort => {
-                // Roll back what was written, drop the rest.
-                if self.in_large_transaction {
-                    self.settle().await?;
-                    self.worker.run(Job::Abandon).await?;
-                }
-                self.batcher.discard();
-                self.in_large_transaction = false;
-            }
+            Feed::LargeAbort => self.abandon_large_transaction().await?,
             Feed::Idle { position, sent_at } => {
                 if self.caught_up() {
                     self.ledger.nothing_until(position);
@@ -340,8 +339,23 @@ impl Route {
         Ok(())
     }
 
-    /// Applies what is pending and makes it durable: the reader confirms it, then ends.
+    /// The large transaction being fed failed: roll back what was written of it, drop the
+    /// rest. What was batched before it (committed source transactions) stays, to be applied.
+    /// Before its first part, there is nothing of it here.
+    async fn abandon_large_transaction(&mut self) -> Result<(), Error> {
+        if self.in_large_transaction {
+            self.settle().await?;
+            self.worker.run(Job::Abandon).await?;
+            self.batcher.discard();
+            self.in_large_transaction = false;
+        }
+        Ok(())
+    }
+
+    /// Applies what is pending and makes it durable: the reader confirms it, then ends. A
+    /// large transaction left unfinished (its end never came) is rolled back first.
     async fn finish(mut self) -> Result<(), Error> {
+        self.abandon_large_transaction().await?;
         self.apply_batch().await?;
         self.settle().await?;
         let flush = self.ledger.flush(self.caught_up());

@@ -411,9 +411,11 @@ impl<'a> Session<'a> {
                     changes: part,
                 }
             };
-            if let Some(permit) = room.take() {
-                self.send(0, feed, permit).await?;
-            }
+            let permit = match room.take() {
+                Some(permit) => permit,
+                None => self.room(0, PART_CHANGES).await?,
+            };
+            self.send(0, feed, permit).await?;
             if self.last_status.elapsed() >= self.status_interval {
                 self.send_status(false).await?;
             }

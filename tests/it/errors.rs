@@ -1,5 +1,7 @@
 //! Bad input and bad environments: a clear message, a definite exit code, no password.
 
+use std::time::{Duration, Instant};
+
 use crate::harness::*;
 use usersync::localpg::LocalPg;
 
@@ -346,6 +348,78 @@ async fn a_malformed_row_in_a_spilled_transaction_applies_none_of_it() {
         target_user_count(&pair.target).await,
         1,
         "only the good transaction is on the target"
+    );
+}
+
+/// A large transaction that fails to map before its first part is written must not take
+/// the transactions before it along: one still waiting for the target (the writer busy with
+/// a slow one) is applied and confirmed before the error ends the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_large_transaction_keeps_the_transactions_waiting_before_it() {
+    let pair = numeric_sign_up_pair().await;
+    pair.target
+        .batch_execute(
+            "CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_sleep(2); RETURN NEW; END $$;
+             CREATE TRIGGER slow_row BEFORE INSERT ON neon_auth.users_sync FOR EACH ROW
+               WHEN (NEW.raw_json ->> 'primary_email' = 'slow@example.com')
+               EXECUTE FUNCTION slow_row();",
+        )
+        .await
+        .unwrap();
+    let run = pair
+        .command(&[
+            "run",
+            "--signed-up-at-column",
+            "signed_up",
+            "--spill-threshold",
+            "64kB",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    pair.source
+        .batch_execute("INSERT INTO users VALUES ('slow', 'slow@example.com', 1700000000000)")
+        .await
+        .unwrap();
+    // The next ones arrive while the slow one is being written.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let sleeping: i64 = pair
+            .target
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if sleeping > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slow row never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pair.source
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO users VALUES ('good', 'good@example.com', 1700000000000);
+             COMMIT;
+             BEGIN;
+             INSERT INTO users VALUES ('bad', 'bad@example.com', 1.5);
+             INSERT INTO users SELECT 'big' || g, 'big' || g || '@example.com', 1700000000000
+               FROM generate_series(1, 3000) g;
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    let output = run.wait_with_output().unwrap();
+    assert_definite(&output, "signed_up");
+    assert_eq!(
+        target_user_count(&pair.target).await,
+        2,
+        "both transactions before the bad one are on the target"
     );
 }
 

@@ -547,3 +547,63 @@ async fn a_slow_part_of_a_large_transaction_keeps_the_source_connection() {
     );
     running.stop().await;
 }
+
+/// The parts of a large transaction are written into one target transaction, open between
+/// them: a durability flush must never run on that connection meanwhile, or it would commit
+/// the parts so far (the target would show half a source transaction, and the session would
+/// fail and apply them again). Here a batch is applied, not yet flushed, just before the
+/// transaction's first part (it waited behind a slow one), and the reader is slow between
+/// parts (a long run of logical messages that map to nothing, read back from the spill
+/// file), so the writer sits idle with a flush due between parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_flush_runs_between_the_parts_of_a_large_transaction() {
+    let mut pair = Pair::new().await;
+    pair.config.spill_threshold = 64 << 10;
+    pair.setup().await;
+    pair.target
+        .batch_execute(
+            "CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_sleep(5); RETURN NEW; END $$;
+             CREATE TRIGGER slow_row BEFORE INSERT ON neon_auth.users_sync FOR EACH ROW
+               WHEN (NEW.raw_json ->> 'primary_email' = 'slow@example.com')
+               EXECUTE FUNCTION slow_row();",
+        )
+        .await
+        .unwrap();
+    let running = pair.start();
+    // The large transaction is written first and committed last, so that it reaches the
+    // replicator whole (streamed while in progress) right behind the two small ones.
+    let database: String = pair
+        .source
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let other = sql(pair.server, &database).await;
+    pair.source
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO users (email)
+               SELECT 'big' || g || '@example.com' FROM generate_series(1, 2500) g;
+             SELECT count(pg_logical_emit_message(true, 'filler', 'x'))
+               FROM generate_series(1, 400000);
+             INSERT INTO users (email) VALUES ('last@example.com');",
+        )
+        .await
+        .unwrap();
+    other
+        .batch_execute(
+            "INSERT INTO users (email) VALUES ('slow@example.com');
+             INSERT INTO users (email) VALUES ('waiting@example.com');",
+        )
+        .await
+        .unwrap();
+    pair.source.batch_execute("COMMIT").await.unwrap();
+    pair.wait_for_match().await;
+    assert_eq!(
+        running.metrics.reconnects(),
+        0,
+        "the session failed: a flush ran inside the large transaction"
+    );
+    running.stop().await;
+}
