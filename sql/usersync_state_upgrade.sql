@@ -14,3 +14,25 @@ BEGIN
   END IF;
 END
 $$;
+
+-- usersync.primary_email_channel, as sql/usersync_state.sql creates it (see there): live
+-- users showing an email on a target copied by an older usersync get channel_id NULL
+-- (unknown). Created by whoever first runs this version (the target role owns schema
+-- usersync); no lock on an existing table is taken.
+DO $$
+BEGIN
+  IF to_regclass('usersync.primary_email_channel') IS NULL THEN
+    CREATE TABLE usersync.primary_email_channel (
+      user_id    text PRIMARY KEY,
+      channel_id text
+    );
+    IF to_regclass('neon_auth.users_sync') IS NOT NULL THEN
+      INSERT INTO usersync.primary_email_channel (user_id, channel_id)
+      SELECT id, NULL FROM neon_auth.users_sync
+       WHERE deleted_at IS NULL AND raw_json ->> 'primary_email' IS NOT NULL
+         -- Only the stack-auth profile writes this key.
+         AND raw_json ? 'primary_email_auth_enabled';
+    END IF;
+  END IF;
+END
+$$;
