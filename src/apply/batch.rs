@@ -27,6 +27,25 @@
 //!   transaction: parts are written as they fill.)
 //! - a TRUNCATE soft-deletes every live row on the target, so the rows pending before it are
 //!   written first: the batch is a sequence of segments, each applied in order.
+//!
+//! **Where a part comes from.** The target records, for each user, the row its part comes
+//! from (Stack Auth: which contact channel the email keys hold, in
+//! `usersync.primary_email_channel`), written with the part's keys: a patch records its row
+//! (`from`), a clearing patch forgets it, a patch that changes nothing (after the user's
+//! delete, or undone) leaves it. A part's row that went away known by its key only (no
+//! `REPLICA IDENTITY FULL`) clears the part only if it is the recorded row
+//! ([`Batch::clear_part_if`]). Within a batch the record is either known from an earlier
+//! change of the batch, and the batch decides at once, or not, and then the target decides:
+//! - known (a patch or a clear earlier in the segment): the part is cleared now if the record
+//!   names that row, like [`Batch::clear_part`], and otherwise nothing changes;
+//! - unknown: the user carries a [`ClearIf`], which the target applies *before* the segment's
+//!   other statements for that user. That order is the batch's own: a `ClearIf` exists only
+//!   while no earlier change of the segment touched the part, and the changes before it that
+//!   did not touch the part (an upsert that leaves the part's keys to the target, or sets them
+//!   to "none yet") commute with it. Later changes go after it as usual: a patch sets the part
+//!   again over whatever it left, an upsert takes the part's keys from the row it left;
+//! - the other rules hold as for any clearing patch: after the user's delete in the batch it
+//!   changes nothing, and just before it (same source transaction) it is undone.
 
 use std::collections::HashMap;
 
@@ -52,6 +71,23 @@ pub struct PendingUser {
     pub patch: Map<String, Value>,
     pub updated_at: UnixMicros,
     pub deleted_at: Option<UnixMicros>,
+    /// The record of the row the user's part comes from, as the batch leaves it:
+    /// `None`: untouched; `Some(None)`: forgotten (the part is cleared); `Some(Some(row))`.
+    pub part_from: Option<Option<String>>,
+    /// Applied first, by the target: see [`ClearIf`].
+    pub clear_if: Option<ClearIf>,
+}
+
+/// Clears a user's part if the target records that it comes from one of `rows` (which went
+/// away, known by their keys only), and forgets the record; otherwise changes nothing. Only
+/// while the batch knows nothing of the record (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClearIf {
+    pub rows: Vec<String>,
+    /// The keys that clear the part.
+    pub keys: Map<String, Value>,
+    /// When the first of them went away: the user's `updated_at` if it clears.
+    pub at: UnixMicros,
 }
 
 impl PendingUser {
@@ -64,6 +100,8 @@ impl PendingUser {
             patch: Map::new(),
             updated_at: at,
             deleted_at: None,
+            part_from: None,
+            clear_if: None,
         }
     }
 }
@@ -162,6 +200,11 @@ impl Batch {
         let users = self.users_segment();
         // What the batch knows of the user whose values the unchanged keys hold.
         let earlier = users.remove(&id);
+        // The record of the user's part stays the user's own (see the module docs).
+        let (part_from, clear_if) = earlier
+            .as_ref()
+            .map(|earlier| (earlier.part_from.clone(), earlier.clear_if.clone()))
+            .unwrap_or_default();
         let earlier = match &moved_from {
             Some(from) if !unchanged_keys.is_empty() => users.get(from).cloned(),
             Some(_) => None,
@@ -196,6 +239,8 @@ impl Batch {
                 patch: Map::new(),
                 updated_at: at,
                 deleted_at: None,
+                part_from: None,
+                clear_if: None,
             },
         };
         users.insert(
@@ -203,6 +248,8 @@ impl Batch {
             PendingUser {
                 updated_at: at,
                 deleted_at,
+                part_from,
+                clear_if,
                 ..pending
             },
         );
@@ -226,27 +273,84 @@ impl Batch {
         pending.deleted_at.get_or_insert(at);
     }
 
-    /// Sets `keys` of user `id` and keeps its other keys (see the module docs).
-    pub fn patch(&mut self, id: String, keys: Map<String, Value>, at: UnixMicros) {
+    /// Sets `keys` of user `id`, the part that comes from row `from` now (`None`: from
+    /// none), and keeps its other keys (see the module docs).
+    pub fn patch(
+        &mut self,
+        id: String,
+        keys: Map<String, Value>,
+        from: Option<String>,
+        at: UnixMicros,
+    ) {
+        self.changes += 1;
         self.cleared.remove(&id);
-        self.patch_keys(id, keys, at);
+        self.patch_keys(id, keys, from, at);
     }
 
     /// A patch clearing a part of user `id` whose row went away: undone if the user's delete
     /// is the next change to it in the same source transaction (see the module docs).
     pub fn clear_part(&mut self, id: String, keys: Map<String, Value>, at: UnixMicros) {
+        self.changes += 1;
         let before = self.users_segment().get(&id).cloned();
         self.cleared.entry(id.clone()).or_insert(before);
-        self.patch_keys(id, keys, at);
+        self.patch_keys(id, keys, None, at);
     }
 
-    fn patch_keys(&mut self, id: String, keys: Map<String, Value>, at: UnixMicros) {
+    /// Row `row`, from which user `id`'s part may come, went away, known by its key only:
+    /// the part (`keys`) is cleared if it comes from that row, decided by what the batch knows
+    /// or else by the target (see the module docs); undone like [`Batch::clear_part`].
+    pub fn clear_part_if(
+        &mut self,
+        id: String,
+        row: String,
+        keys: Map<String, Value>,
+        at: UnixMicros,
+    ) {
         self.changes += 1;
+        let users = self.users_segment();
+        let before = users.get(&id).cloned();
+        let pending = users
+            .entry(id.clone())
+            .or_insert_with(|| PendingUser::nothing(at));
+        if pending.deleted_at.is_some() {
+            // As any patch after the user's delete: the user keeps its last part.
+            return;
+        }
+        let clears_now = match (&pending.part_from, &mut pending.clear_if) {
+            (Some(from), _) => from.as_ref() == Some(&row),
+            (None, Some(clear_if)) => {
+                clear_if.rows.push(row);
+                false
+            }
+            (None, None) => {
+                pending.clear_if = Some(ClearIf {
+                    rows: vec![row],
+                    keys: keys.clone(),
+                    at,
+                });
+                false
+            }
+        };
+        self.cleared.entry(id.clone()).or_insert(before);
+        if clears_now {
+            self.patch_keys(id, keys, None, at);
+        }
+    }
+
+    /// Counted by the caller.
+    fn patch_keys(
+        &mut self,
+        id: String,
+        keys: Map<String, Value>,
+        from: Option<String>,
+        at: UnixMicros,
+    ) {
         let users = self.users_segment();
         let pending = users.entry(id).or_insert_with(|| PendingUser::nothing(at));
         if pending.deleted_at.is_some() {
             return;
         }
+        pending.part_from = Some(from);
         pending.updated_at = at;
         match &mut pending.raw_json {
             Some(raw_json) => {
@@ -331,6 +435,8 @@ fn merge_unchanged(
         patch: Map::new(),
         updated_at: 0,
         deleted_at: None,
+        part_from: None,
+        clear_if: None,
     }
 }
 
@@ -497,7 +603,12 @@ mod tests {
     fn a_patch_merges_into_a_pending_upsert() {
         let mut batch = Batch::new();
         batch.upsert(user("a", json!({"primary_email": null, "n": 1}), &[]), 1);
-        batch.patch("a".into(), keys(json!({"primary_email": "a@x.org"})), 1);
+        batch.patch(
+            "a".into(),
+            keys(json!({"primary_email": "a@x.org"})),
+            None,
+            1,
+        );
         let a = &only_users(&batch)["a"];
         let raw = a.raw_json.as_ref().unwrap();
         assert_eq!(
@@ -520,7 +631,12 @@ mod tests {
             user("a", json!({"n": 1}), &["primary_email", "verified"]),
             1,
         );
-        batch.patch("a".into(), keys(json!({"primary_email": "a@x.org"})), 2);
+        batch.patch(
+            "a".into(),
+            keys(json!({"primary_email": "a@x.org"})),
+            None,
+            2,
+        );
         let a = &only_users(&batch)["a"];
         assert_eq!(a.raw_json.as_ref().unwrap()["primary_email"], "a@x.org");
         assert_eq!(a.keep_keys, vec!["verified".to_owned()]);
@@ -533,9 +649,15 @@ mod tests {
         batch.patch(
             "a".into(),
             keys(json!({"primary_email": null, "v": false})),
+            None,
             1,
         );
-        batch.patch("a".into(), keys(json!({"primary_email": "b@x.org"})), 2);
+        batch.patch(
+            "a".into(),
+            keys(json!({"primary_email": "b@x.org"})),
+            None,
+            2,
+        );
         let a = &only_users(&batch)["a"];
         assert_eq!(a.raw_json, None);
         assert_eq!(
@@ -555,12 +677,12 @@ mod tests {
         let mut batch = Batch::new();
         batch.upsert(user("a", json!({"primary_email": "a@x.org"}), &[]), 1);
         batch.soft_delete("a".into(), 2);
-        batch.patch("a".into(), keys(json!({"primary_email": null})), 2);
+        batch.patch("a".into(), keys(json!({"primary_email": null})), None, 2);
         let a = &only_users(&batch)["a"];
         assert_eq!(a.raw_json.as_ref().unwrap()["primary_email"], "a@x.org");
         assert_eq!(a.deleted_at, Some(2));
         batch.soft_delete("b".into(), 3);
-        batch.patch("b".into(), keys(json!({"primary_email": null})), 3);
+        batch.patch("b".into(), keys(json!({"primary_email": null})), None, 3);
         let b = &only_users(&batch)["b"];
         assert!(b.patch.is_empty());
         assert_eq!(b.deleted_at, Some(3));
@@ -607,12 +729,164 @@ mod tests {
         assert_eq!(only_users(&batch)["a"].patch, cleared());
         // Another change to the user in between: the clear stands.
         batch.clear_part("b".into(), cleared(), 3);
-        batch.patch("b".into(), keys(json!({"primary_email": "new@x.org"})), 3);
+        batch.patch(
+            "b".into(),
+            keys(json!({"primary_email": "new@x.org"})),
+            None,
+            3,
+        );
         batch.soft_delete("b".into(), 3);
         assert_eq!(
             only_users(&batch)["b"].patch,
             keys(json!({"primary_email": "new@x.org"}))
         );
+    }
+
+    fn email(value: Option<&str>) -> Map<String, Value> {
+        keys(json!({"primary_email": value, "primary_email_verified": value.is_some()}))
+    }
+
+    fn cleared() -> Map<String, Value> {
+        email(None)
+    }
+
+    #[test]
+    fn a_patch_records_where_the_part_comes_from_and_a_clear_forgets_it() {
+        let mut batch = Batch::new();
+        batch.patch("a".into(), email(Some("a@x.org")), Some("c1".into()), 1);
+        assert_eq!(
+            only_users(&batch)["a"].part_from,
+            Some(Some("c1".to_owned()))
+        );
+        batch.commit(position(1), true);
+        batch.clear_part("a".into(), cleared(), 2);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(
+            (a.part_from.clone(), a.patch.clone()),
+            (Some(None), cleared())
+        );
+        // Merged into an upsert, the record goes with it.
+        batch.upsert(user("b", json!({"n": 1}), &["primary_email"]), 3);
+        batch.patch("b".into(), email(Some("b@x.org")), Some("c2".into()), 3);
+        let b = &only_users(&batch)["b"];
+        assert_eq!(b.raw_json.as_ref().unwrap()["primary_email"], "b@x.org");
+        assert_eq!(b.part_from, Some(Some("c2".to_owned())));
+        // A later upsert of the user row keeps the record.
+        batch.upsert(user("b", json!({"n": 2}), &["primary_email"]), 4);
+        assert_eq!(
+            only_users(&batch)["b"].part_from,
+            Some(Some("c2".to_owned()))
+        );
+    }
+
+    #[test]
+    fn a_part_row_gone_by_its_key_is_decided_by_the_batch_when_it_knows() {
+        let mut batch = Batch::new();
+        // The batch recorded c1: c2 going away changes nothing, c1 going away clears.
+        batch.patch("a".into(), email(Some("a@x.org")), Some("c1".into()), 1);
+        batch.commit(position(1), true);
+        batch.clear_part_if("a".into(), "c2".into(), cleared(), 2);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.patch, email(Some("a@x.org")));
+        assert_eq!(a.clear_if, None);
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 3);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(
+            (a.patch.clone(), a.part_from.clone()),
+            (cleared(), Some(None))
+        );
+        assert_eq!(a.updated_at, 3);
+        // Known to come from no row (cleared earlier in the batch): nothing more to clear.
+        batch.commit(position(3), true);
+        batch.clear_part_if("a".into(), "c3".into(), cleared(), 4);
+        assert_eq!(only_users(&batch)["a"].clear_if, None);
+        assert_eq!(batch.changes(), 4);
+    }
+
+    #[test]
+    fn a_part_row_gone_by_its_key_is_left_to_the_target_when_the_batch_does_not_know() {
+        let mut batch = Batch::new();
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 1);
+        batch.commit(position(1), true);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(
+            a.clear_if,
+            Some(ClearIf {
+                rows: vec!["c1".into()],
+                keys: cleared(),
+                at: 1
+            })
+        );
+        assert!(a.patch.is_empty() && a.raw_json.is_none() && a.part_from.is_none());
+        // Another one still unknown: either row clears it.
+        batch.clear_part_if("a".into(), "c2".into(), cleared(), 2);
+        batch.commit(position(2), true);
+        assert_eq!(
+            only_users(&batch)["a"].clear_if.as_ref().unwrap().rows,
+            ["c1", "c2"]
+        );
+        // A new primary email afterwards: the target clears first, then the patch sets it.
+        batch.patch("a".into(), email(Some("new@x.org")), Some("c3".into()), 3);
+        let a = &only_users(&batch)["a"];
+        assert!(a.clear_if.is_some());
+        assert_eq!(a.part_from, Some(Some("c3".to_owned())));
+        assert_eq!(a.patch, email(Some("new@x.org")));
+        // From then on the batch knows.
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 4);
+        assert_eq!(only_users(&batch)["a"].patch, email(Some("new@x.org")));
+    }
+
+    #[test]
+    fn an_upsert_keeps_a_clear_left_to_the_target_and_takes_the_part_from_the_row_it_leaves() {
+        let mut batch = Batch::new();
+        // Before or after the clear, an upsert that leaves the email to the target: the
+        // target clears first, and the upsert takes the email from the row as cleared or not.
+        batch.upsert(user("a", json!({"n": 1}), &["primary_email"]), 1);
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 2);
+        batch.commit(position(2), true);
+        batch.upsert(user("a", json!({"n": 2}), &["primary_email"]), 3);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.clear_if.as_ref().unwrap().rows, ["c1"]);
+        assert_eq!(a.keep_keys, ["primary_email"]);
+        assert_eq!(a.part_from, None);
+    }
+
+    #[test]
+    fn a_part_row_gone_by_its_key_follows_the_delete_rules() {
+        let mut batch = Batch::new();
+        // After the user's delete (Stack Auth's cascade): the user keeps its last email, and
+        // the record that says where it came from.
+        batch.soft_delete("a".into(), 1);
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 1);
+        let a = &only_users(&batch)["a"];
+        assert_eq!((a.clear_if.clone(), a.part_from.clone()), (None, None));
+        assert_eq!(a.deleted_at, Some(1));
+        // Just before the delete, in the same source transaction: undone.
+        batch.commit(position(1), true);
+        batch.clear_part_if("b".into(), "c2".into(), cleared(), 2);
+        batch.soft_delete("b".into(), 2);
+        let b = &only_users(&batch)["b"];
+        assert_eq!(b.clear_if, None);
+        assert_eq!(b.deleted_at, Some(2));
+        // ... also when the batch knew the record and cleared at once.
+        batch.commit(position(2), true);
+        batch.patch("c".into(), email(Some("c@x.org")), Some("c3".into()), 3);
+        batch.commit(position(3), true);
+        batch.clear_part_if("c".into(), "c3".into(), cleared(), 4);
+        batch.soft_delete("c".into(), 4);
+        let c = &only_users(&batch)["c"];
+        assert_eq!(c.patch, email(Some("c@x.org")));
+        assert_eq!(c.part_from, Some(Some("c3".to_owned())));
+        assert_eq!(c.deleted_at, Some(4));
+        // In an earlier source transaction: the user lived without it, the clear stands and
+        // the target applies it before the delete.
+        batch.commit(position(4), true);
+        batch.clear_part_if("d".into(), "c4".into(), cleared(), 5);
+        batch.commit(position(5), true);
+        batch.soft_delete("d".into(), 6);
+        let d = &only_users(&batch)["d"];
+        assert_eq!(d.clear_if.as_ref().unwrap().rows, ["c4"]);
+        assert_eq!(d.deleted_at, Some(6));
     }
 
     #[test]

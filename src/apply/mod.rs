@@ -73,6 +73,17 @@ pub enum ApplyError {
          nothing was confirmed; reconnecting to make them durable again"
     )]
     DurabilityUnconfirmed,
+    /// See `sql/usersync_state.sql` (`usersync.primary_email_channel`).
+    #[error(
+        "a Stack Auth contact channel was deleted or stopped being the primary email, and the \
+         source sent only its key (\"ContactChannel\" has its default replica identity), but \
+         the target does not know whether its user's email came from it: that user was copied \
+         by a usersync older than usersync.primary_email_channel, so the change cannot be \
+         applied without guessing; run usersync resync, which copies the users again and \
+         records every user's primary email channel (keep REPLICA IDENTITY FULL on \
+         \"ContactChannel\" until a target copied by an older usersync has been resynced)"
+    )]
+    PartSourceUnknown,
     #[error("an empty batch was handed to the writer")]
     EmptyBatch,
     #[error(

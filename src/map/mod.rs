@@ -61,7 +61,7 @@ pub use columns::{ColumnUse, UsedColumn};
 pub use generic::{BoundMapping, GenericMapping};
 pub use keycloak::KeycloakMapping;
 pub use profile::{
-    BoundProfile, MappingPlan, Profile, RowLayout, RowMapper, RowOutcome, SkipReason,
+    BoundProfile, Gone, MappingPlan, Profile, RowLayout, RowMapper, RowOutcome, SkipReason,
 };
 pub use selection::ColumnSelection;
 pub use stack_auth::StackAuthMapping;
@@ -174,12 +174,6 @@ pub enum MapError {
          the relation was probably altered without a new Relation message"
     )]
     ColumnCount { expected: usize, actual: usize },
-
-    #[error(
-        "table {table} needs REPLICA IDENTITY FULL: {why}; run ALTER TABLE {table} REPLICA \
-         IDENTITY FULL"
-    )]
-    FullReplicaIdentityNeeded { table: String, why: &'static str },
 
     #[error("id column {column} is NULL, so the user cannot be identified")]
     NullId { column: String },

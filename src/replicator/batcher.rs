@@ -71,12 +71,21 @@ impl Batcher {
                         Op::Update
                     }
                 }
-                UserChange::Patch { id, keys, clears } => {
+                UserChange::Patch {
+                    id,
+                    keys,
+                    from,
+                    clears,
+                } => {
                     if clears {
                         self.batch.clear_part(id, keys, at);
                     } else {
-                        self.batch.patch(id, keys, at);
+                        self.batch.patch(id, keys, from, at);
                     }
+                    Op::Update
+                }
+                UserChange::ClearPartIf { id, row, keys } => {
+                    self.batch.clear_part_if(id, row, keys, at);
                     Op::Update
                 }
                 UserChange::SoftDelete(id) => {

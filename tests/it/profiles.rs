@@ -890,13 +890,8 @@ async fn stack_auth_users_their_primary_email_and_one_tenancy() {
     pair.source.batch_execute(&before).await.unwrap();
 
     let args = ["setup", "--profile", "stack-auth", "--tenancy-id", TENANCY];
-    let refused = pair.usersync(&args);
-    assert_eq!(refused.status.code(), Some(78), "{}", text(&refused));
-    assert!(
-        text(&refused).contains(r#"ALTER TABLE "ContactChannel" REPLICA IDENTITY FULL"#),
-        "{}",
-        text(&refused)
-    );
+    // Not required (see stack_auth_without_replica_identity_full_clears_the_email_its_channel_gave),
+    // but where it is set, the old rows decide, and the target's record is kept right as well.
     pair.source
         .batch_execute(r#"ALTER TABLE "ContactChannel" REPLICA IDENTITY FULL"#)
         .await
@@ -985,7 +980,7 @@ async fn stack_auth_users_their_primary_email_and_one_tenancy() {
     other += r#"UPDATE "ProjectUser" SET "displayName" = 'O.' WHERE "projectUserId" = '00000000-0000-4000-8000-000000000003';
                 DELETE FROM "ProjectUser" WHERE "projectUserId" = '00000000-0000-4000-8000-000000000003';"#;
     pair.source.batch_execute(&other).await.unwrap();
-    wait_live_match(&pair, STACK_AUTH_SOURCE_LIVE, STACK_AUTH_TARGET_LIVE).await;
+    assert_stack_auth_matches(&pair).await;
     let ada = raw_json_of(&pair, 1).await;
     assert_eq!(ada["primary_email"], "ada@work.example");
     assert_eq!(ada["display_name"], "Ada L.");
@@ -1040,7 +1035,7 @@ async fn stack_auth_users_their_primary_email_and_one_tenancy() {
     .await;
     let cleo = raw_json_of(&pair, 4).await;
     assert_eq!(cleo["primary_email"], "cleo@example.org");
-    wait_live_match(&pair, STACK_AUTH_SOURCE_LIVE, STACK_AUTH_TARGET_LIVE).await;
+    assert_stack_auth_matches(&pair).await;
 
     // An application that deletes the contact channels first, then the user, in one
     // transaction: the same end as the cascade.
@@ -1088,5 +1083,308 @@ async fn stack_auth_users_their_primary_email_and_one_tenancy() {
         .metrics
         .encode()
         .contains("usersync_patches_without_user_total 1"));
+    running.stop().await;
+}
+
+/// Stack Auth's primary email channels as the target should record them: the source's
+/// primary email channel of each user live on the target.
+const STACK_AUTH_SOURCE_CHANNELS: &str = r#"
+SELECT c."projectUserId"::text, c.id::text FROM "ContactChannel" c
+ WHERE c.type = 'EMAIL' AND c."isPrimary" = 'TRUE' ORDER BY 1"#;
+
+const STACK_AUTH_TARGET_CHANNELS: &str = "
+SELECT r.user_id, r.channel_id FROM usersync.primary_email_channel r
+  JOIN neon_auth.users_sync u ON u.id = r.user_id AND u.deleted_at IS NULL ORDER BY 1";
+
+async fn pairs_of(client: &Client, sql: &str) -> Vec<(String, Option<String>)> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Runs `usersync setup` for the stack-auth profile as an operator would: the role script
+/// published `"ProjectUser"` only, so the first attempt asks the owner to add
+/// `"ContactChannel"`, which the owner (here: the test's superuser) does.
+fn setup_stack_auth(pair: &Pair, args: &[&str]) -> String {
+    let refused = pair.usersync(args);
+    let said = text(&refused);
+    assert_eq!(refused.status.code(), Some(78), "{said}");
+    let (_, owner_sql) = said
+        .split_once("have the owner run: ")
+        .unwrap_or_else(|| panic!("no statement for the owner in: {said}"));
+    let owner_sql = owner_sql.lines().next().unwrap_or_default().to_owned();
+    let mut owner = psql(
+        pair.server,
+        &pair.config.source.dbname,
+        &["-v", "ON_ERROR_STOP=1", "-c", &owner_sql],
+    );
+    assert!(owner.status.success(), "{}", text(&owner));
+    let setup = pair.usersync(args);
+    owner = setup;
+    let said = text(&owner);
+    assert!(owner.status.success(), "{said}");
+    said
+}
+
+fn channel_id(channel: u32) -> String {
+    format!("00000000-0000-4000-9000-{channel:012}")
+}
+
+/// Makes `"ContactChannel"` row `channel` the primary email of its user, or not.
+fn set_primary(channel: u32, primary: bool) -> String {
+    format!(
+        r#"UPDATE "ContactChannel" SET "isPrimary" = {} WHERE id = '{}';"#,
+        if primary { "'TRUE'" } else { "NULL" },
+        channel_id(channel)
+    )
+}
+
+fn delete_channel(channel: u32) -> String {
+    format!(
+        r#"DELETE FROM "ContactChannel" WHERE id = '{}';"#,
+        channel_id(channel)
+    )
+}
+
+/// Runs `sql` on the source, then a barrier: a change to user `barrier`'s display name,
+/// which the target shows only once everything before it is applied (in commit order).
+async fn apply_then_barrier(pair: &Pair, sql: &str, barrier: u32, round: u32) {
+    pair.source.batch_execute(sql).await.unwrap();
+    pair.source
+        .batch_execute(&format!(
+            r#"UPDATE "ProjectUser" SET "displayName" = 'barrier {round}'
+                WHERE "projectUserId" = '{}';"#,
+            user_id(barrier)
+        ))
+        .await
+        .unwrap();
+    pair.wait_target(&format!(
+        "SELECT EXISTS (SELECT FROM neon_auth.users_sync
+                         WHERE id = '{}' AND name = 'barrier {round}')",
+        user_id(barrier)
+    ))
+    .await;
+}
+
+async fn email_of(pair: &Pair, n: u32) -> Option<String> {
+    raw_json_of(pair, n).await["primary_email"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Both sides agree on every live user, email included, and on which channel each user's
+/// email came from.
+async fn assert_stack_auth_matches(pair: &Pair) {
+    wait_live_match(pair, STACK_AUTH_SOURCE_LIVE, STACK_AUTH_TARGET_LIVE).await;
+    let source = pairs_of(&pair.source, STACK_AUTH_SOURCE_CHANNELS).await;
+    let live: Vec<String> = live_users(&pair.target, STACK_AUTH_TARGET_LIVE)
+        .await
+        .into_iter()
+        .map(|user| user.0)
+        .collect();
+    let source: Vec<_> = source
+        .into_iter()
+        .filter(|(user, _)| live.contains(user))
+        .collect();
+    assert_eq!(
+        pairs_of(&pair.target, STACK_AUTH_TARGET_CHANNELS).await,
+        source
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stack_auth_without_replica_identity_full_clears_the_email_its_channel_gave() {
+    let pair = profile_pair(
+        STACK_AUTH_TABLES,
+        "public.ProjectUser",
+        Profile::StackAuth(StackAuthMapping::default()),
+    )
+    .await;
+    // "ContactChannel" keeps its default replica identity (the primary key) throughout.
+    let mut before = String::new();
+    for (n, name) in [(1, "Ada"), (2, "Bob"), (3, "Cleo"), (9, "Barrier")] {
+        before += &project_user(TENANCY, n, name);
+    }
+    before += &channel(TENANCY, 1, 1, "ada@example.org", true);
+    before += &channel(TENANCY, 1, 2, "ada@work.example", false);
+    before += &channel(TENANCY, 2, 3, "bob@example.org", true);
+    pair.source.batch_execute(&before).await.unwrap();
+    let said = setup_stack_auth(&pair, &["setup", "--profile", "stack-auth"]);
+    assert!(said.contains("initial copy: 4 users"), "{said}");
+    // The copy recorded where each email came from.
+    assert_stack_auth_matches(&pair).await;
+    assert_eq!(
+        pairs_of(&pair.target, STACK_AUTH_TARGET_CHANNELS).await,
+        [
+            (user_id(1), Some(channel_id(1))),
+            (user_id(2), Some(channel_id(3)))
+        ]
+    );
+
+    let running = pair.start();
+    // Across batches, each step applied before the next is made.
+    // A non-primary channel deleted: the email stays.
+    apply_then_barrier(&pair, &delete_channel(2), 9, 1).await;
+    assert_eq!(email_of(&pair, 1).await.as_deref(), Some("ada@example.org"));
+    // A primary email set on a user that had none, then moved to another channel.
+    apply_then_barrier(
+        &pair,
+        &channel(TENANCY, 3, 4, "cleo@example.org", true),
+        9,
+        2,
+    )
+    .await;
+    assert_eq!(
+        email_of(&pair, 3).await.as_deref(),
+        Some("cleo@example.org")
+    );
+    apply_then_barrier(
+        &pair,
+        &format!(
+            "BEGIN; {}{}{}COMMIT;",
+            set_primary(4, false),
+            channel(TENANCY, 3, 5, "cleo@work.example", false),
+            set_primary(5, true)
+        ),
+        9,
+        3,
+    )
+    .await;
+    assert_eq!(
+        email_of(&pair, 3).await.as_deref(),
+        Some("cleo@work.example")
+    );
+    assert_stack_auth_matches(&pair).await;
+    // The old primary, no longer primary, deleted: the email stays.
+    apply_then_barrier(&pair, &delete_channel(4), 9, 4).await;
+    assert_eq!(
+        email_of(&pair, 3).await.as_deref(),
+        Some("cleo@work.example")
+    );
+    // The primary channel deleted: the email goes.
+    apply_then_barrier(&pair, &delete_channel(1), 9, 5).await;
+    let ada = raw_json_of(&pair, 1).await;
+    assert!(ada["primary_email"].is_null(), "{ada}");
+    assert_eq!(ada["primary_email_verified"], false);
+    // The primary channel updated so that it is no longer primary: the email goes.
+    apply_then_barrier(&pair, &set_primary(3, false), 9, 6).await;
+    assert!(email_of(&pair, 2).await.is_none());
+    assert_stack_auth_matches(&pair).await;
+
+    // Within one source transaction, so one batch: the batch decides what it knows, the
+    // target what it records (user 3's channel 5, recorded by an earlier batch).
+    apply_then_barrier(
+        &pair,
+        &format!(
+            "BEGIN; {}{}{}{}{}{}{}{}{}COMMIT;",
+            // User 1: set, moved, the old one deleted, the new one cleared, set again.
+            channel(TENANCY, 1, 6, "ada@new.example", true),
+            set_primary(6, false),
+            channel(TENANCY, 1, 7, "ada@newer.example", true),
+            delete_channel(6),
+            set_primary(7, false),
+            set_primary(7, true),
+            // User 3: a non-primary channel added and deleted, then the recorded primary
+            // (from an earlier batch) deleted.
+            channel(TENANCY, 3, 8, "cleo@old.example", false),
+            delete_channel(8),
+            delete_channel(5),
+        ),
+        9,
+        7,
+    )
+    .await;
+    assert_eq!(
+        email_of(&pair, 1).await.as_deref(),
+        Some("ada@newer.example")
+    );
+    assert!(email_of(&pair, 3).await.is_none());
+    assert_stack_auth_matches(&pair).await;
+
+    // Many source transactions, no barrier between them: they may share batches in any way.
+    for round in 0..20u32 {
+        let channel_n = 100 + round;
+        let mut sql = channel(
+            TENANCY,
+            2,
+            channel_n,
+            &format!("bob{round}@example.org"),
+            false,
+        );
+        sql += "BEGIN; ";
+        if round > 0 {
+            sql += &set_primary(channel_n - 1, false);
+        }
+        sql += &set_primary(channel_n, true);
+        sql += "COMMIT;";
+        if round > 0 {
+            sql += &delete_channel(channel_n - 1);
+        }
+        pair.source.batch_execute(&sql).await.unwrap();
+    }
+    pair.source
+        .batch_execute(&delete_channel(119))
+        .await
+        .unwrap();
+    apply_then_barrier(&pair, "", 9, 8).await;
+    assert!(email_of(&pair, 2).await.is_none());
+    assert_stack_auth_matches(&pair).await;
+
+    // A restart in the middle: changes made while usersync is stopped apply once.
+    apply_then_barrier(
+        &pair,
+        &channel(TENANCY, 2, 200, "bob@again.example", true),
+        9,
+        9,
+    )
+    .await;
+    running.stop().await;
+    pair.source
+        .batch_execute(&format!(
+            "{}{}{}",
+            delete_channel(200),
+            channel(TENANCY, 3, 201, "cleo@again.example", true),
+            channel(TENANCY, 3, 202, "cleo@spare.example", false),
+        ))
+        .await
+        .unwrap();
+    let running = pair.start();
+    apply_then_barrier(&pair, &delete_channel(202), 9, 10).await;
+    assert!(email_of(&pair, 2).await.is_none());
+    assert_eq!(
+        email_of(&pair, 3).await.as_deref(),
+        Some("cleo@again.example")
+    );
+    assert_stack_auth_matches(&pair).await;
+
+    // A user deleted: its channels cascade after it; the user is soft-deleted with its
+    // last email, and the record of where it came from stays with it.
+    apply_then_barrier(
+        &pair,
+        &format!(
+            r#"DELETE FROM "ProjectUser" WHERE "projectUserId" = '{}';"#,
+            user_id(3)
+        ),
+        9,
+        11,
+    )
+    .await;
+    let cleo = raw_json_of(&pair, 3).await;
+    assert_eq!(cleo["primary_email"], "cleo@again.example");
+    assert!(
+        target_has(
+            &pair,
+            &format!(
+                "SELECT deleted_at IS NOT NULL FROM neon_auth.users_sync WHERE id = '{}'",
+                user_id(3)
+            )
+        )
+        .await
+    );
+    assert_stack_auth_matches(&pair).await;
     running.stop().await;
 }
