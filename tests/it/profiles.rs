@@ -1388,3 +1388,124 @@ async fn stack_auth_without_replica_identity_full_clears_the_email_its_channel_g
     assert_stack_auth_matches(&pair).await;
     running.stop().await;
 }
+
+/// A target an older usersync copied (it required `REPLICA IDENTITY FULL` and kept no record
+/// of the channels): the upgrade marks its users' channels unknown, FULL keeps working, and a
+/// change that would need the unknown channel stops `run` rather than guess, until `resync`
+/// records every channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stack_auth_target_copied_by_an_older_usersync_needs_full_until_a_resync() {
+    let pair = profile_pair(
+        STACK_AUTH_TABLES,
+        "public.ProjectUser",
+        Profile::StackAuth(StackAuthMapping::default()),
+    )
+    .await;
+    let mut before = String::new();
+    for (n, name) in [
+        (1, "Ada"),
+        (2, "Bob"),
+        (3, "Cleo"),
+        (4, "Dan"),
+        (9, "Barrier"),
+    ] {
+        before += &project_user(TENANCY, n, name);
+    }
+    for n in 1..=4 {
+        before += &channel(TENANCY, n, n, &format!("user{n}@example.org"), true);
+    }
+    before += r#"ALTER TABLE "ContactChannel" REPLICA IDENTITY FULL;"#;
+    pair.source.batch_execute(&before).await.unwrap();
+    setup_stack_auth(&pair, &["setup", "--profile", "stack-auth"]);
+    // What an older usersync left: no record at all.
+    pair.target
+        .batch_execute("DROP TABLE usersync.primary_email_channel")
+        .await
+        .unwrap();
+
+    // run upgrades the target: every live user showing an email has an unknown channel.
+    let running = pair.start();
+    apply_then_barrier(&pair, "", 9, 1).await;
+    assert_eq!(
+        pairs_of(&pair.target, STACK_AUTH_TARGET_CHANNELS).await,
+        (1..=4).map(|n| (user_id(n), None)).collect::<Vec<_>>()
+    );
+    // Under FULL the old row says it was the primary email: cleared, record forgotten. A
+    // primary email set again is recorded.
+    apply_then_barrier(
+        &pair,
+        &format!(
+            "{}{}",
+            delete_channel(1),
+            r#"UPDATE "ContactChannel" SET value = 'new2@example.org'
+                WHERE id = '00000000-0000-4000-9000-000000000002';"#
+        ),
+        9,
+        2,
+    )
+    .await;
+    assert!(email_of(&pair, 1).await.is_none());
+    assert_eq!(
+        email_of(&pair, 2).await.as_deref(),
+        Some("new2@example.org")
+    );
+    let records = pairs_of(&pair.target, STACK_AUTH_TARGET_CHANNELS).await;
+    assert_eq!(
+        records,
+        [
+            (user_id(2), Some(channel_id(2))),
+            (user_id(3), None),
+            (user_id(4), None)
+        ]
+    );
+
+    // FULL taken off too early: a known channel is fine, an unknown one stops run.
+    pair.source
+        .batch_execute(r#"ALTER TABLE "ContactChannel" REPLICA IDENTITY DEFAULT"#)
+        .await
+        .unwrap();
+    apply_then_barrier(&pair, &set_primary(2, false), 9, 3).await;
+    assert!(email_of(&pair, 2).await.is_none());
+    pair.source.batch_execute(&delete_channel(3)).await.unwrap();
+    let error = running.failure().await;
+    assert!(
+        matches!(
+            &error,
+            usersync::Error::Target(usersync::apply::ApplyError::PartSourceUnknown)
+        ),
+        "{error:?}"
+    );
+    assert!(!error.is_transient(), "{error:?}");
+    assert!(error.to_string().contains("usersync resync"), "{error}");
+    // Nothing of that batch was applied.
+    assert_eq!(
+        email_of(&pair, 3).await.as_deref(),
+        Some("user3@example.org")
+    );
+
+    // resync records every channel; run then carries on without FULL.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let resync = pair.usersync(&["resync", "--profile", "stack-auth"]);
+        if resync.status.success() {
+            break;
+        }
+        // The failed session's walsender may hold the slot a moment longer.
+        assert!(
+            Instant::now() < deadline && text(&resync).contains("in use"),
+            "{}",
+            text(&resync)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(email_of(&pair, 3).await.is_none());
+    assert_eq!(
+        pairs_of(&pair.target, STACK_AUTH_TARGET_CHANNELS).await,
+        [(user_id(4), Some(channel_id(4)))]
+    );
+    let running = pair.start();
+    apply_then_barrier(&pair, &delete_channel(4), 9, 4).await;
+    assert!(email_of(&pair, 4).await.is_none());
+    assert_stack_auth_matches(&pair).await;
+    running.stop().await;
+}
