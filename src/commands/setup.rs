@@ -22,6 +22,7 @@
 //! source no longer has) when `users_sync` was empty before the first attempt: then every row
 //! on it came from usersync's copy.
 
+use futures_util::TryStreamExt;
 use tokio_postgres::Client;
 
 use super::connect;
@@ -61,6 +62,8 @@ pub(crate) struct Prepared {
     pub target: Client,
     /// The users table's columns the mapping uses: all the initial copy reads.
     pub columns: Vec<RelationColumn>,
+    /// See [`crate::map::Profile::part_sources_select`].
+    pub part_sources_select: Option<String>,
 }
 
 /// Checks the source (settings, privileges, table, mapping), ensures the publication and the
@@ -130,6 +133,7 @@ pub(crate) async fn prepare(config: &Config) -> Result<Prepared, Error> {
         source,
         target,
         columns,
+        part_sources_select: profile.part_sources_select(&config.table),
     })
 }
 
@@ -139,6 +143,7 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
         source,
         target,
         columns,
+        part_sources_select,
     } = prepare(config).await?;
     let checkpoint = apply::read_checkpoint(&target, &config.slot).await?;
     let slot = catalog::slot_info(&source, &config.slot).await?;
@@ -219,6 +224,9 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
             None => bulk::users_sync_is_empty(&target).await?,
         };
         let mode = copy_mode(options, earlier.is_some(), target_was_empty);
+        if let (CopyMode::Skip, Some(select)) = (mode, &part_sources_select) {
+            record_unknown_part_sources(&source, &target, select).await?;
+        }
         if earlier.is_some() && mode == CopyMode::Copy {
             println!(
                 "warning: neon_auth.users_sync held users before the interrupted setup began, \
@@ -239,8 +247,108 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
             },
         )
         .await?;
+    } else if let Some(select) = &part_sources_select {
+        record_unknown_part_sources(&source, &target, select).await?;
     }
     println!("ready: start replication with usersync run");
+    Ok(())
+}
+
+/// Channels recorded per target statement.
+const PART_SOURCES_CHUNK: usize = 10_000;
+
+/// Gives the users whose primary email channel the target does not know (`channel_id` NULL
+/// in `usersync.primary_email_channel`: copied by a usersync older than it, or left by a
+/// teardown) the channel the source has now, so that `run` needs no `REPLICA IDENTITY FULL`
+/// for them. A copy does this too; this spares one.
+///
+/// The source is read as it is now, which may be ahead of what the target holds, and the
+/// stream then converges: a user has one primary email channel at a time, so if the channel
+/// read now is not the one the target's email came from, that one stopped being primary
+/// before the channel read now became primary, and the stream still holds both changes, in
+/// that order: the first finds the record naming another channel and keeps the email, the
+/// second sets the email and the record. (A change to the channel read now, before it became
+/// primary, may clear the email early; the second change sets it again.) Changes after the
+/// read find the record right. Only unknown records are written (`channel_id IS NULL`), so
+/// nothing `run` records meanwhile is overwritten. A user without a primary email on the
+/// source now stays unknown.
+async fn record_unknown_part_sources(
+    source: &Client,
+    target: &Client,
+    select: &str,
+) -> Result<(), Error> {
+    let unknown: i64 = target
+        .query_one(
+            "SELECT count(*) FROM usersync.primary_email_channel WHERE channel_id IS NULL",
+            &[],
+        )
+        .await
+        .map_err(apply::ApplyError::sql(
+            "counting unknown primary email channels",
+        ))?
+        .get(0);
+    if unknown == 0 {
+        return Ok(());
+    }
+    let rows = source
+        .query_raw(select, std::iter::empty::<&str>())
+        .await
+        .map_err(SourceError::sql("reading the primary email channels"))?;
+    futures_util::pin_mut!(rows);
+    let (mut users, mut channels) = (Vec::new(), Vec::new());
+    let mut recorded = 0;
+    loop {
+        let row = rows
+            .try_next()
+            .await
+            .map_err(SourceError::sql("reading the primary email channels"))?;
+        if let Some(row) = &row {
+            users.push(row.get::<_, String>(0));
+            channels.push(row.get::<_, String>(1));
+        }
+        if users.len() >= PART_SOURCES_CHUNK || (row.is_none() && !users.is_empty()) {
+            recorded += target
+                .execute(
+                    "UPDATE usersync.primary_email_channel AS r SET channel_id = v.channel_id
+                       FROM unnest($1::text[], $2::text[]) AS v(user_id, channel_id)
+                      WHERE r.user_id = v.user_id AND r.channel_id IS NULL",
+                    &[&users, &channels],
+                )
+                .await
+                .map_err(apply::ApplyError::sql("recording primary email channels"))?;
+            users.clear();
+            channels.clear();
+        }
+        if row.is_none() {
+            break;
+        }
+    }
+    // Those that matter: a live user showing an email.
+    let left: i64 = target
+        .query_one(
+            "SELECT count(*) FROM usersync.primary_email_channel r
+               JOIN neon_auth.users_sync u ON u.id = r.user_id AND u.deleted_at IS NULL
+              WHERE r.channel_id IS NULL AND u.raw_json ->> 'primary_email' IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(apply::ApplyError::sql(
+            "counting unknown primary email channels",
+        ))?
+        .get(0);
+    println!(
+        "usersync.primary_email_channel: recorded the primary email channel of {recorded} of \
+         the {unknown} users whose channel the target did not know{}",
+        if left > 0 {
+            format!(
+                "; {left} have no primary email on the source now: keep REPLICA IDENTITY FULL \
+                 on \"ContactChannel\" until usersync resync, or a change to their channels \
+                 stops usersync run"
+            )
+        } else {
+            String::new()
+        }
+    );
     Ok(())
 }
 

@@ -357,6 +357,16 @@ impl Profile {
         }
     }
 
+    /// The rows users' parts come from now, as (user id, row id) text, for a profile whose
+    /// users have parts in another table (Stack Auth: the primary email channels): `setup`
+    /// records them for the users whose row the target does not know.
+    pub fn part_sources_select(&self, users_table: &TableName) -> Option<String> {
+        match self {
+            Profile::StackAuth(mapping) => Some(mapping.primary_channels_select(users_table)),
+            _ => None,
+        }
+    }
+
     /// Columns per row of [`Profile::snapshot_select`].
     pub fn snapshot_width(&self, columns: &[RelationColumn]) -> usize {
         match self {

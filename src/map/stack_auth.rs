@@ -155,6 +155,27 @@ impl StackAuthMapping {
         )
     }
 
+    /// Every primary email channel now, as (user id, channel id) text: what `setup` records
+    /// for the users whose channel the target does not know (see `commands::setup`).
+    pub fn primary_channels_select(&self, users_table: &TableName) -> String {
+        let channels = TableName {
+            schema: users_table.schema.clone(),
+            name: CONTACT_CHANNEL_TABLE.to_owned(),
+        };
+        let only_tenancy = self
+            .tenancy_id
+            .as_deref()
+            .map(|tenancy| format!(" AND \"tenancyId\" = {}", escape_literal(tenancy)))
+            .unwrap_or_default();
+        format!(
+            "SELECT \"projectUserId\"::text, id::text FROM {} \
+              WHERE type = {} AND \"isPrimary\" = {}{only_tenancy}",
+            channels.quoted(),
+            escape_literal(EMAIL_TYPE),
+            escape_literal(BOOLEAN_TRUE),
+        )
+    }
+
     /// `--tenancy-id` with the `"tenancyId"` column of the table being bound.
     fn tenancy(&self, column: BoundColumn) -> Tenancy {
         Tenancy {

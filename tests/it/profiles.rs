@@ -1390,11 +1390,11 @@ async fn stack_auth_without_replica_identity_full_clears_the_email_its_channel_g
 }
 
 /// A target an older usersync copied (it required `REPLICA IDENTITY FULL` and kept no record
-/// of the channels): the upgrade marks its users' channels unknown, FULL keeps working, and a
-/// change that would need the unknown channel stops `run` rather than guess, until `resync`
-/// records every channel.
+/// of the channels): the upgrade marks its users' channels unknown, FULL keeps working,
+/// `setup` records the channels from the source, and a change that would need an unknown
+/// channel stops `run` rather than guess, until `resync` records every channel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stack_auth_target_copied_by_an_older_usersync_needs_full_until_a_resync() {
+async fn stack_auth_target_copied_by_an_older_usersync_needs_full_until_setup_or_resync() {
     let pair = profile_pair(
         STACK_AUTH_TABLES,
         "public.ProjectUser",
@@ -1449,9 +1449,8 @@ async fn stack_auth_target_copied_by_an_older_usersync_needs_full_until_a_resync
         email_of(&pair, 2).await.as_deref(),
         Some("new2@example.org")
     );
-    let records = pairs_of(&pair.target, STACK_AUTH_TARGET_CHANNELS).await;
     assert_eq!(
-        records,
+        pairs_of(&pair.target, STACK_AUTH_TARGET_CHANNELS).await,
         [
             (user_id(2), Some(channel_id(2))),
             (user_id(3), None),
@@ -1459,14 +1458,40 @@ async fn stack_auth_target_copied_by_an_older_usersync_needs_full_until_a_resync
         ]
     );
 
-    // FULL taken off too early: a known channel is fine, an unknown one stops run.
+    // setup, run again, records the others from the source.
+    running.stop().await;
+    let setup = pair.usersync(&["setup", "--profile", "stack-auth"]);
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(
+        said.contains("recorded the primary email channel of 2 of the 2 users"),
+        "{said}"
+    );
+    assert_stack_auth_matches(&pair).await;
+
+    // Now FULL can go.
     pair.source
         .batch_execute(r#"ALTER TABLE "ContactChannel" REPLICA IDENTITY DEFAULT"#)
         .await
         .unwrap();
-    apply_then_barrier(&pair, &set_primary(2, false), 9, 3).await;
-    assert!(email_of(&pair, 2).await.is_none());
-    pair.source.batch_execute(&delete_channel(3)).await.unwrap();
+    let running = pair.start();
+    apply_then_barrier(&pair, &delete_channel(3), 9, 3).await;
+    assert!(email_of(&pair, 3).await.is_none());
+    assert_stack_auth_matches(&pair).await;
+
+    // A channel still unknown (here by hand) and a change that needs it: run stops rather
+    // than guess, and applies nothing of that batch.
+    pair.target
+        .batch_execute(
+            "UPDATE usersync.primary_email_channel SET channel_id = NULL
+              WHERE user_id = '00000000-0000-4000-8000-000000000004'",
+        )
+        .await
+        .unwrap();
+    pair.source
+        .batch_execute(&set_primary(4, false))
+        .await
+        .unwrap();
     let error = running.failure().await;
     assert!(
         matches!(
@@ -1477,10 +1502,17 @@ async fn stack_auth_target_copied_by_an_older_usersync_needs_full_until_a_resync
     );
     assert!(!error.is_transient(), "{error:?}");
     assert!(error.to_string().contains("usersync resync"), "{error}");
-    // Nothing of that batch was applied.
     assert_eq!(
-        email_of(&pair, 3).await.as_deref(),
-        Some("user3@example.org")
+        email_of(&pair, 4).await.as_deref(),
+        Some("user4@example.org")
+    );
+    // The source has no primary email for that user now: setup cannot tell, and says so.
+    let setup = pair.usersync(&["setup", "--profile", "stack-auth"]);
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(
+        said.contains("1 have no primary email on the source now"),
+        "{said}"
     );
 
     // resync records every channel; run then carries on without FULL.
@@ -1498,14 +1530,14 @@ async fn stack_auth_target_copied_by_an_older_usersync_needs_full_until_a_resync
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(email_of(&pair, 3).await.is_none());
+    assert!(email_of(&pair, 4).await.is_none());
     assert_eq!(
         pairs_of(&pair.target, STACK_AUTH_TARGET_CHANNELS).await,
-        [(user_id(4), Some(channel_id(4)))]
+        [(user_id(2), Some(channel_id(2)))]
     );
     let running = pair.start();
-    apply_then_barrier(&pair, &delete_channel(4), 9, 4).await;
-    assert!(email_of(&pair, 4).await.is_none());
+    apply_then_barrier(&pair, &delete_channel(2), 9, 4).await;
+    assert!(email_of(&pair, 2).await.is_none());
     assert_stack_auth_matches(&pair).await;
     running.stop().await;
 }
