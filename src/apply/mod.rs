@@ -77,11 +77,11 @@ pub enum ApplyError {
     #[error(
         "a Stack Auth contact channel was deleted or stopped being the primary email, and the \
          source sent only its key (\"ContactChannel\" has its default replica identity), but \
-         the target does not know whether its user's email came from it: that user was copied \
-         by a usersync older than usersync.primary_email_channel, so the change cannot be \
-         applied without guessing; run usersync resync, which copies the users again and \
-         records every user's primary email channel (keep REPLICA IDENTITY FULL on \
-         \"ContactChannel\" until a target copied by an older usersync has been resynced)"
+         the target does not know whether its user's email came from it (a user copied by an \
+         older usersync, or left by a teardown), so the change cannot be applied without \
+         guessing: run usersync setup, which records such users' channels from the source, \
+         then start usersync again; if setup says some stay unknown, run usersync resync \
+         (keep REPLICA IDENTITY FULL on \"ContactChannel\" until the channels are known)"
     )]
     PartSourceUnknown,
     #[error("an empty batch was handed to the writer")]

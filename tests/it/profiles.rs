@@ -1501,7 +1501,7 @@ async fn stack_auth_target_copied_by_an_older_usersync_needs_full_until_setup_or
         "{error:?}"
     );
     assert!(!error.is_transient(), "{error:?}");
-    assert!(error.to_string().contains("usersync resync"), "{error}");
+    assert!(error.to_string().contains("run usersync setup"), "{error}");
     assert_eq!(
         email_of(&pair, 4).await.as_deref(),
         Some("user4@example.org")
