@@ -22,16 +22,22 @@ $$;
 DO $$
 BEGIN
   IF to_regclass('usersync.primary_email_channel') IS NULL THEN
-    CREATE TABLE usersync.primary_email_channel (
+    -- IF NOT EXISTS, ON CONFLICT: another session (a setup, another slot's run) may create
+    -- and fill it between the check and here.
+    CREATE TABLE IF NOT EXISTS usersync.primary_email_channel (
       user_id    text PRIMARY KEY,
       channel_id text
     );
-    IF to_regclass('neon_auth.users_sync') IS NOT NULL THEN
+    -- A users_sync usersync cannot write (setup refuses it after this) holds no user of its.
+    IF (SELECT count(*) = 3 FROM pg_attribute
+         WHERE attrelid = to_regclass('neon_auth.users_sync')
+           AND attname IN ('id', 'raw_json', 'deleted_at') AND NOT attisdropped) THEN
       INSERT INTO usersync.primary_email_channel (user_id, channel_id)
       SELECT id, NULL FROM neon_auth.users_sync
        WHERE deleted_at IS NULL AND raw_json ->> 'primary_email' IS NOT NULL
          -- Only the stack-auth profile writes this key.
-         AND raw_json ? 'primary_email_auth_enabled';
+         AND raw_json ? 'primary_email_auth_enabled'
+      ON CONFLICT (user_id) DO NOTHING;
     END IF;
   END IF;
 END
