@@ -211,6 +211,7 @@ async fn status_reports_a_healthy_slot_as_json_and_as_a_table() {
     assert_eq!(
         keys(target),
         [
+            "primary_email_channels_unknown",
             "slot_lock_holders",
             "tables_present",
             "unfinished",
@@ -220,6 +221,7 @@ async fn status_reports_a_healthy_slot_as_json_and_as_a_table() {
         ]
     );
     assert_eq!(target["unfinished"], Value::Null);
+    assert_eq!(target["primary_email_channels_unknown"], 0);
     assert_eq!(target["tables_present"], true);
     // The running replicator holds the slot's lock on the target.
     let holders = target["slot_lock_holders"].as_array().expect("an array");

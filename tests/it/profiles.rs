@@ -1106,6 +1106,17 @@ async fn pairs_of(client: &Client, sql: &str) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
+/// `usersync status --json`'s count of live users whose primary email channel the target
+/// does not know.
+fn unknown_channels(pair: &Pair) -> i64 {
+    let output = pair.usersync(&["status", "--json", "--lag-target", "1h"]);
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", text(&output)));
+    json["target"]["primary_email_channels_unknown"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no count in {json}"))
+}
+
 /// Runs `usersync setup` for the stack-auth profile as an operator would: the role script
 /// published `"ProjectUser"` only, so the first attempt asks the owner to add
 /// `"ContactChannel"`, which the owner (here: the test's superuser) does.
@@ -1458,8 +1469,16 @@ async fn stack_auth_target_copied_by_an_older_usersync_needs_full_until_setup_or
         ]
     );
 
-    // setup, run again, records the others from the source.
+    // status says how many channels are unknown; setup, run again, records them from the
+    // source.
     running.stop().await;
+    assert_eq!(unknown_channels(&pair), 2);
+    let status = pair.usersync(&["status", "--lag-target", "1h"]);
+    assert!(
+        text(&status).contains("2 users' primary email channel unknown"),
+        "{}",
+        text(&status)
+    );
     let setup = pair.usersync(&["setup", "--profile", "stack-auth"]);
     let said = text(&setup);
     assert!(setup.status.success(), "{said}");
@@ -1468,6 +1487,7 @@ async fn stack_auth_target_copied_by_an_older_usersync_needs_full_until_setup_or
         "{said}"
     );
     assert_stack_auth_matches(&pair).await;
+    assert_eq!(unknown_channels(&pair), 0);
 
     // Now FULL can go.
     pair.source
