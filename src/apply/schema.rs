@@ -36,6 +36,10 @@ pub struct TargetTables {
     pub users_sync: bool,
     /// `usersync.state`, the checkpoint table.
     pub state: bool,
+    /// `usersync.primary_email_channel` (Stack Auth). Looked up here, in its own query,
+    /// because a query that names it fails to parse when it is absent, whatever a
+    /// `CASE WHEN to_regclass(...)` around the name says.
+    pub primary_email_channel: bool,
 }
 
 /// Looks the tables up without touching them.
@@ -43,7 +47,8 @@ pub async fn target_tables(client: &Client) -> Result<TargetTables, ApplyError> 
     let row = client
         .query_one(
             "SELECT to_regclass('neon_auth.users_sync') IS NOT NULL,
-                    to_regclass('usersync.state') IS NOT NULL",
+                    to_regclass('usersync.state') IS NOT NULL,
+                    to_regclass('usersync.primary_email_channel') IS NOT NULL",
             &[],
         )
         .await
@@ -51,6 +56,7 @@ pub async fn target_tables(client: &Client) -> Result<TargetTables, ApplyError> 
     Ok(TargetTables {
         users_sync: row.get(0),
         state: row.get(1),
+        primary_email_channel: row.get(2),
     })
 }
 

@@ -1565,3 +1565,35 @@ async fn stack_auth_target_copied_by_an_older_usersync_needs_full_until_setup_or
     assert_stack_auth_matches(&pair).await;
     running.stop().await;
 }
+
+/// A target with `neon_auth.users_sync` but no usersync schema (Neon created the table,
+/// usersync never ran): `status` reports that setup is needed, not an SQL error from looking
+/// into a table that is not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_on_a_target_with_users_sync_but_no_usersync_tables_says_run_setup() {
+    let pair = Pair::as_superuser().await;
+    pair.target
+        .batch_execute(include_str!("../../sql/users_sync.sql"))
+        .await
+        .unwrap();
+    pair.target
+        .batch_execute("DROP SCHEMA IF EXISTS usersync CASCADE")
+        .await
+        .unwrap();
+    let output = pair.usersync(&["status", "--json"]);
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(5), "{said}");
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {said}"));
+    assert_eq!(json["verdict"], "broken", "{json}");
+    assert_eq!(json["target"]["tables_present"], false, "{json}");
+    assert_eq!(json["target"]["users_live"], 0, "{json}");
+    assert!(
+        json["target"]["primary_email_channels_unknown"].is_null(),
+        "{json}"
+    );
+    assert!(
+        json["problems"].to_string().contains("run usersync setup"),
+        "{json}"
+    );
+}
