@@ -15,7 +15,8 @@ pub mod writer;
 
 pub use batch::{Batch, CommitPosition, UnixMicros};
 pub use schema::{
-    check_shape, ensure_target_schema, target_tables, upgrade_state, TargetShape, TargetTables,
+    check_shape, count_unknown_primary_email_channels, ensure_target_schema, target_tables,
+    upgrade_state, TargetShape, TargetTables, UNKNOWN_PRIMARY_EMAIL_CHANNELS,
 };
 pub use setup_progress::{SetupMode, SetupProgress};
 pub use worker::{ApplyWorker, Done, Job};

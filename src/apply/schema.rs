@@ -22,6 +22,31 @@ pub struct TargetShape {
     pub has_updated_at: bool,
 }
 
+/// The live users of `neon_auth.users_sync` (as `u`, with their record in
+/// `usersync.primary_email_channel` as `r`, LEFT JOINed) whose primary email channel the
+/// target does not know: a Stack Auth user showing an email with no record, or a record with
+/// no channel. The one definition `status` counts, `setup` counts and fills, and
+/// `sql/usersync_state.sql` marks unknown, so that they never disagree about which users
+/// need what: a user soft-deleted or showing no email needs no channel (a clear changes
+/// nothing on it), and only the stack-auth profile writes `primary_email_auth_enabled`.
+pub const UNKNOWN_PRIMARY_EMAIL_CHANNELS: &str = "
+neon_auth.users_sync u
+LEFT JOIN usersync.primary_email_channel r ON r.user_id = u.id
+WHERE u.deleted_at IS NULL AND u.raw_json ->> 'primary_email' IS NOT NULL
+  AND u.raw_json ? 'primary_email_auth_enabled' AND r.channel_id IS NULL";
+
+/// Counts [`UNKNOWN_PRIMARY_EMAIL_CHANNELS`]; the caller knows the table exists.
+pub async fn count_unknown_primary_email_channels(client: &Client) -> Result<i64, ApplyError> {
+    Ok(client
+        .query_one(
+            &format!("SELECT count(*) FROM {UNKNOWN_PRIMARY_EMAIL_CHANNELS}"),
+            &[],
+        )
+        .await
+        .map_err(ApplyError::sql("counting unknown primary email channels"))?
+        .get(0))
+}
+
 /// Whether setup found or made the tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Created {

@@ -143,7 +143,9 @@ DELETE FROM usersync.primary_email_channel AS r
 /// The target decides a [`ClearIf`]: a live user whose recorded row is one of `rows` (a jsonb
 /// array) gets `patch` (its part cleared) and its record forgotten; the others are left
 /// alone. A record with no row (`channel_id` NULL: a user copied by a usersync older than the
-/// record, see `sql/usersync_state.sql`) cannot tell: if the patch would change the live row,
+/// record, see `sql/usersync_state.sql`), or no record at all for a user showing an email
+/// (written by an older usersync running beside this one), cannot tell: if the patch would
+/// change the live row,
 /// the statement fails (a division by zero, SQLSTATE 22012, reported as
 /// [`ApplyError::PartSourceUnknown`]) rather than guess. It runs before the segment's other
 /// statements (see `apply::batch`).
@@ -161,8 +163,8 @@ WITH input AS (
 ), live AS (
     SELECT i.*, r.channel_id, u.raw_json @> i.patch AS unchanged
       FROM input i
-      JOIN usersync.primary_email_channel r ON r.user_id = i.id
       JOIN neon_auth.users_sync u ON u.id = i.id AND u.deleted_at IS NULL
+      LEFT JOIN usersync.primary_email_channel r ON r.user_id = i.id
 ), cleared AS (
     UPDATE neon_auth.users_sync AS u
        SET raw_json = u.raw_json || m.patch{set_updated_at}

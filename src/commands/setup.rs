@@ -225,7 +225,7 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
         };
         let mode = copy_mode(options, earlier.is_some(), target_was_empty);
         if let (CopyMode::Skip, Some(select)) = (mode, &part_sources_select) {
-            record_unknown_part_sources(&source, &target, select).await?;
+            record_unknown_part_sources(config, &source, &target, select).await?;
         }
         if earlier.is_some() && mode == CopyMode::Copy {
             println!(
@@ -248,7 +248,7 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
         )
         .await?;
     } else if let Some(select) = &part_sources_select {
-        record_unknown_part_sources(&source, &target, select).await?;
+        record_unknown_part_sources(config, &source, &target, select).await?;
     }
     println!("ready: start replication with usersync run");
     Ok(())
@@ -257,10 +257,11 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
 /// Channels recorded per target statement.
 const PART_SOURCES_CHUNK: usize = 10_000;
 
-/// Gives the users whose primary email channel the target does not know (`channel_id` NULL
-/// in `usersync.primary_email_channel`: copied by a usersync older than it, or left by a
-/// teardown) the channel the source has now, so that `run` needs no `REPLICA IDENTITY FULL`
-/// for them. A copy does this too; this spares one.
+/// Gives the users whose primary email channel the target does not know
+/// ([`apply::UNKNOWN_PRIMARY_EMAIL_CHANNELS`]: copied by a usersync older than the record,
+/// written by one running beside this version, or left by a teardown) the channel the
+/// source has now, so that `run` needs no `REPLICA IDENTITY FULL` for them. A copy does this
+/// too; this spares one.
 ///
 /// The source is read as it is now, which may be ahead of what the target holds, and the
 /// stream then converges: a user has one primary email channel at a time, so if the channel
@@ -269,26 +270,53 @@ const PART_SOURCES_CHUNK: usize = 10_000;
 /// that order: the first finds the record naming another channel and keeps the email, the
 /// second sets the email and the record. (A change to the channel read now, before it became
 /// primary, may clear the email early; the second change sets it again.) Changes after the
-/// read find the record right. Only unknown records are written (`channel_id IS NULL`), so
-/// nothing `run` records meanwhile is overwritten. A user without a primary email on the
-/// source now stays unknown.
+/// read find the record right. A user without a primary email on the source now stays
+/// unknown.
+///
+/// That holds only while nothing else writes emails: a usersync older than the record
+/// changes a user's email without changing its record, which would leave a record that is
+/// wrong rather than unknown. So this refuses while the slot is in use on the source or its
+/// lock is held on the target.
 async fn record_unknown_part_sources(
+    config: &Config,
     source: &Client,
     target: &Client,
     select: &str,
 ) -> Result<(), Error> {
-    let unknown: i64 = target
-        .query_one(
-            "SELECT count(*) FROM usersync.primary_email_channel WHERE channel_id IS NULL",
-            &[],
-        )
-        .await
-        .map_err(apply::ApplyError::sql(
-            "counting unknown primary email channels",
-        ))?
-        .get(0);
+    let unknown = apply::count_unknown_primary_email_channels(target).await?;
     if unknown == 0 {
         return Ok(());
+    }
+    let active = catalog::slot_info(source, &config.slot)
+        .await?
+        .filter(|slot| slot.active)
+        .map(|slot| match slot.active_pid {
+            Some(pid) => format!(
+                "replication slot {} is in use by source backend pid {pid}",
+                config.slot
+            ),
+            None => format!("replication slot {} is in use", config.slot),
+        });
+    let holders = apply::slot_lock::holders(target, &config.slot).await?;
+    let busy = match (active, holders.is_empty()) {
+        (None, true) => None,
+        (Some(active), true) => Some(active),
+        (active, false) => Some(format!(
+            "{}the slot's lock on the target is held by {}",
+            active
+                .map(|active| format!("{active}, and "))
+                .unwrap_or_default(),
+            apply::slot_lock::describe(&holders)
+        )),
+    };
+    if let Some(busy) = busy {
+        return Err(Error::Config(format!(
+            "{unknown} users' primary email channel is unknown on the target, and setup records \
+             them only while no usersync writes the target, but {busy}: a usersync older than \
+             this version changes emails without recording their channel. Stop every older \
+             usersync run on this slot (standbys included), then run usersync setup again \
+             before starting this version's usersync run"
+        )));
     }
     let rows = source
         .query_raw(select, std::iter::empty::<&str>())
@@ -297,6 +325,17 @@ async fn record_unknown_part_sources(
     futures_util::pin_mut!(rows);
     let (mut users, mut channels) = (Vec::new(), Vec::new());
     let mut recorded = 0;
+    // The same users as counted, those the source names: `v, u LEFT JOIN r` joins `v` to
+    // the whole LEFT JOIN (a comma binds looser than JOIN).
+    let fill = format!(
+        "INSERT INTO usersync.primary_email_channel AS rec (user_id, channel_id)
+         SELECT u.id, v.channel_id
+           FROM unnest($1::text[], $2::text[]) AS v(user_id, channel_id),
+                {} AND u.id = v.user_id
+         ON CONFLICT (user_id) DO UPDATE SET channel_id = EXCLUDED.channel_id
+          WHERE rec.channel_id IS NULL",
+        apply::UNKNOWN_PRIMARY_EMAIL_CHANNELS.trim()
+    );
     loop {
         let row = rows
             .try_next()
@@ -308,12 +347,7 @@ async fn record_unknown_part_sources(
         }
         if users.len() >= PART_SOURCES_CHUNK || (row.is_none() && !users.is_empty()) {
             recorded += target
-                .execute(
-                    "UPDATE usersync.primary_email_channel AS r SET channel_id = v.channel_id
-                       FROM unnest($1::text[], $2::text[]) AS v(user_id, channel_id)
-                      WHERE r.user_id = v.user_id AND r.channel_id IS NULL",
-                    &[&users, &channels],
-                )
+                .execute(&fill, &[&users, &channels])
                 .await
                 .map_err(apply::ApplyError::sql("recording primary email channels"))?;
             users.clear();
@@ -323,27 +357,15 @@ async fn record_unknown_part_sources(
             break;
         }
     }
-    // Those that matter: a live user showing an email.
-    let left: i64 = target
-        .query_one(
-            "SELECT count(*) FROM usersync.primary_email_channel r
-               JOIN neon_auth.users_sync u ON u.id = r.user_id AND u.deleted_at IS NULL
-              WHERE r.channel_id IS NULL AND u.raw_json ->> 'primary_email' IS NOT NULL",
-            &[],
-        )
-        .await
-        .map_err(apply::ApplyError::sql(
-            "counting unknown primary email channels",
-        ))?
-        .get(0);
+    let left = apply::count_unknown_primary_email_channels(target).await?;
     println!(
         "usersync.primary_email_channel: recorded the primary email channel of {recorded} of \
          the {unknown} users whose channel the target did not know{}",
         if left > 0 {
             format!(
                 "; {left} have no primary email on the source now: keep REPLICA IDENTITY FULL \
-                 on \"ContactChannel\" until usersync resync, or a change to their channels \
-                 stops usersync run"
+                 on \"ContactChannel\" if it is still set, until usersync resync records \
+                 them, or a change to their channels stops usersync run"
             )
         } else {
             String::new()

@@ -1597,3 +1597,122 @@ async fn status_on_a_target_with_users_sync_but_no_usersync_tables_says_run_setu
         "{json}"
     );
 }
+
+/// A live user showing an email with no record at all (written by a usersync older than the
+/// record while the record already existed) is unknown as much as one recorded NULL: status
+/// counts it, setup fills it (and ignores records that do not matter: users soft-deleted or
+/// showing no email), a change that needs it stops run instead of doing nothing, and setup
+/// refuses to fill records while another usersync may be writing emails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stack_auth_a_user_with_an_email_but_no_record_is_unknown() {
+    let pair = profile_pair(
+        STACK_AUTH_TABLES,
+        "public.ProjectUser",
+        Profile::StackAuth(StackAuthMapping::default()),
+    )
+    .await;
+    let mut before = String::new();
+    for (n, name) in [(1, "Ada"), (2, "Bob"), (9, "Barrier")] {
+        before += &project_user(TENANCY, n, name);
+    }
+    before += &channel(TENANCY, 1, 1, "ada@example.org", true);
+    before += &channel(TENANCY, 1, 3, "ada@work.example", false);
+    before += &channel(TENANCY, 2, 2, "bob@example.org", true);
+    pair.source.batch_execute(&before).await.unwrap();
+    setup_stack_auth(&pair, &["setup", "--profile", "stack-auth"]);
+    assert_eq!(unknown_channels(&pair), 0);
+
+    // A record that does not matter (a user showing no email): neither counted nor read.
+    pair.target
+        .batch_execute(&format!(
+            "INSERT INTO usersync.primary_email_channel VALUES ('{}', NULL)",
+            user_id(9)
+        ))
+        .await
+        .unwrap();
+    assert_eq!(unknown_channels(&pair), 0);
+    let setup = pair.usersync(&["setup", "--profile", "stack-auth"]);
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(
+        !said.contains("recorded the primary email channel"),
+        "{said}"
+    );
+
+    // The records of users 1 and 2 gone: both unknown.
+    pair.target
+        .batch_execute(&format!(
+            "DELETE FROM usersync.primary_email_channel WHERE user_id IN ('{}', '{}', '{}')",
+            user_id(1),
+            user_id(2),
+            user_id(9)
+        ))
+        .await
+        .unwrap();
+    assert_eq!(unknown_channels(&pair), 2);
+
+    // setup does not fill them while a usersync runs on the slot (it may be an older one,
+    // writing emails without records), nor while another session holds the slot's lock.
+    let running = pair.start();
+    apply_then_barrier(&pair, "", 9, 1).await;
+    let refused = pair.usersync(&["setup", "--profile", "stack-auth"]);
+    let said = text(&refused);
+    assert_eq!(refused.status.code(), Some(78), "{said}");
+    assert!(said.contains("Stop every older usersync run"), "{said}");
+    running.stop().await;
+    let lock = format!(
+        "SELECT pg_advisory_lock(hashtextextended('usersync:' || '{}', 0))",
+        pair.config.slot
+    );
+    pair.target.batch_execute(&lock).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    let refused = loop {
+        let refused = pair.usersync(&["setup", "--profile", "stack-auth"]);
+        // The stopped session's walsender may hold the slot a moment longer.
+        if !text(&refused).contains("in use by source") || Instant::now() > deadline {
+            break refused;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let said = text(&refused);
+    assert_eq!(refused.status.code(), Some(78), "{said}");
+    assert!(said.contains("Stop every older usersync run"), "{said}");
+    assert!(said.contains("lock"), "{said}");
+    pair.target
+        .batch_execute(&lock.replace("pg_advisory_lock", "pg_advisory_unlock"))
+        .await
+        .unwrap();
+    assert_eq!(unknown_channels(&pair), 2);
+
+    // Now setup fills both.
+    let setup = pair.usersync(&["setup", "--profile", "stack-auth"]);
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(
+        said.contains("recorded the primary email channel of 2 of the 2 users"),
+        "{said}"
+    );
+    assert_eq!(unknown_channels(&pair), 0);
+    assert_stack_auth_matches(&pair).await;
+
+    // User 1's record gone again, and a key-only change to its other channel: run cannot
+    // tell whether that channel gave the email, and stops rather than do nothing.
+    pair.target
+        .batch_execute(&format!(
+            "DELETE FROM usersync.primary_email_channel WHERE user_id = '{}'",
+            user_id(1)
+        ))
+        .await
+        .unwrap();
+    let running = pair.start();
+    pair.source.batch_execute(&delete_channel(3)).await.unwrap();
+    let error = running.failure().await;
+    assert!(
+        matches!(
+            &error,
+            usersync::Error::Target(usersync::apply::ApplyError::PartSourceUnknown)
+        ),
+        "{error:?}"
+    );
+    assert_eq!(email_of(&pair, 1).await.as_deref(), Some("ada@example.org"));
+}

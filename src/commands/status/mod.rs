@@ -305,20 +305,8 @@ async fn read_target(
         status.users_live = Some(row.get(0));
         status.users_soft_deleted = Some(row.get(1));
         if tables.primary_email_channel {
-            status.primary_email_channels_unknown = Some(
-                target
-                    .query_one(
-                        "SELECT count(*) FROM usersync.primary_email_channel r
-                           JOIN neon_auth.users_sync u
-                             ON u.id = r.user_id AND u.deleted_at IS NULL
-                          WHERE r.channel_id IS NULL
-                            AND u.raw_json ->> 'primary_email' IS NOT NULL",
-                        &[],
-                    )
-                    .await
-                    .map_err(ApplyError::sql("counting unknown primary email channels"))?
-                    .get(0),
-            );
+            status.primary_email_channels_unknown =
+                Some(apply::count_unknown_primary_email_channels(target).await?);
         }
     }
     let checkpoint = if tables.state {
