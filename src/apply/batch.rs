@@ -36,14 +36,19 @@
 //! `REPLICA IDENTITY FULL`) clears the part only if it is the recorded row
 //! ([`Batch::clear_part_if`]). Within a batch the record is either known from an earlier
 //! change of the batch, and the batch decides at once, or not, and then the target decides:
-//! - known (a patch or a clear earlier in the segment): the part is cleared now if the record
+//! - known (a patch or a clear earlier in the segment, or an upsert that wrote all the part's
+//!   keys itself, as a Stack Auth insert does with "none yet": the part then comes from no
+//!   row, and the target forgets any record it held): the part is cleared now if the record
 //!   names that row, like [`Batch::clear_part`], and otherwise nothing changes;
 //! - unknown: the user carries a [`ClearIf`], which the target applies *before* the segment's
 //!   other statements for that user. That order is the batch's own: a `ClearIf` exists only
-//!   while no earlier change of the segment touched the part, and the changes before it that
-//!   did not touch the part (an upsert that leaves the part's keys to the target, or sets them
-//!   to "none yet") commute with it. Later changes go after it as usual: a patch sets the part
-//!   again over whatever it left, an upsert takes the part's keys from the row it left;
+//!   while no earlier change of the segment touched the part, and the one change before it
+//!   that does not commute with it by itself, an upsert that leaves the part's keys to the
+//!   target and revives a row the target holds soft-deleted, is named in it
+//!   ([`ClearIf::after_upsert`]), so that the target decides against the row as that upsert
+//!   leaves it. Later changes go after it as usual: a patch sets the part again over
+//!   whatever it left (one that sets every key of the part makes it moot, and drops it), an
+//!   upsert takes the part's keys from the row it left;
 //! - the other rules hold as for any clearing patch: after the user's delete in the batch it
 //!   changes nothing, and just before it (same source transaction) it is undone.
 
@@ -88,6 +93,11 @@ pub struct ClearIf {
     pub keys: Map<String, Value>,
     /// When the first of them went away: the user's `updated_at` if it clears.
     pub at: UnixMicros,
+    /// An upsert of the user came before it in the segment, so the target decides against
+    /// the row as that upsert leaves it, live: a row the target holds soft-deleted (a
+    /// TRUNCATE in an earlier segment) is revived by the upsert, with the part's keys it
+    /// holds, and the clear must reach them as it would applied in order.
+    pub after_upsert: bool,
 }
 
 impl PendingUser {
@@ -125,6 +135,10 @@ pub struct CommitPosition {
 /// Changes of one or more whole source transactions, in commit order.
 #[derive(Debug, Default)]
 pub struct Batch {
+    /// The keys of the users' part ([`crate::map::Profile::part_keys`]; none for a profile
+    /// without parts): an upsert that writes all of them sets the part itself ("none yet"
+    /// for a Stack Auth user inserted), so the batch knows it comes from no row.
+    part_keys: &'static [&'static str],
     segments: Vec<Segment>,
     /// Users whose last change in the current source transaction cleared a part, with what
     /// the batch held for them before (`None`: nothing), to undo it if the user's delete
@@ -143,6 +157,14 @@ pub struct Batch {
 impl Batch {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A batch for a profile whose users have a part made of `part_keys`.
+    pub fn with_part_keys(part_keys: &'static [&'static str]) -> Self {
+        Batch {
+            part_keys,
+            ..Self::default()
+        }
     }
 
     /// Records that one source transaction's changes were all added; `carried` says whether
@@ -197,6 +219,11 @@ impl Batch {
             unchanged_keys,
         } = user;
         self.cleared.remove(&id);
+        // Sets the part itself: from no row, whatever came before (see the module docs).
+        let writes_part = !self.part_keys.is_empty()
+            && self.part_keys.iter().all(|key| {
+                raw_json.contains_key(*key) && !unchanged_keys.iter().any(|kept| kept == key)
+            });
         let users = self.users_segment();
         // What the batch knows of the user whose values the unchanged keys hold.
         let earlier = users.remove(&id);
@@ -205,6 +232,7 @@ impl Batch {
             .as_ref()
             .map(|earlier| (earlier.part_from.clone(), earlier.clear_if.clone()))
             .unwrap_or_default();
+        let part_from = if writes_part { Some(None) } else { part_from };
         let earlier = match &moved_from {
             Some(from) if !unchanged_keys.is_empty() => users.get(from).cloned(),
             Some(_) => None,
@@ -284,6 +312,18 @@ impl Batch {
     ) {
         self.changes += 1;
         self.cleared.remove(&id);
+        // A pending clear of keys this patch all sets anew changes nothing the patch leaves
+        // (the patch writes the record too); left to the target it could only stop run
+        // where the target does not know the record.
+        if let Some(pending) = self.users_segment().get_mut(&id) {
+            if pending
+                .clear_if
+                .as_ref()
+                .is_some_and(|clear_if| clear_if.keys.keys().all(|key| keys.contains_key(key)))
+            {
+                pending.clear_if = None;
+            }
+        }
         self.patch_keys(id, keys, from, at);
     }
 
@@ -316,10 +356,14 @@ impl Batch {
             // As any patch after the user's delete: the user keeps its last part.
             return;
         }
+        let after_upsert = pending.raw_json.is_some();
         let clears_now = match (&pending.part_from, &mut pending.clear_if) {
             (Some(from), _) => from.as_ref() == Some(&row),
             (None, Some(clear_if)) => {
                 clear_if.rows.push(row);
+                // The row the target decides against is the one the upsert leaves; for
+                // the clear before the upsert that is the same row when it was live.
+                clear_if.after_upsert |= after_upsert;
                 false
             }
             (None, None) => {
@@ -327,6 +371,7 @@ impl Batch {
                     rows: vec![row],
                     keys: keys.clone(),
                     at,
+                    after_upsert,
                 });
                 false
             }
@@ -814,7 +859,8 @@ mod tests {
             Some(ClearIf {
                 rows: vec!["c1".into()],
                 keys: cleared(),
-                at: 1
+                at: 1,
+                after_upsert: false,
             })
         );
         assert!(a.patch.is_empty() && a.raw_json.is_none() && a.part_from.is_none());
@@ -825,10 +871,11 @@ mod tests {
             only_users(&batch)["a"].clear_if.as_ref().unwrap().rows,
             ["c1", "c2"]
         );
-        // A new primary email afterwards: the target clears first, then the patch sets it.
+        // A new primary email afterwards sets every key the clear would: the clear is moot
+        // (and would stop run for nothing where the target does not know the record).
         batch.patch("a".into(), email(Some("new@x.org")), Some("c3".into()), 3);
         let a = &only_users(&batch)["a"];
-        assert!(a.clear_if.is_some());
+        assert_eq!(a.clear_if, None);
         assert_eq!(a.part_from, Some(Some("c3".to_owned())));
         assert_eq!(a.patch, email(Some("new@x.org")));
         // From then on the batch knows.
@@ -887,6 +934,125 @@ mod tests {
         let d = &only_users(&batch)["d"];
         assert_eq!(d.clear_if.as_ref().unwrap().rows, ["c4"]);
         assert_eq!(d.deleted_at, Some(6));
+    }
+
+    /// The part's keys in these tests, as [`Profile::part_keys`] gives them for Stack Auth.
+    ///
+    /// [`Profile::part_keys`]: crate::map::Profile::part_keys
+    const PART: &[&str] = &["primary_email", "primary_email_verified"];
+
+    /// A user row inserted: the part's keys "none yet".
+    fn inserted(id: &str, n: i64) -> MappedUser {
+        user(
+            id,
+            json!({"n": n, "primary_email": null, "primary_email_verified": false}),
+            &[],
+        )
+    }
+
+    fn last_users(batch: &Batch) -> &HashMap<String, PendingUser> {
+        match batch.segments().last() {
+            Some(Segment::Users(users)) => users,
+            other => panic!("expected a users segment last, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_upsert_writing_the_part_keys_makes_the_part_come_from_none() {
+        let mut batch = Batch::with_part_keys(PART);
+        batch.upsert(inserted("a", 1), 1);
+        assert_eq!(only_users(&batch)["a"].part_from, Some(None));
+        // One that leaves them to the target says nothing of the record.
+        batch.upsert(user("b", json!({"n": 1}), PART), 1);
+        assert_eq!(only_users(&batch)["b"].part_from, None);
+        // Without part keys (other profiles) an upsert never touches the record.
+        let mut batch = Batch::new();
+        batch.upsert(inserted("a", 1), 1);
+        assert_eq!(only_users(&batch)["a"].part_from, None);
+    }
+
+    #[test]
+    fn a_clear_by_key_after_a_delete_and_an_insert_is_decided_in_the_batch() {
+        // T0 deletes a, T1 inserts it again, T2 removes one of its channels by key: applied
+        // one by one, the clear finds "none yet" and changes nothing; it must not reach the
+        // target, which would stop run where it does not know a's record.
+        let mut batch = Batch::with_part_keys(PART);
+        batch.soft_delete("a".into(), 1);
+        batch.commit(position(1), true);
+        batch.upsert(inserted("a", 1), 2);
+        batch.commit(position(2), true);
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 3);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.clear_if, None);
+        assert_eq!(a.part_from, Some(None));
+        assert_eq!(a.deleted_at, None);
+        assert_eq!(a.raw_json.as_ref().unwrap()["primary_email"], Value::Null);
+    }
+
+    #[test]
+    fn an_insert_after_a_delete_does_not_carry_the_record_of_the_email_before() {
+        // T1 sets a's email from c1, T2 deletes a, T3 inserts a again: the email is "none
+        // yet", and so must the record be.
+        let mut batch = Batch::with_part_keys(PART);
+        batch.patch("a".into(), email(Some("a@x.org")), Some("c1".into()), 1);
+        batch.commit(position(1), true);
+        batch.soft_delete("a".into(), 2);
+        batch.commit(position(2), true);
+        batch.upsert(inserted("a", 1), 3);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.raw_json.as_ref().unwrap()["primary_email"], Value::Null);
+        assert_eq!(a.part_from, Some(None));
+    }
+
+    #[test]
+    fn a_clear_by_key_after_an_upsert_that_revives_knows_it() {
+        // A truncate soft-deletes a on the target; an update revives it, its email kept from
+        // the target row; then a channel goes away by key. The target must decide against the
+        // row the upsert revives, not skip it as deleted.
+        let mut batch = Batch::with_part_keys(PART);
+        batch.soft_delete_all(1);
+        batch.upsert(user("a", json!({"n": 1}), PART), 2);
+        batch.commit(position(2), true);
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 3);
+        let a = &last_users(&batch)["a"];
+        assert_eq!(a.deleted_at, None);
+        assert!(a.clear_if.as_ref().unwrap().after_upsert);
+        // A clear with no upsert before it in the segment does not.
+        let mut batch = Batch::with_part_keys(PART);
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 1);
+        assert!(
+            !only_users(&batch)["a"]
+                .clear_if
+                .as_ref()
+                .unwrap()
+                .after_upsert
+        );
+        // An upsert between two clears: the target decides both against the revived row.
+        batch.commit(position(1), true);
+        batch.upsert(user("a", json!({"n": 1}), PART), 2);
+        batch.commit(position(2), true);
+        batch.clear_part_if("a".into(), "c2".into(), cleared(), 3);
+        let clear_if = only_users(&batch)["a"].clear_if.clone().unwrap();
+        assert_eq!((clear_if.rows.len(), clear_if.after_upsert), (2, true));
+    }
+
+    #[test]
+    fn a_patch_setting_every_key_of_the_part_drops_a_pending_clear() {
+        let mut batch = Batch::with_part_keys(PART);
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 1);
+        batch.commit(position(1), true);
+        // Only some of the keys: the clear still matters for the others.
+        batch.patch(
+            "a".into(),
+            keys(json!({"primary_email_verified": true})),
+            Some("c2".into()),
+            2,
+        );
+        assert!(only_users(&batch)["a"].clear_if.is_some());
+        batch.patch("a".into(), email(Some("a@x.org")), Some("c2".into()), 3);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.clear_if, None);
+        assert_eq!(a.part_from, Some(Some("c2".to_owned())));
     }
 
     #[test]

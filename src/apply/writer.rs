@@ -142,7 +142,8 @@ DELETE FROM usersync.primary_email_channel AS r
 
 /// The target decides a [`ClearIf`]: a live user whose recorded row is one of `rows` (a jsonb
 /// array) gets `patch` (its part cleared) and its record forgotten; the others are left
-/// alone. A record with no row (`channel_id` NULL: a user copied by a usersync older than the
+/// alone. After an upsert of the user in the segment (`after_upsert`) a soft-deleted row
+/// counts as live: the upsert, which runs after this, revives it with the keys it holds. A record with no row (`channel_id` NULL: a user copied by a usersync older than the
 /// record, see `sql/usersync_state.sql`), or no record at all for a user showing an email
 /// (written by an older usersync running beside this one), cannot tell: if the patch would
 /// change the live row,
@@ -158,12 +159,13 @@ fn clear_parts_if(has_updated_at: bool) -> String {
     format!(
         "
 WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::jsonb[], $3::jsonb[], $4::timestamptz[])
-        AS t(id, rows, patch, updated_at)
+    SELECT * FROM unnest($1::text[], $2::jsonb[], $3::jsonb[], $4::timestamptz[], $5::bool[])
+        AS t(id, rows, patch, updated_at, after_upsert)
 ), live AS (
     SELECT i.*, r.channel_id, u.raw_json @> i.patch AS unchanged
       FROM input i
-      JOIN neon_auth.users_sync u ON u.id = i.id AND u.deleted_at IS NULL
+      JOIN neon_auth.users_sync u
+        ON u.id = i.id AND (u.deleted_at IS NULL OR i.after_upsert)
       LEFT JOIN usersync.primary_email_channel r ON r.user_id = i.id
 ), cleared AS (
     UPDATE neon_auth.users_sync AS u
@@ -650,6 +652,7 @@ impl TargetWriter {
                             &clears_if.rows,
                             &clears_if.keys,
                             &clears_if.at,
+                            &clears_if.after_upsert,
                         ];
                         steps.push((CLEAR_IF_STEP, execute(client, &parts()?.clear_if, params)));
                     }
@@ -962,6 +965,7 @@ struct ClearIfArrays<'a> {
     rows: Vec<Json<&'a [String]>>,
     keys: Vec<Json<&'a Map<String, Value>>>,
     at: Vec<DateTime<Utc>>,
+    after_upsert: Vec<bool>,
 }
 
 #[derive(Default)]
@@ -1021,11 +1025,18 @@ fn users_to_arrays(users: &std::collections::HashMap<String, PendingUser>) -> Us
         clears_if,
     } = &mut arrays;
     for (id, user) in users {
-        if let Some(ClearIf { rows, keys, at }) = &user.clear_if {
+        if let Some(ClearIf {
+            rows,
+            keys,
+            at,
+            after_upsert,
+        }) = &user.clear_if
+        {
             clears_if.ids.push(id);
             clears_if.rows.push(Json(rows));
             clears_if.keys.push(Json(keys));
             clears_if.at.push(timestamp(*at));
+            clears_if.after_upsert.push(*after_upsert);
         }
         match &user.raw_json {
             Some(raw_json) => {

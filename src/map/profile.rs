@@ -357,6 +357,16 @@ impl Profile {
         }
     }
 
+    /// The keys of the part of each user that comes from another table (Stack Auth: the
+    /// three email keys, from `"ContactChannel"`); none for a profile without parts. The
+    /// batch needs them to know when an upsert sets the part itself.
+    pub fn part_keys(&self) -> &'static [&'static str] {
+        match self {
+            Profile::StackAuth(_) => &super::stack_auth::EMAIL_KEYS,
+            _ => &[],
+        }
+    }
+
     /// The rows users' parts come from now, as (user id, row id) text, for a profile whose
     /// users have parts in another table (Stack Auth: the primary email channels): `setup`
     /// records them for the users whose row the target does not know.

@@ -71,7 +71,7 @@ const BOOLEAN_TRUE: &str = "TRUE";
 const EMAIL_TYPE: &str = "EMAIL";
 
 /// The keys a contact channel sets; a user row leaves them alone.
-const EMAIL_KEYS: [&str; 3] = [
+pub(crate) const EMAIL_KEYS: [&str; 3] = [
     key::PRIMARY_EMAIL,
     key::PRIMARY_EMAIL_VERIFIED,
     key::PRIMARY_EMAIL_AUTH_ENABLED,

@@ -122,7 +122,7 @@ impl<'a> Session<'a> {
             decoder: PgOutputDecoder::new(),
             assembler: TransactionAssembler::with_memory_limit(config.spill_threshold),
             changes,
-            batcher: Batcher::default(),
+            batcher: Batcher::with_part_keys(config.mapping.part_keys()),
             ledger: Ledger::new(resume_at, slot_confirmed, !mode.is_dry_run()),
             lag: LagTracker::new(metrics, monitor_started),
             silence: SilenceWatch::new(config.source_timeout),
