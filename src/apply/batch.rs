@@ -81,6 +81,10 @@ pub struct PendingUser {
     pub part_from: Option<Option<String>>,
     /// Applied first, by the target: see [`ClearIf`].
     pub clear_if: Option<ClearIf>,
+    /// With `part_from` untouched: the part's keys are kept from `keep_from`'s row on the
+    /// target (the old id of a primary-key change), so its record is copied there too, after
+    /// the conditional clears (which may forget it) and with the keys it describes.
+    pub part_from_keep: bool,
 }
 
 /// Clears a user's part if the target records that it comes from one of `rows` (which went
@@ -112,6 +116,7 @@ impl PendingUser {
             deleted_at: None,
             part_from: None,
             clear_if: None,
+            part_from_keep: false,
         }
     }
 }
@@ -220,19 +225,36 @@ impl Batch {
         } = user;
         self.cleared.remove(&id);
         // Sets the part itself: from no row, whatever came before (see the module docs).
-        let writes_part = !self.part_keys.is_empty()
-            && self.part_keys.iter().all(|key| {
+        let part_keys = self.part_keys;
+        let writes_part = !part_keys.is_empty()
+            && part_keys.iter().all(|key| {
                 raw_json.contains_key(*key) && !unchanged_keys.iter().any(|kept| kept == key)
             });
+        // Takes the part from the old id of a primary-key change, with its record.
+        let moves_part = moved_from.is_some()
+            && !part_keys.is_empty()
+            && part_keys
+                .iter()
+                .all(|key| unchanged_keys.iter().any(|kept| kept == key));
         let users = self.users_segment();
         // What the batch knows of the user whose values the unchanged keys hold.
         let earlier = users.remove(&id);
         // The record of the user's part stays the user's own (see the module docs).
-        let (part_from, clear_if) = earlier
+        let (part_from, clear_if, part_from_keep) = earlier
             .as_ref()
-            .map(|earlier| (earlier.part_from.clone(), earlier.clear_if.clone()))
+            .map(|earlier| {
+                (
+                    earlier.part_from.clone(),
+                    earlier.clear_if.clone(),
+                    earlier.part_from_keep,
+                )
+            })
             .unwrap_or_default();
-        let part_from = if writes_part { Some(None) } else { part_from };
+        // The old id's record, where the batch knows it: its keys are the ones merged below.
+        let moved_part_from = match &moved_from {
+            Some(from) if moves_part => users.get(from).and_then(|old| old.part_from.clone()),
+            _ => None,
+        };
         let earlier = match &moved_from {
             Some(from) if !unchanged_keys.is_empty() => users.get(from).cloned(),
             Some(_) => None,
@@ -269,7 +291,25 @@ impl Batch {
                 deleted_at: None,
                 part_from: None,
                 clear_if: None,
+                part_from_keep: false,
             },
+        };
+        let (part_from, part_from_keep) = if writes_part {
+            (Some(None), false)
+        } else if moves_part {
+            match moved_part_from {
+                Some(known) => (Some(known), false),
+                // Kept from the old id's row on the target: so is the record.
+                None => (
+                    None,
+                    pending.keep_from.is_some()
+                        && part_keys
+                            .iter()
+                            .all(|key| pending.keep_keys.iter().any(|kept| kept == key)),
+                ),
+            }
+        } else {
+            (part_from, part_from_keep)
         };
         users.insert(
             id,
@@ -278,14 +318,26 @@ impl Batch {
                 deleted_at,
                 part_from,
                 clear_if,
+                part_from_keep,
                 ..pending
             },
         );
     }
 
     pub fn soft_delete(&mut self, id: String, at: UnixMicros) {
+        self.soft_delete_with(id, at, true);
+    }
+
+    /// The removal half of a primary-key change (its upsert follows, [`Batch::upsert_moved`]):
+    /// a delete, except that a clear just before it stands. The user lives on under its new
+    /// id, which takes the old one's part as the clear left it.
+    pub fn soft_delete_moved(&mut self, id: String, at: UnixMicros) {
+        self.soft_delete_with(id, at, false);
+    }
+
+    fn soft_delete_with(&mut self, id: String, at: UnixMicros, undoes_clear: bool) {
         self.changes += 1;
-        let undo = self.cleared.remove(&id);
+        let undo = self.cleared.remove(&id).filter(|_| undoes_clear);
         let users = self.users_segment();
         match undo {
             Some(Some(before)) => {
@@ -396,6 +448,7 @@ impl Batch {
             return;
         }
         pending.part_from = Some(from);
+        pending.part_from_keep = false;
         pending.updated_at = at;
         match &mut pending.raw_json {
             Some(raw_json) => {
@@ -482,6 +535,7 @@ fn merge_unchanged(
         deleted_at: None,
         part_from: None,
         clear_if: None,
+        part_from_keep: false,
     }
 }
 
@@ -1053,6 +1107,44 @@ mod tests {
         let a = &only_users(&batch)["a"];
         assert_eq!(a.clear_if, None);
         assert_eq!(a.part_from, Some(Some("c2".to_owned())));
+    }
+
+    #[test]
+    fn an_id_change_after_a_clear_keeps_the_clear_and_carries_the_record() {
+        // One source transaction: u's primary channel c1 goes away by key, then u's id
+        // changes to v. The removal half of the id change is no delete: the clear stands, and
+        // v takes u's email keys and their record.
+        let mut batch = Batch::with_part_keys(PART);
+        batch.patch("u".into(), email(Some("u@x.org")), Some("c1".into()), 1);
+        batch.commit(position(1), true);
+        batch.clear_part_if("u".into(), "c1".into(), cleared(), 2);
+        batch.soft_delete_moved("u".into(), 2);
+        batch.upsert_moved(user("v", json!({"n": 1}), PART), "u".into(), None, 2);
+        let v = &only_users(&batch)["v"];
+        assert_eq!(v.raw_json.as_ref().unwrap()["primary_email"], Value::Null);
+        assert_eq!(v.part_from, Some(None));
+        assert!(!v.part_from_keep);
+        // The same with the record unknown to the batch: u's clear is left to the target,
+        // before v's upsert reads u's row, and v's record is u's, copied on the target.
+        let mut batch = Batch::with_part_keys(PART);
+        batch.clear_part_if("u".into(), "c1".into(), cleared(), 2);
+        batch.soft_delete_moved("u".into(), 2);
+        batch.upsert_moved(user("v", json!({"n": 1}), PART), "u".into(), None, 2);
+        let users = only_users(&batch);
+        assert_eq!(users["u"].clear_if.as_ref().unwrap().rows, ["c1"]);
+        assert_eq!(users["u"].deleted_at, Some(2));
+        let v = &users["v"];
+        assert_eq!(v.keep_from.as_deref(), Some("u"));
+        assert_eq!(v.part_from, None);
+        assert!(v.part_from_keep);
+        // A later update of v that still leaves the email to the target keeps that.
+        batch.upsert(user("v", json!({"n": 2}), PART), 3);
+        assert!(only_users(&batch)["v"].part_from_keep);
+        // A patch of v's email records its own row instead.
+        batch.patch("v".into(), email(Some("v@x.org")), Some("c9".into()), 4);
+        let v = &only_users(&batch)["v"];
+        assert_eq!(v.part_from, Some(Some("c9".to_owned())));
+        assert!(!v.part_from_keep);
     }
 
     #[test]

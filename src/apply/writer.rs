@@ -140,6 +140,24 @@ DELETE FROM usersync.primary_email_channel AS r
  USING input p
  WHERE r.user_id = p.id AND p.part_from IS NULL";
 
+/// Gives each new id of a primary-key change whose part's keys its upsert kept from the old
+/// id's row (`keep_from`) the old id's record as well, or none if the old id has none: the
+/// record describes the keys, wherever they went. Runs after the conditional clears, which
+/// may have cleared the old row's keys and forgotten its record.
+const COPY_KEPT_RECORDS: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[]) AS t(id, keep_from)
+), copied AS (
+    INSERT INTO usersync.primary_email_channel (user_id, channel_id)
+    SELECT i.id, r.channel_id
+      FROM input i JOIN usersync.primary_email_channel r ON r.user_id = i.keep_from
+    ON CONFLICT (user_id) DO UPDATE SET channel_id = EXCLUDED.channel_id
+)
+DELETE FROM usersync.primary_email_channel AS r
+ USING input i
+ WHERE r.user_id = i.id
+   AND NOT EXISTS (SELECT FROM usersync.primary_email_channel o WHERE o.user_id = i.keep_from)";
+
 /// The target decides a [`ClearIf`]: a live user whose recorded row is one of `rows` (a jsonb
 /// array) gets `patch` (its part cleared) and its record forgotten; the others are left
 /// alone. After an upsert of the user in the segment (`after_upsert`) a soft-deleted row
@@ -363,6 +381,7 @@ struct Statements {
 struct PartStatements {
     patch: Statement,
     record: Statement,
+    copy_kept_records: Statement,
     clear_if: Statement,
 }
 
@@ -436,6 +455,9 @@ impl TargetWriter {
                 record: client.prepare(RECORD_PARTS).await.map_err(ApplyError::sql(
                     "preparing the primary email channels' record",
                 ))?,
+                copy_kept_records: client.prepare(COPY_KEPT_RECORDS).await.map_err(
+                    ApplyError::sql("preparing the copy of moved users' email channel records"),
+                )?,
                 clear_if: client
                     .prepare(&clear_parts_if(shape.has_updated_at))
                     .await
@@ -634,6 +656,7 @@ impl TargetWriter {
                         patches,
                         deletes,
                         records,
+                        kept_records,
                         clears_if,
                     } = &**arrays;
                     let parts = || {
@@ -669,6 +692,14 @@ impl TargetWriter {
                         steps.push((
                             "upserting users with unchanged values",
                             execute(client, &statements.upsert_merging, params),
+                        ));
+                    }
+                    if !kept_records.ids.is_empty() {
+                        let params: Vec<&(dyn ToSql + Sync)> =
+                            vec![&kept_records.ids, &kept_records.from];
+                        steps.push((
+                            "recording moved users' primary email channels",
+                            execute(client, &parts()?.copy_kept_records, params),
                         ));
                     }
                     if !upserts.raw_json.is_empty() {
@@ -999,6 +1030,8 @@ struct UserArrays<'a> {
     patches: PatchArrays<'a>,
     deletes: DeleteArrays<'a>,
     records: RecordArrays<'a>,
+    /// New ids whose record is copied from `keep_from` ([`COPY_KEPT_RECORDS`]).
+    kept_records: RecordArrays<'a>,
     clears_if: ClearIfArrays<'a>,
 }
 
@@ -1010,6 +1043,7 @@ impl UserArrays<'_> {
             && self.patches.ids.is_empty()
             && self.deletes.ids.is_empty()
             && self.records.ids.is_empty()
+            && self.kept_records.ids.is_empty()
             && self.clears_if.ids.is_empty()
     }
 }
@@ -1022,6 +1056,7 @@ fn users_to_arrays(users: &std::collections::HashMap<String, PendingUser>) -> Us
         patches,
         deletes,
         records,
+        kept_records,
         clears_if,
     } = &mut arrays;
     for (id, user) in users {
@@ -1050,9 +1085,16 @@ fn users_to_arrays(users: &std::collections::HashMap<String, PendingUser>) -> Us
                 into.raw_json.push(Json(raw_json));
                 into.updated_at.push(timestamp(user.updated_at));
                 into.deleted_at.push(user.deleted_at.map(timestamp));
-                if let Some(from) = &user.part_from {
-                    records.ids.push(id);
-                    records.from.push(from.as_deref());
+                match (&user.part_from, &user.keep_from) {
+                    (Some(from), _) => {
+                        records.ids.push(id);
+                        records.from.push(from.as_deref());
+                    }
+                    (None, Some(keep_from)) if user.part_from_keep => {
+                        kept_records.ids.push(id);
+                        kept_records.from.push(Some(keep_from));
+                    }
+                    _ => {}
                 }
             }
             None => {

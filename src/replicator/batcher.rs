@@ -107,6 +107,10 @@ impl Batcher {
                     self.batch.soft_delete(id, at);
                     Op::Delete
                 }
+                UserChange::MovedAway(id) => {
+                    self.batch.soft_delete_moved(id, at);
+                    Op::Delete
+                }
                 UserChange::SoftDeleteAll => {
                     self.batch.soft_delete_all(at);
                     Op::Truncate

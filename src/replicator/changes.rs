@@ -38,6 +38,8 @@ pub(super) enum UserChange {
         keys: serde_json::Map<String, serde_json::Value>,
     },
     SoftDelete(String),
+    /// The old id of a primary-key change, removed: see `Batch::soft_delete_moved`.
+    MovedAway(String),
     SoftDeleteAll,
     /// This replicator's heartbeat message (never reaches the target).
     Heartbeat,
@@ -130,7 +132,12 @@ impl ChangeMapper {
                 if let Some(old_id) = &moved_from {
                     // The primary key changed: the old user is gone, a new one appears, with
                     // the old user's values where the new row left them unchanged (TOAST).
-                    out.push(removal(mapping, old_id.clone(), gone)?);
+                    // Not a delete: a clear of its part just before stands (see
+                    // `Batch::soft_delete_moved`).
+                    out.push(match removal(mapping, old_id.clone(), gone)? {
+                        UserChange::SoftDelete(id) => UserChange::MovedAway(id),
+                        other => other,
+                    });
                 }
                 if let RowOutcome::Skip { id, reason } = &outcome {
                     // The row is no longer one of ours (it became anonymous, moved to another
@@ -233,7 +240,9 @@ pub(super) fn print_changes(
                     Some(serde_json::Value::Object(keys.clone())),
                 )
             }
-            UserChange::SoftDelete(id) => ("delete", Some(id.as_str()), None),
+            UserChange::SoftDelete(id) | UserChange::MovedAway(id) => {
+                ("delete", Some(id.as_str()), None)
+            }
             UserChange::SoftDeleteAll => ("truncate", None, None),
             UserChange::Heartbeat => continue,
         };

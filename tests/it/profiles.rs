@@ -1716,3 +1716,48 @@ async fn stack_auth_a_user_with_an_email_but_no_record_is_unknown() {
     );
     assert_eq!(email_of(&pair, 1).await.as_deref(), Some("ada@example.org"));
 }
+
+/// In one source transaction a user's primary channel is deleted, then the user's id
+/// changes: the new id shows no email and has no record, as applying the changes one by one
+/// gives; a user whose id changes with its email keeps the email and its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stack_auth_an_id_change_after_the_primary_channel_went_away() {
+    let pair = profile_pair(
+        STACK_AUTH_TABLES,
+        "public.ProjectUser",
+        Profile::StackAuth(StackAuthMapping::default()),
+    )
+    .await;
+    let mut before = String::new();
+    for (n, name) in [(1, "Ada"), (2, "Bob"), (9, "Barrier")] {
+        before += &project_user(TENANCY, n, name);
+    }
+    before += &channel(TENANCY, 1, 1, "ada@example.org", true);
+    before += &channel(TENANCY, 2, 2, "bob@example.org", true);
+    pair.source.batch_execute(&before).await.unwrap();
+    setup_stack_auth(&pair, &["setup", "--profile", "stack-auth"]);
+    let running = pair.start();
+    let rename = |from: u32, to: u32| {
+        format!(
+            r#"UPDATE "ProjectUser" SET "projectUserId" = '{}' WHERE "projectUserId" = '{}';"#,
+            user_id(to),
+            user_id(from)
+        )
+    };
+    apply_then_barrier(
+        &pair,
+        &format!(
+            "BEGIN; {}{}COMMIT; {}",
+            delete_channel(1),
+            rename(1, 7),
+            rename(2, 8)
+        ),
+        9,
+        1,
+    )
+    .await;
+    assert!(email_of(&pair, 7).await.is_none());
+    assert_eq!(email_of(&pair, 8).await.as_deref(), Some("bob@example.org"));
+    assert_stack_auth_matches(&pair).await;
+    running.stop().await;
+}
