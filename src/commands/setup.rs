@@ -224,8 +224,18 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
             None => bulk::users_sync_is_empty(&target).await?,
         };
         let mode = copy_mode(options, earlier.is_some(), target_was_empty);
-        if let (CopyMode::Skip, Some(select)) = (mode, &part_sources_select) {
-            record_unknown_part_sources(config, &source, &target, select).await?;
+        // Not filled now: read before the slot exists, the channels could miss a change made
+        // before the slot's start, and a wrong record is worse than an unknown one (which
+        // stops run loudly). Once the slot exists, setup again fills them.
+        if let (CopyMode::Skip, Some(_)) = (mode, &part_sources_select) {
+            let unknown = apply::count_unknown_primary_email_channels(&target).await?;
+            if unknown > 0 {
+                println!(
+                    "usersync.primary_email_channel: {unknown} users' primary email channel is \
+                     unknown; without a snapshot setup cannot record them before the slot \
+                     exists: run usersync setup again (before usersync run) to record them"
+                );
+            }
         }
         if earlier.is_some() && mode == CopyMode::Copy {
             println!(

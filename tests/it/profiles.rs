@@ -1761,3 +1761,56 @@ async fn stack_auth_an_id_change_after_the_primary_channel_went_away() {
     assert_stack_auth_matches(&pair).await;
     running.stop().await;
 }
+
+/// `setup --no-snapshot` reads the source before its slot exists, too early to record
+/// channels from: it leaves them unknown and says to run setup again, which records them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stack_auth_setup_without_a_snapshot_leaves_channels_unknown_until_setup_again() {
+    let pair = profile_pair(
+        STACK_AUTH_TABLES,
+        "public.ProjectUser",
+        Profile::StackAuth(StackAuthMapping::default()),
+    )
+    .await;
+    let mut before = String::new();
+    for (n, name) in [(1, "Ada"), (2, "Bob")] {
+        before += &project_user(TENANCY, n, name);
+        before += &channel(TENANCY, n, n, &format!("user{n}@example.org"), true);
+    }
+    pair.source.batch_execute(&before).await.unwrap();
+    setup_stack_auth(&pair, &["setup", "--profile", "stack-auth"]);
+    let teardown = pair.usersync(&["teardown", "--yes"]);
+    assert!(teardown.status.success(), "{}", text(&teardown));
+    assert_eq!(unknown_channels(&pair), 2);
+
+    let args = ["setup", "--profile", "stack-auth", "--no-snapshot"];
+    let mut setup = pair.usersync(&args);
+    if let Some((_, owner_sql)) = text(&setup).split_once("have the owner run: ") {
+        let owner_sql = owner_sql.lines().next().unwrap_or_default().to_owned();
+        let owner = psql(
+            pair.server,
+            &pair.config.source.dbname,
+            &["-v", "ON_ERROR_STOP=1", "-c", &owner_sql],
+        );
+        assert!(owner.status.success(), "{}", text(&owner));
+        setup = pair.usersync(&args);
+    }
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(
+        !said.contains("recorded the primary email channel"),
+        "{said}"
+    );
+    assert!(said.contains("run usersync setup again"), "{said}");
+    assert_eq!(unknown_channels(&pair), 2);
+
+    let setup = pair.usersync(&["setup", "--profile", "stack-auth"]);
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(
+        said.contains("recorded the primary email channel of 2 of the 2 users"),
+        "{said}"
+    );
+    assert_eq!(unknown_channels(&pair), 0);
+    assert_stack_auth_matches(&pair).await;
+}
