@@ -21,9 +21,13 @@ $$;
 -- usersync); no lock on an existing table is taken.
 DO $$
 BEGIN
+  -- One session at a time (a setup, another slot's run), until this transaction ends: two
+  -- concurrent CREATE TABLE IF NOT EXISTS can both pass the check and one then fails on
+  -- pg_type's unique index. After the lock, to_regclass sees a table another session
+  -- committed meanwhile.
+  PERFORM pg_advisory_xact_lock(hashtextextended('usersync:primary_email_channel', 0));
   IF to_regclass('usersync.primary_email_channel') IS NULL THEN
-    -- IF NOT EXISTS, ON CONFLICT: another session (a setup, another slot's run) may create
-    -- and fill it between the check and here.
+    -- IF NOT EXISTS, ON CONFLICT: harmless where the lock already excludes the race.
     CREATE TABLE IF NOT EXISTS usersync.primary_email_channel (
       user_id    text PRIMARY KEY,
       channel_id text

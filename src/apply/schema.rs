@@ -116,9 +116,12 @@ pub async fn upgrade_state(client: &Client) -> Result<(), ApplyError> {
         .batch_execute(&format!("SET LOCAL lock_timeout = '5s';\n{STATE_UPGRADE}"))
         .await
         .map_err(ApplyError::sql(
-            "upgrading usersync.state to this version (adding a column needs the table's \
-             owner: ALTER TABLE usersync.state OWNER TO the target role, or run \
-             sql/target_role.sql again)",
+            "upgrading usersync's tables to this version (adding a column to usersync.state \
+             needs the table's owner, and creating usersync.primary_email_channel needs CREATE \
+             on schema usersync: run sql/target_role.sql again, which makes the target role \
+             own schema usersync, usersync.state and usersync.primary_email_channel; or, as \
+             their owner, ALTER TABLE usersync.state OWNER TO the target role, and the same \
+             for usersync.primary_email_channel if it exists)",
         ))
 }
 

@@ -55,10 +55,25 @@ pub async fn teardown(config: &Config) -> Result<(), Error> {
     }
     let target = connect("target", &config.target).await?;
     if apply::target_tables(&target).await?.state {
+        // One transaction: a target left with no checkpoint but channels still recorded
+        // would trust records nothing keeps up to date (an error ends the process, and the
+        // connection with it, which rolls back).
+        target
+            .batch_execute("BEGIN")
+            .await
+            .map_err(apply::ApplyError::sql(
+                "starting the teardown's target transaction",
+            ))?;
         apply::delete_checkpoint(&target, &config.slot).await?;
         apply::setup_progress::delete_if_present(&target, &config.slot).await?;
-        println!("checkpoint of slot {} removed from the target", config.slot);
         let unknown = forget_channels_if_unfed(&target).await?;
+        target
+            .batch_execute("COMMIT")
+            .await
+            .map_err(apply::ApplyError::sql(
+                "committing the teardown's target transaction",
+            ))?;
+        println!("checkpoint of slot {} removed from the target", config.slot);
         if unknown > 0 {
             println!(
                 "usersync.primary_email_channel: {unknown} users' primary email channels marked \
