@@ -142,6 +142,16 @@ pub enum MapError {
     )]
     IdNotInReplicaIdentity { column: String },
 
+    /// Stack Auth's `"ContactChannel"`: its key must say which channel went away (the
+    /// target's record of each user's primary email channel is matched against it).
+    #[error(
+        "\"ContactChannel\".{column} is not part of that table's replica identity, so a \
+         deleted or updated contact channel would arrive without it and usersync could not \
+         tell whether it gave its user's email; give the table back its default replica \
+         identity, the primary key: ALTER TABLE \"ContactChannel\" REPLICA IDENTITY DEFAULT"
+    )]
+    ChannelIdNotInReplicaIdentity { column: String },
+
     #[error(
         "the {profile} profile needs column {column} (the table has columns {available}); \
          check that --table names the {profile} users table"

@@ -33,7 +33,8 @@
 //! channel that went away known by its key only (the default replica identity, the primary
 //! key `"tenancyId", "projectUserId", id`) becomes a [`RowOutcome::ClearPartIf`]: the target
 //! clears the keys if it recorded that channel. Under FULL the old row decides, as before, and
-//! the record is kept right all the same, so the identity can be changed either way later.
+//! the record is kept right all the same (switching to FULL on PostgreSQL 15+ needs the
+//! publication's column list off first: see `docs/profiles.md`).
 //!
 //! **Hard deletes.** Stack Auth deletes users; the foreign key cascades to their contact
 //! channels in the same transaction, after the user's own delete. The user is soft-deleted,
@@ -237,8 +238,18 @@ impl StackAuthMapping {
         columns: &[RelationColumn],
     ) -> Result<BoundContactChannel, MapError> {
         let relation = Relation::new(columns);
+        // The generic advice (another index, --id-column) does not fit a table Stack Auth's
+        // migrations own: its primary key is the identity it needs.
+        let require_key = |need| {
+            relation.require_id(need).map_err(|error| match error {
+                MapError::IdNotInReplicaIdentity { column } => {
+                    MapError::ChannelIdNotInReplicaIdentity { column }
+                }
+                other => other,
+            })
+        };
         let tenancy_id = relation.require(&TENANCY_ID)?;
-        let user_id = relation.require_id(&PROJECT_USER_ID)?;
+        let user_id = require_key(&PROJECT_USER_ID)?;
         let channel_type = relation.require(&CHANNEL_TYPE)?;
         let is_primary = relation.require(&IS_PRIMARY)?;
         let used_for_auth = relation.require(&USED_FOR_AUTH)?;
@@ -247,7 +258,7 @@ impl StackAuthMapping {
         // In the key (the primary key is the default replica identity): a deleted channel
         // is then known by it, and the target's record of the user's primary email channel
         // tells whether it was that one.
-        let channel_id = relation.require_id(&CHANNEL_ID)?;
+        let channel_id = require_key(&CHANNEL_ID)?;
         Ok(BoundContactChannel {
             layout: relation.layout(user_id),
             tenancy: self.tenancy(tenancy_id),
@@ -870,7 +881,7 @@ mod tests {
             .collect();
         assert!(matches!(
             StackAuthMapping::default().bind_contact_channel(&without_id),
-            Err(MapError::IdNotInReplicaIdentity { .. })
+            Err(MapError::ChannelIdNotInReplicaIdentity { column }) if column == "id"
         ));
     }
 

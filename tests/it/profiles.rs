@@ -1650,6 +1650,17 @@ async fn stack_auth_a_user_with_an_email_but_no_record_is_unknown() {
         .await
         .unwrap();
     assert_eq!(unknown_channels(&pair), 2);
+    // Without FULL on "ContactChannel" the next change to their channels stops run: status
+    // warns.
+    let status = pair.usersync(&["status", "--json", "--lag-target", "1h"]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status.status.code(), Some(3), "{json}");
+    assert!(
+        json["problems"]
+            .to_string()
+            .contains("is not REPLICA IDENTITY FULL"),
+        "{json}"
+    );
 
     // setup does not fill them while a usersync runs on the slot (it may be an older one,
     // writing emails without records), nor while another session holds the slot's lock.

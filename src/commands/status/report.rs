@@ -496,9 +496,10 @@ impl StatusReport {
             row(
                 "  email channels",
                 format!(
-                    "{unknown} users' primary email channel unknown (copied by an older \
-                     usersync, or left by a teardown): keep REPLICA IDENTITY FULL on \"ContactChannel\" until usersync \
-                     setup or resync records them"
+                    "{unknown} users' primary email channel unknown (copied or written by an \
+                     older usersync, or left by a teardown): keep REPLICA IDENTITY FULL on \
+                     \"ContactChannel\" if it is still set, until usersync setup or resync \
+                     records them"
                 ),
             );
         }
