@@ -6,8 +6,9 @@
 --     SELECT, INSERT, UPDATE on neon_auth.users_sync (ON CONFLICT DO UPDATE reads the row);
 --   * usersync purge (hard delete of users soft-deleted long ago): DELETE on it, granted only
 --     with -v purge=on (see below). purge --scrub needs no more than UPDATE;
---   * keeps its checkpoint (usersync.state) and the record of a setup under way
---     (usersync.setup_progress) in its own schema usersync, which setup creates if missing:
+--   * keeps its checkpoint (usersync.state), the record of a setup under way
+--     (usersync.setup_progress) and, for Stack Auth, each user's primary email channel
+--     (usersync.primary_email_channel) in its own schema usersync, which setup creates if missing:
 --     the role owns schema usersync, so it can create and write the tables there (setup
 --     creates a table a newer usersync needs when it runs again).
 --
@@ -109,3 +110,4 @@ CREATE SCHEMA IF NOT EXISTS usersync AUTHORIZATION :"role";
 ALTER SCHEMA usersync OWNER TO :"role";
 ALTER TABLE IF EXISTS usersync.state OWNER TO :"role";
 ALTER TABLE IF EXISTS usersync.setup_progress OWNER TO :"role";
+ALTER TABLE IF EXISTS usersync.primary_email_channel OWNER TO :"role";

@@ -14,3 +14,35 @@ BEGIN
   END IF;
 END
 $$;
+
+-- usersync.primary_email_channel, as sql/usersync_state.sql creates it (see there): live
+-- users showing an email on a target copied by an older usersync get channel_id NULL
+-- (unknown). Created by whoever first runs this version (the target role owns schema
+-- usersync); no lock on an existing table is taken.
+DO $$
+BEGIN
+  -- One session at a time (a setup, another slot's run), until this transaction ends: two
+  -- concurrent CREATE TABLE IF NOT EXISTS can both pass the check and one then fails on
+  -- pg_type's unique index. After the lock, to_regclass sees a table another session
+  -- committed meanwhile.
+  PERFORM pg_advisory_xact_lock(hashtextextended('usersync:primary_email_channel', 0));
+  IF to_regclass('usersync.primary_email_channel') IS NULL THEN
+    -- IF NOT EXISTS, ON CONFLICT: harmless where the lock already excludes the race.
+    CREATE TABLE IF NOT EXISTS usersync.primary_email_channel (
+      user_id    text PRIMARY KEY,
+      channel_id text
+    );
+    -- A users_sync usersync cannot write (setup refuses it after this) holds no user of its.
+    IF (SELECT count(*) = 3 FROM pg_attribute
+         WHERE attrelid = to_regclass('neon_auth.users_sync')
+           AND attname IN ('id', 'raw_json', 'deleted_at') AND NOT attisdropped) THEN
+      INSERT INTO usersync.primary_email_channel (user_id, channel_id)
+      SELECT id, NULL FROM neon_auth.users_sync
+       WHERE deleted_at IS NULL AND raw_json ->> 'primary_email' IS NOT NULL
+         -- Only the stack-auth profile writes this key.
+         AND raw_json ? 'primary_email_auth_enabled'
+      ON CONFLICT (user_id) DO NOTHING;
+    END IF;
+  END IF;
+END
+$$;

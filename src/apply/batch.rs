@@ -27,6 +27,30 @@
 //!   transaction: parts are written as they fill.)
 //! - a TRUNCATE soft-deletes every live row on the target, so the rows pending before it are
 //!   written first: the batch is a sequence of segments, each applied in order.
+//!
+//! **Where a part comes from.** The target records, for each user, the row its part comes
+//! from (Stack Auth: which contact channel the email keys hold, in
+//! `usersync.primary_email_channel`), written with the part's keys: a patch records its row
+//! (`from`), a clearing patch forgets it, a patch that changes nothing (after the user's
+//! delete, or undone) leaves it. A part's row that went away known by its key only (no
+//! `REPLICA IDENTITY FULL`) clears the part only if it is the recorded row
+//! ([`Batch::clear_part_if`]). Within a batch the record is either known from an earlier
+//! change of the batch, and the batch decides at once, or not, and then the target decides:
+//! - known (a patch or a clear earlier in the segment, or an upsert that wrote all the part's
+//!   keys itself, as a Stack Auth insert does with "none yet": the part then comes from no
+//!   row, and the target forgets any record it held): the part is cleared now if the record
+//!   names that row, like [`Batch::clear_part`], and otherwise nothing changes;
+//! - unknown: the user carries a [`ClearIf`], which the target applies *before* the segment's
+//!   other statements for that user. That order is the batch's own: a `ClearIf` exists only
+//!   while no earlier change of the segment touched the part, and the one change before it
+//!   that does not commute with it by itself, an upsert that leaves the part's keys to the
+//!   target and revives a row the target holds soft-deleted, is named in it
+//!   ([`ClearIf::after_upsert`]), so that the target decides against the row as that upsert
+//!   leaves it. Later changes go after it as usual: a patch sets the part again over
+//!   whatever it left (one that sets every key of the part makes it moot, and drops it), an
+//!   upsert takes the part's keys from the row it left;
+//! - the other rules hold as for any clearing patch: after the user's delete in the batch it
+//!   changes nothing, and just before it (same source transaction) it is undone.
 
 use std::collections::HashMap;
 
@@ -52,6 +76,32 @@ pub struct PendingUser {
     pub patch: Map<String, Value>,
     pub updated_at: UnixMicros,
     pub deleted_at: Option<UnixMicros>,
+    /// The record of the row the user's part comes from, as the batch leaves it:
+    /// `None`: untouched; `Some(None)`: forgotten (the part is cleared); `Some(Some(row))`.
+    pub part_from: Option<Option<String>>,
+    /// Applied first, by the target: see [`ClearIf`].
+    pub clear_if: Option<ClearIf>,
+    /// With `part_from` untouched: the part's keys are kept from `keep_from`'s row on the
+    /// target (the old id of a primary-key change), so its record is copied there too, after
+    /// the conditional clears (which may forget it) and with the keys it describes.
+    pub part_from_keep: bool,
+}
+
+/// Clears a user's part if the target records that it comes from one of `rows` (which went
+/// away, known by their keys only), and forgets the record; otherwise changes nothing. Only
+/// while the batch knows nothing of the record (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClearIf {
+    pub rows: Vec<String>,
+    /// The keys that clear the part.
+    pub keys: Map<String, Value>,
+    /// When the first of them went away: the user's `updated_at` if it clears.
+    pub at: UnixMicros,
+    /// An upsert of the user came before it in the segment, so the target decides against
+    /// the row as that upsert leaves it, live: a row the target holds soft-deleted (a
+    /// TRUNCATE in an earlier segment) is revived by the upsert, with the part's keys it
+    /// holds, and the clear must reach them as it would applied in order.
+    pub after_upsert: bool,
 }
 
 impl PendingUser {
@@ -64,6 +114,9 @@ impl PendingUser {
             patch: Map::new(),
             updated_at: at,
             deleted_at: None,
+            part_from: None,
+            clear_if: None,
+            part_from_keep: false,
         }
     }
 }
@@ -87,6 +140,10 @@ pub struct CommitPosition {
 /// Changes of one or more whole source transactions, in commit order.
 #[derive(Debug, Default)]
 pub struct Batch {
+    /// The keys of the users' part ([`crate::map::Profile::part_keys`]; none for a profile
+    /// without parts): an upsert that writes all of them sets the part itself ("none yet"
+    /// for a Stack Auth user inserted), so the batch knows it comes from no row.
+    part_keys: &'static [&'static str],
     segments: Vec<Segment>,
     /// Users whose last change in the current source transaction cleared a part, with what
     /// the batch held for them before (`None`: nothing), to undo it if the user's delete
@@ -105,6 +162,14 @@ pub struct Batch {
 impl Batch {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A batch for a profile whose users have a part made of `part_keys`.
+    pub fn with_part_keys(part_keys: &'static [&'static str]) -> Self {
+        Batch {
+            part_keys,
+            ..Self::default()
+        }
     }
 
     /// Records that one source transaction's changes were all added; `carried` says whether
@@ -159,9 +224,37 @@ impl Batch {
             unchanged_keys,
         } = user;
         self.cleared.remove(&id);
+        // Sets the part itself: from no row, whatever came before (see the module docs).
+        let part_keys = self.part_keys;
+        let writes_part = !part_keys.is_empty()
+            && part_keys.iter().all(|key| {
+                raw_json.contains_key(*key) && !unchanged_keys.iter().any(|kept| kept == key)
+            });
+        // Takes the part from the old id of a primary-key change, with its record.
+        let moves_part = moved_from.is_some()
+            && !part_keys.is_empty()
+            && part_keys
+                .iter()
+                .all(|key| unchanged_keys.iter().any(|kept| kept == key));
         let users = self.users_segment();
         // What the batch knows of the user whose values the unchanged keys hold.
         let earlier = users.remove(&id);
+        // The record of the user's part stays the user's own (see the module docs).
+        let (part_from, clear_if, part_from_keep) = earlier
+            .as_ref()
+            .map(|earlier| {
+                (
+                    earlier.part_from.clone(),
+                    earlier.clear_if.clone(),
+                    earlier.part_from_keep,
+                )
+            })
+            .unwrap_or_default();
+        // The old id's record, where the batch knows it: its keys are the ones merged below.
+        let moved_part_from = match &moved_from {
+            Some(from) if moves_part => users.get(from).and_then(|old| old.part_from.clone()),
+            _ => None,
+        };
         let earlier = match &moved_from {
             Some(from) if !unchanged_keys.is_empty() => users.get(from).cloned(),
             Some(_) => None,
@@ -196,21 +289,55 @@ impl Batch {
                 patch: Map::new(),
                 updated_at: at,
                 deleted_at: None,
+                part_from: None,
+                clear_if: None,
+                part_from_keep: false,
             },
+        };
+        let (part_from, part_from_keep) = if writes_part {
+            (Some(None), false)
+        } else if moves_part {
+            match moved_part_from {
+                Some(known) => (Some(known), false),
+                // Kept from the old id's row on the target: so is the record.
+                None => (
+                    None,
+                    pending.keep_from.is_some()
+                        && part_keys
+                            .iter()
+                            .all(|key| pending.keep_keys.iter().any(|kept| kept == key)),
+                ),
+            }
+        } else {
+            (part_from, part_from_keep)
         };
         users.insert(
             id,
             PendingUser {
                 updated_at: at,
                 deleted_at,
+                part_from,
+                clear_if,
+                part_from_keep,
                 ..pending
             },
         );
     }
 
     pub fn soft_delete(&mut self, id: String, at: UnixMicros) {
+        self.soft_delete_with(id, at, true);
+    }
+
+    /// The removal half of a primary-key change (its upsert follows, [`Batch::upsert_moved`]):
+    /// a delete, except that a clear just before it stands. The user lives on under its new
+    /// id, which takes the old one's part as the clear left it.
+    pub fn soft_delete_moved(&mut self, id: String, at: UnixMicros) {
+        self.soft_delete_with(id, at, false);
+    }
+
+    fn soft_delete_with(&mut self, id: String, at: UnixMicros, undoes_clear: bool) {
         self.changes += 1;
-        let undo = self.cleared.remove(&id);
+        let undo = self.cleared.remove(&id).filter(|_| undoes_clear);
         let users = self.users_segment();
         match undo {
             Some(Some(before)) => {
@@ -226,27 +353,102 @@ impl Batch {
         pending.deleted_at.get_or_insert(at);
     }
 
-    /// Sets `keys` of user `id` and keeps its other keys (see the module docs).
-    pub fn patch(&mut self, id: String, keys: Map<String, Value>, at: UnixMicros) {
+    /// Sets `keys` of user `id`, the part that comes from row `from` now (`None`: from
+    /// none), and keeps its other keys (see the module docs).
+    pub fn patch(
+        &mut self,
+        id: String,
+        keys: Map<String, Value>,
+        from: Option<String>,
+        at: UnixMicros,
+    ) {
+        self.changes += 1;
         self.cleared.remove(&id);
-        self.patch_keys(id, keys, at);
+        // A pending clear of keys this patch all sets anew changes nothing the patch leaves
+        // (the patch writes the record too); left to the target it could only stop run
+        // where the target does not know the record.
+        if let Some(pending) = self.users_segment().get_mut(&id) {
+            if pending
+                .clear_if
+                .as_ref()
+                .is_some_and(|clear_if| clear_if.keys.keys().all(|key| keys.contains_key(key)))
+            {
+                pending.clear_if = None;
+            }
+        }
+        self.patch_keys(id, keys, from, at);
     }
 
     /// A patch clearing a part of user `id` whose row went away: undone if the user's delete
     /// is the next change to it in the same source transaction (see the module docs).
     pub fn clear_part(&mut self, id: String, keys: Map<String, Value>, at: UnixMicros) {
+        self.changes += 1;
         let before = self.users_segment().get(&id).cloned();
         self.cleared.entry(id.clone()).or_insert(before);
-        self.patch_keys(id, keys, at);
+        self.patch_keys(id, keys, None, at);
     }
 
-    fn patch_keys(&mut self, id: String, keys: Map<String, Value>, at: UnixMicros) {
+    /// Row `row`, from which user `id`'s part may come, went away, known by its key only:
+    /// the part (`keys`) is cleared if it comes from that row, decided by what the batch knows
+    /// or else by the target (see the module docs); undone like [`Batch::clear_part`].
+    pub fn clear_part_if(
+        &mut self,
+        id: String,
+        row: String,
+        keys: Map<String, Value>,
+        at: UnixMicros,
+    ) {
         self.changes += 1;
+        let users = self.users_segment();
+        let before = users.get(&id).cloned();
+        let pending = users
+            .entry(id.clone())
+            .or_insert_with(|| PendingUser::nothing(at));
+        if pending.deleted_at.is_some() {
+            // As any patch after the user's delete: the user keeps its last part.
+            return;
+        }
+        let after_upsert = pending.raw_json.is_some();
+        let clears_now = match (&pending.part_from, &mut pending.clear_if) {
+            (Some(from), _) => from.as_ref() == Some(&row),
+            (None, Some(clear_if)) => {
+                clear_if.rows.push(row);
+                // The row the target decides against is the one the upsert leaves; for
+                // the clear before the upsert that is the same row when it was live.
+                clear_if.after_upsert |= after_upsert;
+                false
+            }
+            (None, None) => {
+                pending.clear_if = Some(ClearIf {
+                    rows: vec![row],
+                    keys: keys.clone(),
+                    at,
+                    after_upsert,
+                });
+                false
+            }
+        };
+        self.cleared.entry(id.clone()).or_insert(before);
+        if clears_now {
+            self.patch_keys(id, keys, None, at);
+        }
+    }
+
+    /// Counted by the caller.
+    fn patch_keys(
+        &mut self,
+        id: String,
+        keys: Map<String, Value>,
+        from: Option<String>,
+        at: UnixMicros,
+    ) {
         let users = self.users_segment();
         let pending = users.entry(id).or_insert_with(|| PendingUser::nothing(at));
         if pending.deleted_at.is_some() {
             return;
         }
+        pending.part_from = Some(from);
+        pending.part_from_keep = false;
         pending.updated_at = at;
         match &mut pending.raw_json {
             Some(raw_json) => {
@@ -331,6 +533,9 @@ fn merge_unchanged(
         patch: Map::new(),
         updated_at: 0,
         deleted_at: None,
+        part_from: None,
+        clear_if: None,
+        part_from_keep: false,
     }
 }
 
@@ -497,7 +702,12 @@ mod tests {
     fn a_patch_merges_into_a_pending_upsert() {
         let mut batch = Batch::new();
         batch.upsert(user("a", json!({"primary_email": null, "n": 1}), &[]), 1);
-        batch.patch("a".into(), keys(json!({"primary_email": "a@x.org"})), 1);
+        batch.patch(
+            "a".into(),
+            keys(json!({"primary_email": "a@x.org"})),
+            None,
+            1,
+        );
         let a = &only_users(&batch)["a"];
         let raw = a.raw_json.as_ref().unwrap();
         assert_eq!(
@@ -520,7 +730,12 @@ mod tests {
             user("a", json!({"n": 1}), &["primary_email", "verified"]),
             1,
         );
-        batch.patch("a".into(), keys(json!({"primary_email": "a@x.org"})), 2);
+        batch.patch(
+            "a".into(),
+            keys(json!({"primary_email": "a@x.org"})),
+            None,
+            2,
+        );
         let a = &only_users(&batch)["a"];
         assert_eq!(a.raw_json.as_ref().unwrap()["primary_email"], "a@x.org");
         assert_eq!(a.keep_keys, vec!["verified".to_owned()]);
@@ -533,9 +748,15 @@ mod tests {
         batch.patch(
             "a".into(),
             keys(json!({"primary_email": null, "v": false})),
+            None,
             1,
         );
-        batch.patch("a".into(), keys(json!({"primary_email": "b@x.org"})), 2);
+        batch.patch(
+            "a".into(),
+            keys(json!({"primary_email": "b@x.org"})),
+            None,
+            2,
+        );
         let a = &only_users(&batch)["a"];
         assert_eq!(a.raw_json, None);
         assert_eq!(
@@ -555,12 +776,12 @@ mod tests {
         let mut batch = Batch::new();
         batch.upsert(user("a", json!({"primary_email": "a@x.org"}), &[]), 1);
         batch.soft_delete("a".into(), 2);
-        batch.patch("a".into(), keys(json!({"primary_email": null})), 2);
+        batch.patch("a".into(), keys(json!({"primary_email": null})), None, 2);
         let a = &only_users(&batch)["a"];
         assert_eq!(a.raw_json.as_ref().unwrap()["primary_email"], "a@x.org");
         assert_eq!(a.deleted_at, Some(2));
         batch.soft_delete("b".into(), 3);
-        batch.patch("b".into(), keys(json!({"primary_email": null})), 3);
+        batch.patch("b".into(), keys(json!({"primary_email": null})), None, 3);
         let b = &only_users(&batch)["b"];
         assert!(b.patch.is_empty());
         assert_eq!(b.deleted_at, Some(3));
@@ -607,12 +828,323 @@ mod tests {
         assert_eq!(only_users(&batch)["a"].patch, cleared());
         // Another change to the user in between: the clear stands.
         batch.clear_part("b".into(), cleared(), 3);
-        batch.patch("b".into(), keys(json!({"primary_email": "new@x.org"})), 3);
+        batch.patch(
+            "b".into(),
+            keys(json!({"primary_email": "new@x.org"})),
+            None,
+            3,
+        );
         batch.soft_delete("b".into(), 3);
         assert_eq!(
             only_users(&batch)["b"].patch,
             keys(json!({"primary_email": "new@x.org"}))
         );
+    }
+
+    fn email(value: Option<&str>) -> Map<String, Value> {
+        keys(json!({"primary_email": value, "primary_email_verified": value.is_some()}))
+    }
+
+    fn cleared() -> Map<String, Value> {
+        email(None)
+    }
+
+    #[test]
+    fn a_patch_records_where_the_part_comes_from_and_a_clear_forgets_it() {
+        let mut batch = Batch::new();
+        batch.patch("a".into(), email(Some("a@x.org")), Some("c1".into()), 1);
+        assert_eq!(
+            only_users(&batch)["a"].part_from,
+            Some(Some("c1".to_owned()))
+        );
+        batch.commit(position(1), true);
+        batch.clear_part("a".into(), cleared(), 2);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(
+            (a.part_from.clone(), a.patch.clone()),
+            (Some(None), cleared())
+        );
+        // Merged into an upsert, the record goes with it.
+        batch.upsert(user("b", json!({"n": 1}), &["primary_email"]), 3);
+        batch.patch("b".into(), email(Some("b@x.org")), Some("c2".into()), 3);
+        let b = &only_users(&batch)["b"];
+        assert_eq!(b.raw_json.as_ref().unwrap()["primary_email"], "b@x.org");
+        assert_eq!(b.part_from, Some(Some("c2".to_owned())));
+        // A later upsert of the user row keeps the record.
+        batch.upsert(user("b", json!({"n": 2}), &["primary_email"]), 4);
+        assert_eq!(
+            only_users(&batch)["b"].part_from,
+            Some(Some("c2".to_owned()))
+        );
+    }
+
+    #[test]
+    fn a_part_row_gone_by_its_key_is_decided_by_the_batch_when_it_knows() {
+        let mut batch = Batch::new();
+        // The batch recorded c1: c2 going away changes nothing, c1 going away clears.
+        batch.patch("a".into(), email(Some("a@x.org")), Some("c1".into()), 1);
+        batch.commit(position(1), true);
+        batch.clear_part_if("a".into(), "c2".into(), cleared(), 2);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.patch, email(Some("a@x.org")));
+        assert_eq!(a.clear_if, None);
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 3);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(
+            (a.patch.clone(), a.part_from.clone()),
+            (cleared(), Some(None))
+        );
+        assert_eq!(a.updated_at, 3);
+        // Known to come from no row (cleared earlier in the batch): nothing more to clear.
+        batch.commit(position(3), true);
+        batch.clear_part_if("a".into(), "c3".into(), cleared(), 4);
+        assert_eq!(only_users(&batch)["a"].clear_if, None);
+        assert_eq!(batch.changes(), 4);
+    }
+
+    #[test]
+    fn a_part_row_gone_by_its_key_is_left_to_the_target_when_the_batch_does_not_know() {
+        let mut batch = Batch::new();
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 1);
+        batch.commit(position(1), true);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(
+            a.clear_if,
+            Some(ClearIf {
+                rows: vec!["c1".into()],
+                keys: cleared(),
+                at: 1,
+                after_upsert: false,
+            })
+        );
+        assert!(a.patch.is_empty() && a.raw_json.is_none() && a.part_from.is_none());
+        // Another one still unknown: either row clears it.
+        batch.clear_part_if("a".into(), "c2".into(), cleared(), 2);
+        batch.commit(position(2), true);
+        assert_eq!(
+            only_users(&batch)["a"].clear_if.as_ref().unwrap().rows,
+            ["c1", "c2"]
+        );
+        // A new primary email afterwards sets every key the clear would: the clear is moot
+        // (and would stop run for nothing where the target does not know the record).
+        batch.patch("a".into(), email(Some("new@x.org")), Some("c3".into()), 3);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.clear_if, None);
+        assert_eq!(a.part_from, Some(Some("c3".to_owned())));
+        assert_eq!(a.patch, email(Some("new@x.org")));
+        // From then on the batch knows.
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 4);
+        assert_eq!(only_users(&batch)["a"].patch, email(Some("new@x.org")));
+    }
+
+    #[test]
+    fn an_upsert_keeps_a_clear_left_to_the_target_and_takes_the_part_from_the_row_it_leaves() {
+        let mut batch = Batch::new();
+        // Before or after the clear, an upsert that leaves the email to the target: the
+        // target clears first, and the upsert takes the email from the row as cleared or not.
+        batch.upsert(user("a", json!({"n": 1}), &["primary_email"]), 1);
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 2);
+        batch.commit(position(2), true);
+        batch.upsert(user("a", json!({"n": 2}), &["primary_email"]), 3);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.clear_if.as_ref().unwrap().rows, ["c1"]);
+        assert_eq!(a.keep_keys, ["primary_email"]);
+        assert_eq!(a.part_from, None);
+    }
+
+    #[test]
+    fn a_part_row_gone_by_its_key_follows_the_delete_rules() {
+        let mut batch = Batch::new();
+        // After the user's delete (Stack Auth's cascade): the user keeps its last email, and
+        // the record that says where it came from.
+        batch.soft_delete("a".into(), 1);
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 1);
+        let a = &only_users(&batch)["a"];
+        assert_eq!((a.clear_if.clone(), a.part_from.clone()), (None, None));
+        assert_eq!(a.deleted_at, Some(1));
+        // Just before the delete, in the same source transaction: undone.
+        batch.commit(position(1), true);
+        batch.clear_part_if("b".into(), "c2".into(), cleared(), 2);
+        batch.soft_delete("b".into(), 2);
+        let b = &only_users(&batch)["b"];
+        assert_eq!(b.clear_if, None);
+        assert_eq!(b.deleted_at, Some(2));
+        // ... also when the batch knew the record and cleared at once.
+        batch.commit(position(2), true);
+        batch.patch("c".into(), email(Some("c@x.org")), Some("c3".into()), 3);
+        batch.commit(position(3), true);
+        batch.clear_part_if("c".into(), "c3".into(), cleared(), 4);
+        batch.soft_delete("c".into(), 4);
+        let c = &only_users(&batch)["c"];
+        assert_eq!(c.patch, email(Some("c@x.org")));
+        assert_eq!(c.part_from, Some(Some("c3".to_owned())));
+        assert_eq!(c.deleted_at, Some(4));
+        // In an earlier source transaction: the user lived without it, the clear stands and
+        // the target applies it before the delete.
+        batch.commit(position(4), true);
+        batch.clear_part_if("d".into(), "c4".into(), cleared(), 5);
+        batch.commit(position(5), true);
+        batch.soft_delete("d".into(), 6);
+        let d = &only_users(&batch)["d"];
+        assert_eq!(d.clear_if.as_ref().unwrap().rows, ["c4"]);
+        assert_eq!(d.deleted_at, Some(6));
+    }
+
+    /// The part's keys in these tests, as [`Profile::part_keys`] gives them for Stack Auth.
+    ///
+    /// [`Profile::part_keys`]: crate::map::Profile::part_keys
+    const PART: &[&str] = &["primary_email", "primary_email_verified"];
+
+    /// A user row inserted: the part's keys "none yet".
+    fn inserted(id: &str, n: i64) -> MappedUser {
+        user(
+            id,
+            json!({"n": n, "primary_email": null, "primary_email_verified": false}),
+            &[],
+        )
+    }
+
+    fn last_users(batch: &Batch) -> &HashMap<String, PendingUser> {
+        match batch.segments().last() {
+            Some(Segment::Users(users)) => users,
+            other => panic!("expected a users segment last, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_upsert_writing_the_part_keys_makes_the_part_come_from_none() {
+        let mut batch = Batch::with_part_keys(PART);
+        batch.upsert(inserted("a", 1), 1);
+        assert_eq!(only_users(&batch)["a"].part_from, Some(None));
+        // One that leaves them to the target says nothing of the record.
+        batch.upsert(user("b", json!({"n": 1}), PART), 1);
+        assert_eq!(only_users(&batch)["b"].part_from, None);
+        // Without part keys (other profiles) an upsert never touches the record.
+        let mut batch = Batch::new();
+        batch.upsert(inserted("a", 1), 1);
+        assert_eq!(only_users(&batch)["a"].part_from, None);
+    }
+
+    #[test]
+    fn a_clear_by_key_after_a_delete_and_an_insert_is_decided_in_the_batch() {
+        // T0 deletes a, T1 inserts it again, T2 removes one of its channels by key: applied
+        // one by one, the clear finds "none yet" and changes nothing; it must not reach the
+        // target, which would stop run where it does not know a's record.
+        let mut batch = Batch::with_part_keys(PART);
+        batch.soft_delete("a".into(), 1);
+        batch.commit(position(1), true);
+        batch.upsert(inserted("a", 1), 2);
+        batch.commit(position(2), true);
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 3);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.clear_if, None);
+        assert_eq!(a.part_from, Some(None));
+        assert_eq!(a.deleted_at, None);
+        assert_eq!(a.raw_json.as_ref().unwrap()["primary_email"], Value::Null);
+    }
+
+    #[test]
+    fn an_insert_after_a_delete_does_not_carry_the_record_of_the_email_before() {
+        // T1 sets a's email from c1, T2 deletes a, T3 inserts a again: the email is "none
+        // yet", and so must the record be.
+        let mut batch = Batch::with_part_keys(PART);
+        batch.patch("a".into(), email(Some("a@x.org")), Some("c1".into()), 1);
+        batch.commit(position(1), true);
+        batch.soft_delete("a".into(), 2);
+        batch.commit(position(2), true);
+        batch.upsert(inserted("a", 1), 3);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.raw_json.as_ref().unwrap()["primary_email"], Value::Null);
+        assert_eq!(a.part_from, Some(None));
+    }
+
+    #[test]
+    fn a_clear_by_key_after_an_upsert_that_revives_knows_it() {
+        // A truncate soft-deletes a on the target; an update revives it, its email kept from
+        // the target row; then a channel goes away by key. The target must decide against the
+        // row the upsert revives, not skip it as deleted.
+        let mut batch = Batch::with_part_keys(PART);
+        batch.soft_delete_all(1);
+        batch.upsert(user("a", json!({"n": 1}), PART), 2);
+        batch.commit(position(2), true);
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 3);
+        let a = &last_users(&batch)["a"];
+        assert_eq!(a.deleted_at, None);
+        assert!(a.clear_if.as_ref().unwrap().after_upsert);
+        // A clear with no upsert before it in the segment does not.
+        let mut batch = Batch::with_part_keys(PART);
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 1);
+        assert!(
+            !only_users(&batch)["a"]
+                .clear_if
+                .as_ref()
+                .unwrap()
+                .after_upsert
+        );
+        // An upsert between two clears: the target decides both against the revived row.
+        batch.commit(position(1), true);
+        batch.upsert(user("a", json!({"n": 1}), PART), 2);
+        batch.commit(position(2), true);
+        batch.clear_part_if("a".into(), "c2".into(), cleared(), 3);
+        let clear_if = only_users(&batch)["a"].clear_if.clone().unwrap();
+        assert_eq!((clear_if.rows.len(), clear_if.after_upsert), (2, true));
+    }
+
+    #[test]
+    fn a_patch_setting_every_key_of_the_part_drops_a_pending_clear() {
+        let mut batch = Batch::with_part_keys(PART);
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 1);
+        batch.commit(position(1), true);
+        // Only some of the keys: the clear still matters for the others.
+        batch.patch(
+            "a".into(),
+            keys(json!({"primary_email_verified": true})),
+            Some("c2".into()),
+            2,
+        );
+        assert!(only_users(&batch)["a"].clear_if.is_some());
+        batch.patch("a".into(), email(Some("a@x.org")), Some("c2".into()), 3);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.clear_if, None);
+        assert_eq!(a.part_from, Some(Some("c2".to_owned())));
+    }
+
+    #[test]
+    fn an_id_change_after_a_clear_keeps_the_clear_and_carries_the_record() {
+        // One source transaction: u's primary channel c1 goes away by key, then u's id
+        // changes to v. The removal half of the id change is no delete: the clear stands, and
+        // v takes u's email keys and their record.
+        let mut batch = Batch::with_part_keys(PART);
+        batch.patch("u".into(), email(Some("u@x.org")), Some("c1".into()), 1);
+        batch.commit(position(1), true);
+        batch.clear_part_if("u".into(), "c1".into(), cleared(), 2);
+        batch.soft_delete_moved("u".into(), 2);
+        batch.upsert_moved(user("v", json!({"n": 1}), PART), "u".into(), None, 2);
+        let v = &only_users(&batch)["v"];
+        assert_eq!(v.raw_json.as_ref().unwrap()["primary_email"], Value::Null);
+        assert_eq!(v.part_from, Some(None));
+        assert!(!v.part_from_keep);
+        // The same with the record unknown to the batch: u's clear is left to the target,
+        // before v's upsert reads u's row, and v's record is u's, copied on the target.
+        let mut batch = Batch::with_part_keys(PART);
+        batch.clear_part_if("u".into(), "c1".into(), cleared(), 2);
+        batch.soft_delete_moved("u".into(), 2);
+        batch.upsert_moved(user("v", json!({"n": 1}), PART), "u".into(), None, 2);
+        let users = only_users(&batch);
+        assert_eq!(users["u"].clear_if.as_ref().unwrap().rows, ["c1"]);
+        assert_eq!(users["u"].deleted_at, Some(2));
+        let v = &users["v"];
+        assert_eq!(v.keep_from.as_deref(), Some("u"));
+        assert_eq!(v.part_from, None);
+        assert!(v.part_from_keep);
+        // A later update of v that still leaves the email to the target keeps that.
+        batch.upsert(user("v", json!({"n": 2}), PART), 3);
+        assert!(only_users(&batch)["v"].part_from_keep);
+        // A patch of v's email records its own row instead.
+        batch.patch("v".into(), email(Some("v@x.org")), Some("c9".into()), 4);
+        let v = &only_users(&batch)["v"];
+        assert_eq!(v.part_from, Some(Some("c9".to_owned())));
+        assert!(!v.part_from_keep);
     }
 
     #[test]

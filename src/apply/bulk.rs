@@ -91,6 +91,15 @@ pub struct UserPage {
     data: BytesMut,
     ids: HashSet<String>,
     has_updated_at: bool,
+    parts: PartRecords,
+}
+
+/// Users and the row each one's part comes from (`None`: none), as
+/// `usersync.primary_email_channel` records them.
+#[derive(Debug, Clone, Default)]
+struct PartRecords {
+    ids: Vec<String>,
+    from: Vec<Option<String>>,
 }
 
 impl UserPage {
@@ -101,7 +110,16 @@ impl UserPage {
             data,
             ids: HashSet::new(),
             has_updated_at: shape.has_updated_at,
+            parts: PartRecords::default(),
         }
+    }
+
+    /// Records that user `id`'s part comes from row `from` (`None`: from none), written in
+    /// the page's transaction: so a copy replaces what the target recorded of the users it
+    /// copies, unknown records of an older usersync's copy included.
+    pub fn record_part(&mut self, id: &str, from: Option<String>) {
+        self.parts.ids.push(id.to_owned());
+        self.parts.from.push(from);
     }
 
     /// Whether the page holds user `id` already: a second row for it goes to the next page.
@@ -155,6 +173,7 @@ impl UserPage {
         CopyPage {
             data: self.data.freeze(),
             ids: self.ids,
+            parts: self.parts,
         }
     }
 }
@@ -175,6 +194,7 @@ fn put_timestamp(data: &mut BytesMut, micros: Option<UnixMicros>) {
 pub struct CopyPage {
     data: Bytes,
     ids: HashSet<String>,
+    parts: PartRecords,
 }
 
 impl CopyPage {
@@ -195,6 +215,7 @@ struct Statements {
     copy_into_table: Statement,
     copy_into_staging: Statement,
     upsert: Statement,
+    record_parts: Statement,
 }
 
 /// Writes pages over one target connection, each page in its own transaction.
@@ -233,17 +254,21 @@ impl BulkWriter {
             .await
             .map_err(ApplyError::sql("preparing the copy session"))?;
         let prepare = |sql: &'static str| client.prepare(sql);
-        let statements = Statements {
-            copy_into_table: prepare(copy_into_table)
-                .await
-                .map_err(ApplyError::sql("preparing the copy"))?,
-            copy_into_staging: prepare(COPY_INTO_STAGING)
-                .await
-                .map_err(ApplyError::sql("preparing the copy"))?,
-            upsert: prepare(upsert)
-                .await
-                .map_err(ApplyError::sql("preparing the upsert of copied users"))?,
-        };
+        let statements =
+            Statements {
+                copy_into_table: prepare(copy_into_table)
+                    .await
+                    .map_err(ApplyError::sql("preparing the copy"))?,
+                copy_into_staging: prepare(COPY_INTO_STAGING)
+                    .await
+                    .map_err(ApplyError::sql("preparing the copy"))?,
+                upsert: prepare(upsert)
+                    .await
+                    .map_err(ApplyError::sql("preparing the upsert of copied users"))?,
+                record_parts: prepare(super::writer::RECORD_PARTS).await.map_err(
+                    ApplyError::sql("preparing the primary email channels' record"),
+                )?,
+            };
         Ok(BulkWriter {
             client,
             statements,
@@ -287,6 +312,7 @@ impl BulkWriter {
     async fn insert(&mut self, page: &CopyPage) -> Result<(), tokio_postgres::Error> {
         let transaction = self.client.transaction().await?;
         copy_in(&transaction, &self.statements.copy_into_table, page).await?;
+        record_parts(&transaction, &self.statements.record_parts, page).await?;
         transaction.commit().await
     }
 
@@ -294,8 +320,23 @@ impl BulkWriter {
         let transaction = self.client.transaction().await?;
         copy_in(&transaction, &self.statements.copy_into_staging, page).await?;
         transaction.execute(&self.statements.upsert, &[]).await?;
+        record_parts(&transaction, &self.statements.record_parts, page).await?;
         transaction.commit().await
     }
+}
+
+/// Writes where the page's users' parts come from, in the page's transaction.
+async fn record_parts(
+    transaction: &Transaction<'_>,
+    statement: &Statement,
+    page: &CopyPage,
+) -> Result<(), tokio_postgres::Error> {
+    if !page.parts.ids.is_empty() {
+        transaction
+            .execute(statement, &[&page.parts.ids, &page.parts.from])
+            .await?;
+    }
+    Ok(())
 }
 
 async fn copy_in(

@@ -15,7 +15,8 @@ pub mod writer;
 
 pub use batch::{Batch, CommitPosition, UnixMicros};
 pub use schema::{
-    check_shape, ensure_target_schema, target_tables, upgrade_state, TargetShape, TargetTables,
+    check_shape, count_unknown_primary_email_channels, ensure_target_schema, target_tables,
+    upgrade_state, TargetShape, TargetTables, UNKNOWN_PRIMARY_EMAIL_CHANNELS,
 };
 pub use setup_progress::{SetupMode, SetupProgress};
 pub use worker::{ApplyWorker, Done, Job};
@@ -73,6 +74,20 @@ pub enum ApplyError {
          nothing was confirmed; reconnecting to make them durable again"
     )]
     DurabilityUnconfirmed,
+    /// See `sql/usersync_state.sql` (`usersync.primary_email_channel`).
+    #[error(
+        "a Stack Auth contact channel was deleted, or updated into a row that is not the \
+         primary email (it may never have been), and the source sent only its key \
+         (\"ContactChannel\" has its default replica identity), but the target does not know \
+         whether its user's email came from it (a user copied or written by an older \
+         usersync, or left by a teardown), so the change cannot be applied without guessing: \
+         stop every older usersync run, run usersync setup, which records such users' \
+         channels from the source, then start usersync run again; only if it stops again with \
+         this error (setup says some stay unknown), run usersync resync (keep REPLICA \
+         IDENTITY FULL on \"ContactChannel\" if it is still set, until the channels are \
+         known)"
+    )]
+    PartSourceUnknown,
     #[error("an empty batch was handed to the writer")]
     EmptyBatch,
     #[error(

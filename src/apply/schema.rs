@@ -22,6 +22,31 @@ pub struct TargetShape {
     pub has_updated_at: bool,
 }
 
+/// The live users of `neon_auth.users_sync` (as `u`, with their record in
+/// `usersync.primary_email_channel` as `r`, LEFT JOINed) whose primary email channel the
+/// target does not know: a Stack Auth user showing an email with no record, or a record with
+/// no channel. The one definition `status` counts, `setup` counts and fills, and
+/// `sql/usersync_state.sql` marks unknown, so that they never disagree about which users
+/// need what: a user soft-deleted or showing no email needs no channel (a clear changes
+/// nothing on it), and only the stack-auth profile writes `primary_email_auth_enabled`.
+pub const UNKNOWN_PRIMARY_EMAIL_CHANNELS: &str = "
+neon_auth.users_sync u
+LEFT JOIN usersync.primary_email_channel r ON r.user_id = u.id
+WHERE u.deleted_at IS NULL AND u.raw_json ->> 'primary_email' IS NOT NULL
+  AND u.raw_json ? 'primary_email_auth_enabled' AND r.channel_id IS NULL";
+
+/// Counts [`UNKNOWN_PRIMARY_EMAIL_CHANNELS`]; the caller knows the table exists.
+pub async fn count_unknown_primary_email_channels(client: &Client) -> Result<i64, ApplyError> {
+    Ok(client
+        .query_one(
+            &format!("SELECT count(*) FROM {UNKNOWN_PRIMARY_EMAIL_CHANNELS}"),
+            &[],
+        )
+        .await
+        .map_err(ApplyError::sql("counting unknown primary email channels"))?
+        .get(0))
+}
+
 /// Whether setup found or made the tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Created {
@@ -36,6 +61,10 @@ pub struct TargetTables {
     pub users_sync: bool,
     /// `usersync.state`, the checkpoint table.
     pub state: bool,
+    /// `usersync.primary_email_channel` (Stack Auth). Looked up here, in its own query,
+    /// because a query that names it fails to parse when it is absent, whatever a
+    /// `CASE WHEN to_regclass(...)` around the name says.
+    pub primary_email_channel: bool,
 }
 
 /// Looks the tables up without touching them.
@@ -43,7 +72,8 @@ pub async fn target_tables(client: &Client) -> Result<TargetTables, ApplyError> 
     let row = client
         .query_one(
             "SELECT to_regclass('neon_auth.users_sync') IS NOT NULL,
-                    to_regclass('usersync.state') IS NOT NULL",
+                    to_regclass('usersync.state') IS NOT NULL,
+                    to_regclass('usersync.primary_email_channel') IS NOT NULL",
             &[],
         )
         .await
@@ -51,6 +81,7 @@ pub async fn target_tables(client: &Client) -> Result<TargetTables, ApplyError> 
     Ok(TargetTables {
         users_sync: row.get(0),
         state: row.get(1),
+        primary_email_channel: row.get(2),
     })
 }
 
@@ -85,9 +116,12 @@ pub async fn upgrade_state(client: &Client) -> Result<(), ApplyError> {
         .batch_execute(&format!("SET LOCAL lock_timeout = '5s';\n{STATE_UPGRADE}"))
         .await
         .map_err(ApplyError::sql(
-            "upgrading usersync.state to this version (adding a column needs the table's \
-             owner: ALTER TABLE usersync.state OWNER TO the target role, or run \
-             sql/target_role.sql again)",
+            "upgrading usersync's tables to this version (adding a column to usersync.state \
+             needs the table's owner, and creating usersync.primary_email_channel needs CREATE \
+             on schema usersync: run sql/target_role.sql again, which makes the target role \
+             own schema usersync, usersync.state and usersync.primary_email_channel; or, as \
+             their owner, ALTER TABLE usersync.state OWNER TO the target role, and the same \
+             for usersync.primary_email_channel if it exists)",
         ))
 }
 

@@ -33,7 +33,8 @@ pub enum Job {
 #[derive(Debug)]
 pub enum Done {
     Committed {
-        batch: Batch,
+        /// Boxed: the other answers are small, and this one moves through a channel.
+        batch: Box<Batch>,
         position: CommitPosition,
         took: Duration,
     },
@@ -108,7 +109,7 @@ async fn work(
             Job::Commit(batch) => {
                 let started = Instant::now();
                 writer.apply(&batch).await.map(|position| Done::Committed {
-                    batch,
+                    batch: Box::new(batch),
                     position,
                     took: started.elapsed(),
                 })

@@ -16,7 +16,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{Client, Statement};
 
-use super::batch::{Batch, CommitPosition, PendingUser, Segment, UnixMicros};
+use super::batch::{Batch, ClearIf, CommitPosition, PendingUser, Segment, UnixMicros};
 use super::schema::TargetShape;
 use super::{ApplyError, STATEMENT_TIMEOUT};
 use crate::conn::sql::Warnings;
@@ -91,18 +91,112 @@ ON CONFLICT (id) DO UPDATE
 
 /// Merges part of a user into its live row (Stack Auth's primary email, from another source
 /// table): `raw_json || patch`. A user deleted or not on the target is left alone: a patch
-/// never creates or revives a user.
-const PATCH_USERS: &str = "
-UPDATE neon_auth.users_sync AS u
-   SET raw_json = u.raw_json || p.patch, updated_at = p.updated_at
-  FROM unnest($1::text[], $2::jsonb[], $3::timestamptz[]) AS p(id, patch, updated_at)
- WHERE u.id = p.id AND u.deleted_at IS NULL";
+/// never creates or revives a user. Where it merged, the record of the row the part comes
+/// from is written with it (`records`: whether the patch says; `part_from` NULL forgets it),
+/// so that the record always describes the keys the row holds. Returns the patched rows.
+fn patch_users(has_updated_at: bool) -> String {
+    let set_updated_at = if has_updated_at {
+        ", updated_at = p.updated_at"
+    } else {
+        ""
+    };
+    format!(
+        "
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::jsonb[], $3::timestamptz[], $4::text[], $5::bool[])
+        AS t(id, patch, updated_at, part_from, records)
+), patched AS (
+    UPDATE neon_auth.users_sync AS u
+       SET raw_json = u.raw_json || p.patch{set_updated_at}
+      FROM input p
+     WHERE u.id = p.id AND u.deleted_at IS NULL
+    RETURNING u.id
+), recorded AS (
+    INSERT INTO usersync.primary_email_channel AS r (user_id, channel_id)
+    SELECT p.id, p.part_from FROM input p JOIN patched USING (id)
+     WHERE p.records AND p.part_from IS NOT NULL
+    ON CONFLICT (user_id) DO UPDATE SET channel_id = EXCLUDED.channel_id
+), forgotten AS (
+    DELETE FROM usersync.primary_email_channel AS r
+     USING input p, patched d
+     WHERE r.user_id = p.id AND d.id = p.id AND p.records AND p.part_from IS NULL
+)
+SELECT FROM patched"
+    )
+}
 
-const PATCH_USERS_NO_UPDATED_AT: &str = "
-UPDATE neon_auth.users_sync AS u
-   SET raw_json = u.raw_json || p.patch
-  FROM unnest($1::text[], $2::jsonb[], $3::timestamptz[]) AS p(id, patch, updated_at)
- WHERE u.id = p.id AND u.deleted_at IS NULL";
+/// Writes the record of the row each user's part comes from, `part_from` NULL forgetting it:
+/// for users whose part the batch merged into their upsert (the row is written whatever it
+/// held), and for the pages of the initial copy.
+pub(super) const RECORD_PARTS: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[]) AS t(id, part_from)
+), recorded AS (
+    INSERT INTO usersync.primary_email_channel (user_id, channel_id)
+    SELECT id, part_from FROM input WHERE part_from IS NOT NULL
+    ON CONFLICT (user_id) DO UPDATE SET channel_id = EXCLUDED.channel_id
+)
+DELETE FROM usersync.primary_email_channel AS r
+ USING input p
+ WHERE r.user_id = p.id AND p.part_from IS NULL";
+
+/// Gives each new id of a primary-key change whose part's keys its upsert kept from the old
+/// id's row (`keep_from`) the old id's record as well, or none if the old id has none: the
+/// record describes the keys, wherever they went. Runs after the conditional clears, which
+/// may have cleared the old row's keys and forgotten its record.
+const COPY_KEPT_RECORDS: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[]) AS t(id, keep_from)
+), copied AS (
+    INSERT INTO usersync.primary_email_channel (user_id, channel_id)
+    SELECT i.id, r.channel_id
+      FROM input i JOIN usersync.primary_email_channel r ON r.user_id = i.keep_from
+    ON CONFLICT (user_id) DO UPDATE SET channel_id = EXCLUDED.channel_id
+)
+DELETE FROM usersync.primary_email_channel AS r
+ USING input i
+ WHERE r.user_id = i.id
+   AND NOT EXISTS (SELECT FROM usersync.primary_email_channel o WHERE o.user_id = i.keep_from)";
+
+/// The target decides a [`ClearIf`]: a live user whose recorded row is one of `rows` (a jsonb
+/// array) gets `patch` (its part cleared) and its record forgotten; the others are left
+/// alone. After an upsert of the user in the segment (`after_upsert`) a soft-deleted row
+/// counts as live: the upsert, which runs after this, revives it with the keys it holds. A record with no row (`channel_id` NULL: a user copied by a usersync older than the
+/// record, see `sql/usersync_state.sql`), or no record at all for a user showing an email
+/// (written by an older usersync running beside this one), cannot tell: if the patch would
+/// change the live row,
+/// the statement fails (a division by zero, SQLSTATE 22012, reported as
+/// [`ApplyError::PartSourceUnknown`]) rather than guess. It runs before the segment's other
+/// statements (see `apply::batch`).
+fn clear_parts_if(has_updated_at: bool) -> String {
+    let set_updated_at = if has_updated_at {
+        ", updated_at = m.updated_at"
+    } else {
+        ""
+    };
+    format!(
+        "
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::jsonb[], $3::jsonb[], $4::timestamptz[], $5::bool[])
+        AS t(id, rows, patch, updated_at, after_upsert)
+), live AS (
+    SELECT i.*, r.channel_id, u.raw_json @> i.patch AS unchanged
+      FROM input i
+      JOIN neon_auth.users_sync u
+        ON u.id = i.id AND (u.deleted_at IS NULL OR i.after_upsert)
+      LEFT JOIN usersync.primary_email_channel r ON r.user_id = i.id
+), cleared AS (
+    UPDATE neon_auth.users_sync AS u
+       SET raw_json = u.raw_json || m.patch{set_updated_at}
+      FROM live m
+     WHERE u.id = m.id AND m.rows ? m.channel_id
+    RETURNING u.id
+), forgotten AS (
+    DELETE FROM usersync.primary_email_channel AS r USING cleared c WHERE r.user_id = c.id
+)
+SELECT 1 / (NOT EXISTS (SELECT FROM live WHERE channel_id IS NULL AND NOT unchanged))::int"
+    )
+}
 
 /// Soft-deletes users by id; a user already deleted keeps its first deletion time.
 const SOFT_DELETE_USERS: &str = "
@@ -272,13 +366,23 @@ pub async fn delete_checkpoint(client: &Client, slot: &str) -> Result<u64, Apply
 struct Statements {
     upsert: Statement,
     upsert_merging: Statement,
-    patch: Statement,
+    /// Those that write `usersync.primary_email_channel`, when the target has it: a target an
+    /// older usersync set up gets it when `run` upgrades it, which `replay --dry-run`, which
+    /// prepares them too, does not do.
+    parts: Option<PartStatements>,
     soft_delete: Statement,
     soft_delete_all: Statement,
     checkpoint: Statement,
     create_checkpoint: Statement,
     /// [`upsert_and_advance`] for this shape.
     upsert_and_advance: Statement,
+}
+
+struct PartStatements {
+    patch: Statement,
+    record: Statement,
+    copy_kept_records: Statement,
+    clear_if: Statement,
 }
 
 /// Applies batches for one slot over one target connection.
@@ -317,12 +421,10 @@ impl TargetWriter {
             ))
             .await
             .map_err(ApplyError::sql("configuring the target session"))?;
-        let (upsert, upsert_merging, patch, soft_delete, soft_delete_all) = if shape.has_updated_at
-        {
+        let (upsert, upsert_merging, soft_delete, soft_delete_all) = if shape.has_updated_at {
             (
                 UPSERT_USERS,
                 UPSERT_MERGING,
-                PATCH_USERS,
                 SOFT_DELETE_USERS,
                 SOFT_DELETE_ALL,
             )
@@ -330,10 +432,39 @@ impl TargetWriter {
             (
                 UPSERT_USERS_NO_UPDATED_AT,
                 UPSERT_MERGING_NO_UPDATED_AT,
-                PATCH_USERS_NO_UPDATED_AT,
                 SOFT_DELETE_USERS_NO_UPDATED_AT,
                 SOFT_DELETE_ALL_NO_UPDATED_AT,
             )
+        };
+        let has_parts: bool = client
+            .query_one(
+                "SELECT to_regclass('usersync.primary_email_channel') IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(ApplyError::sql(
+                "looking for usersync.primary_email_channel",
+            ))?
+            .get(0);
+        let parts = if has_parts {
+            Some(PartStatements {
+                patch: client
+                    .prepare(&patch_users(shape.has_updated_at))
+                    .await
+                    .map_err(ApplyError::sql("preparing the patch"))?,
+                record: client.prepare(RECORD_PARTS).await.map_err(ApplyError::sql(
+                    "preparing the primary email channels' record",
+                ))?,
+                copy_kept_records: client.prepare(COPY_KEPT_RECORDS).await.map_err(
+                    ApplyError::sql("preparing the copy of moved users' email channel records"),
+                )?,
+                clear_if: client
+                    .prepare(&clear_parts_if(shape.has_updated_at))
+                    .await
+                    .map_err(ApplyError::sql("preparing the conditional clear"))?,
+            })
+        } else {
+            None
         };
         let prepare = |sql: &'static str| client.prepare(sql);
         let statements = Statements {
@@ -343,9 +474,7 @@ impl TargetWriter {
             upsert_merging: prepare(upsert_merging)
                 .await
                 .map_err(ApplyError::sql("preparing the merging upsert"))?,
-            patch: prepare(patch)
-                .await
-                .map_err(ApplyError::sql("preparing the patch"))?,
+            parts,
             soft_delete: prepare(soft_delete)
                 .await
                 .map_err(ApplyError::sql("preparing the soft delete"))?,
@@ -533,8 +662,32 @@ impl TargetWriter {
                         merging,
                         patches,
                         deletes,
+                        records,
+                        kept_records,
+                        clears_if,
                     } = &**arrays;
-                    // First: it reads rows the others may write (a moved user's old id).
+                    let parts = || {
+                        statements.parts.as_ref().ok_or_else(|| {
+                            ApplyError::Shape(
+                                "usersync.primary_email_channel is missing: usersync run (or \
+                                 setup) creates it"
+                                    .into(),
+                            )
+                        })
+                    };
+                    // Before the user's other changes of the segment (see `apply::batch`).
+                    if !clears_if.ids.is_empty() {
+                        let params: Vec<&(dyn ToSql + Sync)> = vec![
+                            &clears_if.ids,
+                            &clears_if.rows,
+                            &clears_if.keys,
+                            &clears_if.at,
+                            &clears_if.after_upsert,
+                        ];
+                        steps.push((CLEAR_IF_STEP, execute(client, &parts()?.clear_if, params)));
+                    }
+                    // First of the others: it reads rows the others may write (a moved user's
+                    // old id).
                     if !merging.raw_json.is_empty() {
                         let params: Vec<&(dyn ToSql + Sync)> = vec![
                             &merging.raw_json,
@@ -548,6 +701,14 @@ impl TargetWriter {
                             execute(client, &statements.upsert_merging, params),
                         ));
                     }
+                    if !kept_records.ids.is_empty() {
+                        let params: Vec<&(dyn ToSql + Sync)> =
+                            vec![&kept_records.ids, &kept_records.from];
+                        steps.push((
+                            "recording moved users' primary email channels",
+                            execute(client, &parts()?.copy_kept_records, params),
+                        ));
+                    }
                     if !upserts.raw_json.is_empty() {
                         let params: Vec<&(dyn ToSql + Sync)> =
                             vec![&upserts.raw_json, &upserts.updated_at, &upserts.deleted_at];
@@ -556,11 +717,23 @@ impl TargetWriter {
                             execute(client, &statements.upsert, params),
                         ));
                     }
+                    if !records.ids.is_empty() {
+                        let params: Vec<&(dyn ToSql + Sync)> = vec![&records.ids, &records.from];
+                        steps.push((
+                            "recording primary email channels",
+                            execute(client, &parts()?.record, params),
+                        ));
+                    }
                     if !patches.ids.is_empty() {
                         patch_counts.push((steps.len(), patches.ids.len()));
-                        let params: Vec<&(dyn ToSql + Sync)> =
-                            vec![&patches.ids, &patches.keys, &patches.updated_at];
-                        steps.push(("patching users", execute(client, &statements.patch, params)));
+                        let params: Vec<&(dyn ToSql + Sync)> = vec![
+                            &patches.ids,
+                            &patches.keys,
+                            &patches.updated_at,
+                            &patches.from,
+                            &patches.records,
+                        ];
+                        steps.push(("patching users", execute(client, &parts()?.patch, params)));
                     }
                     if !deletes.ids.is_empty() {
                         let params: Vec<&(dyn ToSql + Sync)> = vec![&deletes.ids, &deletes.at];
@@ -617,6 +790,9 @@ impl TargetWriter {
                     return Err(match context {
                         CHECKPOINT_STEP => {
                             checkpoint_error(source, CHECKPOINT_STEP, &self.slot, position)
+                        }
+                        CLEAR_IF_STEP if source.code() == Some(&SqlState::DIVISION_BY_ZERO) => {
+                            ApplyError::PartSourceUnknown
                         }
                         _ => ApplyError::Sql { context, source },
                     });
@@ -739,6 +915,7 @@ enum End {
 }
 
 const CHECKPOINT_STEP: &str = "writing the checkpoint";
+const CLEAR_IF_STEP: &str = "clearing primary emails whose channel went away";
 
 /// A statement that writes the checkpoint (`context` says what else it did) failed: its
 /// `1 / count(*)` divides by zero when no row moved (another source system's, or a
@@ -811,6 +988,27 @@ struct PatchArrays<'a> {
     ids: Vec<&'a str>,
     keys: Vec<Json<&'a Map<String, Value>>>,
     updated_at: Vec<DateTime<Utc>>,
+    /// The record of the row the part comes from, written where the patch merges if
+    /// `records` says so.
+    from: Vec<Option<&'a str>>,
+    records: Vec<bool>,
+}
+
+/// Records of where upserted users' parts come from.
+#[derive(Default)]
+struct RecordArrays<'a> {
+    ids: Vec<&'a str>,
+    from: Vec<Option<&'a str>>,
+}
+
+/// [`ClearIf`]s, for [`clear_parts_if`].
+#[derive(Default)]
+struct ClearIfArrays<'a> {
+    ids: Vec<&'a str>,
+    rows: Vec<Json<&'a [String]>>,
+    keys: Vec<Json<&'a Map<String, Value>>>,
+    at: Vec<DateTime<Utc>>,
+    after_upsert: Vec<bool>,
 }
 
 #[derive(Default)]
@@ -834,13 +1032,19 @@ fn segment_arrays(segment: &Segment) -> SegmentArrays<'_> {
 
 /// A users segment's parameters: upserts without and with unchanged-TOAST keys, patches
 /// and soft deletes. Each user is in one of them, so their order does not matter, except
-/// that the merging upsert reads other users' rows (`keep_from`) and so runs first.
+/// that the merging upsert reads other users' rows (`keep_from`) and so runs first. Besides
+/// them: the records of where upserted users' parts come from (any time after the
+/// conditional clears), and the conditional clears, which run before everything else.
 #[derive(Default)]
 struct UserArrays<'a> {
     upserts: UpsertArrays<'a>,
     merging: UpsertArrays<'a>,
     patches: PatchArrays<'a>,
     deletes: DeleteArrays<'a>,
+    records: RecordArrays<'a>,
+    /// New ids whose record is copied from `keep_from` ([`COPY_KEPT_RECORDS`]).
+    kept_records: RecordArrays<'a>,
+    clears_if: ClearIfArrays<'a>,
 }
 
 impl UserArrays<'_> {
@@ -850,6 +1054,9 @@ impl UserArrays<'_> {
             && self.merging.raw_json.is_empty()
             && self.patches.ids.is_empty()
             && self.deletes.ids.is_empty()
+            && self.records.ids.is_empty()
+            && self.kept_records.ids.is_empty()
+            && self.clears_if.ids.is_empty()
     }
 }
 
@@ -860,8 +1067,24 @@ fn users_to_arrays(users: &std::collections::HashMap<String, PendingUser>) -> Us
         merging,
         patches,
         deletes,
+        records,
+        kept_records,
+        clears_if,
     } = &mut arrays;
     for (id, user) in users {
+        if let Some(ClearIf {
+            rows,
+            keys,
+            at,
+            after_upsert,
+        }) = &user.clear_if
+        {
+            clears_if.ids.push(id);
+            clears_if.rows.push(Json(rows));
+            clears_if.keys.push(Json(keys));
+            clears_if.at.push(timestamp(*at));
+            clears_if.after_upsert.push(*after_upsert);
+        }
         match &user.raw_json {
             Some(raw_json) => {
                 let into = if user.keep_keys.is_empty() {
@@ -874,6 +1097,17 @@ fn users_to_arrays(users: &std::collections::HashMap<String, PendingUser>) -> Us
                 into.raw_json.push(Json(raw_json));
                 into.updated_at.push(timestamp(user.updated_at));
                 into.deleted_at.push(user.deleted_at.map(timestamp));
+                match (&user.part_from, &user.keep_from) {
+                    (Some(from), _) => {
+                        records.ids.push(id);
+                        records.from.push(from.as_deref());
+                    }
+                    (None, Some(keep_from)) if user.part_from_keep => {
+                        kept_records.ids.push(id);
+                        kept_records.from.push(Some(keep_from));
+                    }
+                    _ => {}
+                }
             }
             None => {
                 // A patch comes before the delete that followed it in the batch.
@@ -881,6 +1115,10 @@ fn users_to_arrays(users: &std::collections::HashMap<String, PendingUser>) -> Us
                     patches.ids.push(id);
                     patches.keys.push(Json(&user.patch));
                     patches.updated_at.push(timestamp(user.updated_at));
+                    patches
+                        .from
+                        .push(user.part_from.as_ref().and_then(Option::as_deref));
+                    patches.records.push(user.part_from.is_some());
                 }
                 if let Some(deleted_at) = user.deleted_at {
                     deletes.ids.push(id);

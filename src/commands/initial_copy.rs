@@ -257,8 +257,13 @@ async fn read_pages(
                 RowOutcome::User(user) => (user, None),
                 RowOutcome::Deleted { user, at } => (user, Some(at)),
                 // The copy reads whole users (their other tables joined in), never parts.
-                RowOutcome::Skip { .. } | RowOutcome::Patch { .. } => continue,
+                RowOutcome::Skip { .. }
+                | RowOutcome::Patch { .. }
+                | RowOutcome::ClearPartIf { .. } => continue,
             };
+            // Where the user's part comes from (Stack Auth: the primary email channel),
+            // recorded with the user in the same target transaction.
+            let part_from = mapping.copied_part_from(row)?;
             copied += 1;
             // A second row for a user starts a new page: one statement cannot write a row twice.
             let full = page.len() >= PAGE_USERS || page.encoded_len() >= PAGE_BYTES;
@@ -271,6 +276,9 @@ async fn read_pages(
                     // The writers are gone: their error is what the copy reports.
                     return Ok((read, copied));
                 }
+            }
+            if let Some(from) = part_from {
+                page.record_part(&user.id, from);
             }
             page.push(user, copied_at, deleted_at);
         }

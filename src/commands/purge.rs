@@ -42,12 +42,16 @@ fn eligible(action: PurgeAction) -> &'static str {
 
 /// One batch: at most `$2` eligible rows, skipping those another transaction holds.
 /// `jsonb_strip_nulls` leaves `signed_up_at_millis` out when the user had none.
-fn batch_statement(action: PurgeAction) -> String {
+///
+/// With `channels` (the target has `usersync.primary_email_channel`), the record of which
+/// Stack Auth contact channel a purged user's email came from goes in the same transaction:
+/// the row it describes is gone, or no longer holds an email.
+fn batch_statement(action: PurgeAction, channels: bool) -> String {
     let batch = format!(
         "SELECT id FROM neon_auth.users_sync WHERE {} LIMIT $2 FOR UPDATE SKIP LOCKED",
         eligible(action)
     );
-    match action {
+    let purge = match action {
         PurgeAction::Delete => format!("DELETE FROM neon_auth.users_sync WHERE id IN ({batch})"),
         PurgeAction::Scrub => format!(
             "UPDATE neon_auth.users_sync
@@ -56,7 +60,17 @@ fn batch_statement(action: PurgeAction) -> String {
                         'signed_up_at_millis', raw_json -> 'signed_up_at_millis'))
               WHERE id IN ({batch})"
         ),
+    };
+    if !channels {
+        return purge;
     }
+    // The outer SELECT returns one row per purged user: what the batch counts.
+    format!(
+        "WITH purged AS ({purge} RETURNING id), forgotten AS (
+             DELETE FROM usersync.primary_email_channel AS r USING purged p
+              WHERE r.user_id = p.id)
+         SELECT FROM purged"
+    )
 }
 
 /// What a purge did (or, in a dry run, would do).
@@ -95,7 +109,17 @@ pub async fn purge(config: &PurgeConfig) -> Result<PurgeOutcome, Error> {
             batches: 0,
         }
     } else {
-        let statement = batch_statement(config.action);
+        let channels: bool = target
+            .query_one(
+                "SELECT to_regclass('usersync.primary_email_channel') IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(ApplyError::sql(
+                "looking for usersync.primary_email_channel",
+            ))?
+            .get(0);
+        let statement = batch_statement(config.action, channels);
         let mut outcome = run_batches(&target, &statement, cutoff, config.batch_size).await?;
         outcome.skipped_locked = count_eligible(&target, config.action, cutoff).await?;
         outcome

@@ -17,6 +17,7 @@ pub async fn resync(config: &Config) -> Result<(), Error> {
         source,
         mut target,
         columns,
+        ..
     } = prepare(config).await?;
     // A failover slot is recreated as one.
     let failover = catalog::slot_is_failover(&source, &config.slot).await?;

@@ -22,6 +22,7 @@
 //! source no longer has) when `users_sync` was empty before the first attempt: then every row
 //! on it came from usersync's copy.
 
+use futures_util::TryStreamExt;
 use tokio_postgres::Client;
 
 use super::connect;
@@ -61,6 +62,8 @@ pub(crate) struct Prepared {
     pub target: Client,
     /// The users table's columns the mapping uses: all the initial copy reads.
     pub columns: Vec<RelationColumn>,
+    /// See [`crate::map::Profile::part_sources_select`].
+    pub part_sources_select: Option<String>,
 }
 
 /// Checks the source (settings, privileges, table, mapping), ensures the publication and the
@@ -130,6 +133,7 @@ pub(crate) async fn prepare(config: &Config) -> Result<Prepared, Error> {
         source,
         target,
         columns,
+        part_sources_select: profile.part_sources_select(&config.table),
     })
 }
 
@@ -139,6 +143,7 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
         source,
         target,
         columns,
+        part_sources_select,
     } = prepare(config).await?;
     let checkpoint = apply::read_checkpoint(&target, &config.slot).await?;
     let slot = catalog::slot_info(&source, &config.slot).await?;
@@ -219,6 +224,19 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
             None => bulk::users_sync_is_empty(&target).await?,
         };
         let mode = copy_mode(options, earlier.is_some(), target_was_empty);
+        // Not filled now: read before the slot exists, the channels could miss a change made
+        // before the slot's start, and a wrong record is worse than an unknown one (which
+        // stops run loudly). Once the slot exists, setup again fills them.
+        if let (CopyMode::Skip, Some(_)) = (mode, &part_sources_select) {
+            let unknown = apply::count_unknown_primary_email_channels(&target).await?;
+            if unknown > 0 {
+                println!(
+                    "usersync.primary_email_channel: {unknown} users' primary email channel is \
+                     unknown; without a snapshot setup cannot record them before the slot \
+                     exists: run usersync setup again (before usersync run) to record them"
+                );
+            }
+        }
         if earlier.is_some() && mode == CopyMode::Copy {
             println!(
                 "warning: neon_auth.users_sync held users before the interrupted setup began, \
@@ -239,8 +257,130 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
             },
         )
         .await?;
+    } else if let Some(select) = &part_sources_select {
+        record_unknown_part_sources(config, &source, &target, select).await?;
     }
     println!("ready: start replication with usersync run");
+    Ok(())
+}
+
+/// Channels recorded per target statement.
+const PART_SOURCES_CHUNK: usize = 10_000;
+
+/// Gives the users whose primary email channel the target does not know
+/// ([`apply::UNKNOWN_PRIMARY_EMAIL_CHANNELS`]: copied by a usersync older than the record,
+/// written by one running beside this version, or left by a teardown) the channel the
+/// source has now, so that `run` needs no `REPLICA IDENTITY FULL` for them. A copy does this
+/// too; this spares one.
+///
+/// The source is read as it is now, which may be ahead of what the target holds, and the
+/// stream then converges: a user has one primary email channel at a time, so if the channel
+/// read now is not the one the target's email came from, that one stopped being primary
+/// before the channel read now became primary, and the stream still holds both changes, in
+/// that order: the first finds the record naming another channel and keeps the email, the
+/// second sets the email and the record. (A change to the channel read now, before it became
+/// primary, may clear the email early; the second change sets it again.) Changes after the
+/// read find the record right. A user without a primary email on the source now stays
+/// unknown.
+///
+/// That holds only while nothing else writes emails: a usersync older than the record
+/// changes a user's email without changing its record, which would leave a record that is
+/// wrong rather than unknown. So this refuses while the slot is in use on the source or its
+/// lock is held on the target.
+async fn record_unknown_part_sources(
+    config: &Config,
+    source: &Client,
+    target: &Client,
+    select: &str,
+) -> Result<(), Error> {
+    let unknown = apply::count_unknown_primary_email_channels(target).await?;
+    if unknown == 0 {
+        return Ok(());
+    }
+    let active = catalog::slot_info(source, &config.slot)
+        .await?
+        .filter(|slot| slot.active)
+        .map(|slot| match slot.active_pid {
+            Some(pid) => format!(
+                "replication slot {} is in use by source backend pid {pid}",
+                config.slot
+            ),
+            None => format!("replication slot {} is in use", config.slot),
+        });
+    let holders = apply::slot_lock::holders(target, &config.slot).await?;
+    let busy = match (active, holders.is_empty()) {
+        (None, true) => None,
+        (Some(active), true) => Some(active),
+        (active, false) => Some(format!(
+            "{}the slot's lock on the target is held by {}",
+            active
+                .map(|active| format!("{active}, and "))
+                .unwrap_or_default(),
+            apply::slot_lock::describe(&holders)
+        )),
+    };
+    if let Some(busy) = busy {
+        return Err(Error::Config(format!(
+            "{unknown} users' primary email channel is unknown on the target, and setup records \
+             them only while no usersync writes the target, but {busy}: a usersync older than \
+             this version changes emails without recording their channel. Stop every older \
+             usersync run on this slot (standbys included), then run usersync setup again \
+             before starting this version's usersync run"
+        )));
+    }
+    let rows = source
+        .query_raw(select, std::iter::empty::<&str>())
+        .await
+        .map_err(SourceError::sql("reading the primary email channels"))?;
+    futures_util::pin_mut!(rows);
+    let (mut users, mut channels) = (Vec::new(), Vec::new());
+    let mut recorded = 0;
+    // The same users as counted, those the source names: `v, u LEFT JOIN r` joins `v` to
+    // the whole LEFT JOIN (a comma binds looser than JOIN).
+    let fill = format!(
+        "INSERT INTO usersync.primary_email_channel AS rec (user_id, channel_id)
+         SELECT u.id, v.channel_id
+           FROM unnest($1::text[], $2::text[]) AS v(user_id, channel_id),
+                {} AND u.id = v.user_id
+         ON CONFLICT (user_id) DO UPDATE SET channel_id = EXCLUDED.channel_id
+          WHERE rec.channel_id IS NULL",
+        apply::UNKNOWN_PRIMARY_EMAIL_CHANNELS.trim()
+    );
+    loop {
+        let row = rows
+            .try_next()
+            .await
+            .map_err(SourceError::sql("reading the primary email channels"))?;
+        if let Some(row) = &row {
+            users.push(row.get::<_, String>(0));
+            channels.push(row.get::<_, String>(1));
+        }
+        if users.len() >= PART_SOURCES_CHUNK || (row.is_none() && !users.is_empty()) {
+            recorded += target
+                .execute(&fill, &[&users, &channels])
+                .await
+                .map_err(apply::ApplyError::sql("recording primary email channels"))?;
+            users.clear();
+            channels.clear();
+        }
+        if row.is_none() {
+            break;
+        }
+    }
+    let left = apply::count_unknown_primary_email_channels(target).await?;
+    println!(
+        "usersync.primary_email_channel: recorded the primary email channel of {recorded} of \
+         the {unknown} users whose channel the target did not know{}",
+        if left > 0 {
+            format!(
+                "; {left} have no primary email on the source now: keep REPLICA IDENTITY FULL \
+                 on \"ContactChannel\" if it is still set, until usersync resync records \
+                 them, or a change to their channels stops usersync run"
+            )
+        } else {
+            String::new()
+        }
+    );
     Ok(())
 }
 

@@ -1,5 +1,9 @@
 //! `usersync teardown --yes`: drops the slot and publication, and the slot's checkpoint on
-//! the target. The users already on the target stay.
+//! the target. The users already on the target stay. So does the record of which Stack Auth
+//! contact channel each user's email came from (`usersync.primary_email_channel`), which
+//! describes those rows; but once no slot feeds the target, nothing keeps it up to date, so
+//! teardown marks every channel unknown: a later setup's copy records them again, and a
+//! change that would need one refuses rather than trust a stale record.
 //!
 //! Dropping a slot throws away the WAL it holds: changes usersync has not confirmed are then
 //! never delivered. So teardown says how much is pending before it drops anything, and
@@ -51,11 +55,61 @@ pub async fn teardown(config: &Config) -> Result<(), Error> {
     }
     let target = connect("target", &config.target).await?;
     if apply::target_tables(&target).await?.state {
+        // One transaction: a target left with no checkpoint but channels still recorded
+        // would trust records nothing keeps up to date (an error ends the process, and the
+        // connection with it, which rolls back).
+        target
+            .batch_execute("BEGIN")
+            .await
+            .map_err(apply::ApplyError::sql(
+                "starting the teardown's target transaction",
+            ))?;
         apply::delete_checkpoint(&target, &config.slot).await?;
         apply::setup_progress::delete_if_present(&target, &config.slot).await?;
+        let unknown = forget_channels_if_unfed(&target).await?;
+        target
+            .batch_execute("COMMIT")
+            .await
+            .map_err(apply::ApplyError::sql(
+                "committing the teardown's target transaction",
+            ))?;
         println!("checkpoint of slot {} removed from the target", config.slot);
+        if unknown > 0 {
+            println!(
+                "usersync.primary_email_channel: {unknown} users' primary email channels marked \
+                 unknown (no slot feeds this target any more; a setup's copy records them again)"
+            );
+        }
     }
     Ok(())
+}
+
+/// Marks every recorded channel unknown when the target holds no checkpoint any more (see
+/// the module docs); returns how many.
+async fn forget_channels_if_unfed(target: &Client) -> Result<u64, Error> {
+    let row = target
+        .query_one(
+            "SELECT to_regclass('usersync.primary_email_channel') IS NOT NULL,
+                    NOT EXISTS (SELECT FROM usersync.state)",
+            &[],
+        )
+        .await
+        .map_err(apply::ApplyError::sql(
+            "looking for usersync.primary_email_channel",
+        ))?;
+    if !(row.get::<_, bool>(0) && row.get::<_, bool>(1)) {
+        return Ok(0);
+    }
+    Ok(target
+        .execute(
+            "UPDATE usersync.primary_email_channel SET channel_id = NULL
+              WHERE channel_id IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(apply::ApplyError::sql(
+            "marking the primary email channels unknown",
+        ))?)
 }
 
 /// Without `--yes`: shows what dropping the slot would lose, before `main` refuses. Best

@@ -61,7 +61,7 @@ pub use columns::{ColumnUse, UsedColumn};
 pub use generic::{BoundMapping, GenericMapping};
 pub use keycloak::KeycloakMapping;
 pub use profile::{
-    BoundProfile, MappingPlan, Profile, RowLayout, RowMapper, RowOutcome, SkipReason,
+    BoundProfile, Gone, MappingPlan, Profile, RowLayout, RowMapper, RowOutcome, SkipReason,
 };
 pub use selection::ColumnSelection;
 pub use stack_auth::StackAuthMapping;
@@ -142,6 +142,16 @@ pub enum MapError {
     )]
     IdNotInReplicaIdentity { column: String },
 
+    /// Stack Auth's `"ContactChannel"`: its key must say which channel went away (the
+    /// target's record of each user's primary email channel is matched against it).
+    #[error(
+        "\"ContactChannel\".{column} is not part of that table's replica identity, so a \
+         deleted or updated contact channel would arrive without it and usersync could not \
+         tell whether it gave its user's email; give the table back its default replica \
+         identity, the primary key: ALTER TABLE \"ContactChannel\" REPLICA IDENTITY DEFAULT"
+    )]
+    ChannelIdNotInReplicaIdentity { column: String },
+
     #[error(
         "the {profile} profile needs column {column} (the table has columns {available}); \
          check that --table names the {profile} users table"
@@ -174,12 +184,6 @@ pub enum MapError {
          the relation was probably altered without a new Relation message"
     )]
     ColumnCount { expected: usize, actual: usize },
-
-    #[error(
-        "table {table} needs REPLICA IDENTITY FULL: {why}; run ALTER TABLE {table} REPLICA \
-         IDENTITY FULL"
-    )]
-    FullReplicaIdentityNeeded { table: String, why: &'static str },
 
     #[error("id column {column} is NULL, so the user cannot be identified")]
     NullId { column: String },

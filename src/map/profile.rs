@@ -14,7 +14,9 @@
 //!   soft-deletes the user (see `replicator.rs`).
 //!
 //! - [`RowOutcome::Patch`]: part of a user, kept in another table (Stack Auth's primary email
-//!   in `ContactChannel`): those keys are merged into the user's `raw_json`, the rest kept.
+//!   in `ContactChannel`): those keys are merged into the user's `raw_json`, the rest kept;
+//! - [`RowOutcome::ClearPartIf`]: such a row went away, known by its key only: the target,
+//!   which records which row each user's part comes from, decides whether it clears the part.
 //!
 //! **Adding a profile.** A single-table profile is one file in `map/` with a mapping type
 //! (options, `columns` among them), its `bind`, and a bound type implementing [`RowMapper`]'s
@@ -56,9 +58,22 @@ pub enum RowOutcome {
     /// soft-deleted.
     Skip { id: String, reason: SkipReason },
     /// Part of user `id` changed (a row of a table that holds part of a user): merge `keys`
-    /// into its `raw_json`, keep the other keys, leave `deleted_at` alone.
+    /// into its `raw_json`, keep the other keys, leave `deleted_at` alone. `from`: the row the
+    /// part comes from now (Stack Auth: the primary email channel's id), `None` when it comes
+    /// from none (the part is cleared); the target records it, so that the row's removal can
+    /// be told apart later without the old row ([`RowOutcome::ClearPartIf`]).
     Patch {
         id: String,
+        keys: Map<String, Value>,
+        from: Option<String>,
+    },
+    /// Row `row` of a table holding part of user `id` went away, known by its key alone (no
+    /// `REPLICA IDENTITY FULL`), so whether the user's part came from it is not known here:
+    /// if the target records that it did, the part is cleared (`keys` merged, as a
+    /// [`RowOutcome::Patch`] would) and the record forgotten; otherwise nothing changes.
+    ClearPartIf {
+        id: String,
+        row: String,
         keys: Map<String, Value>,
     },
 }
@@ -68,7 +83,9 @@ impl RowOutcome {
     pub fn id(&self) -> &str {
         match self {
             RowOutcome::User(user) | RowOutcome::Deleted { user, .. } => &user.id,
-            RowOutcome::Skip { id, .. } | RowOutcome::Patch { id, .. } => id,
+            RowOutcome::Skip { id, .. }
+            | RowOutcome::Patch { id, .. }
+            | RowOutcome::ClearPartIf { id, .. } => id,
         }
     }
 }
@@ -136,11 +153,20 @@ pub trait RowMapper: fmt::Debug + Send + Sync {
         self.map_insert(row)
     }
 
-    /// What it means for user `id` that a row this mapper replicated went away (deleted, or
-    /// updated into one it skips): `None` for a users table (the user is soft-deleted); the
-    /// patch that clears its part for a table holding part of a user.
-    fn removed(&self, _id: &str) -> Option<RowOutcome> {
-        None
+    /// What it means for user `id` that a row this mapper may have replicated went away
+    /// (deleted, or updated into one it skips): `None` for a users table (the user is
+    /// soft-deleted); for a table holding part of a user, the patch that clears its part, or,
+    /// when only the row's key is known, the clear the target decides
+    /// ([`RowOutcome::ClearPartIf`]).
+    fn removed(&self, _id: &str, _gone: Gone<'_>) -> Result<Option<RowOutcome>, MapError> {
+        Ok(None)
+    }
+
+    /// For a row of the initial copy ([`Profile::snapshot_select`]), the row its user's part
+    /// comes from, which the target records as [`RowOutcome::Patch`]'s `from` does:
+    /// `Some(None)` when none does; `None` for a profile whose users have no such part.
+    fn copied_part_from(&self, _row: &TupleData) -> Result<Option<Option<String>>, MapError> {
+        Ok(None)
     }
 
     /// Whether the replica identity columns alone make a row skipped (a tenancy in the
@@ -170,6 +196,16 @@ pub trait RowMapper: fmt::Debug + Send + Sync {
 
     /// The mapping as `setup` prints it.
     fn plan(&self) -> MappingPlan;
+}
+
+/// How the replicator knows a row that went away (see [`RowMapper::removed`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Gone<'r> {
+    /// By its whole old row (`REPLICA IDENTITY FULL`), which the mapper replicated.
+    WholeRow,
+    /// By its replica identity columns only (a key tuple, or the new row of an update that
+    /// left the key alone): whether the mapper replicated it is not known.
+    Key(&'r TupleData),
 }
 
 /// A row's outcome from its checked values: the id first, then the profile's skip decision,
@@ -318,6 +354,26 @@ impl Profile {
                     .join(", ");
                 format!("SELECT {list} FROM {}", users_table.quoted())
             }
+        }
+    }
+
+    /// The keys of the part of each user that comes from another table (Stack Auth: the
+    /// three email keys, from `"ContactChannel"`); none for a profile without parts. The
+    /// batch needs them to know when an upsert sets the part itself.
+    pub fn part_keys(&self) -> &'static [&'static str] {
+        match self {
+            Profile::StackAuth(_) => &super::stack_auth::EMAIL_KEYS,
+            _ => &[],
+        }
+    }
+
+    /// The rows users' parts come from now, as (user id, row id) text, for a profile whose
+    /// users have parts in another table (Stack Auth: the primary email channels): `setup`
+    /// records them for the users whose row the target does not know.
+    pub fn part_sources_select(&self, users_table: &TableName) -> Option<String> {
+        match self {
+            Profile::StackAuth(mapping) => Some(mapping.primary_channels_select(users_table)),
+            _ => None,
         }
     }
 

@@ -23,8 +23,18 @@
 //! keys for its user; batch and apply merge it into an upsert pending in the same batch, or
 //! into the row on the target (`raw_json || patch`), never touching `deleted_at`. A channel
 //! that stops being the primary email (deleted, or `"isPrimary"` cleared) clears the keys.
-//! To know that, a deleted or updated channel must carry its old row: the table needs
-//! `REPLICA IDENTITY FULL` (binding checks it).
+//!
+//! **Which channel was the primary email.** A deleted channel, or one updated so that it is
+//! no longer the primary email, says whether it *was* only with its old row, which the source
+//! sends under `REPLICA IDENTITY FULL` alone. That is an `ALTER TABLE` on a schema Stack Auth's
+//! migrations own, and it grows the WAL, so it is not required: the target keeps, in
+//! `usersync.primary_email_channel` (see `sql/usersync_state.sql`), the id of the channel each
+//! user's email keys come from, written with those keys ([`RowOutcome::Patch`]'s `from`). A
+//! channel that went away known by its key only (the default replica identity, the primary
+//! key `"tenancyId", "projectUserId", id`) becomes a [`RowOutcome::ClearPartIf`]: the target
+//! clears the keys if it recorded that channel. Under FULL the old row decides, as before, and
+//! the record is kept right all the same (switching to FULL on PostgreSQL 15+ needs the
+//! publication's column list off first: see `docs/profiles.md`).
 //!
 //! **Hard deletes.** Stack Auth deletes users; the foreign key cascades to their contact
 //! channels in the same transaction, after the user's own delete. The user is soft-deleted,
@@ -43,7 +53,7 @@ use serde_json::{Map, Value};
 use super::columns::{
     is_credential, BoundColumn, ColumnNeed, OtherColumns, Relation, RowLayout, UserJson,
 };
-use super::profile::{map_unless_skipped, MappingPlan, RowMapper, RowOutcome, SkipReason};
+use super::profile::{map_unless_skipped, Gone, MappingPlan, RowMapper, RowOutcome, SkipReason};
 use super::selection::ColumnSelection;
 use super::value::{self, oid};
 use super::{key, MapError};
@@ -62,15 +72,15 @@ const BOOLEAN_TRUE: &str = "TRUE";
 const EMAIL_TYPE: &str = "EMAIL";
 
 /// The keys a contact channel sets; a user row leaves them alone.
-const EMAIL_KEYS: [&str; 3] = [
+pub(crate) const EMAIL_KEYS: [&str; 3] = [
     key::PRIMARY_EMAIL,
     key::PRIMARY_EMAIL_VERIFIED,
     key::PRIMARY_EMAIL_AUTH_ENABLED,
 ];
 
 /// Columns the initial copy appends to each `"ProjectUser"` row (the primary email channel's
-/// `value`, `"isVerified"`, `"usedForAuth"`), see [`StackAuthMapping::snapshot_select`].
-pub const JOINED_EMAIL_COLUMNS: usize = 3;
+/// `value`, `"isVerified"`, `"usedForAuth"` and `id`), see [`StackAuthMapping::snapshot_select`].
+pub const JOINED_EMAIL_COLUMNS: usize = 4;
 
 const JSON_TYPES: (&[u32], &str) = (&[oid::JSONB, oid::JSON], "jsonb or json");
 
@@ -97,6 +107,7 @@ const IS_VERIFIED: ColumnNeed = ColumnNeed::typed(
     (value::VERIFIED_TYPES, "a boolean"),
 );
 const VALUE: ColumnNeed = ColumnNeed::named(PROFILE, &["value"]);
+const CHANNEL_ID: ColumnNeed = ColumnNeed::named(PROFILE, &["id"]);
 
 /// The `stack-auth` profile's options.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -116,7 +127,8 @@ impl StackAuthMapping {
     }
 
     /// The users with their primary email: `"ProjectUser"`'s columns, then the primary email
-    /// channel's `value`, `"isVerified"`, `"usedForAuth"` (NULL when the user has none).
+    /// channel's `value`, `"isVerified"`, `"usedForAuth"` and `id` (NULL when the user has
+    /// none); the id is what the target records as the channel the email comes from.
     pub fn snapshot_select(&self, users_table: &TableName, columns: &[RelationColumn]) -> String {
         let list = columns
             .iter()
@@ -133,11 +145,32 @@ impl StackAuthMapping {
             .map(|tenancy| format!(" WHERE u.\"tenancyId\" = {}", escape_literal(tenancy)))
             .unwrap_or_default();
         format!(
-            "SELECT {list}, c.value, c.\"isVerified\", c.\"usedForAuth\" \
+            "SELECT {list}, c.value, c.\"isVerified\", c.\"usedForAuth\", c.id::text \
                FROM {} u LEFT JOIN {} c \
                  ON c.\"tenancyId\" = u.\"tenancyId\" AND c.\"projectUserId\" = u.\"projectUserId\" \
                 AND c.type = {} AND c.\"isPrimary\" = {}{only_tenancy}",
             users_table.quoted(),
+            channels.quoted(),
+            escape_literal(EMAIL_TYPE),
+            escape_literal(BOOLEAN_TRUE),
+        )
+    }
+
+    /// Every primary email channel now, as (user id, channel id) text: what `setup` records
+    /// for the users whose channel the target does not know (see `commands::setup`).
+    pub fn primary_channels_select(&self, users_table: &TableName) -> String {
+        let channels = TableName {
+            schema: users_table.schema.clone(),
+            name: CONTACT_CHANNEL_TABLE.to_owned(),
+        };
+        let only_tenancy = self
+            .tenancy_id
+            .as_deref()
+            .map(|tenancy| format!(" AND \"tenancyId\" = {}", escape_literal(tenancy)))
+            .unwrap_or_default();
+        format!(
+            "SELECT \"projectUserId\"::text, id::text FROM {} \
+              WHERE type = {} AND \"isPrimary\" = {}{only_tenancy}",
             channels.quoted(),
             escape_literal(EMAIL_TYPE),
             escape_literal(BOOLEAN_TRUE),
@@ -205,30 +238,31 @@ impl StackAuthMapping {
         columns: &[RelationColumn],
     ) -> Result<BoundContactChannel, MapError> {
         let relation = Relation::new(columns);
+        // The generic advice (another index, --id-column) does not fit a table Stack Auth's
+        // migrations own: its primary key is the identity it needs.
+        let require_key = |need| {
+            relation.require_id(need).map_err(|error| match error {
+                MapError::IdNotInReplicaIdentity { column } => {
+                    MapError::ChannelIdNotInReplicaIdentity { column }
+                }
+                other => other,
+            })
+        };
         let tenancy_id = relation.require(&TENANCY_ID)?;
-        let user_id = relation.require_id(&PROJECT_USER_ID)?;
+        let user_id = require_key(&PROJECT_USER_ID)?;
         let channel_type = relation.require(&CHANNEL_TYPE)?;
         let is_primary = relation.require(&IS_PRIMARY)?;
         let used_for_auth = relation.require(&USED_FOR_AUTH)?;
         let is_verified = relation.require(&IS_VERIFIED)?;
         let value = relation.require(&VALUE)?;
-        let read = [
-            &channel_type,
-            &is_primary,
-            &used_for_auth,
-            &is_verified,
-            &value,
-        ];
-        if read.iter().any(|column| !relation.is_key(column)) {
-            return Err(MapError::FullReplicaIdentityNeeded {
-                table: format!("\"{CONTACT_CHANNEL_TABLE}\""),
-                why: "a deleted contact channel, or one no longer primary, must say whether it \
-                      was the primary email so that the user's email can be cleared",
-            });
-        }
+        // In the key (the primary key is the default replica identity): a deleted channel
+        // is then known by it, and the target's record of the user's primary email channel
+        // tells whether it was that one.
+        let channel_id = require_key(&CHANNEL_ID)?;
         Ok(BoundContactChannel {
             layout: relation.layout(user_id),
             tenancy: self.tenancy(tenancy_id),
+            channel_id,
             channel_type,
             is_primary,
             used_for_auth,
@@ -358,7 +392,7 @@ impl BoundProjectUser {
                 }
             }
             Emails::Joined(joined) => {
-                let (value, verified, auth) = joined_email_columns();
+                let (value, verified, auth, _) = joined_email_columns();
                 for (key, value) in channel_email(&value, &verified, &auth, joined)? {
                     user.set(&key, Some(value));
                 }
@@ -369,8 +403,25 @@ impl BoundProjectUser {
     }
 }
 
-/// The email columns a copied row appends, as positions in that tail.
-fn joined_email_columns() -> (BoundColumn, BoundColumn, BoundColumn) {
+impl BoundProjectUser {
+    /// A copied row as the user's columns and the joined email columns.
+    fn split_copied<'r>(
+        &self,
+        row: &'r TupleData,
+    ) -> Result<(&'r [ColumnValue], &'r [ColumnValue]), MapError> {
+        let expected = self.layout.column_count + JOINED_EMAIL_COLUMNS;
+        if row.0.len() != expected {
+            return Err(MapError::ColumnCount {
+                expected,
+                actual: row.0.len(),
+            });
+        }
+        Ok(row.0.split_at(self.layout.column_count))
+    }
+}
+
+/// The email columns a copied row appends, as positions in that tail, the channel's id last.
+fn joined_email_columns() -> (BoundColumn, BoundColumn, BoundColumn, BoundColumn) {
     let column = |index: usize, name: &str, type_oid: u32| BoundColumn {
         index,
         name: name.to_owned(),
@@ -380,6 +431,7 @@ fn joined_email_columns() -> (BoundColumn, BoundColumn, BoundColumn) {
         column(0, "value", oid::TEXT),
         column(1, "isVerified", oid::BOOL),
         column(2, "usedForAuth", oid::TEXT),
+        column(3, "id", oid::TEXT),
     )
 }
 
@@ -405,17 +457,19 @@ impl RowMapper for BoundProjectUser {
     }
 
     fn map_copied(&self, row: &TupleData) -> Result<RowOutcome, MapError> {
-        let expected = self.layout.column_count + JOINED_EMAIL_COLUMNS;
-        if row.0.len() != expected {
-            return Err(MapError::ColumnCount {
-                expected,
-                actual: row.0.len(),
-            });
-        }
-        let (user, email) = row.0.split_at(self.layout.column_count);
+        let (user, email) = self.split_copied(row)?;
         map_unless_skipped(self, user, |id| {
             self.map_user(id, user, Emails::Joined(email))
         })
+    }
+
+    /// The joined channel's id: the target records it with the email it gives.
+    fn copied_part_from(&self, row: &TupleData) -> Result<Option<Option<String>>, MapError> {
+        let (_, email) = self.split_copied(row)?;
+        let (.., channel_id) = joined_email_columns();
+        Ok(Some(
+            channel_id.filter_value(email, "id")?.map(str::to_owned),
+        ))
     }
 
     /// Only the tenancy skips a user, and it is in the key.
@@ -467,6 +521,8 @@ impl RowMapper for BoundProjectUser {
 pub struct BoundContactChannel {
     layout: RowLayout,
     tenancy: Tenancy,
+    /// The channel's own id, in the replica identity.
+    channel_id: BoundColumn,
     channel_type: BoundColumn,
     is_primary: BoundColumn,
     used_for_auth: BoundColumn,
@@ -488,12 +544,14 @@ impl RowMapper for BoundContactChannel {
         Ok((!(email && primary)).then_some(SkipReason::NotPrimaryEmail))
     }
 
-    /// The primary email channel: its email keys patch the user.
+    /// The primary email channel: its email keys patch the user, and the target records
+    /// that they come from this channel.
     fn map_values(&self, id: &str, values: &[ColumnValue]) -> Result<RowOutcome, MapError> {
         let keys = channel_email(&self.value, &self.is_verified, &self.used_for_auth, values)?;
         Ok(RowOutcome::Patch {
             id: id.to_owned(),
             keys,
+            from: Some(self.channel_id.id_text(values)?.to_owned()),
         })
     }
 
@@ -506,11 +564,25 @@ impl RowMapper for BoundContactChannel {
         self.tenancy.skip(self.layout.values(key)?)
     }
 
-    fn removed(&self, id: &str) -> Option<RowOutcome> {
-        Some(RowOutcome::Patch {
-            id: id.to_owned(),
-            keys: email_keys(Value::Null, false, false),
-        })
+    /// Its old row said it was the primary email: the email keys are cleared. Known by its
+    /// key only: cleared if the target recorded this channel as the user's primary email.
+    fn removed(&self, id: &str, gone: Gone<'_>) -> Result<Option<RowOutcome>, MapError> {
+        let keys = email_keys(Value::Null, false, false);
+        Ok(Some(match gone {
+            Gone::WholeRow => RowOutcome::Patch {
+                id: id.to_owned(),
+                keys,
+                from: None,
+            },
+            Gone::Key(key) => RowOutcome::ClearPartIf {
+                id: id.to_owned(),
+                row: self
+                    .channel_id
+                    .id_text(self.layout.values(key)?)?
+                    .to_owned(),
+                keys,
+            },
+        }))
     }
 
     fn notes(&self) -> &[String] {
@@ -536,7 +608,9 @@ impl RowMapper for BoundContactChannel {
                 .into_iter()
                 .chain([format!(
                     "{} = {EMAIL_TYPE} and {} = {BOOLEAN_TRUE}: sets the user's email keys; \
-                     deleted or no longer primary: clears them (primary_email null)",
+                     deleted or no longer primary: clears them (primary_email null) if they \
+                     came from it (the target records each user's primary email channel in \
+                     usersync.primary_email_channel)",
                     self.channel_type.name, self.is_primary.name
                 )])
                 .collect(),
@@ -553,6 +627,7 @@ mod tests {
 
     const TENANCY: &str = "4f1b2c3d-5e6f-4a7b-8c9d-0e1f2a3b4c5d";
     const USER_ID: &str = "0c5b1f1e-8d1e-4f7a-9d7e-3c1f2b4a5d6e";
+    const CHANNEL_ID: &str = "9d0c3b4a-1e2f-4a5b-8c7d-6e5f4a3b2c1d";
 
     /// `"ProjectUser"` as Stack Auth's Prisma migrations create it (enum-free columns).
     fn project_user() -> Vec<RelationColumn> {
@@ -577,8 +652,8 @@ mod tests {
         )
     }
 
-    /// `"ContactChannel"` with REPLICA IDENTITY FULL; `type`, `isPrimary` and `usedForAuth`
-    /// are enums (their oids are the database's own).
+    /// `"ContactChannel"` with REPLICA IDENTITY FULL (`full`) or its default, the primary key;
+    /// `type`, `isPrimary` and `usedForAuth` are enums (their oids are the database's own).
     fn contact_channel(full: bool) -> Vec<RelationColumn> {
         [
             ("tenancyId", oid::UUID),
@@ -628,7 +703,7 @@ mod tests {
             &[
                 ("tenancyId", text(TENANCY)),
                 ("projectUserId", text(USER_ID)),
-                ("id", text("9d0c3b4a-1e2f-4a5b-8c7d-6e5f4a3b2c1d")),
+                ("id", text(CHANNEL_ID)),
                 ("type", text("EMAIL")),
                 ("isPrimary", text("TRUE")),
                 ("usedForAuth", text("TRUE")),
@@ -681,16 +756,23 @@ mod tests {
     fn the_copy_takes_the_joined_primary_email() {
         let mapping = StackAuthMapping::default().bind(&project_user()).unwrap();
         let mut row = ada(&[]);
-        row.0
-            .extend([text("ada@example.org"), text("t"), ColumnValue::Null]);
+        row.0.extend([
+            text("ada@example.org"),
+            text("t"),
+            ColumnValue::Null,
+            text(CHANNEL_ID),
+        ]);
+        assert_eq!(
+            mapping.copied_part_from(&row).unwrap(),
+            Some(Some(CHANNEL_ID.to_owned()))
+        );
         let copied = live_user(mapping.map_copied(&row).unwrap());
         assert_eq!(copied.raw_json["primary_email"], "ada@example.org");
         assert_eq!(copied.raw_json["primary_email_verified"], true);
         assert_eq!(copied.raw_json["primary_email_auth_enabled"], false);
         let mut without = ada(&[]);
-        without
-            .0
-            .extend([ColumnValue::Null, ColumnValue::Null, ColumnValue::Null]);
+        without.0.extend(std::iter::repeat_n(ColumnValue::Null, 4));
+        assert_eq!(mapping.copied_part_from(&without).unwrap(), Some(None));
         let copied = live_user(mapping.map_copied(&without).unwrap());
         assert_eq!(copied.raw_json["primary_email"], Value::Null);
         assert_eq!(copied.raw_json["primary_email_verified"], false);
@@ -706,9 +788,11 @@ mod tests {
             .bind_contact_channel(&contact_channel(true))
             .unwrap();
         let patch = |outcome| match outcome {
-            RowOutcome::Patch { id, keys } => {
+            RowOutcome::Patch { id, keys, from } => {
                 assert_eq!(id, USER_ID);
-                Value::Object(keys)
+                let mut patch = keys;
+                patch.insert("from".into(), from.into());
+                Value::Object(patch)
             }
             other => panic!("expected a patch, got {other:?}"),
         };
@@ -718,6 +802,7 @@ mod tests {
                 "primary_email": "ada@example.org",
                 "primary_email_verified": true,
                 "primary_email_auth_enabled": true,
+                "from": CHANNEL_ID,
             })
         );
         let unverified = channel(&[
@@ -730,14 +815,17 @@ mod tests {
                 "primary_email": "ada@example.org",
                 "primary_email_verified": false,
                 "primary_email_auth_enabled": false,
+                "from": CHANNEL_ID,
             })
         );
+        // The old row said it was the primary email (REPLICA IDENTITY FULL).
         assert_eq!(
-            patch(mapping.removed(USER_ID).unwrap()),
+            patch(mapping.removed(USER_ID, Gone::WholeRow).unwrap().unwrap()),
             json!({
                 "primary_email": null,
                 "primary_email_verified": false,
                 "primary_email_auth_enabled": false,
+                "from": null,
             })
         );
         let secondary = channel(&[("isPrimary", ColumnValue::Null)]);
@@ -757,14 +845,44 @@ mod tests {
     }
 
     #[test]
-    fn contact_channels_need_replica_identity_full() {
-        let error = StackAuthMapping::default()
-            .bind_contact_channel(&contact_channel(false))
-            .unwrap_err();
-        assert!(
-            error.to_string().contains("REPLICA IDENTITY FULL"),
-            "{error}"
+    fn a_channel_known_by_its_key_alone_is_cleared_if_the_target_recorded_it() {
+        // The default replica identity: the primary key.
+        let columns = contact_channel(false);
+        let mapping = StackAuthMapping::default()
+            .bind_contact_channel(&columns)
+            .unwrap();
+        let key = row_of(
+            &columns,
+            &[
+                ("tenancyId", text(TENANCY)),
+                ("projectUserId", text(USER_ID)),
+                ("id", text(CHANNEL_ID)),
+            ],
         );
+        assert_eq!(mapping.map_key(&key).unwrap(), USER_ID);
+        assert_eq!(mapping.key_skip_reason(&key), Ok(None));
+        assert_eq!(
+            mapping.removed(USER_ID, Gone::Key(&key)).unwrap(),
+            Some(RowOutcome::ClearPartIf {
+                id: USER_ID.into(),
+                row: CHANNEL_ID.into(),
+                keys: email_keys(Value::Null, false, false),
+            })
+        );
+        // The channel's id is published with the key; a replica identity without it cannot
+        // tell a deleted channel.
+        assert!(mapping.layout().used().names().contains(&"id".to_owned()));
+        let without_id: Vec<_> = columns
+            .into_iter()
+            .map(|mut column| {
+                column.is_key = column.name != "id" && column.is_key;
+                column
+            })
+            .collect();
+        assert!(matches!(
+            StackAuthMapping::default().bind_contact_channel(&without_id),
+            Err(MapError::ChannelIdNotInReplicaIdentity { column }) if column == "id"
+        ));
     }
 
     #[test]

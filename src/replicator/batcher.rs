@@ -19,6 +19,8 @@ pub(super) const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
 #[derive(Default)]
 pub(super) struct Batcher {
     batch: Batch,
+    /// See [`Batch::with_part_keys`]: every batch of the session gets them.
+    part_keys: &'static [&'static str],
     /// When the first transaction entered the batch.
     started: Option<Instant>,
     /// Commit time of a heartbeat waiting behind the batch.
@@ -26,6 +28,19 @@ pub(super) struct Batcher {
 }
 
 impl Batcher {
+    /// A batcher for a profile whose users' part is made of `part_keys`.
+    pub fn with_part_keys(part_keys: &'static [&'static str]) -> Self {
+        Batcher {
+            batch: Batch::with_part_keys(part_keys),
+            part_keys,
+            ..Self::default()
+        }
+    }
+
+    fn fresh(&self) -> Batch {
+        Batch::with_part_keys(self.part_keys)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.batch.is_empty()
     }
@@ -71,16 +86,29 @@ impl Batcher {
                         Op::Update
                     }
                 }
-                UserChange::Patch { id, keys, clears } => {
+                UserChange::Patch {
+                    id,
+                    keys,
+                    from,
+                    clears,
+                } => {
                     if clears {
                         self.batch.clear_part(id, keys, at);
                     } else {
-                        self.batch.patch(id, keys, at);
+                        self.batch.patch(id, keys, from, at);
                     }
+                    Op::Update
+                }
+                UserChange::ClearPartIf { id, row, keys } => {
+                    self.batch.clear_part_if(id, row, keys, at);
                     Op::Update
                 }
                 UserChange::SoftDelete(id) => {
                     self.batch.soft_delete(id, at);
+                    Op::Delete
+                }
+                UserChange::MovedAway(id) => {
+                    self.batch.soft_delete_moved(id, at);
                     Op::Delete
                 }
                 UserChange::SoftDeleteAll => {
@@ -109,17 +137,22 @@ impl Batcher {
     /// The batch to write, and the heartbeat that came behind it.
     pub fn take(&mut self) -> (Batch, Option<UnixMicros>) {
         self.started = None;
-        (std::mem::take(&mut self.batch), self.heartbeat.take())
+        let fresh = self.fresh();
+        (
+            std::mem::replace(&mut self.batch, fresh),
+            self.heartbeat.take(),
+        )
     }
 
     /// The changes added so far, as a part of a large transaction (not committed yet).
     pub fn take_part(&mut self) -> Batch {
-        std::mem::take(&mut self.batch)
+        let fresh = self.fresh();
+        std::mem::replace(&mut self.batch, fresh)
     }
 
     /// Drops what was added: the transaction it came from failed.
     pub fn discard(&mut self) {
-        self.batch = Batch::new();
+        self.batch = self.fresh();
         self.started = None;
     }
 }

@@ -9,7 +9,7 @@ use super::relations::StreamTables;
 use crate::decode::{LogicalMessage, OldTuple, Relation, Transaction, TupleData};
 use crate::error::Error;
 use crate::lsn::Lsn;
-use crate::map::{MappedUser, RowMapper, RowOutcome};
+use crate::map::{Gone, MappedUser, RowMapper, RowOutcome};
 
 /// One source change as it will reach the target.
 pub(super) enum UserChange {
@@ -25,10 +25,21 @@ pub(super) enum UserChange {
     Patch {
         id: String,
         keys: serde_json::Map<String, serde_json::Value>,
+        /// The row the part comes from now, `None`: none (see `RowOutcome::Patch`).
+        from: Option<String>,
         /// The part's row went away: the patch clears the part (see `Batch::clear_part`).
         clears: bool,
     },
+    /// A row holding part of a user went away, known by its key only: the target decides
+    /// whether the part came from it (see `Batch::clear_part_if`).
+    ClearPartIf {
+        id: String,
+        row: String,
+        keys: serde_json::Map<String, serde_json::Value>,
+    },
     SoftDelete(String),
+    /// The old id of a primary-key change, removed: see `Batch::soft_delete_moved`.
+    MovedAway(String),
     SoftDeleteAll,
     /// This replicator's heartbeat message (never reaches the target).
     Heartbeat,
@@ -110,10 +121,23 @@ impl ChangeMapper {
                 let moved_from = old_id.filter(|old_id| old_id != outcome.id());
                 let id_changed = moved_from.is_some();
                 let moved_from = moved_from.filter(|_| !skipped_before);
+                // How the row as it was is known, should it have gone: by the whole old row
+                // (REPLICA IDENTITY FULL), else by its key, which is the new row's when the
+                // update sent no old key.
+                let gone = match &update.old {
+                    Some(OldTuple::Full(_)) => Gone::WholeRow,
+                    Some(OldTuple::Key(old)) => Gone::Key(old),
+                    None => Gone::Key(&update.new),
+                };
                 if let Some(old_id) = &moved_from {
                     // The primary key changed: the old user is gone, a new one appears, with
                     // the old user's values where the new row left them unchanged (TOAST).
-                    out.push(removal(mapping, old_id.clone()));
+                    // Not a delete: a clear of its part just before stands (see
+                    // `Batch::soft_delete_moved`).
+                    out.push(match removal(mapping, old_id.clone(), gone)? {
+                        UserChange::SoftDelete(id) => UserChange::MovedAway(id),
+                        other => other,
+                    });
                 }
                 if let RowOutcome::Skip { id, reason } = &outcome {
                     // The row is no longer one of ours (it became anonymous, moved to another
@@ -121,7 +145,7 @@ impl ChangeMapper {
                     // not stay live, a part replicated before must not stay.
                     if !skipped_before && !id_changed {
                         tracing::debug!(%reason, "an updated row is no longer replicated");
-                        out.push(removal(mapping, id.clone()));
+                        out.push(removal(mapping, id.clone(), gone)?);
                     }
                 }
                 out.extend(change_of(outcome, false).map(|change| change.moved_from(moved_from)));
@@ -131,12 +155,12 @@ impl ChangeMapper {
                     return Ok(());
                 };
                 let id = mapping.map_key(old_tuple(&delete.old))?;
-                let skipped = match &delete.old {
-                    OldTuple::Full(old) => mapping.skip_reason(old)?,
-                    OldTuple::Key(old) => mapping.key_skip_reason(old)?,
+                let (skipped, gone) = match &delete.old {
+                    OldTuple::Full(old) => (mapping.skip_reason(old)?, Gone::WholeRow),
+                    OldTuple::Key(old) => (mapping.key_skip_reason(old)?, Gone::Key(old)),
                 };
                 if skipped.is_none() {
-                    out.push(removal(mapping, id));
+                    out.push(removal(mapping, id, gone)?);
                 }
             }
             LogicalMessage::Truncate(truncate) => {
@@ -207,7 +231,18 @@ pub(super) fn print_changes(
                 Some(id.as_str()),
                 Some(serde_json::Value::Object(keys.clone())),
             ),
-            UserChange::SoftDelete(id) => ("delete", Some(id.as_str()), None),
+            UserChange::ClearPartIf { id, row, keys } => {
+                // Applied only if the target says the part came from that row.
+                line.insert("if_part_from".into(), row.as_str().into());
+                (
+                    "patch",
+                    Some(id.as_str()),
+                    Some(serde_json::Value::Object(keys.clone())),
+                )
+            }
+            UserChange::SoftDelete(id) | UserChange::MovedAway(id) => {
+                ("delete", Some(id.as_str()), None)
+            }
             UserChange::SoftDeleteAll => ("truncate", None, None),
             UserChange::Heartbeat => continue,
         };
@@ -225,20 +260,23 @@ fn old_tuple(old: &OldTuple) -> &TupleData {
 }
 
 /// What a row of the profile going away means for user `id`: a soft delete, or (a table
-/// holding part of a user) a patch clearing that part.
-fn removal(mapping: &dyn RowMapper, id: String) -> UserChange {
-    match mapping
-        .removed(&id)
-        .and_then(|outcome| change_of(outcome, false))
-    {
-        Some(UserChange::Patch { id, keys, .. }) => UserChange::Patch {
-            id,
-            keys,
-            clears: true,
+/// holding part of a user) a patch clearing that part, or one the target decides on.
+fn removal(mapping: &dyn RowMapper, id: String, gone: Gone<'_>) -> Result<UserChange, Error> {
+    Ok(
+        match mapping
+            .removed(&id, gone)?
+            .and_then(|outcome| change_of(outcome, false))
+        {
+            Some(UserChange::Patch { id, keys, from, .. }) => UserChange::Patch {
+                id,
+                keys,
+                from,
+                clears: true,
+            },
+            Some(change) => change,
+            None => UserChange::SoftDelete(id),
         },
-        Some(change) => change,
-        None => UserChange::SoftDelete(id),
-    }
+    )
 }
 
 /// The change a mapped row asks for, if any.
@@ -256,11 +294,15 @@ fn change_of(outcome: RowOutcome, inserted: bool) -> Option<UserChange> {
             deleted_at: Some(at),
             moved_from: None,
         }),
-        RowOutcome::Patch { id, keys } => Some(UserChange::Patch {
+        RowOutcome::Patch { id, keys, from } => Some(UserChange::Patch {
             id,
             keys,
+            from,
             clears: false,
         }),
+        RowOutcome::ClearPartIf { id, row, keys } => {
+            Some(UserChange::ClearPartIf { id, row, keys })
+        }
         RowOutcome::Skip { .. } => None,
     }
 }

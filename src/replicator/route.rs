@@ -129,6 +129,8 @@ pub(super) struct RouteParts {
     pub monitor_started: UnixMicros,
     /// Told whenever any route's durable position moves.
     pub confirmations: Arc<Notify>,
+    /// The keys of a user's part kept in another table (see [`Batcher::with_part_keys`]).
+    pub part_keys: &'static [&'static str],
 }
 
 /// Starts a route on its own task, which ends with the route's first error, or once it has
@@ -143,7 +145,7 @@ pub(super) fn spawn(
     let route = Route {
         fed,
         worker: parts.worker,
-        batcher: Batcher::default(),
+        batcher: Batcher::with_part_keys(parts.part_keys),
         ledger: Ledger::new(parts.resume_at, parts.records),
         lag: LagTracker::new(
             Arc::clone(&parts.metrics),

@@ -115,6 +115,7 @@ impl<'a> Session<'a> {
                 records: !mode.is_dry_run(),
                 clock: clock.shared(),
                 monitor_started,
+                part_keys: config.mapping.part_keys(),
                 confirmations: Arc::clone(&confirmations),
             },
             &mut route_tasks,

@@ -211,6 +211,7 @@ async fn status_reports_a_healthy_slot_as_json_and_as_a_table() {
     assert_eq!(
         keys(target),
         [
+            "primary_email_channels_unknown",
             "slot_lock_holders",
             "tables_present",
             "unfinished",
@@ -220,6 +221,7 @@ async fn status_reports_a_healthy_slot_as_json_and_as_a_table() {
         ]
     );
     assert_eq!(target["unfinished"], Value::Null);
+    assert_eq!(target["primary_email_channels_unknown"], 0);
     assert_eq!(target["tables_present"], true);
     // The running replicator holds the slot's lock on the target.
     let holders = target["slot_lock_holders"].as_array().expect("an array");
@@ -588,7 +590,9 @@ async fn purge_without_the_opt_in_delete_grant_refuses_with_the_grant_to_run() {
         .batch_execute(
             "INSERT INTO neon_auth.users_sync (raw_json, deleted_at)
              VALUES ('{\"id\": \"old\", \"signed_up_at_millis\": 1700000000000}', now() - interval '40 days'),
-                    ('{\"id\": \"live\", \"signed_up_at_millis\": 1700000000000}', NULL)",
+                    ('{\"id\": \"live\", \"signed_up_at_millis\": 1700000000000}', NULL);
+             -- As Stack Auth's profile records where their emails came from.
+             INSERT INTO usersync.primary_email_channel VALUES ('old', 'c1'), ('live', 'c2');",
         )
         .await
         .unwrap();
@@ -625,6 +629,25 @@ async fn purge_without_the_opt_in_delete_grant_refuses_with_the_grant_to_run() {
         count(&pair, "SELECT count(*) FROM neon_auth.users_sync").await,
         1
     );
+    // The purged user's record went with it.
+    assert_eq!(
+        channel_records(&pair).await,
+        [("live".to_owned(), Some("c2".to_owned()))]
+    );
+}
+
+/// `usersync.primary_email_channel`, by user.
+async fn channel_records(pair: &Pair) -> Vec<(String, Option<String>)> {
+    pair.target
+        .query(
+            "SELECT user_id, channel_id FROM usersync.primary_email_channel ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
 }
 
 /// Every target user as (id, raw_json, created_at, deleted_at), by id.
@@ -657,7 +680,8 @@ async fn purge_scrub_keeps_only_id_and_sign_up_time_once() {
                  FROM (VALUES ('old1', now() - interval '40 days'),
                               ('old2', now() - interval '31 days'),
                               ('recent', now() - interval '1 day'),
-                              ('live', NULL::timestamptz)) AS u(id, deleted_at)"#,
+                              ('live', NULL::timestamptz)) AS u(id, deleted_at);
+               INSERT INTO usersync.primary_email_channel VALUES ('old1', 'c1'), ('live', 'c2');"#,
         )
         .await
         .unwrap();
@@ -679,6 +703,11 @@ async fn purge_scrub_keeps_only_id_and_sign_up_time_once() {
     );
     let after = users_snapshot(&pair).await;
     assert_eq!(after.len(), 4, "scrub keeps the rows");
+    // A scrubbed user shows no email, so no record says where it came from.
+    assert_eq!(
+        channel_records(&pair).await,
+        [("live".to_owned(), Some("c2".to_owned()))]
+    );
     for (old, new) in before.iter().zip(&after) {
         let (id, _, created_at, deleted_at) = old;
         assert_eq!((&new.0, &new.2, &new.3), (id, created_at, deleted_at));
@@ -774,9 +803,20 @@ fn pending_warning(output: &Output) -> u64 {
 async fn teardown_as_the_least_privilege_role_leaves_the_publication_to_its_owner() {
     let pair = Pair::new().await;
     pair.setup().await;
+    // As the stack-auth profile records where users' emails came from.
+    pair.target
+        .batch_execute("INSERT INTO usersync.primary_email_channel VALUES ('u1', 'c1')")
+        .await
+        .unwrap();
     let done = pair.usersync(&["teardown", "--yes"]);
     let said = text(&done);
     assert!(done.status.success(), "{said}");
+    // No slot feeds the target any more: nothing keeps the record up to date.
+    assert!(
+        said.contains("1 users' primary email channels marked unknown"),
+        "{said}"
+    );
+    assert_eq!(channel_records(&pair).await, [("u1".to_owned(), None)]);
     assert!(
         stdout(&done).contains(&format!("replication slot {} dropped", pair.config.slot)),
         "{said}"

@@ -890,13 +890,8 @@ async fn stack_auth_users_their_primary_email_and_one_tenancy() {
     pair.source.batch_execute(&before).await.unwrap();
 
     let args = ["setup", "--profile", "stack-auth", "--tenancy-id", TENANCY];
-    let refused = pair.usersync(&args);
-    assert_eq!(refused.status.code(), Some(78), "{}", text(&refused));
-    assert!(
-        text(&refused).contains(r#"ALTER TABLE "ContactChannel" REPLICA IDENTITY FULL"#),
-        "{}",
-        text(&refused)
-    );
+    // Not required (see stack_auth_without_replica_identity_full_clears_the_email_its_channel_gave),
+    // but where it is set, the old rows decide, and the target's record is kept right as well.
     pair.source
         .batch_execute(r#"ALTER TABLE "ContactChannel" REPLICA IDENTITY FULL"#)
         .await
@@ -985,7 +980,7 @@ async fn stack_auth_users_their_primary_email_and_one_tenancy() {
     other += r#"UPDATE "ProjectUser" SET "displayName" = 'O.' WHERE "projectUserId" = '00000000-0000-4000-8000-000000000003';
                 DELETE FROM "ProjectUser" WHERE "projectUserId" = '00000000-0000-4000-8000-000000000003';"#;
     pair.source.batch_execute(&other).await.unwrap();
-    wait_live_match(&pair, STACK_AUTH_SOURCE_LIVE, STACK_AUTH_TARGET_LIVE).await;
+    assert_stack_auth_matches(&pair).await;
     let ada = raw_json_of(&pair, 1).await;
     assert_eq!(ada["primary_email"], "ada@work.example");
     assert_eq!(ada["display_name"], "Ada L.");
@@ -1040,7 +1035,7 @@ async fn stack_auth_users_their_primary_email_and_one_tenancy() {
     .await;
     let cleo = raw_json_of(&pair, 4).await;
     assert_eq!(cleo["primary_email"], "cleo@example.org");
-    wait_live_match(&pair, STACK_AUTH_SOURCE_LIVE, STACK_AUTH_TARGET_LIVE).await;
+    assert_stack_auth_matches(&pair).await;
 
     // An application that deletes the contact channels first, then the user, in one
     // transaction: the same end as the cascade.
@@ -1089,4 +1084,744 @@ async fn stack_auth_users_their_primary_email_and_one_tenancy() {
         .encode()
         .contains("usersync_patches_without_user_total 1"));
     running.stop().await;
+}
+
+/// Stack Auth's primary email channels as the target should record them: the source's
+/// primary email channel of each user live on the target.
+const STACK_AUTH_SOURCE_CHANNELS: &str = r#"
+SELECT c."projectUserId"::text, c.id::text FROM "ContactChannel" c
+ WHERE c.type = 'EMAIL' AND c."isPrimary" = 'TRUE' ORDER BY 1"#;
+
+const STACK_AUTH_TARGET_CHANNELS: &str = "
+SELECT r.user_id, r.channel_id FROM usersync.primary_email_channel r
+  JOIN neon_auth.users_sync u ON u.id = r.user_id AND u.deleted_at IS NULL ORDER BY 1";
+
+async fn pairs_of(client: &Client, sql: &str) -> Vec<(String, Option<String>)> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// `usersync status --json`'s count of live users whose primary email channel the target
+/// does not know.
+fn unknown_channels(pair: &Pair) -> i64 {
+    let output = pair.usersync(&["status", "--json", "--lag-target", "1h"]);
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", text(&output)));
+    json["target"]["primary_email_channels_unknown"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no count in {json}"))
+}
+
+/// Runs `usersync setup` for the stack-auth profile as an operator would: the role script
+/// published `"ProjectUser"` only, so the first attempt asks the owner to add
+/// `"ContactChannel"`, which the owner (here: the test's superuser) does.
+fn setup_stack_auth(pair: &Pair, args: &[&str]) -> String {
+    let refused = pair.usersync(args);
+    let said = text(&refused);
+    assert_eq!(refused.status.code(), Some(78), "{said}");
+    let (_, owner_sql) = said
+        .split_once("have the owner run: ")
+        .unwrap_or_else(|| panic!("no statement for the owner in: {said}"));
+    let owner_sql = owner_sql.lines().next().unwrap_or_default().to_owned();
+    let mut owner = psql(
+        pair.server,
+        &pair.config.source.dbname,
+        &["-v", "ON_ERROR_STOP=1", "-c", &owner_sql],
+    );
+    assert!(owner.status.success(), "{}", text(&owner));
+    let setup = pair.usersync(args);
+    owner = setup;
+    let said = text(&owner);
+    assert!(owner.status.success(), "{said}");
+    said
+}
+
+fn channel_id(channel: u32) -> String {
+    format!("00000000-0000-4000-9000-{channel:012}")
+}
+
+/// Makes `"ContactChannel"` row `channel` the primary email of its user, or not.
+fn set_primary(channel: u32, primary: bool) -> String {
+    format!(
+        r#"UPDATE "ContactChannel" SET "isPrimary" = {} WHERE id = '{}';"#,
+        if primary { "'TRUE'" } else { "NULL" },
+        channel_id(channel)
+    )
+}
+
+fn delete_channel(channel: u32) -> String {
+    format!(
+        r#"DELETE FROM "ContactChannel" WHERE id = '{}';"#,
+        channel_id(channel)
+    )
+}
+
+/// Runs `sql` on the source, then a barrier: a change to user `barrier`'s display name,
+/// which the target shows only once everything before it is applied (in commit order).
+async fn apply_then_barrier(pair: &Pair, sql: &str, barrier: u32, round: u32) {
+    pair.source.batch_execute(sql).await.unwrap();
+    pair.source
+        .batch_execute(&format!(
+            r#"UPDATE "ProjectUser" SET "displayName" = 'barrier {round}'
+                WHERE "projectUserId" = '{}';"#,
+            user_id(barrier)
+        ))
+        .await
+        .unwrap();
+    pair.wait_target(&format!(
+        "SELECT EXISTS (SELECT FROM neon_auth.users_sync
+                         WHERE id = '{}' AND name = 'barrier {round}')",
+        user_id(barrier)
+    ))
+    .await;
+}
+
+async fn email_of(pair: &Pair, n: u32) -> Option<String> {
+    raw_json_of(pair, n).await["primary_email"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Both sides agree on every live user, email included, and on which channel each user's
+/// email came from.
+async fn assert_stack_auth_matches(pair: &Pair) {
+    wait_live_match(pair, STACK_AUTH_SOURCE_LIVE, STACK_AUTH_TARGET_LIVE).await;
+    let source = pairs_of(&pair.source, STACK_AUTH_SOURCE_CHANNELS).await;
+    let live: Vec<String> = live_users(&pair.target, STACK_AUTH_TARGET_LIVE)
+        .await
+        .into_iter()
+        .map(|user| user.0)
+        .collect();
+    let source: Vec<_> = source
+        .into_iter()
+        .filter(|(user, _)| live.contains(user))
+        .collect();
+    assert_eq!(
+        pairs_of(&pair.target, STACK_AUTH_TARGET_CHANNELS).await,
+        source
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stack_auth_without_replica_identity_full_clears_the_email_its_channel_gave() {
+    let pair = profile_pair(
+        STACK_AUTH_TABLES,
+        "public.ProjectUser",
+        Profile::StackAuth(StackAuthMapping::default()),
+    )
+    .await;
+    // "ContactChannel" keeps its default replica identity (the primary key) throughout.
+    let mut before = String::new();
+    for (n, name) in [(1, "Ada"), (2, "Bob"), (3, "Cleo"), (9, "Barrier")] {
+        before += &project_user(TENANCY, n, name);
+    }
+    before += &channel(TENANCY, 1, 1, "ada@example.org", true);
+    before += &channel(TENANCY, 1, 2, "ada@work.example", false);
+    before += &channel(TENANCY, 2, 3, "bob@example.org", true);
+    pair.source.batch_execute(&before).await.unwrap();
+    let said = setup_stack_auth(&pair, &["setup", "--profile", "stack-auth"]);
+    assert!(said.contains("initial copy: 4 users"), "{said}");
+    // The copy recorded where each email came from.
+    assert_stack_auth_matches(&pair).await;
+    assert_eq!(
+        pairs_of(&pair.target, STACK_AUTH_TARGET_CHANNELS).await,
+        [
+            (user_id(1), Some(channel_id(1))),
+            (user_id(2), Some(channel_id(3)))
+        ]
+    );
+
+    let running = pair.start();
+    // Across batches, each step applied before the next is made.
+    // A non-primary channel deleted: the email stays.
+    apply_then_barrier(&pair, &delete_channel(2), 9, 1).await;
+    assert_eq!(email_of(&pair, 1).await.as_deref(), Some("ada@example.org"));
+    // A primary email set on a user that had none, then moved to another channel.
+    apply_then_barrier(
+        &pair,
+        &channel(TENANCY, 3, 4, "cleo@example.org", true),
+        9,
+        2,
+    )
+    .await;
+    assert_eq!(
+        email_of(&pair, 3).await.as_deref(),
+        Some("cleo@example.org")
+    );
+    apply_then_barrier(
+        &pair,
+        &format!(
+            "BEGIN; {}{}{}COMMIT;",
+            set_primary(4, false),
+            channel(TENANCY, 3, 5, "cleo@work.example", false),
+            set_primary(5, true)
+        ),
+        9,
+        3,
+    )
+    .await;
+    assert_eq!(
+        email_of(&pair, 3).await.as_deref(),
+        Some("cleo@work.example")
+    );
+    assert_stack_auth_matches(&pair).await;
+    // The old primary, no longer primary, deleted: the email stays.
+    apply_then_barrier(&pair, &delete_channel(4), 9, 4).await;
+    assert_eq!(
+        email_of(&pair, 3).await.as_deref(),
+        Some("cleo@work.example")
+    );
+    // The primary channel deleted: the email goes.
+    apply_then_barrier(&pair, &delete_channel(1), 9, 5).await;
+    let ada = raw_json_of(&pair, 1).await;
+    assert!(ada["primary_email"].is_null(), "{ada}");
+    assert_eq!(ada["primary_email_verified"], false);
+    // The primary channel updated so that it is no longer primary: the email goes.
+    apply_then_barrier(&pair, &set_primary(3, false), 9, 6).await;
+    assert!(email_of(&pair, 2).await.is_none());
+    assert_stack_auth_matches(&pair).await;
+
+    // Within one source transaction, so one batch: the batch decides what it knows, the
+    // target what it records (user 3's channel 5, recorded by an earlier batch).
+    apply_then_barrier(
+        &pair,
+        &format!(
+            "BEGIN; {}{}{}{}{}{}{}{}{}COMMIT;",
+            // User 1: set, moved, the old one deleted, the new one cleared, set again.
+            channel(TENANCY, 1, 6, "ada@new.example", true),
+            set_primary(6, false),
+            channel(TENANCY, 1, 7, "ada@newer.example", true),
+            delete_channel(6),
+            set_primary(7, false),
+            set_primary(7, true),
+            // User 3: a non-primary channel added and deleted, then the recorded primary
+            // (from an earlier batch) deleted.
+            channel(TENANCY, 3, 8, "cleo@old.example", false),
+            delete_channel(8),
+            delete_channel(5),
+        ),
+        9,
+        7,
+    )
+    .await;
+    assert_eq!(
+        email_of(&pair, 1).await.as_deref(),
+        Some("ada@newer.example")
+    );
+    assert!(email_of(&pair, 3).await.is_none());
+    assert_stack_auth_matches(&pair).await;
+
+    // Many source transactions, no barrier between them: they may share batches in any way.
+    for round in 0..20u32 {
+        let channel_n = 100 + round;
+        let mut sql = channel(
+            TENANCY,
+            2,
+            channel_n,
+            &format!("bob{round}@example.org"),
+            false,
+        );
+        sql += "BEGIN; ";
+        if round > 0 {
+            sql += &set_primary(channel_n - 1, false);
+        }
+        sql += &set_primary(channel_n, true);
+        sql += "COMMIT;";
+        if round > 0 {
+            sql += &delete_channel(channel_n - 1);
+        }
+        pair.source.batch_execute(&sql).await.unwrap();
+    }
+    pair.source
+        .batch_execute(&delete_channel(119))
+        .await
+        .unwrap();
+    // A crash while they are being applied: the next session resumes from the checkpoint,
+    // which commits with the emails and the records, so each applies once.
+    running.abort();
+    let running = pair.start();
+    apply_then_barrier(&pair, "", 9, 8).await;
+    assert!(email_of(&pair, 2).await.is_none());
+    assert_stack_auth_matches(&pair).await;
+
+    // A restart in the middle: changes made while usersync is stopped apply once.
+    apply_then_barrier(
+        &pair,
+        &channel(TENANCY, 2, 200, "bob@again.example", true),
+        9,
+        9,
+    )
+    .await;
+    running.stop().await;
+    pair.source
+        .batch_execute(&format!(
+            "{}{}{}",
+            delete_channel(200),
+            channel(TENANCY, 3, 201, "cleo@again.example", true),
+            channel(TENANCY, 3, 202, "cleo@spare.example", false),
+        ))
+        .await
+        .unwrap();
+    let running = pair.start();
+    apply_then_barrier(&pair, &delete_channel(202), 9, 10).await;
+    assert!(email_of(&pair, 2).await.is_none());
+    assert_eq!(
+        email_of(&pair, 3).await.as_deref(),
+        Some("cleo@again.example")
+    );
+    assert_stack_auth_matches(&pair).await;
+
+    // A user deleted: its channels cascade after it; the user is soft-deleted with its
+    // last email, and the record of where it came from stays with it.
+    apply_then_barrier(
+        &pair,
+        &format!(
+            r#"DELETE FROM "ProjectUser" WHERE "projectUserId" = '{}';"#,
+            user_id(3)
+        ),
+        9,
+        11,
+    )
+    .await;
+    let cleo = raw_json_of(&pair, 3).await;
+    assert_eq!(cleo["primary_email"], "cleo@again.example");
+    assert!(
+        target_has(
+            &pair,
+            &format!(
+                "SELECT deleted_at IS NOT NULL FROM neon_auth.users_sync WHERE id = '{}'",
+                user_id(3)
+            )
+        )
+        .await
+    );
+    assert_stack_auth_matches(&pair).await;
+    running.stop().await;
+}
+
+/// A target an older usersync copied (it required `REPLICA IDENTITY FULL` and kept no record
+/// of the channels): the upgrade marks its users' channels unknown, FULL keeps working,
+/// `setup` records the channels from the source, and a change that would need an unknown
+/// channel stops `run` rather than guess, until `resync` records every channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stack_auth_target_copied_by_an_older_usersync_needs_full_until_setup_or_resync() {
+    let pair = profile_pair(
+        STACK_AUTH_TABLES,
+        "public.ProjectUser",
+        Profile::StackAuth(StackAuthMapping::default()),
+    )
+    .await;
+    let mut before = String::new();
+    for (n, name) in [
+        (1, "Ada"),
+        (2, "Bob"),
+        (3, "Cleo"),
+        (4, "Dan"),
+        (9, "Barrier"),
+    ] {
+        before += &project_user(TENANCY, n, name);
+    }
+    for n in 1..=4 {
+        before += &channel(TENANCY, n, n, &format!("user{n}@example.org"), true);
+    }
+    before += r#"ALTER TABLE "ContactChannel" REPLICA IDENTITY FULL;"#;
+    pair.source.batch_execute(&before).await.unwrap();
+    setup_stack_auth(&pair, &["setup", "--profile", "stack-auth"]);
+    // What an older usersync left: no record at all.
+    pair.target
+        .batch_execute("DROP TABLE usersync.primary_email_channel")
+        .await
+        .unwrap();
+
+    // run upgrades the target: every live user showing an email has an unknown channel.
+    let running = pair.start();
+    apply_then_barrier(&pair, "", 9, 1).await;
+    assert_eq!(
+        pairs_of(&pair.target, STACK_AUTH_TARGET_CHANNELS).await,
+        (1..=4).map(|n| (user_id(n), None)).collect::<Vec<_>>()
+    );
+    // Under FULL the old row says it was the primary email: cleared, record forgotten. A
+    // primary email set again is recorded.
+    apply_then_barrier(
+        &pair,
+        &format!(
+            "{}{}",
+            delete_channel(1),
+            r#"UPDATE "ContactChannel" SET value = 'new2@example.org'
+                WHERE id = '00000000-0000-4000-9000-000000000002';"#
+        ),
+        9,
+        2,
+    )
+    .await;
+    assert!(email_of(&pair, 1).await.is_none());
+    assert_eq!(
+        email_of(&pair, 2).await.as_deref(),
+        Some("new2@example.org")
+    );
+    assert_eq!(
+        pairs_of(&pair.target, STACK_AUTH_TARGET_CHANNELS).await,
+        [
+            (user_id(2), Some(channel_id(2))),
+            (user_id(3), None),
+            (user_id(4), None)
+        ]
+    );
+
+    // status says how many channels are unknown; setup, run again, records them from the
+    // source.
+    running.stop().await;
+    assert_eq!(unknown_channels(&pair), 2);
+    let status = pair.usersync(&["status", "--lag-target", "1h"]);
+    assert!(
+        text(&status).contains("2 users' primary email channel unknown"),
+        "{}",
+        text(&status)
+    );
+    let setup = pair.usersync(&["setup", "--profile", "stack-auth"]);
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(
+        said.contains("recorded the primary email channel of 2 of the 2 users"),
+        "{said}"
+    );
+    assert_stack_auth_matches(&pair).await;
+    assert_eq!(unknown_channels(&pair), 0);
+
+    // Now FULL can go.
+    pair.source
+        .batch_execute(r#"ALTER TABLE "ContactChannel" REPLICA IDENTITY DEFAULT"#)
+        .await
+        .unwrap();
+    let running = pair.start();
+    apply_then_barrier(&pair, &delete_channel(3), 9, 3).await;
+    assert!(email_of(&pair, 3).await.is_none());
+    assert_stack_auth_matches(&pair).await;
+
+    // A channel still unknown (here by hand) and a change that needs it: run stops rather
+    // than guess, and applies nothing of that batch.
+    pair.target
+        .batch_execute(
+            "UPDATE usersync.primary_email_channel SET channel_id = NULL
+              WHERE user_id = '00000000-0000-4000-8000-000000000004'",
+        )
+        .await
+        .unwrap();
+    pair.source
+        .batch_execute(&set_primary(4, false))
+        .await
+        .unwrap();
+    let error = running.failure().await;
+    assert!(
+        matches!(
+            &error,
+            usersync::Error::Target(usersync::apply::ApplyError::PartSourceUnknown)
+        ),
+        "{error:?}"
+    );
+    assert!(!error.is_transient(), "{error:?}");
+    assert!(error.to_string().contains("run usersync setup"), "{error}");
+    assert_eq!(
+        email_of(&pair, 4).await.as_deref(),
+        Some("user4@example.org")
+    );
+    // The source has no primary email for that user now: setup cannot tell, and says so.
+    let setup = pair.usersync(&["setup", "--profile", "stack-auth"]);
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(
+        said.contains("1 have no primary email on the source now"),
+        "{said}"
+    );
+
+    // resync records every channel; run then carries on without FULL.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let resync = pair.usersync(&["resync", "--profile", "stack-auth"]);
+        if resync.status.success() {
+            break;
+        }
+        // The failed session's walsender may hold the slot a moment longer.
+        assert!(
+            Instant::now() < deadline && text(&resync).contains("in use"),
+            "{}",
+            text(&resync)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(email_of(&pair, 4).await.is_none());
+    assert_eq!(
+        pairs_of(&pair.target, STACK_AUTH_TARGET_CHANNELS).await,
+        [(user_id(2), Some(channel_id(2)))]
+    );
+    let running = pair.start();
+    apply_then_barrier(&pair, &delete_channel(2), 9, 4).await;
+    assert!(email_of(&pair, 2).await.is_none());
+    assert_stack_auth_matches(&pair).await;
+    running.stop().await;
+}
+
+/// A target with `neon_auth.users_sync` but no usersync schema (Neon created the table,
+/// usersync never ran): `status` reports that setup is needed, not an SQL error from looking
+/// into a table that is not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_on_a_target_with_users_sync_but_no_usersync_tables_says_run_setup() {
+    let pair = Pair::as_superuser().await;
+    pair.target
+        .batch_execute(include_str!("../../sql/users_sync.sql"))
+        .await
+        .unwrap();
+    pair.target
+        .batch_execute("DROP SCHEMA IF EXISTS usersync CASCADE")
+        .await
+        .unwrap();
+    let output = pair.usersync(&["status", "--json"]);
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(5), "{said}");
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {said}"));
+    assert_eq!(json["verdict"], "broken", "{json}");
+    assert_eq!(json["target"]["tables_present"], false, "{json}");
+    assert_eq!(json["target"]["users_live"], 0, "{json}");
+    assert!(
+        json["target"]["primary_email_channels_unknown"].is_null(),
+        "{json}"
+    );
+    assert!(
+        json["problems"].to_string().contains("run usersync setup"),
+        "{json}"
+    );
+}
+
+/// A live user showing an email with no record at all (written by a usersync older than the
+/// record while the record already existed) is unknown as much as one recorded NULL: status
+/// counts it, setup fills it (and ignores records that do not matter: users soft-deleted or
+/// showing no email), a change that needs it stops run instead of doing nothing, and setup
+/// refuses to fill records while another usersync may be writing emails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stack_auth_a_user_with_an_email_but_no_record_is_unknown() {
+    let pair = profile_pair(
+        STACK_AUTH_TABLES,
+        "public.ProjectUser",
+        Profile::StackAuth(StackAuthMapping::default()),
+    )
+    .await;
+    let mut before = String::new();
+    for (n, name) in [(1, "Ada"), (2, "Bob"), (9, "Barrier")] {
+        before += &project_user(TENANCY, n, name);
+    }
+    before += &channel(TENANCY, 1, 1, "ada@example.org", true);
+    before += &channel(TENANCY, 1, 3, "ada@work.example", false);
+    before += &channel(TENANCY, 2, 2, "bob@example.org", true);
+    pair.source.batch_execute(&before).await.unwrap();
+    setup_stack_auth(&pair, &["setup", "--profile", "stack-auth"]);
+    assert_eq!(unknown_channels(&pair), 0);
+
+    // A record that does not matter (a user showing no email): neither counted nor read.
+    pair.target
+        .batch_execute(&format!(
+            "INSERT INTO usersync.primary_email_channel VALUES ('{}', NULL)",
+            user_id(9)
+        ))
+        .await
+        .unwrap();
+    assert_eq!(unknown_channels(&pair), 0);
+    let setup = pair.usersync(&["setup", "--profile", "stack-auth"]);
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(
+        !said.contains("recorded the primary email channel"),
+        "{said}"
+    );
+
+    // The records of users 1 and 2 gone: both unknown.
+    pair.target
+        .batch_execute(&format!(
+            "DELETE FROM usersync.primary_email_channel WHERE user_id IN ('{}', '{}', '{}')",
+            user_id(1),
+            user_id(2),
+            user_id(9)
+        ))
+        .await
+        .unwrap();
+    assert_eq!(unknown_channels(&pair), 2);
+    // Without FULL on "ContactChannel" the next change to their channels stops run: status
+    // warns.
+    let status = pair.usersync(&["status", "--json", "--lag-target", "1h"]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status.status.code(), Some(3), "{json}");
+    assert!(
+        json["problems"]
+            .to_string()
+            .contains("is not REPLICA IDENTITY FULL"),
+        "{json}"
+    );
+
+    // setup does not fill them while a usersync runs on the slot (it may be an older one,
+    // writing emails without records), nor while another session holds the slot's lock.
+    let running = pair.start();
+    apply_then_barrier(&pair, "", 9, 1).await;
+    let refused = pair.usersync(&["setup", "--profile", "stack-auth"]);
+    let said = text(&refused);
+    assert_eq!(refused.status.code(), Some(78), "{said}");
+    assert!(said.contains("Stop every older usersync run"), "{said}");
+    running.stop().await;
+    let lock = format!(
+        "SELECT pg_advisory_lock(hashtextextended('usersync:' || '{}', 0))",
+        pair.config.slot
+    );
+    pair.target.batch_execute(&lock).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    let refused = loop {
+        let refused = pair.usersync(&["setup", "--profile", "stack-auth"]);
+        // The stopped session's walsender may hold the slot a moment longer.
+        if !text(&refused).contains("in use by source") || Instant::now() > deadline {
+            break refused;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let said = text(&refused);
+    assert_eq!(refused.status.code(), Some(78), "{said}");
+    assert!(said.contains("Stop every older usersync run"), "{said}");
+    assert!(said.contains("lock"), "{said}");
+    pair.target
+        .batch_execute(&lock.replace("pg_advisory_lock", "pg_advisory_unlock"))
+        .await
+        .unwrap();
+    assert_eq!(unknown_channels(&pair), 2);
+
+    // Now setup fills both.
+    let setup = pair.usersync(&["setup", "--profile", "stack-auth"]);
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(
+        said.contains("recorded the primary email channel of 2 of the 2 users"),
+        "{said}"
+    );
+    assert_eq!(unknown_channels(&pair), 0);
+    assert_stack_auth_matches(&pair).await;
+
+    // User 1's record gone again, and a key-only change to its other channel: run cannot
+    // tell whether that channel gave the email, and stops rather than do nothing.
+    pair.target
+        .batch_execute(&format!(
+            "DELETE FROM usersync.primary_email_channel WHERE user_id = '{}'",
+            user_id(1)
+        ))
+        .await
+        .unwrap();
+    let running = pair.start();
+    pair.source.batch_execute(&delete_channel(3)).await.unwrap();
+    let error = running.failure().await;
+    assert!(
+        matches!(
+            &error,
+            usersync::Error::Target(usersync::apply::ApplyError::PartSourceUnknown)
+        ),
+        "{error:?}"
+    );
+    assert_eq!(email_of(&pair, 1).await.as_deref(), Some("ada@example.org"));
+}
+
+/// In one source transaction a user's primary channel is deleted, then the user's id
+/// changes: the new id shows no email and has no record, as applying the changes one by one
+/// gives; a user whose id changes with its email keeps the email and its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stack_auth_an_id_change_after_the_primary_channel_went_away() {
+    let pair = profile_pair(
+        STACK_AUTH_TABLES,
+        "public.ProjectUser",
+        Profile::StackAuth(StackAuthMapping::default()),
+    )
+    .await;
+    let mut before = String::new();
+    for (n, name) in [(1, "Ada"), (2, "Bob"), (9, "Barrier")] {
+        before += &project_user(TENANCY, n, name);
+    }
+    before += &channel(TENANCY, 1, 1, "ada@example.org", true);
+    before += &channel(TENANCY, 2, 2, "bob@example.org", true);
+    pair.source.batch_execute(&before).await.unwrap();
+    setup_stack_auth(&pair, &["setup", "--profile", "stack-auth"]);
+    let running = pair.start();
+    let rename = |from: u32, to: u32| {
+        format!(
+            r#"UPDATE "ProjectUser" SET "projectUserId" = '{}' WHERE "projectUserId" = '{}';"#,
+            user_id(to),
+            user_id(from)
+        )
+    };
+    apply_then_barrier(
+        &pair,
+        &format!(
+            "BEGIN; {}{}COMMIT; {}",
+            delete_channel(1),
+            rename(1, 7),
+            rename(2, 8)
+        ),
+        9,
+        1,
+    )
+    .await;
+    assert!(email_of(&pair, 7).await.is_none());
+    assert_eq!(email_of(&pair, 8).await.as_deref(), Some("bob@example.org"));
+    assert_stack_auth_matches(&pair).await;
+    running.stop().await;
+}
+
+/// `setup --no-snapshot` reads the source before its slot exists, too early to record
+/// channels from: it leaves them unknown and says to run setup again, which records them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stack_auth_setup_without_a_snapshot_leaves_channels_unknown_until_setup_again() {
+    let pair = profile_pair(
+        STACK_AUTH_TABLES,
+        "public.ProjectUser",
+        Profile::StackAuth(StackAuthMapping::default()),
+    )
+    .await;
+    let mut before = String::new();
+    for (n, name) in [(1, "Ada"), (2, "Bob")] {
+        before += &project_user(TENANCY, n, name);
+        before += &channel(TENANCY, n, n, &format!("user{n}@example.org"), true);
+    }
+    pair.source.batch_execute(&before).await.unwrap();
+    setup_stack_auth(&pair, &["setup", "--profile", "stack-auth"]);
+    let teardown = pair.usersync(&["teardown", "--yes"]);
+    assert!(teardown.status.success(), "{}", text(&teardown));
+    assert_eq!(unknown_channels(&pair), 2);
+
+    let args = ["setup", "--profile", "stack-auth", "--no-snapshot"];
+    let mut setup = pair.usersync(&args);
+    if let Some((_, owner_sql)) = text(&setup).split_once("have the owner run: ") {
+        let owner_sql = owner_sql.lines().next().unwrap_or_default().to_owned();
+        let owner = psql(
+            pair.server,
+            &pair.config.source.dbname,
+            &["-v", "ON_ERROR_STOP=1", "-c", &owner_sql],
+        );
+        assert!(owner.status.success(), "{}", text(&owner));
+        setup = pair.usersync(&args);
+    }
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(
+        !said.contains("recorded the primary email channel"),
+        "{said}"
+    );
+    assert!(said.contains("run usersync setup again"), "{said}");
+    assert_eq!(unknown_channels(&pair), 2);
+
+    let setup = pair.usersync(&["setup", "--profile", "stack-auth"]);
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(
+        said.contains("recorded the primary email channel of 2 of the 2 users"),
+        "{said}"
+    );
+    assert_eq!(unknown_channels(&pair), 0);
+    assert_stack_auth_matches(&pair).await;
 }

@@ -84,6 +84,7 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
         }
         _ => None,
     };
+    let contact_channel_full = contact_channel_replica_identity_full(&source, config).await?;
     drop(source);
 
     let target = connect("target", &config.target).await?;
@@ -104,6 +105,23 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
         }
     }
     let (target_status, checkpoint) = read_target(&target, config, &mut problems).await?;
+    if let (Some(unknown), Some(false)) = (
+        target_status
+            .primary_email_channels_unknown
+            .filter(|&n| n > 0),
+        contact_channel_full,
+    ) {
+        // Not broken yet: run goes on until one of those users' channels changes.
+        problems.push(Problem {
+            verdict: Verdict::Lagging,
+            message: format!(
+                "{unknown} users' primary email channel is unknown on the target and \
+                 \"ContactChannel\" is not REPLICA IDENTITY FULL: the next change to one of \
+                 their channels stops usersync run; stop every older usersync run, then run \
+                 usersync setup to record them (see docs/profiles.md, stack-auth)"
+            ),
+        });
+    }
 
     let now = Utc::now();
     let pending_bytes = slot.as_ref().and_then(|slot| slot.pending_bytes(current));
@@ -260,6 +278,30 @@ async fn http_get_metrics(addr: SocketAddr) -> std::io::Result<String> {
     Ok(response.split_off(body_at + 4))
 }
 
+/// Whether `"ContactChannel"`, next to the users table, has `REPLICA IDENTITY FULL`; `None`
+/// when there is no such table. Asked whatever `--profile` says: status is often run without
+/// it, and only matters when the target holds Stack Auth users with unknown channels.
+async fn contact_channel_replica_identity_full(
+    source: &Client,
+    config: &Config,
+) -> Result<Option<bool>, Error> {
+    let row = source
+        .query_opt(
+            "SELECT c.relreplident = 'f' FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2",
+            &[
+                &config.table.schema,
+                &crate::map::stack_auth::CONTACT_CHANNEL_TABLE,
+            ],
+        )
+        .await
+        .map_err(crate::source::SourceError::sql(
+            "reading the replica identity of \"ContactChannel\"",
+        ))?;
+    Ok(row.map(|row| row.get(0)))
+}
+
 /// The target's tables, users and checkpoint; a missing table or an unusable shape is a
 /// problem to report, not an error.
 async fn read_target(
@@ -275,6 +317,7 @@ async fn read_target(
         users_soft_deleted: None,
         slot_lock_holders: apply::slot_lock::holders(target, &config.slot).await?,
         unfinished: None,
+        primary_email_channels_unknown: None,
     };
     if !status.tables_present {
         problems.push(Problem {
@@ -303,6 +346,10 @@ async fn read_target(
             .map_err(ApplyError::sql("counting the users"))?;
         status.users_live = Some(row.get(0));
         status.users_soft_deleted = Some(row.get(1));
+        if tables.primary_email_channel {
+            status.primary_email_channels_unknown =
+                Some(apply::count_unknown_primary_email_channels(target).await?);
+        }
     }
     let checkpoint = if tables.state {
         status.unfinished = apply::setup_progress::read(target, &config.slot)

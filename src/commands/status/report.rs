@@ -148,6 +148,9 @@ pub struct TargetStatus {
     /// `"setup"` or `"resync"` while the target records one of them under way for the slot
     /// (`usersync.setup_progress`): interrupted, if no checkpoint goes with it.
     pub unfinished: Option<&'static str>,
+    /// Live users showing an email whose Stack Auth contact channel the target does not know
+    /// (`usersync.primary_email_channel`); `None` without that table.
+    pub primary_email_channels_unknown: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -485,6 +488,21 @@ impl StatusReport {
                 format!("a usersync {mode} of the slot (usersync.setup_progress)"),
             );
         }
+        if let Some(unknown) = self
+            .target
+            .primary_email_channels_unknown
+            .filter(|&n| n > 0)
+        {
+            row(
+                "  email channels",
+                format!(
+                    "{unknown} users' primary email channel unknown (copied or written by an \
+                     older usersync, or left by a teardown): keep REPLICA IDENTITY FULL on \
+                     \"ContactChannel\" if it is still set, until usersync setup or resync \
+                     records them"
+                ),
+            );
+        }
         row(
             "  slot lock",
             if self.target.slot_lock_holders.is_empty() {
@@ -596,6 +614,7 @@ mod tests {
                 users_soft_deleted: Some(1),
                 slot_lock_holders: Vec::new(),
                 unfinished: None,
+                primary_email_channels_unknown: Some(0),
             },
             lag: LagStatus {
                 seconds: Some(0.0),
