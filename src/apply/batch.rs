@@ -311,6 +311,9 @@ impl Batch {
         } else {
             (part_from, part_from_keep)
         };
+        // A pending clear of a part this upsert sets anew from no row changes nothing left
+        // standing; left to the target it could only stop run on an unknown record.
+        let clear_if = clear_if.filter(|_| !writes_part);
         users.insert(
             id,
             PendingUser {
@@ -367,11 +370,13 @@ impl Batch {
         // A pending clear of keys this patch all sets anew changes nothing the patch leaves
         // (the patch writes the record too); left to the target it could only stop run
         // where the target does not know the record.
+        // (Not for a user the batch deleted: the patch changes nothing of it.)
         if let Some(pending) = self.users_segment().get_mut(&id) {
-            if pending
-                .clear_if
-                .as_ref()
-                .is_some_and(|clear_if| clear_if.keys.keys().all(|key| keys.contains_key(key)))
+            if pending.deleted_at.is_none()
+                && pending
+                    .clear_if
+                    .as_ref()
+                    .is_some_and(|clear_if| clear_if.keys.keys().all(|key| keys.contains_key(key)))
             {
                 pending.clear_if = None;
             }
@@ -1107,6 +1112,37 @@ mod tests {
         let a = &only_users(&batch)["a"];
         assert_eq!(a.clear_if, None);
         assert_eq!(a.part_from, Some(Some("c2".to_owned())));
+    }
+
+    #[test]
+    fn an_upsert_setting_every_key_of_the_part_drops_a_pending_clear() {
+        // The upsert sets the part from no row: the clear before it changes nothing left
+        // standing, and left to the target it could only stop run on an unknown record.
+        let mut batch = Batch::with_part_keys(PART);
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 1);
+        batch.commit(position(1), true);
+        let fields = json!({
+            "n": 1,
+            "primary_email": "a@x.org",
+            "primary_email_verified": true,
+            "primary_email_auth_enabled": true
+        });
+        batch.upsert(user("a", fields, &[]), 2);
+        let a = &only_users(&batch)["a"];
+        assert_eq!(a.clear_if, None);
+        assert_eq!(a.part_from, Some(None));
+    }
+
+    #[test]
+    fn a_patch_after_the_users_delete_leaves_its_pending_clear() {
+        // The patch changes nothing of a deleted user, so the clear before the delete stands.
+        let mut batch = Batch::with_part_keys(PART);
+        batch.clear_part_if("a".into(), "c1".into(), cleared(), 1);
+        batch.commit(position(1), true);
+        batch.soft_delete("a".into(), 2);
+        batch.commit(position(2), true);
+        batch.patch("a".into(), email(Some("a@x.org")), Some("c2".into()), 3);
+        assert!(only_users(&batch)["a"].clear_if.is_some());
     }
 
     #[test]

@@ -285,8 +285,9 @@ const PART_SOURCES_CHUNK: usize = 10_000;
 ///
 /// That holds only while nothing else writes emails: a usersync older than the record
 /// changes a user's email without changing its record, which would leave a record that is
-/// wrong rather than unknown. So this refuses while the slot is in use on the source or its
-/// lock is held on the target.
+/// wrong rather than unknown. So while the slot is in use on the source or its lock is held
+/// on the target, this records nothing, and refuses if there is something to record (run
+/// and setup again are an ordinary pair, as in the switches of replica identity).
 async fn record_unknown_part_sources(
     config: &Config,
     source: &Client,
@@ -319,33 +320,30 @@ async fn record_unknown_part_sources(
             apply::slot_lock::describe(&holders)
         )),
     };
-    if let Some(busy) = busy {
-        return Err(Error::Config(format!(
-            "{unknown} users' primary email channel is unknown on the target, and setup records \
-             them only while no usersync writes the target, but {busy}: a usersync older than \
-             this version changes emails without recording their channel. Stop every older \
-             usersync run on this slot (standbys included), then run usersync setup again \
-             before starting this version's usersync run"
-        )));
-    }
     let rows = source
         .query_raw(select, std::iter::empty::<&str>())
         .await
         .map_err(SourceError::sql("reading the primary email channels"))?;
     futures_util::pin_mut!(rows);
     let (mut users, mut channels) = (Vec::new(), Vec::new());
-    let mut recorded = 0;
+    let (mut recorded, mut fillable) = (0, 0);
     // The same users as counted, those the source names: `v, u LEFT JOIN r` joins `v` to
-    // the whole LEFT JOIN (a comma binds looser than JOIN).
-    let fill = format!(
-        "INSERT INTO usersync.primary_email_channel AS rec (user_id, channel_id)
-         SELECT u.id, v.channel_id
+    // the whole LEFT JOIN (a comma binds looser than JOIN). One row per user, should the
+    // source name a user twice (the same id in two tenancies).
+    let matching = format!(
+        "SELECT DISTINCT ON (u.id) u.id, v.channel_id
            FROM unnest($1::text[], $2::text[]) AS v(user_id, channel_id),
                 {} AND u.id = v.user_id
-         ON CONFLICT (user_id) DO UPDATE SET channel_id = EXCLUDED.channel_id
-          WHERE rec.channel_id IS NULL",
+          ORDER BY u.id",
         apply::UNKNOWN_PRIMARY_EMAIL_CHANNELS.trim()
     );
+    let fill = format!(
+        "INSERT INTO usersync.primary_email_channel AS rec (user_id, channel_id)
+         {matching}
+         ON CONFLICT (user_id) DO UPDATE SET channel_id = EXCLUDED.channel_id
+          WHERE rec.channel_id IS NULL"
+    );
+    let count = format!("SELECT count(*) FROM ({matching}) AS fillable");
     loop {
         let row = rows
             .try_next()
@@ -356,16 +354,46 @@ async fn record_unknown_part_sources(
             channels.push(row.get::<_, String>(1));
         }
         if users.len() >= PART_SOURCES_CHUNK || (row.is_none() && !users.is_empty()) {
-            recorded += target
-                .execute(&fill, &[&users, &channels])
-                .await
-                .map_err(apply::ApplyError::sql("recording primary email channels"))?;
+            // While something else may write the target, only count what would be written.
+            if busy.is_some() {
+                let found: i64 = target
+                    .query_one(&count, &[&users, &channels])
+                    .await
+                    .map_err(apply::ApplyError::sql("counting primary email channels"))?
+                    .get(0);
+                fillable += found;
+            } else {
+                recorded += target
+                    .execute(&fill, &[&users, &channels])
+                    .await
+                    .map_err(apply::ApplyError::sql("recording primary email channels"))?;
+            }
             users.clear();
             channels.clear();
         }
         if row.is_none() {
             break;
         }
+    }
+    if let Some(busy) = busy {
+        if fillable > 0 {
+            return Err(Error::Config(format!(
+                "{fillable} users' primary email channel is unknown on the target and the source \
+                 has it, and setup records them only while no usersync writes the target, but \
+                 {busy}: a usersync older than this version changes emails without recording \
+                 their channel. Stop every older usersync run on this slot (standbys included), \
+                 then run usersync setup again before starting this version's usersync run"
+            )));
+        }
+        // Nothing setup could record (the unknown users have no primary email on the
+        // source now): nothing to wait for.
+        println!(
+            "usersync.primary_email_channel: {unknown} users' primary email channel is unknown \
+             and none of them has a primary email on the source now: keep REPLICA IDENTITY \
+             FULL on \"ContactChannel\" if it is still set, until usersync resync records \
+             them, or a change to their channels stops usersync run"
+        );
+        return Ok(());
     }
     let left = apply::count_unknown_primary_email_channels(target).await?;
     println!(

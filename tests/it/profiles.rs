@@ -1598,6 +1598,50 @@ async fn status_on_a_target_with_users_sync_but_no_usersync_tables_says_run_setu
     );
 }
 
+/// `setup` beside this version's running `run` (as the replica identity switches ask for):
+/// unknown users the source has no primary email for leave setup nothing to record, so it
+/// goes through, saying so, instead of refusing as if an older usersync were running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stack_auth_setup_beside_run_with_nothing_to_record_goes_through() {
+    let pair = profile_pair(
+        STACK_AUTH_TABLES,
+        "public.ProjectUser",
+        Profile::StackAuth(StackAuthMapping::default()),
+    )
+    .await;
+    let mut before = String::new();
+    for (n, name) in [(1, "Ada"), (2, "Bob"), (9, "Barrier")] {
+        before += &project_user(TENANCY, n, name);
+    }
+    before += &channel(TENANCY, 1, 1, "ada@example.org", true);
+    before += &channel(TENANCY, 2, 2, "bob@work.example", false);
+    pair.source.batch_execute(&before).await.unwrap();
+    setup_stack_auth(&pair, &["setup", "--profile", "stack-auth"]);
+    // Bob shows an email nobody recorded, and has no primary email on the source.
+    pair.target
+        .batch_execute(&format!(
+            r#"UPDATE neon_auth.users_sync
+                  SET raw_json = raw_json || '{{"primary_email": "bob@old.example"}}'
+                WHERE id = '{0}';
+               DELETE FROM usersync.primary_email_channel WHERE user_id = '{0}'"#,
+            user_id(2)
+        ))
+        .await
+        .unwrap();
+    assert_eq!(unknown_channels(&pair), 1);
+    let running = pair.start();
+    apply_then_barrier(&pair, "", 9, 1).await;
+    let setup = pair.usersync(&["setup", "--profile", "stack-auth"]);
+    let said = text(&setup);
+    assert!(setup.status.success(), "{said}");
+    assert!(
+        said.contains("none of them has a primary email on the source now"),
+        "{said}"
+    );
+    assert_eq!(unknown_channels(&pair), 1);
+    running.stop().await;
+}
+
 /// A live user showing an email with no record at all (written by a usersync older than the
 /// record while the record already existed) is unknown as much as one recorded NULL: status
 /// counts it, setup fills it (and ignores records that do not matter: users soft-deleted or
