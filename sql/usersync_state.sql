@@ -61,36 +61,9 @@ CREATE TABLE IF NOT EXISTS usersync.setup_progress (
 -- Keyed by user id alone, as neon_auth.users_sync is: a target holds one user per id, whatever
 -- the slot or tenancy that feeds it. Other profiles leave it empty.
 --
--- Created once, with the users already on the target: a live Stack Auth user showing an email
--- gets a row with channel_id NULL (unknown), so that a change without the old row that would
--- need to know it fails loudly instead of guessing (REPLICA IDENTITY FULL, or usersync resync,
--- which records every user's channel, resolves it). On a new target that is no row at all.
--- The same block is in sql/usersync_state_upgrade.sql, for a target whose usersync.state an
--- older usersync created.
-DO $$
-BEGIN
-  -- One session at a time (a setup, another slot's run), until this transaction ends: two
-  -- concurrent CREATE TABLE IF NOT EXISTS can both pass the check and one then fails on
-  -- pg_type's unique index. After the lock, to_regclass sees a table another session
-  -- committed meanwhile.
-  PERFORM pg_advisory_xact_lock(hashtextextended('usersync:primary_email_channel', 0));
-  IF to_regclass('usersync.primary_email_channel') IS NULL THEN
-    -- IF NOT EXISTS, ON CONFLICT: harmless where the lock already excludes the race.
-    CREATE TABLE IF NOT EXISTS usersync.primary_email_channel (
-      user_id    text PRIMARY KEY,
-      channel_id text
-    );
-    -- A users_sync usersync cannot write (setup refuses it after this) holds no user of its.
-    IF (SELECT count(*) = 3 FROM pg_attribute
-         WHERE attrelid = to_regclass('neon_auth.users_sync')
-           AND attname IN ('id', 'raw_json', 'deleted_at') AND NOT attisdropped) THEN
-      INSERT INTO usersync.primary_email_channel (user_id, channel_id)
-      SELECT id, NULL FROM neon_auth.users_sync
-       WHERE deleted_at IS NULL AND raw_json ->> 'primary_email' IS NOT NULL
-         -- Only the stack-auth profile writes this key.
-         AND raw_json ? 'primary_email_auth_enabled'
-      ON CONFLICT (user_id) DO NOTHING;
-    END IF;
-  END IF;
-END
-$$;
+-- Created by sql/usersync_state_upgrade.sql, which runs after this file on every target, new
+-- or copied by an older usersync, so that the table has one definition: created once, with
+-- the users already on the target, where a live Stack Auth user showing an email gets a row
+-- with channel_id NULL (unknown), so that a change without the old row that would need to
+-- know it fails loudly instead of guessing (REPLICA IDENTITY FULL, or usersync resync, which
+-- records every user's channel, resolves it). On a new target that is no row at all.

@@ -15,10 +15,10 @@ BEGIN
 END
 $$;
 
--- usersync.primary_email_channel, as sql/usersync_state.sql creates it (see there): live
--- users showing an email on a target copied by an older usersync get channel_id NULL
--- (unknown). Created by whoever first runs this version (the target role owns schema
--- usersync); no lock on an existing table is taken.
+-- usersync.primary_email_channel (what it holds: sql/usersync_state.sql), on every target:
+-- live users showing an email on a target copied by an older usersync get channel_id NULL
+-- (unknown); a new target has none. Created by whoever first runs this version (the target
+-- role owns schema usersync); no lock on an existing table is taken.
 DO $$
 BEGIN
   -- One session at a time (a setup, another slot's run), until this transaction ends: two

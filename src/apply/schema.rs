@@ -26,7 +26,7 @@ pub struct TargetShape {
 /// `usersync.primary_email_channel` as `r`, LEFT JOINed) whose primary email channel the
 /// target does not know: a Stack Auth user showing an email with no record, or a record with
 /// no channel. The one definition `status` counts, `setup` counts and fills, and
-/// `sql/usersync_state.sql` marks unknown, so that they never disagree about which users
+/// `sql/usersync_state_upgrade.sql` marks unknown, so that they never disagree about which users
 /// need what: a user soft-deleted or showing no email needs no channel (a clear changes
 /// nothing on it), and only the stack-auth profile writes `primary_email_auth_enabled`.
 pub const UNKNOWN_PRIMARY_EMAIL_CHANNELS: &str = "
