@@ -436,17 +436,7 @@ impl TargetWriter {
                 SOFT_DELETE_ALL_NO_UPDATED_AT,
             )
         };
-        let has_parts: bool = client
-            .query_one(
-                "SELECT to_regclass('usersync.primary_email_channel') IS NOT NULL",
-                &[],
-            )
-            .await
-            .map_err(ApplyError::sql(
-                "looking for usersync.primary_email_channel",
-            ))?
-            .get(0);
-        let parts = if has_parts {
+        let parts = if super::target_tables(&client).await?.primary_email_channel {
             Some(PartStatements {
                 patch: client
                     .prepare(&patch_users(shape.has_updated_at))

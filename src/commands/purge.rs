@@ -86,7 +86,8 @@ pub struct PurgeOutcome {
 /// Runs the purge and prints what it did.
 pub async fn purge(config: &PurgeConfig) -> Result<PurgeOutcome, Error> {
     let target = connect("target", &config.target).await?;
-    if !apply::target_tables(&target).await?.users_sync {
+    let tables = apply::target_tables(&target).await?;
+    if !tables.users_sync {
         return Err(Error::Config(
             "the target has no neon_auth.users_sync: nothing to purge (check --target)".into(),
         ));
@@ -109,17 +110,7 @@ pub async fn purge(config: &PurgeConfig) -> Result<PurgeOutcome, Error> {
             batches: 0,
         }
     } else {
-        let channels: bool = target
-            .query_one(
-                "SELECT to_regclass('usersync.primary_email_channel') IS NOT NULL",
-                &[],
-            )
-            .await
-            .map_err(ApplyError::sql(
-                "looking for usersync.primary_email_channel",
-            ))?
-            .get(0);
-        let statement = batch_statement(config.action, channels);
+        let statement = batch_statement(config.action, tables.primary_email_channel);
         let mut outcome = run_batches(&target, &statement, cutoff, config.batch_size).await?;
         outcome.skipped_locked = count_eligible(&target, config.action, cutoff).await?;
         outcome

@@ -323,10 +323,7 @@ impl Profile {
     pub fn tables(&self, users_table: &TableName) -> Vec<TableName> {
         let mut tables = vec![users_table.clone()];
         if let Profile::StackAuth(_) = self {
-            tables.push(TableName {
-                schema: users_table.schema.clone(),
-                name: super::stack_auth::CONTACT_CHANNEL_TABLE.to_owned(),
-            });
+            tables.push(super::stack_auth::contact_channel_table(users_table));
         }
         tables
     }

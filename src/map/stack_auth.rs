@@ -64,6 +64,14 @@ use crate::decode::{ColumnValue, RelationColumn, TupleData};
 pub const DEFAULT_TABLE: &str = "public.ProjectUser";
 /// The contact channel table, in the users table's schema.
 pub const CONTACT_CHANNEL_TABLE: &str = "ContactChannel";
+
+/// `"ContactChannel"` beside the users table `users_table`.
+pub fn contact_channel_table(users_table: &TableName) -> TableName {
+    TableName {
+        schema: users_table.schema.clone(),
+        name: CONTACT_CHANNEL_TABLE.to_owned(),
+    }
+}
 const PROFILE: &str = "stack-auth";
 
 /// Prisma's `BooleanTrue` enum has this one value; NULL means false.
@@ -135,10 +143,7 @@ impl StackAuthMapping {
             .map(|column| format!("u.{}", escape_identifier(&column.name)))
             .collect::<Vec<_>>()
             .join(", ");
-        let channels = TableName {
-            schema: users_table.schema.clone(),
-            name: CONTACT_CHANNEL_TABLE.to_owned(),
-        };
+        let channels = contact_channel_table(users_table);
         let only_tenancy = self
             .tenancy_id
             .as_deref()
@@ -159,10 +164,7 @@ impl StackAuthMapping {
     /// Every primary email channel now, as (user id, channel id) text: what `setup` records
     /// for the users whose channel the target does not know (see `commands::setup`).
     pub fn primary_channels_select(&self, users_table: &TableName) -> String {
-        let channels = TableName {
-            schema: users_table.schema.clone(),
-            name: CONTACT_CHANNEL_TABLE.to_owned(),
-        };
+        let channels = contact_channel_table(users_table);
         let only_tenancy = self
             .tenancy_id
             .as_deref()

@@ -68,6 +68,12 @@ pub(super) enum Feed {
     Finish,
 }
 
+/// The share of the feed a message of `changes` takes: one at least (every message costs
+/// memory), the whole feed at most (a larger transaction waits for an empty feed).
+fn permits(changes: usize) -> u32 {
+    changes.clamp(1, FEED_CHANGES) as u32
+}
+
 /// A feed message and the share of the feed's capacity it holds until taken.
 struct Fed {
     feed: Feed,
@@ -89,18 +95,16 @@ impl RouteHandle {
 
     /// Waits for room for `changes` in the feed. Cancel-safe: nothing is taken until ready.
     pub async fn room(&self, changes: usize) -> OwnedSemaphorePermit {
-        let permits = changes.clamp(1, FEED_CHANGES) as u32;
         Arc::clone(&self.capacity)
-            .acquire_many_owned(permits)
+            .acquire_many_owned(permits(changes))
             .await
             .expect("the feed's semaphore is never closed")
     }
 
     /// Room for `changes` right now, if there is.
     pub fn room_now(&self, changes: usize) -> Option<OwnedSemaphorePermit> {
-        let permits = changes.clamp(1, FEED_CHANGES) as u32;
         Arc::clone(&self.capacity)
-            .try_acquire_many_owned(permits)
+            .try_acquire_many_owned(permits(changes))
             .ok()
     }
 
