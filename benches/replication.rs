@@ -1167,6 +1167,8 @@ async fn start(settings: &Settings, report: &mut Report) -> Bench {
         heartbeat_interval: None,
         source_timeout: usersync::config::DEFAULT_SOURCE_TIMEOUT,
         spill_threshold: usersync::decode::DEFAULT_MEMORY_LIMIT,
+        routes: None,
+        route: None,
     };
     eprintln!("snapshot: usersync setup");
     let started = Instant::now();

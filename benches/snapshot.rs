@@ -84,6 +84,8 @@ async fn main() {
         heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
         source_timeout: DEFAULT_SOURCE_TIMEOUT,
         spill_threshold: usersync::decode::DEFAULT_MEMORY_LIMIT,
+        routes: None,
+        route: None,
     };
     let started = Instant::now();
     setup(&config, SetupOptions::default())

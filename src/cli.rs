@@ -218,10 +218,22 @@ pub struct LagTargetArgs {
     pub lag_target: String,
 }
 
+/// Fan-out: one slot feeding a target per tenancy.
+#[derive(Debug, Clone, Args)]
+pub struct RoutesArgs {
+    /// A routes file (TOML) sending each tenancy (or value of another column) to a target
+    /// of its own, through one slot; replaces --target (docs/fan-out.md).
+    #[arg(long, env = "USERSYNC_ROUTES_FILE", value_name = "FILE")]
+    pub routes: Option<std::path::PathBuf>,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct SetupArgs {
     #[command(flatten)]
     pub connection: ConnectionArgs,
+
+    #[command(flatten)]
+    pub routes: RoutesArgs,
 
     /// Don't copy the users already in the table; replicate only changes made from now on.
     #[arg(long)]
@@ -253,6 +265,9 @@ pub struct ReplayArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub connection: ConnectionArgs,
+
+    #[command(flatten)]
+    pub routes: RoutesArgs,
 
     #[command(flatten)]
     pub lag: LagTargetArgs,

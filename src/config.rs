@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use postgres_protocol::escape::escape_identifier;
@@ -17,6 +18,7 @@ use crate::map::{
     generic, BetterAuthMapping, ColumnSelection, GenericMapping, KeycloakMapping, Profile,
     StackAuthMapping, SupabaseMapping,
 };
+use crate::routing::Routes;
 
 /// Everything `setup`, `run` and `teardown` need, validated.
 #[derive(Debug, Clone)]
@@ -36,6 +38,11 @@ pub struct Config {
     pub source_timeout: Duration,
     /// Bytes of uncommitted transactions' changes held in memory before one is spilled.
     pub spill_threshold: usize,
+    /// The fan-out (`--routes`), shared by the configs of its routes; `None`: one target.
+    pub routes: Option<Arc<Routes>>,
+    /// The route this config is for (see [`Config::route_configs`]); `None`: the one target,
+    /// or the whole fan-out.
+    pub route: Option<usize>,
 }
 
 /// The lag target unless `--lag-target` says otherwise: Neon's promise for users_sync.
@@ -96,12 +103,46 @@ impl Config {
     /// the file named by `USERSYNC_SOURCE_URL_FILE` / `USERSYNC_TARGET_URL_FILE` (secrets
     /// mounted by Kubernetes or systemd credentials).
     pub fn from_args(args: &ConnectionArgs) -> Result<Config, Error> {
+        Config::routed_from_args(args, None)
+    }
+
+    /// [`Config::from_args`] with a routes file (`--routes`), which names every target.
+    pub fn routed_from_args(
+        args: &ConnectionArgs,
+        routes_file: Option<&Path>,
+    ) -> Result<Config, Error> {
         let mut source = resolve_url("source", args.source_url.as_deref(), "USERSYNC_SOURCE_URL")?;
-        let mut target = resolve_url("target", args.target_url.as_deref(), "USERSYNC_TARGET_URL")?;
         let allowed = args.plaintext_password.allow_plaintext_password;
         source.allow_plaintext_password = allowed;
-        target.allow_plaintext_password = allowed;
         let mapping = profile_from_args(args)?;
+        let (mut target, routes) = match routes_file {
+            None => (
+                resolve_url("target", args.target_url.as_deref(), "USERSYNC_TARGET_URL")?,
+                None,
+            ),
+            Some(path) => {
+                if args.target_url.is_some()
+                    || std::env::var_os("USERSYNC_TARGET_URL_FILE").is_some()
+                {
+                    return Err(Error::Config(
+                        "--routes names every target: drop --target (and unset \
+                         USERSYNC_TARGET_URL and USERSYNC_TARGET_URL_FILE)"
+                            .into(),
+                    ));
+                }
+                if mapping.tenancy_filter().is_some() {
+                    return Err(Error::Config(
+                        "--routes picks the tenancies itself: drop --tenancy-id".into(),
+                    ));
+                }
+                let mut routes = Routes::load(path, mapping.routing_column())?;
+                for route in &mut routes.routes {
+                    route.target.allow_plaintext_password = allowed;
+                }
+                (routes.routes[0].target.clone(), Some(Arc::new(routes)))
+            }
+        };
+        target.allow_plaintext_password = allowed;
         let table = args
             .table
             .as_deref()
@@ -122,7 +163,44 @@ impl Config {
             heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
             source_timeout: DEFAULT_SOURCE_TIMEOUT,
             spill_threshold: DEFAULT_MEMORY_LIMIT,
+            routes,
+            route: None,
         })
+    }
+
+    /// The config of each target: the one target, or each route of the fan-out (its
+    /// target, and its index in [`Config::route`]).
+    pub fn route_configs(&self) -> Vec<Config> {
+        match &self.routes {
+            None => vec![self.clone()],
+            Some(routes) => routes
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(index, route)| Config {
+                    target: route.target.clone(),
+                    route: Some(index),
+                    ..self.clone()
+                })
+                .collect(),
+        }
+    }
+
+    /// The route's name, for messages and labels; `None` for the one target.
+    pub fn route_name(&self) -> Option<&str> {
+        let (routes, index) = (self.routes.as_ref()?, self.route?);
+        Some(routes.routes[index].name.as_str())
+    }
+
+    /// What the target's checkpoint row (and the slot's lock there, and a setup's record) is
+    /// keyed by: the slot, or `slot:route` for a route of a fan-out, so that one target may
+    /// hold the checkpoints of several routes or slots. Slot names cannot hold a colon, so
+    /// no route's key is another slot's.
+    pub fn checkpoint_key(&self) -> String {
+        match self.route_name() {
+            None => self.slot.clone(),
+            Some(route) => format!("{}:{route}", self.slot),
+        }
     }
 }
 
@@ -313,7 +391,15 @@ impl Config {
     /// replication connection and a target that does not keep a session, such as Neon's
     /// `-pooler` endpoints.
     pub fn for_replication(args: &ConnectionArgs) -> Result<Config, Error> {
-        let config = Config::from_args(args)?;
+        Config::routed_for_replication(args, None)
+    }
+
+    /// [`Config::for_replication`] with a routes file: every route's target is checked.
+    pub fn routed_for_replication(
+        args: &ConnectionArgs,
+        routes_file: Option<&Path>,
+    ) -> Result<Config, Error> {
+        let config = Config::routed_from_args(args, routes_file)?;
         config
             .source
             .check_replication_endpoint()
@@ -321,13 +407,20 @@ impl Config {
                 which: "source",
                 source,
             })?;
-        config
-            .target
-            .check_session_endpoint()
-            .map_err(|source| Error::Url {
-                which: "target",
-                source,
-            })?;
+        for route in config.route_configs() {
+            route
+                .target
+                .check_session_endpoint()
+                .map_err(|source| match route.route_name() {
+                    None => Error::Url {
+                        which: "target",
+                        source,
+                    },
+                    Some(name) => {
+                        Error::Config(format!("route {name}: invalid target URL: {source}"))
+                    }
+                })?;
+        }
         Ok(config)
     }
 }
@@ -370,19 +463,32 @@ fn resolve_url_from(
 /// The URL in the file `file_var` names, trimmed (Kubernetes and `echo >` add a newline). Warns,
 /// without the contents, when other users may read the file.
 fn read_url_file(which: &'static str, file_var: &str, path: &Path) -> Result<String, Error> {
-    let unreadable = |e: std::io::Error| {
-        Error::Config(format!(
-            "cannot read the {which} URL from {file_var}={}: {e}",
-            path.display()
-        ))
-    };
+    read_private_file(
+        &format!("{which} URL"),
+        &format!("{file_var}={}", path.display()),
+        path,
+        MAX_URL_FILE_BYTES,
+    )
+}
+
+/// A file that holds a password (`what`: a URL, a routes file), named by `origin` (the
+/// variable or option that points at it), trimmed; at most `max_bytes`. Warns, without the
+/// contents, when other users may read it.
+pub(crate) fn read_private_file(
+    what: &str,
+    origin: &str,
+    path: &Path,
+    max_bytes: u64,
+) -> Result<String, Error> {
+    let unreadable =
+        |e: std::io::Error| Error::Config(format!("cannot read the {what} from {origin}: {e}"));
     // A FIFO or a device would block the open or never end: only a regular file (through
     // symlinks, as Kubernetes mounts secrets) is read. Checked before the open, so that a
     // device is not opened by mistake, and again on what was opened (`open_regular`), which
     // decides: the path may be swapped in between.
     let kind = std::fs::metadata(path).map_err(unreadable)?;
     if !kind.is_file() {
-        return Err(not_regular(which, file_var, path));
+        return Err(not_regular(what, origin, path));
     }
     let mut file = open_regular(path).map_err(|e| {
         if e.kind() != std::io::ErrorKind::PermissionDenied {
@@ -392,37 +498,34 @@ fn read_url_file(which: &'static str, file_var: &str, path: &Path) -> Result<Str
         // The process's own uid, without unsafe code: /proc/self belongs to it (Linux).
         let process_uid = std::fs::metadata("/proc/self").ok().map(|me| me.uid());
         Error::Config(format!(
-            "cannot read the {which} URL from {file_var}={}: {e}; {}",
-            path.display(),
+            "cannot read the {what} from {origin}: {e}; {}",
             permission_advice(file_mode(&kind), kind.uid(), process_uid)
         ))
     })?;
     let metadata = file.metadata().map_err(unreadable)?;
     if !metadata.is_file() {
         // It was a regular file a moment ago: replaced while being opened.
-        return Err(not_regular(which, file_var, path));
+        return Err(not_regular(what, origin, path));
     }
     if readable_by_others(&metadata) {
         tracing::warn!(
-            variable = file_var,
-            path = %path.display(),
+            file = origin,
             mode = %format!("{:04o}", file_mode(&metadata)),
-            "the {which} URL file, which holds a password, may be read by other users; make \
+            "the {what} file, which holds a password, may be read by other users; make \
              it readable by its owner only (chmod 600), or by root and a group (chown \
              root:GROUP, chmod 640; Kubernetes: fsGroup with defaultMode 0440)"
         );
     }
     let mut text = String::new();
     std::io::Read::read_to_string(
-        &mut std::io::Read::take(&mut file, MAX_URL_FILE_BYTES + 1),
+        &mut std::io::Read::take(&mut file, max_bytes + 1),
         &mut text,
     )
     .map_err(unreadable)?;
-    if text.len() as u64 > MAX_URL_FILE_BYTES {
+    if text.len() as u64 > max_bytes {
         return Err(Error::Config(format!(
-            "{file_var}={} is larger than {MAX_URL_FILE_BYTES} bytes, which no URL is; point it \
-             at the file that holds the {which} URL",
-            path.display()
+            "{origin} is larger than {max_bytes} bytes, which no {what} is; point it at the \
+             file that holds the {what}"
         )));
     }
     Ok(text.trim().to_owned())
@@ -440,15 +543,14 @@ fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
-fn not_regular(which: &str, file_var: &str, path: &Path) -> Error {
-    let what = if path.is_dir() {
+fn not_regular(what: &str, origin: &str, path: &Path) -> Error {
+    let kind = if path.is_dir() {
         "a directory (a mounted secret is a directory of files)"
     } else {
         "not a regular file"
     };
     Error::Config(format!(
-        "{file_var}={} is {what}; point it at the file that holds the {which} URL",
-        path.display()
+        "{origin} is {kind}; point it at the file that holds the {what}"
     ))
 }
 
@@ -469,7 +571,7 @@ fn permission_advice(mode: u32, owner_uid: u32, process_uid: Option<u32>) -> Str
 }
 
 /// More than any connection URL needs: a file past it is the wrong file.
-const MAX_URL_FILE_BYTES: u64 = 64 * 1024;
+pub(crate) const MAX_URL_FILE_BYTES: u64 = 64 * 1024;
 
 fn file_mode(metadata: &std::fs::Metadata) -> u32 {
     use std::os::unix::fs::PermissionsExt as _;

@@ -39,6 +39,7 @@ pub mod lsn;
 pub mod map;
 pub mod metrics;
 pub mod replicator;
+pub mod routing;
 pub mod sdnotify;
 pub mod source;
 

@@ -96,7 +96,9 @@ async fn dispatch(command: Command) -> Result<u8, Failure> {
                 snapshot: !args.no_snapshot,
                 failover: args.failover,
             };
-            commands::setup::setup(&Config::for_replication(&args.connection)?, options).await?
+            let config =
+                Config::routed_for_replication(&args.connection, args.routes.routes.as_deref())?;
+            commands::setup::setup(&config, options).await?
         }
         Command::Replay(args) => {
             let config = Config::for_replication(&args.connection)?;
@@ -104,7 +106,8 @@ async fn dispatch(command: Command) -> Result<u8, Failure> {
         }
         Command::Resync(args) => commands::resync::resync(&Config::for_replication(&args)?).await?,
         Command::Run(args) => {
-            let mut config = Config::for_replication(&args.connection)?;
+            let mut config =
+                Config::routed_for_replication(&args.connection, args.routes.routes.as_deref())?;
             config.heartbeat_interval = parse_heartbeat_interval(&args.heartbeat_interval)?;
             config.source_timeout = parse_source_timeout(&args.source_timeout)?;
             config.spill_threshold = parse_spill_threshold(&args.spill_threshold)?;

@@ -69,6 +69,8 @@ pub async fn demo(args: &DemoArgs) -> Result<(), Error> {
         heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
         source_timeout: DEFAULT_SOURCE_TIMEOUT,
         spill_threshold: DEFAULT_MEMORY_LIMIT,
+        routes: None,
+        route: None,
     };
     println!(
         "source {} / target {}",

@@ -34,6 +34,7 @@ use crate::lag::unix_micros_now;
 use crate::lsn::Lsn;
 use crate::map::{RowMapper, RowOutcome};
 use crate::replicator::APPLICATION_NAME;
+use crate::source::replication::CreatedSlot;
 use crate::source::snapshot::SnapshotRows;
 use crate::source::{catalog, ReplicationConnection, SourceError};
 
@@ -81,16 +82,23 @@ pub struct CopyRecord {
     pub target_was_empty: bool,
 }
 
-/// Creates the slot with an exported snapshot, records it on the target, copies the table in
-/// it, and writes the checkpoint at the slot's consistent point.
+/// A target to copy into, and what the copy does there.
+pub struct CopyTarget {
+    /// The target's config: a route's, with `--routes` (its share of the table is copied).
+    pub config: Config,
+    pub client: Client,
+    pub mode: CopyMode,
+    pub record: CopyRecord,
+}
+
+/// Creates the slot with an exported snapshot, and copies the table as of it into each
+/// target (see [`copy_into`]), one after the other in that one snapshot.
 pub async fn create_slot_and_copy(
     config: &Config,
     columns: &[RelationColumn],
-    mut target: Client,
-    mode: CopyMode,
+    targets: Vec<CopyTarget>,
     failover: bool,
-    record: CopyRecord,
-) -> Result<CopyOutcome, Error> {
+) -> Result<Vec<CopyOutcome>, Error> {
     let mut replication = ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
     if failover {
         let version = replication.server_version_num().unwrap_or(0);
@@ -105,8 +113,9 @@ pub async fn create_slot_and_copy(
         }
     }
     let identity = replication.identify_system().await?;
+    let export = targets.iter().any(|target| target.mode != CopyMode::Skip);
     let created = replication
-        .create_logical_slot(&config.slot, mode != CopyMode::Skip, failover)
+        .create_logical_slot(&config.slot, export, failover)
         .await?;
     println!(
         "replication slot {} created at {}{}",
@@ -114,23 +123,86 @@ pub async fn create_slot_and_copy(
         created.consistent_point,
         if failover { " (failover)" } else { "" }
     );
+    let mut outcomes = Vec::with_capacity(targets.len());
+    for target in targets {
+        outcomes.push(copy_into(columns, target, &created, &identity.system_id).await?);
+    }
+    // Only now may the replication connection (and with it the snapshot) go.
+    replication.close().await;
+    Ok(outcomes)
+}
+
+/// Copies into targets that have no checkpoint while the slot exists already (routes added
+/// to a fan-out): in the snapshot of a temporary slot, created now and gone with this
+/// connection. Each target's checkpoint is that slot's consistent point, which the slot has
+/// not passed (it is confirmed only up to what every route holds, and these routes held
+/// nothing), so the stream brings every change after the copy, and the route skips those
+/// before.
+pub async fn copy_at_new_snapshot(
+    config: &Config,
+    columns: &[RelationColumn],
+    targets: Vec<CopyTarget>,
+) -> Result<Vec<CopyOutcome>, Error> {
+    let mut replication = ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
+    let identity = replication.identify_system().await?;
+    let name = format!(
+        "usersync_copy_{}_{}",
+        std::process::id(),
+        unix_micros_now().rem_euclid(1_000_000_000)
+    );
+    let created = replication.create_temporary_logical_slot(&name).await?;
+    println!(
+        "temporary replication slot {name} created at {} for the copy",
+        created.consistent_point
+    );
+    let mut outcomes = Vec::with_capacity(targets.len());
+    for target in targets {
+        outcomes.push(copy_into(columns, target, &created, &identity.system_id).await?);
+    }
+    replication.close().await;
+    Ok(outcomes)
+}
+
+/// Records the copy on the target, copies the table (the route's share) in the snapshot,
+/// and writes the checkpoint at the slot's consistent point.
+async fn copy_into(
+    columns: &[RelationColumn],
+    target: CopyTarget,
+    created: &CreatedSlot,
+    system_id: &str,
+) -> Result<CopyOutcome, Error> {
+    let CopyTarget {
+        config,
+        client: mut target,
+        mode,
+        record,
+    } = target;
+    let config = &config;
+    let key = config.checkpoint_key();
+    if let Some(route) = config.route_name() {
+        println!("route {route}: {}", config.target.redacted());
+    }
     let progress = SetupProgress {
-        slot: config.slot.clone(),
-        system_id: identity.system_id.clone(),
+        slot: key.clone(),
+        system_id: system_id.to_owned(),
         consistent_point: Some(created.consistent_point),
         mode: record.mode,
         target_was_empty: record.target_was_empty,
     };
     setup_progress::write(&mut target, &progress, false).await?;
     let shape = apply::check_shape(&target).await?;
-    let mut writer = TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
+    let mut writer = TargetWriter::new(target, shape, &key, system_id).await?;
     let copied_at = unix_micros_now();
     let mut outcome = CopyOutcome {
         consistent_point: created.consistent_point,
         copied: 0,
         soft_deleted: 0,
     };
-    match created.snapshot_name.filter(|_| mode != CopyMode::Skip) {
+    match created
+        .snapshot_name
+        .as_deref()
+        .filter(|_| mode != CopyMode::Skip)
+    {
         Some(snapshot) => {
             let reconcile = match mode {
                 CopyMode::CopyAndReconcile => Some(Reconciler::new(config).await?),
@@ -139,7 +211,7 @@ pub async fn create_slot_and_copy(
             outcome.copied = copy(
                 config,
                 columns,
-                &snapshot,
+                snapshot,
                 shape,
                 copied_at,
                 reconcile.as_ref(),
@@ -166,10 +238,8 @@ pub async fn create_slot_and_copy(
     );
     // One transaction: the record of the setup goes with the first checkpoint.
     writer.apply_part(&Batch::new()).await?;
-    setup_progress::delete(writer.client(), &config.slot).await?;
+    setup_progress::delete(writer.client(), &key).await?;
     writer.apply_creating_checkpoint(&done).await?;
-    // Only now may the replication connection (and with it the snapshot) go.
-    replication.close().await;
     Ok(outcome)
 }
 
@@ -186,7 +256,12 @@ async fn copy(
     let reader = connect("source", &config.source).await?;
     let profile = catalog::resolve_profile(&reader, &config.table, &config.mapping).await?;
     let mapping = profile.bind(columns)?;
-    let select = profile.snapshot_select(&config.table, columns);
+    let only = config
+        .routes
+        .as_ref()
+        .zip(config.route)
+        .map(|(routes, route)| routes.copy_filter(route, Some("u")));
+    let select = profile.snapshot_select(&config.table, columns, only.as_deref());
     let width = profile.snapshot_width(columns);
     let mut clients = Vec::with_capacity(COPY_WRITERS);
     for _ in 0..COPY_WRITERS {

@@ -4,7 +4,7 @@
 //! present on the source are upserted, live users absent from it are soft-deleted, and the
 //! checkpoint moves to the new slot.
 
-use super::initial_copy::{create_slot_and_copy, CopyMode, CopyRecord};
+use super::initial_copy::{create_slot_and_copy, CopyMode, CopyRecord, CopyTarget};
 use super::setup::{check_slot_fits, prepare, Prepared};
 use crate::apply::setup_progress::{self, SetupMode, SetupProgress};
 use crate::apply::{self, bulk};
@@ -68,18 +68,22 @@ pub async fn resync(config: &Config) -> Result<(), Error> {
             slot.wal_status.as_deref().unwrap_or("unknown")
         );
     }
-    let outcome = create_slot_and_copy(
+    let outcomes = create_slot_and_copy(
         config,
         &columns,
-        target,
-        CopyMode::CopyAndReconcile,
+        vec![CopyTarget {
+            config: config.clone(),
+            client: target,
+            mode: CopyMode::CopyAndReconcile,
+            record: CopyRecord {
+                mode: SetupMode::Resync,
+                target_was_empty,
+            },
+        }],
         failover,
-        CopyRecord {
-            mode: SetupMode::Resync,
-            target_was_empty,
-        },
     )
     .await?;
+    let outcome = outcomes[0];
     println!(
         "resync done: {} users copied, {} absent from the source soft-deleted; checkpoint reset to {}",
         outcome.copied, outcome.soft_deleted, outcome.consistent_point

@@ -26,7 +26,9 @@ use futures_util::TryStreamExt;
 use tokio_postgres::Client;
 
 use super::connect;
-use super::initial_copy::{create_slot_and_copy, CopyMode, CopyRecord};
+use super::initial_copy::{
+    copy_at_new_snapshot, create_slot_and_copy, CopyMode, CopyRecord, CopyTarget,
+};
 use crate::apply::setup_progress::{self, SetupMode, SetupProgress};
 use crate::apply::{self, bulk, schema::Created};
 use crate::config::Config;
@@ -69,6 +71,25 @@ pub(crate) struct Prepared {
 /// Checks the source (settings, privileges, table, mapping), ensures the publication and the
 /// target tables, and says what it found or made.
 pub(crate) async fn prepare(config: &Config) -> Result<Prepared, Error> {
+    let source = prepare_source(config).await?;
+    let target = prepare_target(config).await?;
+    Ok(Prepared {
+        source: source.client,
+        target,
+        columns: source.columns,
+        part_sources_select: source.part_sources_select,
+    })
+}
+
+/// A checked source: what [`prepare`] learns there.
+pub(crate) struct PreparedSource {
+    pub client: Client,
+    pub columns: Vec<RelationColumn>,
+    pub part_sources_select: Option<String>,
+}
+
+/// The source's half of [`prepare`]: checks, and the publication.
+pub(crate) async fn prepare_source(config: &Config) -> Result<PreparedSource, Error> {
     let source = connect("source", &config.source).await?;
     version::check_source(&source).await?;
     catalog::check_wal_level(&source).await?;
@@ -118,27 +139,38 @@ pub(crate) async fn prepare(config: &Config) -> Result<Prepared, Error> {
         println!("{line}");
     }
 
+    Ok(PreparedSource {
+        client: source,
+        columns,
+        part_sources_select: profile.part_sources_select(&config.table),
+    })
+}
+
+/// The target's half of [`prepare`]: checks, and usersync's tables.
+pub(crate) async fn prepare_target(config: &Config) -> Result<Client, Error> {
     let target = connect("target", &config.target).await?;
     version::check_target(&target).await?;
     let (_, created) = apply::ensure_target_schema(&target).await?;
     println!(
-        "target table neon_auth.users_sync {}; checkpoint table usersync.state ready",
+        "{}target table neon_auth.users_sync {}; checkpoint table usersync.state ready",
+        config
+            .route_name()
+            .map(|name| format!("route {name}: "))
+            .unwrap_or_default(),
         match created {
             Created::Created => "created",
             Created::Found => "found (its shape fits)",
         }
     );
 
-    Ok(Prepared {
-        source,
-        target,
-        columns,
-        part_sources_select: profile.part_sources_select(&config.table),
-    })
+    Ok(target)
 }
 
 /// Runs the checks and creations, printing one line per step on stdout.
 pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> {
+    if config.routes.is_some() {
+        return setup_routes(config, options).await;
+    }
     let Prepared {
         source,
         target,
@@ -248,19 +280,154 @@ pub async fn setup(config: &Config, options: SetupOptions) -> Result<(), Error> 
         create_slot_and_copy(
             config,
             &columns,
-            target,
-            mode,
+            vec![CopyTarget {
+                config: config.clone(),
+                client: target,
+                mode,
+                record: CopyRecord {
+                    mode: SetupMode::Setup,
+                    target_was_empty,
+                },
+            }],
             options.failover,
-            CopyRecord {
-                mode: SetupMode::Setup,
-                target_was_empty,
-            },
         )
         .await?;
     } else if let Some(select) = &part_sources_select {
         record_unknown_part_sources(config, &source, &target, select).await?;
     }
     println!("ready: start replication with usersync run");
+    Ok(())
+}
+
+/// `setup --routes`: the source and the slot as for one target, then each route's target.
+/// Routes without a checkpoint are copied, their share of the table only: all of them in
+/// the new slot's snapshot when the slot is created now, else (routes added to a fan-out,
+/// or a setup interrupted after the slot) in a temporary slot's snapshot, which needs the
+/// slot idle: a `run` streaming from it would confirm it past the new routes' checkpoints
+/// without feeding them.
+async fn setup_routes(config: &Config, options: SetupOptions) -> Result<(), Error> {
+    let PreparedSource {
+        client: source,
+        columns,
+        part_sources_select,
+    } = prepare_source(config).await?;
+    let slot = catalog::slot_info(&source, &config.slot).await?;
+    if let Some(slot) = &slot {
+        check_slot_fits(config, slot)?;
+    }
+    let lost = match &slot {
+        None => None,
+        Some(slot) if slot.is_invalidated() => Some(slot.invalidation()),
+        Some(_) => None,
+    };
+    let system_id = catalog::system_identifier(&source).await?;
+    let mut missing = Vec::new();
+    let mut holding = Vec::new();
+    let mut ours = false;
+    for route in config.route_configs() {
+        let name = route.route_name().unwrap_or_default().to_owned();
+        let target = prepare_target(&route).await?;
+        let key = route.checkpoint_key();
+        if let Some(checkpoint) = apply::read_checkpoint(&target, &key).await? {
+            if slot.is_none() || lost.is_some() {
+                holding.push(name);
+                continue;
+            }
+            println!(
+                "route {name}: checkpoint at {}, nothing to copy",
+                checkpoint.end_lsn
+            );
+            ours = true;
+            if let Some(select) = &part_sources_select {
+                record_unknown_part_sources(&route, &source, &target, select).await?;
+            }
+            continue;
+        }
+        let earlier = setup_progress::read(&target, &key).await?;
+        if let Some(earlier) = &earlier {
+            if earlier.mode == SetupMode::Resync {
+                return Err(Error::ResyncUnfinished { slot: key });
+            }
+            ours |= slot
+                .as_ref()
+                .is_some_and(|slot| created_here_unconsumed(slot, Some(earlier), &system_id));
+        }
+        let target_was_empty = match &earlier {
+            Some(earlier) => earlier.target_was_empty,
+            None => bulk::users_sync_is_empty(&target).await?,
+        };
+        let mode = copy_mode(options, earlier.is_some(), target_was_empty);
+        missing.push(CopyTarget {
+            config: route,
+            client: target,
+            mode,
+            record: CopyRecord {
+                mode: SetupMode::Setup,
+                target_was_empty,
+            },
+        });
+    }
+    if !holding.is_empty() {
+        // The changes since those checkpoints are gone with the slot.
+        return Err(Error::Config(format!(
+            "replication slot {} {}, but routes {} hold checkpoints from it: the changes since \
+             are lost for them. A fan-out is not resynced in place yet: remove those routes' \
+             checkpoints (DELETE FROM usersync.state WHERE slot_name = '{}:<route>' on each \
+             target), then run usersync setup --routes again, which copies every route anew; \
+             users deleted on the source meanwhile stay live on those targets \
+             (docs/fan-out.md#a-lost-slot)",
+            config.slot,
+            lost.unwrap_or_else(|| "does not exist on the source".to_owned()),
+            holding.join(", "),
+            config.slot
+        )));
+    }
+    if missing.is_empty() {
+        println!("ready: start replication with usersync run --routes");
+        return Ok(());
+    }
+    match &slot {
+        None => {
+            create_slot_and_copy(config, &columns, missing, options.failover).await?;
+        }
+        Some(slot) => {
+            if let Some(lost) = &lost {
+                return Err(SourceError::Definite(format!(
+                    "replication slot {} {lost}: drop it (SELECT pg_drop_replication_slot('{}') \
+                     on the source) and run usersync setup --routes again",
+                    config.slot, config.slot
+                ))
+                .into());
+            }
+            if !ours {
+                // No route holds a checkpoint from it or recorded creating it: it may feed
+                // another usersync's target under the same name.
+                return Err(Error::SlotNotCreatedHere {
+                    slot: config.slot.clone(),
+                });
+            }
+            if slot.active {
+                return Err(SourceError::Definite(format!(
+                    "replication slot {} is in use{}: routes {} have no checkpoint yet, and a \
+                     usersync run streaming meanwhile would move the slot past their copy \
+                     without feeding them; stop usersync run, run setup --routes again, then \
+                     start run with the new routes file",
+                    config.slot,
+                    slot.active_pid
+                        .map(|pid| format!(" by source backend pid {pid}"))
+                        .unwrap_or_default(),
+                    missing
+                        .iter()
+                        .filter_map(|target| target.config.route_name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .into());
+            }
+            copy_at_new_snapshot(config, &columns, missing).await?;
+        }
+    }
+    println!("ready: start replication with usersync run --routes");
     Ok(())
 }
 
@@ -308,7 +475,7 @@ async fn record_unknown_part_sources(
             ),
             None => format!("replication slot {} is in use", config.slot),
         });
-    let holders = apply::slot_lock::holders(target, &config.slot).await?;
+    let holders = apply::slot_lock::holders(target, &config.checkpoint_key()).await?;
     let busy = match (active, holders.is_empty()) {
         (None, true) => None,
         (Some(active), true) => Some(active),

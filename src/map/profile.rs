@@ -328,6 +328,23 @@ impl Profile {
         tables
     }
 
+    /// The one tenancy replicated (stack-auth `--tenancy-id`), if any.
+    pub fn tenancy_filter(&self) -> Option<&str> {
+        match self {
+            Profile::StackAuth(mapping) => mapping.tenancy_id.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The column a routes file routes by unless it names one: the tenancy, where the
+    /// profile has tenancies in its every table's key (Stack Auth).
+    pub fn routing_column(&self) -> Option<&'static str> {
+        match self {
+            Profile::StackAuth(_) => Some("tenancyId"),
+            _ => None,
+        }
+    }
+
     /// Rows a table of the profile publishes, as a publication row filter (PostgreSQL 15+);
     /// `None`: every row. usersync applies the same filter itself, so an older server, or a
     /// publication created without it, only costs decoding.
@@ -339,17 +356,27 @@ impl Profile {
     }
 
     /// The SELECT the initial copy reads (inside the slot's snapshot); its rows go to
-    /// [`RowMapper::map_copied`]. `columns` are the users table's.
-    pub fn snapshot_select(&self, users_table: &TableName, columns: &[RelationColumn]) -> String {
+    /// [`RowMapper::map_copied`]. `columns` are the users table's; `only`, a condition on
+    /// the users table (named `u`) that a row must meet (a route's share, see
+    /// [`crate::routing::Routes::copy_filter`]).
+    pub fn snapshot_select(
+        &self,
+        users_table: &TableName,
+        columns: &[RelationColumn],
+        only: Option<&str>,
+    ) -> String {
         match self {
-            Profile::StackAuth(mapping) => mapping.snapshot_select(users_table, columns),
+            Profile::StackAuth(mapping) => mapping.snapshot_select(users_table, columns, only),
             _ => {
                 let list = columns
                     .iter()
-                    .map(|column| escape_identifier(&column.name))
+                    .map(|column| format!("u.{}", escape_identifier(&column.name)))
                     .collect::<Vec<_>>()
                     .join(", ");
-                format!("SELECT {list} FROM {}", users_table.quoted())
+                let only = only
+                    .map(|only| format!(" WHERE {only}"))
+                    .unwrap_or_default();
+                format!("SELECT {list} FROM {} u{only}", users_table.quoted())
             }
         }
     }

@@ -137,18 +137,30 @@ impl StackAuthMapping {
     /// The users with their primary email: `"ProjectUser"`'s columns, then the primary email
     /// channel's `value`, `"isVerified"`, `"usedForAuth"` and `id` (NULL when the user has
     /// none); the id is what the target records as the channel the email comes from.
-    pub fn snapshot_select(&self, users_table: &TableName, columns: &[RelationColumn]) -> String {
+    pub fn snapshot_select(
+        &self,
+        users_table: &TableName,
+        columns: &[RelationColumn],
+        only: Option<&str>,
+    ) -> String {
         let list = columns
             .iter()
             .map(|column| format!("u.{}", escape_identifier(&column.name)))
             .collect::<Vec<_>>()
             .join(", ");
         let channels = contact_channel_table(users_table);
-        let only_tenancy = self
+        let conditions: Vec<String> = self
             .tenancy_id
             .as_deref()
-            .map(|tenancy| format!(" WHERE u.\"tenancyId\" = {}", escape_literal(tenancy)))
-            .unwrap_or_default();
+            .map(|tenancy| format!("u.\"tenancyId\" = {}", escape_literal(tenancy)))
+            .into_iter()
+            .chain(only.map(str::to_owned))
+            .collect();
+        let only_tenancy = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        };
         format!(
             "SELECT {list}, c.value, c.\"isVerified\", c.\"usedForAuth\", c.id::text \
                FROM {} u LEFT JOIN {} c \
@@ -926,8 +938,11 @@ mod tests {
             mapping.row_filter().as_deref(),
             Some(format!("(\"tenancyId\" = '{TENANCY}')").as_str())
         );
-        let select =
-            mapping.snapshot_select(&"public.ProjectUser".parse().unwrap(), &project_user());
+        let select = mapping.snapshot_select(
+            &"public.ProjectUser".parse().unwrap(),
+            &project_user(),
+            None,
+        );
         assert!(
             select.contains("LEFT JOIN \"public\".\"ContactChannel\" c"),
             "{select}"

@@ -10,6 +10,7 @@ use crate::decode::{LogicalMessage, OldTuple, Relation, Transaction, TupleData};
 use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::map::{Gone, MappedUser, RowMapper, RowOutcome};
+use crate::routing::Router;
 
 /// One source change as it will reach the target.
 pub(super) enum UserChange {
@@ -65,18 +66,82 @@ impl UserChange {
     }
 }
 
-/// Maps decoded changes with the profile's tables as the stream has described them so far.
+/// The changes of a transaction (or of a part of one), for each route.
+pub(super) struct Routed {
+    routes: Vec<Vec<UserChange>>,
+    len: usize,
+}
+
+impl Routed {
+    pub fn new(routes: usize) -> Self {
+        Routed {
+            routes: (0..routes).map(|_| Vec::new()).collect(),
+            len: 0,
+        }
+    }
+
+    /// Changes for all routes together.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, route: usize, change: UserChange) {
+        self.routes[route].push(change);
+        self.len += 1;
+    }
+
+    fn push_all(&mut self, change: impl Fn() -> UserChange) {
+        for route in 0..self.routes.len() {
+            self.push(route, change());
+        }
+    }
+
+    /// Route `route`'s changes.
+    pub fn of(&self, route: usize) -> &[UserChange] {
+        &self.routes[route]
+    }
+
+    /// Takes route `route`'s changes out.
+    pub fn take(&mut self, route: usize) -> Vec<UserChange> {
+        let changes = std::mem::take(&mut self.routes[route]);
+        self.len -= changes.len();
+        changes
+    }
+
+    /// Every route's changes, in route order, for `replay --dry-run`.
+    pub fn all(&self) -> impl Iterator<Item = &UserChange> {
+        self.routes.iter().flatten()
+    }
+
+    pub fn clear(&mut self) {
+        self.routes.iter_mut().for_each(Vec::clear);
+        self.len = 0;
+    }
+}
+
+/// Maps decoded changes with the profile's tables as the stream has described them so far,
+/// and routes them (`--routes`; without it everything goes to route 0).
 pub(super) struct ChangeMapper {
     tables: StreamTables,
     /// The prefix of this replicator's heartbeat messages.
     heartbeat_prefix: String,
+    router: Option<Router>,
 }
 
 impl ChangeMapper {
-    pub fn new(tables: StreamTables, heartbeat_prefix: String) -> Self {
+    pub fn new(tables: StreamTables, heartbeat_prefix: String, router: Option<Router>) -> Self {
         ChangeMapper {
             tables,
             heartbeat_prefix,
+            router,
+        }
+    }
+
+    /// The route of a row of relation `relation_id`; `None`: no route takes it.
+    fn route_of(&self, relation_id: u32, tuple: &TupleData) -> Result<Option<usize>, Error> {
+        match &self.router {
+            None => Ok(Some(0)),
+            Some(router) => Ok(router.route(self.tables.route_value(relation_id, tuple)?)),
         }
     }
 
@@ -90,19 +155,30 @@ impl ChangeMapper {
         self.tables.note_skipped(transaction)
     }
 
-    /// Adds what `change` means for the target's users to `out`.
-    pub fn map(&mut self, change: LogicalMessage, out: &mut Vec<UserChange>) -> Result<(), Error> {
+    /// Adds what `change` means for the targets' users to `out`, on the route of the row.
+    pub fn map(&mut self, change: LogicalMessage, out: &mut Routed) -> Result<(), Error> {
         match change {
             LogicalMessage::Relation(relation) => self.tables.note(relation)?,
             LogicalMessage::Insert(insert) => {
                 if let Some(mapping) = self.tables.mapping_of(insert.relation_id)? {
                     // A skipped new row has no user on the target to correct.
-                    out.extend(change_of(mapping.map_insert(&insert.new)?, true));
+                    if let Some(change) = change_of(mapping.map_insert(&insert.new)?, true) {
+                        if let Some(route) = self.route_of(insert.relation_id, &insert.new)? {
+                            out.push(route, change);
+                        }
+                    }
                 }
             }
             LogicalMessage::Update(update) => {
                 let Some(mapping) = self.tables.mapping_of(update.relation_id)? else {
                     return Ok(());
+                };
+                let route = self.route_of(update.relation_id, &update.new)?;
+                // The route of the row as it was: the old key holds the routing column (it
+                // is in the replica identity), and is sent when the key changed.
+                let route_before = match &update.old {
+                    Some(old) => self.route_of(update.relation_id, old_tuple(old))?,
+                    None => route,
                 };
                 let outcome = mapping.map_row(&update.new)?;
                 // Whether the old row was skipped: a whole old row (REPLICA IDENTITY FULL)
@@ -114,13 +190,6 @@ impl ChangeMapper {
                     None => mapping.key_skip_reason(&update.new)?,
                 }
                 .is_some();
-                let old_id = match &update.old {
-                    Some(old) => Some(mapping.map_key(old_tuple(old))?),
-                    None => None,
-                };
-                let moved_from = old_id.filter(|old_id| old_id != outcome.id());
-                let id_changed = moved_from.is_some();
-                let moved_from = moved_from.filter(|_| !skipped_before);
                 // How the row as it was is known, should it have gone: by the whole old row
                 // (REPLICA IDENTITY FULL), else by its key, which is the new row's when the
                 // update sent no old key.
@@ -129,15 +198,40 @@ impl ChangeMapper {
                     Some(OldTuple::Key(old)) => Gone::Key(old),
                     None => Gone::Key(&update.new),
                 };
+                let old_id = match &update.old {
+                    Some(old) => Some(mapping.map_key(old_tuple(old))?),
+                    None => None,
+                };
+                if route_before != route {
+                    // The row moved to another route (its tenancy changed): there it is gone,
+                    // here it is as it is now.
+                    if let (Some(before), false) = (route_before, skipped_before) {
+                        let id = old_id.unwrap_or_else(|| outcome.id().to_owned());
+                        out.push(before, removal(mapping, id, gone)?);
+                    }
+                    if let (Some(route), Some(change)) = (route, change_of(outcome, false)) {
+                        out.push(route, change);
+                    }
+                    return Ok(());
+                }
+                let Some(route) = route else {
+                    return Ok(());
+                };
+                let moved_from = old_id.filter(|old_id| old_id != outcome.id());
+                let id_changed = moved_from.is_some();
+                let moved_from = moved_from.filter(|_| !skipped_before);
                 if let Some(old_id) = &moved_from {
                     // The primary key changed: the old user is gone, a new one appears, with
                     // the old user's values where the new row left them unchanged (TOAST).
                     // Not a delete: a clear of its part just before stands (see
                     // `Batch::soft_delete_moved`).
-                    out.push(match removal(mapping, old_id.clone(), gone)? {
-                        UserChange::SoftDelete(id) => UserChange::MovedAway(id),
-                        other => other,
-                    });
+                    out.push(
+                        route,
+                        match removal(mapping, old_id.clone(), gone)? {
+                            UserChange::SoftDelete(id) => UserChange::MovedAway(id),
+                            other => other,
+                        },
+                    );
                 }
                 if let RowOutcome::Skip { id, reason } = &outcome {
                     // The row is no longer one of ours (it became anonymous, moved to another
@@ -145,13 +239,18 @@ impl ChangeMapper {
                     // not stay live, a part replicated before must not stay.
                     if !skipped_before && !id_changed {
                         tracing::debug!(%reason, "an updated row is no longer replicated");
-                        out.push(removal(mapping, id.clone(), gone)?);
+                        out.push(route, removal(mapping, id.clone(), gone)?);
                     }
                 }
-                out.extend(change_of(outcome, false).map(|change| change.moved_from(moved_from)));
+                if let Some(change) = change_of(outcome, false) {
+                    out.push(route, change.moved_from(moved_from));
+                }
             }
             LogicalMessage::Delete(delete) => {
                 let Some(mapping) = self.tables.mapping_of(delete.relation_id)? else {
+                    return Ok(());
+                };
+                let Some(route) = self.route_of(delete.relation_id, old_tuple(&delete.old))? else {
                     return Ok(());
                 };
                 let id = mapping.map_key(old_tuple(&delete.old))?;
@@ -160,13 +259,13 @@ impl ChangeMapper {
                     OldTuple::Key(old) => (mapping.key_skip_reason(old)?, Gone::Key(old)),
                 };
                 if skipped.is_none() {
-                    out.push(removal(mapping, id, gone)?);
+                    out.push(route, removal(mapping, id, gone)?);
                 }
             }
             LogicalMessage::Truncate(truncate) => {
                 let truncated = self.tables.truncated(&truncate.relation_ids)?;
                 if truncated.contains(&0) {
-                    out.push(UserChange::SoftDeleteAll);
+                    out.push_all(|| UserChange::SoftDeleteAll);
                 } else if !truncated.is_empty() {
                     tracing::warn!(
                         "a table holding part of the users was truncated alone; users on the \
@@ -176,7 +275,7 @@ impl ChangeMapper {
                 }
             }
             LogicalMessage::Message(message) if message.prefix == self.heartbeat_prefix => {
-                out.push(UserChange::Heartbeat);
+                out.push_all(|| UserChange::Heartbeat);
             }
             _ => {}
         }
@@ -198,9 +297,9 @@ pub(super) fn transaction_meta(
 }
 
 /// One JSON line per change on stdout: lsn, commit time, op, id, raw_json.
-pub(super) fn print_changes(
+pub(super) fn print_changes<'c>(
     meta: &serde_json::Map<String, serde_json::Value>,
-    changes: &[UserChange],
+    changes: impl IntoIterator<Item = &'c UserChange>,
 ) {
     use std::io::Write;
     let stdout = std::io::stdout();

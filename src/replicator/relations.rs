@@ -9,7 +9,9 @@
 use std::collections::HashSet;
 
 use crate::config::TableName;
-use crate::decode::{DecodeError, LogicalMessage, Relation, Transaction};
+use crate::decode::{
+    ColumnValue, DecodeError, LogicalMessage, Relation, ReplicaIdentity, Transaction, TupleData,
+};
 use crate::error::Error;
 use crate::map::{BoundProfile, Profile, RowMapper};
 
@@ -19,6 +21,8 @@ struct KnownTable {
     /// Its index in the profile's tables: 0 is the users table.
     table: usize,
     mapping: BoundProfile,
+    /// Where its rows hold the routing column (`--routes`).
+    route_column: Option<usize>,
 }
 
 /// The profile, and what the stream has said so far of its tables.
@@ -31,6 +35,8 @@ pub(super) struct StreamTables {
     /// naming any other id breaks pgoutput's promise; dropping it as "not ours" could drop
     /// a user's change without a word, so it stops replication instead.
     described: HashSet<u32>,
+    /// The column whose value picks a row's route, with `--routes`.
+    route_by: Option<String>,
 }
 
 impl StreamTables {
@@ -40,7 +46,14 @@ impl StreamTables {
             profile,
             known: Vec::new(),
             described: HashSet::new(),
+            route_by: None,
         }
+    }
+
+    /// Tables whose rows are routed by column `column` (`--routes`).
+    pub fn routed_by(mut self, column: Option<String>) -> Self {
+        self.route_by = column;
+        self
     }
 
     /// Records a Relation message: binds the profile to a table of its own, forgets one that
@@ -58,10 +71,15 @@ impl StreamTables {
             for note in mapping.notes() {
                 tracing::info!(table = %self.tables[table], note = %note, "mapping");
             }
+            let route_column = match &self.route_by {
+                Some(column) => Some(route_column(&relation, &self.tables[table], column)?),
+                None => None,
+            };
             self.known.push(KnownTable {
                 id: relation.id,
                 table,
                 mapping,
+                route_column,
             });
         }
         Ok(())
@@ -83,6 +101,40 @@ impl StreamTables {
         match self.known.iter().find(|known| known.id == relation_id) {
             Some(known) => Ok(Some(known.mapping.as_ref())),
             None => self.described(relation_id).map(|()| None),
+        }
+    }
+
+    /// The routing column's value in a row of relation `relation_id` (one of the profile's
+    /// tables): `None` for SQL NULL. Any tuple does, an old key's too: the column is in the
+    /// replica identity (see [`route_column`]).
+    pub fn route_value<'t>(
+        &self,
+        relation_id: u32,
+        tuple: &'t TupleData,
+    ) -> Result<Option<&'t str>, Error> {
+        let Some((index, known)) = self
+            .known
+            .iter()
+            .find(|known| known.id == relation_id)
+            .and_then(|known| Some((known.route_column?, known)))
+        else {
+            return Ok(None);
+        };
+        let column = self.route_by.as_deref().unwrap_or_default();
+        let unroutable = |what: &str| {
+            Error::Config(format!(
+                "a row of {} has {what} in its routing column {column}, so usersync cannot \
+                 tell which route it goes to",
+                self.tables[known.table]
+            ))
+        };
+        match tuple.0.get(index) {
+            Some(ColumnValue::Null) => Ok(None),
+            Some(ColumnValue::Text(text)) => std::str::from_utf8(text)
+                .map(Some)
+                .map_err(|_| unroutable("text that is not UTF-8")),
+            Some(ColumnValue::UnchangedToast) => Err(unroutable("an unchanged TOASTed value")),
+            Some(ColumnValue::Binary(_)) | None => Err(unroutable("no text value")),
         }
     }
 
@@ -114,10 +166,30 @@ impl StreamTables {
     }
 }
 
+/// Where `relation` holds the routing column `column`, which must be in its replica
+/// identity: a deleted row arrives with that identity only, and must still find its route.
+fn route_column(relation: &Relation, table: &TableName, column: &str) -> Result<usize, Error> {
+    let Some(index) = relation.columns.iter().position(|c| c.name == column) else {
+        return Err(Error::Config(format!(
+            "the routes file routes by column {column}, which {table} does not publish; every \
+             table of the profile needs it (route_by in the routes file names it)"
+        )));
+    };
+    if !relation.columns[index].is_key && relation.replica_identity != ReplicaIdentity::Full {
+        return Err(Error::Config(format!(
+            "the routing column {column} is not in the replica identity of {table}, so a deleted \
+             row could not be routed: route by a column of its primary key, or run ALTER TABLE \
+             {} REPLICA IDENTITY FULL",
+            table.quoted()
+        )));
+    }
+    Ok(index)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{RelationColumn, ReplicaIdentity};
+    use crate::decode::RelationColumn;
     use crate::lsn::Lsn;
     use crate::map::GenericMapping;
 

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 
-use super::changes::{print_changes, transaction_meta, ChangeMapper, UserChange};
+use super::changes::{print_changes, transaction_meta, ChangeMapper, Routed, UserChange};
 use super::lag::ClockWatch;
 use super::ledger::Reported;
 use super::route::{self, Feed, RouteHandle, RouteParts};
@@ -45,6 +45,13 @@ fn is_large(transaction: &Transaction) -> bool {
     transaction.spilled.is_some() || transaction.len() > MAX_BATCH_CHANGES
 }
 
+/// A route's target, ready to write, as [`super::start`] prepares it.
+pub(super) struct RouteStart {
+    pub worker: ApplyWorker,
+    /// The route's durable checkpoint: it skips what was committed before.
+    pub resume_at: Lsn,
+}
+
 /// What a session streams with, as [`super::start`] prepares it.
 pub(super) struct Parts<'a> {
     pub config: &'a Config,
@@ -52,10 +59,9 @@ pub(super) struct Parts<'a> {
     pub mode: Mode,
     pub status_interval: Duration,
     pub stream: ReplicationStream,
-    pub worker: ApplyWorker,
+    /// One per route (one without `--routes`), in the routes file's order.
+    pub routes: Vec<RouteStart>,
     pub changes: ChangeMapper,
-    /// The durable checkpoint the stream starts from.
-    pub resume_at: Lsn,
     /// Where the slot is confirmed already: no status update reports less.
     pub slot_confirmed: Lsn,
     /// When this session's heartbeats began (see [`super::lag::LagTracker`]).
@@ -81,6 +87,9 @@ pub(super) struct Session<'a> {
     confirmations: Arc<Notify>,
     /// Transactions committed before this position are on every route's target already.
     skip_before: Lsn,
+    /// Per route, a position up to which it was fed all it takes without being told (other
+    /// routes' transactions), to tell it with the next status update ([`Feed::Idle`]).
+    untold: Vec<Option<Lsn>>,
     /// The flush position the status updates report.
     reported: Reported,
     /// A replay reached its end position.
@@ -98,28 +107,38 @@ impl<'a> Session<'a> {
             mode,
             status_interval,
             stream,
-            worker,
+            routes: starts,
             changes,
-            resume_at,
             slot_confirmed,
             monitor_started,
         } = parts;
         let clock = ClockWatch::default();
         let confirmations = Arc::new(Notify::new());
         let mut route_tasks = JoinSet::new();
-        let route = route::spawn(
-            RouteParts {
-                worker,
-                metrics: Arc::clone(metrics),
-                resume_at,
-                records: !mode.is_dry_run(),
-                clock: clock.shared(),
-                monitor_started,
-                part_keys: config.mapping.part_keys(),
-                confirmations: Arc::clone(&confirmations),
-            },
-            &mut route_tasks,
-        );
+        // The stream starts at the lowest checkpoint; each route skips what it holds.
+        let resume_at = starts
+            .iter()
+            .map(|start| start.resume_at)
+            .min()
+            .unwrap_or(Lsn::ZERO);
+        let routes: Vec<RouteHandle> = starts
+            .into_iter()
+            .map(|start| {
+                route::spawn(
+                    RouteParts {
+                        worker: start.worker,
+                        metrics: Arc::clone(metrics),
+                        resume_at: start.resume_at,
+                        records: !mode.is_dry_run(),
+                        clock: clock.shared(),
+                        monitor_started,
+                        part_keys: config.mapping.part_keys(),
+                        confirmations: Arc::clone(&confirmations),
+                    },
+                    &mut route_tasks,
+                )
+            })
+            .collect();
         Session {
             config,
             metrics,
@@ -131,7 +150,8 @@ impl<'a> Session<'a> {
             changes,
             clock,
             silence: SilenceWatch::new(config.source_timeout),
-            routes: vec![route],
+            untold: vec![None; routes.len()],
+            routes,
             route_tasks,
             confirmations,
             skip_before: resume_at,
@@ -289,22 +309,23 @@ impl<'a> Session<'a> {
     }
 
     /// Maps the whole transaction first, then feeds it: a row that cannot be mapped fails
-    /// the transaction before any of it reaches a route.
+    /// the transaction before any of it reaches a route. Each route gets its own changes; a
+    /// route with none is told only with the next status update (one route: at once, which
+    /// costs nothing there).
     async fn feed_transaction(&mut self, transaction: Transaction) -> Result<(), Error> {
         if !self.wanted(&transaction) {
             return self.changes.note_skipped(transaction);
         }
-        let mut changes = Vec::with_capacity(transaction.changes.len());
+        let mut routed = Routed::new(self.routes.len());
         for change in transaction.changes {
-            self.changes.map(change, &mut changes)?;
+            self.changes.map(change, &mut routed)?;
         }
         let at = pg_micros_to_unix_micros(transaction.commit_time_micros);
-        let heartbeat = matches!(changes.last(), Some(UserChange::Heartbeat));
-        if heartbeat {
-            changes.pop();
-        }
         if self.mode.is_dry_run() {
-            print_changes(&transaction_meta(&transaction.commit_lsn, at), &changes);
+            let changes = routed
+                .all()
+                .filter(|change| !matches!(change, UserChange::Heartbeat));
+            print_changes(&transaction_meta(&transaction.commit_lsn, at), changes);
             return Ok(());
         }
         let position = CommitPosition {
@@ -312,18 +333,30 @@ impl<'a> Session<'a> {
             end_lsn: transaction.end_lsn,
             commit_time: at,
         };
-        let size = changes.len();
-        let permit = self.room(0, size).await?;
-        self.send(
-            0,
-            Feed::Transaction {
-                position,
-                changes,
-                heartbeat,
-            },
-            permit,
-        )
-        .await
+        let one_route = self.routes.len() == 1;
+        for route in 0..self.routes.len() {
+            let mut changes = routed.take(route);
+            let heartbeat = matches!(changes.last(), Some(UserChange::Heartbeat));
+            if heartbeat {
+                changes.pop();
+            }
+            if changes.is_empty() && !heartbeat && !one_route {
+                self.untold[route] = Some(position.end_lsn);
+                continue;
+            }
+            let permit = self.room(route, changes.len()).await?;
+            self.send(
+                route,
+                Feed::Transaction {
+                    position,
+                    changes,
+                    heartbeat,
+                },
+                permit,
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// A transaction too large for one batch (or spilled to disk) goes to the targets in
@@ -365,22 +398,28 @@ impl<'a> Session<'a> {
     ) -> Result<(), Error> {
         let dry_run = self.mode.is_dry_run();
         let meta = transaction_meta(&position.commit_lsn, position.commit_time);
-        let mut changes = Vec::new();
-        let mut carried = false;
+        let routes = self.routes.len();
+        let one_route = routes == 1;
+        let mut routed = Routed::new(routes);
+        // Per route: whether any change of the transaction was for it, and whether it was
+        // fed a part (it then has the target transaction open, which its end commits).
+        let mut carried = vec![false; routes];
+        let mut started = vec![false; routes];
         let mut read = 0_usize;
         let mut room = None;
         let mut all = transaction.into_changes().peekable();
         while let Some(change) = all.next() {
-            if room.is_none() && !dry_run {
+            if one_route && room.is_none() && !dry_run {
                 // Room for a whole part before it is mapped: the route has handed the one
                 // before to its writer, so a transaction of any size holds two parts at most,
-                // one being written while the next is mapped.
+                // one being written while the next is mapped. (Several routes: the part is
+                // mapped first, then each route takes its share, so three at most.)
                 room = Some(self.room(0, PART_CHANGES).await?);
             }
-            self.changes.map(change?, &mut changes)?;
+            self.changes.map(change?, &mut routed)?;
             read += 1;
             let last = all.peek().is_none();
-            if changes.len() < PART_CHANGES && !last {
+            if routed.len() < PART_CHANGES && !last {
                 // Changes that map to nothing (other tables, skipped rows) fill no part, so
                 // the status updates that keep the source connection (and the liveness
                 // bound) satisfied are counted in changes read.
@@ -391,32 +430,49 @@ impl<'a> Session<'a> {
                 }
                 continue;
             }
-            carried |= changes
-                .iter()
-                .any(|change| !matches!(change, UserChange::Heartbeat));
             if dry_run {
-                print_changes(&meta, &changes);
-                changes.clear();
+                print_changes(
+                    &meta,
+                    routed
+                        .all()
+                        .filter(|change| !matches!(change, UserChange::Heartbeat)),
+                );
+                routed.clear();
                 continue;
             }
-            let part = std::mem::take(&mut changes);
-            let feed = if last {
-                Feed::LargeEnd {
-                    position,
-                    changes: part,
-                    carried,
-                }
-            } else {
-                Feed::Part {
-                    position,
-                    changes: part,
-                }
-            };
-            let permit = match room.take() {
-                Some(permit) => permit,
-                None => self.room(0, PART_CHANGES).await?,
-            };
-            self.send(0, feed, permit).await?;
+            for route in 0..routes {
+                carried[route] |= routed
+                    .of(route)
+                    .iter()
+                    .any(|change| !matches!(change, UserChange::Heartbeat));
+                let part = routed.take(route);
+                let feed = if last {
+                    if !one_route && !started[route] && part.is_empty() {
+                        // Nothing of the transaction was for this route.
+                        self.untold[route] = Some(position.end_lsn);
+                        continue;
+                    }
+                    Feed::LargeEnd {
+                        position,
+                        changes: part,
+                        carried: carried[route],
+                    }
+                } else if part.is_empty() && !one_route {
+                    continue;
+                } else {
+                    started[route] = true;
+                    Feed::Part {
+                        position,
+                        changes: part,
+                    }
+                };
+                let permit = match room.take() {
+                    Some(permit) => permit,
+                    None if one_route => self.room(0, PART_CHANGES).await?,
+                    None => self.room(route, feed_len(&feed)).await?,
+                };
+                self.send(route, feed, permit).await?;
+            }
             if self.last_status.elapsed() >= self.status_interval {
                 self.send_status(false).await?;
             }
@@ -424,13 +480,19 @@ impl<'a> Session<'a> {
         if read == 0 && !dry_run {
             // No change at all (a spilled transaction can be empty): it still moves the
             // position.
-            let permit = self.room(0, 0).await?;
-            let feed = Feed::Transaction {
-                position,
-                changes: Vec::new(),
-                heartbeat: false,
-            };
-            self.send(0, feed, permit).await?;
+            for route in 0..routes {
+                if !one_route {
+                    self.untold[route] = Some(position.end_lsn);
+                    continue;
+                }
+                let permit = self.room(route, 0).await?;
+                let feed = Feed::Transaction {
+                    position,
+                    changes: Vec::new(),
+                    heartbeat: false,
+                };
+                self.send(route, feed, permit).await?;
+            }
         }
         Ok(())
     }
@@ -513,7 +575,29 @@ impl<'a> Session<'a> {
             .unwrap_or(Lsn::ZERO)
     }
 
+    /// Tells each route fed nothing lately up to where the others were fed, so that its
+    /// durable position (and with it the slot) moves on. Only a route with room in its
+    /// feed: one without has work pending, and is told later.
+    fn tell_untold(&mut self) {
+        for (route, untold) in self.routes.iter().zip(self.untold.iter_mut()) {
+            let Some(position) = *untold else { continue };
+            let Some(permit) = route.room_now(0) else {
+                continue;
+            };
+            // A route that has ended says why where its task is joined.
+            let _ = route.send(
+                Feed::Idle {
+                    position,
+                    sent_at: None,
+                },
+                permit,
+            );
+            *untold = None;
+        }
+    }
+
     async fn send_status(&mut self, reply_requested: bool) -> Result<(), Error> {
+        self.tell_untold();
         let flushed = if self.mode.is_dry_run() {
             // A dry run confirms nothing: the server ignores an invalid (zero) position.
             Lsn::ZERO
@@ -534,6 +618,16 @@ impl<'a> Session<'a> {
         // Status updates go out every few seconds, also while the session waits for a route.
         self.metrics.liveness().progress();
         Ok(())
+    }
+}
+
+/// The changes a feed message carries.
+fn feed_len(feed: &Feed) -> usize {
+    match feed {
+        Feed::Transaction { changes, .. }
+        | Feed::Part { changes, .. }
+        | Feed::LargeEnd { changes, .. } => changes.len(),
+        Feed::LargeAbort | Feed::Idle { .. } | Feed::Finish => 0,
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::changes::ChangeMapper;
 use super::relations::StreamTables;
-use super::session::{Parts, Session};
+use super::session::{Parts, RouteStart, Session};
 use super::{
     answered, stopped, AbortOnDrop, Limit, Mode, APPLICATION_NAME, STATUS_INTERVAL, TARGET_TIMEOUT,
 };
@@ -45,65 +45,33 @@ const SLOT_BUSY_MARGIN: Duration = Duration::from_secs(5);
 /// and the `messages` option (logical messages, which carry the heartbeats).
 const PROTOCOL_2_MIN_VERSION: u32 = 140_000;
 
+/// A route's target, locked and read, before the source is asked anything.
+struct OpenTarget {
+    config: Config,
+    client: tokio_postgres::Client,
+    warnings: conn::sql::Warnings,
+    shape: apply::TargetShape,
+    checkpoint: apply::Checkpoint,
+}
+
 pub(super) async fn run_session(
     config: &Config,
     metrics: &Arc<Metrics>,
     shutdown: &mut watch::Receiver<bool>,
     mode: Mode,
 ) -> Result<(), Error> {
-    // Every request before streaming is bounded: a connection stalled while a session starts
-    // would otherwise hang it for good (the stream's own silence check comes later).
     let target_limit = Limit::new(TARGET_TIMEOUT, metrics.liveness());
     let source_limit = Limit::new(config.source_timeout, metrics.liveness());
-    let (target, warnings, shape) = answered(target_limit, "target", "preparing the session", async {
-        let (target, warnings) =
-            conn::sql::connect_counting_warnings(&config.target, APPLICATION_NAME)
-                .await
-                .map_err(Error::connect("target"))?;
-        conn::version::check_target(&target).await?;
-        let exists: bool = target
-            .query_one("SELECT to_regclass('neon_auth.users_sync') IS NOT NULL AND to_regclass('usersync.state') IS NOT NULL", &[])
-            .await
-            .map_err(apply::ApplyError::sql("looking for neon_auth.users_sync"))?
-            .get(0);
-        if !exists {
-            return Err(Error::Config(
-                "the target has no neon_auth.users_sync or usersync.state yet: run usersync setup first"
-                    .into(),
-            ));
+    // Every target first: each route's lock, then its checkpoint. Routes are taken in the
+    // file's order, so two processes of one fan-out wait on the same first lock.
+    let mut targets = Vec::new();
+    for route in config.route_configs() {
+        match open_target(route, metrics, shutdown, mode).await? {
+            Some(target) => targets.push(target),
+            None => return Ok(()),
         }
-        let shape = apply::check_shape(&target).await?;
-        Ok((target, warnings, shape))
-    })
-    .await?;
-    metrics.set_connected(Side::Target, true);
-    if !hold_slot_lock(&target, &config.slot, mode, metrics, shutdown).await? {
-        return Ok(());
     }
     let dry_run = mode.is_dry_run();
-    if !dry_run {
-        // A checkpoint table of an older usersync gets what this one records; holding the
-        // slot's lock, no other replicator of this slot writes to it meanwhile.
-        answered(target_limit, "target", "upgrading usersync.state", async {
-            Ok(apply::upgrade_state(&target).await?)
-        })
-        .await?;
-    }
-    // Read only now: a standby that just took over resumes where the other one stopped.
-    let checkpoint = answered(target_limit, "target", "reading the checkpoint", async {
-        Ok(apply::read_checkpoint(&target, &config.slot).await?)
-    })
-    .await?;
-    // Without one, setup or resync has not finished its copy (or the checkpoint was
-    // removed): streaming now would make a partial copy final, or race a copy in progress.
-    let Some(checkpoint) = checkpoint else {
-        return Err(Error::Config(format!(
-            "the target holds no checkpoint for slot {}: usersync setup (or resync) has not \
-             finished its copy, or the checkpoint was removed; run usersync setup to finish a \
-             first setup, or usersync resync if this target was fed before",
-            config.slot
-        )));
-    };
 
     let source = answered(source_limit, "source", "preparing the session", async {
         let source = conn::sql::connect(&config.source, APPLICATION_NAME)
@@ -161,86 +129,49 @@ pub(super) async fn run_session(
         Ok((replication, identity))
     })
     .await?;
-    if checkpoint.system_id != identity.system_id {
-        return Err(SourceError::Definite(format!(
-            "the target's checkpoint for slot {} comes from source system {}, but this \
-             source is system {}; point usersync at the right source, or use another slot",
-            config.slot, checkpoint.system_id, identity.system_id
-        ))
-        .into());
-    }
-    // The slot is never confirmed past the checkpoint (`sql/usersync_state.sql`), so a slot
-    // confirmed further means this target lost what it had applied; streaming on from the
-    // slot would leave that gap for good. A checkpoint an older usersync wrote proves
-    // nothing yet: it is taken over at the slot's position.
-    if checkpoint.slot_bounded && confirmed_flush > checkpoint.end_lsn {
-        return Err(target_behind_slot(
-            &config.slot,
+    let mut routes = Vec::with_capacity(targets.len());
+    for target in targets {
+        let resume_at = resume_point(
+            &target,
+            &identity,
             confirmed_flush,
-            &checkpoint,
-        ));
-    }
-    let take_over = !checkpoint.slot_bounded && !dry_run;
-    let resume_at = if take_over {
-        checkpoint.end_lsn.max(confirmed_flush)
-    } else {
-        checkpoint.end_lsn
-    };
-    // Every position the session resumes from came from this source's WAL: one past the end
-    // of a primary's WAL means the source lost WAL since (a failover to a standby that
-    // lacked it, a restore), and its new transactions there would be skipped as already
-    // applied. A standby source may just not have replayed that far yet (it has restarted):
-    // the walsender waits for it.
-    if resume_at > identity.xlog_pos && !source_in_recovery {
-        return Err(SourceError::Definite(format!(
-            "the target's checkpoint for slot {} is at {}, past the end of the source's WAL \
-             ({}): the source lost WAL this target had seen (it failed over to a standby that \
-             lacked it, or was restored to an earlier point), and changes made there since \
-             would be skipped; run usersync resync (it copies the table again and \
-             soft-deletes the users the source no longer has)",
-            config.slot, resume_at, identity.xlog_pos
-        ))
-        .into());
-    }
-    if take_over {
-        answered(
+            source_in_recovery,
+            dry_run,
             target_limit,
-            "target",
-            "taking over the checkpoint",
-            async {
-                Ok(apply::take_over_checkpoint(
-                    &target,
-                    &config.slot,
-                    &checkpoint.system_id,
-                    confirmed_flush,
-                )
-                .await?)
-            },
         )
         .await?;
-        // Once per upgrade; more often means something else writes usersync.state (a
-        // trigger, a person), which turns the detection of a restored target off.
-        tracing::warn!(
-            slot = %config.slot,
-            checkpoint = %resume_at,
-            "took over a checkpoint that an older usersync (or something else) wrote: a \
-             restore of the target to before this point cannot be detected"
-        );
+        let OpenTarget {
+            config: route,
+            client,
+            warnings,
+            shape,
+            ..
+        } = target;
+        let writer = answered(target_limit, "target", "preparing statements", async {
+            let mut writer =
+                TargetWriter::new(client, shape, &route.checkpoint_key(), &identity.system_id)
+                    .await?;
+            writer.watch_warnings(warnings);
+            // The checkpoint read above is only visible: the session that wrote it may have
+            // committed it asynchronously and died before a synchronous commit covered it, and
+            // a target crash (or a Neon compute restart) would undo it. It becomes the first
+            // position this session reports, so first make it durable.
+            writer.make_durable(None).await?;
+            writer.use_async_commit().await?;
+            writer.count_in(Arc::clone(metrics));
+            Ok(writer)
+        })
+        .await?;
+        routes.push(RouteStart {
+            worker: ApplyWorker::spawn(writer),
+            resume_at,
+        });
     }
-    let writer = answered(target_limit, "target", "preparing statements", async {
-        let mut writer =
-            TargetWriter::new(target, shape, &config.slot, &identity.system_id).await?;
-        writer.watch_warnings(warnings);
-        // The checkpoint read above is only visible: the session that wrote it may have
-        // committed it asynchronously and died before a synchronous commit covered it, and a
-        // target crash (or a Neon compute restart) would undo it. It becomes the first
-        // position this session reports, so first make it durable.
-        writer.make_durable(None).await?;
-        writer.use_async_commit().await?;
-        writer.count_in(Arc::clone(metrics));
-        Ok(writer)
-    })
-    .await?;
+    let resume_at = routes
+        .iter()
+        .map(|route| route.resume_at)
+        .min()
+        .unwrap_or(Lsn::ZERO);
     let protocol_2 = replication
         .server_version_num()
         .is_some_and(|v| v >= PROTOCOL_2_MIN_VERSION);
@@ -262,7 +193,13 @@ pub(super) async fn run_session(
     })
     .await?;
     metrics.set_source_system(&config.slot, &identity.system_id);
-    tracing::info!(slot = %config.slot, resume_at = %resume_at, system = %identity.system_id, "streaming");
+    tracing::info!(
+        slot = %config.slot,
+        resume_at = %resume_at,
+        system = %identity.system_id,
+        routes = routes.len(),
+        "streaming"
+    );
     metrics.set_connected(Side::Source, true);
     metrics.set_ready(true);
     // Heartbeats need logical messages, which protocol 1 servers cannot send.
@@ -281,18 +218,20 @@ pub(super) async fn run_session(
         Mode::Service => STATUS_INTERVAL,
         Mode::Replay { .. } => REPLAY_STATUS_INTERVAL,
     };
+    let tables = StreamTables::new(profile, &config.table)
+        .routed_by(config.routes.as_ref().map(|routes| routes.by.clone()));
     Session::new(Parts {
         config,
         metrics,
         mode,
         status_interval,
         stream,
-        worker: ApplyWorker::spawn(writer),
+        routes,
         changes: ChangeMapper::new(
-            StreamTables::new(profile, &config.table),
+            tables,
             heartbeat_prefix(&config.slot),
+            config.routes.as_ref().map(|routes| routes.router()),
         ),
-        resume_at,
         slot_confirmed: confirmed_flush,
         monitor_started,
     })
@@ -300,11 +239,170 @@ pub(super) async fn run_session(
     .await
 }
 
+/// Connects to a route's target, takes its lock (standing by while another process holds
+/// it), brings usersync's tables up to this version and reads the checkpoint. `None` if
+/// stopped while standing by.
+async fn open_target(
+    config: Config,
+    metrics: &Arc<Metrics>,
+    shutdown: &mut watch::Receiver<bool>,
+    mode: Mode,
+) -> Result<Option<OpenTarget>, Error> {
+    // Every request before streaming is bounded: a connection stalled while a session starts
+    // would otherwise hang it for good (the stream's own silence check comes later).
+    let target_limit = Limit::new(TARGET_TIMEOUT, metrics.liveness());
+    let (client, warnings, shape) = answered(target_limit, "target", "preparing the session", async {
+        let (target, warnings) =
+            conn::sql::connect_counting_warnings(&config.target, APPLICATION_NAME)
+                .await
+                .map_err(Error::connect("target"))?;
+        conn::version::check_target(&target).await?;
+        let exists: bool = target
+            .query_one("SELECT to_regclass('neon_auth.users_sync') IS NOT NULL AND to_regclass('usersync.state') IS NOT NULL", &[])
+            .await
+            .map_err(apply::ApplyError::sql("looking for neon_auth.users_sync"))?
+            .get(0);
+        if !exists {
+            return Err(Error::Config(format!(
+                "the target{} has no neon_auth.users_sync or usersync.state yet: run usersync setup first",
+                route_label(&config)
+            )));
+        }
+        let shape = apply::check_shape(&target).await?;
+        Ok((target, warnings, shape))
+    })
+    .await?;
+    metrics.set_connected(Side::Target, true);
+    let key = config.checkpoint_key();
+    if !hold_slot_lock(&client, &key, mode, metrics, shutdown).await? {
+        return Ok(None);
+    }
+    if !mode.is_dry_run() {
+        // A checkpoint table of an older usersync gets what this one records; holding the
+        // slot's lock, no other replicator of this slot writes to it meanwhile.
+        answered(target_limit, "target", "upgrading usersync.state", async {
+            Ok(apply::upgrade_state(&client).await?)
+        })
+        .await?;
+    }
+    // Read only now: a standby that just took over resumes where the other one stopped.
+    let checkpoint = answered(target_limit, "target", "reading the checkpoint", async {
+        Ok(apply::read_checkpoint(&client, &key).await?)
+    })
+    .await?;
+    // Without one, setup or resync has not finished its copy (or the checkpoint was
+    // removed): streaming now would make a partial copy final, or race a copy in progress.
+    let Some(checkpoint) = checkpoint else {
+        return Err(Error::Config(format!(
+            "the target{} holds no checkpoint for slot {}: usersync setup (or resync) has not \
+             finished its copy, or the checkpoint was removed; run usersync setup to finish a \
+             first setup, or usersync resync if this target was fed before",
+            route_label(&config),
+            config.slot
+        )));
+    };
+    Ok(Some(OpenTarget {
+        config,
+        client,
+        warnings,
+        shape,
+        checkpoint,
+    }))
+}
+
+/// Where a route's target resumes: its checkpoint, once checked against the source.
+async fn resume_point(
+    target: &OpenTarget,
+    identity: &crate::source::SystemIdentity,
+    confirmed_flush: Lsn,
+    source_in_recovery: bool,
+    dry_run: bool,
+    target_limit: Limit<'_>,
+) -> Result<Lsn, Error> {
+    let OpenTarget {
+        config, checkpoint, ..
+    } = target;
+    let route = route_label(config);
+    if checkpoint.system_id != identity.system_id {
+        return Err(SourceError::Definite(format!(
+            "the target's checkpoint{route} for slot {} comes from source system {}, but this \
+             source is system {}; point usersync at the right source, or use another slot",
+            config.slot, checkpoint.system_id, identity.system_id
+        ))
+        .into());
+    }
+    // The slot is never confirmed past the checkpoint (`sql/usersync_state.sql`), so a slot
+    // confirmed further means this target lost what it had applied; streaming on from the
+    // slot would leave that gap for good. A checkpoint an older usersync wrote proves
+    // nothing yet: it is taken over at the slot's position.
+    if checkpoint.slot_bounded && confirmed_flush > checkpoint.end_lsn {
+        return Err(target_behind_slot(config, confirmed_flush, checkpoint));
+    }
+    let take_over = !checkpoint.slot_bounded && !dry_run;
+    let resume_at = if take_over {
+        checkpoint.end_lsn.max(confirmed_flush)
+    } else {
+        checkpoint.end_lsn
+    };
+    // Every position the session resumes from came from this source's WAL: one past the end
+    // of a primary's WAL means the source lost WAL since (a failover to a standby that
+    // lacked it, a restore), and its new transactions there would be skipped as already
+    // applied. A standby source may just not have replayed that far yet (it has restarted):
+    // the walsender waits for it.
+    if resume_at > identity.xlog_pos && !source_in_recovery {
+        return Err(SourceError::Definite(format!(
+            "the target's checkpoint{route} for slot {} is at {}, past the end of the source's \
+             WAL ({}): the source lost WAL this target had seen (it failed over to a standby \
+             that lacked it, or was restored to an earlier point), and changes made there \
+             since would be skipped; run usersync resync (it copies the table again and \
+             soft-deletes the users the source no longer has)",
+            config.slot, resume_at, identity.xlog_pos
+        ))
+        .into());
+    }
+    if take_over {
+        answered(
+            target_limit,
+            "target",
+            "taking over the checkpoint",
+            async {
+                Ok(apply::take_over_checkpoint(
+                    &target.client,
+                    &config.checkpoint_key(),
+                    &checkpoint.system_id,
+                    confirmed_flush,
+                )
+                .await?)
+            },
+        )
+        .await?;
+        // Once per upgrade; more often means something else writes usersync.state (a
+        // trigger, a person), which turns the detection of a restored target off.
+        tracing::warn!(
+            slot = %config.slot,
+            checkpoint = %resume_at,
+            "took over a checkpoint that an older usersync (or something else) wrote: a \
+             restore of the target to before this point cannot be detected"
+        );
+    }
+    Ok(resume_at)
+}
+
+/// " of route NAME" in messages about a route's target; nothing for the one target.
+fn route_label(config: &Config) -> String {
+    config
+        .route_name()
+        .map(|name| format!(" of route {name}"))
+        .unwrap_or_default()
+}
+
 /// A slot confirmed past the target's checkpoint, which bounds it: the target lost what it
 /// had applied up to the slot's position, and the source no longer has it for this slot.
-fn target_behind_slot(slot: &str, confirmed: Lsn, checkpoint: &apply::Checkpoint) -> Error {
+fn target_behind_slot(config: &Config, confirmed: Lsn, checkpoint: &apply::Checkpoint) -> Error {
+    let slot = &config.slot;
+    let route = route_label(config);
     Error::Config(format!(
-        "slot {slot} is confirmed up to {confirmed}, past this target's checkpoint ({}), which \
+        "slot {slot} is confirmed up to {confirmed}, past this target's checkpoint{route} ({}), which \
          usersync never lets it pass: this target may have lost changes, and the slot no \
          longer holds them. Restored from a backup or to an earlier point: run usersync \
          resync. A copy (a branch) of the target this slot feeds: never use this slot for it; \

@@ -394,7 +394,25 @@ impl ReplicationConnection {
                 escape_identifier(slot)
             )
         };
-        let result = self.simple_query(&sql).await?;
+        self.create_slot(&sql).await
+    }
+
+    /// `CREATE_REPLICATION_SLOT ... TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT`: a slot for
+    /// its snapshot alone, dropped by the server when this connection ends.
+    pub async fn create_temporary_logical_slot(
+        &mut self,
+        slot: &str,
+    ) -> Result<CreatedSlot, ReplicationError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT",
+            escape_identifier(slot)
+        );
+        self.create_slot(&sql).await
+    }
+
+    /// Runs a `CREATE_REPLICATION_SLOT` command and reads its reply.
+    async fn create_slot(&mut self, sql: &str) -> Result<CreatedSlot, ReplicationError> {
+        let result = self.simple_query(sql).await?;
         let consistent_point = result
             .first("consistent_point")
             .and_then(|v| v.parse().ok())

@@ -231,7 +231,7 @@ fn apply_target_role(pg: &LocalPg, dbname: &str, role: &str) {
 }
 
 /// Creates an empty database on `pg`.
-async fn create_database(pg: &LocalPg, dbname: &str) {
+pub async fn create_database(pg: &LocalPg, dbname: &str) {
     sql(pg, "postgres")
         .await
         .batch_execute(&format!("CREATE DATABASE {dbname}"))
@@ -352,6 +352,8 @@ impl Pair {
             heartbeat_interval: Some(usersync::config::DEFAULT_HEARTBEAT_INTERVAL),
             source_timeout: usersync::config::DEFAULT_SOURCE_TIMEOUT,
             spill_threshold: usersync::decode::DEFAULT_MEMORY_LIMIT,
+            routes: None,
+            route: None,
         };
         Pair {
             server,

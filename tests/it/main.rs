@@ -25,6 +25,7 @@ mod replay;
 mod replication;
 mod restore;
 mod resync;
+mod routes;
 mod schema_change;
 mod security;
 mod snapshot;

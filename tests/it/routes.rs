@@ -1,0 +1,393 @@
+//! Fan-out (`--routes`): one slot feeding a target per tenancy. Each target must hold exactly
+//! its tenancies' users, every change applied once, across kill -9 of the service; a route
+//! added later is copied in a snapshot of its own and then streamed, with nothing lost or
+//! doubled at the seam.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt as _;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::harness::*;
+
+/// A users table whose rows carry their tenancy; the tenancy is in the replica identity
+/// (FULL), as routing needs.
+const TENANT_USERS: &str = "
+CREATE TABLE public.users (
+    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    tenant       text NOT NULL,
+    email        text,
+    display_name text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    version      int NOT NULL DEFAULT 1,
+    metadata     jsonb NOT NULL DEFAULT '{}'
+);
+ALTER TABLE public.users REPLICA IDENTITY FULL";
+
+/// A route of the test: its name, the tenancies it takes (none: the default) and its
+/// target database.
+struct TestRoute {
+    name: &'static str,
+    tenants: Vec<&'static str>,
+    dbname: String,
+    client: Client,
+}
+
+struct FanOut {
+    pair: Pair,
+    routes: Vec<TestRoute>,
+    dir: std::path::PathBuf,
+}
+
+impl FanOut {
+    async fn new(routes: &[(&'static str, &[&'static str])]) -> FanOut {
+        let pair = Pair::on_as_superuser(shared_server(), TENANT_USERS).await;
+        let mut made = Vec::new();
+        for (name, tenants) in routes {
+            made.push(Self::route(&pair, name, tenants).await);
+        }
+        let dir = std::env::temp_dir().join(unique("routes"));
+        std::fs::create_dir_all(&dir).unwrap();
+        FanOut {
+            pair,
+            routes: made,
+            dir,
+        }
+    }
+
+    async fn route(pair: &Pair, name: &'static str, tenants: &[&'static str]) -> TestRoute {
+        let dbname = format!("{}_{name}", pair.config.target.dbname);
+        create_database(pair.target_server, &dbname).await;
+        TestRoute {
+            name,
+            tenants: tenants.to_vec(),
+            client: sql(pair.target_server, &dbname).await,
+            dbname,
+        }
+    }
+
+    /// Writes the routes file (mode 0600: it names the targets' URLs) and returns its path.
+    fn routes_file(&self) -> std::path::PathBuf {
+        let mut text = String::from("route_by = \"tenant\"\n");
+        for route in &self.routes {
+            let url = self.pair.target_server.superuser_url(&route.dbname);
+            text.push_str(&format!("\n[[route]]\nname = \"{}\"\n", route.name));
+            if route.tenants.is_empty() {
+                text.push_str("default = true\n");
+            } else {
+                let values: Vec<String> =
+                    route.tenants.iter().map(|t| format!("\"{t}\"")).collect();
+                text.push_str(&format!("values = [{}]\n", values.join(", ")));
+            }
+            let url_file = self.dir.join(format!("{}.url", route.name));
+            std::fs::write(&url_file, &url).unwrap();
+            std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+            text.push_str(&format!("target_file = \"{}\"\n", url_file.display()));
+        }
+        let path = self.dir.join("routes.toml");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    }
+
+    /// The binary with the source and the routes file, and no --target.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = self.pair.command(args);
+        command
+            .env_remove("USERSYNC_TARGET_URL")
+            .env("USERSYNC_ROUTES_FILE", self.routes_file());
+        command
+    }
+
+    fn usersync(&self, args: &[&str]) -> std::process::Output {
+        self.command(args).output().expect("run usersync")
+    }
+
+    /// Source users of the route's tenancies as (id, email, version); the default route
+    /// takes every tenancy no other route names.
+    async fn expected(&self, route: &TestRoute) -> Vec<(String, Option<String>, i32)> {
+        let named: Vec<String> = self
+            .routes
+            .iter()
+            .flat_map(|r| r.tenants.iter().map(|t| t.to_string()))
+            .collect();
+        let (sql, values) = if route.tenants.is_empty() {
+            ("NOT (tenant = ANY($1))", named)
+        } else {
+            (
+                "tenant = ANY($1)",
+                route.tenants.iter().map(|t| t.to_string()).collect(),
+            )
+        };
+        self.pair
+            .source
+            .query(
+                &format!(
+                    "SELECT id::text, email, version FROM public.users WHERE {sql} ORDER BY id::text"
+                ),
+                &[&values],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
+    /// Waits until every route's target holds exactly its share of the source, live.
+    async fn wait_for_match(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut differ = BTreeMap::new();
+            for route in &self.routes {
+                let expected = self.expected(route).await;
+                let actual = live_users(&route.client).await;
+                if expected != actual {
+                    differ.insert(route.name, (expected.len(), actual.len()));
+                }
+            }
+            if differ.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "targets did not match their tenancies within {WAIT:?} (route: source rows, \
+                 target rows): {differ:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for FanOut {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn live_users(target: &Client) -> Vec<(String, Option<String>, i32)> {
+    target
+        .query(
+            "SELECT id, email, (raw_json ->> 'version')::int FROM neon_auth.users_sync
+              WHERE deleted_at IS NULL ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// Inserts, updates (some moving a user to another tenancy) and deletes across tenancies
+/// until stopped; returns how many statements it ran.
+fn spawn_load(
+    client: Client,
+    tenants: &'static [&'static str],
+    writing: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<u32> {
+    tokio::spawn(async move {
+        let mut n = 0u32;
+        while writing.load(Ordering::Relaxed) {
+            n += 1;
+            let tenant = tenants[n as usize % tenants.len()];
+            let sql = match n % 25 {
+                0 => "DELETE FROM users WHERE id = (SELECT id FROM users ORDER BY version LIMIT 1)"
+                    .to_owned(),
+                // A user moves to another tenancy: gone from one target, new on another.
+                7 => format!(
+                    "UPDATE users SET tenant = '{tenant}', version = version + 1
+                      WHERE id = (SELECT id FROM users ORDER BY random() LIMIT 1)"
+                ),
+                k if k % 3 == 0 => format!(
+                    "INSERT INTO users (tenant, email) VALUES ('{tenant}', 'u{n}@{tenant}.example')"
+                ),
+                _ => "UPDATE users SET version = version + 1
+                       WHERE id IN (SELECT id FROM users ORDER BY random() LIMIT 3)"
+                    .to_owned(),
+            };
+            client.batch_execute(&sql).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        n
+    })
+}
+
+const TENANTS: &[&str] = &["acme", "globex", "initech", "umbrella"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slot_feeds_each_target_its_tenancies_exactly_once_across_kill_9() {
+    let fan_out = FanOut::new(&[
+        ("acme", &["acme"]),
+        ("globex", &["globex", "umbrella"]),
+        ("rest", &[]),
+    ])
+    .await;
+    let source = &fan_out.pair.source;
+    source
+        .batch_execute(
+            "INSERT INTO users (tenant, email)
+             SELECT (ARRAY['acme','globex','initech','umbrella'])[1 + i % 4], 'pre' || i || '@example.com'
+               FROM generate_series(1, 200) AS i",
+        )
+        .await
+        .unwrap();
+    let setup = fan_out.usersync(&["setup"]);
+    assert!(setup.status.success(), "setup: {}", text(&setup));
+    let said = text(&setup);
+    assert!(said.contains("route acme"), "{said}");
+    fan_out.wait_for_match().await;
+    for route in &fan_out.routes {
+        install_write_log(&route.client).await;
+        let key: String = route
+            .client
+            .query_one("SELECT slot_name FROM usersync.state", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(key, format!("{}:{}", fan_out.pair.config.slot, route.name));
+    }
+
+    // One target much slower than the others: the slot must wait for it, never confirming
+    // what only the fast ones hold (a restart would find it past this route's checkpoint).
+    fan_out.routes[2]
+        .client
+        .batch_execute(
+            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_sleep(0.02); RETURN NEW; END $$;
+             CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON neon_auth.users_sync
+               FOR EACH STATEMENT EXECUTE FUNCTION slow();",
+        )
+        .await
+        .unwrap();
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = spawn_load(
+        sql(fan_out.pair.server, &fan_out.pair.config.source.dbname).await,
+        TENANTS,
+        Arc::clone(&writing),
+    );
+    for kill in 0..4u64 {
+        let mut child = fan_out
+            .command(&["run"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(900 + 300 * kill)).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    writing.store(false, Ordering::Relaxed);
+    let statements = writer.await.unwrap();
+    assert!(
+        statements > 100,
+        "the load ran only {statements} statements"
+    );
+
+    let mut child = fan_out
+        .command(&["run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    fan_out.wait_for_match().await;
+    // The slot moves on to what every route holds: wait for it to pass the end of the load.
+    let end = fan_out.pair.source_wal_lsn().await;
+    fan_out
+        .pair
+        .wait_for_slot_confirmed(&end, false, "the slot never reached the end of the load")
+        .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for route in &fan_out.routes {
+        assert_write_log_ordered(&route.client).await;
+        assert!(
+            soft_deleted_users(&route.client).await > 0,
+            "route {}: users deleted or moved away must stay soft-deleted",
+            route.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_added_later_is_copied_then_streamed_without_a_gap() {
+    let mut fan_out = FanOut::new(&[("acme", &["acme"]), ("globex", &["globex"])]).await;
+    let source = &fan_out.pair.source;
+    source
+        .batch_execute(
+            "INSERT INTO users (tenant, email)
+             SELECT (ARRAY['acme','globex','initech'])[1 + i % 3], 'pre' || i || '@example.com'
+               FROM generate_series(1, 90) AS i",
+        )
+        .await
+        .unwrap();
+    let setup = fan_out.usersync(&["setup"]);
+    assert!(setup.status.success(), "setup: {}", text(&setup));
+
+    // Streaming, with changes to the tenancy no route takes yet.
+    let mut run = fan_out
+        .command(&["run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    source
+        .batch_execute("UPDATE users SET version = version + 1 WHERE tenant = 'initech'")
+        .await
+        .unwrap();
+    fan_out.wait_for_match().await;
+
+    fan_out
+        .routes
+        .push(FanOut::route(&fan_out.pair, "initech", &["initech"]).await);
+    // The write log sees the copy's rows too: a change before the copy applied again on top
+    // of it would write a version twice.
+    let new_target = &fan_out.routes[2].client;
+    new_target
+        .batch_execute(include_str!("../../sql/users_sync.sql"))
+        .await
+        .unwrap();
+    install_write_log(new_target).await;
+    // While run streams from the slot, the new route cannot be copied: run would move the
+    // slot past its copy without feeding it.
+    let refused = fan_out.usersync(&["setup"]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(text(&refused).contains("is in use"), "{}", text(&refused));
+    run.kill().unwrap();
+    run.wait().unwrap();
+
+    // Changes while nothing streams: before the copy, for the old routes and the new one.
+    source
+        .batch_execute(
+            "UPDATE users SET version = version + 1;
+             DELETE FROM users WHERE id IN (SELECT id FROM users WHERE tenant = 'initech' LIMIT 3)",
+        )
+        .await
+        .unwrap();
+    let added = fan_out.usersync(&["setup"]);
+    assert!(added.status.success(), "setup: {}", text(&added));
+    assert!(
+        text(&added).contains("temporary replication slot"),
+        "{}",
+        text(&added)
+    );
+    // And after the copy, before run: the new route must get these, once.
+    source
+        .batch_execute("UPDATE users SET version = version + 1 WHERE tenant = 'initech'")
+        .await
+        .unwrap();
+    let mut run = fan_out
+        .command(&["run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    fan_out.wait_for_match().await;
+    run.kill().unwrap();
+    run.wait().unwrap();
+    assert_write_log_ordered(&fan_out.routes[2].client).await;
+}
