@@ -251,10 +251,11 @@ impl Routes {
         };
         if Some(index) == self.default {
             let named = list(&mut self.routes.iter().flat_map(|route| route.values.iter()));
+            // NULL goes to the default route in the stream ([`Router::route`]), so here too.
             if named.is_empty() {
-                format!("{column} IS NOT NULL")
+                "true".to_owned()
             } else {
-                format!("{column}::text NOT IN ({named})")
+                format!("({column} IS NULL OR {column}::text NOT IN ({named}))")
             }
         } else {
             format!(
@@ -389,7 +390,7 @@ mod tests {
         );
         assert_eq!(
             routes.copy_filter(1, None),
-            "\"tenancyId\"::text NOT IN ('a', 'b')"
+            "(\"tenancyId\" IS NULL OR \"tenancyId\"::text NOT IN ('a', 'b'))"
         );
     }
 

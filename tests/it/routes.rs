@@ -19,7 +19,7 @@ use crate::harness::*;
 const TENANT_USERS: &str = "
 CREATE TABLE public.users (
     id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    tenant       text NOT NULL,
+    tenant       text,
     email        text,
     display_name text,
     created_at   timestamptz NOT NULL DEFAULT now(),
@@ -116,7 +116,7 @@ impl FanOut {
             .flat_map(|r| r.tenants.iter().map(|t| t.to_string()))
             .collect();
         let (sql, values) = if route.tenants.is_empty() {
-            ("NOT (tenant = ANY($1))", named)
+            ("(tenant IS NULL OR NOT (tenant = ANY($1)))", named)
         } else {
             (
                 "tenant = ANY($1)",
@@ -232,7 +232,9 @@ async fn one_slot_feeds_each_target_its_tenancies_exactly_once_across_kill_9() {
         .batch_execute(
             "INSERT INTO users (tenant, email)
              SELECT (ARRAY['acme','globex','initech','umbrella'])[1 + i % 4], 'pre' || i || '@example.com'
-               FROM generate_series(1, 200) AS i",
+               FROM generate_series(1, 200) AS i;
+             -- No tenancy at all: the default route's, in the copy as in the stream.
+             INSERT INTO users (tenant, email) VALUES (NULL, 'orphan1@example.com'), (NULL, 'orphan2@example.com')",
         )
         .await
         .unwrap();
