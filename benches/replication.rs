@@ -1169,6 +1169,7 @@ async fn start(settings: &Settings, report: &mut Report) -> Bench {
         spill_threshold: usersync::decode::DEFAULT_MEMORY_LIMIT,
         routes: None,
         route: None,
+        evict_after: None,
     };
     eprintln!("snapshot: usersync setup");
     let started = Instant::now();

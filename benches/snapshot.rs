@@ -86,6 +86,7 @@ async fn main() {
         spill_threshold: usersync::decode::DEFAULT_MEMORY_LIMIT,
         routes: None,
         route: None,
+        evict_after: None,
     };
     let started = Instant::now();
     setup(&config, SetupOptions::default())

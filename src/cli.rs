@@ -310,6 +310,17 @@ pub struct RunArgs {
         value_name = "SIZE"
     )]
     pub spill_threshold: String,
+
+    /// With --routes: a route whose target has been down this long stops holding the slot
+    /// (the others' WAL is released) and needs a resync; by default a route holds it until
+    /// it comes back.
+    #[arg(
+        long,
+        env = "USERSYNC_EVICT_AFTER",
+        value_name = "DURATION",
+        requires = "routes"
+    )]
+    pub evict_after: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -43,6 +43,9 @@ pub struct Config {
     /// The route this config is for (see [`Config::route_configs`]); `None`: the one target,
     /// or the whole fan-out.
     pub route: Option<usize>,
+    /// A fan-out's route down this long stops holding the slot (`--evict-after`); `None`:
+    /// never.
+    pub evict_after: Option<Duration>,
 }
 
 /// The lag target unless `--lag-target` says otherwise: Neon's promise for users_sync.
@@ -165,6 +168,7 @@ impl Config {
             spill_threshold: DEFAULT_MEMORY_LIMIT,
             routes,
             route: None,
+            evict_after: None,
         })
     }
 

@@ -112,6 +112,11 @@ async fn dispatch(command: Command) -> Result<u8, Failure> {
             config.source_timeout = parse_source_timeout(&args.source_timeout)?;
             config.spill_threshold = parse_spill_threshold(&args.spill_threshold)?;
             config.lag_target = parse_duration(&args.lag.lag_target)?;
+            config.evict_after = args
+                .evict_after
+                .as_deref()
+                .map(parse_duration)
+                .transpose()?;
             commands::run::run(&config, args.metrics_addr).await?
         }
         Command::Status(args) => {

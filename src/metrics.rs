@@ -89,6 +89,21 @@ struct SlotLabel {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NoLabels {}
 
+/// A route of a fan-out (`--routes`), by name: at most [`crate::routing::MAX_ROUTES`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStateLabel {
+    route: String,
+    state: &'static str,
+}
+
+/// The states a route of a fan-out can be in (see `replicator::fleet`).
+pub const ROUTE_STATES: [&str; 4] = ["active", "draining", "detached", "evicted"];
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QuantileLabel {
     quantile: &'static str,
@@ -129,6 +144,13 @@ pub struct Metrics {
     slot_info: Family<SlotLabel, Gauge>,
     lag_recent: Family<QuantileLabel, FloatGauge>,
     lag_recent_within_target: Family<NoLabels, FloatGauge>,
+    route_state: Family<RouteStateLabel, Gauge>,
+    route_lag: Family<RouteLabel, FloatGauge>,
+    route_durable_lsn: Family<RouteLabel, FloatGauge>,
+    route_changes: Family<RouteLabel, Counter>,
+    /// Each route's current lag, in seconds, by its index: the process's current lag is
+    /// the largest.
+    route_lags: std::sync::Mutex<Vec<f64>>,
     /// Lag samples of the last minute, for percentiles printed by `demo`.
     pub lag_window: LagWindow,
     lag_target: Duration,
@@ -309,6 +331,33 @@ impl Metrics {
             "Share of the last minute's transactions applied within the lag target",
             lag_recent_within_target.clone(),
         );
+        let route_state = Family::<RouteStateLabel, Gauge>::default();
+        registry.register(
+            "route_state",
+            "1 for a fan-out route's state: active, draining (too slow, applying what it \
+             holds), detached (down, holding the slot), evicted (needs a resync)",
+            route_state.clone(),
+        );
+        let route_lag = Family::<RouteLabel, FloatGauge>::default();
+        registry.register_with_unit(
+            "route_lag",
+            "A fan-out route's current lag: source commit to visible on its target",
+            Unit::Seconds,
+            route_lag.clone(),
+        );
+        let route_durable_lsn = Family::<RouteLabel, FloatGauge>::default();
+        registry.register(
+            "route_durable_lsn",
+            "The source position a fan-out route's target holds durably (the slot waits \
+             for the lowest), as a number",
+            route_durable_lsn.clone(),
+        );
+        let route_changes = Family::<RouteLabel, Counter>::default();
+        registry.register(
+            "route_changes",
+            "Changes applied to a fan-out route's target",
+            route_changes.clone(),
+        );
         let metrics = Metrics {
             registry,
             lag,
@@ -336,6 +385,11 @@ impl Metrics {
             slot_info,
             lag_recent,
             lag_recent_within_target,
+            route_state,
+            route_lag,
+            route_durable_lsn,
+            route_changes,
+            route_lags: std::sync::Mutex::new(Vec::new()),
             lag_window: LagWindow::default(),
             lag_target,
             liveness: Liveness::new(liveness::DEFAULT_BOUND),
@@ -396,6 +450,52 @@ impl Metrics {
 
     pub fn current_lag(&self) -> Duration {
         Duration::from_secs_f64(self.lag_current.get().max(0.0))
+    }
+
+    /// Route number `index` (named `route`) has this lag now; the process's current lag is
+    /// the largest of its routes'.
+    pub fn set_route_lag(&self, index: usize, route: &str, lag: Duration) {
+        let seconds = lag.as_secs_f64();
+        self.route_lag
+            .get_or_create(&RouteLabel {
+                route: route.to_owned(),
+            })
+            .set(seconds);
+        let mut lags = self.route_lags.lock().unwrap_or_else(|e| e.into_inner());
+        if lags.len() <= index {
+            lags.resize(index + 1, 0.0);
+        }
+        lags[index] = seconds;
+        let largest = lags.iter().copied().fold(0.0, f64::max);
+        self.lag_current.set(largest);
+    }
+
+    /// A route of a fan-out is in `state` (one of [`ROUTE_STATES`]) and holds `durable`.
+    pub fn set_route_state(&self, route: &str, state: &'static str, durable: Option<u64>) {
+        for candidate in ROUTE_STATES {
+            self.route_state
+                .get_or_create(&RouteStateLabel {
+                    route: route.to_owned(),
+                    state: candidate,
+                })
+                .set(i64::from(candidate == state));
+        }
+        if let Some(durable) = durable {
+            self.route_durable_lsn
+                .get_or_create(&RouteLabel {
+                    route: route.to_owned(),
+                })
+                .set(durable as f64);
+        }
+    }
+
+    /// `changes` more changes applied to a route's target.
+    pub fn route_applied(&self, route: &str, changes: u64) {
+        self.route_changes
+            .get_or_create(&RouteLabel {
+                route: route.to_owned(),
+            })
+            .inc_by(changes);
     }
 
     pub fn set_heartbeat_lag(&self, lag: Duration) {
@@ -550,6 +650,27 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_route_has_its_state_and_lag_and_the_process_shows_the_largest_lag() {
+        let metrics = Metrics::new(Duration::from_secs(1));
+        metrics.set_route_lag(0, "acme", Duration::from_millis(30));
+        metrics.set_route_lag(1, "globex", Duration::from_millis(700));
+        metrics.set_route_lag(0, "acme", Duration::from_millis(10));
+        assert_eq!(metrics.current_lag(), Duration::from_millis(700));
+        metrics.set_route_state("globex", "detached", Some(42));
+        metrics.route_applied("acme", 5);
+        let text = metrics.encode();
+        for line in [
+            "usersync_route_state{route=\"globex\",state=\"detached\"} 1",
+            "usersync_route_state{route=\"globex\",state=\"active\"} 0",
+            "usersync_route_lag_seconds{route=\"acme\"} 0.01",
+            "usersync_route_durable_lsn{route=\"globex\"} 42.0",
+            "usersync_route_changes_total{route=\"acme\"} 5",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
 
     #[test]
     fn encodes_names_with_units_and_the_target_bucket() {

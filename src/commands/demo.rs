@@ -71,6 +71,7 @@ pub async fn demo(args: &DemoArgs) -> Result<(), Error> {
         spill_threshold: DEFAULT_MEMORY_LIMIT,
         routes: None,
         route: None,
+        evict_after: None,
     };
     println!(
         "source {} / target {}",

@@ -64,14 +64,22 @@ pub(super) struct LagTracker {
     over_target: bool,
     /// When the last-minute percentiles were last published.
     recent_refreshed: Instant,
+    /// The route of a fan-out this tracks (index, name): its lag is its own gauge's.
+    route: Option<(usize, String)>,
 }
 
 impl LagTracker {
-    pub fn new(metrics: Arc<Metrics>, clock: SharedClock, monitor_started: UnixMicros) -> Self {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        clock: SharedClock,
+        monitor_started: UnixMicros,
+        route: Option<(usize, String)>,
+    ) -> Self {
         LagTracker {
             metrics,
             clock,
             monitor_started,
+            route,
             over_target: false,
             recent_refreshed: Instant::now()
                 .checked_sub(RECENT_LAG_REFRESH)
@@ -87,7 +95,7 @@ impl LagTracker {
     /// (Unix microseconds, its clock) is the best estimate of the idle lag.
     pub fn keepalive_while_idle(&mut self, sent_at: UnixMicros) {
         let lag = self.lag(sent_at, unix_micros_now());
-        self.metrics.set_current_lag(lag);
+        self.set_current(lag);
     }
 
     /// Transactions committed at `commit_times` became visible on the target just now.
@@ -99,7 +107,7 @@ impl LagTracker {
             last_lag = self.lag(*commit_time, applied_unix);
             self.metrics.observe_lag(applied_at, last_lag);
         }
-        self.metrics.set_current_lag(last_lag);
+        self.set_current(last_lag);
         self.note(last_lag);
     }
 
@@ -112,7 +120,7 @@ impl LagTracker {
         let lag = self.lag(commit_time, unix_micros_now());
         self.metrics.set_heartbeat_lag(lag);
         if caught_up {
-            self.metrics.set_current_lag(lag);
+            self.set_current(lag);
             self.note(lag);
         }
     }
@@ -123,7 +131,7 @@ impl LagTracker {
     pub fn waiting(&mut self, oldest: Option<UnixMicros>) {
         if let Some(oldest) = oldest {
             let lag = self.lag(oldest, unix_micros_now());
-            self.metrics.set_current_lag(lag);
+            self.set_current(lag);
             self.note(lag);
         }
         if self.recent_refreshed.elapsed() >= RECENT_LAG_REFRESH {
@@ -132,18 +140,29 @@ impl LagTracker {
         }
     }
 
+    /// The current lag: the process's, or its route's (of which the process shows the largest).
+    fn set_current(&self, lag: Duration) {
+        match &self.route {
+            None => self.metrics.set_current_lag(lag),
+            Some((index, name)) => self.metrics.set_route_lag(*index, name, lag),
+        }
+    }
+
     /// Logs when the lag crosses the target, once each way.
     fn note(&mut self, lag: Duration) {
         let target = self.metrics.lag_target();
         let over = lag > target;
+        let route = self.route.as_ref().map(|(_, name)| name.as_str());
         if over && !self.over_target {
             tracing::warn!(
+                route,
                 lag_ms = lag.as_millis() as u64,
                 target_ms = target.as_millis() as u64,
                 "lag is over the target"
             );
         } else if !over && self.over_target {
             tracing::info!(
+                route,
                 lag_ms = lag.as_millis() as u64,
                 target_ms = target.as_millis() as u64,
                 "lag is back under the target"

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 mod batcher;
 mod changes;
+mod fleet;
 mod lag;
 mod ledger;
 mod relations;
@@ -38,6 +39,7 @@ use crate::error::Error;
 use crate::liveness::Liveness;
 use crate::lsn::Lsn;
 use crate::metrics::{Metrics, Side};
+pub use fleet::RouteHealth;
 use start::run_session;
 
 /// Name shown in `pg_stat_activity` and `pg_stat_replication`.
@@ -72,10 +74,12 @@ pub async fn run(
 ) -> Result<(), Error> {
     let mut backoff = BACKOFF_MIN;
     metrics.set_slot_name(&config.slot);
+    let mut health = vec![RouteHealth::default(); config.route_configs().len()];
+    let mut rejoined: Option<Instant> = None;
     loop {
         let started = Instant::now();
         let batches_before = metrics.batches();
-        let result = run_session(config, &metrics, &mut shutdown, Mode::Service).await;
+        let result = run_session(config, &metrics, &mut shutdown, Mode::Service, &mut health).await;
         metrics.set_ready(false);
         metrics.set_connected(Side::Source, false);
         metrics.set_connected(Side::Target, false);
@@ -83,7 +87,18 @@ pub async fn run(
             metrics.session_error(error.is_transient());
         }
         match result {
-            Ok(()) => return Ok(()),
+            Ok(Ended::Done) => return Ok(()),
+            Ok(Ended::Rejoin) => {
+                // A route comes back: at once, but not more often than a route rejoins.
+                let wait = rejoined
+                    .map(|at| fleet::REJOIN_INTERVAL.saturating_sub(at.elapsed()))
+                    .unwrap_or_default();
+                rejoined = Some(Instant::now());
+                tokio::select! {
+                    _ = metrics.liveness().sleep(wait) => {}
+                    _ = stopped(&mut shutdown) => return Ok(()),
+                }
+            }
             Err(error) if error.is_transient() => {
                 // Progress means the failure interrupted working replication, not that it keeps
                 // failing: otherwise a blip every few seconds would grow backoff to its maximum.
@@ -119,6 +134,15 @@ fn with_jitter(delay: Duration) -> Duration {
     delay.mul_f64(factor)
 }
 
+/// How a session ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ended {
+    /// Stopped, or a replay done.
+    Done,
+    /// A route that went away can come back: a new session lets it catch up.
+    Rejoin,
+}
+
 /// How a streaming session ends and what it does with changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -146,9 +170,10 @@ pub async fn replay(
     dry_run: bool,
 ) -> Result<(), Error> {
     let mode = Mode::Replay { until, dry_run };
-    let result = run_session(config, &metrics, &mut shutdown, mode).await;
+    let mut health = vec![RouteHealth::default(); config.route_configs().len()];
+    let result = run_session(config, &metrics, &mut shutdown, mode, &mut health).await;
     metrics.set_ready(false);
-    result
+    result.map(|_| ())
 }
 
 /// How long a target request may go unanswered while a session starts; afterwards the

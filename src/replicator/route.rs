@@ -74,10 +74,11 @@ fn permits(changes: usize) -> u32 {
     changes.clamp(1, FEED_CHANGES) as u32
 }
 
-/// A feed message and the share of the feed's capacity it holds until taken.
+/// A feed message and the share of the feed's capacity it holds until taken (none: a
+/// [`Feed::Finish`] sent past a full feed, see [`RouteHandle::finish_now`]).
 struct Fed {
     feed: Feed,
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 /// What the reader holds of a route.
@@ -114,9 +115,18 @@ impl RouteHandle {
         self.feed
             .send(Fed {
                 feed,
-                _permit: permit,
+                _permit: Some(permit),
             })
             .is_ok()
+    }
+
+    /// Tells the route to apply what it was fed, make it durable and end, without waiting
+    /// for room in its feed: the reader stops feeding a route too slow to keep up.
+    pub fn finish_now(&self) {
+        let _ = self.feed.send(Fed {
+            feed: Feed::Finish,
+            _permit: None,
+        });
     }
 }
 
@@ -135,6 +145,8 @@ pub(super) struct RouteParts {
     pub confirmations: Arc<Notify>,
     /// The keys of a user's part kept in another table (see [`Batcher::with_part_keys`]).
     pub part_keys: &'static [&'static str],
+    /// Which route of a fan-out this is (index, name), for its own metrics.
+    pub route: Option<(usize, String)>,
 }
 
 /// Starts a route on its own task, which ends with the route's first error, or once it has
@@ -142,7 +154,7 @@ pub(super) struct RouteParts {
 pub(super) fn spawn(
     parts: RouteParts,
     tasks: &mut tokio::task::JoinSet<Result<(), Error>>,
-) -> RouteHandle {
+) -> (RouteHandle, tokio::task::Id) {
     let (feed, fed) = mpsc::unbounded_channel();
     let capacity = Arc::new(Semaphore::new(FEED_CHANGES));
     let confirmed = Arc::new(AtomicU64::new(parts.resume_at.0));
@@ -155,7 +167,9 @@ pub(super) fn spawn(
             Arc::clone(&parts.metrics),
             parts.clock,
             parts.monitor_started,
+            parts.route.clone(),
         ),
+        route: parts.route.map(|(_, name)| name),
         metrics: parts.metrics,
         in_flight: None,
         in_large_transaction: false,
@@ -163,12 +177,15 @@ pub(super) fn spawn(
         confirmations: parts.confirmations,
         lag_refreshed: Instant::now(),
     };
-    tasks.spawn(route.run());
-    RouteHandle {
-        feed,
-        capacity,
-        confirmed,
-    }
+    let task = tasks.spawn(route.run()).id();
+    (
+        RouteHandle {
+            feed,
+            capacity,
+            confirmed,
+        },
+        task,
+    )
 }
 
 /// What the route remembers of the job its worker is doing.
@@ -185,6 +202,8 @@ enum InFlight {
 }
 
 struct Route {
+    /// Its name in a fan-out, for its metrics.
+    route: Option<String>,
     fed: mpsc::UnboundedReceiver<Fed>,
     worker: ApplyWorker,
     batcher: Batcher,
@@ -421,6 +440,9 @@ impl Route {
         self.lag.applied(batch.commit_times());
         self.metrics
             .batch_applied(batch.user_transactions(), batch.changes(), took);
+        if let Some(route) = &self.route {
+            self.metrics.route_applied(route, batch.changes() as u64);
+        }
         self.metrics
             .set_checkpoint(position.end_lsn, position.commit_time);
         if let Some(InFlight::Batch {

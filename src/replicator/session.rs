@@ -8,6 +8,7 @@
 //! below what was reported before. Whether the source is still there is the
 //! [`SilenceWatch`]'s to say.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,11 +17,12 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 
 use super::changes::{print_changes, transaction_meta, ChangeMapper, Routed, UserChange};
+use super::fleet::{self, Member, RouteHealth};
 use super::lag::ClockWatch;
 use super::ledger::Reported;
-use super::route::{self, Feed, RouteHandle, RouteParts};
+use super::route::{self, Feed, RouteParts};
 use super::silence::{SilenceWatch, Verdict};
-use super::{batcher::MAX_BATCH_CHANGES, stopped, Mode};
+use super::{batcher::MAX_BATCH_CHANGES, stopped, Ended, Mode};
 use crate::apply::{ApplyWorker, CommitPosition, UnixMicros};
 use crate::config::Config;
 use crate::decode::{
@@ -40,16 +42,24 @@ use crate::source::{ReplicationStream, SourceError};
 /// takes; a round trip per part is little beside the writing of its rows.
 pub(super) const PART_CHANGES: usize = 2_000;
 
+/// The least time the reader waits for room in a route's feed before it leaves the route
+/// behind (a fan-out; half the lag target otherwise): less would leave routes behind over a
+/// hiccup of their target.
+const SLOW_ROUTE_MIN_WAIT: Duration = Duration::from_millis(200);
+
 /// Whether a transaction goes to the target in parts rather than in a batch.
 fn is_large(transaction: &Transaction) -> bool {
     transaction.spilled.is_some() || transaction.len() > MAX_BATCH_CHANGES
 }
 
-/// A route's target, ready to write, as [`super::start`] prepares it.
-pub(super) struct RouteStart {
-    pub worker: ApplyWorker,
-    /// The route's durable checkpoint: it skips what was committed before.
-    pub resume_at: Lsn,
+/// A route's target as [`super::start`] found it.
+pub(super) enum RouteStart {
+    /// Ready to write, from its durable checkpoint (it skips what was committed before).
+    Ready { worker: ApplyWorker, resume_at: Lsn },
+    /// Could not be opened (a fan-out only): holds the slot at `held` while it is probed.
+    Down { held: Lsn },
+    /// Evicted, or its checkpoint is behind the slot: holds nothing; needs a resync.
+    Evicted,
 }
 
 /// What a session streams with, as [`super::start`] prepares it.
@@ -61,6 +71,8 @@ pub(super) struct Parts<'a> {
     pub stream: ReplicationStream,
     /// One per route (one without `--routes`), in the routes file's order.
     pub routes: Vec<RouteStart>,
+    /// What `run` remembers of each route across sessions.
+    pub health: &'a mut [RouteHealth],
     pub changes: ChangeMapper,
     /// Where the slot is confirmed already: no status update reports less.
     pub slot_confirmed: Lsn,
@@ -80,9 +92,21 @@ pub(super) struct Session<'a> {
     changes: ChangeMapper,
     clock: ClockWatch,
     silence: SilenceWatch,
-    routes: Vec<RouteHandle>,
+    routes: Vec<Member>,
+    /// The routes' configs (their targets), for the probes of routes that went away.
+    route_configs: Vec<Config>,
+    health: &'a mut [RouteHealth],
     /// The routes' tasks: each ends with its route's first error, or once finished.
     route_tasks: JoinSet<Result<(), Error>>,
+    /// Which route each task is.
+    task_routes: HashMap<tokio::task::Id, usize>,
+    /// Where each route started: a durable position past it means it works.
+    started_at: Vec<Lsn>,
+    /// Probes of routes that went away: each ends with its route once its target answers.
+    probes: JoinSet<usize>,
+    /// How long the reader waits for room in a route's feed before it leaves the route
+    /// behind (a fan-out only).
+    slow_after: Duration,
     /// Told whenever a route's durable position moves.
     confirmations: Arc<Notify>,
     /// Transactions committed before this position are on every route's target already.
@@ -108,6 +132,7 @@ impl<'a> Session<'a> {
             status_interval,
             stream,
             routes: starts,
+            health,
             changes,
             slot_confirmed,
             monitor_started,
@@ -115,30 +140,58 @@ impl<'a> Session<'a> {
         let clock = ClockWatch::default();
         let confirmations = Arc::new(Notify::new());
         let mut route_tasks = JoinSet::new();
+        let mut task_routes = HashMap::new();
+        let mut probes = JoinSet::new();
+        let route_configs = config.route_configs();
         // The stream starts at the lowest checkpoint; each route skips what it holds.
         let resume_at = starts
             .iter()
-            .map(|start| start.resume_at)
-            .min()
-            .unwrap_or(Lsn::ZERO);
-        let routes: Vec<RouteHandle> = starts
-            .into_iter()
-            .map(|start| {
-                route::spawn(
-                    RouteParts {
-                        worker: start.worker,
-                        metrics: Arc::clone(metrics),
-                        resume_at: start.resume_at,
-                        records: !mode.is_dry_run(),
-                        clock: clock.shared(),
-                        monitor_started,
-                        part_keys: config.mapping.part_keys(),
-                        confirmations: Arc::clone(&confirmations),
-                    },
-                    &mut route_tasks,
-                )
+            .filter_map(|start| match start {
+                RouteStart::Ready { resume_at, .. } => Some(*resume_at),
+                _ => None,
             })
-            .collect();
+            .min()
+            .unwrap_or(slot_confirmed);
+        let mut started_at = Vec::with_capacity(starts.len());
+        let mut routes = Vec::with_capacity(starts.len());
+        for (index, start) in starts.into_iter().enumerate() {
+            started_at.push(match &start {
+                RouteStart::Ready { resume_at, .. } => *resume_at,
+                RouteStart::Down { held } => *held,
+                RouteStart::Evicted => Lsn::ZERO,
+            });
+            routes.push(match start {
+                RouteStart::Ready { worker, resume_at } => {
+                    let (handle, task) = route::spawn(
+                        RouteParts {
+                            worker,
+                            metrics: Arc::clone(metrics),
+                            resume_at,
+                            records: !mode.is_dry_run(),
+                            clock: clock.shared(),
+                            monitor_started,
+                            part_keys: config.mapping.part_keys(),
+                            confirmations: Arc::clone(&confirmations),
+                            route: route_configs[index]
+                                .route_name()
+                                .map(|name| (index, name.to_owned())),
+                        },
+                        &mut route_tasks,
+                    );
+                    task_routes.insert(task, index);
+                    Member::Attached(handle)
+                }
+                RouteStart::Down { held } => {
+                    probes.spawn(fleet::probe(
+                        index,
+                        route_configs[index].clone(),
+                        health[index].backoff(),
+                    ));
+                    Member::Detached { held }
+                }
+                RouteStart::Evicted => Member::Evicted,
+            });
+        }
         Session {
             config,
             metrics,
@@ -152,7 +205,13 @@ impl<'a> Session<'a> {
             silence: SilenceWatch::new(config.source_timeout),
             untold: vec![None; routes.len()],
             routes,
+            route_configs,
+            health,
             route_tasks,
+            task_routes,
+            started_at,
+            probes,
+            slow_after: (config.lag_target / 2).max(SLOW_ROUTE_MIN_WAIT),
             confirmations,
             skip_before: resume_at,
             reported: Reported::new(slot_confirmed),
@@ -162,20 +221,22 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Streams until stopped or, in a replay, until the end; the connection is closed after.
-    pub async fn run(mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
-        self.stream_until(shutdown).await?;
+    /// Streams until stopped or, in a replay, until the end, or until a route that went
+    /// away can come back ([`Ended::Rejoin`]); the connection is closed after.
+    pub async fn run(mut self, shutdown: &mut watch::Receiver<bool>) -> Result<Ended, Error> {
+        let ended = self.stream_until(shutdown).await?;
         self.stream.finish().await;
-        Ok(())
+        Ok(ended)
     }
 
     /// Reads the stream while the routes write. Reading pauses only while a route's feed is
     /// full (its target is behind and its next batch is full).
-    async fn stream_until(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
+    async fn stream_until(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<Ended, Error> {
         loop {
             self.metrics.liveness().progress();
             if self.finished {
-                return self.finish_routes().await;
+                self.finish_routes().await?;
+                return Ok(Ended::Done);
             }
             let status_due = self.last_status + self.status_interval;
             let timer = status_due.min(self.silence.check_due());
@@ -184,10 +245,20 @@ impl<'a> Session<'a> {
                 _ = stopped(shutdown) => {
                     self.finish_routes().await?;
                     tracing::info!(confirmed = %self.reported.position(), "stopped");
-                    return Ok(());
+                    return Ok(Ended::Done);
                 }
-                ended = self.route_tasks.join_next(), if !self.route_tasks.is_empty() => {
-                    return Err(route_ended(ended))
+                ended = self.route_tasks.join_next_with_id(), if !self.route_tasks.is_empty() => {
+                    self.route_ended(ended)?
+                }
+                Some(back) = self.probes.join_next(), if !self.probes.is_empty() => {
+                    let route = back.map_err(|_| crate::apply::ApplyError::WorkerGone)?;
+                    tracing::info!(
+                        route = self.route_name(route),
+                        "the route's target answers again: starting a new session, in which it \
+                         catches up from its checkpoint"
+                    );
+                    self.finish_routes().await?;
+                    return Ok(Ended::Rejoin);
                 }
                 _ = self.confirmations.notified() => self.send_status(false).await?,
                 payload = self.stream.recv() => match payload? {
@@ -344,7 +415,9 @@ impl<'a> Session<'a> {
                 self.untold[route] = Some(position.end_lsn);
                 continue;
             }
-            let permit = self.room(route, changes.len()).await?;
+            let Some(permit) = self.room(route, changes.len()).await? else {
+                continue;
+            };
             self.send(
                 route,
                 Feed::Transaction {
@@ -414,7 +487,7 @@ impl<'a> Session<'a> {
                 // before to its writer, so a transaction of any size holds two parts at most,
                 // one being written while the next is mapped. (Several routes: the part is
                 // mapped first, then each route takes its share, so three at most.)
-                room = Some(self.room(0, PART_CHANGES).await?);
+                room = self.room(0, PART_CHANGES).await?;
             }
             self.changes.map(change?, &mut routed)?;
             read += 1;
@@ -467,11 +540,13 @@ impl<'a> Session<'a> {
                     }
                 };
                 let permit = match room.take() {
-                    Some(permit) => permit,
+                    Some(permit) => Some(permit),
                     None if one_route => self.room(0, PART_CHANGES).await?,
                     None => self.room(route, feed_len(&feed)).await?,
                 };
-                self.send(route, feed, permit).await?;
+                if let Some(permit) = permit {
+                    self.send(route, feed, permit).await?;
+                }
             }
             if self.last_status.elapsed() >= self.status_interval {
                 self.send_status(false).await?;
@@ -485,58 +560,163 @@ impl<'a> Session<'a> {
                     self.untold[route] = Some(position.end_lsn);
                     continue;
                 }
-                let permit = self.room(route, 0).await?;
-                let feed = Feed::Transaction {
-                    position,
-                    changes: Vec::new(),
-                    heartbeat: false,
-                };
-                self.send(route, feed, permit).await?;
+                if let Some(permit) = self.room(route, 0).await? {
+                    let feed = Feed::Transaction {
+                        position,
+                        changes: Vec::new(),
+                        heartbeat: false,
+                    };
+                    self.send(route, feed, permit).await?;
+                }
             }
         }
         Ok(())
     }
 
     /// Room in route `route`'s feed for `changes`; while it is full (the route's target is
-    /// behind), status updates keep going out, and a route that fails ends the wait.
-    async fn room(&mut self, route: usize, changes: usize) -> Result<OwnedSemaphorePermit, Error> {
-        if let Some(permit) = self.routes[route].room_now(changes) {
-            return Ok(permit);
+    /// behind), status updates keep going out, and a route that fails ends the wait. `None`:
+    /// the route is not fed (any more): it went away, or, in a fan-out, it was too slow for
+    /// [`Session::slow_after`] and is left behind (see [`fleet`]) so the others go on.
+    async fn room(
+        &mut self,
+        route: usize,
+        changes: usize,
+    ) -> Result<Option<OwnedSemaphorePermit>, Error> {
+        let Some(handle) = self.routes[route].fed() else {
+            return Ok(None);
+        };
+        if let Some(permit) = handle.room_now(changes) {
+            return Ok(Some(permit));
         }
+        let waiting_since = Instant::now();
+        let fan_out = self.routes.len() > 1;
         loop {
+            let Some(handle) = self.routes[route].fed() else {
+                return Ok(None);
+            };
             let status_due = self.last_status + self.status_interval;
+            let slow_at = waiting_since + self.slow_after;
+            let timer = if fan_out {
+                status_due.min(slow_at)
+            } else {
+                status_due
+            };
             tokio::select! {
-                permit = self.routes[route].room(changes) => return Ok(permit),
-                ended = self.route_tasks.join_next(), if !self.route_tasks.is_empty() => {
-                    return Err(route_ended(ended))
+                permit = handle.room(changes) => return Ok(Some(permit)),
+                ended = self.route_tasks.join_next_with_id(), if !self.route_tasks.is_empty() => {
+                    self.route_ended(ended)?
                 }
                 _ = self.confirmations.notified() => self.send_status(false).await?,
-                _ = tokio::time::sleep_until(status_due.into()) => self.send_status(false).await?,
+                _ = tokio::time::sleep_until(timer.into()) => {
+                    if fan_out && Instant::now() >= slow_at {
+                        self.leave_behind(route);
+                        return Ok(None);
+                    }
+                    self.send_status(false).await?
+                }
             }
         }
     }
 
-    /// Hands `feed` to route `route`; a route that has ended says why.
+    /// Hands `feed` to route `route`; a route that has ended says why (in a fan-out, where
+    /// its task is joined).
     async fn send(
         &mut self,
         route: usize,
         feed: Feed,
         permit: OwnedSemaphorePermit,
     ) -> Result<(), Error> {
-        if self.routes[route].send(feed, permit) {
+        let Some(handle) = self.routes[route].fed() else {
+            return Ok(());
+        };
+        if handle.send(feed, permit) || self.routes.len() > 1 {
             Ok(())
         } else {
-            Err(route_ended(self.route_tasks.join_next().await))
+            let ended = self.route_tasks.join_next_with_id().await;
+            self.route_ended(ended)
         }
     }
 
     /// Feeds every route the same message.
     async fn feed_all(&mut self, feed: impl Fn() -> Feed) -> Result<(), Error> {
         for route in 0..self.routes.len() {
-            let permit = self.room(route, 0).await?;
-            self.send(route, feed(), permit).await?;
+            if let Some(permit) = self.room(route, 0).await? {
+                self.send(route, feed(), permit).await?;
+            }
         }
         Ok(())
+    }
+
+    /// Leaves a route too slow to keep up behind: it applies what it holds, makes it durable
+    /// and ends, holding the slot where its target stands; it rejoins in a later session.
+    fn leave_behind(&mut self, route: usize) {
+        let member = std::mem::replace(&mut self.routes[route], Member::Evicted);
+        self.routes[route] = match member {
+            Member::Attached(handle) => {
+                tracing::warn!(
+                    route = self.route_name(route),
+                    waited_ms = self.slow_after.as_millis() as u64,
+                    "the route's target cannot keep up: left behind so that the other routes \
+                     go on; it applies what it holds, and rejoins, catching up from its \
+                     checkpoint, in a later session"
+                );
+                handle.finish_now();
+                Member::Draining(handle)
+            }
+            other => other,
+        };
+    }
+
+    /// A route's task ended. One route: its error ends the session, as always. A fan-out:
+    /// the route is left behind where its target stands, and probed until it answers; one
+    /// that finished after being left behind rejoins in a new session.
+    fn route_ended(&mut self, ended: Option<JoinedRoute>) -> Result<(), Error> {
+        let (task, result) = match ended {
+            Some(Ok((task, result))) => (task, result),
+            // A panic in a route is a bug: it goes on as one, as if it were the session's own.
+            Some(Err(join)) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            Some(Err(_)) | None => return Err(crate::apply::ApplyError::WorkerGone.into()),
+        };
+        if self.routes.len() == 1 {
+            return match result {
+                Err(error) => Err(error),
+                Ok(()) => Err(crate::apply::ApplyError::WorkerGone.into()),
+            };
+        }
+        let Some(route) = self.task_routes.remove(&task) else {
+            return Ok(());
+        };
+        let held = self.routes[route].holds().unwrap_or(Lsn::ZERO);
+        let delay = match result {
+            Ok(()) => {
+                // Left behind, and done with what it held: it rejoins, not too often.
+                self.health[route].failed();
+                fleet::REJOIN_INTERVAL
+            }
+            Err(error) => {
+                self.health[route].failed();
+                tracing::warn!(
+                    route = self.route_name(route),
+                    held = %held,
+                    error = %crate::error::report(&error),
+                    "the route failed: the other routes go on, the slot waits at its \
+                     position, and its target is probed until it answers"
+                );
+                self.health[route].backoff()
+            }
+        };
+        self.routes[route] = Member::Detached { held };
+        self.probes.spawn(fleet::probe(
+            route,
+            self.route_configs[route].clone(),
+            delay,
+        ));
+        Ok(())
+    }
+
+    /// Route `route`'s name, for logs.
+    fn route_name(&self, route: usize) -> &str {
+        self.route_configs[route].route_name().unwrap_or("-")
     }
 
     /// Before a session ends, by request or at a replay's end: every route applies what it
@@ -546,10 +726,12 @@ impl<'a> Session<'a> {
         loop {
             let status_due = self.last_status + self.status_interval;
             tokio::select! {
-                ended = self.route_tasks.join_next() => match ended {
+                ended = self.route_tasks.join_next_with_id() => match ended {
                     None => break,
-                    Some(Ok(Ok(()))) => {}
-                    ended => return Err(route_ended(ended)),
+                    Some(Ok((task, Ok(())))) => {
+                        self.task_routes.remove(&task);
+                    }
+                    ended => self.route_ended(ended)?,
                 },
                 _ = tokio::time::sleep_until(status_due.into()) => self.send_status(false).await?,
             }
@@ -566,13 +748,43 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// The position every route's target holds durably.
-    fn confirmed(&self) -> Lsn {
+    /// The position every route's target holds durably (an evicted route holds nothing);
+    /// notes the routes that work again, and evicts those down past `--evict-after`.
+    fn confirmed(&mut self) -> Lsn {
+        for route in 0..self.routes.len() {
+            match &self.routes[route] {
+                Member::Attached(handle) if handle.confirmed() > self.started_at[route] => {
+                    self.health[route].recovered();
+                }
+                Member::Detached { .. } => {
+                    if let Some(limit) = self.config.evict_after {
+                        if self.health[route].down_longer_than(limit) {
+                            tracing::error!(
+                                route = self.route_name(route),
+                                limit_s = limit.as_secs(),
+                                "the route has been down longer than --evict-after: evicted; \
+                                 the slot no longer waits for it, and its target needs a \
+                                 resync"
+                            );
+                            self.health[route].evict();
+                            self.routes[route] = Member::Evicted;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (member, config) in self.routes.iter().zip(&self.route_configs) {
+            if let Some(name) = config.route_name() {
+                let durable = member.holds().map(|lsn| lsn.0);
+                self.metrics.set_route_state(name, member.state(), durable);
+            }
+        }
         self.routes
             .iter()
-            .map(RouteHandle::confirmed)
+            .filter_map(Member::holds)
             .min()
-            .unwrap_or(Lsn::ZERO)
+            .unwrap_or(self.reported.position())
     }
 
     /// Tells each route fed nothing lately up to where the others were fed, so that its
@@ -581,6 +793,10 @@ impl<'a> Session<'a> {
     fn tell_untold(&mut self) {
         for (route, untold) in self.routes.iter().zip(self.untold.iter_mut()) {
             let Some(position) = *untold else { continue };
+            let Some(route) = route.fed() else {
+                *untold = None;
+                continue;
+            };
             let Some(permit) = route.room_now(0) else {
                 continue;
             };
@@ -621,6 +837,9 @@ impl<'a> Session<'a> {
     }
 }
 
+/// What joining a route's task gives: which task, and how it ended.
+type JoinedRoute = Result<(tokio::task::Id, Result<(), Error>), tokio::task::JoinError>;
+
 /// The changes a feed message carries.
 fn feed_len(feed: &Feed) -> usize {
     match feed {
@@ -628,15 +847,5 @@ fn feed_len(feed: &Feed) -> usize {
         | Feed::Part { changes, .. }
         | Feed::LargeEnd { changes, .. } => changes.len(),
         Feed::LargeAbort | Feed::Idle { .. } | Feed::Finish => 0,
-    }
-}
-
-/// The error a route's task ended with, where the session expected it to go on.
-fn route_ended(ended: Option<Result<Result<(), Error>, tokio::task::JoinError>>) -> Error {
-    match ended {
-        Some(Ok(Err(error))) => error,
-        // A panic in a route is a bug: it goes on as one, as if it were the session's own.
-        Some(Err(join)) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-        Some(Ok(Ok(()))) | Some(Err(_)) | None => crate::apply::ApplyError::WorkerGone.into(),
     }
 }

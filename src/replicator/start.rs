@@ -11,10 +11,12 @@ use postgres_protocol::escape::escape_identifier;
 use tokio::sync::watch;
 
 use super::changes::ChangeMapper;
+use super::fleet::RouteHealth;
 use super::relations::StreamTables;
 use super::session::{Parts, RouteStart, Session};
 use super::{
-    answered, stopped, AbortOnDrop, Limit, Mode, APPLICATION_NAME, STATUS_INTERVAL, TARGET_TIMEOUT,
+    answered, stopped, AbortOnDrop, Ended, Limit, Mode, APPLICATION_NAME, STATUS_INTERVAL,
+    TARGET_TIMEOUT,
 };
 use crate::apply::{self, ApplyWorker, TargetWriter};
 use crate::config::Config;
@@ -59,17 +61,42 @@ pub(super) async fn run_session(
     metrics: &Arc<Metrics>,
     shutdown: &mut watch::Receiver<bool>,
     mode: Mode,
-) -> Result<(), Error> {
+    health: &mut [RouteHealth],
+) -> Result<Ended, Error> {
     let target_limit = Limit::new(TARGET_TIMEOUT, metrics.liveness());
     let source_limit = Limit::new(config.source_timeout, metrics.liveness());
+    let fan_out = config.routes.is_some();
     // Every target first: each route's lock, then its checkpoint. Routes are taken in the
-    // file's order, so two processes of one fan-out wait on the same first lock.
+    // file's order, so two processes of one fan-out wait on the same first lock. In a
+    // fan-out, a route whose target cannot be opened is left behind (see `fleet`): the
+    // others go on.
     let mut targets = Vec::new();
-    for route in config.route_configs() {
-        match open_target(route, metrics, shutdown, mode).await? {
-            Some(target) => targets.push(target),
-            None => return Ok(()),
+    for (index, route) in config.route_configs().into_iter().enumerate() {
+        if health[index].is_evicted() {
+            targets.push(Opened::Evicted);
+            continue;
         }
+        let name = route.route_name().unwrap_or_default().to_owned();
+        match open_target(route, metrics, shutdown, mode).await {
+            Ok(Some(target)) => targets.push(Opened::Ready(Box::new(target))),
+            Ok(None) => return Ok(Ended::Done),
+            Err(error) if fan_out => {
+                tracing::warn!(
+                    route = %name,
+                    error = %crate::error::report(&error),
+                    "cannot open the route's target: the other routes go on, and the slot \
+                     waits for this one"
+                );
+                health[index].failed();
+                targets.push(Opened::Down);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    if fan_out && !targets.iter().any(|t| matches!(t, Opened::Ready(_))) {
+        return Err(Error::Config(
+            "no route's target can be opened (see the warnings above)".into(),
+        ));
     }
     let dry_run = mode.is_dry_run();
 
@@ -86,7 +113,7 @@ pub(super) async fn run_session(
         confirmed_flush,
     }) = wait_for_slot(&source, &config.slot, source_limit, shutdown).await?
     else {
-        return Ok(());
+        return Ok(Ended::Done);
     };
     // Facts the profile needs from the source (Keycloak: the realm's id for its name), and
     // whether the publication carries the columns the mapping needs (PostgreSQL 15+).
@@ -130,8 +157,22 @@ pub(super) async fn run_session(
     })
     .await?;
     let mut routes = Vec::with_capacity(targets.len());
-    for target in targets {
-        let resume_at = resume_point(
+    for (index, target) in targets.into_iter().enumerate() {
+        let target = match target {
+            Opened::Ready(target) => *target,
+            Opened::Down => {
+                // Its checkpoint is unknown, and at or past the slot's position.
+                routes.push(RouteStart::Down {
+                    held: confirmed_flush,
+                });
+                continue;
+            }
+            Opened::Evicted => {
+                routes.push(RouteStart::Evicted);
+                continue;
+            }
+        };
+        let resume_at = match resume_point(
             &target,
             &identity,
             confirmed_flush,
@@ -139,7 +180,23 @@ pub(super) async fn run_session(
             dry_run,
             target_limit,
         )
-        .await?;
+        .await
+        {
+            Ok(resume_at) => resume_at,
+            Err(error) if fan_out => {
+                // Behind the slot (evicted, or restored) or from another source: the slot
+                // cannot wait for what it already passed; this target needs a resync.
+                tracing::error!(
+                    route = target.config.route_name().unwrap_or_default(),
+                    error = %crate::error::report(&error),
+                    "the route cannot resume: it is left out until it is resynced"
+                );
+                health[index].evict();
+                routes.push(RouteStart::Evicted);
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         let OpenTarget {
             config: route,
             client,
@@ -162,16 +219,23 @@ pub(super) async fn run_session(
             Ok(writer)
         })
         .await?;
-        routes.push(RouteStart {
+        routes.push(RouteStart::Ready {
             worker: ApplyWorker::spawn(writer),
             resume_at,
         });
     }
-    let resume_at = routes
+    let Some(resume_at) = routes
         .iter()
-        .map(|route| route.resume_at)
+        .filter_map(|route| match route {
+            RouteStart::Ready { resume_at, .. } => Some(*resume_at),
+            _ => None,
+        })
         .min()
-        .unwrap_or(Lsn::ZERO);
+    else {
+        return Err(Error::Config(
+            "every route is evicted or cannot resume (see the errors above): resync them".into(),
+        ));
+    };
     let protocol_2 = replication
         .server_version_num()
         .is_some_and(|v| v >= PROTOCOL_2_MIN_VERSION);
@@ -227,6 +291,7 @@ pub(super) async fn run_session(
         status_interval,
         stream,
         routes,
+        health,
         changes: ChangeMapper::new(
             tables,
             heartbeat_prefix(&config.slot),
@@ -237,6 +302,15 @@ pub(super) async fn run_session(
     })
     .run(shutdown)
     .await
+}
+
+/// A route's target after [`open_target`].
+enum Opened {
+    Ready(Box<OpenTarget>),
+    /// Could not be opened (a fan-out only).
+    Down,
+    /// Evicted in an earlier session of this process.
+    Evicted,
 }
 
 /// Connects to a route's target, takes its lock (standing by while another process holds

@@ -354,6 +354,7 @@ impl Pair {
             spill_threshold: usersync::decode::DEFAULT_MEMORY_LIMIT,
             routes: None,
             route: None,
+            evict_after: None,
         };
         Pair {
             server,

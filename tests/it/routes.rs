@@ -34,6 +34,8 @@ struct TestRoute {
     name: &'static str,
     tenants: Vec<&'static str>,
     dbname: String,
+    /// The superuser's URL of its target database.
+    url: String,
     client: Client,
 }
 
@@ -60,12 +62,23 @@ impl FanOut {
     }
 
     async fn route(pair: &Pair, name: &'static str, tenants: &[&'static str]) -> TestRoute {
+        Self::route_on(pair, pair.target_server, name, tenants).await
+    }
+
+    /// A route whose target database is on `server`.
+    async fn route_on(
+        pair: &Pair,
+        server: &usersync::localpg::LocalPg,
+        name: &'static str,
+        tenants: &[&'static str],
+    ) -> TestRoute {
         let dbname = format!("{}_{name}", pair.config.target.dbname);
-        create_database(pair.target_server, &dbname).await;
+        create_database(server, &dbname).await;
         TestRoute {
             name,
             tenants: tenants.to_vec(),
-            client: sql(pair.target_server, &dbname).await,
+            url: server.superuser_url(&dbname),
+            client: sql(server, &dbname).await,
             dbname,
         }
     }
@@ -74,7 +87,7 @@ impl FanOut {
     fn routes_file(&self) -> std::path::PathBuf {
         let mut text = String::from("route_by = \"tenant\"\n");
         for route in &self.routes {
-            let url = self.pair.target_server.superuser_url(&route.dbname);
+            let url = &route.url;
             text.push_str(&format!("\n[[route]]\nname = \"{}\"\n", route.name));
             if route.tenants.is_empty() {
                 text.push_str("default = true\n");
@@ -84,7 +97,7 @@ impl FanOut {
                 text.push_str(&format!("values = [{}]\n", values.join(", ")));
             }
             let url_file = self.dir.join(format!("{}.url", route.name));
-            std::fs::write(&url_file, &url).unwrap();
+            std::fs::write(&url_file, url).unwrap();
             std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600)).unwrap();
             text.push_str(&format!("target_file = \"{}\"\n", url_file.display()));
         }
@@ -140,10 +153,15 @@ impl FanOut {
 
     /// Waits until every route's target holds exactly its share of the source, live.
     async fn wait_for_match(&self) {
+        self.wait_for_match_of(&[]).await
+    }
+
+    /// [`FanOut::wait_for_match`] but for the routes named in `except`.
+    async fn wait_for_match_of(&self, except: &[&str]) {
         let deadline = Instant::now() + WAIT;
         loop {
             let mut differ = BTreeMap::new();
-            for route in &self.routes {
+            for route in self.routes.iter().filter(|r| !except.contains(&r.name)) {
                 let expected = self.expected(route).await;
                 let actual = live_users(&route.client).await;
                 if expected != actual {
@@ -392,4 +410,181 @@ async fn a_route_added_later_is_copied_then_streamed_without_a_gap() {
     run.kill().unwrap();
     run.wait().unwrap();
     assert_write_log_ordered(&fan_out.routes[2].client).await;
+}
+
+/// Stops a server off the async runtime (pg_ctl blocks for a second or so).
+async fn stop_server(server: usersync::localpg::LocalPg) -> usersync::localpg::LocalPg {
+    tokio::task::spawn_blocking(move || {
+        let mut server = server;
+        server.stop().expect("stop the target server");
+        server
+    })
+    .await
+    .unwrap()
+}
+
+async fn start_again(server: usersync::localpg::LocalPg) -> usersync::localpg::LocalPg {
+    tokio::task::spawn_blocking(move || {
+        server
+            .restart(usersync::localpg::StopMode::Fast)
+            .expect("start the target server again");
+        server
+    })
+    .await
+    .unwrap()
+}
+
+/// A fan-out with route acme on a server of its own, which the test stops; the others on
+/// the shared server. Users of every tenancy are copied by setup.
+async fn fan_out_with_own_server() -> (FanOut, usersync::localpg::LocalPg) {
+    let own = start_target_server(vec![]);
+    let mut fan_out = FanOut::new(&[("globex", &["globex"]), ("rest", &[])]).await;
+    let acme = FanOut::route_on(&fan_out.pair, &own, "acme", &["acme"]).await;
+    fan_out.routes.insert(0, acme);
+    fan_out
+        .pair
+        .source
+        .batch_execute(
+            "INSERT INTO users (tenant, email)
+             SELECT (ARRAY['acme','globex','initech'])[1 + i % 3], 'pre' || i || '@example.com'
+               FROM generate_series(1, 90) AS i",
+        )
+        .await
+        .unwrap();
+    let setup = fan_out.usersync(&["setup"]);
+    assert!(setup.status.success(), "setup: {}", text(&setup));
+    fan_out.wait_for_match().await;
+    for route in &fan_out.routes {
+        install_write_log(&route.client).await;
+    }
+    (fan_out, own)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_down_holds_back_only_the_slot_and_catches_up_once() {
+    let (mut fan_out, own) = fan_out_with_own_server().await;
+    let log = fan_out.dir.join("run.log");
+    let mut run = fan_out
+        .command(&["run"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = spawn_load(
+        sql(fan_out.pair.server, &fan_out.pair.config.source.dbname).await,
+        &["acme", "globex", "initech"],
+        Arc::clone(&writing),
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let own = stop_server(own).await;
+    // Down: the others go on. A marker per live route, then they must match the source.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fan_out.wait_for_match_of(&["acme"]).await;
+    let own = start_again(own).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    writing.store(false, Ordering::Relaxed);
+    writer.await.unwrap();
+    // Back: it catches up from its own checkpoint, the slot having waited for it.
+    fan_out.routes[0].client = sql(&own, &fan_out.routes[0].dbname).await;
+    fan_out.wait_for_match().await;
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("route=\"acme\""), "{said}");
+    assert!(said.contains("answers again"), "{said}");
+    for route in &fan_out.routes {
+        assert_write_log_ordered(&route.client).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_down_past_evict_after_stops_holding_the_slot() {
+    let (fan_out, own) = fan_out_with_own_server().await;
+    let log = fan_out.dir.join("run.log");
+    let mut run = fan_out
+        .command(&["run", "--evict-after", "1s"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let own = stop_server(own).await;
+    fan_out
+        .pair
+        .source
+        .batch_execute("UPDATE users SET version = version + 1")
+        .await
+        .unwrap();
+    fan_out.wait_for_match_of(&["acme"]).await;
+    // Evicted: the slot moves on past what acme holds.
+    let end = fan_out.pair.source_wal_lsn().await;
+    fan_out
+        .pair
+        .wait_for_slot_confirmed(&end, false, "the slot still waits for the evicted route")
+        .await;
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("evicted"), "{said}");
+    // Back, it stays out (it needs a resync), and the others go on.
+    let _own = start_again(own).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fan_out
+        .pair
+        .source
+        .batch_execute("UPDATE users SET version = version + 1 WHERE tenant = 'globex'")
+        .await
+        .unwrap();
+    fan_out.wait_for_match_of(&["acme"]).await;
+    assert!(run.try_wait().unwrap().is_none(), "run ended");
+    run.kill().unwrap();
+    run.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_too_slow_is_left_behind_and_rejoins_later() {
+    let fan_out = FanOut::new(&[("acme", &["acme"]), ("globex", &["globex"])]).await;
+    let setup = fan_out.usersync(&["setup"]);
+    assert!(setup.status.success(), "setup: {}", text(&setup));
+    let slow = &fan_out.routes[0].client;
+    install_write_log(slow).await;
+    install_write_log(&fan_out.routes[1].client).await;
+    slow.batch_execute(
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$;
+         CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON neon_auth.users_sync
+           FOR EACH STATEMENT EXECUTE FUNCTION slow();",
+    )
+    .await
+    .unwrap();
+    let log = fan_out.dir.join("run.log");
+    let mut run = fan_out
+        .command(&["run", "--lag-target", "400ms"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Many small transactions for both tenancies: acme's target takes 0.3 s per batch.
+    let source = &fan_out.pair.source;
+    for i in 0..3000 {
+        let tenant = if i % 2 == 0 { "acme" } else { "globex" };
+        source
+            .batch_execute(&format!(
+                "INSERT INTO users (tenant, email) VALUES ('{tenant}', 'u{i}@example.com')"
+            ))
+            .await
+            .unwrap();
+    }
+    // globex keeps up while acme cannot.
+    fan_out.wait_for_match_of(&["acme"]).await;
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("cannot keep up"), "{said}");
+    slow.batch_execute("DROP TRIGGER slow ON neon_auth.users_sync")
+        .await
+        .unwrap();
+    fan_out.wait_for_match().await;
+    run.kill().unwrap();
+    run.wait().unwrap();
+    for route in &fan_out.routes {
+        assert_write_log_ordered(&route.client).await;
+    }
 }

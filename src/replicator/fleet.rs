@@ -1,0 +1,158 @@
+//! The routes of a fan-out as the reader keeps them: which are fed, which are down or too
+//! slow and hold the slot where their target stands, which were evicted; and how a route
+//! that went away is watched until it can come back.
+//!
+//! One slot feeds every route, so a route can only be fed what the stream brings now. A
+//! route that falls out (its target down, or too slow to keep up) is left behind: the others
+//! go on at full speed while it holds the slot at its durable position, so nothing it has not
+//! applied is confirmed. Once its target answers again (a probe, with backoff), the session
+//! ends and the next one starts the stream at the lowest position of all: the route catches
+//! up from its own checkpoint while the others skip what they hold. A route down longer than
+//! `--evict-after` stops holding the slot (WAL retention is the source's to bear) and needs
+//! a resync; a new session finds its checkpoint behind the slot and leaves it evicted.
+//!
+//! Without `--routes` there is one route, and none of this applies: any failure of it ends
+//! the session, as it always has.
+
+use std::time::{Duration, Instant};
+
+use super::route::RouteHandle;
+use super::{APPLICATION_NAME, BACKOFF_MAX, BACKOFF_MIN};
+use crate::apply;
+use crate::config::Config;
+use crate::lsn::Lsn;
+
+/// The least time between two sessions started to let routes back in: each one pauses
+/// the routes that were fine for a reconnect, so a route that keeps falling behind rejoins
+/// in steps, not in a storm.
+pub(super) const REJOIN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A route as the reader sees it.
+pub(super) enum Member {
+    /// Fed what the stream brings for it.
+    Attached(RouteHandle),
+    /// Too slow: told to apply what it holds and end; it still holds the slot where its
+    /// target stands, and rejoins once done.
+    Draining(RouteHandle),
+    /// Down: holds the slot at `held`, its durable position, while a probe waits for it.
+    Detached { held: Lsn },
+    /// Down past `--evict-after`, or found behind the slot: holds nothing; needs a resync.
+    Evicted,
+}
+
+impl Member {
+    /// The position the slot may be confirmed to for this route's sake; `None`: none
+    /// (evicted, it holds nothing).
+    pub fn holds(&self) -> Option<Lsn> {
+        match self {
+            Member::Attached(handle) | Member::Draining(handle) => Some(handle.confirmed()),
+            Member::Detached { held } => Some(*held),
+            Member::Evicted => None,
+        }
+    }
+
+    /// The handle of a route that is fed.
+    pub fn fed(&self) -> Option<&RouteHandle> {
+        match self {
+            Member::Attached(handle) => Some(handle),
+            _ => None,
+        }
+    }
+
+    pub fn state(&self) -> &'static str {
+        match self {
+            Member::Attached(_) => "active",
+            Member::Draining(_) => "draining",
+            Member::Detached { .. } => "detached",
+            Member::Evicted => "evicted",
+        }
+    }
+}
+
+/// What `run` remembers of each route across sessions: since when it is down, and how
+/// long its next probe waits.
+#[derive(Debug, Default, Clone)]
+pub struct RouteHealth {
+    down_since: Option<Instant>,
+    failures: u32,
+    evicted: bool,
+}
+
+impl RouteHealth {
+    /// The route failed (or could not start): the next probe waits longer.
+    pub fn failed(&mut self) {
+        self.down_since.get_or_insert_with(Instant::now);
+        self.failures = self.failures.saturating_add(1);
+    }
+
+    /// The route made its target durable past where it started: it works again.
+    pub fn recovered(&mut self) {
+        self.down_since = None;
+        self.failures = 0;
+    }
+
+    /// The route stops holding the slot for good (until a resync and a restart of `run`).
+    pub fn evict(&mut self) {
+        self.evicted = true;
+    }
+
+    pub fn is_evicted(&self) -> bool {
+        self.evicted
+    }
+
+    /// Whether the route has been down longer than `limit`.
+    pub fn down_longer_than(&self, limit: Duration) -> bool {
+        self.down_since
+            .is_some_and(|since| since.elapsed() >= limit)
+    }
+
+    /// How long the next probe waits first.
+    pub fn backoff(&self) -> Duration {
+        let doublings = self.failures.saturating_sub(1).min(16);
+        BACKOFF_MIN.saturating_mul(1 << doublings).min(BACKOFF_MAX)
+    }
+}
+
+/// Waits `delay`, then until route `route`'s target answers with its checkpoint; returns
+/// `route`. Backs off while it does not answer.
+pub(super) async fn probe(route: usize, config: Config, delay: Duration) -> usize {
+    let mut wait = delay;
+    let key = config.checkpoint_key();
+    loop {
+        tokio::time::sleep(wait).await;
+        let answered = tokio::time::timeout(BACKOFF_MAX, async {
+            let client = crate::conn::sql::connect(&config.target, APPLICATION_NAME)
+                .await
+                .ok()?;
+            apply::read_checkpoint(&client, &key).await.ok().flatten()
+        })
+        .await;
+        if let Ok(Some(_)) = answered {
+            return route;
+        }
+        wait = (wait * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_back_off_and_a_recovery_starts_afresh() {
+        let mut health = RouteHealth::default();
+        assert!(!health.down_longer_than(Duration::ZERO));
+        health.failed();
+        assert_eq!(health.backoff(), BACKOFF_MIN);
+        health.failed();
+        assert_eq!(health.backoff(), BACKOFF_MIN * 2);
+        for _ in 0..40 {
+            health.failed();
+        }
+        assert_eq!(health.backoff(), BACKOFF_MAX);
+        assert!(health.down_longer_than(Duration::ZERO));
+        health.recovered();
+        assert!(!health.down_longer_than(Duration::ZERO));
+        assert_eq!(health.backoff(), BACKOFF_MIN);
+    }
+}
