@@ -588,3 +588,90 @@ async fn a_target_too_slow_is_left_behind_and_rejoins_later() {
         assert_write_log_ordered(&route.client).await;
     }
 }
+
+/// Routes of the scale test: 40 on one target server, 10 on another that is stopped a while.
+const SCALE_ROUTES: usize = 50;
+const STOPPED_ROUTES: usize = 10;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_routes_one_server_stopped_each_target_its_slice_exactly_once() {
+    let connections = || vec![("max_connections".to_owned(), "200".to_owned())];
+    let steady = start_target_server(connections());
+    let stopped = start_target_server(connections());
+    let mut fan_out = FanOut::new(&[]).await;
+    let tenants: &'static [&'static str] = Box::leak(
+        (0..SCALE_ROUTES)
+            .map(|i| &*Box::leak(format!("t{i:02}").into_boxed_str()))
+            .collect::<Vec<&'static str>>()
+            .into_boxed_slice(),
+    );
+    let names: &'static [&'static str] = Box::leak(
+        (0..SCALE_ROUTES)
+            .map(|i| &*Box::leak(format!("r{i:02}").into_boxed_str()))
+            .collect::<Vec<&'static str>>()
+            .into_boxed_slice(),
+    );
+    for i in 0..SCALE_ROUTES {
+        let server = if i < STOPPED_ROUTES {
+            &stopped
+        } else {
+            &steady
+        };
+        let route = FanOut::route_on(&fan_out.pair, server, names[i], &tenants[i..=i]).await;
+        fan_out.routes.push(route);
+    }
+    fan_out
+        .pair
+        .source
+        .batch_execute(
+            "INSERT INTO users (tenant, email)
+             SELECT 't' || lpad((i % 50)::text, 2, '0'), 'pre' || i || '@example.com'
+               FROM generate_series(1, 2000) AS i",
+        )
+        .await
+        .unwrap();
+    let setup = fan_out.usersync(&["setup"]);
+    assert!(setup.status.success(), "setup: {}", text(&setup));
+    fan_out.wait_for_match().await;
+    for route in &fan_out.routes {
+        install_write_log(&route.client).await;
+    }
+    let log = fan_out.dir.join("run.log");
+    let mut run = fan_out
+        .command(&["run"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = spawn_load(
+        sql(fan_out.pair.server, &fan_out.pair.config.source.dbname).await,
+        tenants,
+        Arc::clone(&writing),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopped = stop_server(stopped).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The 40 routes on the other server keep up while 10 are down.
+    let down: Vec<&str> = names[..STOPPED_ROUTES].to_vec();
+    fan_out.wait_for_match_of(&down).await;
+    let stopped = start_again(stopped).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    writing.store(false, Ordering::Relaxed);
+    let statements = writer.await.unwrap();
+    assert!(
+        statements > 100,
+        "the load ran only {statements} statements"
+    );
+    for route in fan_out.routes.iter_mut().take(STOPPED_ROUTES) {
+        route.client = sql(&stopped, &route.dbname).await;
+    }
+    fan_out.wait_for_match().await;
+    run.kill().unwrap();
+    run.wait().unwrap();
+    for route in &fan_out.routes {
+        assert_write_log_ordered(&route.client).await;
+    }
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("answers again"), "{said}");
+}
