@@ -30,7 +30,9 @@ use std::path::Path;
 use postgres_protocol::escape::escape_identifier;
 use serde::Deserialize;
 
+use crate::config::TableName;
 use crate::conn::url::PgUrl;
+use crate::decode::RelationColumn;
 use crate::error::Error;
 
 /// Routes per file at most: each is a target connection (two while it copies), and the
@@ -96,6 +98,25 @@ impl Routes {
         })
     }
 
+    /// Whether two routes write to the same database: they would undo each other (a copy
+    /// that reconciles soft-deletes the other route's users; a user moving between them is
+    /// written by two writers in no set order). A route may take several values instead.
+    fn check_distinct_targets(routes: &[RouteSpec], origin: &str) -> Result<(), Error> {
+        let mut seen: HashMap<(String, u16, String), &str> = HashMap::new();
+        for route in routes {
+            let target = &route.target;
+            let key = (target.host.clone(), target.port, target.dbname.clone());
+            if let Some(other) = seen.insert(key, &route.name) {
+                return Err(Error::Config(format!(
+                    "{origin}: routes {other} and {} write to the same database ({}:{}/{}); \
+                     give each database one route, which may list several values",
+                    route.name, target.host, target.port, target.dbname
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// [`Routes::load`] on the file's text, reading `target_file`s with `read`.
     pub fn parse(
         text: &str,
@@ -117,7 +138,7 @@ impl Routes {
                 .unwrap_or_default();
             invalid(format!(
                 "not a valid routes file{at}: {}; see docs/fan-out.md for its format",
-                first_line_without_quotes(e.message())
+                before_any_quote(e.message())
             ))
         })?;
         let by = match (file.route_by, default_by) {
@@ -183,14 +204,23 @@ impl Routes {
             for value in &entry.values {
                 if let Some(owner) = owners.insert(value.clone(), name.clone()) {
                     return Err(invalid(format!(
-                        "the value {value:?} is listed by route {owner} and by route {name}; \
-                         a value goes to one route"
+                        "the value {} is listed by route {owner} and by route {name}; a value \
+                         goes to one route",
+                        shown(value)
                     )));
                 }
             }
             let url = match (entry.target, entry.target_file) {
                 (Some(url), None) => url,
-                (None, Some(path)) => read(&path)?,
+                (None, Some(path)) => {
+                    if path.to_string_lossy().contains("://") {
+                        return Err(invalid(format!(
+                            "route {name}: target_file holds a URL, not the path of a file; \
+                             put the URL in a file and name that file here (or use target)"
+                        )));
+                    }
+                    read(&path)?
+                }
                 (Some(_), Some(_)) => {
                     return Err(invalid(format!(
                         "route {name} has both target and target_file; keep one (target_file \
@@ -215,6 +245,7 @@ impl Routes {
                 values: entry.values,
             });
         }
+        Routes::check_distinct_targets(&routes, origin)?;
         Ok(Routes {
             by,
             routes,
@@ -266,42 +297,26 @@ impl Routes {
     }
 }
 
-/// The keys a routes file has: the only quoted text of a parser message that is said back.
-const KEYS: &[&str] = &[
-    "route_by",
-    "route",
-    "name",
-    "values",
-    "default",
-    "target",
-    "target_file",
-];
-
-/// The first line of a parser message, with quoted text (which may be a password) left out
-/// unless it is one of the file's [`KEYS`].
-fn first_line_without_quotes(message: &str) -> String {
+/// A parser message up to its first quoted text: what follows a quote may be the file's
+/// own text (a password), and no quoting rule of the parser's is safe to rely on (a key may
+/// hold any character, a Debug string escapes only its own quote). The line number says
+/// where.
+fn before_any_quote(message: &str) -> String {
     let line = message.lines().next().unwrap_or("");
-    let mut out = String::with_capacity(line.len());
-    let mut quoted: Option<String> = None;
-    for c in line.chars() {
-        match (&mut quoted, c) {
-            (None, '"' | '`' | '\'') => quoted = Some(String::new()),
-            (Some(text), '"' | '`' | '\'') => {
-                if KEYS.contains(&text.as_str()) {
-                    out.push_str(&format!("\"{text}\""));
-                } else {
-                    out.push_str("\"…\"");
-                }
-                quoted = None;
-            }
-            (Some(text), c) => text.push(c),
-            (None, c) => out.push(c),
-        }
+    match line.find(['"', '`', '\'']) {
+        Some(at) => format!("{}…", line[..at].trim_end()),
+        None => line.to_owned(),
     }
-    if quoted.is_some() {
-        out.push_str("\"…");
+}
+
+/// A value of the routes file for a message, unless it looks like a URL (a password may
+/// have been pasted into the wrong place).
+fn shown(value: &str) -> String {
+    if value.contains("://") || value.contains('@') || value.len() > 64 {
+        "(a value that looks like a URL or is too long to show)".to_owned()
+    } else {
+        format!("{value:?}")
     }
-    out
 }
 
 /// Route names go into the checkpoint's key (`slot:route`), into metrics labels and logs.
@@ -316,8 +331,85 @@ fn validate_route_name(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "invalid route name {name:?}: use 1 to {MAX} lower-case letters, digits, '_' or '-'"
+            "invalid route name {}: use 1 to {MAX} lower-case letters, digits, '_' or '-'",
+            shown(name)
         ))
+    }
+}
+
+/// Type OIDs a routing column may have: types whose text form is one spelling per value
+/// and the same in the stream (the type's output) and in the copy (`::text`). `char(n)`
+/// pads, `boolean` prints `t` in one and `true` in the other, and the like: refused.
+const ROUTABLE_TYPES: [(u32, &str); 6] = [
+    (25, "text"),
+    (1043, "varchar"),
+    (2950, "uuid"),
+    (21, "smallint"),
+    (23, "integer"),
+    (20, "bigint"),
+];
+
+impl Routes {
+    /// Where `columns` (a table of the profile, as the catalog or the stream describes it)
+    /// hold the routing column. It must exist, be in the replica identity (a deleted row
+    /// arrives with that identity only and must still find its route), have a type whose
+    /// text is one spelling per value, and every value of the routes file must be spelled
+    /// as PostgreSQL prints that type (a uuid in lower case), or it would match no row.
+    pub fn column_in(&self, table: &TableName, columns: &[RelationColumn]) -> Result<usize, Error> {
+        let column = &self.by;
+        let Some(index) = columns.iter().position(|c| &c.name == column) else {
+            return Err(Error::Config(format!(
+                "the routes file routes by column {column}, which {table} does not have (or \
+                 does not publish); every table of the profile needs it (route_by names it)"
+            )));
+        };
+        if !columns[index].is_key {
+            return Err(Error::Config(format!(
+                "the routing column {column} is not in the replica identity of {table}, so a \
+                 deleted row could not be routed: route by a column of its primary key, or \
+                 run ALTER TABLE {} REPLICA IDENTITY FULL",
+                table.quoted()
+            )));
+        }
+        let type_oid = columns[index].type_oid;
+        let Some((_, type_name)) = ROUTABLE_TYPES.iter().find(|(oid, _)| *oid == type_oid) else {
+            return Err(Error::Config(format!(
+                "the routing column {column} of {table} has a type (oid {type_oid}) whose text \
+                 usersync cannot match reliably; route by a text, varchar, uuid or integer \
+                 column"
+            )));
+        };
+        for route in &self.routes {
+            for value in &route.values {
+                if !spelled_as_printed(type_name, value) {
+                    return Err(Error::Config(format!(
+                        "route {}: the value {} is not how PostgreSQL prints a {type_name} \
+                         (column {column} of {table}), so no row would match it; write it \
+                         as SELECT {column}::text shows it",
+                        route.name,
+                        shown(value)
+                    )));
+                }
+            }
+        }
+        Ok(index)
+    }
+}
+
+/// Whether `value` is a value of type `type_name` as its output function prints it.
+fn spelled_as_printed(type_name: &str, value: &str) -> bool {
+    match type_name {
+        "uuid" => {
+            value.len() == 36
+                && value.char_indices().all(|(i, c)| match i {
+                    8 | 13 | 18 | 23 => c == '-',
+                    _ => c.is_ascii_digit() || ('a'..='f').contains(&c),
+                })
+        }
+        "smallint" | "integer" | "bigint" => value
+            .parse::<i64>()
+            .is_ok_and(|number| number.to_string() == value),
+        _ => true,
     }
 }
 
@@ -449,7 +541,7 @@ mod tests {
             ),
             (
                 "[[route]]\nname = \"a\"\nvalue=[\"v\"]\ntarget_file=\"/x\"",
-                "not a valid routes file (line 3): unknown field \"…\", expected one of \"name\"",
+                "not a valid routes file (line 3): unknown field…",
             ),
             ("route_by = \"\"\n[[route]]\nname=\"a\"", "route_by must not be empty"),
         ];
@@ -468,6 +560,77 @@ mod tests {
             |_| unreachable!(),
         );
         assert!(message(no_default).contains("route_by is missing"));
+    }
+
+    #[test]
+    fn two_routes_into_one_database_are_refused() {
+        let text = "[[route]]\nname = \"a\"\nvalues=[\"v\"]\ntarget=\"postgresql://u@h/d\"\n\
+                    [[route]]\nname = \"b\"\nvalues=[\"w\"]\ntarget=\"postgresql://v@h:5432/d\"";
+        assert!(message(parse(text)).contains("routes a and b write to the same database"));
+    }
+
+    #[test]
+    fn a_url_in_the_wrong_place_is_never_said_back() {
+        for text in [
+            // A Debug string escapes only its own quote: the rest of the password follows one.
+            "[[route]]\nname = \"a\"\nvalues = \"postgresql://u:ab'cdef@h/d\"\ntarget_file=\"/x\"",
+            "[[route]]\nname = \"a\"\nvalues=[\"v\"]\ntarget_file = \"postgresql://u:ab'cdef@h/d\"",
+            "[[route]]\nname = \"postgresql://u:ab'cdef@h/d\"\nvalues=[\"v\"]\ntarget_file=\"/x\"",
+            "[[route]]\nname = \"a\"\nvalues=[\"postgresql://u:ab'cdef@h/d\"]\ntarget_file=\"/x\"\n\
+             [[route]]\nname = \"b\"\nvalues=[\"postgresql://u:ab'cdef@h/d\"]\ntarget_file=\"/y\"",
+            "\"postgresql://u:ab'cdef@h/d\" = 1",
+        ] {
+            let message = message(parse(text));
+            assert!(
+                !message.contains("cdef") && !message.contains("ab'"),
+                "{text:?}: {message}"
+            );
+        }
+    }
+
+    fn column(name: &str, type_oid: u32, is_key: bool) -> RelationColumn {
+        RelationColumn {
+            is_key,
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+        }
+    }
+
+    #[test]
+    fn the_routing_column_must_be_keyed_reliably_typed_and_spelled_as_printed() {
+        let table: TableName = "public.ProjectUser".parse().unwrap();
+        let routes = |values: &str| {
+            parse(&format!(
+                "[[route]]\nname = \"a\"\nvalues=[{values}]\ntarget_file=\"/x\""
+            ))
+            .unwrap()
+        };
+        let uuid = routes("\"5f8c8b8e-4a37-4a55-9d0c-0c5b1a1f2d3e\"");
+        let keyed = [column("id", 2950, true), column("tenancyId", 2950, true)];
+        assert_eq!(uuid.column_in(&table, &keyed).unwrap(), 1);
+        let not_key = [column("tenancyId", 2950, false)];
+        let error = uuid.column_in(&table, &not_key).unwrap_err().to_string();
+        assert!(error.contains("REPLICA IDENTITY FULL"), "{error}");
+        let missing = [column("id", 2950, true)];
+        let error = uuid.column_in(&table, &missing).unwrap_err().to_string();
+        assert!(error.contains("does not have"), "{error}");
+        let boolean = [column("tenancyId", 16, true)];
+        let error = uuid.column_in(&table, &boolean).unwrap_err().to_string();
+        assert!(error.contains("cannot match reliably"), "{error}");
+        let upper = routes("\"5F8C8B8E-4A37-4A55-9D0C-0C5B1A1F2D3E\"");
+        let error = upper.column_in(&table, &keyed).unwrap_err().to_string();
+        assert!(
+            error.contains("not how PostgreSQL prints a uuid"),
+            "{error}"
+        );
+        let integers = [column("tenancyId", 20, true)];
+        assert!(routes("\"42\", \"-7\"")
+            .column_in(&table, &integers)
+            .is_ok());
+        for bad in ["\"042\"", "\"+4\"", "\"4 \""] {
+            assert!(routes(bad).column_in(&table, &integers).is_err(), "{bad}");
+        }
     }
 
     #[test]

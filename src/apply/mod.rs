@@ -26,6 +26,40 @@ pub use writer::{
 
 use crate::lsn::Lsn;
 
+/// Refuses a command without `--routes` on a target that holds checkpoints of routes of
+/// slot `slot` (keyed `slot:route`): it would treat the route's target as a whole one (copy
+/// every tenancy into it, drop the fan-out's slot). Nothing to check where usersync's table
+/// does not exist yet.
+pub async fn refuse_route_target(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<(), crate::error::Error> {
+    if !target_tables(client).await?.state {
+        return Ok(());
+    }
+    let routes: Vec<String> = client
+        .query(
+            "SELECT substr(slot_name, length($1) + 2) FROM usersync.state
+              WHERE left(slot_name, length($1) + 1) = $1 || ':' ORDER BY 1",
+            &[&slot],
+        )
+        .await
+        .map_err(ApplyError::sql("looking for routes of the slot"))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    if routes.is_empty() {
+        return Ok(());
+    }
+    Err(crate::error::Error::Config(format!(
+        "this target is route {} of a fan-out of slot {slot} (set up with --routes): use the \
+         same command with --routes and the routes file; without it, usersync would take this \
+         database for the only target of the slot (copy every tenancy into it, or drop the \
+         slot every route needs)",
+        routes.join(", ")
+    )))
+}
+
 /// Every target session's `statement_timeout`: generous (a batch or a page takes a fraction
 /// of a second), but a statement stuck behind a lock or a stalled server ends, and the session
 /// reconnects.

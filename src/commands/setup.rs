@@ -150,6 +150,9 @@ pub(crate) async fn prepare_source(config: &Config) -> Result<PreparedSource, Er
 pub(crate) async fn prepare_target(config: &Config) -> Result<Client, Error> {
     let target = connect("target", &config.target).await?;
     version::check_target(&target).await?;
+    if config.routes.is_none() {
+        apply::refuse_route_target(&target, &config.slot).await?;
+    }
     let (_, created) = apply::ensure_target_schema(&target).await?;
     println!(
         "{}target table neon_auth.users_sync {}; checkpoint table usersync.state ready",
@@ -311,6 +314,7 @@ async fn setup_routes(config: &Config, options: SetupOptions) -> Result<(), Erro
         columns,
         part_sources_select,
     } = prepare_source(config).await?;
+    check_routing_column(config, &source).await?;
     let slot = catalog::slot_info(&source, &config.slot).await?;
     if let Some(slot) = &slot {
         check_slot_fits(config, slot)?;
@@ -424,10 +428,123 @@ async fn setup_routes(config: &Config, options: SetupOptions) -> Result<(), Erro
                 ))
                 .into());
             }
-            copy_at_new_snapshot(config, &columns, missing).await?;
+            // A `run` starting meanwhile (systemd restarting it) stands by on these locks;
+            // one that still streams with an older routes file is caught below.
+            let _locks = hold_route_locks(config).await?;
+            let keys: Vec<String> = missing
+                .iter()
+                .map(|target| target.config.checkpoint_key())
+                .collect();
+            let copies: Vec<Config> = missing.iter().map(|t| t.config.clone()).collect();
+            let outcomes = copy_at_new_snapshot(config, &columns, missing).await?;
+            let copied_at = outcomes
+                .iter()
+                .map(|outcome| outcome.consistent_point)
+                .min();
+            let confirmed = catalog::slot_info(&source, &config.slot)
+                .await?
+                .and_then(|slot| slot.confirmed_flush_lsn);
+            if let (Some(copied_at), Some(confirmed)) = (copied_at, confirmed) {
+                if confirmed > copied_at {
+                    // Something streamed from the slot past the copies without feeding them:
+                    // their checkpoints would skip what it confirmed.
+                    for (route, key) in copies.iter().zip(&keys) {
+                        let target = super::connect("target", &route.target).await?;
+                        apply::delete_checkpoint(&target, key).await?;
+                    }
+                    return Err(SourceError::Definite(format!(
+                        "replication slot {} moved to {confirmed} during the copy, past it \
+                         ({copied_at}): a usersync run streamed from it meanwhile (with a \
+                         routes file without these routes); the new routes' checkpoints are \
+                         removed again: stop every usersync run of this slot and run setup \
+                         --routes again",
+                        config.slot
+                    ))
+                    .into());
+                }
+            }
         }
     }
     println!("ready: start replication with usersync run --routes");
+    Ok(())
+}
+
+/// Takes the slot's lock of every route on its target, on connections kept until the
+/// returned clients are dropped; refuses if one is held (a `run` of this fan-out).
+async fn hold_route_locks(config: &Config) -> Result<Vec<Client>, Error> {
+    let mut held = Vec::new();
+    for route in config.route_configs() {
+        let target = super::connect("target", &route.target).await?;
+        let key = route.checkpoint_key();
+        let locked: bool = target
+            .query_one(apply::slot_lock::TRY_LOCK, &[&key])
+            .await
+            .map_err(apply::ApplyError::sql("taking the slot's lock"))?
+            .get(0);
+        if !locked {
+            let holders = apply::slot_lock::holders(&target, &key).await?;
+            return Err(Error::Config(format!(
+                "route {}: another session holds its lock on the target ({}): a usersync run \
+                 of this fan-out; stop it, run setup --routes, then start run with the new \
+                 routes file",
+                route.route_name().unwrap_or_default(),
+                apply::slot_lock::describe(&holders)
+            )));
+        }
+        held.push(target);
+    }
+    Ok(held)
+}
+
+/// Checks, before any slot exists, what `run` checks at the first change: the routing
+/// column is in every table of the profile, in its replica identity, of a type usersync
+/// matches reliably, with every value spelled as PostgreSQL prints it; and says which
+/// values match no row yet (a typo sends nothing anywhere, or everything to the default).
+async fn check_routing_column(config: &Config, source: &Client) -> Result<(), Error> {
+    let Some(routes) = &config.routes else {
+        return Ok(());
+    };
+    let profile = catalog::resolve_profile(source, &config.table, &config.mapping).await?;
+    for table in profile.tables(&config.table) {
+        let columns = catalog::table_columns(source, &table).await?;
+        routes.column_in(&table, &columns)?;
+    }
+    let values: Vec<&str> = routes
+        .routes
+        .iter()
+        .flat_map(|route| route.values.iter().map(String::as_str))
+        .collect();
+    let found: Vec<String> = source
+        .query(
+            &format!(
+                "SELECT DISTINCT v FROM unnest($1::text[]) AS v
+                  WHERE EXISTS (SELECT FROM {} u WHERE u.{}::text = v)",
+                config.table.quoted(),
+                postgres_protocol::escape::escape_identifier(&routes.by)
+            ),
+            &[&values],
+        )
+        .await
+        .map_err(SourceError::sql("looking for the routes' values"))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for route in &routes.routes {
+        let unmatched = route
+            .values
+            .iter()
+            .filter(|value| !found.contains(value))
+            .count();
+        if unmatched > 0 {
+            println!(
+                "route {}: {unmatched} of its {} values match no row of {} yet (a new \
+                 tenancy, or a misspelled value)",
+                route.name,
+                route.values.len(),
+                config.table
+            );
+        }
+    }
     Ok(())
 }
 

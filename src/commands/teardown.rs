@@ -20,6 +20,9 @@ use crate::source::catalog::{self, SlotInfo};
 use crate::source::SourceError;
 
 pub async fn teardown(config: &Config) -> Result<(), Error> {
+    // Before anything is dropped: a route's target must not drop the slot every route needs.
+    let target = connect("target", &config.target).await?;
+    apply::refuse_route_target(&target, &config.slot).await?;
     let source = connect("source", &config.source).await?;
     match catalog::slot_info(&source, &config.slot).await? {
         Some(slot) if slot.active => {
@@ -53,7 +56,6 @@ pub async fn teardown(config: &Config) -> Result<(), Error> {
         ),
         None => println!("publication {} not found", config.publication),
     }
-    let target = connect("target", &config.target).await?;
     if apply::target_tables(&target).await?.state {
         // One transaction: a target left with no checkpoint but channels still recorded
         // would trust records nothing keeps up to date (an error ends the process, and the

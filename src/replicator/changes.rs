@@ -6,7 +6,7 @@
 //! nothing replicated before stays live. The batch and the writer take it from there.
 
 use super::relations::StreamTables;
-use crate::decode::{LogicalMessage, OldTuple, Relation, Transaction, TupleData};
+use crate::decode::{ColumnValue, LogicalMessage, OldTuple, Relation, Transaction, TupleData};
 use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::map::{Gone, MappedUser, RowMapper, RowOutcome};
@@ -204,13 +204,29 @@ impl ChangeMapper {
                 };
                 if route_before != route {
                     // The row moved to another route (its tenancy changed): there it is gone,
-                    // here it is as it is now.
+                    // here it is new, whole: the new route's target has no row to take the
+                    // values the update left out (unchanged TOAST) from.
                     if let (Some(before), false) = (route_before, skipped_before) {
                         let id = old_id.unwrap_or_else(|| outcome.id().to_owned());
                         out.push(before, removal(mapping, id, gone)?);
                     }
-                    if let (Some(route), Some(change)) = (route, change_of(outcome, false)) {
-                        out.push(route, change);
+                    if let Some(route) = route {
+                        let whole = whole_row(&update.new, update.old.as_ref()).map_err(|()| {
+                            Error::Config(format!(
+                                "a row of {} moved to another route with values the update \
+                                 did not send (unchanged large values): its new route's target \
+                                 cannot get them; set REPLICA IDENTITY FULL on that table, \
+                                 which sends them",
+                                self.tables.table_of(update.relation_id)
+                            ))
+                        })?;
+                        let outcome = match whole {
+                            Some(whole) => mapping.map_row(&whole)?,
+                            None => outcome,
+                        };
+                        if let Some(change) = change_of(outcome, false) {
+                            out.push(route, change);
+                        }
                     }
                     return Ok(());
                 }
@@ -350,6 +366,31 @@ pub(super) fn print_changes<'c>(
         line.insert("raw_json".into(), raw_json.into());
         let _ = writeln!(out, "{}", serde_json::Value::Object(line));
     }
+}
+
+/// The new row of an update with the values it left out (unchanged TOAST) taken from the
+/// whole old row; `None`: it left none out; `Err`: it did, and there is no whole old row.
+fn whole_row(new: &TupleData, old: Option<&OldTuple>) -> Result<Option<TupleData>, ()> {
+    let unchanged = |value: &ColumnValue| matches!(value, ColumnValue::UnchangedToast);
+    if !new.0.iter().any(unchanged) {
+        return Ok(None);
+    }
+    let Some(OldTuple::Full(old)) = old else {
+        return Err(());
+    };
+    let values = new
+        .0
+        .iter()
+        .zip(&old.0)
+        .map(|(new, old)| {
+            if unchanged(new) {
+                old.clone()
+            } else {
+                new.clone()
+            }
+        })
+        .collect();
+    Ok(Some(TupleData(values)))
 }
 
 fn old_tuple(old: &OldTuple) -> &TupleData {

@@ -78,8 +78,9 @@ impl Ledger {
         self.unflushed.push_back(end_lsn);
     }
 
-    /// Nothing for the target up to `position` (a keepalive, or transactions that map to
-    /// nothing, while caught up).
+    /// Nothing for the target up to `position` but what it was fed before (a keepalive,
+    /// transactions that map to nothing, other routes' transactions); recorded only once
+    /// caught up, and only past everything applied (see `idle_to_record`).
     pub fn nothing_until(&mut self, position: Lsn) {
         self.idle_position = self.idle_position.max(position);
     }

@@ -7,13 +7,13 @@
 //! still describes the table for the transactions after it.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use crate::config::TableName;
-use crate::decode::{
-    ColumnValue, DecodeError, LogicalMessage, Relation, ReplicaIdentity, Transaction, TupleData,
-};
+use crate::decode::{ColumnValue, DecodeError, LogicalMessage, Relation, Transaction, TupleData};
 use crate::error::Error;
 use crate::map::{BoundProfile, Profile, RowMapper};
+use crate::routing::Routes;
 
 /// A table of the profile as the current Relation message describes it.
 struct KnownTable {
@@ -35,8 +35,8 @@ pub(super) struct StreamTables {
     /// naming any other id breaks pgoutput's promise; dropping it as "not ours" could drop
     /// a user's change without a word, so it stops replication instead.
     described: HashSet<u32>,
-    /// The column whose value picks a row's route, with `--routes`.
-    route_by: Option<String>,
+    /// With `--routes`: whose column picks a row's route.
+    routes: Option<Arc<Routes>>,
 }
 
 impl StreamTables {
@@ -46,13 +46,13 @@ impl StreamTables {
             profile,
             known: Vec::new(),
             described: HashSet::new(),
-            route_by: None,
+            routes: None,
         }
     }
 
-    /// Tables whose rows are routed by column `column` (`--routes`).
-    pub fn routed_by(mut self, column: Option<String>) -> Self {
-        self.route_by = column;
+    /// Tables whose rows are routed (`--routes`).
+    pub fn routed_by(mut self, routes: Option<Arc<Routes>>) -> Self {
+        self.routes = routes;
         self
     }
 
@@ -71,8 +71,8 @@ impl StreamTables {
             for note in mapping.notes() {
                 tracing::info!(table = %self.tables[table], note = %note, "mapping");
             }
-            let route_column = match &self.route_by {
-                Some(column) => Some(route_column(&relation, &self.tables[table], column)?),
+            let route_column = match &self.routes {
+                Some(routes) => Some(routes.column_in(&self.tables[table], &relation.columns)?),
                 None => None,
             };
             self.known.push(KnownTable {
@@ -120,7 +120,7 @@ impl StreamTables {
         else {
             return Ok(None);
         };
-        let column = self.route_by.as_deref().unwrap_or_default();
+        let column = self.routes.as_ref().map_or("", |routes| routes.by.as_str());
         let unroutable = |what: &str| {
             Error::Config(format!(
                 "a row of {} has {what} in its routing column {column}, so usersync cannot \
@@ -136,6 +136,17 @@ impl StreamTables {
             Some(ColumnValue::UnchangedToast) => Err(unroutable("an unchanged TOASTed value")),
             Some(ColumnValue::Binary(_)) | None => Err(unroutable("no text value")),
         }
+    }
+
+    /// The name of the profile's table relation `relation_id` is, for messages.
+    pub fn table_of(&self, relation_id: u32) -> String {
+        self.known
+            .iter()
+            .find(|known| known.id == relation_id)
+            .map_or_else(
+                || format!("relation {relation_id}"),
+                |known| self.tables[known.table].to_string(),
+            )
     }
 
     /// Which of the profile's tables (by index, 0 the users table) a TRUNCATE names.
@@ -166,30 +177,10 @@ impl StreamTables {
     }
 }
 
-/// Where `relation` holds the routing column `column`, which must be in its replica
-/// identity: a deleted row arrives with that identity only, and must still find its route.
-fn route_column(relation: &Relation, table: &TableName, column: &str) -> Result<usize, Error> {
-    let Some(index) = relation.columns.iter().position(|c| c.name == column) else {
-        return Err(Error::Config(format!(
-            "the routes file routes by column {column}, which {table} does not publish; every \
-             table of the profile needs it (route_by in the routes file names it)"
-        )));
-    };
-    if !relation.columns[index].is_key && relation.replica_identity != ReplicaIdentity::Full {
-        return Err(Error::Config(format!(
-            "the routing column {column} is not in the replica identity of {table}, so a deleted \
-             row could not be routed: route by a column of its primary key, or run ALTER TABLE \
-             {} REPLICA IDENTITY FULL",
-            table.quoted()
-        )));
-    }
-    Ok(index)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::RelationColumn;
+    use crate::decode::{RelationColumn, ReplicaIdentity};
     use crate::lsn::Lsn;
     use crate::map::GenericMapping;
 

@@ -309,12 +309,13 @@ impl Route {
             }
             Feed::LargeAbort => self.abandon_large_transaction().await?,
             Feed::Idle { position, sent_at } => {
-                if self.caught_up() {
-                    self.ledger.nothing_until(position);
-                    if let Some(sent_at) = sent_at {
-                        // No heartbeats: a keepalive while caught up is the best idle estimate.
-                        self.lag.keepalive_while_idle(sent_at);
-                    }
+                // Everything for this target up to `position` was fed before this: once it is
+                // applied (the ledger records an idle position only while caught up, and only
+                // past everything applied), the position is the target's.
+                self.ledger.nothing_until(position);
+                if let (Some(sent_at), true) = (sent_at, self.caught_up()) {
+                    // No heartbeats: a keepalive while caught up is the best idle estimate.
+                    self.lag.keepalive_while_idle(sent_at);
                 }
             }
             Feed::Finish => unreachable!("handled by run"),

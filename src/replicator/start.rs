@@ -282,8 +282,7 @@ pub(super) async fn run_session(
         Mode::Service => STATUS_INTERVAL,
         Mode::Replay { .. } => REPLAY_STATUS_INTERVAL,
     };
-    let tables = StreamTables::new(profile, &config.table)
-        .routed_by(config.routes.as_ref().map(|routes| routes.by.clone()));
+    let tables = StreamTables::new(profile, &config.table).routed_by(config.routes.clone());
     Session::new(Parts {
         config,
         metrics,
@@ -341,6 +340,9 @@ async fn open_target(
                 "the target{} has no neon_auth.users_sync or usersync.state yet: run usersync setup first",
                 route_label(&config)
             )));
+        }
+        if config.routes.is_none() {
+            apply::refuse_route_target(&target, &config.slot).await?;
         }
         let shape = apply::check_shape(&target).await?;
         Ok((target, warnings, shape))
@@ -474,9 +476,20 @@ fn route_label(config: &Config) -> String {
 /// had applied up to the slot's position, and the source no longer has it for this slot.
 fn target_behind_slot(config: &Config, confirmed: Lsn, checkpoint: &apply::Checkpoint) -> Error {
     let slot = &config.slot;
-    let route = route_label(config);
+    if let Some(route) = config.route_name() {
+        return Error::Config(format!(
+            "slot {slot} is confirmed up to {confirmed}, past the checkpoint of route {route} \
+             ({}): the route was evicted (down past --evict-after), its target was restored \
+             to an earlier point, or a run without this route streamed meanwhile; its target \
+             lacks changes the slot no longer holds. Remove its checkpoint (DELETE FROM \
+             usersync.state WHERE slot_name = '{}' on its target) and run usersync setup \
+             --routes with run stopped, which copies it anew. See docs/fan-out.md#a-lost-slot",
+            checkpoint.end_lsn,
+            config.checkpoint_key()
+        ));
+    }
     Error::Config(format!(
-        "slot {slot} is confirmed up to {confirmed}, past this target's checkpoint{route} ({}), which \
+        "slot {slot} is confirmed up to {confirmed}, past this target's checkpoint ({}), which \
          usersync never lets it pass: this target may have lost changes, and the slot no \
          longer holds them. Restored from a backup or to an earlier point: run usersync \
          resync. A copy (a branch) of the target this slot feeds: never use this slot for it; \

@@ -550,7 +550,7 @@ async fn a_target_too_slow_is_left_behind_and_rejoins_later() {
     install_write_log(&fan_out.routes[1].client).await;
     slow.batch_execute(
         "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$;
+         BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$;
          CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON neon_auth.users_sync
            FOR EACH STATEMENT EXECUTE FUNCTION slow();",
     )
@@ -563,16 +563,18 @@ async fn a_target_too_slow_is_left_behind_and_rejoins_later() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    // Many small transactions for both tenancies: acme's target takes 0.3 s per batch.
+    // Many small transactions for both tenancies, faster than acme's target takes them (a
+    // second per batch): its feed fills while globex's does not.
     let source = &fan_out.pair.source;
-    for i in 0..3000 {
-        let tenant = if i % 2 == 0 { "acme" } else { "globex" };
-        source
-            .batch_execute(&format!(
-                "INSERT INTO users (tenant, email) VALUES ('{tenant}', 'u{i}@example.com')"
-            ))
-            .await
-            .unwrap();
+    for round in 0..6 {
+        let mut script = String::new();
+        for i in 0..1000 {
+            let tenant = if i % 2 == 0 { "acme" } else { "globex" };
+            script.push_str(&format!(
+                "BEGIN; INSERT INTO users (tenant, email) VALUES ('{tenant}', 'u{round}_{i}@example.com'); COMMIT;"
+            ));
+        }
+        source.batch_execute(&script).await.unwrap();
     }
     // globex keeps up while acme cannot.
     fan_out.wait_for_match_of(&["acme"]).await;
@@ -674,4 +676,107 @@ async fn fifty_routes_one_server_stopped_each_target_its_slice_exactly_once() {
     }
     let said = std::fs::read_to_string(&log).unwrap();
     assert!(said.contains("answers again"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_moving_tenancy_arrives_whole_with_its_large_values() {
+    let fan_out = FanOut::new(&[("acme", &["acme"]), ("globex", &["globex"])]).await;
+    let source = &fan_out.pair.source;
+    // Metadata large and incompressible enough to be stored out of line (TOAST): an update
+    // that leaves it alone does not send it.
+    source
+        .batch_execute(
+            "INSERT INTO users (tenant, email, metadata)
+             SELECT 'acme', 'big@example.com',
+                    jsonb_build_object('blob', string_agg(md5(i::text), ''))
+               FROM generate_series(1, 400) AS i",
+        )
+        .await
+        .unwrap();
+    let setup = fan_out.usersync(&["setup"]);
+    assert!(setup.status.success(), "setup: {}", text(&setup));
+    let mut run = fan_out
+        .command(&["run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    source
+        .batch_execute("UPDATE users SET tenant = 'globex', version = version + 1")
+        .await
+        .unwrap();
+    fan_out.wait_for_match().await;
+    let blob_length: Option<i32> = fan_out.routes[1]
+        .client
+        .query_one(
+            "SELECT length(raw_json -> 'metadata' ->> 'blob') FROM neon_auth.users_sync",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        blob_length,
+        Some(400 * 32),
+        "the moved user lost its large value"
+    );
+    let gone: bool = fan_out.routes[0]
+        .client
+        .query_one(
+            "SELECT deleted_at IS NOT NULL FROM neon_auth.users_sync",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(gone, "the user must be soft-deleted on the route it left");
+    run.kill().unwrap();
+    run.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_without_routes_refuse_a_routes_target() {
+    let fan_out = FanOut::new(&[("acme", &["acme"]), ("globex", &["globex"])]).await;
+    fan_out
+        .pair
+        .source
+        .batch_execute("INSERT INTO users (tenant, email) VALUES ('globex', 'g@example.com')")
+        .await
+        .unwrap();
+    let setup = fan_out.usersync(&["setup"]);
+    assert!(setup.status.success(), "setup: {}", text(&setup));
+    // The acme route's target as if it were the only one: setup would copy every tenancy
+    // into it, teardown would drop the slot every route needs.
+    for args in [
+        &["setup"][..],
+        &["teardown", "--yes"],
+        &["status"],
+        &["resync"],
+        &["replay"],
+    ] {
+        let output = fan_out
+            .pair
+            .command(args)
+            .env("USERSYNC_TARGET_URL", &fan_out.routes[0].url)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{args:?}: {}", text(&output));
+        assert!(
+            text(&output).contains("is route acme of a fan-out"),
+            "{args:?}: {}",
+            text(&output)
+        );
+    }
+    let slot_exists: bool = fan_out
+        .pair
+        .source
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&fan_out.pair.config.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(slot_exists, "the fan-out's slot was dropped");
+    assert!(live_users(&fan_out.routes[0].client).await.is_empty());
 }

@@ -88,6 +88,7 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
     drop(source);
 
     let target = connect("target", &config.target).await?;
+    apply::refuse_route_target(&target, &config.slot).await?;
     let mut problems = Vec::new();
     if let Some(database) = slot.as_ref().and_then(|slot| slot.database.as_deref()) {
         // A slot of that name for another database of the server is not this source's.
