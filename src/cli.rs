@@ -329,6 +329,9 @@ pub struct StatusArgs {
     pub connection: ConnectionArgs,
 
     #[command(flatten)]
+    pub routes: RoutesArgs,
+
+    #[command(flatten)]
     pub lag: LagTargetArgs,
 
     /// Print one JSON object on stdout instead of a table.

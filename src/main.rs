@@ -120,7 +120,8 @@ async fn dispatch(command: Command) -> Result<u8, Failure> {
             commands::run::run(&config, args.metrics_addr).await?
         }
         Command::Status(args) => {
-            let mut config = Config::from_args(&args.connection)?;
+            let mut config =
+                Config::routed_from_args(&args.connection, args.routes.routes.as_deref())?;
             config.lag_target = parse_duration(&args.lag.lag_target)?;
             let options = commands::status::StatusOptions {
                 json: args.json,

@@ -780,3 +780,40 @@ async fn commands_without_routes_refuse_a_routes_target() {
     assert!(slot_exists, "the fan-out's slot was dropped");
     assert!(live_users(&fan_out.routes[0].client).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_each_route_and_the_worst_verdict() {
+    let fan_out = FanOut::new(&[("acme", &["acme"]), ("globex", &["globex"])]).await;
+    fan_out
+        .pair
+        .source
+        .batch_execute("INSERT INTO users (tenant, email) VALUES ('acme', 'a@example.com')")
+        .await
+        .unwrap();
+    let setup = fan_out.usersync(&["setup"]);
+    assert!(setup.status.success(), "setup: {}", text(&setup));
+    let status = fan_out.usersync(&["status"]);
+    let said = text(&status);
+    assert!(said.contains("== route acme"), "{said}");
+    assert!(said.contains("== route globex"), "{said}");
+    let json = fan_out.usersync(&["status", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).expect("one JSON object");
+    let routes = report["routes"].as_array().expect("routes");
+    assert_eq!(routes.len(), 2, "{report}");
+    assert_eq!(routes[0]["route"], "acme");
+    assert_eq!(routes[0]["report"]["target"]["users_live"], 1, "{report}");
+    // A route whose checkpoint is gone: that route is broken, and so is the verdict.
+    fan_out.routes[1]
+        .client
+        .batch_execute("DELETE FROM usersync.state")
+        .await
+        .unwrap();
+    let broken = fan_out.usersync(&["status", "--json"]);
+    assert_eq!(broken.status.code(), Some(5), "{}", text(&broken));
+    let report: serde_json::Value = serde_json::from_slice(&broken.stdout).unwrap();
+    assert_eq!(report["verdict"], "broken");
+    assert_eq!(
+        report["routes"][0]["report"]["verdict"], "healthy",
+        "{report}"
+    );
+}

@@ -40,6 +40,9 @@ pub struct StatusOptions {
 
 /// Prints the report and returns the verdict (whose exit code `main` uses).
 pub async fn status(config: &Config, options: StatusOptions) -> Result<Verdict, Error> {
+    if config.routes.is_some() {
+        return routes_status(config, options).await;
+    }
     let report = match gather(config, options).await {
         Ok(report) => report,
         Err(error) => {
@@ -59,6 +62,106 @@ pub async fn status(config: &Config, options: StatusOptions) -> Result<Verdict, 
         print!("{}", crate::error::escape_controls(&report.human()));
     }
     Ok(report.verdict)
+}
+
+/// `status --routes`: each route judged as one target would be (the slot's facts are the
+/// same in each), then a line per route; the worst verdict decides. A route whose target
+/// cannot be read is broken; the others are still reported.
+async fn routes_status(config: &Config, options: StatusOptions) -> Result<Verdict, Error> {
+    let mut routes = Vec::new();
+    for route in config.route_configs() {
+        let name = route.route_name().unwrap_or_default().to_owned();
+        let mut report = gather(&route, options).await;
+        if let Ok(report) = &mut report {
+            if report.checkpoint.is_none() && report.target.unfinished.is_none() {
+                // A route nobody set up (added to the file, or its checkpoint removed): run
+                // refuses to start without it.
+                report.problems.push(Problem {
+                    verdict: Verdict::Broken,
+                    message: format!(
+                        "route {name} has no checkpoint on its target: stop usersync run and \
+                         run usersync setup --routes, which copies it"
+                    ),
+                });
+                report.verdict = Verdict::Broken;
+                report.exit_code = Verdict::Broken.exit_code();
+            }
+        }
+        routes.push((name, report));
+    }
+    let verdict = routes
+        .iter()
+        .map(|(_, report)| match report {
+            Ok(report) => report.verdict,
+            Err(_) => Verdict::Broken,
+        })
+        .max()
+        .unwrap_or(Verdict::Healthy);
+    if options.json {
+        let routes: Vec<serde_json::Value> = routes
+            .iter()
+            .map(|(name, report)| match report {
+                Ok(report) => serde_json::json!({ "route": name, "report": report }),
+                Err(error) => serde_json::json!({
+                    "route": name,
+                    "verdict": "unknown",
+                    "error": crate::error::report(error),
+                }),
+            })
+            .collect();
+        let json = serde_json::json!({
+            "verdict": verdict,
+            "exit_code": verdict.exit_code(),
+            "routes": routes,
+        });
+        println!("{json}");
+        return Ok(verdict);
+    }
+    let mut out = String::new();
+    for (name, report) in &routes {
+        out.push_str(&format!("== route {name}\n"));
+        match report {
+            Ok(report) => out.push_str(&report.human()),
+            Err(error) => out.push_str(&format!(
+                "verdict             broken: {}\n",
+                crate::error::report(error)
+            )),
+        }
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "{:<20}{:<14}{:<16}{:<12}{}\n",
+        "route", "verdict", "checkpoint", "lag", "live users"
+    ));
+    for (name, report) in &routes {
+        let (state, checkpoint, lag, users) = match report {
+            Ok(report) => (
+                report.verdict.as_str().to_owned(),
+                report
+                    .checkpoint
+                    .as_ref()
+                    .map_or_else(|| "none".to_owned(), |c| c.end_lsn.0.to_string()),
+                report
+                    .lag
+                    .seconds
+                    .map_or_else(|| "-".to_owned(), |s| format!("{:.3}s", s)),
+                report
+                    .target
+                    .users_live
+                    .map_or_else(|| "-".to_owned(), |n| n.to_string()),
+            ),
+            Err(_) => ("broken".into(), "-".into(), "-".into(), "-".into()),
+        };
+        out.push_str(&format!(
+            "{name:<20}{state:<14}{checkpoint:<16}{lag:<12}{users}\n"
+        ));
+    }
+    out.push_str(&format!(
+        "verdict             {} (the worst route's)\n",
+        verdict.as_str()
+    ));
+    print!("{}", crate::error::escape_controls(&out));
+    Ok(verdict)
 }
 
 /// What `status --json` prints when it could not gather the facts: no verdict can be drawn,
@@ -88,7 +191,9 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
     drop(source);
 
     let target = connect("target", &config.target).await?;
-    apply::refuse_route_target(&target, &config.slot).await?;
+    if config.routes.is_none() {
+        apply::refuse_route_target(&target, &config.slot).await?;
+    }
     let mut problems = Vec::new();
     if let Some(database) = slot.as_ref().and_then(|slot| slot.database.as_deref()) {
         // A slot of that name for another database of the server is not this source's.
@@ -132,7 +237,7 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
     let replicator_lag = replicator
         .as_ref()
         .filter(|metrics| streaming && metrics.is_active_for(&config.slot, &system_identifier))
-        .and_then(ReplicatorMetrics::current_lag);
+        .and_then(|metrics| metrics.current_lag(config.route_name()));
     let (lag, estimate) = estimate_lag(
         pending_bytes,
         replicator_lag,
@@ -224,10 +329,14 @@ impl ReplicatorMetrics {
             && self.value("usersync_ready") == Some(1.0)
     }
 
-    /// Its current lag: the oldest unapplied commit's age, or, caught up, the last
-    /// heartbeat's lag through the whole pipeline.
-    fn current_lag(&self) -> Option<Duration> {
-        self.value("usersync_lag_current_seconds")
+    /// Its current lag (of route `route` of a fan-out): the oldest unapplied commit's age,
+    /// or, caught up, the last heartbeat's lag through the whole pipeline.
+    fn current_lag(&self, route: Option<&str>) -> Option<Duration> {
+        let name = match route {
+            None => "usersync_lag_current_seconds".to_owned(),
+            Some(route) => format!("usersync_route_lag_seconds{{route=\"{route}\"}}"),
+        };
+        self.value(&name)
             .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
     }
 
@@ -316,7 +425,7 @@ async fn read_target(
         tables_present: tables.users_sync && tables.state,
         users_live: None,
         users_soft_deleted: None,
-        slot_lock_holders: apply::slot_lock::holders(target, &config.slot).await?,
+        slot_lock_holders: apply::slot_lock::holders(target, &config.checkpoint_key()).await?,
         unfinished: None,
         primary_email_channels_unknown: None,
     };
@@ -353,10 +462,11 @@ async fn read_target(
         }
     }
     let checkpoint = if tables.state {
-        status.unfinished = apply::setup_progress::read(target, &config.slot)
+        let key = config.checkpoint_key();
+        status.unfinished = apply::setup_progress::read(target, &key)
             .await?
             .map(|progress| progress.mode.as_str());
-        apply::read_checkpoint(target, &config.slot).await?
+        apply::read_checkpoint(target, &key).await?
     } else {
         None
     };
@@ -435,11 +545,11 @@ mod attack_tests {
         });
         let metrics = replicator_metrics(addr).await.expect("answered");
         let believed = metrics.is_active_for("usersync", "7312345678901234567")
-            && metrics.current_lag().is_some();
+            && metrics.current_lag(None).is_some();
         assert!(
             !believed,
             "status took lag {:?} from an unauthenticated process at {addr}",
-            metrics.current_lag()
+            metrics.current_lag(None)
         );
     }
 }
