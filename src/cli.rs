@@ -52,7 +52,7 @@ pub enum Command {
     /// Recreate a lost or dropped slot and copy the table again, reconciling the target:
     /// users absent from the source are soft-deleted.
     #[command(after_help = RESYNC_EXAMPLES)]
-    Resync(ConnectionArgs),
+    Resync(ResyncArgs),
     /// Apply everything pending in the slot up to the source's current position, then exit.
     #[command(after_help = REPLAY_EXAMPLES)]
     Replay(ReplayArgs),
@@ -73,6 +73,8 @@ pub enum Command {
     Teardown {
         #[command(flatten)]
         connection: ConnectionArgs,
+        #[command(flatten)]
+        routes: RoutesArgs,
         /// Confirm: the slot's unconsumed changes are lost.
         #[arg(long)]
         yes: bool,
@@ -246,9 +248,21 @@ pub struct SetupArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct ResyncArgs {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+
+    #[command(flatten)]
+    pub routes: RoutesArgs,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct ReplayArgs {
     #[command(flatten)]
     pub connection: ConnectionArgs,
+
+    #[command(flatten)]
+    pub routes: RoutesArgs,
 
     /// Print the pending changes as JSON lines (lsn, commit_time, op, id, raw_json) instead of
     /// applying them; the slot does not advance.

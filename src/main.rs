@@ -101,10 +101,15 @@ async fn dispatch(command: Command) -> Result<u8, Failure> {
             commands::setup::setup(&config, options).await?
         }
         Command::Replay(args) => {
-            let config = Config::for_replication(&args.connection)?;
+            let config =
+                Config::routed_for_replication(&args.connection, args.routes.routes.as_deref())?;
             commands::replay::replay(&config, args.until_lsn, args.dry_run).await?
         }
-        Command::Resync(args) => commands::resync::resync(&Config::for_replication(&args)?).await?,
+        Command::Resync(args) => {
+            let config =
+                Config::routed_for_replication(&args.connection, args.routes.routes.as_deref())?;
+            commands::resync::resync(&config).await?
+        }
         Command::Run(args) => {
             let mut config =
                 Config::routed_for_replication(&args.connection, args.routes.routes.as_deref())?;
@@ -134,8 +139,12 @@ async fn dispatch(command: Command) -> Result<u8, Failure> {
         Command::Purge(args) => {
             commands::purge::purge(&PurgeConfig::from_args(&args)?).await?;
         }
-        Command::Teardown { connection, yes } => {
-            let config = Config::from_args(&connection)?;
+        Command::Teardown {
+            connection,
+            routes,
+            yes,
+        } => {
+            let config = Config::routed_from_args(&connection, routes.routes.as_deref())?;
             if !yes {
                 commands::teardown::preview(&config).await;
                 return Err(Failure::Usage(format!(

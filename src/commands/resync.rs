@@ -5,7 +5,10 @@
 //! checkpoint moves to the new slot.
 
 use super::initial_copy::{create_slot_and_copy, CopyMode, CopyRecord, CopyTarget};
-use super::setup::{check_slot_fits, prepare, Prepared};
+use super::setup::{
+    check_routing_column, check_slot_fits, prepare, prepare_source, prepare_target, Prepared,
+    PreparedSource,
+};
 use crate::apply::setup_progress::{self, SetupMode, SetupProgress};
 use crate::apply::{self, bulk};
 use crate::config::Config;
@@ -13,6 +16,9 @@ use crate::error::Error;
 use crate::source::{catalog, SourceError};
 
 pub async fn resync(config: &Config) -> Result<(), Error> {
+    if config.routes.is_some() {
+        return resync_routes(config).await;
+    }
     let Prepared {
         source,
         mut target,
@@ -92,6 +98,94 @@ pub async fn resync(config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
+/// `resync --routes`: the slot recreated once, and every route copied anew in its one
+/// snapshot (its share of the table) and reconciled: users of its target the source no
+/// longer has in that share are soft-deleted.
+async fn resync_routes(config: &Config) -> Result<(), Error> {
+    let PreparedSource {
+        client: source,
+        columns,
+        ..
+    } = prepare_source(config).await?;
+    check_routing_column(config, &source).await?;
+    let failover = catalog::slot_is_failover(&source, &config.slot).await?;
+    let slot = catalog::slot_info(&source, &config.slot).await?;
+    if let Some(slot) = &slot {
+        check_slot_fits(config, slot)?;
+        if let (true, Some(pid)) = (slot.active, slot.active_pid) {
+            return Err(SourceError::Definite(format!(
+                "replication slot {} is in use by source backend pid {pid}: stop usersync run \
+                 before resync",
+                config.slot
+            ))
+            .into());
+        }
+    }
+    let system_id = catalog::system_identifier(&source).await?;
+    let mut routes = Vec::new();
+    let mut recorded = false;
+    for route in config.route_configs() {
+        let target = prepare_target(&route).await?;
+        let earlier = setup_progress::read(&target, &route.checkpoint_key()).await?;
+        recorded |= records_slot(&target, &route, &system_id, earlier.as_ref()).await?;
+        let target_was_empty = match &earlier {
+            Some(earlier) => earlier.target_was_empty,
+            None => bulk::users_sync_is_empty(&target).await?,
+        };
+        routes.push((route, target, target_was_empty));
+    }
+    if slot.as_ref().is_some_and(|slot| !slot.is_invalidated()) && !recorded {
+        // No route has a record of it: it may feed another usersync's targets.
+        return Err(Error::SlotNotCreatedHere {
+            slot: config.slot.clone(),
+        });
+    }
+    // As for one target: each route's record says a resync is under way until its final
+    // commit, which writes its checkpoint.
+    let mut targets = Vec::with_capacity(routes.len());
+    for (route, mut target, target_was_empty) in routes {
+        let progress = SetupProgress {
+            slot: route.checkpoint_key(),
+            system_id: system_id.clone(),
+            consistent_point: None,
+            mode: SetupMode::Resync,
+            target_was_empty,
+        };
+        setup_progress::write(&mut target, &progress, true).await?;
+        targets.push(CopyTarget {
+            config: route,
+            client: target,
+            mode: CopyMode::CopyAndReconcile,
+            record: CopyRecord {
+                mode: SetupMode::Resync,
+                target_was_empty,
+            },
+        });
+    }
+    if let Some(slot) = slot {
+        catalog::drop_slot(&source, &config.slot).await?;
+        println!(
+            "replication slot {} dropped (wal_status was {})",
+            config.slot,
+            slot.wal_status.as_deref().unwrap_or("unknown")
+        );
+    }
+    let names: Vec<String> = targets
+        .iter()
+        .map(|target| target.config.route_name().unwrap_or_default().to_owned())
+        .collect();
+    let outcomes = create_slot_and_copy(config, &columns, targets, failover).await?;
+    for (name, outcome) in names.iter().zip(outcomes) {
+        println!(
+            "route {name}: {} users copied, {} absent from the source soft-deleted; checkpoint \
+             reset to {}",
+            outcome.copied, outcome.soft_deleted, outcome.consistent_point
+        );
+    }
+    println!("resync done: start replication with usersync run --routes");
+    Ok(())
+}
+
 /// Whether this target has a record of the slot, as the source `system_id` names it: its
 /// checkpoint, or a setup or resync of it under way. Only such a slot is resync's to drop
 /// while it still holds its WAL; one without a record may feed another target under the
@@ -105,7 +199,7 @@ async fn records_slot(
     if earlier.is_some_and(|earlier| earlier.system_id == system_id) {
         return Ok(true);
     }
-    Ok(apply::read_checkpoint(target, &config.slot)
+    Ok(apply::read_checkpoint(target, &config.checkpoint_key())
         .await?
         .is_some_and(|checkpoint| checkpoint.system_id == system_id))
 }

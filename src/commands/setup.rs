@@ -375,15 +375,12 @@ async fn setup_routes(config: &Config, options: SetupOptions) -> Result<(), Erro
         // The changes since those checkpoints are gone with the slot.
         return Err(Error::Config(format!(
             "replication slot {} {}, but routes {} hold checkpoints from it: the changes since \
-             are lost for them. A fan-out is not resynced in place yet: remove those routes' \
-             checkpoints (DELETE FROM usersync.state WHERE slot_name = '{}:<route>' on each \
-             target), then run usersync setup --routes again, which copies every route anew; \
-             users deleted on the source meanwhile stay live on those targets \
-             (docs/fan-out.md#a-lost-slot)",
+             are lost for them; run usersync resync --routes, which creates the slot again, \
+             copies every route anew and soft-deletes the users the source no longer has \
+             (docs/fan-out.md#a-lost-slot-and-copying-a-route-again)",
             config.slot,
             lost.unwrap_or_else(|| "does not exist on the source".to_owned()),
             holding.join(", "),
-            config.slot
         )));
     }
     if missing.is_empty() {
@@ -500,7 +497,7 @@ async fn hold_route_locks(config: &Config) -> Result<Vec<Client>, Error> {
 /// column is in every table of the profile, in its replica identity, of a type usersync
 /// matches reliably, with every value spelled as PostgreSQL prints it; and says which
 /// values match no row yet (a typo sends nothing anywhere, or everything to the default).
-async fn check_routing_column(config: &Config, source: &Client) -> Result<(), Error> {
+pub(crate) async fn check_routing_column(config: &Config, source: &Client) -> Result<(), Error> {
     let Some(routes) = &config.routes else {
         return Ok(());
     };

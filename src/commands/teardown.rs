@@ -20,9 +20,17 @@ use crate::source::catalog::{self, SlotInfo};
 use crate::source::SourceError;
 
 pub async fn teardown(config: &Config) -> Result<(), Error> {
-    // Before anything is dropped: a route's target must not drop the slot every route needs.
-    let target = connect("target", &config.target).await?;
-    apply::refuse_route_target(&target, &config.slot).await?;
+    // Every target first, before anything is dropped: a route's target must not drop the
+    // slot every route needs, and with --routes, a route whose target is out of reach would
+    // keep a checkpoint of a slot that is gone.
+    let mut targets = Vec::new();
+    for route in config.route_configs() {
+        let target = connect("target", &route.target).await?;
+        if config.routes.is_none() {
+            apply::refuse_route_target(&target, &config.slot).await?;
+        }
+        targets.push((route, target));
+    }
     let source = connect("source", &config.source).await?;
     match catalog::slot_info(&source, &config.slot).await? {
         Some(slot) if slot.active => {
@@ -56,7 +64,17 @@ pub async fn teardown(config: &Config) -> Result<(), Error> {
         ),
         None => println!("publication {} not found", config.publication),
     }
-    if apply::target_tables(&target).await?.state {
+    for (route, target) in targets {
+        forget_slot(&route, &target).await?;
+    }
+    Ok(())
+}
+
+/// Removes the slot's checkpoint and setup record from one target (a route's, with
+/// `--routes`), and marks its channels unknown if nothing feeds it any more.
+async fn forget_slot(config: &Config, target: &Client) -> Result<(), Error> {
+    let key = config.checkpoint_key();
+    if apply::target_tables(target).await?.state {
         // One transaction: a target left with no checkpoint but channels still recorded
         // would trust records nothing keeps up to date (an error ends the process, and the
         // connection with it, which rolls back).
@@ -66,16 +84,22 @@ pub async fn teardown(config: &Config) -> Result<(), Error> {
             .map_err(apply::ApplyError::sql(
                 "starting the teardown's target transaction",
             ))?;
-        apply::delete_checkpoint(&target, &config.slot).await?;
-        apply::setup_progress::delete_if_present(&target, &config.slot).await?;
-        let unknown = forget_channels_if_unfed(&target).await?;
+        apply::delete_checkpoint(target, &key).await?;
+        apply::setup_progress::delete_if_present(target, &key).await?;
+        let unknown = forget_channels_if_unfed(target).await?;
         target
             .batch_execute("COMMIT")
             .await
             .map_err(apply::ApplyError::sql(
                 "committing the teardown's target transaction",
             ))?;
-        println!("checkpoint of slot {} removed from the target", config.slot);
+        match config.route_name() {
+            None => println!("checkpoint of slot {} removed from the target", config.slot),
+            Some(route) => println!(
+                "route {route}: checkpoint of slot {} removed from its target",
+                config.slot
+            ),
+        }
         if unknown > 0 {
             println!(
                 "usersync.primary_email_channel: {unknown} users' primary email channels marked \

@@ -108,11 +108,6 @@ impl Routed {
         changes
     }
 
-    /// Every route's changes, in route order, for `replay --dry-run`.
-    pub fn all(&self) -> impl Iterator<Item = &UserChange> {
-        self.routes.iter().flatten()
-    }
-
     pub fn clear(&mut self) {
         self.routes.iter_mut().for_each(Vec::clear);
         self.len = 0;

@@ -393,10 +393,7 @@ impl<'a> Session<'a> {
         }
         let at = pg_micros_to_unix_micros(transaction.commit_time_micros);
         if self.mode.is_dry_run() {
-            let changes = routed
-                .all()
-                .filter(|change| !matches!(change, UserChange::Heartbeat));
-            print_changes(&transaction_meta(&transaction.commit_lsn, at), changes);
+            self.print_routed(&transaction_meta(&transaction.commit_lsn, at), &routed);
             return Ok(());
         }
         let position = CommitPosition {
@@ -504,12 +501,7 @@ impl<'a> Session<'a> {
                 continue;
             }
             if dry_run {
-                print_changes(
-                    &meta,
-                    routed
-                        .all()
-                        .filter(|change| !matches!(change, UserChange::Heartbeat)),
-                );
+                self.print_routed(&meta, &routed);
                 routed.clear();
                 continue;
             }
@@ -589,7 +581,7 @@ impl<'a> Session<'a> {
             return Ok(Some(permit));
         }
         let waiting_since = Instant::now();
-        let fan_out = self.routes.len() > 1;
+        let fan_out = self.routes.len() > 1 && self.mode == Mode::Service;
         loop {
             let Some(handle) = self.routes[route].fed() else {
                 return Ok(None);
@@ -629,7 +621,7 @@ impl<'a> Session<'a> {
         let Some(handle) = self.routes[route].fed() else {
             return Ok(());
         };
-        if handle.send(feed, permit) || self.routes.len() > 1 {
+        if handle.send(feed, permit) || (self.routes.len() > 1 && self.mode == Mode::Service) {
             Ok(())
         } else {
             let ended = self.route_tasks.join_next_with_id().await;
@@ -677,7 +669,7 @@ impl<'a> Session<'a> {
             Some(Err(join)) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
             Some(Err(_)) | None => return Err(crate::apply::ApplyError::WorkerGone.into()),
         };
-        if self.routes.len() == 1 {
+        if self.routes.len() == 1 || self.mode != Mode::Service {
             return match result {
                 Err(error) => Err(error),
                 Ok(()) => Err(crate::apply::ApplyError::WorkerGone.into()),
@@ -712,6 +704,24 @@ impl<'a> Session<'a> {
             delay,
         ));
         Ok(())
+    }
+
+    /// `replay --dry-run`: each route's changes as JSON lines, with `"route"` in a fan-out.
+    fn print_routed(&self, meta: &serde_json::Map<String, serde_json::Value>, routed: &Routed) {
+        for (route, config) in self.route_configs.iter().enumerate() {
+            let changes = routed
+                .of(route)
+                .iter()
+                .filter(|change| !matches!(change, UserChange::Heartbeat));
+            match config.route_name() {
+                None => print_changes(meta, changes),
+                Some(name) => {
+                    let mut meta = meta.clone();
+                    meta.insert("route".into(), name.into());
+                    print_changes(&meta, changes);
+                }
+            }
+        }
     }
 
     /// Route `route`'s name, for logs.

@@ -65,7 +65,9 @@ pub(super) async fn run_session(
 ) -> Result<Ended, Error> {
     let target_limit = Limit::new(TARGET_TIMEOUT, metrics.liveness());
     let source_limit = Limit::new(config.source_timeout, metrics.liveness());
-    let fan_out = config.routes.is_some();
+    // A replay is a one-off that must apply everything pending everywhere: there, any
+    // route's failure ends it, as with one target.
+    let fan_out = config.routes.is_some() && mode == Mode::Service;
     // Every target first: each route's lock, then its checkpoint. Routes are taken in the
     // file's order, so two processes of one fan-out wait on the same first lock. In a
     // fan-out, a route whose target cannot be opened is left behind (see `fleet`): the
@@ -483,7 +485,7 @@ fn target_behind_slot(config: &Config, confirmed: Lsn, checkpoint: &apply::Check
              to an earlier point, or a run without this route streamed meanwhile; its target \
              lacks changes the slot no longer holds. Remove its checkpoint (DELETE FROM \
              usersync.state WHERE slot_name = '{}' on its target) and run usersync setup \
-             --routes with run stopped, which copies it anew. See docs/fan-out.md#a-lost-slot",
+             --routes with run stopped, which copies it anew. See docs/fan-out.md#a-lost-slot-and-copying-a-route-again",
             checkpoint.end_lsn,
             config.checkpoint_key()
         ));

@@ -817,3 +817,73 @@ async fn status_reports_each_route_and_the_worst_verdict() {
         "{report}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_resync_and_teardown_take_routes() {
+    let fan_out = FanOut::new(&[("acme", &["acme"]), ("globex", &["globex"])]).await;
+    let source = &fan_out.pair.source;
+    source
+        .batch_execute(
+            "INSERT INTO users (tenant, email)
+             SELECT (ARRAY['acme','globex'])[1 + i % 2], 'pre' || i || '@example.com'
+               FROM generate_series(1, 40) AS i",
+        )
+        .await
+        .unwrap();
+    let setup = fan_out.usersync(&["setup"]);
+    assert!(setup.status.success(), "setup: {}", text(&setup));
+    source
+        .batch_execute("UPDATE users SET version = version + 1 WHERE tenant = 'acme'")
+        .await
+        .unwrap();
+    // replay --dry-run names each change's route; replay applies it to that route.
+    let dry = fan_out.usersync(&["replay", "--dry-run"]);
+    assert!(dry.status.success(), "{}", text(&dry));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&dry.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 20, "{}", text(&dry));
+    assert!(lines.iter().all(|line| line["route"] == "acme"));
+    let replay = fan_out.usersync(&["replay"]);
+    assert!(replay.status.success(), "{}", text(&replay));
+    fan_out.wait_for_match().await;
+
+    // The slot lost, and a user deleted on the source meanwhile: resync copies every route
+    // again and soft-deletes what the source no longer has.
+    source
+        .batch_execute(&format!(
+            "SELECT pg_drop_replication_slot('{}');
+             DELETE FROM users WHERE email IN ('pre1@example.com', 'pre2@example.com')",
+            fan_out.pair.config.slot
+        ))
+        .await
+        .unwrap();
+    let refused = fan_out.usersync(&["setup"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("resync --routes"),
+        "{}",
+        text(&refused)
+    );
+    let resync = fan_out.usersync(&["resync"]);
+    assert!(resync.status.success(), "resync: {}", text(&resync));
+    assert!(text(&resync).contains("route acme:"), "{}", text(&resync));
+    fan_out.wait_for_match().await;
+    for route in &fan_out.routes {
+        assert_eq!(soft_deleted_users(&route.client).await, 1, "{}", route.name);
+    }
+
+    // teardown drops the slot and every route's checkpoint.
+    let teardown = fan_out.usersync(&["teardown", "--yes"]);
+    assert!(teardown.status.success(), "teardown: {}", text(&teardown));
+    for route in &fan_out.routes {
+        let left: i64 = route
+            .client
+            .query_one("SELECT count(*) FROM usersync.state", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0, "route {} keeps a checkpoint", route.name);
+    }
+}
