@@ -19,6 +19,9 @@ pub const EXIT_FAILURE: u8 = 1;
 pub enum Error {
     #[error("{0}")]
     Config(String),
+    /// Something another session holds, which it releases in time (a route's lock).
+    #[error("{0}")]
+    Busy(String),
     #[error("invalid {which} URL: {source}")]
     Url {
         which: &'static str,
@@ -119,7 +122,7 @@ impl Error {
             Error::Connect { source, .. } => source.is_transient(),
             Error::Source(error) => error.is_transient(),
             Error::Target(error) => error.is_transient(),
-            Error::Unanswered { .. } => true,
+            Error::Unanswered { .. } | Error::Busy(_) => true,
             Error::Decode(DecodeError::Spill { full, .. }) => *full,
             Error::Config(_)
             | Error::Url { .. }

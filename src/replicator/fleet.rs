@@ -23,9 +23,15 @@ use crate::config::Config;
 use crate::lsn::Lsn;
 
 /// The least time between two sessions started to let routes back in: each one pauses
-/// the routes that were fine for a reconnect, so a route that keeps falling behind rejoins
-/// in steps, not in a storm.
+/// the routes that were fine for a reconnect (and makes them read again, skipping, what the
+/// returning route still needs), so a route that keeps falling behind rejoins in steps, not
+/// in a storm. A route left behind again and again waits twice as long each time, up to
+/// [`REJOIN_MAX`].
 pub(super) const REJOIN_INTERVAL: Duration = Duration::from_secs(10);
+const REJOIN_MAX: Duration = Duration::from_secs(300);
+/// A route attached this long in one session counts as working again: its backoffs start
+/// afresh.
+pub(super) const SETTLED: Duration = Duration::from_secs(60);
 
 /// A route as the reader sees it.
 pub(super) enum Member {
@@ -75,6 +81,7 @@ impl Member {
 pub struct RouteHealth {
     down_since: Option<Instant>,
     failures: u32,
+    left_behind: u32,
     evicted: bool,
 }
 
@@ -85,10 +92,25 @@ impl RouteHealth {
         self.failures = self.failures.saturating_add(1);
     }
 
-    /// The route made its target durable past where it started: it works again.
-    pub fn recovered(&mut self) {
+    /// The route made its target durable past where it started: it is not down.
+    pub fn progressed(&mut self) {
         self.down_since = None;
+    }
+
+    /// The route has been attached for [`SETTLED`]: its backoffs start afresh.
+    pub fn settled(&mut self) {
         self.failures = 0;
+        self.left_behind = 0;
+    }
+
+    /// The route was left behind (too slow) and is done with what it held: how long before
+    /// a new session lets it rejoin.
+    pub fn left_behind(&mut self) -> Duration {
+        self.left_behind = self.left_behind.saturating_add(1);
+        let doublings = (self.left_behind - 1).min(8);
+        REJOIN_INTERVAL
+            .saturating_mul(1 << doublings)
+            .min(REJOIN_MAX)
     }
 
     /// The route stops holding the slot for good (until a resync and a restart of `run`).
@@ -151,8 +173,23 @@ mod tests {
         }
         assert_eq!(health.backoff(), BACKOFF_MAX);
         assert!(health.down_longer_than(Duration::ZERO));
-        health.recovered();
+        health.progressed();
         assert!(!health.down_longer_than(Duration::ZERO));
+        assert_eq!(health.backoff(), BACKOFF_MAX, "until it has settled");
+        health.settled();
         assert_eq!(health.backoff(), BACKOFF_MIN);
+    }
+
+    #[test]
+    fn a_route_left_behind_again_and_again_rejoins_less_often() {
+        let mut health = RouteHealth::default();
+        assert_eq!(health.left_behind(), REJOIN_INTERVAL);
+        assert_eq!(health.left_behind(), REJOIN_INTERVAL * 2);
+        for _ in 0..20 {
+            health.left_behind();
+        }
+        assert_eq!(health.left_behind(), REJOIN_MAX);
+        health.settled();
+        assert_eq!(health.left_behind(), REJOIN_INTERVAL);
     }
 }

@@ -56,8 +56,9 @@ fn is_large(transaction: &Transaction) -> bool {
 pub(super) enum RouteStart {
     /// Ready to write, from its durable checkpoint (it skips what was committed before).
     Ready { worker: ApplyWorker, resume_at: Lsn },
-    /// Could not be opened (a fan-out only): holds the slot at `held` while it is probed.
-    Down { held: Lsn },
+    /// Could not be opened (a fan-out only): holds the slot at `held`; its target is probed
+    /// if the failure may pass by itself (`probe`), else left for the operator.
+    Down { held: Lsn, probe: bool },
     /// Evicted, or its checkpoint is behind the slot: holds nothing; needs a resync.
     Evicted,
 }
@@ -104,6 +105,10 @@ pub(super) struct Session<'a> {
     started_at: Vec<Lsn>,
     /// Probes of routes that went away: each ends with its route once its target answers.
     probes: JoinSet<usize>,
+    /// Each route's probe, if it has one: an evicted route's is stopped.
+    probe_handles: Vec<Option<tokio::task::AbortHandle>>,
+    /// When this session started: a route attached for [`fleet::SETTLED`] works again.
+    started: Instant,
     /// How long the reader waits for room in a route's feed before it leaves the route
     /// behind (a fan-out only).
     slow_after: Duration,
@@ -152,12 +157,13 @@ impl<'a> Session<'a> {
             })
             .min()
             .unwrap_or(slot_confirmed);
+        let mut probe_handles = vec![None; starts.len()];
         let mut started_at = Vec::with_capacity(starts.len());
         let mut routes = Vec::with_capacity(starts.len());
         for (index, start) in starts.into_iter().enumerate() {
             started_at.push(match &start {
                 RouteStart::Ready { resume_at, .. } => *resume_at,
-                RouteStart::Down { held } => *held,
+                RouteStart::Down { held, .. } => *held,
                 RouteStart::Evicted => Lsn::ZERO,
             });
             routes.push(match start {
@@ -181,12 +187,14 @@ impl<'a> Session<'a> {
                     task_routes.insert(task, index);
                     Member::Attached(handle)
                 }
-                RouteStart::Down { held } => {
-                    probes.spawn(fleet::probe(
-                        index,
-                        route_configs[index].clone(),
-                        health[index].backoff(),
-                    ));
+                RouteStart::Down { held, probe } => {
+                    if probe {
+                        probe_handles[index] = Some(probes.spawn(fleet::probe(
+                            index,
+                            route_configs[index].clone(),
+                            health[index].backoff(),
+                        )));
+                    }
                     Member::Detached { held }
                 }
                 RouteStart::Evicted => Member::Evicted,
@@ -211,6 +219,8 @@ impl<'a> Session<'a> {
             task_routes,
             started_at,
             probes,
+            probe_handles,
+            started: Instant::now(),
             slow_after: (config.lag_target / 2).max(SLOW_ROUTE_MIN_WAIT),
             confirmations,
             skip_before: resume_at,
@@ -251,7 +261,8 @@ impl<'a> Session<'a> {
                     self.route_ended(ended)?
                 }
                 Some(back) = self.probes.join_next(), if !self.probes.is_empty() => {
-                    let route = back.map_err(|_| crate::apply::ApplyError::WorkerGone)?;
+                    // A probe stopped (its route evicted) ends without a route.
+                    let Ok(route) = back else { continue };
                     tracing::info!(
                         route = self.route_name(route),
                         "the route's target answers again: starting a new session, in which it \
@@ -680,12 +691,11 @@ impl<'a> Session<'a> {
         };
         let held = self.routes[route].holds().unwrap_or(Lsn::ZERO);
         let delay = match result {
-            Ok(()) => {
-                // Left behind, and done with what it held: it rejoins, not too often.
-                self.health[route].failed();
-                fleet::REJOIN_INTERVAL
-            }
-            Err(error) => {
+            // Told to finish at the end of the session: nothing more to do.
+            Ok(()) if matches!(self.routes[route], Member::Attached(_)) => return Ok(()),
+            // Left behind, and done with what it held: it rejoins, less often each time.
+            Ok(()) => Some(self.health[route].left_behind()),
+            Err(error) if error.is_transient() => {
                 self.health[route].failed();
                 tracing::warn!(
                     route = self.route_name(route),
@@ -694,15 +704,31 @@ impl<'a> Session<'a> {
                     "the route failed: the other routes go on, the slot waits at its \
                      position, and its target is probed until it answers"
                 );
-                self.health[route].backoff()
+                Some(self.health[route].backoff())
+            }
+            Err(error) => {
+                // Retrying will not fix it: no probe (it would rejoin into the same wall,
+                // again and again); a restart of run after the fix retries it.
+                self.health[route].failed();
+                tracing::error!(
+                    route = self.route_name(route),
+                    held = %held,
+                    error = %crate::error::report(&error),
+                    "the route failed and needs a fix: the other routes go on and the slot \
+                     waits at its position (restart usersync run once fixed, or let \
+                     --evict-after release the slot)"
+                );
+                None
             }
         };
         self.routes[route] = Member::Detached { held };
-        self.probes.spawn(fleet::probe(
-            route,
-            self.route_configs[route].clone(),
-            delay,
-        ));
+        if let Some(delay) = delay {
+            self.probe_handles[route] = Some(self.probes.spawn(fleet::probe(
+                route,
+                self.route_configs[route].clone(),
+                delay,
+            )));
+        }
         Ok(())
     }
 
@@ -761,10 +787,14 @@ impl<'a> Session<'a> {
     /// The position every route's target holds durably (an evicted route holds nothing);
     /// notes the routes that work again, and evicts those down past `--evict-after`.
     fn confirmed(&mut self) -> Lsn {
+        let settled = self.started.elapsed() >= fleet::SETTLED;
         for route in 0..self.routes.len() {
             match &self.routes[route] {
                 Member::Attached(handle) if handle.confirmed() > self.started_at[route] => {
-                    self.health[route].recovered();
+                    self.health[route].progressed();
+                    if settled {
+                        self.health[route].settled();
+                    }
                 }
                 Member::Detached { .. } => {
                     if let Some(limit) = self.config.evict_after {
@@ -778,6 +808,9 @@ impl<'a> Session<'a> {
                             );
                             self.health[route].evict();
                             self.routes[route] = Member::Evicted;
+                            if let Some(probe) = self.probe_handles[route].take() {
+                                probe.abort();
+                            }
                         }
                     }
                 }

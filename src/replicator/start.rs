@@ -67,38 +67,38 @@ pub(super) async fn run_session(
     let source_limit = Limit::new(config.source_timeout, metrics.liveness());
     // A replay is a one-off that must apply everything pending everywhere: there, any
     // route's failure ends it, as with one target.
-    let fan_out = config.routes.is_some() && mode == Mode::Service;
+    let route_configs = config.route_configs();
+    let fan_out = route_configs.len() > 1 && mode == Mode::Service;
     // Every target first: each route's lock, then its checkpoint. Routes are taken in the
-    // file's order, so two processes of one fan-out wait on the same first lock. In a
+    // file's order, so two processes of one fan-out stand by on the same first lock; the
+    // others are only tried (an old session of this process may hold one for a while). In a
     // fan-out, a route whose target cannot be opened is left behind (see `fleet`): the
     // others go on.
     let mut targets = Vec::new();
-    for (index, route) in config.route_configs().into_iter().enumerate() {
+    let mut first_error = None;
+    for (index, route) in route_configs.into_iter().enumerate() {
         if health[index].is_evicted() {
             targets.push(Opened::Evicted);
             continue;
         }
         let name = route.route_name().unwrap_or_default().to_owned();
-        match open_target(route, metrics, shutdown, mode).await {
+        match open_target(route, metrics, shutdown, mode, index == 0).await {
             Ok(Some(target)) => targets.push(Opened::Ready(Box::new(target))),
             Ok(None) => return Ok(Ended::Done),
             Err(error) if fan_out => {
-                tracing::warn!(
-                    route = %name,
-                    error = %crate::error::report(&error),
-                    "cannot open the route's target: the other routes go on, and the slot \
-                     waits for this one"
-                );
-                health[index].failed();
-                targets.push(Opened::Down);
+                let probe = route_down(&name, &error, &mut health[index]);
+                first_error.get_or_insert(error);
+                targets.push(Opened::Down { probe });
             }
             Err(error) => return Err(error),
         }
     }
     if fan_out && !targets.iter().any(|t| matches!(t, Opened::Ready(_))) {
-        return Err(Error::Config(
-            "no route's target can be opened (see the warnings above)".into(),
-        ));
+        // Every target out of reach at once is most often one blip (a shared server, the
+        // network): the first route's error, which says whether retrying may help.
+        return Err(first_error.unwrap_or_else(|| {
+            Error::Config("every route is evicted: resync them (docs/fan-out.md)".into())
+        }));
     }
     let dry_run = mode.is_dry_run();
 
@@ -162,10 +162,11 @@ pub(super) async fn run_session(
     for (index, target) in targets.into_iter().enumerate() {
         let target = match target {
             Opened::Ready(target) => *target,
-            Opened::Down => {
+            Opened::Down { probe } => {
                 // Its checkpoint is unknown, and at or past the slot's position.
                 routes.push(RouteStart::Down {
                     held: confirmed_flush,
+                    probe,
                 });
                 continue;
             }
@@ -185,7 +186,7 @@ pub(super) async fn run_session(
         .await
         {
             Ok(resume_at) => resume_at,
-            Err(error) if fan_out => {
+            Err(Refusal::Unresumable(error)) if fan_out => {
                 // Behind the slot (evicted, or restored) or from another source: the slot
                 // cannot wait for what it already passed; this target needs a resync.
                 tracing::error!(
@@ -197,7 +198,16 @@ pub(super) async fn run_session(
                 routes.push(RouteStart::Evicted);
                 continue;
             }
-            Err(error) => return Err(error),
+            Err(Refusal::Failed(error)) if fan_out => {
+                let name = target.config.route_name().unwrap_or_default().to_owned();
+                let probe = route_down(&name, &error, &mut health[index]);
+                routes.push(RouteStart::Down {
+                    held: confirmed_flush,
+                    probe,
+                });
+                continue;
+            }
+            Err(Refusal::Unresumable(error) | Refusal::Failed(error)) => return Err(error),
         };
         let OpenTarget {
             config: route,
@@ -206,6 +216,7 @@ pub(super) async fn run_session(
             shape,
             ..
         } = target;
+        let name = route.route_name().unwrap_or_default().to_owned();
         let writer = answered(target_limit, "target", "preparing statements", async {
             let mut writer =
                 TargetWriter::new(client, shape, &route.checkpoint_key(), &identity.system_id)
@@ -220,7 +231,21 @@ pub(super) async fn run_session(
             writer.count_in(Arc::clone(metrics));
             Ok(writer)
         })
-        .await?;
+        .await;
+        let writer = match writer {
+            Ok(writer) => writer,
+            Err(error) if fan_out => {
+                // Its checkpoint, read above, is durable or about to be: the slot may wait
+                // there only if it is no further than the slot's own position.
+                let probe = route_down(&name, &error, &mut health[index]);
+                routes.push(RouteStart::Down {
+                    held: confirmed_flush,
+                    probe,
+                });
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         routes.push(RouteStart::Ready {
             worker: ApplyWorker::spawn(writer),
             resume_at,
@@ -308,10 +333,45 @@ pub(super) async fn run_session(
 /// A route's target after [`open_target`].
 enum Opened {
     Ready(Box<OpenTarget>),
-    /// Could not be opened (a fan-out only).
-    Down,
+    /// Could not be opened (a fan-out only); `probe`: the failure may pass by itself.
+    Down {
+        probe: bool,
+    },
     /// Evicted in an earlier session of this process.
     Evicted,
+}
+
+/// Logs why a route of a fan-out is left out of this session and notes it in its health;
+/// returns whether to probe its target (a failure that may pass by itself) rather than
+/// leave it for the operator (a definite one: a restart of `run` after the fix retries it).
+fn route_down(name: &str, error: &Error, health: &mut RouteHealth) -> bool {
+    health.failed();
+    if error.is_transient() {
+        tracing::warn!(
+            route = %name,
+            error = %crate::error::report(error),
+            "cannot open the route's target: the other routes go on, the slot waits for this \
+             one, and its target is probed until it answers"
+        );
+        true
+    } else {
+        tracing::error!(
+            route = %name,
+            error = %crate::error::report(error),
+            "the route cannot start until this is fixed: the other routes go on, and the slot \
+             waits for this one (restart usersync run once fixed, or let --evict-after \
+             release the slot)"
+        );
+        false
+    }
+}
+
+/// Why a route cannot resume.
+enum Refusal {
+    /// Its checkpoint is behind the slot, or from another source: it needs a resync.
+    Unresumable(Error),
+    /// Anything else (a lost connection while taking over the checkpoint).
+    Failed(Error),
 }
 
 /// Connects to a route's target, takes its lock (standing by while another process holds
@@ -322,6 +382,7 @@ async fn open_target(
     metrics: &Arc<Metrics>,
     shutdown: &mut watch::Receiver<bool>,
     mode: Mode,
+    stand_by: bool,
 ) -> Result<Option<OpenTarget>, Error> {
     // Every request before streaming is bounded: a connection stalled while a session starts
     // would otherwise hang it for good (the stream's own silence check comes later).
@@ -352,8 +413,29 @@ async fn open_target(
     .await?;
     metrics.set_connected(Side::Target, true);
     let key = config.checkpoint_key();
-    if !hold_slot_lock(&client, &key, mode, metrics, shutdown).await? {
-        return Ok(None);
+    if stand_by {
+        if !hold_slot_lock(&client, &key, mode, metrics, shutdown).await? {
+            return Ok(None);
+        }
+    } else {
+        let locked: bool = answered(target_limit, "target", "taking the slot's lock", async {
+            Ok(client
+                .query_one(apply::slot_lock::TRY_LOCK, &[&key])
+                .await
+                .map_err(apply::ApplyError::sql("taking the slot's lock"))?
+                .get(0))
+        })
+        .await?;
+        if !locked {
+            // Transient: the session that holds it (often this process's previous one, whose
+            // backend has not noticed yet that its connection is gone) ends in time.
+            let holders = apply::slot_lock::holders(&client, &key).await?;
+            return Err(Error::Busy(format!(
+                "another session holds the lock of route {} on its target ({})",
+                config.route_name().unwrap_or_default(),
+                apply::slot_lock::describe(&holders)
+            )));
+        }
     }
     if !mode.is_dry_run() {
         // A checkpoint table of an older usersync gets what this one records; holding the
@@ -396,25 +478,31 @@ async fn resume_point(
     source_in_recovery: bool,
     dry_run: bool,
     target_limit: Limit<'_>,
-) -> Result<Lsn, Error> {
+) -> Result<Lsn, Refusal> {
     let OpenTarget {
         config, checkpoint, ..
     } = target;
     let route = route_label(config);
     if checkpoint.system_id != identity.system_id {
-        return Err(SourceError::Definite(format!(
-            "the target's checkpoint{route} for slot {} comes from source system {}, but this \
+        return Err(Refusal::Unresumable(
+            SourceError::Definite(format!(
+                "the target's checkpoint{route} for slot {} comes from source system {}, but this \
              source is system {}; point usersync at the right source, or use another slot",
-            config.slot, checkpoint.system_id, identity.system_id
-        ))
-        .into());
+                config.slot, checkpoint.system_id, identity.system_id
+            ))
+            .into(),
+        ));
     }
     // The slot is never confirmed past the checkpoint (`sql/usersync_state.sql`), so a slot
     // confirmed further means this target lost what it had applied; streaming on from the
     // slot would leave that gap for good. A checkpoint an older usersync wrote proves
     // nothing yet: it is taken over at the slot's position.
     if checkpoint.slot_bounded && confirmed_flush > checkpoint.end_lsn {
-        return Err(target_behind_slot(config, confirmed_flush, checkpoint));
+        return Err(Refusal::Unresumable(target_behind_slot(
+            config,
+            confirmed_flush,
+            checkpoint,
+        )));
     }
     let take_over = !checkpoint.slot_bounded && !dry_run;
     let resume_at = if take_over {
@@ -428,7 +516,8 @@ async fn resume_point(
     // applied. A standby source may just not have replayed that far yet (it has restarted):
     // the walsender waits for it.
     if resume_at > identity.xlog_pos && !source_in_recovery {
-        return Err(SourceError::Definite(format!(
+        return Err(Refusal::Unresumable(
+            SourceError::Definite(format!(
             "the target's checkpoint{route} for slot {} is at {}, past the end of the source's \
              WAL ({}): the source lost WAL this target had seen (it failed over to a standby \
              that lacked it, or was restored to an earlier point), and changes made there \
@@ -436,7 +525,8 @@ async fn resume_point(
              soft-deletes the users the source no longer has)",
             config.slot, resume_at, identity.xlog_pos
         ))
-        .into());
+            .into(),
+        ));
     }
     if take_over {
         answered(
@@ -453,7 +543,8 @@ async fn resume_point(
                 .await?)
             },
         )
-        .await?;
+        .await
+        .map_err(Refusal::Failed)?;
         // Once per upgrade; more often means something else writes usersync.state (a
         // trigger, a person), which turns the detection of a restored target off.
         tracing::warn!(

@@ -538,6 +538,26 @@ async fn a_route_down_past_evict_after_stops_holding_the_slot() {
     assert!(run.try_wait().unwrap().is_none(), "run ended");
     run.kill().unwrap();
     run.wait().unwrap();
+    // A new process finds acme's checkpoint behind the slot: still out, the others go on.
+    let log = fan_out.dir.join("run2.log");
+    let mut run = fan_out
+        .command(&["run"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    fan_out
+        .pair
+        .source
+        .batch_execute("UPDATE users SET version = version + 1")
+        .await
+        .unwrap();
+    fan_out.wait_for_match_of(&["acme"]).await;
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("cannot resume"), "{said}");
+    assert!(run.try_wait().unwrap().is_none(), "run ended: {said}");
+    run.kill().unwrap();
+    run.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
