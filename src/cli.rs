@@ -326,8 +326,8 @@ pub struct RunArgs {
     pub spill_threshold: String,
 
     /// With --routes: a route whose target has been down this long stops holding the slot
-    /// (the others' WAL is released) and needs a resync; by default a route holds it until
-    /// it comes back.
+    /// (the source's WAL is released) and its target must be copied again
+    /// (docs/fan-out.md); by default a route holds the slot until it comes back.
     #[arg(
         long,
         env = "USERSYNC_EVICT_AFTER",
