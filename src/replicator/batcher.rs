@@ -19,6 +19,8 @@ pub(super) const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
 #[derive(Default)]
 pub(super) struct Batcher {
     batch: Batch,
+    /// Most changes in a batch (see [`Batcher::limited_to`]).
+    max_changes: usize,
     /// See [`Batch::with_part_keys`]: every batch of the session gets them.
     part_keys: &'static [&'static str],
     /// When the first transaction entered the batch.
@@ -33,8 +35,16 @@ impl Batcher {
         Batcher {
             batch: Batch::with_part_keys(part_keys),
             part_keys,
+            max_changes: MAX_BATCH_CHANGES,
             ..Self::default()
         }
+    }
+
+    /// At most `max_changes` changes per batch (of a route among many, whose batches share
+    /// the process's memory), never more than [`MAX_BATCH_CHANGES`].
+    pub fn limited_to(mut self, max_changes: usize) -> Self {
+        self.max_changes = max_changes.clamp(1, MAX_BATCH_CHANGES);
+        self
     }
 
     fn fresh(&self) -> Batch {
@@ -47,7 +57,7 @@ impl Batcher {
 
     /// The batch is full, or old enough to go whether or not more WAL is readable.
     pub fn is_due(&self) -> bool {
-        self.batch.changes() >= MAX_BATCH_CHANGES
+        self.batch.changes() >= self.max_changes
             || self
                 .started
                 .is_some_and(|started| started.elapsed() >= MAX_BATCH_AGE)

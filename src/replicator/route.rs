@@ -32,6 +32,25 @@ use crate::metrics::Metrics;
 /// transaction into its batch as soon as it comes), so a part's worth is plenty.
 pub(super) const FEED_CHANGES: usize = super::session::PART_CHANGES;
 
+/// What the routes of a fan-out may hold together, in their feeds and in their next
+/// batches, so that memory stays bounded however many routes fall behind at once: each
+/// route gets an equal share, between a floor (a route must still batch) and one route's
+/// full allowance ([`FEED_CHANGES`], [`MAX_BATCH_CHANGES`](super::batcher::MAX_BATCH_CHANGES)).
+const FEED_BUDGET: usize = 20_000;
+const BATCH_BUDGET: usize = 50_000;
+const FEED_FLOOR: usize = 50;
+const BATCH_FLOOR: usize = 100;
+
+/// A route's share of the feed and batch budgets when there are `routes` of them: (feed,
+/// batch), in changes.
+pub(super) fn route_share(routes: usize) -> (usize, usize) {
+    let routes = routes.max(1);
+    (
+        (FEED_BUDGET / routes).clamp(FEED_FLOOR, FEED_CHANGES),
+        (BATCH_BUDGET / routes).clamp(BATCH_FLOOR, super::batcher::MAX_BATCH_CHANGES),
+    )
+}
+
 /// How often, at most, a route refreshes the lag figures that change with time alone.
 const LAG_REFRESH: Duration = Duration::from_secs(1);
 
@@ -68,10 +87,11 @@ pub(super) enum Feed {
     Finish,
 }
 
-/// The share of the feed a message of `changes` takes: one at least (every message costs
-/// memory), the whole feed at most (a larger transaction waits for an empty feed).
-fn permits(changes: usize) -> u32 {
-    changes.clamp(1, FEED_CHANGES) as u32
+/// The share of a feed of `capacity` a message of `changes` takes: one at least (every
+/// message costs memory), the whole feed at most (a larger transaction waits for an empty
+/// feed).
+fn permits(changes: usize, capacity: usize) -> u32 {
+    changes.clamp(1, capacity) as u32
 }
 
 /// A feed message and the share of the feed's capacity it holds until taken (none: a
@@ -85,6 +105,8 @@ struct Fed {
 pub(super) struct RouteHandle {
     feed: mpsc::UnboundedSender<Fed>,
     capacity: Arc<Semaphore>,
+    /// The feed's size in changes.
+    feed_changes: usize,
     confirmed: Arc<AtomicU64>,
 }
 
@@ -97,7 +119,7 @@ impl RouteHandle {
     /// Waits for room for `changes` in the feed. Cancel-safe: nothing is taken until ready.
     pub async fn room(&self, changes: usize) -> OwnedSemaphorePermit {
         Arc::clone(&self.capacity)
-            .acquire_many_owned(permits(changes))
+            .acquire_many_owned(permits(changes, self.feed_changes))
             .await
             .expect("the feed's semaphore is never closed")
     }
@@ -105,7 +127,7 @@ impl RouteHandle {
     /// Room for `changes` right now, if there is.
     pub fn room_now(&self, changes: usize) -> Option<OwnedSemaphorePermit> {
         Arc::clone(&self.capacity)
-            .try_acquire_many_owned(permits(changes))
+            .try_acquire_many_owned(permits(changes, self.feed_changes))
             .ok()
     }
 
@@ -147,6 +169,8 @@ pub(super) struct RouteParts {
     pub part_keys: &'static [&'static str],
     /// Which route of a fan-out this is (index, name), for its own metrics.
     pub route: Option<(usize, String)>,
+    /// How many routes share the process's memory (see [`route_share`]).
+    pub routes: usize,
 }
 
 /// Starts a route on its own task, which ends with the route's first error, or once it has
@@ -156,12 +180,13 @@ pub(super) fn spawn(
     tasks: &mut tokio::task::JoinSet<Result<(), Error>>,
 ) -> (RouteHandle, tokio::task::Id) {
     let (feed, fed) = mpsc::unbounded_channel();
-    let capacity = Arc::new(Semaphore::new(FEED_CHANGES));
+    let (feed_changes, batch_changes) = route_share(parts.routes);
+    let capacity = Arc::new(Semaphore::new(feed_changes));
     let confirmed = Arc::new(AtomicU64::new(parts.resume_at.0));
     let route = Route {
         fed,
         worker: parts.worker,
-        batcher: Batcher::with_part_keys(parts.part_keys),
+        batcher: Batcher::with_part_keys(parts.part_keys).limited_to(batch_changes),
         ledger: Ledger::new(parts.resume_at, parts.records),
         lag: LagTracker::new(
             Arc::clone(&parts.metrics),
@@ -182,6 +207,7 @@ pub(super) fn spawn(
         RouteHandle {
             feed,
             capacity,
+            feed_changes,
             confirmed,
         },
         task,
@@ -492,5 +518,34 @@ impl Route {
         };
         self.lag.waiting(oldest);
         self.lag_refreshed = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_share_a_bounded_memory_budget() {
+        // One route keeps its full allowance, as before fan-out.
+        assert_eq!(
+            route_share(1),
+            (FEED_CHANGES, super::super::batcher::MAX_BATCH_CHANGES)
+        );
+        for routes in [2, 10, 100, 400, 1_000] {
+            let (feed, batch) = route_share(routes);
+            assert!(feed >= FEED_FLOOR && batch >= BATCH_FLOOR);
+            let total = routes * (feed + batch);
+            assert!(
+                total <= (FEED_BUDGET + BATCH_BUDGET).max(routes * (FEED_FLOOR + BATCH_FLOOR)),
+                "{routes} routes may hold {total} changes"
+            );
+        }
+        assert_eq!(permits(0, 200), 1);
+        assert_eq!(
+            permits(5_000, 200),
+            200,
+            "a large part waits for an empty feed"
+        );
     }
 }

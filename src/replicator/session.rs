@@ -181,6 +181,7 @@ impl<'a> Session<'a> {
                             route: route_configs[index]
                                 .route_name()
                                 .map(|name| (index, name.to_owned())),
+                            routes: route_configs.len(),
                         },
                         &mut route_tasks,
                     );
