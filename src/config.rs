@@ -40,6 +40,8 @@ pub struct Config {
     pub spill_threshold: usize,
     /// The fan-out (`--routes`), shared by the configs of its routes; `None`: one target.
     pub routes: Option<Arc<Routes>>,
+    /// The routes file, which `run` reads again on SIGHUP to add routes.
+    pub routes_file: Option<std::path::PathBuf>,
     /// The route this config is for (see [`Config::route_configs`]); `None`: the one target,
     /// or the whole fan-out.
     pub route: Option<usize>,
@@ -138,10 +140,7 @@ impl Config {
                         "--routes picks the tenancies itself: drop --tenancy-id".into(),
                     ));
                 }
-                let mut routes = Routes::load(path, mapping.routing_column())?;
-                for route in &mut routes.routes {
-                    route.target.allow_plaintext_password = allowed;
-                }
+                let routes = Routes::load_allowing(path, mapping.routing_column(), allowed)?;
                 (routes.routes[0].target.clone(), Some(Arc::new(routes)))
             }
         };
@@ -167,6 +166,7 @@ impl Config {
             source_timeout: DEFAULT_SOURCE_TIMEOUT,
             spill_threshold: DEFAULT_MEMORY_LIMIT,
             routes,
+            routes_file: routes_file.map(Path::to_path_buf),
             route: None,
             evict_after: None,
         })

@@ -117,6 +117,20 @@ impl Routes {
         Ok(())
     }
 
+    /// [`Routes::load`], with every target's `allow_plaintext_password` set to `allowed`
+    /// (`--allow-plaintext-password`).
+    pub fn load_allowing(
+        path: &Path,
+        default_by: Option<&str>,
+        allowed: bool,
+    ) -> Result<Routes, Error> {
+        let mut routes = Routes::load(path, default_by)?;
+        for route in &mut routes.routes {
+            route.target.allow_plaintext_password = allowed;
+        }
+        Ok(routes)
+    }
+
     /// [`Routes::load`] on the file's text, reading `target_file`s with `read`.
     pub fn parse(
         text: &str,

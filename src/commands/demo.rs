@@ -70,6 +70,7 @@ pub async fn demo(args: &DemoArgs) -> Result<(), Error> {
         source_timeout: DEFAULT_SOURCE_TIMEOUT,
         spill_threshold: DEFAULT_MEMORY_LIMIT,
         routes: None,
+        routes_file: None,
         route: None,
         evict_after: None,
     };

@@ -51,12 +51,65 @@ pub async fn run(config: &Config, metrics_addr: SocketAddr) -> Result<(), Error>
     if let Some(systemd) = &systemd {
         tell(systemd, sdnotify::READY);
     }
-    let result = replicator::run(config, metrics, shutdown).await;
+    let reload = config
+        .routes_file
+        .clone()
+        .map(|path| reload_on_hangup(config, path));
+    let result = replicator::run_with_reload(config, metrics, shutdown, reload).await;
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
     server.abort();
     result
+}
+
+/// With `--routes`: reads the routes file again on each SIGHUP and hands it to the
+/// replicator, which adds its new routes while streaming (docs/fan-out.md). A file that is
+/// not valid changes nothing and is said so.
+fn reload_on_hangup(
+    config: &Config,
+    path: std::path::PathBuf,
+) -> watch::Receiver<Option<Arc<crate::routing::Routes>>> {
+    let (send, receive) = watch::channel(None);
+    let default_by = config.mapping.routing_column();
+    let allowed = config.target.allow_plaintext_password;
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGHUP: the routes file is read at start only");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            let loaded = crate::routing::Routes::load_allowing(&path, default_by, allowed)
+                .and_then(|routes| {
+                    for route in &routes.routes {
+                        route.target.check_session_endpoint().map_err(|source| {
+                            Error::Config(format!(
+                                "route {}: invalid target URL: {source}",
+                                route.name
+                            ))
+                        })?;
+                    }
+                    Ok(routes)
+                });
+            match loaded {
+                Ok(routes) => {
+                    tracing::info!("SIGHUP: routes file read again");
+                    if send.send(Some(Arc::new(routes))).is_err() {
+                        return;
+                    }
+                }
+                Err(error) => tracing::error!(
+                    error = %crate::error::report(&error),
+                    "SIGHUP: the routes file is not valid; nothing changes"
+                ),
+            }
+        }
+    });
+    receive
 }
 
 /// The notifier `$NOTIFY_SOCKET` asks for, if any. A socket usersync cannot use is worth a

@@ -132,6 +132,12 @@ impl ChangeMapper {
         }
     }
 
+    /// Routes by `routes` from now on (routes added while streaming).
+    pub fn set_routes(&mut self, routes: std::sync::Arc<crate::routing::Routes>) {
+        self.router = Some(routes.router());
+        self.tables.set_routes(routes);
+    }
+
     /// The route of a row of relation `relation_id`; `None`: no route takes it.
     fn route_of(&self, relation_id: u32, tuple: &TupleData) -> Result<Option<usize>, Error> {
         match &self.router {

@@ -14,13 +14,17 @@
 //! Without `--routes` there is one route, and none of this applies: any failure of it ends
 //! the session, as it always has.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 use super::route::RouteHandle;
 use super::{APPLICATION_NAME, BACKOFF_MAX, BACKOFF_MIN};
 use crate::apply;
 use crate::config::Config;
 use crate::lsn::Lsn;
+use crate::routing::Routes;
 
 /// The least time between two sessions started to let routes back in: each one pauses
 /// the routes that were fine for a reconnect (and makes them read again, skipping, what the
@@ -73,6 +77,16 @@ impl Member {
             Member::Evicted => "evicted",
         }
     }
+}
+
+/// What `run` keeps of its routes across sessions.
+pub(super) struct Fleet {
+    /// Each route's health, in the routes' order.
+    pub health: Vec<RouteHealth>,
+    /// Routes files read again on SIGHUP.
+    pub reload: Option<watch::Receiver<Option<Arc<Routes>>>>,
+    /// The config with the routes a session added, for the sessions after it.
+    pub next_config: Option<Config>,
 }
 
 /// What `run` remembers of each route across sessions: since when it is down, and how
@@ -153,6 +167,45 @@ pub(super) async fn probe(route: usize, config: Config, delay: Duration) -> usiz
             return route;
         }
         wait = (wait * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+    }
+}
+
+/// Copies route `route`, added to the fan-out without a checkpoint, in a temporary slot's
+/// snapshot (as `setup --routes` does: `commands::setup::copy_new_route`) while the others
+/// stream; returns `route` once its checkpoint is written, for a new session to let it join.
+/// The slot waits for it meanwhile at a position before the snapshot's. A failure that
+/// may pass is retried with backoff; another is logged and waits for the operator.
+pub(super) async fn backfill(route: usize, config: Config) -> usize {
+    let name = config.route_name().unwrap_or_default().to_owned();
+    tracing::info!(
+        route = %name,
+        "the route has no checkpoint yet: copying its share of the users table (in a \
+         temporary slot's snapshot) while the other routes go on"
+    );
+    let mut wait = Duration::ZERO;
+    loop {
+        tokio::time::sleep(wait).await;
+        match crate::commands::setup::copy_new_route(&config).await {
+            Ok(()) => return route,
+            Err(error) if error.is_transient() => {
+                tracing::warn!(
+                    route = %name,
+                    error = %crate::error::report(&error),
+                    "copying the route failed; retrying"
+                );
+                wait = (wait * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+            }
+            Err(error) => {
+                tracing::error!(
+                    route = %name,
+                    error = %crate::error::report(&error),
+                    "the route cannot be copied until this is fixed: the other routes go on, \
+                     and the slot waits for this one (fix it, then restart usersync run, or \
+                     let --evict-after release the slot)"
+                );
+                std::future::pending::<()>().await;
+            }
+        }
     }
 }
 

@@ -39,6 +39,8 @@ use crate::error::Error;
 use crate::liveness::Liveness;
 use crate::lsn::Lsn;
 use crate::metrics::{Metrics, Side};
+use crate::routing::Routes;
+use fleet::Fleet;
 pub use fleet::RouteHealth;
 use start::run_session;
 
@@ -70,16 +72,37 @@ pub fn liveness_bound(source_timeout: Duration) -> Duration {
 pub async fn run(
     config: &Config,
     metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    run_with_reload(config, metrics, shutdown, None).await
+}
+
+/// [`run`], taking the routes files `reload` brings (SIGHUP): their new routes join the
+/// fan-out while it streams (see [`fleet`]).
+pub async fn run_with_reload(
+    config: &Config,
+    metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
+    reload: Option<watch::Receiver<Option<Arc<Routes>>>>,
 ) -> Result<(), Error> {
     let mut backoff = BACKOFF_MIN;
     metrics.set_slot_name(&config.slot);
-    let mut health = vec![RouteHealth::default(); config.route_configs().len()];
+    let mut current = config.clone();
+    let mut fleet = Fleet {
+        health: vec![RouteHealth::default(); config.route_configs().len()],
+        reload,
+        next_config: None,
+    };
     let mut rejoined: Option<Instant> = None;
     loop {
         let started = Instant::now();
         let batches_before = metrics.batches();
-        let result = run_session(config, &metrics, &mut shutdown, Mode::Service, &mut health).await;
+        let result =
+            run_session(&current, &metrics, &mut shutdown, Mode::Service, &mut fleet).await;
+        if let Some(next) = fleet.next_config.take() {
+            // Routes added while streaming: the next session has them.
+            current = next;
+        }
         metrics.set_ready(false);
         metrics.set_connected(Side::Source, false);
         metrics.set_connected(Side::Target, false);
@@ -170,8 +193,12 @@ pub async fn replay(
     dry_run: bool,
 ) -> Result<(), Error> {
     let mode = Mode::Replay { until, dry_run };
-    let mut health = vec![RouteHealth::default(); config.route_configs().len()];
-    let result = run_session(config, &metrics, &mut shutdown, mode, &mut health).await;
+    let mut fleet = Fleet {
+        health: vec![RouteHealth::default(); config.route_configs().len()],
+        reload: None,
+        next_config: None,
+    };
+    let result = run_session(config, &metrics, &mut shutdown, mode, &mut fleet).await;
     metrics.set_ready(false);
     result.map(|_| ())
 }

@@ -50,6 +50,12 @@ impl StreamTables {
         }
     }
 
+    /// Routes by `routes` from now on: the routing column is the same (a routes file that
+    /// changes it takes effect on a restart), so the tables stay bound as they are.
+    pub fn set_routes(&mut self, routes: Arc<Routes>) {
+        self.routes = Some(routes);
+    }
+
     /// Tables whose rows are routed (`--routes`).
     pub fn routed_by(mut self, routes: Option<Arc<Routes>>) -> Self {
         self.routes = routes;

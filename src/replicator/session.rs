@@ -17,7 +17,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 
 use super::changes::{print_changes, transaction_meta, ChangeMapper, Routed, UserChange};
-use super::fleet::{self, Member, RouteHealth};
+use super::fleet::{self, Fleet, Member, RouteHealth};
 use super::lag::ClockWatch;
 use super::ledger::Reported;
 use super::route::{self, Feed, RouteParts};
@@ -61,6 +61,9 @@ pub(super) enum RouteStart {
     Down { held: Lsn, probe: bool },
     /// Evicted, or its checkpoint is behind the slot: holds nothing; needs a resync.
     Evicted,
+    /// A fan-out's route with no checkpoint yet: holds the slot at `held` while `run` copies
+    /// it ([`fleet::backfill`]), then joins in a new session.
+    Unset { held: Lsn },
 }
 
 /// What a session streams with, as [`super::start`] prepares it.
@@ -72,8 +75,8 @@ pub(super) struct Parts<'a> {
     pub stream: ReplicationStream,
     /// One per route (one without `--routes`), in the routes file's order.
     pub routes: Vec<RouteStart>,
-    /// What `run` remembers of each route across sessions.
-    pub health: &'a mut [RouteHealth],
+    /// What `run` keeps of its routes across sessions.
+    pub fleet: &'a mut Fleet,
     pub changes: ChangeMapper,
     /// Where the slot is confirmed already: no status update reports less.
     pub slot_confirmed: Lsn,
@@ -96,7 +99,9 @@ pub(super) struct Session<'a> {
     routes: Vec<Member>,
     /// The routes' configs (their targets), for the probes of routes that went away.
     route_configs: Vec<Config>,
-    health: &'a mut [RouteHealth],
+    /// Each route's health, new routes files, and the config with the routes this session
+    /// added (see [`fleet`]).
+    fleet: &'a mut Fleet,
     /// The routes' tasks: each ends with its route's first error, or once finished.
     route_tasks: JoinSet<Result<(), Error>>,
     /// Which route each task is.
@@ -137,7 +142,7 @@ impl<'a> Session<'a> {
             status_interval,
             stream,
             routes: starts,
-            health,
+            fleet,
             changes,
             slot_confirmed,
             monitor_started,
@@ -163,7 +168,7 @@ impl<'a> Session<'a> {
         for (index, start) in starts.into_iter().enumerate() {
             started_at.push(match &start {
                 RouteStart::Ready { resume_at, .. } => *resume_at,
-                RouteStart::Down { held, .. } => *held,
+                RouteStart::Down { held, .. } | RouteStart::Unset { held } => *held,
                 RouteStart::Evicted => Lsn::ZERO,
             });
             routes.push(match start {
@@ -193,12 +198,17 @@ impl<'a> Session<'a> {
                         probe_handles[index] = Some(probes.spawn(fleet::probe(
                             index,
                             route_configs[index].clone(),
-                            health[index].backoff(),
+                            fleet.health[index].backoff(),
                         )));
                     }
                     Member::Detached { held }
                 }
                 RouteStart::Evicted => Member::Evicted,
+                RouteStart::Unset { held } => {
+                    probe_handles[index] =
+                        Some(probes.spawn(fleet::backfill(index, route_configs[index].clone())));
+                    Member::Detached { held }
+                }
             });
         }
         Session {
@@ -215,7 +225,7 @@ impl<'a> Session<'a> {
             untold: vec![None; routes.len()],
             routes,
             route_configs,
-            health,
+            fleet,
             route_tasks,
             task_routes,
             started_at,
@@ -260,6 +270,19 @@ impl<'a> Session<'a> {
                 }
                 ended = self.route_tasks.join_next_with_id(), if !self.route_tasks.is_empty() => {
                     self.route_ended(ended)?
+                }
+                changed = async {
+                    match self.fleet.reload.as_mut() {
+                        Some(reload) => reload.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if changed {
+                        self.add_routes();
+                    } else {
+                        // Nothing sends any more (the process is stopping).
+                        self.fleet.reload = None;
+                    }
                 }
                 Some(back) = self.probes.join_next(), if !self.probes.is_empty() => {
                     // A probe stopped (its route evicted) ends without a route.
@@ -695,9 +718,9 @@ impl<'a> Session<'a> {
             // Told to finish at the end of the session: nothing more to do.
             Ok(()) if matches!(self.routes[route], Member::Attached(_)) => return Ok(()),
             // Left behind, and done with what it held: it rejoins, less often each time.
-            Ok(()) => Some(self.health[route].left_behind()),
+            Ok(()) => Some(self.fleet.health[route].left_behind()),
             Err(error) if error.is_transient() => {
-                self.health[route].failed();
+                self.fleet.health[route].failed();
                 tracing::warn!(
                     route = self.route_name(route),
                     held = %held,
@@ -705,12 +728,12 @@ impl<'a> Session<'a> {
                     "the route failed: the other routes go on, the slot waits at its \
                      position, and its target is probed until it answers"
                 );
-                Some(self.health[route].backoff())
+                Some(self.fleet.health[route].backoff())
             }
             Err(error) => {
                 // Retrying will not fix it: no probe (it would rejoin into the same wall,
                 // again and again); a restart of run after the fix retries it.
-                self.health[route].failed();
+                self.fleet.health[route].failed();
                 tracing::error!(
                     route = self.route_name(route),
                     held = %held,
@@ -731,6 +754,114 @@ impl<'a> Session<'a> {
             )));
         }
         Ok(())
+    }
+
+    /// A routes file read again (SIGHUP): its new routes join while the others stream. Each
+    /// holds the slot where it has been reported (before the snapshot its copy is taken in)
+    /// while `run` copies it ([`fleet::backfill`]), then joins in a new session. Anything
+    /// else that changed (a route removed or changed, values moved, a new default) takes
+    /// effect only when `run` restarts, and is said so.
+    fn add_routes(&mut self) {
+        let Some(new) = self
+            .fleet
+            .reload
+            .as_mut()
+            .and_then(|reload| reload.borrow_and_update().clone())
+        else {
+            return;
+        };
+        let current = self
+            .fleet
+            .next_config
+            .clone()
+            .unwrap_or_else(|| self.config.clone());
+        let Some(old) = current.routes.clone() else {
+            return;
+        };
+        let restart = "takes effect when usersync run restarts";
+        if new.by != old.by {
+            tracing::warn!("the routes file routes by another column now: {restart}");
+        }
+        for gone in old
+            .routes
+            .iter()
+            .filter(|r| !new.routes.iter().any(|n| n.name == r.name))
+        {
+            tracing::warn!(route = %gone.name, "a route removed from the routes file: {restart}");
+        }
+        let mut merged = (*old).clone();
+        let mut added = Vec::new();
+        for (index, spec) in new.routes.iter().enumerate() {
+            let name = spec.name.as_str();
+            if let Some(existing) = merged.routes.iter().find(|r| r.name == spec.name) {
+                if existing != spec {
+                    tracing::warn!(
+                        route = name,
+                        "a route changed in the routes file: {restart}"
+                    );
+                }
+                continue;
+            }
+            if new.default == Some(index) {
+                tracing::warn!(route = name, "a new default route: {restart}");
+                continue;
+            }
+            let owner = merged
+                .routes
+                .iter()
+                .find(|r| spec.values.iter().any(|v| r.values.contains(v)));
+            if let Some(owner) = owner {
+                tracing::warn!(
+                    route = name,
+                    owner = %owner.name,
+                    "a value of the new route belongs to another route: moving values is not \
+                     supported while running (docs/fan-out.md); the route is not added"
+                );
+                continue;
+            }
+            let shared = merged.routes.iter().find(|r| {
+                (&r.target.host, r.target.port, &r.target.dbname)
+                    == (&spec.target.host, spec.target.port, &spec.target.dbname)
+            });
+            if let Some(shared) = shared {
+                tracing::warn!(
+                    route = name,
+                    other = %shared.name,
+                    "the new route writes to another route's database; the route is not added"
+                );
+                continue;
+            }
+            merged.routes.push(spec.clone());
+            added.push(merged.routes.len() - 1);
+        }
+        if added.is_empty() || merged.routes.len() > crate::routing::MAX_ROUTES {
+            tracing::info!("routes file read again: no route to add");
+            return;
+        }
+        let merged = Arc::new(merged);
+        let mut next = current;
+        next.routes = Some(Arc::clone(&merged));
+        let configs = next.route_configs();
+        self.changes.set_routes(Arc::clone(&merged));
+        let held = self.reported.position();
+        for index in added {
+            debug_assert_eq!(index, self.routes.len());
+            tracing::info!(
+                route = configs[index].route_name().unwrap_or_default(),
+                held = %held,
+                "route added from the routes file"
+            );
+            self.routes.push(Member::Detached { held });
+            self.route_configs.push(configs[index].clone());
+            self.untold.push(None);
+            self.started_at.push(held);
+            self.fleet.health.push(RouteHealth::default());
+            self.probe_handles.push(Some(
+                self.probes
+                    .spawn(fleet::backfill(index, configs[index].clone())),
+            ));
+        }
+        self.fleet.next_config = Some(next);
     }
 
     /// `replay --dry-run`: each route's changes as JSON lines, with `"route"` in a fan-out.
@@ -792,14 +923,14 @@ impl<'a> Session<'a> {
         for route in 0..self.routes.len() {
             match &self.routes[route] {
                 Member::Attached(handle) if handle.confirmed() > self.started_at[route] => {
-                    self.health[route].progressed();
+                    self.fleet.health[route].progressed();
                     if settled {
-                        self.health[route].settled();
+                        self.fleet.health[route].settled();
                     }
                 }
                 Member::Detached { .. } => {
                     if let Some(limit) = self.config.evict_after {
-                        if self.health[route].down_longer_than(limit) {
+                        if self.fleet.health[route].down_longer_than(limit) {
                             tracing::error!(
                                 route = self.route_name(route),
                                 limit_s = limit.as_secs(),
@@ -807,7 +938,7 @@ impl<'a> Session<'a> {
                                  the slot no longer waits for it, and its target needs a \
                                  resync"
                             );
-                            self.health[route].evict();
+                            self.fleet.health[route].evict();
                             self.routes[route] = Member::Evicted;
                             if let Some(probe) = self.probe_handles[route].take() {
                                 probe.abort();

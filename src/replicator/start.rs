@@ -11,7 +11,7 @@ use postgres_protocol::escape::escape_identifier;
 use tokio::sync::watch;
 
 use super::changes::ChangeMapper;
-use super::fleet::RouteHealth;
+use super::fleet::{Fleet, RouteHealth};
 use super::relations::StreamTables;
 use super::session::{Parts, RouteStart, Session};
 use super::{
@@ -61,8 +61,9 @@ pub(super) async fn run_session(
     metrics: &Arc<Metrics>,
     shutdown: &mut watch::Receiver<bool>,
     mode: Mode,
-    health: &mut [RouteHealth],
+    fleet: &mut Fleet,
 ) -> Result<Ended, Error> {
+    let health = &mut fleet.health;
     let target_limit = Limit::new(TARGET_TIMEOUT, metrics.liveness());
     let source_limit = Limit::new(config.source_timeout, metrics.liveness());
     // A replay is a one-off that must apply everything pending everywhere: there, any
@@ -82,8 +83,8 @@ pub(super) async fn run_session(
             continue;
         }
         let name = route.route_name().unwrap_or_default().to_owned();
-        match open_target(route, metrics, shutdown, mode, index == 0).await {
-            Ok(Some(target)) => targets.push(Opened::Ready(Box::new(target))),
+        match open_target(route, metrics, shutdown, mode, index == 0, fan_out).await {
+            Ok(Some(opened)) => targets.push(opened),
             Ok(None) => return Ok(Ended::Done),
             Err(error) if fan_out => {
                 let probe = route_down(&name, &error, &mut health[index]);
@@ -94,6 +95,14 @@ pub(super) async fn run_session(
         }
     }
     if fan_out && !targets.iter().any(|t| matches!(t, Opened::Ready(_))) {
+        if targets.iter().any(|t| matches!(t, Opened::Unset)) {
+            // No route holds a checkpoint: nothing proves the slot is this fan-out's.
+            return Err(Error::Config(format!(
+                "no route's target holds a checkpoint for slot {}: run usersync setup \
+                 --routes first",
+                config.slot
+            )));
+        }
         // Every target out of reach at once is most often one blip (a shared server, the
         // network): the first route's error, which says whether retrying may help.
         return Err(first_error.unwrap_or_else(|| {
@@ -172,6 +181,13 @@ pub(super) async fn run_session(
             }
             Opened::Evicted => {
                 routes.push(RouteStart::Evicted);
+                continue;
+            }
+            Opened::Unset => {
+                // Held where the slot stands: the copy's snapshot is taken later, past it.
+                routes.push(RouteStart::Unset {
+                    held: confirmed_flush,
+                });
                 continue;
             }
         };
@@ -317,7 +333,7 @@ pub(super) async fn run_session(
         status_interval,
         stream,
         routes,
-        health,
+        fleet,
         changes: ChangeMapper::new(
             tables,
             heartbeat_prefix(&config.slot),
@@ -333,6 +349,9 @@ pub(super) async fn run_session(
 /// A route's target after [`open_target`].
 enum Opened {
     Ready(Box<OpenTarget>),
+    /// A route of a fan-out whose target holds no checkpoint yet (added to the routes file,
+    /// or its copy interrupted): `run` copies it, then lets it join.
+    Unset,
     /// Could not be opened (a fan-out only); `probe`: the failure may pass by itself.
     Down {
         probe: bool,
@@ -383,7 +402,8 @@ async fn open_target(
     shutdown: &mut watch::Receiver<bool>,
     mode: Mode,
     stand_by: bool,
-) -> Result<Option<OpenTarget>, Error> {
+    copies_itself: bool,
+) -> Result<Option<Opened>, Error> {
     // Every request before streaming is bounded: a connection stalled while a session starts
     // would otherwise hang it for good (the stream's own silence check comes later).
     let target_limit = Limit::new(TARGET_TIMEOUT, metrics.liveness());
@@ -452,7 +472,11 @@ async fn open_target(
     .await?;
     // Without one, setup or resync has not finished its copy (or the checkpoint was
     // removed): streaming now would make a partial copy final, or race a copy in progress.
+    // A route of a fan-out is copied by `run` itself ([`Opened::Unset`]).
     let Some(checkpoint) = checkpoint else {
+        if copies_itself {
+            return Ok(Some(Opened::Unset));
+        }
         return Err(Error::Config(format!(
             "the target{} holds no checkpoint for slot {}: usersync setup (or resync) has not \
              finished its copy, or the checkpoint was removed; run usersync setup to finish a \
@@ -461,13 +485,13 @@ async fn open_target(
             config.slot
         )));
     };
-    Ok(Some(OpenTarget {
+    Ok(Some(Opened::Ready(Box::new(OpenTarget {
         config,
         client,
         warnings,
         shape,
         checkpoint,
-    }))
+    }))))
 }
 
 /// Where a route's target resumes: its checkpoint, once checked against the source.

@@ -353,6 +353,7 @@ impl Pair {
             source_timeout: usersync::config::DEFAULT_SOURCE_TIMEOUT,
             spill_threshold: usersync::decode::DEFAULT_MEMORY_LIMIT,
             routes: None,
+            routes_file: None,
             route: None,
             evict_after: None,
         };

@@ -907,3 +907,70 @@ async fn replay_resync_and_teardown_take_routes() {
         assert_eq!(left, 0, "route {} keeps a checkpoint", route.name);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_added_on_sighup_is_copied_while_the_others_stream() {
+    let mut fan_out = FanOut::new(&[("acme", &["acme"]), ("globex", &["globex"])]).await;
+    fan_out
+        .pair
+        .source
+        .batch_execute(
+            "INSERT INTO users (tenant, email)
+             SELECT (ARRAY['acme','globex','initech'])[1 + i % 3], 'pre' || i || '@example.com'
+               FROM generate_series(1, 300) AS i",
+        )
+        .await
+        .unwrap();
+    let setup = fan_out.usersync(&["setup"]);
+    assert!(setup.status.success(), "setup: {}", text(&setup));
+    for route in &fan_out.routes {
+        install_write_log(&route.client).await;
+    }
+    let log = fan_out.dir.join("run.log");
+    let mut run = fan_out
+        .command(&["run"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = spawn_load(
+        sql(fan_out.pair.server, &fan_out.pair.config.source.dbname).await,
+        &["acme", "globex", "initech"],
+        Arc::clone(&writing),
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // A new tenancy's route, written into the file run reads, then SIGHUP. Its write log
+    // sees the copy's rows too: a change applied again on top of the copy would show.
+    fan_out
+        .routes
+        .push(FanOut::route(&fan_out.pair, "initech", &["initech"]).await);
+    let new_target = &fan_out.routes[2].client;
+    new_target
+        .batch_execute(include_str!("../../sql/users_sync.sql"))
+        .await
+        .unwrap();
+    install_write_log(new_target).await;
+    fan_out.routes_file();
+    let hup = Command::new("kill")
+        .args(["-HUP", &run.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    writing.store(false, Ordering::Relaxed);
+    let statements = writer.await.unwrap();
+    assert!(
+        statements > 100,
+        "the load ran only {statements} statements"
+    );
+    fan_out.wait_for_match().await;
+    assert!(run.try_wait().unwrap().is_none(), "run ended");
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("route added from the routes file"), "{said}");
+    for route in &fan_out.routes {
+        assert_write_log_ordered(&route.client).await;
+    }
+}
