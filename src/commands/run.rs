@@ -51,10 +51,7 @@ pub async fn run(config: &Config, metrics_addr: SocketAddr) -> Result<(), Error>
     if let Some(systemd) = &systemd {
         tell(systemd, sdnotify::READY);
     }
-    let reload = config
-        .routes_file
-        .clone()
-        .map(|path| reload_on_hangup(config, path));
+    let reload = reload_on_hangup(config);
     let result = replicator::run_with_reload(config, metrics, shutdown, reload).await;
     if let Some(watchdog) = watchdog {
         watchdog.abort();
@@ -65,12 +62,12 @@ pub async fn run(config: &Config, metrics_addr: SocketAddr) -> Result<(), Error>
 
 /// With `--routes`: reads the routes file again on each SIGHUP and hands it to the
 /// replicator, which adds its new routes while streaming (docs/fan-out.md). A file that is
-/// not valid changes nothing and is said so.
+/// not valid changes nothing and is said so. Without, SIGHUP is only logged.
 fn reload_on_hangup(
     config: &Config,
-    path: std::path::PathBuf,
-) -> watch::Receiver<Option<Arc<crate::routing::Routes>>> {
+) -> Option<watch::Receiver<Option<Arc<crate::routing::Routes>>>> {
     let (send, receive) = watch::channel(None);
+    let path = config.routes_file.clone();
     let default_by = config.mapping.routing_column();
     let allowed = config.target.allow_plaintext_password;
     tokio::spawn(async move {
@@ -83,8 +80,14 @@ fn reload_on_hangup(
             }
         };
         while hangups.recv().await.is_some() {
-            let loaded = crate::routing::Routes::load_allowing(&path, default_by, allowed)
-                .and_then(|routes| {
+            // Without --routes there is nothing to read again; SIGHUP (a `systemctl reload`)
+            // must not stop the process as its default action would.
+            let Some(path) = &path else {
+                tracing::info!("SIGHUP: nothing to read again (no --routes)");
+                continue;
+            };
+            let loaded = crate::routing::Routes::load_allowing(path, default_by, allowed).and_then(
+                |routes| {
                     for route in &routes.routes {
                         route.target.check_session_endpoint().map_err(|source| {
                             Error::Config(format!(
@@ -94,7 +97,8 @@ fn reload_on_hangup(
                         })?;
                     }
                     Ok(routes)
-                });
+                },
+            );
             match loaded {
                 Ok(routes) => {
                     tracing::info!("SIGHUP: routes file read again");
@@ -109,7 +113,7 @@ fn reload_on_hangup(
             }
         }
     });
-    receive
+    config.routes_file.is_some().then_some(receive)
 }
 
 /// The notifier `$NOTIFY_SOCKET` asks for, if any. A socket usersync cannot use is worth a

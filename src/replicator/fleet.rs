@@ -156,14 +156,18 @@ pub(super) async fn probe(route: usize, config: Config, delay: Duration) -> usiz
     let key = config.checkpoint_key();
     loop {
         tokio::time::sleep(wait).await;
-        let answered = tokio::time::timeout(BACKOFF_MAX, async {
+        // Ready: it answers, has its checkpoint, and nobody holds its lock (a session that
+        // does would fail the route again at once, restarting every route for nothing).
+        let ready = tokio::time::timeout(BACKOFF_MAX, async {
             let client = crate::conn::sql::connect(&config.target, APPLICATION_NAME)
                 .await
                 .ok()?;
-            apply::read_checkpoint(&client, &key).await.ok().flatten()
+            apply::read_checkpoint(&client, &key).await.ok().flatten()?;
+            let holders = apply::slot_lock::holders(&client, &key).await.ok()?;
+            holders.is_empty().then_some(())
         })
         .await;
-        if let Ok(Some(_)) = answered {
+        if let Ok(Some(())) = ready {
             return route;
         }
         wait = (wait * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);

@@ -428,7 +428,8 @@ impl<'a> Session<'a> {
         }
         let at = pg_micros_to_unix_micros(transaction.commit_time_micros);
         if self.mode.is_dry_run() {
-            self.print_routed(&transaction_meta(&transaction.commit_lsn, at), &routed);
+            let meta = transaction_meta(&transaction.commit_lsn, at);
+            self.print_routed(&meta, transaction.commit_lsn, &routed);
             return Ok(());
         }
         let position = CommitPosition {
@@ -536,7 +537,7 @@ impl<'a> Session<'a> {
                 continue;
             }
             if dry_run {
-                self.print_routed(&meta, &routed);
+                self.print_routed(&meta, position.commit_lsn, &routed);
                 routed.clear();
                 continue;
             }
@@ -864,9 +865,19 @@ impl<'a> Session<'a> {
         self.fleet.next_config = Some(next);
     }
 
-    /// `replay --dry-run`: each route's changes as JSON lines, with `"route"` in a fan-out.
-    fn print_routed(&self, meta: &serde_json::Map<String, serde_json::Value>, routed: &Routed) {
+    /// `replay --dry-run`: each route's changes as JSON lines, with `"route"` in a fan-out;
+    /// nothing for a route whose checkpoint holds the transaction (committed at `commit_lsn`)
+    /// already.
+    fn print_routed(
+        &self,
+        meta: &serde_json::Map<String, serde_json::Value>,
+        commit_lsn: Lsn,
+        routed: &Routed,
+    ) {
         for (route, config) in self.route_configs.iter().enumerate() {
+            if commit_lsn < self.started_at[route] {
+                continue;
+            }
             let changes = routed
                 .of(route)
                 .iter()

@@ -70,25 +70,53 @@ pub(super) async fn run_session(
     // route's failure ends it, as with one target.
     let route_configs = config.route_configs();
     let fan_out = route_configs.len() > 1 && mode == Mode::Service;
-    // Every target first: each route's lock, then its checkpoint. Routes are taken in the
-    // file's order, so two processes of one fan-out stand by on the same first lock; the
-    // others are only tried (an old session of this process may hold one for a while). In a
-    // fan-out, a route whose target cannot be opened is left behind (see `fleet`): the
-    // others go on.
+    // A fan-out's run stands by on the slot's lock on the source, held on a connection kept
+    // for the session: a route's target restarting (its lock gone) must not let a standby
+    // in. Each route's own lock is then only tried (an old session of this process may hold
+    // one for a while). Then every target: its lock, then its checkpoint; in a fan-out, a
+    // route whose target cannot be opened is left behind (see `fleet`): the others go on.
+    let _leader = if fan_out {
+        let leader = answered(source_limit, "source", "preparing the session", async {
+            conn::sql::connect(&config.source, APPLICATION_NAME)
+                .await
+                .map_err(Error::connect("source"))
+        })
+        .await?;
+        if !hold_lock_on(
+            LockSide::Source,
+            &leader,
+            &config.slot,
+            mode,
+            metrics,
+            shutdown,
+        )
+        .await?
+        {
+            return Ok(Ended::Done);
+        }
+        Some(leader)
+    } else {
+        None
+    };
     let mut targets = Vec::new();
-    let mut first_error = None;
+    let mut first_error: Option<Error> = None;
+    let mut transient_error: Option<Error> = None;
     for (index, route) in route_configs.into_iter().enumerate() {
         if health[index].is_evicted() {
             targets.push(Opened::Evicted);
             continue;
         }
         let name = route.route_name().unwrap_or_default().to_owned();
-        match open_target(route, metrics, shutdown, mode, index == 0, fan_out).await {
+        match open_target(route, metrics, shutdown, mode, !fan_out, fan_out).await {
             Ok(Some(opened)) => targets.push(opened),
             Ok(None) => return Ok(Ended::Done),
             Err(error) if fan_out => {
                 let probe = route_down(&name, &error, &mut health[index]);
-                first_error.get_or_insert(error);
+                if error.is_transient() {
+                    transient_error.get_or_insert(error);
+                } else {
+                    first_error.get_or_insert(error);
+                }
                 targets.push(Opened::Down { probe });
             }
             Err(error) => return Err(error),
@@ -104,8 +132,8 @@ pub(super) async fn run_session(
             )));
         }
         // Every target out of reach at once is most often one blip (a shared server, the
-        // network): the first route's error, which says whether retrying may help.
-        return Err(first_error.unwrap_or_else(|| {
+        // network): a transient error if any route had one, so that run retries.
+        return Err(transient_error.or(first_error).unwrap_or_else(|| {
             Error::Config("every route is evicted: resync them (docs/fan-out.md)".into())
         }));
     }
@@ -217,6 +245,9 @@ pub(super) async fn run_session(
             Err(Refusal::Failed(error)) if fan_out => {
                 let name = target.config.route_name().unwrap_or_default().to_owned();
                 let probe = route_down(&name, &error, &mut health[index]);
+                if error.is_transient() {
+                    transient_error.get_or_insert(error);
+                }
                 routes.push(RouteStart::Down {
                     held: confirmed_flush,
                     probe,
@@ -254,6 +285,9 @@ pub(super) async fn run_session(
                 // Its checkpoint, read above, is durable or about to be: the slot may wait
                 // there only if it is no further than the slot's own position.
                 let probe = route_down(&name, &error, &mut health[index]);
+                if error.is_transient() {
+                    transient_error.get_or_insert(error);
+                }
                 routes.push(RouteStart::Down {
                     held: confirmed_flush,
                     probe,
@@ -275,9 +309,12 @@ pub(super) async fn run_session(
         })
         .min()
     else {
-        return Err(Error::Config(
-            "every route is evicted or cannot resume (see the errors above): resync them".into(),
-        ));
+        return Err(transient_error.unwrap_or_else(|| {
+            Error::Config(
+                "every route is evicted or cannot resume (see the errors above): resync them"
+                    .into(),
+            )
+        }));
     };
     let protocol_2 = replication
         .server_version_num()
@@ -449,7 +486,10 @@ async fn open_target(
         if !locked {
             // Transient: the session that holds it (often this process's previous one, whose
             // backend has not noticed yet that its connection is gone) ends in time.
-            let holders = apply::slot_lock::holders(&client, &key).await?;
+            let holders = answered(target_limit, "target", "reading the slot's lock", async {
+                Ok(apply::slot_lock::holders(&client, &key).await?)
+            })
+            .await?;
             return Err(Error::Busy(format!(
                 "another session holds the lock of route {} on its target ({})",
                 config.route_name().unwrap_or_default(),
@@ -632,13 +672,51 @@ async fn hold_slot_lock(
     metrics: &Metrics,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<bool, Error> {
-    let result = wait_for_slot_lock(target, slot, mode, metrics, shutdown).await;
+    hold_lock_on(LockSide::Target, target, slot, mode, metrics, shutdown).await
+}
+
+/// Where a session takes the lock it stands by on: the one target's (or each route's in a
+/// replay), or, for a fan-out's `run`, the source's (a lock no route's target could take from
+/// it: a route whose target restarts loses its lock there, and a standby must not take over
+/// on that).
+#[derive(Clone, Copy)]
+enum LockSide {
+    Target,
+    Source,
+}
+
+impl LockSide {
+    fn name(self) -> &'static str {
+        match self {
+            LockSide::Target => "target",
+            LockSide::Source => "source",
+        }
+    }
+
+    fn error(self, context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
+        move |error| match self {
+            LockSide::Target => apply::ApplyError::sql(context)(error).into(),
+            LockSide::Source => SourceError::sql(context)(error).into(),
+        }
+    }
+}
+
+async fn hold_lock_on(
+    side: LockSide,
+    client: &tokio_postgres::Client,
+    slot: &str,
+    mode: Mode,
+    metrics: &Metrics,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool, Error> {
+    let result = wait_for_slot_lock(side, client, slot, mode, metrics, shutdown).await;
     // Holding it, stopped, or failed: not standing by any more.
     metrics.set_standby(None);
     result
 }
 
 async fn wait_for_slot_lock(
+    side: LockSide,
     target: &tokio_postgres::Client,
     slot: &str,
     mode: Mode,
@@ -648,12 +726,13 @@ async fn wait_for_slot_lock(
     let mut logged: Option<(Vec<apply::slot_lock::LockHolder>, Instant)> = None;
     let target_limit = Limit::new(TARGET_TIMEOUT, metrics.liveness());
     let started = Instant::now();
+    let on = side.name();
     loop {
-        let locked: bool = answered(target_limit, "target", "taking the slot's lock", async {
+        let locked: bool = answered(target_limit, on, "taking the slot's lock", async {
             Ok(target
                 .query_one(apply::slot_lock::TRY_LOCK, &[&slot])
                 .await
-                .map_err(apply::ApplyError::sql("taking the slot's lock"))?
+                .map_err(side.error("taking the slot's lock"))?
                 .get(0))
         })
         .await?;
@@ -680,7 +759,7 @@ async fn wait_for_slot_lock(
                 .unwrap_or_default();
             metrics.set_standby(Some(since.as_secs_f64()));
         }
-        let holders = answered(target_limit, "target", "reading the slot's lock", async {
+        let holders = answered(target_limit, on, "reading the slot's lock", async {
             Ok(apply::slot_lock::holders(target, slot).await?)
         })
         .await?;
@@ -688,7 +767,7 @@ async fn wait_for_slot_lock(
             // A replay is a one-off: it does not stand by behind a running replicator, which
             // applies what is pending anyway.
             return Err(Error::Config(format!(
-                "another session holds slot {slot}'s lock on the target ({}): a usersync run \
+                "another session holds slot {slot}'s lock on the {on} ({}): a usersync run \
                  replicates this slot, and applies what is pending itself; stop it first to \
                  replay (or to replay --dry-run)",
                 apply::slot_lock::describe(&holders)
@@ -698,9 +777,10 @@ async fn wait_for_slot_lock(
         if holders_worth_logging(logged.as_ref(), &holders, now) {
             tracing::info!(
                 slot,
+                on,
                 holders = %apply::slot_lock::describe(&holders),
-                "standby: another session holds the slot's lock on the target (a usersync, or \
-                 any session that took it); waiting to take over"
+                "standby: another session holds the slot's lock (a usersync, or any session \
+                 that took it); waiting to take over"
             );
             logged = Some((holders, now));
         }

@@ -974,3 +974,74 @@ async fn a_route_added_on_sighup_is_copied_while_the_others_stream() {
         assert_write_log_ordered(&route.client).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_standby_takes_over_and_sighup_never_stops_a_single_target() {
+    let fan_out = FanOut::new(&[("acme", &["acme"]), ("globex", &["globex"])]).await;
+    let setup = fan_out.usersync(&["setup"]);
+    assert!(setup.status.success(), "setup: {}", text(&setup));
+    let spawn = |name: &str| {
+        let log = fan_out.dir.join(name);
+        let child = fan_out
+            .command(&["run"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        (child, log)
+    };
+    let (mut active, _) = spawn("active.log");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (mut standby, standby_log) = spawn("standby.log");
+    let source = &fan_out.pair.source;
+    source
+        .batch_execute("INSERT INTO users (tenant, email) VALUES ('acme', 'a1@example.com'), ('globex', 'g1@example.com')")
+        .await
+        .unwrap();
+    fan_out.wait_for_match().await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let said = std::fs::read_to_string(&standby_log).unwrap();
+        if said.contains("standby") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never stood by: {said}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    active.kill().unwrap();
+    active.wait().unwrap();
+    source
+        .batch_execute("INSERT INTO users (tenant, email) VALUES ('acme', 'a2@example.com'), ('globex', 'g2@example.com')")
+        .await
+        .unwrap();
+    fan_out.wait_for_match().await;
+    assert!(standby.try_wait().unwrap().is_none(), "the standby ended");
+    standby.kill().unwrap();
+    standby.wait().unwrap();
+
+    // One target: SIGHUP (a `systemctl reload`) is logged, never a stop.
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let log = fan_out.dir.join("single.log");
+    let mut single = pair
+        .command(&["run"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Command::new("kill")
+        .args(["-HUP", &single.id().to_string()])
+        .status()
+        .unwrap();
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('after-hup@example.com')")
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    assert!(single.try_wait().unwrap().is_none(), "SIGHUP stopped run");
+    single.kill().unwrap();
+    single.wait().unwrap();
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("nothing to read again"), "{said}");
+}

@@ -71,7 +71,17 @@ async fn routes_status(config: &Config, options: StatusOptions) -> Result<Verdic
     let mut routes = Vec::new();
     for route in config.route_configs() {
         let name = route.route_name().unwrap_or_default().to_owned();
-        let mut report = gather(&route, options).await;
+        // One tenant's database that does not answer (a lock on users_sync, a stalled
+        // server) must not keep the others' verdicts from being said.
+        let mut report = tokio::time::timeout(ROUTE_STATUS_TIMEOUT, gather(&route, options))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Unanswered {
+                    which: "target",
+                    what: "reading a route's status",
+                    after: ROUTE_STATUS_TIMEOUT,
+                })
+            });
         if let Ok(report) = &mut report {
             if report.checkpoint.is_none() && report.target.unfinished.is_none() {
                 // A route nobody set up (added to the file, or its checkpoint removed): run
@@ -300,6 +310,9 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
     Ok(report)
 }
 
+/// How long `status --routes` waits for one route's facts.
+const ROUTE_STATUS_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long `status` waits for a running usersync's `/metrics`.
 const METRICS_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -329,12 +342,19 @@ impl ReplicatorMetrics {
             && self.value("usersync_ready") == Some(1.0)
     }
 
-    /// Its current lag (of route `route` of a fan-out): the oldest unapplied commit's age,
-    /// or, caught up, the last heartbeat's lag through the whole pipeline.
+    /// Its current lag (of route `route` of a fan-out, only while that route is active: a
+    /// route left behind keeps its last figure): the oldest unapplied commit's age, or,
+    /// caught up, the last heartbeat's lag through the whole pipeline.
     fn current_lag(&self, route: Option<&str>) -> Option<Duration> {
         let name = match route {
             None => "usersync_lag_current_seconds".to_owned(),
-            Some(route) => format!("usersync_route_lag_seconds{{route=\"{route}\"}}"),
+            Some(route) => {
+                let active = format!("usersync_route_state{{route=\"{route}\",state=\"active\"}}");
+                if self.value(&active) != Some(1.0) {
+                    return None;
+                }
+                format!("usersync_route_lag_seconds{{route=\"{route}\"}}")
+            }
         };
         self.value(&name)
             .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
