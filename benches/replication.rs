@@ -1168,6 +1168,7 @@ async fn start(settings: &Settings, report: &mut Report) -> Bench {
         source_timeout: usersync::config::DEFAULT_SOURCE_TIMEOUT,
         spill_threshold: usersync::decode::DEFAULT_MEMORY_LIMIT,
         routes: None,
+        routes_file: None,
         route: None,
         evict_after: None,
     };

@@ -85,6 +85,7 @@ async fn main() {
         source_timeout: DEFAULT_SOURCE_TIMEOUT,
         spill_threshold: usersync::decode::DEFAULT_MEMORY_LIMIT,
         routes: None,
+        routes_file: None,
         route: None,
         evict_after: None,
     };
