@@ -14,10 +14,12 @@
 //! Without `--routes` there is one route, and none of this applies: any failure of it ends
 //! the session, as it always has.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use super::route::RouteHandle;
 use super::{APPLICATION_NAME, BACKOFF_MAX, BACKOFF_MIN};
@@ -87,6 +89,110 @@ pub(super) struct Fleet {
     pub reload: Option<watch::Receiver<Option<Arc<Routes>>>>,
     /// The config with the routes a session added, for the sessions after it.
     pub next_config: Option<Config>,
+    /// Copies of routes without a checkpoint ([`backfill`]): they outlive sessions (a session
+    /// ending for another route must not start a long copy over), each ending with its route.
+    pub copies: JoinSet<usize>,
+    /// The routes being copied.
+    pub copying: HashSet<usize>,
+}
+
+impl Fleet {
+    pub fn new(routes: usize, reload: Option<watch::Receiver<Option<Arc<Routes>>>>) -> Fleet {
+        Fleet {
+            health: vec![RouteHealth::default(); routes],
+            reload,
+            next_config: None,
+            copies: JoinSet::new(),
+            copying: HashSet::new(),
+        }
+    }
+
+    /// Copies route `route` unless a copy of it is under way; until copied it counts as down
+    /// (so `--evict-after` releases the slot from a copy that cannot finish).
+    pub fn copy(&mut self, route: usize, config: Config) {
+        if self.copying.insert(route) {
+            self.health[route].failed();
+            self.copies.spawn(backfill(route, config));
+        }
+    }
+}
+
+/// The routes of `new` (a routes file read again) that can join a fan-out streaming with
+/// `old`: `old`'s routes followed by them, and their indexes. Anything else that changed (a
+/// route removed or changed, values moved, a new default, another column) takes effect only
+/// when `run` restarts, and is said so; a new route is refused when it would take values
+/// another route has (with a default route, every value no route names is the default's).
+pub(super) fn merge_added(old: &Routes, new: &Routes) -> (Routes, Vec<usize>) {
+    let restart = "takes effect when usersync run restarts";
+    if new.by != old.by {
+        tracing::warn!("the routes file routes by another column now: {restart}");
+    }
+    for gone in old
+        .routes
+        .iter()
+        .filter(|r| !new.routes.iter().any(|n| n.name == r.name))
+    {
+        tracing::warn!(route = %gone.name, "a route removed from the routes file: {restart}");
+    }
+    let mut merged = old.clone();
+    let mut added = Vec::new();
+    for (index, spec) in new.routes.iter().enumerate() {
+        let name = spec.name.as_str();
+        if let Some(existing) = merged.routes.iter().find(|r| r.name == spec.name) {
+            if existing != spec {
+                tracing::warn!(
+                    route = name,
+                    "a route changed in the routes file: {restart}"
+                );
+            }
+            continue;
+        }
+        if new.default == Some(index) {
+            tracing::warn!(route = name, "a new default route: {restart}");
+            continue;
+        }
+        if let Some(default) = old.default {
+            tracing::warn!(
+                route = name,
+                default = %old.routes[default].name,
+                "a new route would take values from the default route, whose target keeps \
+                 those users as they were (docs/fan-out.md, moving a value): {restart}"
+            );
+            continue;
+        }
+        let owner = merged
+            .routes
+            .iter()
+            .find(|r| spec.values.iter().any(|v| r.values.contains(v)));
+        if let Some(owner) = owner {
+            tracing::warn!(
+                route = name,
+                owner = %owner.name,
+                "a value of the new route belongs to another route: moving values is not \
+                 supported while running (docs/fan-out.md); the route is not added"
+            );
+            continue;
+        }
+        let shared = merged.routes.iter().find(|r| {
+            (&r.target.host, r.target.port, &r.target.dbname)
+                == (&spec.target.host, spec.target.port, &spec.target.dbname)
+        });
+        if let Some(shared) = shared {
+            tracing::warn!(
+                route = name,
+                other = %shared.name,
+                "the new route writes to another route's database; the route is not added"
+            );
+            continue;
+        }
+        if merged.routes.len() >= crate::routing::MAX_ROUTES {
+            tracing::warn!(route = name, "too many routes; the route is not added");
+            continue;
+        }
+        merged.routes.push(spec.clone());
+        added.push(merged.routes.len() - 1);
+    }
+    (merged, added)
 }
 
 /// What `run` remembers of each route across sessions: since when it is down, and how

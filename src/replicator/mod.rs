@@ -88,15 +88,14 @@ pub async fn run_with_reload(
     let mut backoff = BACKOFF_MIN;
     metrics.set_slot_name(&config.slot);
     let mut current = config.clone();
-    let mut fleet = Fleet {
-        health: vec![RouteHealth::default(); config.route_configs().len()],
-        reload,
-        next_config: None,
-    };
+    let mut fleet = Fleet::new(config.route_configs().len(), reload);
     let mut rejoined: Option<Instant> = None;
     loop {
         let started = Instant::now();
         let batches_before = metrics.batches();
+        // The routes file is the truth at every session's start (a standby taking over, a
+        // restart after routes were added): its new routes join.
+        add_routes_from_file(&mut current, &mut fleet);
         let result =
             run_session(&current, &metrics, &mut shutdown, Mode::Service, &mut fleet).await;
         if let Some(next) = fleet.next_config.take() {
@@ -140,6 +139,52 @@ pub async fn run_with_reload(
             Err(error) => return Err(error),
         }
     }
+}
+
+/// Reads the routes file of a fan-out again and adds its new routes to `config` (see
+/// [`fleet::merge_added`]); a file that cannot be read changes nothing, and is said so.
+fn add_routes_from_file(config: &mut Config, fleet: &mut Fleet) {
+    let (Some(path), Some(routes)) = (&config.routes_file, &config.routes) else {
+        return;
+    };
+    let loaded = Routes::load_allowing(
+        path,
+        config.mapping.routing_column(),
+        config.target.allow_plaintext_password,
+    );
+    let new = match loaded {
+        Ok(new) => new,
+        Err(error) => {
+            tracing::warn!(
+                error = %crate::error::report(&error),
+                "the routes file cannot be read again; its routes stay as they were"
+            );
+            return;
+        }
+    };
+    if let Some(route) = new
+        .routes
+        .iter()
+        .find(|route| route.target.check_session_endpoint().is_err())
+    {
+        tracing::warn!(
+            route = %route.name,
+            "the routes file names a target usersync cannot keep a session on (a pooled \
+             endpoint); its routes stay as they were"
+        );
+        return;
+    }
+    let (merged, added) = fleet::merge_added(routes, &new);
+    if added.is_empty() {
+        return;
+    }
+    for index in &added {
+        tracing::info!(route = %merged.routes[*index].name, "route added from the routes file");
+    }
+    fleet
+        .health
+        .resize(merged.routes.len(), RouteHealth::default());
+    config.routes = Some(Arc::new(merged));
 }
 
 /// Resolves once a stop is requested (or the sender is gone, which means the same).
@@ -193,11 +238,7 @@ pub async fn replay(
     dry_run: bool,
 ) -> Result<(), Error> {
     let mode = Mode::Replay { until, dry_run };
-    let mut fleet = Fleet {
-        health: vec![RouteHealth::default(); config.route_configs().len()],
-        reload: None,
-        next_config: None,
-    };
+    let mut fleet = Fleet::new(config.route_configs().len(), None);
     let result = run_session(config, &metrics, &mut shutdown, mode, &mut fleet).await;
     metrics.set_ready(false);
     result.map(|_| ())

@@ -77,6 +77,8 @@ pub(super) struct Parts<'a> {
     pub routes: Vec<RouteStart>,
     /// What `run` keeps of its routes across sessions.
     pub fleet: &'a mut Fleet,
+    /// A fan-out's connection to the source holding the slot's lock (see `start`).
+    pub leader: Option<tokio_postgres::Client>,
     pub changes: ChangeMapper,
     /// Where the slot is confirmed already: no status update reports less.
     pub slot_confirmed: Lsn,
@@ -102,6 +104,9 @@ pub(super) struct Session<'a> {
     /// Each route's health, new routes files, and the config with the routes this session
     /// added (see [`fleet`]).
     fleet: &'a mut Fleet,
+    /// A fan-out's connection holding the slot's lock in the source: once it is gone, so is
+    /// the lock, and a standby may take over; the session ends rather than go on beside it.
+    leader: Option<tokio_postgres::Client>,
     /// The routes' tasks: each ends with its route's first error, or once finished.
     route_tasks: JoinSet<Result<(), Error>>,
     /// Which route each task is.
@@ -143,6 +148,7 @@ impl<'a> Session<'a> {
             stream,
             routes: starts,
             fleet,
+            leader,
             changes,
             slot_confirmed,
             monitor_started,
@@ -205,8 +211,7 @@ impl<'a> Session<'a> {
                 }
                 RouteStart::Evicted => Member::Evicted,
                 RouteStart::Unset { held } => {
-                    probe_handles[index] =
-                        Some(probes.spawn(fleet::backfill(index, route_configs[index].clone())));
+                    fleet.copy(index, route_configs[index].clone());
                     Member::Detached { held }
                 }
             });
@@ -226,6 +231,7 @@ impl<'a> Session<'a> {
             routes,
             route_configs,
             fleet,
+            leader,
             route_tasks,
             task_routes,
             started_at,
@@ -283,6 +289,20 @@ impl<'a> Session<'a> {
                         // Nothing sends any more (the process is stopping).
                         self.fleet.reload = None;
                     }
+                }
+                Some(copied) = self.fleet.copies.join_next(), if !self.fleet.copies.is_empty() => {
+                    let Ok(route) = copied else { continue };
+                    self.fleet.copying.remove(&route);
+                    if !matches!(self.routes.get(route), Some(Member::Detached { .. })) {
+                        // Copied while no session ran: this one has it already.
+                        continue;
+                    }
+                    tracing::info!(
+                        route = self.route_name(route),
+                        "the route is copied: starting a new session, in which it joins"
+                    );
+                    self.finish_routes().await?;
+                    return Ok(Ended::Rejoin);
                 }
                 Some(back) = self.probes.join_next(), if !self.probes.is_empty() => {
                     // A probe stopped (its route evicted) ends without a route.
@@ -779,63 +799,8 @@ impl<'a> Session<'a> {
         let Some(old) = current.routes.clone() else {
             return;
         };
-        let restart = "takes effect when usersync run restarts";
-        if new.by != old.by {
-            tracing::warn!("the routes file routes by another column now: {restart}");
-        }
-        for gone in old
-            .routes
-            .iter()
-            .filter(|r| !new.routes.iter().any(|n| n.name == r.name))
-        {
-            tracing::warn!(route = %gone.name, "a route removed from the routes file: {restart}");
-        }
-        let mut merged = (*old).clone();
-        let mut added = Vec::new();
-        for (index, spec) in new.routes.iter().enumerate() {
-            let name = spec.name.as_str();
-            if let Some(existing) = merged.routes.iter().find(|r| r.name == spec.name) {
-                if existing != spec {
-                    tracing::warn!(
-                        route = name,
-                        "a route changed in the routes file: {restart}"
-                    );
-                }
-                continue;
-            }
-            if new.default == Some(index) {
-                tracing::warn!(route = name, "a new default route: {restart}");
-                continue;
-            }
-            let owner = merged
-                .routes
-                .iter()
-                .find(|r| spec.values.iter().any(|v| r.values.contains(v)));
-            if let Some(owner) = owner {
-                tracing::warn!(
-                    route = name,
-                    owner = %owner.name,
-                    "a value of the new route belongs to another route: moving values is not \
-                     supported while running (docs/fan-out.md); the route is not added"
-                );
-                continue;
-            }
-            let shared = merged.routes.iter().find(|r| {
-                (&r.target.host, r.target.port, &r.target.dbname)
-                    == (&spec.target.host, spec.target.port, &spec.target.dbname)
-            });
-            if let Some(shared) = shared {
-                tracing::warn!(
-                    route = name,
-                    other = %shared.name,
-                    "the new route writes to another route's database; the route is not added"
-                );
-                continue;
-            }
-            merged.routes.push(spec.clone());
-            added.push(merged.routes.len() - 1);
-        }
-        if added.is_empty() || merged.routes.len() > crate::routing::MAX_ROUTES {
+        let (merged, added) = fleet::merge_added(&old, &new);
+        if added.is_empty() {
             tracing::info!("routes file read again: no route to add");
             return;
         }
@@ -857,10 +822,8 @@ impl<'a> Session<'a> {
             self.untold.push(None);
             self.started_at.push(held);
             self.fleet.health.push(RouteHealth::default());
-            self.probe_handles.push(Some(
-                self.probes
-                    .spawn(fleet::backfill(index, configs[index].clone())),
-            ));
+            self.probe_handles.push(None);
+            self.fleet.copy(index, configs[index].clone());
         }
         self.fleet.next_config = Some(next);
     }
@@ -999,6 +962,13 @@ impl<'a> Session<'a> {
     }
 
     async fn send_status(&mut self, reply_requested: bool) -> Result<(), Error> {
+        if self
+            .leader
+            .as_ref()
+            .is_some_and(tokio_postgres::Client::is_closed)
+        {
+            return Err(SourceError::Replication(crate::source::ReplicationError::Closed).into());
+        }
         self.tell_untold();
         let flushed = if self.mode.is_dry_run() {
             // A dry run confirms nothing: the server ignores an invalid (zero) position.

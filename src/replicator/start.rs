@@ -69,13 +69,13 @@ pub(super) async fn run_session(
     // A replay is a one-off that must apply everything pending everywhere: there, any
     // route's failure ends it, as with one target.
     let route_configs = config.route_configs();
-    let fan_out = route_configs.len() > 1 && mode == Mode::Service;
+    let fan_out = config.routes.is_some() && mode == Mode::Service;
     // A fan-out's run stands by on the slot's lock on the source, held on a connection kept
     // for the session: a route's target restarting (its lock gone) must not let a standby
     // in. Each route's own lock is then only tried (an old session of this process may hold
     // one for a while). Then every target: its lock, then its checkpoint; in a fan-out, a
     // route whose target cannot be opened is left behind (see `fleet`): the others go on.
-    let _leader = if fan_out {
+    let leader = if fan_out {
         let leader = answered(source_limit, "source", "preparing the session", async {
             conn::sql::connect(&config.source, APPLICATION_NAME)
                 .await
@@ -123,6 +123,10 @@ pub(super) async fn run_session(
         }
     }
     if fan_out && !targets.iter().any(|t| matches!(t, Opened::Ready(_))) {
+        if let Some(error) = transient_error {
+            // One blip (a shared server, the network, an old session's locks): retry.
+            return Err(error);
+        }
         if targets.iter().any(|t| matches!(t, Opened::Unset)) {
             // No route holds a checkpoint: nothing proves the slot is this fan-out's.
             return Err(Error::Config(format!(
@@ -131,9 +135,7 @@ pub(super) async fn run_session(
                 config.slot
             )));
         }
-        // Every target out of reach at once is most often one blip (a shared server, the
-        // network): a transient error if any route had one, so that run retries.
-        return Err(transient_error.or(first_error).unwrap_or_else(|| {
+        return Err(first_error.unwrap_or_else(|| {
             Error::Config("every route is evicted: resync them (docs/fan-out.md)".into())
         }));
     }
@@ -371,6 +373,7 @@ pub(super) async fn run_session(
         stream,
         routes,
         fleet,
+        leader,
         changes: ChangeMapper::new(
             tables,
             heartbeat_prefix(&config.slot),

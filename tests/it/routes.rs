@@ -374,6 +374,7 @@ async fn a_route_added_later_is_copied_then_streamed_without_a_gap() {
     install_write_log(new_target).await;
     // While run streams from the slot, the new route cannot be copied: run would move the
     // slot past its copy without feeding it.
+    wait_until_streaming(&fan_out.pair).await;
     let refused = fan_out.usersync(&["setup"]);
     assert!(!refused.status.success(), "{}", text(&refused));
     assert!(text(&refused).contains("is in use"), "{}", text(&refused));
@@ -1044,4 +1045,25 @@ async fn a_fan_out_standby_takes_over_and_sighup_never_stops_a_single_target() {
     single.wait().unwrap();
     let said = std::fs::read_to_string(&log).unwrap();
     assert!(said.contains("nothing to read again"), "{said}");
+}
+
+/// Waits until a process streams from the pair's slot.
+async fn wait_until_streaming(pair: &Pair) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let active: bool = pair
+            .source
+            .query_one(
+                "SELECT coalesce((SELECT active FROM pg_replication_slots WHERE slot_name = $1), false)",
+                &[&pair.config.slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if active {
+            return;
+        }
+        assert!(Instant::now() < deadline, "nothing streams from the slot");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
