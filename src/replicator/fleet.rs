@@ -343,6 +343,62 @@ mod tests {
         assert_eq!(health.backoff(), BACKOFF_MIN);
     }
 
+    fn routes(text: &str) -> Routes {
+        Routes::parse(
+            &format!("route_by = \"tenant\"\n{text}"),
+            "routes.toml",
+            None,
+            |_| unreachable!(),
+        )
+        .unwrap()
+    }
+
+    fn route(name: &str, values: &str, db: &str) -> String {
+        format!(
+            "[[route]]\nname = \"{name}\"\nvalues = [{values}]\ntarget = \"postgresql://u@h/{db}\"\n"
+        )
+    }
+
+    #[test]
+    fn only_new_routes_that_take_nothing_from_others_join_while_running() {
+        let old = routes(&(route("a", "\"1\"", "a") + &route("b", "\"2\"", "b")));
+        // c is new and its own; a changed (ignored until a restart); b removed (kept).
+        let new = routes(
+            &(route("a", "\"1\", \"9\"", "a")
+                + &route("c", "\"3\"", "c")
+                + &route("d", "\"2\"", "d")
+                + &route("e", "\"5\"", "b")),
+        );
+        let (merged, added) = merge_added(&old, &new);
+        assert_eq!(
+            added,
+            vec![2],
+            "only c: d takes b's value, e writes to b's database"
+        );
+        let names: Vec<&str> = merged.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(
+            merged.routes[0].values,
+            ["1"],
+            "a changes only on a restart"
+        );
+        assert_eq!(merged.router().route(Some("3")), Some(2));
+        assert_eq!(merged.router().route(Some("9")), None);
+        // With a default route, any new route would take the default's values.
+        let with_default = routes(
+            &(route("a", "\"1\"", "a")
+                + "[[route]]\nname = \"rest\"\ndefault = true\ntarget = \"postgresql://u@h/rest\"\n"),
+        );
+        let grown = routes(
+            &(route("a", "\"1\"", "a")
+                + "[[route]]\nname = \"rest\"\ndefault = true\ntarget = \"postgresql://u@h/rest\"\n"
+                + &route("c", "\"3\"", "c")),
+        );
+        let (merged, added) = merge_added(&with_default, &grown);
+        assert!(added.is_empty());
+        assert_eq!(merged, with_default);
+    }
+
     #[test]
     fn a_route_left_behind_again_and_again_rejoins_less_often() {
         let mut health = RouteHealth::default();
