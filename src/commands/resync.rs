@@ -25,20 +25,7 @@ pub async fn resync(config: &Config) -> Result<(), Error> {
         columns,
         ..
     } = prepare(config).await?;
-    // A failover slot is recreated as one.
-    let failover = catalog::slot_is_failover(&source, &config.slot).await?;
-    let slot = catalog::slot_info(&source, &config.slot).await?;
-    if let Some(slot) = &slot {
-        check_slot_fits(config, slot)?;
-        if let (true, Some(pid)) = (slot.active, slot.active_pid) {
-            return Err(SourceError::Definite(format!(
-                "replication slot {} is in use by source backend pid {pid}: stop usersync run \
-                 before resync",
-                config.slot
-            ))
-            .into());
-        }
-    }
+    let (slot, failover) = slot_to_recreate(config, &source).await?;
     let system_id = catalog::system_identifier(&source).await?;
     let earlier = setup_progress::read(&target, &config.slot).await?;
     if let Some(slot) = &slot {
@@ -108,19 +95,7 @@ async fn resync_routes(config: &Config) -> Result<(), Error> {
         ..
     } = prepare_source(config).await?;
     check_routing_column(config, &source).await?;
-    let failover = catalog::slot_is_failover(&source, &config.slot).await?;
-    let slot = catalog::slot_info(&source, &config.slot).await?;
-    if let Some(slot) = &slot {
-        check_slot_fits(config, slot)?;
-        if let (true, Some(pid)) = (slot.active, slot.active_pid) {
-            return Err(SourceError::Definite(format!(
-                "replication slot {} is in use by source backend pid {pid}: stop usersync run \
-                 before resync",
-                config.slot
-            ))
-            .into());
-        }
-    }
+    let (slot, failover) = slot_to_recreate(config, &source).await?;
     let system_id = catalog::system_identifier(&source).await?;
     let mut routes = Vec::new();
     let mut recorded = false;
@@ -184,6 +159,29 @@ async fn resync_routes(config: &Config) -> Result<(), Error> {
     }
     println!("resync done: start replication with usersync run --routes");
     Ok(())
+}
+
+/// The slot resync will drop and create again, if it exists, and whether it is a failover
+/// slot (it is recreated as one); refuses one that is not pgoutput of this database, or is in
+/// use.
+async fn slot_to_recreate(
+    config: &Config,
+    source: &tokio_postgres::Client,
+) -> Result<(Option<catalog::SlotInfo>, bool), Error> {
+    let failover = catalog::slot_is_failover(source, &config.slot).await?;
+    let slot = catalog::slot_info(source, &config.slot).await?;
+    if let Some(slot) = &slot {
+        check_slot_fits(config, slot)?;
+        if let (true, Some(pid)) = (slot.active, slot.active_pid) {
+            return Err(SourceError::Definite(format!(
+                "replication slot {} is in use by source backend pid {pid}: stop usersync run \
+                 before resync",
+                config.slot
+            ))
+            .into());
+        }
+    }
+    Ok((slot, failover))
 }
 
 /// Whether this target has a record of the slot, as the source `system_id` names it: its

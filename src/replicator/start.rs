@@ -99,8 +99,7 @@ pub(super) async fn run_session(
         None
     };
     let mut targets = Vec::new();
-    let mut first_error: Option<Error> = None;
-    let mut transient_error: Option<Error> = None;
+    let mut failures = Failures::default();
     for (index, route) in route_configs.into_iter().enumerate() {
         if health[index].is_evicted() {
             targets.push(Opened::Evicted);
@@ -111,19 +110,14 @@ pub(super) async fn run_session(
             Ok(Some(opened)) => targets.push(opened),
             Ok(None) => return Ok(Ended::Done),
             Err(error) if fan_out => {
-                let probe = route_down(&name, &error, &mut health[index]);
-                if error.is_transient() {
-                    transient_error.get_or_insert(error);
-                } else {
-                    first_error.get_or_insert(error);
-                }
+                let probe = failures.route_down(&name, error, &mut health[index]);
                 targets.push(Opened::Down { probe });
             }
             Err(error) => return Err(error),
         }
     }
     if fan_out && !targets.iter().any(|t| matches!(t, Opened::Ready(_))) {
-        if let Some(error) = transient_error {
+        if let Some(error) = failures.transient {
             // One blip (a shared server, the network, an old session's locks): retry.
             return Err(error);
         }
@@ -135,7 +129,7 @@ pub(super) async fn run_session(
                 config.slot
             )));
         }
-        return Err(first_error.unwrap_or_else(|| {
+        return Err(failures.definite.unwrap_or_else(|| {
             Error::Config("every route is evicted: resync them (docs/fan-out.md)".into())
         }));
     }
@@ -246,10 +240,7 @@ pub(super) async fn run_session(
             }
             Err(Refusal::Failed(error)) if fan_out => {
                 let name = target.config.route_name().unwrap_or_default().to_owned();
-                let probe = route_down(&name, &error, &mut health[index]);
-                if error.is_transient() {
-                    transient_error.get_or_insert(error);
-                }
+                let probe = failures.route_down(&name, error, &mut health[index]);
                 routes.push(RouteStart::Down {
                     held: confirmed_flush,
                     probe,
@@ -286,10 +277,7 @@ pub(super) async fn run_session(
             Err(error) if fan_out => {
                 // Its checkpoint, read above, is durable or about to be: the slot may wait
                 // there only if it is no further than the slot's own position.
-                let probe = route_down(&name, &error, &mut health[index]);
-                if error.is_transient() {
-                    transient_error.get_or_insert(error);
-                }
+                let probe = failures.route_down(&name, error, &mut health[index]);
                 routes.push(RouteStart::Down {
                     held: confirmed_flush,
                     probe,
@@ -311,7 +299,7 @@ pub(super) async fn run_session(
         })
         .min()
     else {
-        return Err(transient_error.unwrap_or_else(|| {
+        return Err(failures.transient.unwrap_or_else(|| {
             Error::Config(
                 "every route is evicted or cannot resume (see the errors above): resync them"
                     .into(),
@@ -400,28 +388,41 @@ enum Opened {
     Evicted,
 }
 
-/// Logs why a route of a fan-out is left out of this session and notes it in its health;
-/// returns whether to probe its target (a failure that may pass by itself) rather than
-/// leave it for the operator (a definite one: a restart of `run` after the fix retries it).
-fn route_down(name: &str, error: &Error, health: &mut RouteHealth) -> bool {
-    health.failed();
-    if error.is_transient() {
-        tracing::warn!(
-            route = %name,
-            error = %crate::error::report(error),
-            "cannot open the route's target: the other routes go on, the slot waits for this \
-             one, and its target is probed until it answers"
-        );
-        true
-    } else {
-        tracing::error!(
-            route = %name,
-            error = %crate::error::report(error),
-            "the route cannot start until this is fixed: the other routes go on, and the slot \
-             waits for this one (restart usersync run once fixed, or let --evict-after \
-             release the slot)"
-        );
-        false
+/// Why routes of a fan-out were left out of a session: the first transient and the first
+/// definite error, so that a session no route can start fails with a transient one when
+/// there is one (`run` retries it) rather than stop for good on a blip.
+#[derive(Default)]
+struct Failures {
+    transient: Option<Error>,
+    definite: Option<Error>,
+}
+
+impl Failures {
+    /// Logs why route `name` is left out of this session, notes it in its health and keeps
+    /// the error; returns whether to probe its target (a failure that may pass by itself)
+    /// rather than leave it for the operator (a restart of `run` after the fix retries it).
+    fn route_down(&mut self, name: &str, error: Error, health: &mut RouteHealth) -> bool {
+        health.failed();
+        let transient = error.is_transient();
+        if transient {
+            tracing::warn!(
+                route = %name,
+                error = %crate::error::report(&error),
+                "cannot open the route's target: the other routes go on, the slot waits for \
+                 this one, and its target is probed until it answers"
+            );
+            self.transient.get_or_insert(error);
+        } else {
+            tracing::error!(
+                route = %name,
+                error = %crate::error::report(&error),
+                "the route cannot start until this is fixed: the other routes go on, and the \
+                 slot waits for this one (restart usersync run once fixed, or let \
+                 --evict-after release the slot)"
+            );
+            self.definite.get_or_insert(error);
+        }
+        transient
     }
 }
 
