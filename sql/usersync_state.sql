@@ -28,7 +28,11 @@ CREATE TABLE IF NOT EXISTS usersync.state (
   -- means the target lost what it had applied (a backup restored, a Neon branch reset), and
   -- run refuses it. An older usersync, which confirmed idle positions without writing them
   -- here, sets only updated_at: its checkpoint reads as not bounded, and run takes it over.
-  bounded_at        timestamptz
+  bounded_at        timestamptz,
+  -- Set while a route of a fan-out is copied online (added while run streams, or resync
+  -- --online): the target holds the stream since the route joined, not yet every user from
+  -- before. run copies it (again, from the start) until it is done, then sets it NULL.
+  copy_started_at   timestamptz
 );
 
 -- What setup or resync is doing for a slot until its final commit, which writes the

@@ -15,6 +15,16 @@ BEGIN
 END
 $$;
 
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_attribute
+                  WHERE attrelid = 'usersync.state'::regclass AND attname = 'copy_started_at'
+                    AND NOT attisdropped) THEN
+    ALTER TABLE usersync.state ADD COLUMN IF NOT EXISTS copy_started_at timestamptz;
+  END IF;
+END
+$$;
+
 -- usersync.primary_email_channel (what it holds: sql/usersync_state.sql), on every target:
 -- live users showing an email on a target copied by an older usersync get channel_id NULL
 -- (unknown); a new target has none. Created by whoever first runs this version (the target

@@ -272,7 +272,8 @@ fn upsert_and_advance(upsert: &str) -> String {
 /// (without the column) reads as not bounded, without an upgrade: `status` only reads.
 const READ_CHECKPOINT: &str = "
 SELECT system_identifier, commit_lsn::text, end_lsn::text, commit_time, updated_at,
-       coalesce((pg_catalog.to_jsonb(s) ->> 'bounded_at')::timestamptz = updated_at, false)
+       coalesce((pg_catalog.to_jsonb(s) ->> 'bounded_at')::timestamptz = updated_at, false),
+       (pg_catalog.to_jsonb(s) ->> 'copy_started_at') IS NOT NULL
   FROM usersync.state AS s WHERE slot_name = $1";
 
 /// Takes over a checkpoint an older usersync wrote (not bounded): that version
@@ -304,6 +305,9 @@ pub struct Checkpoint {
     /// taken over, and no older usersync has written it since (`bounded_at` in
     /// `sql/usersync_state.sql`).
     pub slot_bounded: bool,
+    /// A route's online copy is under way (`copy_started_at` in `sql/usersync_state.sql`):
+    /// the target holds the stream since the route joined, not yet every user before.
+    pub copying: bool,
 }
 
 /// Reads the checkpoint of `slot`, if the target has one.
@@ -328,7 +332,55 @@ pub async fn read_checkpoint(
         commit_time: row.get(3),
         written_at: row.get(4),
         slot_bounded: row.get(5),
+        copying: row.get(6),
     }))
+}
+
+/// Creates the checkpoint of a route that joins a fan-out while it streams, at `position`
+/// (where the slot waits for it), marked as copying: its users are copied online from now
+/// on, and until that copy ends the target holds only the stream since it joined. Fails if
+/// the target has a checkpoint for `slot` already. Commits synchronously.
+pub async fn create_copying_checkpoint(
+    client: &Client,
+    slot: &str,
+    system_id: &str,
+    position: Lsn,
+) -> Result<(), ApplyError> {
+    client
+        .execute(
+            "INSERT INTO usersync.state (slot_name, system_identifier, commit_lsn, end_lsn,
+                    updated_at, bounded_at, copy_started_at)
+             VALUES ($1, $2, $3::text::pg_lsn, $3::text::pg_lsn, now(), now(), now())",
+            &[&slot, &system_id, &position.to_string()],
+        )
+        .await
+        .map_err(ApplyError::sql("creating the route's checkpoint"))?;
+    Ok(())
+}
+
+/// Marks the checkpoint of `slot` as copying (see [`create_copying_checkpoint`]): `resync
+/// --online`. Returns whether there was one.
+pub async fn mark_copying(client: &Client, slot: &str) -> Result<bool, ApplyError> {
+    let touched = client
+        .execute(
+            "UPDATE usersync.state SET copy_started_at = now() WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(ApplyError::sql("marking the route as copying"))?;
+    Ok(touched == 1)
+}
+
+/// The online copy of `slot`'s route is done and durable: the target holds every user.
+pub async fn copy_done(client: &Client, slot: &str) -> Result<(), ApplyError> {
+    client
+        .execute(
+            "UPDATE usersync.state SET copy_started_at = NULL WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(ApplyError::sql("recording that the route's copy is done"))?;
+    Ok(())
 }
 
 /// See [`TAKE_OVER_CHECKPOINT`]; commits synchronously (the session default).

@@ -466,50 +466,6 @@ async fn setup_routes(config: &Config, options: SetupOptions) -> Result<(), Erro
     Ok(())
 }
 
-/// Copies one route of a running fan-out that has no checkpoint yet (`run` adds it, see
-/// `replicator::fleet::backfill`), in a temporary slot's snapshot; nothing if it has one by
-/// now. `run` holds the slot for it meanwhile, at a position before the snapshot's.
-pub(crate) async fn copy_new_route(config: &Config) -> Result<(), Error> {
-    let PreparedSource {
-        client: source,
-        columns,
-        ..
-    } = prepare_source(config).await?;
-    check_routing_column(config, &source).await?;
-    let target = prepare_target(config).await?;
-    let key = config.checkpoint_key();
-    if apply::read_checkpoint(&target, &key).await?.is_some() {
-        return Ok(());
-    }
-    let earlier = setup_progress::read(&target, &key).await?;
-    if earlier
-        .as_ref()
-        .is_some_and(|earlier| earlier.mode == SetupMode::Resync)
-    {
-        return Err(Error::ResyncUnfinished { slot: key });
-    }
-    let target_was_empty = match &earlier {
-        Some(earlier) => earlier.target_was_empty,
-        None => bulk::users_sync_is_empty(&target).await?,
-    };
-    let mode = copy_mode(SetupOptions::default(), earlier.is_some(), target_was_empty);
-    copy_at_new_snapshot(
-        config,
-        &columns,
-        vec![CopyTarget {
-            config: config.clone(),
-            client: target,
-            mode,
-            record: CopyRecord {
-                mode: SetupMode::Setup,
-                target_was_empty,
-            },
-        }],
-    )
-    .await?;
-    Ok(())
-}
-
 /// Takes the slot's lock of every route on its target, on connections kept until the
 /// returned clients are dropped; refuses if one is held (a `run` of this fan-out).
 async fn hold_route_locks(config: &Config) -> Result<Vec<Client>, Error> {
@@ -789,7 +745,7 @@ fn describe(plan: &MappingPlan) -> String {
 /// The columns of the users table the initial copy reads: those the mapping reads or copies,
 /// in the table's order, so that no other column (a password hash) leaves the source through
 /// the copy either. The replica identity is left out unless read: only the stream needs it.
-fn copied_columns(columns: &[RelationColumn], used: &ColumnUse) -> Vec<RelationColumn> {
+pub(crate) fn copied_columns(columns: &[RelationColumn], used: &ColumnUse) -> Vec<RelationColumn> {
     columns
         .iter()
         .filter(|column| {

@@ -14,12 +14,10 @@
 //! Without `--routes` there is one route, and none of this applies: any failure of it ends
 //! the session, as it always has.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 
 use super::route::RouteHandle;
 use super::{APPLICATION_NAME, BACKOFF_MAX, BACKOFF_MIN};
@@ -48,6 +46,9 @@ pub(super) enum Member {
     Draining(RouteHandle),
     /// Down: holds the slot at `held`, its durable position, while a probe waits for it.
     Detached { held: Lsn },
+    /// New (no checkpoint yet): holds the slot at `held` while its target is prepared, then
+    /// joins the stream and is copied online (see [`super::backfill`]).
+    Joining { held: Lsn },
     /// Down past `--evict-after`, or found behind the slot: holds nothing; needs a resync.
     Evicted,
 }
@@ -58,7 +59,7 @@ impl Member {
     pub fn holds(&self) -> Option<Lsn> {
         match self {
             Member::Attached(handle) | Member::Draining(handle) => Some(handle.confirmed()),
-            Member::Detached { held } => Some(*held),
+            Member::Detached { held } | Member::Joining { held } => Some(*held),
             Member::Evicted => None,
         }
     }
@@ -76,6 +77,7 @@ impl Member {
             Member::Attached(_) => "active",
             Member::Draining(_) => "draining",
             Member::Detached { .. } => "detached",
+            Member::Joining { .. } => "joining",
             Member::Evicted => "evicted",
         }
     }
@@ -89,11 +91,6 @@ pub(super) struct Fleet {
     pub reload: Option<watch::Receiver<Option<Arc<Routes>>>>,
     /// The config with the routes a session added, for the sessions after it.
     pub next_config: Option<Config>,
-    /// Copies of routes without a checkpoint ([`backfill`]): they outlive sessions (a session
-    /// ending for another route must not start a long copy over), each ending with its route.
-    pub copies: JoinSet<usize>,
-    /// The routes being copied.
-    pub copying: HashSet<usize>,
 }
 
 impl Fleet {
@@ -102,17 +99,6 @@ impl Fleet {
             health: vec![RouteHealth::default(); routes],
             reload,
             next_config: None,
-            copies: JoinSet::new(),
-            copying: HashSet::new(),
-        }
-    }
-
-    /// Copies route `route` unless a copy of it is under way; until copied it counts as down
-    /// (so `--evict-after` releases the slot from a copy that cannot finish).
-    pub fn copy(&mut self, route: usize, config: Config) {
-        if self.copying.insert(route) {
-            self.health[route].failed();
-            self.copies.spawn(backfill(route, config));
         }
     }
 }
@@ -277,45 +263,6 @@ pub(super) async fn probe(route: usize, config: Config, delay: Duration) -> usiz
             return route;
         }
         wait = (wait * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
-    }
-}
-
-/// Copies route `route`, added to the fan-out without a checkpoint, in a temporary slot's
-/// snapshot (as `setup --routes` does: `commands::setup::copy_new_route`) while the others
-/// stream; returns `route` once its checkpoint is written, for a new session to let it join.
-/// The slot waits for it meanwhile at a position before the snapshot's. A failure that
-/// may pass is retried with backoff; another is logged and waits for the operator.
-pub(super) async fn backfill(route: usize, config: Config) -> usize {
-    let name = config.route_name().unwrap_or_default().to_owned();
-    tracing::info!(
-        route = %name,
-        "the route has no checkpoint yet: copying its share of the users table (in a \
-         temporary slot's snapshot) while the other routes go on"
-    );
-    let mut wait = Duration::ZERO;
-    loop {
-        tokio::time::sleep(wait).await;
-        match crate::commands::setup::copy_new_route(&config).await {
-            Ok(()) => return route,
-            Err(error) if error.is_transient() => {
-                tracing::warn!(
-                    route = %name,
-                    error = %crate::error::report(&error),
-                    "copying the route failed; retrying"
-                );
-                wait = (wait * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
-            }
-            Err(error) => {
-                tracing::error!(
-                    route = %name,
-                    error = %crate::error::report(&error),
-                    "the route cannot be copied until this is fixed: the other routes go on, \
-                     and the slot waits for this one (fix it, then restart usersync run, or \
-                     let --evict-after release the slot)"
-                );
-                std::future::pending::<()>().await;
-            }
-        }
     }
 }
 

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
+mod backfill;
 mod batcher;
 mod changes;
 mod fleet;

@@ -116,6 +116,12 @@ impl RouteHandle {
         Lsn(self.confirmed.load(Ordering::Acquire))
     }
 
+    /// [`RouteHandle::confirmed`], for another task to watch (a route's online copy waits
+    /// for its last chunk to be durable).
+    pub fn confirmed_shared(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.confirmed)
+    }
+
     /// Waits for room for `changes` in the feed. Cancel-safe: nothing is taken until ready.
     pub async fn room(&self, changes: usize) -> OwnedSemaphorePermit {
         Arc::clone(&self.capacity)

@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 
+use super::backfill::{self, CopyEnd, Joined, Window};
 use super::changes::{print_changes, transaction_meta, ChangeMapper, Routed, UserChange};
 use super::fleet::{self, Fleet, Member, RouteHealth};
 use super::lag::ClockWatch;
@@ -27,8 +28,8 @@ use crate::apply::{ApplyWorker, CommitPosition, UnixMicros};
 use crate::config::Config;
 use crate::decode::{
     decode_replication_message, encode_standby_status_update, pg_micros_to_unix_micros,
-    unix_micros_to_pg_micros, Assembled, PgOutputDecoder, ReplicationMessage, Transaction,
-    TransactionAssembler,
+    unix_micros_to_pg_micros, Assembled, LogicalMessage, PgOutputDecoder, ReplicationMessage,
+    Transaction, TransactionAssembler,
 };
 use crate::error::Error;
 use crate::lag::unix_micros_now;
@@ -54,15 +55,20 @@ fn is_large(transaction: &Transaction) -> bool {
 
 /// A route's target as [`super::start`] found it.
 pub(super) enum RouteStart {
-    /// Ready to write, from its durable checkpoint (it skips what was committed before).
-    Ready { worker: ApplyWorker, resume_at: Lsn },
+    /// Ready to write, from its durable checkpoint (it skips what was committed before);
+    /// `copying`: its online copy is not done (see [`backfill`]), and starts again.
+    Ready {
+        worker: ApplyWorker,
+        resume_at: Lsn,
+        copying: bool,
+    },
     /// Could not be opened (a fan-out only): holds the slot at `held`; its target is probed
     /// if the failure may pass by itself (`probe`), else left for the operator.
     Down { held: Lsn, probe: bool },
     /// Evicted, or its checkpoint is behind the slot: holds nothing; needs a resync.
     Evicted,
-    /// A fan-out's route with no checkpoint yet: holds the slot at `held` while `run` copies
-    /// it ([`fleet::backfill`]), then joins in a new session.
+    /// A fan-out's route with no checkpoint yet: holds the slot at `held` while its target is
+    /// prepared, then joins the stream and is copied online ([`backfill`]).
     Unset { held: Lsn },
 }
 
@@ -84,6 +90,8 @@ pub(super) struct Parts<'a> {
     pub slot_confirmed: Lsn,
     /// When this session's heartbeats began (see [`super::lag::LagTracker`]).
     pub monitor_started: UnixMicros,
+    /// The source's system identifier, for the checkpoints of routes that join.
+    pub system_id: String,
 }
 
 pub(super) struct Session<'a> {
@@ -124,6 +132,21 @@ pub(super) struct Session<'a> {
     slow_after: Duration,
     /// Told whenever a route's durable position moves.
     confirmations: Arc<Notify>,
+    /// When this session's heartbeats began, for the routes' lag.
+    monitor_started: UnixMicros,
+    /// The source's system identifier, for the checkpoints of routes that join.
+    system_id: String,
+    /// Per route, its online copy's window, while one runs (see [`backfill`]).
+    copies: Vec<Option<Window>>,
+    /// The copies' tasks, each ending with its route's index.
+    copy_tasks: JoinSet<(usize, Result<CopyEnd, Error>)>,
+    /// Each route's copy task, if it has one.
+    copy_handles: Vec<Option<tokio::task::AbortHandle>>,
+    /// New routes whose targets are ready to join, from their copy tasks.
+    joins: mpsc::UnboundedReceiver<Joined>,
+    joins_sender: mpsc::UnboundedSender<Joined>,
+    /// The prefix of this slot's watermark messages.
+    copy_prefix: String,
     /// Transactions committed before this position are on every route's target already.
     skip_before: Lsn,
     /// Per route, a position up to which it was fed all it takes without being told (other
@@ -152,13 +175,8 @@ impl<'a> Session<'a> {
             changes,
             slot_confirmed,
             monitor_started,
+            system_id,
         } = parts;
-        let clock = ClockWatch::default();
-        let confirmations = Arc::new(Notify::new());
-        let mut route_tasks = JoinSet::new();
-        let mut task_routes = HashMap::new();
-        let mut probes = JoinSet::new();
-        let route_configs = config.route_configs();
         // The stream starts at the lowest checkpoint; each route skips what it holds.
         let resume_at = starts
             .iter()
@@ -168,55 +186,8 @@ impl<'a> Session<'a> {
             })
             .min()
             .unwrap_or(slot_confirmed);
-        let mut probe_handles = vec![None; starts.len()];
-        let mut started_at = Vec::with_capacity(starts.len());
-        let mut routes = Vec::with_capacity(starts.len());
-        for (index, start) in starts.into_iter().enumerate() {
-            started_at.push(match &start {
-                RouteStart::Ready { resume_at, .. } => *resume_at,
-                RouteStart::Down { held, .. } | RouteStart::Unset { held } => *held,
-                RouteStart::Evicted => Lsn::ZERO,
-            });
-            routes.push(match start {
-                RouteStart::Ready { worker, resume_at } => {
-                    let (handle, task) = route::spawn(
-                        RouteParts {
-                            worker,
-                            metrics: Arc::clone(metrics),
-                            resume_at,
-                            records: !mode.is_dry_run(),
-                            clock: clock.shared(),
-                            monitor_started,
-                            part_keys: config.mapping.part_keys(),
-                            confirmations: Arc::clone(&confirmations),
-                            route: route_configs[index]
-                                .route_name()
-                                .map(|name| (index, name.to_owned())),
-                            routes: route_configs.len(),
-                        },
-                        &mut route_tasks,
-                    );
-                    task_routes.insert(task, index);
-                    Member::Attached(handle)
-                }
-                RouteStart::Down { held, probe } => {
-                    if probe {
-                        probe_handles[index] = Some(probes.spawn(fleet::probe(
-                            index,
-                            route_configs[index].clone(),
-                            fleet.health[index].backoff(),
-                        )));
-                    }
-                    Member::Detached { held }
-                }
-                RouteStart::Evicted => Member::Evicted,
-                RouteStart::Unset { held } => {
-                    fleet.copy(index, route_configs[index].clone());
-                    Member::Detached { held }
-                }
-            });
-        }
-        Session {
+        let (joins_sender, joins) = mpsc::unbounded_channel();
+        let mut session = Session {
             config,
             metrics,
             mode,
@@ -225,26 +196,192 @@ impl<'a> Session<'a> {
             decoder: PgOutputDecoder::new(),
             assembler: TransactionAssembler::with_memory_limit(config.spill_threshold),
             changes,
-            clock,
+            clock: ClockWatch::default(),
             silence: SilenceWatch::new(config.source_timeout),
-            untold: vec![None; routes.len()],
-            routes,
-            route_configs,
+            untold: Vec::with_capacity(starts.len()),
+            routes: Vec::with_capacity(starts.len()),
+            route_configs: config.route_configs(),
             fleet,
             leader,
-            route_tasks,
-            task_routes,
-            started_at,
-            probes,
-            probe_handles,
+            route_tasks: JoinSet::new(),
+            task_routes: HashMap::new(),
+            started_at: Vec::with_capacity(starts.len()),
+            probes: JoinSet::new(),
+            probe_handles: Vec::with_capacity(starts.len()),
             started: Instant::now(),
             slow_after: (config.lag_target / 2).max(SLOW_ROUTE_MIN_WAIT),
-            confirmations,
+            confirmations: Arc::new(Notify::new()),
+            monitor_started,
+            system_id,
+            copies: Vec::with_capacity(starts.len()),
+            copy_tasks: JoinSet::new(),
+            copy_handles: Vec::with_capacity(starts.len()),
+            joins,
+            joins_sender,
+            copy_prefix: backfill::prefix(&config.slot),
             skip_before: resume_at,
             reported: Reported::new(slot_confirmed),
             finished: false,
             received: resume_at,
             last_status: Instant::now(),
+        };
+        for (index, start) in starts.into_iter().enumerate() {
+            session.add_route(index, start);
+        }
+        session
+    }
+
+    /// Adds route `index` (the next one) as [`super::start`] found it.
+    fn add_route(&mut self, index: usize, start: RouteStart) {
+        debug_assert_eq!(index, self.routes.len());
+        self.started_at.push(match &start {
+            RouteStart::Ready { resume_at, .. } => *resume_at,
+            RouteStart::Down { held, .. } | RouteStart::Unset { held } => *held,
+            RouteStart::Evicted => Lsn::ZERO,
+        });
+        self.untold.push(None);
+        self.probe_handles.push(None);
+        self.copies.push(None);
+        self.copy_handles.push(None);
+        let member = match start {
+            RouteStart::Ready {
+                worker,
+                resume_at,
+                copying,
+            } => {
+                let handle = self.spawn_route(index, worker, resume_at);
+                if copying && self.mode == Mode::Service {
+                    let confirmed = handle.confirmed_shared();
+                    self.start_copy(index, backfill::Start::Attached(confirmed));
+                }
+                Member::Attached(handle)
+            }
+            RouteStart::Down { held, probe } => {
+                if probe {
+                    self.probe_handles[index] = Some(self.probes.spawn(fleet::probe(
+                        index,
+                        self.route_configs[index].clone(),
+                        self.fleet.health[index].backoff(),
+                    )));
+                }
+                Member::Detached { held }
+            }
+            RouteStart::Evicted => Member::Evicted,
+            RouteStart::Unset { held } => {
+                // Down until it has joined: `--evict-after` releases the slot from a route
+                // whose target never gets ready.
+                self.fleet.health[index].failed();
+                let joined = self.joins_sender.clone();
+                self.start_copy(index, backfill::Start::Join { held, joined });
+                Member::Joining { held }
+            }
+        };
+        self.routes.push(member);
+    }
+
+    /// Starts route `route`'s task, writing from `resume_at`.
+    fn spawn_route(
+        &mut self,
+        route: usize,
+        worker: ApplyWorker,
+        resume_at: Lsn,
+    ) -> route::RouteHandle {
+        let (handle, task) = route::spawn(
+            RouteParts {
+                worker,
+                metrics: Arc::clone(self.metrics),
+                resume_at,
+                records: !self.mode.is_dry_run(),
+                clock: self.clock.shared(),
+                monitor_started: self.monitor_started,
+                part_keys: self.config.mapping.part_keys(),
+                confirmations: Arc::clone(&self.confirmations),
+                route: self.route_configs[route]
+                    .route_name()
+                    .map(|name| (route, name.to_owned())),
+                routes: self.route_configs.len(),
+            },
+            &mut self.route_tasks,
+        );
+        self.task_routes.insert(task, route);
+        handle
+    }
+
+    /// Starts the online copy of route `route` (see [`backfill`]).
+    fn start_copy(&mut self, route: usize, start: backfill::Start) {
+        let (copy, window) = backfill::pair(
+            route,
+            self.route_configs[route].clone(),
+            self.system_id.clone(),
+            Arc::clone(self.metrics),
+        );
+        self.copies[route] = Some(window);
+        let task = self
+            .copy_tasks
+            .spawn(async move { (route, backfill::run(copy, start).await) });
+        self.copy_handles[route] = Some(task);
+    }
+
+    /// Stops route `route`'s online copy, if it has one: the next session starts it again.
+    fn stop_copy(&mut self, route: usize) {
+        if let Some(task) = self.copy_handles[route].take() {
+            task.abort();
+        }
+        self.copies[route] = None;
+    }
+
+    /// A new route's target is ready: it joins the stream here, and its copy goes on.
+    fn joined(&mut self, joined: Joined) {
+        let Joined {
+            route,
+            worker,
+            resume_at,
+            attached,
+        } = joined;
+        if !matches!(self.routes.get(route), Some(Member::Joining { .. })) {
+            return;
+        }
+        let handle = self.spawn_route(route, worker, resume_at);
+        // The copy task is waiting for this; gone, it was stopped.
+        let _ = attached.send(handle.confirmed_shared());
+        tracing::info!(
+            route = self.route_name(route),
+            at = %self.received,
+            "the new route joins the stream"
+        );
+        self.routes[route] = Member::Attached(handle);
+    }
+
+    /// A route's copy task ended.
+    fn copy_ended(
+        &mut self,
+        ended: Result<(usize, Result<CopyEnd, Error>), tokio::task::JoinError>,
+    ) -> Result<Option<Ended>, Error> {
+        let (route, result) = match ended {
+            Ok(ended) => ended,
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            // Stopped (its route went away): the next session starts it again.
+            Err(_) => return Ok(None),
+        };
+        self.copies[route] = None;
+        self.copy_handles[route] = None;
+        match result {
+            Ok(CopyEnd::Done) => Ok(None),
+            Ok(CopyEnd::HasCheckpoint) => {
+                tracing::info!(
+                    route = self.route_name(route),
+                    "the new route's target has a checkpoint already: starting a new session,                      in which it joins from there"
+                );
+                Ok(Some(Ended::Rejoin))
+            }
+            Err(error) => {
+                tracing::error!(
+                    route = self.route_name(route),
+                    error = %crate::error::report(&error),
+                    "the route's online copy cannot go on until this is fixed: the route                      streams on (its target lacks users from before it joined), marked as                      copying; restart usersync run once fixed, and the copy starts again"
+                );
+                Ok(None)
+            }
         }
     }
 
@@ -290,19 +427,12 @@ impl<'a> Session<'a> {
                         self.fleet.reload = None;
                     }
                 }
-                Some(copied) = self.fleet.copies.join_next(), if !self.fleet.copies.is_empty() => {
-                    let Ok(route) = copied else { continue };
-                    self.fleet.copying.remove(&route);
-                    if !matches!(self.routes.get(route), Some(Member::Detached { .. })) {
-                        // Copied while no session ran: this one has it already.
-                        continue;
+                Some(joined) = self.joins.recv() => self.joined(joined),
+                Some(ended) = self.copy_tasks.join_next(), if !self.copy_tasks.is_empty() => {
+                    if let Some(ended) = self.copy_ended(ended)? {
+                        self.finish_routes().await?;
+                        return Ok(ended);
                     }
-                    tracing::info!(
-                        route = self.route_name(route),
-                        "the route is copied: starting a new session, in which it joins"
-                    );
-                    self.finish_routes().await?;
-                    return Ok(Ended::Rejoin);
                 }
                 Some(back) = self.probes.join_next(), if !self.probes.is_empty() => {
                     // A probe stopped (its route evicted) ends without a route.
@@ -442,6 +572,22 @@ impl<'a> Session<'a> {
         if !self.wanted(&transaction) {
             return self.changes.note_skipped(transaction);
         }
+        // A copy's watermarks (see [`backfill`]): their chunks go to their routes here.
+        let marks: Vec<(u64, u64)> = if self.copies.iter().any(Option::is_some) {
+            transaction
+                .changes
+                .iter()
+                .filter_map(|change| match change {
+                    LogicalMessage::Message(message) if message.prefix == self.copy_prefix => {
+                        backfill::parse_mark(&message.content)
+                    }
+                    _ => None,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let xid = transaction.xid;
         let mut routed = Routed::new(self.routes.len());
         for change in transaction.changes {
             self.changes.map(change, &mut routed)?;
@@ -463,6 +609,16 @@ impl<'a> Session<'a> {
             let heartbeat = matches!(changes.last(), Some(UserChange::Heartbeat));
             if heartbeat {
                 changes.pop();
+            }
+            // Only what the route is fed counts: before it joins, the chunks bring it all.
+            let fed = self.routes[route].fed().is_some();
+            if let Some(window) = self.copies[route].as_mut().filter(|_| fed) {
+                window.record(xid, &changes);
+                for &(attempt, seq) in &marks {
+                    if let Some(chunk) = window.take(attempt, seq) {
+                        changes.extend(chunk);
+                    }
+                }
             }
             if changes.is_empty() && !heartbeat && !one_route {
                 self.untold[route] = Some(position.end_lsn);
@@ -523,6 +679,7 @@ impl<'a> Session<'a> {
         position: CommitPosition,
     ) -> Result<(), Error> {
         let dry_run = self.mode.is_dry_run();
+        let xid = transaction.xid;
         let meta = transaction_meta(&position.commit_lsn, position.commit_time);
         let routes = self.routes.len();
         let one_route = routes == 1;
@@ -567,6 +724,10 @@ impl<'a> Session<'a> {
                     .iter()
                     .any(|change| !matches!(change, UserChange::Heartbeat));
                 let part = routed.take(route);
+                let fed = self.routes[route].fed().is_some();
+                if let Some(window) = self.copies[route].as_mut().filter(|_| fed) {
+                    window.record(xid, &part);
+                }
                 let feed = if last {
                     if !one_route && !started[route] && part.is_empty() {
                         // Nothing of the transaction was for this route.
@@ -713,6 +874,7 @@ impl<'a> Session<'a> {
             }
             other => other,
         };
+        self.stop_copy(route);
     }
 
     /// A route's task ended. One route: its error ends the session, as always. A fan-out:
@@ -767,6 +929,7 @@ impl<'a> Session<'a> {
             }
         };
         self.routes[route] = Member::Detached { held };
+        self.stop_copy(route);
         if let Some(delay) = delay {
             self.probe_handles[route] = Some(self.probes.spawn(fleet::probe(
                 route,
@@ -778,8 +941,8 @@ impl<'a> Session<'a> {
     }
 
     /// A routes file read again (SIGHUP): its new routes join while the others stream. Each
-    /// holds the slot where it has been reported (before the snapshot its copy is taken in)
-    /// while `run` copies it ([`fleet::backfill`]), then joins in a new session. Anything
+    /// holds the slot where it has been reported while its target is prepared, then joins
+    /// the stream and is copied online ([`backfill`]), the others going on. Anything
     /// else that changed (a route removed or changed, values moved, a new default) takes
     /// effect only when `run` restarts, and is said so.
     fn add_routes(&mut self) {
@@ -817,13 +980,9 @@ impl<'a> Session<'a> {
                 held = %held,
                 "route added from the routes file"
             );
-            self.routes.push(Member::Detached { held });
             self.route_configs.push(configs[index].clone());
-            self.untold.push(None);
-            self.started_at.push(held);
             self.fleet.health.push(RouteHealth::default());
-            self.probe_handles.push(None);
-            self.fleet.copy(index, configs[index].clone());
+            self.add_route(index, RouteStart::Unset { held });
         }
         self.fleet.next_config = Some(next);
     }
@@ -902,7 +1061,7 @@ impl<'a> Session<'a> {
                         self.fleet.health[route].settled();
                     }
                 }
-                Member::Detached { .. } => {
+                Member::Detached { .. } | Member::Joining { .. } => {
                     if let Some(limit) = self.config.evict_after {
                         if self.fleet.health[route].down_longer_than(limit) {
                             tracing::error!(
@@ -917,16 +1076,26 @@ impl<'a> Session<'a> {
                             if let Some(probe) = self.probe_handles[route].take() {
                                 probe.abort();
                             }
+                            self.stop_copy(route);
                         }
                     }
                 }
                 _ => {}
             }
         }
-        for (member, config) in self.routes.iter().zip(&self.route_configs) {
+        for ((member, config), copy) in self
+            .routes
+            .iter()
+            .zip(&self.route_configs)
+            .zip(&self.copies)
+        {
             if let Some(name) = config.route_name() {
                 let durable = member.holds().map(|lsn| lsn.0);
-                self.metrics.set_route_state(name, member.state(), durable);
+                let state = match member {
+                    Member::Attached(_) if copy.is_some() => "copying",
+                    member => member.state(),
+                };
+                self.metrics.set_route_state(name, state, durable);
             }
         }
         self.routes

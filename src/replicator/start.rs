@@ -254,7 +254,7 @@ pub(super) async fn run_session(
             client,
             warnings,
             shape,
-            ..
+            checkpoint,
         } = target;
         let name = route.route_name().unwrap_or_default().to_owned();
         let writer = answered(target_limit, "target", "preparing statements", async {
@@ -289,6 +289,7 @@ pub(super) async fn run_session(
         routes.push(RouteStart::Ready {
             worker: ApplyWorker::spawn(writer),
             resume_at,
+            copying: fan_out && checkpoint.copying,
         });
     }
     let Some(resume_at) = routes
@@ -369,6 +370,7 @@ pub(super) async fn run_session(
         ),
         slot_confirmed: confirmed_flush,
         monitor_started,
+        system_id: identity.system_id.clone(),
     })
     .run(shutdown)
     .await
@@ -448,7 +450,7 @@ async fn open_target(
     // Every request before streaming is bounded: a connection stalled while a session starts
     // would otherwise hang it for good (the stream's own silence check comes later).
     let target_limit = Limit::new(TARGET_TIMEOUT, metrics.liveness());
-    let (client, warnings, shape) = answered(target_limit, "target", "preparing the session", async {
+    let prepared = answered(target_limit, "target", "preparing the session", async {
         let (target, warnings) =
             conn::sql::connect_counting_warnings(&config.target, APPLICATION_NAME)
                 .await
@@ -460,6 +462,10 @@ async fn open_target(
             .map_err(apply::ApplyError::sql("looking for neon_auth.users_sync"))?
             .get(0);
         if !exists {
+            if copies_itself {
+                // A new route's target: `run` prepares it when the route joins.
+                return Ok(None);
+            }
             return Err(Error::Config(format!(
                 "the target{} has no neon_auth.users_sync or usersync.state yet: run usersync setup first",
                 route_label(&config)
@@ -469,9 +475,12 @@ async fn open_target(
             apply::refuse_route_target(&target, &config.slot).await?;
         }
         let shape = apply::check_shape(&target).await?;
-        Ok((target, warnings, shape))
+        Ok(Some((target, warnings, shape)))
     })
     .await?;
+    let Some((client, warnings, shape)) = prepared else {
+        return Ok(Some(Opened::Unset));
+    };
     metrics.set_connected(Side::Target, true);
     let key = config.checkpoint_key();
     if stand_by {

@@ -286,6 +286,31 @@ pub async fn drop_publication(client: &Client, publication: &str) -> Result<(), 
         .map_err(SourceError::sql("dropping the publication"))
 }
 
+/// The columns of `table`'s primary key, in the key's order, each with its type as
+/// `format_type` spells it; empty without a primary key. A route's online copy reads the
+/// table in the key's order, in chunks after the last key read (see
+/// `replicator::backfill`).
+pub async fn primary_key(
+    client: &Client,
+    table: &TableName,
+) -> Result<Vec<(String, String)>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+               FROM pg_index i
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+              WHERE i.indrelid = (SELECT c.oid FROM pg_class c
+                                    JOIN pg_namespace n ON n.oid = c.relnamespace
+                                   WHERE n.nspname = $1 AND c.relname = $2)
+                AND i.indisprimary
+              ORDER BY array_position(i.indkey::int2[], a.attnum)",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(SourceError::sql("reading the source table's primary key"))?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+}
+
 /// The source's current WAL position, to show how far a slot is behind.
 pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, SourceError> {
     let text: String = client

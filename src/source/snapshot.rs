@@ -102,6 +102,59 @@ impl SnapshotRows {
     }
 }
 
+/// Reads what `select` reads, rows of `width` columns, in a transaction of its own whose
+/// snapshot it returns (as `pg_current_snapshot()` prints it): a route's online copy reads
+/// its users in such chunks, each consistent with the stream by that snapshot (see
+/// `replicator::backfill`). `client` is left outside any transaction.
+pub async fn read_chunk(
+    client: &Client,
+    select: &str,
+    width: usize,
+) -> Result<(String, Vec<TupleData>), SourceError> {
+    client
+        .batch_execute(&format!(
+            "{SESSION_SETTINGS}; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+        ))
+        .await
+        .map_err(SourceError::sql("starting a chunk of the route's copy"))?;
+    let read = async {
+        // The transaction's snapshot is taken by its first statement: this one.
+        let snapshot: String = client
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await
+            .map_err(SourceError::sql("reading the chunk's snapshot"))?
+            .get(0);
+        let stream = client
+            .copy_out(&format!("COPY ({select}) TO STDOUT"))
+            .await
+            .map_err(SourceError::sql("copying a chunk of the users table"))?;
+        let mut rows = SnapshotRows {
+            total: None,
+            stream: Box::pin(stream),
+            buf: BytesMut::new(),
+            columns: width,
+            done: false,
+        };
+        let mut all = Vec::new();
+        loop {
+            let page = rows.next_page(usize::MAX).await?;
+            if page.is_empty() {
+                break;
+            }
+            all.extend(page);
+        }
+        Ok::<_, SourceError>((snapshot, all))
+    }
+    .await;
+    // Read only: ending it either way loses nothing.
+    let end = if read.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    client
+        .batch_execute(end)
+        .await
+        .map_err(SourceError::sql("ending a chunk of the route's copy"))?;
+    read
+}
+
 /// One line of COPY text: tab-separated fields, `\N` for NULL, backslash escapes. A field
 /// without escapes shares the line's buffer rather than being copied.
 fn parse_line(line: &Bytes, columns: usize) -> Result<TupleData, SourceError> {

@@ -158,6 +158,20 @@ impl FanOut {
 
     /// [`FanOut::wait_for_match`] but for the routes named in `except`.
     async fn wait_for_match_of(&self, except: &[&str]) {
+        if let Err(differ) = self.matched_within(except).await {
+            panic!(
+                "targets did not match their tenancies within {WAIT:?} (route: source rows, \
+                 target rows): {differ:?}"
+            );
+        }
+    }
+
+    /// Waits until every route's target but those in `except` holds exactly its share of
+    /// the source, live; else the routes that differ (source rows, target rows).
+    async fn matched_within(
+        &self,
+        except: &[&str],
+    ) -> Result<(), BTreeMap<&'static str, (usize, usize)>> {
         let deadline = Instant::now() + WAIT;
         loop {
             let mut differ = BTreeMap::new();
@@ -169,13 +183,11 @@ impl FanOut {
                 }
             }
             if differ.is_empty() {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "targets did not match their tenancies within {WAIT:?} (route: source rows, \
-                 target rows): {differ:?}"
-            );
+            if Instant::now() >= deadline {
+                return Err(differ);
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -918,13 +930,15 @@ async fn replay_resync_and_teardown_take_routes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_added_on_sighup_is_copied_while_the_others_stream() {
     let mut fan_out = FanOut::new(&[("acme", &["acme"]), ("globex", &["globex"])]).await;
+    // The new tenancy has several chunks' worth of users, changed by the load while its
+    // copy reads them.
     fan_out
         .pair
         .source
         .batch_execute(
             "INSERT INTO users (tenant, email)
-             SELECT (ARRAY['acme','globex','initech'])[1 + i % 3], 'pre' || i || '@example.com'
-               FROM generate_series(1, 300) AS i",
+             SELECT (ARRAY['acme','globex','initech','initech'])[1 + i % 4], 'pre' || i || '@example.com'
+               FROM generate_series(1, 8000) AS i",
         )
         .await
         .unwrap();
@@ -964,21 +978,161 @@ async fn a_route_added_on_sighup_is_copied_while_the_others_stream() {
         .status()
         .unwrap();
     assert!(hup.success());
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_for_log(&log, "the route's users are copied").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     writing.store(false, Ordering::Relaxed);
     let statements = writer.await.unwrap();
     assert!(
         statements > 100,
         "the load ran only {statements} statements"
     );
-    fan_out.wait_for_match().await;
+    matched_or_log(&fan_out, &log).await;
     assert!(run.try_wait().unwrap().is_none(), "run ended");
     run.kill().unwrap();
     run.wait().unwrap();
     let said = std::fs::read_to_string(&log).unwrap();
     assert!(said.contains("route added from the routes file"), "{said}");
+    assert!(said.contains("the new route joins the stream"), "{said}");
+    // Online: no temporary slot, no new session for the others.
+    assert!(!said.contains("new session"), "{said}");
+    assert!(!said.contains("temporary"), "{said}");
     for route in &fan_out.routes {
         assert_write_log_ordered(&route.client).await;
+    }
+    let copying: bool = new_target
+        .query_one(
+            "SELECT copy_started_at IS NOT NULL FROM usersync.state",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!copying, "the copy's mark stays");
+}
+
+/// A route new in the routes file when run starts joins at once and is copied online;
+/// kill -9 in the middle of its copy leaves it marked as copying, and the next run copies
+/// it again from the start: every target ends with its share, the new one never holding
+/// a user older than it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_killed_midway_starts_again_and_loses_nothing() {
+    let mut fan_out = FanOut::new(&[("acme", &["acme"])]).await;
+    fan_out
+        .pair
+        .source
+        .batch_execute(
+            "INSERT INTO users (tenant, email)
+             SELECT (ARRAY['acme','initech','initech','initech'])[1 + i % 4], 'pre' || i || '@example.com'
+               FROM generate_series(1, 40000) AS i",
+        )
+        .await
+        .unwrap();
+    let setup = fan_out.usersync(&["setup"]);
+    assert!(setup.status.success(), "setup: {}", text(&setup));
+    install_write_log(&fan_out.routes[0].client).await;
+    fan_out
+        .routes
+        .push(FanOut::route(&fan_out.pair, "initech", &["initech"]).await);
+    let new_target = &fan_out.routes[1].client;
+    new_target
+        .batch_execute(include_str!("../../sql/users_sync.sql"))
+        .await
+        .unwrap();
+    install_write_log(new_target).await;
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = spawn_load(
+        sql(fan_out.pair.server, &fan_out.pair.config.source.dbname).await,
+        &["acme", "initech"],
+        Arc::clone(&writing),
+    );
+    let log = fan_out.dir.join("run.log");
+    let spawn = || {
+        fan_out
+            .command(&["run"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut run = spawn();
+    wait_for_log(&log, "the new route joins the stream").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    run.kill().unwrap(); // SIGKILL
+    run.wait().unwrap();
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !said.contains("the route's users are copied"),
+        "the copy was done before the kill: {said}"
+    );
+    let copying: bool = new_target
+        .query_one(
+            "SELECT copy_started_at IS NOT NULL FROM usersync.state",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(copying, "a copy cut short must stay marked");
+    let mut run = spawn();
+    wait_for_log(&log, "the route's users are copied").await;
+    writing.store(false, Ordering::Relaxed);
+    let statements = writer.await.unwrap();
+    assert!(
+        statements > 100,
+        "the load ran only {statements} statements"
+    );
+    matched_or_log(&fan_out, &log).await;
+    run.kill().unwrap();
+    run.wait().unwrap();
+    assert_write_log_ordered(&fan_out.routes[0].client).await;
+    // A copy started again writes again what the first attempt wrote: never older.
+    let older: i64 = new_target
+        .query_one(
+            "SELECT count(*) FROM (
+                SELECT version, lag(version) OVER (PARTITION BY id ORDER BY seq) AS previous
+                  FROM write_log) w
+              WHERE version < previous",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(older, 0, "a user went back to an older version");
+    let copying: bool = new_target
+        .query_one(
+            "SELECT copy_started_at IS NOT NULL FROM usersync.state",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!copying, "the copy's mark stays");
+}
+
+/// Waits until `log` has a line with `line`.
+async fn wait_for_log(log: &std::path::Path, line: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let said = std::fs::read_to_string(log).unwrap_or_default();
+        if said.contains(line) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {line:?} in the log within {WAIT:?}: {said}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// [`FanOut::wait_for_match`], showing run's log if it fails.
+async fn matched_or_log(fan_out: &FanOut, log: &std::path::Path) {
+    if let Err(differ) = fan_out.matched_within(&[]).await {
+        panic!(
+            "targets did not match their tenancies within {WAIT:?} (route: source rows, target \
+             rows): {differ:?}; run's log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
     }
 }
 

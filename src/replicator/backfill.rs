@@ -1,0 +1,852 @@
+//! A route's users copied while the stream goes on: a route added to a running fan-out (or
+//! resynced with `resync --online`) gets the users it does not have without a second slot
+//! and without stopping the other routes.
+//!
+//! The technique is the watermark one of Netflix's DBLog and Debezium's incremental
+//! snapshots, made exact for PostgreSQL by transaction visibility rather than by position:
+//!
+//! 1. The route joins the stream: from now on it is fed every transaction the reader
+//!    decodes, and the reader records which users each of them (by xid) touched for it.
+//! 2. A snapshot is read on the source and the copy waits until every transaction it shows
+//!    running has ended. Every transaction that committed before the route joined is then
+//!    visible to any later snapshot: what the stream did not bring, the chunks will.
+//! 3. The copy reads the route's rows in chunks in primary-key order, each in a transaction
+//!    of its own whose snapshot it notes, hands the chunk to the reader, then commits a
+//!    transactional logical message (the watermark) naming it.
+//! 4. When the reader decodes the watermark, every transaction committed before it has been
+//!    fed to the route. A chunk row whose user a transaction *not visible to the chunk's
+//!    snapshot* touched is older than what the route has (or will have, before the row)
+//!    and is left out; the copy reads it again in a later chunk, with a newer snapshot (so a
+//!    user the stream changed before the copy reached it still gets its whole row: values
+//!    an update left out, a part from another table). Every other row is the user as of the
+//!    watermark, and goes to the route at the watermark's position, in stream order.
+//!
+//! Position order alone would not do: a transaction may commit (in WAL) before the
+//! watermark and still be invisible to a snapshot taken after it, and visibility is what a
+//! chunk's rows reflect.
+//!
+//! Until the copy is done the route's checkpoint is marked as copying
+//! (`usersync.state.copy_started_at`); a copy interrupted (a crash, a restart, the route
+//! failing) starts again from the beginning in the next session, which is correct whatever
+//! the route's checkpoint says (step 2). The mark goes once the last chunk is durable.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use postgres_protocol::escape::{escape_identifier, escape_literal};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_postgres::Client;
+
+use super::changes::UserChange;
+use super::{APPLICATION_NAME, BACKOFF_MAX, BACKOFF_MIN};
+use crate::apply::{self, ApplyWorker, SetupMode, TargetWriter};
+use crate::config::Config;
+use crate::decode::{ColumnValue, TupleData};
+use crate::error::Error;
+use crate::lag::unix_micros_now;
+use crate::lsn::Lsn;
+use crate::map::{RowMapper, RowOutcome};
+use crate::metrics::Metrics;
+use crate::source::{catalog, snapshot, SourceError};
+use crate::{conn, routing::Routes};
+
+/// Rows per chunk: enough that a chunk's round trip (a transaction on the source, a
+/// watermark through the stream) costs little beside its rows; few enough that a chunk is a
+/// small transaction for the route.
+pub(super) const CHUNK_ROWS: usize = 1_000;
+/// How often the copy looks whether the transactions open when the route joined are done.
+const OPEN_TRANSACTIONS_POLL: Duration = Duration::from_millis(50);
+/// After how long waiting for them is logged (with who holds them).
+const OPEN_TRANSACTIONS_LOG: Duration = Duration::from_secs(10);
+/// A user read again this many times (the stream changes it faster than a chunk goes
+/// round) is said so: the copy cannot finish while it does.
+const REQUEUE_WARN: u32 = 100;
+
+/// The prefix of this slot's watermark messages; other slots' are ignored.
+pub fn prefix(slot: &str) -> String {
+    format!("usersync_copy:{slot}")
+}
+
+/// A source snapshot, as `pg_current_snapshot()` prints it: which transactions it sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Snapshot {
+    xmin: u64,
+    xmax: u64,
+    /// The transactions running when it was taken, as the stream names them (32 bits).
+    running: HashSet<u32>,
+}
+
+impl Snapshot {
+    /// `xmin:xmax:xip,...`; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Snapshot> {
+        let mut parts = text.splitn(3, ':');
+        let xmin: u64 = parts.next()?.parse().ok()?;
+        let xmax: u64 = parts.next()?.parse().ok()?;
+        let list = parts.next()?;
+        let running = if list.is_empty() {
+            HashSet::new()
+        } else {
+            list.split(',')
+                .map(|xid| xid.parse::<u64>().ok().map(|xid| xid as u32))
+                .collect::<Option<_>>()?
+        };
+        (xmin <= xmax).then_some(Snapshot {
+            xmin,
+            xmax,
+            running,
+        })
+    }
+
+    /// Whether the transaction `xid` (the stream's 32 bits of it) had committed when this
+    /// snapshot was taken. The xids compared are recent (a stream's transactions against a
+    /// snapshot of the same minutes), far within the 2^31 that wraparound leaves.
+    pub fn sees(&self, xid: u32) -> bool {
+        let offset = xid.wrapping_sub(self.xmin as u32);
+        if (offset as i32) < 0 {
+            return true;
+        }
+        let span = (self.xmax - self.xmin).min(i32::MAX as u64) as u32;
+        offset < span && !self.running.contains(&xid)
+    }
+}
+
+/// A chunk of a route's copy, as the copy hands it to the reader.
+pub(super) struct Chunk {
+    attempt: u64,
+    seq: u64,
+    snapshot: Snapshot,
+    rows: Vec<ChunkRow>,
+}
+
+/// One user of a chunk: its id, its source key (to read it again), what it means for the
+/// target.
+pub(super) struct ChunkRow {
+    id: String,
+    key: Vec<String>,
+    changes: Vec<UserChange>,
+}
+
+/// The reader's answer to a chunk: which of its users to read again.
+pub(super) struct Applied {
+    attempt: u64,
+    seq: u64,
+    again: Vec<Vec<String>>,
+}
+
+/// Where the copy hands the reader a chunk before it commits the chunk's watermark: one at
+/// a time, so that the copy runs at most a chunk ahead of the stream.
+#[derive(Default)]
+pub(super) struct Handoff {
+    chunk: Mutex<Option<Chunk>>,
+    taken: Notify,
+}
+
+impl Handoff {
+    /// Leaves `chunk` for the reader once the one before is taken (a chunk of an earlier
+    /// attempt, whose watermark never came, is replaced).
+    async fn put(&self, chunk: Chunk) {
+        let mut chunk = Some(chunk);
+        loop {
+            {
+                let mut slot = self.chunk.lock().unwrap_or_else(|e| e.into_inner());
+                let free = match &*slot {
+                    None => true,
+                    Some(held) => chunk.as_ref().is_some_and(|c| held.attempt < c.attempt),
+                };
+                if free {
+                    *slot = chunk.take();
+                    return;
+                }
+            }
+            self.taken.notified().await;
+        }
+    }
+}
+
+/// What the reader keeps of a route being copied.
+pub(super) struct Window {
+    handoff: Arc<Handoff>,
+    replies: mpsc::UnboundedSender<Applied>,
+    /// The stream's changes for the route not yet visible to a chunk's snapshot: (xid, user);
+    /// `None`: every user (a TRUNCATE).
+    touched: Vec<(u32, Option<String>)>,
+    /// Every user the stream changed for the route since it joined, and whether the target
+    /// has all of it from the stream alone: its first change there wrote the whole user (an
+    /// insert, an update that sent every value); one that only patched or updated part of a
+    /// user the target did not have leaves it incomplete until the copy writes it.
+    whole: HashMap<String, bool>,
+    /// The keys of a user's part kept in another table: an upsert without them is not whole.
+    part_keys: &'static [&'static str],
+}
+
+impl Window {
+    /// Notes the users transaction `xid` changed for the route.
+    pub fn record(&mut self, xid: u32, changes: &[UserChange]) {
+        for change in changes {
+            let (id, also) = match change {
+                UserChange::Upsert {
+                    user, moved_from, ..
+                } => {
+                    let whole = user.unchanged_keys.is_empty()
+                        && self
+                            .part_keys
+                            .iter()
+                            .all(|key| user.raw_json.contains_key(*key));
+                    let known = self.whole.entry(user.id.clone()).or_insert(false);
+                    *known |= whole;
+                    (Some(&user.id), moved_from.as_ref())
+                }
+                UserChange::Patch { id, .. }
+                | UserChange::ClearPartIf { id, .. }
+                | UserChange::SoftDelete(id)
+                | UserChange::MovedAway(id) => (Some(id), None),
+                UserChange::SoftDeleteAll => (None, None),
+                UserChange::Heartbeat => continue,
+            };
+            if let Some(id) = id {
+                self.whole.entry(id.clone()).or_insert(false);
+            }
+            self.touched.push((xid, id.cloned()));
+            if let Some(also) = also {
+                self.whole.entry(also.clone()).or_insert(false);
+                self.touched.push((xid, Some(also.clone())));
+            }
+        }
+    }
+
+    /// At chunk `seq`'s watermark: the chunk's changes for the users the stream has not
+    /// changed since its snapshot; the others are sent back to be read again. A user the
+    /// stream has brought whole since the route joined, by changes all visible to the
+    /// snapshot, is the target's already as of the snapshot: its row is left out (writing it
+    /// again would change nothing but count twice). `None`: not this route's chunk.
+    pub fn take(&mut self, attempt: u64, seq: u64) -> Option<Vec<UserChange>> {
+        let chunk = {
+            let mut slot = self.handoff.chunk.lock().unwrap_or_else(|e| e.into_inner());
+            match &*slot {
+                Some(held) if held.attempt == attempt && held.seq == seq => slot.take()?,
+                _ => return None,
+            }
+        };
+        self.handoff.taken.notify_one();
+        let Chunk { snapshot, rows, .. } = chunk;
+        let mut everyone = false;
+        let mut changed = HashSet::new();
+        // What the snapshot sees, every later one sees: it matters no more.
+        self.touched.retain(|(xid, id)| {
+            if snapshot.sees(*xid) {
+                return false;
+            }
+            match id {
+                Some(id) => {
+                    changed.insert(id.clone());
+                }
+                None => everyone = true,
+            }
+            true
+        });
+        let mut changes = Vec::new();
+        let mut again = Vec::new();
+        for row in rows {
+            if everyone || changed.contains(&row.id) {
+                again.push(row.key);
+            } else if self.whole.get(&row.id) != Some(&true) {
+                changes.extend(row.changes);
+            }
+        }
+        // The copy is gone if nobody listens: its task says why.
+        let _ = self.replies.send(Applied {
+            attempt,
+            seq,
+            again,
+        });
+        Some(changes)
+    }
+}
+
+/// A watermark's content: which attempt's chunk it marks.
+pub(super) fn parse_mark(content: &[u8]) -> Option<(u64, u64)> {
+    let text = std::str::from_utf8(content).ok()?;
+    let (attempt, seq) = text.split_once(':')?;
+    Some((attempt.parse().ok()?, seq.parse().ok()?))
+}
+
+/// A new route's target made ready to join the stream: the reader attaches it and answers
+/// with its durable position's handle.
+pub(super) struct Joined {
+    pub route: usize,
+    pub worker: ApplyWorker,
+    pub resume_at: Lsn,
+    pub attached: oneshot::Sender<Arc<AtomicU64>>,
+}
+
+/// How the copy of a route starts.
+pub(super) enum Start {
+    /// A route without a checkpoint: its target is prepared first, with a checkpoint at
+    /// `held` (where the slot waits for it), then it joins.
+    Join {
+        held: Lsn,
+        joined: mpsc::UnboundedSender<Joined>,
+    },
+    /// A route attached already, copying since an earlier session: its durable position.
+    Attached(Arc<AtomicU64>),
+}
+
+/// What a route's copy task needs.
+pub(super) struct Copy {
+    pub route: usize,
+    pub config: Config,
+    pub system_id: String,
+    pub metrics: Arc<Metrics>,
+    pub handoff: Arc<Handoff>,
+    pub replies: mpsc::UnboundedReceiver<Applied>,
+}
+
+/// A new copy for route `route`: the task's half and the reader's.
+pub(super) fn pair(
+    route: usize,
+    config: Config,
+    system_id: String,
+    metrics: Arc<Metrics>,
+) -> (Copy, Window) {
+    let part_keys = config.mapping.part_keys();
+    let handoff = Arc::new(Handoff::default());
+    let (replies, received) = mpsc::unbounded_channel();
+    (
+        Copy {
+            route,
+            config,
+            system_id,
+            metrics,
+            handoff: Arc::clone(&handoff),
+            replies: received,
+        },
+        Window {
+            handoff,
+            replies,
+            touched: Vec::new(),
+            whole: HashMap::new(),
+            part_keys,
+        },
+    )
+}
+
+/// How a copy task ended.
+pub(super) enum CopyEnd {
+    /// Every user is on the target, durably; the mark is gone.
+    Done,
+    /// The route's target has a checkpoint already (`setup --routes` copied it meanwhile):
+    /// it joins through a new session, which checks that checkpoint.
+    HasCheckpoint,
+}
+
+/// Copies route `copy.route` (after preparing and attaching it, for [`Start::Join`]);
+/// retries what may pass by itself, with backoff; ends with the first definite error.
+pub(super) async fn run(mut copy: Copy, start: Start) -> Result<CopyEnd, Error> {
+    let name = copy.config.route_name().unwrap_or_default().to_owned();
+    let mut wait = Duration::ZERO;
+    let confirmed = match start {
+        Start::Attached(confirmed) => confirmed,
+        Start::Join { held, joined } => loop {
+            tokio::time::sleep(wait).await;
+            match join(&copy, held).await {
+                Ok(Some(worker)) => {
+                    let (attached, answer) = oneshot::channel();
+                    let joined = joined.send(Joined {
+                        route: copy.route,
+                        worker,
+                        resume_at: held,
+                        attached,
+                    });
+                    if joined.is_err() {
+                        // The session is ending: the next one starts the copy again.
+                        std::future::pending::<()>().await;
+                    }
+                    match answer.await {
+                        Ok(confirmed) => break confirmed,
+                        Err(_) => std::future::pending::<()>().await,
+                    }
+                }
+                Ok(None) => return Ok(CopyEnd::HasCheckpoint),
+                Err(error) if error.is_transient() => {
+                    tracing::warn!(
+                        route = %name,
+                        error = %crate::error::report(&error),
+                        "preparing the new route's target failed; retrying"
+                    );
+                    wait = (wait * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+                }
+                Err(error) => return Err(error),
+            }
+        },
+    };
+    tracing::info!(
+        route = %name,
+        "copying the route's users while it streams (online, in chunks)"
+    );
+    // Attempts count up from a value no earlier session used, so a watermark of an earlier
+    // attempt (or session) never matches a chunk of this one.
+    let mut attempt = (unix_micros_now().unsigned_abs() << 10) | (copy.route as u64 & 0x3ff);
+    wait = Duration::ZERO;
+    loop {
+        tokio::time::sleep(wait).await;
+        let started = Instant::now();
+        match copy_users(&mut copy, &confirmed, attempt).await {
+            Ok(copied) => {
+                tracing::info!(
+                    route = %name,
+                    users = copied,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "the route's users are copied: it holds every user now"
+                );
+                return Ok(CopyEnd::Done);
+            }
+            Err(error) if error.is_transient() => {
+                tracing::warn!(
+                    route = %name,
+                    error = %crate::error::report(&error),
+                    "copying the route failed; starting it again"
+                );
+                wait = (wait * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Prepares a new route's target: its tables, its lock, its checkpoint at `held`, marked as
+/// copying; returns its worker. `None`: it has a checkpoint already.
+async fn join(copy: &Copy, held: Lsn) -> Result<Option<ApplyWorker>, Error> {
+    let config = &copy.config;
+    let key = config.checkpoint_key();
+    let (client, warnings) = conn::sql::connect_counting_warnings(&config.target, APPLICATION_NAME)
+        .await
+        .map_err(Error::connect("target"))?;
+    conn::version::check_target(&client).await?;
+    let (shape, _) = apply::ensure_target_schema(&client).await?;
+    let locked: bool = client
+        .query_one(apply::slot_lock::TRY_LOCK, &[&key])
+        .await
+        .map_err(apply::ApplyError::sql("taking the slot's lock"))?
+        .get(0);
+    if !locked {
+        let holders = apply::slot_lock::holders(&client, &key).await?;
+        return Err(Error::Busy(format!(
+            "another session holds the lock of route {} on its target ({})",
+            config.route_name().unwrap_or_default(),
+            apply::slot_lock::describe(&holders)
+        )));
+    }
+    apply::upgrade_state(&client).await?;
+    if apply::read_checkpoint(&client, &key).await?.is_some() {
+        return Ok(None);
+    }
+    let earlier = apply::setup_progress::read(&client, &key).await?;
+    if earlier
+        .as_ref()
+        .is_some_and(|earlier| earlier.mode == SetupMode::Resync)
+    {
+        return Err(Error::ResyncUnfinished { slot: key });
+    }
+    // An interrupted `setup --routes` copy of it is superseded by this one.
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(apply::ApplyError::sql("creating the route's checkpoint"))?;
+    if earlier.is_some() {
+        apply::setup_progress::delete(&client, &key).await?;
+    }
+    apply::create_copying_checkpoint(&client, &key, &copy.system_id, held).await?;
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(apply::ApplyError::sql("creating the route's checkpoint"))?;
+    let mut writer = TargetWriter::new(client, shape, &key, &copy.system_id).await?;
+    writer.watch_warnings(warnings);
+    writer.use_async_commit().await?;
+    writer.count_in(Arc::clone(&copy.metrics));
+    Ok(Some(ApplyWorker::spawn(writer)))
+}
+
+/// How the copy reads the route's rows: the profile's copy select, limited to the route and
+/// ordered by the table's primary key.
+struct Reading {
+    mapping: Box<dyn RowMapper>,
+    /// The select without order or limit, and what restricts it to the route.
+    columns: Vec<crate::decode::RelationColumn>,
+    profile: crate::map::Profile,
+    route_filter: String,
+    /// The key's columns: their place among the copied columns, quoted name, type.
+    key: Vec<(usize, String, String)>,
+    width: usize,
+    part_keys: &'static [&'static str],
+}
+
+impl Reading {
+    async fn new(
+        source: &Client,
+        config: &Config,
+        routes: &Routes,
+        route: usize,
+    ) -> Result<Self, Error> {
+        let profile = catalog::resolve_profile(source, &config.table, &config.mapping).await?;
+        let table_columns = catalog::table_columns(source, &config.table).await?;
+        let bound = profile.bind_table(0, &table_columns)?;
+        let columns = crate::commands::setup::copied_columns(&table_columns, bound.layout().used());
+        let mapping = profile.bind(&columns)?;
+        let primary_key = catalog::primary_key(source, &config.table).await?;
+        if primary_key.is_empty() {
+            return Err(Error::Config(format!(
+                "{} has no primary key: a route's online copy reads it in the key's order",
+                config.table
+            )));
+        }
+        let mut key = Vec::with_capacity(primary_key.len());
+        for (name, ty) in primary_key {
+            let Some(place) = columns.iter().position(|column| column.name == name) else {
+                return Err(Error::Config(format!(
+                    "{}.{name} (part of its primary key) is not a column the profile reads: a \
+                     route's online copy needs the whole key",
+                    config.table
+                )));
+            };
+            key.push((place, format!("u.{}", escape_identifier(&name)), ty));
+        }
+        Ok(Reading {
+            mapping,
+            width: profile.snapshot_width(&columns),
+            part_keys: config.mapping.part_keys(),
+            route_filter: routes.copy_filter(route, Some("u")),
+            columns,
+            profile,
+            key,
+        })
+    }
+
+    fn key_list(&self) -> String {
+        self.key
+            .iter()
+            .map(|(_, column, _)| column.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn key_literal(&self, values: &[String]) -> String {
+        let literals: Vec<String> = values
+            .iter()
+            .zip(&self.key)
+            .map(|(value, (_, _, ty))| format!("{}::{ty}", escape_literal(value)))
+            .collect();
+        format!("({})", literals.join(", "))
+    }
+
+    /// The next chunk's select: the route's rows after `after` (from the first without).
+    fn after(&self, config: &Config, after: Option<&[String]>) -> String {
+        let only = match after {
+            Some(after) => format!(
+                "{} AND ({}) > {}",
+                self.route_filter,
+                self.key_list(),
+                self.key_literal(after)
+            ),
+            None => self.route_filter.clone(),
+        };
+        format!(
+            "{} ORDER BY {} LIMIT {CHUNK_ROWS}",
+            self.profile
+                .snapshot_select(&config.table, &self.columns, Some(&only)),
+            self.key_list()
+        )
+    }
+
+    /// The select of the rows with these keys, to read again.
+    fn again(&self, config: &Config, keys: &[Vec<String>]) -> String {
+        let list: Vec<String> = keys.iter().map(|key| self.key_literal(key)).collect();
+        let only = format!(
+            "{} AND ({}) IN ({})",
+            self.route_filter,
+            self.key_list(),
+            list.join(", ")
+        );
+        self.profile
+            .snapshot_select(&config.table, &self.columns, Some(&only))
+    }
+
+    /// A row's key, as text.
+    fn key_of(&self, row: &TupleData) -> Result<Vec<String>, Error> {
+        self.key
+            .iter()
+            .map(|(place, _, _)| match row.0.get(*place) {
+                Some(ColumnValue::Text(text)) => Ok(String::from_utf8_lossy(text).into_owned()),
+                _ => Err(SourceError::Definite(
+                    "a row of the route's copy has no key value".into(),
+                )
+                .into()),
+            })
+            .collect()
+    }
+
+    /// What a copied row means for the target, as the stream would say it.
+    fn row(&self, row: &TupleData) -> Result<Option<ChunkRow>, Error> {
+        let (user, deleted_at) = match self.mapping.map_copied(row)? {
+            RowOutcome::User(user) => (user, None),
+            RowOutcome::Deleted { user, at } => (user, Some(at)),
+            RowOutcome::Skip { .. } | RowOutcome::Patch { .. } | RowOutcome::ClearPartIf { .. } => {
+                return Ok(None)
+            }
+        };
+        let part_from = self.mapping.copied_part_from(row)?;
+        let id = user.id.clone();
+        let mut changes = Vec::with_capacity(2);
+        // The part's keys written by the upsert come from no row; a patch after it says
+        // which row they come from, as the initial copy records it.
+        let part = match part_from {
+            Some(Some(from)) => Some(UserChange::Patch {
+                id: id.clone(),
+                keys: self
+                    .part_keys
+                    .iter()
+                    .filter_map(|key| {
+                        user.raw_json
+                            .get(*key)
+                            .map(|value| ((*key).to_owned(), value.clone()))
+                    })
+                    .collect(),
+                from: Some(from),
+                clears: false,
+            }),
+            _ => None,
+        };
+        changes.push(UserChange::Upsert {
+            user,
+            inserted: false,
+            deleted_at,
+            moved_from: None,
+        });
+        changes.extend(part);
+        Ok(Some(ChunkRow {
+            id,
+            key: self.key_of(row)?,
+            changes,
+        }))
+    }
+}
+
+/// One attempt at the copy; returns the users copied.
+async fn copy_users(copy: &mut Copy, confirmed: &AtomicU64, attempt: u64) -> Result<usize, Error> {
+    let config = &copy.config;
+    let (Some(routes), Some(route)) = (config.routes.as_deref(), config.route) else {
+        return Err(Error::Config(
+            "only a route of a fan-out is copied online".into(),
+        ));
+    };
+    let source = conn::sql::connect(&config.source, APPLICATION_NAME)
+        .await
+        .map_err(Error::connect("source"))?;
+    let reading = Reading::new(&source, config, routes, route).await?;
+    wait_for_open_transactions(&source, config).await?;
+    let mark_prefix = prefix(&config.slot);
+    let mut after: Option<Vec<String>> = None;
+    let mut read_all = false;
+    let mut again: Vec<Vec<String>> = Vec::new();
+    let mut times_again: HashMap<Vec<String>, u32> = HashMap::new();
+    let mut waiting: HashSet<u64> = HashSet::new();
+    let mut seq = 0_u64;
+    let mut last_mark: Option<Lsn> = None;
+    let mut copied = 0_usize;
+    loop {
+        while let Ok(applied) = copy.replies.try_recv() {
+            take_reply(
+                applied,
+                attempt,
+                &mut waiting,
+                &mut again,
+                &mut times_again,
+                config,
+            );
+        }
+        let select = if !read_all {
+            reading.after(config, after.as_deref())
+        } else if !again.is_empty() {
+            let keys: Vec<Vec<String>> = again.drain(..again.len().min(CHUNK_ROWS)).collect();
+            reading.again(config, &keys)
+        } else if !waiting.is_empty() {
+            let Some(applied) = copy.replies.recv().await else {
+                return Err(crate::apply::ApplyError::WorkerGone.into());
+            };
+            take_reply(
+                applied,
+                attempt,
+                &mut waiting,
+                &mut again,
+                &mut times_again,
+                config,
+            );
+            continue;
+        } else {
+            break;
+        };
+        let (snapshot, rows) = snapshot::read_chunk(&source, &select, reading.width).await?;
+        if !read_all {
+            read_all = rows.len() < CHUNK_ROWS;
+            if let Some(last) = rows.last() {
+                after = Some(reading.key_of(last)?);
+            }
+        }
+        let snapshot = Snapshot::parse(&snapshot).ok_or_else(|| {
+            SourceError::Definite(format!(
+                "the source printed a snapshot usersync cannot read: {snapshot}"
+            ))
+        })?;
+        let mut chunk_rows = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if let Some(row) = reading.row(row)? {
+                chunk_rows.push(row);
+            }
+        }
+        if chunk_rows.is_empty() {
+            continue;
+        }
+        copied += chunk_rows.len();
+        copy.handoff
+            .put(Chunk {
+                attempt,
+                seq,
+                snapshot,
+                rows: chunk_rows,
+            })
+            .await;
+        // Transactional, so that its commit is flushed at once (a message outside a
+        // transaction waits for the WAL writer) and the stream brings it at its commit.
+        source
+            .execute(
+                "SELECT pg_logical_emit_message(true, $1, $2)",
+                &[&mark_prefix, &format!("{attempt}:{seq}")],
+            )
+            .await
+            .map_err(SourceError::sql(
+                "writing the copy's watermark (pg_logical_emit_message)",
+            ))?;
+        last_mark = Some(catalog::current_wal_lsn(&source).await?);
+        waiting.insert(seq);
+        seq += 1;
+    }
+    // Done once the route's target holds the last chunk durably.
+    if let Some(mark) = last_mark {
+        while confirmed.load(Ordering::Acquire) < mark.0 {
+            tokio::time::sleep(OPEN_TRANSACTIONS_POLL).await;
+        }
+    }
+    let target = conn::sql::connect(&config.target, APPLICATION_NAME)
+        .await
+        .map_err(Error::connect("target"))?;
+    apply::copy_done(&target, &config.checkpoint_key()).await?;
+    Ok(copied)
+}
+
+fn take_reply(
+    applied: Applied,
+    attempt: u64,
+    waiting: &mut HashSet<u64>,
+    again: &mut Vec<Vec<String>>,
+    times_again: &mut HashMap<Vec<String>, u32>,
+    config: &Config,
+) {
+    if applied.attempt != attempt {
+        return;
+    }
+    waiting.remove(&applied.seq);
+    for key in applied.again {
+        let times = times_again.entry(key.clone()).or_default();
+        *times += 1;
+        if *times == REQUEUE_WARN {
+            tracing::warn!(
+                route = config.route_name().unwrap_or_default(),
+                "a user of the route changes faster than its copy can read it; the copy \
+                 finishes once it settles"
+            );
+        }
+        again.push(key);
+    }
+}
+
+/// Waits until every transaction running now has ended: then each one that committed
+/// before the route joined the stream is visible to the chunks' snapshots.
+async fn wait_for_open_transactions(source: &Client, config: &Config) -> Result<(), Error> {
+    let before: String = source
+        .query_one("SELECT pg_current_snapshot()::text", &[])
+        .await
+        .map_err(SourceError::sql("reading a snapshot"))?
+        .get(0);
+    let started = Instant::now();
+    let mut logged = false;
+    loop {
+        let open: i64 = source
+            .query_one(
+                "SELECT count(*) FROM pg_snapshot_xip($1::text::pg_snapshot) AS x
+                  WHERE x = ANY (ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot())))",
+                &[&before],
+            )
+            .await
+            .map_err(SourceError::sql("waiting for open transactions"))?
+            .get(0);
+        if open == 0 {
+            return Ok(());
+        }
+        if !logged && started.elapsed() >= OPEN_TRANSACTIONS_LOG {
+            logged = true;
+            tracing::warn!(
+                route = config.route_name().unwrap_or_default(),
+                open,
+                "the route's copy waits for transactions open on the source since it \
+                 started (pg_stat_activity shows them: state 'idle in transaction' or long \
+                 queries)"
+            );
+        }
+        tokio::time::sleep(OPEN_TRANSACTIONS_POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_sees_what_committed_before_it() {
+        let snapshot = Snapshot::parse("100:105:100,103").unwrap();
+        assert!(snapshot.sees(99));
+        assert!(!snapshot.sees(100), "running");
+        assert!(snapshot.sees(101));
+        assert!(!snapshot.sees(103), "running");
+        assert!(snapshot.sees(104));
+        assert!(!snapshot.sees(105), "began after it");
+        assert!(!snapshot.sees(4_000));
+        let empty = Snapshot::parse("7:7:").unwrap();
+        assert!(empty.sees(6) && !empty.sees(7));
+        assert_eq!(Snapshot::parse("5:4:"), None);
+        assert_eq!(Snapshot::parse("nonsense"), None);
+        assert_eq!(Snapshot::parse("1:2:x"), None);
+    }
+
+    #[test]
+    fn xids_compare_across_wraparound_and_epochs() {
+        // Epoch 1, xmin just below 2^32: the stream's xid 3 (after the wrap) is later.
+        let base = (1_u64 << 32) + u64::from(u32::MAX) - 2;
+        let snapshot = Snapshot::parse(&format!("{base}:{}:", base + 4)).unwrap();
+        assert!(snapshot.sees(u32::MAX - 3), "before xmin");
+        assert!(snapshot.sees(u32::MAX), "between xmin and xmax");
+        assert!(snapshot.sees(0));
+        assert!(!snapshot.sees(1), "at xmax");
+        assert!(!snapshot.sees(10));
+    }
+
+    #[test]
+    fn watermarks_name_an_attempt_and_a_chunk() {
+        assert_eq!(parse_mark(b"17:3"), Some((17, 3)));
+        assert_eq!(parse_mark(b"17"), None);
+        assert_eq!(parse_mark(b"a:3"), None);
+        assert_eq!(parse_mark(&[0xff, b':', b'1']), None);
+    }
+}
