@@ -32,7 +32,10 @@ CREATE TABLE IF NOT EXISTS usersync.state (
   -- Set while a route of a fan-out is copied online (added while run streams, or resync
   -- --online): the target holds the stream since the route joined, not yet every user from
   -- before. run copies it (again, from the start) until it is done, then sets it NULL.
-  copy_started_at   timestamptz
+  copy_started_at   timestamptz,
+  -- The online copy is a resync (resync --online): it also soft-deletes the live users the
+  -- source no longer has, and may resume behind the slot (it rebuilds what was missed).
+  copy_reconciles   boolean
 );
 
 -- What setup or resync is doing for a slot until its final commit, which writes the

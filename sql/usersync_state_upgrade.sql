@@ -22,6 +22,11 @@ BEGIN
                     AND NOT attisdropped) THEN
     ALTER TABLE usersync.state ADD COLUMN IF NOT EXISTS copy_started_at timestamptz;
   END IF;
+  IF NOT EXISTS (SELECT FROM pg_attribute
+                  WHERE attrelid = 'usersync.state'::regclass AND attname = 'copy_reconciles'
+                    AND NOT attisdropped) THEN
+    ALTER TABLE usersync.state ADD COLUMN IF NOT EXISTS copy_reconciles boolean;
+  END IF;
 END
 $$;
 

@@ -254,6 +254,12 @@ pub struct ResyncArgs {
 
     #[command(flatten)]
     pub routes: RoutesArgs,
+
+    /// Copy the route so named again while usersync run streams (the slot and the other
+    /// routes untouched), soft-deleting the users the source no longer has: for an evicted
+    /// route, or a target that lost or gained rows. Needs --routes.
+    #[arg(long, value_name = "ROUTE", requires = "routes")]
+    pub online: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -433,6 +439,7 @@ Examples:
 const RESYNC_EXAMPLES: &str = "\
 Examples:
   usersync resync               # after the slot was lost or dropped, with run stopped
+  usersync resync --routes routes.toml --online acme   # one route of a fan-out, while run streams
   usersync resync --slot tenant_a --profile stack-auth --tenancy-id 0b3e7f0c-5d2a-4c4e-9f6b-2d8a1c9e7b41";
 
 const REPLAY_EXAMPLES: &str = "\

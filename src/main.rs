@@ -108,7 +108,10 @@ async fn dispatch(command: Command) -> Result<u8, Failure> {
         Command::Resync(args) => {
             let config =
                 Config::routed_for_replication(&args.connection, args.routes.routes.as_deref())?;
-            commands::resync::resync(&config).await?
+            match &args.online {
+                Some(route) => commands::resync::resync_online(&config, route).await?,
+                None => commands::resync::resync(&config).await?,
+            }
         }
         Command::Run(args) => {
             let mut config =

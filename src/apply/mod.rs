@@ -21,8 +21,8 @@ pub use schema::{
 pub use setup_progress::{SetupMode, SetupProgress};
 pub use worker::{ApplyWorker, Done, Job};
 pub use writer::{
-    copy_done, create_copying_checkpoint, delete_checkpoint, mark_copying, read_checkpoint,
-    take_over_checkpoint, Checkpoint, TargetWriter,
+    copy_asked_at, copy_done, create_copying_checkpoint, delete_checkpoint, mark_resyncing,
+    read_checkpoint, take_over_checkpoint, Checkpoint, TargetWriter,
 };
 
 use crate::lsn::Lsn;

@@ -273,7 +273,8 @@ fn upsert_and_advance(upsert: &str) -> String {
 const READ_CHECKPOINT: &str = "
 SELECT system_identifier, commit_lsn::text, end_lsn::text, commit_time, updated_at,
        coalesce((pg_catalog.to_jsonb(s) ->> 'bounded_at')::timestamptz = updated_at, false),
-       (pg_catalog.to_jsonb(s) ->> 'copy_started_at') IS NOT NULL
+       (pg_catalog.to_jsonb(s) ->> 'copy_started_at') IS NOT NULL,
+       coalesce((pg_catalog.to_jsonb(s) ->> 'copy_reconciles')::boolean, false)
   FROM usersync.state AS s WHERE slot_name = $1";
 
 /// Takes over a checkpoint an older usersync wrote (not bounded): that version
@@ -308,6 +309,9 @@ pub struct Checkpoint {
     /// A route's online copy is under way (`copy_started_at` in `sql/usersync_state.sql`):
     /// the target holds the stream since the route joined, not yet every user before.
     pub copying: bool,
+    /// That copy is a resync (`resync --online`): it soft-deletes the users the source no
+    /// longer has, and rebuilds what the stream missed (so it may resume behind the slot).
+    pub copy_reconciles: bool,
 }
 
 /// Reads the checkpoint of `slot`, if the target has one.
@@ -333,6 +337,7 @@ pub async fn read_checkpoint(
         written_at: row.get(4),
         slot_bounded: row.get(5),
         copying: row.get(6),
+        copy_reconciles: row.get(7),
     }))
 }
 
@@ -358,12 +363,13 @@ pub async fn create_copying_checkpoint(
     Ok(())
 }
 
-/// Marks the checkpoint of `slot` as copying (see [`create_copying_checkpoint`]): `resync
-/// --online`. Returns whether there was one.
-pub async fn mark_copying(client: &Client, slot: &str) -> Result<bool, ApplyError> {
+/// Marks the checkpoint of `slot` as copying and reconciling (`resync --online`, see
+/// [`create_copying_checkpoint`]). Returns whether there was one.
+pub async fn mark_resyncing(client: &Client, slot: &str) -> Result<bool, ApplyError> {
     let touched = client
         .execute(
-            "UPDATE usersync.state SET copy_started_at = now() WHERE slot_name = $1",
+            "UPDATE usersync.state SET copy_started_at = now(), copy_reconciles = true
+              WHERE slot_name = $1",
             &[&slot],
         )
         .await
@@ -371,12 +377,28 @@ pub async fn mark_copying(client: &Client, slot: &str) -> Result<bool, ApplyErro
     Ok(touched == 1)
 }
 
-/// The online copy of `slot`'s route is done and durable: the target holds every user.
-pub async fn copy_done(client: &Client, slot: &str) -> Result<(), ApplyError> {
+/// When the online copy of `slot`'s route was asked for, as text (`None`: none is), which
+/// [`copy_done`] checks: a copy asked for again meanwhile (`resync --online`) stays asked.
+pub async fn copy_asked_at(client: &Client, slot: &str) -> Result<Option<String>, ApplyError> {
+    let row = client
+        .query_opt(
+            "SELECT (pg_catalog.to_jsonb(s) ->> 'copy_started_at')
+               FROM usersync.state AS s WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(ApplyError::sql("reading whether the route is being copied"))?;
+    Ok(row.and_then(|row| row.get(0)))
+}
+
+/// The online copy of `slot`'s route asked for at `asked_at` ([`copy_asked_at`]) is done
+/// and durable: the target holds every user.
+pub async fn copy_done(client: &Client, slot: &str, asked_at: &str) -> Result<(), ApplyError> {
     client
         .execute(
-            "UPDATE usersync.state SET copy_started_at = NULL WHERE slot_name = $1",
-            &[&slot],
+            "UPDATE usersync.state AS s SET copy_started_at = NULL, copy_reconciles = NULL
+              WHERE slot_name = $1 AND (pg_catalog.to_jsonb(s) ->> 'copy_started_at') = $2",
+            &[&slot, &asked_at],
         )
         .await
         .map_err(ApplyError::sql("recording that the route's copy is done"))?;

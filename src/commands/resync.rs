@@ -85,6 +85,72 @@ pub async fn resync(config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
+/// `resync --routes FILE --online ROUTE`: marks the route's target as resyncing (its
+/// checkpoint's `copy_reconciles`), then tells a running `run` through the slot itself (a
+/// logical message): it copies the route again online, beside the stream, and soft-deletes
+/// the users the source no longer has (`replicator::backfill`). Without a running `run`,
+/// the next one does it. The slot stays: it must still be there.
+pub async fn resync_online(config: &Config, name: &str) -> Result<(), Error> {
+    let Some(route) = config
+        .route_configs()
+        .into_iter()
+        .find(|route| route.route_name() == Some(name))
+    else {
+        return Err(Error::Config(format!(
+            "the routes file has no route named {name}"
+        )));
+    };
+    let source = super::connect("source", &config.source).await?;
+    crate::conn::version::check_source(&source).await?;
+    match catalog::slot_info(&source, &config.slot).await? {
+        None => {
+            return Err(Error::Config(format!(
+                "slot {} does not exist on the source: an online resync streams on from it; \
+                 run usersync resync --routes (without --online), which creates it again and \
+                 copies every route",
+                config.slot
+            )))
+        }
+        Some(slot) if slot.is_invalidated() => {
+            return Err(Error::Config(format!(
+                "slot {} {}: an online resync streams on from it; run usersync resync \
+                 --routes (without --online), which creates it again and copies every route",
+                config.slot,
+                slot.invalidation()
+            )))
+        }
+        Some(_) => {}
+    }
+    let target = super::connect("target", &route.target).await?;
+    crate::conn::version::check_target(&target).await?;
+    let key = route.checkpoint_key();
+    apply::upgrade_state(&target).await?;
+    let checkpoint = apply::read_checkpoint(&target, &key).await?;
+    if checkpoint.is_none() || !apply::mark_resyncing(&target, &key).await? {
+        return Err(Error::Config(format!(
+            "route {name} has no checkpoint on its target: usersync run copies a route new to \
+             the routes file by itself"
+        )));
+    }
+    source
+        .execute(
+            "SELECT pg_logical_emit_message(true, $1, $2)",
+            &[
+                &crate::replicator::copy_message_prefix(&config.slot),
+                &crate::replicator::resync_message(name),
+            ],
+        )
+        .await
+        .map_err(SourceError::sql(
+            "telling usersync run (pg_logical_emit_message)",
+        ))?;
+    println!(
+        "route {name}: marked for an online resync; a running usersync run copies it again now \
+         (usersync status --routes shows it copying until done), else the next one does"
+    );
+    Ok(())
+}
+
 /// `resync --routes`: the slot recreated once, and every route copied anew in its one
 /// snapshot (its share of the table) and reconciled: users of its target the source no
 /// longer has in that share are soft-deleted.

@@ -121,11 +121,13 @@ pub(super) struct Chunk {
 }
 
 /// One user of a chunk: its id, its source key (to read it again), what it means for the
-/// target.
+/// target; or, at a resync's end, a live user of the target the copy did not find
+/// (`tombstone`: its soft delete, no key).
 pub(super) struct ChunkRow {
     id: String,
     key: Vec<String>,
     changes: Vec<UserChange>,
+    tombstone: bool,
 }
 
 /// The reader's answer to a chunk: which of its users to read again.
@@ -249,6 +251,14 @@ impl Window {
         let mut changes = Vec::new();
         let mut again = Vec::new();
         for row in rows {
+            if row.tombstone {
+                // Gone from the source when the copy read its place, and unchanged since the
+                // route joined: gone now. One the stream changed is the stream's.
+                if !everyone && !self.whole.contains_key(&row.id) {
+                    changes.extend(row.changes);
+                }
+                continue;
+            }
             if everyone || changed.contains(&row.id) {
                 again.push(row.key);
             } else if self.whole.get(&row.id) != Some(&true) {
@@ -265,11 +275,38 @@ impl Window {
     }
 }
 
-/// A watermark's content: which attempt's chunk it marks.
-pub(super) fn parse_mark(content: &[u8]) -> Option<(u64, u64)> {
+/// A message of this slot's copies, as the stream brings it.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Mark {
+    /// A chunk's watermark: its attempt and number.
+    Chunk(u64, u64),
+    /// `resync --online` of the route so named: copy it again, reconciling.
+    Resync(String),
+}
+
+/// The content of a copy message (see [`Mark`]).
+pub(super) fn parse_mark(content: &[u8]) -> Option<Mark> {
     let text = std::str::from_utf8(content).ok()?;
+    if let Some(route) = text.strip_prefix("resync:") {
+        return Some(Mark::Resync(route.to_owned()));
+    }
     let (attempt, seq) = text.split_once(':')?;
-    Some((attempt.parse().ok()?, seq.parse().ok()?))
+    Some(Mark::Chunk(attempt.parse().ok()?, seq.parse().ok()?))
+}
+
+/// The content of the message that asks a running `run` to resync route `route` online.
+pub fn resync_message(route: &str) -> String {
+    format!("resync:{route}")
+}
+
+/// What an online copy does besides copying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CopyKind {
+    /// Fills a new route's target: users there from elsewhere stay.
+    Fill,
+    /// `resync --online`: live users of the target the source no longer has (in the
+    /// route's share) are soft-deleted.
+    Reconcile,
 }
 
 /// A new route's target made ready to join the stream: the reader attaches it and answers
@@ -296,6 +333,7 @@ pub(super) enum Start {
 /// What a route's copy task needs.
 pub(super) struct Copy {
     pub route: usize,
+    pub kind: CopyKind,
     pub config: Config,
     pub system_id: String,
     pub metrics: Arc<Metrics>,
@@ -306,6 +344,7 @@ pub(super) struct Copy {
 /// A new copy for route `route`: the task's half and the reader's.
 pub(super) fn pair(
     route: usize,
+    kind: CopyKind,
     config: Config,
     system_id: String,
     metrics: Arc<Metrics>,
@@ -316,6 +355,7 @@ pub(super) fn pair(
     (
         Copy {
             route,
+            kind,
             config,
             system_id,
             metrics,
@@ -588,6 +628,17 @@ impl Reading {
             .collect()
     }
 
+    /// What copied rows mean for the target (rows the profile skips are left out).
+    fn rows(&self, rows: &[TupleData]) -> Result<Vec<ChunkRow>, Error> {
+        let mut mapped = Vec::with_capacity(rows.len());
+        for row in rows {
+            if let Some(row) = self.row(row)? {
+                mapped.push(row);
+            }
+        }
+        Ok(mapped)
+    }
+
     /// What a copied row means for the target, as the stream would say it.
     fn row(&self, row: &TupleData) -> Result<Option<ChunkRow>, Error> {
         let (user, deleted_at) = match self.mapping.map_copied(row)? {
@@ -630,6 +681,7 @@ impl Reading {
             id,
             key: self.key_of(row)?,
             changes,
+            tombstone: false,
         }))
     }
 }
@@ -642,6 +694,24 @@ async fn copy_users(copy: &mut Copy, confirmed: &AtomicU64, attempt: u64) -> Res
             "only a route of a fan-out is copied online".into(),
         ));
     };
+    let key = config.checkpoint_key();
+    let target = conn::sql::connect(&config.target, APPLICATION_NAME)
+        .await
+        .map_err(Error::connect("target"))?;
+    // Done clears only the request this attempt serves: one made meanwhile stays.
+    let asked_at = apply::copy_asked_at(&target, &key).await?;
+    let reconcile = copy.kind == CopyKind::Reconcile;
+    if reconcile {
+        target
+            .batch_execute(
+                "CREATE TEMPORARY TABLE IF NOT EXISTS usersync_copy_seen (id text PRIMARY KEY);
+                 TRUNCATE usersync_copy_seen",
+            )
+            .await
+            .map_err(apply::ApplyError::sql(
+                "preparing the resync's reconciliation",
+            ))?;
+    }
     let source = conn::sql::connect(&config.source, APPLICATION_NAME)
         .await
         .map_err(Error::connect("source"))?;
@@ -656,6 +726,7 @@ async fn copy_users(copy: &mut Copy, confirmed: &AtomicU64, attempt: u64) -> Res
     let mut seq = 0_u64;
     let mut last_mark: Option<Lsn> = None;
     let mut copied = 0_usize;
+    let mut swept_after: Option<String> = None;
     loop {
         while let Ok(applied) = copy.replies.try_recv() {
             take_reply(
@@ -667,11 +738,19 @@ async fn copy_users(copy: &mut Copy, confirmed: &AtomicU64, attempt: u64) -> Res
                 config,
             );
         }
-        let select = if !read_all {
-            reading.after(config, after.as_deref())
+        let (snapshot, rows) = if !read_all {
+            let select = reading.after(config, after.as_deref());
+            let (snapshot, rows) = snapshot::read_chunk(&source, &select, reading.width).await?;
+            read_all = rows.len() < CHUNK_ROWS;
+            if let Some(last) = rows.last() {
+                after = Some(reading.key_of(last)?);
+            }
+            (snapshot, reading.rows(&rows)?)
         } else if !again.is_empty() {
             let keys: Vec<Vec<String>> = again.drain(..again.len().min(CHUNK_ROWS)).collect();
-            reading.again(config, &keys)
+            let select = reading.again(config, &keys);
+            let (snapshot, rows) = snapshot::read_chunk(&source, &select, reading.width).await?;
+            (snapshot, reading.rows(&rows)?)
         } else if !waiting.is_empty() {
             let Some(applied) = copy.replies.recv().await else {
                 return Err(crate::apply::ApplyError::WorkerGone.into());
@@ -685,53 +764,49 @@ async fn copy_users(copy: &mut Copy, confirmed: &AtomicU64, attempt: u64) -> Res
                 config,
             );
             continue;
+        } else if reconcile {
+            // Every user of the route is copied: the target's live users the copy did not
+            // find go, a page at a time, as soft deletes through the stream like chunks.
+            let gone = absent_users(&target, swept_after.as_deref()).await?;
+            let Some(last) = gone.last() else { break };
+            swept_after = Some(last.clone());
+            let snapshot: String = source
+                .query_one("SELECT pg_current_snapshot()::text", &[])
+                .await
+                .map_err(SourceError::sql("reading a snapshot"))?
+                .get(0);
+            let rows = gone
+                .into_iter()
+                .map(|id| ChunkRow {
+                    changes: vec![UserChange::SoftDelete(id.clone())],
+                    id,
+                    key: Vec::new(),
+                    tombstone: true,
+                })
+                .collect();
+            (snapshot, rows)
         } else {
             break;
         };
-        let (snapshot, rows) = snapshot::read_chunk(&source, &select, reading.width).await?;
-        if !read_all {
-            read_all = rows.len() < CHUNK_ROWS;
-            if let Some(last) = rows.last() {
-                after = Some(reading.key_of(last)?);
-            }
-        }
-        let snapshot = Snapshot::parse(&snapshot).ok_or_else(|| {
-            SourceError::Definite(format!(
-                "the source printed a snapshot usersync cannot read: {snapshot}"
-            ))
-        })?;
-        let mut chunk_rows = Vec::with_capacity(rows.len());
-        for row in &rows {
-            if let Some(row) = reading.row(row)? {
-                chunk_rows.push(row);
-            }
-        }
-        if chunk_rows.is_empty() {
+        if rows.is_empty() {
             continue;
         }
-        copied += chunk_rows.len();
-        copy.handoff
-            .put(Chunk {
-                attempt,
-                seq,
-                snapshot,
-                rows: chunk_rows,
-            })
-            .await;
-        // Transactional, so that its commit is flushed at once (a message outside a
-        // transaction waits for the WAL writer) and the stream brings it at its commit.
-        source
-            .execute(
-                "SELECT pg_logical_emit_message(true, $1, $2)",
-                &[&mark_prefix, &format!("{attempt}:{seq}")],
-            )
-            .await
-            .map_err(SourceError::sql(
-                "writing the copy's watermark (pg_logical_emit_message)",
-            ))?;
-        last_mark = Some(catalog::current_wal_lsn(&source).await?);
+        if reconcile && !rows.iter().any(|row: &ChunkRow| row.tombstone) {
+            let ids: Vec<&str> = rows.iter().map(|row| row.id.as_str()).collect();
+            target
+                .execute(
+                    "INSERT INTO usersync_copy_seen SELECT unnest($1::text[])
+                     ON CONFLICT DO NOTHING",
+                    &[&ids],
+                )
+                .await
+                .map_err(apply::ApplyError::sql("recording copied users"))?;
+        }
+        copied += rows.iter().filter(|row| !row.tombstone).count();
         waiting.insert(seq);
+        hand_over(copy, &source, &mark_prefix, attempt, seq, &snapshot, rows).await?;
         seq += 1;
+        last_mark = Some(catalog::current_wal_lsn(&source).await?);
     }
     // Done once the route's target holds the last chunk durably.
     if let Some(mark) = last_mark {
@@ -739,11 +814,67 @@ async fn copy_users(copy: &mut Copy, confirmed: &AtomicU64, attempt: u64) -> Res
             tokio::time::sleep(OPEN_TRANSACTIONS_POLL).await;
         }
     }
-    let target = conn::sql::connect(&config.target, APPLICATION_NAME)
-        .await
-        .map_err(Error::connect("target"))?;
-    apply::copy_done(&target, &config.checkpoint_key()).await?;
+    if let Some(asked_at) = asked_at {
+        apply::copy_done(&target, &key, &asked_at).await?;
+    }
     Ok(copied)
+}
+
+/// Hands chunk `seq` (`rows`, read in `snapshot`) to the reader and commits its watermark.
+async fn hand_over(
+    copy: &Copy,
+    source: &Client,
+    mark_prefix: &str,
+    attempt: u64,
+    seq: u64,
+    snapshot: &str,
+    rows: Vec<ChunkRow>,
+) -> Result<(), Error> {
+    let snapshot = Snapshot::parse(snapshot).ok_or_else(|| {
+        SourceError::Definite(format!(
+            "the source printed a snapshot usersync cannot read: {snapshot}"
+        ))
+    })?;
+    copy.handoff
+        .put(Chunk {
+            attempt,
+            seq,
+            snapshot,
+            rows,
+        })
+        .await;
+    // Transactional, so that its commit is flushed at once (a message outside a transaction
+    // waits for the WAL writer) and the stream brings it at its commit, in order.
+    source
+        .execute(
+            "SELECT pg_logical_emit_message(true, $1, $2)",
+            &[&mark_prefix, &format!("{attempt}:{seq}")],
+        )
+        .await
+        .map_err(SourceError::sql(
+            "writing the copy's watermark (pg_logical_emit_message)",
+        ))?;
+    Ok(())
+}
+
+/// Live users of the target not among those the copy found (`usersync_copy_seen`), after
+/// `after`, a page at a time, in id order.
+async fn absent_users(target: &Client, after: Option<&str>) -> Result<Vec<String>, Error> {
+    let rows = target
+        .query(
+            &format!(
+                "SELECT id FROM neon_auth.users_sync u
+                  WHERE deleted_at IS NULL AND ($1::text IS NULL OR id COLLATE \"C\" > $1)
+                    AND NOT EXISTS (SELECT 1 FROM usersync_copy_seen s WHERE s.id = u.id)
+                  ORDER BY id COLLATE \"C\" LIMIT {CHUNK_ROWS}"
+            ),
+            &[&after],
+        )
+        .await
+        .map_err(apply::ApplyError::sql(
+            "finding the users the source no longer has",
+        ))?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
 fn take_reply(
@@ -844,7 +975,11 @@ mod tests {
 
     #[test]
     fn watermarks_name_an_attempt_and_a_chunk() {
-        assert_eq!(parse_mark(b"17:3"), Some((17, 3)));
+        assert_eq!(parse_mark(b"17:3"), Some(Mark::Chunk(17, 3)));
+        assert_eq!(
+            parse_mark(resync_message("a:b").as_bytes()),
+            Some(Mark::Resync("a:b".into()))
+        );
         assert_eq!(parse_mark(b"17"), None);
         assert_eq!(parse_mark(b"a:3"), None);
         assert_eq!(parse_mark(&[0xff, b':', b'1']), None);

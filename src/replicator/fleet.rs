@@ -224,6 +224,12 @@ impl RouteHealth {
         self.evicted = true;
     }
 
+    /// The route is resynced online: it may come back, from where the slot stands.
+    pub fn resynced(&mut self) {
+        self.evicted = false;
+        self.down_since = None;
+    }
+
     pub fn is_evicted(&self) -> bool {
         self.evicted
     }

@@ -41,6 +41,7 @@ use crate::liveness::Liveness;
 use crate::lsn::Lsn;
 use crate::metrics::{Metrics, Side};
 use crate::routing::Routes;
+pub use backfill::{prefix as copy_message_prefix, resync_message};
 use fleet::Fleet;
 pub use fleet::RouteHealth;
 use start::run_session;

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 
-use super::backfill::{self, CopyEnd, Joined, Window};
+use super::backfill::{self, CopyEnd, CopyKind, Joined, Mark, Window};
 use super::changes::{print_changes, transaction_meta, ChangeMapper, Routed, UserChange};
 use super::fleet::{self, Fleet, Member, RouteHealth};
 use super::lag::ClockWatch;
@@ -60,7 +60,7 @@ pub(super) enum RouteStart {
     Ready {
         worker: ApplyWorker,
         resume_at: Lsn,
-        copying: bool,
+        copying: Option<CopyKind>,
     },
     /// Could not be opened (a fan-out only): holds the slot at `held`; its target is probed
     /// if the failure may pass by itself (`probe`), else left for the operator.
@@ -156,6 +156,8 @@ pub(super) struct Session<'a> {
     reported: Reported,
     /// A replay reached its end position.
     finished: bool,
+    /// A route that went away was resynced online: a new session lets it back in.
+    rejoin: bool,
     /// The furthest WAL position the server has reported.
     received: Lsn,
     last_status: Instant,
@@ -222,6 +224,7 @@ impl<'a> Session<'a> {
             skip_before: resume_at,
             reported: Reported::new(slot_confirmed),
             finished: false,
+            rejoin: false,
             received: resume_at,
             last_status: Instant::now(),
         };
@@ -250,9 +253,9 @@ impl<'a> Session<'a> {
                 copying,
             } => {
                 let handle = self.spawn_route(index, worker, resume_at);
-                if copying && self.mode == Mode::Service {
+                if let Some(kind) = copying.filter(|_| self.mode == Mode::Service) {
                     let confirmed = handle.confirmed_shared();
-                    self.start_copy(index, backfill::Start::Attached(confirmed));
+                    self.start_copy(index, kind, backfill::Start::Attached(confirmed));
                 }
                 Member::Attached(handle)
             }
@@ -272,7 +275,11 @@ impl<'a> Session<'a> {
                 // whose target never gets ready.
                 self.fleet.health[index].failed();
                 let joined = self.joins_sender.clone();
-                self.start_copy(index, backfill::Start::Join { held, joined });
+                self.start_copy(
+                    index,
+                    CopyKind::Fill,
+                    backfill::Start::Join { held, joined },
+                );
                 Member::Joining { held }
             }
         };
@@ -308,9 +315,10 @@ impl<'a> Session<'a> {
     }
 
     /// Starts the online copy of route `route` (see [`backfill`]).
-    fn start_copy(&mut self, route: usize, start: backfill::Start) {
+    fn start_copy(&mut self, route: usize, kind: CopyKind, start: backfill::Start) {
         let (copy, window) = backfill::pair(
             route,
+            kind,
             self.route_configs[route].clone(),
             self.system_id.clone(),
             Arc::clone(self.metrics),
@@ -401,6 +409,11 @@ impl<'a> Session<'a> {
             if self.finished {
                 self.finish_routes().await?;
                 return Ok(Ended::Done);
+            }
+            if self.rejoin {
+                tracing::info!("starting a new session, in which the resynced route joins");
+                self.finish_routes().await?;
+                return Ok(Ended::Rejoin);
             }
             let status_due = self.last_status + self.status_interval;
             let timer = status_due.min(self.silence.check_due());
@@ -572,8 +585,9 @@ impl<'a> Session<'a> {
         if !self.wanted(&transaction) {
             return self.changes.note_skipped(transaction);
         }
-        // A copy's watermarks (see [`backfill`]): their chunks go to their routes here.
-        let marks: Vec<(u64, u64)> = if self.copies.iter().any(Option::is_some) {
+        // The copies' messages (see [`backfill`]): a watermark's chunk goes to its route
+        // with this transaction; a resync starts once it is fed.
+        let marks: Vec<Mark> = if self.config.routes.is_some() && self.mode == Mode::Service {
             transaction
                 .changes
                 .iter()
@@ -614,9 +628,11 @@ impl<'a> Session<'a> {
             let fed = self.routes[route].fed().is_some();
             if let Some(window) = self.copies[route].as_mut().filter(|_| fed) {
                 window.record(xid, &changes);
-                for &(attempt, seq) in &marks {
-                    if let Some(chunk) = window.take(attempt, seq) {
-                        changes.extend(chunk);
+                for mark in &marks {
+                    if let Mark::Chunk(attempt, seq) = *mark {
+                        if let Some(chunk) = window.take(attempt, seq) {
+                            changes.extend(chunk);
+                        }
                     }
                 }
             }
@@ -638,7 +654,45 @@ impl<'a> Session<'a> {
             )
             .await?;
         }
+        for mark in marks {
+            if let Mark::Resync(route) = mark {
+                self.resync(&route);
+            }
+        }
         Ok(())
+    }
+
+    /// `resync --online` of the route named `name` (its target is marked already): an
+    /// attached route is copied again, reconciling, from here on; any other comes back in
+    /// a new session, from where the slot stands (see `start::resume_point`).
+    fn resync(&mut self, name: &str) {
+        let Some(route) = self
+            .route_configs
+            .iter()
+            .position(|config| config.route_name() == Some(name))
+        else {
+            tracing::warn!(
+                route = name,
+                "asked to resync a route this run does not have (its routes file is older?)"
+            );
+            return;
+        };
+        tracing::info!(route = name, "resync --online: copying the route again");
+        self.fleet.health[route].resynced();
+        match &self.routes[route] {
+            Member::Attached(handle) => {
+                let confirmed = handle.confirmed_shared();
+                self.stop_copy(route);
+                self.start_copy(
+                    route,
+                    CopyKind::Reconcile,
+                    backfill::Start::Attached(confirmed),
+                );
+            }
+            // Joining: its copy comes once it has joined (it has no checkpoint to mark).
+            Member::Joining { .. } => {}
+            _ => self.rejoin = true,
+        }
     }
 
     /// A transaction too large for one batch (or spilled to disk) goes to the targets in

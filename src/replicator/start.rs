@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use postgres_protocol::escape::escape_identifier;
 use tokio::sync::watch;
 
+use super::backfill::CopyKind;
 use super::changes::ChangeMapper;
 use super::fleet::{Fleet, RouteHealth};
 use super::relations::StreamTables;
@@ -289,7 +290,11 @@ pub(super) async fn run_session(
         routes.push(RouteStart::Ready {
             worker: ApplyWorker::spawn(writer),
             resume_at,
-            copying: fan_out && checkpoint.copying,
+            copying: (fan_out && checkpoint.copying).then_some(if checkpoint.copy_reconciles {
+                CopyKind::Reconcile
+            } else {
+                CopyKind::Fill
+            }),
         });
     }
     let Some(resume_at) = routes
@@ -574,14 +579,17 @@ async fn resume_point(
     // confirmed further means this target lost what it had applied; streaming on from the
     // slot would leave that gap for good. A checkpoint an older usersync wrote proves
     // nothing yet: it is taken over at the slot's position.
-    if checkpoint.slot_bounded && confirmed_flush > checkpoint.end_lsn {
+    // A route being resynced online is rebuilt whatever it missed: it resumes at the slot.
+    let rebuilt = checkpoint.copying && checkpoint.copy_reconciles && !dry_run;
+    let behind = confirmed_flush > checkpoint.end_lsn;
+    if checkpoint.slot_bounded && behind && !rebuilt {
         return Err(Refusal::Unresumable(target_behind_slot(
             config,
             confirmed_flush,
             checkpoint,
         )));
     }
-    let take_over = !checkpoint.slot_bounded && !dry_run;
+    let take_over = (!checkpoint.slot_bounded || (rebuilt && behind)) && !dry_run;
     let resume_at = if take_over {
         checkpoint.end_lsn.max(confirmed_flush)
     } else {
@@ -622,6 +630,16 @@ async fn resume_point(
         )
         .await
         .map_err(Refusal::Failed)?;
+        if rebuilt {
+            tracing::info!(
+                slot = %config.slot,
+                route = config.route_name().unwrap_or_default(),
+                checkpoint = %resume_at,
+                "the route resumes at the slot's position: its online resync copies what it \
+                 missed"
+            );
+            return Ok(resume_at);
+        }
         // Once per upgrade; more often means something else writes usersync.state (a
         // trigger, a person), which turns the detection of a restored target off.
         tracing::warn!(
@@ -651,11 +669,10 @@ fn target_behind_slot(config: &Config, confirmed: Lsn, checkpoint: &apply::Check
             "slot {slot} is confirmed up to {confirmed}, past the checkpoint of route {route} \
              ({}): the route was evicted (down past --evict-after), its target was restored \
              to an earlier point, or a run without this route streamed meanwhile; its target \
-             lacks changes the slot no longer holds. Remove its checkpoint (DELETE FROM \
-             usersync.state WHERE slot_name = '{}' on its target) and run usersync setup \
-             --routes with run stopped, which copies it anew. See docs/fan-out.md#a-lost-slot-and-copying-a-route-again",
+             lacks changes the slot no longer holds. Run usersync resync --routes <file> \
+             --online {route}: it copies the route again while run streams, and soft-deletes \
+             the users the source no longer has. See docs/fan-out.md#copying-a-route-again",
             checkpoint.end_lsn,
-            config.checkpoint_key()
         ));
     }
     Error::Config(format!(

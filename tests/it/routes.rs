@@ -513,7 +513,7 @@ async fn a_target_down_holds_back_only_the_slot_and_catches_up_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_down_past_evict_after_stops_holding_the_slot() {
-    let (fan_out, own) = fan_out_with_own_server().await;
+    let (mut fan_out, own) = fan_out_with_own_server().await;
     let log = fan_out.dir.join("run.log");
     let mut run = fan_out
         .command(&["run", "--evict-after", "1s"])
@@ -539,7 +539,8 @@ async fn a_route_down_past_evict_after_stops_holding_the_slot() {
     let said = std::fs::read_to_string(&log).unwrap();
     assert!(said.contains("evicted"), "{said}");
     // Back, it stays out (it needs a resync), and the others go on.
-    let _own = start_again(own).await;
+    let own = start_again(own).await;
+    fan_out.routes[0].client = sql(&own, &fan_out.routes[0].dbname).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     fan_out
         .pair
@@ -569,8 +570,119 @@ async fn a_route_down_past_evict_after_stops_holding_the_slot() {
     let said = std::fs::read_to_string(&log).unwrap();
     assert!(said.contains("cannot resume"), "{said}");
     assert!(run.try_wait().unwrap().is_none(), "run ended: {said}");
+    // An online resync brings it back while run streams: a new session lets it in at the
+    // slot's position, and its copy rebuilds what it missed.
+    let resync = fan_out.usersync(&["resync", "--online", "acme"]);
+    assert!(
+        resync.status.success(),
+        "resync --online: {}",
+        text(&resync)
+    );
+    wait_for_log(&log, "the route's users are copied").await;
+    matched_or_log(&fan_out, &log).await;
+    assert!(run.try_wait().unwrap().is_none(), "run ended");
     run.kill().unwrap();
     run.wait().unwrap();
+}
+
+/// `resync --online` of one route while run streams under load: its target, tampered with
+/// (users hard-deleted, changed, one that the source never had), ends equal to its share of
+/// the source; the other routes are not touched, nor is the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_online_repairs_one_route_while_run_streams() {
+    let fan_out = FanOut::new(&[("acme", &["acme"]), ("globex", &["globex"])]).await;
+    fan_out
+        .pair
+        .source
+        .batch_execute(
+            "INSERT INTO users (tenant, email)
+             SELECT (ARRAY['acme','globex'])[1 + i % 2], 'pre' || i || '@example.com'
+               FROM generate_series(1, 6000) AS i",
+        )
+        .await
+        .unwrap();
+    let setup = fan_out.usersync(&["setup"]);
+    assert!(setup.status.success(), "setup: {}", text(&setup));
+    install_write_log(&fan_out.routes[1].client).await;
+    let log = fan_out.dir.join("run.log");
+    let mut run = fan_out
+        .command(&["run"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = spawn_load(
+        sql(fan_out.pair.server, &fan_out.pair.config.source.dbname).await,
+        &["acme", "globex"],
+        Arc::clone(&writing),
+    );
+    fan_out.wait_for_match().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acme = &fan_out.routes[0].client;
+    acme.batch_execute(
+        "DELETE FROM neon_auth.users_sync WHERE id IN
+           (SELECT id FROM neon_auth.users_sync ORDER BY id LIMIT 50);
+         UPDATE neon_auth.users_sync SET raw_json = raw_json || '{\"email\": \"wrong@example.com\"}'
+          WHERE id IN (SELECT id FROM neon_auth.users_sync ORDER BY id DESC LIMIT 50);
+         INSERT INTO neon_auth.users_sync (raw_json)
+         VALUES ('{\"id\": \"stranger\", \"email\": \"s@example.com\", \"version\": 1,
+                   \"signed_up_at_millis\": 0}')",
+    )
+    .await
+    .unwrap();
+    let resync = fan_out.usersync(&["resync", "--online", "acme"]);
+    assert!(
+        resync.status.success(),
+        "resync --online: {}",
+        text(&resync)
+    );
+    wait_for_log(&log, "the route's users are copied").await;
+    writing.store(false, Ordering::Relaxed);
+    let statements = writer.await.unwrap();
+    assert!(
+        statements > 100,
+        "the load ran only {statements} statements"
+    );
+    matched_or_log(&fan_out, &log).await;
+    let stranger: Option<bool> = acme
+        .query_opt(
+            "SELECT deleted_at IS NOT NULL FROM neon_auth.users_sync WHERE id = 'stranger'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .map(|row| row.get(0));
+    assert_eq!(
+        stranger,
+        Some(true),
+        "a user the source never had is soft-deleted"
+    );
+    assert!(run.try_wait().unwrap().is_none(), "run ended");
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(!said.contains("new session"), "{said}");
+    // The other route saw nothing again.
+    assert_write_log_ordered(&fan_out.routes[1].client).await;
+    let copying: bool = acme
+        .query_one(
+            "SELECT copy_started_at IS NOT NULL FROM usersync.state",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!copying, "the resync's mark stays");
+    // Without --routes, or naming no route, it refuses.
+    let unknown = fan_out.usersync(&["resync", "--online", "nobody"]);
+    assert_eq!(unknown.status.code(), Some(78), "{}", text(&unknown));
+    let single = fan_out
+        .pair
+        .command(&["resync", "--online", "acme"])
+        .output()
+        .unwrap();
+    assert_eq!(single.status.code(), Some(2), "{}", text(&single));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
