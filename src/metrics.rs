@@ -102,7 +102,9 @@ struct RouteStateLabel {
 }
 
 /// The states a route of a fan-out can be in (see `replicator::fleet`).
-pub const ROUTE_STATES: [&str; 4] = ["active", "draining", "detached", "evicted"];
+pub const ROUTE_STATES: [&str; 6] = [
+    "active", "copying", "joining", "draining", "detached", "evicted",
+];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QuantileLabel {

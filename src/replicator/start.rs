@@ -671,7 +671,7 @@ fn target_behind_slot(config: &Config, confirmed: Lsn, checkpoint: &apply::Check
              to an earlier point, or a run without this route streamed meanwhile; its target \
              lacks changes the slot no longer holds. Run usersync resync --routes <file> \
              --online {route}: it copies the route again while run streams, and soft-deletes \
-             the users the source no longer has. See docs/fan-out.md#copying-a-route-again",
+             the users the source no longer has. See docs/fan-out.md#a-lost-slot-and-copying-a-route-again",
             checkpoint.end_lsn,
         ));
     }

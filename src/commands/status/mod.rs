@@ -83,18 +83,26 @@ async fn routes_status(config: &Config, options: StatusOptions) -> Result<Verdic
                 })
             });
         if let Ok(report) = &mut report {
-            if report.checkpoint.is_none() && report.target.unfinished.is_none() {
-                // A route nobody set up (added to the file, or its checkpoint removed): run
-                // refuses to start without it.
+            // A route new to the file (or its checkpoint removed) is copied online by run,
+            // and one marked copying is on its way: neither holds every user yet.
+            let message = match &report.checkpoint {
+                None if report.target.unfinished.is_none() => Some(format!(
+                    "route {name} has no checkpoint on its target yet: usersync run copies it \
+                     online by itself (start run if none is running)"
+                )),
+                Some(checkpoint) if checkpoint.copying => Some(format!(
+                    "route {name} is being copied online: its target lacks users from before \
+                     it joined until usersync run is done (start run if none is running)"
+                )),
+                _ => None,
+            };
+            if let Some(message) = message {
                 report.problems.push(Problem {
-                    verdict: Verdict::Broken,
-                    message: format!(
-                        "route {name} has no checkpoint on its target: stop usersync run and \
-                         run usersync setup --routes, which copies it"
-                    ),
+                    verdict: Verdict::Lagging,
+                    message,
                 });
-                report.verdict = Verdict::Broken;
-                report.exit_code = Verdict::Broken.exit_code();
+                report.verdict = report.verdict.max(Verdict::Lagging);
+                report.exit_code = report.verdict.exit_code();
             }
         }
         routes.push((name, report));
@@ -294,6 +302,7 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
             commit_time: checkpoint.commit_time.map(Rfc3339),
             written_at: Rfc3339(checkpoint.written_at),
             slot_bounded: checkpoint.slot_bounded,
+            copying: checkpoint.copying,
         }),
         target: target_status,
         lag: LagStatus {

@@ -133,6 +133,9 @@ pub struct CheckpointStatus {
     /// The slot is never confirmed past `end_lsn` (false for a checkpoint of an older
     /// usersync that `run` has not taken over yet).
     pub slot_bounded: bool,
+    /// A route's online copy is under way (added while running, or `resync --online`): its
+    /// target lacks users from before it joined until `run` is done with it.
+    pub copying: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -606,6 +609,7 @@ mod tests {
                 commit_time: Some(Rfc3339(now)),
                 written_at: Rfc3339(now),
                 slot_bounded: true,
+                copying: false,
             }),
             target: TargetStatus {
                 url: "postgresql://u:***@t:5432/db?sslmode=verify-full".into(),
