@@ -343,20 +343,22 @@ pub async fn read_checkpoint(
 
 /// Creates the checkpoint of a route that joins a fan-out while it streams, at `position`
 /// (where the slot waits for it), marked as copying: its users are copied online from now
-/// on, and until that copy ends the target holds only the stream since it joined. Fails if
-/// the target has a checkpoint for `slot` already. Commits synchronously.
+/// on, and until that copy ends the target holds only the stream since it joined
+/// (`reconciles`: the copy also soft-deletes users the source no longer has). Fails if the
+/// target has a checkpoint for `slot` already. Commits synchronously.
 pub async fn create_copying_checkpoint(
     client: &Client,
     slot: &str,
     system_id: &str,
     position: Lsn,
+    reconciles: bool,
 ) -> Result<(), ApplyError> {
     client
         .execute(
             "INSERT INTO usersync.state (slot_name, system_identifier, commit_lsn, end_lsn,
-                    updated_at, bounded_at, copy_started_at)
-             VALUES ($1, $2, $3::text::pg_lsn, $3::text::pg_lsn, now(), now(), now())",
-            &[&slot, &system_id, &position.to_string()],
+                    updated_at, bounded_at, copy_started_at, copy_reconciles)
+             VALUES ($1, $2, $3::text::pg_lsn, $3::text::pg_lsn, now(), now(), now(), $4)",
+            &[&slot, &system_id, &position.to_string(), &reconciles],
         )
         .await
         .map_err(ApplyError::sql("creating the route's checkpoint"))?;

@@ -331,6 +331,11 @@ impl RowLayout {
         &self.used
     }
 
+    /// The source column a user's id is read from.
+    pub fn id_column(&self) -> &str {
+        &self.id.name
+    }
+
     /// A row's values, after checking that the row is as wide as the relation it was bound
     /// to.
     pub(super) fn values<'r>(&self, row: &'r TupleData) -> Result<&'r [ColumnValue], MapError> {

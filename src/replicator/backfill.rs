@@ -60,6 +60,9 @@ pub(super) const CHUNK_ROWS: usize = 1_000;
 const OPEN_TRANSACTIONS_POLL: Duration = Duration::from_millis(50);
 /// After how long waiting for them is logged (with who holds them).
 const OPEN_TRANSACTIONS_LOG: Duration = Duration::from_secs(10);
+/// How often, while the copy waits for open transactions, an empty chunk lets the reader
+/// forget the stream's changes every snapshot sees.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(5);
 /// A user read again this many times (the stream changes it faster than a chunk goes
 /// round) is said so: the copy cannot finish while it does.
 const REQUEUE_WARN: u32 = 100;
@@ -118,23 +121,37 @@ pub(super) struct Chunk {
     seq: u64,
     snapshot: Snapshot,
     rows: Vec<ChunkRow>,
+    /// The copy asks which users the stream left incomplete (see [`Applied::incomplete`]).
+    ask: bool,
 }
 
-/// One user of a chunk: its id, its source key (to read it again), what it means for the
-/// target; or, at a resync's end, a live user of the target the copy did not find
-/// (`tombstone`: its soft delete, no key).
+/// One user of a chunk, by its id.
 pub(super) struct ChunkRow {
     id: String,
-    key: Vec<String>,
+    kind: RowKind,
     changes: Vec<UserChange>,
-    tombstone: bool,
 }
 
-/// The reader's answer to a chunk: which of its users to read again.
+/// What a chunk says of a user.
+pub(super) enum RowKind {
+    /// Its row as the chunk read it; `key`: its source key, to read it again.
+    Copied { key: Vec<String> },
+    /// Looked for by id (the stream left it incomplete) and not found: nothing to copy.
+    Absent,
+    /// At a resync's end, a live user of the target the copy did not find: its soft delete.
+    Tombstone,
+}
+
+/// The reader's answer to a chunk.
 pub(super) struct Applied {
     attempt: u64,
     seq: u64,
+    /// The keys of the users to read again (the stream changed them after the snapshot).
     again: Vec<Vec<String>>,
+    /// If asked: the users the stream changed, since the route joined, without ever
+    /// writing them whole, and that no chunk wrote whole since (a part of a user the target
+    /// lacked, an update that left values out, a primary key moved behind the copy).
+    incomplete: Option<Vec<String>>,
 }
 
 /// Where the copy hands the reader a chunk before it commits the chunk's watermark: one at
@@ -146,6 +163,21 @@ pub(super) struct Handoff {
 }
 
 impl Handoff {
+    /// Waits until no chunk of `attempt` waits for the reader: the next one is read only
+    /// then, so that its snapshot is as close as can be to its watermark (fewer users to
+    /// read again).
+    async fn wait_taken(&self, attempt: u64) {
+        loop {
+            {
+                let slot = self.chunk.lock().unwrap_or_else(|e| e.into_inner());
+                if slot.as_ref().is_none_or(|held| held.attempt < attempt) {
+                    return;
+                }
+            }
+            self.taken.notified().await;
+        }
+    }
+
     /// Leaves `chunk` for the reader once the one before is taken (a chunk of an earlier
     /// attempt, whose watermark never came, is replaced).
     async fn put(&self, chunk: Chunk) {
@@ -220,9 +252,9 @@ impl Window {
 
     /// At chunk `seq`'s watermark: the chunk's changes for the users the stream has not
     /// changed since its snapshot; the others are sent back to be read again. A user the
-    /// stream has brought whole since the route joined, by changes all visible to the
-    /// snapshot, is the target's already as of the snapshot: its row is left out (writing it
-    /// again would change nothing but count twice). `None`: not this route's chunk.
+    /// stream has brought whole since the route joined is the target's already, at least as
+    /// new as the chunk's row (every change since reached the route): its row is left out
+    /// (writing it again would change nothing, or go back). `None`: not this route's chunk.
     pub fn take(&mut self, attempt: u64, seq: u64) -> Option<Vec<UserChange>> {
         let chunk = {
             let mut slot = self.handoff.chunk.lock().unwrap_or_else(|e| e.into_inner());
@@ -232,7 +264,12 @@ impl Window {
             }
         };
         self.handoff.taken.notify_one();
-        let Chunk { snapshot, rows, .. } = chunk;
+        let Chunk {
+            snapshot,
+            rows,
+            ask,
+            ..
+        } = chunk;
         let mut everyone = false;
         let mut changed = HashSet::new();
         // What the snapshot sees, every later one sees: it matters no more.
@@ -251,25 +288,52 @@ impl Window {
         let mut changes = Vec::new();
         let mut again = Vec::new();
         for row in rows {
-            if row.tombstone {
+            let unchanged = !everyone && !changed.contains(&row.id);
+            match row.kind {
                 // Gone from the source when the copy read its place, and unchanged since the
                 // route joined: gone now. One the stream changed is the stream's.
-                if !everyone && !self.whole.contains_key(&row.id) {
-                    changes.extend(row.changes);
+                RowKind::Tombstone => {
+                    if !everyone && !self.whole.contains_key(&row.id) {
+                        changes.extend(row.changes);
+                    }
                 }
-                continue;
-            }
-            if everyone || changed.contains(&row.id) {
-                again.push(row.key);
-            } else if self.whole.get(&row.id) != Some(&true) {
-                changes.extend(row.changes);
+                // Not in the source as of a snapshot that sees all its changes: the stream
+                // has said all there is.
+                RowKind::Absent => {
+                    if unchanged {
+                        if let Some(whole) = self.whole.get_mut(&row.id) {
+                            *whole = true;
+                        }
+                    }
+                }
+                RowKind::Copied { key } => {
+                    if self.whole.get(&row.id) == Some(&true) {
+                        continue;
+                    }
+                    if !unchanged {
+                        again.push(key);
+                        continue;
+                    }
+                    changes.extend(row.changes);
+                    if let Some(whole) = self.whole.get_mut(&row.id) {
+                        *whole = true;
+                    }
+                }
             }
         }
+        let incomplete = ask.then(|| {
+            self.whole
+                .iter()
+                .filter(|(_, whole)| !**whole)
+                .map(|(id, _)| id.clone())
+                .collect()
+        });
         // The copy is gone if nobody listens: its task says why.
         let _ = self.replies.send(Applied {
             attempt,
             seq,
             again,
+            incomplete,
         });
         Some(changes)
     }
@@ -391,7 +455,8 @@ pub(super) async fn run(mut copy: Copy, start: Start) -> Result<CopyEnd, Error> 
         Start::Join { held, joined } => loop {
             tokio::time::sleep(wait).await;
             match join(&copy, held).await {
-                Ok(Some(worker)) => {
+                Ok(Some((worker, kind))) => {
+                    copy.kind = kind;
                     let (attached, answer) = oneshot::channel();
                     let joined = joined.send(Joined {
                         route: copy.route,
@@ -457,8 +522,8 @@ pub(super) async fn run(mut copy: Copy, start: Start) -> Result<CopyEnd, Error> 
 }
 
 /// Prepares a new route's target: its tables, its lock, its checkpoint at `held`, marked as
-/// copying; returns its worker. `None`: it has a checkpoint already.
-async fn join(copy: &Copy, held: Lsn) -> Result<Option<ApplyWorker>, Error> {
+/// copying; returns its worker and what the copy does. `None`: it has a checkpoint already.
+async fn join(copy: &Copy, held: Lsn) -> Result<Option<(ApplyWorker, CopyKind)>, Error> {
     let config = &copy.config;
     let key = config.checkpoint_key();
     let (client, warnings) = conn::sql::connect_counting_warnings(&config.target, APPLICATION_NAME)
@@ -498,7 +563,25 @@ async fn join(copy: &Copy, held: Lsn) -> Result<Option<ApplyWorker>, Error> {
     if earlier.is_some() {
         apply::setup_progress::delete(&client, &key).await?;
     }
-    apply::create_copying_checkpoint(&client, &key, &copy.system_id, held).await?;
+    // As `setup` decides on a rerun: a target that was empty when an interrupted copy began
+    // holds only what usersync wrote, so users the source no longer has are soft-deleted;
+    // any other keeps the users it has from elsewhere.
+    let kind = if earlier
+        .as_ref()
+        .is_some_and(|earlier| earlier.target_was_empty)
+    {
+        CopyKind::Reconcile
+    } else {
+        CopyKind::Fill
+    };
+    apply::create_copying_checkpoint(
+        &client,
+        &key,
+        &copy.system_id,
+        held,
+        kind == CopyKind::Reconcile,
+    )
+    .await?;
     client
         .batch_execute("COMMIT")
         .await
@@ -507,7 +590,7 @@ async fn join(copy: &Copy, held: Lsn) -> Result<Option<ApplyWorker>, Error> {
     writer.watch_warnings(warnings);
     writer.use_async_commit().await?;
     writer.count_in(Arc::clone(&copy.metrics));
-    Ok(Some(ApplyWorker::spawn(writer)))
+    Ok(Some((ApplyWorker::spawn(writer), kind)))
 }
 
 /// How the copy reads the route's rows: the profile's copy select, limited to the route and
@@ -522,6 +605,8 @@ struct Reading {
     key: Vec<(usize, String, String)>,
     width: usize,
     part_keys: &'static [&'static str],
+    /// The source column users' ids come from, quoted.
+    id_column: String,
 }
 
 impl Reading {
@@ -554,7 +639,9 @@ impl Reading {
             };
             key.push((place, format!("u.{}", escape_identifier(&name)), ty));
         }
+        let id_column = format!("u.{}", escape_identifier(mapping.layout().id_column()));
         Ok(Reading {
+            id_column,
             mapping,
             width: profile.snapshot_width(&columns),
             part_keys: config.mapping.part_keys(),
@@ -608,6 +695,19 @@ impl Reading {
             "{} AND ({}) IN ({})",
             self.route_filter,
             self.key_list(),
+            list.join(", ")
+        );
+        self.profile
+            .snapshot_select(&config.table, &self.columns, Some(&only))
+    }
+
+    /// The select of the users with these ids.
+    fn by_id(&self, config: &Config, ids: &[String]) -> String {
+        let list: Vec<String> = ids.iter().map(|id| escape_literal(id)).collect();
+        let only = format!(
+            "{} AND {}::text IN ({})",
+            self.route_filter,
+            self.id_column,
             list.join(", ")
         );
         self.profile
@@ -679,16 +779,17 @@ impl Reading {
         changes.extend(part);
         Ok(Some(ChunkRow {
             id,
-            key: self.key_of(row)?,
+            kind: RowKind::Copied {
+                key: self.key_of(row)?,
+            },
             changes,
-            tombstone: false,
         }))
     }
 }
 
 /// One attempt at the copy; returns the users copied.
 async fn copy_users(copy: &mut Copy, confirmed: &AtomicU64, attempt: u64) -> Result<usize, Error> {
-    let config = &copy.config;
+    let config = &copy.config.clone();
     let (Some(routes), Some(route)) = (config.routes.as_deref(), config.route) else {
         return Err(Error::Config(
             "only a route of a fan-out is copied online".into(),
@@ -716,100 +817,107 @@ async fn copy_users(copy: &mut Copy, confirmed: &AtomicU64, attempt: u64) -> Res
         .await
         .map_err(Error::connect("source"))?;
     let reading = Reading::new(&source, config, routes, route).await?;
-    wait_for_open_transactions(&source, config).await?;
-    let mark_prefix = prefix(&config.slot);
+    let mut handing = Handing {
+        copy,
+        source: &source,
+        prefix: prefix(&config.slot),
+        attempt,
+        seq: 0,
+        last_mark: None,
+        progress: Progress::default(),
+    };
+    handing.wait_for_open_transactions().await?;
     let mut after: Option<Vec<String>> = None;
     let mut read_all = false;
-    let mut again: Vec<Vec<String>> = Vec::new();
-    let mut times_again: HashMap<Vec<String>, u32> = HashMap::new();
-    let mut waiting: HashSet<u64> = HashSet::new();
-    let mut seq = 0_u64;
-    let mut last_mark: Option<Lsn> = None;
-    let mut copied = 0_usize;
     let mut swept_after: Option<String> = None;
+    let mut swept_all = false;
+    let mut copied = 0_usize;
     loop {
-        while let Ok(applied) = copy.replies.try_recv() {
-            take_reply(
-                applied,
-                attempt,
-                &mut waiting,
-                &mut again,
-                &mut times_again,
-                config,
-            );
-        }
-        let (snapshot, rows) = if !read_all {
+        handing.take_replies();
+        // One chunk at a time: its snapshot as close to its watermark as can be.
+        handing.copy.handoff.wait_taken(attempt).await;
+        let progress = &mut handing.progress;
+        let (snapshot, rows, ask) = if !read_all {
             let select = reading.after(config, after.as_deref());
             let (snapshot, rows) = snapshot::read_chunk(&source, &select, reading.width).await?;
             read_all = rows.len() < CHUNK_ROWS;
             if let Some(last) = rows.last() {
                 after = Some(reading.key_of(last)?);
             }
-            (snapshot, reading.rows(&rows)?)
-        } else if !again.is_empty() {
-            let keys: Vec<Vec<String>> = again.drain(..again.len().min(CHUNK_ROWS)).collect();
+            (snapshot, reading.rows(&rows)?, false)
+        } else if !progress.again.is_empty() {
+            let end = progress.again.len().min(CHUNK_ROWS);
+            let keys: Vec<Vec<String>> = progress.again.drain(..end).collect();
             let select = reading.again(config, &keys);
             let (snapshot, rows) = snapshot::read_chunk(&source, &select, reading.width).await?;
-            (snapshot, reading.rows(&rows)?)
-        } else if !waiting.is_empty() {
-            let Some(applied) = copy.replies.recv().await else {
-                return Err(crate::apply::ApplyError::WorkerGone.into());
-            };
-            take_reply(
-                applied,
-                attempt,
-                &mut waiting,
-                &mut again,
-                &mut times_again,
-                config,
-            );
+            (snapshot, reading.rows(&rows)?, false)
+        } else if !progress.waiting.is_empty() {
+            handing.wait_reply().await?;
             continue;
-        } else if reconcile {
+        } else if progress
+            .incomplete
+            .as_ref()
+            .is_some_and(|ids| !ids.is_empty())
+        {
+            // Asked again once these are read.
+            let ids = progress.incomplete.take().unwrap_or_default();
+            // Users the stream left incomplete (a part, or values an update left out, of a
+            // user the target lacked; a primary key moved behind the copy), by id.
+            for ids in ids.chunks(CHUNK_ROWS) {
+                let select = reading.by_id(config, ids);
+                let (snapshot, rows) =
+                    snapshot::read_chunk(&source, &select, reading.width).await?;
+                let mut rows = reading.rows(&rows)?;
+                let found: HashSet<String> = rows.iter().map(|row| row.id.clone()).collect();
+                rows.extend(
+                    ids.iter()
+                        .filter(|id| !found.contains(*id))
+                        .map(|id| ChunkRow {
+                            id: id.clone(),
+                            kind: RowKind::Absent,
+                            changes: Vec::new(),
+                        }),
+                );
+                handing.copy.handoff.wait_taken(attempt).await;
+                record_seen(&target, reconcile, &rows).await?;
+                handing.hand_over(&snapshot, rows, false).await?;
+            }
+            continue;
+        } else if reconcile && !swept_all {
             // Every user of the route is copied: the target's live users the copy did not
             // find go, a page at a time, as soft deletes through the stream like chunks.
             let gone = absent_users(&target, swept_after.as_deref()).await?;
-            let Some(last) = gone.last() else { break };
-            swept_after = Some(last.clone());
-            let snapshot: String = source
-                .query_one("SELECT pg_current_snapshot()::text", &[])
-                .await
-                .map_err(SourceError::sql("reading a snapshot"))?
-                .get(0);
+            swept_all = gone.len() < CHUNK_ROWS;
+            swept_after = gone.last().cloned().or(swept_after);
+            // Asked again after the sweep: the last word is the reader's.
+            progress.incomplete = None;
             let rows = gone
                 .into_iter()
                 .map(|id| ChunkRow {
                     changes: vec![UserChange::SoftDelete(id.clone())],
                     id,
-                    key: Vec::new(),
-                    tombstone: true,
+                    kind: RowKind::Tombstone,
                 })
                 .collect();
-            (snapshot, rows)
+            (handing.snapshot().await?, rows, false)
+        } else if progress.incomplete.is_none() {
+            // Nothing left to read: ask the reader which users the stream left incomplete.
+            (handing.snapshot().await?, Vec::new(), true)
         } else {
             break;
         };
-        if rows.is_empty() {
+        if rows.is_empty() && !ask {
             continue;
         }
-        if reconcile && !rows.iter().any(|row: &ChunkRow| row.tombstone) {
-            let ids: Vec<&str> = rows.iter().map(|row| row.id.as_str()).collect();
-            target
-                .execute(
-                    "INSERT INTO usersync_copy_seen SELECT unnest($1::text[])
-                     ON CONFLICT DO NOTHING",
-                    &[&ids],
-                )
-                .await
-                .map_err(apply::ApplyError::sql("recording copied users"))?;
-        }
-        copied += rows.iter().filter(|row| !row.tombstone).count();
-        waiting.insert(seq);
-        hand_over(copy, &source, &mark_prefix, attempt, seq, &snapshot, rows).await?;
-        seq += 1;
-        last_mark = Some(catalog::current_wal_lsn(&source).await?);
+        record_seen(&target, reconcile, &rows).await?;
+        copied += rows
+            .iter()
+            .filter(|row| matches!(row.kind, RowKind::Copied { .. }))
+            .count();
+        handing.hand_over(&snapshot, rows, ask).await?;
     }
     // Done once the route's target holds the last chunk durably.
-    if let Some(mark) = last_mark {
+    if let Some(mark) = handing.last_mark {
         while confirmed.load(Ordering::Acquire) < mark.0 {
             tokio::time::sleep(OPEN_TRANSACTIONS_POLL).await;
         }
@@ -820,41 +928,174 @@ async fn copy_users(copy: &mut Copy, confirmed: &AtomicU64, attempt: u64) -> Res
     Ok(copied)
 }
 
-/// Hands chunk `seq` (`rows`, read in `snapshot`) to the reader and commits its watermark.
-async fn hand_over(
-    copy: &Copy,
-    source: &Client,
-    mark_prefix: &str,
-    attempt: u64,
-    seq: u64,
-    snapshot: &str,
-    rows: Vec<ChunkRow>,
-) -> Result<(), Error> {
-    let snapshot = Snapshot::parse(snapshot).ok_or_else(|| {
-        SourceError::Definite(format!(
-            "the source printed a snapshot usersync cannot read: {snapshot}"
-        ))
-    })?;
-    copy.handoff
-        .put(Chunk {
-            attempt,
-            seq,
-            snapshot,
-            rows,
-        })
-        .await;
-    // Transactional, so that its commit is flushed at once (a message outside a transaction
-    // waits for the WAL writer) and the stream brings it at its commit, in order.
-    source
+/// A resync remembers, on the target, which users the copy found in the source.
+async fn record_seen(target: &Client, reconcile: bool, rows: &[ChunkRow]) -> Result<(), Error> {
+    if !reconcile {
+        return Ok(());
+    }
+    let ids: Vec<&str> = rows
+        .iter()
+        .filter(|row| matches!(row.kind, RowKind::Copied { .. }))
+        .map(|row| row.id.as_str())
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    target
         .execute(
-            "SELECT pg_logical_emit_message(true, $1, $2)",
-            &[&mark_prefix, &format!("{attempt}:{seq}")],
+            "INSERT INTO usersync_copy_seen SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+            &[&ids],
         )
         .await
-        .map_err(SourceError::sql(
-            "writing the copy's watermark (pg_logical_emit_message)",
-        ))?;
+        .map_err(apply::ApplyError::sql("recording copied users"))?;
     Ok(())
+}
+
+/// The copy's side of the handoff: its chunks' numbers and watermarks, and the reader's
+/// answers.
+struct Handing<'a> {
+    copy: &'a mut Copy,
+    source: &'a Client,
+    prefix: String,
+    attempt: u64,
+    seq: u64,
+    /// Past the last watermark's commit.
+    last_mark: Option<Lsn>,
+    progress: Progress,
+}
+
+impl Handing<'_> {
+    /// Takes the answers that came.
+    fn take_replies(&mut self) {
+        while let Ok(applied) = self.copy.replies.try_recv() {
+            take_reply(applied, self.attempt, &mut self.progress, &self.copy.config);
+        }
+    }
+
+    /// Waits for the next answer.
+    async fn wait_reply(&mut self) -> Result<(), Error> {
+        let Some(applied) = self.copy.replies.recv().await else {
+            return Err(apply::ApplyError::WorkerGone.into());
+        };
+        take_reply(applied, self.attempt, &mut self.progress, &self.copy.config);
+        Ok(())
+    }
+
+    /// A snapshot of the source now.
+    async fn snapshot(&self) -> Result<String, Error> {
+        Ok(self
+            .source
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await
+            .map_err(SourceError::sql("reading a snapshot"))?
+            .get(0))
+    }
+
+    /// Hands the next chunk (`rows`, read in `snapshot`) to the reader and commits its
+    /// watermark.
+    async fn hand_over(
+        &mut self,
+        snapshot: &str,
+        rows: Vec<ChunkRow>,
+        ask: bool,
+    ) -> Result<(), Error> {
+        let snapshot = Snapshot::parse(snapshot).ok_or_else(|| {
+            SourceError::Definite(format!(
+                "the source printed a snapshot usersync cannot read: {snapshot}"
+            ))
+        })?;
+        let seq = self.seq;
+        self.seq += 1;
+        self.progress.waiting.insert(seq);
+        if ask {
+            self.progress.incomplete = None;
+        }
+        self.copy
+            .handoff
+            .put(Chunk {
+                attempt: self.attempt,
+                seq,
+                snapshot,
+                rows,
+                ask,
+            })
+            .await;
+        // Transactional, so that its commit is flushed at once (a message outside a
+        // transaction waits for the WAL writer) and the stream brings it at its commit, in
+        // order.
+        self.source
+            .execute(
+                "SELECT pg_logical_emit_message(true, $1, $2)",
+                &[&self.prefix, &format!("{}:{seq}", self.attempt)],
+            )
+            .await
+            .map_err(SourceError::sql(
+                "writing the copy's watermark (pg_logical_emit_message)",
+            ))?;
+        // The insert position is past the watermark's commit record, whatever the role's
+        // synchronous_commit: the route holds the chunk once durable past it.
+        let past: String = self
+            .source
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .map_err(SourceError::sql("reading the source's WAL position"))?
+            .get(0);
+        let past: Lsn = past.parse().map_err(|_| {
+            SourceError::Definite(format!(
+                "the source printed an LSN usersync cannot read: {past}"
+            ))
+        })?;
+        self.last_mark = Some(past);
+        Ok(())
+    }
+
+    /// Waits until every transaction that may have committed before the route joined the
+    /// stream is visible to every later snapshot: those with an xid below one taken now
+    /// (xids are handed out in order, so each one decoded before the join has a lower one),
+    /// as PostgreSQL does when it creates a slot. Meanwhile, empty chunks let the reader
+    /// forget what it recorded that every snapshot sees.
+    async fn wait_for_open_transactions(&mut self) -> Result<(), Error> {
+        let now: String = self
+            .source
+            .query_one("SELECT pg_current_xact_id()::text", &[])
+            .await
+            .map_err(SourceError::sql("reading a transaction id"))?
+            .get(0);
+        let started = Instant::now();
+        let mut logged = false;
+        let mut pruned = Instant::now();
+        loop {
+            let done: bool = self
+                .source
+                .query_one(
+                    "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8",
+                    &[&now],
+                )
+                .await
+                .map_err(SourceError::sql("waiting for open transactions"))?
+                .get(0);
+            if done {
+                return Ok(());
+            }
+            if !logged && started.elapsed() >= OPEN_TRANSACTIONS_LOG {
+                logged = true;
+                tracing::warn!(
+                    route = self.copy.config.route_name().unwrap_or_default(),
+                    "the route's copy waits for transactions open on the source since it \
+                     started (pg_stat_activity shows them: state 'idle in transaction', long \
+                     queries; pg_prepared_xacts, prepared ones)"
+                );
+            }
+            if pruned.elapsed() >= PRUNE_INTERVAL {
+                pruned = Instant::now();
+                self.take_replies();
+                self.copy.handoff.wait_taken(self.attempt).await;
+                let snapshot = self.snapshot().await?;
+                self.hand_over(&snapshot, Vec::new(), false).await?;
+            }
+            tokio::time::sleep(OPEN_TRANSACTIONS_POLL).await;
+        }
+    }
 }
 
 /// Live users of the target not among those the copy found (`usersync_copy_seen`), after
@@ -877,18 +1118,33 @@ async fn absent_users(target: &Client, after: Option<&str>) -> Result<Vec<String
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
-fn take_reply(
-    applied: Applied,
-    attempt: u64,
-    waiting: &mut HashSet<u64>,
-    again: &mut Vec<Vec<String>>,
-    times_again: &mut HashMap<Vec<String>, u32>,
-    config: &Config,
-) {
+/// What the copy keeps of the reader's answers.
+#[derive(Default)]
+struct Progress {
+    /// Chunks handed over and not answered yet.
+    waiting: HashSet<u64>,
+    /// Keys to read again.
+    again: Vec<Vec<String>>,
+    times_again: HashMap<Vec<String>, u32>,
+    /// Users to read by id, from the last answer that was asked for them; `None`: not
+    /// asked since the last chunk.
+    incomplete: Option<Vec<String>>,
+}
+
+fn take_reply(applied: Applied, attempt: u64, progress: &mut Progress, config: &Config) {
+    let Progress {
+        waiting,
+        again,
+        times_again,
+        incomplete,
+    } = progress;
     if applied.attempt != attempt {
         return;
     }
     waiting.remove(&applied.seq);
+    if let Some(answer) = applied.incomplete {
+        *incomplete = Some(answer);
+    }
     for key in applied.again {
         let times = times_again.entry(key.clone()).or_default();
         *times += 1;
@@ -900,43 +1156,6 @@ fn take_reply(
             );
         }
         again.push(key);
-    }
-}
-
-/// Waits until every transaction running now has ended: then each one that committed
-/// before the route joined the stream is visible to the chunks' snapshots.
-async fn wait_for_open_transactions(source: &Client, config: &Config) -> Result<(), Error> {
-    let before: String = source
-        .query_one("SELECT pg_current_snapshot()::text", &[])
-        .await
-        .map_err(SourceError::sql("reading a snapshot"))?
-        .get(0);
-    let started = Instant::now();
-    let mut logged = false;
-    loop {
-        let open: i64 = source
-            .query_one(
-                "SELECT count(*) FROM pg_snapshot_xip($1::text::pg_snapshot) AS x
-                  WHERE x = ANY (ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot())))",
-                &[&before],
-            )
-            .await
-            .map_err(SourceError::sql("waiting for open transactions"))?
-            .get(0);
-        if open == 0 {
-            return Ok(());
-        }
-        if !logged && started.elapsed() >= OPEN_TRANSACTIONS_LOG {
-            logged = true;
-            tracing::warn!(
-                route = config.route_name().unwrap_or_default(),
-                open,
-                "the route's copy waits for transactions open on the source since it \
-                 started (pg_stat_activity shows them: state 'idle in transaction' or long \
-                 queries)"
-            );
-        }
-        tokio::time::sleep(OPEN_TRANSACTIONS_POLL).await;
     }
 }
 
@@ -971,6 +1190,124 @@ mod tests {
         assert!(snapshot.sees(0));
         assert!(!snapshot.sees(1), "at xmax");
         assert!(!snapshot.sees(10));
+    }
+
+    fn upsert(id: &str, whole: bool) -> UserChange {
+        UserChange::Upsert {
+            user: crate::map::MappedUser {
+                id: id.into(),
+                raw_json: serde_json::Map::new(),
+                unchanged_keys: if whole {
+                    Vec::new()
+                } else {
+                    vec!["big".into()]
+                },
+            },
+            inserted: false,
+            deleted_at: None,
+            moved_from: None,
+        }
+    }
+
+    fn copied(id: &str) -> ChunkRow {
+        ChunkRow {
+            id: id.into(),
+            kind: RowKind::Copied {
+                key: vec![format!("key-{id}")],
+            },
+            changes: vec![upsert(id, true)],
+        }
+    }
+
+    fn ids(changes: &[UserChange]) -> Vec<&str> {
+        changes
+            .iter()
+            .map(|change| match change {
+                UserChange::Upsert { user, .. } => user.id.as_str(),
+                UserChange::SoftDelete(id) => id.as_str(),
+                _ => "?",
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_chunk_leaves_out_what_the_stream_has_newer_or_whole() {
+        let handoff = Arc::new(Handoff::default());
+        let (replies, mut answers) = mpsc::unbounded_channel();
+        let mut window = Window {
+            handoff: Arc::clone(&handoff),
+            replies,
+            touched: Vec::new(),
+            whole: HashMap::new(),
+            part_keys: &[],
+        };
+        // a: written whole by the stream; b: an update that left a value out, seen by the
+        // snapshot; c: changed after the snapshot; e: changed in part, never in a chunk.
+        window.record(10, &[upsert("a", true)]);
+        window.record(11, &[upsert("b", false)]);
+        window.record(12, &[upsert("c", false), upsert("e", false)]);
+        let snapshot = Snapshot::parse("11:13:12").unwrap();
+        handoff
+            .put(Chunk {
+                attempt: 7,
+                seq: 0,
+                snapshot: snapshot.clone(),
+                rows: vec![copied("a"), copied("b"), copied("c"), copied("d")],
+                ask: false,
+            })
+            .await;
+        assert!(window.take(7, 1).is_none(), "another chunk's watermark");
+        assert!(window.take(6, 0).is_none(), "another attempt's watermark");
+        let applied = window.take(7, 0).unwrap();
+        assert_eq!(ids(&applied), ["b", "d"]);
+        let answer = answers.try_recv().unwrap();
+        assert_eq!(answer.again, vec![vec!["key-c".to_owned()]]);
+        assert!(answer.incomplete.is_none());
+        // Read again in a snapshot that sees its change, c is written whole; e, changed in
+        // part only, the copy reads by id, and finds it gone.
+        handoff
+            .put(Chunk {
+                attempt: 7,
+                seq: 1,
+                snapshot: Snapshot::parse("13:13:").unwrap(),
+                rows: vec![
+                    copied("c"),
+                    ChunkRow {
+                        id: "e".into(),
+                        kind: RowKind::Absent,
+                        changes: Vec::new(),
+                    },
+                ],
+                ask: false,
+            })
+            .await;
+        assert_eq!(ids(&window.take(7, 1).unwrap()), ["c"]);
+        handoff
+            .put(Chunk {
+                attempt: 7,
+                seq: 2,
+                snapshot: Snapshot::parse("13:13:").unwrap(),
+                rows: vec![
+                    ChunkRow {
+                        id: "a".into(),
+                        kind: RowKind::Tombstone,
+                        changes: vec![UserChange::SoftDelete("a".into())],
+                    },
+                    ChunkRow {
+                        id: "z".into(),
+                        kind: RowKind::Tombstone,
+                        changes: vec![UserChange::SoftDelete("z".into())],
+                    },
+                ],
+                ask: true,
+            })
+            .await;
+        let applied = window.take(7, 2).unwrap();
+        assert_eq!(ids(&applied), ["z"], "a is the stream's");
+        answers.try_recv().unwrap();
+        let answer = answers.try_recv().unwrap();
+        assert_eq!(answer.incomplete, Some(Vec::new()));
+        assert!(window.touched.is_empty(), "every change is seen by now");
     }
 
     #[test]

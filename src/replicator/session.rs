@@ -378,15 +378,28 @@ impl<'a> Session<'a> {
             Ok(CopyEnd::HasCheckpoint) => {
                 tracing::info!(
                     route = self.route_name(route),
-                    "the new route's target has a checkpoint already: starting a new session,                      in which it joins from there"
+                    "the new route's target has a checkpoint already: starting a new session, \
+                     in which it joins from there"
                 );
                 Ok(Some(Ended::Rejoin))
+            }
+            Err(error) if matches!(self.routes[route], Member::Joining { .. }) => {
+                tracing::error!(
+                    route = self.route_name(route),
+                    error = %crate::error::report(&error),
+                    "the new route's target cannot be prepared until this is fixed: the other \
+                     routes go on, and the slot waits for this one (restart usersync run once \
+                     fixed, or let --evict-after release the slot)"
+                );
+                Ok(None)
             }
             Err(error) => {
                 tracing::error!(
                     route = self.route_name(route),
                     error = %crate::error::report(&error),
-                    "the route's online copy cannot go on until this is fixed: the route                      streams on (its target lacks users from before it joined), marked as                      copying; restart usersync run once fixed, and the copy starts again"
+                    "the route's online copy cannot go on until this is fixed: the route \
+                     streams on (its target lacks users from before it joined), marked as \
+                     copying; restart usersync run once fixed, and the copy starts again"
                 );
                 Ok(None)
             }
@@ -624,9 +637,11 @@ impl<'a> Session<'a> {
             if heartbeat {
                 changes.pop();
             }
-            // Only what the route is fed counts: before it joins, the chunks bring it all.
-            let fed = self.routes[route].fed().is_some();
-            if let Some(window) = self.copies[route].as_mut().filter(|_| fed) {
+            // Only what the route applies counts: before it joins, or below its checkpoint
+            // (a session that starts lower for another route), the chunks bring it all.
+            let applies =
+                self.routes[route].fed().is_some() && position.commit_lsn >= self.started_at[route];
+            if let Some(window) = self.copies[route].as_mut().filter(|_| applies) {
                 window.record(xid, &changes);
                 for mark in &marks {
                     if let Mark::Chunk(attempt, seq) = *mark {
@@ -778,8 +793,9 @@ impl<'a> Session<'a> {
                     .iter()
                     .any(|change| !matches!(change, UserChange::Heartbeat));
                 let part = routed.take(route);
-                let fed = self.routes[route].fed().is_some();
-                if let Some(window) = self.copies[route].as_mut().filter(|_| fed) {
+                let applies = self.routes[route].fed().is_some()
+                    && position.commit_lsn >= self.started_at[route];
+                if let Some(window) = self.copies[route].as_mut().filter(|_| applies) {
                     window.record(xid, &part);
                 }
                 let feed = if last {
