@@ -4,6 +4,7 @@
 //! special cases: Supabase soft deletes and anonymous users, Keycloak realms, Better Auth
 //! anonymous users, and unchanged TOAST values.
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -1868,4 +1869,160 @@ async fn stack_auth_setup_without_a_snapshot_leaves_channels_unknown_until_setup
     );
     assert_eq!(unknown_channels(&pair), 0);
     assert_stack_auth_matches(&pair).await;
+}
+
+/// A Stack Auth tenancy added to a running fan-out is copied online while its users change
+/// (display names, which leave the email out of the update; emails, which patch it; new
+/// users; a deleted one): its target ends with every user and the right primary email.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stack_auth_a_route_added_while_running_gets_its_users_and_their_emails() {
+    let pair = profile_pair(
+        STACK_AUTH_TABLES,
+        "public.ProjectUser",
+        Profile::StackAuth(StackAuthMapping::default()),
+    )
+    .await;
+    let mut before = String::new();
+    for n in 1..=300 {
+        let tenancy = if n % 3 == 0 { TENANCY } else { OTHER_TENANCY };
+        before += &project_user(tenancy, n, &format!("User {n}"));
+        if n % 5 != 0 {
+            before += &channel(tenancy, n, n, &format!("u{n}@example.org"), true);
+        }
+        if n % 7 == 0 {
+            before += &channel(tenancy, n, 1000 + n, &format!("u{n}@work.example"), false);
+        }
+    }
+    pair.source.batch_execute(&before).await.unwrap();
+    let dir = std::env::temp_dir().join(unique("stack_routes"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut targets = Vec::new();
+    for name in ["one", "two"] {
+        let dbname = format!("{}_{name}", pair.config.target.dbname);
+        create_database(pair.target_server, &dbname).await;
+        targets.push((
+            pair.target_server.superuser_url(&dbname),
+            sql(pair.target_server, &dbname).await,
+        ));
+    }
+    let write_routes = |routes: &[(&str, &str)]| {
+        let mut text = String::new();
+        for (index, (name, tenancy)) in routes.iter().enumerate() {
+            let url_file = dir.join(format!("{name}.url"));
+            std::fs::write(&url_file, &targets[index].0).unwrap();
+            std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+            text += &format!(
+                "[[route]]\nname = \"{name}\"\nvalues = [\"{tenancy}\"]\ntarget_file = \"{}\"\n",
+                url_file.display()
+            );
+        }
+        let path = dir.join("routes.toml");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    };
+    let routes = write_routes(&[("one", TENANCY)]);
+    let command = |args: &[&str]| {
+        let mut command = pair.command(args);
+        command
+            .env_remove("USERSYNC_TARGET_URL")
+            .env("USERSYNC_ROUTES_FILE", &routes)
+            .env("USERSYNC_PROFILE", "stack-auth");
+        command
+    };
+    let setup = command(&["setup"]).output().unwrap();
+    let said = text(&setup);
+    if let Some((_, owner_sql)) = said.split_once("have the owner run: ") {
+        // The role script published "ProjectUser" only: the owner adds "ContactChannel".
+        let owner_sql = owner_sql.lines().next().unwrap_or_default();
+        pair.source.batch_execute(owner_sql).await.unwrap();
+        let setup = command(&["setup"]).output().unwrap();
+        assert!(setup.status.success(), "setup: {}", text(&setup));
+    } else {
+        assert!(setup.status.success(), "setup: {said}");
+    }
+    let log = dir.join("run.log");
+    let mut run = command(&["run"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Changes to the new tenancy's users before and while it is copied.
+    let change = |round: u32| {
+        let n = 1 + (round * 7) % 299;
+        let n = if n % 3 == 0 { n + 1 } else { n };
+        let mut sql = format!(
+            r#"UPDATE "ProjectUser" SET "displayName" = 'Renamed {round}', "updatedAt" = now()
+                WHERE "projectUserId" = '{}';
+               UPDATE "ContactChannel" SET value = 'changed{round}@example.org', "updatedAt" = now()
+                WHERE "projectUserId" = '{}' AND "isPrimary" = 'TRUE';"#,
+            user_id(n),
+            user_id(n + 1)
+        );
+        if round % 10 == 0 {
+            let new = 1000 + round;
+            sql += &project_user(OTHER_TENANCY, new, "New");
+            sql += &channel(
+                OTHER_TENANCY,
+                new,
+                5000 + new,
+                &format!("new{new}@example.org"),
+                true,
+            );
+        }
+        if round % 12 == 0 {
+            // Known by its key only: the target must know the channel the email came from.
+            sql += &format!(
+                r#"DELETE FROM "ContactChannel" WHERE "projectUserId" = '{}' AND "isPrimary" = 'TRUE';"#,
+                user_id(n + 3)
+            );
+        }
+        if round % 15 == 0 && (n + 2) % 3 != 0 {
+            sql += &format!(
+                r#"DELETE FROM "ProjectUser" WHERE "projectUserId" = '{}';"#,
+                user_id(n + 2)
+            );
+        }
+        sql
+    };
+    let writer = sql(pair.server, &pair.config.source.dbname).await;
+    for round in 0..20 {
+        writer.batch_execute(&change(round)).await.unwrap();
+    }
+    write_routes(&[("one", TENANCY), ("two", OTHER_TENANCY)]);
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &run.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    for round in 20..200 {
+        writer.batch_execute(&change(round)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    let other_live = STACK_AUTH_SOURCE_LIVE.replace(TENANCY, OTHER_TENANCY);
+    for (index, source_sql) in [STACK_AUTH_SOURCE_LIVE, other_live.as_str()]
+        .iter()
+        .enumerate()
+    {
+        loop {
+            let source = live_users(&pair.source, source_sql).await;
+            let target = live_users(&targets[index].1, STACK_AUTH_TARGET_LIVE).await;
+            if source == target && !source.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "route {index} differs:\nsource {source:#?}\ntarget {target:#?}\nrun's log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("the route's users are copied"), "{said}");
+    assert!(run.try_wait().unwrap().is_none(), "run ended: {said}");
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }
