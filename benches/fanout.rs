@@ -16,6 +16,11 @@
 //! makes it visible; one host, one clock). Reported per route count: lag p50/p99 over all
 //! changes, the worst route's p99, the peak RSS of the process (`VmHWM`), its CPU time per
 //! change, and the connections it holds on the source and the targets.
+//!
+//! With `USERSYNC_BENCH_COPY_USERS=N`, a tenancy of N more users, in no route at first, gets a
+//! route of its own one second into the load (routes file rewritten, SIGHUP): its online copy
+//! runs beside the load, and the table gains its time and rate (users a second until the
+//! new target holds them all); the lag figures then cover the other routes during the copy.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -59,6 +64,7 @@ struct Settings {
     rate: f64,
     seconds: f64,
     users: usize,
+    copy_users: usize,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -82,6 +88,7 @@ fn main() {
         rate: env_or("USERSYNC_BENCH_RATE", 1000.0),
         seconds: env_or("USERSYNC_BENCH_SECONDS", 20.0),
         users: env_or("USERSYNC_BENCH_USERS", 10_000),
+        copy_users: env_or("USERSYNC_BENCH_COPY_USERS", 0),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -122,6 +129,8 @@ struct Row {
     cpu_us_per_change: f64,
     source_connections: i64,
     target_connections: i64,
+    /// The online copy's time, if one ran.
+    copy_seconds: Option<f64>,
 }
 
 async fn bench(settings: Settings) {
@@ -153,6 +162,21 @@ async fn bench(settings: Settings) {
             ))
             .await
             .unwrap();
+        if settings.copy_users > 0 {
+            source
+                .batch_execute(&format!(
+                    "INSERT INTO users (tenant, email, display_name)
+                     SELECT 'tnew', 'copied' || i || '@example.com', 'Copied ' || i
+                       FROM generate_series(1, {}) AS i",
+                    settings.copy_users
+                ))
+                .await
+                .unwrap();
+            target_admin
+                .batch_execute(&format!("CREATE DATABASE tgt_{round}_new"))
+                .await
+                .unwrap();
+        }
         let mut routes_file = String::from("route_by = \"tenant\"\n");
         let mut targets = Vec::new();
         for r in 0..routes {
@@ -208,7 +232,42 @@ async fn bench(settings: Settings) {
                 .unwrap();
         }
         let cpu_before = cpu_ticks(pid);
-        let changes = load(&source_pg, &source_db, routes, &settings).await;
+        let copy = async {
+            if settings.copy_users == 0 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let dbname = format!("tgt_{round}_new");
+            let grown = format!(
+                "{}[[route]]\nname = \"new\"\nvalues = [\"tnew\"]\ntarget = \"{}\"\n",
+                std::fs::read_to_string(&routes_path).unwrap(),
+                target_pg.superuser_url(&dbname)
+            );
+            std::fs::write(&routes_path, grown).unwrap();
+            let started = Instant::now();
+            let _ = Command::new("kill")
+                .args(["-HUP", &pid.to_string()])
+                .status();
+            let new_target = connect(&target_pg, &dbname).await;
+            let deadline = Instant::now() + WAIT_LIMIT;
+            loop {
+                let done = new_target
+                    .query_one(
+                        "SELECT count(*) FROM neon_auth.users_sync WHERE deleted_at IS NULL",
+                        &[],
+                    )
+                    .await
+                    .map(|row| row.get::<_, i64>(0) as usize >= settings.copy_users)
+                    .unwrap_or(false);
+                if done {
+                    return Some(started.elapsed().as_secs_f64());
+                }
+                assert!(Instant::now() < deadline, "the online copy never finished");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let (changes, copy_seconds) =
+            tokio::join!(load(&source_pg, &source_db, routes, &settings), copy);
         wait_for_markers(&source, &target_clients, "done").await;
         let cpu_after = cpu_ticks(pid);
         let rss = vm_hwm_kib(pid).unwrap_or(0) as f64 / 1024.0;
@@ -256,6 +315,7 @@ async fn bench(settings: Settings) {
             cpu_us_per_change: cpu_seconds * 1e6 / changes.max(1) as f64,
             source_connections,
             target_connections,
+            copy_seconds,
         });
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
@@ -277,15 +337,28 @@ async fn bench(settings: Settings) {
                 .await
                 .unwrap();
         }
+        if settings.copy_users > 0 {
+            target_admin
+                .batch_execute(&format!("DROP DATABASE tgt_{round}_new WITH (FORCE)"))
+                .await
+                .unwrap();
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
     println!(
-        "\n| routes | changes | lag p50 | lag p99 | worst route p99 | peak RSS | CPU per change | connections (source / targets) |"
+        "\n| routes | changes | lag p50 | lag p99 | worst route p99 | peak RSS | CPU per change | connections (source / targets) | online copy |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for row in rows {
+        let copy = row.copy_seconds.map_or("-".to_owned(), |seconds| {
+            format!(
+                "{} users in {seconds:.1} s ({:.0}/s)",
+                settings.copy_users,
+                settings.copy_users as f64 / seconds
+            )
+        });
         println!(
-            "| {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} MiB | {:.0} µs | {} / {} |",
+            "| {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} MiB | {:.0} µs | {} / {} | {copy} |",
             row.routes,
             row.changes,
             row.p50_ms,

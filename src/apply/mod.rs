@@ -21,7 +21,7 @@ pub use schema::{
 pub use setup_progress::{SetupMode, SetupProgress};
 pub use worker::{ApplyWorker, Done, Job};
 pub use writer::{
-    copy_asked_at, copy_done, create_copying_checkpoint, delete_checkpoint, mark_resyncing,
+    copy_asked, copy_done, create_copying_checkpoint, delete_checkpoint, mark_resyncing,
     read_checkpoint, take_over_checkpoint, Checkpoint, TargetWriter,
 };
 

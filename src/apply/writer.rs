@@ -379,28 +379,42 @@ pub async fn mark_resyncing(client: &Client, slot: &str) -> Result<bool, ApplyEr
     Ok(touched == 1)
 }
 
-/// When the online copy of `slot`'s route was asked for, as text (`None`: none is), which
-/// [`copy_done`] checks: a copy asked for again meanwhile (`resync --online`) stays asked.
-pub async fn copy_asked_at(client: &Client, slot: &str) -> Result<Option<String>, ApplyError> {
+/// The online copy of `slot`'s route asked for on its target, if one is: when (as text),
+/// and whether it reconciles. [`copy_done`] checks it: a copy asked for again meanwhile
+/// (`resync --online`) stays asked.
+pub async fn copy_asked(client: &Client, slot: &str) -> Result<Option<(String, bool)>, ApplyError> {
     let row = client
         .query_opt(
-            "SELECT (pg_catalog.to_jsonb(s) ->> 'copy_started_at')
+            "SELECT (pg_catalog.to_jsonb(s) ->> 'copy_started_at'),
+                    coalesce((pg_catalog.to_jsonb(s) ->> 'copy_reconciles')::boolean, false)
                FROM usersync.state AS s WHERE slot_name = $1",
             &[&slot],
         )
         .await
         .map_err(ApplyError::sql("reading whether the route is being copied"))?;
-    Ok(row.and_then(|row| row.get(0)))
+    let Some(row) = row else { return Ok(None) };
+    let at: Option<String> = row
+        .try_get(0)
+        .map_err(ApplyError::sql("reading whether the route is being copied"))?;
+    let reconciles: bool = row
+        .try_get(1)
+        .map_err(ApplyError::sql("reading whether the route is being copied"))?;
+    Ok(at.map(|at| (at, reconciles)))
 }
 
-/// The online copy of `slot`'s route asked for at `asked_at` ([`copy_asked_at`]) is done
-/// and durable: the target holds every user.
-pub async fn copy_done(client: &Client, slot: &str, asked_at: &str) -> Result<(), ApplyError> {
+/// The online copy of `slot`'s route asked for as `asked` says ([`copy_asked`]) is done and
+/// durable: the target holds every user.
+pub async fn copy_done(
+    client: &Client,
+    slot: &str,
+    asked: &(String, bool),
+) -> Result<(), ApplyError> {
     client
         .execute(
             "UPDATE usersync.state AS s SET copy_started_at = NULL, copy_reconciles = NULL
-              WHERE slot_name = $1 AND (pg_catalog.to_jsonb(s) ->> 'copy_started_at') = $2",
-            &[&slot, &asked_at],
+              WHERE slot_name = $1 AND (pg_catalog.to_jsonb(s) ->> 'copy_started_at') = $2
+                AND coalesce((pg_catalog.to_jsonb(s) ->> 'copy_reconciles')::boolean, false) = $3",
+            &[&slot, &asked.0, &asked.1],
         )
         .await
         .map_err(ApplyError::sql("recording that the route's copy is done"))?;

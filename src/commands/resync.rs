@@ -102,6 +102,18 @@ pub async fn resync_online(config: &Config, name: &str) -> Result<(), Error> {
     };
     let source = super::connect("source", &config.source).await?;
     crate::conn::version::check_source(&source).await?;
+    let (standby, database): (bool, String) = source
+        .query_one("SELECT pg_is_in_recovery(), current_database()::text", &[])
+        .await
+        .map(|row| (row.get(0), row.get(1)))
+        .map_err(SourceError::sql("asking whether the source is a standby"))?;
+    if standby {
+        return Err(Error::Config(
+            "the source is a standby: an online copy writes transactions on the source (its \
+             watermarks); point --source at the primary"
+                .into(),
+        ));
+    }
     match catalog::slot_info(&source, &config.slot).await? {
         None => {
             return Err(Error::Config(format!(
@@ -117,6 +129,13 @@ pub async fn resync_online(config: &Config, name: &str) -> Result<(), Error> {
                  --routes (without --online), which creates it again and copies every route",
                 config.slot,
                 slot.invalidation()
+            )))
+        }
+        Some(slot) if slot.database.as_deref() != Some(database.as_str()) => {
+            return Err(Error::Config(format!(
+                "slot {} belongs to another database of the source than --source names: the \
+                 message that tells usersync run would never reach it",
+                config.slot
             )))
         }
         Some(_) => {}

@@ -63,6 +63,8 @@ const OPEN_TRANSACTIONS_LOG: Duration = Duration::from_secs(10);
 /// How often, while the copy waits for open transactions, an empty chunk lets the reader
 /// forget the stream's changes every snapshot sees.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(5);
+/// A user read again this many times is "hot" (see [`RowKind::Copied`]).
+const HOT_AFTER: u32 = 3;
 /// A user read again this many times (the stream changes it faster than a chunk goes
 /// round) is said so: the copy cannot finish while it does.
 const REQUEUE_WARN: u32 = 100;
@@ -134,11 +136,13 @@ pub(super) struct ChunkRow {
 
 /// What a chunk says of a user.
 pub(super) enum RowKind {
-    /// Its row as the chunk read it; `key`: its source key, to read it again.
-    Copied { key: Vec<String> },
-    /// Looked for by id (the stream left it incomplete) and not found: nothing to copy.
+    /// Its row as the chunk read it; `key`: its source key, to read it again; `hot`: read
+    /// again several times already (the stream keeps changing it).
+    Copied { key: Vec<String>, hot: bool },
+    /// Looked for by id (the stream moved it) and not found: nothing to copy.
     Absent,
-    /// At a resync's end, a live user of the target the copy did not find: its soft delete.
+    /// At a resync's end, a live user of the target the copy did not find, looked for by id
+    /// and not found: its soft delete.
     Tombstone,
 }
 
@@ -148,9 +152,8 @@ pub(super) struct Applied {
     seq: u64,
     /// The keys of the users to read again (the stream changed them after the snapshot).
     again: Vec<Vec<String>>,
-    /// If asked: the users the stream changed, since the route joined, without ever
-    /// writing them whole, and that no chunk wrote whole since (a part of a user the target
-    /// lacked, an update that left values out, a primary key moved behind the copy).
+    /// If asked: the users the stream gave a new id without writing them whole, and that no
+    /// chunk wrote since (see [`Window::moved`]).
     incomplete: Option<Vec<String>>,
 }
 
@@ -203,14 +206,17 @@ impl Handoff {
 pub(super) struct Window {
     handoff: Arc<Handoff>,
     replies: mpsc::UnboundedSender<Applied>,
-    /// The stream's changes for the route not yet visible to a chunk's snapshot: (xid, user);
-    /// `None`: every user (a TRUNCATE).
-    touched: Vec<(u32, Option<String>)>,
-    /// Every user the stream changed for the route since it joined, and whether the target
-    /// has all of it from the stream alone: its first change there wrote the whole user (an
-    /// insert, an update that sent every value); one that only patched or updated part of a
-    /// user the target did not have leaves it incomplete until the copy writes it.
-    whole: HashMap<String, bool>,
+    /// The stream's changes for the route not yet visible to a chunk's snapshot: (xid, user,
+    /// whether the change wrote the user's own row whole but for its part); user `None`:
+    /// every user (a TRUNCATE).
+    touched: Vec<(u32, Option<String>, bool)>,
+    /// The users the stream wrote whole since the route joined (an insert, an update that
+    /// sent every value, a move into the route): the target has them, as new as any chunk.
+    whole: HashSet<String>,
+    /// The users the stream gave a new id (a primary key changed) without writing them
+    /// whole, and that no chunk wrote since: their new key may be behind the copy's cursor,
+    /// so they are read by id at the end.
+    moved: HashSet<String>,
     /// The keys of a user's part kept in another table: an upsert without them is not whole.
     part_keys: &'static [&'static str],
 }
@@ -219,6 +225,8 @@ impl Window {
     /// Notes the users transaction `xid` changed for the route.
     pub fn record(&mut self, xid: u32, changes: &[UserChange]) {
         for change in changes {
+            let own_row = matches!(change, UserChange::Upsert { user, moved_from: None, .. }
+                if user.unchanged_keys.is_empty());
             let (id, also) = match change {
                 UserChange::Upsert {
                     user, moved_from, ..
@@ -228,8 +236,12 @@ impl Window {
                             .part_keys
                             .iter()
                             .all(|key| user.raw_json.contains_key(*key));
-                    let known = self.whole.entry(user.id.clone()).or_insert(false);
-                    *known |= whole;
+                    if whole {
+                        self.whole.insert(user.id.clone());
+                        self.moved.remove(&user.id);
+                    } else if moved_from.is_some() && !self.whole.contains(&user.id) {
+                        self.moved.insert(user.id.clone());
+                    }
                     (Some(&user.id), moved_from.as_ref())
                 }
                 UserChange::Patch { id, .. }
@@ -239,20 +251,16 @@ impl Window {
                 UserChange::SoftDeleteAll => (None, None),
                 UserChange::Heartbeat => continue,
             };
-            if let Some(id) = id {
-                self.whole.entry(id.clone()).or_insert(false);
-            }
-            self.touched.push((xid, id.cloned()));
+            self.touched.push((xid, id.cloned(), own_row));
             if let Some(also) = also {
-                self.whole.entry(also.clone()).or_insert(false);
-                self.touched.push((xid, Some(also.clone())));
+                self.touched.push((xid, Some(also.clone()), false));
             }
         }
     }
 
     /// At chunk `seq`'s watermark: the chunk's changes for the users the stream has not
     /// changed since its snapshot; the others are sent back to be read again. A user the
-    /// stream has brought whole since the route joined is the target's already, at least as
+    /// stream has written whole since the route joined is the target's already, at least as
     /// new as the chunk's row (every change since reached the route): its row is left out
     /// (writing it again would change nothing, or go back). `None`: not this route's chunk.
     pub fn take(&mut self, attempt: u64, seq: u64) -> Option<Vec<UserChange>> {
@@ -271,15 +279,17 @@ impl Window {
             ..
         } = chunk;
         let mut everyone = false;
-        let mut changed = HashSet::new();
+        // The users changed since the snapshot, and whether each change only wrote the
+        // user's own row whole (its part, if it has one, unchanged).
+        let mut changed: HashMap<String, bool> = HashMap::new();
         // What the snapshot sees, every later one sees: it matters no more.
-        self.touched.retain(|(xid, id)| {
+        self.touched.retain(|(xid, id, own_row)| {
             if snapshot.sees(*xid) {
                 return false;
             }
             match id {
                 Some(id) => {
-                    changed.insert(id.clone());
+                    *changed.entry(id.clone()).or_insert(true) &= *own_row;
                 }
                 None => everyone = true,
             }
@@ -288,46 +298,46 @@ impl Window {
         let mut changes = Vec::new();
         let mut again = Vec::new();
         for row in rows {
-            let unchanged = !everyone && !changed.contains(&row.id);
+            let unchanged = !everyone && !changed.contains_key(&row.id);
             match row.kind {
-                // Gone from the source when the copy read its place, and unchanged since the
-                // route joined: gone now. One the stream changed is the stream's.
-                RowKind::Tombstone => {
-                    if !everyone && !self.whole.contains_key(&row.id) {
+                // Not in the source as of the snapshot, looked for by id (a live user of the
+                // target, at a resync's end; or one the stream moved), and unchanged since:
+                // gone now. One the stream changed since is the stream's.
+                RowKind::Tombstone | RowKind::Absent => {
+                    if unchanged {
+                        self.moved.remove(&row.id);
                         changes.extend(row.changes);
                     }
                 }
-                // Not in the source as of a snapshot that sees all its changes: the stream
-                // has said all there is.
-                RowKind::Absent => {
+                RowKind::Copied { key, hot } => {
+                    if self.whole.contains(&row.id) {
+                        continue;
+                    }
                     if unchanged {
-                        if let Some(whole) = self.whole.get_mut(&row.id) {
-                            *whole = true;
-                        }
-                    }
-                }
-                RowKind::Copied { key } => {
-                    if self.whole.get(&row.id) == Some(&true) {
+                        self.moved.remove(&row.id);
+                        changes.extend(row.changes);
                         continue;
                     }
-                    if !unchanged {
+                    // A user the stream keeps changing (read again and again): when every
+                    // change since the snapshot wrote its own row whole, the target has that
+                    // row newer than the chunk, and lacks only its part, which no change
+                    // touched: the part goes alone.
+                    let own_rows = !everyone && changed.get(&row.id) == Some(&true);
+                    let part: Vec<UserChange> = row
+                        .changes
+                        .into_iter()
+                        .filter(|change| matches!(change, UserChange::Patch { .. }))
+                        .collect();
+                    if hot && own_rows && !part.is_empty() {
+                        self.moved.remove(&row.id);
+                        changes.extend(part);
+                    } else {
                         again.push(key);
-                        continue;
-                    }
-                    changes.extend(row.changes);
-                    if let Some(whole) = self.whole.get_mut(&row.id) {
-                        *whole = true;
                     }
                 }
             }
         }
-        let incomplete = ask.then(|| {
-            self.whole
-                .iter()
-                .filter(|(_, whole)| !**whole)
-                .map(|(id, _)| id.clone())
-                .collect()
-        });
+        let incomplete = ask.then(|| self.moved.iter().cloned().collect());
         // The copy is gone if nobody listens: its task says why.
         let _ = self.replies.send(Applied {
             attempt,
@@ -430,7 +440,8 @@ pub(super) fn pair(
             handoff,
             replies,
             touched: Vec::new(),
-            whole: HashMap::new(),
+            whole: HashSet::new(),
+            moved: HashSet::new(),
             part_keys,
         },
     )
@@ -514,7 +525,8 @@ pub(super) async fn run(mut copy: Copy, start: Start) -> Result<CopyEnd, Error> 
                     "copying the route failed; starting it again"
                 );
                 wait = (wait * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
-                attempt += 1;
+                // The low bits are the route's.
+                attempt += 1 << 10;
             }
             Err(error) => return Err(error),
         }
@@ -628,6 +640,24 @@ impl Reading {
                 config.table
             )));
         }
+        // The route's values compared as the column's own type as well: the text compare
+        // that decides routing cannot use the key's index, this one can (a tenancy's rows
+        // are then read alone, not every tenancy before it). The values are spelled as
+        // PostgreSQL prints that type (checked by setup and by run), so they cast back.
+        let mut route_filter = routes.copy_filter(route, Some("u"));
+        let typed = primary_key.iter().find(|(name, _)| *name == routes.by);
+        if let (Some((name, ty)), false) = (typed, routes.default == Some(route)) {
+            let values: Vec<String> = routes.routes[route]
+                .values
+                .iter()
+                .map(|value| format!("{}::{ty}", escape_literal(value)))
+                .collect();
+            route_filter = format!(
+                "{route_filter} AND u.{} IN ({})",
+                escape_identifier(name),
+                values.join(", ")
+            );
+        }
         let mut key = Vec::with_capacity(primary_key.len());
         for (name, ty) in primary_key {
             let Some(place) = columns.iter().position(|column| column.name == name) else {
@@ -645,7 +675,7 @@ impl Reading {
             mapping,
             width: profile.snapshot_width(&columns),
             part_keys: config.mapping.part_keys(),
-            route_filter: routes.copy_filter(route, Some("u")),
+            route_filter,
             columns,
             profile,
             key,
@@ -719,7 +749,14 @@ impl Reading {
         self.key
             .iter()
             .map(|(place, _, _)| match row.0.get(*place) {
-                Some(ColumnValue::Text(text)) => Ok(String::from_utf8_lossy(text).into_owned()),
+                // Not lossy: a key that does not read back as itself would be read again
+                // and again.
+                Some(ColumnValue::Text(text)) => String::from_utf8(text.to_vec()).map_err(|_| {
+                    SourceError::Definite(
+                        "a key of the route's copy is not valid UTF-8 (a SQL_ASCII source?)".into(),
+                    )
+                    .into()
+                }),
                 _ => Err(SourceError::Definite(
                     "a row of the route's copy has no key value".into(),
                 )
@@ -729,10 +766,10 @@ impl Reading {
     }
 
     /// What copied rows mean for the target (rows the profile skips are left out).
-    fn rows(&self, rows: &[TupleData]) -> Result<Vec<ChunkRow>, Error> {
+    fn rows(&self, rows: &[TupleData], hot: bool) -> Result<Vec<ChunkRow>, Error> {
         let mut mapped = Vec::with_capacity(rows.len());
         for row in rows {
-            if let Some(row) = self.row(row)? {
+            if let Some(row) = self.row(row, hot)? {
                 mapped.push(row);
             }
         }
@@ -740,7 +777,7 @@ impl Reading {
     }
 
     /// What a copied row means for the target, as the stream would say it.
-    fn row(&self, row: &TupleData) -> Result<Option<ChunkRow>, Error> {
+    fn row(&self, row: &TupleData, hot: bool) -> Result<Option<ChunkRow>, Error> {
         let (user, deleted_at) = match self.mapping.map_copied(row)? {
             RowOutcome::User(user) => (user, None),
             RowOutcome::Deleted { user, at } => (user, Some(at)),
@@ -781,6 +818,7 @@ impl Reading {
             id,
             kind: RowKind::Copied {
                 key: self.key_of(row)?,
+                hot,
             },
             changes,
         }))
@@ -799,9 +837,21 @@ async fn copy_users(copy: &mut Copy, confirmed: &AtomicU64, attempt: u64) -> Res
     let target = conn::sql::connect(&config.target, APPLICATION_NAME)
         .await
         .map_err(Error::connect("target"))?;
-    // Done clears only the request this attempt serves: one made meanwhile stays.
-    let asked_at = apply::copy_asked_at(&target, &key).await?;
+    // Done clears only the request this attempt serves: one made meanwhile stays. A resync
+    // asked for since the copy began (its message not read yet) is what this attempt does.
+    let asked = apply::copy_asked(&target, &key).await?;
+    if asked.as_ref().is_some_and(|(_, reconciles)| *reconciles) {
+        copy.kind = CopyKind::Reconcile;
+    }
     let reconcile = copy.kind == CopyKind::Reconcile;
+    if reconcile && asked.is_none() {
+        // Soft-deleting users is for a target marked so (resync --online), never otherwise.
+        return Err(Error::Config(format!(
+            "route {} is not marked for a resync on its target any more; nothing is \
+             soft-deleted",
+            config.route_name().unwrap_or_default()
+        )));
+    }
     if reconcile {
         target
             .batch_execute(
@@ -837,84 +887,113 @@ async fn copy_users(copy: &mut Copy, confirmed: &AtomicU64, attempt: u64) -> Res
         // One chunk at a time: its snapshot as close to its watermark as can be.
         handing.copy.handoff.wait_taken(attempt).await;
         let progress = &mut handing.progress;
-        let (snapshot, rows, ask) = if !read_all {
-            let select = reading.after(config, after.as_deref());
-            let (snapshot, rows) = snapshot::read_chunk(&source, &select, reading.width).await?;
-            read_all = rows.len() < CHUNK_ROWS;
-            if let Some(last) = rows.last() {
-                after = Some(reading.key_of(last)?);
-            }
-            (snapshot, reading.rows(&rows)?, false)
+        let next = if !read_all {
+            Next::Range
         } else if !progress.again.is_empty() {
-            let end = progress.again.len().min(CHUNK_ROWS);
-            let keys: Vec<Vec<String>> = progress.again.drain(..end).collect();
-            let select = reading.again(config, &keys);
-            let (snapshot, rows) = snapshot::read_chunk(&source, &select, reading.width).await?;
-            (snapshot, reading.rows(&rows)?, false)
+            // The hot ones together (see `RowKind::Copied`), the others in key order.
+            let times = &progress.times_again;
+            let is_hot = |key: &Vec<String>| times.get(key).copied().unwrap_or(0) >= HOT_AFTER;
+            let hot = progress.again.iter().any(is_hot);
+            let (mut picked, rest): (Vec<Vec<String>>, Vec<Vec<String>>) =
+                std::mem::take(&mut progress.again)
+                    .into_iter()
+                    .partition(|key| is_hot(key) == hot);
+            progress.again = rest;
+            if picked.len() > CHUNK_ROWS {
+                progress.again.extend(picked.split_off(CHUNK_ROWS));
+            }
+            Next::Again(picked, hot)
         } else if !progress.waiting.is_empty() {
             handing.wait_reply().await?;
             continue;
-        } else if progress
-            .incomplete
-            .as_ref()
-            .is_some_and(|ids| !ids.is_empty())
-        {
-            // Asked again once these are read.
-            let ids = progress.incomplete.take().unwrap_or_default();
-            // Users the stream left incomplete (a part, or values an update left out, of a
-            // user the target lacked; a primary key moved behind the copy), by id.
-            for ids in ids.chunks(CHUNK_ROWS) {
-                let select = reading.by_id(config, ids);
-                let (snapshot, rows) =
-                    snapshot::read_chunk(&source, &select, reading.width).await?;
-                let mut rows = reading.rows(&rows)?;
-                let found: HashSet<String> = rows.iter().map(|row| row.id.clone()).collect();
-                rows.extend(
-                    ids.iter()
-                        .filter(|id| !found.contains(*id))
-                        .map(|id| ChunkRow {
-                            id: id.clone(),
-                            kind: RowKind::Absent,
-                            changes: Vec::new(),
-                        }),
-                );
-                handing.copy.handoff.wait_taken(attempt).await;
-                record_seen(&target, reconcile, &rows).await?;
-                handing.hand_over(&snapshot, rows, false).await?;
+        } else if let Some(ids) = progress.incomplete.as_mut().filter(|ids| !ids.is_empty()) {
+            // Users the stream moved to a new id without writing them whole, by id.
+            let take = ids.len().min(CHUNK_ROWS);
+            let picked: Vec<String> = ids.drain(..take).collect();
+            if ids.is_empty() {
+                // Asked again once these are read.
+                progress.incomplete = None;
             }
-            continue;
+            Next::ById(picked)
         } else if reconcile && !swept_all {
             // Every user of the route is copied: the target's live users the copy did not
-            // find go, a page at a time, as soft deletes through the stream like chunks.
-            let gone = absent_users(&target, swept_after.as_deref()).await?;
-            swept_all = gone.len() < CHUNK_ROWS;
-            swept_after = gone.last().cloned().or(swept_after);
+            // find, a page at a time, looked for by id: gone, they are soft-deleted through
+            // the stream like chunks; there now (come since their place was read), copied.
+            let unseen = unseen_users(&target, swept_after.as_deref()).await?;
+            swept_all = unseen.len() < CHUNK_ROWS;
+            swept_after = unseen.last().cloned().or(swept_after);
             // Asked again after the sweep: the last word is the reader's.
             progress.incomplete = None;
-            let rows = gone
-                .into_iter()
-                .map(|id| ChunkRow {
-                    changes: vec![UserChange::SoftDelete(id.clone())],
-                    id,
-                    kind: RowKind::Tombstone,
-                })
-                .collect();
-            (handing.snapshot().await?, rows, false)
+            if unseen.is_empty() {
+                continue;
+            }
+            Next::Sweep(unseen)
         } else if progress.incomplete.is_none() {
-            // Nothing left to read: ask the reader which users the stream left incomplete.
-            (handing.snapshot().await?, Vec::new(), true)
+            Next::Ask
         } else {
             break;
         };
-        if rows.is_empty() && !ask {
-            continue;
-        }
+        // The chunk's transaction: its snapshot, its rows, then its watermark at its commit.
+        let snapshot = handing.begin().await?;
+        let ask = matches!(next, Next::Ask);
+        let rows =
+            match next {
+                Next::Range => {
+                    let select = reading.after(config, after.as_deref());
+                    let rows = snapshot::copy_rows(&source, &select, reading.width).await?;
+                    read_all = rows.len() < CHUNK_ROWS;
+                    if let Some(last) = rows.last() {
+                        after = Some(reading.key_of(last)?);
+                    }
+                    reading.rows(&rows, false)?
+                }
+                Next::Again(keys, hot) => {
+                    let select = reading.again(config, &keys);
+                    reading.rows(
+                        &snapshot::copy_rows(&source, &select, reading.width).await?,
+                        hot,
+                    )?
+                }
+                Next::ById(ids) => {
+                    let select = reading.by_id(config, &ids);
+                    let mut rows = reading.rows(
+                        &snapshot::copy_rows(&source, &select, reading.width).await?,
+                        false,
+                    )?;
+                    let found: HashSet<String> = rows.iter().map(|row| row.id.clone()).collect();
+                    rows.extend(ids.into_iter().filter(|id| !found.contains(id)).map(|id| {
+                        ChunkRow {
+                            id,
+                            kind: RowKind::Absent,
+                            changes: Vec::new(),
+                        }
+                    }));
+                    rows
+                }
+                Next::Sweep(ids) => {
+                    let select = reading.by_id(config, &ids);
+                    let mut rows = reading.rows(
+                        &snapshot::copy_rows(&source, &select, reading.width).await?,
+                        false,
+                    )?;
+                    let found: HashSet<String> = rows.iter().map(|row| row.id.clone()).collect();
+                    rows.extend(ids.into_iter().filter(|id| !found.contains(id)).map(|id| {
+                        ChunkRow {
+                            changes: vec![UserChange::SoftDelete(id.clone())],
+                            id,
+                            kind: RowKind::Tombstone,
+                        }
+                    }));
+                    rows
+                }
+                Next::Ask => Vec::new(),
+            };
         record_seen(&target, reconcile, &rows).await?;
         copied += rows
             .iter()
-            .filter(|row| matches!(row.kind, RowKind::Copied { .. }))
+            .filter(|row| matches!(row.kind, RowKind::Copied { hot: false, .. }))
             .count();
-        handing.hand_over(&snapshot, rows, ask).await?;
+        handing.commit(&snapshot, rows, ask).await?;
     }
     // Done once the route's target holds the last chunk durably.
     if let Some(mark) = handing.last_mark {
@@ -922,10 +1001,29 @@ async fn copy_users(copy: &mut Copy, confirmed: &AtomicU64, attempt: u64) -> Res
             tokio::time::sleep(OPEN_TRANSACTIONS_POLL).await;
         }
     }
-    if let Some(asked_at) = asked_at {
-        apply::copy_done(&target, &key, &asked_at).await?;
+    if let Some(asked) = asked {
+        // On a connection of its own: the copy's may have idled out, and the copy, durable,
+        // must not start again for that.
+        let target = conn::sql::connect(&config.target, APPLICATION_NAME)
+            .await
+            .map_err(Error::connect("target"))?;
+        apply::copy_done(&target, &key, &asked).await?;
     }
     Ok(copied)
+}
+
+/// What the copy reads next.
+enum Next {
+    /// The next chunk of the route's rows in key order.
+    Range,
+    /// Users to read again, by key; `true`: the hot ones.
+    Again(Vec<Vec<String>>, bool),
+    /// Users the stream moved to a new id, by id.
+    ById(Vec<String>),
+    /// Live users of the target the copy did not find (a resync), by id.
+    Sweep(Vec<String>),
+    /// Nothing: the reader says which users the stream moved.
+    Ask,
 }
 
 /// A resync remembers, on the target, which users the copy found in the source.
@@ -981,24 +1079,41 @@ impl Handing<'_> {
         Ok(())
     }
 
-    /// A snapshot of the source now.
-    async fn snapshot(&self) -> Result<String, Error> {
+    /// Opens a chunk's transaction on the source: its snapshot (as text).
+    async fn begin(&self) -> Result<String, Error> {
+        self.source
+            .batch_execute(&format!(
+                "{}; BEGIN ISOLATION LEVEL REPEATABLE READ",
+                snapshot::SESSION_SETTINGS
+            ))
+            .await
+            .map_err(SourceError::sql("starting a chunk of the route's copy"))?;
+        // The transaction's snapshot is taken by its first statement: this one.
         Ok(self
             .source
             .query_one("SELECT pg_current_snapshot()::text", &[])
             .await
-            .map_err(SourceError::sql("reading a snapshot"))?
-            .get(0))
+            .map_err(SourceError::sql("reading the chunk's snapshot"))?
+            .try_get(0)
+            .map_err(SourceError::sql("reading the chunk's snapshot"))?)
     }
 
-    /// Hands the next chunk (`rows`, read in `snapshot`) to the reader and commits its
-    /// watermark.
-    async fn hand_over(
+    /// Hands the chunk (`rows`, read in `snapshot`) to the reader and commits its watermark
+    /// in the chunk's own transaction, so that little can come between the two; without
+    /// rows (and not asking), just ends the transaction.
+    async fn commit(
         &mut self,
         snapshot: &str,
         rows: Vec<ChunkRow>,
         ask: bool,
     ) -> Result<(), Error> {
+        if rows.is_empty() && !ask {
+            self.source
+                .batch_execute("COMMIT")
+                .await
+                .map_err(SourceError::sql("ending a chunk of the route's copy"))?;
+            return Ok(());
+        }
         let snapshot = Snapshot::parse(snapshot).ok_or_else(|| {
             SourceError::Definite(format!(
                 "the source printed a snapshot usersync cannot read: {snapshot}"
@@ -1020,17 +1135,19 @@ impl Handing<'_> {
                 ask,
             })
             .await;
-        // Transactional, so that its commit is flushed at once (a message outside a
-        // transaction waits for the WAL writer) and the stream brings it at its commit, in
-        // order.
+        // A transactional message: the stream brings it at the transaction's commit, in
+        // order, and the commit is flushed at once (a message outside a transaction waits
+        // for the WAL writer). Should this fail, the attempt ends; the next one's chunks
+        // replace this one in the handoff.
         self.source
-            .execute(
-                "SELECT pg_logical_emit_message(true, $1, $2)",
-                &[&self.prefix, &format!("{}:{seq}", self.attempt)],
-            )
+            .batch_execute(&format!(
+                "SELECT pg_logical_emit_message(true, {}, {}); COMMIT",
+                escape_literal(&self.prefix),
+                escape_literal(&format!("{}:{seq}", self.attempt))
+            ))
             .await
             .map_err(SourceError::sql(
-                "writing the copy's watermark (pg_logical_emit_message)",
+                "committing the copy's watermark (pg_logical_emit_message)",
             ))?;
         // The insert position is past the watermark's commit record, whatever the role's
         // synchronous_commit: the route holds the chunk once durable past it.
@@ -1039,7 +1156,8 @@ impl Handing<'_> {
             .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await
             .map_err(SourceError::sql("reading the source's WAL position"))?
-            .get(0);
+            .try_get(0)
+            .map_err(SourceError::sql("reading the source's WAL position"))?;
         let past: Lsn = past.parse().map_err(|_| {
             SourceError::Definite(format!(
                 "the source printed an LSN usersync cannot read: {past}"
@@ -1090,8 +1208,8 @@ impl Handing<'_> {
                 pruned = Instant::now();
                 self.take_replies();
                 self.copy.handoff.wait_taken(self.attempt).await;
-                let snapshot = self.snapshot().await?;
-                self.hand_over(&snapshot, Vec::new(), false).await?;
+                let snapshot = self.begin().await?;
+                self.commit(&snapshot, Vec::new(), false).await?;
             }
             tokio::time::sleep(OPEN_TRANSACTIONS_POLL).await;
         }
@@ -1100,7 +1218,7 @@ impl Handing<'_> {
 
 /// Live users of the target not among those the copy found (`usersync_copy_seen`), after
 /// `after`, a page at a time, in id order.
-async fn absent_users(target: &Client, after: Option<&str>) -> Result<Vec<String>, Error> {
+async fn unseen_users(target: &Client, after: Option<&str>) -> Result<Vec<String>, Error> {
     let rows = target
         .query(
             &format!(
@@ -1115,7 +1233,13 @@ async fn absent_users(target: &Client, after: Option<&str>) -> Result<Vec<String
         .map_err(apply::ApplyError::sql(
             "finding the users the source no longer has",
         ))?;
-    Ok(rows.iter().map(|row| row.get(0)).collect())
+    rows.iter()
+        .map(|row| {
+            row.try_get::<_, String>(0)
+                .map_err(apply::ApplyError::sql("reading the users of the target"))
+                .map_err(Error::from)
+        })
+        .collect()
 }
 
 /// What the copy keeps of the reader's answers.
@@ -1214,6 +1338,7 @@ mod tests {
             id: id.into(),
             kind: RowKind::Copied {
                 key: vec![format!("key-{id}")],
+                hot: false,
             },
             changes: vec![upsert(id, true)],
         }
@@ -1238,7 +1363,8 @@ mod tests {
             handoff: Arc::clone(&handoff),
             replies,
             touched: Vec::new(),
-            whole: HashMap::new(),
+            whole: HashSet::new(),
+            moved: HashSet::new(),
             part_keys: &[],
         };
         // a: written whole by the stream; b: an update that left a value out, seen by the
@@ -1303,11 +1429,97 @@ mod tests {
             })
             .await;
         let applied = window.take(7, 2).unwrap();
-        assert_eq!(ids(&applied), ["z"], "a is the stream's");
+        assert_eq!(
+            ids(&applied),
+            ["a", "z"],
+            "gone as of a snapshot that sees every change"
+        );
         answers.try_recv().unwrap();
         let answer = answers.try_recv().unwrap();
         assert_eq!(answer.incomplete, Some(Vec::new()));
         assert!(window.touched.is_empty(), "every change is seen by now");
+        // A user given a new id by an update that left a value out is read by id at the end;
+        // a tombstone of a user changed after its snapshot is the stream's.
+        let mut moved = upsert("m", false);
+        if let UserChange::Upsert { moved_from, .. } = &mut moved {
+            *moved_from = Some("old".into());
+        }
+        window.record(20, &[moved]);
+        handoff
+            .put(Chunk {
+                attempt: 7,
+                seq: 3,
+                snapshot: Snapshot::parse("20:21:20").unwrap(),
+                rows: vec![ChunkRow {
+                    id: "m".into(),
+                    kind: RowKind::Tombstone,
+                    changes: vec![UserChange::SoftDelete("m".into())],
+                }],
+                ask: true,
+            })
+            .await;
+        assert!(window.take(7, 3).unwrap().is_empty());
+        let answer = answers.try_recv().unwrap();
+        assert_eq!(answer.incomplete, Some(vec!["m".to_owned()]));
+    }
+
+    #[tokio::test]
+    async fn a_hot_user_gets_its_part_alone_once_the_stream_has_its_row() {
+        let handoff = Arc::new(Handoff::default());
+        let (replies, mut answers) = mpsc::unbounded_channel();
+        let mut window = Window {
+            handoff: Arc::clone(&handoff),
+            replies,
+            touched: Vec::new(),
+            whole: HashSet::new(),
+            moved: HashSet::new(),
+            part_keys: &["primary_email"],
+        };
+        // Its own row written whole, its part (the email) left as it was; and a user whose
+        // email the stream changed.
+        window.record(30, &[upsert("h", true), upsert("p", true)]);
+        window.record(
+            31,
+            &[UserChange::Patch {
+                id: "p".into(),
+                keys: serde_json::Map::new(),
+                from: None,
+                clears: false,
+            }],
+        );
+        let row = |id: &str, hot: bool| {
+            let mut row = copied(id);
+            row.kind = RowKind::Copied {
+                key: vec![id.to_owned()],
+                hot,
+            };
+            row.changes.push(UserChange::Patch {
+                id: id.into(),
+                keys: serde_json::Map::new(),
+                from: Some(format!("channel-{id}")),
+                clears: false,
+            });
+            row
+        };
+        handoff
+            .put(Chunk {
+                attempt: 1,
+                seq: 0,
+                snapshot: Snapshot::parse("30:30:").unwrap(),
+                rows: vec![row("h", false), row("h2", true), row("p", true)],
+                ask: false,
+            })
+            .await;
+        window.record(32, &[upsert("h2", true)]);
+        let applied = window.take(1, 0).unwrap();
+        assert_eq!(applied.len(), 1, "h2's part alone");
+        assert!(matches!(&applied[0], UserChange::Patch { id, .. } if id == "h2"));
+        let answer = answers.try_recv().unwrap();
+        assert_eq!(
+            answer.again,
+            vec![vec!["h".to_owned()], vec!["p".to_owned()]],
+            "h is not hot yet; p's part changed"
+        );
     }
 
     #[test]

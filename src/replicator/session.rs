@@ -139,7 +139,7 @@ pub(super) struct Session<'a> {
     /// Per route, its online copy's window, while one runs (see [`backfill`]).
     copies: Vec<Option<Window>>,
     /// The copies' tasks, each ending with its route's index.
-    copy_tasks: JoinSet<(usize, Result<CopyEnd, Error>)>,
+    copy_tasks: JoinSet<CopyEnded>,
     /// Each route's copy task, if it has one.
     copy_handles: Vec<Option<tokio::task::AbortHandle>>,
     /// New routes whose targets are ready to join, from their copy tasks.
@@ -147,6 +147,16 @@ pub(super) struct Session<'a> {
     joins_sender: mpsc::UnboundedSender<Joined>,
     /// The prefix of this slot's watermark messages.
     copy_prefix: String,
+    /// What each route's running copy does, if one runs.
+    copy_kinds: Vec<Option<CopyKind>>,
+    /// Checks that a route asked to be resynced online is marked so on its target (the
+    /// message that asks can be written by anyone who may emit messages on the source); each
+    /// ends with the route and whether it is.
+    resync_checks: JoinSet<(usize, bool)>,
+    /// Per route, whether its copy failed for good in this session (it stays marked).
+    copy_stuck: Vec<bool>,
+    /// The routes being checked: one check at a time each.
+    resync_checking: std::collections::HashSet<usize>,
     /// Transactions committed before this position are on every route's target already.
     skip_before: Lsn,
     /// Per route, a position up to which it was fed all it takes without being told (other
@@ -221,6 +231,10 @@ impl<'a> Session<'a> {
             joins,
             joins_sender,
             copy_prefix: backfill::prefix(&config.slot),
+            copy_kinds: Vec::with_capacity(starts.len()),
+            copy_stuck: Vec::with_capacity(starts.len()),
+            resync_checks: JoinSet::new(),
+            resync_checking: std::collections::HashSet::new(),
             skip_before: resume_at,
             reported: Reported::new(slot_confirmed),
             finished: false,
@@ -246,6 +260,8 @@ impl<'a> Session<'a> {
         self.probe_handles.push(None);
         self.copies.push(None);
         self.copy_handles.push(None);
+        self.copy_kinds.push(None);
+        self.copy_stuck.push(false);
         let member = match start {
             RouteStart::Ready {
                 worker,
@@ -324,6 +340,8 @@ impl<'a> Session<'a> {
             Arc::clone(self.metrics),
         );
         self.copies[route] = Some(window);
+        self.copy_kinds[route] = Some(kind);
+        self.copy_stuck[route] = false;
         let task = self
             .copy_tasks
             .spawn(async move { (route, backfill::run(copy, start).await) });
@@ -336,6 +354,7 @@ impl<'a> Session<'a> {
             task.abort();
         }
         self.copies[route] = None;
+        self.copy_kinds[route] = None;
     }
 
     /// A new route's target is ready: it joins the stream here, and its copy goes on.
@@ -363,16 +382,43 @@ impl<'a> Session<'a> {
     /// A route's copy task ended.
     fn copy_ended(
         &mut self,
-        ended: Result<(usize, Result<CopyEnd, Error>), tokio::task::JoinError>,
+        ended: Result<(tokio::task::Id, CopyEnded), tokio::task::JoinError>,
     ) -> Result<Option<Ended>, Error> {
         let (route, result) = match ended {
-            Ok(ended) => ended,
-            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            // A copy stopped for another that started (a resync) may have ended just before:
+            // it is not the route's copy any more.
+            Ok((task, (route, _)))
+                if self.copy_handles[route].as_ref().map(|h| h.id()) != Some(task) =>
+            {
+                return Ok(None)
+            }
+            Ok((_, ended)) => ended,
+            Err(join) if join.is_panic() => {
+                // A bug in one route's copy: that copy stops, the fan-out goes on.
+                let route = self
+                    .copy_handles
+                    .iter()
+                    .position(|handle| handle.as_ref().is_some_and(|h| h.id() == join.id()));
+                tracing::error!(
+                    route = route.map_or("-", |route| self.route_name(route)),
+                    "the route's online copy panicked (a bug: please report it); the route \
+                     streams on, marked as copying, and the next start of usersync run copies \
+                     it again"
+                );
+                if let Some(route) = route {
+                    self.copies[route] = None;
+                    self.copy_handles[route] = None;
+                }
+                return Ok(None);
+            }
             // Stopped (its route went away): the next session starts it again.
             Err(_) => return Ok(None),
         };
         self.copies[route] = None;
         self.copy_handles[route] = None;
+        self.copy_kinds[route] = None;
+        // Still marked on its target: the route shows as copying until a restart copies it.
+        self.copy_stuck[route] = result.is_err();
         match result {
             Ok(CopyEnd::Done) => Ok(None),
             Ok(CopyEnd::HasCheckpoint) => {
@@ -454,7 +500,9 @@ impl<'a> Session<'a> {
                     }
                 }
                 Some(joined) = self.joins.recv() => self.joined(joined),
-                Some(ended) = self.copy_tasks.join_next(), if !self.copy_tasks.is_empty() => {
+                Some(Ok((route, marked))) = self.resync_checks.join_next(),
+                    if !self.resync_checks.is_empty() => self.resync(route, marked),
+                Some(ended) = self.copy_tasks.join_next_with_id(), if !self.copy_tasks.is_empty() => {
                     if let Some(ended) = self.copy_ended(ended)? {
                         self.finish_routes().await?;
                         return Ok(ended);
@@ -671,16 +719,17 @@ impl<'a> Session<'a> {
         }
         for mark in marks {
             if let Mark::Resync(route) = mark {
-                self.resync(&route);
+                self.resync_asked(&route, position.commit_lsn);
             }
         }
         Ok(())
     }
 
-    /// `resync --online` of the route named `name` (its target is marked already): an
-    /// attached route is copied again, reconciling, from here on; any other comes back in
-    /// a new session, from where the slot stands (see `start::resume_point`).
-    fn resync(&mut self, name: &str) {
+    /// A message asks for `resync --online` of the route named `name`, committed at
+    /// `commit_lsn`: once its target shows the mark `resync --online` leaves there, the
+    /// route is resynced ([`Session::resync`]). A message alone does nothing: anyone who may
+    /// emit messages on the source can write one.
+    fn resync_asked(&mut self, name: &str, commit_lsn: Lsn) {
         let Some(route) = self
             .route_configs
             .iter()
@@ -692,7 +741,49 @@ impl<'a> Session<'a> {
             );
             return;
         };
-        tracing::info!(route = name, "resync --online: copying the route again");
+        // Read again below the route's checkpoint (a session started lower for another
+        // route): asked, and done, before.
+        if commit_lsn < self.started_at[route] || !self.resync_checking.insert(route) {
+            return;
+        }
+        let config = self.route_configs[route].clone();
+        self.resync_checks.spawn(async move {
+            let marked = async {
+                let client = crate::conn::sql::connect(&config.target, super::APPLICATION_NAME)
+                    .await
+                    .ok()?;
+                let checkpoint = crate::apply::read_checkpoint(&client, &config.checkpoint_key())
+                    .await
+                    .ok()??;
+                Some(checkpoint.copying && checkpoint.copy_reconciles)
+            };
+            let marked = tokio::time::timeout(super::BACKOFF_MAX, marked).await;
+            (route, matches!(marked, Ok(Some(true))))
+        });
+    }
+
+    /// `resync --online` of route `route`, whose target is marked so: an attached route is
+    /// copied again, reconciling, from here on; any other comes back in a new session, from
+    /// where the slot stands (see `start::resume_point`).
+    fn resync(&mut self, route: usize, marked: bool) {
+        self.resync_checking.remove(&route);
+        if !marked {
+            // Also a message read again after the resync it asked for is done.
+            tracing::info!(
+                route = self.route_name(route),
+                "a message asks to resync the route, but its target is not marked so (by \
+                 usersync resync --online): ignored"
+            );
+            return;
+        }
+        if self.copy_kinds[route] == Some(CopyKind::Reconcile) {
+            // Under way already (the message read again after a restart).
+            return;
+        }
+        tracing::info!(
+            route = self.route_name(route),
+            "resync --online: copying the route again"
+        );
         self.fleet.health[route].resynced();
         match &self.routes[route] {
             Member::Attached(handle) => {
@@ -704,7 +795,7 @@ impl<'a> Session<'a> {
                     backfill::Start::Attached(confirmed),
                 );
             }
-            // Joining: its copy comes once it has joined (it has no checkpoint to mark).
+            // Joining: it has no checkpoint to mark.
             Member::Joining { .. } => {}
             _ => self.rejoin = true,
         }
@@ -1153,16 +1244,12 @@ impl<'a> Session<'a> {
                 _ => {}
             }
         }
-        for ((member, config), copy) in self
-            .routes
-            .iter()
-            .zip(&self.route_configs)
-            .zip(&self.copies)
-        {
+        for (route, (member, config)) in self.routes.iter().zip(&self.route_configs).enumerate() {
             if let Some(name) = config.route_name() {
                 let durable = member.holds().map(|lsn| lsn.0);
+                let copying = self.copies[route].is_some() || self.copy_stuck[route];
                 let state = match member {
-                    Member::Attached(_) if copy.is_some() => "copying",
+                    Member::Attached(_) if copying => "copying",
                     member => member.state(),
                 };
                 self.metrics.set_route_state(name, state, durable);
@@ -1231,6 +1318,9 @@ impl<'a> Session<'a> {
         Ok(())
     }
 }
+
+/// What a copy task ends with: its route, and how.
+type CopyEnded = (usize, Result<CopyEnd, Error>);
 
 /// What joining a route's task gives: which task, and how it ended.
 type JoinedRoute = Result<(tokio::task::Id, Result<(), Error>), tokio::task::JoinError>;

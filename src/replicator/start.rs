@@ -580,7 +580,9 @@ async fn resume_point(
     // slot would leave that gap for good. A checkpoint an older usersync wrote proves
     // nothing yet: it is taken over at the slot's position.
     // A route being resynced online is rebuilt whatever it missed: it resumes at the slot.
-    let rebuilt = checkpoint.copying && checkpoint.copy_reconciles && !dry_run;
+    // (Not from a standby: the copy writes transactions on the source.)
+    let rebuilt =
+        checkpoint.copying && checkpoint.copy_reconciles && !dry_run && !source_in_recovery;
     let behind = confirmed_flush > checkpoint.end_lsn;
     if checkpoint.slot_bounded && behind && !rebuilt {
         return Err(Refusal::Unresumable(target_behind_slot(

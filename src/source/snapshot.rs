@@ -19,7 +19,7 @@ use super::SourceError;
 use crate::decode::{ColumnValue, TupleData};
 
 /// Session settings that make COPY's text match pgoutput's (see the replication client).
-const SESSION_SETTINGS: &str = "SET DateStyle = ISO; SET TimeZone = UTC; \
+pub(crate) const SESSION_SETTINGS: &str = "SET DateStyle = ISO; SET TimeZone = UTC; \
     SET extra_float_digits = 3; SET IntervalStyle = iso_8601; SET bytea_output = hex";
 
 /// Rows of the snapshot, read page by page.
@@ -102,57 +102,31 @@ impl SnapshotRows {
     }
 }
 
-/// Reads what `select` reads, rows of `width` columns, in a transaction of its own whose
-/// snapshot it returns (as `pg_current_snapshot()` prints it): a route's online copy reads
-/// its users in such chunks, each consistent with the stream by that snapshot (see
-/// `replicator::backfill`). `client` is left outside any transaction.
-pub async fn read_chunk(
+/// Every row `select` reads, rows of `width` columns, in the transaction `client` is in.
+pub async fn copy_rows(
     client: &Client,
     select: &str,
     width: usize,
-) -> Result<(String, Vec<TupleData>), SourceError> {
-    client
-        .batch_execute(&format!(
-            "{SESSION_SETTINGS}; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
-        ))
+) -> Result<Vec<TupleData>, SourceError> {
+    let stream = client
+        .copy_out(&format!("COPY ({select}) TO STDOUT"))
         .await
-        .map_err(SourceError::sql("starting a chunk of the route's copy"))?;
-    let read = async {
-        // The transaction's snapshot is taken by its first statement: this one.
-        let snapshot: String = client
-            .query_one("SELECT pg_current_snapshot()::text", &[])
-            .await
-            .map_err(SourceError::sql("reading the chunk's snapshot"))?
-            .get(0);
-        let stream = client
-            .copy_out(&format!("COPY ({select}) TO STDOUT"))
-            .await
-            .map_err(SourceError::sql("copying a chunk of the users table"))?;
-        let mut rows = SnapshotRows {
-            total: None,
-            stream: Box::pin(stream),
-            buf: BytesMut::new(),
-            columns: width,
-            done: false,
-        };
-        let mut all = Vec::new();
-        loop {
-            let page = rows.next_page(usize::MAX).await?;
-            if page.is_empty() {
-                break;
-            }
-            all.extend(page);
+        .map_err(SourceError::sql("copying a chunk of the users table"))?;
+    let mut rows = SnapshotRows {
+        total: None,
+        stream: Box::pin(stream),
+        buf: BytesMut::new(),
+        columns: width,
+        done: false,
+    };
+    let mut all = Vec::new();
+    loop {
+        let page = rows.next_page(usize::MAX).await?;
+        if page.is_empty() {
+            return Ok(all);
         }
-        Ok::<_, SourceError>((snapshot, all))
+        all.extend(page);
     }
-    .await;
-    // Read only: ending it either way loses nothing.
-    let end = if read.is_ok() { "COMMIT" } else { "ROLLBACK" };
-    client
-        .batch_execute(end)
-        .await
-        .map_err(SourceError::sql("ending a chunk of the route's copy"))?;
-    read
 }
 
 /// One line of COPY text: tab-separated fields, `\N` for NULL, backslash escapes. A field

@@ -1950,7 +1950,7 @@ async fn stack_auth_a_route_added_while_running_gets_its_users_and_their_emails(
     // Changes to the new tenancy's users before and while it is copied.
     let change = |round: u32| {
         let n = 1 + (round * 7) % 299;
-        let n = if n % 3 == 0 { n + 1 } else { n };
+        let n = if n.is_multiple_of(3) { n + 1 } else { n };
         let mut sql = format!(
             r#"UPDATE "ProjectUser" SET "displayName" = 'Renamed {round}', "updatedAt" = now()
                 WHERE "projectUserId" = '{}';
@@ -1959,7 +1959,7 @@ async fn stack_auth_a_route_added_while_running_gets_its_users_and_their_emails(
             user_id(n),
             user_id(n + 1)
         );
-        if round % 10 == 0 {
+        if round.is_multiple_of(10) {
             let new = 1000 + round;
             sql += &project_user(OTHER_TENANCY, new, "New");
             sql += &channel(
@@ -1970,14 +1970,14 @@ async fn stack_auth_a_route_added_while_running_gets_its_users_and_their_emails(
                 true,
             );
         }
-        if round % 12 == 0 {
+        if round.is_multiple_of(12) {
             // Known by its key only: the target must know the channel the email came from.
             sql += &format!(
                 r#"DELETE FROM "ContactChannel" WHERE "projectUserId" = '{}' AND "isPrimary" = 'TRUE';"#,
                 user_id(n + 3)
             );
         }
-        if round % 15 == 0 && (n + 2) % 3 != 0 {
+        if round.is_multiple_of(15) && !(n + 2).is_multiple_of(3) {
             sql += &format!(
                 r#"DELETE FROM "ProjectUser" WHERE "projectUserId" = '{}';"#,
                 user_id(n + 2)
@@ -1989,6 +1989,28 @@ async fn stack_auth_a_route_added_while_running_gets_its_users_and_their_emails(
     for round in 0..20 {
         writer.batch_execute(&change(round)).await.unwrap();
     }
+    // One user changed without pause (as Stack Auth's lastActiveAt is): its copy cannot
+    // wait for it to settle.
+    let hot_writer = sql(pair.server, &pair.config.source.dbname).await;
+    let hot = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let hot_loop = {
+        let hot = std::sync::Arc::clone(&hot);
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while hot.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                hot_writer
+                    .batch_execute(&format!(
+                        r#"UPDATE "ProjectUser" SET "displayName" = 'Hot {n}', "updatedAt" = now()
+                            WHERE "projectUserId" = '{}'"#,
+                        user_id(2)
+                    ))
+                    .await
+                    .unwrap();
+            }
+            n
+        })
+    };
     write_routes(&[("one", TENANCY), ("two", OTHER_TENANCY)]);
     let hup = std::process::Command::new("kill")
         .args(["-HUP", &run.id().to_string()])
@@ -1999,6 +2021,20 @@ async fn stack_auth_a_route_added_while_running_gets_its_users_and_their_emails(
         writer.batch_execute(&change(round)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("the route's users are copied")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the copy did not finish while one user kept changing: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    hot.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert!(hot_loop.await.unwrap() > 100, "the hot user hardly changed");
     let deadline = Instant::now() + WAIT;
     let other_live = STACK_AUTH_SOURCE_LIVE.replace(TENANCY, OTHER_TENANCY);
     for (index, source_sql) in [STACK_AUTH_SOURCE_LIVE, other_live.as_str()]

@@ -266,6 +266,7 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
         now,
     );
     let mut report = StatusReport {
+        route: config.route_name().map(str::to_owned),
         verdict: Verdict::Healthy,
         exit_code: Verdict::Healthy.exit_code(),
         problems,
@@ -303,6 +304,7 @@ pub async fn gather(config: &Config, options: StatusOptions) -> Result<StatusRep
             written_at: Rfc3339(checkpoint.written_at),
             slot_bounded: checkpoint.slot_bounded,
             copying: checkpoint.copying,
+            copy_reconciles: checkpoint.copy_reconciles,
         }),
         target: target_status,
         lag: LagStatus {
@@ -459,10 +461,22 @@ async fn read_target(
         primary_email_channels_unknown: None,
     };
     if !status.tables_present {
-        problems.push(Problem {
-            verdict: Verdict::Broken,
-            message: "the target has no neon_auth.users_sync or usersync.state: run usersync setup"
-                .into(),
+        problems.push(match config.route_name() {
+            // A new route's target: run prepares it when the route joins.
+            Some(route) => Problem {
+                verdict: Verdict::Lagging,
+                message: format!(
+                    "route {route}'s target has no neon_auth.users_sync or usersync.state yet: \
+                     usersync run prepares it when the route joins, then copies it online \
+                     (start run if none is running)"
+                ),
+            },
+            None => Problem {
+                verdict: Verdict::Broken,
+                message:
+                    "the target has no neon_auth.users_sync or usersync.state: run usersync setup"
+                        .into(),
+            },
         });
     }
     if tables.users_sync {

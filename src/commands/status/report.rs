@@ -82,6 +82,9 @@ pub enum LagEstimate {
 /// The report, as printed. Every key is always present; unknown values are `null`.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusReport {
+    /// The route this report is of, in a fan-out (its name is in the JSON around it).
+    #[serde(skip)]
+    pub route: Option<String>,
     pub verdict: Verdict,
     pub exit_code: u8,
     pub problems: Vec<Problem>,
@@ -136,6 +139,9 @@ pub struct CheckpointStatus {
     /// A route's online copy is under way (added while running, or `resync --online`): its
     /// target lacks users from before it joined until `run` is done with it.
     pub copying: bool,
+    /// That copy is `resync --online`'s: it also soft-deletes the users the source no
+    /// longer has, and the route may resume at the slot's position (behind it is no fault).
+    pub copy_reconciles: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -342,9 +348,30 @@ impl StatusReport {
                 && checkpoint.system_identifier == self.source.system_identifier
                 && confirmed.is_some_and(|confirmed| confirmed > checkpoint.end_lsn.0)
             {
-                problem(
-                    Verdict::Broken,
-                    format!(
+                match &self.route {
+                    Some(route) if checkpoint.copying && checkpoint.copy_reconciles => problem(
+                        Verdict::Lagging,
+                        format!(
+                            "route {route} is behind the slot and being resynced online: \
+                             usersync run lets it in at the slot's position, and its copy \
+                             rebuilds what it missed (start run if none is running)"
+                        ),
+                    ),
+                    Some(route) => problem(
+                        Verdict::Broken,
+                        format!(
+                            "replication slot {} is confirmed up to {}, past the checkpoint of \
+                             route {route} ({}): the route was evicted, or its target restored \
+                             to an earlier point; run usersync resync --routes <file> --online \
+                             {route}, which copies it again while run streams",
+                            slot.name,
+                            confirmed.unwrap_or_default(),
+                            checkpoint.end_lsn.0
+                        ),
+                    ),
+                    None => problem(
+                        Verdict::Broken,
+                        format!(
                         "replication slot {} is confirmed up to {}, past the target's checkpoint \
                          ({}): the target may have lost changes, which the slot no longer \
                          holds; if it was restored to an earlier point, run usersync resync; \
@@ -354,7 +381,8 @@ impl StatusReport {
                         confirmed.unwrap_or_default(),
                         checkpoint.end_lsn.0
                     ),
-                );
+                    ),
+                }
             }
         }
         // Anyone may take the slot's lock: a holder that is not a usersync, while nobody
@@ -578,6 +606,7 @@ mod tests {
     fn report() -> StatusReport {
         let now = Utc::now();
         StatusReport {
+            route: None,
             verdict: Verdict::Healthy,
             exit_code: 0,
             problems: Vec::new(),
@@ -610,6 +639,7 @@ mod tests {
                 written_at: Rfc3339(now),
                 slot_bounded: true,
                 copying: false,
+                copy_reconciles: false,
             }),
             target: TargetStatus {
                 url: "postgresql://u:***@t:5432/db?sslmode=verify-full".into(),
