@@ -50,7 +50,8 @@ pub enum Command {
     #[command(after_help = SETUP_EXAMPLES)]
     Setup(SetupArgs),
     /// Recreate a lost or dropped slot and copy the table again, reconciling the target:
-    /// users absent from the source are soft-deleted.
+    /// users absent from the source are soft-deleted. With --routes and --online ROUTE, copy
+    /// one route again while run streams, reconciling it, without touching the slot.
     #[command(after_help = RESYNC_EXAMPLES)]
     Resync(ResyncArgs),
     /// Apply everything pending in the slot up to the source's current position, then exit.

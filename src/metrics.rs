@@ -336,8 +336,9 @@ impl Metrics {
         let route_state = Family::<RouteStateLabel, Gauge>::default();
         registry.register(
             "route_state",
-            "1 for a fan-out route's state: active, draining (too slow, applying what it \
-             holds), detached (down, holding the slot), evicted (needs a resync)",
+            "1 for a fan-out route's state: active, copying (its users copied online), \
+             joining (a new route's target being prepared), draining (too slow, applying what \
+             it holds), detached (down, holding the slot), evicted (needs a resync)",
             route_state.clone(),
         );
         let route_lag = Family::<RouteLabel, FloatGauge>::default();

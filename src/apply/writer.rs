@@ -896,7 +896,8 @@ impl TargetWriter {
                 patches,
                 without_user,
                 "some users' parts (Stack Auth's primary email) found no live user on the \
-                 target and were not applied; usersync resync copies the users again"
+                 target and were not applied: expected while a route of a fan-out is copied \
+                 online (its copy brings them); otherwise usersync resync copies the users again"
             );
         }
         self.open = !commits;
