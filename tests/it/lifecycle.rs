@@ -194,6 +194,8 @@ async fn status_reports_a_healthy_slot_as_json_and_as_a_table() {
         [
             "commit_lsn",
             "commit_time",
+            "copy_reconciles",
+            "copying",
             "end_lsn",
             "slot_bounded",
             "system_identifier",
