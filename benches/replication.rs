@@ -1171,6 +1171,7 @@ async fn start(settings: &Settings, report: &mut Report) -> Bench {
         routes_file: None,
         route: None,
         evict_after: None,
+        evict_after_wal: None,
     };
     eprintln!("snapshot: usersync setup");
     let started = Instant::now();

@@ -88,6 +88,7 @@ async fn main() {
         routes_file: None,
         route: None,
         evict_after: None,
+        evict_after_wal: None,
     };
     let started = Instant::now();
     setup(&config, SetupOptions::default())

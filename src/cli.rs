@@ -342,6 +342,17 @@ pub struct RunArgs {
         requires = "routes"
     )]
     pub evict_after: Option<String>,
+
+    /// With --routes: a route that is down while the source writes this much WAL past its
+    /// position (e.g. 10GB) stops holding the slot and its target must be copied again
+    /// (resync --online); by default a route holds the slot until it comes back.
+    #[arg(
+        long,
+        env = "USERSYNC_EVICT_AFTER_WAL",
+        value_name = "SIZE",
+        requires = "routes"
+    )]
+    pub evict_after_wal: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -48,6 +48,9 @@ pub struct Config {
     /// A fan-out's route down this long stops holding the slot (`--evict-after`); `None`:
     /// never.
     pub evict_after: Option<Duration>,
+    /// A fan-out's route down with this many bytes of WAL written past its position stops
+    /// holding the slot (`--evict-after-wal`); `None`: never.
+    pub evict_after_wal: Option<u64>,
 }
 
 /// The lag target unless `--lag-target` says otherwise: Neon's promise for users_sync.
@@ -169,6 +172,7 @@ impl Config {
             routes_file: routes_file.map(Path::to_path_buf),
             route: None,
             evict_after: None,
+            evict_after_wal: None,
         })
     }
 

@@ -125,6 +125,11 @@ async fn dispatch(command: Command) -> Result<u8, Failure> {
                 .as_deref()
                 .map(parse_duration)
                 .transpose()?;
+            config.evict_after_wal = args
+                .evict_after_wal
+                .as_deref()
+                .map(usersync::config::parse_byte_size)
+                .transpose()?;
             commands::run::run(&config, args.metrics_addr).await?
         }
         Command::Status(args) => {

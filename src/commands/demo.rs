@@ -73,6 +73,7 @@ pub async fn demo(args: &DemoArgs) -> Result<(), Error> {
         routes_file: None,
         route: None,
         evict_after: None,
+        evict_after_wal: None,
     };
     println!(
         "source {} / target {}",

@@ -225,8 +225,10 @@ impl Window {
     /// Notes the users transaction `xid` changed for the route.
     pub fn record(&mut self, xid: u32, changes: &[UserChange]) {
         for change in changes {
+            // Its own row whole: every value sent but the part's (Stack Auth's update of a
+            // user leaves the email keys to the target's row).
             let own_row = matches!(change, UserChange::Upsert { user, moved_from: None, .. }
-                if user.unchanged_keys.is_empty());
+                if user.unchanged_keys.iter().all(|key| self.part_keys.contains(&key.as_str())));
             let (id, also) = match change {
                 UserChange::Upsert {
                     user, moved_from, ..
@@ -640,12 +642,16 @@ impl Reading {
                 config.table
             )));
         }
-        // The route's values compared as the column's own type as well: the text compare
-        // that decides routing cannot use the key's index, this one can (a tenancy's rows
-        // are then read alone, not every tenancy before it). The values are spelled as
-        // PostgreSQL prints that type (checked by setup and by run), so they cast back.
+        // A uuid routing column (Stack Auth's tenancy) compared as uuid as well: the text
+        // compare that decides routing cannot use the key's index, this one can (a tenancy's
+        // rows are then read alone, not every tenancy before it). The values are checked
+        // first to be spelled as PostgreSQL prints the column's type (a route added on SIGHUP
+        // has not been yet), so they cast back.
+        routes.column_in(&config.table, &table_columns)?;
         let mut route_filter = routes.copy_filter(route, Some("u"));
-        let typed = primary_key.iter().find(|(name, _)| *name == routes.by);
+        let typed = primary_key
+            .iter()
+            .find(|(name, ty)| *name == routes.by && ty == "uuid");
         if let (Some((name, ty)), false) = (typed, routes.default == Some(route)) {
             let values: Vec<String> = routes.routes[route]
                 .values
@@ -788,25 +794,22 @@ impl Reading {
         let part_from = self.mapping.copied_part_from(row)?;
         let id = user.id.clone();
         let mut changes = Vec::with_capacity(2);
-        // The part's keys written by the upsert come from no row; a patch after it says
-        // which row they come from, as the initial copy records it.
-        let part = match part_from {
-            Some(Some(from)) => Some(UserChange::Patch {
-                id: id.clone(),
-                keys: self
-                    .part_keys
-                    .iter()
-                    .filter_map(|key| {
-                        user.raw_json
-                            .get(*key)
-                            .map(|value| ((*key).to_owned(), value.clone()))
-                    })
-                    .collect(),
-                from: Some(from),
-                clears: false,
-            }),
-            _ => None,
-        };
+        // A patch after the upsert says which row the part's keys come from (none: the user
+        // has no such row), as the initial copy records it; a hot user gets it alone.
+        let part = part_from.map(|from| UserChange::Patch {
+            id: id.clone(),
+            keys: self
+                .part_keys
+                .iter()
+                .filter_map(|key| {
+                    user.raw_json
+                        .get(*key)
+                        .map(|value| ((*key).to_owned(), value.clone()))
+                })
+                .collect(),
+            from,
+            clears: false,
+        });
         changes.push(UserChange::Upsert {
             user,
             inserted: false,
@@ -845,12 +848,13 @@ async fn copy_users(copy: &mut Copy, confirmed: &AtomicU64, attempt: u64) -> Res
     }
     let reconcile = copy.kind == CopyKind::Reconcile;
     if reconcile && asked.is_none() {
-        // Soft-deleting users is for a target marked so (resync --online), never otherwise.
-        return Err(Error::Config(format!(
-            "route {} is not marked for a resync on its target any more; nothing is \
-             soft-deleted",
-            config.route_name().unwrap_or_default()
-        )));
+        // Soft-deleting users is for a target marked so (resync --online), never otherwise:
+        // the mark is gone (an earlier attempt finished, its answer lost): nothing to do.
+        tracing::info!(
+            route = config.route_name().unwrap_or_default(),
+            "the route is not marked for a resync any more: done"
+        );
+        return Ok(0);
     }
     if reconcile {
         target
@@ -1475,9 +1479,14 @@ mod tests {
             moved: HashSet::new(),
             part_keys: &["primary_email"],
         };
-        // Its own row written whole, its part (the email) left as it was; and a user whose
-        // email the stream changed.
-        window.record(30, &[upsert("h", true), upsert("p", true)]);
+        // Its own row written whole, its part (the email) left as it was (as Stack Auth's
+        // update of a user does: the email keys unchanged); and a user whose email the
+        // stream changed.
+        let mut own_row = upsert("h", true);
+        if let UserChange::Upsert { user, .. } = &mut own_row {
+            user.unchanged_keys = vec!["primary_email".into()];
+        }
+        window.record(30, &[own_row, upsert("p", true)]);
         window.record(
             31,
             &[UserChange::Patch {

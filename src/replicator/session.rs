@@ -147,14 +147,15 @@ pub(super) struct Session<'a> {
     joins_sender: mpsc::UnboundedSender<Joined>,
     /// The prefix of this slot's watermark messages.
     copy_prefix: String,
-    /// What each route's running copy does, if one runs.
-    copy_kinds: Vec<Option<CopyKind>>,
     /// Checks that a route asked to be resynced online is marked so on its target (the
     /// message that asks can be written by anyone who may emit messages on the source); each
     /// ends with the route and whether it is.
-    resync_checks: JoinSet<(usize, bool)>,
+    resync_checks: JoinSet<(usize, Option<String>)>,
     /// Per route, whether its copy failed for good in this session (it stays marked).
     copy_stuck: Vec<bool>,
+    /// Per route, the request (`copy_started_at` on its target) a resync was last started
+    /// for: a message read again, or forged, finds the same one, and changes nothing.
+    resynced: Vec<Option<String>>,
     /// The routes being checked: one check at a time each.
     resync_checking: std::collections::HashSet<usize>,
     /// Transactions committed before this position are on every route's target already.
@@ -231,8 +232,8 @@ impl<'a> Session<'a> {
             joins,
             joins_sender,
             copy_prefix: backfill::prefix(&config.slot),
-            copy_kinds: Vec::with_capacity(starts.len()),
             copy_stuck: Vec::with_capacity(starts.len()),
+            resynced: Vec::with_capacity(starts.len()),
             resync_checks: JoinSet::new(),
             resync_checking: std::collections::HashSet::new(),
             skip_before: resume_at,
@@ -260,8 +261,8 @@ impl<'a> Session<'a> {
         self.probe_handles.push(None);
         self.copies.push(None);
         self.copy_handles.push(None);
-        self.copy_kinds.push(None);
         self.copy_stuck.push(false);
+        self.resynced.push(None);
         let member = match start {
             RouteStart::Ready {
                 worker,
@@ -340,7 +341,6 @@ impl<'a> Session<'a> {
             Arc::clone(self.metrics),
         );
         self.copies[route] = Some(window);
-        self.copy_kinds[route] = Some(kind);
         self.copy_stuck[route] = false;
         let task = self
             .copy_tasks
@@ -354,7 +354,6 @@ impl<'a> Session<'a> {
             task.abort();
         }
         self.copies[route] = None;
-        self.copy_kinds[route] = None;
     }
 
     /// A new route's target is ready: it joins the stream here, and its copy goes on.
@@ -408,6 +407,7 @@ impl<'a> Session<'a> {
                 if let Some(route) = route {
                     self.copies[route] = None;
                     self.copy_handles[route] = None;
+                    self.copy_stuck[route] = true;
                 }
                 return Ok(None);
             }
@@ -416,7 +416,6 @@ impl<'a> Session<'a> {
         };
         self.copies[route] = None;
         self.copy_handles[route] = None;
-        self.copy_kinds[route] = None;
         // Still marked on its target: the route shows as copying until a restart copies it.
         self.copy_stuck[route] = result.is_err();
         match result {
@@ -752,22 +751,23 @@ impl<'a> Session<'a> {
                 let client = crate::conn::sql::connect(&config.target, super::APPLICATION_NAME)
                     .await
                     .ok()?;
-                let checkpoint = crate::apply::read_checkpoint(&client, &config.checkpoint_key())
-                    .await
-                    .ok()??;
-                Some(checkpoint.copying && checkpoint.copy_reconciles)
+                let (asked, reconciles) =
+                    crate::apply::copy_asked(&client, &config.checkpoint_key())
+                        .await
+                        .ok()??;
+                reconciles.then_some(asked)
             };
             let marked = tokio::time::timeout(super::BACKOFF_MAX, marked).await;
-            (route, matches!(marked, Ok(Some(true))))
+            (route, marked.ok().flatten())
         });
     }
 
     /// `resync --online` of route `route`, whose target is marked so: an attached route is
     /// copied again, reconciling, from here on; any other comes back in a new session, from
     /// where the slot stands (see `start::resume_point`).
-    fn resync(&mut self, route: usize, marked: bool) {
+    fn resync(&mut self, route: usize, marked: Option<String>) {
         self.resync_checking.remove(&route);
-        if !marked {
+        let Some(asked) = marked else {
             // Also a message read again after the resync it asked for is done.
             tracing::info!(
                 route = self.route_name(route),
@@ -775,16 +775,15 @@ impl<'a> Session<'a> {
                  usersync resync --online): ignored"
             );
             return;
-        }
-        if self.copy_kinds[route] == Some(CopyKind::Reconcile) {
-            // Under way already (the message read again after a restart).
+        };
+        if self.resynced[route].as_ref() == Some(&asked) {
+            // Started for this request already (its message read again, or forged).
             return;
         }
         tracing::info!(
             route = self.route_name(route),
             "resync --online: copying the route again"
         );
-        self.fleet.health[route].resynced();
         match &self.routes[route] {
             Member::Attached(handle) => {
                 let confirmed = handle.confirmed_shared();
@@ -796,9 +795,13 @@ impl<'a> Session<'a> {
                 );
             }
             // Joining: it has no checkpoint to mark.
-            Member::Joining { .. } => {}
-            _ => self.rejoin = true,
+            Member::Joining { .. } => return,
+            _ => {
+                self.fleet.health[route].resynced();
+                self.rejoin = true;
+            }
         }
+        self.resynced[route] = Some(asked);
     }
 
     /// A transaction too large for one batch (or spilled to disk) goes to the targets in
@@ -848,6 +851,7 @@ impl<'a> Session<'a> {
         // fed a part (it then has the target transaction open, which its end commits).
         let mut carried = vec![false; routes];
         let mut started = vec![false; routes];
+        let mut marks: Vec<Mark> = Vec::new();
         let mut read = 0_usize;
         let mut room = None;
         let mut all = transaction.into_changes().peekable();
@@ -859,7 +863,14 @@ impl<'a> Session<'a> {
                 // mapped first, then each route takes its share, so three at most.)
                 room = self.room(0, PART_CHANGES).await?;
             }
-            self.changes.map(change?, &mut routed)?;
+            let change = change?;
+            // A copy's message in a transaction that spilled (streamed beside a large one).
+            if let LogicalMessage::Message(message) = &change {
+                if message.prefix == self.copy_prefix && self.mode == Mode::Service {
+                    marks.extend(backfill::parse_mark(&message.content));
+                }
+            }
+            self.changes.map(change, &mut routed)?;
             read += 1;
             let last = all.peek().is_none();
             if routed.len() < PART_CHANGES && !last {
@@ -883,11 +894,18 @@ impl<'a> Session<'a> {
                     .of(route)
                     .iter()
                     .any(|change| !matches!(change, UserChange::Heartbeat));
-                let part = routed.take(route);
+                let mut part = routed.take(route);
                 let applies = self.routes[route].fed().is_some()
                     && position.commit_lsn >= self.started_at[route];
                 if let Some(window) = self.copies[route].as_mut().filter(|_| applies) {
                     window.record(xid, &part);
+                    if last {
+                        for mark in &marks {
+                            if let Mark::Chunk(attempt, seq) = *mark {
+                                part.extend(window.take(attempt, seq).unwrap_or_default());
+                            }
+                        }
+                    }
                 }
                 let feed = if last {
                     if !one_route && !started[route] && part.is_empty() {
@@ -920,6 +938,11 @@ impl<'a> Session<'a> {
             }
             if self.last_status.elapsed() >= self.status_interval {
                 self.send_status(false).await?;
+            }
+        }
+        for mark in marks {
+            if let Mark::Resync(route) = mark {
+                self.resync_asked(&route, position.commit_lsn);
             }
         }
         if read == 0 && !dry_run {
@@ -1222,23 +1245,39 @@ impl<'a> Session<'a> {
                         self.fleet.health[route].settled();
                     }
                 }
-                Member::Detached { .. } | Member::Joining { .. } => {
-                    if let Some(limit) = self.config.evict_after {
-                        if self.fleet.health[route].down_longer_than(limit) {
-                            tracing::error!(
-                                route = self.route_name(route),
-                                limit_s = limit.as_secs(),
-                                "the route has been down longer than --evict-after: evicted; \
-                                 the slot no longer waits for it, and its target needs a \
-                                 resync"
-                            );
-                            self.fleet.health[route].evict();
-                            self.routes[route] = Member::Evicted;
-                            if let Some(probe) = self.probe_handles[route].take() {
-                                probe.abort();
-                            }
-                            self.stop_copy(route);
+                Member::Detached { held } | Member::Joining { held } => {
+                    let held = *held;
+                    let down_too_long = self
+                        .config
+                        .evict_after
+                        .filter(|limit| self.fleet.health[route].down_longer_than(*limit))
+                        .map(|limit| {
+                            format!("down longer than --evict-after ({}s)", limit.as_secs())
+                        });
+                    // The source's WAL past where the slot waits for it: what it costs there.
+                    let behind = self.received.0.saturating_sub(held.0);
+                    let too_far_behind = self
+                        .config
+                        .evict_after_wal
+                        .filter(|limit| behind > *limit)
+                        .map(|limit| {
+                            format!(
+                                "{behind} bytes of WAL behind, past --evict-after-wal ({limit})"
+                            )
+                        });
+                    if let Some(why) = down_too_long.or(too_far_behind) {
+                        tracing::error!(
+                            route = self.route_name(route),
+                            why,
+                            "the route is evicted: the slot no longer waits for it, and its \
+                             target needs usersync resync --routes <file> --online <route>"
+                        );
+                        self.fleet.health[route].evict();
+                        self.routes[route] = Member::Evicted;
+                        if let Some(probe) = self.probe_handles[route].take() {
+                            probe.abort();
                         }
+                        self.stop_copy(route);
                     }
                 }
                 _ => {}

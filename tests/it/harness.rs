@@ -356,6 +356,7 @@ impl Pair {
             routes_file: None,
             route: None,
             evict_after: None,
+            evict_after_wal: None,
         };
         Pair {
             server,

@@ -685,6 +685,49 @@ async fn resync_online_repairs_one_route_while_run_streams() {
     assert_eq!(single.status.code(), Some(2), "{}", text(&single));
 }
 
+/// `--evict-after-wal`: a route down while the source writes more WAL than that stops holding
+/// the slot, however short the time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_down_past_evict_after_wal_stops_holding_the_slot() {
+    let (fan_out, own) = fan_out_with_own_server().await;
+    let log = fan_out.dir.join("run.log");
+    let mut run = fan_out
+        .command(&["run", "--evict-after-wal", "1MB"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_log(&log, "streaming").await;
+    let _own = stop_server(own).await;
+    // Within the limit: the slot still waits.
+    fan_out
+        .pair
+        .source
+        .batch_execute("UPDATE users SET version = version + 1")
+        .await
+        .unwrap();
+    fan_out.wait_for_match_of(&["acme"]).await;
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(!said.contains("the route is evicted"), "{said}");
+    // Two megabytes of WAL past it.
+    fan_out
+        .pair
+        .source
+        .batch_execute("SELECT pg_logical_emit_message(true, 'filler', repeat('x', 2000000))")
+        .await
+        .unwrap();
+    let end = fan_out.pair.source_wal_lsn().await;
+    fan_out
+        .pair
+        .wait_for_slot_confirmed(&end, false, "the slot still waits for the route")
+        .await;
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("past --evict-after-wal"), "{said}");
+    assert!(run.try_wait().unwrap().is_none(), "run ended");
+    run.kill().unwrap();
+    run.wait().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_too_slow_is_left_behind_and_rejoins_later() {
     let fan_out = FanOut::new(&[("acme", &["acme"]), ("globex", &["globex"])]).await;
