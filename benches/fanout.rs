@@ -21,6 +21,11 @@
 //! route of its own one second into the load (routes file rewritten, SIGHUP): its online copy
 //! runs beside the load, and the table gains its time and rate (users a second until the
 //! new target holds them all); the lag figures then cover the other routes during the copy.
+//!
+//! With `USERSYNC_BENCH_STOP_ROUTES=N`, the first N routes' targets live on a server of their
+//! own, stopped for the middle third of the load and started again: the lag figures then
+//! cover the other routes only (while those N are down), and the table gains how long the N
+//! took to catch up once their server was back.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -65,6 +70,7 @@ struct Settings {
     seconds: f64,
     users: usize,
     copy_users: usize,
+    stop_routes: usize,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -89,6 +95,7 @@ fn main() {
         seconds: env_or("USERSYNC_BENCH_SECONDS", 20.0),
         users: env_or("USERSYNC_BENCH_USERS", 10_000),
         copy_users: env_or("USERSYNC_BENCH_COPY_USERS", 0),
+        stop_routes: env_or("USERSYNC_BENCH_STOP_ROUTES", 0),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -111,9 +118,11 @@ fn server(extra: &[(&str, &str)]) -> LocalPg {
 }
 
 async fn connect(pg: &LocalPg, dbname: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(&pg.superuser_url(dbname), NoTls)
-        .await
-        .expect("connect");
+    connect_url(&pg.superuser_url(dbname)).await
+}
+
+async fn connect_url(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
     tokio::spawn(connection);
     client
 }
@@ -131,6 +140,9 @@ struct Row {
     target_connections: i64,
     /// The online copy's time, if one ran.
     copy_seconds: Option<f64>,
+    /// With routes stopped: how long their server was down, and how long they took to
+    /// catch up after it came back.
+    stopped: Option<(f64, f64)>,
 }
 
 async fn bench(settings: Settings) {
@@ -141,6 +153,18 @@ async fn bench(settings: Settings) {
     let target_pg = server(&target_conf);
     let admin = connect(&source_pg, "postgres").await;
     let target_admin = connect(&target_pg, "postgres").await;
+    // The stopped routes' server, shared with the task that stops it.
+    let down_pg = (settings.stop_routes > 0)
+        .then(|| std::sync::Arc::new(std::sync::Mutex::new(server(&target_conf))));
+    let down_url = |dbname: &str| {
+        down_pg
+            .as_ref()
+            .map(|pg| pg.lock().unwrap().superuser_url(dbname))
+    };
+    let mut down_admin = match down_url("postgres") {
+        Some(url) => Some(connect_url(&url).await),
+        None => None,
+    };
     let dir = std::env::temp_dir().join(format!("usersync-fanout-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut rows = Vec::new();
@@ -179,17 +203,21 @@ async fn bench(settings: Settings) {
         }
         let mut routes_file = String::from("route_by = \"tenant\"\n");
         let mut targets = Vec::new();
+        let stopped = settings.stop_routes.min(routes);
         for r in 0..routes {
             let dbname = format!("tgt_{round}_{r}");
-            target_admin
+            let (admin_of, url) = match (&down_admin, r < stopped) {
+                (Some(down_admin), true) => (down_admin, down_url(&dbname).unwrap()),
+                _ => (&target_admin, target_pg.superuser_url(&dbname)),
+            };
+            admin_of
                 .batch_execute(&format!("CREATE DATABASE {dbname}"))
                 .await
                 .unwrap();
             routes_file.push_str(&format!(
-                "[[route]]\nname = \"r{r}\"\nvalues = [\"t{r}\"]\ntarget = \"{}\"\n",
-                target_pg.superuser_url(&dbname)
+                "[[route]]\nname = \"r{r}\"\nvalues = [\"t{r}\"]\ntarget = \"{url}\"\n"
             ));
-            targets.push(dbname);
+            targets.push((dbname, url));
         }
         let routes_path = dir.join(format!("routes_{round}.toml"));
         std::fs::write(&routes_path, routes_file).unwrap();
@@ -214,8 +242,8 @@ async fn bench(settings: Settings) {
             String::from_utf8_lossy(&setup.stderr)
         );
         let mut target_clients = Vec::new();
-        for dbname in &targets {
-            let client = connect(&target_pg, dbname).await;
+        for (_, url) in &targets {
+            let client = connect_url(url).await;
             client.batch_execute(LAG).await.unwrap();
             target_clients.push(client);
         }
@@ -266,9 +294,38 @@ async fn bench(settings: Settings) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
-        let (changes, copy_seconds) =
-            tokio::join!(load(&source_pg, &source_db, routes, &settings), copy);
+        let stop = async {
+            let pg = down_pg.as_ref().filter(|_| stopped > 0)?;
+            let third = Duration::from_secs_f64(settings.seconds / 3.0);
+            tokio::time::sleep(third).await;
+            let down = std::sync::Arc::clone(pg);
+            let since = Instant::now();
+            tokio::task::spawn_blocking(move || down.lock().unwrap().stop().unwrap())
+                .await
+                .unwrap();
+            tokio::time::sleep(third).await;
+            let up = std::sync::Arc::clone(pg);
+            tokio::task::spawn_blocking(move || {
+                up.lock()
+                    .unwrap()
+                    .restart(usersync::localpg::StopMode::Fast)
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            Some((since.elapsed().as_secs_f64(), Instant::now()))
+        };
+        let (changes, copy_seconds, down) =
+            tokio::join!(load(&source_pg, &source_db, routes, &settings), copy, stop);
+        // The stopped routes' connections died with their server.
+        if down.is_some() {
+            for (r, (_, url)) in targets.iter().enumerate().take(stopped) {
+                target_clients[r] = connect_url(url).await;
+            }
+            down_admin = Some(connect_url(&down_url("postgres").unwrap()).await);
+        }
         wait_for_markers(&source, &target_clients, "done").await;
+        let stopped_figures = down.map(|(seconds, back)| (seconds, back.elapsed().as_secs_f64()));
         let cpu_after = cpu_ticks(pid);
         let rss = vm_hwm_kib(pid).unwrap_or(0) as f64 / 1024.0;
         let source_connections: i64 = admin
@@ -279,17 +336,25 @@ async fn bench(settings: Settings) {
             .await
             .unwrap()
             .get(0);
-        let target_connections: i64 = target_admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'usersync'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let mut target_connections: i64 = 0;
+        for admin_of in std::iter::once(&target_admin).chain(down_admin.iter()) {
+            let counted: i64 = admin_of
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'usersync'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            target_connections += counted;
+        }
         let mut all = Vec::new();
         let mut worst_p99: f64 = 0.0;
-        for client in &target_clients {
+        // With routes stopped: the others' lag, while those were down.
+        for client in target_clients
+            .iter()
+            .skip(if down.is_some() { stopped } else { 0 })
+        {
             let lags: Vec<f64> = client
                 .query(
                     "SELECT extract(epoch FROM applied_at - source_ts)::float8 * 1000 FROM public.bench_lag",
@@ -316,6 +381,7 @@ async fn bench(settings: Settings) {
             source_connections,
             target_connections,
             copy_seconds,
+            stopped: stopped_figures,
         });
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
@@ -331,8 +397,12 @@ async fn bench(settings: Settings) {
             .batch_execute(&format!("DROP DATABASE {source_db} WITH (FORCE)"))
             .await
             .unwrap();
-        for dbname in &targets {
-            target_admin
+        for (r, (dbname, _)) in targets.iter().enumerate() {
+            let admin_of = match (&down_admin, r < stopped) {
+                (Some(down_admin), true) => down_admin,
+                _ => &target_admin,
+            };
+            admin_of
                 .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
                 .await
                 .unwrap();
@@ -346,9 +416,9 @@ async fn bench(settings: Settings) {
     }
     let _ = std::fs::remove_dir_all(&dir);
     println!(
-        "\n| routes | changes | lag p50 | lag p99 | worst route p99 | peak RSS | CPU per change | connections (source / targets) | online copy |"
+        "\n| routes | changes | lag p50 | lag p99 | worst route p99 | peak RSS | CPU per change | connections (source / targets) | online copy | routes stopped |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for row in rows {
         let copy = row.copy_seconds.map_or("-".to_owned(), |seconds| {
             format!(
@@ -357,8 +427,14 @@ async fn bench(settings: Settings) {
                 settings.copy_users as f64 / seconds
             )
         });
+        let stopped = row.stopped.map_or("-".to_owned(), |(down, caught_up)| {
+            format!(
+                "{} down {down:.1} s, caught up {caught_up:.1} s after",
+                settings.stop_routes
+            )
+        });
         println!(
-            "| {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} MiB | {:.0} µs | {} / {} | {copy} |",
+            "| {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} MiB | {:.0} µs | {} / {} | {copy} | {stopped} |",
             row.routes,
             row.changes,
             row.p50_ms,
