@@ -545,19 +545,7 @@ async fn join(copy: &Copy, held: Lsn) -> Result<Option<(ApplyWorker, CopyKind)>,
         .map_err(Error::connect("target"))?;
     conn::version::check_target(&client).await?;
     let (shape, _) = apply::ensure_target_schema(&client).await?;
-    let locked: bool = client
-        .query_one(apply::slot_lock::TRY_LOCK, &[&key])
-        .await
-        .map_err(apply::ApplyError::sql("taking the slot's lock"))?
-        .get(0);
-    if !locked {
-        let holders = apply::slot_lock::holders(&client, &key).await?;
-        return Err(Error::Busy(format!(
-            "another session holds the lock of route {} on its target ({})",
-            config.route_name().unwrap_or_default(),
-            apply::slot_lock::describe(&holders)
-        )));
-    }
+    super::start::try_route_lock(&client, config).await?;
     apply::upgrade_state(&client).await?;
     if apply::read_checkpoint(&client, &key).await?.is_some() {
         return Ok(None);

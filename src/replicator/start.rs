@@ -493,27 +493,13 @@ async fn open_target(
             return Ok(None);
         }
     } else {
-        let locked: bool = answered(target_limit, "target", "taking the slot's lock", async {
-            Ok(client
-                .query_one(apply::slot_lock::TRY_LOCK, &[&key])
-                .await
-                .map_err(apply::ApplyError::sql("taking the slot's lock"))?
-                .get(0))
-        })
+        answered(
+            target_limit,
+            "target",
+            "taking the slot's lock",
+            try_route_lock(&client, &config),
+        )
         .await?;
-        if !locked {
-            // Transient: the session that holds it (often this process's previous one, whose
-            // backend has not noticed yet that its connection is gone) ends in time.
-            let holders = answered(target_limit, "target", "reading the slot's lock", async {
-                Ok(apply::slot_lock::holders(&client, &key).await?)
-            })
-            .await?;
-            return Err(Error::Busy(format!(
-                "another session holds the lock of route {} on its target ({})",
-                config.route_name().unwrap_or_default(),
-                apply::slot_lock::describe(&holders)
-            )));
-        }
     }
     if !mode.is_dry_run() {
         // A checkpoint table of an older usersync gets what this one records; holding the
@@ -550,6 +536,30 @@ async fn open_target(
         shape,
         checkpoint,
     }))))
+}
+
+/// Takes route `config`'s lock on its target (`client`) without waiting. Held by another
+/// session: [`Error::Busy`], transient (often this process's previous session, whose backend
+/// has not noticed yet that its connection is gone, which ends in time).
+pub(super) async fn try_route_lock(
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<(), Error> {
+    let key = config.checkpoint_key();
+    let locked: bool = client
+        .query_one(apply::slot_lock::TRY_LOCK, &[&key])
+        .await
+        .map_err(apply::ApplyError::sql("taking the slot's lock"))?
+        .get(0);
+    if locked {
+        return Ok(());
+    }
+    let holders = apply::slot_lock::holders(client, &key).await?;
+    Err(Error::Busy(format!(
+        "another session holds the lock of route {} on its target ({})",
+        config.route_name().unwrap_or_default(),
+        apply::slot_lock::describe(&holders)
+    )))
 }
 
 /// Where a route's target resumes: its checkpoint, once checked against the source.
