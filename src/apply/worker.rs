@@ -38,7 +38,9 @@ pub enum Done {
         position: CommitPosition,
         took: Duration,
     },
-    Part,
+    /// The part comes back to be dropped by the route: freeing its thousands of documents
+    /// takes milliseconds that the worker spends writing the part queued behind it.
+    Part(Box<Batch>),
     Abandoned,
     Durable,
 }
@@ -114,7 +116,10 @@ async fn work(
                     took: started.elapsed(),
                 })
             }
-            Job::Part(batch) => writer.apply_part(&batch).await.map(|()| Done::Part),
+            Job::Part(batch) => writer
+                .apply_part(&batch)
+                .await
+                .map(|()| Done::Part(Box::new(batch))),
             Job::Abandon => writer.abandon().await.map(|()| Done::Abandoned),
             Job::MakeDurable(idle) => writer.make_durable(idle).await.map(|()| Done::Durable),
         };

@@ -317,8 +317,13 @@ impl Route {
                 self.start_large_transaction().await?;
                 self.batcher
                     .add(changes, position.commit_time, &self.metrics);
-                // The worker writes this part while the reader maps the next one.
-                self.settle().await?;
+                // The part waits in the worker's queue while the one before is written, so
+                // the target goes from one part to the next without waiting on this task
+                // (and the reader maps the part after meanwhile).
+                while self.worker.in_flight() > 1 {
+                    let done = self.worker.recv().await?;
+                    self.on_done(done).await?;
+                }
                 let part = self.batcher.take_part();
                 self.worker.send(Job::Part(part)).await?;
                 self.in_flight = Some(InFlight::Part);
@@ -468,7 +473,14 @@ impl Route {
                 }
                 return Ok(());
             }
-            Done::Part | Done::Abandoned => return Ok(()),
+            Done::Part(_) => {
+                // The part queued behind it is still being written.
+                if self.worker.in_flight() > 0 {
+                    self.in_flight = in_flight;
+                }
+                return Ok(());
+            }
+            Done::Abandoned => return Ok(()),
         };
         self.lag.applied(batch.commit_times());
         self.metrics

@@ -37,10 +37,10 @@ use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::source::{ReplicationStream, SourceError};
 
-/// Changes per part of a large transaction ([`Session::feed_in_parts`]): a part is held
-/// twice over (being written while the next one is mapped), as parsed `raw_json` and as the
-/// statement's encoded parameters, so this bounds the memory a transaction of any size
-/// takes; a round trip per part is little beside the writing of its rows.
+/// Changes per part of a large transaction ([`Session::feed_in_parts`]): a few parts are
+/// held at once (one being written, one queued behind it, one mapped), as parsed `raw_json`
+/// and as the statement's encoded parameters, so this bounds the memory a transaction of any
+/// size takes; a round trip per part is little beside the writing of its rows.
 pub(super) const PART_CHANGES: usize = 2_000;
 
 /// The least time the reader waits for room in a route's feed before it leaves the route
@@ -858,9 +858,10 @@ impl<'a> Session<'a> {
         while let Some(change) = all.next() {
             if one_route && room.is_none() && !dry_run {
                 // Room for a whole part before it is mapped: the route has handed the one
-                // before to its writer, so a transaction of any size holds two parts at most,
-                // one being written while the next is mapped. (Several routes: the part is
-                // mapped first, then each route takes its share, so three at most.)
+                // before to its writer, so a transaction of any size holds three parts at
+                // most: one being written, one queued behind it, and the next, mapped while
+                // they are. (Several routes: the part is mapped first, then each route takes
+                // its share, so four at most.)
                 room = self.room(0, PART_CHANGES).await?;
             }
             let change = change?;
