@@ -71,13 +71,26 @@ impl ApplyWorker {
         self.in_flight
     }
 
+    /// Queues a job. A worker that stopped on a failed job fails the send with that failure,
+    /// which may not have been read yet: a part queued behind one that lost the connection
+    /// must end the session as the lost connection (retried), not as a vanished worker.
     pub async fn send(&mut self, job: Job) -> Result<(), ApplyError> {
-        self.jobs
-            .send(job)
-            .await
-            .map_err(|_| ApplyError::WorkerGone)?;
+        if self.jobs.send(job).await.is_err() {
+            return Err(self.failure());
+        }
         self.in_flight += 1;
         Ok(())
+    }
+
+    /// Why the worker stopped: the failure it answered last, after the answers still unread
+    /// (it answers before it stops, so the failure is there once its queue is closed).
+    fn failure(&mut self) -> ApplyError {
+        while let Ok(answer) = self.done.try_recv() {
+            if let Err(error) = answer {
+                return error;
+            }
+        }
+        ApplyError::WorkerGone
     }
 
     /// The answer to the oldest job in flight. Cancel-safe: an answer is only taken once.
@@ -127,5 +140,52 @@ async fn work(
         if done.send(result).is_err() || failed {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker whose task is already gone, having answered `answers` (the last one its
+    /// failure, as `work` leaves them).
+    fn stopped_worker(answers: Vec<Result<Done, ApplyError>>) -> ApplyWorker {
+        let (jobs, job_queue) = mpsc::channel(1);
+        drop(job_queue);
+        let (done_sender, done) = mpsc::unbounded_channel();
+        let in_flight = answers.len();
+        for answer in answers {
+            done_sender.send(answer).unwrap();
+        }
+        let task = tokio::spawn(async {});
+        ApplyWorker {
+            jobs,
+            done,
+            task,
+            in_flight,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_job_sent_after_a_failure_fails_with_that_failure() {
+        // A part queued behind one that failed (the connection lost): the error that stopped
+        // the worker is what the caller must see, so that a transient failure is retried
+        // rather than reported as a bug.
+        let mut worker = stopped_worker(vec![
+            Ok(Done::Durable),
+            Err(ApplyError::Stalled {
+                timeout: Duration::from_secs(1),
+            }),
+        ]);
+        let error = worker.send(Job::Abandon).await.unwrap_err();
+        assert!(matches!(error, ApplyError::Stalled { .. }), "got {error:?}");
+        assert!(error.is_transient());
+    }
+
+    #[tokio::test]
+    async fn a_worker_gone_without_a_failure_is_a_bug() {
+        let mut worker = stopped_worker(Vec::new());
+        let error = worker.send(Job::Abandon).await.unwrap_err();
+        assert!(matches!(error, ApplyError::WorkerGone), "got {error:?}");
     }
 }
