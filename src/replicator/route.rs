@@ -11,7 +11,8 @@
 //! in messages: a route whose target is slower than the source stops taking from its feed
 //! once its next batch is full, and the reader then waits (sending status updates
 //! meanwhile), so memory stays bounded whatever the backlog: the batch being written, the
-//! next one, the feed, and the transaction the reader holds, each at most a batch's worth.
+//! next one, the feed, and the transaction the reader holds, each at most a batch's worth
+//! (a large transaction's parts: for a route alone, one more part queued at the worker).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -203,6 +204,7 @@ pub(super) fn spawn(
         route: parts.route.map(|(_, name)| name),
         metrics: parts.metrics,
         in_flight: None,
+        parts_queued: if parts.routes == 1 { 1 } else { 0 },
         in_large_transaction: false,
         confirmed: Arc::clone(&confirmed),
         confirmations: parts.confirmations,
@@ -242,8 +244,12 @@ struct Route {
     ledger: Ledger,
     lag: LagTracker,
     metrics: Arc<Metrics>,
-    /// The job the worker is doing, if any.
+    /// The job the worker is doing, if any (parts: while any is being written or queued).
     in_flight: Option<InFlight>,
+    /// Parts of a large transaction that may wait in the worker's queue behind the one being
+    /// written: one when the route is alone, whose memory a part bounds; none in a fan-out,
+    /// where every route holding one more part would add up with the routes.
+    parts_queued: usize,
     /// A large transaction is being applied in parts.
     in_large_transaction: bool,
     /// The ledger's durable position, for the reader.
@@ -320,7 +326,7 @@ impl Route {
                 // The part waits in the worker's queue while the one before is written, so
                 // the target goes from one part to the next without waiting on this task
                 // (and the reader maps the part after meanwhile).
-                while self.worker.in_flight() > 1 {
+                while self.worker.in_flight() > self.parts_queued {
                     let done = self.worker.recv().await?;
                     self.on_done(done).await?;
                 }

@@ -38,9 +38,10 @@ use crate::metrics::Metrics;
 use crate::source::{ReplicationStream, SourceError};
 
 /// Changes per part of a large transaction ([`Session::feed_in_parts`]): a few parts are
-/// held at once (one being written, one queued behind it, one mapped), as parsed `raw_json`
-/// and as the statement's encoded parameters, so this bounds the memory a transaction of any
-/// size takes; a round trip per part is little beside the writing of its rows.
+/// held at once (with one route: one being written, one queued behind it, one mapped), as
+/// parsed `raw_json` and as the statement's encoded parameters, so this bounds the memory a
+/// transaction of any size takes; a round trip per part is little beside the writing of its
+/// rows.
 pub(super) const PART_CHANGES: usize = 2_000;
 
 /// The least time the reader waits for room in a route's feed before it leaves the route
@@ -860,8 +861,8 @@ impl<'a> Session<'a> {
                 // Room for a whole part before it is mapped: the route has handed the one
                 // before to its writer, so a transaction of any size holds three parts at
                 // most: one being written, one queued behind it, and the next, mapped while
-                // they are. (Several routes: the part is mapped first, then each route takes
-                // its share, so four at most.)
+                // they are. (Several routes: each holds two shares at most, one being written
+                // and the next waiting for it, while the reader maps the part after.)
                 room = self.room(0, PART_CHANGES).await?;
             }
             let change = change?;
