@@ -85,6 +85,8 @@ pub struct PendingUser {
     /// target (the old id of a primary-key change), so its record is copied there too, after
     /// the conditional clears (which may forget it) and with the keys it describes.
     pub part_from_keep: bool,
+    /// `raw_json` as JSON text, once [`Batch::encode_documents`] has run.
+    pub encoded: Option<Box<[u8]>>,
 }
 
 /// Clears a user's part if the target records that it comes from one of `rows` (which went
@@ -117,6 +119,7 @@ impl PendingUser {
             part_from: None,
             clear_if: None,
             part_from_keep: false,
+            encoded: None,
         }
     }
 }
@@ -186,6 +189,22 @@ impl Batch {
         self.transactions += 1;
         self.user_transactions += usize::from(carried);
         self.commit_times.push(position.commit_time);
+    }
+
+    /// Encodes the documents of the users the batch upserts, which the writer then sends as
+    /// they are. The route does it while its worker writes the batch or part before this one,
+    /// instead of the worker between the two (a document takes microseconds, a batch thousands
+    /// of them). Nothing may be added afterwards: an encoding would not see it.
+    pub fn encode_documents(&mut self) {
+        for segment in &mut self.segments {
+            if let Segment::Users(users) = segment {
+                for user in users.values_mut() {
+                    user.encoded = user.raw_json.as_ref().and_then(|raw_json| {
+                        serde_json::to_vec(raw_json).ok().map(Vec::into_boxed_slice)
+                    });
+                }
+            }
+        }
     }
 
     pub fn upsert(&mut self, user: MappedUser, at: UnixMicros) {
@@ -292,6 +311,7 @@ impl Batch {
                 part_from: None,
                 clear_if: None,
                 part_from_keep: false,
+                encoded: None,
             },
         };
         let (part_from, part_from_keep) = if writes_part {
@@ -541,6 +561,7 @@ fn merge_unchanged(
         part_from: None,
         clear_if: None,
         part_from_keep: false,
+        encoded: None,
     }
 }
 

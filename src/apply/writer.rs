@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::types::{to_sql_checked, IsNull, Json, ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
 use super::batch::{Batch, ClearIf, CommitPosition, PendingUser, Segment, UnixMicros};
@@ -1055,9 +1056,43 @@ type Pending<'a> = std::pin::Pin<
     Box<dyn std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>,
 >;
 
+/// A user's document as a `jsonb` parameter: as [`Batch::encode_documents`] encoded it, or
+/// encoded now.
+#[derive(Debug)]
+enum Document<'a> {
+    Encoded(&'a [u8]),
+    Parsed(Json<&'a Map<String, Value>>),
+}
+
+impl ToSql for Document<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Document::Encoded(text) => {
+                // jsonb's binary form is a version byte before the text (as `Json` writes it).
+                if *ty == Type::JSONB {
+                    out.put_u8(1);
+                }
+                out.put_slice(text);
+                Ok(IsNull::No)
+            }
+            Document::Parsed(json) => json.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <Json<&Map<String, Value>> as ToSql>::accepts(ty)
+    }
+
+    to_sql_checked!();
+}
+
 #[derive(Default)]
 struct UpsertArrays<'a> {
-    raw_json: Vec<Json<&'a Map<String, Value>>>,
+    raw_json: Vec<Document<'a>>,
     keep_keys: Vec<Json<&'a [String]>>,
     keep_from: Vec<Option<&'a str>>,
     updated_at: Vec<DateTime<Utc>>,
@@ -1175,7 +1210,10 @@ fn users_to_arrays(users: &std::collections::HashMap<String, PendingUser>) -> Us
                     merging.keep_from.push(user.keep_from.as_deref());
                     &mut *merging
                 };
-                into.raw_json.push(Json(raw_json));
+                into.raw_json.push(match &user.encoded {
+                    Some(text) => Document::Encoded(text),
+                    None => Document::Parsed(Json(raw_json)),
+                });
                 into.updated_at.push(timestamp(user.updated_at));
                 into.deleted_at.push(user.deleted_at.map(timestamp));
                 match (&user.part_from, &user.keep_from) {
@@ -1219,6 +1257,52 @@ fn timestamp(micros: UnixMicros) -> DateTime<Utc> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_encoded_document_is_sent_as_json_would_send_it() {
+        let mut document = Map::new();
+        document.insert("id".into(), Value::from("u1"));
+        document.insert("name".into(), Value::from("Zoë \"Z\" \u{1f600}"));
+        document.insert("raw".into(), serde_json::json!({"n": [1, 2.5, null]}));
+        let text = serde_json::to_vec(&document).unwrap();
+        for ty in [Type::JSONB, Type::JSON] {
+            let mut parsed = BytesMut::new();
+            let mut encoded = BytesMut::new();
+            Json(&document).to_sql(&ty, &mut parsed).unwrap();
+            Document::Encoded(&text).to_sql(&ty, &mut encoded).unwrap();
+            assert_eq!(parsed, encoded, "{ty}");
+            assert!(<Document<'_> as ToSql>::accepts(&ty));
+        }
+        assert!(!<Document<'_> as ToSql>::accepts(&Type::TEXT));
+    }
+
+    #[test]
+    fn upserts_send_the_documents_the_batch_encoded() {
+        let mut batch = Batch::new();
+        let mut raw_json = Map::new();
+        raw_json.insert("id".into(), Value::from("u1"));
+        batch.upsert(
+            crate::map::MappedUser {
+                id: "u1".into(),
+                raw_json,
+                unchanged_keys: Vec::new(),
+            },
+            1,
+        );
+        batch.soft_delete("u2".into(), 1);
+        batch.encode_documents();
+        let [Segment::Users(users)] = batch.segments() else {
+            panic!("one users segment");
+        };
+        assert_eq!(users["u1"].encoded.as_deref(), Some(&br#"{"id":"u1"}"#[..]));
+        assert_eq!(users["u2"].encoded, None);
+        let arrays = users_to_arrays(users);
+        assert!(matches!(
+            arrays.upserts.raw_json.as_slice(),
+            [Document::Encoded(text)] if *text == br#"{"id":"u1"}"#
+        ));
+        assert_eq!(arrays.deletes.ids, ["u2"]);
+    }
 
     #[test]
     fn the_checkpoint_update_is_numbered_after_what_comes_before_it() {

@@ -147,17 +147,22 @@ impl Batcher {
     /// The batch to write, and the heartbeat that came behind it.
     pub fn take(&mut self) -> (Batch, Option<UnixMicros>) {
         self.started = None;
-        let fresh = self.fresh();
-        (
-            std::mem::replace(&mut self.batch, fresh),
-            self.heartbeat.take(),
-        )
+        (self.take_encoded(), self.heartbeat.take())
     }
 
     /// The changes added so far, as a part of a large transaction (not committed yet).
     pub fn take_part(&mut self) -> Batch {
+        self.take_encoded()
+    }
+
+    /// The batch, its documents encoded ([`Batch::encode_documents`]) once nothing more can
+    /// change them, on the route's task: a part is encoded while the worker writes the one
+    /// before it.
+    fn take_encoded(&mut self) -> Batch {
         let fresh = self.fresh();
-        std::mem::replace(&mut self.batch, fresh)
+        let mut batch = std::mem::replace(&mut self.batch, fresh);
+        batch.encode_documents();
+        batch
     }
 
     /// Drops what was added: the transaction it came from failed.

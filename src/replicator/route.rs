@@ -323,6 +323,8 @@ impl Route {
                 self.start_large_transaction().await?;
                 self.batcher
                     .add(changes, position.commit_time, &self.metrics);
+                // Encoded while the worker writes the part before.
+                let part = self.batcher.take_part();
                 // The part waits in the worker's queue while the one before is written, so
                 // the target goes from one part to the next without waiting on this task
                 // (and the reader maps the part after meanwhile).
@@ -330,7 +332,6 @@ impl Route {
                     let done = self.worker.recv().await?;
                     self.on_done(done).await?;
                 }
-                let part = self.batcher.take_part();
                 self.worker.send(Job::Part(part)).await?;
                 self.in_flight = Some(InFlight::Part);
             }
