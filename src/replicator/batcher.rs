@@ -27,6 +27,8 @@ pub(super) struct Batcher {
     started: Option<Instant>,
     /// Commit time of a heartbeat waiting behind the batch.
     heartbeat: Option<UnixMicros>,
+    /// The batch's documents are encoded already ([`Batcher::encode_ahead`]).
+    encoded: bool,
 }
 
 impl Batcher {
@@ -75,6 +77,7 @@ impl Batcher {
         at: UnixMicros,
         metrics: &Metrics,
     ) {
+        self.encoded = false;
         for change in changes {
             let op = match change {
                 UserChange::Upsert {
@@ -161,13 +164,76 @@ impl Batcher {
     fn take_encoded(&mut self) -> Batch {
         let fresh = self.fresh();
         let mut batch = std::mem::replace(&mut self.batch, fresh);
-        batch.encode_documents();
+        if !std::mem::take(&mut self.encoded) {
+            batch.encode_documents();
+        }
         batch
+    }
+
+    /// Encodes the batch's documents now, ahead of [`take`](Self::take): for a batch that is
+    /// due while the worker writes the one before, which takes nothing more until it goes
+    /// (a backlog), so the worker gets it encoded. Anything added later encodes it again.
+    pub fn encode_ahead(&mut self) {
+        if !self.encoded {
+            self.batch.encode_documents();
+            self.encoded = true;
+        }
     }
 
     /// Drops what was added: the transaction it came from failed.
     pub fn discard(&mut self) {
         self.batch = self.fresh();
         self.started = None;
+        self.encoded = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::batch::{PendingUser, Segment};
+    use crate::map::MappedUser;
+
+    fn upsert(name: &str) -> UserChange {
+        let mut raw_json = serde_json::Map::new();
+        raw_json.insert("id".into(), "u1".into());
+        raw_json.insert("display_name".into(), name.into());
+        UserChange::Upsert {
+            user: MappedUser {
+                id: "u1".into(),
+                raw_json,
+                unchanged_keys: Vec::new(),
+            },
+            inserted: false,
+            deleted_at: None,
+            moved_from: None,
+        }
+    }
+
+    fn sent(batch: &Batch) -> String {
+        let [Segment::Users(users)] = batch.segments() else {
+            panic!("one users segment");
+        };
+        let user: &PendingUser = &users["u1"];
+        String::from_utf8(user.encoded.as_deref().unwrap().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn a_batch_encoded_ahead_and_then_changed_is_encoded_again() {
+        let metrics = Metrics::new(Duration::from_secs(1));
+        let mut batcher = Batcher::with_part_keys(&[]);
+        batcher.add([upsert("before")], 1, &metrics);
+        batcher.encode_ahead();
+        batcher.add([upsert("after")], 2, &metrics);
+        let (batch, _) = batcher.take();
+        assert!(sent(&batch).contains("after"), "{}", sent(&batch));
+
+        batcher.add([upsert("ahead")], 3, &metrics);
+        batcher.encode_ahead();
+        let (batch, _) = batcher.take();
+        assert!(sent(&batch).contains("ahead"));
+        // The next batch starts unencoded.
+        batcher.add([upsert("next")], 4, &metrics);
+        assert!(sent(&batcher.take_part()).contains("next"));
     }
 }

@@ -24,7 +24,7 @@ use super::batcher::Batcher;
 use super::changes::UserChange;
 use super::lag::{LagTracker, SharedClock};
 use super::ledger::{Flush, Ledger};
-use crate::apply::{ApplyWorker, CommitPosition, Done, Job, UnixMicros};
+use crate::apply::{ApplyWorker, Batch, CommitPosition, Done, Job, UnixMicros};
 use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
@@ -204,6 +204,7 @@ pub(super) fn spawn(
         route: parts.route.map(|(_, name)| name),
         metrics: parts.metrics,
         in_flight: None,
+        written: None,
         parts_queued: if parts.routes == 1 { 1 } else { 0 },
         in_large_transaction: false,
         confirmed: Arc::clone(&confirmed),
@@ -246,6 +247,9 @@ struct Route {
     metrics: Arc<Metrics>,
     /// The job the worker is doing, if any (parts: while any is being written or queued).
     in_flight: Option<InFlight>,
+    /// The batch written last, dropped after the next is handed to the worker: freeing a
+    /// backlog's batch of thousands of documents takes milliseconds the worker would wait.
+    written: Option<Box<Batch>>,
     /// Parts of a large transaction that may wait in the worker's queue behind the one being
     /// written: one when the route is alone, whose memory a part bounds; none in a fan-out,
     /// where every route holding one more part would add up with the routes.
@@ -281,11 +285,17 @@ impl Route {
                 continue;
             }
             let may_take = worker_free || !self.batcher.is_due();
+            if !may_take {
+                // Full (a backlog): nothing more comes into it until the worker is free.
+                self.batcher.encode_ahead();
+            }
             let mut timer = self.lag_refreshed + LAG_REFRESH;
             if let Some(flush_due) = flush_due.filter(|_| worker_free) {
                 // (A busy worker wakes the loop itself when it is done.)
                 timer = timer.min(flush_due);
             }
+            // Freed once the next batch, if one is due, has gone to the worker.
+            self.written = None;
             tokio::select! {
                 biased;
                 done = self.worker.recv(), if !worker_free => self.on_done(done?).await?,
@@ -506,6 +516,7 @@ impl Route {
         }
         self.ledger.applied(position.end_lsn);
         self.refresh_lag();
+        self.written = Some(batch);
         Ok(())
     }
 
