@@ -471,8 +471,10 @@ impl Route {
         self.settle().await?;
         if !self.batcher.is_empty() {
             self.submit_batch().await?;
+            self.written = None;
             self.settle().await?;
         }
+        self.written = None;
         Ok(())
     }
 
