@@ -2,7 +2,7 @@
 //! in the same run.
 //!
 //! ```text
-//! cargo bench --bench replication                  # full scale (not timed since issue #15)
+//! cargo bench --bench replication                  # full scale, about 6 minutes on 2 cores
 //! USERSYNC_BENCH_SCALE=0.1 cargo bench --bench replication -- --json
 //! ```
 //!
@@ -68,7 +68,7 @@
 //! `USERSYNC_BENCH_WORKERS` sets another count).
 //!
 //! `USERSYNC_BENCH_SCALE` multiplies every size and the duration (`0.1` for a quick run; `0.02`
-//! takes about two minutes on 2 cores). `USERSYNC_BENCH_SECTIONS` (e.g. `steady,drain`) runs only some sections; the
+//! takes about two minutes on 2 cores). `USERSYNC_BENCH_SECTIONS` (e.g. `steady,drain`; also `bulk`, `rss`) runs only some sections; the
 //! snapshot always runs, because it fills the source. `--json` (or `USERSYNC_BENCH_JSON=1`)
 //! prints the table as one JSON object on stdout after the text table; progress goes to stderr.
 //!
