@@ -29,6 +29,20 @@ use super::ApplyError;
 /// Takes the slot's lock if it is free; true if this session holds it now.
 pub const TRY_LOCK: &str = "SELECT pg_try_advisory_lock(hashtextextended('usersync:' || $1, 0))";
 
+/// Takes the lock of `slot` if it is free, without waiting: `None` when this session holds
+/// it now, else the sessions that do (for the error that names them).
+pub async fn try_take(target: &Client, slot: &str) -> Result<Option<Vec<LockHolder>>, ApplyError> {
+    let locked: bool = target
+        .query_one(TRY_LOCK, &[&slot])
+        .await
+        .map_err(ApplyError::sql("taking the slot's lock"))?
+        .get(0);
+    if locked {
+        return Ok(None);
+    }
+    holders(target, slot).await.map(Some)
+}
+
 /// The sessions that hold the lock of slot `$1` in this database. A shared lock (taken with
 /// `pg_advisory_lock_shared`) keeps usersync out as well as an exclusive one, and several
 /// sessions may hold it; a prepared transaction holds its locks without a session (no pid).

@@ -472,14 +472,7 @@ async fn hold_route_locks(config: &Config) -> Result<Vec<Client>, Error> {
     let mut held = Vec::new();
     for route in config.route_configs() {
         let target = super::connect("target", &route.target).await?;
-        let key = route.checkpoint_key();
-        let locked: bool = target
-            .query_one(apply::slot_lock::TRY_LOCK, &[&key])
-            .await
-            .map_err(apply::ApplyError::sql("taking the slot's lock"))?
-            .get(0);
-        if !locked {
-            let holders = apply::slot_lock::holders(&target, &key).await?;
+        if let Some(holders) = apply::slot_lock::try_take(&target, &route.checkpoint_key()).await? {
             return Err(Error::Config(format!(
                 "route {}: another session holds its lock on the target ({}): a usersync run \
                  of this fan-out; stop it, run setup --routes, then start run with the new \

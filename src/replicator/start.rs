@@ -545,16 +545,9 @@ pub(super) async fn try_route_lock(
     client: &tokio_postgres::Client,
     config: &Config,
 ) -> Result<(), Error> {
-    let key = config.checkpoint_key();
-    let locked: bool = client
-        .query_one(apply::slot_lock::TRY_LOCK, &[&key])
-        .await
-        .map_err(apply::ApplyError::sql("taking the slot's lock"))?
-        .get(0);
-    if locked {
+    let Some(holders) = apply::slot_lock::try_take(client, &config.checkpoint_key()).await? else {
         return Ok(());
-    }
-    let holders = apply::slot_lock::holders(client, &key).await?;
+    };
     Err(Error::Busy(format!(
         "another session holds the lock of route {} on its target ({})",
         config.route_name().unwrap_or_default(),
