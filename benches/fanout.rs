@@ -121,6 +121,18 @@ async fn connect(pg: &LocalPg, dbname: &str) -> Client {
     connect_url(&pg.superuser_url(dbname)).await
 }
 
+/// usersync's connections to the server `admin` is connected to.
+async fn usersync_connections(admin: &Client) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'usersync'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 async fn connect_url(url: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
     tokio::spawn(connection);
@@ -328,25 +340,10 @@ async fn bench(settings: Settings) {
         let stopped_figures = down.map(|(seconds, back)| (seconds, back.elapsed().as_secs_f64()));
         let cpu_after = cpu_ticks(pid);
         let rss = vm_hwm_kib(pid).unwrap_or(0) as f64 / 1024.0;
-        let source_connections: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'usersync'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        let mut target_connections: i64 = 0;
+        let source_connections = usersync_connections(&admin).await;
+        let mut target_connections = 0;
         for admin_of in std::iter::once(&target_admin).chain(down_admin.iter()) {
-            let counted: i64 = admin_of
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'usersync'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            target_connections += counted;
+            target_connections += usersync_connections(admin_of).await;
         }
         let mut all = Vec::new();
         let mut worst_p99: f64 = 0.0;
