@@ -607,3 +607,57 @@ async fn no_flush_runs_between_the_parts_of_a_large_transaction() {
     );
     running.stop().await;
 }
+
+/// With one target, a large transaction's next part waits in the writer's queue while one is
+/// written. The target's connection is cut while a part is written and the next is queued:
+/// the session fails as a lost connection and is retried (not stopped as a bug in
+/// usersync), the open target transaction is rolled back, and the transaction is applied
+/// whole by the next session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_target_connection_with_parts_queued_is_retried() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    pair.target
+        .batch_execute(
+            "CREATE FUNCTION slow_part() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_sleep(2); RETURN NEW; END $$;
+             CREATE TRIGGER slow_part BEFORE INSERT ON neon_auth.users_sync FOR EACH ROW
+               WHEN (NEW.raw_json ->> 'primary_email' = 'queued3000@example.com')
+               EXECUTE FUNCTION slow_part();",
+        )
+        .await
+        .unwrap();
+    let running = pair.start();
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (email) SELECT 'queued' || g || '@example.com'
+               FROM generate_series(1, 25000) g",
+        )
+        .await
+        .unwrap();
+    // The second part sleeps on the target; the third is queued behind it by then.
+    let started = Instant::now();
+    let cut = loop {
+        let cut: i64 = pair
+            .target
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                  WHERE application_name = 'usersync' AND wait_event = 'PgSleep'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if cut > 0 || started.elapsed() > Duration::from_secs(60) {
+            break cut;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(cut, 1, "the writer never reached the slow part");
+    pair.wait_for_match().await;
+    assert!(
+        running.metrics.reconnects() >= 1,
+        "the cut connection was not retried"
+    );
+    running.stop().await;
+}
