@@ -529,6 +529,51 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.transactions == 0
     }
+
+    /// The users this batch's statements lock on the target (each one's id, and the old id a
+    /// moved user's values come from), hashed, so that a batch may be written beside one
+    /// still being written only when neither would wait on the other's rows
+    /// ([`UserKeys::overlaps`]). `None` when the batch holds a TRUNCATE, which reaches every
+    /// row.
+    pub fn user_keys(&self) -> Option<UserKeys> {
+        let mut keys = UserKeys::default();
+        for segment in &self.segments {
+            let Segment::Users(users) = segment else {
+                return None;
+            };
+            for (id, user) in users {
+                keys.insert(id);
+                if let Some(from) = &user.keep_from {
+                    keys.insert(from);
+                }
+            }
+        }
+        Some(keys)
+    }
+}
+
+/// The users a batch writes, by a hash of their ids ([`Batch::user_keys`]). Two ids with one
+/// hash only make two batches look as if they shared a user: they are then written one after
+/// the other, as every batch was before.
+#[derive(Debug, Default)]
+pub struct UserKeys(std::collections::HashSet<u64>);
+
+impl UserKeys {
+    fn insert(&mut self, id: &str) {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        self.0
+            .insert(BuildHasherDefault::<DefaultHasher>::default().hash_one(id));
+    }
+
+    /// Whether any user is in both.
+    pub fn overlaps(&self, other: &UserKeys) -> bool {
+        let (small, large) = if self.0.len() <= other.0.len() {
+            (self, other)
+        } else {
+            (other, self)
+        };
+        small.0.iter().any(|key| large.0.contains(key))
+    }
 }
 
 /// A later upsert takes the earlier upsert's values for the keys it left unchanged; the keys

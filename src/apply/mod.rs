@@ -123,6 +123,13 @@ pub enum ApplyError {
          known)"
     )]
     PartSourceUnknown,
+    /// See [`writer::TargetWriter::apply_after`]: the batch before it failed, and that
+    /// failure is the one to report; this one only says the later batch was rolled back too.
+    #[error(
+        "target: a batch written beside the one before it was rolled back because that one \
+         did not commit; reconnecting"
+    )]
+    PreviousBatchNotCommitted,
     #[error("an empty batch was handed to the writer")]
     EmptyBatch,
     #[error(
@@ -149,7 +156,9 @@ impl ApplyError {
     pub fn is_transient(&self) -> bool {
         match self {
             ApplyError::Sql { source, .. } => crate::error::is_transient_pg(source),
-            ApplyError::Stalled { .. } | ApplyError::DurabilityUnconfirmed => true,
+            ApplyError::Stalled { .. }
+            | ApplyError::DurabilityUnconfirmed
+            | ApplyError::PreviousBatchNotCommitted => true,
             _ => false,
         }
     }

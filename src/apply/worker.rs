@@ -20,6 +20,9 @@ use crate::lsn::Lsn;
 pub enum Job {
     /// Apply a batch and commit it with its checkpoint.
     Commit(Batch),
+    /// Apply a batch beside the one ending at this position, being written by another
+    /// worker, and commit it once that one has committed ([`TargetWriter::apply_after`]).
+    CommitAfter(Batch, Lsn),
     /// Apply part of a large transaction and leave the target transaction open.
     Part(Batch),
     /// Roll back the target transaction a [`Job::Part`] left open.
@@ -128,6 +131,17 @@ async fn work(
                     position,
                     took: started.elapsed(),
                 })
+            }
+            Job::CommitAfter(batch, after) => {
+                let started = Instant::now();
+                writer
+                    .apply_after(&batch, after)
+                    .await
+                    .map(|position| Done::Committed {
+                        batch: Box::new(batch),
+                        position,
+                        took: started.elapsed(),
+                    })
             }
             Job::Part(batch) => writer
                 .apply_part(&batch)

@@ -257,6 +257,25 @@ SELECT 1 / count(*)::int FROM written"
     )
 }
 
+/// Waits, in a batch written beside the one before it, until that batch's transaction has
+/// ended: it updated the checkpoint row, so it holds the row's lock until then. The next
+/// statement ([`chain_checkpoint`]) takes a snapshot of its own, which sees how it ended.
+/// (One statement could not do both: a row whose version in the statement's snapshot does
+/// not match the condition is skipped without waiting for its lock.)
+const AWAIT_PREVIOUS_BATCH: &str = "SELECT 1 FROM usersync.state WHERE slot_name = $1 FOR UPDATE";
+
+/// Moves the checkpoint from exactly `$after` (the end of the batch written just before, on
+/// another connection) to the next position, parameters as [`advance_checkpoint`]'s, after
+/// [`AWAIT_PREVIOUS_BATCH`]. If that batch committed, the row holds `$after` and this moves
+/// on; had it rolled back, the row holds an earlier position and `1 / count(*)` divides by
+/// zero, so a batch never commits past one that did not.
+fn chain_checkpoint() -> String {
+    advance_checkpoint(1, "").replace(
+        "AND end_lsn <= $4::text::pg_lsn",
+        "AND end_lsn = $6::text::pg_lsn",
+    )
+}
+
 /// The common batch, plain upserts only, and its checkpoint as one statement (the upsert's
 /// three parameters first, the checkpoint's after them). With no BEGIN and COMMIT around it,
 /// it commits by itself: one statement for the server to parse, plan and run instead of four
@@ -464,6 +483,9 @@ struct Statements {
     soft_delete: Statement,
     soft_delete_all: Statement,
     checkpoint: Statement,
+    /// [`AWAIT_PREVIOUS_BATCH`], [`chain_checkpoint`].
+    await_previous_batch: Statement,
+    chain_checkpoint: Statement,
     create_checkpoint: Statement,
     /// [`upsert_and_advance`] for this shape.
     upsert_and_advance: Statement,
@@ -566,6 +588,13 @@ impl TargetWriter {
                 .prepare(&advance_checkpoint(1, ""))
                 .await
                 .map_err(ApplyError::sql("preparing the checkpoint"))?,
+            await_previous_batch: prepare(AWAIT_PREVIOUS_BATCH)
+                .await
+                .map_err(ApplyError::sql("preparing the wait for the batch before"))?,
+            chain_checkpoint: client
+                .prepare(&chain_checkpoint())
+                .await
+                .map_err(ApplyError::sql("preparing the chained checkpoint"))?,
             create_checkpoint: prepare(CREATE_CHECKPOINT)
                 .await
                 .map_err(ApplyError::sql("preparing the first checkpoint"))?,
@@ -609,6 +638,22 @@ impl TargetWriter {
     pub async fn apply(&mut self, batch: &Batch) -> Result<CommitPosition, ApplyError> {
         let position = batch.last_commit().ok_or(ApplyError::EmptyBatch)?;
         self.write(batch, End::Commit(Some(position))).await?;
+        Ok(position)
+    }
+
+    /// Like [`apply`](Self::apply), for a batch written while the batch before it, ending at
+    /// `after`, is still being written on another connection: its users are not that batch's
+    /// (no row lock between them), and it commits only after that batch has committed, since
+    /// its checkpoint moves from exactly `after` ([`chain_checkpoint`]). If that batch did not
+    /// commit, nothing of this one is, and it fails as
+    /// [`ApplyError::PreviousBatchNotCommitted`].
+    pub async fn apply_after(
+        &mut self,
+        batch: &Batch,
+        after: Lsn,
+    ) -> Result<CommitPosition, ApplyError> {
+        let position = batch.last_commit().ok_or(ApplyError::EmptyBatch)?;
+        self.write(batch, End::CommitAfter(position, after)).await?;
         Ok(position)
     }
 
@@ -683,7 +728,7 @@ impl TargetWriter {
     async fn write_unbounded(&mut self, batch: &Batch, end: End) -> Result<(), ApplyError> {
         let position = match end {
             End::Commit(position) => position,
-            End::CommitCreating(position) => Some(position),
+            End::CommitCreating(position) | End::CommitAfter(position, _) => Some(position),
             End::KeepOpen => None,
         };
         let checkpoint = position.map(|position| {
@@ -725,6 +770,10 @@ impl TargetWriter {
                 }
             }
         }
+        let after = match end {
+            End::CommitAfter(_, after) => Some(after.to_string()),
+            _ => None,
+        };
         let client = &self.client;
         let statements = &self.statements;
         let mut steps: Vec<(&'static str, Pending<'_>)> = Vec::new();
@@ -840,8 +889,17 @@ impl TargetWriter {
             ];
             let statement = match end {
                 End::CommitCreating(_) => &statements.create_checkpoint,
+                End::CommitAfter(..) => &statements.chain_checkpoint,
                 End::Commit(_) | End::KeepOpen => &statements.checkpoint,
             };
+            let mut params = params;
+            if let Some(after) = &after {
+                steps.push((
+                    "waiting for the batch before to commit",
+                    execute(client, &statements.await_previous_batch, vec![&self.slot]),
+                ));
+                params.push(after);
+            }
             steps.push((CHECKPOINT_STEP, execute(client, statement, params)));
         }
         let commits = end != End::KeepOpen;
@@ -869,6 +927,12 @@ impl TargetWriter {
                         self.rollback().await;
                     }
                     return Err(match context {
+                        CHECKPOINT_STEP
+                            if after.is_some()
+                                && source.code() == Some(&SqlState::DIVISION_BY_ZERO) =>
+                        {
+                            ApplyError::PreviousBatchNotCommitted
+                        }
                         CHECKPOINT_STEP => {
                             checkpoint_error(source, CHECKPOINT_STEP, &self.slot, position)
                         }
@@ -992,6 +1056,9 @@ enum End {
     Commit(Option<CommitPosition>),
     /// Commit, creating the checkpoint at this position (the end of setup's or resync's copy).
     CommitCreating(CommitPosition),
+    /// Commit, with the checkpoint moved to this position from exactly the other one (see
+    /// [`TargetWriter::apply_after`]).
+    CommitAfter(CommitPosition, Lsn),
     /// Leave the transaction open for the next part.
     KeepOpen,
 }

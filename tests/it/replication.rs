@@ -583,3 +583,107 @@ async fn a_refused_checkpoint_writes_nothing_of_its_batch() {
         "the batch's users were written without its checkpoint"
     );
 }
+
+/// A batch written beside the one before it (a second connection, while a backlog drains)
+/// commits only once that one has, and not at all if that one rolls back: its checkpoint moves
+/// from exactly where the one before leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chained_batch_commits_only_after_the_batch_before_it() {
+    use std::time::Duration;
+    use usersync::apply::{ApplyError, Batch, CommitPosition, TargetWriter};
+    use usersync::lsn::Lsn;
+    let pair = Pair::new().await;
+    pair.setup().await;
+    let checkpoint = usersync::apply::read_checkpoint(&pair.target, &pair.config.slot)
+        .await
+        .unwrap()
+        .expect("setup wrote a checkpoint");
+    let before_end = Lsn(checkpoint.end_lsn.0 + 0x1000);
+    let chained_end = Lsn(before_end.0 + 0x100);
+    let chained_batch = || {
+        let mut batch = Batch::new();
+        let mut raw_json = serde_json::Map::new();
+        raw_json.insert("id".into(), "chained".into());
+        batch.upsert(
+            usersync::map::MappedUser {
+                id: "chained".into(),
+                raw_json,
+                unchanged_keys: Vec::new(),
+            },
+            0,
+        );
+        batch.commit(
+            CommitPosition {
+                commit_lsn: Lsn(chained_end.0 - 0x10),
+                end_lsn: chained_end,
+                commit_time: 0,
+            },
+            true,
+        );
+        batch
+    };
+    let writer = || async {
+        let (client, connection) = tokio_postgres::connect(&pair.target_url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let shape = usersync::apply::check_shape(&client).await.unwrap();
+        TargetWriter::new(client, shape, &pair.config.slot, &checkpoint.system_id)
+            .await
+            .unwrap()
+    };
+    // The batch before, its transaction open on another connection with the checkpoint moved.
+    let (before, connection) = tokio_postgres::connect(&pair.target_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let move_checkpoint = format!(
+        "BEGIN; UPDATE usersync.state SET end_lsn = '{before_end}' WHERE slot_name = '{}'",
+        pair.config.slot
+    );
+
+    for commits in [false, true] {
+        before.batch_execute(&move_checkpoint).await.unwrap();
+        let mut chained = writer().await;
+        let batch = chained_batch();
+        let task = tokio::spawn(async move { chained.apply_after(&batch, before_end).await });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if task.is_finished() {
+            panic!(
+                "the chained batch did not wait for the one before: {:?}",
+                task.await.unwrap()
+            );
+        }
+        assert_eq!(target_user_count(&pair.target).await, 0);
+        before
+            .batch_execute(if commits { "COMMIT" } else { "ROLLBACK" })
+            .await
+            .unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the chained batch ended")
+            .unwrap();
+        let held = usersync::apply::read_checkpoint(&pair.target, &pair.config.slot)
+            .await
+            .unwrap()
+            .unwrap();
+        if commits {
+            result.expect("the chained batch commits after the one before");
+            assert_eq!(target_user_count(&pair.target).await, 1);
+            assert_eq!(held.end_lsn, chained_end);
+        } else {
+            let error = result.unwrap_err();
+            assert!(
+                matches!(error, ApplyError::PreviousBatchNotCommitted),
+                "{error}"
+            );
+            assert!(error.is_transient());
+            assert_eq!(
+                target_user_count(&pair.target).await,
+                0,
+                "a batch committed past one that rolled back"
+            );
+            assert_eq!(held.end_lsn, checkpoint.end_lsn);
+        }
+    }
+}
