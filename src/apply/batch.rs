@@ -160,6 +160,9 @@ pub struct Batch {
     changes: usize,
     /// Commit times of the transactions in the batch, for lag accounting after apply.
     commit_times: Vec<UnixMicros>,
+    /// Set by [`Batch::split_beside`]: the segment from which the batch's statements wait for
+    /// the batch before it to commit (past the last: only the checkpoint waits).
+    waits_from: Option<usize>,
 }
 
 impl Batch {
@@ -530,49 +533,65 @@ impl Batch {
         self.transactions == 0
     }
 
-    /// The users this batch's statements lock on the target (each one's id, and the old id a
-    /// moved user's values come from), hashed, so that a batch may be written beside one
-    /// still being written only when neither would wait on the other's rows
-    /// ([`UserKeys::overlaps`]). `None` when the batch holds a TRUNCATE, which reaches every
-    /// row.
+    /// The users this batch's statements write on the target, hashed: the rows, and the
+    /// rows of `usersync.primary_email_channel`, they lock. `None` unless the batch is one
+    /// segment (a TRUNCATE reaches every row) whose users' values are all their own (a moved
+    /// user's come from its old id's row, which another user's statements may change):
+    /// only such a batch is written beside another ([`Batch::split_beside`]).
     pub fn user_keys(&self) -> Option<UserKeys> {
-        let mut keys = UserKeys::default();
-        for segment in &self.segments {
-            let Segment::Users(users) = segment else {
-                return None;
-            };
-            for (id, user) in users {
-                keys.insert(id);
-                if let Some(from) = &user.keep_from {
-                    keys.insert(from);
-                }
-            }
-        }
+        self.lone_users()
+            .map(|users| UserKeys(users.keys().map(|id| UserKeys::hash(id)).collect()))
+    }
+
+    /// See [`Batch::user_keys`].
+    fn lone_users(&self) -> Option<&HashMap<String, PendingUser>> {
+        let [Segment::Users(users)] = self.segments.as_slice() else {
+            return None;
+        };
+        (!users.values().any(|user| user.keep_from.is_some())).then_some(users)
+    }
+
+    /// Prepares the batch to be written beside the batch before it, whose users are
+    /// `before`, while that one is still being written: the users that one does not write go
+    /// first, then the statements wait for it to commit, then come the users it does write
+    /// (their rows are locked until it commits, and must be written after it), then the
+    /// checkpoint. Two segments of users no statement shares are the one segment they came
+    /// from. Returns the batch's users ([`Batch::user_keys`]), or `None`, the batch unchanged,
+    /// when it cannot be written beside another.
+    pub fn split_beside(&mut self, before: &UserKeys) -> Option<UserKeys> {
+        let keys = self.user_keys()?;
+        let Some(Segment::Users(users)) = self.segments.pop() else {
+            unreachable!("user_keys checked that the batch is one users segment");
+        };
+        let (later, first): (HashMap<_, _>, HashMap<_, _>) = users
+            .into_iter()
+            .partition(|(id, _)| before.0.contains(&UserKeys::hash(id)));
+        // From the later users, or past the end when there are none.
+        self.waits_from = Some(usize::from(!first.is_empty()));
+        self.segments = [first, later]
+            .into_iter()
+            .filter(|users| !users.is_empty())
+            .map(Segment::Users)
+            .collect();
         Some(keys)
+    }
+
+    /// See [`Batch::split_beside`]: where the statements wait for the batch before.
+    pub fn waits_from(&self) -> Option<usize> {
+        self.waits_from
     }
 }
 
 /// The users a batch writes, by a hash of their ids ([`Batch::user_keys`]). Two ids with one
-/// hash only make two batches look as if they shared a user: they are then written one after
-/// the other, as every batch was before.
+/// hash only make a user look shared: it is then written after the batch before commits,
+/// which is always correct.
 #[derive(Debug, Default)]
 pub struct UserKeys(std::collections::HashSet<u64>);
 
 impl UserKeys {
-    fn insert(&mut self, id: &str) {
+    fn hash(id: &str) -> u64 {
         use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        self.0
-            .insert(BuildHasherDefault::<DefaultHasher>::default().hash_one(id));
-    }
-
-    /// Whether any user is in both.
-    pub fn overlaps(&self, other: &UserKeys) -> bool {
-        let (small, large) = if self.0.len() <= other.0.len() {
-            (self, other)
-        } else {
-            (other, self)
-        };
-        small.0.iter().any(|key| large.0.contains(key))
+        BuildHasherDefault::<DefaultHasher>::default().hash_one(id)
     }
 }
 
@@ -630,6 +649,77 @@ mod tests {
             [Segment::Users(users)] => users,
             other => panic!("expected one users segment, got {other:?}"),
         }
+    }
+
+    fn users_batch(ids: &[&str]) -> Batch {
+        let mut batch = Batch::new();
+        for id in ids {
+            batch.upsert(user(id, json!({}), &[]), 1);
+        }
+        batch
+    }
+
+    fn segment_ids(batch: &Batch) -> Vec<Vec<String>> {
+        batch
+            .segments()
+            .iter()
+            .map(|segment| match segment {
+                Segment::Users(users) => {
+                    let mut ids: Vec<String> = users.keys().cloned().collect();
+                    ids.sort();
+                    ids
+                }
+                Segment::SoftDeleteAll(_) => vec!["TRUNCATE".into()],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_beside_another_writes_that_ones_users_after_it() {
+        let before = users_batch(&["b", "x"]).user_keys().unwrap();
+        let mut batch = users_batch(&["a", "b", "c"]);
+        batch.soft_delete("d".into(), 2);
+        assert!(batch.split_beside(&before).is_some());
+        assert_eq!(
+            segment_ids(&batch),
+            [vec!["a", "c", "d"], vec!["b"]],
+            "the users the batch before writes come last"
+        );
+        assert_eq!(batch.waits_from(), Some(1));
+        assert_eq!(batch.changes(), 4);
+
+        // None shared: only the checkpoint waits.
+        let mut batch = users_batch(&["a", "c"]);
+        assert!(batch.split_beside(&before).is_some());
+        assert_eq!(segment_ids(&batch), [vec!["a", "c"]]);
+        assert_eq!(batch.waits_from(), Some(1));
+
+        // All shared: everything waits.
+        let mut batch = users_batch(&["x", "b"]);
+        assert!(batch.split_beside(&before).is_some());
+        assert_eq!(segment_ids(&batch), [vec!["b", "x"]]);
+        assert_eq!(batch.waits_from(), Some(0));
+    }
+
+    #[test]
+    fn a_truncate_or_a_moved_user_is_never_written_beside_another() {
+        let before = users_batch(&["b"]).user_keys().unwrap();
+        let mut truncated = users_batch(&["a"]);
+        truncated.soft_delete_all(2);
+        truncated.upsert(user("c", json!({}), &[]), 3);
+        assert!(truncated.user_keys().is_none());
+        assert!(truncated.split_beside(&before).is_none());
+        assert_eq!(
+            segment_ids(&truncated),
+            [vec!["a"], vec!["TRUNCATE"], vec!["c"]]
+        );
+
+        // Its values come from another user's row, which the batch before may change.
+        let mut moved = users_batch(&["a"]);
+        moved.upsert_moved(user("m", json!({}), &["k"]), "old".into(), None, 2);
+        assert!(moved.user_keys().is_none());
+        assert!(moved.split_beside(&before).is_none());
+        assert_eq!(moved.waits_from(), None);
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod slot_lock;
 pub mod worker;
 pub mod writer;
 
-pub use batch::{Batch, CommitPosition, UnixMicros};
+pub use batch::{Batch, CommitPosition, UnixMicros, UserKeys};
 pub use schema::{
     check_shape, count_unknown_primary_email_channels, ensure_target_schema, target_tables,
     upgrade_state, TargetShape, TargetTables, UNKNOWN_PRIMARY_EMAIL_CHANNELS,

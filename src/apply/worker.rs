@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::batch::{Batch, CommitPosition};
 use super::writer::TargetWriter;
@@ -20,8 +20,14 @@ use crate::lsn::Lsn;
 pub enum Job {
     /// Apply a batch and commit it with its checkpoint.
     Commit(Batch),
+    /// [`Job::Commit`], in a target transaction that holds the checkpoint row from its start
+    /// ([`TargetWriter::begin_holding_checkpoint`]), so that another worker can write the
+    /// batch after it beside it. Answered twice: [`Done::HoldingCheckpoint`] first.
+    CommitHolding(Batch),
     /// Apply a batch beside the one ending at this position, being written by another
-    /// worker, and commit it once that one has committed ([`TargetWriter::apply_after`]).
+    /// worker that holds the checkpoint row, and commit it once that one has committed
+    /// ([`TargetWriter::apply_after`]). Answered twice when that one committed:
+    /// [`Done::HoldingCheckpoint`] once this one holds the row in turn.
     CommitAfter(Batch, Lsn),
     /// Apply part of a large transaction and leave the target transaction open.
     Part(Batch),
@@ -46,6 +52,9 @@ pub enum Done {
     Part(Box<Batch>),
     Abandoned,
     Durable,
+    /// The job being done holds the checkpoint row now ([`Job::CommitHolding`],
+    /// [`Job::CommitAfter`]): not its answer, which comes after.
+    HoldingCheckpoint,
 }
 
 /// The session's handle on the worker task; dropping it ends the task.
@@ -96,10 +105,13 @@ impl ApplyWorker {
         ApplyError::WorkerGone
     }
 
-    /// The answer to the oldest job in flight. Cancel-safe: an answer is only taken once.
+    /// The answer to the oldest job in flight, or word of its progress
+    /// ([`Done::HoldingCheckpoint`]). Cancel-safe: an answer is only taken once.
     pub async fn recv(&mut self) -> Result<Done, ApplyError> {
         let done = self.done.recv().await.ok_or(ApplyError::WorkerGone)?;
-        self.in_flight = self.in_flight.saturating_sub(1);
+        if !matches!(done, Ok(Done::HoldingCheckpoint)) {
+            self.in_flight = self.in_flight.saturating_sub(1);
+        }
         done
     }
 
@@ -132,16 +144,45 @@ async fn work(
                     took: started.elapsed(),
                 })
             }
-            Job::CommitAfter(batch, after) => {
+            Job::CommitHolding(batch) => {
                 let started = Instant::now();
-                writer
-                    .apply_after(&batch, after)
-                    .await
-                    .map(|position| Done::Committed {
+                let holding = writer.begin_holding_checkpoint().await.map(|()| {
+                    // The route reads it before the answer: both go through this channel.
+                    let _ = done.send(Ok(Done::HoldingCheckpoint));
+                });
+                match holding {
+                    Ok(()) => writer.apply(&batch).await.map(|position| Done::Committed {
                         batch: Box::new(batch),
                         position,
                         took: started.elapsed(),
-                    })
+                    }),
+                    Err(error) => Err(error),
+                }
+            }
+            Job::CommitAfter(batch, after) => {
+                let started = Instant::now();
+                let (held, mut holding) = oneshot::channel();
+                let result = {
+                    let apply = writer.apply_after(&batch, after, held);
+                    tokio::pin!(apply);
+                    let mut heard = false;
+                    loop {
+                        tokio::select! {
+                            result = &mut apply => break result,
+                            holds = &mut holding, if !heard => {
+                                heard = true;
+                                if holds.is_ok() {
+                                    let _ = done.send(Ok(Done::HoldingCheckpoint));
+                                }
+                            }
+                        }
+                    }
+                };
+                result.map(|position| Done::Committed {
+                    batch: Box::new(batch),
+                    position,
+                    took: started.elapsed(),
+                })
             }
             Job::Part(batch) => writer
                 .apply_part(&batch)

@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
+use tokio::sync::oneshot;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{to_sql_checked, IsNull, Json, ToSql, Type};
 use tokio_postgres::{Client, Statement};
@@ -257,16 +258,17 @@ SELECT 1 / count(*)::int FROM written"
     )
 }
 
-/// Waits, in a batch written beside the one before it, until that batch's transaction has
-/// ended: it updated the checkpoint row, so it holds the row's lock until then. The next
-/// statement ([`chain_checkpoint`]) takes a snapshot of its own, which sees how it ended.
-/// (One statement could not do both: a row whose version in the statement's snapshot does
-/// not match the condition is skipped without waiting for its lock.)
-const AWAIT_PREVIOUS_BATCH: &str = "SELECT 1 FROM usersync.state WHERE slot_name = $1 FOR UPDATE";
+/// Locks the checkpoint row until the transaction ends. A batch that another is written
+/// beside takes it first ([`TargetWriter::begin_holding_checkpoint`]); the other, once it has
+/// written what it can, takes it too, and so waits until the batch before it has ended. The
+/// next statement ([`chain_checkpoint`]) takes a snapshot of its own, which sees how it
+/// ended. (One statement could not do both: a row whose version in the statement's snapshot
+/// does not match its condition is skipped without waiting for its lock.)
+const LOCK_CHECKPOINT: &str = "SELECT 1 FROM usersync.state WHERE slot_name = $1 FOR UPDATE";
 
 /// Moves the checkpoint from exactly `$after` (the end of the batch written just before, on
 /// another connection) to the next position, parameters as [`advance_checkpoint`]'s, after
-/// [`AWAIT_PREVIOUS_BATCH`]. If that batch committed, the row holds `$after` and this moves
+/// [`LOCK_CHECKPOINT`]. If that batch committed, the row holds `$after` and this moves
 /// on; had it rolled back, the row holds an earlier position and `1 / count(*)` divides by
 /// zero, so a batch never commits past one that did not.
 fn chain_checkpoint() -> String {
@@ -483,8 +485,8 @@ struct Statements {
     soft_delete: Statement,
     soft_delete_all: Statement,
     checkpoint: Statement,
-    /// [`AWAIT_PREVIOUS_BATCH`], [`chain_checkpoint`].
-    await_previous_batch: Statement,
+    /// [`LOCK_CHECKPOINT`], [`chain_checkpoint`].
+    lock_checkpoint: Statement,
     chain_checkpoint: Statement,
     create_checkpoint: Statement,
     /// [`upsert_and_advance`] for this shape.
@@ -510,6 +512,8 @@ pub struct TargetWriter {
     metrics: Option<Arc<Metrics>>,
     /// The server's warnings on this connection ([`watch_warnings`](Self::watch_warnings)).
     warnings: Option<Warnings>,
+    /// See [`apply_after`](Self::apply_after).
+    holding: Option<oneshot::Sender<()>>,
 }
 
 impl TargetWriter {
@@ -588,7 +592,7 @@ impl TargetWriter {
                 .prepare(&advance_checkpoint(1, ""))
                 .await
                 .map_err(ApplyError::sql("preparing the checkpoint"))?,
-            await_previous_batch: prepare(AWAIT_PREVIOUS_BATCH)
+            lock_checkpoint: prepare(LOCK_CHECKPOINT)
                 .await
                 .map_err(ApplyError::sql("preparing the wait for the batch before"))?,
             chain_checkpoint: client
@@ -611,6 +615,7 @@ impl TargetWriter {
             open: false,
             metrics: None,
             warnings: None,
+            holding: None,
         })
     }
 
@@ -641,18 +646,60 @@ impl TargetWriter {
         Ok(position)
     }
 
+    /// Starts the target transaction of the next [`apply`](Self::apply) holding the
+    /// checkpoint row's lock, so that another connection can write the batch after it beside
+    /// it ([`apply_after`](Self::apply_after)) once this has returned.
+    pub async fn begin_holding_checkpoint(&mut self) -> Result<(), ApplyError> {
+        if self.open {
+            return Err(ApplyError::FlushInsideTransaction);
+        }
+        let client = &self.client;
+        let slot = &self.slot;
+        let statement = &self.statements.lock_checkpoint;
+        let steps: Vec<Pending<'_>> = vec![
+            Box::pin(async move { client.batch_execute("BEGIN").await.map(|()| 0) }),
+            execute(client, statement, vec![slot]),
+        ];
+        let context = "locking the checkpoint";
+        let results = tokio::time::timeout(APPLY_TIMEOUT, pipeline(steps))
+            .await
+            .map_err(|_| ApplyError::Stalled {
+                timeout: APPLY_TIMEOUT,
+            })?;
+        self.open = true;
+        let mut locked = 0;
+        for result in results {
+            locked = result.map_err(|source| {
+                self.open = false;
+                ApplyError::Sql { context, source }
+            })?;
+        }
+        if locked != 1 {
+            self.abandon().await?;
+            return Err(ApplyError::CheckpointGone {
+                slot: self.slot.clone(),
+            });
+        }
+        Ok(())
+    }
+
     /// Like [`apply`](Self::apply), for a batch written while the batch before it, ending at
-    /// `after`, is still being written on another connection: its users are not that batch's
-    /// (no row lock between them), and it commits only after that batch has committed, since
-    /// its checkpoint moves from exactly `after` ([`chain_checkpoint`]). If that batch did not
-    /// commit, nothing of this one is, and it fails as
-    /// [`ApplyError::PreviousBatchNotCommitted`].
+    /// `after`, is still being written on another connection, which holds the checkpoint row
+    /// ([`begin_holding_checkpoint`](Self::begin_holding_checkpoint)). Its users that batch
+    /// does not write go first; then it waits for the row, so for that batch to end; then
+    /// come its other users and its checkpoint, which moves from exactly `after`
+    /// ([`chain_checkpoint`]): if that batch did not commit, nothing of this one is, and it
+    /// fails as [`ApplyError::PreviousBatchNotCommitted`].
+    /// `holding` is told once it holds the checkpoint row in turn, so that a batch after it
+    /// can be written beside it.
     pub async fn apply_after(
         &mut self,
         batch: &Batch,
         after: Lsn,
+        holding: oneshot::Sender<()>,
     ) -> Result<CommitPosition, ApplyError> {
         let position = batch.last_commit().ok_or(ApplyError::EmptyBatch)?;
+        self.holding = Some(holding);
         self.write(batch, End::CommitAfter(position, after)).await?;
         Ok(position)
     }
@@ -682,7 +729,8 @@ impl TargetWriter {
         self.write(batch, End::KeepOpen).await
     }
 
-    /// Rolls back a transaction left open by [`apply_part`](Self::apply_part). A target that
+    /// Rolls back a transaction left open by [`apply_part`](Self::apply_part) or
+    /// [`begin_holding_checkpoint`](Self::begin_holding_checkpoint). A target that
     /// stops answering must end the session as a write would (dropping the connection rolls
     /// back all the same), not hold it for good.
     pub async fn abandon(&mut self) -> Result<(), ApplyError> {
@@ -784,7 +832,32 @@ impl TargetWriter {
             ));
         }
         let mut patch_counts = Vec::new();
-        for segment in &arrays {
+        // A batch written beside the one before it waits for that one where its statements
+        // reach that one's users (see `Batch::split_beside`), and at the latest before its
+        // checkpoint.
+        let waits_from = match end {
+            End::CommitAfter(..) => Some(batch.waits_from().unwrap_or(0)),
+            _ => None,
+        };
+        let mut holding = self.holding.take();
+        let mut await_previous = || -> (&'static str, Pending<'_>) {
+            let lock = execute(client, &statements.lock_checkpoint, vec![&self.slot]);
+            let holding = holding.take();
+            (
+                "waiting for the batch before to commit",
+                Box::pin(async move {
+                    let locked = lock.await;
+                    if let (Ok(_), Some(holding)) = (&locked, holding) {
+                        let _ = holding.send(());
+                    }
+                    locked
+                }),
+            )
+        };
+        for (index, segment) in arrays.iter().enumerate() {
+            if waits_from == Some(index) {
+                steps.push(await_previous());
+            }
             match segment {
                 SegmentArrays::Users(arrays) => {
                     let UserArrays {
@@ -894,10 +967,9 @@ impl TargetWriter {
             };
             let mut params = params;
             if let Some(after) = &after {
-                steps.push((
-                    "waiting for the batch before to commit",
-                    execute(client, &statements.await_previous_batch, vec![&self.slot]),
-                ));
+                if waits_from.is_some_and(|from| from >= arrays.len()) {
+                    steps.push(await_previous());
+                }
                 params.push(after);
             }
             steps.push((CHECKPOINT_STEP, execute(client, statement, params)));
@@ -1429,5 +1501,12 @@ mod tests {
         );
         assert!(combined.contains("commit_time = $8"), "{combined}");
         assert!(!combined.contains("$9"), "{combined}");
+        // A batch beside another moves the checkpoint from exactly where that one leaves it.
+        let chained = chain_checkpoint();
+        assert!(
+            chained.contains("AND end_lsn = $6::text::pg_lsn"),
+            "{chained}"
+        );
+        assert!(!chained.contains("<="), "{chained}");
     }
 }

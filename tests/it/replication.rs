@@ -586,9 +586,9 @@ async fn a_refused_checkpoint_writes_nothing_of_its_batch() {
 
 /// A batch written beside the one before it (a second connection, while a backlog drains)
 /// commits only once that one has, and not at all if that one rolls back: its checkpoint moves
-/// from exactly where the one before leaves it.
+/// from exactly where the one before leaves it. A user both write ends as the later one left it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chained_batch_commits_only_after_the_batch_before_it() {
+async fn a_batch_beside_another_commits_only_after_it() {
     use std::time::Duration;
     use usersync::apply::{ApplyError, Batch, CommitPosition, TargetWriter};
     use usersync::lsn::Lsn;
@@ -598,24 +598,28 @@ async fn a_chained_batch_commits_only_after_the_batch_before_it() {
         .await
         .unwrap()
         .expect("setup wrote a checkpoint");
-    let before_end = Lsn(checkpoint.end_lsn.0 + 0x1000);
-    let chained_end = Lsn(before_end.0 + 0x100);
-    let chained_batch = || {
+    let first_end = Lsn(checkpoint.end_lsn.0 + 0x1000);
+    let second_end = Lsn(first_end.0 + 0x100);
+    // Users (id, display name), committed at the source just before `end`.
+    let batch_of = |users: &[(&str, &str)], end: Lsn| {
         let mut batch = Batch::new();
-        let mut raw_json = serde_json::Map::new();
-        raw_json.insert("id".into(), "chained".into());
-        batch.upsert(
-            usersync::map::MappedUser {
-                id: "chained".into(),
-                raw_json,
-                unchanged_keys: Vec::new(),
-            },
-            0,
-        );
+        for (id, name) in users {
+            let mut raw_json = serde_json::Map::new();
+            raw_json.insert("id".into(), (*id).into());
+            raw_json.insert("display_name".into(), (*name).into());
+            batch.upsert(
+                usersync::map::MappedUser {
+                    id: (*id).into(),
+                    raw_json,
+                    unchanged_keys: Vec::new(),
+                },
+                0,
+            );
+        }
         batch.commit(
             CommitPosition {
-                commit_lsn: Lsn(chained_end.0 - 0x10),
-                end_lsn: chained_end,
+                commit_lsn: Lsn(end.0 - 0x10),
+                end_lsn: end,
                 commit_time: 0,
             },
             true,
@@ -632,45 +636,69 @@ async fn a_chained_batch_commits_only_after_the_batch_before_it() {
             .await
             .unwrap()
     };
-    // The batch before, its transaction open on another connection with the checkpoint moved.
-    let (before, connection) = tokio_postgres::connect(&pair.target_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let move_checkpoint = format!(
-        "BEGIN; UPDATE usersync.state SET end_lsn = '{before_end}' WHERE slot_name = '{}'",
-        pair.config.slot
-    );
+    let names = || async {
+        let rows = pair
+            .target
+            .query("SELECT id, name FROM neon_auth.users_sync ORDER BY id", &[])
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|row| (row.get::<_, String>(0), row.get::<_, String>(1)))
+            .collect::<Vec<_>>()
+    };
 
     for commits in [false, true] {
-        before.batch_execute(&move_checkpoint).await.unwrap();
-        let mut chained = writer().await;
-        let batch = chained_batch();
-        let task = tokio::spawn(async move { chained.apply_after(&batch, before_end).await });
+        let mut first = writer().await;
+        let first_batch = batch_of(&[("shared", "first")], first_end);
+        first.begin_holding_checkpoint().await.unwrap();
+        let mut second = writer().await;
+        let mut second_batch = batch_of(&[("beside", "second"), ("shared", "second")], second_end);
+        assert!(second_batch
+            .split_beside(&first_batch.user_keys().unwrap())
+            .is_some());
+        let (held, mut holding) = tokio::sync::oneshot::channel();
+        let task =
+            tokio::spawn(async move { second.apply_after(&second_batch, first_end, held).await });
         tokio::time::sleep(Duration::from_millis(500)).await;
         if task.is_finished() {
             panic!(
-                "the chained batch did not wait for the one before: {:?}",
+                "the batch beside did not wait for the one before: {:?}",
                 task.await.unwrap()
             );
         }
         assert_eq!(target_user_count(&pair.target).await, 0);
-        before
-            .batch_execute(if commits { "COMMIT" } else { "ROLLBACK" })
-            .await
-            .unwrap();
+        assert!(
+            holding.try_recv().is_err(),
+            "the batch beside held the checkpoint row while the one before did"
+        );
+        if commits {
+            first.apply(&first_batch).await.unwrap();
+        } else {
+            first.abandon().await.unwrap();
+        }
         let result = tokio::time::timeout(Duration::from_secs(10), task)
             .await
-            .expect("the chained batch ended")
+            .expect("the batch beside ended")
             .unwrap();
         let held = usersync::apply::read_checkpoint(&pair.target, &pair.config.slot)
             .await
             .unwrap()
             .unwrap();
         if commits {
-            result.expect("the chained batch commits after the one before");
-            assert_eq!(target_user_count(&pair.target).await, 1);
-            assert_eq!(held.end_lsn, chained_end);
+            result.expect("the batch beside commits after the one before");
+            assert!(
+                holding.try_recv().is_ok(),
+                "the batch beside held the row in turn"
+            );
+            assert_eq!(
+                names().await,
+                [
+                    ("beside".to_owned(), "second".to_owned()),
+                    ("shared".to_owned(), "second".to_owned())
+                ],
+                "the later batch's values win"
+            );
+            assert_eq!(held.end_lsn, second_end);
         } else {
             let error = result.unwrap_err();
             assert!(
