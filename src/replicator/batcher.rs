@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use super::changes::UserChange;
-use crate::apply::{Batch, CommitPosition, UnixMicros};
+use crate::apply::{Batch, CommitPosition, UnixMicros, UserKeys};
 use crate::metrics::{Metrics, Op};
 
 /// Most changes in one target transaction: bounds memory and the target transaction's size.
@@ -145,6 +145,18 @@ impl Batcher {
     /// batch has.
     pub fn heartbeat_behind(&mut self, at: UnixMicros) {
         self.heartbeat = Some(at);
+    }
+
+    /// [`take`](Self::take), for a batch written beside the batch before it, which writes
+    /// `before`'s users ([`Batch::split_beside`]), with the batch's own users; `None`, the
+    /// batch kept, if it cannot be.
+    pub fn take_beside(
+        &mut self,
+        before: &UserKeys,
+    ) -> Option<(Batch, Option<UnixMicros>, UserKeys)> {
+        let users = self.batch.split_beside(before)?;
+        let (batch, heartbeat) = self.take();
+        Some((batch, heartbeat, users))
     }
 
     /// The batch to write, and the heartbeat that came behind it.

@@ -24,7 +24,7 @@ use super::batcher::Batcher;
 use super::changes::UserChange;
 use super::lag::{LagTracker, SharedClock};
 use super::ledger::{Flush, Ledger};
-use crate::apply::{ApplyWorker, Batch, CommitPosition, Done, Job, UnixMicros};
+use crate::apply::{ApplyWorker, Batch, CommitPosition, Done, Job, UnixMicros, UserKeys};
 use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
@@ -162,6 +162,9 @@ impl RouteHandle {
 /// What a route needs to start.
 pub(super) struct RouteParts {
     pub worker: ApplyWorker,
+    /// A second worker, on a connection of its own to the same target, for a route alone
+    /// (see [`Companion`]).
+    pub companion: Option<ApplyWorker>,
     pub metrics: Arc<Metrics>,
     /// The durable checkpoint the route's target resumes from.
     pub resume_at: Lsn,
@@ -193,6 +196,9 @@ pub(super) fn spawn(
     let route = Route {
         fed,
         worker: parts.worker,
+        companion: parts
+            .companion
+            .map(|worker| Companion { worker, job: None }),
         batcher: Batcher::with_part_keys(parts.part_keys).limited_to(batch_changes),
         ledger: Ledger::new(parts.resume_at, parts.records),
         lag: LagTracker::new(
@@ -225,10 +231,15 @@ pub(super) fn spawn(
 
 /// What the route remembers of the job its worker is doing.
 enum InFlight {
-    /// A batch: its oldest commit time, and a heartbeat that came behind it.
+    /// A batch: its oldest commit time, a heartbeat that came behind it, where it ends, the
+    /// users it writes when the batch after it may be written beside it ([`Companion`]), and
+    /// whether its transaction holds the checkpoint row already, which that needs.
     Batch {
         oldest_commit: Option<UnixMicros>,
         heartbeat: Option<UnixMicros>,
+        end: Lsn,
+        users: Option<UserKeys>,
+        holds_checkpoint: bool,
     },
     /// A part of a large transaction.
     Part,
@@ -236,11 +247,29 @@ enum InFlight {
     Flush(Flush),
 }
 
+/// A second worker for a backlog: one target connection is a single backend, which a
+/// backlog keeps busy while the machine has room for a second. A batch that is due (full, or
+/// old) when the worker is free starts by holding the checkpoint row
+/// ([`Job::CommitHolding`]); once it does, the next batch that is due goes to the companion,
+/// which writes its users the first does not write beside it, then waits for the first to
+/// end (holding the row in turn), and commits only if the first committed
+/// ([`Job::CommitAfter`]). When the worker's batch is done the two swap places, so `worker`
+/// always holds the oldest job: answers are taken in commit order, the next batch goes beside
+/// once the new oldest holds the row, and everything else a route does (parts, flushes) waits
+/// for both.
+struct Companion {
+    worker: ApplyWorker,
+    /// The batch it is writing, if any (then the worker is writing the one before).
+    job: Option<InFlight>,
+}
+
 struct Route {
     /// Its name in a fan-out, for its metrics.
     route: Option<String>,
     fed: mpsc::UnboundedReceiver<Fed>,
+    /// Writes the oldest job in flight.
     worker: ApplyWorker,
+    companion: Option<Companion>,
     batcher: Batcher,
     ledger: Ledger,
     lag: LagTracker,
@@ -282,6 +311,9 @@ impl Route {
             }
             if self.batcher.is_due() && worker_free {
                 self.submit_batch().await?;
+                continue;
+            }
+            if self.batcher.is_due() && self.submit_beside().await? {
                 continue;
             }
             let may_take = worker_free || !self.batcher.is_due();
@@ -393,8 +425,12 @@ impl Route {
         if changes.is_empty() && self.batcher.is_empty() {
             self.ledger.nothing_until(position.end_lsn);
             if heartbeat {
-                // It has come through once the batch being written has.
-                match &mut self.in_flight {
+                // It has come through once the batch written last has.
+                let latest = match &mut self.companion {
+                    Some(Companion { job: Some(job), .. }) => Some(job),
+                    _ => self.in_flight.as_mut(),
+                };
+                match latest {
                     Some(InFlight::Batch { heartbeat, .. }) => *heartbeat = Some(at),
                     _ => self.heartbeat_arrived(at),
                 }
@@ -448,13 +484,65 @@ impl Route {
 
     /// Hands the batch to the worker; the worker must be free.
     async fn submit_batch(&mut self) -> Result<(), Error> {
+        // A batch due while the worker was busy (a backlog) makes room for the next beside it.
+        let backlog = self.companion.is_some() && self.batcher.is_due();
         let (batch, heartbeat) = self.batcher.take();
-        self.in_flight = Some(InFlight::Batch {
+        let users = if backlog { batch.user_keys() } else { None };
+        let job = if users.is_some() {
+            Job::CommitHolding
+        } else {
+            Job::Commit
+        };
+        self.in_flight = Some(Self::in_flight(&batch, heartbeat, users));
+        self.worker.send(job(batch)).await?;
+        Ok(())
+    }
+
+    /// Hands the batch, which is due, to the companion while the worker writes the batch
+    /// before it, if the companion is free and both batches can be written so
+    /// ([`Batch::split_beside`]). False if it stays with the batcher.
+    async fn submit_beside(&mut self) -> Result<bool, Error> {
+        let Some(companion) = &mut self.companion else {
+            return Ok(false);
+        };
+        let Some(InFlight::Batch {
+            end: after,
+            users: Some(before),
+            holds_checkpoint: true,
+            ..
+        }) = &self.in_flight
+        else {
+            return Ok(false);
+        };
+        if companion.job.is_some() || self.in_large_transaction {
+            return Ok(false);
+        }
+        let after = *after;
+        let Some((batch, heartbeat, users)) = self.batcher.take_beside(before) else {
+            return Ok(false);
+        };
+        companion.job = Some(Self::in_flight(&batch, heartbeat, Some(users)));
+        companion
+            .worker
+            .send(Job::CommitAfter(batch, after))
+            .await?;
+        Ok(true)
+    }
+
+    fn in_flight(
+        batch: &Batch,
+        heartbeat: Option<UnixMicros>,
+        users: Option<UserKeys>,
+    ) -> InFlight {
+        InFlight::Batch {
             oldest_commit: batch.commit_times().first().copied(),
             heartbeat,
-        });
-        self.worker.send(Job::Commit(batch)).await?;
-        Ok(())
+            end: batch
+                .last_commit()
+                .map_or(Lsn::ZERO, |position| position.end_lsn),
+            users,
+            holds_checkpoint: false,
+        }
     }
 
     /// Waits until the worker has answered everything sent to it.
@@ -479,6 +567,16 @@ impl Route {
     }
 
     async fn on_done(&mut self, done: Done) -> Result<(), Error> {
+        if let Done::HoldingCheckpoint = done {
+            // The batch being written holds the checkpoint row: the next may go beside it.
+            if let Some(InFlight::Batch {
+                holds_checkpoint, ..
+            }) = &mut self.in_flight
+            {
+                *holds_checkpoint = true;
+            }
+            return Ok(());
+        }
         let in_flight = self.in_flight.take();
         let (batch, position, took) = match done {
             Done::Committed {
@@ -499,7 +597,7 @@ impl Route {
                 }
                 return Ok(());
             }
-            Done::Abandoned => return Ok(()),
+            Done::Abandoned | Done::HoldingCheckpoint => return Ok(()),
         };
         self.lag.applied(batch.commit_times());
         self.metrics
@@ -517,6 +615,13 @@ impl Route {
             self.heartbeat_arrived(heartbeat);
         }
         self.ledger.applied(position.end_lsn);
+        // The batch written beside this one is now the oldest.
+        if let Some(companion) = &mut self.companion {
+            if let Some(job) = companion.job.take() {
+                std::mem::swap(&mut self.worker, &mut companion.worker);
+                self.in_flight = Some(job);
+            }
+        }
         self.refresh_lag();
         self.written = Some(batch);
         Ok(())

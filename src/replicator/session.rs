@@ -60,6 +60,8 @@ pub(super) enum RouteStart {
     /// `copying`: its online copy is not done (see [`backfill`]), and starts again.
     Ready {
         worker: ApplyWorker,
+        /// A second connection's worker, for a route alone (see `route::Companion`).
+        companion: Option<ApplyWorker>,
         resume_at: Lsn,
         copying: Option<CopyKind>,
     },
@@ -267,10 +269,11 @@ impl<'a> Session<'a> {
         let member = match start {
             RouteStart::Ready {
                 worker,
+                companion,
                 resume_at,
                 copying,
             } => {
-                let handle = self.spawn_route(index, worker, resume_at);
+                let handle = self.spawn_route(index, worker, companion, resume_at);
                 if let Some(kind) = copying.filter(|_| self.mode == Mode::Service) {
                     let confirmed = handle.confirmed_shared();
                     self.start_copy(index, kind, backfill::Start::Attached(confirmed));
@@ -309,11 +312,13 @@ impl<'a> Session<'a> {
         &mut self,
         route: usize,
         worker: ApplyWorker,
+        companion: Option<ApplyWorker>,
         resume_at: Lsn,
     ) -> route::RouteHandle {
         let (handle, task) = route::spawn(
             RouteParts {
                 worker,
+                companion,
                 metrics: Arc::clone(self.metrics),
                 resume_at,
                 records: !self.mode.is_dry_run(),
@@ -368,7 +373,7 @@ impl<'a> Session<'a> {
         if !matches!(self.routes.get(route), Some(Member::Joining { .. })) {
             return;
         }
-        let handle = self.spawn_route(route, worker, resume_at);
+        let handle = self.spawn_route(route, worker, None, resume_at);
         // The copy task is waiting for this; gone, it was stopped.
         let _ = attached.send(handle.confirmed_shared());
         tracing::info!(

@@ -287,8 +287,40 @@ pub(super) async fn run_session(
             }
             Err(error) => return Err(error),
         };
+        // A route alone writes a backlog over two connections (see `route::Companion`); in a
+        // fan-out each route keeps one, since theirs add up with the routes. The two take
+        // turns with every job, flushes included, so they are set up alike.
+        let companion = if fan_out || dry_run {
+            None
+        } else {
+            let opened = answered(
+                target_limit,
+                "target",
+                "opening a second connection",
+                async {
+                    let (client, warnings) =
+                        conn::sql::connect_counting_warnings(&route.target, APPLICATION_NAME)
+                            .await
+                            .map_err(Error::connect("target"))?;
+                    let mut writer = TargetWriter::new(
+                        client,
+                        shape,
+                        &route.checkpoint_key(),
+                        &identity.system_id,
+                    )
+                    .await?;
+                    writer.watch_warnings(warnings);
+                    writer.use_async_commit().await?;
+                    writer.count_in(Arc::clone(metrics));
+                    Ok(writer)
+                },
+            )
+            .await?;
+            Some(ApplyWorker::spawn(opened))
+        };
         routes.push(RouteStart::Ready {
             worker: ApplyWorker::spawn(writer),
+            companion,
             resume_at,
             copying: (fan_out && checkpoint.copying).then_some(if checkpoint.copy_reconciles {
                 CopyKind::Reconcile
