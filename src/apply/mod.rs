@@ -22,7 +22,7 @@ pub use setup_progress::{SetupMode, SetupProgress};
 pub use worker::{ApplyWorker, Done, Job};
 pub use writer::{
     copy_asked, copy_done, create_copying_checkpoint, delete_checkpoint, mark_resyncing,
-    read_checkpoint, take_over_checkpoint, Checkpoint, TargetWriter,
+    read_checkpoint, read_checkpoint_waiting, take_over_checkpoint, Checkpoint, TargetWriter,
 };
 
 use crate::lsn::Lsn;
@@ -123,13 +123,12 @@ pub enum ApplyError {
          known)"
     )]
     PartSourceUnknown,
-    /// See [`writer::TargetWriter::apply_after`]: the batch before it failed, and that
-    /// failure is the one to report; this one only says the later batch was rolled back too.
+    /// See `writer::CHECK_LOCK_HELD`.
     #[error(
-        "target: a batch written beside the one before it was rolled back because that one \
-         did not commit; reconnecting"
+        "target: the connection holding the slot's lock is gone, so the batch written beside \
+         its last one on the second connection was rolled back"
     )]
-    PreviousBatchNotCommitted,
+    LockLost,
     #[error("an empty batch was handed to the writer")]
     EmptyBatch,
     #[error(
@@ -152,13 +151,21 @@ impl ApplyError {
         move |source| ApplyError::Sql { context, source }
     }
 
+    /// The target's deadlock detector ended the statement: two of usersync's connections
+    /// (see `replicator::route`'s two writers), or one of them and another client, waited on
+    /// each other.
+    pub fn is_deadlock(&self) -> bool {
+        matches!(self, ApplyError::Sql { source, .. }
+            if source.code() == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED))
+    }
+
     /// Whether reconnecting may succeed without anyone changing anything.
     pub fn is_transient(&self) -> bool {
         match self {
             ApplyError::Sql { source, .. } => crate::error::is_transient_pg(source),
             ApplyError::Stalled { .. }
             | ApplyError::DurabilityUnconfirmed
-            | ApplyError::PreviousBatchNotCommitted => true,
+            | ApplyError::LockLost => true,
             _ => false,
         }
     }

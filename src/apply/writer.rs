@@ -266,6 +266,24 @@ SELECT 1 / count(*)::int FROM written"
 /// does not match its condition is skipped without waiting for its lock.)
 const LOCK_CHECKPOINT: &str = "SELECT 1 FROM usersync.state WHERE slot_name = $1 FOR UPDATE";
 
+/// Fails (`1 / count(*)` divides by zero) unless session `$2` still holds the lock of slot
+/// `$1` (see [`super::slot_lock`]): a batch written beside another, on a connection that does
+/// not hold it, checks this after it has waited for the checkpoint row and before it commits.
+/// Without it, that connection's backend could commit after usersync died, its lock-holding
+/// connection closed, and another usersync took the lock and read the checkpoint: the lock
+/// would no longer say that one process writes the slot. The row it holds from the wait on
+/// makes the next process's read of the checkpoint wait for it
+/// ([`read_checkpoint_waiting`]).
+const CHECK_LOCK_HELD: &str = "
+WITH slot_lock AS (SELECT hashtextextended('usersync:' || $1, 0) AS key)
+SELECT 1 / count(*)::int
+  FROM slot_lock, pg_locks l
+ WHERE l.locktype = 'advisory' AND l.granted AND l.pid = $2 AND l.mode = 'ExclusiveLock'
+   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+   AND l.classid = ((slot_lock.key >> 32) & 4294967295)::oid
+   AND l.objid = (slot_lock.key & 4294967295)::oid
+   AND l.objsubid = 1";
+
 /// Moves the checkpoint from exactly `$after` (the end of the batch written just before, on
 /// another connection) to the next position, parameters as [`advance_checkpoint`]'s, after
 /// [`LOCK_CHECKPOINT`]. If that batch committed, the row holds `$after` and this moves
@@ -341,8 +359,27 @@ pub async fn read_checkpoint(
     client: &Client,
     slot: &str,
 ) -> Result<Option<Checkpoint>, ApplyError> {
+    read_checkpoint_with(client, slot, READ_CHECKPOINT).await
+}
+
+/// [`read_checkpoint`] once no transaction that holds the row (a batch of a process that
+/// has just died, written beside another on its second connection: see `CHECK_LOCK_HELD`) is
+/// still open, by a lock that ends with the read. For the process that takes the slot's lock,
+/// before it resumes from the checkpoint.
+pub async fn read_checkpoint_waiting(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<Checkpoint>, ApplyError> {
+    read_checkpoint_with(client, slot, &format!("{READ_CHECKPOINT} FOR SHARE")).await
+}
+
+async fn read_checkpoint_with(
+    client: &Client,
+    slot: &str,
+    query: &str,
+) -> Result<Option<Checkpoint>, ApplyError> {
     let row = client
-        .query_opt(READ_CHECKPOINT, &[&slot])
+        .query_opt(query, &[&slot])
         .await
         .map_err(ApplyError::sql("reading the checkpoint"))?;
     let Some(row) = row else { return Ok(None) };
@@ -485,8 +522,9 @@ struct Statements {
     soft_delete: Statement,
     soft_delete_all: Statement,
     checkpoint: Statement,
-    /// [`LOCK_CHECKPOINT`], [`chain_checkpoint`].
+    /// [`LOCK_CHECKPOINT`], [`CHECK_LOCK_HELD`], [`chain_checkpoint`].
     lock_checkpoint: Statement,
+    check_lock_held: Statement,
     chain_checkpoint: Statement,
     create_checkpoint: Statement,
     /// [`upsert_and_advance`] for this shape.
@@ -514,6 +552,9 @@ pub struct TargetWriter {
     warnings: Option<Warnings>,
     /// See [`apply_after`](Self::apply_after).
     holding: Option<oneshot::Sender<()>>,
+    /// The backend that holds the slot's lock, when that is another connection of this
+    /// process ([`CHECK_LOCK_HELD`]).
+    lock_holder: Option<i32>,
 }
 
 impl TargetWriter {
@@ -595,6 +636,9 @@ impl TargetWriter {
             lock_checkpoint: prepare(LOCK_CHECKPOINT)
                 .await
                 .map_err(ApplyError::sql("preparing the wait for the batch before"))?,
+            check_lock_held: prepare(CHECK_LOCK_HELD)
+                .await
+                .map_err(ApplyError::sql("preparing the check of the slot's lock"))?,
             chain_checkpoint: client
                 .prepare(&chain_checkpoint())
                 .await
@@ -616,6 +660,7 @@ impl TargetWriter {
             metrics: None,
             warnings: None,
             holding: None,
+            lock_holder: None,
         })
     }
 
@@ -689,7 +734,9 @@ impl TargetWriter {
     /// does not write go first; then it waits for the row, so for that batch to end; then
     /// come its other users and its checkpoint, which moves from exactly `after`
     /// ([`chain_checkpoint`]): if that batch did not commit, nothing of this one is, and it
-    /// fails as [`ApplyError::PreviousBatchNotCommitted`].
+    /// fails as [`ApplyError::CheckpointRefused`]. (A route reads the failure of the batch
+    /// before first, and stops there; it sees this one only if the batch before committed
+    /// and something else then moved the checkpoint, which is what that error says.)
     /// `holding` is told once it holds the checkpoint row in turn, so that a batch after it
     /// can be written beside it.
     pub async fn apply_after(
@@ -727,6 +774,22 @@ impl TargetWriter {
     /// or not at all. [`abandon`](Self::abandon) rolls it back.
     pub async fn apply_part(&mut self, batch: &Batch) -> Result<(), ApplyError> {
         self.write(batch, End::KeepOpen).await
+    }
+
+    /// The server process of this connection (`pg_backend_pid()`).
+    pub async fn backend_pid(&self) -> Result<i32, ApplyError> {
+        Ok(self
+            .client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .map_err(ApplyError::sql("reading the connection's server process"))?
+            .get(0))
+    }
+
+    /// Makes every batch [`apply_after`](Self::apply_after) writes check, before it commits,
+    /// that backend `pid` (another connection of this process) still holds the slot's lock.
+    pub fn check_lock_held_by(&mut self, pid: i32) {
+        self.lock_holder = Some(pid);
     }
 
     /// Rolls back a transaction left open by [`apply_part`](Self::apply_part) or
@@ -847,7 +910,8 @@ impl TargetWriter {
                 "waiting for the batch before to commit",
                 Box::pin(async move {
                     let locked = lock.await;
-                    if let (Ok(_), Some(holding)) = (&locked, holding) {
+                    // No row: nothing was waited for, and the checkpoint step fails.
+                    if let (Ok(1), Some(holding)) = (&locked, holding) {
                         let _ = holding.send(());
                     }
                     locked
@@ -970,6 +1034,16 @@ impl TargetWriter {
                 if waits_from.is_some_and(|from| from >= arrays.len()) {
                     steps.push(await_previous());
                 }
+                if let Some(holder) = &self.lock_holder {
+                    steps.push((
+                        LOCK_HELD_STEP,
+                        execute(
+                            client,
+                            &statements.check_lock_held,
+                            vec![&self.slot, holder],
+                        ),
+                    ));
+                }
                 params.push(after);
             }
             steps.push((CHECKPOINT_STEP, execute(client, statement, params)));
@@ -999,14 +1073,11 @@ impl TargetWriter {
                         self.rollback().await;
                     }
                     return Err(match context {
-                        CHECKPOINT_STEP
-                            if after.is_some()
-                                && source.code() == Some(&SqlState::DIVISION_BY_ZERO) =>
-                        {
-                            ApplyError::PreviousBatchNotCommitted
-                        }
                         CHECKPOINT_STEP => {
                             checkpoint_error(source, CHECKPOINT_STEP, &self.slot, position)
+                        }
+                        LOCK_HELD_STEP if source.code() == Some(&SqlState::DIVISION_BY_ZERO) => {
+                            ApplyError::LockLost
                         }
                         CLEAR_IF_STEP if source.code() == Some(&SqlState::DIVISION_BY_ZERO) => {
                             ApplyError::PartSourceUnknown
@@ -1136,6 +1207,7 @@ enum End {
 }
 
 const CHECKPOINT_STEP: &str = "writing the checkpoint";
+const LOCK_HELD_STEP: &str = "checking that the slot's lock is held";
 const CLEAR_IF_STEP: &str = "clearing primary emails whose channel went away";
 
 /// A statement that writes the checkpoint (`context` says what else it did) failed: its

@@ -647,11 +647,38 @@ async fn a_batch_beside_another_commits_only_after_it() {
             .collect::<Vec<_>>()
     };
 
-    for commits in [false, true] {
+    // The slot's lock, held by a connection of the same process: the batch beside commits
+    // only while it is.
+    let (locker, connection) = tokio_postgres::connect(&pair.target_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let lock_pid: i32 = locker
+        .query_one(
+            "SELECT pg_backend_pid() FROM (SELECT pg_advisory_lock(hashtextextended('usersync:' || $1, 0))) AS l",
+            &[&pair.config.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    #[derive(PartialEq)]
+    enum Case {
+        BeforeRollsBack,
+        LockLost,
+        BeforeCommits,
+    }
+    for case in [Case::BeforeRollsBack, Case::LockLost, Case::BeforeCommits] {
+        let commits = case != Case::BeforeRollsBack;
         let mut first = writer().await;
         let first_batch = batch_of(&[("shared", "first")], first_end);
         first.begin_holding_checkpoint().await.unwrap();
         let mut second = writer().await;
+        second.check_lock_held_by(lock_pid);
+        if case == Case::LockLost {
+            // Another session of its own is not the holder.
+            second.check_lock_held_by(first.backend_pid().await.unwrap());
+        }
         let mut second_batch = batch_of(&[("beside", "second"), ("shared", "second")], second_end);
         assert!(second_batch
             .split_beside(&first_batch.user_keys().unwrap())
@@ -684,7 +711,25 @@ async fn a_batch_beside_another_commits_only_after_it() {
             .await
             .unwrap()
             .unwrap();
-        if commits {
+        if case == Case::LockLost {
+            let error = result.unwrap_err();
+            assert!(matches!(error, ApplyError::LockLost), "{error}");
+            assert!(error.is_transient());
+            assert_eq!(
+                names().await,
+                [("shared".to_owned(), "first".to_owned())],
+                "a batch beside committed without the slot's lock held"
+            );
+            assert_eq!(held.end_lsn, first_end);
+            // The next case starts from scratch.
+            pair.target
+                .batch_execute(&format!(
+                    "DELETE FROM neon_auth.users_sync; UPDATE usersync.state SET end_lsn = '{}'",
+                    checkpoint.end_lsn
+                ))
+                .await
+                .unwrap();
+        } else if commits {
             result.expect("the batch beside commits after the one before");
             assert!(
                 holding.try_recv().is_ok(),
@@ -702,10 +747,9 @@ async fn a_batch_beside_another_commits_only_after_it() {
         } else {
             let error = result.unwrap_err();
             assert!(
-                matches!(error, ApplyError::PreviousBatchNotCommitted),
+                matches!(error, ApplyError::CheckpointRefused { .. }),
                 "{error}"
             );
-            assert!(error.is_transient());
             assert_eq!(
                 target_user_count(&pair.target).await,
                 0,
