@@ -91,6 +91,9 @@ pub(super) struct Fleet {
     pub reload: Option<watch::Receiver<Option<Arc<Routes>>>>,
     /// The config with the routes a session added, for the sessions after it.
     pub next_config: Option<Config>,
+    /// A route alone writes with one target connection from now on: a second could not be
+    /// opened, or the two deadlocked (see `route::Companion`).
+    pub one_connection: bool,
 }
 
 impl Fleet {
@@ -99,6 +102,7 @@ impl Fleet {
             health: vec![RouteHealth::default(); routes],
             reload,
             next_config: None,
+            one_connection: false,
         }
     }
 }

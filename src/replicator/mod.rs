@@ -124,6 +124,19 @@ pub async fn run_with_reload(
                 }
             }
             Err(error) if error.is_transient() => {
+                if matches!(&error, Error::Target(error) if error.is_deadlock())
+                    && !fleet.one_connection
+                {
+                    // Writing the next batch beside the one before cannot deadlock by itself
+                    // (their users differ until the one waits for the other), but a trigger
+                    // on users_sync that locks rows of its own can: do without it rather than
+                    // meet it again on every retry.
+                    tracing::warn!(
+                        "the target detected a deadlock: a route alone writes with one target \
+                         connection from now on, until usersync restarts"
+                    );
+                    fleet.one_connection = true;
+                }
                 // Progress means the failure interrupted working replication, not that it keeps
                 // failing: otherwise a blip every few seconds would grow backoff to its maximum.
                 if started.elapsed() >= HEALTHY_SESSION || metrics.batches() > batches_before {

@@ -199,6 +199,7 @@ pub(super) fn spawn(
         companion: parts
             .companion
             .map(|worker| Companion { worker, job: None }),
+        worker_holds_lock: true,
         batcher: Batcher::with_part_keys(parts.part_keys).limited_to(batch_changes),
         ledger: Ledger::new(parts.resume_at, parts.records),
         lag: LagTracker::new(
@@ -270,6 +271,8 @@ struct Route {
     /// Writes the oldest job in flight.
     worker: ApplyWorker,
     companion: Option<Companion>,
+    /// `worker` is the one whose connection holds the slot's lock (they swap places).
+    worker_holds_lock: bool,
     batcher: Batcher,
     ledger: Ledger,
     lag: LagTracker,
@@ -514,7 +517,13 @@ impl Route {
         else {
             return Ok(false);
         };
-        if companion.job.is_some() || self.in_large_transaction {
+        // A flush that is due waits for both to be free: going on beside one another, a
+        // backlog would leave none free, and confirm nothing, until it has drained.
+        let flush_due = self
+            .ledger
+            .flush_due(false)
+            .is_some_and(|due| Instant::now() >= due);
+        if companion.job.is_some() || self.in_large_transaction || flush_due {
             return Ok(false);
         }
         let after = *after;
@@ -607,20 +616,29 @@ impl Route {
         }
         self.metrics
             .set_checkpoint(position.end_lsn, position.commit_time);
+        self.ledger.applied(position.end_lsn);
+        if let Some(companion) = &mut self.companion {
+            if let Some(job) = companion.job.take() {
+                // The batch written beside this one is now the oldest.
+                std::mem::swap(&mut self.worker, &mut companion.worker);
+                self.worker_holds_lock = !self.worker_holds_lock;
+                self.in_flight = Some(job);
+            } else if !self.worker_holds_lock && self.worker.in_flight() == 0 {
+                // Both are free: the connection that holds the slot's lock takes every job
+                // but a batch beside another, so that the other commits nothing the lock
+                // holder could not have (see `TargetWriter::apply_after`).
+                std::mem::swap(&mut self.worker, &mut companion.worker);
+                self.worker_holds_lock = true;
+            }
+        }
+        // After the swap: it has come through, but the route is caught up only if no batch
+        // is still being written beside.
         if let Some(InFlight::Batch {
             heartbeat: Some(heartbeat),
             ..
         }) = in_flight
         {
             self.heartbeat_arrived(heartbeat);
-        }
-        self.ledger.applied(position.end_lsn);
-        // The batch written beside this one is now the oldest.
-        if let Some(companion) = &mut self.companion {
-            if let Some(job) = companion.job.take() {
-                std::mem::swap(&mut self.worker, &mut companion.worker);
-                self.in_flight = Some(job);
-            }
         }
         self.refresh_lag();
         self.written = Some(batch);

@@ -273,7 +273,7 @@ pub(super) async fn run_session(
             Ok(writer)
         })
         .await;
-        let writer = match writer {
+        let mut writer = match writer {
             Ok(writer) => writer,
             Err(error) if fan_out => {
                 // Its checkpoint, read above, is durable or about to be: the slot may wait
@@ -288,9 +288,8 @@ pub(super) async fn run_session(
             Err(error) => return Err(error),
         };
         // A route alone writes a backlog over two connections (see `route::Companion`); in a
-        // fan-out each route keeps one, since theirs add up with the routes. The two take
-        // turns with every job, flushes included, so they are set up alike.
-        let companion = if fan_out || dry_run {
+        // fan-out each route keeps one, since theirs add up with the routes.
+        let companion = if fan_out || dry_run || fleet.one_connection {
             None
         } else {
             let opened = answered(
@@ -298,25 +297,30 @@ pub(super) async fn run_session(
                 "target",
                 "opening a second connection",
                 async {
-                    let (client, warnings) =
-                        conn::sql::connect_counting_warnings(&route.target, APPLICATION_NAME)
-                            .await
-                            .map_err(Error::connect("target"))?;
-                    let mut writer = TargetWriter::new(
-                        client,
-                        shape,
-                        &route.checkpoint_key(),
-                        &identity.system_id,
-                    )
-                    .await?;
-                    writer.watch_warnings(warnings);
-                    writer.use_async_commit().await?;
-                    writer.count_in(Arc::clone(metrics));
-                    Ok(writer)
+                    let holder = writer.backend_pid().await?;
+                    let companion =
+                        open_companion(&route, shape, &identity.system_id, metrics, holder).await?;
+                    Ok((holder, companion))
                 },
             )
-            .await?;
-            Some(ApplyWorker::spawn(opened))
+            .await;
+            match opened {
+                Ok((holder, companion)) => {
+                    writer.check_lock_held_by(holder);
+                    Some(ApplyWorker::spawn(companion))
+                }
+                Err(error) => {
+                    // One is enough: a role limited to one connection, or a pooler with one
+                    // server connection, must not stop replication.
+                    tracing::warn!(
+                        error = %crate::error::report(&error),
+                        "a second target connection could not be opened: writing with one \
+                         (a backlog drains more slowly) until usersync restarts"
+                    );
+                    fleet.one_connection = true;
+                    None
+                }
+            }
         };
         routes.push(RouteStart::Ready {
             worker: ApplyWorker::spawn(writer),
@@ -541,9 +545,14 @@ async fn open_target(
         })
         .await?;
     }
-    // Read only now: a standby that just took over resumes where the other one stopped.
+    // Read only now: a standby that just took over resumes where the other one stopped, once
+    // the batch that one may still be committing on its second connection has ended.
     let checkpoint = answered(target_limit, "target", "reading the checkpoint", async {
-        Ok(apply::read_checkpoint(&client, &key).await?)
+        Ok(if mode.is_dry_run() {
+            apply::read_checkpoint(&client, &key).await?
+        } else {
+            apply::read_checkpoint_waiting(&client, &key).await?
+        })
     })
     .await?;
     // Without one, setup or resync has not finished its copy (or the checkpoint was
@@ -568,6 +577,27 @@ async fn open_target(
         shape,
         checkpoint,
     }))))
+}
+
+/// The second writer of a route alone (see `route::Companion`), set up as the first is but
+/// holding no lock: before each batch it commits, it checks that backend `holder`, the
+/// first's, still holds the slot's.
+async fn open_companion(
+    route: &Config,
+    shape: apply::TargetShape,
+    system_id: &str,
+    metrics: &Arc<Metrics>,
+    holder: i32,
+) -> Result<TargetWriter, Error> {
+    let (client, warnings) = conn::sql::connect_counting_warnings(&route.target, APPLICATION_NAME)
+        .await
+        .map_err(Error::connect("target"))?;
+    let mut writer = TargetWriter::new(client, shape, &route.checkpoint_key(), system_id).await?;
+    writer.watch_warnings(warnings);
+    writer.use_async_commit().await?;
+    writer.count_in(Arc::clone(metrics));
+    writer.check_lock_held_by(holder);
+    Ok(writer)
 }
 
 /// Takes route `config`'s lock on its target (`client`) without waiting. Held by another

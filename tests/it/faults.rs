@@ -661,3 +661,168 @@ async fn a_lost_target_connection_with_parts_queued_is_retried() {
     );
     running.stop().await;
 }
+
+/// A backlog is written over two target connections, the next batch beside the one being
+/// written (see `replicator::route`). Checkpoints are made slow by a trigger, so the next
+/// batch waits for the one before on the checkpoint row; then the connection writing that is
+/// terminated there: the batch beside must not commit past it (its checkpoint moves only
+/// from where that batch would have left it), the session is retried, and every change
+/// lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_beside_one_that_is_lost_commits_nothing() {
+    let pair = Pair::as_superuser().await;
+    pair.setup().await;
+    pair.target
+        .batch_execute(
+            "CREATE TABLE write_pids (pid int);
+             CREATE FUNCTION log_writer() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               INSERT INTO write_pids VALUES (pg_backend_pid());
+               RETURN NULL;
+             END $$;
+             CREATE TRIGGER log_writer AFTER INSERT OR UPDATE ON neon_auth.users_sync
+               FOR EACH STATEMENT EXECUTE FUNCTION log_writer();
+             CREATE FUNCTION slow_checkpoint() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               PERFORM pg_sleep(1);
+               RETURN NULL;
+             END $$;
+             CREATE TRIGGER slow_checkpoint AFTER UPDATE ON usersync.state
+               FOR EACH STATEMENT EXECUTE FUNCTION slow_checkpoint();",
+        )
+        .await
+        .unwrap();
+    // The backlog, one change per transaction: inserts, then updates and deletes of some,
+    // so that consecutive batches share users.
+    pair.source
+        .batch_execute(
+            "DO $$
+             BEGIN
+               FOR i IN 1..12000 LOOP
+                 INSERT INTO users (email) VALUES ('b' || i || '@example.com');
+                 COMMIT;
+                 IF i % 3 = 0 THEN
+                   UPDATE users SET version = version + 1
+                    WHERE email = 'b' || (i / 2) || '@example.com';
+                   COMMIT;
+                 END IF;
+                 IF i % 50 = 0 THEN
+                   DELETE FROM users WHERE email = 'b' || (i / 5) || '@example.com';
+                   COMMIT;
+                 END IF;
+               END LOOP;
+             END $$;",
+        )
+        .await
+        .unwrap();
+    let running = pair.start();
+    // A usersync backend waiting for another's lock: the batch beside, waiting for the one
+    // before. Terminate the one it waits for.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let terminated = loop {
+        let row = pair
+            .target
+            .query_opt(
+                "SELECT pg_terminate_backend(blocker)
+                   FROM pg_stat_activity a, unnest(pg_blocking_pids(a.pid)) AS blocker
+                  WHERE a.application_name = 'usersync' AND a.datname = current_database()
+                  LIMIT 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            break row.get::<_, bool>(0);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no batch was ever written beside another"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(terminated);
+    pair.wait_for_match().await;
+    running.stop().await;
+    let writers: i64 = pair
+        .target
+        .query_one("SELECT count(DISTINCT pid) FROM write_pids", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(writers >= 3, "{writers} target backends wrote users");
+}
+
+/// A role allowed a single target connection still replicates: the second connection a route
+/// alone opens for backlogs is done without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_role_allowed_one_connection_still_replicates() {
+    let pair = Pair::new().await;
+    pair.setup().await;
+    pair.target
+        .batch_execute(&format!(
+            "ALTER ROLE \"{}\" CONNECTION LIMIT 1",
+            pair.target_role()
+        ))
+        .await
+        .unwrap();
+    let running = pair.start();
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (email) SELECT 'one' || g || '@example.com' FROM generate_series(1, 50) g",
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    running.stop().await;
+}
+
+/// A backlog written over two target connections still confirms the slot as it drains: a
+/// flush that is due breaks the run of batches written beside one another (otherwise the
+/// source would keep the whole backlog's WAL until the end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_over_two_connections_is_confirmed_as_it_drains() {
+    let pair = Pair::as_superuser().await;
+    pair.setup().await;
+    pair.target
+        .batch_execute(
+            "CREATE FUNCTION slow_checkpoint() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               PERFORM pg_sleep(0.2);
+               RETURN NULL;
+             END $$;
+             CREATE TRIGGER slow_checkpoint AFTER UPDATE ON usersync.state
+               FOR EACH STATEMENT EXECUTE FUNCTION slow_checkpoint();",
+        )
+        .await
+        .unwrap();
+    pair.source
+        .batch_execute(
+            "DO $$
+             BEGIN
+               FOR i IN 1..40000 LOOP
+                 INSERT INTO users (email) VALUES ('c' || i || '@example.com');
+                 COMMIT;
+               END LOOP;
+             END $$;",
+        )
+        .await
+        .unwrap();
+    let running = pair.start();
+    // The positions the slot was confirmed at while the backlog was being written.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while target_user_count(&pair.target).await < 40_000 {
+        let confirmed = pair.slot_confirmed().await;
+        if seen.last() != Some(&confirmed) {
+            seen.push(confirmed);
+        }
+        assert!(Instant::now() < deadline, "the backlog did not drain");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        seen.len() >= 3,
+        "the slot was confirmed at {seen:?} while the backlog drained, not as it went"
+    );
+    pair.wait_for_match().await;
+    running.stop().await;
+}
