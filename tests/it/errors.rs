@@ -389,7 +389,8 @@ async fn a_bad_large_transaction_keeps_the_transactions_waiting_before_it() {
         let sleeping: i64 = pair
             .target
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'",
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE wait_event = 'PgSleep' AND datname = current_database()",
                 &[],
             )
             .await

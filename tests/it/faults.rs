@@ -642,7 +642,8 @@ async fn a_lost_target_connection_with_parts_queued_is_retried() {
             .target
             .query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                  WHERE application_name = 'usersync' AND wait_event = 'PgSleep'",
+                  WHERE application_name = 'usersync' AND wait_event = 'PgSleep'
+                    AND datname = current_database()",
                 &[],
             )
             .await
