@@ -393,8 +393,10 @@ impl Route {
                 self.batcher
                     .add(changes, position.commit_time, &self.metrics);
                 self.batcher.commit(position, carried);
-                self.in_large_transaction = false;
+                // Committed in the target transaction its parts opened, not as a backlog's
+                // batch (which would start a transaction of its own).
                 self.apply_batch().await?;
+                self.in_large_transaction = false;
             }
             Feed::LargeAbort => self.abandon_large_transaction().await?,
             Feed::Idle { position, sent_at } => {
@@ -487,8 +489,10 @@ impl Route {
 
     /// Hands the batch to the worker; the worker must be free.
     async fn submit_batch(&mut self) -> Result<(), Error> {
-        // A batch due while the worker was busy (a backlog) makes room for the next beside it.
-        let backlog = self.companion.is_some() && self.batcher.is_due();
+        // A batch due while the worker was busy (a backlog) makes room for the next beside it;
+        // not the end of a large transaction, whose target transaction is open already.
+        let backlog =
+            self.companion.is_some() && !self.in_large_transaction && self.batcher.is_due();
         let (batch, heartbeat) = self.batcher.take();
         let users = if backlog { batch.user_keys() } else { None };
         let job = if users.is_some() {

@@ -287,9 +287,9 @@ pub(super) async fn run_session(
             }
             Err(error) => return Err(error),
         };
-        // A route alone writes a backlog over two connections (see `route::Companion`); in a
-        // fan-out each route keeps one, since theirs add up with the routes.
-        let companion = if fan_out || dry_run || fleet.one_connection {
+        // A route alone writes a backlog over two connections (see `route::Companion`); the
+        // routes of a fan-out (or its replay) keep one each, since theirs add up.
+        let companion = if config.routes.is_some() || dry_run || fleet.one_connection {
             None
         } else {
             let opened = answered(

@@ -827,3 +827,41 @@ async fn a_backlog_over_two_connections_is_confirmed_as_it_drains() {
     pair.wait_for_match().await;
     running.stop().await;
 }
+
+/// A large transaction on a slow target, with the second connection a route alone opens:
+/// its last part waits long enough to count as a backlog's batch, and must still be
+/// committed in the transaction its parts opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_on_a_slow_target_lands_whole() {
+    let mut pair = Pair::as_superuser().await;
+    // Written in parts.
+    pair.config.spill_threshold = 64 << 10;
+    pair.setup().await;
+    pair.target
+        .batch_execute(
+            "CREATE FUNCTION slow_statement() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               PERFORM pg_sleep(0.15);
+               RETURN NULL;
+             END $$;
+             CREATE TRIGGER slow_statement AFTER INSERT OR UPDATE ON neon_auth.users_sync
+               FOR EACH STATEMENT EXECUTE FUNCTION slow_statement();",
+        )
+        .await
+        .unwrap();
+    let running = pair.start();
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (email) SELECT 'large' || g || '@example.com'
+               FROM generate_series(1, 9000) g",
+        )
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+    assert_eq!(
+        running.metrics.reconnects(),
+        0,
+        "the large transaction failed on the way"
+    );
+    running.stop().await;
+}
