@@ -22,7 +22,8 @@ pub use setup_progress::{SetupMode, SetupProgress};
 pub use worker::{ApplyWorker, Done, Job};
 pub use writer::{
     copy_asked, copy_done, create_copying_checkpoint, delete_checkpoint, mark_resyncing,
-    read_checkpoint, read_checkpoint_waiting, take_over_checkpoint, Checkpoint, TargetWriter,
+    read_checkpoint, read_checkpoint_waiting, take_over_checkpoint, Checkpoint, Session,
+    TargetWriter,
 };
 
 use crate::lsn::Lsn;

@@ -266,8 +266,9 @@ SELECT 1 / count(*)::int FROM written"
 /// does not match its condition is skipped without waiting for its lock.)
 const LOCK_CHECKPOINT: &str = "SELECT 1 FROM usersync.state WHERE slot_name = $1 FOR UPDATE";
 
-/// Fails (`1 / count(*)` divides by zero) unless session `$2` still holds the lock of slot
-/// `$1` (see [`super::slot_lock`]): a batch written beside another, on a connection that does
+/// Fails (`1 / count(*)` divides by zero) unless the session of server process `$2`, started
+/// at `$3` (a process id alone could be another's by now), still holds the lock of slot `$1`
+/// (see [`super::slot_lock`]): a batch written beside another, on a connection that does
 /// not hold it, checks this after it has waited for the checkpoint row and before it commits.
 /// Without it, that connection's backend could commit after usersync died, its lock-holding
 /// connection closed, and another usersync took the lock and read the checkpoint: the lock
@@ -282,7 +283,8 @@ SELECT 1 / count(*)::int
    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
    AND l.classid = ((slot_lock.key >> 32) & 4294967295)::oid
    AND l.objid = (slot_lock.key & 4294967295)::oid
-   AND l.objsubid = 1";
+   AND l.objsubid = 1
+   AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.pid AND a.backend_start = $3)";
 
 /// Moves the checkpoint from exactly `$after` (the end of the batch written just before, on
 /// another connection) to the next position, parameters as [`advance_checkpoint`]'s, after
@@ -552,9 +554,8 @@ pub struct TargetWriter {
     warnings: Option<Warnings>,
     /// See [`apply_after`](Self::apply_after).
     holding: Option<oneshot::Sender<()>>,
-    /// The backend that holds the slot's lock, when that is another connection of this
-    /// process ([`CHECK_LOCK_HELD`]).
-    lock_holder: Option<i32>,
+    /// The session that holds the slot's lock ([`CHECK_LOCK_HELD`]).
+    lock_holder: Option<Session>,
 }
 
 impl TargetWriter {
@@ -776,20 +777,26 @@ impl TargetWriter {
         self.write(batch, End::KeepOpen).await
     }
 
-    /// The server process of this connection (`pg_backend_pid()`).
-    pub async fn backend_pid(&self) -> Result<i32, ApplyError> {
-        Ok(self
+    /// This connection's session on the server.
+    pub async fn session(&self) -> Result<Session, ApplyError> {
+        let row = self
             .client
-            .query_one("SELECT pg_backend_pid()", &[])
+            .query_one(
+                "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+                &[],
+            )
             .await
-            .map_err(ApplyError::sql("reading the connection's server process"))?
-            .get(0))
+            .map_err(ApplyError::sql("reading the connection's server session"))?;
+        Ok(Session {
+            pid: row.get(0),
+            started: row.get(1),
+        })
     }
 
     /// Makes every batch [`apply_after`](Self::apply_after) writes check, before it commits,
-    /// that backend `pid` (another connection of this process) still holds the slot's lock.
-    pub fn check_lock_held_by(&mut self, pid: i32) {
-        self.lock_holder = Some(pid);
+    /// that `holder` (a connection of this process) still holds the slot's lock.
+    pub fn check_lock_held_by(&mut self, holder: Session) {
+        self.lock_holder = Some(holder);
     }
 
     /// Rolls back a transaction left open by [`apply_part`](Self::apply_part) or
@@ -1040,7 +1047,7 @@ impl TargetWriter {
                         execute(
                             client,
                             &statements.check_lock_held,
-                            vec![&self.slot, holder],
+                            vec![&self.slot, &holder.pid, &holder.started],
                         ),
                     ));
                 }
@@ -1190,6 +1197,13 @@ impl TargetWriter {
         }
         Ok(())
     }
+}
+
+/// A session on the target server: its process id, and when it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Session {
+    pub pid: i32,
+    pub started: DateTime<Utc>,
 }
 
 /// How a write ends its target transaction.

@@ -297,7 +297,7 @@ pub(super) async fn run_session(
                 "target",
                 "opening a second connection",
                 async {
-                    let holder = writer.backend_pid().await?;
+                    let holder = writer.session().await?;
                     let companion =
                         open_companion(&route, shape, &identity.system_id, metrics, holder).await?;
                     Ok((holder, companion))
@@ -580,14 +580,14 @@ async fn open_target(
 }
 
 /// The second writer of a route alone (see `route::Companion`), set up as the first is but
-/// holding no lock: before each batch it commits, it checks that backend `holder`, the
-/// first's, still holds the slot's.
+/// holding no lock: before each batch it commits, it checks that `holder`, the first's
+/// session, still holds the slot's.
 async fn open_companion(
     route: &Config,
     shape: apply::TargetShape,
     system_id: &str,
     metrics: &Arc<Metrics>,
-    holder: i32,
+    holder: apply::Session,
 ) -> Result<TargetWriter, Error> {
     let (client, warnings) = conn::sql::connect_counting_warnings(&route.target, APPLICATION_NAME)
         .await

@@ -653,14 +653,19 @@ async fn a_batch_beside_another_commits_only_after_it() {
         .await
         .unwrap();
     tokio::spawn(connection);
-    let lock_pid: i32 = locker
+    let row = locker
         .query_one(
-            "SELECT pg_backend_pid() FROM (SELECT pg_advisory_lock(hashtextextended('usersync:' || $1, 0))) AS l",
+            "SELECT pid, backend_start FROM pg_stat_activity, \
+               (SELECT pg_advisory_lock(hashtextextended('usersync:' || $1, 0))) AS l \
+              WHERE pid = pg_backend_pid()",
             &[&pair.config.slot],
         )
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
+    let holder = usersync::apply::Session {
+        pid: row.get(0),
+        started: row.get(1),
+    };
 
     #[derive(PartialEq)]
     enum Case {
@@ -674,10 +679,10 @@ async fn a_batch_beside_another_commits_only_after_it() {
         let first_batch = batch_of(&[("shared", "first")], first_end);
         first.begin_holding_checkpoint().await.unwrap();
         let mut second = writer().await;
-        second.check_lock_held_by(lock_pid);
+        second.check_lock_held_by(holder);
         if case == Case::LockLost {
             // Another session of its own is not the holder.
-            second.check_lock_held_by(first.backend_pid().await.unwrap());
+            second.check_lock_held_by(first.session().await.unwrap());
         }
         let mut second_batch = batch_of(&[("beside", "second"), ("shared", "second")], second_end);
         assert!(second_batch
