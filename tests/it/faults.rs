@@ -663,6 +663,23 @@ async fn a_lost_target_connection_with_parts_queued_is_retried() {
     running.stop().await;
 }
 
+/// Makes every statement that does `events` on `table` of the target sleep `seconds` at its
+/// end, by a trigger (the superuser's).
+async fn slow_statements(target: &Client, table: &str, events: &str, seconds: f64) {
+    target
+        .batch_execute(&format!(
+            "CREATE FUNCTION slow_statement() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               PERFORM pg_sleep({seconds});
+               RETURN NULL;
+             END $$;
+             CREATE TRIGGER slow_statement AFTER {events} ON {table}
+               FOR EACH STATEMENT EXECUTE FUNCTION slow_statement();"
+        ))
+        .await
+        .unwrap();
+}
+
 /// A backlog is written over two target connections, the next batch beside the one being
 /// written (see `replicator::route`). Checkpoints are made slow by a trigger, so the next
 /// batch waits for the one before on the checkpoint row; then the connection writing that is
@@ -682,17 +699,11 @@ async fn a_batch_beside_one_that_is_lost_commits_nothing() {
                RETURN NULL;
              END $$;
              CREATE TRIGGER log_writer AFTER INSERT OR UPDATE ON neon_auth.users_sync
-               FOR EACH STATEMENT EXECUTE FUNCTION log_writer();
-             CREATE FUNCTION slow_checkpoint() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               PERFORM pg_sleep(1);
-               RETURN NULL;
-             END $$;
-             CREATE TRIGGER slow_checkpoint AFTER UPDATE ON usersync.state
-               FOR EACH STATEMENT EXECUTE FUNCTION slow_checkpoint();",
+               FOR EACH STATEMENT EXECUTE FUNCTION log_writer();",
         )
         .await
         .unwrap();
+    slow_statements(&pair.target, "usersync.state", "UPDATE", 1.0).await;
     // The backlog, one change per transaction: inserts, then updates and deletes of some,
     // so that consecutive batches share users.
     pair.source
@@ -784,18 +795,7 @@ async fn a_target_role_allowed_one_connection_still_replicates() {
 async fn a_backlog_over_two_connections_is_confirmed_as_it_drains() {
     let pair = Pair::as_superuser().await;
     pair.setup().await;
-    pair.target
-        .batch_execute(
-            "CREATE FUNCTION slow_checkpoint() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               PERFORM pg_sleep(0.2);
-               RETURN NULL;
-             END $$;
-             CREATE TRIGGER slow_checkpoint AFTER UPDATE ON usersync.state
-               FOR EACH STATEMENT EXECUTE FUNCTION slow_checkpoint();",
-        )
-        .await
-        .unwrap();
+    slow_statements(&pair.target, "usersync.state", "UPDATE", 0.2).await;
     pair.source
         .batch_execute(
             "DO $$
@@ -837,18 +837,13 @@ async fn a_large_transaction_on_a_slow_target_lands_whole() {
     // Written in parts.
     pair.config.spill_threshold = 64 << 10;
     pair.setup().await;
-    pair.target
-        .batch_execute(
-            "CREATE FUNCTION slow_statement() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               PERFORM pg_sleep(0.15);
-               RETURN NULL;
-             END $$;
-             CREATE TRIGGER slow_statement AFTER INSERT OR UPDATE ON neon_auth.users_sync
-               FOR EACH STATEMENT EXECUTE FUNCTION slow_statement();",
-        )
-        .await
-        .unwrap();
+    slow_statements(
+        &pair.target,
+        "neon_auth.users_sync",
+        "INSERT OR UPDATE",
+        0.15,
+    )
+    .await;
     let running = pair.start();
     pair.source
         .batch_execute(
