@@ -12,7 +12,8 @@
 //! once its next batch is full, and the reader then waits (sending status updates
 //! meanwhile), so memory stays bounded whatever the backlog: the batch being written, the
 //! next one, the feed, and the transaction the reader holds, each at most a batch's worth
-//! (a large transaction's parts: for a route alone, one more part queued at the worker).
+//! (for a route alone, one more: a large transaction's part queued at the worker, or a
+//! backlog's batch written beside the one before, see [`Companion`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -256,8 +257,9 @@ enum InFlight {
 /// end (holding the row in turn), and commits only if the first committed
 /// ([`Job::CommitAfter`]). When the worker's batch is done the two swap places, so `worker`
 /// always holds the oldest job: answers are taken in commit order, the next batch goes beside
-/// once the new oldest holds the row, and everything else a route does (parts, flushes) waits
-/// for both.
+/// once the new oldest holds the row, and everything else a route does (parts, flushes, a
+/// batch in steady load) waits for both to be free and goes through the connection that
+/// holds the slot's lock (`worker_holds_lock`).
 struct Companion {
     worker: ApplyWorker,
     /// The batch it is writing, if any (then the worker is writing the one before).
