@@ -124,7 +124,7 @@ pub enum ApplyError {
          known)"
     )]
     PartSourceUnknown,
-    /// See `writer::CHECK_LOCK_HELD`.
+    /// See `slot_lock::CHECK_HELD_BY` and `TargetWriter::check_lock_held_by`.
     #[error(
         "target: the connection holding the slot's lock is gone, so the batch written beside \
          its last one on the second connection was rolled back"

@@ -26,6 +26,19 @@ use tokio_postgres::Client;
 
 use super::ApplyError;
 
+/// The rows of `pg_locks l` that are granted locks on the key in `slot_lock` (see the module
+/// docs), for the queries here.
+macro_rules! slot_lock_granted {
+    () => {
+        "l.locktype = 'advisory'
+   AND l.granted
+   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+   AND l.classid = ((slot_lock.key >> 32) & 4294967295)::oid
+   AND l.objid = (slot_lock.key & 4294967295)::oid
+   AND l.objsubid = 1"
+    };
+}
+
 /// Takes the slot's lock if it is free; true if this session holds it now.
 pub const TRY_LOCK: &str = "SELECT pg_try_advisory_lock(hashtextextended('usersync:' || $1, 0))";
 
@@ -46,18 +59,33 @@ pub async fn try_take(target: &Client, slot: &str) -> Result<Option<Vec<LockHold
 /// The sessions that hold the lock of slot `$1` in this database. A shared lock (taken with
 /// `pg_advisory_lock_shared`) keeps usersync out as well as an exclusive one, and several
 /// sessions may hold it; a prepared transaction holds its locks without a session (no pid).
-const HOLDERS: &str = "
+const HOLDERS: &str = concat!(
+    "
 WITH slot_lock AS (SELECT hashtextextended('usersync:' || $1, 0) AS key)
 SELECT l.pid, l.mode, a.application_name, a.usename::text, host(a.client_addr), a.backend_start
   FROM slot_lock, pg_locks l
   LEFT JOIN pg_stat_activity a ON a.pid = l.pid
- WHERE l.locktype = 'advisory'
-   AND l.granted
-   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-   AND l.classid = ((slot_lock.key >> 32) & 4294967295)::oid
-   AND l.objid = (slot_lock.key & 4294967295)::oid
-   AND l.objsubid = 1
- ORDER BY l.pid";
+ WHERE ",
+    slot_lock_granted!(),
+    "
+ ORDER BY l.pid"
+);
+
+/// Fails (`1 / count(*)` divides by zero) unless the session of server process `$2`, started
+/// at `$3` (a process id alone could be another's by now), holds the lock of slot `$1`
+/// exclusively: the check a batch written on a connection that does not hold the lock makes
+/// before it commits (see `TargetWriter::apply_after`).
+pub const CHECK_HELD_BY: &str = concat!(
+    "
+WITH slot_lock AS (SELECT hashtextextended('usersync:' || $1, 0) AS key)
+SELECT 1 / count(*)::int
+  FROM slot_lock, pg_locks l
+ WHERE ",
+    slot_lock_granted!(),
+    "
+   AND l.pid = $2 AND l.mode = 'ExclusiveLock'
+   AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.pid AND a.backend_start = $3)"
+);
 
 /// A session holding the slot's lock, as far as the role asking may see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -266,26 +266,6 @@ SELECT 1 / count(*)::int FROM written"
 /// does not match its condition is skipped without waiting for its lock.)
 const LOCK_CHECKPOINT: &str = "SELECT 1 FROM usersync.state WHERE slot_name = $1 FOR UPDATE";
 
-/// Fails (`1 / count(*)` divides by zero) unless the session of server process `$2`, started
-/// at `$3` (a process id alone could be another's by now), still holds the lock of slot `$1`
-/// (see [`super::slot_lock`]): a batch written beside another, on a connection that does
-/// not hold it, checks this after it has waited for the checkpoint row and before it commits.
-/// Without it, that connection's backend could commit after usersync died, its lock-holding
-/// connection closed, and another usersync took the lock and read the checkpoint: the lock
-/// would no longer say that one process writes the slot. The row it holds from the wait on
-/// makes the next process's read of the checkpoint wait for it
-/// ([`read_checkpoint_waiting`]).
-const CHECK_LOCK_HELD: &str = "
-WITH slot_lock AS (SELECT hashtextextended('usersync:' || $1, 0) AS key)
-SELECT 1 / count(*)::int
-  FROM slot_lock, pg_locks l
- WHERE l.locktype = 'advisory' AND l.granted AND l.pid = $2 AND l.mode = 'ExclusiveLock'
-   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-   AND l.classid = ((slot_lock.key >> 32) & 4294967295)::oid
-   AND l.objid = (slot_lock.key & 4294967295)::oid
-   AND l.objsubid = 1
-   AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.pid AND a.backend_start = $3)";
-
 /// Moves the checkpoint from exactly `$after` (the end of the batch written just before, on
 /// another connection) to the next position, parameters as [`advance_checkpoint`]'s, after
 /// [`LOCK_CHECKPOINT`]. If that batch committed, the row holds `$after` and this moves
@@ -365,7 +345,7 @@ pub async fn read_checkpoint(
 }
 
 /// [`read_checkpoint`] once no transaction that holds the row (a batch of a process that
-/// has just died, written beside another on its second connection: see `CHECK_LOCK_HELD`) is
+/// has just died, written beside another on its second connection: see [`TargetWriter::check_lock_held_by`]) is
 /// still open, by a lock that ends with the read. For the process that takes the slot's lock,
 /// before it resumes from the checkpoint.
 pub async fn read_checkpoint_waiting(
@@ -524,7 +504,7 @@ struct Statements {
     soft_delete: Statement,
     soft_delete_all: Statement,
     checkpoint: Statement,
-    /// [`LOCK_CHECKPOINT`], [`CHECK_LOCK_HELD`], [`chain_checkpoint`].
+    /// [`LOCK_CHECKPOINT`], [`slot_lock::CHECK_HELD_BY`](super::slot_lock::CHECK_HELD_BY), [`chain_checkpoint`].
     lock_checkpoint: Statement,
     check_lock_held: Statement,
     chain_checkpoint: Statement,
@@ -554,7 +534,7 @@ pub struct TargetWriter {
     warnings: Option<Warnings>,
     /// See [`apply_after`](Self::apply_after).
     holding: Option<oneshot::Sender<()>>,
-    /// The session that holds the slot's lock ([`CHECK_LOCK_HELD`]).
+    /// The session that holds the slot's lock ([`slot_lock::CHECK_HELD_BY`](super::slot_lock::CHECK_HELD_BY)).
     lock_holder: Option<Session>,
 }
 
@@ -637,7 +617,7 @@ impl TargetWriter {
             lock_checkpoint: prepare(LOCK_CHECKPOINT)
                 .await
                 .map_err(ApplyError::sql("preparing the wait for the batch before"))?,
-            check_lock_held: prepare(CHECK_LOCK_HELD)
+            check_lock_held: prepare(super::slot_lock::CHECK_HELD_BY)
                 .await
                 .map_err(ApplyError::sql("preparing the check of the slot's lock"))?,
             chain_checkpoint: client
@@ -793,8 +773,13 @@ impl TargetWriter {
         })
     }
 
-    /// Makes every batch [`apply_after`](Self::apply_after) writes check, before it commits,
-    /// that `holder` (a connection of this process) still holds the slot's lock.
+    /// Makes every batch [`apply_after`](Self::apply_after) writes check, after it has waited
+    /// for the checkpoint row and before it commits, that `holder` (a connection of this
+    /// process) still holds the slot's lock. Without it, this connection's backend could commit
+    /// after usersync died, its lock-holding connection closed, and another usersync took the
+    /// lock and read the checkpoint: the lock would no longer say that one process writes the
+    /// slot. The row held from the wait on makes the next process's read of the checkpoint wait
+    /// for the commit ([`read_checkpoint_waiting`]).
     pub fn check_lock_held_by(&mut self, holder: Session) {
         self.lock_holder = Some(holder);
     }
