@@ -273,7 +273,7 @@ pub(super) async fn run_session(
             Ok(writer)
         })
         .await;
-        let mut writer = match writer {
+        let writer = match writer {
             Ok(writer) => writer,
             Err(error) if fan_out => {
                 // Its checkpoint, read above, is durable or about to be: the slot may wait
@@ -300,15 +300,13 @@ pub(super) async fn run_session(
                     let holder = writer.session().await?;
                     let companion =
                         open_companion(&route, shape, &identity.system_id, metrics, holder).await?;
-                    Ok((holder, companion))
+                    Ok(companion)
                 },
             )
             .await;
             match opened {
-                Ok((holder, companion)) => {
-                    writer.check_lock_held_by(holder);
-                    Some(ApplyWorker::spawn(companion))
-                }
+                // The first needs no check: it holds the lock itself, for as long as it lives.
+                Ok(companion) => Some(ApplyWorker::spawn(companion)),
                 Err(error) => {
                     // One is enough: a role limited to one connection, or a pooler with one
                     // server connection, must not stop replication.
