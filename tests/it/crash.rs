@@ -75,38 +75,8 @@ async fn kill_9_while_a_backlog_is_written_over_two_connections_loses_and_double
     let pair = Pair::new().await;
     pair.setup().await;
     install_write_log(&pair.target).await;
-    pair.target
-        .batch_execute(
-            "CREATE TABLE write_pids (pid int);
-             CREATE FUNCTION log_writer() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
-             BEGIN
-               INSERT INTO write_pids VALUES (pg_backend_pid());
-               PERFORM pg_sleep(0.3);
-               RETURN NULL;
-             END $$;
-             CREATE TRIGGER log_writer AFTER INSERT OR UPDATE ON neon_auth.users_sync
-               FOR EACH STATEMENT EXECUTE FUNCTION log_writer();",
-        )
-        .await
-        .unwrap();
-    // One change per transaction: inserts, and updates of users inserted before.
-    pair.source
-        .batch_execute(
-            "DO $$
-             BEGIN
-               FOR i IN 1..30000 LOOP
-                 INSERT INTO users (email) VALUES ('k' || i || '@example.com');
-                 COMMIT;
-                 IF i % 3 = 0 THEN
-                   UPDATE users SET version = version + 1
-                    WHERE email = 'k' || (i / 2) || '@example.com';
-                   COMMIT;
-                 END IF;
-               END LOOP;
-             END $$;",
-        )
-        .await
-        .unwrap();
+    log_user_writers(&pair.target, 0.3).await;
+    write_backlog(&pair.source, "k", 30_000, true, false).await;
 
     for kill in 0..4u64 {
         let mut child = pair
@@ -124,12 +94,7 @@ async fn kill_9_while_a_backlog_is_written_over_two_connections_loses_and_double
     pair.wait_for_match().await;
     running.stop().await;
     assert_write_log_ordered(&pair.target).await;
-    let writers: i64 = pair
-        .target
-        .query_one("SELECT count(DISTINCT pid) FROM write_pids", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let writers = user_writers(&pair.target).await;
     assert!(
         writers > 5,
         "{writers} target backends wrote users in 5 sessions: none wrote over two connections"

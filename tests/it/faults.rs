@@ -690,43 +690,10 @@ async fn slow_statements(target: &Client, table: &str, events: &str, seconds: f6
 async fn a_batch_beside_one_that_is_lost_commits_nothing() {
     let pair = Pair::as_superuser().await;
     pair.setup().await;
-    pair.target
-        .batch_execute(
-            "CREATE TABLE write_pids (pid int);
-             CREATE FUNCTION log_writer() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               INSERT INTO write_pids VALUES (pg_backend_pid());
-               RETURN NULL;
-             END $$;
-             CREATE TRIGGER log_writer AFTER INSERT OR UPDATE ON neon_auth.users_sync
-               FOR EACH STATEMENT EXECUTE FUNCTION log_writer();",
-        )
-        .await
-        .unwrap();
+    log_user_writers(&pair.target, 0.0).await;
     slow_statements(&pair.target, "usersync.state", "UPDATE", 1.0).await;
-    // The backlog, one change per transaction: inserts, then updates and deletes of some,
-    // so that consecutive batches share users.
-    pair.source
-        .batch_execute(
-            "DO $$
-             BEGIN
-               FOR i IN 1..12000 LOOP
-                 INSERT INTO users (email) VALUES ('b' || i || '@example.com');
-                 COMMIT;
-                 IF i % 3 = 0 THEN
-                   UPDATE users SET version = version + 1
-                    WHERE email = 'b' || (i / 2) || '@example.com';
-                   COMMIT;
-                 END IF;
-                 IF i % 50 = 0 THEN
-                   DELETE FROM users WHERE email = 'b' || (i / 5) || '@example.com';
-                   COMMIT;
-                 END IF;
-               END LOOP;
-             END $$;",
-        )
-        .await
-        .unwrap();
+    // So that consecutive batches share users.
+    write_backlog(&pair.source, "b", 12_000, true, true).await;
     let running = pair.start();
     // A usersync backend waiting for another's lock: the batch beside, waiting for the one
     // before. Terminate the one it waits for.
@@ -755,12 +722,7 @@ async fn a_batch_beside_one_that_is_lost_commits_nothing() {
     assert!(terminated);
     pair.wait_for_match().await;
     running.stop().await;
-    let writers: i64 = pair
-        .target
-        .query_one("SELECT count(DISTINCT pid) FROM write_pids", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let writers = user_writers(&pair.target).await;
     assert!(writers >= 3, "{writers} target backends wrote users");
 }
 
@@ -796,18 +758,7 @@ async fn a_backlog_over_two_connections_is_confirmed_as_it_drains() {
     let pair = Pair::as_superuser().await;
     pair.setup().await;
     slow_statements(&pair.target, "usersync.state", "UPDATE", 0.2).await;
-    pair.source
-        .batch_execute(
-            "DO $$
-             BEGIN
-               FOR i IN 1..40000 LOOP
-                 INSERT INTO users (email) VALUES ('c' || i || '@example.com');
-                 COMMIT;
-               END LOOP;
-             END $$;",
-        )
-        .await
-        .unwrap();
+    write_backlog(&pair.source, "c", 40_000, false, false).await;
     let running = pair.start();
     // The positions the slot was confirmed at while the backlog was being written.
     let mut seen = Vec::new();

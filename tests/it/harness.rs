@@ -685,6 +685,81 @@ pub async fn install_write_log(target: &Client) {
         .expect("install the write log");
 }
 
+/// Writes a backlog on the source, one change per transaction: `inserts` new users (emails
+/// `{prefix}{i}@example.com`), with `updates` a version bump of an earlier user every third
+/// insert, and with `deletes` a delete of one every fiftieth, so that consecutive batches
+/// share users.
+pub async fn write_backlog(
+    source: &Client,
+    prefix: &str,
+    inserts: u32,
+    updates: bool,
+    deletes: bool,
+) {
+    let update = if updates {
+        format!(
+            "IF i % 3 = 0 THEN
+               UPDATE users SET version = version + 1 WHERE email = '{prefix}' || (i / 2) || '@example.com';
+               COMMIT;
+             END IF;"
+        )
+    } else {
+        String::new()
+    };
+    let delete = if deletes {
+        format!(
+            "IF i % 50 = 0 THEN
+               DELETE FROM users WHERE email = '{prefix}' || (i / 5) || '@example.com';
+               COMMIT;
+             END IF;"
+        )
+    } else {
+        String::new()
+    };
+    source
+        .batch_execute(&format!(
+            "DO $$
+             BEGIN
+               FOR i IN 1..{inserts} LOOP
+                 INSERT INTO users (email) VALUES ('{prefix}' || i || '@example.com');
+                 COMMIT;
+                 {update}
+                 {delete}
+               END LOOP;
+             END $$;"
+        ))
+        .await
+        .expect("write the backlog");
+}
+
+/// Records which server process writes users on the target (a statement trigger, which also
+/// sleeps `seconds` in each such statement); [`user_writers`] counts them.
+pub async fn log_user_writers(target: &Client, seconds: f64) {
+    target
+        .batch_execute(&format!(
+            "CREATE TABLE write_pids (pid int);
+             CREATE FUNCTION log_writer() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+             BEGIN
+               INSERT INTO write_pids VALUES (pg_backend_pid());
+               PERFORM pg_sleep({seconds});
+               RETURN NULL;
+             END $$;
+             CREATE TRIGGER log_writer AFTER INSERT OR UPDATE ON neon_auth.users_sync
+               FOR EACH STATEMENT EXECUTE FUNCTION log_writer();"
+        ))
+        .await
+        .expect("log the target's writers");
+}
+
+/// How many server processes wrote users since [`log_user_writers`].
+pub async fn user_writers(target: &Client) -> i64 {
+    target
+        .query_one("SELECT count(DISTINCT pid) FROM write_pids", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Panics if the write log shows a user's version written again or going back: a change
 /// applied twice or out of order.
 pub async fn assert_write_log_ordered(target: &Client) {
