@@ -57,7 +57,7 @@ use std::collections::HashMap;
 use serde_json::{Map, Value};
 
 use crate::lsn::Lsn;
-use crate::map::MappedUser;
+use crate::map::{MappedUser, RawJson};
 
 /// Microseconds since the Unix epoch (the source commit time of a change).
 pub type UnixMicros = i64;
@@ -66,7 +66,7 @@ pub type UnixMicros = i64;
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingUser {
     /// The full user when the batch upserted it; `None` when the batch only deleted it.
-    pub raw_json: Option<Map<String, Value>>,
+    pub raw_json: Option<RawJson>,
     /// Keys whose value the target row already holds (unchanged TOAST on the source).
     pub keep_keys: Vec<String>,
     /// The user whose target row holds `keep_keys` when not this one: the old id of a
@@ -202,9 +202,10 @@ impl Batch {
         for segment in &mut self.segments {
             if let Segment::Users(users) = segment {
                 for user in users.values_mut() {
-                    user.encoded = user.raw_json.as_ref().and_then(|raw_json| {
-                        serde_json::to_vec(raw_json).ok().map(Vec::into_boxed_slice)
-                    });
+                    user.encoded = user
+                        .raw_json
+                        .as_ref()
+                        .map(|raw_json| raw_json.to_vec().into_boxed_slice());
                 }
             }
         }
@@ -250,7 +251,7 @@ impl Batch {
         let part_keys = self.part_keys;
         let writes_part = !part_keys.is_empty()
             && part_keys.iter().all(|key| {
-                raw_json.contains_key(*key) && !unchanged_keys.iter().any(|kept| kept == key)
+                raw_json.contains_key(key) && !unchanged_keys.iter().any(|kept| kept == key)
             });
         // Takes the part from the old id of a primary-key change, with its record.
         let moves_part = moved_from.is_some()
@@ -302,7 +303,13 @@ impl Batch {
             }) if !patch.is_empty() => {
                 // What the patch holds is known; the other keys still come from the target.
                 let keep_keys = unchanged_keys.clone();
-                merge_unchanged(raw_json, unchanged_keys, patch, keep_keys, moved_from)
+                merge_unchanged(
+                    raw_json,
+                    unchanged_keys,
+                    RawJson::from(patch),
+                    keep_keys,
+                    moved_from,
+                )
             }
             _ => PendingUser {
                 keep_from: moved_from.filter(|_| !unchanged_keys.is_empty()),
@@ -598,9 +605,9 @@ impl UserKeys {
 /// A later upsert takes the earlier upsert's values for the keys it left unchanged; the keys
 /// the earlier one left to the target stay with the target row it named (`earlier_from`).
 fn merge_unchanged(
-    mut raw_json: Map<String, Value>,
+    mut raw_json: RawJson,
     unchanged_keys: Vec<String>,
-    mut earlier: Map<String, Value>,
+    mut earlier: RawJson,
     earlier_keep: Vec<String>,
     earlier_from: Option<String>,
 ) -> PendingUser {
@@ -639,7 +646,7 @@ mod tests {
         raw_json.insert("id".into(), json!(id));
         MappedUser {
             id: id.to_owned(),
-            raw_json,
+            raw_json: raw_json.into(),
             unchanged_keys: unchanged.iter().map(|k| k.to_string()).collect(),
         }
     }

@@ -23,6 +23,7 @@ use super::schema::TargetShape;
 use super::{ApplyError, STATEMENT_TIMEOUT};
 use crate::conn::sql::Warnings;
 use crate::lsn::Lsn;
+use crate::map::RawJson;
 use crate::metrics::Metrics;
 
 /// The client-side bound on one batch, for a stall the server cannot see (a half-open
@@ -1271,7 +1272,7 @@ type Pending<'a> = std::pin::Pin<
 #[derive(Debug)]
 enum Document<'a> {
     Encoded(&'a [u8]),
-    Parsed(Json<&'a Map<String, Value>>),
+    Unencoded(&'a RawJson),
 }
 
 impl ToSql for Document<'_> {
@@ -1281,16 +1282,21 @@ impl ToSql for Document<'_> {
         out: &mut BytesMut,
     ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         match self {
+            // jsonb's binary form is a version byte before the text (as `Json` writes it).
             Document::Encoded(text) => {
-                // jsonb's binary form is a version byte before the text (as `Json` writes it).
                 if *ty == Type::JSONB {
                     out.put_u8(1);
                 }
                 out.put_slice(text);
-                Ok(IsNull::No)
             }
-            Document::Parsed(json) => json.to_sql(ty, out),
+            Document::Unencoded(raw_json) => {
+                if *ty == Type::JSONB {
+                    out.put_u8(1);
+                }
+                raw_json.write(&mut out.writer())?;
+            }
         }
+        Ok(IsNull::No)
     }
 
     fn accepts(ty: &Type) -> bool {
@@ -1427,7 +1433,7 @@ fn users_to_arrays(users: &std::collections::HashMap<String, PendingUser>) -> Us
                 };
                 into.raw_json.push(match &user.encoded {
                     Some(text) => Document::Encoded(text),
-                    None => Document::Parsed(Json(raw_json)),
+                    None => Document::Unencoded(raw_json),
                 });
                 into.updated_at.push(timestamp(user.updated_at));
                 into.deleted_at.push(user.deleted_at.map(timestamp));
@@ -1501,7 +1507,7 @@ mod tests {
             batch.upsert(
                 crate::map::MappedUser {
                     id: id.into(),
-                    raw_json,
+                    raw_json: raw_json.into(),
                     unchanged_keys: Vec::new(),
                 },
                 1,
@@ -1517,7 +1523,7 @@ mod tests {
             .raw_json
             .iter()
             .map(|document| match document {
-                Document::Parsed(json) => json.0["id"].as_str().unwrap().to_owned(),
+                Document::Unencoded(raw_json) => raw_json["id"].as_str().unwrap().to_owned(),
                 Document::Encoded(_) => unreachable!("not encoded"),
             })
             .collect();
@@ -1536,7 +1542,7 @@ mod tests {
         batch.upsert(
             crate::map::MappedUser {
                 id: "u1".into(),
-                raw_json,
+                raw_json: raw_json.into(),
                 unchanged_keys: Vec::new(),
             },
             1,

@@ -265,7 +265,7 @@ mod tests {
         assert!(mapping.notes().is_empty(), "{:?}", mapping.notes());
         let user = live_user(mapping.map_row(&linus(&user_table(), &[])).unwrap());
         assert_eq!(
-            Value::Object(user.raw_json),
+            user.raw_json.to_value(),
             json!({
                 "id": "u_9XkTf2",
                 "primary_email": "linus@example.org",

@@ -11,11 +11,11 @@
 
 use std::cell::Cell;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::selection::{ColumnSelection, EXCLUDE_OPTION, INCLUDE_OPTION};
 use super::value::{self, TextValue, ValueError};
-use super::{MapError, MappedUser};
+use super::{MapError, MappedUser, Member, RawJson};
 use crate::decode::{ColumnValue, RelationColumn, TupleData};
 
 /// What `MapError::Column` says a passed-through column was becoming.
@@ -237,6 +237,23 @@ impl BoundColumn {
             TextValue::Null => Some(Value::Null),
             TextValue::UnchangedToast => None,
         })
+    }
+
+    /// [`BoundColumn::json`] as a `raw_json` member: a `json` or `jsonb` value keeps its text
+    /// (see [`Member`]).
+    pub fn member(
+        &self,
+        values: &[ColumnValue],
+        target: &'static str,
+    ) -> Result<Option<Member>, MapError> {
+        if matches!(self.type_oid, value::oid::JSON | value::oid::JSONB) {
+            if let TextValue::Text(text) = self.value(values, target)? {
+                if let Some(member) = Member::json_text(text) {
+                    return Ok(Some(member));
+                }
+            }
+        }
+        Ok(self.json(values, target)?.map(Member::Value))
     }
 
     /// A value that decides whether the row is replicated at all. Such columns are small
@@ -630,13 +647,13 @@ impl ColumnNeed {
 /// aside for apply, which keeps the target's current value.
 #[derive(Debug)]
 pub(super) struct UserJson {
-    raw_json: Map<String, Value>,
+    raw_json: RawJson,
     unchanged_keys: Vec<String>,
 }
 
 impl UserJson {
     pub fn new(id: &str) -> Self {
-        let mut raw_json = Map::new();
+        let mut raw_json = RawJson::new();
         raw_json.insert(super::key::ID.to_owned(), Value::String(id.to_owned()));
         UserJson {
             raw_json,
@@ -646,9 +663,14 @@ impl UserJson {
 
     /// `None`: the source did not send the value (unchanged TOAST).
     pub fn set(&mut self, key: &str, value: Option<Value>) {
-        match value {
-            Some(value) => {
-                self.raw_json.insert(key.to_owned(), value);
+        self.set_member(key, value.map(Member::Value));
+    }
+
+    /// [`UserJson::set`] for a member that may be JSON text.
+    pub fn set_member(&mut self, key: &str, member: Option<Member>) {
+        match member {
+            Some(member) => {
+                self.raw_json.insert(key.to_owned(), member);
             }
             None => self.unchanged_keys.push(key.to_owned()),
         }
@@ -673,8 +695,8 @@ impl UserJson {
         values: &[ColumnValue],
     ) -> Result<(), MapError> {
         for column in columns {
-            let json = column.json(values, PASSTHROUGH_TARGET)?;
-            self.set(&column.name, json);
+            let member = column.member(values, PASSTHROUGH_TARGET)?;
+            self.set_member(&column.name, member);
         }
         Ok(())
     }

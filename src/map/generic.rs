@@ -321,7 +321,7 @@ mod tests {
         assert_eq!(user.id, USER_ID);
         assert!(user.unchanged_keys.is_empty());
         assert_eq!(
-            Value::Object(user.raw_json),
+            user.raw_json.to_value(),
             json!({
                 "id": USER_ID,
                 "primary_email": "ada@example.org",
@@ -360,7 +360,7 @@ mod tests {
             ]))
             .unwrap();
         assert_eq!(
-            Value::Object(user.raw_json),
+            user.raw_json.to_value(),
             json!({
                 "id": USER_ID,
                 "primary_email": "ada@example.org",
@@ -423,8 +423,8 @@ mod tests {
         let mut keys: Vec<String> = user
             .raw_json
             .keys()
-            .filter(|key| !computed.contains(&key.as_str()))
-            .cloned()
+            .filter(|key| !computed.contains(key))
+            .map(str::to_owned)
             .collect();
         keys.sort();
         keys
@@ -480,7 +480,10 @@ mod tests {
             .unwrap();
         assert!(copied_keys(&mapping).is_empty());
         let user = mapping.map_user(&accounts_row()).unwrap();
-        assert_eq!(user.raw_json.get("primary_email"), Some(&json!("a@b.c")));
+        assert_eq!(
+            user.raw_json.to_value().get("primary_email"),
+            Some(&json!("a@b.c"))
+        );
     }
 
     #[test]
@@ -559,7 +562,7 @@ mod tests {
             .map_user(&row(vec![text("u1"), text("a@b.c"), text("pro")]))
             .unwrap();
         assert_eq!(
-            Value::Object(user.raw_json),
+            user.raw_json.to_value(),
             json!({
                 "id": "u1",
                 "primary_email": "a@b.c",
@@ -578,7 +581,10 @@ mod tests {
             .map_user(&row(vec![text("9007199254740993")]))
             .unwrap();
         assert_eq!(user.id, "9007199254740993");
-        assert_eq!(user.raw_json.get("id"), Some(&json!("9007199254740993")));
+        assert_eq!(
+            user.raw_json.to_value().get("id"),
+            Some(&json!("9007199254740993"))
+        );
     }
 
     #[test]
@@ -587,7 +593,7 @@ mod tests {
         let mapping = bind_default(&columns);
         let user = mapping.map_user(&row(vec![text("u1")])).unwrap();
         assert_eq!(
-            Value::Object(user.raw_json),
+            user.raw_json.to_value(),
             json!({
                 "id": "u1",
                 "primary_email": null,
@@ -606,8 +612,11 @@ mod tests {
         let user = bind_default(&columns)
             .map_user(&row(vec![text("u1"), text("Grace")]))
             .unwrap();
-        assert_eq!(user.raw_json.get("display_name"), Some(&json!("Grace")));
-        assert_eq!(user.raw_json.get("name"), None);
+        assert_eq!(
+            user.raw_json.to_value().get("display_name"),
+            Some(&json!("Grace"))
+        );
+        assert_eq!(user.raw_json.to_value().get("name"), None);
 
         // With both present, display_name wins and name passes through.
         let columns = vec![
@@ -618,8 +627,11 @@ mod tests {
         let user = bind_default(&columns)
             .map_user(&row(vec![text("u1"), text("grace"), text("Grace H.")]))
             .unwrap();
-        assert_eq!(user.raw_json.get("display_name"), Some(&json!("Grace H.")));
-        assert_eq!(user.raw_json.get("name"), Some(&json!("grace")));
+        assert_eq!(
+            user.raw_json.to_value().get("display_name"),
+            Some(&json!("Grace H."))
+        );
+        assert_eq!(user.raw_json.to_value().get("name"), Some(&json!("grace")));
     }
 
     #[test]
@@ -650,7 +662,7 @@ mod tests {
             ]))
             .unwrap();
         assert_eq!(
-            Value::Object(user.raw_json),
+            user.raw_json.to_value(),
             json!({
                 "id": "7",
                 "primary_email": "a@b.c",
@@ -683,11 +695,14 @@ mod tests {
                 text("2024-01-02 03:04:05+00"),
             ]))
             .unwrap();
-        assert_eq!(user.raw_json.get("primary_email"), Some(&Value::Null));
-        assert_eq!(user.raw_json.get("signed_up_at_millis"), None);
-        assert_eq!(user.raw_json.get("email"), Some(&json!("a@b.c")));
         assert_eq!(
-            user.raw_json.get("created_at"),
+            user.raw_json.to_value().get("primary_email"),
+            Some(&Value::Null)
+        );
+        assert_eq!(user.raw_json.to_value().get("signed_up_at_millis"), None);
+        assert_eq!(user.raw_json.to_value().get("email"), Some(&json!("a@b.c")));
+        assert_eq!(
+            user.raw_json.to_value().get("created_at"),
             Some(&json!("2024-01-02T03:04:05Z"))
         );
     }
@@ -709,7 +724,7 @@ mod tests {
             ]))
             .unwrap();
         assert_eq!(
-            Value::Object(user.raw_json),
+            user.raw_json.to_value(),
             json!({
                 "id": "u1",
                 "primary_email": "a@b.c",
@@ -738,7 +753,7 @@ mod tests {
         let user = mapping
             .map_user(&row(vec![text("1"), text(USER_ID), text("a@b.c")]))
             .unwrap();
-        assert_eq!(user.raw_json.get("id"), Some(&json!(USER_ID)));
+        assert_eq!(user.raw_json.to_value().get("id"), Some(&json!(USER_ID)));
     }
 
     #[test]
@@ -761,13 +776,19 @@ mod tests {
         let user = mapping
             .map_user(&row(vec![text("u1"), text("yesterday"), text("yes")]))
             .unwrap();
-        assert_eq!(user.raw_json.get("signed_up_at_millis"), None);
-        assert_eq!(user.raw_json.get("created_at"), Some(&json!("yesterday")));
+        assert_eq!(user.raw_json.to_value().get("signed_up_at_millis"), None);
         assert_eq!(
-            user.raw_json.get("primary_email_verified"),
+            user.raw_json.to_value().get("created_at"),
+            Some(&json!("yesterday"))
+        );
+        assert_eq!(
+            user.raw_json.to_value().get("primary_email_verified"),
             Some(&json!(false))
         );
-        assert_eq!(user.raw_json.get("email_verified"), Some(&json!("yes")));
+        assert_eq!(
+            user.raw_json.to_value().get("email_verified"),
+            Some(&json!("yes"))
+        );
     }
 
     #[test]
@@ -781,14 +802,14 @@ mod tests {
             .map_user(&row(vec![text("u1"), text("2024-01-02 03:04:05+00")]))
             .unwrap();
         assert_eq!(
-            verified.raw_json.get("primary_email_verified"),
+            verified.raw_json.to_value().get("primary_email_verified"),
             Some(&json!(true))
         );
         let unverified = mapping
             .map_user(&row(vec![text("u1"), ColumnValue::Null]))
             .unwrap();
         assert_eq!(
-            unverified.raw_json.get("primary_email_verified"),
+            unverified.raw_json.to_value().get("primary_email_verified"),
             Some(&json!(false))
         );
     }
@@ -802,7 +823,7 @@ mod tests {
         }
         let user = mapping.map_user(&row(values)).unwrap();
         assert_eq!(
-            Value::Object(user.raw_json),
+            user.raw_json.to_value(),
             json!({
                 "id": USER_ID,
                 "primary_email": null,
@@ -832,7 +853,7 @@ mod tests {
             assert!(!user.raw_json.contains_key(key), "{key}");
         }
         assert_eq!(
-            user.raw_json.get("display_name"),
+            user.raw_json.to_value().get("display_name"),
             Some(&json!("Ada Lovelace"))
         );
     }
@@ -1045,8 +1066,11 @@ mod tests {
         .bind(&columns)
         .unwrap();
         let user = mapping.map_user(&row(vec![text("a@b.c")])).unwrap();
-        assert_eq!(user.raw_json.get("id"), Some(&json!("a@b.c")));
-        assert_eq!(user.raw_json.get("primary_email"), Some(&json!("a@b.c")));
-        assert_eq!(user.raw_json.get("email"), None);
+        assert_eq!(user.raw_json.to_value().get("id"), Some(&json!("a@b.c")));
+        assert_eq!(
+            user.raw_json.to_value().get("primary_email"),
+            Some(&json!("a@b.c"))
+        );
+        assert_eq!(user.raw_json.to_value().get("email"), None);
     }
 }

@@ -339,7 +339,7 @@ mod tests {
         assert!(mapping.notes().is_empty(), "{:?}", mapping.notes());
         let user = live_user(mapping.map_row(&grace(&[])).unwrap());
         assert_eq!(
-            Value::Object(user.raw_json),
+            user.raw_json.to_value(),
             json!({
                 "id": USER_ID,
                 "primary_email": "grace@example.org",

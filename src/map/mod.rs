@@ -51,6 +51,7 @@ mod columns;
 pub mod generic;
 pub mod keycloak;
 pub mod profile;
+mod raw_json;
 pub mod selection;
 pub mod stack_auth;
 pub mod supabase;
@@ -63,6 +64,7 @@ pub use keycloak::KeycloakMapping;
 pub use profile::{
     BoundProfile, Gone, MappingPlan, Profile, RowLayout, RowMapper, RowOutcome, SkipReason,
 };
+pub use raw_json::{Member, RawJson};
 pub use selection::ColumnSelection;
 pub use stack_auth::StackAuthMapping;
 pub use supabase::SupabaseMapping;
@@ -112,7 +114,7 @@ pub mod key {
 pub struct MappedUser {
     /// The same text as `raw_json["id"]`, kept apart so apply can key on it without a lookup.
     pub id: String,
-    pub raw_json: serde_json::Map<String, serde_json::Value>,
+    pub raw_json: RawJson,
     /// Keys whose source value was unchanged TOAST: apply keeps the target's current value.
     pub unchanged_keys: Vec<String>,
 }

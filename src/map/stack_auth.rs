@@ -396,7 +396,7 @@ impl BoundProjectUser {
             ),
             (&self.server_metadata, key::SERVER_METADATA),
         ] {
-            user.set(key, column.json(values, key)?);
+            user.set_member(key, column.member(values, key)?);
         }
         match emails {
             Emails::Keep => EMAIL_KEYS.iter().for_each(|key| user.set(key, None)),
@@ -734,7 +734,7 @@ mod tests {
         assert!(mapping.notes().is_empty(), "{:?}", mapping.notes());
         let user = live_user(mapping.map_insert(&ada(&[])).unwrap());
         assert_eq!(
-            Value::Object(user.raw_json),
+            user.raw_json.to_value(),
             json!({
                 "id": USER_ID,
                 "display_name": "Ada Lovelace",

@@ -10,7 +10,8 @@
 //!   `i64`, `u64` or `f64`. A `numeric` or a number inside `json`/`jsonb` that would not be
 //!   written back with exactly its value stays text (a `numeric` becomes a JSON string; a JSON
 //!   document whose numbers do not survive is kept whole as a string). Scale is not a digit:
-//!   `1.50` becomes `1.5`.
+//!   `1.50` becomes `1.5`. A `json`/`jsonb` column that goes into `raw_json` whole is not
+//!   converted here at all: it keeps PostgreSQL's text (`super::RawJson`).
 //! - **Time is UTC and RFC 3339** where JSON readers expect it (`…T…Z`), but values that
 //!   RFC 3339 cannot express (BC dates, years after 9999, `infinity`) keep PostgreSQL's text,
 //!   because a recognisable original beats an invented approximation.
@@ -262,7 +263,7 @@ fn numeric_to_json(text: Cow<'_, str>) -> Result<Value, ValueError> {
 /// `json` and `jsonb` are always valid JSON when they leave PostgreSQL, but serde_json cannot
 /// hold every one of them (numbers beyond f64, nesting deeper than its recursion limit); those
 /// documents stay whole as a string rather than losing digits or failing the row.
-fn json_to_json(text: Cow<'_, str>) -> Value {
+pub(super) fn json_to_json(text: Cow<'_, str>) -> Value {
     match serde_json::from_str::<Value>(&text) {
         Ok(value) if !contains_float(&value) || json_numbers_survive(&text) => value,
         _ => Value::String(text.into_owned()),

@@ -237,7 +237,7 @@ impl Window {
                         && self
                             .part_keys
                             .iter()
-                            .all(|key| user.raw_json.contains_key(*key));
+                            .all(|key| user.raw_json.contains_key(key));
                     if whole {
                         self.whole.insert(user.id.clone());
                         self.moved.remove(&user.id);
@@ -791,8 +791,8 @@ impl Reading {
                 .iter()
                 .filter_map(|key| {
                     user.raw_json
-                        .get(*key)
-                        .map(|value| ((*key).to_owned(), value.clone()))
+                        .get(key)
+                        .map(|member| ((*key).to_owned(), member.to_value()))
                 })
                 .collect(),
             from,
@@ -1312,7 +1312,7 @@ mod tests {
         UserChange::Upsert {
             user: crate::map::MappedUser {
                 id: id.into(),
-                raw_json: serde_json::Map::new(),
+                raw_json: crate::map::RawJson::new(),
                 unchanged_keys: if whole {
                     Vec::new()
                 } else {

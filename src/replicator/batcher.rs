@@ -213,7 +213,7 @@ mod tests {
         UserChange::Upsert {
             user: MappedUser {
                 id: "u1".into(),
-                raw_json,
+                raw_json: raw_json.into(),
                 unchanged_keys: Vec::new(),
             },
             inserted: false,

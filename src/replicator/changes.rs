@@ -339,7 +339,7 @@ pub(super) fn print_changes<'c>(
                 (
                     if *inserted { "insert" } else { "update" },
                     Some(user.id.as_str()),
-                    Some(serde_json::Value::Object(user.raw_json.clone())),
+                    Some(user.raw_json.to_value()),
                 )
             }
             UserChange::Patch { id, keys, .. } => (

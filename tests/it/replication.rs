@@ -147,6 +147,77 @@ async fn many_small_transactions_arrive_exactly_once() {
     running.stop().await;
 }
 
+/// A `json`/`jsonb` column reaches `raw_json` as the document PostgreSQL holds: numbers with
+/// every digit (beyond what a 64-bit float holds), nesting deeper than a JSON library's
+/// default limit, and a `json` column's text, through the initial copy and the stream alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_documents_reach_the_target_exactly() {
+    let pair = Pair::new().await;
+    pair.source
+        .batch_execute("ALTER TABLE users ADD COLUMN settings json")
+        .await
+        .unwrap();
+    const DOCUMENTS: &str = r#"
+        INSERT INTO users (id, email, metadata, settings)
+        SELECT ('00000000-0000-0000-0000-0000000000' || n)::uuid, n || '@example.com',
+               jsonb_build_object('n', n, 'exact', 12345678901234567890.123456789012345678901,
+                                  'tiny', 1e-40, 'deep', repeat('[', 300) || repeat(']', 300),
+                                  'text', E'café "quoted" \\ 	')
+               || jsonb_build_object('nested', (repeat('[', 300) || repeat(']', 300))::jsonb),
+               ('{"b": 1, "a": [1.0000000000000000000001, null], "b": 2}')::json
+          FROM generate_series(:from, :to) n"#;
+    pair.source
+        .batch_execute(&DOCUMENTS.replace(":from", "10").replace(":to", "11"))
+        .await
+        .unwrap();
+    pair.setup().await;
+    let running = pair.start();
+    pair.source
+        .batch_execute(&DOCUMENTS.replace(":from", "12").replace(":to", "13"))
+        .await
+        .unwrap();
+    pair.wait_target("SELECT count(*) = 4 FROM neon_auth.users_sync")
+        .await;
+    let source: Vec<(String, String, String)> = pair
+        .source
+        .query(
+            "SELECT id::text, metadata::text, settings::jsonb::text FROM users ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    let target: Vec<(String, String, String)> = pair
+        .target
+        .query(
+            "SELECT id, (raw_json -> 'metadata')::text, (raw_json -> 'settings')::text
+               FROM neon_auth.users_sync ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(source.len(), 4);
+    assert_eq!(target.len(), source.len());
+    for (target, source) in target.iter().zip(&source) {
+        assert_eq!(target.0, source.0);
+        assert!(
+            target.1 == source.1 && target.2 == source.2,
+            "user {}: the target holds {:.60}... and {:.60}..., the source {:.60}... and {:.60}...",
+            source.0,
+            target.1,
+            target.2,
+            source.1,
+            source.2
+        );
+    }
+    running.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_toast_keeps_the_value_on_the_target() {
     let pair = Pair::new().await;
@@ -559,7 +630,7 @@ async fn a_refused_checkpoint_writes_nothing_of_its_batch() {
     batch.upsert(
         usersync::map::MappedUser {
             id: "refused".into(),
-            raw_json,
+            raw_json: raw_json.into(),
             unchanged_keys: Vec::new(),
         },
         0,
@@ -610,7 +681,7 @@ async fn a_batch_beside_another_commits_only_after_it() {
             batch.upsert(
                 usersync::map::MappedUser {
                     id: (*id).into(),
-                    raw_json,
+                    raw_json: raw_json.into(),
                     unchanged_keys: Vec::new(),
                 },
                 0,

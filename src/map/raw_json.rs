@@ -1,0 +1,223 @@
+//! A user's `raw_json` object as the mapping builds it and apply sends it.
+//!
+//! Most members are JSON values the profiles compute. A `json` or `jsonb` column passed
+//! through is different: PostgreSQL sends it as JSON text, the target parses it again into
+//! `jsonb`, and nothing in between needs its structure. Parsing it into values only to write
+//! them back out was most of usersync's own CPU per row with identity-store documents of half
+//! a kilobyte (the initial copy of issue #15), and it could not hold every document exactly
+//! (numbers beyond `f64`). Such a member keeps its text ([`Member::Text`]) and is written as
+//! it came.
+//!
+//! The object is written with its keys in `jsonb`'s own order (shorter keys first, then
+//! bytewise), so that the target's sort of them finds them sorted.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::io;
+
+use serde::de::IgnoredAny;
+use serde_json::{Map, Value};
+
+/// One member's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Member {
+    Value(Value),
+    /// Valid JSON text ([`Member::json_text`]), written as it is.
+    Text(Box<str>),
+}
+
+impl Member {
+    /// A `json`/`jsonb` value's text as a member, when it is one JSON value serde_json can
+    /// read (checked without building it, which is what the text saves).
+    /// PostgreSQL only sends valid JSON, so `None` means a server that is not PostgreSQL: the
+    /// caller converts it as any other value.
+    pub fn json_text(text: &str) -> Option<Member> {
+        serde_json::from_str::<IgnoredAny>(text)
+            .ok()
+            .map(|_| Member::Text(text.into()))
+    }
+
+    /// The member as a JSON value: a text member parsed as any `json` value is (a document
+    /// serde_json cannot hold exactly becomes its text as a string).
+    pub fn to_value(&self) -> Value {
+        match self {
+            Member::Value(value) => value.clone(),
+            Member::Text(text) => super::value::json_to_json(Cow::Borrowed(text)),
+        }
+    }
+
+    fn write(&self, out: &mut impl io::Write) -> io::Result<()> {
+        match self {
+            Member::Value(value) => serde_json::to_writer(out, value).map_err(io::Error::from),
+            Member::Text(text) => out.write_all(text.as_bytes()),
+        }
+    }
+}
+
+impl From<Value> for Member {
+    fn from(value: Value) -> Self {
+        Member::Value(value)
+    }
+}
+
+/// `raw_json`: members by key.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RawJson(BTreeMap<String, Member>);
+
+impl RawJson {
+    pub fn new() -> Self {
+        RawJson::default()
+    }
+
+    pub fn insert(&mut self, key: String, member: impl Into<Member>) -> Option<Member> {
+        self.0.insert(key, member.into())
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<Member> {
+        self.0.remove(key)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.0.contains_key(key)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Member> {
+        self.0.get(key)
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Sets each of `values`, replacing what the keys held.
+    pub fn extend(&mut self, values: Map<String, Value>) {
+        self.0.extend(
+            values
+                .into_iter()
+                .map(|(key, value)| (key, Member::Value(value))),
+        );
+    }
+
+    /// Writes the object as JSON text, keys in `jsonb` order (see the module docs).
+    pub fn write(&self, out: &mut impl io::Write) -> io::Result<()> {
+        let mut members: Vec<(&String, &Member)> = self.0.iter().collect();
+        members.sort_by(|(a, _), (b, _)| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+        out.write_all(b"{")?;
+        for (n, (key, member)) in members.into_iter().enumerate() {
+            if n > 0 {
+                out.write_all(b",")?;
+            }
+            serde_json::to_writer(&mut *out, key.as_str()).map_err(io::Error::from)?;
+            out.write_all(b":")?;
+            member.write(out)?;
+        }
+        out.write_all(b"}")
+    }
+
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128 * self.0.len());
+        self.write(&mut out)
+            .expect("writing to a Vec does not fail");
+        out
+    }
+
+    /// The object as a JSON value (text members parsed): for what shows a user rather than
+    /// sends it (`--dry-run`).
+    pub fn to_value(&self) -> Value {
+        Value::Object(
+            self.0
+                .iter()
+                .map(|(key, member)| (key.clone(), member.to_value()))
+                .collect(),
+        )
+    }
+}
+
+impl From<Map<String, Value>> for RawJson {
+    fn from(values: Map<String, Value>) -> Self {
+        let mut raw_json = RawJson::new();
+        raw_json.extend(values);
+        raw_json
+    }
+}
+
+/// For tests' `raw_json["key"]`: a member that is not JSON text.
+#[cfg(test)]
+impl std::ops::Index<&str> for RawJson {
+    type Output = Value;
+
+    fn index(&self, key: &str) -> &Value {
+        match self.0.get(key) {
+            Some(Member::Value(value)) => value,
+            Some(Member::Text(_)) => panic!("{key} is JSON text: use to_value()"),
+            None => &Value::Null,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn text_members_are_written_as_sent_and_keys_in_jsonb_order() {
+        let mut raw_json = RawJson::from(
+            json!({"id": "u1", "b": [1, 2], "aa": null})
+                .as_object()
+                .cloned()
+                .unwrap(),
+        );
+        let text = r#"{"n": 12345678901234567890.000000000000000000001, "s": "\u00e9"}"#;
+        raw_json.insert("meta".into(), Member::json_text(text).unwrap());
+        let written = String::from_utf8(raw_json.to_vec()).unwrap();
+        assert_eq!(
+            written,
+            format!(r#"{{"b":[1,2],"aa":null,"id":"u1","meta":{text}}}"#)
+        );
+        // Still one JSON object, with the same members.
+        let parsed: Value = serde_json::from_str(&written).unwrap();
+        assert_eq!(parsed["meta"]["s"], json!("é"));
+        assert_eq!(parsed.as_object().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn only_one_whole_json_value_is_kept_as_text() {
+        for text in [
+            "",
+            "{",
+            r#"{"a":1} {"b":2}"#,
+            "nul",
+            r#""unterminated"#,
+            "{'a':1}",
+        ] {
+            assert_eq!(Member::json_text(text), None, "{text:?}");
+        }
+        // Deeper than serde_json builds values, which PostgreSQL reads back all the same.
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        for text in ["null", "1e400", r#""é""#, " {\"a\": [true, {}]} \n", &deep] {
+            assert!(
+                matches!(Member::json_text(text), Some(Member::Text(_))),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn keys_with_quotes_and_controls_are_escaped() {
+        let mut raw_json = RawJson::new();
+        raw_json.insert("we\"ird\n".into(), json!(1));
+        let written = raw_json.to_vec();
+        let parsed: Value = serde_json::from_slice(&written).unwrap();
+        assert_eq!(parsed, json!({"we\"ird\n": 1}));
+        assert_eq!(raw_json.to_value(), parsed);
+    }
+}
