@@ -28,10 +28,13 @@ pub enum Member {
 
 impl Member {
     /// A `json`/`jsonb` value's text as a member, when it is one JSON value serde_json can
-    /// read (checked without building it, which is what the text saves).
-    /// PostgreSQL only sends valid JSON, so `None` means a server that is not PostgreSQL: the
-    /// caller converts it as any other value.
+    /// read (checked without building it, which is what the text saves) and `jsonb` can hold.
+    /// PostgreSQL only sends valid JSON, so `None` means a server that is not PostgreSQL, or
+    /// a `json` value that may hold `\u0000`: the caller converts it as any other value.
     pub fn json_text(text: &str) -> Option<Member> {
+        if text.contains(super::value::NUL_ESCAPE) {
+            return None;
+        }
         serde_json::from_str::<IgnoredAny>(text)
             .ok()
             .map(|_| Member::Text(text.into()))
@@ -198,6 +201,8 @@ mod tests {
             "nul",
             r#""unterminated"#,
             "{'a':1}",
+            // jsonb cannot hold it: converted, so kept as a string.
+            r#"{"a": "\u0000"}"#,
         ] {
             assert_eq!(Member::json_text(text), None, "{text:?}");
         }

@@ -261,12 +261,32 @@ fn numeric_to_json(text: Cow<'_, str>) -> Result<Value, ValueError> {
 }
 
 /// `json` and `jsonb` are always valid JSON when they leave PostgreSQL, but serde_json cannot
-/// hold every one of them (numbers beyond f64, nesting deeper than its recursion limit); those
+/// hold every one of them (numbers beyond f64, nesting deeper than its recursion limit), and
+/// `jsonb` cannot hold a `json` value's `\u0000` (the target refuses the whole row); those
 /// documents stay whole as a string rather than losing digits or failing the row.
 pub(super) fn json_to_json(text: Cow<'_, str>) -> Value {
     match serde_json::from_str::<Value>(&text) {
-        Ok(value) if !contains_float(&value) || json_numbers_survive(&text) => value,
+        Ok(value)
+            if (!contains_float(&value) || json_numbers_survive(&text))
+                && !(text.contains(NUL_ESCAPE) && contains_nul(&value)) =>
+        {
+            value
+        }
         _ => Value::String(text.into_owned()),
+    }
+}
+
+/// How JSON text spells the one character `jsonb` cannot hold.
+pub(super) const NUL_ESCAPE: &str = "\\u0000";
+
+fn contains_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(map) => map
+            .iter()
+            .any(|(key, value)| key.contains('\0') || contains_nul(value)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
     }
 }
 
@@ -1118,6 +1138,16 @@ mod tests {
         assert_eq!(convert(oid::JSON, huge), json!(huge));
         let big_integer = r#"{"n": 123456789012345678901234567890}"#;
         assert_eq!(convert(oid::JSONB, big_integer), json!(big_integer));
+    }
+
+    #[test]
+    fn json_that_jsonb_cannot_hold_stays_text() {
+        for nul in [r#"{"a": "x\u0000"}"#, r#"{"\u0000": 1}"#, r#"["\u0000"]"#] {
+            assert_eq!(convert(oid::JSON, nul), json!(nul));
+        }
+        // An escaped backslash before "u0000" is not the character.
+        let escaped = r#"{"a": "\\u0000"}"#;
+        assert_eq!(convert(oid::JSON, escaped), json!({"a": "\\u0000"}));
     }
 
     #[test]

@@ -218,6 +218,47 @@ async fn json_documents_reach_the_target_exactly() {
     running.stop().await;
 }
 
+/// A `json` column may hold `\u0000`, which `jsonb` (so `raw_json`) cannot: the document is
+/// kept whole as a string, so the user still arrives and nothing of the document is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_document_jsonb_cannot_hold_arrives_as_its_text() {
+    let pair = Pair::new().await;
+    pair.source
+        .batch_execute("ALTER TABLE users ADD COLUMN settings json")
+        .await
+        .unwrap();
+    const DOCUMENT: &str = r#"{"note": "a\u0000b", "n": 1}"#;
+    let insert = format!(
+        "INSERT INTO users (id, email, settings)
+         VALUES ('00000000-0000-0000-0000-0000000000{{n}}', '{{n}}@example.com', '{DOCUMENT}')"
+    );
+    pair.source
+        .batch_execute(&insert.replace("{n}", "20"))
+        .await
+        .unwrap();
+    pair.setup().await;
+    let running = pair.start();
+    pair.source
+        .batch_execute(&insert.replace("{n}", "21"))
+        .await
+        .unwrap();
+    pair.wait_target("SELECT count(*) = 2 FROM neon_auth.users_sync")
+        .await;
+    let kept: Vec<String> = pair
+        .target
+        .query(
+            "SELECT raw_json ->> 'settings' FROM neon_auth.users_sync ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(kept, [DOCUMENT, DOCUMENT]);
+    running.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_toast_keeps_the_value_on_the_target() {
     let pair = Pair::new().await;
