@@ -198,6 +198,8 @@ mod tests {
             "",
             "{",
             r#"{"a":1} {"b":2}"#,
+            r#"1, "id": "someone else""#,
+            r#"{}, "id": "someone else""#,
             "nul",
             r#""unterminated"#,
             "{'a':1}",
@@ -213,6 +215,26 @@ mod tests {
                 matches!(Member::json_text(text), Some(Member::Text(_))),
                 "{text:?}"
             );
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever text a source sends as a document, the object stays one object whose
+        /// keys are the mapping's: a document can never close it and add an `id` of its own.
+        #[test]
+        fn a_document_cannot_break_out_of_its_member(
+            text in r#"[\[\]{}",:0-9a-z \\u\-.eE]{0,24}"#,
+        ) {
+            let mut raw_json = RawJson::new();
+            raw_json.insert("id".into(), json!("u1"));
+            if let Some(member) = Member::json_text(&text) {
+                raw_json.insert("doc".into(), member);
+                let written: Value = serde_json::from_slice(&raw_json.to_vec())
+                    .expect("one JSON object");
+                let object = written.as_object().expect("an object");
+                proptest::prop_assert_eq!(object.len(), 2);
+                proptest::prop_assert_eq!(&object["id"], &json!("u1"));
+            }
         }
     }
 
