@@ -239,14 +239,16 @@ impl BoundColumn {
         })
     }
 
-    /// [`BoundColumn::json`] as a `raw_json` member: a `json` or `jsonb` value keeps its text
-    /// (see [`Member`]).
+    /// [`BoundColumn::json`] as a `raw_json` member: a `jsonb` value keeps its text (see
+    /// [`Member`]). Not a `json` value: `json` checks only syntax, and may hold what `jsonb`
+    /// (so the target) refuses, a lone surrogate or a number beyond `numeric`, which the
+    /// conversion keeps as a string.
     pub fn member(
         &self,
         values: &[ColumnValue],
         target: &'static str,
     ) -> Result<Option<Member>, MapError> {
-        if matches!(self.type_oid, value::oid::JSON | value::oid::JSONB) {
+        if self.type_oid == value::oid::JSONB {
             if let TextValue::Text(text) = self.value(values, target)? {
                 if let Some(member) = Member::json_text(text) {
                     return Ok(Some(member));

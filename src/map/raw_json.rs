@@ -1,8 +1,8 @@
 //! A user's `raw_json` object as the mapping builds it and apply sends it.
 //!
-//! Most members are JSON values the profiles compute. A `json` or `jsonb` column passed
-//! through is different: PostgreSQL sends it as JSON text, the target parses it again into
-//! `jsonb`, and nothing in between needs its structure. Parsing it into values only to write
+//! Most members are JSON values the profiles compute. A `jsonb` column passed through is
+//! different: PostgreSQL sends it as JSON text, the target parses it again into `jsonb`, and
+//! nothing in between needs its structure. Parsing it into values only to write
 //! them back out was most of usersync's own CPU per row with identity-store documents of half
 //! a kilobyte (the initial copy of issue #15), and it could not hold every document exactly
 //! (numbers beyond `f64`). Such a member keeps its text ([`Member::Text`]) and is written as
@@ -27,10 +27,11 @@ pub enum Member {
 }
 
 impl Member {
-    /// A `json`/`jsonb` value's text as a member, when it is one JSON value serde_json can
-    /// read (checked without building it, which is what the text saves) and `jsonb` can hold.
-    /// PostgreSQL only sends valid JSON, so `None` means a server that is not PostgreSQL, or
-    /// a `json` value that may hold `\u0000`: the caller converts it as any other value.
+    /// A `jsonb` value's text as a member, when it is one JSON value serde_json can read
+    /// (checked without building it, which is what the text saves). PostgreSQL writes `jsonb`
+    /// as text that `jsonb` reads back, so `None` means a server that is not PostgreSQL: the
+    /// caller converts it as any other value. The `\u0000` check is for such a server too:
+    /// `jsonb` never holds it, and a target refuses a row with it.
     pub fn json_text(text: &str) -> Option<Member> {
         if text.contains(super::value::NUL_ESCAPE) {
             return None;

@@ -147,9 +147,10 @@ async fn many_small_transactions_arrive_exactly_once() {
     running.stop().await;
 }
 
-/// A `json`/`jsonb` column reaches `raw_json` as the document PostgreSQL holds: numbers with
-/// every digit (beyond what a 64-bit float holds), nesting deeper than a JSON library's
-/// default limit, and a `json` column's text, through the initial copy and the stream alike.
+/// A `jsonb` column reaches `raw_json` as the document PostgreSQL holds: numbers with every
+/// digit (beyond what a 64-bit float holds) and nesting deeper than a JSON library's default
+/// limit; a `json` column as `jsonb` reads it (the last of duplicate keys). Through the initial
+/// copy and the stream alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_documents_reach_the_target_exactly() {
     let pair = Pair::new().await;
@@ -164,7 +165,7 @@ async fn json_documents_reach_the_target_exactly() {
                                   'tiny', 1e-40, 'deep', repeat('[', 300) || repeat(']', 300),
                                   'text', E'café "quoted" \\ 	')
                || jsonb_build_object('nested', (repeat('[', 300) || repeat(']', 300))::jsonb),
-               ('{"b": 1, "a": [1.0000000000000000000001, null], "b": 2}')::json
+               ('{"b": 1, "a": [1.5, null], "b": 2}')::json
           FROM generate_series(:from, :to) n"#;
     pair.source
         .batch_execute(&DOCUMENTS.replace(":from", "10").replace(":to", "11"))
@@ -218,8 +219,9 @@ async fn json_documents_reach_the_target_exactly() {
     running.stop().await;
 }
 
-/// A `json` column may hold `\u0000`, which `jsonb` (so `raw_json`) cannot: the document is
-/// kept whole as a string, so the user still arrives and nothing of the document is lost.
+/// A `json` column may hold what `jsonb` (so `raw_json`) cannot: `\u0000`, a lone surrogate,
+/// a number beyond `numeric`. The document is kept whole as a string, so the user still
+/// arrives and nothing of the document is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_json_document_jsonb_cannot_hold_arrives_as_its_text() {
     let pair = Pair::new().await;
@@ -227,22 +229,29 @@ async fn a_json_document_jsonb_cannot_hold_arrives_as_its_text() {
         .batch_execute("ALTER TABLE users ADD COLUMN settings json")
         .await
         .unwrap();
-    const DOCUMENT: &str = r#"{"note": "a\u0000b", "n": 1}"#;
-    let insert = format!(
-        "INSERT INTO users (id, email, settings)
-         VALUES ('00000000-0000-0000-0000-0000000000{{n}}', '{{n}}@example.com', '{DOCUMENT}')"
-    );
-    pair.source
-        .batch_execute(&insert.replace("{n}", "20"))
-        .await
-        .unwrap();
+    const DOCUMENTS: [&str; 3] = [
+        r#"{"note": "a\u0000b", "n": 1}"#,
+        r#"{"s": "\ud800"}"#,
+        r#"{"n": 1e1000000}"#,
+    ];
+    let insert = |first: usize| {
+        DOCUMENTS
+            .iter()
+            .enumerate()
+            .map(|(n, document)| {
+                format!(
+                    "INSERT INTO users (id, email, settings)
+                     VALUES ('00000000-0000-0000-0000-0000000000{0}', '{0}@example.com', '{document}');",
+                    first + n
+                )
+            })
+            .collect::<String>()
+    };
+    pair.source.batch_execute(&insert(20)).await.unwrap();
     pair.setup().await;
     let running = pair.start();
-    pair.source
-        .batch_execute(&insert.replace("{n}", "21"))
-        .await
-        .unwrap();
-    pair.wait_target("SELECT count(*) = 2 FROM neon_auth.users_sync")
+    pair.source.batch_execute(&insert(30)).await.unwrap();
+    pair.wait_target("SELECT count(*) = 6 FROM neon_auth.users_sync")
         .await;
     let kept: Vec<String> = pair
         .target
@@ -255,7 +264,7 @@ async fn a_json_document_jsonb_cannot_hold_arrives_as_its_text() {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(kept, [DOCUMENT, DOCUMENT]);
+    assert_eq!(kept, [DOCUMENTS, DOCUMENTS].concat());
     running.stop().await;
 }
 
