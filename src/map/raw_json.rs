@@ -28,12 +28,12 @@ pub enum Member {
 
 impl Member {
     /// A `jsonb` value's text as a member, when it is one JSON value serde_json can read
-    /// (checked without building it, which is what the text saves). PostgreSQL writes `jsonb`
-    /// as text that `jsonb` reads back, so `None` means a server that is not PostgreSQL: the
-    /// caller converts it as any other value. The `\u0000` check is for such a server too:
-    /// `jsonb` never holds it, and a target refuses a row with it.
+    /// (checked without building it, which is what the text saves) in the shape PostgreSQL
+    /// writes `jsonb` ([`written_like_jsonb`]). Anything else comes from a server that is not
+    /// PostgreSQL, and may be what a target's `jsonb` refuses, failing the row's batch on
+    /// every try: `None`, and the caller converts it as any other value.
     pub fn json_text(text: &str) -> Option<Member> {
-        if text.contains(super::value::NUL_ESCAPE) {
+        if !written_like_jsonb(text) {
             return None;
         }
         serde_json::from_str::<IgnoredAny>(text)
@@ -56,6 +56,65 @@ impl Member {
             Member::Text(text) => out.write_all(text.as_bytes()),
         }
     }
+}
+
+/// Nesting beyond which text is converted rather than kept: far below what PostgreSQL's
+/// default `max_stack_depth` parses, far above any identity store's document.
+const MAX_DEPTH: usize = 1_000;
+/// Digits in a row beyond which a number is converted rather than kept (`numeric` holds
+/// 131,072 before the point and 16,383 after it).
+const MAX_DIGITS: usize = 1_000;
+
+/// Whether JSON text has none of what PostgreSQL's `jsonb` output never holds: a `\u` escape
+/// of a surrogate (output writes the character) or of NUL (`jsonb` cannot hold it), a number
+/// with an exponent (`numeric` output never uses one; one can overflow `numeric`), a number
+/// of more than [`MAX_DIGITS`] digits, nesting deeper than [`MAX_DEPTH`]. One pass over the
+/// bytes; the syntax itself is serde_json's to check.
+fn written_like_jsonb(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let (mut depth, mut digits, mut in_string) = (0usize, 0usize, false);
+    let mut position = 0;
+    while let Some(&byte) = bytes.get(position) {
+        position += 1;
+        if in_string {
+            match byte {
+                b'"' => in_string = false,
+                b'\\' => {
+                    if bytes.get(position) == Some(&b'u') {
+                        let hex = bytes.get(position + 1..position + 5).unwrap_or_default();
+                        if matches!(hex.first(), Some(b'd' | b'D')) || hex == b"0000" {
+                            return false;
+                        }
+                    }
+                    position += 1;
+                }
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'0'..=b'9' => {
+                digits += 1;
+                if digits > MAX_DIGITS {
+                    return false;
+                }
+                continue;
+            }
+            b'e' | b'E' if digits > 0 => return false,
+            b'.' if digits > 0 => continue,
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        digits = 0;
+    }
+    true
 }
 
 impl From<Value> for Member {
@@ -211,7 +270,7 @@ mod tests {
         }
         // Deeper than serde_json builds values, which PostgreSQL reads back all the same.
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
-        for text in ["null", "1e400", r#""é""#, " {\"a\": [true, {}]} \n", &deep] {
+        for text in ["null", "-0.5", r#""é""#, " {\"a\": [true, {}]} \n", &deep] {
             assert!(
                 matches!(Member::json_text(text), Some(Member::Text(_))),
                 "{text:?}"
@@ -236,6 +295,38 @@ mod tests {
                 proptest::prop_assert_eq!(object.len(), 2);
                 proptest::prop_assert_eq!(&object["id"], &json!("u1"));
             }
+        }
+    }
+
+    /// What PostgreSQL never writes as `jsonb` and a target's `jsonb` refuses (a row that
+    /// would fail its batch on every try), from a server that is not PostgreSQL: converted
+    /// instead, where a document serde_json cannot hold exactly stays a string.
+    #[test]
+    fn text_jsonb_would_refuse_is_not_kept_as_text() {
+        let deep = format!("{}{}", "[".repeat(1001), "]".repeat(1001));
+        let long = format!("[{}]", "9".repeat(1001));
+        for text in [
+            r#"{"a": "\ud800"}"#,
+            r#"["\uDC00"]"#,
+            r#"{"\uD83D\uDE00": 1}"#,
+            r#"{"n": 1e999999}"#,
+            r#"[1E-20000]"#,
+            r#"[0.5e1]"#,
+            &deep,
+            &long,
+        ] {
+            assert_eq!(Member::json_text(text), None, "{text:.40}");
+        }
+        // Letters and escapes in strings, and literals, are not numbers or surrogates.
+        for text in [
+            r#"{"e": "1e5 \u00e9 \\ud800", "true": true, "f": false, "x": [1.5, -0, 10]}"#,
+            &format!("{}{}", "[".repeat(1000), "]".repeat(1000)),
+            &format!("[{}]", "9".repeat(1000)),
+        ] {
+            assert!(
+                matches!(Member::json_text(text), Some(Member::Text(_))),
+                "{text:.40}"
+            );
         }
     }
 

@@ -277,7 +277,7 @@ pub(super) fn json_to_json(text: Cow<'_, str>) -> Value {
 }
 
 /// How JSON text spells the one character `jsonb` cannot hold.
-pub(super) const NUL_ESCAPE: &str = "\\u0000";
+const NUL_ESCAPE: &str = "\\u0000";
 
 fn contains_nul(value: &Value) -> bool {
     match value {
