@@ -1189,6 +1189,12 @@ async fn start(settings: &Settings, report: &mut Report) -> Bench {
     eprintln!("snapshot: native copy_data");
     let native_target = connect_url(&target_pg.url("postgres", PASSWORD, NATIVE_DB)).await;
     native_target.batch_execute(USERS_TABLE).await.unwrap();
+    // Autovacuum would otherwise take on usersync's freshly copied table during native's turn.
+    connect_url(&target_pg.url("postgres", PASSWORD, USERSYNC_DB))
+        .await
+        .batch_execute("VACUUM (ANALYZE) neon_auth.users_sync")
+        .await
+        .unwrap();
     for client in [&source, &admin] {
         client.batch_execute("CHECKPOINT").await.unwrap();
     }
@@ -1200,10 +1206,14 @@ async fn start(settings: &Settings, report: &mut Report) -> Bench {
         ))
         .await
         .unwrap();
+    // Copied ('f', committed with the data) is native's end of the copy, as the end of
+    // `setup` is usersync's: both then catch up with the stream. Ready ('r') would add up to a
+    // second of waiting for the apply worker's next look at its tables.
     loop {
         let ready: bool = native_target
             .query_one(
-                "SELECT count(*) > 0 AND bool_and(srsubstate = 'r') FROM pg_subscription_rel",
+                "SELECT count(*) > 0 AND bool_and(srsubstate IN ('f', 's', 'r'))
+                   FROM pg_subscription_rel",
                 &[],
             )
             .await
