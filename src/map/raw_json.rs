@@ -354,6 +354,14 @@ mod tests {
     /// instead, where a document serde_json cannot hold exactly stays a string.
     #[test]
     fn text_jsonb_would_refuse_is_not_kept_as_text() {
+        // Escapes cut off by the end of the text are serde_json's to refuse; an escaped
+        // backslash or quote before one is not one.
+        for text in [r#""\"#, r#""\u"#, r#""\ud8"#] {
+            assert_eq!(Member::json_text(text), None, "{text}");
+        }
+        assert!(!written_like_jsonb(r#"["\\\ud800"]"#));
+        assert!(!written_like_jsonb(r#"["\"\u0000"]"#));
+        assert!(written_like_jsonb(r#"["\\ud800", "\"u0000"]"#));
         let deep = format!("{}{}", "[".repeat(1001), "]".repeat(1001));
         let long = format!("[{}]", "9".repeat(1001));
         for text in [
