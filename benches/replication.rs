@@ -44,7 +44,9 @@
 //! Sections, each printed as usersync, native and usersync/native:
 //!
 //! 1. **snapshot**: initial copy of `USERSYNC_BENCH_SNAPSHOT_USERS` (1,000,000) users, usersync
-//!    `setup` against `CREATE SUBSCRIPTION` with `copy_data` (rows/s).
+//!    `setup` against `CREATE SUBSCRIPTION` with `copy_data` until its table is copied (rows/s);
+//!    each turn from recycled WAL segments after a checkpoint, usersync's table vacuumed
+//!    before native's turn.
 //! 2. **steady load** (servers checkpointed and the tables vacuumed before each turn, and who
 //!    goes first alternating by rate): the load above at each total rate of `USERSYNC_BENCH_RATES`
 //!    (200,1000,5000 tx/s) for `USERSYNC_BENCH_SECONDS` (10) seconds. Lag is measured
