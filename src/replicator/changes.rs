@@ -323,6 +323,8 @@ pub(super) fn print_changes<'c>(
     let mut out = stdout.lock();
     for change in changes {
         let mut line = meta.clone();
+        // The user's document goes as it would be written (a jsonb column's text as sent).
+        let mut document = None;
         let (op, id, raw_json) = match change {
             UserChange::Upsert {
                 user,
@@ -336,10 +338,11 @@ pub(super) fn print_changes<'c>(
                         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
                     line.insert("deleted_at".into(), time.into());
                 }
+                document = Some(user.raw_json.to_vec());
                 (
                     if *inserted { "insert" } else { "update" },
                     Some(user.id.as_str()),
-                    Some(user.raw_json.to_value()),
+                    None,
                 )
             }
             UserChange::Patch { id, keys, .. } => (
@@ -365,8 +368,33 @@ pub(super) fn print_changes<'c>(
         line.insert("op".into(), op.into());
         line.insert("id".into(), id.into());
         line.insert("raw_json".into(), raw_json.into());
-        let _ = writeln!(out, "{}", serde_json::Value::Object(line));
+        let _ = match document {
+            Some(document) => write_line_with(&mut out, line, "raw_json", &document),
+            None => writeln!(out, "{}", serde_json::Value::Object(line)),
+        };
     }
+}
+
+/// Writes `line` as one JSON object with `key` holding `json`, JSON text written as it is.
+fn write_line_with(
+    out: &mut impl std::io::Write,
+    mut line: serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    json: &[u8],
+) -> std::io::Result<()> {
+    line.remove(key);
+    let others =
+        serde_json::to_vec(&serde_json::Value::Object(line)).map_err(std::io::Error::from)?;
+    // `others` is `{...}`: the member goes before its closing brace.
+    let (open, _) = others.split_at(others.len() - 1);
+    out.write_all(open)?;
+    if open.len() > 1 {
+        out.write_all(b",")?;
+    }
+    serde_json::to_writer(&mut *out, key).map_err(std::io::Error::from)?;
+    out.write_all(b":")?;
+    out.write_all(json)?;
+    out.write_all(b"}\n")
 }
 
 /// The new row of an update with the values it left out (unchanged TOAST) taken from the

@@ -49,7 +49,8 @@ async fn dry_run_prints_changes_and_applies_nothing() {
     let before = pair.slot_confirmed().await;
     pair.source
         .batch_execute(
-            "INSERT INTO users (id, email) VALUES ('00000000-0000-0000-0000-0000000000d1', 'dry@example.com');",
+            "INSERT INTO users (id, email, metadata) VALUES ('00000000-0000-0000-0000-0000000000d1',
+                 'dry@example.com', '{\"exact\": 12345678901234567890.123456789}');",
         )
         .await
         .unwrap();
@@ -67,6 +68,10 @@ async fn dry_run_prints_changes_and_applies_nothing() {
     assert_eq!(lines[0]["op"], "insert");
     assert_eq!(lines[0]["id"], "00000000-0000-0000-0000-0000000000d1");
     assert_eq!(lines[0]["raw_json"]["primary_email"], "dry@example.com");
+    // The document as it would be written: an object, every digit of its number kept.
+    assert!(lines[0]["raw_json"]["metadata"].is_object(), "{lines:?}");
+    assert!(String::from_utf8_lossy(&output.stdout)
+        .contains(r#""metadata":{"exact": 12345678901234567890.123456789}"#));
     assert!(lines[0]["lsn"].as_str().unwrap().contains('/'));
     assert!(lines[0]["commit_time"].as_str().unwrap().ends_with('Z'));
     assert_eq!(lines[1]["op"], "delete");
