@@ -696,7 +696,8 @@ async fn a_batch_beside_one_that_is_lost_commits_nothing() {
     write_backlog(&pair.source, "b", 12_000, true, true).await;
     let running = pair.start();
     // A usersync backend waiting for another's lock: the batch beside, waiting for the one
-    // before. Terminate the one it waits for.
+    // before. Once a batch has committed (so that the cut is not of the very first pair, which
+    // would leave only the retried session's writers), terminate the one it waits for.
     let deadline = Instant::now() + Duration::from_secs(60);
     let terminated = loop {
         let row = pair
@@ -705,6 +706,7 @@ async fn a_batch_beside_one_that_is_lost_commits_nothing() {
                 "SELECT pg_terminate_backend(blocker)
                    FROM pg_stat_activity a, unnest(pg_blocking_pids(a.pid)) AS blocker
                   WHERE a.application_name = 'usersync' AND a.datname = current_database()
+                    AND EXISTS (SELECT FROM neon_auth.users_sync)
                   LIMIT 1",
                 &[],
             )
@@ -721,7 +723,12 @@ async fn a_batch_beside_one_that_is_lost_commits_nothing() {
     };
     assert!(terminated);
     pair.wait_for_match().await;
+    assert!(
+        running.metrics.reconnects() >= 1,
+        "the cut connection was not retried"
+    );
     running.stop().await;
+    // Before the cut and after the retry.
     let writers = user_writers(&pair.target).await;
     assert!(writers >= 3, "{writers} target backends wrote users");
 }
