@@ -23,7 +23,7 @@ use super::lag::ClockWatch;
 use super::ledger::Reported;
 use super::route::{self, Feed, RouteParts};
 use super::silence::{SilenceWatch, Verdict};
-use super::{batcher::MAX_BATCH_CHANGES, stopped, Ended, Mode};
+use super::{stopped, Ended, Mode};
 use crate::apply::{ApplyWorker, CommitPosition, UnixMicros};
 use crate::config::Config;
 use crate::decode::{
@@ -44,6 +44,10 @@ use crate::source::{ReplicationStream, SourceError};
 /// rows.
 pub(super) const PART_CHANGES: usize = 2_000;
 
+/// Changes beyond which a transaction goes to the target in parts, one by one, rather than
+/// whole in a batch with others.
+const LARGE_TRANSACTION_CHANGES: usize = 10_000;
+
 /// The least time the reader waits for room in a route's feed before it leaves the route
 /// behind (a fan-out; half the lag target otherwise): less would leave routes behind over a
 /// hiccup of their target.
@@ -51,7 +55,7 @@ const SLOW_ROUTE_MIN_WAIT: Duration = Duration::from_millis(200);
 
 /// Whether a transaction goes to the target in parts rather than in a batch.
 fn is_large(transaction: &Transaction) -> bool {
-    transaction.spilled.is_some() || transaction.len() > MAX_BATCH_CHANGES
+    transaction.spilled.is_some() || transaction.len() > LARGE_TRANSACTION_CHANGES
 }
 
 /// A route's target as [`super::start`] found it.
@@ -884,7 +888,7 @@ impl<'a> Session<'a> {
                 // Changes that map to nothing (other tables, skipped rows) fill no part, so
                 // the status updates that keep the source connection (and the liveness
                 // bound) satisfied are counted in changes read.
-                if read.is_multiple_of(MAX_BATCH_CHANGES)
+                if read.is_multiple_of(LARGE_TRANSACTION_CHANGES)
                     && self.last_status.elapsed() >= self.status_interval
                 {
                     self.send_status(false).await?;
