@@ -686,9 +686,9 @@ pub async fn install_write_log(target: &Client) {
 }
 
 /// Writes a backlog on the source, one change per transaction: `inserts` new users (emails
-/// `{prefix}{i}@example.com`), with `updates` a version bump of an earlier user every third
-/// insert, and with `deletes` a delete of one every fiftieth, so that consecutive batches
-/// share users.
+/// `{prefix}{i}@example.com`), with `updates` a version bump every third insert of the user
+/// inserted 500 before (of half as many early on), and with `deletes` a delete of one every
+/// fiftieth, so that consecutive batches (a batch closes at 2,000 changes) share users.
 pub async fn write_backlog(
     source: &Client,
     prefix: &str,
@@ -699,7 +699,8 @@ pub async fn write_backlog(
     let update = if updates {
         format!(
             "IF i % 3 = 0 THEN
-               UPDATE users SET version = version + 1 WHERE email = '{prefix}' || (i / 2) || '@example.com';
+               UPDATE users SET version = version + 1
+                WHERE email = '{prefix}' || (i - least(i / 2, 500)) || '@example.com';
                COMMIT;
              END IF;"
         )
