@@ -33,8 +33,8 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(90);
 /// Upserts users whose whole `raw_json` is known: the common case, kept to the plainest
 /// statement (a quarter less target time than the merging one, measured on 10k rows). The
 /// arrays are unnested in the select list, in step, rather than in `FROM`, where the server
-/// first stores every row in a tuplestore, on disk past `work_mem` (a backlog's batch of
-/// 5,000 documents is more than the default 4 MB).
+/// first stores every row in a tuplestore, on disk past `work_mem` (a batch of 5,000
+/// documents is more than the default 4 MB).
 const UPSERT_USERS: &str = "
 INSERT INTO neon_auth.users_sync (raw_json, updated_at, deleted_at)
 SELECT unnest($1::jsonb[]), unnest($2::timestamptz[]), unnest($3::timestamptz[])
@@ -754,7 +754,7 @@ impl TargetWriter {
         self.write(batch, End::Commit(None)).await
     }
 
-    /// Applies part of a source transaction too large for one batch, in a target transaction
+    /// Applies part of a source transaction too large to go whole, in a target transaction
     /// left open: the next parts and, last, [`apply`](Self::apply) with the
     /// source commit go into the same one, so the target sees the source transaction whole
     /// or not at all. [`abandon`](Self::abandon) rolls it back.

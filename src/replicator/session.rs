@@ -814,7 +814,7 @@ impl<'a> Session<'a> {
         self.resynced[route] = Some(asked);
     }
 
-    /// A transaction too large for one batch (or spilled to disk) goes to the targets in
+    /// A transaction of over 10,000 changes (or spilled to disk) goes to the targets in
     /// parts, read, mapped and fed [`PART_CHANGES`] at a time; each route writes them into
     /// one target transaction that commits with the checkpoint: memory stays bounded and the
     /// target still sees the source transaction whole or not at all. Status updates keep
