@@ -1,6 +1,8 @@
 //! End-to-end replication through a real slot: every kind of change, batching, TOAST,
 //! streamed transactions, restarts.
 
+use std::time::{Duration, Instant};
+
 use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,6 +463,76 @@ async fn large_streamed_transactions_with_savepoint_rollback() {
     running.stop().await;
 }
 
+/// Streamed transactions (stream_txns) and stream blocks (stream_count) the source has sent
+/// from `slot`, once its statistics are reported.
+async fn streamed(pair: &Pair, slot: &str) -> (i64, i64) {
+    let row = pair
+        .source
+        .query_opt(
+            "SELECT stream_txns, stream_count FROM pg_stat_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    row.map_or((0, 0), |row| (row.get(0), row.get(1)))
+}
+
+/// Waits (a bounded time) for `slot`'s statistics to count `transactions` streamed ones.
+async fn wait_streamed(pair: &Pair, slot: &str, transactions: i64) -> (i64, i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = streamed(pair, slot).await;
+        if seen.0 >= transactions || Instant::now() >= deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A transaction of a few megabytes, on a source whose `logical_decoding_work_mem` is the
+/// default 64MB, reaches usersync while it is still open (streamed), so that after its commit
+/// only its last megabyte is left to decode and send; a source set lower keeps its lower
+/// limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_streams_while_open_whatever_the_sources_limit() {
+    let pair = Pair::new().await;
+    let limit = |value: &str| {
+        format!(
+            "ALTER ROLE {} IN DATABASE {} SET logical_decoding_work_mem = '{value}'",
+            pair.config.source.user, pair.config.source.dbname
+        )
+    };
+    pair.source.batch_execute(&limit("64MB")).await.unwrap();
+    pair.setup().await;
+    let running = pair.start();
+    // About 4MB in the walsender's memory: under the server's 64MB, over usersync's 1MB.
+    let large = "INSERT INTO users (email, metadata)
+                 SELECT 'big' || g || '@example.com', jsonb_build_object('pad', repeat('x', 800))
+                   FROM generate_series(1, 3000) g";
+    pair.source.batch_execute(large).await.unwrap();
+    pair.wait_for_match().await;
+    let (transactions, blocks) = wait_streamed(&pair, &pair.config.slot, 1).await;
+    assert_eq!(transactions, 1, "the transaction was streamed while open");
+    assert!(
+        (2..20).contains(&blocks),
+        "streamed in blocks of about 1MB: {blocks}"
+    );
+    running.stop().await;
+
+    // Lower than usersync's limit: the source's own setting stays.
+    pair.source.batch_execute(&limit("64kB")).await.unwrap();
+    let running = pair.start();
+    pair.source.batch_execute(large).await.unwrap();
+    pair.wait_for_match().await;
+    let (transactions, blocks) = wait_streamed(&pair, &pair.config.slot, 2).await;
+    assert_eq!(transactions, 2);
+    assert!(
+        blocks >= 40,
+        "the second transaction streamed in blocks of 64kB: {blocks} blocks in all"
+    );
+    running.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_resumes_from_the_checkpoint_without_doubling() {
     let pair = Pair::new().await;
@@ -710,7 +782,6 @@ async fn a_refused_checkpoint_writes_nothing_of_its_batch() {
 /// from exactly where the one before leaves it. A user both write ends as the later one left it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_beside_another_commits_only_after_it() {
-    use std::time::Duration;
     use usersync::apply::{ApplyError, Batch, CommitPosition, TargetWriter};
     use usersync::lsn::Lsn;
     let pair = Pair::new().await;
