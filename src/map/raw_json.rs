@@ -127,6 +127,16 @@ impl From<Value> for Member {
     }
 }
 
+impl From<&RawJson> for Member {
+    /// A whole document as a member of another, written as its text.
+    fn from(document: &RawJson) -> Self {
+        // `write` puts out serde_json's output and text members, which are `str`: always UTF-8.
+        let text = String::from_utf8(document.to_vec())
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        Member::Text(text.into())
+    }
+}
+
 /// `raw_json`: members by key.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RawJson(BTreeMap<String, Member>);

@@ -9,7 +9,7 @@ use super::relations::StreamTables;
 use crate::decode::{ColumnValue, LogicalMessage, OldTuple, Relation, Transaction, TupleData};
 use crate::error::Error;
 use crate::lsn::Lsn;
-use crate::map::{Gone, MappedUser, RowMapper, RowOutcome};
+use crate::map::{Gone, MappedUser, Member, RawJson, RowMapper, RowOutcome};
 use crate::routing::Router;
 
 /// One source change as it will reach the target.
@@ -338,7 +338,7 @@ pub(super) fn print_changes<'c>(
                         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
                     line.insert("deleted_at".into(), time.into());
                 }
-                document = Some(user.raw_json.to_vec());
+                document = Some(Member::from(&user.raw_json));
                 (
                     if *inserted { "insert" } else { "update" },
                     Some(user.id.as_str()),
@@ -367,34 +367,13 @@ pub(super) fn print_changes<'c>(
         };
         line.insert("op".into(), op.into());
         line.insert("id".into(), id.into());
-        line.insert("raw_json".into(), raw_json.into());
-        let _ = match document {
-            Some(document) => write_line_with(&mut out, line, "raw_json", &document),
-            None => writeln!(out, "{}", serde_json::Value::Object(line)),
-        };
+        let mut line = RawJson::from(line);
+        line.insert(
+            "raw_json".into(),
+            document.unwrap_or_else(|| Member::from(serde_json::Value::from(raw_json))),
+        );
+        let _ = line.write(&mut out).and_then(|()| out.write_all(b"\n"));
     }
-}
-
-/// Writes `line` as one JSON object with `key` holding `json`, JSON text written as it is.
-fn write_line_with(
-    out: &mut impl std::io::Write,
-    mut line: serde_json::Map<String, serde_json::Value>,
-    key: &str,
-    json: &[u8],
-) -> std::io::Result<()> {
-    line.remove(key);
-    let others =
-        serde_json::to_vec(&serde_json::Value::Object(line)).map_err(std::io::Error::from)?;
-    // `others` is `{...}`: the member goes before its closing brace.
-    let (open, _) = others.split_at(others.len() - 1);
-    out.write_all(open)?;
-    if open.len() > 1 {
-        out.write_all(b",")?;
-    }
-    serde_json::to_writer(&mut *out, key).map_err(std::io::Error::from)?;
-    out.write_all(b":")?;
-    out.write_all(json)?;
-    out.write_all(b"}\n")
 }
 
 /// The new row of an update with the values it left out (unchanged TOAST) taken from the
