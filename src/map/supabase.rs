@@ -42,6 +42,10 @@
 //! column passes through under its own name (`phone`, `last_sign_in_at`, `role`, `aud`,
 //! `banned_until`, `is_sso_user`, `deleted_at`, …).
 
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::columns::{
@@ -50,7 +54,7 @@ use super::columns::{
 use super::profile::{MappingPlan, RowMapper, RowOutcome, SkipReason};
 use super::selection::ColumnSelection;
 use super::value::{self, oid};
-use super::{key, MapError, MappedUser};
+use super::{key, MapError, MappedUser, Member};
 use crate::decode::{ColumnValue, RelationColumn};
 
 /// Where GoTrue creates its users.
@@ -211,14 +215,14 @@ impl BoundSupabase {
             }
             Some(meta) => {
                 // Read for the two fields; the document itself goes as the source holds it.
-                let fields = meta.to_value();
+                let fields = NameFields::of(&meta);
                 user.set(
                     key::DISPLAY_NAME,
-                    Some(first_text_field(&fields, &DISPLAY_NAME_FIELDS)),
+                    Some(first_text(&[fields.full_name, fields.name])),
                 );
                 user.set(
                     key::PROFILE_IMAGE_URL,
-                    Some(first_text_field(&fields, &AVATAR_FIELDS)),
+                    Some(first_text(&[fields.avatar_url, fields.picture])),
                 );
                 user.set_member(key::CLIENT_METADATA, Some(meta));
             }
@@ -234,11 +238,75 @@ impl BoundSupabase {
     }
 }
 
+/// The `raw_user_meta_data` fields that name the user and hold a picture: those that are
+/// strings. The document is read for them alone, the rest skipped without being built, so
+/// they are found whatever else it holds (a number beyond a double, deep nesting).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct NameFields {
+    full_name: Text,
+    name: Text,
+    avatar_url: Text,
+    picture: Text,
+}
+
+impl NameFields {
+    fn of(meta: &Member) -> NameFields {
+        match meta {
+            Member::Text(text) => serde_json::from_str(text).unwrap_or_default(),
+            Member::Value(value) => NameFields::deserialize(value).unwrap_or_default(),
+        }
+    }
+}
+
+/// A field's value if it is a string; any other value is skipped.
+#[derive(Debug, Default)]
+struct Text(Option<String>);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> Visitor<'de> for TextVisitor {
+            type Value = Text;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Text, E> {
+                Ok(Text(Some(text.to_owned())))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Text, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Text(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Text, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Text(None))
+            }
+        }
+        deserializer.deserialize_any(TextVisitor)
+    }
+}
+
 /// The first of `fields` that holds a non-blank string, or null.
-fn first_text_field(object: &Value, fields: &[&str]) -> Value {
+fn first_text(fields: &[Text]) -> Value {
     fields
         .iter()
-        .filter_map(|field| object.get(field)?.as_str())
+        .filter_map(|field| field.0.as_deref())
         .map(str::trim)
         .find(|text| !text.is_empty())
         .map_or(Value::Null, |text| Value::String(text.to_owned()))
@@ -525,6 +593,21 @@ mod tests {
             ),
             (r#"{"full_name": 7}"#, Value::Null, Value::Null),
             ("{}", Value::Null, Value::Null),
+            // Read from a document serde_json cannot hold as values (it stays whole in
+            // client_metadata): the fields are found all the same.
+            (
+                &format!(
+                    r#"{{"big": {}, "full_name": "Ada", "picture": "p.png"}}"#,
+                    "9".repeat(400)
+                ),
+                json!("Ada"),
+                json!("p.png"),
+            ),
+            (
+                r#"{"name": {"first": "Ada"}, "avatar_url": ["a.png"], "picture": "p.png"}"#,
+                Value::Null,
+                json!("p.png"),
+            ),
         ];
         for (meta, name, picture) in cases {
             let row = ada(&auth_users(), &[("raw_user_meta_data", text(meta))]);
