@@ -299,10 +299,15 @@ impl TransactionAssembler {
         }
     }
 
-    /// Whether no transaction is open or in progress: everything received has been emitted.
-    /// Only then may a replicator confirm a position it has not applied (a keepalive's).
+    /// Whether no transaction is half-read: everything received has been emitted but the
+    /// streamed transactions held until their commit. Only then may a replicator confirm a
+    /// position it has not applied (a keepalive's). A held streamed transaction does not
+    /// count: its commit comes after any position the server has sent, and a session that
+    /// starts again before that commit is sent the whole transaction again (the slot's
+    /// restart point stays before its first change), which is what PostgreSQL's own
+    /// subscriber relies on too.
     pub fn is_idle(&self) -> bool {
-        self.open.is_none() && self.in_block.is_none() && self.streamed.is_empty()
+        self.open.is_none() && self.in_block.is_none()
     }
 
     /// Changes held, in memory or spilled, in open and in-progress streamed transactions.
@@ -738,9 +743,15 @@ mod tests {
             ],
         );
         assert_eq!(assembler.buffered_changes(), 5);
+        // Between blocks, held streamed transactions leave nothing half-read.
+        assert!(assembler.is_idle());
+        push_all(&mut assembler, vec![stream_start(A, false)]);
+        assert!(!assembler.is_idle(), "inside a block");
+        push_all(&mut assembler, vec![LogicalMessage::StreamStop]);
 
         // An ordinary transaction between blocks commits on its own.
         push_all(&mut assembler, vec![begin(C, 0x500), insert(None, "c1")]);
+        assert!(!assembler.is_idle(), "inside an ordinary transaction");
         let c = committed(assembler.push(commit(0x500)));
         assert_eq!((c.xid, c.changes), (C, vec![insert(None, "c1")]));
 

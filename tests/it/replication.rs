@@ -1,7 +1,10 @@
 //! End-to-end replication through a real slot: every kind of change, batching, TOAST,
 //! streamed transactions, restarts.
 
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use usersync::localpg::LocalPg;
 
 use crate::harness::*;
 
@@ -489,47 +492,138 @@ async fn wait_streamed(pair: &Pair, slot: &str, transactions: i64) -> (i64, i64)
     }
 }
 
-/// A transaction of a few megabytes, on a source whose `logical_decoding_work_mem` is the
-/// default 64MB, reaches usersync while it is still open (streamed), so that after its commit
-/// only its last megabyte is left to decode and send; a source set lower keeps its lower
-/// limit.
+/// A server of its own with PostgreSQL's default `logical_decoding_work_mem` (64MB), and
+/// its slot statistics to itself: PostgreSQL 14 sends them over a lossy channel, which the
+/// shared server's traffic could overflow.
+fn default_decoding_memory_server() -> &'static LocalPg {
+    static SERVER: OnceLock<LocalPg> = OnceLock::new();
+    SERVER.get_or_init(|| start_server(Vec::new()))
+}
+
+/// One transaction of `rows` users with a 1kB document each, applied.
+async fn large_transaction(pair: &Pair, rows: usize) {
+    pair.source
+        .batch_execute(&format!(
+            "INSERT INTO users (email, metadata)
+             SELECT 'big' || g || '-' || gen_random_uuid() || '@example.com',
+                    jsonb_build_object('pad', repeat('x', 1000))
+               FROM generate_series(1, {rows}) g"
+        ))
+        .await
+        .unwrap();
+    pair.wait_for_match().await;
+}
+
+/// A large transaction reaches usersync while it is still open (streamed) on a source whose
+/// `logical_decoding_work_mem` is the default 64MB: usersync caps it at 8MB for its session,
+/// so after the commit only the last few megabytes are left to decode and send. A lower
+/// setting of the source stays, one the source URL sets stays, and a source that refuses
+/// the cap is still replicated from.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_transaction_streams_while_open_whatever_the_sources_limit() {
-    let pair = Pair::new().await;
-    let limit = |value: &str| {
+    let mut pair = Pair::on(default_decoding_memory_server(), USERS_TABLE).await;
+    let role_limit = |value: Option<&str>| {
+        let change = value.map_or("RESET logical_decoding_work_mem".to_owned(), |value| {
+            format!("SET logical_decoding_work_mem = '{value}'")
+        });
         format!(
-            "ALTER ROLE {} IN DATABASE {} SET logical_decoding_work_mem = '{value}'",
+            "ALTER ROLE {} IN DATABASE {} {change}",
             pair.config.source.user, pair.config.source.dbname
         )
     };
-    pair.source.batch_execute(&limit("64MB")).await.unwrap();
     pair.setup().await;
-    let running = pair.start();
-    // About 4MB in the walsender's memory: under the server's 64MB, over usersync's 1MB.
-    let large = "INSERT INTO users (email, metadata)
-                 SELECT 'big' || g || '@example.com', jsonb_build_object('pad', repeat('x', 800))
-                   FROM generate_series(1, 3000) g";
-    pair.source.batch_execute(large).await.unwrap();
-    pair.wait_for_match().await;
-    let (transactions, blocks) = wait_streamed(&pair, &pair.config.slot, 1).await;
-    assert_eq!(transactions, 1, "the transaction was streamed while open");
-    assert!(
-        (2..20).contains(&blocks),
-        "streamed in blocks of about 1MB: {blocks}"
-    );
-    running.stop().await;
+    let slot = pair.config.slot.clone();
 
-    // Lower than usersync's limit: the source's own setting stays.
-    pair.source.batch_execute(&limit("64kB")).await.unwrap();
+    // About 14MB in the walsender's memory: under the server's 64MB, over the cap.
     let running = pair.start();
-    pair.source.batch_execute(large).await.unwrap();
-    pair.wait_for_match().await;
-    let (transactions, blocks) = wait_streamed(&pair, &pair.config.slot, 2).await;
+    large_transaction(&pair, 12_000).await;
+    let (transactions, blocks) = wait_streamed(&pair, &slot, 1).await;
+    running.stop().await;
+    assert_eq!(transactions, 1, "the transaction was streamed while open");
+    assert!((1..=3).contains(&blocks), "in blocks of 8MB: {blocks}");
+
+    // Lower than the cap, for the role: it stays.
+    pair.source
+        .batch_execute(&role_limit(Some("64kB")))
+        .await
+        .unwrap();
+    let running = pair.start();
+    large_transaction(&pair, 2_000).await;
+    let (transactions, after) = wait_streamed(&pair, &slot, 2).await;
+    running.stop().await;
     assert_eq!(transactions, 2);
     assert!(
-        blocks >= 40,
-        "the second transaction streamed in blocks of 64kB: {blocks} blocks in all"
+        after - blocks >= 20,
+        "in blocks of 64kB: {}",
+        after - blocks
     );
+    pair.source.batch_execute(&role_limit(None)).await.unwrap();
+
+    // Set by the source URL, higher than the cap: it stays too. (A streamed transaction's
+    // count of blocks includes the last one, sent at its commit.)
+    pair.config.source.options = Some("-c logical_decoding_work_mem=32MB".into());
+    let running = pair.start();
+    large_transaction(&pair, 34_000).await;
+    let (transactions, latest) = wait_streamed(&pair, &slot, 3).await;
+    running.stop().await;
+    assert_eq!(transactions, 3);
+    assert!(
+        (1..=3).contains(&(latest - after)),
+        "in blocks of 32MB (6 or more of 8MB): {}",
+        latest - after
+    );
+    pair.config.source.options = None;
+
+    // A source that refuses the cap: replicated from all the same, at its own limit.
+    pair.source
+        .batch_execute(
+            "REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) FROM PUBLIC",
+        )
+        .await
+        .unwrap();
+    let running = pair.start();
+    large_transaction(&pair, 100).await;
+    running.stop().await;
+}
+
+/// Without heartbeats, keepalives move the slot on while a streamed transaction is still open
+/// (usersync holds it until its commit, which comes after any position the server has sent),
+/// and a restart before its commit gets it again, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalives_advance_the_slot_past_an_open_streamed_transaction() {
+    let mut pair = Pair::new().await;
+    pair.config.heartbeat_interval = None;
+    pair.setup().await;
+    pair.source
+        .batch_execute("CREATE TABLE unrelated (n int)")
+        .await
+        .unwrap();
+    let running = pair.start();
+    // Over the shared server's 64kB: streamed while open.
+    let open = sql(pair.server, &pair.config.source.dbname).await;
+    open.batch_execute(
+        "BEGIN;
+         INSERT INTO users (email) SELECT 'open' || g || '@example.com' FROM generate_series(1, 2000) g",
+    )
+    .await
+    .unwrap();
+    // Only keepalives tell usersync the WAL moved on past it.
+    pair.source
+        .batch_execute("INSERT INTO unrelated VALUES (1)")
+        .await
+        .unwrap();
+    let written = pair.source_wal_lsn().await;
+    pair.wait_for_slot_confirmed(
+        &written,
+        false,
+        "the slot never advanced while a streamed transaction was open",
+    )
+    .await;
+    running.stop().await;
+    open.batch_execute("COMMIT").await.unwrap();
+    let running = pair.start();
+    pair.wait_for_match().await;
+    assert_eq!(target_user_count(&pair.target).await, 2000);
     running.stop().await;
 }
 
