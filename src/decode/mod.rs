@@ -41,7 +41,7 @@
 //!
 //! Protocol 2 (PostgreSQL 14+, with the `streaming` option) adds streaming of large
 //! in-progress transactions: once a transaction exceeds `logical_decoding_work_mem` (which
-//! usersync caps at 1MB for its walsender, see `replicator::start`), the server sends what it has so far in a block between Stream Start (top-level xid) and
+//! usersync caps at 8MB for its walsender, see `replicator::start`), the server sends what it has so far in a block between Stream Start (top-level xid) and
 //! Stream Stop, and later more blocks, then Stream Commit or Stream Abort outside any block.
 //! Blocks of different transactions interleave, and ordinary Begin..Commit transactions may
 //! arrive between them. Inside a block, and only there, Relation, Type, Insert, Update,

@@ -27,7 +27,7 @@ use crate::lag::unix_micros_now;
 use crate::lsn::Lsn;
 use crate::metrics::{Metrics, Side};
 use crate::source::monitor::{heartbeat_prefix, run_monitor};
-use crate::source::{catalog, ReplicationConnection, SourceError};
+use crate::source::{catalog, ReplicationConnection, ReplicationError, SourceError};
 
 /// How often a standby tries to take the slot's lock.
 pub(super) const STANDBY_POLL: Duration = Duration::from_secs(1);
@@ -47,22 +47,48 @@ const SLOT_BUSY_MARGIN: Duration = Duration::from_secs(5);
 /// PostgreSQL 14 brought pgoutput protocol 2 (streaming of large in-progress transactions)
 /// and the `messages` option (logical messages, which carry the heartbeats).
 const PROTOCOL_2_MIN_VERSION: u32 = 140_000;
-/// Caps the walsender's `logical_decoding_work_mem` at 1MB (the server's own value stays
-/// when it is lower). Under that limit a transaction waits in the walsender's memory until
-/// its commit, and only then is decoded into messages and sent; over it, it streams while
-/// still open. With the default 64MB, a transaction of 100,000 users was mostly sent after
-/// its commit, and the target waited for that; at 1MB all but its last megabyte has
-/// reached usersync when it commits (a bench's 100,000-row transaction: 2.0 s from commit
-/// to last row, 1.5 s after). usersync keeps a streamed transaction until its commit like
-/// any other (in memory, then in a spill file), so streaming costs it nothing more.
-const CAP_DECODING_MEMORY: &str = "SELECT set_config('logical_decoding_work_mem', '1MB', false) \
-     FROM pg_settings WHERE name = 'logical_decoding_work_mem' AND setting::bigint > 1024";
+/// Caps the walsender's `logical_decoding_work_mem` at 8MB. Under that limit a transaction
+/// waits in the walsender's memory until its commit, and only then is decoded into messages
+/// and sent; over it, it streams while still open. With the default 64MB, a transaction of
+/// 100,000 users was mostly sent after its commit, and the target waited for that; capped,
+/// all but its last few megabytes have reached usersync when it commits (the bench's
+/// 100,000-row transaction: 2.0 s from commit to last row, 1.5 to 1.7 s after). usersync
+/// holds a streamed transaction until its commit (in memory, then in a spill file), as it
+/// would have held it whole after the commit; what the cap costs is that a transaction over
+/// it that then rolls back crosses the network first. The limit is shared by all the
+/// transactions open at once. A lower setting of the server, database or role stays, and
+/// so does one the source URL's `options` set (`-c logical_decoding_work_mem=...`), which is
+/// how an operator chooses another.
+const CAP_DECODING_MEMORY: &str =
+    "SELECT pg_catalog.set_config('logical_decoding_work_mem', '8MB', false) \
+     FROM pg_catalog.pg_settings WHERE name = 'logical_decoding_work_mem' \
+     AND setting::bigint > 8192 AND source <> 'client'";
 
 /// Whether the source streams large transactions while they are open (protocol 2).
 fn streams(replication: &ReplicationConnection) -> bool {
     replication
         .server_version_num()
         .is_some_and(|v| v >= PROTOCOL_2_MIN_VERSION)
+}
+
+/// Runs [`CAP_DECODING_MEMORY`]. A server that refuses it (an error that is not the
+/// connection's) streams at its own limit: worth a warning, not a stop.
+async fn cap_decoding_memory(
+    replication: &mut ReplicationConnection,
+) -> Result<(), ReplicationError> {
+    match replication.simple_query(CAP_DECODING_MEMORY).await {
+        Ok(_) => Ok(()),
+        Err(error @ ReplicationError::Server { .. }) if !error.is_transient() => {
+            tracing::warn!(
+                %error,
+                "the source refused to lower logical_decoding_work_mem for usersync's session: \
+                 a large transaction streams at the server's own limit (with the default 64MB, \
+                 mostly after its commit, which delays it on the target)"
+            );
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// A route's target, locked and read, before the source is asked anything.
@@ -207,7 +233,7 @@ pub(super) async fn run_session(
             ReplicationConnection::connect(&config.source, APPLICATION_NAME).await?;
         let identity = replication.identify_system().await?;
         if streams(&replication) {
-            replication.simple_query(CAP_DECODING_MEMORY).await?;
+            cap_decoding_memory(&mut replication).await?;
         }
         Ok((replication, identity))
     })
