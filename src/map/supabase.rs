@@ -42,10 +42,12 @@
 //! column passes through under its own name (`phone`, `last_sign_in_at`, `role`, `aud`,
 //! `banned_until`, `is_sso_user`, `deleted_at`, …).
 
+use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::columns::{
@@ -238,75 +240,83 @@ impl BoundSupabase {
     }
 }
 
-/// The `raw_user_meta_data` fields that name the user and hold a picture: those that are
-/// strings. The document is read for them alone, the rest skipped without being built, so
-/// they are found whatever else it holds (a number beyond a double, deep nesting).
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
+/// The `raw_user_meta_data` fields that name the user and hold a picture, where they are
+/// strings. A document's text is read for them alone: every other member, and any of these
+/// that is not a string, is skipped without being built, so they are found whatever else
+/// the document holds (a number beyond a double, deep nesting). A key given twice keeps its
+/// last value, as in `jsonb`.
+#[derive(Debug, Default)]
 struct NameFields {
-    full_name: Text,
-    name: Text,
-    avatar_url: Text,
-    picture: Text,
+    full_name: Option<String>,
+    name: Option<String>,
+    avatar_url: Option<String>,
+    picture: Option<String>,
 }
 
 impl NameFields {
     fn of(meta: &Member) -> NameFields {
         match meta {
             Member::Text(text) => serde_json::from_str(text).unwrap_or_default(),
-            Member::Value(value) => NameFields::deserialize(value).unwrap_or_default(),
+            Member::Value(value) => {
+                let mut fields = NameFields::default();
+                if let Value::Object(object) = value {
+                    for (key, value) in object {
+                        if let Some(field) = fields.field(key) {
+                            *field = value.as_str().map(str::to_owned);
+                        }
+                    }
+                }
+                fields
+            }
+        }
+    }
+
+    fn field(&mut self, key: &str) -> Option<&mut Option<String>> {
+        match key {
+            "full_name" => Some(&mut self.full_name),
+            "name" => Some(&mut self.name),
+            "avatar_url" => Some(&mut self.avatar_url),
+            "picture" => Some(&mut self.picture),
+            _ => None,
         }
     }
 }
 
-/// A field's value if it is a string; any other value is skipped.
-#[derive(Debug, Default)]
-struct Text(Option<String>);
-
-impl<'de> Deserialize<'de> for Text {
+impl<'de> Deserialize<'de> for NameFields {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct TextVisitor;
-        impl<'de> Visitor<'de> for TextVisitor {
-            type Value = Text;
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = NameFields;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
+                f.write_str("a JSON object")
             }
-            fn visit_str<E: de::Error>(self, text: &str) -> Result<Text, E> {
-                Ok(Text(Some(text.to_owned())))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Text, E> {
-                Ok(Text(None))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Text, E> {
-                Ok(Text(None))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Text, E> {
-                Ok(Text(None))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Text, E> {
-                Ok(Text(None))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Text, E> {
-                Ok(Text(None))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Text, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Text(None))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Text, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Text(None))
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NameFields, A::Error> {
+                let mut fields = NameFields::default();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    match fields.field(&key) {
+                        Some(field) => {
+                            // Its text, found without parsing it: a string is parsed, anything
+                            // else left as it is.
+                            let raw: &'de RawValue = map.next_value()?;
+                            *field = serde_json::from_str(raw.get()).ok();
+                        }
+                        None => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(fields)
             }
         }
-        deserializer.deserialize_any(TextVisitor)
+        deserializer.deserialize_map(FieldsVisitor)
     }
 }
 
 /// The first of `fields` that holds a non-blank string, or null.
-fn first_text(fields: &[Text]) -> Value {
+fn first_text(fields: &[Option<String>]) -> Value {
     fields
         .iter()
-        .filter_map(|field| field.0.as_deref())
+        .filter_map(Option::as_deref)
         .map(str::trim)
         .find(|text| !text.is_empty())
         .map_or(Value::Null, |text| Value::String(text.to_owned()))
@@ -607,6 +617,18 @@ mod tests {
                 r#"{"name": {"first": "Ada"}, "avatar_url": ["a.png"], "picture": "p.png"}"#,
                 Value::Null,
                 json!("p.png"),
+            ),
+            // One of the fields beyond a double: the others are still read.
+            (
+                &format!(r#"{{"name": {}, "picture": "p.png"}}"#, "9".repeat(400)),
+                Value::Null,
+                json!("p.png"),
+            ),
+            // A key twice (not from PostgreSQL, whose jsonb keeps one): the last, as jsonb.
+            (
+                r#"{"name": "Ada", "name": "Lovelace"}"#,
+                json!("Lovelace"),
+                Value::Null,
             ),
         ];
         for (meta, name, picture) in cases {
