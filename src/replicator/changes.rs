@@ -324,8 +324,7 @@ pub(super) fn print_changes<'c>(
     for change in changes {
         let mut line = meta.clone();
         // The user's document goes as it would be written (a jsonb column's text as sent).
-        let mut document = None;
-        let (op, id, raw_json) = match change {
+        let (op, id, document) = match change {
             UserChange::Upsert {
                 user,
                 inserted,
@@ -338,26 +337,19 @@ pub(super) fn print_changes<'c>(
                         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
                     line.insert("deleted_at".into(), time.into());
                 }
-                document = Some(Member::from(&user.raw_json));
                 (
                     if *inserted { "insert" } else { "update" },
                     Some(user.id.as_str()),
-                    None,
+                    Some(Member::from(&user.raw_json)),
                 )
             }
-            UserChange::Patch { id, keys, .. } => (
-                "patch",
-                Some(id.as_str()),
-                Some(serde_json::Value::Object(keys.clone())),
-            ),
+            UserChange::Patch { id, keys, .. } => {
+                ("patch", Some(id.as_str()), Some(patch_keys(keys)))
+            }
             UserChange::ClearPartIf { id, row, keys } => {
                 // Applied only if the target says the part came from that row.
                 line.insert("if_part_from".into(), row.as_str().into());
-                (
-                    "patch",
-                    Some(id.as_str()),
-                    Some(serde_json::Value::Object(keys.clone())),
-                )
+                ("patch", Some(id.as_str()), Some(patch_keys(keys)))
             }
             UserChange::SoftDelete(id) | UserChange::MovedAway(id) => {
                 ("delete", Some(id.as_str()), None)
@@ -370,10 +362,15 @@ pub(super) fn print_changes<'c>(
         let mut line = RawJson::from(line);
         line.insert(
             "raw_json".into(),
-            document.unwrap_or_else(|| Member::from(serde_json::Value::from(raw_json))),
+            document.unwrap_or(Member::Value(serde_json::Value::Null)),
         );
         let _ = line.write(&mut out).and_then(|()| out.write_all(b"\n"));
     }
+}
+
+/// A patch's keys as they would be written: in `jsonb`'s order, like a whole document.
+fn patch_keys(keys: &serde_json::Map<String, serde_json::Value>) -> Member {
+    Member::from(&RawJson::from(keys.clone()))
 }
 
 /// The new row of an update with the values it left out (unchanged TOAST) taken from the
