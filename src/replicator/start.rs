@@ -52,7 +52,8 @@ const PROTOCOL_2_MIN_VERSION: u32 = 140_000;
 /// and sent; over it, it streams while still open. With the default 64MB, a transaction of
 /// 100,000 users was mostly sent after its commit, and the target waited for that; capped,
 /// all but its last few megabytes have reached usersync when it commits (the bench's
-/// 100,000-row transaction: 2.0 s from commit to last row, 1.5 to 1.7 s after). usersync
+/// 100,000-row transaction, three pairs: 2.5 s from commit to last row before, 1.9 to 2.0 s
+/// after). usersync
 /// holds a streamed transaction until its commit (in memory, then in a spill file), as it
 /// would have held it whole after the commit; what the cap costs is that a transaction over
 /// it that then rolls back crosses the network first. The limit is shared by all the
