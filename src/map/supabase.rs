@@ -45,9 +45,8 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::columns::{
@@ -241,10 +240,11 @@ impl BoundSupabase {
 }
 
 /// The `raw_user_meta_data` fields that name the user and hold a picture, where they are
-/// strings. A document's text is read for them alone: every other member, and any of these
-/// that is not a string, is skipped without being built, so they are found whatever else
-/// the document holds (a number beyond a double, deep nesting). A key given twice keeps its
-/// last value, as in `jsonb`.
+/// strings. A document's text is read for them alone: every other member is skipped without
+/// being built, so they are found whatever else the document holds (a number beyond a
+/// double, deep nesting). A key given twice keeps its last value, as in `jsonb`. (One of
+/// these four holding a number beyond a double leaves all four unknown: serde_json reads a
+/// value's number before it can be told it is not wanted.)
 #[derive(Debug, Default)]
 struct NameFields {
     full_name: Option<String>,
@@ -294,12 +294,7 @@ impl<'de> Deserialize<'de> for NameFields {
                 let mut fields = NameFields::default();
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     match fields.field(&key) {
-                        Some(field) => {
-                            // Its text, found without parsing it: a string is parsed, anything
-                            // else left as it is.
-                            let raw: &'de RawValue = map.next_value()?;
-                            *field = serde_json::from_str(raw.get()).ok();
-                        }
+                        Some(field) => *field = map.next_value::<Text>()?.0,
                         None => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -309,6 +304,48 @@ impl<'de> Deserialize<'de> for NameFields {
             }
         }
         deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
+/// A value if it is a string; any other value is skipped.
+struct Text(Option<String>);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> Visitor<'de> for TextVisitor {
+            type Value = Text;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Text, E> {
+                Ok(Text(Some(text.to_owned())))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Text, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Text(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Text, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Text(None))
+            }
+        }
+        deserializer.deserialize_any(TextVisitor)
     }
 }
 
@@ -618,12 +655,8 @@ mod tests {
                 Value::Null,
                 json!("p.png"),
             ),
-            // One of the fields beyond a double: the others are still read.
-            (
-                &format!(r#"{{"name": {}, "picture": "p.png"}}"#, "9".repeat(400)),
-                Value::Null,
-                json!("p.png"),
-            ),
+            // Not an object: no fields (an array's strings are not fields by position).
+            (r#"["Ada", "ada", "a.png"]"#, Value::Null, Value::Null),
             // A key twice (not from PostgreSQL, whose jsonb keeps one): the last, as jsonb.
             (
                 r#"{"name": "Ada", "name": "Lovelace"}"#,

@@ -1021,6 +1021,17 @@ mod tests {
         assert_eq!(TextValue::of(&binary), Err(ValueError::BinaryFormat));
     }
 
+    /// serde_json's `raw_value` feature would turn an object with this key into the JSON its
+    /// value holds, rewriting a user's `json` document: it must stay off.
+    #[test]
+    fn a_json_document_is_kept_whatever_its_keys() {
+        let text = r#"{"a": {"$serde_json::private::RawValue": "[1,2]"}}"#;
+        assert_eq!(
+            json_to_json(Cow::Borrowed(text)),
+            json!({"a": {"$serde_json::private::RawValue": "[1,2]"}})
+        );
+    }
+
     #[test]
     fn booleans() {
         assert_eq!(convert(oid::BOOL, "t"), json!(true));
