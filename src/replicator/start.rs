@@ -53,13 +53,12 @@ const PROTOCOL_2_MIN_VERSION: u32 = 140_000;
 /// 100,000 users was mostly sent after its commit, and the target waited for that; capped,
 /// all but its last few megabytes have reached usersync when it commits (the bench's
 /// 100,000-row transaction, three pairs: 2.5 s from commit to last row before, 1.9 to 2.0 s
-/// after). usersync
-/// holds a streamed transaction until its commit (in memory, then in a spill file), as it
-/// would have held it whole after the commit; what the cap costs is that a transaction over
-/// it that then rolls back crosses the network first. The limit is shared by all the
-/// transactions open at once. A lower setting of the server, database or role stays, and
-/// so does one the source URL's `options` set (`-c logical_decoding_work_mem=...`), which is
-/// how an operator chooses another.
+/// after). usersync holds a streamed transaction until its commit (in memory, then in a
+/// spill file), as it would have held it whole after the commit; what the cap costs is that
+/// a transaction over it that then rolls back crosses the network first. The limit is
+/// shared by all the transactions open at once. A lower setting of the server, database or
+/// role stays, and so does one the source URL's `options` set
+/// (`-c logical_decoding_work_mem=...`), which is how an operator chooses another.
 const CAP_DECODING_MEMORY: &str =
     "SELECT pg_catalog.set_config('logical_decoding_work_mem', '8MB', false) \
      FROM pg_catalog.pg_settings WHERE name = 'logical_decoding_work_mem' \
