@@ -323,7 +323,7 @@ pub struct RunArgs {
     pub source_timeout: String,
 
     /// How much of the changes of uncommitted source transactions is held in memory; past
-    /// it, the transaction growing is spilled to a file in TMPDIR until it commits.
+    /// it, the one holding the most is spilled to a file in TMPDIR until it commits.
     #[arg(
         long,
         env = "USERSYNC_SPILL_THRESHOLD",

@@ -131,6 +131,19 @@ impl StreamedTransaction {
             first_change: HashMap::new(),
         }
     }
+
+    /// Moves its changes to a spill file, its subtransactions' marks with them.
+    fn spill(&mut self) -> Result<(), DecodeError> {
+        self.changes.spill(self.first_change.values_mut())
+    }
+}
+
+/// Where a transaction the assembler holds is.
+#[derive(Debug, Clone, Copy)]
+enum Held {
+    Open,
+    InBlock,
+    Streamed(u32),
 }
 
 /// A position in [`Changes`]: the number of changes before it and, once spilled, where it
@@ -325,6 +338,53 @@ impl TransactionAssembler {
         self.buffered_bytes() > self.memory_limit
     }
 
+    /// Past the memory limit, spills the transaction holding the most in memory, then the
+    /// next, until the rest fits: the one a change just came to may be a small one beside a
+    /// large one, which would go to disk for nothing (PostgreSQL's reorder buffer picks the
+    /// largest too).
+    fn keep_within_limit(&mut self) -> Result<(), DecodeError> {
+        while self.over_memory_limit() {
+            let Some(largest) = self.largest_spillable() else {
+                return Ok(());
+            };
+            match largest {
+                Held::Open => {
+                    if let Some(open) = &mut self.open {
+                        open.changes.spill([])?;
+                    }
+                }
+                Held::InBlock => {
+                    if let Some(txn) = &mut self.in_block {
+                        txn.spill()?;
+                    }
+                }
+                Held::Streamed(xid) => {
+                    if let Some(txn) = self.streamed.get_mut(&xid) {
+                        txn.spill()?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn largest_spillable(&self) -> Option<Held> {
+        let open = self.open.iter().map(|open| (Held::Open, &open.changes));
+        let in_block = self
+            .in_block
+            .iter()
+            .map(|txn| (Held::InBlock, &txn.changes));
+        let streamed = self
+            .streamed
+            .iter()
+            .map(|(xid, txn)| (Held::Streamed(*xid), &txn.changes));
+        open.chain(in_block)
+            .chain(streamed)
+            .filter(|(_, changes)| changes.bytes > 0 && changes.can_spill())
+            .max_by_key(|(_, changes)| changes.bytes)
+            .map(|(held, _)| held)
+    }
+
     fn all_changes(&self) -> impl Iterator<Item = &Changes> {
         self.open
             .iter()
@@ -468,24 +528,12 @@ impl TransactionAssembler {
             let mark = txn.changes.mark();
             txn.first_change.entry(subxid).or_insert(mark);
             txn.changes.push(change, payload)?;
-            if self.over_memory_limit() {
-                if let Some(txn) = &mut self.in_block {
-                    if txn.changes.can_spill() {
-                        txn.changes.spill(txn.first_change.values_mut())?;
-                    }
-                }
-            }
+            self.keep_within_limit()?;
             return Ok(Assembled::Nothing);
         }
         if let Some(open) = &mut self.open {
             open.changes.push(change, payload)?;
-            if self.over_memory_limit() {
-                if let Some(open) = &mut self.open {
-                    if open.changes.can_spill() {
-                        open.changes.spill([])?;
-                    }
-                }
-            }
+            self.keep_within_limit()?;
             return Ok(Assembled::Nothing);
         }
         match change {
@@ -994,6 +1042,35 @@ mod tests {
             spilled_changes(txn),
             vec![insert(Some(A), "a1"), insert(Some(A), "a2")]
         );
+    }
+
+    #[test]
+    fn past_the_limit_the_largest_transaction_is_spilled() {
+        // Three changes of a streamed transaction fit; the first of an ordinary transaction
+        // beside it passes the limit: the large one goes to disk, not the small one.
+        let mut assembler = TransactionAssembler::with_memory_limit(7 * CHANGE_OVERHEAD / 2);
+        push_all(&mut assembler, vec![stream_start(A, true)]);
+        push_inserts(
+            &mut assembler,
+            &[(Some(A), "a1"), (Some(A_SUB1), "s1"), (Some(A), "a2")],
+        );
+        push_all(&mut assembler, vec![LogicalMessage::StreamStop]);
+        push_all(&mut assembler, vec![begin(C, 0x500)]);
+        push_inserts(&mut assembler, &[(None, "c1")]);
+        assert!(
+            assembler.buffered_bytes() < 2 * CHANGE_OVERHEAD,
+            "only c1 in memory"
+        );
+        let c = committed(assembler.push(commit(0x500)));
+        assert!(
+            c.spilled.is_none(),
+            "the small transaction stayed in memory"
+        );
+        assert_eq!(c.changes, vec![insert(None, "c1")]);
+        // The spilled one's subtransaction marks point into its file.
+        push_all(&mut assembler, vec![stream_abort(A, A_SUB1)]);
+        let a = committed(assembler.push(stream_commit(A, 0x900)));
+        assert_eq!(spilled_changes(a), vec![insert(Some(A), "a1")]);
     }
 
     #[test]
