@@ -8,8 +8,8 @@
 //! Abort (dropped, wholly or back to a rolled-back subtransaction).
 //!
 //! Memory is bounded: once the changes held pass the assembler's limit, the transaction
-//! receiving more goes to a [spill file](super::spill) and is read back from there when it
-//! commits.
+//! holding the most goes to a [spill file](super::spill), then the next, until the rest fits;
+//! a spilled transaction takes its later changes there too, and is read back when it commits.
 
 use std::collections::HashMap;
 
