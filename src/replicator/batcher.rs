@@ -13,9 +13,10 @@ use crate::metrics::{Metrics, Op};
 
 /// Changes at which a batch takes no more transactions (a transaction is taken whole, so one
 /// of up to 10,000 changes, the most that does not go in parts, may take it past that):
-/// bounds memory and the target transaction's size. In a backlog, batches of 2,000 drained 8% faster than of 10,000 (six
-/// alternating pairs of the bench's drain, 47.1k against 43.7k tx/s on average): the two
-/// target connections overlap more, and the server builds smaller arrays per statement.
+/// bounds memory and the target transaction's size. In a backlog, batches of 2,000 drained
+/// 8% faster than of 10,000 (six alternating pairs of the bench's drain, 47.1k against 43.7k
+/// tx/s on average): the two target connections overlap more, and the server builds smaller
+/// arrays per statement.
 pub(super) const MAX_BATCH_CHANGES: usize = 2_000;
 /// Longest a batch collects while WAL keeps arriving (a backlog), so lag stays bounded.
 pub(super) const MAX_BATCH_AGE: Duration = Duration::from_millis(100);

@@ -12,8 +12,9 @@
 //! once its next batch is full, and the reader then waits (sending status updates
 //! meanwhile), so memory stays bounded whatever the backlog: the batch being written, the
 //! next one, the feed, and the transaction the reader holds, each at most a batch's worth or
-//! one transaction not large enough to go in parts (for a route alone, one more: a large transaction's part queued at the worker, or a
-//! backlog's batch written beside the one before, see [`Companion`]).
+//! one transaction not large enough to go in parts (for a route alone, one more: a large
+//! transaction's part queued at the worker, or a backlog's batch written beside the one
+//! before, see [`Companion`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

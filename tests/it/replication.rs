@@ -514,6 +514,20 @@ async fn large_transaction(pair: &Pair, rows: usize) {
     pair.wait_for_match().await;
 }
 
+/// Replicates one transaction of `rows` users, which must be the `nth` the source streamed
+/// from the slot; returns the stream blocks it has sent from the slot in all.
+async fn stream_one(pair: &Pair, rows: usize, nth: i64) -> i64 {
+    let running = pair.start();
+    large_transaction(pair, rows).await;
+    let (transactions, blocks) = wait_streamed(pair, &pair.config.slot, nth).await;
+    running.stop().await;
+    assert_eq!(
+        transactions, nth,
+        "transaction {nth} was streamed while open"
+    );
+    blocks
+}
+
 /// A large transaction reaches usersync while it is still open (streamed) on a source whose
 /// `logical_decoding_work_mem` is the default 64MB: usersync caps it at 8MB for its session,
 /// so after the commit only the last few megabytes are left to decode and send. A lower
@@ -532,14 +546,9 @@ async fn a_large_transaction_streams_while_open_whatever_the_sources_limit() {
         )
     };
     pair.setup().await;
-    let slot = pair.config.slot.clone();
 
     // About 14MB in the walsender's memory: under the server's 64MB, over the cap.
-    let running = pair.start();
-    large_transaction(&pair, 12_000).await;
-    let (transactions, blocks) = wait_streamed(&pair, &slot, 1).await;
-    running.stop().await;
-    assert_eq!(transactions, 1, "the transaction was streamed while open");
+    let blocks = stream_one(&pair, 12_000, 1).await;
     assert!((1..=3).contains(&blocks), "in blocks of 8MB: {blocks}");
 
     // Lower than the cap, for the role: it stays.
@@ -547,11 +556,7 @@ async fn a_large_transaction_streams_while_open_whatever_the_sources_limit() {
         .batch_execute(&role_limit(Some("64kB")))
         .await
         .unwrap();
-    let running = pair.start();
-    large_transaction(&pair, 2_000).await;
-    let (transactions, after) = wait_streamed(&pair, &slot, 2).await;
-    running.stop().await;
-    assert_eq!(transactions, 2);
+    let after = stream_one(&pair, 2_000, 2).await;
     assert!(
         after - blocks >= 20,
         "in blocks of 64kB: {}",
@@ -562,11 +567,7 @@ async fn a_large_transaction_streams_while_open_whatever_the_sources_limit() {
     // Set by the source URL, higher than the cap: it stays too. (A streamed transaction's
     // count of blocks includes the last one, sent at its commit.)
     pair.config.source.options = Some("-c logical_decoding_work_mem=32MB".into());
-    let running = pair.start();
-    large_transaction(&pair, 34_000).await;
-    let (transactions, latest) = wait_streamed(&pair, &slot, 3).await;
-    running.stop().await;
-    assert_eq!(transactions, 3);
+    let latest = stream_one(&pair, 34_000, 3).await;
     assert!(
         (1..=3).contains(&(latest - after)),
         "in blocks of 32MB (6 or more of 8MB): {}",
