@@ -36,6 +36,9 @@ pub enum Job {
     /// Make everything committed so far durable, and record an idle position with it
     /// ([`TargetWriter::make_durable`]).
     MakeDurable(Option<Lsn>),
+    /// Make everything committed so far durable without the checkpoint row, beside the
+    /// worker that writes ([`TargetWriter::sync_wal`]).
+    SyncWal,
 }
 
 /// The answer to a [`Job`].
@@ -190,6 +193,7 @@ async fn work(
                 .map(|()| Done::Part(Box::new(batch))),
             Job::Abandon => writer.abandon().await.map(|()| Done::Abandoned),
             Job::MakeDurable(idle) => writer.make_durable(idle).await.map(|()| Done::Durable),
+            Job::SyncWal => writer.sync_wal().await.map(|()| Done::Durable),
         };
         let failed = result.is_err();
         if done.send(result).is_err() || failed {

@@ -271,6 +271,14 @@ SELECT 1 / count(*)::int FROM written"
 /// does not match its condition is skipped without waiting for its lock.)
 const LOCK_CHECKPOINT: &str = "SELECT 1 FROM usersync.state WHERE slot_name = $1 FOR UPDATE";
 
+/// What [`TargetWriter::sync_wal`] commits synchronously: a lock on the checkpoint row that
+/// the batches' writes of the row do not wait for (an UPDATE of a row's other columns takes
+/// `FOR NO KEY UPDATE`, which `FOR KEY SHARE` does not block), and that is WAL-logged. A
+/// transaction that wrote no WAL commits without flushing any, whatever
+/// `synchronous_commit` says, so taking a transaction id alone would make nothing durable.
+const SHARE_CHECKPOINT: &str = "
+SELECT 1 FROM usersync.state WHERE slot_name = $1 AND system_identifier = $2 FOR KEY SHARE";
+
 /// Moves the checkpoint from exactly `$after` (the end of the batch written just before, on
 /// another connection) to the next position, parameters as [`advance_checkpoint`]'s, after
 /// [`LOCK_CHECKPOINT`]. If that batch committed, the row holds `$after` and this moves
@@ -511,6 +519,8 @@ struct Statements {
     checkpoint: Statement,
     /// [`LOCK_CHECKPOINT`], [`slot_lock::CHECK_HELD_BY`](super::slot_lock::CHECK_HELD_BY), [`chain_checkpoint`].
     lock_checkpoint: Statement,
+    /// [`SHARE_CHECKPOINT`].
+    share_checkpoint: Statement,
     check_lock_held: Statement,
     chain_checkpoint: Statement,
     create_checkpoint: Statement,
@@ -622,6 +632,9 @@ impl TargetWriter {
             lock_checkpoint: prepare(LOCK_CHECKPOINT)
                 .await
                 .map_err(ApplyError::sql("preparing the wait for the batch before"))?,
+            share_checkpoint: prepare(SHARE_CHECKPOINT)
+                .await
+                .map_err(ApplyError::sql("preparing the flush beside the writer"))?,
             check_lock_held: prepare(super::slot_lock::CHECK_HELD_BY)
                 .await
                 .map_err(ApplyError::sql("preparing the check of the slot's lock"))?,
@@ -1180,6 +1193,62 @@ impl TargetWriter {
             .map_err(ApplyError::sql(context))?;
         // A wait for synchronous replication (Neon's safekeepers, or a standby) that someone
         // cancels ends in a local commit, a WARNING and a success: nothing says it is durable.
+        if warned_before
+            .is_some_and(|before| self.warnings.as_ref().map(Warnings::count) != Some(before))
+        {
+            return Err(ApplyError::DurabilityUnconfirmed);
+        }
+        Ok(())
+    }
+
+    /// Makes every batch committed so far durable, on any connection to the target, like
+    /// [`make_durable`](Self::make_durable) but without writing the checkpoint row: a
+    /// transaction that takes a lock on it no batch waits for ([`SHARE_CHECKPOINT`]) commits
+    /// synchronously, and its commit record comes after the commit of every batch already
+    /// answered. So a second connection can flush while the first writes on, and the first
+    /// never waits for the WAL flush (on Neon, for the safekeepers). A missing row is an
+    /// error, as there.
+    pub async fn sync_wal(&mut self) -> Result<(), ApplyError> {
+        if self.open {
+            return Err(ApplyError::FlushInsideTransaction);
+        }
+        tokio::time::timeout(APPLY_TIMEOUT, self.sync_wal_unbounded())
+            .await
+            .unwrap_or(Err(ApplyError::Stalled {
+                timeout: APPLY_TIMEOUT,
+            }))
+    }
+
+    async fn sync_wal_unbounded(&mut self) -> Result<(), ApplyError> {
+        let warned_before = self.warnings.as_ref().map(Warnings::count);
+        let client = &self.client;
+        let steps: Vec<Pending<'_>> = vec![
+            Box::pin(async move {
+                client
+                    .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
+                    .await
+                    .map(|()| 0)
+            }),
+            execute(
+                client,
+                &self.statements.share_checkpoint,
+                vec![&self.slot, &self.system_id],
+            ),
+            // Had the lock failed, this ends the transaction, committing nothing.
+            Box::pin(async move { client.batch_execute("COMMIT").await.map(|()| 0) }),
+        ];
+        let mut locked = 0;
+        for (step, result) in pipeline(steps).await.into_iter().enumerate() {
+            let rows = result.map_err(ApplyError::sql("flushing the target's WAL"))?;
+            if step == 1 {
+                locked = rows;
+            }
+        }
+        if locked != 1 {
+            return Err(ApplyError::CheckpointGone {
+                slot: self.slot.clone(),
+            });
+        }
         if warned_before
             .is_some_and(|before| self.warnings.as_ref().map(Warnings::count) != Some(before))
         {

@@ -105,6 +105,19 @@ impl Ledger {
         }
     }
 
+    /// A flush of the applied batches alone, sent now, if there are any: one that cannot
+    /// record an idle position (it runs beside the writer, away from the checkpoint row).
+    pub fn flush_applied(&mut self) -> Option<Flush> {
+        if self.unflushed.is_empty() {
+            return None;
+        }
+        self.last_flush = Instant::now();
+        Some(Flush {
+            batches: self.unflushed.len(),
+            idle: None,
+        })
+    }
+
     /// Whether `flush` would make anything durable.
     pub fn has_work(flush: Flush) -> bool {
         flush.batches > 0 || flush.idle.is_some()

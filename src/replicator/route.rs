@@ -26,7 +26,9 @@ use super::batcher::Batcher;
 use super::changes::UserChange;
 use super::lag::{LagTracker, SharedClock};
 use super::ledger::{Flush, Ledger};
-use crate::apply::{ApplyWorker, Batch, CommitPosition, Done, Job, UnixMicros, UserKeys};
+use crate::apply::{
+    ApplyError, ApplyWorker, Batch, CommitPosition, Done, Job, UnixMicros, UserKeys,
+};
 use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
@@ -213,6 +215,7 @@ pub(super) fn spawn(
         route: parts.route.map(|(_, name)| name),
         metrics: parts.metrics,
         in_flight: None,
+        side_flush: None,
         written: None,
         parts_queued: if parts.routes == 1 { 1 } else { 0 },
         in_large_transaction: false,
@@ -282,6 +285,9 @@ struct Route {
     metrics: Arc<Metrics>,
     /// The job the worker is doing, if any (parts: while any is being written or queued).
     in_flight: Option<InFlight>,
+    /// A durability flush the companion is doing beside the worker, and what it covers
+    /// (see [`Route::submit_side_flush`]).
+    side_flush: Option<Flush>,
     /// The batch written last, dropped after the next is handed to the worker: freeing a
     /// backlog's batch of thousands of documents takes milliseconds the worker would wait.
     written: Option<Box<Batch>>,
@@ -311,7 +317,11 @@ impl Route {
             } else {
                 self.ledger.flush_due(self.caught_up())
             };
-            if worker_free && flush_due.is_some_and(|due| Instant::now() >= due) {
+            let flush_now = flush_due.is_some_and(|due| Instant::now() >= due);
+            if flush_now && self.submit_side_flush().await? {
+                continue;
+            }
+            if worker_free && flush_now && self.side_flush.is_none() {
                 self.submit_flush().await?;
                 continue;
             }
@@ -328,7 +338,7 @@ impl Route {
                 self.batcher.encode_ahead();
             }
             let mut timer = self.lag_refreshed + LAG_REFRESH;
-            if let Some(flush_due) = flush_due.filter(|_| worker_free) {
+            if let Some(flush_due) = flush_due.filter(|_| worker_free || self.side_free()) {
                 // (A busy worker wakes the loop itself when it is done.)
                 timer = timer.min(flush_due);
             }
@@ -337,6 +347,9 @@ impl Route {
             tokio::select! {
                 biased;
                 done = self.worker.recv(), if !worker_free => self.on_done(done?).await?,
+                done = side_done(&mut self.companion), if self.side_flush.is_some() => {
+                    self.side_flushed(done?).await?
+                }
                 fed = self.fed.recv(), if may_take => match fed {
                     Some(Fed { feed: Feed::Finish, .. }) => return self.finish().await,
                     Some(Fed { feed, _permit }) => self.take(feed).await?,
@@ -479,6 +492,10 @@ impl Route {
     /// Applies what is pending and makes it durable: the reader confirms it, then ends. A
     /// large transaction left unfinished (its end never came) is rolled back first.
     async fn finish(mut self) -> Result<(), Error> {
+        if self.side_flush.is_some() {
+            let done = side_done(&mut self.companion).await?;
+            self.side_flushed(done).await?;
+        }
         self.abandon_large_transaction().await?;
         self.apply_batch().await?;
         self.settle().await?;
@@ -530,7 +547,11 @@ impl Route {
             .ledger
             .flush_due(false)
             .is_some_and(|due| Instant::now() >= due);
-        if companion.job.is_some() || self.in_large_transaction || flush_due {
+        if companion.job.is_some()
+            || self.side_flush.is_some()
+            || self.in_large_transaction
+            || flush_due
+        {
             return Ok(false);
         }
         let after = *after;
@@ -630,12 +651,8 @@ impl Route {
                 std::mem::swap(&mut self.worker, &mut companion.worker);
                 self.worker_holds_lock = !self.worker_holds_lock;
                 self.in_flight = Some(job);
-            } else if !self.worker_holds_lock && self.worker.in_flight() == 0 {
-                // Both are free: the connection that holds the slot's lock takes every job
-                // but a batch beside another, so that the other commits nothing the lock
-                // holder could not have (see `TargetWriter::apply_after`).
-                std::mem::swap(&mut self.worker, &mut companion.worker);
-                self.worker_holds_lock = true;
+            } else {
+                self.lock_holder_writes();
             }
         }
         // After the swap: it has come through, but the route is caught up only if no batch
@@ -649,6 +666,61 @@ impl Route {
         }
         self.refresh_lag();
         self.written = Some(batch);
+        Ok(())
+    }
+
+    /// Once both are free, the connection that holds the slot's lock takes every job but a
+    /// batch beside another (or a flush beside the worker), so that the other commits nothing
+    /// the lock holder could not have (see `TargetWriter::apply_after`).
+    fn lock_holder_writes(&mut self) {
+        if let Some(companion) = &mut self.companion {
+            if !self.worker_holds_lock
+                && self.worker.in_flight() == 0
+                && companion.job.is_none()
+                && self.side_flush.is_none()
+            {
+                std::mem::swap(&mut self.worker, &mut companion.worker);
+                self.worker_holds_lock = true;
+            }
+        }
+    }
+
+    /// Whether the companion is free for a flush beside the worker.
+    fn side_free(&self) -> bool {
+        self.side_flush.is_none()
+            && !matches!(self.in_flight, Some(InFlight::Flush(_)))
+            && self.companion.as_ref().is_some_and(|companion| {
+                companion.job.is_none() && companion.worker.in_flight() == 0
+            })
+    }
+
+    /// Hands a flush of the batches applied so far to the companion, if it is free and there
+    /// are any: a durability flush waits for the target's WAL flush (on Neon, for the
+    /// safekeepers), and on the worker's connection the batches behind it would wait with
+    /// it. It covers only what was applied when it was sent, and touches no row; an idle
+    /// position is left to a flush on the worker ([`Route::submit_flush`]). False if not
+    /// sent.
+    async fn submit_side_flush(&mut self) -> Result<bool, Error> {
+        if !self.side_free() {
+            return Ok(false);
+        }
+        let Some(flush) = self.ledger.flush_applied() else {
+            return Ok(false);
+        };
+        let Some(companion) = &mut self.companion else {
+            return Ok(false);
+        };
+        companion.worker.send(Job::SyncWal).await?;
+        self.side_flush = Some(flush);
+        Ok(true)
+    }
+
+    /// The companion's flush returned.
+    async fn side_flushed(&mut self, done: Done) -> Result<(), Error> {
+        if let (Done::Durable, Some(flush)) = (done, self.side_flush.take()) {
+            self.durable(flush);
+        }
+        self.lock_holder_writes();
         Ok(())
     }
 
@@ -686,6 +758,14 @@ impl Route {
         };
         self.lag.waiting(oldest);
         self.lag_refreshed = Instant::now();
+    }
+}
+
+/// The answer to the companion's flush ([`Route::submit_side_flush`]); never, without one.
+async fn side_done(companion: &mut Option<Companion>) -> Result<Done, ApplyError> {
+    match companion {
+        Some(companion) => companion.worker.recv().await,
+        None => std::future::pending().await,
     }
 }
 

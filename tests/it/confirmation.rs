@@ -436,3 +436,115 @@ async fn a_cancelled_wait_for_synchronous_replication_confirms_nothing() {
         "the slot was confirmed past {applied}, which only a cancelled wait had 'made durable'"
     );
 }
+
+/// A durability flush waits for the target's WAL to be flushed (on Neon, for the
+/// safekeepers): batches written after it must not wait with it. Here every synchronous
+/// commit on the target waits for a standby that is missing, so the flush never returns
+/// until the standby is no longer required; users go on reaching the target meanwhile, and
+/// the slot is confirmed past them only once the flush returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_reach_the_target_while_a_flush_waits() {
+    static TARGET: OnceLock<LocalPg> = OnceLock::new();
+    let target_server = TARGET.get_or_init(|| start_target_server(Vec::new()));
+    let mut pair = Pair::new().await;
+    pair.move_target(target_server).await;
+    pair.config.heartbeat_interval = None;
+    pair.setup().await;
+    let running = pair.start();
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('before@example.com')")
+        .await
+        .unwrap();
+    wait_for_user(&pair, "before@example.com").await;
+    let before = pair.checkpoint_end().await;
+    pair.wait_for_slot_confirmed(&before, false, "the first user was never confirmed")
+        .await;
+    let admin = sql(target_server, "postgres").await;
+    set_system(&admin, "SET synchronous_standby_names = 'nobody'").await;
+
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('first@example.com')")
+        .await
+        .unwrap();
+    wait_for_user(&pair, "first@example.com").await;
+    let first = pair.checkpoint_end().await;
+    // The flush after it is due at once (nothing was applied for a while before it).
+    let deadline = Instant::now() + WAIT;
+    while admin
+        .query_opt(
+            "SELECT 1 FROM pg_stat_activity
+              WHERE application_name = 'usersync' AND wait_event = 'SyncRep'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "usersync never flushed the target's WAL"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    for n in 0..20 {
+        pair.source
+            .batch_execute(&format!(
+                "INSERT INTO users (email) VALUES ('later{n}@example.com')"
+            ))
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pair
+        .target
+        .query_opt(
+            "SELECT 1 FROM neon_auth.users_sync WHERE email = 'later19@example.com'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .is_none()
+    {
+        if Instant::now() > deadline {
+            set_system(&admin, "RESET synchronous_standby_names").await;
+            running.stop().await;
+            panic!("users waited for the flush before them to reach the target");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let later = pair.checkpoint_end().await;
+    let confirmed_past: bool = pair
+        .source
+        .query_one(
+            "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots
+              WHERE slot_name = $1",
+            &[&pair.config.slot, &first],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    set_system(&admin, "RESET synchronous_standby_names").await;
+    pair.wait_for_slot_confirmed(&later, false, "the slot was never confirmed once durable")
+        .await;
+    pair.wait_for_match().await;
+    running.stop().await;
+    assert!(
+        !confirmed_past,
+        "the slot was confirmed past {first} while its flush still waited"
+    );
+}
+
+/// `ALTER SYSTEM {setting}`, in effect once this returns.
+async fn set_system(admin: &tokio_postgres::Client, setting: &str) {
+    admin
+        .batch_execute(&format!("ALTER SYSTEM {setting}"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
