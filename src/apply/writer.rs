@@ -271,6 +271,17 @@ SELECT 1 / count(*)::int FROM written"
 /// does not match its condition is skipped without waiting for its lock.)
 const LOCK_CHECKPOINT: &str = "SELECT 1 FROM usersync.state WHERE slot_name = $1 FOR UPDATE";
 
+/// How a durability flush's transaction waits at its commit: for the WAL flush (on Neon, for
+/// the safekeepers), whatever the role's `synchronous_commit`. A wait for synchronous
+/// replication that someone cancels ends in a local commit and a WARNING, which is how the
+/// flush knows it made nothing durable: `client_min_messages` is set so that the role's own
+/// setting (or the URL's `options`) cannot hide it.
+const DURABLE_SETTINGS: &str =
+    "SET LOCAL synchronous_commit = on; SET LOCAL client_min_messages = warning";
+/// [`DURABLE_SETTINGS`], in a transaction begun with them.
+const DURABLE_COMMIT: &str =
+    "BEGIN; SET LOCAL synchronous_commit = on; SET LOCAL client_min_messages = warning";
+
 /// What [`TargetWriter::sync_wal`] commits synchronously: a lock on the checkpoint row that
 /// the batches' writes of the row do not wait for (an UPDATE of a row's other columns takes
 /// `FOR NO KEY UPDATE`, which `FOR KEY SHARE` does not block), and that is WAL-logged. A
@@ -1167,7 +1178,7 @@ impl TargetWriter {
             .await
             .map_err(ApplyError::sql(context))?;
         transaction
-            .batch_execute("SET LOCAL synchronous_commit = on")
+            .batch_execute(DURABLE_SETTINGS)
             .await
             .map_err(ApplyError::sql(context))?;
         let touched = transaction
@@ -1220,26 +1231,45 @@ impl TargetWriter {
     }
 
     async fn sync_wal_unbounded(&mut self) -> Result<(), ApplyError> {
+        let context = "making the applied batches durable on the second connection";
         let warned_before = self.warnings.as_ref().map(Warnings::count);
         let client = &self.client;
-        let steps: Vec<Pending<'_>> = vec![
-            Box::pin(async move {
-                client
-                    .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
-                    .await
-                    .map(|()| 0)
-            }),
+        let mut steps: Vec<Pending<'_>> = vec![
+            Box::pin(async move { client.batch_execute(DURABLE_COMMIT).await.map(|()| 0) }),
             execute(
                 client,
                 &self.statements.share_checkpoint,
                 vec![&self.slot, &self.system_id],
             ),
-            // Had the lock failed, this ends the transaction, committing nothing.
-            Box::pin(async move { client.batch_execute("COMMIT").await.map(|()| 0) }),
         ];
+        // The server this connection reached must be the one the batches were written to:
+        // the session holding the slot's lock is there (a second lookup of the host name
+        // could have found another server holding a copy of the checkpoint).
+        let checks_holder = self.lock_holder.is_some();
+        if let Some(holder) = &self.lock_holder {
+            steps.push(execute(
+                client,
+                &self.statements.check_lock_held,
+                vec![&self.slot, &holder.pid, &holder.started],
+            ));
+        }
+        // Had a statement failed, this ends the transaction, committing nothing.
+        steps.push(Box::pin(async move {
+            client.batch_execute("COMMIT").await.map(|()| 0)
+        }));
         let mut locked = 0;
         for (step, result) in pipeline(steps).await.into_iter().enumerate() {
-            let rows = result.map_err(ApplyError::sql("flushing the target's WAL"))?;
+            let rows = match result {
+                Ok(rows) => rows,
+                Err(source)
+                    if checks_holder
+                        && step == 2
+                        && source.code() == Some(&SqlState::DIVISION_BY_ZERO) =>
+                {
+                    return Err(ApplyError::LockLost)
+                }
+                Err(source) => return Err(ApplyError::Sql { context, source }),
+            };
             if step == 1 {
                 locked = rows;
             }

@@ -348,7 +348,7 @@ impl Route {
                 biased;
                 done = self.worker.recv(), if !worker_free => self.on_done(done?).await?,
                 done = side_done(&mut self.companion), if self.side_flush.is_some() => {
-                    self.side_flushed(done?).await?
+                    self.side_flushed(done?)
                 }
                 fed = self.fed.recv(), if may_take => match fed {
                     Some(Fed { feed: Feed::Finish, .. }) => return self.finish().await,
@@ -393,6 +393,10 @@ impl Route {
                     let done = self.worker.recv().await?;
                     self.on_done(done).await?;
                 }
+                debug_assert!(
+                    self.worker_holds_lock,
+                    "a large transaction goes through the connection holding the slot's lock"
+                );
                 self.worker.send(Job::Part(part)).await?;
                 self.in_flight = Some(InFlight::Part);
             }
@@ -494,7 +498,7 @@ impl Route {
     async fn finish(mut self) -> Result<(), Error> {
         if self.side_flush.is_some() {
             let done = side_done(&mut self.companion).await?;
-            self.side_flushed(done).await?;
+            self.side_flushed(done);
         }
         self.abandon_large_transaction().await?;
         self.apply_batch().await?;
@@ -511,8 +515,12 @@ impl Route {
     async fn submit_batch(&mut self) -> Result<(), Error> {
         // A batch due while the worker was busy (a backlog) makes room for the next beside it;
         // not the end of a large transaction, whose target transaction is open already.
-        let backlog =
-            self.companion.is_some() && !self.in_large_transaction && self.batcher.is_due();
+        // Not while the companion flushes: its lock on the checkpoint row would hold the
+        // batch's (and the companion is busy anyway).
+        let backlog = self.companion.is_some()
+            && !self.in_large_transaction
+            && self.side_flush.is_none()
+            && self.batcher.is_due();
         let (batch, heartbeat) = self.batcher.take();
         let users = if backlog { batch.user_keys() } else { None };
         let job = if users.is_some() {
@@ -651,8 +659,13 @@ impl Route {
                 std::mem::swap(&mut self.worker, &mut companion.worker);
                 self.worker_holds_lock = !self.worker_holds_lock;
                 self.in_flight = Some(job);
-            } else {
-                self.lock_holder_writes();
+            } else if !self.worker_holds_lock && self.worker.in_flight() == 0 {
+                // Both are free: the connection that holds the slot's lock takes every job
+                // but a batch beside another (or a flush beside the worker), so that the other
+                // commits nothing the lock holder could not have (see
+                // `TargetWriter::apply_after`).
+                std::mem::swap(&mut self.worker, &mut companion.worker);
+                self.worker_holds_lock = true;
             }
         }
         // After the swap: it has come through, but the route is caught up only if no batch
@@ -669,25 +682,17 @@ impl Route {
         Ok(())
     }
 
-    /// Once both are free, the connection that holds the slot's lock takes every job but a
-    /// batch beside another (or a flush beside the worker), so that the other commits nothing
-    /// the lock holder could not have (see `TargetWriter::apply_after`).
-    fn lock_holder_writes(&mut self) {
-        if let Some(companion) = &mut self.companion {
-            if !self.worker_holds_lock
-                && self.worker.in_flight() == 0
-                && companion.job.is_none()
-                && self.side_flush.is_none()
-            {
-                std::mem::swap(&mut self.worker, &mut companion.worker);
-                self.worker_holds_lock = true;
-            }
-        }
-    }
-
-    /// Whether the companion is free for a flush beside the worker.
+    /// Whether the companion is free for a flush beside the worker: only while the worker is
+    /// the connection that holds the slot's lock, so that the two never swap places while
+    /// it flushes, and every other job stays on the lock holder (a large transaction's parts
+    /// above all, whose target transaction must be the one their end commits). Not in a
+    /// backlog (a batch due), where the companion writes the next batch beside the worker's
+    /// instead, and a flush waits for both to be free as before: a flush beside every
+    /// batch would leave none to write beside it.
     fn side_free(&self) -> bool {
-        self.side_flush.is_none()
+        self.worker_holds_lock
+            && !self.batcher.is_due()
+            && self.side_flush.is_none()
             && !matches!(self.in_flight, Some(InFlight::Flush(_)))
             && self.companion.as_ref().is_some_and(|companion| {
                 companion.job.is_none() && companion.worker.in_flight() == 0
@@ -716,12 +721,10 @@ impl Route {
     }
 
     /// The companion's flush returned.
-    async fn side_flushed(&mut self, done: Done) -> Result<(), Error> {
+    fn side_flushed(&mut self, done: Done) {
         if let (Done::Durable, Some(flush)) = (done, self.side_flush.take()) {
             self.durable(flush);
         }
-        self.lock_holder_writes();
-        Ok(())
     }
 
     /// Asks the worker to make the batches applied so far durable, and to record the idle

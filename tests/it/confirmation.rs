@@ -362,9 +362,31 @@ async fn an_idle_confirmation_is_never_taken_back() {
 async fn a_cancelled_wait_for_synchronous_replication_confirms_nothing() {
     static TARGET: OnceLock<LocalPg> = OnceLock::new();
     let target_server = TARGET.get_or_init(|| start_target_server(Vec::new()));
+    cancelled_wait_confirms_nothing(target_server, false).await;
+}
+
+/// The same, with the WARNING that tells a cancelled wait hidden by the role's own
+/// `client_min_messages`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_wait_confirms_nothing_whatever_the_roles_client_min_messages() {
+    static TARGET: OnceLock<LocalPg> = OnceLock::new();
+    let target_server = TARGET.get_or_init(|| start_target_server(Vec::new()));
+    cancelled_wait_confirms_nothing(target_server, true).await;
+}
+
+async fn cancelled_wait_confirms_nothing(target_server: &'static LocalPg, hide_warnings: bool) {
     let mut pair = Pair::new().await;
     pair.move_target(target_server).await;
     pair.setup().await;
+    if hide_warnings {
+        pair.target
+            .batch_execute(&format!(
+                "ALTER ROLE \"{}\" IN DATABASE \"{}\" SET client_min_messages = error",
+                pair.config.target.user, pair.config.target.dbname
+            ))
+            .await
+            .unwrap();
+    }
     let running = pair.start();
     pair.source
         .batch_execute("INSERT INTO users (email) VALUES ('before@example.com')")
