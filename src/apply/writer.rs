@@ -1231,45 +1231,59 @@ impl TargetWriter {
     }
 
     async fn sync_wal_unbounded(&mut self) -> Result<(), ApplyError> {
-        let context = "making the applied batches durable on the second connection";
+        const SHARE_STEP: &str = "making the applied batches durable on the second connection";
         let warned_before = self.warnings.as_ref().map(Warnings::count);
         let client = &self.client;
-        let mut steps: Vec<Pending<'_>> = vec![
-            Box::pin(async move { client.batch_execute(DURABLE_COMMIT).await.map(|()| 0) }),
-            execute(
-                client,
-                &self.statements.share_checkpoint,
-                vec![&self.slot, &self.system_id],
+        let mut steps: Vec<(&'static str, Pending<'_>)> = vec![
+            (
+                SHARE_STEP,
+                Box::pin(async move { client.batch_execute(DURABLE_COMMIT).await.map(|()| 0) }),
+            ),
+            (
+                SHARE_STEP,
+                execute(
+                    client,
+                    &self.statements.share_checkpoint,
+                    vec![&self.slot, &self.system_id],
+                ),
             ),
         ];
         // The server this connection reached must be the one the batches were written to:
         // the session holding the slot's lock is there (a second lookup of the host name
         // could have found another server holding a copy of the checkpoint).
-        let checks_holder = self.lock_holder.is_some();
         if let Some(holder) = &self.lock_holder {
-            steps.push(execute(
-                client,
-                &self.statements.check_lock_held,
-                vec![&self.slot, &holder.pid, &holder.started],
+            steps.push((
+                LOCK_HELD_STEP,
+                execute(
+                    client,
+                    &self.statements.check_lock_held,
+                    vec![&self.slot, &holder.pid, &holder.started],
+                ),
             ));
         }
         // Had a statement failed, this ends the transaction, committing nothing.
-        steps.push(Box::pin(async move {
-            client.batch_execute("COMMIT").await.map(|()| 0)
-        }));
+        steps.push((
+            SHARE_STEP,
+            Box::pin(async move { client.batch_execute("COMMIT").await.map(|()| 0) }),
+        ));
+        let (contexts, futures): (Vec<_>, Vec<_>) = steps.into_iter().unzip();
         let mut locked = 0;
-        for (step, result) in pipeline(steps).await.into_iter().enumerate() {
+        for (step, (context, result)) in contexts
+            .into_iter()
+            .zip(pipeline(futures).await)
+            .enumerate()
+        {
             let rows = match result {
                 Ok(rows) => rows,
                 Err(source)
-                    if checks_holder
-                        && step == 2
+                    if context == LOCK_HELD_STEP
                         && source.code() == Some(&SqlState::DIVISION_BY_ZERO) =>
                 {
                     return Err(ApplyError::LockLost)
                 }
                 Err(source) => return Err(ApplyError::Sql { context, source }),
             };
+            // The lock on the checkpoint row: one row, or it is gone.
             if step == 1 {
                 locked = rows;
             }

@@ -338,8 +338,9 @@ impl Route {
                 self.batcher.encode_ahead();
             }
             let mut timer = self.lag_refreshed + LAG_REFRESH;
-            if let Some(flush_due) = flush_due.filter(|_| worker_free || self.side_free()) {
-                // (A busy worker wakes the loop itself when it is done.)
+            let may_flush = (worker_free && self.side_flush.is_none()) || self.side_free();
+            if let Some(flush_due) = flush_due.filter(|_| may_flush) {
+                // (A busy worker, or the companion's flush, wakes the loop itself when done.)
                 timer = timer.min(flush_due);
             }
             // Freed once the next batch, if one is due, has gone to the worker.
@@ -693,7 +694,12 @@ impl Route {
         self.worker_holds_lock
             && !self.batcher.is_due()
             && self.side_flush.is_none()
-            && !matches!(self.in_flight, Some(InFlight::Flush(_)))
+            // A flush is on the worker already, or a batch that will lock the checkpoint row
+            // for one beside it, which the flush's lock on the row would hold up.
+            && !matches!(
+                self.in_flight,
+                Some(InFlight::Flush(_) | InFlight::Batch { users: Some(_), .. })
+            )
             && self.companion.as_ref().is_some_and(|companion| {
                 companion.job.is_none() && companion.worker.in_flight() == 0
             })
