@@ -69,6 +69,11 @@
 //! usersync runs on a runtime of its own (one worker thread per core, as `usersync run`;
 //! `USERSYNC_BENCH_WORKERS` sets another count).
 //!
+//! `USERSYNC_BENCH_TARGET_FLUSH_DELAY_US` makes every synchronous commit on the target wait
+//! that many microseconds before its WAL flush (`commit_delay`, with `commit_siblings = 0`),
+//! as a Neon compute waits for its safekeepers; asynchronous commits (usersync's batches,
+//! the apply worker's transactions) do not wait.
+//!
 //! `USERSYNC_BENCH_SCALE` multiplies every size and the duration (`0.1` for a quick run; `0.02`
 //! takes about two minutes on 2 cores). `USERSYNC_BENCH_SECTIONS` (e.g. `steady,drain`; also `bulk`, `rss`) runs only some sections; the
 //! snapshot always runs, because it fills the source. `--json` (or `USERSYNC_BENCH_JSON=1`)
@@ -1084,7 +1089,14 @@ async fn start(settings: &Settings, report: &mut Report) -> Bench {
         ..LocalPgOptions::default()
     };
     let source_pg = LocalPg::start(&options).expect("start the source server");
-    let target_pg = LocalPg::start(&options).expect("start the target server");
+    let mut target_options = options.clone();
+    if let Some(delay) = env_parse::<u32>("USERSYNC_BENCH_TARGET_FLUSH_DELAY_US") {
+        target_options.extra_conf.extend([
+            ("commit_delay".to_owned(), delay.to_string()),
+            ("commit_siblings".to_owned(), "0".to_owned()),
+        ]);
+    }
+    let target_pg = LocalPg::start(&target_options).expect("start the target server");
     eprintln!(
         "servers up: PostgreSQL {} (source port {}, target port {})",
         source_pg.server_version_num(),
