@@ -13,10 +13,11 @@
 --     creates a table a newer usersync needs when it runs again).
 --
 -- Connections: usersync run (and replay) without --routes holds two target connections, the
--- first with the slot's lock, the second to write backlogs (a standby holds one while it
--- waits), so an active and a standby use three; setup holds two more while it copies, status
--- one. With a CONNECTION LIMIT below that, run writes with one connection (and says so), and
--- a standby or status is refused while it does.
+-- first with the slot's lock, the second to write backlogs and make batches durable beside
+-- the first (a standby holds one while it waits), so an active and a standby use three; setup
+-- holds two more while it copies, status one. With a CONNECTION LIMIT below that, run writes
+-- with one connection (and says so; its batches then wait for each durability flush), and a
+-- standby or status is refused while it does.
 --
 -- It cannot create schema neon_auth or the users_sync table (that needs CREATE on the
 -- database). On Neon, Neon Auth creates them; elsewhere this script creates them from

@@ -126,8 +126,9 @@ pub enum ApplyError {
     PartSourceUnknown,
     /// See `slot_lock::CHECK_HELD_BY` and `TargetWriter::check_lock_held_by`.
     #[error(
-        "target: the connection holding the slot's lock is gone, so the batch written beside \
-         its last one on the second connection was rolled back"
+        "target: the connection holding the slot's lock is gone, or the second connection \
+         reached another server, so the second connection committed nothing (neither a batch \
+         written beside the first's nor a durability flush); reconnecting"
     )]
     LockLost,
     #[error("an empty batch was handed to the writer")]

@@ -106,7 +106,8 @@ impl Ledger {
     }
 
     /// A flush of the applied batches alone, sent now, if there are any: one that cannot
-    /// record an idle position (it runs beside the writer, away from the checkpoint row).
+    /// record an idle position (it runs beside the writer and does not write the checkpoint
+    /// row).
     pub fn flush_applied(&mut self) -> Option<Flush> {
         if self.unflushed.is_empty() {
             return None;

@@ -708,7 +708,8 @@ impl Route {
     /// Hands a flush of the batches applied so far to the companion, if it is free and there
     /// are any: a durability flush waits for the target's WAL flush (on Neon, for the
     /// safekeepers), and on the worker's connection the batches behind it would wait with
-    /// it. It covers only what was applied when it was sent, and touches no row; an idle
+    /// it. It covers only what was applied when it was sent, and writes no row (it locks the
+    /// checkpoint row `FOR KEY SHARE`, which the batches' updates do not wait for); an idle
     /// position is left to a flush on the worker ([`Route::submit_flush`]). False if not
     /// sent.
     async fn submit_side_flush(&mut self) -> Result<bool, Error> {

@@ -359,7 +359,8 @@ pub(super) async fn run_session(
                     tracing::warn!(
                         error = %crate::error::report(&error),
                         "a second target connection could not be opened: writing with one \
-                         (a backlog drains more slowly) until usersync restarts"
+                         (a backlog drains more slowly, and batches wait for each durability \
+                         flush) until usersync restarts"
                     );
                     fleet.one_connection = true;
                     None
