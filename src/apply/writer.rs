@@ -276,11 +276,14 @@ const LOCK_CHECKPOINT: &str = "SELECT 1 FROM usersync.state WHERE slot_name = $1
 /// replication that someone cancels ends in a local commit and a WARNING, which is how the
 /// flush knows it made nothing durable: `client_min_messages` is set so that the role's own
 /// setting (or the URL's `options`) cannot hide it.
-const DURABLE_SETTINGS: &str =
-    "SET LOCAL synchronous_commit = on; SET LOCAL client_min_messages = warning";
+macro_rules! durable_settings {
+    () => {
+        "SET LOCAL synchronous_commit = on; SET LOCAL client_min_messages = warning"
+    };
+}
+const DURABLE_SETTINGS: &str = durable_settings!();
 /// [`DURABLE_SETTINGS`], in a transaction begun with them.
-const DURABLE_COMMIT: &str =
-    "BEGIN; SET LOCAL synchronous_commit = on; SET LOCAL client_min_messages = warning";
+const DURABLE_COMMIT: &str = concat!("BEGIN; ", durable_settings!());
 
 /// What [`TargetWriter::sync_wal`] commits synchronously: a lock on the checkpoint row that
 /// the batches' writes of the row do not wait for (an UPDATE of a row's other columns takes
@@ -1160,18 +1163,11 @@ impl TargetWriter {
             // made visible and durable without the rest.
             return Err(ApplyError::FlushInsideTransaction);
         }
-        // A target that stops answering (its host frozen while the kernel still acknowledges)
-        // must end the session as a write would, not hold it for good.
-        tokio::time::timeout(APPLY_TIMEOUT, self.make_durable_unbounded(idle))
-            .await
-            .unwrap_or(Err(ApplyError::Stalled {
-                timeout: APPLY_TIMEOUT,
-            }))
+        durably(self.warnings.clone(), self.make_durable_unbounded(idle)).await
     }
 
     async fn make_durable_unbounded(&mut self, idle: Option<Lsn>) -> Result<(), ApplyError> {
         let context = "flushing the target's WAL";
-        let warned_before = self.warnings.as_ref().map(Warnings::count);
         let transaction = self
             .client
             .transaction()
@@ -1198,18 +1194,7 @@ impl TargetWriter {
                 slot: self.slot.clone(),
             });
         }
-        transaction
-            .commit()
-            .await
-            .map_err(ApplyError::sql(context))?;
-        // A wait for synchronous replication (Neon's safekeepers, or a standby) that someone
-        // cancels ends in a local commit, a WARNING and a success: nothing says it is durable.
-        if warned_before
-            .is_some_and(|before| self.warnings.as_ref().map(Warnings::count) != Some(before))
-        {
-            return Err(ApplyError::DurabilityUnconfirmed);
-        }
-        Ok(())
+        transaction.commit().await.map_err(ApplyError::sql(context))
     }
 
     /// Makes every batch committed so far durable, on any connection to the target, like
@@ -1223,16 +1208,11 @@ impl TargetWriter {
         if self.open {
             return Err(ApplyError::FlushInsideTransaction);
         }
-        tokio::time::timeout(APPLY_TIMEOUT, self.sync_wal_unbounded())
-            .await
-            .unwrap_or(Err(ApplyError::Stalled {
-                timeout: APPLY_TIMEOUT,
-            }))
+        durably(self.warnings.clone(), self.sync_wal_unbounded()).await
     }
 
     async fn sync_wal_unbounded(&mut self) -> Result<(), ApplyError> {
         const SHARE_STEP: &str = "making the applied batches durable on the second connection";
-        let warned_before = self.warnings.as_ref().map(Warnings::count);
         let client = &self.client;
         let mut steps: Vec<(&'static str, Pending<'_>)> = vec![
             (
@@ -1293,13 +1273,29 @@ impl TargetWriter {
                 slot: self.slot.clone(),
             });
         }
-        if warned_before
-            .is_some_and(|before| self.warnings.as_ref().map(Warnings::count) != Some(before))
-        {
-            return Err(ApplyError::DurabilityUnconfirmed);
-        }
         Ok(())
     }
+}
+
+/// Runs `flush`, a synchronous commit, as a durability flush. A wait for synchronous
+/// replication (Neon's safekeepers, or a standby) that someone cancels ends in a local
+/// commit, a WARNING (`warnings` counts them) and a success: nothing says it is durable, so
+/// that is an error. A target that stops answering (its host frozen while the kernel still
+/// acknowledges) must end the session as a write would, not hold it for good.
+async fn durably(
+    warnings: Option<Warnings>,
+    flush: impl std::future::Future<Output = Result<(), ApplyError>>,
+) -> Result<(), ApplyError> {
+    let warned_before = warnings.as_ref().map(Warnings::count);
+    tokio::time::timeout(APPLY_TIMEOUT, flush)
+        .await
+        .unwrap_or(Err(ApplyError::Stalled {
+            timeout: APPLY_TIMEOUT,
+        }))?;
+    if warned_before.is_some_and(|before| warnings.as_ref().map(Warnings::count) != Some(before)) {
+        return Err(ApplyError::DurabilityUnconfirmed);
+    }
+    Ok(())
 }
 
 /// A session on the target server: its process id, and when it started.
