@@ -387,26 +387,7 @@ async fn cancelled_wait_confirms_nothing(target_server: &'static LocalPg, hide_w
             .await
             .unwrap();
     }
-    let running = pair.start();
-    pair.source
-        .batch_execute("INSERT INTO users (email) VALUES ('before@example.com')")
-        .await
-        .unwrap();
-    wait_for_user(&pair, "before@example.com").await;
-    // Made durable and confirmed before the standby goes missing.
-    let before = pair.checkpoint_end().await;
-    pair.wait_for_slot_confirmed(&before, false, "the first user was never confirmed")
-        .await;
-    let admin = sql(target_server, "postgres").await;
-    admin
-        .batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
-        .await
-        .unwrap();
-    admin
-        .batch_execute("SELECT pg_reload_conf()")
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (running, admin) = start_then_lose_the_standby(&pair, target_server).await;
 
     pair.source
         .batch_execute("INSERT INTO users (email) VALUES ('stuck@example.com')")
@@ -432,25 +413,9 @@ async fn cancelled_wait_confirms_nothing(target_server: &'static LocalPg, hide_w
         cancelled > 0,
         "usersync never waited for synchronous replication"
     );
-    let confirmed_past: bool = pair
-        .source
-        .query_one(
-            "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots
-              WHERE slot_name = $1",
-            &[&pair.config.slot, &applied],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let confirmed_past = slot_confirmed_at(&pair, &applied).await;
 
-    admin
-        .batch_execute("ALTER SYSTEM RESET synchronous_standby_names")
-        .await
-        .unwrap();
-    admin
-        .batch_execute("SELECT pg_reload_conf()")
-        .await
-        .unwrap();
+    set_system(&admin, "RESET synchronous_standby_names").await;
     pair.wait_for_match().await;
     running.stop().await;
     assert!(
@@ -472,17 +437,7 @@ async fn batches_reach_the_target_while_a_flush_waits() {
     pair.move_target(target_server).await;
     pair.config.heartbeat_interval = None;
     pair.setup().await;
-    let running = pair.start();
-    pair.source
-        .batch_execute("INSERT INTO users (email) VALUES ('before@example.com')")
-        .await
-        .unwrap();
-    wait_for_user(&pair, "before@example.com").await;
-    let before = pair.checkpoint_end().await;
-    pair.wait_for_slot_confirmed(&before, false, "the first user was never confirmed")
-        .await;
-    let admin = sql(target_server, "postgres").await;
-    set_system(&admin, "SET synchronous_standby_names = 'nobody'").await;
+    let (running, admin) = start_then_lose_the_standby(&pair, target_server).await;
 
     pair.source
         .batch_execute("INSERT INTO users (email) VALUES ('first@example.com')")
@@ -536,16 +491,7 @@ async fn batches_reach_the_target_while_a_flush_waits() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let later = pair.checkpoint_end().await;
-    let confirmed_past: bool = pair
-        .source
-        .query_one(
-            "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots
-              WHERE slot_name = $1",
-            &[&pair.config.slot, &first],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let confirmed_past = slot_confirmed_at(&pair, &first).await;
 
     set_system(&admin, "RESET synchronous_standby_names").await;
     pair.wait_for_slot_confirmed(&later, false, "the slot was never confirmed once durable")
@@ -556,6 +502,40 @@ async fn batches_reach_the_target_while_a_flush_waits() {
         !confirmed_past,
         "the slot was confirmed past {first} while its flush still waited"
     );
+}
+
+/// Starts the replicator; once a first user is on the target, made durable and confirmed,
+/// every synchronous commit on `target_server` waits for a standby that is missing. Returns
+/// the running replicator and a superuser connection to the target server.
+async fn start_then_lose_the_standby(
+    pair: &Pair,
+    target_server: &LocalPg,
+) -> (Running, tokio_postgres::Client) {
+    let running = pair.start();
+    pair.source
+        .batch_execute("INSERT INTO users (email) VALUES ('before@example.com')")
+        .await
+        .unwrap();
+    wait_for_user(pair, "before@example.com").await;
+    let before = pair.checkpoint_end().await;
+    pair.wait_for_slot_confirmed(&before, false, "the first user was never confirmed")
+        .await;
+    let admin = sql(target_server, "postgres").await;
+    set_system(&admin, "SET synchronous_standby_names = 'nobody'").await;
+    (running, admin)
+}
+
+/// Whether the slot is confirmed at `lsn` or past it, now.
+async fn slot_confirmed_at(pair: &Pair, lsn: &str) -> bool {
+    pair.source
+        .query_one(
+            "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots
+              WHERE slot_name = $1",
+            &[&pair.config.slot, &lsn],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// `ALTER SYSTEM {setting}`, in effect once this returns.
