@@ -106,29 +106,48 @@ pub fn unix_micros_now() -> i64 {
 /// Commit times come from the source's clock, apply times from ours; a skew between them
 /// would show up as lag (or negative lag). Every message from the walsender carries the
 /// server's send time; `send time − receive time` is the offset minus the network delay, so
-/// the largest recent sample (the one with the least delay) is the best estimate.
+/// the largest of the recent samples (the one with the least delay) is the best estimate.
+///
+/// The reader observes every message (several per source transaction), so the window's
+/// largest is kept as it slides rather than searched for: only samples that a later, larger
+/// one has not beaten are kept, largest first, each with its number.
 #[derive(Debug, Default)]
 pub struct ClockOffset {
-    samples: VecDeque<i64>,
+    /// (sample number, sample), samples strictly decreasing front to back.
+    candidates: VecDeque<(u64, i64)>,
+    /// Samples observed so far.
+    observed: u64,
 }
 
-/// Samples kept: at one per message, a few seconds of traffic under load, minutes of
-/// keepalives when idle.
-const CLOCK_SAMPLES: usize = 256;
+/// Samples the estimate looks back over: at one per message, a few seconds of traffic under
+/// load, minutes of keepalives when idle.
+const CLOCK_SAMPLES: u64 = 256;
 
 impl ClockOffset {
     /// Adds one sample: the server's send time and our receive time, in Unix microseconds.
     pub fn observe(&mut self, server_unix_micros: i64, local_unix_micros: i64) {
-        if self.samples.len() == CLOCK_SAMPLES {
-            self.samples.pop_front();
+        let sample = server_unix_micros.saturating_sub(local_unix_micros);
+        while self
+            .candidates
+            .back()
+            .is_some_and(|&(_, kept)| kept <= sample)
+        {
+            self.candidates.pop_back();
         }
-        self.samples
-            .push_back(server_unix_micros.saturating_sub(local_unix_micros));
+        self.candidates.push_back((self.observed, sample));
+        self.observed += 1;
+        while self
+            .candidates
+            .front()
+            .is_some_and(|&(number, _)| number + CLOCK_SAMPLES < self.observed)
+        {
+            self.candidates.pop_front();
+        }
     }
 
     /// The estimate in microseconds (0 before any sample).
     pub fn micros(&self) -> i64 {
-        self.samples.iter().copied().max().unwrap_or(0)
+        self.candidates.front().map_or(0, |&(_, sample)| sample)
     }
 }
 
@@ -179,5 +198,27 @@ mod clock_tests {
         );
         // Source time 10 s was local 5.001 s: 1 ms late, the least delay seen.
         assert_eq!(local_time_at_offset(clock.micros(), 10_000_000), 5_001_000);
+    }
+
+    #[test]
+    fn the_estimate_is_the_largest_of_the_last_samples() {
+        // Against the plain search over the window, on a sequence with runs up and down,
+        // ties, and windows whose largest leaves them.
+        let mut clock = ClockOffset::default();
+        let mut samples = Vec::new();
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        for step in 0..5_000_i64 {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let noise = (state >> 40) as i64 % 1_000;
+            let trend = if (step / 700) % 2 == 0 { step } else { -step };
+            let sample = trend * 3 + noise - (noise % 7);
+            clock.observe(sample, 0);
+            samples.push(sample);
+            let window = &samples[samples.len().saturating_sub(CLOCK_SAMPLES as usize)..];
+            assert_eq!(clock.micros(), *window.iter().max().unwrap(), "at {step}");
+        }
+        assert!(clock.candidates.len() <= CLOCK_SAMPLES as usize);
     }
 }
