@@ -139,7 +139,7 @@ impl ClockOffset {
         while self
             .candidates
             .front()
-            .is_some_and(|&(number, _)| number + CLOCK_SAMPLES < self.observed)
+            .is_some_and(|&(number, _)| self.observed - number > CLOCK_SAMPLES)
         {
             self.candidates.pop_front();
         }
