@@ -640,8 +640,12 @@ impl<'a> Session<'a> {
                         .is_none()
                         .then(|| pg_micros_to_unix_micros(server_time_micros));
                     if in_interval {
-                        // Fed at the interval's end, as the latest of its keepalives.
-                        self.idle_pending = Some((wal_end, sent_at));
+                        // Fed at the interval's end: the furthest position of its keepalives
+                        // (a lower one, from a server going back, must not replace it).
+                        let position = self
+                            .idle_pending
+                            .map_or(wal_end, |(held, _)| held.max(wal_end));
+                        self.idle_pending = Some((position, sent_at));
                     } else {
                         self.feed_idle(wal_end, sent_at).await?;
                     }
