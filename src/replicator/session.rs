@@ -56,8 +56,8 @@ const SLOW_ROUTE_MIN_WAIT: Duration = Duration::from_millis(200);
 /// later) sends a keepalive each time it waits for WAL while the position this client last
 /// reported written is behind what it sent: under load, after nearly every transaction
 /// (3,900 a second at 5,000 tx/s in the bench), and each fed position wakes every route.
-/// The routes record an idle position every few seconds at most, so the last one of each
-/// interval is all they need; it is fed when the interval ends (see `idle_pending`).
+/// The routes record an idle position every few seconds at most, so the furthest one of
+/// each interval is all they need; it is fed when the interval ends (see `idle_pending`).
 const IDLE_FEED_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Whether a transaction goes to the target in parts rather than in a batch.
@@ -186,8 +186,8 @@ pub(super) struct Session<'a> {
     /// The furthest WAL position the server has reported.
     received: Lsn,
     last_status: Instant,
-    /// When an idle position was last fed to the routes, and the latest one held back since
-    /// (see [`IDLE_FEED_INTERVAL`]).
+    /// When an idle position was last fed to the routes, and the furthest one held back
+    /// since (see [`IDLE_FEED_INTERVAL`]).
     idle_fed_at: Option<Instant>,
     idle_pending: Option<(Lsn, Option<UnixMicros>)>,
 }
