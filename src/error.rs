@@ -79,6 +79,10 @@ pub enum Error {
          deleted meanwhile would stay live)"
     )]
     ResyncUnfinished { slot: String },
+    /// The initial copy's own thread or runtime could not start, or stopped without an
+    /// outcome (see `commands::initial_copy`).
+    #[error("the initial copy could not run on a thread of its own: {0}")]
+    CopyThread(#[source] std::io::Error),
     /// A request that got no answer at all: a stalled network or a hung server answers
     /// nothing, not even an error, and TCP keepalives do not notice a peer that still
     /// acknowledges.
@@ -122,7 +126,7 @@ impl Error {
             Error::Connect { source, .. } => source.is_transient(),
             Error::Source(error) => error.is_transient(),
             Error::Target(error) => error.is_transient(),
-            Error::Unanswered { .. } | Error::Busy(_) => true,
+            Error::Unanswered { .. } | Error::Busy(_) | Error::CopyThread(_) => true,
             Error::Decode(DecodeError::Spill { full, .. }) => *full,
             Error::Config(_)
             | Error::Url { .. }

@@ -378,3 +378,73 @@ async fn an_interrupted_setup_over_foreign_users_rerun_warns_and_leaves_them() {
         .collect();
     assert_eq!(live, [true, true], "{said}");
 }
+
+/// `setup` dropped mid-copy (a caller's timeout, a shutdown) stops copying: nothing of the
+/// copy goes on writing to the target for a caller that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setup_dropped_mid_copy_stops_writing() {
+    let pair = Pair::new().await;
+    pair.source.batch_execute(MANY_USERS).await.unwrap();
+    let copied = async {
+        loop {
+            let some: bool = pair
+                .target
+                .query_one(
+                    "SELECT to_regclass('neon_auth.users_sync') IS NOT NULL
+                        AND EXISTS (SELECT FROM neon_auth.users_sync WHERE email LIKE 'big%')",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if some {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::select! {
+        () = pair.setup() => panic!("the copy ended before a page of it was seen on the target"),
+        () = copied => {}
+    }
+
+    // The setup future is gone: its sessions on the target end, and the users stop coming.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let copying: i64 = pair
+            .target
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'usersync'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if copying == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{copying} usersync sessions still on the target 10 s after setup was dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let count = || async {
+        let users: i64 = pair
+            .target
+            .query_one("SELECT count(*) FROM neon_auth.users_sync", &[])
+            .await
+            .unwrap()
+            .get(0);
+        users
+    };
+    let before = count().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count().await,
+        before,
+        "users still arrive after setup was dropped"
+    );
+    assert!(before < 100_000, "the whole copy landed: {before} users");
+}
