@@ -52,6 +52,9 @@ const READ_CHUNK: usize = 1_000;
 /// target's work (parsing `jsonb`, maintaining the indexes) spreads over two cores; more
 /// rarely pays on a small target, and the source and the mapping need a core too.
 const COPY_WRITERS: usize = 2;
+/// How long the copy's connections get to close once it is done (see
+/// [`CopyJob::run_on_own_thread`]).
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// How often plain progress lines are printed (a terminal gets a bar, redrawn per page).
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -258,8 +261,11 @@ impl CopyJob {
     /// second, more than a target takes.
     ///
     /// The connections are the job's own, opened and closed on its runtime. When the caller
-    /// stops waiting (its future is dropped), the job stops at its next step and its
-    /// connections close, as the copy did on the caller's runtime.
+    /// stops waiting (its future is dropped), the job stops before its next step. Either way
+    /// its connections then get [`CLOSE_GRACE`] to end as a dropped client's do (a
+    /// transaction left open is rolled back, then Terminate), so that the servers log no
+    /// connection lost; the thread waits for nothing else (not for a DNS lookup still
+    /// running, which a dropped runtime would wait out).
     async fn run_on_own_thread(self) -> Result<(usize, u64), Error> {
         let (caller_alive, caller_gone) = tokio::sync::oneshot::channel::<()>();
         let thread = tokio::task::spawn_blocking(move || {
@@ -267,19 +273,27 @@ impl CopyJob {
                 .enable_all()
                 .build()
                 .map_err(Error::CopyThread)?;
-            runtime
-                .block_on(async move {
-                    tokio::select! {
-                        done = self.run() => Some(done),
-                        // Never sent: an error when the caller's end is dropped.
-                        _ = caller_gone => None,
-                    }
-                })
-                .unwrap_or_else(|| {
-                    Err(Error::CopyThread(std::io::Error::other(
-                        "the copy's caller went away",
-                    )))
-                })
+            let done = runtime.block_on(async move {
+                tokio::select! {
+                    biased;
+                    // Never sent: ready when the caller's end is dropped.
+                    _ = caller_gone => None,
+                    done = self.run() => Some(done),
+                }
+            });
+            runtime.block_on(async {
+                let metrics = tokio::runtime::Handle::current().metrics();
+                let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+                while metrics.num_alive_tasks() > 0 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
+            runtime.shutdown_background();
+            done.unwrap_or_else(|| {
+                Err(Error::CopyThread(std::io::Error::other(
+                    "the copy's caller went away",
+                )))
+            })
         });
         let done = thread.await;
         drop(caller_alive);

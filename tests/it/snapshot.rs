@@ -448,3 +448,27 @@ async fn a_setup_dropped_mid_copy_stops_writing() {
     );
     assert!(before < 100_000, "the whole copy landed: {before} users");
 }
+
+/// The copy's connections end as a client's should (the snapshot's transaction closed,
+/// then Terminate), not cut off: the servers' logs hold no lost connection after a setup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setup_closes_its_connections_cleanly() {
+    static SERVER: std::sync::OnceLock<usersync::localpg::LocalPg> = std::sync::OnceLock::new();
+    let server = SERVER.get_or_init(|| start_server(vec![]));
+    let pair = Pair::on(server, USERS_TABLE).await;
+    pair.source
+        .batch_execute(
+            "INSERT INTO users (email)
+             SELECT 'u' || g || '@example.com' FROM generate_series(1, 1000) g",
+        )
+        .await
+        .unwrap();
+    pair.setup().await;
+    // The server logs a connection's end once its backend sees it: give it that moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = std::fs::read_to_string(server.log_file()).unwrap();
+    assert!(
+        !log.contains("unexpected EOF on client connection"),
+        "a connection of setup's was cut off: {log}"
+    );
+}
