@@ -257,14 +257,14 @@ impl CopyJob {
     /// task. On the multi-threaded runtime most of those handovers woke another thread,
     /// which cost more than the mapping itself: on one thread usersync spends about a
     /// quarter less CPU per user, and where it shares the cores with the servers the copy
-    /// is faster for it (docs/performance.md). One thread still maps about 200,000 users a
-    /// second, more than a target takes.
+    /// is faster for it (docs/performance.md). By its CPU time one thread handles about
+    /// 220,000 users a second, more than a target takes.
     ///
     /// The connections are the job's own, opened and closed on its runtime. When the caller
     /// stops waiting (its future is dropped), the job stops before its next step. Either way
-    /// its connections then get [`CLOSE_GRACE`] to end as a dropped client's do (a
-    /// transaction left open is rolled back, then Terminate), so that the servers log no
-    /// connection lost; the thread waits for nothing else (not for a DNS lookup still
+    /// its connections then get [`CLOSE_GRACE`] to end as a dropped client's do (Terminate
+    /// is sent, and the server rolls back a transaction left open), so that the servers log
+    /// no connection lost; the thread waits for nothing else (not for a DNS lookup still
     /// running, which a dropped runtime would wait out).
     async fn run_on_own_thread(self) -> Result<(usize, u64), Error> {
         let (caller_alive, caller_gone) = tokio::sync::oneshot::channel::<()>();
