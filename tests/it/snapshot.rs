@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_postgres::Client;
 
 use crate::harness::*;
 
@@ -257,6 +258,25 @@ async fn copies_and_resyncs_into_a_target_without_updated_at() {
     );
 }
 
+/// Returns once some of [`MANY_USERS`] are on the target.
+async fn until_some_copied(target: &Client) {
+    loop {
+        let some: bool = target
+            .query_one(
+                "SELECT to_regclass('neon_auth.users_sync') IS NOT NULL
+                    AND EXISTS (SELECT FROM neon_auth.users_sync WHERE email LIKE 'big%')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if some {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Kills `usersync setup` once its copy has put some users on the target, before it wrote
 /// the checkpoint; returns the email of one copied user.
 async fn interrupt_setup(pair: &Pair) -> String {
@@ -265,22 +285,8 @@ async fn interrupt_setup(pair: &Pair) -> String {
         let copied = Arc::clone(&copied);
         let target = sql(pair.target_server, &pair.config.target.dbname).await;
         tokio::spawn(async move {
-            loop {
-                let some: bool = target
-                    .query_one(
-                        "SELECT to_regclass('neon_auth.users_sync') IS NOT NULL
-                            AND EXISTS (SELECT FROM neon_auth.users_sync WHERE email LIKE 'big%')",
-                        &[],
-                    )
-                    .await
-                    .unwrap()
-                    .get(0);
-                if some {
-                    copied.store(true, Ordering::Relaxed);
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            until_some_copied(&target).await;
+            copied.store(true, Ordering::Relaxed);
         })
     };
     let said = crash_usersync(pair, &["setup"], |_| copied.load(Ordering::Relaxed)).await;
@@ -385,27 +391,9 @@ async fn an_interrupted_setup_over_foreign_users_rerun_warns_and_leaves_them() {
 async fn a_setup_dropped_mid_copy_stops_writing() {
     let pair = Pair::new().await;
     pair.source.batch_execute(MANY_USERS).await.unwrap();
-    let copied = async {
-        loop {
-            let some: bool = pair
-                .target
-                .query_one(
-                    "SELECT to_regclass('neon_auth.users_sync') IS NOT NULL
-                        AND EXISTS (SELECT FROM neon_auth.users_sync WHERE email LIKE 'big%')",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if some {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
     tokio::select! {
         () = pair.setup() => panic!("the copy ended before a page of it was seen on the target"),
-        () = copied => {}
+        () = until_some_copied(&pair.target) => {}
     }
 
     // The setup future is gone: its sessions on the target end, and the users stop coming.
@@ -471,4 +459,41 @@ async fn a_setup_closes_its_connections_cleanly() {
         !log.contains("unexpected EOF on client connection"),
         "a connection of setup's was cut off: {log}"
     );
+}
+
+/// A row the copy cannot map fails `setup` as before the copy ran on a thread of its own: a
+/// definite error (exit 78) naming the column, no row value, and no checkpoint, so that
+/// `setup` runs the whole copy again once the row is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_the_copy_cannot_map_fails_setup_definitely() {
+    let pair = Pair::on(
+        shared_server(),
+        "CREATE TABLE public.users (id text PRIMARY KEY, email text, signed_up numeric)",
+    )
+    .await;
+    pair.source
+        .batch_execute(
+            "INSERT INTO users VALUES ('good', 'good@example.com', 1700000000000),
+                                      ('bad', 'bad@example.com', 1.5)",
+        )
+        .await
+        .unwrap();
+    let output = pair
+        .command(&["setup", "--signed-up-at-column", "signed_up"])
+        .output()
+        .unwrap();
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(78), "{said}");
+    assert!(said.contains("signed_up"), "{said}");
+    assert!(
+        !said.contains("bad@example.com"),
+        "row values stay out of errors: {said}"
+    );
+    let checkpoints: i64 = pair
+        .target
+        .query_one("SELECT count(*) FROM usersync.state", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(checkpoints, 0, "no checkpoint after a failed copy: {said}");
 }
