@@ -24,6 +24,11 @@ use crate::liveness::{self, Liveness};
 const LAG_BUCKETS: [f64; 13] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0,
 ];
+/// The source's share of the lag: well under a millisecond on an idle source, a WAL flush or
+/// more under load, seconds when its walsender falls behind.
+const SEND_DELAY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 /// Changes per target transaction: 1 when idle, up to the batch limit under load.
 const BATCH_SIZE_BUCKETS: [f64; 11] = [
     1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
@@ -124,6 +129,7 @@ type FloatGauge = Gauge<f64, AtomicU64>;
 pub struct Metrics {
     registry: Registry,
     lag: Histogram,
+    source_send_delay: Histogram,
     lag_current: FloatGauge,
     heartbeat_lag: FloatGauge,
     changes: Family<OpLabel, Counter>,
@@ -172,6 +178,13 @@ impl Metrics {
             "End-to-end lag per applied source transaction: source commit to target commit",
             Unit::Seconds,
             lag.clone(),
+        );
+        let source_send_delay = Histogram::new(SEND_DELAY_BUCKETS);
+        registry.register_with_unit(
+            "source_send_delay",
+            "Source commit to its walsender sending the transaction, both by the source's clock: the source's share of the lag",
+            Unit::Seconds,
+            source_send_delay.clone(),
         );
         let lag_current = FloatGauge::default();
         registry.register_with_unit(
@@ -366,6 +379,7 @@ impl Metrics {
         let metrics = Metrics {
             registry,
             lag,
+            source_send_delay,
             lag_current,
             heartbeat_lag,
             changes,
@@ -427,6 +441,15 @@ impl Metrics {
     pub fn observe_lag(&self, now: std::time::Instant, lag: Duration) {
         self.lag.observe(lag.as_secs_f64());
         self.lag_window.record(now, lag);
+    }
+
+    /// Records how long after its commit the source's walsender sent a transaction (the
+    /// message that completed it), both by the source's clock: a lag this large comes from
+    /// the source (its WAL flush, which a walsender waits for, its CPU, its decoding), not
+    /// from usersync or the target. A source clock stepping back between the two reads as 0.
+    pub fn observe_source_send_delay(&self, commit_micros: i64, sent_micros: i64) {
+        let delay = sent_micros.saturating_sub(commit_micros).max(0);
+        self.source_send_delay.observe(delay as f64 / 1_000_000.0);
     }
 
     /// Publishes the last minute's percentiles (absent when the minute had no transaction).
@@ -681,12 +704,17 @@ mod tests {
     fn encodes_names_with_units_and_the_target_bucket() {
         let metrics = Metrics::new(Duration::from_secs(1));
         metrics.observe_lag(std::time::Instant::now(), Duration::from_millis(3));
+        metrics.observe_source_send_delay(1_000_000, 1_000_700);
+        metrics.observe_source_send_delay(1_000_000, 999_000);
         metrics.add_changes(Op::Insert, 2);
         metrics.set_slot(1024, None, Some("reserved"));
         let text = metrics.encode();
         for needle in [
             "usersync_lag_seconds_bucket{le=\"1.0\"} 1",
             "usersync_lag_seconds_count 1",
+            "usersync_source_send_delay_seconds_bucket{le=\"0.0005\"} 1",
+            "usersync_source_send_delay_seconds_bucket{le=\"0.001\"} 2",
+            "usersync_source_send_delay_seconds_sum 0.0007",
             "usersync_lag_target_seconds 1.0",
             "usersync_changes_applied_total{op=\"insert\"} 2",
             "usersync_changes_applied_total{op=\"truncate\"} 0",

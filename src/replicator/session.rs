@@ -598,7 +598,14 @@ impl<'a> Session<'a> {
                     .observe_server_time(server_time_micros, self.metrics);
                 self.received = self.received.max(wal_end);
                 let message = self.decoder.decode(data.clone())?;
-                match self.assembler.push_payload(message, data)? {
+                let assembled = self.assembler.push_payload(message, data)?;
+                if let Assembled::Transaction(transaction) = &assembled {
+                    self.metrics.observe_source_send_delay(
+                        transaction.commit_time_micros,
+                        server_time_micros,
+                    );
+                }
+                match assembled {
                     Assembled::Transaction(transaction) if is_large(&transaction) => {
                         self.feed_large_transaction(transaction).await?;
                     }

@@ -132,6 +132,49 @@ async fn reported_lag_agrees_with_an_independent_probe() {
     assert!(reported.samples >= 40);
 }
 
+/// The source's share of the lag is exported apart: the time from a transaction's commit to
+/// the walsender sending it, both by the source's clock. A walsender sends a transaction
+/// only once its commit is flushed to the WAL, so `commit_delay` (which holds a commit's
+/// flush that long, on a server with `fsync` on) makes that share at least the delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sources_share_of_the_lag_is_measured() {
+    static SERVER: std::sync::OnceLock<usersync::localpg::LocalPg> = std::sync::OnceLock::new();
+    let server = SERVER.get_or_init(|| start_server(vec![("fsync".into(), "on".into())]));
+    let pair = Pair::on(server, USERS_TABLE).await;
+    pair.setup().await;
+    let running = pair.start();
+    const DELAYED: usize = 5;
+    for n in 0..DELAYED {
+        pair.source
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL commit_siblings = 0; SET LOCAL commit_delay = 60000;
+                 INSERT INTO users (email) VALUES ('d{n}@example.com'); COMMIT"
+            ))
+            .await
+            .unwrap();
+    }
+    pair.wait_for_match().await;
+    let text = running.metrics.encode();
+    running.stop().await;
+    let count = gauge(&text, "usersync_source_send_delay_seconds_count");
+    let fast = gauge(
+        &text,
+        "usersync_source_send_delay_seconds_bucket{le=\"0.025\"}",
+    );
+    // Heartbeats and setup's own transactions are quick; the delayed ones are not (the WAL
+    // writer may flush a commit before its delay ends, but not within 25 ms of it, every time).
+    assert!(
+        count - fast >= 1.0 && count >= DELAYED as f64,
+        "{count} transactions measured, {fast} of them within 25 ms:\n{text}"
+    );
+    let sum = gauge(&text, "usersync_source_send_delay_seconds_sum");
+    let lag_sum = gauge(&text, "usersync_lag_seconds_sum");
+    assert!(
+        sum >= 0.025 && sum <= lag_sum + 1.0,
+        "source share {sum}s, lag {lag_sum}s"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_endpoint_serves_openmetrics_health_and_readiness() {
     let pair = Pair::new().await;
