@@ -185,6 +185,10 @@ pub(super) struct Session<'a> {
     rejoin: bool,
     /// The furthest WAL position the server has reported.
     received: Lsn,
+    /// The source's clock at this session's first message: a transaction committed before
+    /// it waited for usersync to stream again (downtime, a reconnect), which is no delay of
+    /// the source's own, so it is left out of the source's share of the lag.
+    streaming_since: Option<i64>,
     last_status: Instant,
     /// When an idle position was last fed to the routes, and the furthest one held back
     /// since (see [`IDLE_FEED_INTERVAL`]).
@@ -259,6 +263,7 @@ impl<'a> Session<'a> {
             finished: false,
             rejoin: false,
             received: resume_at,
+            streaming_since: None,
             last_status: Instant::now(),
             idle_fed_at: None,
             idle_pending: None,
@@ -596,14 +601,20 @@ impl<'a> Session<'a> {
             } => {
                 self.clock
                     .observe_server_time(server_time_micros, self.metrics);
+                let since = *self.streaming_since.get_or_insert(server_time_micros);
                 self.received = self.received.max(wal_end);
                 let message = self.decoder.decode(data.clone())?;
                 let assembled = self.assembler.push_payload(message, data)?;
-                if let Assembled::Transaction(transaction) = &assembled {
-                    self.metrics.observe_source_send_delay(
-                        transaction.commit_time_micros,
-                        server_time_micros,
-                    );
+                match &assembled {
+                    Assembled::Transaction(transaction)
+                        if transaction.commit_time_micros >= since =>
+                    {
+                        self.metrics.observe_source_send_delay(
+                            transaction.commit_time_micros,
+                            server_time_micros,
+                        );
+                    }
+                    _ => {}
                 }
                 match assembled {
                     Assembled::Transaction(transaction) if is_large(&transaction) => {
@@ -628,6 +639,7 @@ impl<'a> Session<'a> {
             } => {
                 self.clock
                     .observe_server_time(server_time_micros, self.metrics);
+                self.streaming_since.get_or_insert(server_time_micros);
                 self.received = self.received.max(wal_end);
                 // Everything before the keepalive's position has been sent: with no
                 // transaction half-read, nothing up to it is for the targets but what they
