@@ -29,8 +29,9 @@ const LAG_BUCKETS: [f64; 13] = [
 const SEND_DELAY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
-/// The most one transaction adds to the source's share (an hour), past every bucket.
-const MAX_SEND_DELAY_MICROS: i64 = 3_600_000_000;
+/// The most one transaction adds to the source's share (a minute), past every bucket: a
+/// server clock stepping forward, or a server sending nonsense, moves the sum that much.
+const MAX_SEND_DELAY_MICROS: i64 = 60_000_000;
 /// Changes per target transaction: 1 when idle, up to the batch limit under load.
 const BATCH_SIZE_BUCKETS: [f64; 11] = [
     1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
@@ -449,8 +450,7 @@ impl Metrics {
     /// message that completed it), both by the source's clock: while usersync keeps reading,
     /// a lag this large comes from the source (its WAL flush, which a walsender waits for,
     /// its CPU, its decoding), not from usersync or the target. A source clock stepping back
-    /// between the two reads as 0; one stepping forward, or a server sending nonsense, is
-    /// held to [`MAX_SEND_DELAY_MICROS`], so that it cannot swamp the sum.
+    /// between the two reads as 0, a delay over [`MAX_SEND_DELAY_MICROS`] as that.
     pub fn observe_source_send_delay(&self, commit_micros: i64, sent_micros: i64) {
         let delay = sent_micros
             .saturating_sub(commit_micros)
@@ -721,7 +721,7 @@ mod tests {
             "usersync_lag_seconds_count 1",
             "usersync_source_send_delay_seconds_bucket{le=\"0.0005\"} 1",
             "usersync_source_send_delay_seconds_bucket{le=\"0.001\"} 2",
-            "usersync_source_send_delay_seconds_sum 3600.0007",
+            "usersync_source_send_delay_seconds_sum 60.0007",
             "usersync_source_send_delay_seconds_count 3",
             "usersync_lag_target_seconds 1.0",
             "usersync_changes_applied_total{op=\"insert\"} 2",

@@ -185,9 +185,11 @@ pub(super) struct Session<'a> {
     rejoin: bool,
     /// The furthest WAL position the server has reported.
     received: Lsn,
-    /// The source's clock at this session's first message: a transaction committed before
-    /// it waited for usersync to stream again (downtime, a reconnect), which is no delay of
-    /// the source's own, so it is left out of the source's share of the lag.
+    /// The source's clock when its walsender first waited for WAL in this session (a
+    /// keepalive it sent unasked): it had sent everything before. Until then the stream is a
+    /// backlog (downtime, a reconnect), whose transactions waited for usersync, not for the
+    /// source, so only transactions committed from then on count in the source's share of
+    /// the lag.
     streaming_since: Option<i64>,
     last_status: Instant,
     /// When an idle position was last fed to the routes, and the furthest one held back
@@ -601,12 +603,11 @@ impl<'a> Session<'a> {
             } => {
                 self.clock
                     .observe_server_time(server_time_micros, self.metrics);
-                let since = *self.streaming_since.get_or_insert(server_time_micros);
                 self.received = self.received.max(wal_end);
                 let message = self.decoder.decode(data.clone())?;
                 let assembled = self.assembler.push_payload(message, data)?;
-                match &assembled {
-                    Assembled::Transaction(transaction)
+                match (&assembled, self.streaming_since) {
+                    (Assembled::Transaction(transaction), Some(since))
                         if transaction.commit_time_micros >= since =>
                     {
                         self.metrics.observe_source_send_delay(
@@ -639,7 +640,9 @@ impl<'a> Session<'a> {
             } => {
                 self.clock
                     .observe_server_time(server_time_micros, self.metrics);
-                self.streaming_since.get_or_insert(server_time_micros);
+                if !reply_requested {
+                    self.streaming_since.get_or_insert(server_time_micros);
+                }
                 self.received = self.received.max(wal_end);
                 // Everything before the keepalive's position has been sent: with no
                 // transaction half-read, nothing up to it is for the targets but what they
