@@ -185,11 +185,11 @@ pub(super) struct Session<'a> {
     rejoin: bool,
     /// The furthest WAL position the server has reported.
     received: Lsn,
-    /// The source's clock when its walsender first waited for WAL in this session (a
-    /// keepalive it sent unasked): it had sent everything before. Until then the stream is a
-    /// backlog (downtime, a reconnect), whose transactions waited for usersync, not for the
-    /// source, so only transactions committed from then on count in the source's share of
-    /// the lag.
+    /// The source's clock at its walsender's first unasked keepalive in this session, which
+    /// it sends as it starts reading WAL: a transaction committed before it (downtime, a
+    /// reconnect) waited for usersync to come back, not for the source, so only those
+    /// committed from then on count in the source's share of the lag. (One committed during
+    /// the catch-up that follows counts, with its wait behind the backlog.)
     streaming_since: Option<i64>,
     last_status: Instant,
     /// When an idle position was last fed to the routes, and the furthest one held back
