@@ -783,6 +783,15 @@ pub async fn assert_write_log_ordered(target: &Client) {
     );
 }
 
+/// How many checkpoint rows the target holds (one per slot, or per route of a fan-out).
+pub async fn checkpoint_rows(target: &Client) -> i64 {
+    target
+        .query_one("SELECT count(*) FROM usersync.state", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// How many users the target holds, live or soft-deleted.
 pub async fn target_user_count(target: &Client) -> i64 {
     target

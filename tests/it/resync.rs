@@ -123,12 +123,7 @@ async fn an_interrupted_resync_is_finished_by_resync_not_setup() {
         line.is_some_and(|line| line.starts_with(&slot_created))
     })
     .await;
-    let checkpoints: i64 = pair
-        .target
-        .query_one("SELECT count(*) FROM usersync.state", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let checkpoints = checkpoint_rows(&pair.target).await;
     assert_eq!(
         checkpoints, 0,
         "the resync was not interrupted mid-copy: {said}"

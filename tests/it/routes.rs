@@ -1086,12 +1086,7 @@ async fn replay_resync_and_teardown_take_routes() {
     let teardown = fan_out.usersync(&["teardown", "--yes"]);
     assert!(teardown.status.success(), "teardown: {}", text(&teardown));
     for route in &fan_out.routes {
-        let left: i64 = route
-            .client
-            .query_one("SELECT count(*) FROM usersync.state", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let left = checkpoint_rows(&route.client).await;
         assert_eq!(left, 0, "route {} keeps a checkpoint", route.name);
     }
 }

@@ -291,12 +291,7 @@ async fn interrupt_setup(pair: &Pair) -> String {
     };
     let said = crash_usersync(pair, &["setup"], |_| copied.load(Ordering::Relaxed)).await;
     watcher.await.unwrap();
-    let checkpoints: i64 = pair
-        .target
-        .query_one("SELECT count(*) FROM usersync.state", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let checkpoints = checkpoint_rows(&pair.target).await;
     assert_eq!(checkpoints, 0, "setup was not interrupted mid-copy: {said}");
     pair.target
         .query_one(
@@ -489,11 +484,6 @@ async fn a_row_the_copy_cannot_map_fails_setup_definitely() {
         !said.contains("bad@example.com"),
         "row values stay out of errors: {said}"
     );
-    let checkpoints: i64 = pair
-        .target
-        .query_one("SELECT count(*) FROM usersync.state", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let checkpoints = checkpoint_rows(&pair.target).await;
     assert_eq!(checkpoints, 0, "no checkpoint after a failed copy: {said}");
 }
